@@ -1,0 +1,49 @@
+// A small command-line parser for the subcommands: --name value, --name=value, repeatable options
+// and flags; unknown options are usage errors with a did-you-mean.
+#pragma once
+#include <map>
+#include <string>
+#include <vector>
+
+namespace moetrain::cli {
+
+struct Option {
+  std::string name;     // without the leading dashes
+  std::string metavar;  // empty for a flag
+  std::string help;
+  bool repeatable = false;
+};
+
+struct Command {
+  std::string name;
+  std::string synopsis;  // one line: what it does
+  std::vector<Option> options;
+};
+
+class Args {
+ public:
+  Args(const Command& command, const std::vector<std::string>& argv);  // throws UsageError
+  bool help() const { return help_; }
+  bool has(const std::string& name) const { return values_.count(name) > 0; }
+  std::string get(const std::string& name, const std::string& fallback = "") const;
+  std::string require(const std::string& name) const;  // throws UsageError naming the option
+  const std::vector<std::string>& all(const std::string& name) const;
+  int get_int(const std::string& name, int fallback) const;
+  double get_double(const std::string& name, double fallback) const;
+  uint64_t get_u64(const std::string& name, uint64_t fallback) const;
+
+ private:
+  const Command& command_;
+  std::map<std::string, std::vector<std::string>> values_;
+  bool help_ = false;
+};
+
+std::string usage(const Command& command);
+
+// Subcommands: each returns the process exit code.
+int run_train(const std::vector<std::string>& argv);
+int run_generate(const std::vector<std::string>& argv);
+int run_prepare_data(const std::vector<std::string>& argv);
+int run_config(const std::vector<std::string>& argv);
+
+}  // namespace moetrain::cli

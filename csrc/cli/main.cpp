@@ -1,0 +1,69 @@
+// moetrain: one binary, one subcommand per job. Every error becomes one line on stderr and a
+// non-zero exit status (2 for usage errors, 1 otherwise); nothing below this file calls exit().
+#include <c10/util/Exception.h>
+
+#include <cstdio>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "cli/args.h"
+#include "common/errors.h"
+
+namespace {
+
+struct Subcommand {
+  const char* name;
+  const char* summary;
+  int (*run)(const std::vector<std::string>&);
+};
+
+const Subcommand kSubcommands[] = {
+    {"train", "train a model from a YAML config (checkpoints, metrics, resume)", moetrain::cli::run_train},
+    {"generate", "sample text from a checkpoint", moetrain::cli::run_generate},
+    {"prepare-data", "turn text files into token shards (train.bin, val.bin)", moetrain::cli::run_prepare_data},
+    {"config", "print a resolved config, or the reference of every key", moetrain::cli::run_config},
+};
+
+void print_help() {
+  std::printf("moetrain: Mixture-of-Experts transformer training on LibTorch\n\n");
+  std::printf("usage: moetrain <command> [options]   (moetrain <command> --help for its options)\n\ncommands:\n");
+  for (const auto& s : kSubcommands) std::printf("  %-14s %s\n", s.name, s.summary);
+}
+
+std::string one_line(std::string s) {
+  for (auto& c : s)
+    if (c == '\n') c = ' ';
+  return s;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc < 2 || !std::strcmp(argv[1], "--help") || !std::strcmp(argv[1], "-h") || !std::strcmp(argv[1], "help")) {
+    print_help();
+    return argc < 2 ? 2 : 0;
+  }
+  const std::string name = argv[1];
+  std::vector<std::string> args(argv + 2, argv + argc);
+  for (const auto& s : kSubcommands) {
+    if (name != s.name) continue;
+    try {
+      return s.run(args);
+    } catch (const moetrain::UsageError& e) {
+      std::fprintf(stderr, "moetrain: %s\n", one_line(e.what()).c_str());
+      return 2;
+    } catch (const moetrain::Error& e) {
+      std::fprintf(stderr, "moetrain: %s\n", one_line(e.what()).c_str());
+      return 1;
+    } catch (const c10::Error& e) {
+      std::fprintf(stderr, "moetrain: %s\n", one_line(e.what_without_backtrace()).c_str());
+      return 1;
+    } catch (const std::exception& e) {
+      std::fprintf(stderr, "moetrain: %s\n", one_line(e.what()).c_str());
+      return 1;
+    }
+  }
+  std::fprintf(stderr, "moetrain: unknown command '%s' (see moetrain --help)\n", name.c_str());
+  return 2;
+}

@@ -1,0 +1,35 @@
+// `moetrain train`: load the config, train, print a one-line summary.
+#include <cstdio>
+
+#include "cli/args.h"
+#include "common/log.h"
+#include "train/trainer.h"
+
+namespace moetrain::cli {
+
+int run_train(const std::vector<std::string>& argv) {
+  const Command command{
+      "train",
+      "Train the model a YAML config describes; checkpoints and metrics.jsonl go to run.out_dir.",
+      {{"config", "FILE", "YAML config (see configs/ and the README's reference)"},
+       {"set", "KEY=VALUE", "override one config key, e.g. --set train.steps=20 (repeatable)", true},
+       {"resume", "auto|DIR", "continue from the newest checkpoint of run.out_dir (auto) or from DIR"}}};
+  Args args(command, argv);
+  if (args.help()) {
+    std::fputs(usage(command).c_str(), stdout);
+    return 0;
+  }
+  const auto cfg = config::load_config(args.require("config"), args.all("set"));
+  const auto result = train::train(cfg, {args.get("resume")});
+  const int64_t ran = result.last_step - result.first_step;
+  std::string summary = "done: step " + std::to_string(result.last_step) + "/" + std::to_string(cfg.train.steps) +
+                        (result.interrupted ? " (interrupted)" : "") + " | " + std::to_string(ran) +
+                        " steps this run at " + format_count(result.tokens_per_s) + " tok/s";
+  if (!result.losses.empty()) summary += " | final loss " + format_double(result.losses.back(), 4);
+  if (result.final_val_loss > 0) summary += " | val_loss " + format_double(result.final_val_loss, 4);
+  if (!result.last_checkpoint.empty()) summary += " | checkpoint " + result.last_checkpoint;
+  log_line(summary);
+  return 0;
+}
+
+}  // namespace moetrain::cli

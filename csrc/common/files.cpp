@@ -1,0 +1,156 @@
+// POSIX implementations of the file-system helpers (see files.h for why not std::filesystem).
+#include "common/files.h"
+
+#include <dirent.h>
+#include <fcntl.h>
+#include <ftw.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+
+#include "common/errors.h"
+
+namespace moetrain::files {
+
+namespace {
+[[noreturn]] void fail(const std::string& what, const std::string& path) {
+  throw Error("[io] cannot " + what + " '" + path + "': " + std::strerror(errno));
+}
+}  // namespace
+
+std::string join(const std::string& a, const std::string& b) {
+  if (a.empty()) return b;
+  if (!b.empty() && b.front() == '/') return b;
+  return a.back() == '/' ? a + b : a + "/" + b;
+}
+
+std::string parent(const std::string& path) {
+  std::string p = path;
+  while (p.size() > 1 && p.back() == '/') p.pop_back();
+  const auto slash = p.rfind('/');
+  if (slash == std::string::npos) return ".";
+  return slash == 0 ? "/" : p.substr(0, slash);
+}
+
+bool exists(const std::string& path) {
+  struct stat st;
+  return ::stat(path.c_str(), &st) == 0;
+}
+
+bool is_directory(const std::string& path) {
+  struct stat st;
+  return ::stat(path.c_str(), &st) == 0 && S_ISDIR(st.st_mode);
+}
+
+std::optional<uint64_t> file_size(const std::string& path) {
+  struct stat st;
+  if (::stat(path.c_str(), &st) != 0 || !S_ISREG(st.st_mode)) return std::nullopt;
+  return uint64_t(st.st_size);
+}
+
+void make_directories(const std::string& path) {
+  if (path.empty() || is_directory(path)) return;
+  const std::string up = parent(path);
+  if (up != path && up != "." && up != "/") make_directories(up);
+  if (::mkdir(path.c_str(), 0755) != 0 && errno != EEXIST) fail("create folder", path);
+  if (!is_directory(path)) {
+    errno = ENOTDIR;
+    fail("create folder", path);
+  }
+}
+
+void remove_tree(const std::string& path) {
+  struct stat st;
+  if (::lstat(path.c_str(), &st) != 0) return;
+  if (!S_ISDIR(st.st_mode)) {
+    if (::unlink(path.c_str()) != 0) fail("remove", path);
+    return;
+  }
+  auto remove_one = [](const char* p, const struct stat*, int, struct FTW*) { return ::remove(p); };
+  if (::nftw(path.c_str(), remove_one, 16, FTW_DEPTH | FTW_PHYS) != 0) fail("remove", path);
+}
+
+void rename_path(const std::string& from, const std::string& to) {
+  if (::rename(from.c_str(), to.c_str()) != 0) fail("rename '" + from + "' to", to);
+}
+
+std::vector<std::string> list_directory(const std::string& path) {
+  DIR* dir = ::opendir(path.c_str());
+  if (!dir) fail("list", path);
+  std::vector<std::string> names;
+  while (struct dirent* entry = ::readdir(dir)) {
+    std::string name = entry->d_name;
+    if (name != "." && name != "..") names.push_back(name);
+  }
+  ::closedir(dir);
+  std::sort(names.begin(), names.end());
+  return names;
+}
+
+std::string read_file(const std::string& path) {
+  FILE* f = std::fopen(path.c_str(), "rb");
+  if (!f) fail("read", path);
+  std::string content;
+  char buf[1 << 16];
+  size_t n;
+  while ((n = std::fread(buf, 1, sizeof buf, f)) > 0) content.append(buf, n);
+  const bool bad = std::ferror(f);
+  std::fclose(f);
+  if (bad) fail("read", path);
+  return content;
+}
+
+void write_file_synced(const std::string& path, const std::string& content) {
+  int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  if (fd < 0) fail("create", path);
+  size_t done = 0;
+  while (done < content.size()) {
+    const ssize_t n = ::write(fd, content.data() + done, content.size() - done);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) {
+      const int saved = errno;
+      ::close(fd);
+      errno = saved;
+      fail("write", path);
+    }
+    done += size_t(n);
+  }
+  if (::fsync(fd) != 0) {
+    const int saved = errno;
+    ::close(fd);
+    errno = saved;
+    fail("sync", path);
+  }
+  if (::close(fd) != 0) fail("close", path);
+}
+
+void write_file_atomic(const std::string& path, const std::string& content) {
+  const std::string tmp = path + ".tmp";
+  write_file_synced(tmp, content);
+  rename_path(tmp, path);
+  fsync_path(parent(path), true);
+}
+
+void fsync_path(const std::string& path, bool directory) {
+  int fd = ::open(path.c_str(), (directory ? O_RDONLY | O_DIRECTORY : O_RDONLY) | O_CLOEXEC);
+  if (fd < 0) fail("open", path);
+  const int rc = ::fsync(fd);
+  const int saved = errno;
+  ::close(fd);
+  errno = saved;
+  if (rc != 0) fail("sync", path);
+}
+
+std::string make_temp_directory(const std::string& tag) {
+  const char* base = std::getenv("TMPDIR");
+  std::string pattern = join(base && *base ? base : "/tmp", "moetrain-" + tag + "-XXXXXX");
+  if (!::mkdtemp(pattern.data())) fail("create a temporary folder like", pattern);
+  return pattern;
+}
+
+}  // namespace moetrain::files

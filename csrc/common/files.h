@@ -1,0 +1,31 @@
+// File-system helpers on POSIX calls. The torch wheel's libtorch exports its own build of
+// std::filesystem, which takes precedence over libstdc++'s at run time and crashes in some calls
+// (remove_all seen), so moetrain code never calls std::filesystem and uses these instead.
+#pragma once
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <vector>
+
+namespace moetrain::files {
+
+std::string join(const std::string& a, const std::string& b);  // "a/b"
+std::string parent(const std::string& path);                   // "a/b/c" -> "a/b"; "c" -> "."
+bool exists(const std::string& path);
+bool is_directory(const std::string& path);
+std::optional<uint64_t> file_size(const std::string& path);    // nullopt if absent or not a file
+
+// Each throws moetrain::Error ("[io] ...") naming the path and the system's reason.
+void make_directories(const std::string& path);
+void remove_tree(const std::string& path);  // no error if absent
+void rename_path(const std::string& from, const std::string& to);
+std::vector<std::string> list_directory(const std::string& path);  // entry names, sorted
+std::string read_file(const std::string& path);
+// Writes `content` to `path` (truncating) and fsyncs it.
+void write_file_synced(const std::string& path, const std::string& content);
+// Writes `content` next to `path` under a temporary name, fsyncs, renames over `path`, fsyncs the folder.
+void write_file_atomic(const std::string& path, const std::string& content);
+void fsync_path(const std::string& path, bool directory);
+std::string make_temp_directory(const std::string& tag);  // a new folder under $TMPDIR or /tmp
+
+}  // namespace moetrain::files

@@ -1,0 +1,613 @@
+// Config loading: one descriptor table (key path, type, field accessor, meaning, allowed range)
+// drives YAML parsing, --set overrides, validation, to_yaml, flatten and the reference docs, so a
+// key is declared exactly once.
+#include "config/config.h"
+
+#include <yaml-cpp/yaml.h>
+
+#include <algorithm>
+#include <cctype>
+#include <cerrno>
+#include <charconv>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <limits>
+#include <optional>
+#include <set>
+#include <variant>
+
+#include "common/errors.h"
+
+namespace moetrain::config {
+
+namespace {
+
+// ---------------------------------------------------------------------------------------------
+// The descriptor table.
+
+// Accessors return a reference to the field; the variant alternative is the key's value type.
+using Field = std::variant<int& (*)(Config&), uint64_t& (*)(Config&), double& (*)(Config&),
+                           bool& (*)(Config&), std::string& (*)(Config&)>;
+enum FieldKind { kInt = 0, kUInt64, kDouble, kBool, kString };
+
+// What a single value may be, independent of other keys (relations live in validate()).
+struct Allowed {
+  std::optional<double> lo, hi;
+  bool lo_open = false, hi_open = false;
+  std::vector<std::string> one_of;  // non-empty: an enum string
+  bool non_empty = false;           // strings only
+};
+
+Allowed any() { return {}; }
+Allowed at_least(double lo) {
+  Allowed a;
+  a.lo = lo;
+  return a;
+}
+Allowed above(double lo) {
+  Allowed a = at_least(lo);
+  a.lo_open = true;
+  return a;
+}
+Allowed in_half_open(double lo, double hi) {
+  Allowed a = at_least(lo);
+  a.hi = hi;
+  a.hi_open = true;
+  return a;
+}
+Allowed one_of(std::vector<std::string> values) {
+  Allowed a;
+  a.one_of = std::move(values);
+  return a;
+}
+Allowed non_empty() {
+  Allowed a;
+  a.non_empty = true;
+  return a;
+}
+
+struct KeyDesc {
+  std::string path;
+  Field field;
+  std::string meaning;
+  Allowed allowed;
+};
+
+// The path text and the accessor come from the same tokens, so they cannot disagree.
+#define MOETRAIN_KEY(path, meaning, allowed) \
+  KeyDesc { #path, Field(+[](Config& c) -> auto& { return c.path; }), meaning, allowed }
+
+// Keys of one section are contiguous and in struct declaration order (to_yaml relies on the former).
+const std::vector<KeyDesc>& keys() {
+  static const std::vector<KeyDesc> table = {
+      MOETRAIN_KEY(run.name, "Name of the run, shown in logs and summaries.", non_empty()),
+      MOETRAIN_KEY(run.out_dir, "Output directory of the run (checkpoints, logs).", non_empty()),
+      MOETRAIN_KEY(run.seed, "Random seed for initialization, data order and sampling; any 64-bit unsigned value.",
+                   any()),
+      MOETRAIN_KEY(run.device, "Device to train on.", one_of({"cpu", "cuda"})),
+      MOETRAIN_KEY(run.dtype, "Compute dtype of matmuls and activations; weights and optimizer state stay fp32 (bf16 is mixed precision with fp32 master weights). Router math always runs in fp32.",
+                   one_of({"fp32", "bf16"})),
+      MOETRAIN_KEY(run.threads, "CPU intra-op threads; 0 = all cores.", at_least(0)),
+
+      MOETRAIN_KEY(model.vocab_size, "Vocabulary size: rows of the token embedding (and of the LM head).",
+                   at_least(2)),
+      MOETRAIN_KEY(model.d_model, "Width of the residual stream.", at_least(1)),
+      MOETRAIN_KEY(model.n_layers, "Number of transformer blocks.", at_least(1)),
+      MOETRAIN_KEY(model.n_heads, "Attention (query) heads per block.", at_least(1)),
+      MOETRAIN_KEY(model.n_kv_heads, "Key/value heads for grouped-query attention; must divide model.n_heads.",
+                   at_least(1)),
+      MOETRAIN_KEY(model.head_dim,
+                   "Dimension of each attention head; 0 = model.d_model / model.n_heads (which must then "
+                   "divide evenly). Must be even for RoPE.",
+                   at_least(0)),
+      MOETRAIN_KEY(model.max_seq_len, "Longest context: the length of the RoPE table.", at_least(1)),
+      MOETRAIN_KEY(model.dense_layers,
+                   "The first dense_layers blocks use a dense SwiGLU MLP, the rest MoE; at most model.n_layers.",
+                   at_least(0)),
+      MOETRAIN_KEY(model.dense_hidden, "Hidden size of the dense SwiGLU MLP.", at_least(1)),
+      MOETRAIN_KEY(model.rope_theta, "RoPE base frequency.", above(0)),
+      MOETRAIN_KEY(model.norm_eps, "Epsilon added inside the normalization layers.", above(0)),
+      MOETRAIN_KEY(model.tie_embeddings, "The LM head shares the token embedding matrix.", any()),
+      MOETRAIN_KEY(model.init_std, "Standard deviation of the normal weight initialization.", above(0)),
+
+      MOETRAIN_KEY(model.moe.n_experts,
+                   "Routed experts per MoE layer; must be divisible by parallel.expert_parallel.", at_least(1)),
+      MOETRAIN_KEY(model.moe.top_k, "Experts chosen per token; at most model.moe.n_experts.", at_least(1)),
+      MOETRAIN_KEY(model.moe.expert_hidden, "SwiGLU hidden size of each routed expert.", at_least(1)),
+      MOETRAIN_KEY(model.moe.n_shared_experts,
+                   "Always-on shared experts per MoE layer, summed with the routed output; 0 = none.",
+                   at_least(0)),
+      MOETRAIN_KEY(model.moe.shared_hidden,
+                   "Hidden size of each shared expert; 0 = model.moe.expert_hidden.", at_least(0)),
+      MOETRAIN_KEY(model.moe.score_func, "Router scoring function: softmax takes the top-k of softmax scores.",
+                   one_of({"softmax"})),
+      MOETRAIN_KEY(model.moe.normalize_topk, "Renormalize the k chosen routing weights to sum to 1.", any()),
+      MOETRAIN_KEY(model.moe.aux_loss_coef,
+                   "Coefficient of the switch-style load-balancing loss added to the LM loss; 0 = off.",
+                   at_least(0)),
+
+      MOETRAIN_KEY(data.dir, "Directory holding train.bin and val.bin (written by moetrain prepare-data).",
+                   non_empty()),
+      MOETRAIN_KEY(data.seq_len, "Tokens per training sequence; at most model.max_seq_len.", at_least(1)),
+
+      MOETRAIN_KEY(optim.lr, "Peak learning rate, reached at the end of warmup.", above(0)),
+      MOETRAIN_KEY(optim.min_lr, "Floor of the cosine decay; at most optim.lr.", at_least(0)),
+      MOETRAIN_KEY(optim.warmup_steps, "Steps of linear learning-rate warmup.", at_least(0)),
+      MOETRAIN_KEY(optim.schedule, "Learning-rate schedule after the linear warmup.",
+                   one_of({"cosine", "constant"})),
+      MOETRAIN_KEY(optim.decay_steps,
+                   "Steps over which the cosine decays to optim.min_lr; 0 = train.steps. Set it to keep the "
+                   "schedule fixed when train.steps is overridden (a shortened or extended run).",
+                   at_least(0)),
+      MOETRAIN_KEY(optim.weight_decay, "AdamW decoupled weight decay; not applied to norms, biases or embeddings.",
+                   at_least(0)),
+      MOETRAIN_KEY(optim.beta1, "AdamW decay rate of the first moment.", in_half_open(0, 1)),
+      MOETRAIN_KEY(optim.beta2, "AdamW decay rate of the second moment.", in_half_open(0, 1)),
+      MOETRAIN_KEY(optim.eps, "AdamW epsilon added to the denominator.", above(0)),
+      MOETRAIN_KEY(optim.grad_clip, "Maximum global gradient norm; 0 = no clipping.", at_least(0)),
+
+      MOETRAIN_KEY(train.steps, "Optimizer steps to run.", at_least(1)),
+      MOETRAIN_KEY(train.micro_batch_size, "Sequences per micro-batch per rank.", at_least(1)),
+      MOETRAIN_KEY(train.grad_accum, "Micro-batches accumulated per optimizer step.", at_least(1)),
+      MOETRAIN_KEY(train.log_every, "Steps between training log lines.", at_least(1)),
+      MOETRAIN_KEY(train.eval_every, "Steps between validation evaluations; 0 = only at the end.", at_least(0)),
+      MOETRAIN_KEY(train.eval_batches, "Validation micro-batches per evaluation.", at_least(1)),
+
+      MOETRAIN_KEY(parallel.backend,
+                   "Communication backend; nccl and gloo arrive with distributed training.",
+                   one_of({"auto", "single"})),
+      MOETRAIN_KEY(parallel.expert_parallel,
+                   "Ranks the routed experts are sharded across; must divide model.moe.n_experts.", at_least(1)),
+      MOETRAIN_KEY(parallel.timeout_s, "Timeout of collective operations, in seconds.", at_least(1)),
+
+      MOETRAIN_KEY(checkpoint.every, "Steps between checkpoints; 0 = only at the end.", at_least(0)),
+      MOETRAIN_KEY(checkpoint.keep_last, "Most recent checkpoints to keep; 0 = keep all.", at_least(0)),
+      MOETRAIN_KEY(checkpoint.verify,
+                   "Check when loading a checkpoint: full = sizes and sha256, size = sizes only.",
+                   one_of({"full", "size"})),
+
+      MOETRAIN_KEY(cost.gpu, "Hardware name used for the MFU and cost estimates.", non_empty()),
+      MOETRAIN_KEY(cost.price_per_gpu_hour, "Price of one GPU hour, for the cost estimate.", at_least(0)),
+  };
+  return table;
+}
+
+#undef MOETRAIN_KEY
+
+const KeyDesc* find_key(const std::string& path) {
+  for (const auto& k : keys())
+    if (k.path == path) return &k;
+  return nullptr;
+}
+
+// A section is any proper prefix of a key path ("model", "model.moe").
+bool is_section(const std::string& path) {
+  for (const auto& k : keys())
+    if (k.path.size() > path.size() && k.path.compare(0, path.size(), path) == 0 && k.path[path.size()] == '.')
+      return true;
+  return false;
+}
+
+std::vector<std::string> split_path(const std::string& path) {
+  std::vector<std::string> parts;
+  size_t start = 0;
+  for (;;) {
+    size_t dot = path.find('.', start);
+    parts.push_back(path.substr(start, dot - start));
+    if (dot == std::string::npos) return parts;
+    start = dot + 1;
+  }
+}
+
+std::string leaf_name(const std::string& path) { return split_path(path).back(); }
+
+// ---------------------------------------------------------------------------------------------
+// Value text.
+
+std::string format_number(double v) {
+  char buf[64];
+  auto [end, ec] = std::to_chars(buf, buf + sizeof buf, v);  // shortest text that reads back exactly
+  return std::string(buf, end);
+}
+
+std::string in_quotes(const std::string& s) { return "\"" + s + "\""; }
+
+std::string value_text(const KeyDesc& k, const Config& cfg) {
+  Config& c = const_cast<Config&>(cfg);  // accessors are shared with the setters; only read here
+  return std::visit(
+      [&](auto get) -> std::string {
+        const auto& v = get(c);
+        using T = std::decay_t<decltype(v)>;
+        if constexpr (std::is_same_v<T, std::string>)
+          return v;
+        else if constexpr (std::is_same_v<T, bool>)
+          return v ? "true" : "false";
+        else if constexpr (std::is_same_v<T, double>)
+          return format_number(v);
+        else
+          return std::to_string(v);
+      },
+      k.field);
+}
+
+std::string bounds_text(const Allowed& a) {
+  if (a.lo && a.hi)
+    return std::string("in ") + (a.lo_open ? "(" : "[") + format_number(*a.lo) + ", " + format_number(*a.hi) +
+           (a.hi_open ? ")" : "]");
+  if (a.lo) return std::string(a.lo_open ? "> " : ">= ") + format_number(*a.lo);
+  if (a.hi) return std::string(a.hi_open ? "< " : "<= ") + format_number(*a.hi);
+  return "";
+}
+
+std::string join(const std::vector<std::string>& items, const std::string& sep) {
+  std::string out;
+  for (size_t i = 0; i < items.size(); ++i) out += (i ? sep : "") + items[i];
+  return out;
+}
+
+std::string type_text(const KeyDesc& k) {
+  static const char* names[] = {"int", "uint64", "double", "bool", "string"};
+  if (!k.allowed.one_of.empty()) return "enum (" + join(k.allowed.one_of, ", ") + ")";
+  std::string t = names[k.field.index()];
+  if (k.allowed.non_empty) t += ", non-empty";
+  std::string b = bounds_text(k.allowed);
+  return b.empty() ? t : t + " " + b;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Setting a key from a YAML node.
+
+// from_chars takes no leading '+', which YAML numbers may have.
+std::string strip_plus(const std::string& s) {
+  return s.size() > 1 && s[0] == '+' && (std::isdigit((unsigned char)s[1]) || s[1] == '.') ? s.substr(1) : s;
+}
+
+template <typename T>
+bool parse_integer(const std::string& text, T& out) {
+  std::string s = strip_plus(text);
+  auto [end, ec] = std::from_chars(s.data(), s.data() + s.size(), out);
+  return !s.empty() && ec == std::errc() && end == s.data() + s.size();
+}
+
+bool parse_double(const std::string& text, double& out) {
+  std::string s = strip_plus(text);
+  auto [end, ec] = std::from_chars(s.data(), s.data() + s.size(), out);
+  return !s.empty() && ec == std::errc() && end == s.data() + s.size();
+}
+
+const char* expected_text(const KeyDesc& k) {
+  switch (k.field.index()) {
+    case kInt: return "an integer";
+    case kUInt64: return "an unsigned 64-bit integer";
+    case kDouble: return "a number";
+    case kBool: return "true or false";
+    default: return "a string";
+  }
+}
+
+std::string node_kind_text(const YAML::Node& n) {
+  switch (n.Type()) {
+    case YAML::NodeType::Map: return "a mapping";
+    case YAML::NodeType::Sequence: return "a sequence";
+    case YAML::NodeType::Scalar: return in_quotes(n.Scalar());
+    default: return "nothing (null)";
+  }
+}
+
+// `where` is "file:line:col" or "--set ..."; returns by throwing on a mismatch of type.
+void set_from_node(const KeyDesc& k, const YAML::Node& node, Config& cfg, const std::string& where) {
+  auto fail = [&]() -> void {
+    throw ConfigError(where + ": " + k.path + ": expected " + expected_text(k) + ", got " + node_kind_text(node));
+  };
+  if (!node.IsScalar()) fail();
+  const std::string& text = node.Scalar();
+  std::visit(
+      [&](auto get) {
+        auto& field = get(cfg);
+        using T = std::decay_t<decltype(field)>;
+        if constexpr (std::is_same_v<T, std::string>) {
+          field = text;
+        } else if constexpr (std::is_same_v<T, bool>) {
+          if (text == "true" || text == "True" || text == "TRUE")
+            field = true;
+          else if (text == "false" || text == "False" || text == "FALSE")
+            field = false;
+          else
+            fail();
+        } else if constexpr (std::is_same_v<T, double>) {
+          if (!parse_double(text, field)) fail();
+        } else {
+          T v{};
+          if (!parse_integer(text, v)) fail();
+          field = v;
+        }
+      },
+      k.field);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Unknown keys: suggest the closest known path.
+
+// Optimal-string-alignment distance: Levenshtein plus adjacent transpositions ("modle" -> "model" is 1).
+size_t edit_distance(const std::string& a, const std::string& b) {
+  std::vector<std::vector<size_t>> d(a.size() + 1, std::vector<size_t>(b.size() + 1));
+  for (size_t i = 0; i <= a.size(); ++i) d[i][0] = i;
+  for (size_t j = 0; j <= b.size(); ++j) d[0][j] = j;
+  for (size_t i = 1; i <= a.size(); ++i)
+    for (size_t j = 1; j <= b.size(); ++j) {
+      size_t cost = a[i - 1] == b[j - 1] ? 0 : 1;
+      d[i][j] = std::min({d[i - 1][j] + 1, d[i][j - 1] + 1, d[i - 1][j - 1] + cost});
+      if (i > 1 && j > 1 && a[i - 1] == b[j - 2] && a[i - 2] == b[j - 1]) d[i][j] = std::min(d[i][j], d[i - 2][j - 2] + 1);
+    }
+  return d[a.size()][b.size()];
+}
+
+// Candidates are every key and section path. A path close to the whole unknown path wins; a key with
+// the same (or nearly the same) last name in another section also counts, one edit dearer.
+std::optional<std::string> suggest(const std::string& unknown_path) {
+  std::vector<std::string> candidates;
+  for (const auto& k : keys()) {
+    auto parts = split_path(k.path);
+    std::string prefix;
+    for (size_t i = 0; i + 1 < parts.size(); ++i) {
+      prefix += (i ? "." : "") + parts[i];
+      if (std::find(candidates.begin(), candidates.end(), prefix) == candidates.end()) candidates.push_back(prefix);
+    }
+    candidates.push_back(k.path);
+  }
+  std::string leaf = leaf_name(unknown_path);
+  size_t threshold = std::clamp<size_t>(leaf.size() / 3, 1, 3);
+  std::optional<std::string> best;
+  size_t best_score = threshold + 1;
+  for (const auto& c : candidates) {
+    size_t score = std::min(edit_distance(unknown_path, c), edit_distance(leaf, leaf_name(c)) + 1);
+    if (score < best_score) {
+      best_score = score;
+      best = c;
+    }
+  }
+  return best;
+}
+
+[[noreturn]] void unknown_key(const std::string& where, const std::string& path) {
+  std::string msg = where + ": unknown key '" + path + "'";
+  if (auto s = suggest(path)) msg += " (did you mean '" + *s + "'?)";
+  throw ConfigError(msg);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Reading a YAML document.
+
+std::string location(const std::string& source, const YAML::Mark& mark) {
+  if (mark.is_null()) return source;
+  return source + ":" + std::to_string(mark.line + 1) + ":" + std::to_string(mark.column + 1);
+}
+
+void apply_mapping(const YAML::Node& map, const std::string& prefix, Config& cfg, const std::string& source) {
+  std::set<std::string> seen;
+  for (const auto& entry : map) {
+    const YAML::Node key_node = entry.first;  // copies: yaml-cpp iterators hand out temporaries
+    const YAML::Node value = entry.second;
+    if (!key_node.IsScalar())
+      throw ConfigError(location(source, key_node.Mark()) + ": " + (prefix.empty() ? "top level" : prefix) +
+                        ": keys must be plain names, got " + node_kind_text(key_node));
+    const std::string& name = key_node.Scalar();
+    std::string path = prefix.empty() ? name : prefix + "." + name;
+    if (name.find('.') != std::string::npos)
+      throw ConfigError(location(source, key_node.Mark()) + ": key '" + name +
+                        "' contains '.'; in a file, nest each key under its section");
+    if (!seen.insert(name).second)
+      throw ConfigError(location(source, key_node.Mark()) + ": duplicate key '" + path + "'");
+    if (const KeyDesc* k = find_key(path)) {
+      set_from_node(*k, value, cfg, location(source, value.Mark()));
+    } else if (is_section(path)) {
+      if (value.IsNull()) continue;  // an empty section keeps its defaults
+      if (!value.IsMap())
+        throw ConfigError(location(source, value.Mark()) + ": " + path + ": expected a mapping (a section), got " +
+                          node_kind_text(value));
+      apply_mapping(value, path, cfg, source);
+    } else {
+      unknown_key(source, path);
+    }
+  }
+}
+
+void apply_override(const std::string& override_text, Config& cfg) {
+  const std::string where = "--set " + override_text;
+  size_t eq = override_text.find('=');
+  std::string path = override_text.substr(0, eq);
+  path.erase(0, path.find_first_not_of(" \t"));
+  path.erase(path.find_last_not_of(" \t") + 1);
+  if (eq == std::string::npos || path.empty())
+    throw ConfigError("malformed override '" + override_text +
+                      "': expected key.path=value (e.g. --set model.moe.top_k=4)");
+  const KeyDesc* k = find_key(path);
+  if (!k) {
+    if (is_section(path)) {
+      for (const auto& d : keys())
+        if (d.path.rfind(path + ".", 0) == 0)
+          throw ConfigError(where + ": '" + path + "' is a section; set one of its keys, e.g. '" + d.path + "'");
+    }
+    unknown_key(where, path);
+  }
+  YAML::Node value;
+  try {
+    value = YAML::Load(override_text.substr(eq + 1));
+  } catch (const YAML::Exception& e) {
+    throw ConfigError(where + ": " + e.msg);
+  }
+  set_from_node(*k, value, cfg, where);
+}
+
+std::string read_file(const std::string& path) {
+  // Plain stdio: the torch wheel exports its own, crashing copies of some std::filesystem functions.
+  // A directory opens here and fails on read with EISDIR.
+  std::FILE* f = std::fopen(path.c_str(), "rb");
+  if (!f) throw ConfigError("cannot read config file '" + path + "': " + std::strerror(errno));
+  std::string text;
+  char buf[65536];
+  size_t n;
+  while ((n = std::fread(buf, 1, sizeof buf, f)) > 0) text.append(buf, n);
+  bool failed = std::ferror(f);
+  int err = errno;
+  std::fclose(f);
+  if (failed) throw ConfigError("cannot read config file '" + path + "': " + std::strerror(err));
+  return text;
+}
+
+std::string escape_markdown_cell(const std::string& s) {
+  std::string out;
+  for (char ch : s) {
+    if (ch == '|') out += '\\';
+    out += ch;
+  }
+  return out;
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------
+
+Config parse_config(const std::string& yaml_text, const std::string& source,
+                    const std::vector<std::string>& overrides) {
+  std::vector<YAML::Node> docs;
+  try {
+    docs = YAML::LoadAll(yaml_text);
+  } catch (const YAML::ParserException& e) {
+    throw ConfigError(location(source, e.mark) + ": " + e.msg);
+  } catch (const YAML::Exception& e) {
+    throw ConfigError(source + ": " + e.msg);
+  }
+  if (docs.size() > 1)
+    throw ConfigError(source + ": holds " + std::to_string(docs.size()) + " YAML documents; expected one");
+
+  Config cfg;
+  if (!docs.empty() && !docs[0].IsNull()) {  // an empty file is all defaults
+    const YAML::Node& root = docs[0];
+    if (!root.IsMap())
+      throw ConfigError(location(source, root.Mark()) +
+                        ": the top level must be a mapping of sections (run, model, data, ...), got " +
+                        node_kind_text(root));
+    try {
+      apply_mapping(root, "", cfg, source);
+    } catch (const YAML::Exception& e) {
+      throw ConfigError(location(source, e.mark) + ": " + e.msg);
+    }
+  }
+  for (const auto& o : overrides) apply_override(o, cfg);
+  validate(cfg);
+  return cfg;
+}
+
+Config load_config(const std::string& path, const std::vector<std::string>& overrides) {
+  return parse_config(read_file(path), path, overrides);
+}
+
+void validate(const Config& cfg) {
+  // Each key on its own, in table order.
+  for (const auto& k : keys()) {
+    const Allowed& a = k.allowed;
+    std::string text = value_text(k, cfg);
+    if (k.field.index() == kString) {
+      if (!a.one_of.empty() && std::find(a.one_of.begin(), a.one_of.end(), text) == a.one_of.end())
+        throw ConfigError(k.path + " = " + in_quotes(text) + " must be one of: " + join(a.one_of, ", "));
+      if (a.non_empty && text.empty()) throw ConfigError(k.path + " = \"\" must not be empty");
+      continue;
+    }
+    if (k.field.index() != kInt && k.field.index() != kDouble) continue;
+    double v = k.field.index() == kInt ? std::get<kInt>(k.field)(const_cast<Config&>(cfg))
+                                       : std::get<kDouble>(k.field)(const_cast<Config&>(cfg));
+    if (!std::isfinite(v)) throw ConfigError(k.path + " = " + text + " must be a finite number");
+    bool ok = (!a.lo || (a.lo_open ? v > *a.lo : v >= *a.lo)) && (!a.hi || (a.hi_open ? v < *a.hi : v <= *a.hi));
+    if (!ok) throw ConfigError(k.path + " = " + text + " must be " + bounds_text(a));
+  }
+
+  // Relations between keys; the per-key checks above rule out zero divisors.
+  const ModelConfig& m = cfg.model;
+  auto kv = [](const char* path, auto v) { return std::string(path) + " = " + std::to_string(v); };
+  if (m.n_heads % m.n_kv_heads != 0)
+    throw ConfigError(kv("model.n_kv_heads", m.n_kv_heads) + " must divide " + kv("model.n_heads", m.n_heads));
+  if (m.head_dim == 0 && m.d_model % m.n_heads != 0)
+    throw ConfigError(kv("model.d_model", m.d_model) + " must be divisible by " + kv("model.n_heads", m.n_heads) +
+                      " when model.head_dim = 0 (or set model.head_dim)");
+  if (m.head_dim % 2 != 0)
+    throw ConfigError(kv("model.head_dim", m.head_dim) + " must be even (RoPE rotates pairs of dimensions)");
+  if (m.head_dim == 0 && (m.d_model / m.n_heads) % 2 != 0)
+    throw ConfigError("head dim model.d_model / model.n_heads = " + std::to_string(m.d_model) + " / " +
+                      std::to_string(m.n_heads) + " = " + std::to_string(m.d_model / m.n_heads) +
+                      " must be even (RoPE rotates pairs of dimensions); change model.d_model or set model.head_dim");
+  if (m.dense_layers > m.n_layers)
+    throw ConfigError(kv("model.dense_layers", m.dense_layers) + " must be in [0, " +
+                      kv("model.n_layers", m.n_layers) + "]");
+  if (m.moe.top_k > m.moe.n_experts)
+    throw ConfigError(kv("model.moe.top_k", m.moe.top_k) + " must be in [1, " +
+                      kv("model.moe.n_experts", m.moe.n_experts) + "]");
+  if (m.moe.n_experts % cfg.parallel.expert_parallel != 0)
+    throw ConfigError(kv("model.moe.n_experts", m.moe.n_experts) + " must be divisible by " +
+                      kv("parallel.expert_parallel", cfg.parallel.expert_parallel));
+  if (cfg.data.seq_len > m.max_seq_len)
+    throw ConfigError(kv("data.seq_len", cfg.data.seq_len) + " must be in [1, " +
+                      kv("model.max_seq_len", m.max_seq_len) + "]");
+  if (cfg.optim.min_lr > cfg.optim.lr)
+    throw ConfigError("optim.min_lr = " + format_number(cfg.optim.min_lr) + " must be <= optim.lr = " +
+                      format_number(cfg.optim.lr));
+}
+
+std::string to_yaml(const Config& cfg) {
+  YAML::Emitter out;
+  out << YAML::BeginMap;
+  std::vector<std::string> open;  // sections currently open, outermost first
+  for (const auto& k : keys()) {
+    auto parts = split_path(k.path);
+    std::vector<std::string> section(parts.begin(), parts.end() - 1);
+    size_t common = 0;
+    while (common < open.size() && common < section.size() && open[common] == section[common]) ++common;
+    while (open.size() > common) {
+      out << YAML::EndMap;
+      open.pop_back();
+    }
+    while (open.size() < section.size()) {
+      out << YAML::Key << section[open.size()] << YAML::Value << YAML::BeginMap;
+      open.push_back(section[open.size()]);
+    }
+    out << YAML::Key << parts.back() << YAML::Value;
+    if (k.field.index() == kString)
+      out << YAML::DoubleQuoted << value_text(k, cfg);  // quoted so "123", "~" or "true" stay strings
+    else
+      out << value_text(k, cfg);
+  }
+  while (!open.empty()) {
+    out << YAML::EndMap;
+    open.pop_back();
+  }
+  out << YAML::EndMap;
+  return std::string(out.c_str()) + "\n";
+}
+
+std::vector<std::pair<std::string, std::string>> flatten(const Config& cfg) {
+  std::vector<std::pair<std::string, std::string>> rows;
+  for (const auto& k : keys()) rows.emplace_back(k.path, value_text(k, cfg));
+  return rows;
+}
+
+std::vector<KeyDoc> reference() {
+  const Config defaults;
+  std::vector<KeyDoc> docs;
+  for (const auto& k : keys()) docs.push_back({k.path, value_text(k, defaults), type_text(k), k.meaning});
+  return docs;
+}
+
+std::string reference_markdown() {
+  std::string md =
+      "| key | type | default | meaning |\n"
+      "|---|---|---|---|\n";
+  for (const auto& d : reference()) {
+    std::string def = d.default_value.empty() ? "\"\"" : d.default_value;
+    md += "| `" + d.key + "` | " + escape_markdown_cell(d.type) + " | `" + escape_markdown_cell(def) + "` | " +
+          escape_markdown_cell(d.meaning) + " |\n";
+  }
+  return md;
+}
+
+}  // namespace moetrain::config

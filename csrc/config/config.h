@@ -1,0 +1,129 @@
+// The run configuration: plain structs with defaults, one per section of the YAML file.
+// Loading, validation (with key paths), --set overrides and dumping live in config.cpp; components
+// take the struct they need and never see YAML.
+#pragma once
+#include <cstdint>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace moetrain::config {
+
+struct RunConfig {
+  std::string name = "tiny";
+  std::string out_dir = "runs/tiny";
+  uint64_t seed = 1337;
+  std::string device = "cpu";   // cpu | cuda
+  std::string dtype = "fp32";   // fp32 | bf16 (parameters and activations; router math is fp32)
+  int threads = 0;              // CPU intra-op threads; 0 = all cores
+};
+
+struct MoEConfig {
+  int n_experts = 8;            // routed experts per MoE layer
+  int top_k = 2;                // experts chosen per token
+  int expert_hidden = 512;      // SwiGLU hidden size of each routed expert
+  int n_shared_experts = 1;     // always-on experts, summed with the routed output
+  int shared_hidden = 0;        // hidden size of each shared expert; 0 = expert_hidden
+  std::string score_func = "softmax";  // softmax (top-k over softmax scores)
+  bool normalize_topk = true;   // renormalize the k chosen weights to sum to 1
+  double aux_loss_coef = 0.01;  // switch-style load-balancing loss coefficient
+};
+
+struct ModelConfig {
+  int vocab_size = 256;
+  int d_model = 256;
+  int n_layers = 4;
+  int n_heads = 8;
+  int n_kv_heads = 4;           // grouped-query attention; must divide n_heads
+  int head_dim = 0;             // 0 = d_model / n_heads
+  int max_seq_len = 256;        // RoPE table length; longest context
+  int dense_layers = 1;         // the first dense_layers blocks use a dense SwiGLU MLP, the rest MoE
+  int dense_hidden = 1024;      // hidden size of the dense MLP
+  double rope_theta = 10000.0;
+  double norm_eps = 1e-5;
+  bool tie_embeddings = true;   // LM head shares the token embedding matrix
+  double init_std = 0.02;
+  MoEConfig moe;
+};
+
+struct DataConfig {
+  std::string dir = "data/fortunes";  // holds train.bin and val.bin (moetrain prepare-data)
+  int seq_len = 256;                  // tokens per training sequence; <= model.max_seq_len
+};
+
+struct OptimConfig {
+  double lr = 1e-3;             // peak learning rate
+  double min_lr = 1e-4;         // floor of the cosine decay
+  int warmup_steps = 50;
+  std::string schedule = "cosine";  // cosine | constant (both after linear warmup)
+  int decay_steps = 0;          // cosine horizon in steps; 0 = train.steps (set it to keep the
+                                // schedule fixed when train.steps is overridden)
+  double weight_decay = 0.1;    // not applied to norms, biases or embeddings
+  double beta1 = 0.9;
+  double beta2 = 0.95;
+  double eps = 1e-8;
+  double grad_clip = 1.0;       // max global grad norm; 0 = off
+};
+
+struct TrainConfig {
+  int steps = 1000;
+  int micro_batch_size = 16;    // sequences per micro-batch per rank
+  int grad_accum = 1;           // micro-batches per optimizer step
+  int log_every = 10;
+  int eval_every = 100;         // 0 = only at the end
+  int eval_batches = 8;         // validation micro-batches per evaluation
+};
+
+struct ParallelConfig {
+  std::string backend = "auto"; // auto | single (nccl and gloo arrive with distributed training)
+  int expert_parallel = 1;
+  int timeout_s = 600;
+};
+
+struct CheckpointConfig {
+  int every = 0;                // steps between checkpoints; 0 = only at the end
+  int keep_last = 0;            // 0 = keep all
+  std::string verify = "full";  // full (sizes and sha256) | size
+};
+
+struct CostConfig {
+  std::string gpu = "cpu";      // hardware name for MFU
+  double price_per_gpu_hour = 2.0;
+};
+
+struct Config {
+  RunConfig run;
+  ModelConfig model;
+  DataConfig data;
+  OptimConfig optim;
+  TrainConfig train;
+  ParallelConfig parallel;
+  CheckpointConfig checkpoint;
+  CostConfig cost;
+};
+
+// Reads a YAML file, applies `key.path=value` overrides, validates. Throws ConfigError naming the
+// file (with line:col for syntax errors) or the key path, the value and what is allowed.
+Config load_config(const std::string& path, const std::vector<std::string>& overrides = {});
+// The same from YAML text; `source` names it in messages.
+Config parse_config(const std::string& yaml_text, const std::string& source,
+                    const std::vector<std::string>& overrides = {});
+// Checks every value and the relations between them; throws ConfigError on the first problem.
+void validate(const Config& cfg);
+// The resolved config as YAML that parse_config reads back to an equal config.
+std::string to_yaml(const Config& cfg);
+// (key path, value text) for every key, in declaration order: the start-up table.
+std::vector<std::pair<std::string, std::string>> flatten(const Config& cfg);
+// (key path, default, meaning) for every key: the README reference and `moetrain config --reference`.
+struct KeyDoc {
+  std::string key, default_value, type, meaning;
+};
+std::vector<KeyDoc> reference();
+// reference() as the markdown table in docs/config-reference.md (a test keeps the file in sync).
+std::string reference_markdown();
+
+// Derived values used throughout.
+inline int head_dim(const ModelConfig& m) { return m.head_dim > 0 ? m.head_dim : m.d_model / m.n_heads; }
+inline int shared_hidden(const MoEConfig& m) { return m.shared_hidden > 0 ? m.shared_hidden : m.expert_hidden; }
+
+}  // namespace moetrain::config

@@ -1,0 +1,250 @@
+// Token shards: writing (smallest token width that holds the vocabulary, temp name + rename so a
+// reader never sees half a shard), read-only mmap access, and prepare_text for plain-text corpora.
+#include "data/shard.h"
+
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <bit>
+#include <cassert>
+#include <cerrno>
+#include <cstring>
+#include <fstream>
+#include <sstream>
+
+#include "common/errors.h"
+#include "common/files.h"
+#include "data/tokenizer.h"
+
+namespace moetrain::data {
+namespace {
+
+static_assert(std::endian::native == std::endian::little, "shard I/O assumes a little-endian host");
+
+constexpr char kMagic[8] = {'M', 'O', 'E', 'T', 'O', 'K', 'S', '\0'};
+constexpr size_t kHeaderBytes = 32;
+
+std::string errno_text() { return std::strerror(errno); }
+
+void write_all(int fd, const void* data, size_t n, const std::string& path) {
+  const auto* p = static_cast<const char*>(data);
+  while (n > 0) {
+    ssize_t put = ::write(fd, p, n);
+    if (put < 0) {
+      if (errno == EINTR) continue;
+      throw DataError("cannot write " + path + ": " + errno_text());
+    }
+    if (put == 0) throw DataError("cannot write " + path + ": write returned 0 (disk full?)");
+    p += put;
+    n -= size_t(put);
+  }
+}
+
+int bytes_for_vocab(uint64_t vocab_size) {
+  if (vocab_size <= (uint64_t(1) << 8)) return 1;
+  if (vocab_size <= (uint64_t(1) << 16)) return 2;
+  return 4;
+}
+
+}  // namespace
+
+void write_shard(const std::string& path, const std::vector<int64_t>& tokens, uint64_t vocab_size) {
+  if (vocab_size == 0 || vocab_size > (uint64_t(1) << 32)) {
+    throw DataError(path + ": vocab_size " + std::to_string(vocab_size) + " must be in [1, 2^32]");
+  }
+  for (size_t i = 0; i < tokens.size(); ++i) {
+    if (tokens[i] < 0 || uint64_t(tokens[i]) >= vocab_size) {
+      throw DataError(path + ": token " + std::to_string(tokens[i]) + " at index " + std::to_string(i) +
+                      " is outside the vocabulary [0, " + std::to_string(vocab_size) + ")");
+    }
+  }
+  const int bytes = bytes_for_vocab(vocab_size);
+  uint8_t header[kHeaderBytes] = {};
+  const uint32_t version = kShardVersion, dtype_code = uint32_t(bytes);
+  const uint64_t count = tokens.size();
+  std::memcpy(header, kMagic, 8);
+  std::memcpy(header + 8, &version, 4);
+  std::memcpy(header + 12, &dtype_code, 4);
+  std::memcpy(header + 16, &count, 8);
+  std::memcpy(header + 24, &vocab_size, 8);
+
+  const std::string tmp_path = path + ".tmp." + std::to_string(::getpid());
+  int fd = ::open(tmp_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  if (fd < 0) throw DataError("cannot create " + tmp_path + ": " + errno_text());
+  try {
+    write_all(fd, header, kHeaderBytes, tmp_path);
+    // Narrow the tokens a chunk at a time: a big corpus should not need a second full copy.
+    std::vector<uint8_t> chunk;
+    constexpr size_t kChunkTokens = size_t(1) << 18;
+    for (size_t start = 0; start < tokens.size(); start += kChunkTokens) {
+      const size_t n = std::min(kChunkTokens, tokens.size() - start);
+      chunk.resize(n * bytes);
+      for (size_t i = 0; i < n; ++i) {
+        const uint32_t token = uint32_t(tokens[start + i]);
+        std::memcpy(chunk.data() + i * bytes, &token, bytes);  // little-endian: low bytes first
+      }
+      write_all(fd, chunk.data(), chunk.size(), tmp_path);
+    }
+    if (::fsync(fd) != 0) throw DataError("cannot fsync " + tmp_path + ": " + errno_text());
+    const int to_close = fd;
+    fd = -1;
+    if (::close(to_close) != 0) throw DataError("cannot close " + tmp_path + ": " + errno_text());
+    if (::rename(tmp_path.c_str(), path.c_str()) != 0) {
+      throw DataError("cannot rename " + tmp_path + " to " + path + ": " + errno_text());
+    }
+  } catch (...) {
+    if (fd >= 0) ::close(fd);
+    ::unlink(tmp_path.c_str());
+    throw;
+  }
+}
+
+Shard::Shard(const std::string& path) : path_(path) {
+  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) throw DataError("cannot open shard " + path + ": " + errno_text());
+  struct stat st {};
+  if (::fstat(fd, &st) != 0) {
+    const std::string err = errno_text();
+    ::close(fd);
+    throw DataError("cannot stat shard " + path + ": " + err);
+  }
+  const uint64_t file_size = uint64_t(st.st_size);
+  if (file_size < kHeaderBytes) {
+    ::close(fd);
+    throw DataError(path + ": " + std::to_string(file_size) + " bytes, shorter than the 32-byte shard header");
+  }
+  void* map = ::mmap(nullptr, file_size, PROT_READ, MAP_PRIVATE, fd, 0);
+  const std::string map_err = errno_text();
+  ::close(fd);  // the mapping keeps the file alive
+  if (map == MAP_FAILED) throw DataError("cannot mmap shard " + path + ": " + map_err);
+  map_ = static_cast<const uint8_t*>(map);
+  map_len_ = file_size;
+
+  try {
+    if (std::memcmp(map_, kMagic, 8) != 0) {
+      throw DataError(path + ": bad magic (bytes 0..7): not a MOETOKS token shard");
+    }
+    uint32_t version = 0, dtype_code = 0;
+    std::memcpy(&version, map_ + 8, 4);
+    std::memcpy(&dtype_code, map_ + 12, 4);
+    std::memcpy(&count_, map_ + 16, 8);
+    std::memcpy(&vocab_, map_ + 24, 8);
+    if (version != kShardVersion) {
+      throw DataError(path + ": header field 'version' is " + std::to_string(version) + ", expected " +
+                      std::to_string(kShardVersion));
+    }
+    if (dtype_code != 1 && dtype_code != 2 && dtype_code != 4) {
+      throw DataError(path + ": header field 'dtype' is " + std::to_string(dtype_code) +
+                      ", expected 1 (uint8), 2 (uint16) or 4 (uint32)");
+    }
+    bytes_ = int(dtype_code);
+    uint64_t data_bytes = 0;
+    if (__builtin_mul_overflow(count_, uint64_t(bytes_), &data_bytes) || data_bytes != file_size - kHeaderBytes) {
+      throw DataError(path + ": header field 'count' says " + std::to_string(count_) + " tokens of " +
+                      std::to_string(bytes_) + " bytes but the file holds " + std::to_string(file_size - kHeaderBytes) +
+                      " bytes after the header");
+    }
+    if (vocab_ == 0) throw DataError(path + ": header field 'vocab_size' is 0");
+  } catch (...) {
+    ::munmap(const_cast<uint8_t*>(map_), map_len_);
+    map_ = nullptr;
+    throw;
+  }
+}
+
+Shard::~Shard() {
+  if (map_) ::munmap(const_cast<uint8_t*>(map_), map_len_);
+}
+
+int64_t Shard::at(uint64_t i) const {
+  assert(i < count_);
+  const uint8_t* p = map_ + kHeaderBytes + i * uint64_t(bytes_);
+  uint32_t token = 0;
+  std::memcpy(&token, p, size_t(bytes_));
+  return int64_t(token);
+}
+
+void Shard::read(uint64_t begin, uint64_t n, int64_t* out) const {
+  if (begin > count_ || n > count_ - begin) {
+    throw DataError(path_ + ": read of " + std::to_string(n) + " tokens at " + std::to_string(begin) +
+                    " is past the end of the shard (" + std::to_string(count_) + " tokens)");
+  }
+  const uint8_t* p = map_ + kHeaderBytes + begin * uint64_t(bytes_);
+  switch (bytes_) {
+    case 1:
+      for (uint64_t i = 0; i < n; ++i) out[i] = p[i];
+      break;
+    case 2:
+      for (uint64_t i = 0; i < n; ++i) {
+        uint16_t token;
+        std::memcpy(&token, p + 2 * i, 2);
+        out[i] = token;
+      }
+      break;
+    default:
+      for (uint64_t i = 0; i < n; ++i) {
+        uint32_t token;
+        std::memcpy(&token, p + 4 * i, 4);
+        out[i] = token;
+      }
+  }
+}
+
+PrepareStats prepare_text(const std::vector<std::string>& text_files, const std::string& out_dir,
+                          double val_fraction) {
+  if (text_files.empty()) throw DataError("prepare_text: no text files given");
+  if (!(val_fraction > 0.0 && val_fraction < 1.0)) {
+    throw DataError("prepare_text: val_fraction " + std::to_string(val_fraction) + " must be in (0, 1)");
+  }
+  std::string text;
+  for (size_t i = 0; i < text_files.size(); ++i) {
+    const std::string& file = text_files[i];
+    if (!files::file_size(file)) throw DataError("text file " + file + " does not exist");
+    std::ifstream in(file, std::ios::binary);
+    if (!in) throw DataError("cannot open text file " + file);
+    std::ostringstream contents;
+    contents << in.rdbuf();
+    if (in.bad()) throw DataError("cannot read text file " + file);
+    if (i > 0) text += '\n';
+    text += contents.str();
+  }
+
+  // Split right after the last newline at or before the target point (else the first one after it).
+  const size_t target = size_t(double(text.size()) * (1.0 - val_fraction));
+  size_t split = std::string::npos;
+  if (target > 0) {
+    const size_t nl = text.rfind('\n', target - 1);
+    if (nl != std::string::npos) split = nl + 1;
+  }
+  if (split == std::string::npos) {
+    const size_t nl = text.find('\n', target);
+    if (nl != std::string::npos) split = nl + 1;
+  }
+  if (split == std::string::npos || split == 0 || split >= text.size()) {
+    std::string names;
+    for (const auto& f : text_files) names += (names.empty() ? "" : ", ") + f;
+    throw DataError("text in " + names + " (" + std::to_string(text.size()) +
+                    " bytes) is too small to split into non-empty train and validation parts at a line boundary "
+                    "(val_fraction " + std::to_string(val_fraction) + ")");
+  }
+
+  try {
+    files::make_directories(out_dir);
+  } catch (const DataError&) {
+    throw;
+  } catch (const Error& e) {  // "[io] cannot create folder '<dir>': <reason>" -> a DataError
+    std::string message = e.what();
+    if (message.rfind("[io] ", 0) == 0) message.erase(0, 5);
+    throw DataError(message);
+  }
+  const ByteTokenizer tokenizer;
+  const std::vector<int64_t> train = tokenizer.encode(text.substr(0, split));
+  const std::vector<int64_t> val = tokenizer.encode(text.substr(split));
+  write_shard(files::join(out_dir, "train.bin"), train, ByteTokenizer::vocab_size);
+  write_shard(files::join(out_dir, "val.bin"), val, ByteTokenizer::vocab_size);
+  return PrepareStats{train.size(), val.size()};
+}
+
+}  // namespace moetrain::data

@@ -1,0 +1,50 @@
+// Token shards: a 32-byte header then the tokens, read by mmap.
+//   bytes 0..7   magic "MOETOKS\0"
+//   bytes 8..11  format version (uint32, little-endian), currently 1
+//   bytes 12..15 token dtype code (uint32): 1 = uint8, 2 = uint16, 4 = uint32 (bytes per token)
+//   bytes 16..23 token count (uint64)
+//   bytes 24..31 vocabulary size (uint64); every token is < this
+// A header that does not match the file (bad magic, unknown version or dtype, a size that does not
+// equal 32 + count * bytes) throws DataError naming the file and the field.
+#pragma once
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace moetrain::data {
+
+constexpr uint32_t kShardVersion = 1;
+
+void write_shard(const std::string& path, const std::vector<int64_t>& tokens, uint64_t vocab_size);
+
+class Shard {
+ public:
+  explicit Shard(const std::string& path);  // maps the file read-only
+  ~Shard();
+  Shard(const Shard&) = delete;
+  Shard& operator=(const Shard&) = delete;
+  const std::string& path() const { return path_; }
+  uint64_t size() const { return count_; }          // number of tokens
+  uint64_t vocab_size() const { return vocab_; }
+  int bytes_per_token() const { return bytes_; }
+  int64_t at(uint64_t i) const;                      // bounds-checked in debug only
+  // Copies tokens [begin, begin + n) into out (int64); throws DataError if out of range.
+  void read(uint64_t begin, uint64_t n, int64_t* out) const;
+
+ private:
+  std::string path_;
+  const uint8_t* map_ = nullptr;
+  size_t map_len_ = 0;
+  uint64_t count_ = 0, vocab_ = 0;
+  int bytes_ = 0;
+};
+
+struct PrepareStats {
+  uint64_t train_tokens = 0, val_tokens = 0;
+};
+// Tokenizes text files with the byte tokenizer and writes <out_dir>/train.bin and <out_dir>/val.bin;
+// the last val_fraction of the text (split at a line boundary) is the validation set.
+PrepareStats prepare_text(const std::vector<std::string>& text_files, const std::string& out_dir,
+                          double val_fraction = 0.05);
+
+}  // namespace moetrain::data

@@ -1,0 +1,53 @@
+// Transformer building blocks: RMSNorm, rotary position embedding, grouped-query attention.
+// Legend: B batch, S sequence, D model dim, H query heads, G key/value heads, Hd head dim.
+// Parameters stay in their storage dtype (fp32 master weights); `compute_dtype` (bf16 on the GPU)
+// casts weights and activations for the matmuls, norms and softmax run in fp32.
+#pragma once
+#include <torch/torch.h>
+
+#include <optional>
+
+#include "config/config.h"
+
+namespace moetrain::model {
+
+using ComputeDtype = std::optional<torch::ScalarType>;
+inline torch::Tensor cast(const torch::Tensor& t, ComputeDtype dtype) {
+  return dtype && t.scalar_type() != *dtype ? t.to(*dtype) : t;
+}
+
+class RMSNormImpl : public torch::nn::Module {
+ public:
+  RMSNormImpl(int dim, double eps);
+  torch::Tensor forward(const torch::Tensor& x) const;  // statistics in fp32, output in x's dtype
+  torch::Tensor weight;  // (D)
+ private:
+  double eps_;
+};
+TORCH_MODULE(RMSNorm);
+
+// Rotary tables for positions [0, max_seq_len), rotate-half convention (as in Llama/Mixtral).
+struct Rope {
+  torch::Tensor cos_SHd;  // (max_seq_len, Hd) fp32
+  torch::Tensor sin_SHd;  // (max_seq_len, Hd) fp32
+  static Rope make(int max_seq_len, int head_dim, double theta, torch::Device device);
+  // x: (B, H, S, Hd), positions [offset, offset + S).
+  torch::Tensor apply(const torch::Tensor& x, int64_t offset = 0) const;
+};
+
+class AttentionImpl : public torch::nn::Module {
+ public:
+  explicit AttentionImpl(const config::ModelConfig& cfg);
+  torch::Tensor forward(const torch::Tensor& x_BSD, const Rope& rope, ComputeDtype compute_dtype) const;
+
+  torch::Tensor wq;  // (D, H*Hd)
+  torch::Tensor wk;  // (D, G*Hd)
+  torch::Tensor wv;  // (D, G*Hd)
+  torch::Tensor wo;  // (H*Hd, D)
+
+ private:
+  int n_heads_, n_kv_heads_, head_dim_;
+};
+TORCH_MODULE(Attention);
+
+}  // namespace moetrain::model

@@ -1,0 +1,127 @@
+// The MoE transformer, its seeded name-keyed initialization and its parameter counts.
+#include "model/transformer.h"
+
+namespace moetrain::model {
+
+BlockImpl::BlockImpl(const config::ModelConfig& cfg, bool is_moe) {
+  attn_norm = register_module("attn_norm", RMSNorm(cfg.d_model, cfg.norm_eps));
+  attn = register_module("attn", Attention(cfg));
+  ffn_norm = register_module("ffn_norm", RMSNorm(cfg.d_model, cfg.norm_eps));
+  if (is_moe)
+    moe = register_module("moe", moe::MoE(cfg.moe, cfg.d_model));
+  else
+    mlp = register_module("mlp", moe::SwiGLU(cfg.d_model, cfg.dense_hidden));
+}
+
+BlockOutput BlockImpl::forward(const torch::Tensor& x_BSD, const Rope& rope, ComputeDtype compute_dtype) const {
+  auto x = x_BSD + attn->forward(attn_norm->forward(x_BSD), rope, compute_dtype).to(x_BSD.scalar_type());
+  auto h = ffn_norm->forward(x);
+  if (!moe) {
+    auto y = mlp->forward(h, compute_dtype).to(x.scalar_type());
+    return {x + y, torch::zeros({}, x.options().dtype(torch::kFloat)), {}};
+  }
+  const auto B = h.size(0), S = h.size(1), D = h.size(2);
+  auto out = moe->forward(h.reshape({B * S, D}), compute_dtype);
+  return {x + out.out_TD.view({B, S, D}).to(x.scalar_type()), out.aux_loss, out.tokens_per_expert_E};
+}
+
+TransformerImpl::TransformerImpl(const config::ModelConfig& cfg) : cfg_(cfg) {
+  embed = register_parameter("embed", torch::empty({cfg.vocab_size, cfg.d_model}));
+  layers = register_module("layers", torch::nn::ModuleList());
+  for (int i = 0; i < cfg.n_layers; ++i) layers->push_back(Block(cfg, /*is_moe=*/i >= cfg.dense_layers));
+  final_norm = register_module("final_norm", RMSNorm(cfg.d_model, cfg.norm_eps));
+  if (!cfg.tie_embeddings) lm_head = register_parameter("lm_head", torch::empty({cfg.vocab_size, cfg.d_model}));
+  rope_ = Rope::make(cfg.max_seq_len, config::head_dim(cfg), cfg.rope_theta, torch::kCPU);
+}
+
+ForwardOutput TransformerImpl::forward(const torch::Tensor& tokens_BS) const {
+  TORCH_CHECK(tokens_BS.dim() == 2 && tokens_BS.scalar_type() == torch::kLong,
+              "[model] tokens must be (B, S) int64, got ", tokens_BS.sizes(), " ", tokens_BS.scalar_type());
+  auto x = embed.index_select(0, tokens_BS.reshape(-1)).view({tokens_BS.size(0), tokens_BS.size(1), cfg_.d_model});
+  ForwardOutput out;
+  out.aux_loss = torch::zeros({}, x.options().dtype(torch::kFloat));
+  for (const auto& layer : *layers) {
+    auto block = layer->as<BlockImpl>()->forward(x, rope_, compute_dtype_);
+    x = block.x_BSD;
+    if (block.tokens_per_expert_E.defined()) {
+      out.aux_loss = out.aux_loss + block.aux_loss;
+      out.tokens_per_expert_LE.push_back(block.tokens_per_expert_E);
+    }
+  }
+  auto head = lm_head.defined() ? lm_head : embed;
+  auto logits = torch::matmul(cast(final_norm->forward(x), compute_dtype_), cast(head, compute_dtype_).t());
+  out.logits_BSV = logits.to(torch::promote_types(logits.scalar_type(), torch::kFloat));
+  return out;
+}
+
+namespace {
+uint64_t fnv1a(const std::string& s) {
+  uint64_t h = 1469598103934665603ull;
+  for (unsigned char c : s) h = (h ^ c) * 1099511628211ull;
+  return h;
+}
+uint64_t splitmix(uint64_t x) {
+  x += 0x9e3779b97f4a7c15ull;
+  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
+  x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
+  return x ^ (x >> 31);
+}
+torch::Tensor seeded_normal(at::IntArrayRef shape, double std, uint64_t seed, const std::string& key) {
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(splitmix(seed ^ fnv1a(key)));
+  return torch::empty(shape, torch::kFloat).normal_(0.0, std, gen);
+}
+bool ends_with(const std::string& s, const std::string& suffix) {
+  return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
+}
+}  // namespace
+
+bool is_no_decay(const std::string& name) {
+  return name.find("norm") != std::string::npos || ends_with(name, "bias") || name == "embed";
+}
+
+void TransformerImpl::init_weights(uint64_t seed) {
+  torch::NoGradGuard no_grad;
+  // Output projections of residual branches are scaled down by sqrt(2 * n_layers) (GPT-2).
+  const double out_std = cfg_.init_std / std::sqrt(2.0 * cfg_.n_layers);
+  for (auto& p : named_parameters()) {
+    const std::string& name = p.key();
+    auto& w = p.value();
+    torch::Tensor value;
+    if (name.find("norm") != std::string::npos) {
+      value = torch::ones(w.sizes(), torch::kFloat);
+    } else {
+      const bool is_out = ends_with(name, ".wo") || ends_with(name, ".w2");
+      const double std = is_out ? out_std : cfg_.init_std;
+      if (name.find(".moe.experts.") != std::string::npos) {  // one draw per global expert id
+        std::vector<torch::Tensor> slices;
+        for (int64_t e = 0; e < w.size(0); ++e)
+          slices.push_back(seeded_normal(w.sizes().slice(1), std, seed, name + "[" + std::to_string(e) + "]"));
+        value = torch::stack(slices);
+      } else {
+        value = seeded_normal(w.sizes(), std, seed, name);
+      }
+    }
+    w.copy_(value);
+  }
+}
+
+void TransformerImpl::place(torch::Device device, ComputeDtype compute_dtype) {
+  to(device);
+  rope_ = Rope::make(cfg_.max_seq_len, config::head_dim(cfg_), cfg_.rope_theta, device);
+  compute_dtype_ = compute_dtype;
+}
+
+ParamCounts TransformerImpl::param_counts() const {
+  ParamCounts c;
+  for (const auto& p : named_parameters()) {
+    const int64_t n = p.value().numel();
+    c.total += n;
+    if (p.key().find(".moe.experts.") != std::string::npos)
+      c.active += n / cfg_.moe.n_experts * cfg_.moe.top_k;
+    else
+      c.active += n;
+  }
+  return c;
+}
+
+}  // namespace moetrain::model

@@ -1,0 +1,74 @@
+// The decoder-only MoE transformer: embedding -> blocks (attention + dense MLP or MoE) -> norm -> LM head.
+// Legend: B batch, S sequence, D model dim, V vocabulary, E routed experts.
+#pragma once
+#include <torch/torch.h>
+
+#include <string>
+#include <vector>
+
+#include "config/config.h"
+#include "model/layers.h"
+#include "moe/moe.h"
+
+namespace moetrain::model {
+
+struct BlockOutput {
+  torch::Tensor x_BSD;
+  torch::Tensor aux_loss;             // () fp32, zero for dense blocks
+  torch::Tensor tokens_per_expert_E;  // (E,) int64; undefined for dense blocks
+};
+
+class BlockImpl : public torch::nn::Module {
+ public:
+  BlockImpl(const config::ModelConfig& cfg, bool is_moe);
+  BlockOutput forward(const torch::Tensor& x_BSD, const Rope& rope, ComputeDtype compute_dtype) const;
+
+  RMSNorm attn_norm{nullptr}, ffn_norm{nullptr};
+  Attention attn{nullptr};
+  moe::SwiGLU mlp{nullptr};  // dense blocks
+  moe::MoE moe{nullptr};     // MoE blocks
+};
+TORCH_MODULE(Block);
+
+struct ForwardOutput {
+  torch::Tensor logits_BSV;                         // fp32
+  torch::Tensor aux_loss;                           // () sum over MoE layers (unweighted)
+  std::vector<torch::Tensor> tokens_per_expert_LE;  // one (E,) per MoE layer, in layer order
+};
+
+struct ParamCounts {
+  int64_t total = 0;   // every parameter (a tied head counted once)
+  int64_t active = 0;  // used per token: routed experts count top_k of n_experts
+};
+
+class TransformerImpl : public torch::nn::Module {
+ public:
+  explicit TransformerImpl(const config::ModelConfig& cfg);
+  ForwardOutput forward(const torch::Tensor& tokens_BS) const;
+
+  // Initial weights as a function of (seed, parameter name, global expert id) only, generated on the
+  // CPU in fp32: the same start on any device and any later parallel layout.
+  void init_weights(uint64_t seed);
+  // Moves parameters to `device`; `compute_dtype` bf16 keeps fp32 master weights, computes in bf16.
+  void place(torch::Device device, ComputeDtype compute_dtype);
+  ParamCounts param_counts() const;
+  const config::ModelConfig& config() const { return cfg_; }
+  ComputeDtype compute_dtype() const { return compute_dtype_; }
+  void set_compute_dtype(ComputeDtype dtype) { compute_dtype_ = dtype; }
+
+  torch::Tensor embed;    // (V, D)
+  torch::Tensor lm_head;  // (V, D); undefined when tied to embed
+  torch::nn::ModuleList layers{nullptr};
+  RMSNorm final_norm{nullptr};
+
+ private:
+  config::ModelConfig cfg_;
+  Rope rope_;
+  ComputeDtype compute_dtype_;
+};
+TORCH_MODULE(Transformer);
+
+// Parameters excluded from weight decay: norms, biases and embeddings.
+bool is_no_decay(const std::string& param_name);
+
+}  // namespace moetrain::model

@@ -1,0 +1,107 @@
+// The MoE layer: local dispatch/combine, stacked SwiGLU experts and the layer that ties them together.
+// Legend: T tokens, D model dim, E routed experts, K experts per token, F hidden, R = T*K rows.
+#include "moe/moe.h"
+
+namespace moetrain::moe {
+
+namespace {
+torch::Tensor cast(const torch::Tensor& t, std::optional<torch::ScalarType> dtype) {
+  return dtype && t.scalar_type() != *dtype ? t.to(*dtype) : t;
+}
+}  // namespace
+
+SwiGLUImpl::SwiGLUImpl(int d_model, int hidden) {
+  w1 = register_parameter("w1", torch::empty({d_model, hidden}));
+  w3 = register_parameter("w3", torch::empty({d_model, hidden}));
+  w2 = register_parameter("w2", torch::empty({hidden, d_model}));
+}
+
+torch::Tensor SwiGLUImpl::forward(const torch::Tensor& x_TD, std::optional<torch::ScalarType> compute_dtype) const {
+  auto x = cast(x_TD, compute_dtype);
+  auto h = torch::silu(torch::matmul(x, cast(w1, compute_dtype))) * torch::matmul(x, cast(w3, compute_dtype));
+  return torch::matmul(h, cast(w2, compute_dtype));
+}
+
+Dispatched dispatch(const torch::Tensor& x_TD, const RoutingPlan& plan) {
+  const int64_t K = plan.topk_ids_TK.size(1);
+  TORCH_CHECK(plan.topk_ids_TK.size(0) == x_TD.size(0), "[moe] dispatch: plan has ", plan.topk_ids_TK.size(0),
+              " tokens, input has ", x_TD.size(0));
+  auto flat_ids_R = plan.topk_ids_TK.reshape(-1);
+  auto order_R = std::get<1>(torch::sort(flat_ids_R, /*stable=*/std::optional<bool>(true), /*dim=*/0, /*descending=*/false));
+  auto token_ids_R = torch::floor_divide(order_R, K);
+  Dispatched d;
+  d.rows_RD = x_TD.index_select(0, token_ids_R);
+  d.handle.token_ids_R = token_ids_R;
+  d.handle.order_R = order_R;
+  d.handle.counts_E = plan.tokens_per_expert_E;
+  d.handle.num_tokens = x_TD.size(0);
+  return d;
+}
+
+torch::Tensor combine(const torch::Tensor& y_RD, const DispatchHandle& handle, const RoutingPlan& plan) {
+  auto weights_R = plan.topk_weights_TK.reshape(-1).index_select(0, handle.order_R);
+  auto weighted_RD = y_RD * weights_R.to(y_RD.scalar_type()).unsqueeze(1);
+  auto out_TD = torch::zeros({handle.num_tokens, y_RD.size(1)}, y_RD.options());
+  return out_TD.index_add(0, handle.token_ids_R, weighted_RD);
+}
+
+ExpertsImpl::ExpertsImpl(int n_experts, int d_model, int hidden) {
+  w1 = register_parameter("w1", torch::empty({n_experts, d_model, hidden}));
+  w3 = register_parameter("w3", torch::empty({n_experts, d_model, hidden}));
+  w2 = register_parameter("w2", torch::empty({n_experts, hidden, d_model}));
+}
+
+torch::Tensor ExpertsImpl::forward_sliced(const torch::Tensor& rows_RD, const torch::Tensor& counts_E,
+                                          std::optional<torch::ScalarType> compute_dtype) const {
+  // One host read of the counts per layer, then a matmul per non-empty expert. split() and unbind()
+  // give per-expert views whose backward is a single cat/stack; indexing w1[e] or narrow() per
+  // expert would allocate a full-size zero gradient for every expert in backward.
+  auto counts = counts_E.to(torch::kCPU);
+  const int64_t E = w1.size(0);
+  std::vector<int64_t> sizes(counts.data_ptr<int64_t>(), counts.data_ptr<int64_t>() + E);
+  auto xs = cast(rows_RD, compute_dtype).split_with_sizes(sizes, 0);
+  auto w1s = cast(w1, compute_dtype).unbind(0), w3s = cast(w3, compute_dtype).unbind(0);
+  auto w2s = cast(w2, compute_dtype).unbind(0);
+  std::vector<torch::Tensor> outputs;
+  for (int64_t e = 0; e < E; ++e) {
+    if (sizes[e] == 0) continue;
+    auto h = torch::silu(xs[e].mm(w1s[e])) * xs[e].mm(w3s[e]);
+    outputs.push_back(h.mm(w2s[e]));
+  }
+  if (outputs.empty()) return torch::zeros({0, w2.size(2)}, rows_RD.options().dtype(w2s[0].scalar_type()));
+  return torch::cat(outputs, 0);
+}
+
+torch::Tensor ExpertsImpl::forward(const torch::Tensor& rows_RD, const torch::Tensor& counts_E,
+                                   std::optional<torch::ScalarType> compute_dtype) const {
+  TORCH_CHECK(rows_RD.dim() == 2 && rows_RD.size(1) == w1.size(1), "[moe] experts expect (R, ", w1.size(1),
+              ") rows, got ", rows_RD.sizes());
+  const bool grouped = rows_RD.is_cuda() && compute_dtype == torch::kBFloat16 && w1.size(1) % 8 == 0 &&
+                       w1.size(2) % 8 == 0;
+  if (!grouped) return forward_sliced(rows_RD, counts_E, compute_dtype);
+  // CUDA bf16: one grouped GEMM per projection, offsets stay on the device (no host sync).
+  auto offsets_E = torch::cumsum(counts_E, 0).to(torch::kInt);
+  auto x = rows_RD.to(torch::kBFloat16).contiguous();
+  auto gate = at::_grouped_mm(x, w1.to(torch::kBFloat16), offsets_E);
+  auto up = at::_grouped_mm(x, w3.to(torch::kBFloat16), offsets_E);
+  auto h = (torch::silu(gate) * up).contiguous();
+  return at::_grouped_mm(h, w2.to(torch::kBFloat16), offsets_E);
+}
+
+MoEImpl::MoEImpl(const config::MoEConfig& cfg, int d_model) : cfg_(cfg) {
+  router = register_module("router", Router(cfg, d_model));
+  experts = register_module("experts", Experts(cfg.n_experts, d_model, cfg.expert_hidden));
+  if (cfg.n_shared_experts > 0)
+    shared = register_module("shared", SwiGLU(d_model, cfg.n_shared_experts * config::shared_hidden(cfg)));
+}
+
+MoEOutput MoEImpl::forward(const torch::Tensor& x_TD, std::optional<torch::ScalarType> compute_dtype) const {
+  RoutingPlan plan = router->route(x_TD);                                        // 1. route
+  Dispatched dispatched = dispatch(x_TD, plan);                                  // 2. dispatch
+  auto y_RD = experts->forward(dispatched.rows_RD, dispatched.handle.counts_E, compute_dtype);  // 3. experts
+  auto out_TD = combine(y_RD, dispatched.handle, plan);                          // 4. combine
+  if (shared) out_TD = out_TD + shared->forward(x_TD, compute_dtype);            // 5. shared experts
+  return {out_TD, plan.aux_loss, plan.tokens_per_expert_E};
+}
+
+}  // namespace moetrain::moe

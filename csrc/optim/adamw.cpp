@@ -1,0 +1,62 @@
+// AdamW, the warmup + cosine schedule and gradient clipping.
+#include "optim/adamw.h"
+
+#include <cmath>
+
+namespace moetrain::optim {
+
+AdamW::AdamW(const std::vector<std::pair<std::string, torch::Tensor>>& named_params, const config::OptimConfig& cfg,
+             const std::function<bool(const std::string&)>& no_decay)
+    : cfg_(cfg) {
+  for (const auto& [name, p] : named_params) {
+    auto opts = p.options().dtype(torch::kFloat);
+    states_.push_back({name, p, torch::zeros(p.sizes(), opts), torch::zeros(p.sizes(), opts), !no_decay(name)});
+  }
+}
+
+void AdamW::zero_grad() {
+  for (auto& s : states_)
+    if (s.param.grad().defined()) s.param.mutable_grad() = torch::Tensor();
+}
+
+void AdamW::step(double lr) {
+  torch::NoGradGuard no_grad;
+  ++step_count_;
+  const double bias1 = 1.0 - std::pow(cfg_.beta1, double(step_count_));
+  const double bias2 = 1.0 - std::pow(cfg_.beta2, double(step_count_));
+  for (auto& s : states_) {
+    auto grad = s.param.grad();
+    if (!grad.defined()) continue;
+    auto g = grad.to(torch::kFloat);
+    s.exp_avg.mul_(cfg_.beta1).add_(g, 1.0 - cfg_.beta1);
+    s.exp_avg_sq.mul_(cfg_.beta2).addcmul_(g, g, 1.0 - cfg_.beta2);
+    auto denom = (s.exp_avg_sq.sqrt() / std::sqrt(bias2)).add_(cfg_.eps);
+    if (s.decay && cfg_.weight_decay > 0) s.param.mul_(1.0 - lr * cfg_.weight_decay);
+    s.param.addcdiv_(s.exp_avg.to(s.param.scalar_type()), denom.to(s.param.scalar_type()), -lr / bias1);
+  }
+}
+
+double learning_rate(const config::OptimConfig& cfg, int64_t step, int64_t total_steps) {
+  if (step < cfg.warmup_steps) return cfg.lr * double(step + 1) / double(cfg.warmup_steps);
+  if (cfg.schedule == "constant") return cfg.lr;
+  const double decay_steps = std::max<int64_t>(1, total_steps - cfg.warmup_steps);
+  const double progress = std::min(1.0, double(step - cfg.warmup_steps) / decay_steps);
+  return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1.0 + std::cos(M_PI * progress));
+}
+
+double clip_grad_norm(const std::vector<torch::Tensor>& params, double max_norm) {
+  torch::NoGradGuard no_grad;
+  std::vector<torch::Tensor> squares;
+  for (const auto& p : params)
+    if (p.grad().defined()) squares.push_back(p.grad().to(torch::kFloat).pow(2).sum());
+  if (squares.empty()) return 0.0;
+  const double norm = torch::stack(squares).sum().sqrt().item<double>();
+  if (max_norm > 0 && norm > max_norm) {
+    const double scale = max_norm / (norm + 1e-6);
+    for (const auto& p : params)
+      if (p.grad().defined()) p.grad().mul_(scale);
+  }
+  return norm;
+}
+
+}  // namespace moetrain::optim

@@ -1,0 +1,59 @@
+// Checkpoint loading for inference and autoregressive sampling (full recompute per token: the
+// models this targets are small; a KV cache arrives with the GPU work).
+#include "train/generate.h"
+
+#include <ATen/CPUGeneratorImpl.h>
+
+#include "common/errors.h"
+#include "train/trainer.h"
+
+namespace moetrain::train {
+
+LoadedModel load_for_inference(const std::string& path, const std::string& verify) {
+  auto step_dir = ckpt::find_checkpoint(path);
+  if (!step_dir) throw CheckpointError("'" + path + "' holds no checkpoint yet");
+  LoadedModel loaded;
+  loaded.step_dir = *step_dir;
+  loaded.manifest = ckpt::open_checkpoint(*step_dir, verify);
+  loaded.cfg = config::parse_config(loaded.manifest.config_yaml, *step_dir + "/manifest.json");
+  configure_threads(loaded.cfg.run);
+  loaded.model = model::Transformer(loaded.cfg.model);
+  ckpt::load_model(*step_dir, *loaded.model);
+  loaded.model->place(resolve_device(loaded.cfg.run), resolve_compute_dtype(loaded.cfg.run));
+  return loaded;
+}
+
+std::vector<int64_t> generate(const model::TransformerImpl& model, const std::vector<int64_t>& prompt,
+                              const GenerateOptions& options) {
+  torch::NoGradGuard no_grad;
+  const auto& cfg = model.config();
+  if (prompt.empty()) throw UsageError("the prompt is empty: give at least one token");
+  for (auto id : prompt)
+    if (id < 0 || id >= cfg.vocab_size)
+      throw UsageError("prompt token " + std::to_string(id) + " is outside the vocabulary [0, " +
+                       std::to_string(cfg.vocab_size) + ")");
+  const auto device = model.embed.device();
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(options.seed);
+  std::vector<int64_t> tokens = prompt;
+  for (int i = 0; i < options.max_new_tokens; ++i) {
+    const size_t context = std::min<size_t>(tokens.size(), size_t(cfg.max_seq_len));
+    std::vector<int64_t> window(tokens.end() - int64_t(context), tokens.end());
+    auto input = torch::tensor(window, torch::kLong).view({1, int64_t(context)}).to(device);
+    auto logits_V = model.forward(input).logits_BSV[0][int64_t(context) - 1].to(torch::kCPU).to(torch::kDouble);
+    int64_t next;
+    if (options.temperature <= 0) {
+      next = logits_V.argmax().item<int64_t>();
+    } else {
+      auto scaled = logits_V / options.temperature;
+      if (options.top_k > 0 && options.top_k < scaled.size(0)) {
+        auto kth = std::get<0>(torch::topk(scaled, options.top_k)).min();
+        scaled = scaled.masked_fill(scaled < kth, -std::numeric_limits<double>::infinity());
+      }
+      next = torch::multinomial(torch::softmax(scaled, 0), 1, /*replacement=*/false, gen).item<int64_t>();
+    }
+    tokens.push_back(next);
+  }
+  return tokens;
+}
+
+}  // namespace moetrain::train

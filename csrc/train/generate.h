@@ -1,0 +1,35 @@
+// Sampling from a trained model: load a checkpoint for inference, then autoregressive decoding with
+// temperature and top-k (temperature 0 is greedy and deterministic).
+#pragma once
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "ckpt/checkpoint.h"
+#include "config/config.h"
+#include "model/transformer.h"
+
+namespace moetrain::train {
+
+struct GenerateOptions {
+  int max_new_tokens = 200;
+  double temperature = 0.8;  // 0 = greedy
+  int top_k = 0;             // 0 = all tokens
+  uint64_t seed = 0;
+};
+
+struct LoadedModel {
+  config::Config cfg;        // the config the checkpoint was trained with
+  std::string step_dir;
+  ckpt::Manifest manifest;
+  model::Transformer model{nullptr};
+};
+
+// `path`: a run folder, its ckpt/ folder or a step folder. Verifies the files before loading.
+LoadedModel load_for_inference(const std::string& path, const std::string& verify = "full");
+
+// Returns the prompt followed by up to max_new_tokens sampled tokens.
+std::vector<int64_t> generate(const model::TransformerImpl& model, const std::vector<int64_t>& prompt,
+                              const GenerateOptions& options);
+
+}  // namespace moetrain::train

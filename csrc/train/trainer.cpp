@@ -1,0 +1,277 @@
+// The Trainer: one function that reads top to bottom. The step is in one place; everything after
+// the "bookkeeping" marker is timing, logging, evaluation and checkpoint decisions.
+#include "train/trainer.h"
+
+#include <atomic>
+#include <chrono>
+#include <csignal>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <thread>
+
+#include "ckpt/checkpoint.h"
+#include "common/errors.h"
+#include "common/files.h"
+#include "common/log.h"
+#include "data/sampler.h"
+#include "dist/communicator.h"
+#include "optim/adamw.h"
+
+using json = nlohmann::json;
+
+namespace moetrain::train {
+
+namespace {
+
+std::atomic<int> g_stop_signal{0};
+
+void on_stop_signal(int sig) {
+  g_stop_signal = sig;
+  std::signal(sig, SIG_DFL);  // a second signal ends the process at once
+}
+
+struct SignalScope {
+  SignalScope() {
+    g_stop_signal = 0;
+    prev_term_ = std::signal(SIGTERM, on_stop_signal);
+    prev_int_ = std::signal(SIGINT, on_stop_signal);
+  }
+  ~SignalScope() {
+    std::signal(SIGTERM, prev_term_);
+    std::signal(SIGINT, prev_int_);
+  }
+  void (*prev_term_)(int);
+  void (*prev_int_)(int);
+};
+
+double now_s() {
+  using namespace std::chrono;
+  return duration<double>(steady_clock::now().time_since_epoch()).count();
+}
+
+// Keeps the metrics of steps <= last_step (a resumed run rewrites what came after its checkpoint).
+void truncate_metrics(const std::string& path, int64_t last_step) {
+  if (!files::exists(path)) return;
+  std::istringstream in(files::read_file(path));
+  std::string line, kept;
+  while (std::getline(in, line)) {
+    if (line.empty()) continue;
+    auto j = json::parse(line, nullptr, /*allow_exceptions=*/false);
+    if (!j.is_discarded() && j.contains("step") && j["step"].get<int64_t>() <= last_step) kept += line + "\n";
+  }
+  files::write_file_atomic(path, kept);
+}
+
+std::string progress_line(int64_t step, int64_t total, double loss, double lr, double grad_norm, double tok_s,
+                          double eta_s) {
+  char buf[256];
+  std::snprintf(buf, sizeof buf, "step %*lld/%lld | loss %.4f | lr %.2e | grad_norm %.3f | %s tok/s | ETA %s",
+                int(std::to_string(total).size()), static_cast<long long>(step), static_cast<long long>(total), loss,
+                lr, grad_norm, format_count(tok_s).c_str(), format_duration(eta_s).c_str());
+  return buf;
+}
+
+}  // namespace
+
+torch::Device resolve_device(const config::RunConfig& run) {
+  if (run.device == "cuda") {
+    if (!torch::cuda::is_available())
+      throw ConfigError("run.device = \"cuda\" but this machine has no usable CUDA device (use run.device=cpu)");
+    return torch::Device(torch::kCUDA, 0);
+  }
+  return torch::Device(torch::kCPU);
+}
+
+model::ComputeDtype resolve_compute_dtype(const config::RunConfig& run) {
+  if (run.dtype == "bf16") return torch::kBFloat16;
+  return std::nullopt;
+}
+
+void configure_threads(const config::RunConfig& run) {
+  const int threads = run.threads > 0 ? run.threads : int(std::max(1u, std::thread::hardware_concurrency()));
+  at::set_num_threads(threads);
+}
+
+double evaluate(const model::TransformerImpl& model, const data::Shard& shard, int n_batches, int batch_size,
+                int seq_len, torch::Device device) {
+  torch::NoGradGuard no_grad;
+  double total = 0;
+  for (int i = 0; i < n_batches; ++i) {
+    auto batch = data::eval_batch(shard, i, n_batches, batch_size, seq_len);
+    auto out = model.forward(batch.inputs.to(device));
+    auto V = out.logits_BSV.size(-1);
+    total += torch::cross_entropy_loss(out.logits_BSV.view({-1, V}), batch.targets.to(device).view(-1)).item<double>();
+  }
+  return total / n_batches;
+}
+
+TrainResult train(const config::Config& cfg, const TrainOptions& options) {
+  // ---- set-up ------------------------------------------------------------------------------------
+  auto comm = dist::make_communicator(cfg.parallel);
+  set_log_rank(comm->rank());
+  configure_threads(cfg.run);
+  const torch::Device device = resolve_device(cfg.run);
+  const auto compute_dtype = resolve_compute_dtype(cfg.run);
+  const std::string& out_dir = cfg.run.out_dir;
+  const std::string config_yaml = config::to_yaml(cfg);
+
+  data::Shard train_shard(files::join(cfg.data.dir, "train.bin"));
+  data::Shard val_shard(files::join(cfg.data.dir, "val.bin"));
+  if (train_shard.vocab_size() > uint64_t(cfg.model.vocab_size))
+    throw ConfigError("data.dir '" + cfg.data.dir + "' holds tokens of a " + std::to_string(train_shard.vocab_size()) +
+                      "-token vocabulary, but model.vocab_size = " + std::to_string(cfg.model.vocab_size));
+  data::Sampler sampler(train_shard, {cfg.run.seed, cfg.data.seq_len, cfg.train.micro_batch_size,
+                                      cfg.train.grad_accum, comm->rank(), comm->world_size()});
+
+  model::Transformer model(cfg.model);
+  model->init_weights(cfg.run.seed);
+  model->place(device, compute_dtype);
+  std::vector<std::pair<std::string, torch::Tensor>> named_params;
+  std::vector<torch::Tensor> params;
+  for (const auto& p : model->named_parameters()) {
+    named_params.emplace_back(p.key(), p.value());
+    params.push_back(p.value());
+  }
+  optim::AdamW optimizer(named_params, cfg.optim, model::is_no_decay);
+
+  ckpt::Progress progress;
+  TrainResult result;
+  if (!options.resume.empty()) {
+    const std::string where = options.resume == "auto" ? cfg.run.out_dir : options.resume;
+    auto step_dir = ckpt::find_checkpoint(where);
+    if (!step_dir && options.resume != "auto")
+      throw CheckpointError("'" + options.resume + "' holds no checkpoint to resume from");
+    if (step_dir) {
+      auto manifest = ckpt::open_checkpoint(*step_dir, cfg.checkpoint.verify);
+      ckpt::load_model(*step_dir, *model);
+      ckpt::load_optimizer(*step_dir, optimizer);
+      progress = manifest.progress;
+      log_line("resumed from " + *step_dir + " at step " + std::to_string(progress.step));
+    } else {
+      log_line("no checkpoint in " + files::join(out_dir, "ckpt") + " yet: starting from step 0");
+    }
+  }
+  result.first_step = progress.step;
+
+  if (comm->rank() == 0) {
+    files::make_directories(out_dir);
+    files::write_file_atomic(files::join(out_dir, "config.yaml"), config_yaml);
+    log_table("moetrain: resolved config (" + files::join(out_dir, "config.yaml") + ")", config::flatten(cfg));
+    const auto counts = model->param_counts();
+    log_line("parameters: " + format_count(double(counts.total)) + " total, " + format_count(double(counts.active)) +
+             " active per token | device " + device.str() + " | compute " + (compute_dtype ? "bf16" : "fp32") +
+             " | threads " + std::to_string(at::get_num_threads()));
+    truncate_metrics(files::join(out_dir, "metrics.jsonl"), progress.step);
+  }
+  std::ofstream metrics;
+  if (comm->rank() == 0) metrics.open(files::join(out_dir, "metrics.jsonl"), std::ios::app);
+
+  const int64_t total_steps = cfg.train.steps;
+  const int64_t decay_steps = cfg.optim.decay_steps > 0 ? cfg.optim.decay_steps : total_steps;
+  const int64_t tokens_per_step =
+      int64_t(cfg.train.micro_batch_size) * cfg.data.seq_len * cfg.train.grad_accum * comm->world_size();
+  SignalScope signals;
+  const double run_start = now_s();
+  double step_time_ema = 0;
+  int64_t window_tokens = 0;
+  double tokens_time = 0;
+  const double elapsed_before = progress.elapsed_s;
+
+  for (int64_t step = progress.step; step < total_steps; ++step) {
+    const double step_start = now_s();
+    // ---- the step ----------------------------------------------------------------------------------
+    const double lr = optim::learning_rate(cfg.optim, step, decay_steps);
+    optimizer.zero_grad();
+    double loss_sum = 0, aux_sum = 0;
+    std::vector<torch::Tensor> load_LE;
+    for (int micro = 0; micro < cfg.train.grad_accum; ++micro) {
+      auto batch = sampler.batch(step, micro);
+      auto out = model->forward(batch.inputs.to(device));
+      const auto V = out.logits_BSV.size(-1);
+      auto ce = torch::cross_entropy_loss(out.logits_BSV.view({-1, V}), batch.targets.to(device).view(-1));
+      auto loss = ce + cfg.model.moe.aux_loss_coef * out.aux_loss;
+      (loss / cfg.train.grad_accum).backward();
+      loss_sum += ce.item<double>();
+      aux_sum += out.aux_loss.item<double>();
+      for (size_t l = 0; l < out.tokens_per_expert_LE.size(); ++l) {
+        if (load_LE.size() <= l) load_LE.push_back(torch::zeros_like(out.tokens_per_expert_LE[l]));
+        load_LE[l] += out.tokens_per_expert_LE[l];
+      }
+    }
+    const double grad_norm = optim::clip_grad_norm(params, cfg.optim.grad_clip);
+    optimizer.step(lr);
+    // ---- bookkeeping -------------------------------------------------------------------------------
+    const double loss = loss_sum / cfg.train.grad_accum;
+    const double n_moe_layers = std::max<size_t>(1, load_LE.size());
+    const double aux = aux_sum / cfg.train.grad_accum / n_moe_layers;
+    if (!std::isfinite(loss))
+      throw Error("[train] loss became " + format_double(loss) + " at step " + std::to_string(step + 1) +
+                  " (lower optim.lr or check the data)");
+    progress.step = step + 1;
+    progress.tokens += tokens_per_step;
+    result.losses.push_back(loss);
+    const double step_end = now_s();
+    const double step_s = step_end - step_start;
+    step_time_ema = step_time_ema == 0 ? step_s : 0.9 * step_time_ema + 0.1 * step_s;
+    window_tokens += tokens_per_step;
+    tokens_time += step_s;
+    progress.elapsed_s = elapsed_before + (step_end - run_start);
+
+    const bool last = progress.step == total_steps;
+    const bool stop = g_stop_signal != 0;
+    const bool do_log = last || stop || progress.step % cfg.train.log_every == 0;
+    const bool do_eval = last || (cfg.train.eval_every > 0 && progress.step % cfg.train.eval_every == 0);
+    const bool do_save = last || stop || (cfg.checkpoint.every > 0 && progress.step % cfg.checkpoint.every == 0);
+
+    double val_loss = -1;
+    if (do_eval) {
+      val_loss = evaluate(*model, val_shard, cfg.train.eval_batches, cfg.train.micro_batch_size, cfg.data.seq_len, device);
+      result.final_val_loss = val_loss;
+    }
+    if (do_log && comm->rank() == 0) {
+      const double tok_s = double(window_tokens) / std::max(1e-9, tokens_time);  // step time only, no eval
+      json rec;
+      rec["step"] = progress.step;
+      rec["loss"] = loss;
+      rec["lr"] = lr;
+      rec["grad_norm"] = grad_norm;
+      rec["tokens"] = progress.tokens;
+      rec["tokens_per_s"] = tok_s;
+      rec["aux_loss"] = aux;
+      rec["elapsed_s"] = progress.elapsed_s;
+      if (val_loss >= 0) rec["val_loss"] = val_loss;
+      json imbalance = json::array();
+      for (const auto& counts : load_LE) {
+        auto c = counts.to(torch::kCPU).to(torch::kDouble);
+        imbalance.push_back(c.max().item<double>() / std::max(1e-9, c.mean().item<double>()));
+      }
+      rec["expert_load_max_over_mean"] = imbalance;
+      metrics << rec.dump() << "\n" << std::flush;
+      std::string line = progress_line(progress.step, total_steps, loss, lr, grad_norm, tok_s,
+                                        step_time_ema * double(total_steps - progress.step));
+      if (val_loss >= 0) line += " | val_loss " + format_double(val_loss, 4);
+      log_line(line);
+      window_tokens = 0;
+      tokens_time = 0;
+    } else if (do_eval) {
+      log_line("step " + std::to_string(progress.step) + " | val_loss " + format_double(val_loss, 4));
+    }
+    if (do_save) {
+      result.last_checkpoint = ckpt::save_checkpoint(cfg.run.out_dir, *model, optimizer, config_yaml, progress);
+      ckpt::apply_retention(cfg.run.out_dir, cfg.checkpoint.keep_last);
+    }
+    if (stop) {
+      log_line(std::string("received ") + (g_stop_signal == SIGTERM ? "SIGTERM" : "SIGINT") + ": saved " +
+               result.last_checkpoint + ", exiting");
+      result.interrupted = true;
+      break;
+    }
+  }
+  result.last_step = progress.step;
+  const double ran_s = now_s() - run_start;
+  const int64_t ran_steps = progress.step - result.first_step;
+  result.tokens_per_s = ran_s > 0 ? double(ran_steps * tokens_per_step) / ran_s : 0;
+  return result;
+}
+
+}  // namespace moetrain::train

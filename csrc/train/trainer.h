@@ -1,0 +1,40 @@
+// The training loop: data -> forward -> loss (+ aux) -> backward -> clip -> AdamW, then bookkeeping
+// (metrics.jsonl, progress line, validation, checkpoints) clearly after the step.
+#pragma once
+#include <string>
+#include <vector>
+
+#include "config/config.h"
+#include "data/shard.h"
+#include "model/transformer.h"
+
+namespace moetrain::train {
+
+struct TrainOptions {
+  std::string resume;  // "" = fresh run, "auto" = newest checkpoint of run.out_dir if any, else a path
+};
+
+struct TrainResult {
+  int64_t first_step = 0;            // step the run started from (0, or the resumed checkpoint's)
+  int64_t last_step = 0;             // steps completed at the end
+  std::vector<double> losses;        // training loss of each step this process ran
+  double final_val_loss = 0;
+  double tokens_per_s = 0;           // mean over the steps this process ran
+  bool interrupted = false;          // stopped early by SIGTERM/SIGINT after saving
+  std::string last_checkpoint;
+};
+
+TrainResult train(const config::Config& cfg, const TrainOptions& options);
+
+// Mean next-token cross-entropy (nats per token) over the fixed validation batches.
+double evaluate(const model::TransformerImpl& model, const data::Shard& shard, int n_batches, int batch_size,
+                int seq_len, torch::Device device);
+
+// Device from run.device ("cpu" or "cuda"); a missing GPU is a clear error.
+torch::Device resolve_device(const config::RunConfig& run);
+// Compute dtype from run.dtype: nullopt for fp32, bf16 otherwise.
+model::ComputeDtype resolve_compute_dtype(const config::RunConfig& run);
+// Sets CPU threads from run.threads (0 = all cores).
+void configure_threads(const config::RunConfig& run);
+
+}  // namespace moetrain::train

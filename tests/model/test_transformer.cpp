@@ -1,0 +1,106 @@
+// The transformer: shapes, parameter counts, name-keyed initialization, finite-difference gradients.
+#include <catch2/catch.hpp>
+
+#include "../test_util.h"
+#include "model/transformer.h"
+
+using namespace moetrain;
+
+CATCH_TEST_CASE("Transformer output shapes and parameter counts", "[model]") {
+  auto cfg = testing::tiny_model_config();
+  model::Transformer m(cfg);
+  m->init_weights(1);
+  auto out = m->forward(torch::randint(0, cfg.vocab_size, {3, 11}, torch::kLong));
+  CATCH_CHECK(out.logits_BSV.sizes() == torch::IntArrayRef({3, 11, 32}));
+  CATCH_CHECK(out.logits_BSV.scalar_type() == torch::kFloat);
+  CATCH_REQUIRE(out.tokens_per_expert_LE.size() == 1);  // one MoE layer
+  CATCH_CHECK(out.tokens_per_expert_LE[0].sum().item<int64_t>() == 3 * 11 * 2);
+  // By hand: embed 32*16 = 512 (tied head); per layer 2 norms 32 + attention 16*16 + 2*16*8 + 16*16 = 768;
+  // dense MLP 3*16*24 = 1152; MoE router 4*16 = 64, experts 3*4*16*8 = 1536, shared 3*16*8 = 384; final norm 16.
+  const auto counts = m->param_counts();
+  CATCH_CHECK(counts.total == 512 + 2 * (32 + 768) + 1152 + 64 + 1536 + 384 + 16);
+  CATCH_CHECK(counts.active == counts.total - 1536 / 2);  // top-2 of 4 experts: half the routed weights
+  cfg.tie_embeddings = false;
+  CATCH_CHECK(model::Transformer(cfg)->param_counts().total == counts.total + 512);
+}
+
+CATCH_TEST_CASE("Initialization depends only on the seed and parameter names", "[model]") {
+  auto cfg = testing::tiny_model_config();
+  model::Transformer a(cfg), b(cfg), c(cfg);
+  torch::manual_seed(123);  // the global RNG must not matter
+  a->init_weights(5);
+  torch::manual_seed(456);
+  b->init_weights(5);
+  c->init_weights(6);
+  auto pa = a->named_parameters(), pb = b->named_parameters(), pc = c->named_parameters();
+  for (const auto& p : pa) {
+    CATCH_CHECK(torch::equal(p.value(), pb[p.key()]));
+    if (p.key().find("norm") == std::string::npos) CATCH_CHECK(!torch::equal(p.value(), pc[p.key()]));
+  }
+  // Experts are drawn per global expert id: expert 2 of a 4-expert layer equals expert 2 of an 8-expert one.
+  auto wide = cfg;
+  wide.moe.n_experts = 8;
+  model::Transformer w(wide);
+  w->init_weights(5);
+  auto name = std::string("layers.1.moe.experts.w1");
+  CATCH_CHECK(torch::equal(pa[name][2], w->named_parameters()[name][2]));
+}
+
+CATCH_TEST_CASE("Gradients match central finite differences in double precision", "[model]") {
+  auto cfg = testing::tiny_model_config();
+  cfg.tie_embeddings = false;
+  model::Transformer m(cfg);
+  m->init_weights(3);
+  {
+    torch::NoGradGuard g;  // larger weights than the init so every path carries signal
+    for (auto& p : m->parameters())
+      if (p.dim() > 1) p.mul_(8);
+  }
+  m->to(torch::kDouble);
+  auto tokens = torch::randint(0, cfg.vocab_size, {2, 9}, torch::kLong);
+  auto targets = torch::randint(0, cfg.vocab_size, {2, 9}, torch::kLong);
+  auto loss_fn = [&] {
+    auto out = m->forward(tokens);
+    return torch::cross_entropy_loss(out.logits_BSV.view({-1, cfg.vocab_size}), targets.view(-1)) +
+           0.01 * out.aux_loss.to(torch::kDouble);
+  };
+  m->zero_grad();
+  loss_fn().backward();
+  const double eps = 1e-6;
+  std::mt19937 rng(11);
+  int checked = 0;
+  for (auto& p : m->named_parameters()) {
+    auto w = p.value();
+    auto flat = w.view(-1);
+    auto grad = w.grad().view(-1);
+    for (int i = 0; i < 6; ++i) {
+      const int64_t j = int64_t(rng() % uint64_t(flat.numel()));
+      double numeric;
+      {
+        torch::NoGradGuard g;
+        const double orig = flat[j].item<double>();
+        flat[j].fill_(orig + eps);
+        const double up = loss_fn().item<double>();
+        flat[j].fill_(orig - eps);
+        const double down = loss_fn().item<double>();
+        flat[j].fill_(orig);
+        numeric = (up - down) / (2 * eps);
+      }
+      const double analytic = grad[j].item<double>();
+      // Central differences in fp64 carry ~1e-9 truncation and rounding error at this scale.
+      CATCH_INFO(p.key() << "[" << j << "]: analytic " << analytic << ", numeric " << numeric);
+      CATCH_CHECK(std::abs(analytic - numeric) <= 1e-6 + 1e-5 * std::abs(numeric));
+      ++checked;
+    }
+  }
+  CATCH_CHECK(checked > 60);
+}
+
+CATCH_TEST_CASE("The weight-decay rule excludes norms, biases and embeddings", "[model]") {
+  CATCH_CHECK(model::is_no_decay("embed"));
+  CATCH_CHECK(model::is_no_decay("layers.0.attn_norm.weight"));
+  CATCH_CHECK(model::is_no_decay("final_norm.weight"));
+  CATCH_CHECK(!model::is_no_decay("layers.0.attn.wq"));
+  CATCH_CHECK(!model::is_no_decay("layers.1.moe.experts.w1"));
+  CATCH_CHECK(!model::is_no_decay("lm_head"));
+}

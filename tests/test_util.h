@@ -1,0 +1,65 @@
+// Helpers shared by the tests: fresh temporary folders, a tiny model config, running the CLI.
+#pragma once
+#include <sys/wait.h>
+
+#include <cstdio>
+#include <string>
+
+#include "common/files.h"
+#include "config/config.h"
+
+namespace moetrain::testing {
+
+// A new empty folder under the system temp dir, removed when the object goes out of scope.
+struct TempDir {
+  std::string path;
+  explicit TempDir(const std::string& tag) : path(files::make_temp_directory("test-" + tag)) {}
+  ~TempDir() {
+    try {
+      files::remove_tree(path);
+    } catch (...) {
+    }
+  }
+  TempDir(const TempDir&) = delete;
+  TempDir& operator=(const TempDir&) = delete;
+  std::string str(const std::string& child = "") const { return child.empty() ? path : files::join(path, child); }
+};
+
+// A model small enough for exhaustive checks: 2 layers (1 dense, 1 MoE), 4 experts top-2, 1 shared.
+inline config::ModelConfig tiny_model_config() {
+  config::ModelConfig m;
+  m.vocab_size = 32;
+  m.d_model = 16;
+  m.n_layers = 2;
+  m.n_heads = 4;
+  m.n_kv_heads = 2;
+  m.max_seq_len = 16;
+  m.dense_layers = 1;
+  m.dense_hidden = 24;
+  m.moe.n_experts = 4;
+  m.moe.top_k = 2;
+  m.moe.expert_hidden = 8;
+  m.moe.n_shared_experts = 1;
+  m.moe.shared_hidden = 8;
+  return m;
+}
+
+struct CommandResult {
+  int exit_code = -1;
+  std::string output;  // stdout and stderr together
+};
+
+// Runs a shell command, capturing stdout and stderr.
+inline CommandResult run_command(const std::string& command) {
+  CommandResult r;
+  FILE* pipe = popen((command + " 2>&1").c_str(), "r");
+  if (!pipe) return r;
+  char buf[4096];
+  size_t n;
+  while ((n = fread(buf, 1, sizeof buf, pipe)) > 0) r.output.append(buf, n);
+  const int status = pclose(pipe);
+  r.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+  return r;
+}
+
+}  // namespace moetrain::testing
