@@ -36,9 +36,12 @@ run() {  # name dtype
   local rc=$?
   local done_line; done_line=$(grep "^done:" "$out/train-$1.log" | tail -1)
   printf '%-12s rc=%s  %s\n' "$1" "$rc" "${done_line:-$(tail -1 "$out/train-$1.log")}"
+  return $rc
 }
-train_bf16=$(run bf16 bf16)
-train_fp32=$(run fp32 fp32)
+status=0
+train_bf16=$(run bf16 bf16) || status=1
+train_fp32=$(run fp32 fp32) || status=1
+grep -q "100% tests passed" "$out/ctest.log" || status=1
 cp runs/gpu-bf16/metrics.jsonl "$out/metrics-bf16.jsonl" 2>/dev/null || true
 
 echo
@@ -49,3 +52,5 @@ printf '%-22s %s\n' "[gpu] cases" "${gpu_line:-see gpu-tests.txt}"
 printf '%-22s %s\n' "train 50 steps bf16" "$train_bf16"
 printf '%-22s %s\n' "train 50 steps fp32" "$train_fp32"
 grep -A30 "tests failed out of" "$out/ctest.log" | grep -E "^\s+[0-9]+ - " | head -10
+echo "status: $([ $status = 0 ] && echo PASS || echo FAIL)"
+exit $status

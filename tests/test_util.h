@@ -3,6 +3,7 @@
 #include <sys/wait.h>
 
 #include <cstdio>
+#include <stdexcept>
 #include <string>
 
 #include "common/files.h"
@@ -42,6 +43,14 @@ inline config::ModelConfig tiny_model_config() {
   m.moe.n_shared_experts = 1;
   m.moe.shared_hidden = 8;
   return m;
+}
+
+// Writes raw bytes to a file (replacing it): for building damaged inputs in tests.
+inline void write_bytes(const std::string& path, const std::string& bytes) {
+  FILE* f = std::fopen(path.c_str(), "wb");
+  if (!f) throw std::runtime_error("test: cannot write " + path);
+  std::fwrite(bytes.data(), 1, bytes.size(), f);
+  std::fclose(f);
 }
 
 struct CommandResult {

@@ -16,6 +16,7 @@
 #include <nlohmann/json.hpp>
 
 #include "common/errors.h"
+#include "common/files.h"
 
 namespace moetrain::ckpt {
 namespace {
@@ -61,20 +62,6 @@ struct Fd {
     if (fd >= 0) ::close(fd);
   }
 };
-
-void write_all(int fd, const void* data, size_t n, const std::string& path) {
-  const auto* p = static_cast<const char*>(data);
-  while (n > 0) {
-    ssize_t put = ::write(fd, p, n);
-    if (put < 0) {
-      if (errno == EINTR) continue;
-      throw CheckpointError("cannot write " + path + ": " + errno_text());
-    }
-    if (put == 0) throw CheckpointError("cannot write " + path + ": write returned 0 (disk full?)");
-    p += put;
-    n -= size_t(put);
-  }
-}
 
 // Reads exactly n bytes at offset; a short read means the file shrank or was truncated.
 void pread_all(int fd, void* data, size_t n, uint64_t offset, const std::string& path, const std::string& what) {
@@ -137,10 +124,10 @@ void save_safetensors(const std::string& path, const TensorMap& tensors,
   Fd file{::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644)};
   if (file.fd < 0) throw CheckpointError("cannot create " + path + ": " + errno_text());
   try {
-    write_all(file.fd, length_le, 8, path);
-    write_all(file.fd, header_text.data(), header_text.size(), path);
+    files::write_all(file.fd, length_le, 8, path);
+    files::write_all(file.fd, header_text.data(), header_text.size(), path);
     for (const auto& cpu : cpu_tensors) {
-      write_all(file.fd, cpu.data_ptr(), size_t(cpu.numel()) * cpu.element_size(), path);
+      files::write_all(file.fd, cpu.data_ptr(), size_t(cpu.numel()) * cpu.element_size(), path);
     }
     if (::fsync(file.fd) != 0) throw CheckpointError("cannot fsync " + path + ": " + errno_text());
     const int fd = file.fd;

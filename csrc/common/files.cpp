@@ -105,20 +105,29 @@ std::string read_file(const std::string& path) {
   return content;
 }
 
+void write_all(int fd, const void* data, size_t n, const std::string& path) {
+  const auto* p = static_cast<const char*>(data);
+  while (n > 0) {
+    const ssize_t put = ::write(fd, p, n);
+    if (put < 0 && errno == EINTR) continue;
+    if (put < 0) fail("write", path);
+    if (put == 0) {
+      errno = ENOSPC;
+      fail("write", path);
+    }
+    p += put;
+    n -= size_t(put);
+  }
+}
+
 void write_file_synced(const std::string& path, const std::string& content) {
   int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
   if (fd < 0) fail("create", path);
-  size_t done = 0;
-  while (done < content.size()) {
-    const ssize_t n = ::write(fd, content.data() + done, content.size() - done);
-    if (n < 0 && errno == EINTR) continue;
-    if (n <= 0) {
-      const int saved = errno;
-      ::close(fd);
-      errno = saved;
-      fail("write", path);
-    }
-    done += size_t(n);
+  try {
+    write_all(fd, content.data(), content.size(), path);
+  } catch (...) {
+    ::close(fd);
+    throw;
   }
   if (::fsync(fd) != 0) {
     const int saved = errno;

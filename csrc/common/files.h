@@ -2,6 +2,7 @@
 // std::filesystem, which takes precedence over libstdc++'s at run time and crashes in some calls
 // (remove_all seen), so moetrain code never calls std::filesystem and uses these instead.
 #pragma once
+#include <cstddef>
 #include <cstdint>
 #include <optional>
 #include <string>
@@ -21,6 +22,8 @@ void remove_tree(const std::string& path);  // no error if absent
 void rename_path(const std::string& from, const std::string& to);
 std::vector<std::string> list_directory(const std::string& path);  // entry names, sorted
 std::string read_file(const std::string& path);
+// Writes all n bytes to an open descriptor, retrying short writes and EINTR; `path` names it in errors.
+void write_all(int fd, const void* data, size_t n, const std::string& path);
 // Writes `content` to `path` (truncating) and fsyncs it.
 void write_file_synced(const std::string& path, const std::string& content);
 // Writes `content` next to `path` under a temporary name, fsyncs, renames over `path`, fsyncs the folder.

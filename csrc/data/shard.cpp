@@ -28,20 +28,6 @@ constexpr size_t kHeaderBytes = 32;
 
 std::string errno_text() { return std::strerror(errno); }
 
-void write_all(int fd, const void* data, size_t n, const std::string& path) {
-  const auto* p = static_cast<const char*>(data);
-  while (n > 0) {
-    ssize_t put = ::write(fd, p, n);
-    if (put < 0) {
-      if (errno == EINTR) continue;
-      throw DataError("cannot write " + path + ": " + errno_text());
-    }
-    if (put == 0) throw DataError("cannot write " + path + ": write returned 0 (disk full?)");
-    p += put;
-    n -= size_t(put);
-  }
-}
-
 int bytes_for_vocab(uint64_t vocab_size) {
   if (vocab_size <= (uint64_t(1) << 8)) return 1;
   if (vocab_size <= (uint64_t(1) << 16)) return 2;
@@ -74,7 +60,7 @@ void write_shard(const std::string& path, const std::vector<int64_t>& tokens, ui
   int fd = ::open(tmp_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
   if (fd < 0) throw DataError("cannot create " + tmp_path + ": " + errno_text());
   try {
-    write_all(fd, header, kHeaderBytes, tmp_path);
+    files::write_all(fd, header, kHeaderBytes, tmp_path);
     // Narrow the tokens a chunk at a time: a big corpus should not need a second full copy.
     std::vector<uint8_t> chunk;
     constexpr size_t kChunkTokens = size_t(1) << 18;
@@ -85,7 +71,7 @@ void write_shard(const std::string& path, const std::vector<int64_t>& tokens, ui
         const uint32_t token = uint32_t(tokens[start + i]);
         std::memcpy(chunk.data() + i * bytes, &token, bytes);  // little-endian: low bytes first
       }
-      write_all(fd, chunk.data(), chunk.size(), tmp_path);
+      files::write_all(fd, chunk.data(), chunk.size(), tmp_path);
     }
     if (::fsync(fd) != 0) throw DataError("cannot fsync " + tmp_path + ": " + errno_text());
     const int to_close = fd;

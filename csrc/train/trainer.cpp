@@ -71,6 +71,24 @@ std::string progress_line(int64_t step, int64_t total, double loss, double lr, d
   return buf;
 }
 
+// Names the settings that differ from the checkpoint's: a resume continues bit for bit only when
+// nothing but the run length and bookkeeping keys changed.
+void log_config_changes(const std::string& saved_yaml, const std::string& step_dir, const config::Config& cfg) {
+  std::vector<std::pair<std::string, std::string>> saved;
+  try {
+    saved = config::flatten(config::parse_config(saved_yaml, step_dir + "/manifest.json"));
+  } catch (const ConfigError& e) {
+    log_line(std::string("note: the checkpoint's config no longer parses (") + e.what() + ")");
+    return;
+  }
+  const auto now = config::flatten(cfg);
+  std::string changes;
+  for (size_t i = 0; i < now.size() && i < saved.size(); ++i)
+    if (now[i].first == saved[i].first && now[i].second != saved[i].second)
+      changes += (changes.empty() ? "" : ", ") + now[i].first + " " + saved[i].second + " -> " + now[i].second;
+  if (!changes.empty()) log_line("note: settings changed since the checkpoint: " + changes);
+}
+
 }  // namespace
 
 torch::Device resolve_device(const config::RunConfig& run) {
@@ -138,7 +156,8 @@ TrainResult train(const config::Config& cfg, const TrainOptions& options) {
   TrainResult result;
   if (!options.resume.empty()) {
     const std::string where = options.resume == "auto" ? cfg.run.out_dir : options.resume;
-    auto step_dir = ckpt::find_checkpoint(where);
+    const bool fresh_run = options.resume == "auto" && !files::exists(where);
+    auto step_dir = fresh_run ? std::nullopt : ckpt::find_checkpoint(where);
     if (!step_dir && options.resume != "auto")
       throw CheckpointError("'" + options.resume + "' holds no checkpoint to resume from");
     if (step_dir) {
@@ -147,6 +166,7 @@ TrainResult train(const config::Config& cfg, const TrainOptions& options) {
       ckpt::load_optimizer(*step_dir, optimizer);
       progress = manifest.progress;
       log_line("resumed from " + *step_dir + " at step " + std::to_string(progress.step));
+      log_config_changes(manifest.config_yaml, *step_dir, cfg);
     } else {
       log_line("no checkpoint in " + files::join(out_dir, "ckpt") + " yet: starting from step 0");
     }

@@ -18,19 +18,10 @@ using Catch::Matchers::Contains;
 using moetrain::CheckpointError;
 using namespace moetrain::ckpt;
 using moetrain::testing::TempDir;
+using moetrain::testing::write_bytes;
 namespace files = moetrain::files;
 
 namespace {
-
-void write_bytes(const std::string& path, const std::string& bytes) {
-  std::ofstream out(path, std::ios::binary | std::ios::trunc);
-  out.write(bytes.data(), std::streamsize(bytes.size()));
-}
-
-std::string read_bytes(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  return std::string(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
-}
 
 // A safetensors file from a raw header string and data bytes (no padding: readers must not need it).
 void write_raw_safetensors(const std::string& path, const std::string& header, const std::string& data) {
@@ -108,7 +99,7 @@ CATCH_TEST_CASE("safetensors round trip is bit-exact for every dtype", "[ckpt]")
 
   // The data section starts 8-byte aligned.
   uint64_t header_len = 0;
-  std::memcpy(&header_len, read_bytes(path).data(), 8);
+  std::memcpy(&header_len, files::read_file(path).data(), 8);
   CATCH_REQUIRE((8 + header_len) % 8 == 0);
 
   SafetensorsFile file(path);

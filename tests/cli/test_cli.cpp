@@ -83,7 +83,8 @@ CATCH_TEST_CASE("CLI: prepare-data, train, resume equals straight, generate", "[
                              " --set data.seq_len=32 --set train.micro_batch_size=4 --set train.eval_batches=2"
                              " --set train.log_every=1 --set train.eval_every=5 --set run.threads=1"
                              " --set checkpoint.every=5 --set optim.decay_steps=10";
-  auto straight = moetrain_cli(common + " --set train.steps=10 --set run.out_dir=" + dir.str("straight"));
+  // --resume auto on a run folder that does not exist yet starts from step 0.
+  auto straight = moetrain_cli(common + " --set train.steps=10 --set run.out_dir=" + dir.str("straight") + " --resume auto");
   CATCH_REQUIRE(straight.exit_code == 0);
   CATCH_CHECK_THAT(straight.output, Contains("done:"));
   auto half = moetrain_cli(common + " --set train.steps=5 --set run.out_dir=" + dir.str("resumed"));
@@ -100,4 +101,30 @@ CATCH_TEST_CASE("CLI: prepare-data, train, resume equals straight, generate", "[
   CATCH_REQUIRE(gen.exit_code == 0);
   CATCH_CHECK(gen.output.rfind("the ", 0) == 0);
   CATCH_CHECK(gen.output.size() >= 4 + 12);
+}
+
+CATCH_TEST_CASE("SIGTERM during training saves a checkpoint at the current step and exits 0", "[cli][slow]") {
+  testing::TempDir dir("cli-sigterm");
+  testing::make_corpus(dir);
+  CATCH_REQUIRE(moetrain_cli("prepare-data --text " + dir.str("corpus.txt") + " --out " + dir.str("shards")).exit_code == 0);
+  const std::string run = dir.str("run");
+  // A long run: the shell waits for its first metrics line (training has started, handlers are
+  // installed), then sends SIGTERM and reports the exit status.
+  const std::string train = kBinary + " train --config " + kTiny + " --set data.dir=" + dir.str("shards") +
+                            " --set model.n_layers=2 --set model.d_model=32 --set model.n_heads=4"
+                            " --set model.n_kv_heads=2 --set model.dense_hidden=64 --set model.moe.expert_hidden=32"
+                            " --set data.seq_len=32 --set train.micro_batch_size=4 --set train.log_every=1"
+                            " --set train.steps=1000000 --set run.threads=1 --set run.out_dir=" + run;
+  auto r = testing::run_command("(" + train + " > " + dir.str("log") + " 2>&1 & pid=$!; for i in $(seq 600); do"
+                                " [ -s " + run + "/metrics.jsonl ] && break; sleep 0.1; done; kill -TERM $pid;"
+                                " wait $pid; echo exit=$?)");
+  CATCH_CHECK_THAT(r.output, Contains("exit=0"));
+  const auto log = files::read_file(dir.str("log"));
+  CATCH_CHECK_THAT(log, Contains("received SIGTERM"));
+  const std::string latest = files::read_file(run + "/ckpt/latest");
+  CATCH_CHECK(latest.rfind("step_", 0) == 0);
+  CATCH_CHECK(latest != "step_01000000\n");
+  // The checkpoint written on the signal is complete: it verifies and loads.
+  auto sample = moetrain_cli("generate --checkpoint " + run + " --prompt the --max-new-tokens 4 --temperature 0");
+  CATCH_CHECK(sample.exit_code == 0);
 }

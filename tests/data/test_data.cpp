@@ -18,23 +18,14 @@
 using Catch::Matchers::Contains;
 using namespace moetrain::data;
 using moetrain::testing::TempDir;
+using moetrain::testing::write_bytes;
 namespace files = moetrain::files;
 
 namespace {
 
-void write_bytes(const std::string& path, const std::string& bytes) {
-  std::ofstream out(path, std::ios::binary | std::ios::trunc);
-  out.write(bytes.data(), std::streamsize(bytes.size()));
-}
-
-std::string read_bytes(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  return std::string(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
-}
-
 // Overwrites bytes [offset, offset + n) of a file.
 void patch(const std::string& path, size_t offset, const void* data, size_t n) {
-  std::string bytes = read_bytes(path);
+  std::string bytes = files::read_file(path);
   std::memcpy(bytes.data() + offset, data, n);
   write_bytes(path, bytes);
 }
