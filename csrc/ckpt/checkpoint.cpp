@@ -59,8 +59,9 @@ std::string save_checkpoint(const std::string& out_dir, const model::Transformer
   files::remove_tree(tmp_dir);  // left by a crash during an earlier save of this step
   files::make_directories(tmp_dir);
 
-  TensorMap weights;
+  TensorMap weights;  // parameters, then buffers (the routers' balancing biases)
   for (const auto& p : model.named_parameters()) weights.emplace_back(p.key(), p.value().detach());
+  for (const auto& b : model.named_buffers()) weights.emplace_back(b.key(), b.value().detach());
   save_safetensors(files::join(tmp_dir, kModelFile), weights, {{"format", "moetrain"}});
 
   TensorMap optim_state;
@@ -160,10 +161,12 @@ void load_model(const std::string& step_dir, model::TransformerImpl& model) {
   torch::NoGradGuard no_grad;
   SafetensorsFile file(files::join(step_dir, kModelFile));
   auto params = model.named_parameters();
+  auto buffers = model.named_buffers();
   for (const auto& info : file.tensors())
-    if (!params.contains(info.name))
-      throw CheckpointError(file.path() + ": tensor '" + info.name + "' has no parameter in this model");
+    if (!params.contains(info.name) && !buffers.contains(info.name))
+      throw CheckpointError(file.path() + ": tensor '" + info.name + "' has no parameter or buffer in this model");
   for (auto& p : params) p.value().copy_(read_matching(file, p.key(), p.value()));
+  for (auto& b : buffers) b.value().copy_(read_matching(file, b.key(), b.value()));
 }
 
 void load_optimizer(const std::string& step_dir, optim::AdamW& optimizer) {

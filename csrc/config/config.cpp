@@ -28,8 +28,8 @@ namespace {
 
 // Accessors return a reference to the field; the variant alternative is the key's value type.
 using Field = std::variant<int& (*)(Config&), uint64_t& (*)(Config&), double& (*)(Config&),
-                           bool& (*)(Config&), std::string& (*)(Config&)>;
-enum FieldKind { kInt = 0, kUInt64, kDouble, kBool, kString };
+                           bool& (*)(Config&), std::string& (*)(Config&), std::optional<double>& (*)(Config&)>;
+enum FieldKind { kInt = 0, kUInt64, kDouble, kBool, kString, kOptDouble };
 
 // What a single value may be, independent of other keys (relations live in validate()).
 struct Allowed {
@@ -120,11 +120,44 @@ const std::vector<KeyDesc>& keys() {
                    at_least(0)),
       MOETRAIN_KEY(model.moe.shared_hidden,
                    "Hidden size of each shared expert; 0 = model.moe.expert_hidden.", at_least(0)),
-      MOETRAIN_KEY(model.moe.score_func, "Router scoring function: softmax takes the top-k of softmax scores.",
-                   one_of({"softmax"})),
-      MOETRAIN_KEY(model.moe.normalize_topk, "Renormalize the k chosen routing weights to sum to 1.", any()),
+      MOETRAIN_KEY(model.moe.capacity_factor,
+                   "null = dropless (every routed copy is computed); a number sets each expert's capacity to "
+                   "ceil(capacity_factor * tokens * top_k / n_experts) per layer call. Overflow drops the copies "
+                   "with the lowest routing weight (ties: later tokens first); a dropped copy contributes nothing "
+                   "and its token passes on through the residual.",
+                   above(0)),
       MOETRAIN_KEY(model.moe.aux_loss_coef,
-                   "Coefficient of the switch-style load-balancing loss added to the LM loss; 0 = off.",
+                   "Coefficient of the switch/GShard load-balancing loss over the batch, E * sum_e f_e * P_e; 0 = off.",
+                   at_least(0)),
+      MOETRAIN_KEY(model.moe.seq_aux_loss_coef,
+                   "Coefficient of DeepSeek-V3's sequence-wise balance loss (the same product per sequence, "
+                   "averaged over sequences); 0 = off.",
+                   at_least(0)),
+      MOETRAIN_KEY(model.moe.z_loss_coef,
+                   "Coefficient of the router z-loss, mean over tokens of logsumexp(router logits)^2; 0 = off.",
+                   at_least(0)),
+      MOETRAIN_KEY(model.moe.experts_impl,
+                   "How routed experts compute: grouped_mm (one at::_grouped_mm per projection), sliced (a matmul "
+                   "per expert over its rows), auto (grouped_mm where its layout rules allow, else sliced).",
+                   one_of({"auto", "grouped_mm", "sliced"})),
+      MOETRAIN_KEY(model.moe.router.score_func,
+                   "Router scores: softmax over experts, or an independent sigmoid per expert (DeepSeek-V3).",
+                   one_of({"softmax", "sigmoid"})),
+      MOETRAIN_KEY(model.moe.router.normalize_topk, "Renormalize the k chosen routing weights to sum to 1.", any()),
+      MOETRAIN_KEY(model.moe.router.routed_scaling,
+                   "Factor applied to the routing weights of the routed experts (DeepSeek-V3 uses 2.5).", above(0)),
+      MOETRAIN_KEY(model.moe.router.n_groups,
+                   "Group-limited routing: experts are split into n_groups equal groups; 1 = off. Must divide "
+                   "model.moe.n_experts.",
+                   at_least(1)),
+      MOETRAIN_KEY(model.moe.router.topk_groups,
+                   "With groups: a group's score is the sum of its two best expert scores and only the best "
+                   "topk_groups groups are eligible for a token's top-k.",
+                   at_least(1)),
+      MOETRAIN_KEY(model.moe.router.bias_update_rate,
+                   "Aux-loss-free balancing (DeepSeek-V3): a per-expert bias added to the scores for choosing "
+                   "experts only (not for the weights), moved after each optimizer step by "
+                   "rate * sign(mean load - expert load); 0 = off.",
                    at_least(0)),
 
       MOETRAIN_KEY(data.dir, "Directory holding train.bin and val.bin (written by moetrain prepare-data).",
@@ -225,6 +258,8 @@ std::string value_text(const KeyDesc& k, const Config& cfg) {
           return v ? "true" : "false";
         else if constexpr (std::is_same_v<T, double>)
           return format_number(v);
+        else if constexpr (std::is_same_v<T, std::optional<double>>)
+          return v ? format_number(*v) : "null";
         else
           return std::to_string(v);
       },
@@ -247,7 +282,7 @@ std::string join(const std::vector<std::string>& items, const std::string& sep) 
 }
 
 std::string type_text(const KeyDesc& k) {
-  static const char* names[] = {"int", "uint64", "double", "bool", "string"};
+  static const char* names[] = {"int", "uint64", "double", "bool", "string", "double or null"};
   if (!k.allowed.one_of.empty()) return "enum (" + join(k.allowed.one_of, ", ") + ")";
   std::string t = names[k.field.index()];
   if (k.allowed.non_empty) t += ", non-empty";
@@ -282,6 +317,7 @@ const char* expected_text(const KeyDesc& k) {
     case kUInt64: return "an unsigned 64-bit integer";
     case kDouble: return "a number";
     case kBool: return "true or false";
+    case kOptDouble: return "a number or null";
     default: return "a string";
   }
 }
@@ -300,6 +336,10 @@ void set_from_node(const KeyDesc& k, const YAML::Node& node, Config& cfg, const 
   auto fail = [&]() -> void {
     throw ConfigError(where + ": " + k.path + ": expected " + expected_text(k) + ", got " + node_kind_text(node));
   };
+  if (k.field.index() == kOptDouble && node.IsNull()) {
+    std::get<kOptDouble>(k.field)(cfg).reset();
+    return;
+  }
   if (!node.IsScalar()) fail();
   const std::string& text = node.Scalar();
   std::visit(
@@ -317,6 +357,10 @@ void set_from_node(const KeyDesc& k, const YAML::Node& node, Config& cfg, const 
             fail();
         } else if constexpr (std::is_same_v<T, double>) {
           if (!parse_double(text, field)) fail();
+        } else if constexpr (std::is_same_v<T, std::optional<double>>) {
+          double v = 0;
+          if (!parse_double(text, v)) fail();
+          field = v;
         } else {
           T v{};
           if (!parse_integer(text, v)) fail();
@@ -515,9 +559,16 @@ void validate(const Config& cfg) {
       if (a.non_empty && text.empty()) throw ConfigError(k.path + " = \"\" must not be empty");
       continue;
     }
-    if (k.field.index() != kInt && k.field.index() != kDouble) continue;
-    double v = k.field.index() == kInt ? std::get<kInt>(k.field)(const_cast<Config&>(cfg))
-                                       : std::get<kDouble>(k.field)(const_cast<Config&>(cfg));
+    double v;
+    Config& c = const_cast<Config&>(cfg);  // accessors are shared with the setters; only read here
+    if (k.field.index() == kInt)
+      v = std::get<kInt>(k.field)(c);
+    else if (k.field.index() == kDouble)
+      v = std::get<kDouble>(k.field)(c);
+    else if (k.field.index() == kOptDouble && std::get<kOptDouble>(k.field)(c))
+      v = *std::get<kOptDouble>(k.field)(c);
+    else
+      continue;
     if (!std::isfinite(v)) throw ConfigError(k.path + " = " + text + " must be a finite number");
     bool ok = (!a.lo || (a.lo_open ? v > *a.lo : v >= *a.lo)) && (!a.hi || (a.hi_open ? v < *a.hi : v <= *a.hi));
     if (!ok) throw ConfigError(k.path + " = " + text + " must be " + bounds_text(a));
@@ -543,6 +594,17 @@ void validate(const Config& cfg) {
   if (m.moe.top_k > m.moe.n_experts)
     throw ConfigError(kv("model.moe.top_k", m.moe.top_k) + " must be in [1, " +
                       kv("model.moe.n_experts", m.moe.n_experts) + "]");
+  const RouterConfig& r = m.moe.router;
+  if (m.moe.n_experts % r.n_groups != 0)
+    throw ConfigError(kv("model.moe.n_experts", m.moe.n_experts) + " must be divisible by " +
+                      kv("model.moe.router.n_groups", r.n_groups));
+  if (r.topk_groups > r.n_groups)
+    throw ConfigError(kv("model.moe.router.topk_groups", r.topk_groups) + " must be in [1, " +
+                      kv("model.moe.router.n_groups", r.n_groups) + "]");
+  if (m.moe.top_k > r.topk_groups * (m.moe.n_experts / r.n_groups))
+    throw ConfigError(kv("model.moe.top_k", m.moe.top_k) + " must be at most the experts eligible per token, " +
+                      "model.moe.router.topk_groups * model.moe.n_experts / model.moe.router.n_groups = " +
+                      std::to_string(r.topk_groups * (m.moe.n_experts / r.n_groups)));
   if (m.moe.n_experts % cfg.parallel.expert_parallel != 0)
     throw ConfigError(kv("model.moe.n_experts", m.moe.n_experts) + " must be divisible by " +
                       kv("parallel.expert_parallel", cfg.parallel.expert_parallel));
@@ -574,6 +636,8 @@ std::string to_yaml(const Config& cfg) {
     out << YAML::Key << parts.back() << YAML::Value;
     if (k.field.index() == kString)
       out << YAML::DoubleQuoted << value_text(k, cfg);  // quoted so "123", "~" or "true" stay strings
+    else if (k.field.index() == kOptDouble && !std::get<kOptDouble>(k.field)(const_cast<Config&>(cfg)))
+      out << YAML::Null;
     else
       out << value_text(k, cfg);
   }

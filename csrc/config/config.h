@@ -3,6 +3,7 @@
 // take the struct they need and never see YAML.
 #pragma once
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <utility>
 #include <vector>
@@ -18,15 +19,28 @@ struct RunConfig {
   int threads = 0;              // CPU intra-op threads; 0 = all cores
 };
 
+// Routing: how scores are computed and which experts each token is sent to.
+struct RouterConfig {
+  std::string score_func = "softmax";  // softmax | sigmoid
+  bool normalize_topk = true;           // renormalize the k chosen weights to sum to 1
+  double routed_scaling = 1.0;          // multiplies the routed output (DeepSeek-V3: 2.5)
+  int n_groups = 1;                     // group-limited routing: experts split into n_groups groups
+  int topk_groups = 1;                  // ... of which the best topk_groups are eligible per token
+  double bias_update_rate = 0.0;        // aux-loss-free balancing bias step; 0 = off
+};
+
 struct MoEConfig {
   int n_experts = 8;            // routed experts per MoE layer
   int top_k = 2;                // experts chosen per token
   int expert_hidden = 512;      // SwiGLU hidden size of each routed expert
   int n_shared_experts = 1;     // always-on experts, summed with the routed output
   int shared_hidden = 0;        // hidden size of each shared expert; 0 = expert_hidden
-  std::string score_func = "softmax";  // softmax (top-k over softmax scores)
-  bool normalize_topk = true;   // renormalize the k chosen weights to sum to 1
-  double aux_loss_coef = 0.01;  // switch-style load-balancing loss coefficient
+  std::optional<double> capacity_factor;  // null = dropless; else capacity ceil(cf * T * K / E)
+  double aux_loss_coef = 0.01;      // switch/GShard load-balancing loss over the batch
+  double seq_aux_loss_coef = 0.0;   // DeepSeek-V3 sequence-wise balance loss
+  double z_loss_coef = 0.0;         // router z-loss (ST-MoE)
+  std::string experts_impl = "auto";  // auto | grouped_mm | sliced
+  RouterConfig router;
 };
 
 struct ModelConfig {

@@ -16,13 +16,11 @@ BlockImpl::BlockImpl(const config::ModelConfig& cfg, bool is_moe) {
 BlockOutput BlockImpl::forward(const torch::Tensor& x_BSD, const Rope& rope, ComputeDtype compute_dtype) const {
   auto x = x_BSD + attn->forward(attn_norm->forward(x_BSD), rope, compute_dtype).to(x_BSD.scalar_type());
   auto h = ffn_norm->forward(x);
-  if (!moe) {
-    auto y = mlp->forward(h, compute_dtype).to(x.scalar_type());
-    return {x + y, torch::zeros({}, x.options().dtype(torch::kFloat)), {}};
-  }
+  if (!moe) return {x + mlp->forward(h, compute_dtype).to(x.scalar_type()), std::nullopt};
   const auto B = h.size(0), S = h.size(1), D = h.size(2);
-  auto out = moe->forward(h.reshape({B * S, D}), compute_dtype);
-  return {x + out.out_TD.view({B, S, D}).to(x.scalar_type()), out.aux_loss, out.tokens_per_expert_E};
+  auto out = moe->forward(h.reshape({B * S, D}), S, compute_dtype);
+  auto y = out.out_TD.view({B, S, D}).to(x.scalar_type());
+  return {x + y, std::move(out)};
 }
 
 TransformerImpl::TransformerImpl(const config::ModelConfig& cfg) : cfg_(cfg) {
@@ -39,13 +37,14 @@ ForwardOutput TransformerImpl::forward(const torch::Tensor& tokens_BS) const {
               "[model] tokens must be (B, S) int64, got ", tokens_BS.sizes(), " ", tokens_BS.scalar_type());
   auto x = embed.index_select(0, tokens_BS.reshape(-1)).view({tokens_BS.size(0), tokens_BS.size(1), cfg_.d_model});
   ForwardOutput out;
-  out.aux_loss = torch::zeros({}, x.options().dtype(torch::kFloat));
-  for (const auto& layer : *layers) {
-    auto block = layer->as<BlockImpl>()->forward(x, rope_, compute_dtype_);
+  out.balance_loss = torch::zeros({}, x.options().dtype(torch::promote_types(x.scalar_type(), torch::kFloat)));
+  for (size_t i = 0; i < layers->size(); ++i) {
+    auto block = layers->ptr(i)->as<BlockImpl>()->forward(x, rope_, compute_dtype_);
     x = block.x_BSD;
-    if (block.tokens_per_expert_E.defined()) {
-      out.aux_loss = out.aux_loss + block.aux_loss;
-      out.tokens_per_expert_LE.push_back(block.tokens_per_expert_E);
+    if (block.moe) {
+      out.balance_loss = out.balance_loss + block.moe->balance_loss;
+      out.moe_stats.push_back(block.moe->stats);
+      out.moe_layers.push_back(int(i));
     }
   }
   auto head = lm_head.defined() ? lm_head : embed;
@@ -102,6 +101,16 @@ void TransformerImpl::init_weights(uint64_t seed) {
       }
     }
     w.copy_(value);
+  }
+}
+
+void TransformerImpl::update_router_bias(const std::vector<torch::Tensor>& load_LE) {
+  size_t i = 0;
+  for (const auto& layer : *layers) {
+    auto* block = layer->as<BlockImpl>();
+    if (!block->moe) continue;
+    TORCH_CHECK(i < load_LE.size(), "[model] update_router_bias: ", load_LE.size(), " loads for more MoE layers");
+    block->moe->router->update_bias(load_LE[i++]);
   }
 }
 

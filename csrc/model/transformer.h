@@ -14,8 +14,7 @@ namespace moetrain::model {
 
 struct BlockOutput {
   torch::Tensor x_BSD;
-  torch::Tensor aux_loss;             // () fp32, zero for dense blocks
-  torch::Tensor tokens_per_expert_E;  // (E,) int64; undefined for dense blocks
+  std::optional<moe::MoEOutput> moe;  // the MoE layer's losses and statistics; empty for dense blocks
 };
 
 class BlockImpl : public torch::nn::Module {
@@ -31,9 +30,10 @@ class BlockImpl : public torch::nn::Module {
 TORCH_MODULE(Block);
 
 struct ForwardOutput {
-  torch::Tensor logits_BSV;                         // fp32
-  torch::Tensor aux_loss;                           // () sum over MoE layers (unweighted)
-  std::vector<torch::Tensor> tokens_per_expert_LE;  // one (E,) per MoE layer, in layer order
+  torch::Tensor logits_BSV;                    // fp32
+  torch::Tensor balance_loss;                  // () fp32: sum over MoE layers of their weighted losses
+  std::vector<moe::RouterStats> moe_stats;     // one per MoE layer, in layer order
+  std::vector<int> moe_layers;                 // the block index of each entry of moe_stats
 };
 
 struct ParamCounts {
@@ -49,6 +49,9 @@ class TransformerImpl : public torch::nn::Module {
   // Initial weights as a function of (seed, parameter name, global expert id) only, generated on the
   // CPU in fp32: the same start on any device and any later parallel layout.
   void init_weights(uint64_t seed);
+  // Aux-loss-free balancing after an optimizer step: load_LE[i] is MoE layer i's tokens_per_expert
+  // summed over the step's micro-batches.
+  void update_router_bias(const std::vector<torch::Tensor>& load_LE);
   // Moves parameters to `device`; `compute_dtype` bf16 keeps fp32 master weights, computes in bf16.
   void place(torch::Device device, ComputeDtype compute_dtype);
   ParamCounts param_counts() const;

@@ -2,6 +2,8 @@
 // Legend: T tokens, D model dim, E routed experts, K experts per token, F hidden, R = T*K rows.
 #include "moe/moe.h"
 
+#include <cmath>
+
 namespace moetrain::moe {
 
 namespace {
@@ -22,18 +24,39 @@ torch::Tensor SwiGLUImpl::forward(const torch::Tensor& x_TD, std::optional<torch
   return torch::matmul(h, cast(w2, compute_dtype));
 }
 
-Dispatched dispatch(const torch::Tensor& x_TD, const RoutingPlan& plan) {
+int64_t expert_capacity(double capacity_factor, int64_t num_tokens, int top_k, int n_experts) {
+  return int64_t(std::ceil(capacity_factor * double(num_tokens) * top_k / n_experts));
+}
+
+Dispatched dispatch(const torch::Tensor& x_TD, const RoutingPlan& plan, std::optional<int64_t> capacity) {
   const int64_t K = plan.topk_ids_TK.size(1);
   TORCH_CHECK(plan.topk_ids_TK.size(0) == x_TD.size(0), "[moe] dispatch: plan has ", plan.topk_ids_TK.size(0),
               " tokens, input has ", x_TD.size(0));
   auto flat_ids_R = plan.topk_ids_TK.reshape(-1);
-  auto order_R = std::get<1>(torch::sort(flat_ids_R, /*stable=*/std::optional<bool>(true), /*dim=*/0, /*descending=*/false));
-  auto token_ids_R = torch::floor_divide(order_R, K);
+  const auto stable = std::optional<bool>(true);
   Dispatched d;
+  torch::Tensor order_R, counts_E = plan.stats.tokens_per_expert_E;
+  if (!capacity) {
+    order_R = std::get<1>(torch::sort(flat_ids_R, stable, /*dim=*/0, /*descending=*/false));
+    d.dropped = torch::zeros({}, flat_ids_R.options());
+  } else {
+    // Within each expert, copies in order of falling weight (ties: earlier copies first); the first
+    // `capacity` of each expert are kept.
+    auto by_weight = std::get<1>(torch::sort(plan.topk_weights_TK.reshape(-1).detach(), stable, 0, /*descending=*/true));
+    auto by_expert = std::get<1>(torch::sort(flat_ids_R.index_select(0, by_weight), stable, 0, false));
+    auto ranked_R = by_weight.index_select(0, by_expert);
+    auto expert_of_R = flat_ids_R.index_select(0, ranked_R);
+    auto group_start_E = torch::cumsum(counts_E, 0) - counts_E;
+    auto position_R = torch::arange(ranked_R.size(0), ranked_R.options()) - group_start_E.index_select(0, expert_of_R);
+    order_R = ranked_R.masked_select(position_R < *capacity);
+    counts_E = counts_E.clamp_max(*capacity);
+    d.dropped = (flat_ids_R.numel() - counts_E.sum()).reshape({});
+  }
+  auto token_ids_R = torch::floor_divide(order_R, K);
   d.rows_RD = x_TD.index_select(0, token_ids_R);
   d.handle.token_ids_R = token_ids_R;
   d.handle.order_R = order_R;
-  d.handle.counts_E = plan.tokens_per_expert_E;
+  d.handle.counts_E = counts_E;
   d.handle.num_tokens = x_TD.size(0);
   return d;
 }
@@ -45,7 +68,7 @@ torch::Tensor combine(const torch::Tensor& y_RD, const DispatchHandle& handle, c
   return out_TD.index_add(0, handle.token_ids_R, weighted_RD);
 }
 
-ExpertsImpl::ExpertsImpl(int n_experts, int d_model, int hidden) {
+ExpertsImpl::ExpertsImpl(int n_experts, int d_model, int hidden, std::string impl) : impl_(std::move(impl)) {
   w1 = register_parameter("w1", torch::empty({n_experts, d_model, hidden}));
   w3 = register_parameter("w3", torch::empty({n_experts, d_model, hidden}));
   w2 = register_parameter("w2", torch::empty({n_experts, hidden, d_model}));
@@ -72,36 +95,66 @@ torch::Tensor ExpertsImpl::forward_sliced(const torch::Tensor& rows_RD, const to
   return torch::cat(outputs, 0);
 }
 
+bool ExpertsImpl::grouped_supported(const torch::Tensor& rows_RD, std::optional<torch::ScalarType> compute_dtype) const {
+  const auto dtype = compute_dtype.value_or(w1.scalar_type());
+  const int64_t item = c10::elementSize(dtype);
+  const bool aligned = (w1.size(1) * item) % 16 == 0 && (w1.size(2) * item) % 16 == 0;
+  if (rows_RD.is_cuda()) return aligned && dtype == torch::kBFloat16;
+  return aligned && (dtype == torch::kFloat || dtype == torch::kBFloat16);
+}
+
+torch::Tensor ExpertsImpl::forward_grouped(const torch::Tensor& rows_RD, const torch::Tensor& counts_E,
+                                           std::optional<torch::ScalarType> compute_dtype) const {
+  const auto dtype = compute_dtype.value_or(w1.scalar_type());
+  auto offsets_E = torch::cumsum(counts_E, 0).to(torch::kInt);  // group ends, on the rows' device
+  auto x = rows_RD.to(dtype).contiguous();
+  auto gate = at::_grouped_mm(x, w1.to(dtype), offsets_E);
+  auto up = at::_grouped_mm(x, w3.to(dtype), offsets_E);
+  auto h = (torch::silu(gate) * up).contiguous();
+  return at::_grouped_mm(h, w2.to(dtype), offsets_E);
+}
+
 torch::Tensor ExpertsImpl::forward(const torch::Tensor& rows_RD, const torch::Tensor& counts_E,
                                    std::optional<torch::ScalarType> compute_dtype) const {
   TORCH_CHECK(rows_RD.dim() == 2 && rows_RD.size(1) == w1.size(1), "[moe] experts expect (R, ", w1.size(1),
               ") rows, got ", rows_RD.sizes());
-  const bool grouped = rows_RD.is_cuda() && compute_dtype == torch::kBFloat16 && w1.size(1) % 8 == 0 &&
-                       w1.size(2) % 8 == 0;
-  if (!grouped) return forward_sliced(rows_RD, counts_E, compute_dtype);
-  // CUDA bf16: one grouped GEMM per projection, offsets stay on the device (no host sync).
-  auto offsets_E = torch::cumsum(counts_E, 0).to(torch::kInt);
-  auto x = rows_RD.to(torch::kBFloat16).contiguous();
-  auto gate = at::_grouped_mm(x, w1.to(torch::kBFloat16), offsets_E);
-  auto up = at::_grouped_mm(x, w3.to(torch::kBFloat16), offsets_E);
-  auto h = (torch::silu(gate) * up).contiguous();
-  return at::_grouped_mm(h, w2.to(torch::kBFloat16), offsets_E);
+  TORCH_CHECK(counts_E.dim() == 1 && counts_E.size(0) == w1.size(0), "[moe] experts expect (", w1.size(0),
+              ",) counts, got ", counts_E.sizes());
+  if (rows_RD.size(0) == 0) return forward_sliced(rows_RD, counts_E, compute_dtype);
+  const bool grouped = impl_ == "grouped_mm" || (impl_ == "auto" && grouped_supported(rows_RD, compute_dtype));
+  if (grouped) {
+    TORCH_CHECK(grouped_supported(rows_RD, compute_dtype), "[moe] model.moe.experts_impl = grouped_mm needs ",
+                "16-byte aligned rows (d_model and expert_hidden times the element size) and, on CUDA, bf16");
+    return forward_grouped(rows_RD, counts_E, compute_dtype);
+  }
+  return forward_sliced(rows_RD, counts_E, compute_dtype);
 }
 
 MoEImpl::MoEImpl(const config::MoEConfig& cfg, int d_model) : cfg_(cfg) {
   router = register_module("router", Router(cfg, d_model));
-  experts = register_module("experts", Experts(cfg.n_experts, d_model, cfg.expert_hidden));
+  experts = register_module("experts", Experts(cfg.n_experts, d_model, cfg.expert_hidden, cfg.experts_impl));
   if (cfg.n_shared_experts > 0)
     shared = register_module("shared", SwiGLU(d_model, cfg.n_shared_experts * config::shared_hidden(cfg)));
 }
 
-MoEOutput MoEImpl::forward(const torch::Tensor& x_TD, std::optional<torch::ScalarType> compute_dtype) const {
-  RoutingPlan plan = router->route(x_TD);                                        // 1. route
-  Dispatched dispatched = dispatch(x_TD, plan);                                  // 2. dispatch
+MoEOutput MoEImpl::forward(const torch::Tensor& x_TD, int64_t seq_len,
+                           std::optional<torch::ScalarType> compute_dtype) const {
+  RoutingPlan plan = router->route(x_TD, seq_len);                                            // 1. route
+  std::optional<int64_t> capacity;
+  if (cfg_.capacity_factor)
+    capacity = expert_capacity(*cfg_.capacity_factor, x_TD.size(0), cfg_.top_k, cfg_.n_experts);
+  Dispatched dispatched = dispatch(x_TD, plan, capacity);                                     // 2. dispatch
   auto y_RD = experts->forward(dispatched.rows_RD, dispatched.handle.counts_E, compute_dtype);  // 3. experts
-  auto out_TD = combine(y_RD, dispatched.handle, plan);                          // 4. combine
-  if (shared) out_TD = out_TD + shared->forward(x_TD, compute_dtype);            // 5. shared experts
-  return {out_TD, plan.aux_loss, plan.tokens_per_expert_E};
+  auto out_TD = combine(y_RD, dispatched.handle, plan);                                       // 4. combine
+  if (shared) out_TD = out_TD + shared->forward(x_TD, compute_dtype);                         // 5. shared experts
+
+  MoEOutput out;
+  out.out_TD = out_TD;
+  out.stats = plan.stats;
+  out.stats.dropped = dispatched.dropped;
+  out.balance_loss = cfg_.aux_loss_coef * plan.stats.aux_loss + cfg_.seq_aux_loss_coef * plan.stats.seq_aux_loss +
+                     cfg_.z_loss_coef * plan.stats.z_loss;
+  return out;
 }
 
 }  // namespace moetrain::moe

@@ -25,46 +25,64 @@ TORCH_MODULE(SwiGLU);
 struct DispatchHandle {
   torch::Tensor token_ids_R;  // (R,) int64, the token each sorted row came from
   torch::Tensor order_R;      // (R,) int64, flat (t*K + k) index of each sorted row
-  torch::Tensor counts_E;     // (E,) int64 on the input's device, rows per expert
+  torch::Tensor counts_E;     // (E,) int64 on the input's device, rows per expert after capacity
   int64_t num_tokens = 0;
 };
 
 struct Dispatched {
   torch::Tensor rows_RD;  // (R, D) token copies grouped by expert, in expert order
+  torch::Tensor dropped;  // () int64, copies dropped by capacity
   DispatchHandle handle;
 };
 
-// Local (single-rank) dispatcher: sorts token copies by expert (stable, so ties keep token order).
-Dispatched dispatch(const torch::Tensor& x_TD, const RoutingPlan& plan);
-// Weighted sum of each token's expert outputs: out_TD[t] = sum_k w[t,k] * y[row of (t,k)].
+// Per-expert capacity for T tokens: ceil(capacity_factor * T * K / E).
+int64_t expert_capacity(double capacity_factor, int64_t num_tokens, int top_k, int n_experts);
+
+// Local (single-rank) dispatcher: groups token copies by expert. Dropless (no capacity) keeps token
+// order within an expert. With a capacity, each expert keeps its `capacity` copies of highest routing
+// weight (ties: earlier tokens first) and drops the rest.
+Dispatched dispatch(const torch::Tensor& x_TD, const RoutingPlan& plan, std::optional<int64_t> capacity = {});
+// Weighted sum of each token's expert outputs: out_TD[t] = sum_k w[t,k] * y[row of (t,k)] over kept rows.
 torch::Tensor combine(const torch::Tensor& y_RD, const DispatchHandle& handle, const RoutingPlan& plan);
 
 // Routed experts stored stacked, computed as one grouped GEMM per projection over sorted rows.
 class ExpertsImpl : public torch::nn::Module {
  public:
-  ExpertsImpl(int n_experts, int d_model, int hidden);
+  // impl: "auto" | "grouped_mm" | "sliced" (model.moe.experts_impl).
+  ExpertsImpl(int n_experts, int d_model, int hidden, std::string impl = "auto");
   torch::Tensor forward(const torch::Tensor& rows_RD, const torch::Tensor& counts_E,
                         std::optional<torch::ScalarType> compute_dtype) const;
-  // The per-expert-slice path (any device and dtype); forward() uses it off the CUDA bf16 fast path.
+  // One at::_grouped_mm per projection; offsets stay on the device (no host sync).
+  torch::Tensor forward_grouped(const torch::Tensor& rows_RD, const torch::Tensor& counts_E,
+                                std::optional<torch::ScalarType> compute_dtype) const;
+  // A matmul per non-empty expert over its rows (one host read of the counts); any device and dtype.
   torch::Tensor forward_sliced(const torch::Tensor& rows_RD, const torch::Tensor& counts_E,
                                std::optional<torch::ScalarType> compute_dtype) const;
+  // Whether _grouped_mm's layout rules hold for these rows in this dtype (16-byte aligned strides;
+  // bf16 on CUDA).
+  bool grouped_supported(const torch::Tensor& rows_RD, std::optional<torch::ScalarType> compute_dtype) const;
 
   torch::Tensor w1;  // (E, D, F)
   torch::Tensor w3;  // (E, D, F)
   torch::Tensor w2;  // (E, F, D)
+
+ private:
+  std::string impl_;
 };
 TORCH_MODULE(Experts);
 
 struct MoEOutput {
   torch::Tensor out_TD;
-  torch::Tensor aux_loss;             // () fp32
-  torch::Tensor tokens_per_expert_E;  // (E,) int64
+  torch::Tensor balance_loss;  // () fp32: the configured coefficients times the router's losses
+  RouterStats stats;
 };
 
 class MoEImpl : public torch::nn::Module {
  public:
   MoEImpl(const config::MoEConfig& cfg, int d_model);
-  MoEOutput forward(const torch::Tensor& x_TD, std::optional<torch::ScalarType> compute_dtype) const;
+  // x_TD holds T = B * seq_len tokens, sequence-major.
+  MoEOutput forward(const torch::Tensor& x_TD, int64_t seq_len, std::optional<torch::ScalarType> compute_dtype) const;
+  const config::MoEConfig& config() const { return cfg_; }
 
   Router router{nullptr};
   Experts experts{nullptr};

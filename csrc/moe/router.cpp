@@ -1,35 +1,87 @@
-// Softmax top-k routing with the switch (GShard) load-balancing loss.
+// Routing: softmax or sigmoid scores, optional group-limited selection and selection bias, top-k,
+// and the balancing losses (switch, sequence-wise, z-loss) with routing statistics.
 #include "moe/router.h"
+
+#include <limits>
 
 namespace moetrain::moe {
 
 RouterImpl::RouterImpl(const config::MoEConfig& cfg, int d_model) : cfg_(cfg) {
   weight = register_parameter("weight", torch::empty({cfg.n_experts, d_model}));
+  if (cfg.router.bias_update_rate > 0) expert_bias = register_buffer("expert_bias", torch::zeros({cfg.n_experts}));
 }
 
-RoutingPlan RouterImpl::route(const torch::Tensor& x_TD) const {
-  TORCH_CHECK(x_TD.dim() == 2 && x_TD.size(1) == weight.size(1), "[moe] router expects (T, ",
-              weight.size(1), ") input, got ", x_TD.sizes());
+namespace {
+
+// Copies routed to each expert, without a host sync (bincount on CUDA would read the max).
+torch::Tensor count_per_expert(const torch::Tensor& ids, int64_t n_experts) {
+  auto flat = ids.reshape(-1);
+  return torch::zeros({n_experts}, flat.options()).scatter_add_(0, flat, torch::ones_like(flat));
+}
+
+// E * sum_e f_e * P_e over the leading dimension's groups, averaged: counts_GE copies, probs_GE mean scores.
+torch::Tensor balance_product(const torch::Tensor& counts_GE, const torch::Tensor& mean_probs_GE, int64_t copies,
+                              int64_t n_experts) {
+  auto fraction_GE = counts_GE.to(mean_probs_GE.scalar_type()) / double(copies);
+  return double(n_experts) * (fraction_GE * mean_probs_GE).sum(-1).mean();
+}
+
+}  // namespace
+
+RoutingPlan RouterImpl::route(const torch::Tensor& x_TD, int64_t seq_len) const {
+  TORCH_CHECK(x_TD.dim() == 2 && x_TD.size(1) == weight.size(1), "[moe] router expects (T, ", weight.size(1),
+              ") input, got ", x_TD.sizes());
   const int64_t T = x_TD.size(0), E = cfg_.n_experts, K = cfg_.top_k;
+  const auto& rc = cfg_.router;
   const auto dtype = torch::promote_types(x_TD.scalar_type(), torch::kFloat);  // fp32 (fp64 in gradient checks)
   auto logits_TE = torch::mm(x_TD.to(dtype), weight.to(dtype).t());
-  auto probs_TE = torch::softmax(logits_TE, /*dim=*/1);
-  auto [topk_weights_TK, topk_ids_TK] = torch::topk(probs_TE, K, /*dim=*/1, /*largest=*/true, /*sorted=*/true);
-  if (cfg_.normalize_topk) topk_weights_TK = topk_weights_TK / topk_weights_TK.sum(1, true);
+  auto scores_TE = rc.score_func == "sigmoid" ? torch::sigmoid(logits_TE) : torch::softmax(logits_TE, 1);
 
-  RoutingPlan plan;
-  plan.topk_ids_TK = topk_ids_TK;
-  plan.topk_weights_TK = topk_weights_TK;
-  plan.tokens_per_expert_E = torch::bincount(topk_ids_TK.reshape(-1), {}, E);
-  if (T == 0) {
-    plan.aux_loss = torch::zeros({}, logits_TE.options());
-  } else {
-    // f_e: fraction of the T*K copies sent to e (no gradient); P_e: mean router probability of e.
-    auto fraction_E = plan.tokens_per_expert_E.to(dtype) / double(T * K);
-    auto mean_prob_E = probs_TE.mean(0);
-    plan.aux_loss = double(E) * (fraction_E * mean_prob_E).sum();
+  // Selection: scores plus the balancing bias, restricted to the best groups; weights use plain scores.
+  torch::Tensor choice_TE = scores_TE.detach();
+  if (expert_bias.defined()) choice_TE = choice_TE + expert_bias.to(dtype);
+  if (rc.n_groups > 1) {
+    const int64_t per_group = E / rc.n_groups;
+    auto grouped = choice_TE.view({T, rc.n_groups, per_group});
+    auto group_score_TG = std::get<0>(grouped.topk(std::min<int64_t>(2, per_group), -1)).sum(-1);
+    auto best_groups = std::get<1>(group_score_TG.topk(rc.topk_groups, -1));
+    auto eligible_TG = torch::zeros({T, rc.n_groups}, choice_TE.options().dtype(torch::kBool))
+                           .scatter_(1, best_groups, true);
+    auto eligible_TE = eligible_TG.unsqueeze(-1).expand({T, rc.n_groups, per_group}).reshape({T, E});
+    choice_TE = choice_TE.masked_fill(eligible_TE.logical_not(), -std::numeric_limits<double>::infinity());
   }
+  RoutingPlan plan;
+  plan.topk_ids_TK = std::get<1>(choice_TE.topk(K, 1, /*largest=*/true, /*sorted=*/true));
+  auto weights_TK = scores_TE.gather(1, plan.topk_ids_TK);
+  if (rc.normalize_topk) weights_TK = weights_TK / (weights_TK.sum(1, true) + 1e-20);
+  plan.topk_weights_TK = weights_TK * rc.routed_scaling;
+
+  // Balancing losses and statistics over the per-token normalized scores p.
+  RouterStats& st = plan.stats;
+  st.tokens_per_expert_E = count_per_expert(plan.topk_ids_TK, E);
+  st.dropped = torch::zeros({}, plan.topk_ids_TK.options());
+  if (T == 0) {
+    auto zero = torch::zeros({}, logits_TE.options());
+    st.aux_loss = st.seq_aux_loss = st.z_loss = st.entropy = zero;
+    return plan;
+  }
+  auto probs_TE = rc.score_func == "softmax" ? scores_TE : scores_TE / scores_TE.sum(1, true);
+  st.aux_loss = balance_product(st.tokens_per_expert_E.unsqueeze(0), probs_TE.mean(0, true), T * K, E);
+  TORCH_CHECK(seq_len > 0 && T % seq_len == 0, "[moe] router: ", T, " tokens are not whole sequences of ", seq_len);
+  const int64_t B = T / seq_len;
+  auto one_hot_TE = torch::zeros({T, E}, probs_TE.options()).scatter_(1, plan.topk_ids_TK, 1.0);
+  st.seq_aux_loss = balance_product(one_hot_TE.view({B, seq_len, E}).sum(1), probs_TE.view({B, seq_len, E}).mean(1),
+                                    seq_len * K, E);
+  st.z_loss = torch::logsumexp(logits_TE, 1).pow(2).mean();
+  st.entropy = -(probs_TE * torch::log(probs_TE.clamp_min(1e-30))).sum(1).mean().detach();
   return plan;
+}
+
+void RouterImpl::update_bias(const torch::Tensor& tokens_per_expert_E) {
+  if (!expert_bias.defined()) return;
+  torch::NoGradGuard no_grad;
+  auto load = tokens_per_expert_E.to(expert_bias.device()).to(torch::kFloat);
+  expert_bias.add_(torch::sign(load.mean() - load), cfg_.router.bias_update_rate);
 }
 
 }  // namespace moetrain::moe

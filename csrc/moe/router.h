@@ -1,6 +1,8 @@
-// The router: scores every token against every routed expert and picks the top-k.
-// Legend: T tokens, D model dim, E routed experts, K experts per token.
-// Router math runs in fp32 whatever the model dtype, so routing does not flip under bf16 rounding.
+// The router: scores every token against every routed expert and picks the top-k, optionally within
+// the best groups (DeepSeek-V3) and with an aux-loss-free selection bias. Also computes the balancing
+// losses and routing statistics of the call.
+// Legend: T tokens, D model dim, E routed experts, K experts per token, B sequences, S = T / B.
+// Router math runs in fp32 (fp64 for fp64 inputs) whatever the model dtype.
 #pragma once
 #include <torch/torch.h>
 
@@ -8,19 +10,32 @@
 
 namespace moetrain::moe {
 
+// Balancing losses (unweighted) and statistics of one router call.
+struct RouterStats {
+  torch::Tensor aux_loss;             // () switch/GShard loss over the batch: E * sum_e f_e * P_e
+  torch::Tensor seq_aux_loss;         // () the same per sequence, averaged over sequences (DeepSeek-V3)
+  torch::Tensor z_loss;               // () mean_t logsumexp(logits_t)^2
+  torch::Tensor entropy;              // () mean_t entropy of the token's normalized scores (nats)
+  torch::Tensor tokens_per_expert_E;  // (E,) int64 copies routed to each expert (before capacity)
+  torch::Tensor dropped;              // () int64 copies dropped by capacity (zero when dropless)
+};
+
 struct RoutingPlan {
-  torch::Tensor topk_ids_TK;          // (T, K) int64, expert id of each chosen copy
-  torch::Tensor topk_weights_TK;      // (T, K) fp32, combine weights (differentiable)
-  torch::Tensor tokens_per_expert_E;  // (E,) int64, copies routed to each expert
-  torch::Tensor aux_loss;             // () fp32, switch load-balancing loss E * sum_e f_e * P_e
+  torch::Tensor topk_ids_TK;      // (T, K) int64, chosen experts, best first
+  torch::Tensor topk_weights_TK;  // (T, K) fp32, combine weights (normalized if asked, times routed_scaling)
+  RouterStats stats;
 };
 
 class RouterImpl : public torch::nn::Module {
  public:
   RouterImpl(const config::MoEConfig& cfg, int d_model);
-  RoutingPlan route(const torch::Tensor& x_TD) const;
+  // x_TD holds T = B * seq_len tokens, sequence-major; seq_len only shapes the sequence-wise loss.
+  RoutingPlan route(const torch::Tensor& x_TD, int64_t seq_len) const;
+  // Aux-loss-free balancing: expert_bias += rate * sign(mean(load) - load). No-op when the rate is 0.
+  void update_bias(const torch::Tensor& tokens_per_expert_E);
 
-  torch::Tensor weight;  // (E, D)
+  torch::Tensor weight;       // (E, D)
+  torch::Tensor expert_bias;  // (E,) fp32 buffer, selection only; defined when bias_update_rate > 0
 
  private:
   config::MoEConfig cfg_;

@@ -89,6 +89,73 @@ void log_config_changes(const std::string& saved_yaml, const std::string& step_d
   if (!changes.empty()) log_line("note: settings changed since the checkpoint: " + changes);
 }
 
+// Routing telemetry of one optimizer step, summed over its micro-batches (tensors until written,
+// so nothing syncs with the device unless the step is logged).
+struct MoETelemetry {
+  std::vector<int> layers;
+  std::vector<torch::Tensor> load_LE;  // tokens per expert, summed over micro-batches
+  std::vector<torch::Tensor> dropped_L, aux_L, seq_aux_L, z_L, entropy_L;
+  int micro_batches = 0;
+
+  void add(const model::ForwardOutput& out) {
+    if (load_LE.empty()) {
+      layers = out.moe_layers;
+      for (const auto& st : out.moe_stats) {
+        load_LE.push_back(torch::zeros_like(st.tokens_per_expert_E));
+        dropped_L.push_back(torch::zeros_like(st.dropped));
+        for (auto* v : {&aux_L, &seq_aux_L, &z_L, &entropy_L}) v->push_back(torch::zeros_like(st.aux_loss).detach());
+      }
+    }
+    for (size_t l = 0; l < out.moe_stats.size(); ++l) {
+      const auto& st = out.moe_stats[l];
+      load_LE[l] += st.tokens_per_expert_E;
+      dropped_L[l] += st.dropped;
+      aux_L[l] += st.aux_loss.detach();
+      seq_aux_L[l] += st.seq_aux_loss.detach();
+      z_L[l] += st.z_loss.detach();
+      entropy_L[l] += st.entropy.detach();
+    }
+    ++micro_batches;
+  }
+
+  // Adds per-layer records under "moe" and their summaries: aux_loss (mean over layers),
+  // load_max_over_mean (worst layer), drop_fraction (over all layers).
+  void write(json& rec) const {
+    if (load_LE.empty()) {  // a dense model
+      rec["aux_loss"] = 0.0;
+      return;
+    }
+    json per_layer = json::array();
+    double aux_sum = 0, worst = 0, dropped = 0, routed = 0;
+    for (size_t l = 0; l < load_LE.size(); ++l) {
+      auto load = load_LE[l].to(torch::kCPU);
+      std::vector<int64_t> counts(load.data_ptr<int64_t>(), load.data_ptr<int64_t>() + load.numel());
+      const double total = double(load.sum().item<int64_t>());
+      const double max_over_mean = total > 0 ? double(load.max().item<int64_t>()) * double(counts.size()) / total : 0;
+      const double layer_dropped = double(dropped_L[l].item<int64_t>());
+      const double n = micro_batches;
+      json j;
+      j["layer"] = layers[l];
+      j["tokens_per_expert"] = counts;
+      j["max_over_mean"] = max_over_mean;
+      j["drop_fraction"] = total > 0 ? layer_dropped / total : 0.0;
+      j["aux_loss"] = aux_L[l].item<double>() / n;
+      j["seq_aux_loss"] = seq_aux_L[l].item<double>() / n;
+      j["z_loss"] = z_L[l].item<double>() / n;
+      j["entropy"] = entropy_L[l].item<double>() / n;
+      aux_sum += j["aux_loss"].get<double>();
+      worst = std::max(worst, max_over_mean);
+      dropped += layer_dropped;
+      routed += total;
+      per_layer.push_back(j);
+    }
+    rec["aux_loss"] = aux_sum / double(load_LE.size());
+    rec["load_max_over_mean"] = worst;
+    rec["drop_fraction"] = routed > 0 ? dropped / routed : 0.0;
+    rec["moe"] = per_layer;
+  }
+};
+
 }  // namespace
 
 torch::Device resolve_device(const config::RunConfig& run) {
@@ -202,28 +269,23 @@ TrainResult train(const config::Config& cfg, const TrainOptions& options) {
     // ---- the step ----------------------------------------------------------------------------------
     const double lr = optim::learning_rate(cfg.optim, step, decay_steps);
     optimizer.zero_grad();
-    double loss_sum = 0, aux_sum = 0;
-    std::vector<torch::Tensor> load_LE;
+    double loss_sum = 0;
+    MoETelemetry moe_telemetry;
     for (int micro = 0; micro < cfg.train.grad_accum; ++micro) {
       auto batch = sampler.batch(step, micro);
       auto out = model->forward(batch.inputs.to(device));
       const auto V = out.logits_BSV.size(-1);
       auto ce = torch::cross_entropy_loss(out.logits_BSV.view({-1, V}), batch.targets.to(device).view(-1));
-      auto loss = ce + cfg.model.moe.aux_loss_coef * out.aux_loss;
+      auto loss = ce + out.balance_loss;
       (loss / cfg.train.grad_accum).backward();
       loss_sum += ce.item<double>();
-      aux_sum += out.aux_loss.item<double>();
-      for (size_t l = 0; l < out.tokens_per_expert_LE.size(); ++l) {
-        if (load_LE.size() <= l) load_LE.push_back(torch::zeros_like(out.tokens_per_expert_LE[l]));
-        load_LE[l] += out.tokens_per_expert_LE[l];
-      }
+      moe_telemetry.add(out);
     }
     const double grad_norm = optim::clip_grad_norm(params, cfg.optim.grad_clip);
     optimizer.step(lr);
+    model->update_router_bias(moe_telemetry.load_LE);
     // ---- bookkeeping -------------------------------------------------------------------------------
     const double loss = loss_sum / cfg.train.grad_accum;
-    const double n_moe_layers = std::max<size_t>(1, load_LE.size());
-    const double aux = aux_sum / cfg.train.grad_accum / n_moe_layers;
     if (!std::isfinite(loss))
       throw Error("[train] loss became " + format_double(loss) + " at step " + std::to_string(step + 1) +
                   " (lower optim.lr or check the data)");
@@ -257,18 +319,14 @@ TrainResult train(const config::Config& cfg, const TrainOptions& options) {
       rec["grad_norm"] = grad_norm;
       rec["tokens"] = progress.tokens;
       rec["tokens_per_s"] = tok_s;
-      rec["aux_loss"] = aux;
       rec["elapsed_s"] = progress.elapsed_s;
       if (val_loss >= 0) rec["val_loss"] = val_loss;
-      json imbalance = json::array();
-      for (const auto& counts : load_LE) {
-        auto c = counts.to(torch::kCPU).to(torch::kDouble);
-        imbalance.push_back(c.max().item<double>() / std::max(1e-9, c.mean().item<double>()));
-      }
-      rec["expert_load_max_over_mean"] = imbalance;
+      moe_telemetry.write(rec);
       metrics << rec.dump() << "\n" << std::flush;
       std::string line = progress_line(progress.step, total_steps, loss, lr, grad_norm, tok_s,
                                         step_time_ema * double(total_steps - progress.step));
+      if (rec.contains("load_max_over_mean"))
+        line += " | load max/mean " + format_double(rec["load_max_over_mean"].get<double>(), 3);
       if (val_loss >= 0) line += " | val_loss " + format_double(val_loss, 4);
       log_line(line);
       window_tokens = 0;

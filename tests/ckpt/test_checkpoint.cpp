@@ -33,7 +33,7 @@ Trained make(uint64_t seed, int steps) {
   for (int s = 0; s < steps; ++s) {
     t.opt->zero_grad();
     auto out = t.model->forward(torch::randint(0, 32, {2, 8}, torch::kLong));
-    (out.logits_BSV.pow(2).mean() + out.aux_loss).backward();
+    (out.logits_BSV.pow(2).mean() + out.balance_loss).backward();
     t.opt->step(1e-2);
   }
   return t;

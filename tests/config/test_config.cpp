@@ -70,7 +70,7 @@ CATCH_TEST_CASE("every key appears once in flatten and reference, in declaration
   auto rows = flatten(Config{});
   auto docs = reference();
   CATCH_REQUIRE(rows.size() == docs.size());
-  CATCH_REQUIRE(rows.size() == 53);  // every field of the structs in config.h
+  CATCH_REQUIRE(rows.size() == 61);  // every field of the structs in config.h
   CATCH_CHECK(rows.front().first == "run.name");
   CATCH_CHECK(rows.back().first == "cost.price_per_gpu_hour");
   for (size_t i = 0; i < rows.size(); ++i) {
@@ -117,7 +117,14 @@ CATCH_TEST_CASE("to_yaml reads back to an equal config", "[config]") {
   cfg.model.moe.expert_hidden = 33;
   cfg.model.moe.n_shared_experts = 0;
   cfg.model.moe.shared_hidden = 5;
-  cfg.model.moe.normalize_topk = false;
+  cfg.model.moe.router.normalize_topk = false;
+  cfg.model.moe.router.score_func = "sigmoid";
+  cfg.model.moe.router.n_groups = 8;
+  cfg.model.moe.router.topk_groups = 3;
+  cfg.model.moe.router.routed_scaling = 2.5;
+  cfg.model.moe.router.bias_update_rate = 1e-3;
+  cfg.model.moe.capacity_factor = 1.25;
+  cfg.model.moe.experts_impl = "sliced";
   cfg.model.moe.aux_loss_coef = 1.0 / 3.0;
   cfg.data.dir = "~";
   cfg.data.seq_len = 1000;
@@ -223,7 +230,8 @@ CATCH_TEST_CASE("per-key ranges and enums are checked at load", "[config]") {
   CATCH_CHECK_THAT(error_of("optim:\n  schedule: linear\n"), Contains("optim.schedule") && Contains("cosine, constant"));
   CATCH_CHECK_THAT(error_of("parallel:\n  backend: nccl\n"), Contains("parallel.backend") && Contains("auto, single"));
   CATCH_CHECK_THAT(error_of("checkpoint:\n  verify: none\n"), Contains("checkpoint.verify") && Contains("full, size"));
-  CATCH_CHECK_THAT(error_of("model:\n  moe:\n    score_func: sigmoid\n"), Contains("model.moe.score_func"));
+  CATCH_CHECK_THAT(error_of("model:\n  moe:\n    router:\n      score_func: relu\n"),
+                   Contains("model.moe.router.score_func") && Contains("softmax, sigmoid"));
 
   CATCH_CHECK(error_of("", {"model.moe.top_k=0"}) == "[config] model.moe.top_k = 0 must be >= 1");
   CATCH_CHECK_THAT(error_of("", {"model.vocab_size=1"}), Contains("model.vocab_size = 1 must be >= 2"));

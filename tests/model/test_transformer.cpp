@@ -13,8 +13,9 @@ CATCH_TEST_CASE("Transformer output shapes and parameter counts", "[model]") {
   auto out = m->forward(torch::randint(0, cfg.vocab_size, {3, 11}, torch::kLong));
   CATCH_CHECK(out.logits_BSV.sizes() == torch::IntArrayRef({3, 11, 32}));
   CATCH_CHECK(out.logits_BSV.scalar_type() == torch::kFloat);
-  CATCH_REQUIRE(out.tokens_per_expert_LE.size() == 1);  // one MoE layer
-  CATCH_CHECK(out.tokens_per_expert_LE[0].sum().item<int64_t>() == 3 * 11 * 2);
+  CATCH_REQUIRE(out.moe_stats.size() == 1);  // one MoE layer, block 1
+  CATCH_CHECK(out.moe_layers == std::vector<int>{1});
+  CATCH_CHECK(out.moe_stats[0].tokens_per_expert_E.sum().item<int64_t>() == 3 * 11 * 2);
   // By hand: embed 32*16 = 512 (tied head); per layer 2 norms 32 + attention 16*16 + 2*16*8 + 16*16 = 768;
   // dense MLP 3*16*24 = 1152; MoE router 4*16 = 64, experts 3*4*16*8 = 1536, shared 3*16*8 = 384; final norm 16.
   const auto counts = m->param_counts();
@@ -49,6 +50,8 @@ CATCH_TEST_CASE("Initialization depends only on the seed and parameter names", "
 CATCH_TEST_CASE("Gradients match central finite differences in double precision", "[model]") {
   auto cfg = testing::tiny_model_config();
   cfg.tie_embeddings = false;
+  cfg.moe.seq_aux_loss_coef = 0.01;  // every differentiable balancing loss on, besides the switch loss
+  cfg.moe.z_loss_coef = 0.001;
   model::Transformer m(cfg);
   m->init_weights(3);
   {
@@ -62,7 +65,7 @@ CATCH_TEST_CASE("Gradients match central finite differences in double precision"
   auto loss_fn = [&] {
     auto out = m->forward(tokens);
     return torch::cross_entropy_loss(out.logits_BSV.view({-1, cfg.vocab_size}), targets.view(-1)) +
-           0.01 * out.aux_loss.to(torch::kDouble);
+           out.balance_loss.to(torch::kDouble);
   };
   m->zero_grad();
   loss_fn().backward();

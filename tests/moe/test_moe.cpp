@@ -26,7 +26,7 @@ torch::Tensor naive_moe(const moe::MoEImpl& layer, const config::MoEConfig& cfg,
     for (int k = 0; k < cfg.top_k; ++k) norm += ranked[k].first;
     for (int k = 0; k < cfg.top_k; ++k) {
       const int64_t e = ranked[k].second;
-      const double w = cfg.normalize_topk ? ranked[k].first / norm : ranked[k].first;
+      const double w = cfg.router.normalize_topk ? ranked[k].first / norm : ranked[k].first;
       out[t] += w * swiglu_ref(x, layer.experts->w1[e], layer.experts->w3[e], layer.experts->w2[e]);
     }
     if (layer.shared) out[t] += swiglu_ref(x, layer.shared->w1, layer.shared->w3, layer.shared->w2);
@@ -53,14 +53,14 @@ CATCH_TEST_CASE("MoE layer equals a naive per-token reference", "[moe]") {
       cfg.expert_hidden = 12;
       cfg.n_shared_experts = shared;
       cfg.shared_hidden = 10;
-      cfg.normalize_topk = normalize;
+      cfg.router.normalize_topk = normalize;
       auto layer = make_layer(cfg, 16, 7 + normalize * 2 + shared);
       auto x = torch::randn({37, 16});
-      auto got = layer->forward(x, std::nullopt);
+      auto got = layer->forward(x, x.size(0), std::nullopt);
       auto want = naive_moe(*layer, cfg, x);
       // fp32 sums in a different order: agreement to 1e-5 absolute at outputs of order 1.
       CATCH_CHECK(torch::allclose(got.out_TD, want, 1e-5, 1e-5));
-      CATCH_CHECK(got.tokens_per_expert_E.sum().item<int64_t>() == 37 * 2);
+      CATCH_CHECK(got.stats.tokens_per_expert_E.sum().item<int64_t>() == 37 * 2);
     }
   }
 }
@@ -72,13 +72,13 @@ CATCH_TEST_CASE("MoE layer handles experts that receive no tokens, and zero toke
   cfg.expert_hidden = 8;
   auto layer = make_layer(cfg, 8, 3);
   auto x = torch::randn({3, 8});  // 3 tokens, 8 experts: at least 5 experts are empty
-  auto got = layer->forward(x, std::nullopt);
+  auto got = layer->forward(x, x.size(0), std::nullopt);
   CATCH_CHECK(torch::allclose(got.out_TD, naive_moe(*layer, cfg, x), 1e-5, 1e-5));
-  CATCH_CHECK((got.tokens_per_expert_E == 0).sum().item<int64_t>() >= 5);
+  CATCH_CHECK((got.stats.tokens_per_expert_E == 0).sum().item<int64_t>() >= 5);
 
-  auto empty = layer->forward(torch::zeros({0, 8}), std::nullopt);
+  auto empty = layer->forward(torch::zeros({0, 8}), 1, std::nullopt);
   CATCH_CHECK(empty.out_TD.sizes() == torch::IntArrayRef({0, 8}));
-  CATCH_CHECK(empty.aux_loss.item<double>() == 0.0);
+  CATCH_CHECK(empty.stats.aux_loss.item<double>() == 0.0);
 }
 
 CATCH_TEST_CASE("Dispatch then combine with unit weights and identity experts restores each token K times", "[moe]") {
@@ -86,7 +86,7 @@ CATCH_TEST_CASE("Dispatch then combine with unit weights and identity experts re
   moe::RoutingPlan plan;
   plan.topk_ids_TK = torch::randint(0, 5, {10, 3}, torch::kLong);
   plan.topk_weights_TK = torch::ones({10, 3});
-  plan.tokens_per_expert_E = torch::bincount(plan.topk_ids_TK.reshape(-1), {}, 5);
+  plan.stats.tokens_per_expert_E = torch::bincount(plan.topk_ids_TK.reshape(-1), {}, 5);
   auto d = moe::dispatch(x, plan);
   // Rows are grouped by expert in ascending order.
   auto sorted_ids = plan.topk_ids_TK.reshape(-1).index_select(0, d.handle.order_R);
@@ -103,9 +103,9 @@ CATCH_TEST_CASE("Switch aux loss is 1 under perfectly uniform routing and larger
     torch::NoGradGuard g;
     router->weight.copy_(torch::eye(4) * 10);
   }
-  auto uniform = router->route(torch::eye(4));  // each token to a different expert
+  auto uniform = router->route(torch::eye(4), 4);  // each token to a different expert
   // f_e = 1/4 and P_e equal across experts => E * sum f_e P_e = sum_e P_e = 1.
-  CATCH_CHECK(uniform.aux_loss.item<double>() == Approx(1.0).epsilon(1e-6));
-  auto skewed = router->route(torch::eye(4).index_select(0, torch::tensor({0, 0, 0, 1})));
-  CATCH_CHECK(skewed.aux_loss.item<double>() > 1.5);
+  CATCH_CHECK(uniform.stats.aux_loss.item<double>() == Approx(1.0).epsilon(1e-6));
+  auto skewed = router->route(torch::eye(4).index_select(0, torch::tensor({0, 0, 0, 1})), 4);
+  CATCH_CHECK(skewed.stats.aux_loss.item<double>() > 1.5);
 }

@@ -35,7 +35,7 @@ CATCH_TEST_CASE("CUDA bf16 grouped-GEMM experts match the sliced path and an fp6
   experts->to(torch::kCUDA);
   auto rows_cuda = rows.to(torch::kCUDA);
   auto counts_cuda = counts_E.to(torch::kCUDA);
-  auto grouped = experts->forward(rows_cuda, counts_cuda, torch::kBFloat16);
+  auto grouped = experts->forward_grouped(rows_cuda, counts_cuda, torch::kBFloat16);
   auto sliced = experts->forward_sliced(rows_cuda, counts_cuda, torch::kBFloat16);
   CATCH_CHECK(grouped.scalar_type() == torch::kBFloat16);
   // bf16 operands: relative error between 1e-3 and 1e-2 against fp64.
@@ -59,5 +59,5 @@ CATCH_TEST_CASE("The transformer on CUDA fp32 matches the CPU", "[gpu][model]") 
   auto a = cpu->forward(tokens), b = gpu->forward(tokens.to(torch::kCUDA));
   // Same fp32 math in other kernels (cuBLAS, no TF32 by default): 1e-4 relative.
   CATCH_CHECK(rel_error(b.logits_BSV, a.logits_BSV) < 1e-4);
-  CATCH_CHECK(torch::equal(a.tokens_per_expert_LE[0], b.tokens_per_expert_LE[0].to(torch::kCPU)));
+  CATCH_CHECK(torch::equal(a.moe_stats[0].tokens_per_expert_E, b.moe_stats[0].tokens_per_expert_E.to(torch::kCPU)));
 }
