@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU check, run on the GPU machine (no network; its own torch, nvcc, cmake, ninja): build against
 # its torch with the carried Debian packages, run every test (the [gpu] ones included), then 50
-# training steps of configs/tiny.yaml on CUDA in bf16 (and fp32 for comparison), and print a table.
+# training steps of configs/tiny.yaml on CUDA in bf16 (and fp32 for comparison) and of
+# configs/tiny-deepseek.yaml in bf16, and print a table.
 # Needs third_party/gpu-debs (scripts/stage_gpu_deps.sh) and data/fortunes carried along.
 set -uo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -29,8 +30,8 @@ tests_line=$(grep -E "tests passed|tests failed" "$out/ctest.log" | tail -1)
 build-gpu/moetrain_tests "[gpu]" --success 2>&1 | tail -5 > "$out/gpu-tests.txt"
 gpu_line=$(grep -E "All tests passed|test cases" "$out/gpu-tests.txt" | tail -1)
 
-run() {  # name dtype
-  build-gpu/moetrain train --config configs/tiny.yaml --set run.device=cuda --set run.dtype="$2" \
+run() {  # name dtype [config]
+  build-gpu/moetrain train --config "${3:-configs/tiny.yaml}" --set run.device=cuda --set run.dtype="$2" \
     --set train.steps=50 --set optim.decay_steps=50 --set train.log_every=10 --set train.eval_every=50 \
     --set checkpoint.every=0 --set run.out_dir="runs/gpu-$1" > "$out/train-$1.log" 2>&1
   local rc=$?
@@ -41,6 +42,7 @@ run() {  # name dtype
 status=0
 train_bf16=$(run bf16 bf16) || status=1
 train_fp32=$(run fp32 fp32) || status=1
+train_ds=$(run deepseek-bf16 bf16 configs/tiny-deepseek.yaml) || status=1
 grep -q "100% tests passed" "$out/ctest.log" || status=1
 cp runs/gpu-bf16/metrics.jsonl "$out/metrics-bf16.jsonl" 2>/dev/null || true
 
@@ -51,6 +53,7 @@ printf '%-22s %s\n' "ctest (all)" "${tests_line:-no summary} (${tests_s}s)"
 printf '%-22s %s\n' "[gpu] cases" "${gpu_line:-see gpu-tests.txt}"
 printf '%-22s %s\n' "train 50 steps bf16" "$train_bf16"
 printf '%-22s %s\n' "train 50 steps fp32" "$train_fp32"
+printf '%-22s %s\n' "tiny-deepseek bf16" "$train_ds"
 grep -A30 "tests failed out of" "$out/ctest.log" | grep -E "^\s+[0-9]+ - " | head -10
 echo "status: $([ $status = 0 ] && echo PASS || echo FAIL)"
 exit $status

@@ -138,7 +138,8 @@ const std::vector<KeyDesc>& keys() {
                    at_least(0)),
       MOETRAIN_KEY(model.moe.experts_impl,
                    "How routed experts compute: grouped_mm (one at::_grouped_mm per projection), sliced (a matmul "
-                   "per expert over its rows), auto (grouped_mm where its layout rules allow, else sliced).",
+                   "per expert over its rows), auto (grouped_mm on CUDA in bf16, sliced on the CPU, where "
+                   "scripts/bench_moe.sh measures it fastest).",
                    one_of({"auto", "grouped_mm", "sliced"})),
       MOETRAIN_KEY(model.moe.router.score_func,
                    "Router scores: softmax over experts, or an independent sigmoid per expert (DeepSeek-V3).",

@@ -103,8 +103,15 @@ bool ExpertsImpl::grouped_supported(const torch::Tensor& rows_RD, std::optional<
   return aligned && (dtype == torch::kFloat || dtype == torch::kBFloat16);
 }
 
+std::string ExpertsImpl::resolved_impl(const torch::Tensor& rows_RD, std::optional<torch::ScalarType> compute_dtype) const {
+  if (impl_ != "auto") return impl_;
+  return rows_RD.is_cuda() && grouped_supported(rows_RD, compute_dtype) ? "grouped_mm" : "sliced";
+}
+
 torch::Tensor ExpertsImpl::forward_grouped(const torch::Tensor& rows_RD, const torch::Tensor& counts_E,
                                            std::optional<torch::ScalarType> compute_dtype) const {
+  // _grouped_mm's backward rejects zero rows in total; the sliced path handles them.
+  if (rows_RD.size(0) == 0) return forward_sliced(rows_RD, counts_E, compute_dtype);
   const auto dtype = compute_dtype.value_or(w1.scalar_type());
   auto offsets_E = torch::cumsum(counts_E, 0).to(torch::kInt);  // group ends, on the rows' device
   auto x = rows_RD.to(dtype).contiguous();
@@ -120,9 +127,7 @@ torch::Tensor ExpertsImpl::forward(const torch::Tensor& rows_RD, const torch::Te
               ") rows, got ", rows_RD.sizes());
   TORCH_CHECK(counts_E.dim() == 1 && counts_E.size(0) == w1.size(0), "[moe] experts expect (", w1.size(0),
               ",) counts, got ", counts_E.sizes());
-  if (rows_RD.size(0) == 0) return forward_sliced(rows_RD, counts_E, compute_dtype);
-  const bool grouped = impl_ == "grouped_mm" || (impl_ == "auto" && grouped_supported(rows_RD, compute_dtype));
-  if (grouped) {
+  if (resolved_impl(rows_RD, compute_dtype) == "grouped_mm") {
     TORCH_CHECK(grouped_supported(rows_RD, compute_dtype), "[moe] model.moe.experts_impl = grouped_mm needs ",
                 "16-byte aligned rows (d_model and expert_hidden times the element size) and, on CUDA, bf16");
     return forward_grouped(rows_RD, counts_E, compute_dtype);
