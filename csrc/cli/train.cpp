@@ -23,8 +23,11 @@ int run_train(const std::vector<std::string>& argv) {
   const auto result = train::train(cfg, {args.get("resume")});
   const int64_t ran = result.last_step - result.first_step;
   std::string summary = "done: step " + std::to_string(result.last_step) + "/" + std::to_string(cfg.train.steps) +
-                        (result.interrupted ? " (interrupted)" : "") + " | " + std::to_string(ran) +
-                        " steps this run at " + format_count(result.tokens_per_s) + " tok/s";
+                        (result.interrupted ? " (interrupted)" : "");
+  if (ran == 0)
+    summary += " | the run was already complete: nothing to train";
+  else
+    summary += " | " + std::to_string(ran) + " steps this run at " + format_count(result.tokens_per_s) + " tok/s";
   if (!result.losses.empty()) summary += " | final loss " + format_double(result.losses.back(), 4);
   if (result.final_val_loss > 0) summary += " | val_loss " + format_double(result.final_val_loss, 4);
   if (!result.last_checkpoint.empty()) summary += " | checkpoint " + result.last_checkpoint;
