@@ -23,6 +23,7 @@ const Subcommand kSubcommands[] = {
     {"generate", "sample text from a checkpoint", moetrain::cli::run_generate},
     {"prepare-data", "turn text files into token shards (train.bin, val.bin)", moetrain::cli::run_prepare_data},
     {"config", "print a resolved config, or the reference of every key", moetrain::cli::run_config},
+    {"cost", "estimate a training run's FLOPs, GPU-hours, days and price from a config", moetrain::cli::run_cost},
     {"bench-moe", "time one MoE layer's forward+backward per experts implementation", moetrain::cli::run_bench_moe},
 };
 

@@ -101,6 +101,10 @@ const std::vector<KeyDesc>& keys() {
                    "Dimension of each attention head; 0 = model.d_model / model.n_heads (which must then "
                    "divide evenly). Must be even for RoPE.",
                    at_least(0)),
+      MOETRAIN_KEY(model.attention,
+                   "Attention: gqa (grouped-query, model.n_kv_heads) or mla (DeepSeek's multi-head latent "
+                   "attention, model.mla.*). mla is read by `moetrain cost` only; training refuses it for now.",
+                   one_of({"gqa", "mla"})),
       MOETRAIN_KEY(model.max_seq_len, "Longest context: the length of the RoPE table.", at_least(1)),
       MOETRAIN_KEY(model.dense_layers,
                    "The first dense_layers blocks use a dense SwiGLU MLP, the rest MoE; at most model.n_layers.",
@@ -110,6 +114,23 @@ const std::vector<KeyDesc>& keys() {
       MOETRAIN_KEY(model.norm_eps, "Epsilon added inside the normalization layers.", above(0)),
       MOETRAIN_KEY(model.tie_embeddings, "The LM head shares the token embedding matrix.", any()),
       MOETRAIN_KEY(model.init_std, "Standard deviation of the normal weight initialization.", above(0)),
+      MOETRAIN_KEY(model.mtp_depth,
+                   "Multi-token prediction depth (DeepSeek-V3): each extra module predicts one token further "
+                   "with its own block and projection, sharing the embedding and LM head; 0 = off. Read by "
+                   "`moetrain cost` only; training refuses > 0 for now.",
+                   at_least(0)),
+
+      MOETRAIN_KEY(model.mla.q_lora_rank,
+                   "MLA: rank of the query down-projection (wq_a, then a norm and wq_b); 0 = one full-rank wq.",
+                   at_least(0)),
+      MOETRAIN_KEY(model.mla.kv_lora_rank,
+                   "MLA: rank of the joint key/value latent (wkv_a down, wkv_b up; the latent is what is cached).",
+                   at_least(1)),
+      MOETRAIN_KEY(model.mla.qk_nope_head_dim, "MLA: per-head query/key dimensions without RoPE.", at_least(1)),
+      MOETRAIN_KEY(model.mla.qk_rope_head_dim,
+                   "MLA: per-head query/key dimensions with RoPE (the key part is shared by all heads); even.",
+                   at_least(1)),
+      MOETRAIN_KEY(model.mla.v_head_dim, "MLA: per-head value dimensions.", at_least(1)),
 
       MOETRAIN_KEY(model.moe.n_experts,
                    "Routed experts per MoE layer; must be divisible by parallel.expert_parallel.", at_least(1)),
@@ -589,6 +610,9 @@ void validate(const Config& cfg) {
     throw ConfigError("head dim model.d_model / model.n_heads = " + std::to_string(m.d_model) + " / " +
                       std::to_string(m.n_heads) + " = " + std::to_string(m.d_model / m.n_heads) +
                       " must be even (RoPE rotates pairs of dimensions); change model.d_model or set model.head_dim");
+  if (m.mla.qk_rope_head_dim % 2 != 0)
+    throw ConfigError(kv("model.mla.qk_rope_head_dim", m.mla.qk_rope_head_dim) +
+                      " must be even (RoPE rotates pairs of dimensions)");
   if (m.dense_layers > m.n_layers)
     throw ConfigError(kv("model.dense_layers", m.dense_layers) + " must be in [0, " +
                       kv("model.n_layers", m.n_layers) + "]");

@@ -43,6 +43,16 @@ struct MoEConfig {
   RouterConfig router;
 };
 
+// Multi-head latent attention (DeepSeek-V2/V3): keys and values pass through a low-rank latent.
+// Only `moetrain cost` reads it so far; the model refuses model.attention = mla.
+struct MLAConfig {
+  int q_lora_rank = 0;          // rank of the query down-projection; 0 = a full-rank wq
+  int kv_lora_rank = 512;       // rank of the joint key/value latent
+  int qk_nope_head_dim = 128;   // per-head query/key dims without RoPE
+  int qk_rope_head_dim = 64;    // per-head query/key dims with RoPE (the key part is shared by all heads)
+  int v_head_dim = 128;         // per-head value dims
+};
+
 struct ModelConfig {
   int vocab_size = 256;
   int d_model = 256;
@@ -50,6 +60,7 @@ struct ModelConfig {
   int n_heads = 8;
   int n_kv_heads = 4;           // grouped-query attention; must divide n_heads
   int head_dim = 0;             // 0 = d_model / n_heads
+  std::string attention = "gqa"; // gqa | mla (mla: cost estimates only, not trainable yet)
   int max_seq_len = 256;        // RoPE table length; longest context
   int dense_layers = 1;         // the first dense_layers blocks use a dense SwiGLU MLP, the rest MoE
   int dense_hidden = 1024;      // hidden size of the dense MLP
@@ -57,6 +68,8 @@ struct ModelConfig {
   double norm_eps = 1e-5;
   bool tie_embeddings = true;   // LM head shares the token embedding matrix
   double init_std = 0.02;
+  int mtp_depth = 0;            // multi-token prediction modules (DeepSeek-V3); cost estimates only
+  MLAConfig mla;
   MoEConfig moe;
 };
 

@@ -1,6 +1,8 @@
 // The MoE transformer, its seeded name-keyed initialization and its parameter counts.
 #include "model/transformer.h"
 
+#include "common/errors.h"
+
 namespace moetrain::model {
 
 BlockImpl::BlockImpl(const config::ModelConfig& cfg, bool is_moe) {
@@ -24,6 +26,12 @@ BlockOutput BlockImpl::forward(const torch::Tensor& x_BSD, const Rope& rope, Com
 }
 
 TransformerImpl::TransformerImpl(const config::ModelConfig& cfg) : cfg_(cfg) {
+  // The config keys exist so that `moetrain cost` can estimate such models; the layers do not yet.
+  if (cfg.attention == "mla")
+    throw ConfigError("model.attention = mla is not implemented for training yet; configs with it serve `moetrain cost`");
+  if (cfg.mtp_depth > 0)
+    throw ConfigError("model.mtp_depth = " + std::to_string(cfg.mtp_depth) +
+                      " (multi-token prediction) is not implemented for training yet; configs with it serve `moetrain cost`");
   embed = register_parameter("embed", torch::empty({cfg.vocab_size, cfg.d_model}));
   layers = register_module("layers", torch::nn::ModuleList());
   for (int i = 0; i < cfg.n_layers; ++i) layers->push_back(Block(cfg, /*is_moe=*/i >= cfg.dense_layers));

@@ -1,0 +1,117 @@
+// `moetrain cost`: training FLOPs, GPU-hours, days and price of a token budget for a config, from one
+// of MFU, per-GPU throughput or GPU-hours. Needs no data and builds no model, so any size can be costed.
+#include <cstdio>
+#include <nlohmann/json.hpp>
+
+#include "cli/args.h"
+#include "common/errors.h"
+#include "config/config.h"
+#include "cost/estimate.h"
+#include "cost/flops.h"
+#include "cost/hardware.h"
+
+namespace moetrain::cli {
+
+int run_cost(const std::vector<std::string>& argv) {
+  const Command command{
+      "cost",
+      "Estimate a training run: FLOPs per token (full and causal attention), total FLOPs, GPU-hours, days and "
+      "price. Give exactly one of --mfu, --tokens-per-s-per-gpu, --gpu-hours; the other two are derived. MFU is "
+      "causal model FLOPs over the GPU's dense bf16 peak.",
+      {{"config", "FILE", "YAML config (required)"},
+       {"set", "KEY=VALUE", "override one config key (repeatable)", true},
+       {"tokens", "N", "training tokens, e.g. 14.8e12, 14.8T or 671B (required)"},
+       {"gpu", "NAME", "h100, h200, h800, a100, b200 or cpu (measured); default cost.gpu"},
+       {"gpus", "N", "GPUs the run uses, for the wall-clock days (default 1)"},
+       {"price", "P", "price of one GPU-hour in USD (default cost.price_per_gpu_hour)"},
+       {"seq-len", "S", "sequence length for the attention FLOPs (default data.seq_len)"},
+       {"mfu", "X", "model FLOPs utilization in (0, 1]"},
+       {"tokens-per-s-per-gpu", "Y", "training throughput per GPU"},
+       {"gpu-hours", "H", "GPU-hours of the whole run, e.g. 2.664e6 or 2.664M"},
+       {"json", "", "print one JSON object instead of text"}}};
+  Args args(command, argv);
+  if (args.help()) {
+    std::fputs(usage(command).c_str(), stdout);
+    return 0;
+  }
+  const auto cfg = config::load_config(args.require("config"), args.all("set"));
+  const double tokens = cost::parse_count(args.require("tokens"), "--tokens");
+  if (!(tokens > 0)) throw UsageError("--tokens must be > 0, got '" + args.get("tokens") + "'");
+
+  int given_count = 0;
+  cost::Given given = cost::Given::mfu;
+  double given_value = 0;
+  if (args.has("mfu")) {
+    ++given_count, given = cost::Given::mfu, given_value = args.get_double("mfu", 0);
+    if (!(given_value > 0 && given_value <= 1)) throw UsageError("--mfu must be in (0, 1], got '" + args.get("mfu") + "'");
+  }
+  if (args.has("tokens-per-s-per-gpu")) {
+    ++given_count, given = cost::Given::tokens_per_s_per_gpu;
+    given_value = cost::parse_count(args.get("tokens-per-s-per-gpu"), "--tokens-per-s-per-gpu");
+    if (!(given_value > 0)) throw UsageError("--tokens-per-s-per-gpu must be > 0");
+  }
+  if (args.has("gpu-hours")) {
+    ++given_count, given = cost::Given::gpu_hours;
+    given_value = cost::parse_count(args.get("gpu-hours"), "--gpu-hours");
+    if (!(given_value > 0)) throw UsageError("--gpu-hours must be > 0");
+  }
+  if (given_count != 1)
+    throw UsageError("moetrain cost needs exactly one of --mfu, --tokens-per-s-per-gpu, --gpu-hours (got " +
+                     std::to_string(given_count) + ")");
+
+  const int gpus = args.get_int("gpus", 1);
+  if (gpus < 1) throw UsageError("--gpus must be >= 1, got " + std::to_string(gpus));
+  const double price = args.get_double("price", cfg.cost.price_per_gpu_hour);
+  if (!(price >= 0)) throw UsageError("--price must be >= 0, got '" + args.get("price") + "'");
+  const int seq_len = args.get_int("seq-len", cfg.data.seq_len);
+  if (seq_len < 1) throw UsageError("--seq-len must be >= 1, got " + std::to_string(seq_len));
+  const auto hardware = cost::lookup_hardware(args.get("gpu", cfg.cost.gpu));
+
+  const auto r = cost::estimate_run(cfg.model, seq_len, tokens, hardware.bf16_tflops, gpus, price, given, given_value);
+  if (args.has("json")) {
+    nlohmann::json j = {{"flops_per_token", r.flops_per_token},
+                        {"flops_per_token_causal", r.flops_per_token_causal},
+                        {"total_flops", r.total_flops},
+                        {"params_total", r.params_total},
+                        {"params_active", r.params_active},
+                        {"gpu_hours", r.gpu_hours},
+                        {"days", r.days},
+                        {"cost_usd", r.cost_usd},
+                        {"mfu", r.mfu},
+                        {"tokens_per_s_per_gpu", r.tokens_per_s_per_gpu}};
+    std::printf("%s\n", j.dump().c_str());
+    return 0;
+  }
+  const auto f = cost::training_flops_per_token(cfg.model, seq_len);
+  const auto p = cost::param_counts(cfg.model);
+  std::printf("model             %s: %.3fB params, %.3fB active (MTP %.3fB apart)\n", cfg.run.name.c_str(),
+              p.total / 1e9, p.active / 1e9, p.mtp / 1e9);
+  std::printf("training FLOPs/token at seq %d (3x forward, matmuls only):\n", seq_len);
+  auto row = [](const char* name, double v) { std::printf("  %-24s %10.3f GFLOP\n", name, v / 1e9); };
+  row("attention projections", f.attention_projections);
+  row("attention scores full", f.attention_scores);
+  row("attention scores causal", f.attention_scores_causal);
+  row("dense MLP", f.dense_mlp);
+  row("routed experts", f.routed_experts);
+  row("shared experts", f.shared_experts);
+  row("router", f.router);
+  row("LM head", f.lm_head);
+  row("MTP (causal)", f.mtp_causal);
+  row("total full", f.total);
+  row("total causal", f.total_causal);
+  row("6N (N active, no emb)", cost::six_n_flops_per_token(cfg.model));
+  std::printf("tokens            %.4g\n", r.tokens);
+  std::printf("total FLOPs       %.4g (causal)\n", r.total_flops);
+  std::printf("hardware          %s: %.1f TFLOP/s dense bf16 (%s)\n", hardware.name.c_str(), hardware.bf16_tflops,
+              hardware.source.c_str());
+  std::printf("MFU               %.4f (causal FLOPs over the dense bf16 peak)%s\n", r.mfu,
+              given == cost::Given::mfu ? " [given]" : "");
+  std::printf("tokens/s per GPU  %.1f%s\n", r.tokens_per_s_per_gpu,
+              given == cost::Given::tokens_per_s_per_gpu ? " [given]" : "");
+  std::printf("GPU-hours         %.4g%s\n", r.gpu_hours, given == cost::Given::gpu_hours ? " [given]" : "");
+  std::printf("days              %.2f on %d GPU%s\n", r.days, r.gpus, r.gpus == 1 ? "" : "s");
+  std::printf("cost              $%.4g at $%.2f per GPU-hour\n", r.cost_usd, price);
+  return 0;
+}
+
+}  // namespace moetrain::cli

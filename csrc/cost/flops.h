@@ -1,0 +1,81 @@
+// Training FLOPs per token and parameter counts, computed from the model config alone (no tensors),
+// so that models far too large to build here (DeepSeek-V3) can be costed.
+// Conventions: a matmul (m x k) @ (k x n) is 2*m*n*k FLOPs; training = forward + backward = 3x forward;
+// only matmuls count (norms, RoPE, softmax, activations and the embedding lookup are left out).
+#pragma once
+#include <cstdint>
+
+#include "config/config.h"
+
+namespace moetrain::cost {
+
+// ---------------------------------------------------------------------------------------------
+// Forward FLOPs per token of one part in one layer. D = d_model, H = n_heads.
+
+// Attention projections. GQA: wq (D x H*hd), wk and wv (D x G*hd), wo (H*hd x D).
+// MLA: wq_a (D x q_lora) and wq_b (q_lora x H*(nope+rope)), or wq (D x H*(nope+rope)) when
+// q_lora_rank = 0; wkv_a (D x (kv_lora + rope)), wkv_b (kv_lora x H*(nope+v)), wo (H*v x D).
+double attention_projection_forward(const config::ModelConfig& m);
+// Scores and weighted values against seq_len keys: 2*S*H*qk_dim (q.k) + 2*S*H*v_dim (p.v), with
+// qk_dim = v_dim = head_dim for GQA and qk_dim = nope + rope, v_dim = v_head_dim for MLA. `causal`
+// counts half (the average token attends to S/2 keys), the convention MFU figures usually use.
+double attention_scores_forward(const config::ModelConfig& m, int seq_len, bool causal);
+// Dense SwiGLU MLP: w1 and w3 (D x F), w2 (F x D): 6*D*F.
+double dense_mlp_forward(const config::ModelConfig& m);
+// Routed experts: top_k SwiGLU experts of hidden expert_hidden each: top_k * 6*D*F_e.
+double routed_experts_forward(const config::ModelConfig& m);
+// Shared experts: n_shared_experts SwiGLUs of hidden shared_hidden: n_shared * 6*D*F_s.
+double shared_experts_forward(const config::ModelConfig& m);
+// Router logits: D x E: 2*D*E.
+double router_forward(const config::ModelConfig& m);
+// LM head: D x V: 2*D*V.
+double lm_head_forward(const config::ModelConfig& m);
+// One multi-token-prediction module (DeepSeek-V3): the projection of [norm(h); norm(emb)] (2D x D),
+// one transformer block (a MoE block when the model has MoE layers, else dense) and the shared LM
+// head, which is computed again for each depth. The embedding is shared and costs no matmul.
+double mtp_module_forward(const config::ModelConfig& m, int seq_len, bool causal);
+
+// ---------------------------------------------------------------------------------------------
+
+// Training FLOPs per token (3x forward), each part summed over the layers it appears in.
+struct FlopsPerToken {
+  double attention_projections = 0;
+  double attention_scores = 0;         // full (non-causal) convention
+  double attention_scores_causal = 0;  // causal convention: half of the above
+  double dense_mlp = 0;
+  double routed_experts = 0;
+  double shared_experts = 0;
+  double router = 0;
+  double lm_head = 0;
+  double mtp = 0;         // all mtp_depth modules, attention full
+  double mtp_causal = 0;  // ... attention causal
+  double total = 0;         // every part, full attention
+  double total_causal = 0;  // every part, causal attention
+};
+FlopsPerToken training_flops_per_token(const config::ModelConfig& m, int seq_len);
+
+// Parameter counts. Active = used for one token: top_k of n_experts routed experts; the embedding
+// counts as active (as in TransformerImpl::param_counts, which this matches for GQA models).
+struct ParamCounts {
+  int64_t embedding = 0;
+  int64_t lm_head = 0;  // 0 when tied to the embedding
+  int64_t attention = 0;
+  int64_t norms = 0;  // per-layer norms, the final norm and MLA's latent norms
+  int64_t dense_mlp = 0;
+  int64_t routed_experts = 0;         // all experts
+  int64_t routed_experts_active = 0;  // top_k of them per token
+  int64_t shared_experts = 0;
+  int64_t router = 0;
+  int64_t mtp = 0;         // MTP modules' own parameters (they share embedding and head), apart from total
+  int64_t mtp_active = 0;  // ... active per token
+  int64_t total = 0;       // main model, without MTP
+  int64_t active = 0;      // main model, without MTP
+  int64_t active_non_embedding = 0;  // active minus the untied embedding (a lookup, not a matmul)
+};
+ParamCounts param_counts(const config::ModelConfig& m);
+
+// The usual estimate 6 * N: N = active non-embedding parameters (MTP excluded). It leaves out attention
+// scores, so it sits below training_flops_per_token(...).total_causal.
+double six_n_flops_per_token(const config::ModelConfig& m);
+
+}  // namespace moetrain::cost

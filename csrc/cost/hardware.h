@@ -1,0 +1,26 @@
+// Peak dense matmul throughput of the accelerators the cost report knows, from vendor datasheets, and
+// a measured figure for `cpu`. MFU is achieved model FLOP/s over these peaks.
+#pragma once
+#include <optional>
+#include <string>
+#include <vector>
+
+namespace moetrain::cost {
+
+struct Hardware {
+  std::string name;
+  double bf16_tflops = 0;             // dense (no 2:4 sparsity), per GPU
+  std::optional<double> fp8_tflops;   // dense; empty where the chip has no fp8 tensor cores
+  std::string source;                 // where the figure comes from
+};
+
+// The names `lookup` accepts, in a fixed order.
+std::vector<std::string> hardware_names();
+// The figures for `name` (h100, h200, h800, a100, b200, cpu). `cpu` runs a short fp32 matmul probe and
+// reports its best rate as both figures' stand-in (bf16_tflops; fp8 empty). Throws UsageError naming
+// the known names for anything else.
+Hardware lookup_hardware(const std::string& name);
+// The best measured fp32 matmul rate of this machine's CPU, in TFLOP/s (LibTorch mm, n^3, a few reps).
+double measure_cpu_tflops(int n = 1024, int reps = 3);
+
+}  // namespace moetrain::cost
