@@ -71,6 +71,7 @@ int run_cost(const std::vector<std::string>& argv) {
   if (args.has("json")) {
     nlohmann::json j = {{"flops_per_token", r.flops_per_token},
                         {"flops_per_token_causal", r.flops_per_token_causal},
+                        {"mtp_flops_per_token_causal", r.mtp_flops_per_token_causal},
                         {"total_flops", r.total_flops},
                         {"params_total", r.params_total},
                         {"params_active", r.params_active},
@@ -96,9 +97,9 @@ int run_cost(const std::vector<std::string>& argv) {
   row("shared experts", f.shared_experts);
   row("router", f.router);
   row("LM head", f.lm_head);
-  row("MTP (causal)", f.mtp_causal);
   row("total full", f.total);
   row("total causal", f.total_causal);
+  row("MTP apart (causal)", f.mtp_causal);
   row("6N (N active, no emb)", cost::six_n_flops_per_token(cfg.model));
   std::printf("tokens            %.4g\n", r.tokens);
   std::printf("total FLOPs       %.4g (causal)\n", r.total_flops);

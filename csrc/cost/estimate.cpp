@@ -16,6 +16,7 @@ RunEstimate estimate_run(const config::ModelConfig& model, int seq_len, double t
   const auto params = param_counts(model);
   r.flops_per_token = flops.total;
   r.flops_per_token_causal = flops.total_causal;
+  r.mtp_flops_per_token_causal = flops.mtp_causal;
   r.tokens = tokens;
   r.total_flops = tokens * flops.total_causal;
   r.params_total = params.total;

@@ -14,6 +14,7 @@ enum class Given { mfu, tokens_per_s_per_gpu, gpu_hours };
 struct RunEstimate {
   double flops_per_token = 0;         // training, full attention
   double flops_per_token_causal = 0;  // training, causal attention: what MFU is computed with
+  double mtp_flops_per_token_causal = 0;  // the MTP modules, apart (as DeepSeek's 250 GFLOPs leaves them)
   double tokens = 0;
   double total_flops = 0;             // tokens * flops_per_token_causal
   int64_t params_total = 0;           // main model (MTP apart)

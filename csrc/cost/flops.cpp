@@ -99,8 +99,8 @@ FlopsPerToken training_flops_per_token(const config::ModelConfig& m, int seq_len
   f.mtp = k * m.mtp_depth * mtp_module_forward(m, seq_len, /*causal=*/false);
   f.mtp_causal = k * m.mtp_depth * mtp_module_forward(m, seq_len, /*causal=*/true);
   const double common = f.attention_projections + f.dense_mlp + f.routed_experts + f.shared_experts + f.router + f.lm_head;
-  f.total = common + f.attention_scores + f.mtp;
-  f.total_causal = common + f.attention_scores_causal + f.mtp_causal;
+  f.total = common + f.attention_scores;
+  f.total_causal = common + f.attention_scores_causal;
   return f;
 }
 

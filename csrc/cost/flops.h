@@ -47,10 +47,10 @@ struct FlopsPerToken {
   double shared_experts = 0;
   double router = 0;
   double lm_head = 0;
-  double mtp = 0;         // all mtp_depth modules, attention full
+  double mtp = 0;         // all mtp_depth modules, attention full (apart from total, like their params)
   double mtp_causal = 0;  // ... attention causal
-  double total = 0;         // every part, full attention
-  double total_causal = 0;  // every part, causal attention
+  double total = 0;         // main model, full attention (DeepSeek's accounting leaves MTP out)
+  double total_causal = 0;  // main model, causal attention: what MFU is computed with
 };
 FlopsPerToken training_flops_per_token(const config::ModelConfig& m, int seq_len);
 
