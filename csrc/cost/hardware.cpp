@@ -21,9 +21,10 @@ const std::vector<Hardware>& gpu_table() {
       // NVIDIA H200 Tensor Core GPU datasheet, H200 SXM column (https://www.nvidia.com/en-us/data-center/h200/):
       // same GH100 compute as H100 SXM (BF16 1,979 / FP8 3,958 with sparsity).
       {"h200", 989.4, 1978.9, "NVIDIA H200 datasheet (SXM), dense = half the sparsity figure"},
-      // NVIDIA H800 SXM5 (export variant of H100 SXM; NVLink cut to 400 GB/s, tensor throughput unchanged,
-      // per NVIDIA's H800 product brief); DeepSeek-V3's report trains on it.
-      {"h800", 989.4, 1978.9, "NVIDIA H800 SXM5 product brief (H100 SXM compute), dense"},
+      // NVIDIA H800 SXM5, the export variant of H100 SXM: its NVLink was cut, not its tensor cores. No
+      // public H800 datasheet was found to cite; the H100 SXM figure is assumed, and DeepSeek's own
+      // numbers imply it (250 GFLOPs/token * 1,542 tokens/s / 38.94% MFU = 990 TFLOP/s).
+      {"h800", 989.4, 1978.9, "assumed equal to H100 SXM (no public H800 datasheet), dense"},
       // NVIDIA A100 Tensor Core GPU datasheet (https://www.nvidia.com/en-us/data-center/a100/): BF16 312
       // TFLOPS dense (624 with sparsity); no fp8 tensor cores.
       {"a100", 312.0, std::nullopt, "NVIDIA A100 datasheet (SXM), dense; no fp8"},
