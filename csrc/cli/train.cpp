@@ -29,6 +29,10 @@ int run_train(const std::vector<std::string>& argv) {
   else
     summary += " | " + std::to_string(ran) + " steps this run at " + format_count(result.tokens_per_s) + " tok/s";
   if (!result.losses.empty()) summary += " | final loss " + format_double(result.losses.back(), 4);
+  if (ran > 0)
+    summary += " | " + format_count(double(result.tokens)) + " tokens in " + format_duration(result.elapsed_s) + ", " +
+               format_double(result.gpu_hours, 3) + " device-hours, $" + format_double(result.cost_usd, 3) +
+               ", mean MFU " + format_double(100 * result.mean_mfu, 3) + "%";
   if (result.final_val_loss > 0) summary += " | val_loss " + format_double(result.final_val_loss, 4);
   if (!result.last_checkpoint.empty()) summary += " | checkpoint " + result.last_checkpoint;
   log_line(summary);

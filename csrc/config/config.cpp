@@ -222,7 +222,10 @@ const std::vector<KeyDesc>& keys() {
                    "Check when loading a checkpoint: full = sizes and sha256, size = sizes only.",
                    one_of({"full", "size"})),
 
-      MOETRAIN_KEY(cost.gpu, "Hardware name used for the MFU and cost estimates.", non_empty()),
+      MOETRAIN_KEY(cost.gpu,
+                   "Hardware whose dense bf16 peak the live MFU is measured against (h100, h200, h800, a100, "
+                   "b200; cpu = this CPU's fp32 matmul rate, measured at start).",
+                   one_of({"cpu", "h100", "h200", "h800", "a100", "b200"})),
       MOETRAIN_KEY(cost.price_per_gpu_hour, "Price of one GPU hour, for the cost estimate.", at_least(0)),
   };
   return table;

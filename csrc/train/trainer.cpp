@@ -13,6 +13,8 @@
 #include "common/errors.h"
 #include "common/files.h"
 #include "common/log.h"
+#include "cost/flops.h"
+#include "cost/hardware.h"
 #include "data/sampler.h"
 #include "dist/communicator.h"
 #include "optim/adamw.h"
@@ -253,6 +255,16 @@ TrainResult train(const config::Config& cfg, const TrainOptions& options) {
   std::ofstream metrics;
   if (comm->rank() == 0) metrics.open(files::join(out_dir, "metrics.jsonl"), std::ios::app);
 
+  // The cost meter: causal training FLOPs per token (csrc/cost, as `moetrain cost` counts them) over
+  // the peak of cost.gpu, summed over the ranks.
+  const double flops_per_token = cost::training_flops_per_token(cfg.model, cfg.data.seq_len).total_causal;
+  const cost::Hardware hardware = cost::lookup_hardware(cfg.cost.gpu);
+  const double peak_flops = hardware.bf16_tflops * 1e12 * comm->world_size();
+  log_line("cost meter: " + format_count(flops_per_token) + " FLOP per token (training, causal) | peak " +
+           format_double(hardware.bf16_tflops, 4) + " TFLOP/s per device (" + hardware.name + ") | $" +
+           format_double(cfg.cost.price_per_gpu_hour, 4) + " per device-hour");
+  auto gpu_hours_at = [&](double elapsed_s) { return elapsed_s * comm->world_size() / 3600.0; };
+
   const int64_t total_steps = cfg.train.steps;
   const int64_t decay_steps = cfg.optim.decay_steps > 0 ? cfg.optim.decay_steps : total_steps;
   const int64_t tokens_per_step =
@@ -320,11 +332,16 @@ TrainResult train(const config::Config& cfg, const TrainOptions& options) {
       rec["tokens"] = progress.tokens;
       rec["tokens_per_s"] = tok_s;
       rec["elapsed_s"] = progress.elapsed_s;
+      rec["mfu"] = tok_s * flops_per_token / peak_flops;
+      rec["gpu_hours"] = gpu_hours_at(progress.elapsed_s);
+      rec["cost_usd"] = gpu_hours_at(progress.elapsed_s) * cfg.cost.price_per_gpu_hour;
       if (val_loss >= 0) rec["val_loss"] = val_loss;
       moe_telemetry.write(rec);
       metrics << rec.dump() << "\n" << std::flush;
       std::string line = progress_line(progress.step, total_steps, loss, lr, grad_norm, tok_s,
                                         step_time_ema * double(total_steps - progress.step));
+      line += " | mfu " + format_double(100 * rec["mfu"].get<double>(), 3) + "% | $" +
+              format_double(rec["cost_usd"].get<double>(), 3);
       if (rec.contains("load_max_over_mean"))
         line += " | load max/mean " + format_double(rec["load_max_over_mean"].get<double>(), 3);
       if (val_loss >= 0) line += " | val_loss " + format_double(val_loss, 4);
@@ -349,6 +366,11 @@ TrainResult train(const config::Config& cfg, const TrainOptions& options) {
   const double ran_s = now_s() - run_start;
   const int64_t ran_steps = progress.step - result.first_step;
   result.tokens_per_s = ran_s > 0 ? double(ran_steps * tokens_per_step) / ran_s : 0;
+  result.tokens = progress.tokens;
+  result.elapsed_s = progress.elapsed_s;
+  result.gpu_hours = gpu_hours_at(progress.elapsed_s);
+  result.cost_usd = result.gpu_hours * cfg.cost.price_per_gpu_hour;
+  result.mean_mfu = result.tokens_per_s * flops_per_token / peak_flops;
   return result;
 }
 

@@ -22,6 +22,12 @@ struct TrainResult {
   double tokens_per_s = 0;           // mean over the steps this process ran
   bool interrupted = false;          // stopped early by SIGTERM/SIGINT after saving
   std::string last_checkpoint;
+  // The cost meter, for the whole run so far (a resumed run includes the time before it).
+  int64_t tokens = 0;
+  double elapsed_s = 0;
+  double gpu_hours = 0;              // elapsed_s * world size / 3600
+  double cost_usd = 0;               // gpu_hours * cost.price_per_gpu_hour
+  double mean_mfu = 0;               // over the steps this process ran: causal FLOPs / (peak * world)
 };
 
 TrainResult train(const config::Config& cfg, const TrainOptions& options);

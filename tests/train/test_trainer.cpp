@@ -44,7 +44,8 @@ CATCH_TEST_CASE("Resumed training equals uninterrupted training bit for bit", "[
   while (std::getline(metrics, line)) {
     auto j = nlohmann::json::parse(line);
     CATCH_CHECK(j["step"].get<int64_t>() == expect++);
-    for (const char* key : {"loss", "lr", "grad_norm", "tokens", "tokens_per_s", "aux_loss", "elapsed_s"})
+    for (const char* key : {"loss", "lr", "grad_norm", "tokens", "tokens_per_s", "aux_loss", "elapsed_s", "mfu",
+                            "gpu_hours", "cost_usd"})
       CATCH_CHECK(j.contains(key));
   }
   CATCH_CHECK(expect == 7);
