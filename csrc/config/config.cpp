@@ -105,6 +105,11 @@ const std::vector<KeyDesc>& keys() {
                    "Attention: gqa (grouped-query, model.n_kv_heads) or mla (DeepSeek's multi-head latent "
                    "attention, model.mla.*). mla is read by `moetrain cost` only; training refuses it for now.",
                    one_of({"gqa", "mla"})),
+      MOETRAIN_KEY(model.qkv_bias, "The q, k and v projections have biases (Qwen2-MoE).", any()),
+      MOETRAIN_KEY(model.qk_norm,
+                   "RMSNorm on queries and keys before RoPE: none; head = over each head's dimensions "
+                   "(Qwen3-MoE); full = over the whole q and k projections (OLMoE).",
+                   one_of({"none", "head", "full"})),
       MOETRAIN_KEY(model.max_seq_len, "Longest context: the length of the RoPE table.", at_least(1)),
       MOETRAIN_KEY(model.dense_layers,
                    "The first dense_layers blocks use a dense SwiGLU MLP, the rest MoE; at most model.n_layers.",
@@ -119,6 +124,11 @@ const std::vector<KeyDesc>& keys() {
                    "with its own block and projection, sharing the embedding and LM head; 0 = off. Read by "
                    "`moetrain cost` only; training refuses > 0 for now.",
                    at_least(0)),
+      MOETRAIN_KEY(model.init_from,
+                   "Initial weights: \"\" = the seeded random init; hf:DIR = a Hugging Face folder (config.json "
+                   "and safetensors of Mixtral, Qwen2-MoE, Qwen3-MoE or OLMoE), whose config.json then sets the "
+                   "architecture keys of model.* (training keys such as the balancing coefficients stay).",
+                   any()),
 
       MOETRAIN_KEY(model.mla.q_lora_rank,
                    "MLA: rank of the query down-projection (wq_a, then a norm and wq_b); 0 = one full-rank wq.",
@@ -141,6 +151,10 @@ const std::vector<KeyDesc>& keys() {
                    at_least(0)),
       MOETRAIN_KEY(model.moe.shared_hidden,
                    "Hidden size of each shared expert; 0 = model.moe.expert_hidden.", at_least(0)),
+      MOETRAIN_KEY(model.moe.shared_gate,
+                   "Scale the shared experts' output per token by sigmoid(x . w_gate), a learned (d_model) vector "
+                   "(Qwen2-MoE).",
+                   any()),
       MOETRAIN_KEY(model.moe.capacity_factor,
                    "null = dropless (every routed copy is computed); a number sets each expert's capacity to "
                    "ceil(capacity_factor * tokens * top_k / n_experts) per layer call. Overflow drops the copies "
@@ -616,6 +630,8 @@ void validate(const Config& cfg) {
   if (m.mla.qk_rope_head_dim % 2 != 0)
     throw ConfigError(kv("model.mla.qk_rope_head_dim", m.mla.qk_rope_head_dim) +
                       " must be even (RoPE rotates pairs of dimensions)");
+  if (!m.init_from.empty() && m.init_from.rfind("hf:", 0) != 0)
+    throw ConfigError("model.init_from = \"" + m.init_from + "\" must be \"\" or hf:DIR (a Hugging Face folder)");
   if (m.dense_layers > m.n_layers)
     throw ConfigError(kv("model.dense_layers", m.dense_layers) + " must be in [0, " +
                       kv("model.n_layers", m.n_layers) + "]");

@@ -35,6 +35,7 @@ struct MoEConfig {
   int expert_hidden = 512;      // SwiGLU hidden size of each routed expert
   int n_shared_experts = 1;     // always-on experts, summed with the routed output
   int shared_hidden = 0;        // hidden size of each shared expert; 0 = expert_hidden
+  bool shared_gate = false;     // scale the shared experts' output by sigmoid(x . w_gate) (Qwen2-MoE)
   std::optional<double> capacity_factor;  // null = dropless; else capacity ceil(cf * T * K / E)
   double aux_loss_coef = 0.01;      // switch/GShard load-balancing loss over the batch
   double seq_aux_loss_coef = 0.0;   // DeepSeek-V3 sequence-wise balance loss
@@ -61,6 +62,8 @@ struct ModelConfig {
   int n_kv_heads = 4;           // grouped-query attention; must divide n_heads
   int head_dim = 0;             // 0 = d_model / n_heads
   std::string attention = "gqa"; // gqa | mla (mla: cost estimates only, not trainable yet)
+  bool qkv_bias = false;        // biases on the q, k and v projections (Qwen2-MoE)
+  std::string qk_norm = "none"; // none | head (RMSNorm per head, Qwen3-MoE) | full (whole projection, OLMoE)
   int max_seq_len = 256;        // RoPE table length; longest context
   int dense_layers = 1;         // the first dense_layers blocks use a dense SwiGLU MLP, the rest MoE
   int dense_hidden = 1024;      // hidden size of the dense MLP
@@ -69,6 +72,7 @@ struct ModelConfig {
   bool tie_embeddings = true;   // LM head shares the token embedding matrix
   double init_std = 0.02;
   int mtp_depth = 0;            // multi-token prediction modules (DeepSeek-V3); cost estimates only
+  std::string init_from;        // "" = seeded init; hf:DIR = weights (and architecture) of a Hugging Face folder
   MLAConfig mla;
   MoEConfig moe;
 };

@@ -44,9 +44,14 @@ class AttentionImpl : public torch::nn::Module {
   torch::Tensor wk;  // (D, G*Hd)
   torch::Tensor wv;  // (D, G*Hd)
   torch::Tensor wo;  // (H*Hd, D)
+  torch::Tensor q_bias, k_bias, v_bias;  // (H*Hd), (G*Hd), (G*Hd); defined with model.qkv_bias
+  // model.qk_norm: "head" normalizes each head over Hd (weights (Hd)); "full" the whole projection
+  // (weights (H*Hd) and (G*Hd)); both before RoPE. Null with "none".
+  RMSNorm q_norm{nullptr}, k_norm{nullptr};
 
  private:
   int n_heads_, n_kv_heads_, head_dim_;
+  std::string qk_norm_;
 };
 TORCH_MODULE(Attention);
 

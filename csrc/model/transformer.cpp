@@ -9,9 +9,16 @@ BlockImpl::BlockImpl(const config::ModelConfig& cfg, bool is_moe) {
   attn_norm = register_module("attn_norm", RMSNorm(cfg.d_model, cfg.norm_eps));
   attn = register_module("attn", Attention(cfg));
   ffn_norm = register_module("ffn_norm", RMSNorm(cfg.d_model, cfg.norm_eps));
-  if (is_moe)
+  if (is_moe && cfg.moe.shared_gate && cfg.moe.n_shared_experts > 0) {
+    auto routed_only = cfg.moe;
+    routed_only.n_shared_experts = 0;
+    moe = register_module("moe", moe::MoE(routed_only, cfg.d_model));
+    gated_shared = moe->register_module(
+        "shared", moe::SwiGLU(cfg.d_model, cfg.moe.n_shared_experts * config::shared_hidden(cfg.moe)));
+    shared_gate = moe->register_parameter("shared_gate", torch::empty({cfg.d_model}));
+  } else if (is_moe) {
     moe = register_module("moe", moe::MoE(cfg.moe, cfg.d_model));
-  else
+  } else
     mlp = register_module("mlp", moe::SwiGLU(cfg.d_model, cfg.dense_hidden));
 }
 
@@ -21,7 +28,13 @@ BlockOutput BlockImpl::forward(const torch::Tensor& x_BSD, const Rope& rope, Com
   if (!moe) return {x + mlp->forward(h, compute_dtype).to(x.scalar_type()), std::nullopt};
   const auto B = h.size(0), S = h.size(1), D = h.size(2);
   auto out = moe->forward(h.reshape({B * S, D}), S, compute_dtype);
-  auto y = out.out_TD.view({B, S, D}).to(x.scalar_type());
+  auto y_TD = out.out_TD;
+  if (gated_shared) {
+    auto h_TD = cast(h.reshape({B * S, D}), compute_dtype);
+    auto gate_T1 = torch::sigmoid(torch::matmul(h_TD, cast(shared_gate, compute_dtype)).unsqueeze(1));
+    y_TD = y_TD + gate_T1 * gated_shared->forward(h_TD, compute_dtype);
+  }
+  auto y = y_TD.view({B, S, D}).to(x.scalar_type());
   return {x + y, std::move(out)};
 }
 
@@ -82,6 +95,12 @@ bool ends_with(const std::string& s, const std::string& suffix) {
 }
 }  // namespace
 
+namespace {
+PretrainedLoader pretrained_loader = nullptr;
+}  // namespace
+
+void set_pretrained_loader(PretrainedLoader loader) { pretrained_loader = loader; }
+
 bool is_no_decay(const std::string& name) {
   return name.find("norm") != std::string::npos || ends_with(name, "bias") || name == "embed";
 }
@@ -96,6 +115,8 @@ void TransformerImpl::init_weights(uint64_t seed) {
     torch::Tensor value;
     if (name.find("norm") != std::string::npos) {
       value = torch::ones(w.sizes(), torch::kFloat);
+    } else if (ends_with(name, "_bias")) {  // attention biases start at zero
+      value = torch::zeros(w.sizes(), torch::kFloat);
     } else {
       const bool is_out = ends_with(name, ".wo") || ends_with(name, ".w2");
       const double std = is_out ? out_std : cfg_.init_std;
@@ -109,6 +130,11 @@ void TransformerImpl::init_weights(uint64_t seed) {
       }
     }
     w.copy_(value);
+  }
+  if (!cfg_.init_from.empty()) {
+    if (!pretrained_loader)
+      throw ConfigError("model.init_from = \"" + cfg_.init_from + "\" needs the Hugging Face reader, which this program did not install");
+    pretrained_loader(*this, cfg_.init_from);
   }
 }
 

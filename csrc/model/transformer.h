@@ -26,6 +26,10 @@ class BlockImpl : public torch::nn::Module {
   Attention attn{nullptr};
   moe::SwiGLU mlp{nullptr};  // dense blocks
   moe::MoE moe{nullptr};     // MoE blocks
+  // model.moe.shared_gate (Qwen2-MoE): the block runs the shared experts itself, scaled per token by
+  // sigmoid(h . shared_gate); both are registered under `moe` so names match the ungated layout.
+  moe::SwiGLU gated_shared{nullptr};
+  torch::Tensor shared_gate;  // (D)
 };
 TORCH_MODULE(Block);
 
@@ -47,7 +51,8 @@ class TransformerImpl : public torch::nn::Module {
   ForwardOutput forward(const torch::Tensor& tokens_BS) const;
 
   // Initial weights as a function of (seed, parameter name, global expert id) only, generated on the
-  // CPU in fp32: the same start on any device and any later parallel layout.
+  // CPU in fp32: the same start on any device and any later parallel layout. With model.init_from set,
+  // the pretrained weights then replace them (see set_pretrained_loader).
   void init_weights(uint64_t seed);
   // Aux-loss-free balancing after an optimizer step: load_LE[i] is MoE layer i's tokens_per_expert
   // summed over the step's micro-batches.
@@ -70,6 +75,11 @@ class TransformerImpl : public torch::nn::Module {
   ComputeDtype compute_dtype_;
 };
 TORCH_MODULE(Transformer);
+
+// model.init_from: the reader of pretrained weights sits above the model (csrc/hf), so it installs
+// itself here; init_weights() calls it after the seeded init whenever init_from is set.
+using PretrainedLoader = void (*)(TransformerImpl& model, const std::string& init_from);
+void set_pretrained_loader(PretrainedLoader loader);
 
 // Parameters excluded from weight decay: norms, biases and embeddings.
 bool is_no_decay(const std::string& param_name);
