@@ -49,8 +49,10 @@ std::string step_dir_name(int64_t step) {
   return buf;
 }
 
-std::string save_checkpoint(const std::string& out_dir, const model::TransformerImpl& model,
-                            const optim::AdamW& optimizer, const std::string& config_yaml, const Progress& progress) {
+namespace {
+
+std::string save(const std::string& out_dir, const model::TransformerImpl& model, const optim::AdamW* optimizer,
+                 const std::string& config_yaml, const Progress& progress) {
   const std::string ckpt_root = files::join(out_dir, "ckpt");
   const std::string name = step_dir_name(progress.step);
   const std::string final_dir = files::join(ckpt_root, name);
@@ -64,18 +66,20 @@ std::string save_checkpoint(const std::string& out_dir, const model::Transformer
   for (const auto& b : model.named_buffers()) weights.emplace_back(b.key(), b.value().detach());
   save_safetensors(files::join(tmp_dir, kModelFile), weights, {{"format", "moetrain"}});
 
-  TensorMap optim_state;
-  for (const auto& s : optimizer.states()) {
-    optim_state.emplace_back(s.name + ".exp_avg", s.exp_avg);
-    optim_state.emplace_back(s.name + ".exp_avg_sq", s.exp_avg_sq);
+  if (optimizer) {
+    TensorMap optim_state;
+    for (const auto& s : optimizer->states()) {
+      optim_state.emplace_back(s.name + ".exp_avg", s.exp_avg);
+      optim_state.emplace_back(s.name + ".exp_avg_sq", s.exp_avg_sq);
+    }
+    {
+      at::Generator generator = at::detail::getDefaultCPUGenerator();
+      std::lock_guard<std::mutex> lock(generator.mutex());
+      optim_state.emplace_back("rng.cpu", generator.get_state());
+    }
+    save_safetensors(files::join(tmp_dir, kOptimFile), optim_state,
+                     {{"format", "moetrain"}, {"step_count", std::to_string(optimizer->step_count())}});
   }
-  {
-    at::Generator generator = at::detail::getDefaultCPUGenerator();
-    std::lock_guard<std::mutex> lock(generator.mutex());
-    optim_state.emplace_back("rng.cpu", generator.get_state());
-  }
-  save_safetensors(files::join(tmp_dir, kOptimFile), optim_state,
-                   {{"format", "moetrain"}, {"step_count", std::to_string(optimizer.step_count())}});
 
   json manifest;
   manifest["format"] = "moetrain-checkpoint";
@@ -86,6 +90,7 @@ std::string save_checkpoint(const std::string& out_dir, const model::Transformer
   manifest["config"] = config_yaml;
   manifest["files"] = json::array();
   for (const char* file : {kModelFile, kOptimFile}) {
+    if (!optimizer && file == std::string(kOptimFile)) continue;
     const std::string path = files::join(tmp_dir, file);
     manifest["files"].push_back({{"name", file}, {"size", *files::file_size(path)}, {"sha256", sha256_file(path)}});
   }
@@ -98,6 +103,18 @@ std::string save_checkpoint(const std::string& out_dir, const model::Transformer
   files::fsync_path(ckpt_root, true);
   files::write_file_atomic(files::join(ckpt_root, "latest"), name + "\n");
   return final_dir;
+}
+
+}  // namespace
+
+std::string save_checkpoint(const std::string& out_dir, const model::TransformerImpl& model,
+                            const optim::AdamW& optimizer, const std::string& config_yaml, const Progress& progress) {
+  return save(out_dir, model, &optimizer, config_yaml, progress);
+}
+
+std::string save_weights_checkpoint(const std::string& out_dir, const model::TransformerImpl& model,
+                                    const std::string& config_yaml, const Progress& progress) {
+  return save(out_dir, model, nullptr, config_yaml, progress);
 }
 
 std::optional<std::string> find_checkpoint(const std::string& path) {
@@ -171,6 +188,7 @@ void load_model(const std::string& step_dir, model::TransformerImpl& model) {
 
 void load_optimizer(const std::string& step_dir, optim::AdamW& optimizer) {
   torch::NoGradGuard no_grad;
+  if (!files::exists(files::join(step_dir, kOptimFile))) return;  // weights only (moetrain convert)
   SafetensorsFile file(files::join(step_dir, kOptimFile));
   for (auto& s : optimizer.states()) {
     s.exp_avg.copy_(read_matching(file, s.name + ".exp_avg", s.exp_avg));

@@ -36,6 +36,10 @@ struct Manifest {
 std::string save_checkpoint(const std::string& out_dir, const model::TransformerImpl& model,
                             const optim::AdamW& optimizer, const std::string& config_yaml, const Progress& progress);
 
+// The same without optimizer state (moetrain convert): a resume from it starts AdamW fresh.
+std::string save_weights_checkpoint(const std::string& out_dir, const model::TransformerImpl& model,
+                                    const std::string& config_yaml, const Progress& progress);
+
 // A user's path to a checkpoint: a run folder, its ckpt/ folder, or a step folder. Returns the step
 // folder, or nullopt if the path holds no checkpoint yet (no `latest`).
 std::optional<std::string> find_checkpoint(const std::string& path);
@@ -47,6 +51,8 @@ Manifest open_checkpoint(const std::string& step_dir, const std::string& verify 
 // Loads weights into `model`, requiring exactly its parameter names, shapes and dtypes.
 void load_model(const std::string& step_dir, model::TransformerImpl& model);
 // Loads moments, step count and the CPU RNG state into `optimizer` built over the same parameters.
+// A weights-only checkpoint (no optim.safetensors; open_checkpoint has checked the manifest's files)
+// leaves the optimizer as it is.
 void load_optimizer(const std::string& step_dir, optim::AdamW& optimizer);
 
 // Deletes step folders beyond the newest keep_last (0 keeps all); never the one `latest` names.

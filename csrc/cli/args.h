@@ -47,5 +47,7 @@ int run_prepare_data(const std::vector<std::string>& argv);
 int run_config(const std::vector<std::string>& argv);
 int run_bench_moe(const std::vector<std::string>& argv);
 int run_cost(const std::vector<std::string>& argv);
+int run_convert(const std::vector<std::string>& argv);
+int run_eval(const std::vector<std::string>& argv);
 
 }  // namespace moetrain::cli

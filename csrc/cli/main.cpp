@@ -9,6 +9,7 @@
 
 #include "cli/args.h"
 #include "common/errors.h"
+#include "hf/hf.h"
 
 namespace {
 
@@ -20,7 +21,9 @@ struct Subcommand {
 
 const Subcommand kSubcommands[] = {
     {"train", "train a model from a YAML config (checkpoints, metrics, resume)", moetrain::cli::run_train},
-    {"generate", "sample text from a checkpoint", moetrain::cli::run_generate},
+    {"generate", "sample text (or token ids) from a checkpoint or a Hugging Face folder", moetrain::cli::run_generate},
+    {"eval", "mean next-token loss and perplexity of a checkpoint over a token shard", moetrain::cli::run_eval},
+    {"convert", "convert between our checkpoints and Hugging Face folders (hf:DIR)", moetrain::cli::run_convert},
     {"prepare-data", "turn text files into token shards (train.bin, val.bin)", moetrain::cli::run_prepare_data},
     {"config", "print a resolved config, or the reference of every key", moetrain::cli::run_config},
     {"cost", "estimate a training run's FLOPs, GPU-hours, days and price from a config", moetrain::cli::run_cost},
@@ -48,6 +51,7 @@ int main(int argc, char** argv) {
   }
   const std::string name = argv[1];
   std::vector<std::string> args(argv + 2, argv + argc);
+  moetrain::hf::install_init_from();  // model.init_from: hf:DIR
   for (const auto& s : kSubcommands) {
     if (name != s.name) continue;
     try {

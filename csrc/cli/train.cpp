@@ -3,6 +3,7 @@
 
 #include "cli/args.h"
 #include "common/log.h"
+#include "hf/hf.h"
 #include "train/trainer.h"
 
 namespace moetrain::cli {
@@ -19,7 +20,8 @@ int run_train(const std::vector<std::string>& argv) {
     std::fputs(usage(command).c_str(), stdout);
     return 0;
   }
-  const auto cfg = config::load_config(args.require("config"), args.all("set"));
+  // With model.init_from: hf:DIR, the architecture comes from DIR/config.json.
+  const auto cfg = hf::resolve_init_from(config::load_config(args.require("config"), args.all("set")));
   const auto result = train::train(cfg, {args.get("resume")});
   const int64_t ran = result.last_step - result.first_step;
   std::string summary = "done: step " + std::to_string(result.last_step) + "/" + std::to_string(cfg.train.steps) +

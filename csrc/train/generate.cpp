@@ -5,11 +5,23 @@
 #include <ATen/CPUGeneratorImpl.h>
 
 #include "common/errors.h"
+#include "hf/hf.h"
 #include "train/trainer.h"
 
 namespace moetrain::train {
 
 LoadedModel load_for_inference(const std::string& path, const std::string& verify) {
+  if (hf::is_hf_path(path)) {  // a Hugging Face folder: its config.json, its weights, fp32 on the CPU
+    LoadedModel loaded;
+    loaded.step_dir = hf::hf_dir(path);
+    auto hf_model = hf::load(loaded.step_dir);
+    hf::apply_architecture(hf_model.hf.model, loaded.cfg.model);
+    loaded.cfg.data.seq_len = std::min(loaded.cfg.data.seq_len, loaded.cfg.model.max_seq_len);
+    config::validate(loaded.cfg);
+    configure_threads(loaded.cfg.run);
+    loaded.model = hf_model.model;
+    return loaded;
+  }
   auto step_dir = ckpt::find_checkpoint(path);
   if (!step_dir) throw CheckpointError("'" + path + "' holds no checkpoint yet");
   LoadedModel loaded;

@@ -25,7 +25,8 @@ struct LoadedModel {
   model::Transformer model{nullptr};
 };
 
-// `path`: a run folder, its ckpt/ folder or a step folder. Verifies the files before loading.
+// `path`: a run folder, its ckpt/ folder or a step folder (verifies the files before loading), or
+// hf:DIR, a Hugging Face folder (step_dir is then DIR and the manifest empty).
 LoadedModel load_for_inference(const std::string& path, const std::string& verify = "full");
 
 // Returns the prompt followed by up to max_new_tokens sampled tokens.

@@ -1,0 +1,81 @@
+// `moetrain eval`: mean next-token loss and perplexity of a checkpoint (ours or hf:DIR) over a whole
+// token shard, in windows of --seq-len tokens, so that a checkpoint can be compared before and after
+// fine-tuning.
+#include <cmath>
+#include <cstdio>
+
+#include <nlohmann/json.hpp>
+
+#include "cli/args.h"
+#include "common/errors.h"
+#include "common/files.h"
+#include "common/log.h"
+#include "data/shard.h"
+#include "train/generate.h"
+
+namespace moetrain::cli {
+
+int run_eval(const std::vector<std::string>& argv) {
+  const Command command{
+      "eval",
+      "Mean next-token loss (nats per token) and perplexity of a checkpoint over a token shard.",
+      {{"checkpoint", "DIR", "run folder, ckpt/ folder, step folder, or hf:DIR (a Hugging Face folder)"},
+       {"data", "SHARDS", "a folder holding val.bin (moetrain prepare-data), or a .bin shard"},
+       {"seq-len", "N", "tokens per window (default: the checkpoint's data.seq_len)"},
+       {"batch-size", "B", "windows per forward pass (default 8)"},
+       {"json", "", "print one JSON object instead of a line"}}};
+  Args args(command, argv);
+  if (args.help()) {
+    std::fputs(usage(command).c_str(), stdout);
+    return 0;
+  }
+  std::string shard_path = args.require("data");
+  if (files::is_directory(shard_path)) shard_path = files::join(shard_path, "val.bin");
+  const data::Shard shard(shard_path);
+  auto loaded = train::load_for_inference(args.require("checkpoint"));
+  const auto& model_cfg = loaded.cfg.model;
+  const int seq_len = args.get_int("seq-len", loaded.cfg.data.seq_len);
+  const int batch_size = args.get_int("batch-size", 8);
+  if (seq_len < 1 || seq_len > model_cfg.max_seq_len)
+    throw UsageError("--seq-len " + std::to_string(seq_len) + " must be in [1, " + std::to_string(model_cfg.max_seq_len) +
+                     "] (the model's context)");
+  if (batch_size < 1) throw UsageError("--batch-size must be >= 1");
+  if (shard.vocab_size() > uint64_t(model_cfg.vocab_size))
+    throw DataError(shard_path + " holds tokens of a " + std::to_string(shard.vocab_size()) +
+                    "-token vocabulary, but the model has " + std::to_string(model_cfg.vocab_size));
+  if (shard.size() < 2) throw DataError(shard_path + " has fewer than 2 tokens: nothing to predict");
+
+  // Windows [s*L, s*L + L + 1) cover every next-token prediction once; the last may be shorter.
+  torch::NoGradGuard no_grad;
+  const auto device = loaded.model->embed.device();
+  const uint64_t predictions = shard.size() - 1;
+  const uint64_t n_windows = (predictions + seq_len - 1) / seq_len;
+  double total = 0;
+  for (uint64_t w = 0; w < n_windows;) {
+    const uint64_t begin = w * uint64_t(seq_len);
+    const int64_t len = int64_t(std::min<uint64_t>(seq_len, predictions - begin));
+    // Full windows go in batches; a short last window goes alone.
+    const uint64_t n = len == seq_len ? std::min<uint64_t>(batch_size, predictions / seq_len - w) : 1;
+    auto window = torch::empty({int64_t(n), len + 1}, torch::kLong);
+    for (uint64_t b = 0; b < n; ++b) shard.read(begin + b * seq_len, uint64_t(len) + 1, window[int64_t(b)].data_ptr<int64_t>());
+    auto inputs = window.narrow(1, 0, len).to(device), targets = window.narrow(1, 1, len).to(device);
+    auto logits = loaded.model->forward(inputs).logits_BSV;
+    total += torch::cross_entropy_loss(logits.reshape({-1, logits.size(-1)}), targets.reshape(-1),
+                                       /*weight=*/{}, at::Reduction::Sum)
+                 .item<double>();
+    w += n;
+  }
+  const double loss = total / double(predictions);
+  if (args.has("json")) {
+    nlohmann::json j = {{"loss", loss}, {"perplexity", std::exp(loss)}, {"tokens", predictions},
+                        {"seq_len", seq_len}, {"data", shard_path}};
+    std::printf("%s\n", j.dump().c_str());
+  } else {
+    std::printf("loss %s | perplexity %s | %llu predicted tokens in windows of %d | %s\n",
+                format_double(loss, 5).c_str(), format_double(std::exp(loss), 5).c_str(),
+                static_cast<unsigned long long>(predictions), seq_len, shard_path.c_str());
+  }
+  return 0;
+}
+
+}  // namespace moetrain::cli

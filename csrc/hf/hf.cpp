@@ -1,0 +1,612 @@
+// Hugging Face import and export. One name map per family, built from the model config, drives both
+// directions: each entry pairs one of our parameters (or one expert's slice of it) with one HF tensor
+// and says how the layouts differ (HF Linear weights are (out, in); ours are (in, out)).
+#include "hf/hf.h"
+
+#include <algorithm>
+#include <map>
+#include <memory>
+#include <nlohmann/json.hpp>
+#include <optional>
+#include <set>
+
+#include "ckpt/safetensors.h"
+#include "common/files.h"
+
+namespace moetrain::hf {
+
+using Json = nlohmann::ordered_json;
+
+namespace {
+
+constexpr const char* kConfigFile = "config.json";
+constexpr const char* kIndexFile = "model.safetensors.index.json";
+constexpr const char* kSingleFile = "model.safetensors";
+
+struct FamilyInfo {
+  Family family;
+  const char* model_type;
+  const char* architecture;
+};
+constexpr FamilyInfo kFamilies[] = {
+    {Family::Mixtral, "mixtral", "MixtralForCausalLM"},
+    {Family::Qwen2Moe, "qwen2_moe", "Qwen2MoeForCausalLM"},
+    {Family::Qwen3Moe, "qwen3_moe", "Qwen3MoeForCausalLM"},
+    {Family::Olmoe, "olmoe", "OlmoeForCausalLM"},
+};
+const FamilyInfo& info_of(Family f) {
+  for (const auto& i : kFamilies)
+    if (i.family == f) return i;
+  throw HfError("unknown family");
+}
+
+std::string shape_text(at::IntArrayRef shape) {
+  std::ostringstream s;
+  s << shape;
+  return s.str();
+}
+
+// ---------------------------------------------------------------------------------------------
+// config.json fields, each read with an error that names the file and the field.
+
+struct ConfigReader {
+  std::string path;
+  Json json;
+
+  const Json* find(const std::string& field) const {
+    auto it = json.find(field);
+    return it == json.end() || it->is_null() ? nullptr : &*it;
+  }
+  [[noreturn]] void fail(const std::string& field, const std::string& what) const {
+    throw HfError(path + ": field '" + field + "' " + what);
+  }
+  int64_t integer(const std::string& field, std::optional<int64_t> fallback = std::nullopt) const {
+    const Json* v = find(field);
+    if (!v) {
+      if (fallback) return *fallback;
+      fail(field, "is missing");
+    }
+    if (!v->is_number_integer()) fail(field, "= " + v->dump() + " must be an integer");
+    return v->get<int64_t>();
+  }
+  int positive_int(const std::string& field, std::optional<int64_t> fallback = std::nullopt) const {
+    const int64_t v = integer(field, fallback);
+    if (v < 1 || v > INT32_MAX) fail(field, "= " + std::to_string(v) + " must be a positive integer");
+    return int(v);
+  }
+  double number(const std::string& field, std::optional<double> fallback = std::nullopt) const {
+    const Json* v = find(field);
+    if (!v) {
+      if (fallback) return *fallback;
+      fail(field, "is missing");
+    }
+    if (!v->is_number()) fail(field, "= " + v->dump() + " must be a number");
+    return v->get<double>();
+  }
+  bool boolean(const std::string& field, bool fallback) const {
+    const Json* v = find(field);
+    if (!v) return fallback;
+    if (!v->is_boolean()) fail(field, "= " + v->dump() + " must be true or false");
+    return v->get<bool>();
+  }
+  void require_equal(const std::string& field, const Json& expected, const Json& fallback, const std::string& why) const {
+    const Json* v = find(field);
+    const Json& actual = v ? *v : fallback;
+    if (actual != expected) fail(field, "= " + actual.dump() + " is not supported (" + why + ")");
+  }
+};
+
+// Dense layers of the Qwen families: mlp_only_layers must be the first k layers, every other layer MoE.
+int qwen_dense_layers(const ConfigReader& r, int n_layers) {
+  if (r.integer("decoder_sparse_step", 1) != 1)
+    r.fail("decoder_sparse_step", "= " + std::to_string(r.integer("decoder_sparse_step")) +
+                                      " is not supported (every layer after the dense ones must be MoE: 1)");
+  const Json* only = r.find("mlp_only_layers");
+  if (!only) return 0;
+  if (!only->is_array()) r.fail("mlp_only_layers", "must be a list of layer indices");
+  std::vector<int64_t> layers;
+  for (const auto& v : *only) {
+    if (!v.is_number_integer()) r.fail("mlp_only_layers", "must be a list of layer indices");
+    layers.push_back(v.get<int64_t>());
+  }
+  std::sort(layers.begin(), layers.end());
+  for (size_t i = 0; i < layers.size(); ++i)
+    if (layers[i] != int64_t(i) || layers[i] >= n_layers)
+      r.fail("mlp_only_layers", "= " + only->dump() + " is not supported (the dense layers must be the first ones: [0, 1, ...])");
+  return int(layers.size());
+}
+
+}  // namespace
+
+std::string family_name(Family family) { return info_of(family).model_type; }
+
+Family family_from_name(const std::string& name) {
+  std::string names;
+  for (const auto& i : kFamilies) {
+    if (name == i.model_type || name == i.architecture) return i.family;
+    names += std::string(names.empty() ? "" : ", ") + i.model_type;
+  }
+  throw HfError("unknown model family '" + name + "' (supported: " + names + ")");
+}
+
+bool is_hf_path(const std::string& path) { return path.rfind("hf:", 0) == 0; }
+std::string hf_dir(const std::string& path) { return is_hf_path(path) ? path.substr(3) : path; }
+
+HfConfig read_config(const std::string& dir) {
+  ConfigReader r;
+  r.path = files::join(dir, kConfigFile);
+  if (!files::exists(r.path)) throw HfError(r.path + " is missing: not a Hugging Face model folder");
+  try {
+    r.json = Json::parse(files::read_file(r.path));
+  } catch (const Json::exception& e) {
+    throw HfError(r.path + ": not valid JSON (" + e.what() + ")");
+  }
+  if (!r.json.is_object()) throw HfError(r.path + ": not a JSON object");
+
+  // The family: architectures[0], else model_type.
+  std::optional<Family> family;
+  std::string supported;
+  for (const auto& i : kFamilies) supported += std::string(supported.empty() ? "" : ", ") + i.architecture;
+  if (const Json* archs = r.find("architectures")) {
+    if (!archs->is_array() || archs->empty() || !(*archs)[0].is_string())
+      r.fail("architectures", "must be a non-empty list of names");
+    const auto arch = (*archs)[0].get<std::string>();
+    for (const auto& i : kFamilies)
+      if (arch == i.architecture) family = i.family;
+    if (!family) r.fail("architectures", "= [\"" + arch + "\"]: architecture not supported (supported: " + supported + ")");
+  } else if (const Json* type = r.find("model_type")) {
+    const auto name = type->is_string() ? type->get<std::string>() : type->dump();
+    for (const auto& i : kFamilies)
+      if (name == i.model_type) family = i.family;
+    if (!family) r.fail("model_type", "= \"" + name + "\": model type not supported (supported: " + supported + ")");
+  } else {
+    r.fail("architectures", "is missing (and so is model_type)");
+  }
+
+  HfConfig out;
+  out.family = *family;
+  config::ModelConfig& m = out.model;
+  m.vocab_size = r.positive_int("vocab_size");
+  m.d_model = r.positive_int("hidden_size");
+  m.n_layers = r.positive_int("num_hidden_layers");
+  m.n_heads = r.positive_int("num_attention_heads");
+  m.n_kv_heads = r.positive_int("num_key_value_heads", m.n_heads);
+  m.head_dim = r.positive_int("head_dim", m.d_model / m.n_heads);
+  m.max_seq_len = r.positive_int("max_position_embeddings");
+  m.norm_eps = r.number("rms_norm_eps", 1e-6);
+  m.tie_embeddings = r.boolean("tie_word_embeddings", false);
+  m.attention = "gqa";
+  m.mtp_depth = 0;
+  if (const Json* act = r.find("hidden_act"); act && *act != "silu")
+    r.fail("hidden_act", "= " + act->dump() + " is not supported (SwiGLU experts: \"silu\")");
+  // RoPE: transformers 5 nests it in rope_parameters; older configs have rope_theta and rope_scaling.
+  if (const Json* rope = r.find("rope_parameters")) {
+    if (!rope->is_object()) r.fail("rope_parameters", "must be an object");
+    const std::string type = rope->value("rope_type", std::string("default"));
+    if (type != "default") r.fail("rope_parameters.rope_type", "= \"" + type + "\" is not supported (default RoPE only)");
+    if (!rope->contains("rope_theta") || !(*rope)["rope_theta"].is_number()) r.fail("rope_parameters.rope_theta", "is missing");
+    m.rope_theta = (*rope)["rope_theta"].get<double>();
+  } else {
+    m.rope_theta = r.number("rope_theta", 10000.0);
+    if (const Json* scaling = r.find("rope_scaling"))
+      r.fail("rope_scaling", "= " + scaling->dump() + " is not supported (default RoPE only)");
+  }
+  const int n_experts_field = r.find("num_experts") ? r.positive_int("num_experts") : r.positive_int("num_local_experts");
+  m.moe.n_experts = n_experts_field;
+  m.moe.top_k = r.positive_int("num_experts_per_tok");
+  m.moe.router = config::RouterConfig{};
+  m.moe.router.score_func = "softmax";
+  m.moe.n_shared_experts = 0;
+  m.moe.shared_hidden = 0;
+  m.moe.shared_gate = false;
+  m.qkv_bias = false;
+  m.qk_norm = "none";
+  m.dense_layers = 0;
+  if (m.head_dim % 2 != 0) r.fail("head_dim", "= " + std::to_string(m.head_dim) + " must be even (RoPE)");
+
+  switch (out.family) {
+    case Family::Mixtral: {
+      m.moe.expert_hidden = r.positive_int("intermediate_size");
+      m.moe.router.normalize_topk = true;  // softmax over the top-k logits
+      if (const Json* window = r.find("sliding_window");
+          window && (!window->is_number_integer() || window->get<int64_t>() < m.max_seq_len))
+        r.fail("sliding_window", "= " + window->dump() + " is not supported (full causal attention: null)");
+      break;
+    }
+    case Family::Qwen2Moe:
+    case Family::Qwen3Moe: {
+      m.moe.expert_hidden = r.positive_int("moe_intermediate_size");
+      m.dense_hidden = r.positive_int("intermediate_size");
+      m.dense_layers = qwen_dense_layers(r, m.n_layers);
+      m.moe.router.normalize_topk = r.boolean("norm_topk_prob", out.family == Family::Qwen3Moe);
+      r.require_equal("use_sliding_window", false, false, "full causal attention: false");
+      if (out.family == Family::Qwen2Moe) {
+        m.qkv_bias = r.boolean("qkv_bias", true);
+        const int shared = int(r.integer("shared_expert_intermediate_size", 0));
+        if (shared > 0) {
+          m.moe.n_shared_experts = 1;
+          m.moe.shared_hidden = shared;
+          m.moe.shared_gate = true;
+        }
+      } else {
+        m.qk_norm = "head";
+        r.require_equal("attention_bias", false, false, "no attention biases in Qwen3-MoE here");
+      }
+      break;
+    }
+    case Family::Olmoe: {
+      m.moe.expert_hidden = r.positive_int("intermediate_size");
+      m.moe.router.normalize_topk = r.boolean("norm_topk_prob", false);
+      m.qk_norm = "full";
+      r.require_equal("clip_qkv", nullptr, nullptr, "q/k/v clipping is not implemented: null");
+      r.require_equal("attention_bias", false, false, "no attention biases: false");
+      if (m.n_heads * m.head_dim != m.d_model)
+        r.fail("head_dim", "= " + std::to_string(m.head_dim) + ": OLMoE's q_norm spans hidden_size, so heads * head_dim must equal it");
+      break;
+    }
+  }
+  return out;
+}
+
+void apply_architecture(const config::ModelConfig& hf, config::ModelConfig& m) {
+  const config::ModelConfig keep = m;
+  m = hf;
+  // Training keys stay the user's.
+  m.init_std = keep.init_std;
+  m.init_from = keep.init_from;
+  m.moe.capacity_factor = keep.moe.capacity_factor;
+  m.moe.aux_loss_coef = keep.moe.aux_loss_coef;
+  m.moe.seq_aux_loss_coef = keep.moe.seq_aux_loss_coef;
+  m.moe.z_loss_coef = keep.moe.z_loss_coef;
+  m.moe.experts_impl = keep.moe.experts_impl;
+}
+
+config::Config resolve_init_from(const config::Config& cfg) {
+  if (cfg.model.init_from.empty()) return cfg;
+  config::Config out = cfg;
+  apply_architecture(read_config(hf_dir(cfg.model.init_from)).model, out.model);
+  out.data.seq_len = std::min(out.data.seq_len, out.model.max_seq_len);
+  config::validate(out);
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------------
+// The name map.
+
+namespace {
+
+enum class Layout {
+  Same,        // identical shapes
+  Transposed,  // HF (out, in) Linear weight, ours (in, out)
+  Row,         // HF (1, D), ours (D): Qwen2-MoE's shared_expert_gate
+};
+
+struct Entry {
+  std::string ours;  // parameter name
+  int expert = -1;   // >= 0: the slice [expert] of a stacked expert parameter
+  std::string hf;    // tensor name in the HF files
+  Layout layout = Layout::Same;
+};
+
+std::vector<Entry> name_map(const config::ModelConfig& m, Family family) {
+  std::vector<Entry> map;
+  auto add = [&](std::string ours, std::string hf, Layout layout, int expert = -1) {
+    map.push_back({std::move(ours), expert, std::move(hf), layout});
+  };
+  add("embed", "model.embed_tokens.weight", Layout::Same);
+  const bool mixtral = family == Family::Mixtral;
+  for (int i = 0; i < m.n_layers; ++i) {
+    const std::string ours = "layers." + std::to_string(i) + ".";
+    const std::string hf = "model.layers." + std::to_string(i) + ".";
+    add(ours + "attn_norm.weight", hf + "input_layernorm.weight", Layout::Same);
+    for (const char* p : {"q", "k", "v", "o"})
+      add(ours + "attn.w" + p, hf + "self_attn." + p + "_proj.weight", Layout::Transposed);
+    if (m.qkv_bias)
+      for (const char* p : {"q", "k", "v"}) add(ours + "attn." + p + "_bias", hf + "self_attn." + p + "_proj.bias", Layout::Same);
+    if (m.qk_norm != "none") {
+      add(ours + "attn.q_norm.weight", hf + "self_attn.q_norm.weight", Layout::Same);
+      add(ours + "attn.k_norm.weight", hf + "self_attn.k_norm.weight", Layout::Same);
+    }
+    add(ours + "ffn_norm.weight", hf + "post_attention_layernorm.weight", Layout::Same);
+    if (i < m.dense_layers) {
+      add(ours + "mlp.w1", hf + "mlp.gate_proj.weight", Layout::Transposed);
+      add(ours + "mlp.w3", hf + "mlp.up_proj.weight", Layout::Transposed);
+      add(ours + "mlp.w2", hf + "mlp.down_proj.weight", Layout::Transposed);
+      continue;
+    }
+    const std::string moe = hf + (mixtral ? "block_sparse_moe." : "mlp.");
+    add(ours + "moe.router.weight", moe + "gate.weight", Layout::Same);
+    for (int e = 0; e < m.moe.n_experts; ++e) {
+      const std::string expert = moe + "experts." + std::to_string(e) + ".";
+      add(ours + "moe.experts.w1", expert + (mixtral ? "w1" : "gate_proj") + ".weight", Layout::Transposed, e);
+      add(ours + "moe.experts.w3", expert + (mixtral ? "w3" : "up_proj") + ".weight", Layout::Transposed, e);
+      add(ours + "moe.experts.w2", expert + (mixtral ? "w2" : "down_proj") + ".weight", Layout::Transposed, e);
+    }
+    if (m.moe.n_shared_experts > 0) {
+      add(ours + "moe.shared.w1", moe + "shared_expert.gate_proj.weight", Layout::Transposed);
+      add(ours + "moe.shared.w3", moe + "shared_expert.up_proj.weight", Layout::Transposed);
+      add(ours + "moe.shared.w2", moe + "shared_expert.down_proj.weight", Layout::Transposed);
+      if (m.moe.shared_gate) add(ours + "moe.shared_gate", moe + "shared_expert_gate.weight", Layout::Row);
+    }
+  }
+  add("final_norm.weight", "model.norm.weight", Layout::Same);
+  if (!m.tie_embeddings) add("lm_head", "lm_head.weight", Layout::Same);
+  return map;
+}
+
+// The HF shape of an entry, from the shape of our tensor (or expert slice).
+std::vector<int64_t> hf_shape(const torch::Tensor& ours, Layout layout) {
+  switch (layout) {
+    case Layout::Same: return ours.sizes().vec();
+    case Layout::Transposed: return {ours.size(1), ours.size(0)};
+    case Layout::Row: return {1, ours.size(0)};
+  }
+  return {};
+}
+
+// Where each tensor of an HF folder lives: the index's weight_map, or the single file's header.
+struct ShardIndex {
+  std::string dir;
+  std::string source;                          // the file that says where tensors are (for messages)
+  std::map<std::string, std::string> file_of;  // tensor -> shard file name
+  std::map<std::string, std::unique_ptr<ckpt::SafetensorsFile>> open;  // headers only
+
+  explicit ShardIndex(const std::string& d) : dir(d) {
+    const std::string index_path = files::join(dir, kIndexFile);
+    if (files::exists(index_path)) {
+      source = index_path;
+      nlohmann::json j;
+      try {
+        j = nlohmann::json::parse(files::read_file(index_path));
+      } catch (const nlohmann::json::exception& e) {
+        throw HfError(index_path + ": not valid JSON (" + e.what() + ")");
+      }
+      if (!j.is_object() || !j.contains("weight_map") || !j["weight_map"].is_object())
+        throw HfError(index_path + ": field 'weight_map' is missing or not an object");
+      for (const auto& [name, file] : j["weight_map"].items()) {
+        if (!file.is_string() || file.get<std::string>().find('/') != std::string::npos)
+          throw HfError(index_path + ": weight_map['" + name + "'] must be a file name in the folder");
+        file_of[name] = file.get<std::string>();
+      }
+      std::set<std::string> shards;
+      for (const auto& [name, file] : file_of) shards.insert(file);
+      for (const auto& file : shards)
+        if (!files::exists(files::join(dir, file)))
+          throw HfError(index_path + " names shard '" + file + "', which is missing from " + dir);
+    } else {
+      const std::string single = files::join(dir, kSingleFile);
+      if (!files::exists(single))
+        throw HfError(dir + " has neither " + kIndexFile + " nor " + kSingleFile + ": no weights to read");
+      source = single;
+      for (const auto& info : shard(kSingleFile).tensors()) file_of[info.name] = kSingleFile;
+    }
+  }
+
+  const ckpt::SafetensorsFile& shard(const std::string& file) {
+    auto& slot = open[file];
+    if (!slot) {
+      try {
+        slot = std::make_unique<ckpt::SafetensorsFile>(files::join(dir, file));
+      } catch (const CheckpointError& e) {
+        throw HfError(std::string(e.what()).substr(7));  // drop "[ckpt] "
+      }
+    }
+    return *slot;
+  }
+};
+
+}  // namespace
+
+void load_weights(const std::string& dir, Family family, model::TransformerImpl& model) {
+  torch::NoGradGuard no_grad;
+  const auto map = name_map(model.config(), family);
+  ShardIndex index(dir);
+  auto params = model.named_parameters();
+  std::set<std::string> used;
+  for (const auto& entry : map) {
+    if (!params.contains(entry.ours))
+      throw HfError("the model has no parameter '" + entry.ours + "' for HF tensor '" + entry.hf + "' (family " +
+                    family_name(family) + ")");
+    torch::Tensor target = params[entry.ours];
+    if (entry.expert >= 0) target = target.select(0, entry.expert);
+    const auto it = index.file_of.find(entry.hf);
+    if (it == index.file_of.end())
+      throw HfError(index.source + ": tensor '" + entry.hf + "' is missing (expected shape " +
+                    shape_text(hf_shape(target, entry.layout)) + " for " + family_name(family) + ")");
+    const auto& shard = index.shard(it->second);
+    if (!shard.contains(entry.hf))
+      throw HfError(shard.path() + ": tensor '" + entry.hf + "' is missing, though " + index.source + " lists it there");
+    const auto& info = shard.info(entry.hf);
+    const auto expected = hf_shape(target, entry.layout);
+    if (info.shape != expected)
+      throw HfError(shard.path() + ": tensor '" + entry.hf + "' has shape " + shape_text(info.shape) + ", expected " +
+                    shape_text(expected) + " from " + kConfigFile);
+    if (info.dtype != torch::kFloat && info.dtype != torch::kBFloat16 && info.dtype != torch::kHalf)
+      throw HfError(shard.path() + ": tensor '" + entry.hf + "' has dtype " + std::string(c10::toString(info.dtype)) +
+                    "; expected F32, BF16 or F16");
+    // One HF tensor in memory at a time, converted into the parameter (or expert slice) in place.
+    torch::Tensor value = shard.load(entry.hf);
+    if (entry.layout == Layout::Transposed) value = value.t();
+    if (entry.layout == Layout::Row) value = value.view({-1});
+    target.copy_(value);
+    used.insert(entry.hf);
+  }
+  for (const auto& [name, file] : index.file_of) {
+    if (used.count(name) || name.find("rotary_emb.inv_freq") != std::string::npos) continue;
+    throw HfError(files::join(dir, file) + ": tensor '" + name + "' maps to no parameter of this " +
+                  family_name(family) + " model (an unsupported feature?)");
+  }
+}
+
+LoadedHf load(const std::string& dir) {
+  LoadedHf out;
+  out.hf = read_config(dir);
+  out.model = model::Transformer(out.hf.model);
+  load_weights(dir, out.hf.family, *out.model);
+  return out;
+}
+
+Family infer_family(const config::ModelConfig& m) {
+  if (m.qk_norm == "head") return Family::Qwen3Moe;
+  if (m.qk_norm == "full") return Family::Olmoe;
+  if (m.qkv_bias || m.moe.shared_gate) return Family::Qwen2Moe;
+  return Family::Mixtral;
+}
+
+namespace {
+
+// What the family can express; throws naming the key that it cannot.
+void check_exportable(const config::ModelConfig& m, Family family) {
+  const std::string name = family_name(family);
+  auto refuse = [&](const std::string& key_value, const std::string& why) {
+    throw HfError("cannot export to " + name + ": " + key_value + " (" + why + ")");
+  };
+  if (m.attention != "gqa") refuse("model.attention = " + m.attention, "only gqa is exported");
+  const auto& r = m.moe.router;
+  if (r.score_func != "softmax") refuse("model.moe.router.score_func = " + r.score_func, "the family routes by softmax");
+  if (r.routed_scaling != 1.0) refuse("model.moe.router.routed_scaling != 1", "the family has no routed scaling");
+  if (r.n_groups != 1) refuse("model.moe.router.n_groups != 1", "the family has no group-limited routing");
+  if (r.bias_update_rate > 0) refuse("model.moe.router.bias_update_rate > 0", "the family has no selection bias");
+  const bool qwen = family == Family::Qwen2Moe || family == Family::Qwen3Moe;
+  if (!qwen && m.dense_layers > 0) refuse("model.dense_layers = " + std::to_string(m.dense_layers), "every layer is MoE");
+  if (family != Family::Qwen2Moe && m.moe.n_shared_experts > 0) refuse("model.moe.n_shared_experts > 0", "no shared experts");
+  if (family != Family::Qwen2Moe && m.qkv_bias) refuse("model.qkv_bias = true", "no attention biases");
+  if (family == Family::Qwen2Moe && m.moe.n_shared_experts > 0 && !m.moe.shared_gate)
+    refuse("model.moe.shared_gate = false", "Qwen2-MoE's shared expert is always gated");
+  if (family == Family::Qwen2Moe && m.moe.n_shared_experts == 0)
+    refuse("model.moe.n_shared_experts = 0", "Qwen2-MoE always has a gated shared expert");
+  if (family == Family::Mixtral && !r.normalize_topk)
+    refuse("model.moe.router.normalize_topk = false", "Mixtral renormalizes the top-k weights");
+  const std::string want_norm = family == Family::Qwen3Moe ? "head" : family == Family::Olmoe ? "full" : "none";
+  if (m.qk_norm != want_norm) refuse("model.qk_norm = " + m.qk_norm, "the family has " + want_norm);
+  if (family == Family::Olmoe && m.n_heads * config::head_dim(m) != m.d_model)
+    refuse("model.n_heads * head_dim != model.d_model", "OLMoE's q_norm spans hidden_size");
+}
+
+Json config_json(const config::ModelConfig& m, Family family) {
+  const auto& fi = info_of(family);
+  Json j;
+  j["architectures"] = {fi.architecture};
+  j["model_type"] = fi.model_type;
+  j["vocab_size"] = m.vocab_size;
+  j["hidden_size"] = m.d_model;
+  j["num_hidden_layers"] = m.n_layers;
+  j["num_attention_heads"] = m.n_heads;
+  j["num_key_value_heads"] = m.n_kv_heads;
+  j["head_dim"] = config::head_dim(m);
+  j["max_position_embeddings"] = m.max_seq_len;
+  j["rms_norm_eps"] = m.norm_eps;
+  j["rope_theta"] = m.rope_theta;  // transformers 4 reads this; 5 reads rope_parameters
+  j["rope_parameters"] = {{"rope_theta", m.rope_theta}, {"rope_type", "default"}};
+  j["hidden_act"] = "silu";
+  j["tie_word_embeddings"] = m.tie_embeddings;
+  j["num_experts_per_tok"] = m.moe.top_k;
+  j["attention_dropout"] = 0.0;
+  j["torch_dtype"] = "float32";
+  j["dtype"] = "float32";
+  std::vector<int> dense;
+  for (int i = 0; i < m.dense_layers; ++i) dense.push_back(i);
+  switch (family) {
+    case Family::Mixtral:
+      j["intermediate_size"] = m.moe.expert_hidden;
+      j["num_local_experts"] = m.moe.n_experts;
+      j["sliding_window"] = nullptr;
+      j["router_jitter_noise"] = 0.0;
+      break;
+    case Family::Qwen2Moe:
+    case Family::Qwen3Moe:
+      j["intermediate_size"] = m.dense_hidden;
+      j["moe_intermediate_size"] = m.moe.expert_hidden;
+      j["num_experts"] = m.moe.n_experts;
+      j["norm_topk_prob"] = m.moe.router.normalize_topk;
+      j["decoder_sparse_step"] = 1;
+      j["mlp_only_layers"] = dense;
+      j["use_sliding_window"] = false;
+      if (family == Family::Qwen2Moe) {
+        j["qkv_bias"] = m.qkv_bias;
+        j["shared_expert_intermediate_size"] = m.moe.n_shared_experts * config::shared_hidden(m.moe);
+      } else {
+        j["attention_bias"] = false;
+      }
+      break;
+    case Family::Olmoe:
+      j["intermediate_size"] = m.moe.expert_hidden;
+      j["num_experts"] = m.moe.n_experts;
+      j["norm_topk_prob"] = m.moe.router.normalize_topk;
+      j["clip_qkv"] = nullptr;
+      j["attention_bias"] = false;
+      break;
+  }
+  return j;
+}
+
+std::string shard_name(size_t i, size_t n) {
+  char buf[64];
+  std::snprintf(buf, sizeof buf, "model-%05zu-of-%05zu.safetensors", i + 1, n);
+  return buf;
+}
+
+}  // namespace
+
+void export_model(const model::TransformerImpl& model, Family family, const std::string& dir, uint64_t max_shard_bytes) {
+  torch::NoGradGuard no_grad;
+  const auto& m = model.config();
+  check_exportable(m, family);
+  const auto map = name_map(m, family);
+  auto params = model.named_parameters();
+  auto source = [&](const Entry& e) {
+    torch::Tensor t = params[e.ours].detach();
+    return e.expert >= 0 ? t.select(0, e.expert) : t;
+  };
+
+  // Plan the shards from sizes alone, then materialize one shard at a time.
+  std::vector<std::vector<size_t>> shards(1);
+  uint64_t shard_bytes = 0, total_bytes = 0;
+  for (size_t i = 0; i < map.size(); ++i) {
+    const auto t = source(map[i]);
+    const uint64_t bytes = uint64_t(t.numel()) * 4;  // exported as fp32
+    if (!shards.back().empty() && shard_bytes + bytes > max_shard_bytes) {
+      shards.emplace_back();
+      shard_bytes = 0;
+    }
+    shards.back().push_back(i);
+    shard_bytes += bytes;
+    total_bytes += bytes;
+  }
+
+  files::make_directories(dir);
+  Json weight_map = Json::object();
+  for (size_t s = 0; s < shards.size(); ++s) {
+    const std::string file = shard_name(s, shards.size());
+    ckpt::TensorMap tensors;
+    for (size_t i : shards[s]) {
+      const Entry& e = map[i];
+      torch::Tensor t = source(e).to(torch::kCPU).to(torch::kFloat);
+      if (e.layout == Layout::Transposed) t = t.t();
+      if (e.layout == Layout::Row) t = t.view({1, -1});
+      tensors.emplace_back(e.hf, t.contiguous());
+      weight_map[e.hf] = file;
+    }
+    try {
+      ckpt::save_safetensors(files::join(dir, file), tensors, {{"format", "pt"}});
+    } catch (const CheckpointError& err) {
+      throw HfError(std::string(err.what()).substr(7));
+    }
+  }
+  Json index;
+  index["metadata"] = {{"total_size", total_bytes}};
+  index["weight_map"] = weight_map;
+  files::write_file_synced(files::join(dir, kIndexFile), index.dump(2) + "\n");
+  files::write_file_synced(files::join(dir, kConfigFile), config_json(m, family).dump(2) + "\n");
+}
+
+namespace {
+void load_init_from(model::TransformerImpl& model, const std::string& init_from) {
+  const std::string dir = hf_dir(init_from);
+  load_weights(dir, read_config(dir).family, model);
+}
+}  // namespace
+
+void install_init_from() { model::set_pretrained_loader(&load_init_from); }
+
+}  // namespace moetrain::hf

@@ -1,0 +1,71 @@
+// Hugging Face checkpoints in and out: config.json <-> our ModelConfig per family, and the family's
+// tensor names <-> our parameter names. Import streams tensor by tensor from the safetensors shards
+// into the model (never a second copy of the model); export writes shards of a bounded size.
+// Families: Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE.
+#pragma once
+#include <cstdint>
+#include <string>
+
+#include "common/errors.h"
+#include "config/config.h"
+#include "model/transformer.h"
+
+namespace moetrain::hf {
+
+struct HfError : Error {
+  explicit HfError(const std::string& m) : Error("[hf] " + m) {}
+};
+
+enum class Family { Mixtral, Qwen2Moe, Qwen3Moe, Olmoe };
+
+std::string family_name(Family family);  // mixtral | qwen2_moe | qwen3_moe | olmoe (HF's model_type)
+Family family_from_name(const std::string& name);  // throws HfError listing the names
+
+// "hf:DIR" -> true; hf_dir("hf:DIR") = "DIR".
+bool is_hf_path(const std::string& path);
+std::string hf_dir(const std::string& path);
+
+struct HfConfig {
+  Family family;
+  config::ModelConfig model;  // the architecture keys set from config.json, the rest at their defaults
+};
+
+// Reads DIR/config.json. An unknown architecture, a missing field or a value we cannot express is an
+// HfError naming the file and the field.
+HfConfig read_config(const std::string& dir);
+
+// Sets the architecture keys of `model` from `hf` and leaves the training keys (balancing
+// coefficients, capacity, experts_impl, init_std, init_from) as they are.
+void apply_architecture(const config::ModelConfig& hf, config::ModelConfig& model);
+
+// For `model.init_from: hf:DIR`: the config with its model architecture taken from DIR/config.json,
+// data.seq_len clamped to the model's context, validated. Returns cfg unchanged when init_from is "".
+config::Config resolve_init_from(const config::Config& cfg);
+
+// Streams the weights of DIR (model.safetensors.index.json and its shards, or model.safetensors)
+// into `model`, whose config must be the one read_config(DIR) gave. bf16, fp16 and fp32 inputs are
+// converted to the parameters' dtype. A missing shard or tensor, a wrong shape or a tensor that maps
+// to no parameter is an HfError naming the file and the tensor.
+void load_weights(const std::string& dir, Family family, model::TransformerImpl& model);
+
+// A model built from DIR's config.json with DIR's weights, on the CPU in fp32.
+struct LoadedHf {
+  HfConfig hf;
+  model::Transformer model{nullptr};
+};
+LoadedHf load(const std::string& dir);
+
+// The family a model of this config exports to: qk_norm head -> qwen3_moe, full -> olmoe, attention
+// biases or a gated shared expert -> qwen2_moe, otherwise mixtral.
+Family infer_family(const config::ModelConfig& model);
+
+// Writes DIR/config.json (the family's architecture and field names), DIR/model-XXXXX-of-YYYYY.safetensors
+// shards of at most max_shard_bytes each (a larger tensor gets a shard of its own) and
+// DIR/model.safetensors.index.json. Throws HfError if the model has a feature the family lacks.
+void export_model(const model::TransformerImpl& model, Family family, const std::string& dir,
+                  uint64_t max_shard_bytes = 2'000'000'000ull);
+
+// Installs load_weights as the model's loader for `model.init_from: hf:DIR` (see model::init_weights).
+void install_init_from();
+
+}  // namespace moetrain::hf

@@ -1,0 +1,92 @@
+"""Reference side of the Hugging Face import/export tests (tests/test_hf.cpp): builds tiny random MoE
+models with transformers, and computes logits and greedy continuations with transformers.
+
+  hf_reference.py make FAMILY OUT_DIR    tiny model saved to OUT_DIR (sharded, with an index) plus
+                                         OUT_DIR/reference.safetensors: tokens, logits, greedy
+  hf_reference.py logits HF_DIR TOKENS_FILE OUT_FILE
+                                         loads HF_DIR with transformers; logits on TOKENS_FILE's tokens
+
+Run with third_party/venv/bin/python. Everything is fp32 on the CPU with fixed seeds.
+"""
+import sys
+
+import torch
+import transformers
+from safetensors.torch import load_file, save_file
+
+VOCAB = 96
+PROMPT_LEN = 5
+NEW_TOKENS = 8
+
+
+def tiny_config(family):
+    common = dict(vocab_size=VOCAB, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
+                  max_position_embeddings=64, rms_norm_eps=1e-6, num_experts_per_tok=2)
+    if family == "mixtral":
+        return transformers.MixtralConfig(**common, intermediate_size=24, num_hidden_layers=2, num_local_experts=8,
+                                          rope_theta=50000.0, tie_word_embeddings=False, sliding_window=None)
+    if family == "qwen2_moe":  # attention biases, a gated shared expert, raw top-k weights, one dense layer
+        return transformers.Qwen2MoeConfig(**common, intermediate_size=40, moe_intermediate_size=16,
+                                           shared_expert_intermediate_size=24, num_hidden_layers=3, num_experts=8,
+                                           mlp_only_layers=[0], qkv_bias=True, norm_topk_prob=False,
+                                           tie_word_embeddings=False)
+    if family == "qwen3_moe":  # per-head q/k norms, head_dim apart from hidden/heads, normalized top-k, tied
+        return transformers.Qwen3MoeConfig(**common, head_dim=16, intermediate_size=40, moe_intermediate_size=16,
+                                           num_hidden_layers=3, num_experts=8, mlp_only_layers=[0],
+                                           norm_topk_prob=True, tie_word_embeddings=True)
+    if family == "olmoe":  # q/k norms over the whole projection, raw top-k weights
+        return transformers.OlmoeConfig(**common, intermediate_size=16, num_hidden_layers=2, num_experts=8,
+                                        norm_topk_prob=False, tie_word_embeddings=False)
+    raise SystemExit(f"unknown family {family}")
+
+
+def model_class(family):
+    return {"mixtral": transformers.MixtralForCausalLM, "qwen2_moe": transformers.Qwen2MoeForCausalLM,
+            "qwen3_moe": transformers.Qwen3MoeForCausalLM, "olmoe": transformers.OlmoeForCausalLM}[family]
+
+
+def fixed_tokens():
+    g = torch.Generator().manual_seed(7)
+    return torch.randint(0, VOCAB, (2, 12), generator=g)
+
+
+def logits_of(model, tokens):
+    with torch.no_grad():
+        return model(input_ids=tokens).logits.float().contiguous()
+
+
+def make(family, out_dir):
+    torch.manual_seed(0)
+    model = model_class(family)(tiny_config(family)).eval()
+    # Weights far from the defaults (norms of ones, zero routers) so that a wrong mapping shows.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1.0 + 0.2 * torch.randn_like(p))
+            else:
+                p.copy_(0.15 * torch.randn_like(p))
+    model.save_pretrained(out_dir, max_shard_size="40KB")
+    tokens = fixed_tokens()
+    prompt = tokens[:1, :PROMPT_LEN]
+    model.generation_config.eos_token_id = None  # exactly NEW_TOKENS tokens, none suppressed
+    model.generation_config.pad_token_id = 0
+    with torch.no_grad():
+        greedy = model.generate(prompt, max_new_tokens=NEW_TOKENS, do_sample=False)
+    save_file({"tokens": tokens, "logits": logits_of(model, tokens), "greedy": greedy.contiguous()},
+              f"{out_dir}/reference.safetensors")
+
+
+def logits(hf_dir, tokens_file, out_file):
+    model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    tokens = load_file(tokens_file)["tokens"]
+    save_file({"logits": logits_of(model, tokens)}, out_file)
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    if len(sys.argv) == 4 and sys.argv[1] == "make":
+        make(sys.argv[2], sys.argv[3])
+    elif len(sys.argv) == 5 and sys.argv[1] == "logits":
+        logits(sys.argv[2], sys.argv[3], sys.argv[4])
+    else:
+        raise SystemExit(__doc__)

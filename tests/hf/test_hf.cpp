@@ -1,0 +1,287 @@
+// Hugging Face import and export against transformers itself: for each family a tiny random model
+// built by scripts/hf_reference.py (every feature the family has) must give our logits within 1e-4 of
+// transformers' (fp32), our export must reload in transformers with the same logits, and greedy
+// generation must pick the same tokens. Also: fine-tuning from an import, and the errors users meet.
+#include <catch2/catch.hpp>
+
+#include <cstdio>
+#include <nlohmann/json.hpp>
+
+#include "../test_util.h"
+#include "ckpt/safetensors.h"
+#include "data/shard.h"
+#include "hf/hf.h"
+#include "train/generate.h"
+#include "train/trainer.h"
+
+using namespace moetrain;
+using Catch::Matchers::Contains;
+
+namespace {
+
+const std::string kSource = MOETRAIN_SOURCE_DIR;
+const std::string kBinary = MOETRAIN_BINARY;
+constexpr double kTolerance = 1e-4;  // fp32 logits, ours vs transformers'
+
+// Runs scripts/hf_reference.py with the project's venv; fails the test with its output on error.
+void reference(const std::string& args) {
+  const auto r = testing::run_command("OMP_NUM_THREADS=1 " + kSource + "/third_party/venv/bin/python " + kSource +
+                                      "/scripts/hf_reference.py " + args);
+  CATCH_INFO(r.output);
+  CATCH_REQUIRE(r.exit_code == 0);
+}
+
+torch::Tensor load_tensor(const std::string& file, const std::string& name) {
+  return ckpt::SafetensorsFile(file).load(name);
+}
+
+double max_abs_diff(const torch::Tensor& a, const torch::Tensor& b) {
+  CATCH_REQUIRE(a.sizes() == b.sizes());
+  return (a.to(torch::kDouble) - b.to(torch::kDouble)).abs().max().item<double>();
+}
+
+torch::Tensor our_logits(const model::TransformerImpl& model, const torch::Tensor& tokens) {
+  torch::NoGradGuard no_grad;
+  return model.forward(tokens).logits_BSV;
+}
+
+std::vector<int64_t> to_vector(const torch::Tensor& t) {
+  auto c = t.reshape(-1).to(torch::kLong).contiguous();
+  return std::vector<int64_t>(c.data_ptr<int64_t>(), c.data_ptr<int64_t>() + c.numel());
+}
+
+// Import, compare, export, reload in transformers, compare; greedy generation.
+void check_family(const std::string& family) {
+  testing::TempDir dir("hf-" + family);
+  const std::string hf_dir = dir.str("hf"), exported = dir.str("exported");
+  reference("make " + family + " " + hf_dir);
+  const std::string ref = files::join(hf_dir, "reference.safetensors");
+  const auto tokens = load_tensor(ref, "tokens");
+
+  auto loaded = hf::load(hf_dir);
+  CATCH_REQUIRE(hf::family_name(loaded.hf.family) == family);
+  const auto logits = our_logits(*loaded.model, tokens);
+  const double import_diff = max_abs_diff(logits, load_tensor(ref, "logits"));
+
+  // Small shards so that the index and several files are exercised.
+  hf::export_model(*loaded.model, loaded.hf.family, exported, /*max_shard_bytes=*/20000);
+  CATCH_REQUIRE(files::exists(files::join(exported, "model-00002-of-00003.safetensors")) ==
+                files::exists(files::join(exported, "model-00003-of-00003.safetensors")));
+  CATCH_REQUIRE(files::exists(files::join(exported, "model.safetensors.index.json")));
+  reference("logits " + exported + " " + ref + " " + dir.str("exported_logits.safetensors"));
+  const double export_diff = max_abs_diff(load_tensor(dir.str("exported_logits.safetensors"), "logits"), logits);
+  std::printf("[hf] %-10s max |logit diff|: import %.3g, export %.3g\n", family.c_str(), import_diff, export_diff);
+  CATCH_CHECK(import_diff < kTolerance);
+  CATCH_CHECK(export_diff < kTolerance);
+
+  // Greedy continuation of the reference prompt, token for token.
+  const auto greedy = to_vector(load_tensor(ref, "greedy"));
+  const size_t prompt_len = 5;
+  train::GenerateOptions options;
+  options.temperature = 0;
+  options.max_new_tokens = int(greedy.size() - prompt_len);
+  const std::vector<int64_t> prompt(greedy.begin(), greedy.begin() + prompt_len);
+  CATCH_CHECK(train::generate(*loaded.model, prompt, options) == greedy);
+
+  // Round trip without transformers: re-importing the export gives the same parameters exactly.
+  auto again = hf::load(exported);
+  auto a = loaded.model->named_parameters(), b = again.model->named_parameters();
+  CATCH_REQUIRE(a.size() == b.size());
+  for (const auto& p : a) CATCH_CHECK(torch::equal(p.value(), b[p.key()]));
+}
+
+// A tiny Mixtral-shaped model of ours, exported: a valid HF folder without Python.
+config::ModelConfig tiny_mixtral() {
+  auto m = testing::tiny_model_config();
+  m.dense_layers = 0;
+  m.moe.n_shared_experts = 0;
+  m.tie_embeddings = false;
+  return m;
+}
+void write_tiny_mixtral(const std::string& dir, uint64_t shard_bytes = 8000) {
+  model::Transformer model(tiny_mixtral());
+  model->init_weights(3);
+  hf::export_model(*model, hf::Family::Mixtral, dir, shard_bytes);
+}
+
+std::string error_of(const std::function<void()>& f) {
+  try {
+    f();
+  } catch (const std::exception& e) {
+    return e.what();
+  }
+  return "";
+}
+
+}  // namespace
+
+CATCH_TEST_CASE("hf: Mixtral imports with transformers' logits, exports back, generates greedily", "[hf]") {
+  check_family("mixtral");
+}
+CATCH_TEST_CASE("hf: Qwen2-MoE (qkv biases, gated shared expert, raw top-k, a dense layer) round trip", "[hf]") {
+  check_family("qwen2_moe");
+}
+CATCH_TEST_CASE("hf: Qwen3-MoE (per-head q/k norms, own head_dim, tied head, a dense layer) round trip", "[hf]") {
+  check_family("qwen3_moe");
+}
+CATCH_TEST_CASE("hf: OLMoE (q/k norms over the whole projection, raw top-k) round trip", "[hf]") {
+  check_family("olmoe");
+}
+
+CATCH_TEST_CASE("hf: bf16 and fp16 shards import as their fp32 values", "[hf]") {
+  testing::TempDir dir("hf-dtypes");
+  write_tiny_mixtral(dir.str("hf"), /*shard_bytes=*/1'000'000);
+  // Rewrite the single shard in bf16 (first half of the tensors) and fp16 (the rest).
+  const std::string shard = dir.str("hf/model-00001-of-00001.safetensors");
+  ckpt::TensorMap low;
+  {
+    ckpt::SafetensorsFile file(shard);
+    for (size_t i = 0; i < file.tensors().size(); ++i) {
+      const auto& info = file.tensors()[i];
+      low.emplace_back(info.name, file.load(info.name).to(i % 2 ? torch::kHalf : torch::kBFloat16));
+    }
+  }
+  ckpt::save_safetensors(shard, low);
+  auto loaded = hf::load(dir.str("hf"));
+  ckpt::SafetensorsFile file(shard);
+  auto params = loaded.model->named_parameters();
+  CATCH_CHECK(torch::equal(params["embed"], file.load("model.embed_tokens.weight").to(torch::kFloat)));
+  CATCH_CHECK(torch::equal(params["layers.1.moe.experts.w2"][3],
+                           file.load("model.layers.1.block_sparse_moe.experts.3.w2.weight").to(torch::kFloat).t()));
+  CATCH_CHECK(params["embed"].scalar_type() == torch::kFloat);
+}
+
+CATCH_TEST_CASE("hf: a missing shard, a wrong shape, an unknown architecture are one-line errors", "[hf]") {
+  testing::TempDir dir("hf-errors");
+  const std::string hf_dir = dir.str("hf");
+  write_tiny_mixtral(hf_dir);
+
+  // Unknown architecture: names the file and the field.
+  const std::string config_path = files::join(hf_dir, "config.json");
+  const std::string config_text = files::read_file(config_path);
+  auto config = nlohmann::json::parse(config_text);
+  config["architectures"] = {"FooForCausalLM"};
+  testing::write_bytes(config_path, config.dump());
+  auto msg = error_of([&] { hf::load(hf_dir); });
+  CATCH_CHECK_THAT(msg, Contains("config.json") && Contains("architectures") && Contains("FooForCausalLM"));
+
+  // An unsupported value: names the field.
+  config = nlohmann::json::parse(config_text);
+  config["sliding_window"] = 4;
+  testing::write_bytes(config_path, config.dump());
+  msg = error_of([&] { hf::load(hf_dir); });
+  CATCH_CHECK_THAT(msg, Contains("sliding_window"));
+
+  // Wrong shape: config.json says larger experts than the tensors hold.
+  config = nlohmann::json::parse(config_text);
+  config["intermediate_size"] = 12;
+  testing::write_bytes(config_path, config.dump());
+  msg = error_of([&] { hf::load(hf_dir); });
+  CATCH_CHECK_THAT(msg, Contains("experts.0.w1.weight") && Contains("shape") && Contains("[12, 16]"));
+  testing::write_bytes(config_path, config_text);
+
+  // Missing shard: names the index and the shard.
+  const auto index = nlohmann::json::parse(files::read_file(files::join(hf_dir, "model.safetensors.index.json")));
+  const std::string shard_name = index["weight_map"]["model.layers.1.block_sparse_moe.gate.weight"];
+  CATCH_REQUIRE(shard_name != "model-00001-of-00001.safetensors");  // several shards
+  const std::string shard = files::join(hf_dir, shard_name);
+  files::rename_path(shard, shard + ".moved");
+  msg = error_of([&] { hf::load(hf_dir); });
+  CATCH_CHECK_THAT(msg, Contains("model.safetensors.index.json") && Contains(shard_name) && Contains("missing"));
+  CATCH_CHECK(msg.find('\n') == std::string::npos);
+
+  // The same through the CLI: one line, exit 1.
+  const auto r = testing::run_command(kBinary + " generate --checkpoint hf:" + hf_dir + " --prompt-ids 1,2 --print-ids");
+  CATCH_CHECK(r.exit_code == 1);
+  CATCH_CHECK_THAT(r.output, Contains("[hf]") && Contains(shard_name));
+}
+
+CATCH_TEST_CASE("hf: convert to our checkpoint and back, generate and eval through the CLI", "[hf]") {
+  testing::TempDir dir("hf-cli");
+  const std::string hf_dir = dir.str("hf");
+  write_tiny_mixtral(hf_dir);
+  auto run = [](const std::string& args) { return testing::run_command(kBinary + " " + args); };
+
+  auto r = run("convert --from hf:" + hf_dir + " --to " + dir.str("run"));
+  CATCH_INFO(r.output);
+  CATCH_REQUIRE(r.exit_code == 0);
+  r = run("convert --from " + dir.str("run") + " --to hf:" + dir.str("back") + " --shard-size 6000");
+  CATCH_INFO(r.output);
+  CATCH_REQUIRE(r.exit_code == 0);
+  auto a = hf::load(hf_dir), b = hf::load(dir.str("back"));
+  for (const auto& p : a.model->named_parameters()) CATCH_CHECK(torch::equal(p.value(), b.model->named_parameters()[p.key()]));
+
+  // Greedy is deterministic and the same from the HF folder and from our checkpoint.
+  const std::string gen = " --prompt-ids 3,1,4,1,5 --print-ids --temperature 0 --max-new-tokens 6";
+  auto from_hf = run("generate --checkpoint hf:" + hf_dir + gen);
+  auto from_ckpt = run("generate --checkpoint " + dir.str("run") + gen + " --seed 9");
+  CATCH_INFO(from_hf.output);
+  CATCH_REQUIRE(from_hf.exit_code == 0);
+  CATCH_CHECK(from_hf.output == from_ckpt.output);
+  CATCH_CHECK(from_hf.output.rfind("3,1,4,1,5,", 0) == 0);
+  CATCH_CHECK(std::count(from_hf.output.begin(), from_hf.output.end(), ',') == 10);
+  r = run("generate --checkpoint hf:" + hf_dir + " --prompt-ids 3,x --print-ids");
+  CATCH_CHECK(r.exit_code == 2);
+  CATCH_CHECK_THAT(r.output, Contains("'x'"));
+
+  // eval: loss and perplexity over a shard, the same from both forms.
+  std::vector<int64_t> tokens;
+  for (int i = 0; i < 300; ++i) tokens.push_back((i * 7 + i / 5) % 32);
+  files::make_directories(dir.str("data"));
+  data::write_shard(dir.str("data/val.bin"), tokens, 32);
+  auto e1 = run("eval --checkpoint hf:" + hf_dir + " --data " + dir.str("data") + " --seq-len 16 --json");
+  auto e2 = run("eval --checkpoint " + dir.str("run") + " --data " + dir.str("data/val.bin") + " --seq-len 16 --json");
+  CATCH_INFO(e1.output);
+  CATCH_REQUIRE(e1.exit_code == 0);
+  const auto j = nlohmann::json::parse(e1.output);
+  CATCH_CHECK(j["tokens"] == 299);
+  CATCH_CHECK(std::abs(j["perplexity"].get<double>() - std::exp(j["loss"].get<double>())) < 1e-6);
+  CATCH_CHECK(std::abs(nlohmann::json::parse(e2.output)["loss"].get<double>() - j["loss"].get<double>()) < 1e-9);
+  // Near uniform over 32 tokens for a random model: about log(32) = 3.47.
+  CATCH_CHECK(j["loss"].get<double>() > 2.5);
+  CATCH_CHECK(j["loss"].get<double>() < 5.0);
+}
+
+CATCH_TEST_CASE("hf: fine-tuning from an imported model lowers the loss, and the result exports", "[hf]") {
+  hf::install_init_from();
+  testing::TempDir dir("hf-finetune");
+  const std::string hf_dir = dir.str("hf");
+  reference("make qwen2_moe " + hf_dir);  // the family with the most features
+  // A learnable sequence: a repeating pattern of 24 tokens.
+  std::vector<int64_t> tokens;
+  for (int i = 0; i < 4000; ++i) tokens.push_back((i % 24) * 3 + 1);
+  files::make_directories(dir.str("data"));
+  data::write_shard(dir.str("data/train.bin"), tokens, 96);
+  data::write_shard(dir.str("data/val.bin"), std::vector<int64_t>(tokens.begin(), tokens.begin() + 400), 96);
+
+  config::Config cfg;
+  cfg.model.init_from = "hf:" + hf_dir;
+  cfg.data.dir = dir.str("data");
+  cfg.data.seq_len = 32;
+  cfg.run.out_dir = dir.str("run");
+  cfg.run.threads = 1;
+  cfg.train.steps = 10;
+  cfg.train.micro_batch_size = 4;
+  cfg.train.log_every = 5;
+  cfg.train.eval_every = 0;
+  cfg.train.eval_batches = 1;
+  cfg.optim.warmup_steps = 2;
+  cfg.optim.lr = 3e-3;
+  cfg = hf::resolve_init_from(cfg);
+  CATCH_REQUIRE(cfg.model.d_model == 32);
+  CATCH_REQUIRE(cfg.model.moe.shared_gate);
+
+  // Step 0's loss is the imported model's: the same as transformers' on those tokens would be.
+  const auto result = train::train(cfg, {});
+  CATCH_REQUIRE(result.losses.size() == 10);
+  CATCH_CHECK(result.losses.back() < result.losses.front() - 0.5);
+
+  // The fine-tuned checkpoint exports and reloads in transformers with our logits.
+  auto loaded = train::load_for_inference(cfg.run.out_dir);
+  hf::export_model(*loaded.model, hf::Family::Qwen2Moe, dir.str("exported"));
+  const std::string ref = files::join(hf_dir, "reference.safetensors");
+  reference("logits " + dir.str("exported") + " " + ref + " " + dir.str("logits.safetensors"));
+  const auto diff = max_abs_diff(load_tensor(dir.str("logits.safetensors"), "logits"),
+                                 our_logits(*loaded.model, load_tensor(ref, "tokens")));
+  CATCH_CHECK(diff < kTolerance);
+}
