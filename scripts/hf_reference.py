@@ -37,12 +37,27 @@ def tiny_config(family):
     if family == "olmoe":  # q/k norms over the whole projection, raw top-k weights
         return transformers.OlmoeConfig(**common, intermediate_size=16, num_hidden_layers=2, num_experts=8,
                                         norm_topk_prob=False, tie_word_embeddings=False)
+    if family in ("deepseek_v3", "deepseek_v2_lite"):
+        # MLA (with or without the query low-rank), YaRN, sigmoid group-limited routing with the
+        # score-correction bias, routed scaling, a shared expert, one dense first layer.
+        return transformers.DeepseekV3Config(
+            vocab_size=VOCAB, hidden_size=32, num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64,
+            rms_norm_eps=1e-6, num_experts_per_tok=2, num_hidden_layers=3, intermediate_size=40,
+            moe_intermediate_size=16, n_routed_experts=8, n_shared_experts=1, n_group=4, topk_group=2,
+            routed_scaling_factor=2.5, norm_topk_prob=True, first_k_dense_replace=1,
+            q_lora_rank=24 if family == "deepseek_v3" else None, kv_lora_rank=16, qk_nope_head_dim=8,
+            qk_rope_head_dim=8, v_head_dim=12, tie_word_embeddings=False,
+            rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                             "original_max_position_embeddings": 16, "beta_fast": 32, "beta_slow": 1,
+                             "mscale": 1.0, "mscale_all_dim": 1.0})
     raise SystemExit(f"unknown family {family}")
 
 
 def model_class(family):
     return {"mixtral": transformers.MixtralForCausalLM, "qwen2_moe": transformers.Qwen2MoeForCausalLM,
-            "qwen3_moe": transformers.Qwen3MoeForCausalLM, "olmoe": transformers.OlmoeForCausalLM}[family]
+            "qwen3_moe": transformers.Qwen3MoeForCausalLM, "olmoe": transformers.OlmoeForCausalLM,
+            "deepseek_v3": transformers.DeepseekV3ForCausalLM,
+            "deepseek_v2_lite": transformers.DeepseekV3ForCausalLM}[family]
 
 
 def fixed_tokens():
@@ -60,9 +75,13 @@ def make(family, out_dir):
     model = model_class(family)(tiny_config(family)).eval()
     # Weights far from the defaults (norms of ones, zero routers) so that a wrong mapping shows.
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for name, p in list(model.named_parameters()) + list(model.named_buffers()):
+            if "inv_freq" in name:
+                continue
             if "norm" in name:
                 p.copy_(1.0 + 0.2 * torch.randn_like(p))
+            elif "e_score_correction_bias" in name:
+                p.copy_(0.1 * torch.randn_like(p))
             else:
                 p.copy_(0.15 * torch.randn_like(p))
     model.save_pretrained(out_dir, max_shard_size="40KB")

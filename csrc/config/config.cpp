@@ -103,7 +103,7 @@ const std::vector<KeyDesc>& keys() {
                    at_least(0)),
       MOETRAIN_KEY(model.attention,
                    "Attention: gqa (grouped-query, model.n_kv_heads) or mla (DeepSeek's multi-head latent "
-                   "attention, model.mla.*). mla is read by `moetrain cost` only; training refuses it for now.",
+                   "attention, model.mla.*; model.n_kv_heads and model.head_dim are then unused).",
                    one_of({"gqa", "mla"})),
       MOETRAIN_KEY(model.qkv_bias, "The q, k and v projections have biases (Qwen2-MoE).", any()),
       MOETRAIN_KEY(model.qk_norm,
@@ -141,6 +141,27 @@ const std::vector<KeyDesc>& keys() {
                    "MLA: per-head query/key dimensions with RoPE (the key part is shared by all heads); even.",
                    at_least(1)),
       MOETRAIN_KEY(model.mla.v_head_dim, "MLA: per-head value dimensions.", at_least(1)),
+
+      MOETRAIN_KEY(model.yarn.factor,
+                   "YaRN context extension (DeepSeek-V3): how many times the pretraining context the RoPE "
+                   "frequencies are stretched to; 1 = plain RoPE.",
+                   at_least(1)),
+      MOETRAIN_KEY(model.yarn.original_max_seq_len,
+                   "YaRN: the context the model was pretrained at; 0 = model.max_seq_len.", at_least(0)),
+      MOETRAIN_KEY(model.yarn.beta_fast,
+                   "YaRN: frequencies with more than beta_fast rotations over the original context keep their value.",
+                   above(0)),
+      MOETRAIN_KEY(model.yarn.beta_slow,
+                   "YaRN: frequencies with fewer than beta_slow rotations are fully interpolated (divided by the "
+                   "factor); a linear ramp lies between.",
+                   above(0)),
+      MOETRAIN_KEY(model.yarn.mscale,
+                   "YaRN: cos/sin are scaled by m(mscale) / m(mscale_all_dim), m(s) = 0.1 s ln(factor) + 1 "
+                   "(by m(1) when either is 0).",
+                   at_least(0)),
+      MOETRAIN_KEY(model.yarn.mscale_all_dim,
+                   "YaRN: with MLA, the softmax scale is multiplied by m(mscale_all_dim)^2; 0 = unchanged.",
+                   at_least(0)),
 
       MOETRAIN_KEY(model.moe.n_experts,
                    "Routed experts per MoE layer; must be divisible by parallel.expert_parallel.", at_least(1)),
@@ -195,6 +216,10 @@ const std::vector<KeyDesc>& keys() {
                    "experts only (not for the weights), moved after each optimizer step by "
                    "rate * sign(mean load - expert load); 0 = off.",
                    at_least(0)),
+      MOETRAIN_KEY(model.moe.router.selection_bias,
+                   "Keep the per-expert selection bias even when model.moe.router.bias_update_rate = 0 (a fixed, "
+                   "imported bias such as DeepSeek-V3's e_score_correction_bias).",
+                   any()),
 
       MOETRAIN_KEY(data.dir, "Directory holding train.bin and val.bin (written by moetrain prepare-data).",
                    non_empty()),

@@ -27,6 +27,7 @@ struct RouterConfig {
   int n_groups = 1;                     // group-limited routing: experts split into n_groups groups
   int topk_groups = 1;                  // ... of which the best topk_groups are eligible per token
   double bias_update_rate = 0.0;        // aux-loss-free balancing bias step; 0 = off
+  bool selection_bias = false;          // keep the selection bias even when it is not updated (imports)
 };
 
 struct MoEConfig {
@@ -45,13 +46,23 @@ struct MoEConfig {
 };
 
 // Multi-head latent attention (DeepSeek-V2/V3): keys and values pass through a low-rank latent.
-// Only `moetrain cost` reads it so far; the model refuses model.attention = mla.
 struct MLAConfig {
   int q_lora_rank = 0;          // rank of the query down-projection; 0 = a full-rank wq
   int kv_lora_rank = 512;       // rank of the joint key/value latent
   int qk_nope_head_dim = 128;   // per-head query/key dims without RoPE
   int qk_rope_head_dim = 64;    // per-head query/key dims with RoPE (the key part is shared by all heads)
   int v_head_dim = 128;         // per-head value dims
+};
+
+// YaRN RoPE extension (DeepSeek-V3): frequencies interpolated between beta_fast and beta_slow rotations
+// over the original context, cos/sin and (MLA) the softmax scaled. factor 1 = plain RoPE.
+struct YarnConfig {
+  double factor = 1.0;
+  int original_max_seq_len = 0;  // the context of pretraining; 0 = model.max_seq_len
+  double beta_fast = 32.0;
+  double beta_slow = 1.0;
+  double mscale = 1.0;
+  double mscale_all_dim = 0.0;
 };
 
 struct ModelConfig {
@@ -61,7 +72,7 @@ struct ModelConfig {
   int n_heads = 8;
   int n_kv_heads = 4;           // grouped-query attention; must divide n_heads
   int head_dim = 0;             // 0 = d_model / n_heads
-  std::string attention = "gqa"; // gqa | mla (mla: cost estimates only, not trainable yet)
+  std::string attention = "gqa"; // gqa | mla (model.mla.*)
   bool qkv_bias = false;        // biases on the q, k and v projections (Qwen2-MoE)
   std::string qk_norm = "none"; // none | head (RMSNorm per head, Qwen3-MoE) | full (whole projection, OLMoE)
   int max_seq_len = 256;        // RoPE table length; longest context
@@ -74,6 +85,7 @@ struct ModelConfig {
   int mtp_depth = 0;            // multi-token prediction modules (DeepSeek-V3); cost estimates only
   std::string init_from;        // "" = seeded init; hf:DIR = weights (and architecture) of a Hugging Face folder
   MLAConfig mla;
+  YarnConfig yarn;
   MoEConfig moe;
 };
 

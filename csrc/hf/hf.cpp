@@ -33,6 +33,7 @@ constexpr FamilyInfo kFamilies[] = {
     {Family::Qwen2Moe, "qwen2_moe", "Qwen2MoeForCausalLM"},
     {Family::Qwen3Moe, "qwen3_moe", "Qwen3MoeForCausalLM"},
     {Family::Olmoe, "olmoe", "OlmoeForCausalLM"},
+    {Family::DeepseekV3, "deepseek_v3", "DeepseekV3ForCausalLM"},
 };
 const FamilyInfo& info_of(Family f) {
   for (const auto& i : kFamilies)
@@ -180,18 +181,41 @@ HfConfig read_config(const std::string& dir) {
   if (const Json* act = r.find("hidden_act"); act && *act != "silu")
     r.fail("hidden_act", "= " + act->dump() + " is not supported (SwiGLU experts: \"silu\")");
   // RoPE: transformers 5 nests it in rope_parameters; older configs have rope_theta and rope_scaling.
-  if (const Json* rope = r.find("rope_parameters")) {
-    if (!rope->is_object()) r.fail("rope_parameters", "must be an object");
-    const std::string type = rope->value("rope_type", std::string("default"));
-    if (type != "default") r.fail("rope_parameters.rope_type", "= \"" + type + "\" is not supported (default RoPE only)");
-    if (!rope->contains("rope_theta") || !(*rope)["rope_theta"].is_number()) r.fail("rope_parameters.rope_theta", "is missing");
-    m.rope_theta = (*rope)["rope_theta"].get<double>();
-  } else {
-    m.rope_theta = r.number("rope_theta", 10000.0);
-    if (const Json* scaling = r.find("rope_scaling"))
-      r.fail("rope_scaling", "= " + scaling->dump() + " is not supported (default RoPE only)");
+  // YaRN is read for DeepSeek-V3 only (whose attention scale follows it).
+  {
+    const bool in_parameters = r.find("rope_parameters") != nullptr;
+    const std::string field = in_parameters ? "rope_parameters" : "rope_scaling";
+    const Json* rope = r.find(field);
+    if (rope && !rope->is_object()) r.fail(field, "must be an object");
+    Json params = rope ? *rope : Json::object();
+    auto number = [&](const std::string& key, std::optional<double> fallback) {
+      if (!params.contains(key) || params[key].is_null()) {
+        if (fallback) return *fallback;
+        r.fail(field + "." + key, "is missing");
+      }
+      if (!params[key].is_number()) r.fail(field + "." + key, "= " + params[key].dump() + " must be a number");
+      return params[key].get<double>();
+    };
+    const std::string type = params.value("rope_type", params.value("type", std::string("default")));
+    m.rope_theta = in_parameters ? number("rope_theta", std::nullopt) : r.number("rope_theta", 10000.0);
+    if (type == "yarn" && out.family == Family::DeepseekV3) {
+      m.yarn.factor = number("factor", std::nullopt);
+      m.yarn.original_max_seq_len = int(number("original_max_position_embeddings", std::nullopt));
+      m.yarn.beta_fast = number("beta_fast", 32.0);
+      m.yarn.beta_slow = number("beta_slow", 1.0);
+      m.yarn.mscale = number("mscale", 1.0);
+      m.yarn.mscale_all_dim = number("mscale_all_dim", 0.0);
+      if (params.contains("attention_factor") && !params["attention_factor"].is_null())
+        r.fail(field + ".attention_factor", "is not supported (derived from mscale and mscale_all_dim)");
+      if (m.yarn.factor < 1) r.fail(field + ".factor", "must be >= 1");
+    } else if (type != "default") {
+      r.fail(field + ".rope_type", "= \"" + type + "\" is not supported (default RoPE" +
+                                       (out.family == Family::DeepseekV3 ? " or yarn)" : ")"));
+    }
   }
-  const int n_experts_field = r.find("num_experts") ? r.positive_int("num_experts") : r.positive_int("num_local_experts");
+  const int n_experts_field = r.find("num_experts")         ? r.positive_int("num_experts")
+                              : r.find("n_routed_experts") ? r.positive_int("n_routed_experts")
+                                                           : r.positive_int("num_local_experts");
   m.moe.n_experts = n_experts_field;
   m.moe.top_k = r.positive_int("num_experts_per_tok");
   m.moe.router = config::RouterConfig{};
@@ -244,6 +268,37 @@ HfConfig read_config(const std::string& dir) {
         r.fail("head_dim", "= " + std::to_string(m.head_dim) + ": OLMoE's q_norm spans hidden_size, so heads * head_dim must equal it");
       break;
     }
+    case Family::DeepseekV3: {
+      m.attention = "mla";
+      m.mla.q_lora_rank = r.find("q_lora_rank") ? r.positive_int("q_lora_rank") : 0;  // null: a full-rank wq
+      m.mla.kv_lora_rank = r.positive_int("kv_lora_rank");
+      m.mla.qk_nope_head_dim = r.positive_int("qk_nope_head_dim");
+      m.mla.qk_rope_head_dim = r.positive_int("qk_rope_head_dim");
+      m.mla.v_head_dim = r.positive_int("v_head_dim");
+      if (m.mla.qk_rope_head_dim % 2 != 0) r.fail("qk_rope_head_dim", "must be even (RoPE)");
+      m.n_kv_heads = m.n_heads;               // unused by MLA
+      m.head_dim = m.mla.qk_rope_head_dim;    // unused by MLA; even, as validation wants
+      m.moe.expert_hidden = r.positive_int("moe_intermediate_size");
+      m.dense_hidden = r.positive_int("intermediate_size");
+      m.dense_layers = std::min(int(r.integer("first_k_dense_replace", 0)), m.n_layers);
+      if (r.integer("first_k_dense_replace", 0) < 0) r.fail("first_k_dense_replace", "must be >= 0");
+      if (r.integer("moe_layer_freq", 1) != 1) r.fail("moe_layer_freq", "is not supported (every layer after the dense ones is MoE: 1)");
+      m.moe.n_shared_experts = int(r.integer("n_shared_experts", 0));
+      if (m.moe.n_shared_experts < 0) r.fail("n_shared_experts", "must be >= 0");
+      m.moe.shared_hidden = m.moe.expert_hidden;
+      m.moe.router.score_func = "sigmoid";
+      m.moe.router.selection_bias = true;  // e_score_correction_bias
+      m.moe.router.normalize_topk = r.boolean("norm_topk_prob", true);
+      m.moe.router.routed_scaling = r.number("routed_scaling_factor", 1.0);
+      m.moe.router.n_groups = r.positive_int("n_group", 1);
+      m.moe.router.topk_groups = r.positive_int("topk_group", 1);
+      r.require_equal("scoring_func", "sigmoid", "sigmoid", "DeepSeek-V3 routes by sigmoid scores");
+      r.require_equal("topk_method", "noaux_tc", "noaux_tc", "group-limited top-k with the correction bias");
+      r.require_equal("attention_bias", false, false, "no attention biases");
+      if (m.moe.n_experts % m.moe.router.n_groups != 0)
+        r.fail("n_group", "= " + std::to_string(m.moe.router.n_groups) + " must divide the number of routed experts");
+      break;
+    }
   }
   return out;
 }
@@ -259,6 +314,7 @@ void apply_architecture(const config::ModelConfig& hf, config::ModelConfig& m) {
   m.moe.seq_aux_loss_coef = keep.moe.seq_aux_loss_coef;
   m.moe.z_loss_coef = keep.moe.z_loss_coef;
   m.moe.experts_impl = keep.moe.experts_impl;
+  m.moe.router.bias_update_rate = keep.moe.router.bias_update_rate;
 }
 
 config::Config resolve_init_from(const config::Config& cfg) {
@@ -282,16 +338,19 @@ enum class Layout {
 };
 
 struct Entry {
-  std::string ours;  // parameter name
+  std::string ours;  // parameter (or buffer) name
   int expert = -1;   // >= 0: the slice [expert] of a stacked expert parameter
   std::string hf;    // tensor name in the HF files
   Layout layout = Layout::Same;
+  // DeepSeek's RoPE dims are stored interleaved (pairs x0 x1, x2 x3, ...); ours rotate halves. > 0: the
+  // HF rows come in groups of this size whose last qk_rope_head_dim rows are interleaved.
+  int rope_group = 0;
 };
 
 std::vector<Entry> name_map(const config::ModelConfig& m, Family family) {
   std::vector<Entry> map;
-  auto add = [&](std::string ours, std::string hf, Layout layout, int expert = -1) {
-    map.push_back({std::move(ours), expert, std::move(hf), layout});
+  auto add = [&](std::string ours, std::string hf, Layout layout, int expert = -1, int rope_group = 0) {
+    map.push_back({std::move(ours), expert, std::move(hf), layout, rope_group});
   };
   add("embed", "model.embed_tokens.weight", Layout::Same);
   const bool mixtral = family == Family::Mixtral;
@@ -299,8 +358,25 @@ std::vector<Entry> name_map(const config::ModelConfig& m, Family family) {
     const std::string ours = "layers." + std::to_string(i) + ".";
     const std::string hf = "model.layers." + std::to_string(i) + ".";
     add(ours + "attn_norm.weight", hf + "input_layernorm.weight", Layout::Same);
-    for (const char* p : {"q", "k", "v", "o"})
-      add(ours + "attn.w" + p, hf + "self_attn." + p + "_proj.weight", Layout::Transposed);
+    if (m.attention == "mla") {
+      const std::string attn = hf + "self_attn.";
+      const int qk_dim = m.mla.qk_nope_head_dim + m.mla.qk_rope_head_dim;
+      if (m.mla.q_lora_rank > 0) {
+        add(ours + "attn.wq_a", attn + "q_a_proj.weight", Layout::Transposed);
+        add(ours + "attn.q_a_norm.weight", attn + "q_a_layernorm.weight", Layout::Same);
+        add(ours + "attn.wq_b", attn + "q_b_proj.weight", Layout::Transposed, -1, qk_dim);
+      } else {
+        add(ours + "attn.wq", attn + "q_proj.weight", Layout::Transposed, -1, qk_dim);
+      }
+      add(ours + "attn.wkv_a", attn + "kv_a_proj_with_mqa.weight", Layout::Transposed, -1,
+          m.mla.kv_lora_rank + m.mla.qk_rope_head_dim);
+      add(ours + "attn.kv_a_norm.weight", attn + "kv_a_layernorm.weight", Layout::Same);
+      add(ours + "attn.wkv_b", attn + "kv_b_proj.weight", Layout::Transposed);
+      add(ours + "attn.wo", attn + "o_proj.weight", Layout::Transposed);
+    } else {
+      for (const char* p : {"q", "k", "v", "o"})
+        add(ours + "attn.w" + p, hf + "self_attn." + p + "_proj.weight", Layout::Transposed);
+    }
     if (m.qkv_bias)
       for (const char* p : {"q", "k", "v"}) add(ours + "attn." + p + "_bias", hf + "self_attn." + p + "_proj.bias", Layout::Same);
     if (m.qk_norm != "none") {
@@ -316,6 +392,7 @@ std::vector<Entry> name_map(const config::ModelConfig& m, Family family) {
     }
     const std::string moe = hf + (mixtral ? "block_sparse_moe." : "mlp.");
     add(ours + "moe.router.weight", moe + "gate.weight", Layout::Same);
+    if (family == Family::DeepseekV3) add(ours + "moe.router.expert_bias", moe + "gate.e_score_correction_bias", Layout::Same);
     for (int e = 0; e < m.moe.n_experts; ++e) {
       const std::string expert = moe + "experts." + std::to_string(e) + ".";
       add(ours + "moe.experts.w1", expert + (mixtral ? "w1" : "gate_proj") + ".weight", Layout::Transposed, e);
@@ -323,9 +400,10 @@ std::vector<Entry> name_map(const config::ModelConfig& m, Family family) {
       add(ours + "moe.experts.w2", expert + (mixtral ? "w2" : "down_proj") + ".weight", Layout::Transposed, e);
     }
     if (m.moe.n_shared_experts > 0) {
-      add(ours + "moe.shared.w1", moe + "shared_expert.gate_proj.weight", Layout::Transposed);
-      add(ours + "moe.shared.w3", moe + "shared_expert.up_proj.weight", Layout::Transposed);
-      add(ours + "moe.shared.w2", moe + "shared_expert.down_proj.weight", Layout::Transposed);
+      const std::string shared = moe + (family == Family::DeepseekV3 ? "shared_experts." : "shared_expert.");
+      add(ours + "moe.shared.w1", shared + "gate_proj.weight", Layout::Transposed);
+      add(ours + "moe.shared.w3", shared + "up_proj.weight", Layout::Transposed);
+      add(ours + "moe.shared.w2", shared + "down_proj.weight", Layout::Transposed);
       if (m.moe.shared_gate) add(ours + "moe.shared_gate", moe + "shared_expert_gate.weight", Layout::Row);
     }
   }
@@ -342,6 +420,21 @@ std::vector<int64_t> hf_shape(const torch::Tensor& ours, Layout layout) {
     case Layout::Row: return {1, ours.size(0)};
   }
   return {};
+}
+
+// Row order that turns HF's interleaved RoPE rows into ours: in each group of `group` rows, the last
+// `rope_dim` rows x0 x1 x2 x3 ... become x0 x2 ... x1 x3 ... (evens, then odds).
+torch::Tensor deinterleave_rows(int64_t n_rows, int group, int rope_dim) {
+  auto order = torch::arange(n_rows, torch::kLong);
+  auto* p = order.data_ptr<int64_t>();
+  for (int64_t start = 0; start + group <= n_rows; start += group) {
+    const int64_t rope_start = start + group - rope_dim;
+    for (int j = 0; j < rope_dim / 2; ++j) {
+      p[rope_start + j] = rope_start + 2 * j;
+      p[rope_start + rope_dim / 2 + j] = rope_start + 2 * j + 1;
+    }
+  }
+  return order;
 }
 
 // Where each tensor of an HF folder lives: the index's weight_map, or the single file's header.
@@ -395,6 +488,19 @@ struct ShardIndex {
   }
 };
 
+// DeepSeek-V3's multi-token prediction modules are stored as layers past num_hidden_layers.
+bool is_mtp_layer(const std::string& name, int n_layers) {
+  const std::string prefix = "model.layers.";
+  if (name.rfind(prefix, 0) != 0) return false;
+  return std::atoi(name.c_str() + prefix.size()) >= n_layers;
+}
+
+bool read_rope_interleave(const std::string& dir) {
+  const auto j = nlohmann::json::parse(files::read_file(files::join(dir, kConfigFile)));
+  auto it = j.find("rope_interleave");
+  return it == j.end() || it->is_null() || (it->is_boolean() && it->get<bool>());
+}
+
 }  // namespace
 
 void load_weights(const std::string& dir, Family family, model::TransformerImpl& model) {
@@ -402,12 +508,14 @@ void load_weights(const std::string& dir, Family family, model::TransformerImpl&
   const auto map = name_map(model.config(), family);
   ShardIndex index(dir);
   auto params = model.named_parameters();
+  auto buffers = model.named_buffers();
+  const bool interleaved = family == Family::DeepseekV3 && read_rope_interleave(dir);
   std::set<std::string> used;
   for (const auto& entry : map) {
-    if (!params.contains(entry.ours))
+    if (!params.contains(entry.ours) && !buffers.contains(entry.ours))
       throw HfError("the model has no parameter '" + entry.ours + "' for HF tensor '" + entry.hf + "' (family " +
                     family_name(family) + ")");
-    torch::Tensor target = params[entry.ours];
+    torch::Tensor target = params.contains(entry.ours) ? params[entry.ours] : buffers[entry.ours];
     if (entry.expert >= 0) target = target.select(0, entry.expert);
     const auto it = index.file_of.find(entry.hf);
     if (it == index.file_of.end())
@@ -426,6 +534,8 @@ void load_weights(const std::string& dir, Family family, model::TransformerImpl&
                     "; expected F32, BF16 or F16");
     // One HF tensor in memory at a time, converted into the parameter (or expert slice) in place.
     torch::Tensor value = shard.load(entry.hf);
+    if (interleaved && entry.rope_group > 0)
+      value = value.index_select(0, deinterleave_rows(value.size(0), entry.rope_group, model.config().mla.qk_rope_head_dim));
     if (entry.layout == Layout::Transposed) value = value.t();
     if (entry.layout == Layout::Row) value = value.view({-1});
     target.copy_(value);
@@ -433,6 +543,7 @@ void load_weights(const std::string& dir, Family family, model::TransformerImpl&
   }
   for (const auto& [name, file] : index.file_of) {
     if (used.count(name) || name.find("rotary_emb.inv_freq") != std::string::npos) continue;
+    if (family == Family::DeepseekV3 && is_mtp_layer(name, model.config().n_layers)) continue;  // MTP: not modelled
     throw HfError(files::join(dir, file) + ": tensor '" + name + "' maps to no parameter of this " +
                   family_name(family) + " model (an unsupported feature?)");
   }
@@ -447,6 +558,7 @@ LoadedHf load(const std::string& dir) {
 }
 
 Family infer_family(const config::ModelConfig& m) {
+  if (m.attention == "mla") return Family::DeepseekV3;
   if (m.qk_norm == "head") return Family::Qwen3Moe;
   if (m.qk_norm == "full") return Family::Olmoe;
   if (m.qkv_bias || m.moe.shared_gate) return Family::Qwen2Moe;
@@ -461,8 +573,18 @@ void check_exportable(const config::ModelConfig& m, Family family) {
   auto refuse = [&](const std::string& key_value, const std::string& why) {
     throw HfError("cannot export to " + name + ": " + key_value + " (" + why + ")");
   };
-  if (m.attention != "gqa") refuse("model.attention = " + m.attention, "only gqa is exported");
   const auto& r = m.moe.router;
+  if (family == Family::DeepseekV3) {
+    if (m.attention != "mla") refuse("model.attention = " + m.attention, "DeepSeek-V3 has MLA");
+    if (r.score_func != "sigmoid") refuse("model.moe.router.score_func = " + r.score_func, "DeepSeek-V3 routes by sigmoid");
+    if (m.qk_norm != "none") refuse("model.qk_norm = " + m.qk_norm, "no q/k norms");
+    if (m.qkv_bias) refuse("model.qkv_bias = true", "no attention biases");
+    if (m.moe.shared_gate) refuse("model.moe.shared_gate = true", "DeepSeek-V3's shared experts are not gated");
+    return;
+  }
+  if (m.attention != "gqa") refuse("model.attention = " + m.attention, "the family has grouped-query attention");
+  if (m.yarn.factor > 1) refuse("model.yarn.factor > 1", "YaRN is exported for deepseek_v3 only");
+  if (r.selection_bias) refuse("model.moe.router.selection_bias = true", "the family has no selection bias");
   if (r.score_func != "softmax") refuse("model.moe.router.score_func = " + r.score_func, "the family routes by softmax");
   if (r.routed_scaling != 1.0) refuse("model.moe.router.routed_scaling != 1", "the family has no routed scaling");
   if (r.n_groups != 1) refuse("model.moe.router.n_groups != 1", "the family has no group-limited routing");
@@ -536,6 +658,47 @@ Json config_json(const config::ModelConfig& m, Family family) {
       j["clip_qkv"] = nullptr;
       j["attention_bias"] = false;
       break;
+    case Family::DeepseekV3: {
+      j.erase("head_dim");  // derived by transformers from qk_rope_head_dim
+      j["q_lora_rank"] = m.mla.q_lora_rank > 0 ? Json(m.mla.q_lora_rank) : Json(nullptr);
+      j["kv_lora_rank"] = m.mla.kv_lora_rank;
+      j["qk_nope_head_dim"] = m.mla.qk_nope_head_dim;
+      j["qk_rope_head_dim"] = m.mla.qk_rope_head_dim;
+      j["v_head_dim"] = m.mla.v_head_dim;
+      j["rope_interleave"] = true;
+      j["intermediate_size"] = m.dense_hidden;
+      j["moe_intermediate_size"] = m.moe.expert_hidden;
+      j["n_routed_experts"] = m.moe.n_experts;
+      j["n_shared_experts"] = m.moe.n_shared_experts;
+      j["first_k_dense_replace"] = m.dense_layers;
+      j["moe_layer_freq"] = 1;
+      j["n_group"] = m.moe.router.n_groups;
+      j["topk_group"] = m.moe.router.topk_groups;
+      j["routed_scaling_factor"] = m.moe.router.routed_scaling;
+      j["norm_topk_prob"] = m.moe.router.normalize_topk;
+      j["scoring_func"] = "sigmoid";
+      j["topk_method"] = "noaux_tc";
+      j["num_nextn_predict_layers"] = 0;
+      j["attention_bias"] = false;
+      if (m.yarn.factor > 1) {
+        Json yarn = {{"rope_type", "yarn"},
+                     {"rope_theta", m.rope_theta},
+                     {"factor", m.yarn.factor},
+                     {"original_max_position_embeddings",
+                      m.yarn.original_max_seq_len > 0 ? m.yarn.original_max_seq_len : m.max_seq_len},
+                     {"beta_fast", m.yarn.beta_fast},
+                     {"beta_slow", m.yarn.beta_slow},
+                     {"mscale", m.yarn.mscale},
+                     {"mscale_all_dim", m.yarn.mscale_all_dim}};
+        j["rope_parameters"] = yarn;
+        Json legacy = yarn;  // transformers 4
+        legacy.erase("rope_theta");
+        legacy.erase("rope_type");
+        legacy["type"] = "yarn";
+        j["rope_scaling"] = legacy;
+      }
+      break;
+    }
   }
   return j;
 }
@@ -554,8 +717,16 @@ void export_model(const model::TransformerImpl& model, Family family, const std:
   check_exportable(m, family);
   const auto map = name_map(m, family);
   auto params = model.named_parameters();
+  auto buffers = model.named_buffers();
+  const int64_t n_experts = m.moe.n_experts;
   auto source = [&](const Entry& e) {
-    torch::Tensor t = params[e.ours].detach();
+    torch::Tensor t;
+    if (params.contains(e.ours))
+      t = params[e.ours].detach();
+    else if (buffers.contains(e.ours))
+      t = buffers[e.ours].detach();
+    else  // a DeepSeek router without its selection bias exports a zero bias
+      t = torch::zeros({n_experts});
     return e.expert >= 0 ? t.select(0, e.expert) : t;
   };
 
@@ -584,6 +755,10 @@ void export_model(const model::TransformerImpl& model, Family family, const std:
       torch::Tensor t = source(e).to(torch::kCPU).to(torch::kFloat);
       if (e.layout == Layout::Transposed) t = t.t();
       if (e.layout == Layout::Row) t = t.view({1, -1});
+      if (e.rope_group > 0) {  // back to DeepSeek's interleaved RoPE rows (rope_interleave: true)
+        auto order = deinterleave_rows(t.size(0), e.rope_group, m.mla.qk_rope_head_dim);
+        t = t.index_select(0, torch::argsort(order));
+      }
       tensors.emplace_back(e.hf, t.contiguous());
       weight_map[e.hf] = file;
     }

@@ -1,7 +1,8 @@
 // Hugging Face checkpoints in and out: config.json <-> our ModelConfig per family, and the family's
 // tensor names <-> our parameter names. Import streams tensor by tensor from the safetensors shards
 // into the model (never a second copy of the model); export writes shards of a bounded size.
-// Families: Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE.
+// Families: Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, DeepSeek-V3 (MLA, also without the query low-rank as
+// in V2-Lite's shape).
 #pragma once
 #include <cstdint>
 #include <string>
@@ -16,9 +17,9 @@ struct HfError : Error {
   explicit HfError(const std::string& m) : Error("[hf] " + m) {}
 };
 
-enum class Family { Mixtral, Qwen2Moe, Qwen3Moe, Olmoe };
+enum class Family { Mixtral, Qwen2Moe, Qwen3Moe, Olmoe, DeepseekV3 };
 
-std::string family_name(Family family);  // mixtral | qwen2_moe | qwen3_moe | olmoe (HF's model_type)
+std::string family_name(Family family);  // mixtral | qwen2_moe | qwen3_moe | olmoe | deepseek_v3 (HF's model_type)
 Family family_from_name(const std::string& name);  // throws HfError listing the names
 
 // "hf:DIR" -> true; hf_dir("hf:DIR") = "DIR".
@@ -55,8 +56,8 @@ struct LoadedHf {
 };
 LoadedHf load(const std::string& dir);
 
-// The family a model of this config exports to: qk_norm head -> qwen3_moe, full -> olmoe, attention
-// biases or a gated shared expert -> qwen2_moe, otherwise mixtral.
+// The family a model of this config exports to: mla -> deepseek_v3, qk_norm head -> qwen3_moe,
+// full -> olmoe, attention biases or a gated shared expert -> qwen2_moe, otherwise mixtral.
 Family infer_family(const config::ModelConfig& model);
 
 // Writes DIR/config.json (the family's architecture and field names), DIR/model-XXXXX-of-YYYYY.safetensors

@@ -1,6 +1,8 @@
 // RMSNorm, RoPE and grouped-query causal attention through scaled_dot_product_attention.
 #include "model/layers.h"
 
+#include <cmath>
+
 namespace moetrain::model {
 
 RMSNormImpl::RMSNormImpl(int dim, double eps) : eps_(eps) {
@@ -13,11 +15,32 @@ torch::Tensor RMSNormImpl::forward(const torch::Tensor& x) const {
   return (normed * weight.to(normed.scalar_type())).to(x.scalar_type());
 }
 
-Rope Rope::make(int max_seq_len, int head_dim, double theta, torch::Device device) {
+double yarn_mscale(double factor, double mscale) { return factor <= 1 ? 1.0 : 0.1 * mscale * std::log(factor) + 1.0; }
+
+Rope Rope::make(int max_seq_len, int head_dim, double theta, torch::Device device, const config::YarnConfig& yarn) {
   auto inv_freq = torch::pow(theta, -torch::arange(0, head_dim, 2, torch::kDouble) / double(head_dim));
+  double cos_sin_scale = 1.0;
+  if (yarn.factor > 1) {
+    // Frequencies with many rotations over the original context keep their value, those with few
+    // are divided by the factor, with a linear ramp between (YaRN, arXiv:2309.00071).
+    const double original = yarn.original_max_seq_len > 0 ? yarn.original_max_seq_len : max_seq_len;
+    auto dim_of = [&](double rotations) {
+      return head_dim * std::log(original / (rotations * 2 * M_PI)) / (2 * std::log(theta));
+    };
+    const double low = std::max(std::floor(dim_of(yarn.beta_fast)), 0.0);
+    double high = std::min(std::ceil(dim_of(yarn.beta_slow)), double(head_dim - 1));
+    if (low == high) high += 0.001;
+    auto ramp = ((torch::arange(head_dim / 2, torch::kDouble) - low) / (high - low)).clamp(0, 1);
+    auto keep = 1 - ramp;  // 1: the original frequency, 0: interpolated
+    inv_freq = inv_freq / yarn.factor * (1 - keep) + inv_freq * keep;
+    cos_sin_scale = yarn.mscale > 0 && yarn.mscale_all_dim > 0
+                        ? yarn_mscale(yarn.factor, yarn.mscale) / yarn_mscale(yarn.factor, yarn.mscale_all_dim)
+                        : yarn_mscale(yarn.factor, 1.0);
+  }
   auto angles = torch::outer(torch::arange(max_seq_len, torch::kDouble), inv_freq);  // (S, Hd/2)
   auto full = torch::cat({angles, angles}, 1);                                       // (S, Hd)
-  return {full.cos().to(torch::kFloat).to(device), full.sin().to(torch::kFloat).to(device)};
+  return {(full.cos() * cos_sin_scale).to(torch::kFloat).to(device),
+          (full.sin() * cos_sin_scale).to(torch::kFloat).to(device)};
 }
 
 torch::Tensor Rope::apply(const torch::Tensor& x, int64_t offset) const {
@@ -72,6 +95,53 @@ torch::Tensor AttentionImpl::forward(const torch::Tensor& x_BSD, const Rope& rop
   auto y = at::scaled_dot_product_attention(q, k, v, /*attn_mask=*/{}, /*dropout_p=*/0.0, /*is_causal=*/true);
   y = y.transpose(1, 2).reshape({B, S, n_heads_ * head_dim_});
   return torch::matmul(y, cast(wo, compute_dtype));
+}
+
+namespace {
+// The latent norms of MLA use DeepSeek's fixed epsilon, not model.norm_eps (as the reference code does).
+constexpr double kLatentNormEps = 1e-6;
+}  // namespace
+
+MLAttentionImpl::MLAttentionImpl(const config::ModelConfig& cfg)
+    : n_heads_(cfg.n_heads),
+      nope_dim_(cfg.mla.qk_nope_head_dim),
+      rope_dim_(cfg.mla.qk_rope_head_dim),
+      v_dim_(cfg.mla.v_head_dim),
+      kv_rank_(cfg.mla.kv_lora_rank) {
+  const int D = cfg.d_model, H = n_heads_, qk_dim = nope_dim_ + rope_dim_;
+  if (cfg.mla.q_lora_rank > 0) {
+    wq_a = register_parameter("wq_a", torch::empty({D, cfg.mla.q_lora_rank}));
+    q_a_norm = register_module("q_a_norm", RMSNorm(cfg.mla.q_lora_rank, kLatentNormEps));
+    wq_b = register_parameter("wq_b", torch::empty({cfg.mla.q_lora_rank, H * qk_dim}));
+  } else {
+    wq = register_parameter("wq", torch::empty({D, H * qk_dim}));
+  }
+  wkv_a = register_parameter("wkv_a", torch::empty({D, kv_rank_ + rope_dim_}));
+  kv_a_norm = register_module("kv_a_norm", RMSNorm(kv_rank_, kLatentNormEps));
+  wkv_b = register_parameter("wkv_b", torch::empty({kv_rank_, H * (nope_dim_ + v_dim_)}));
+  wo = register_parameter("wo", torch::empty({H * v_dim_, D}));
+  const double m = cfg.yarn.mscale_all_dim > 0 ? yarn_mscale(cfg.yarn.factor, cfg.yarn.mscale_all_dim) : 1.0;
+  softmax_scale_ = m * m / std::sqrt(double(qk_dim));
+}
+
+torch::Tensor MLAttentionImpl::forward(const torch::Tensor& x_BSD, const Rope& rope, ComputeDtype compute_dtype) const {
+  const int64_t B = x_BSD.size(0), S = x_BSD.size(1), H = n_heads_;
+  auto x = cast(x_BSD, compute_dtype);
+  auto mm = [&](const torch::Tensor& a, const torch::Tensor& w) { return torch::matmul(a, cast(w, compute_dtype)); };
+  auto q = wq.defined() ? mm(x, wq) : mm(q_a_norm->forward(mm(x, wq_a)), wq_b);
+  q = q.view({B, S, H, nope_dim_ + rope_dim_}).transpose(1, 2);  // (B, H, S, N+P)
+  auto q_pe = rope.apply(q.narrow(3, nope_dim_, rope_dim_));
+  auto kv_a = mm(x, wkv_a);                                                            // (B, S, Rkv+P)
+  auto k_pe = rope.apply(kv_a.narrow(2, kv_rank_, rope_dim_).unsqueeze(1));            // (B, 1, S, P)
+  auto kv = mm(kv_a_norm->forward(kv_a.narrow(2, 0, kv_rank_)), wkv_b);                // (B, S, H*(N+Vd))
+  kv = kv.view({B, S, H, nope_dim_ + v_dim_}).transpose(1, 2);                         // (B, H, S, N+Vd)
+  auto query = torch::cat({q.narrow(3, 0, nope_dim_), q_pe}, 3);
+  auto key = torch::cat({kv.narrow(3, 0, nope_dim_), k_pe.expand({B, H, S, rope_dim_})}, 3);
+  auto value = kv.narrow(3, nope_dim_, v_dim_);
+  auto y = at::scaled_dot_product_attention(query, key, value, /*attn_mask=*/{}, /*dropout_p=*/0.0, /*is_causal=*/true,
+                                            softmax_scale_);
+  y = y.transpose(1, 2).reshape({B, S, H * v_dim_});
+  return mm(y, wo);
 }
 
 }  // namespace moetrain::model

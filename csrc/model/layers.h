@@ -26,11 +26,13 @@ class RMSNormImpl : public torch::nn::Module {
 };
 TORCH_MODULE(RMSNorm);
 
-// Rotary tables for positions [0, max_seq_len), rotate-half convention (as in Llama/Mixtral).
+// Rotary tables for positions [0, max_seq_len), rotate-half convention (as in Llama/Mixtral), with
+// YaRN's frequency interpolation and cos/sin scaling when yarn.factor > 1.
 struct Rope {
   torch::Tensor cos_SHd;  // (max_seq_len, Hd) fp32
   torch::Tensor sin_SHd;  // (max_seq_len, Hd) fp32
-  static Rope make(int max_seq_len, int head_dim, double theta, torch::Device device);
+  static Rope make(int max_seq_len, int head_dim, double theta, torch::Device device,
+                   const config::YarnConfig& yarn = {});
   // x: (B, H, S, Hd), positions [offset, offset + S).
   torch::Tensor apply(const torch::Tensor& x, int64_t offset = 0) const;
 };
@@ -54,5 +56,32 @@ class AttentionImpl : public torch::nn::Module {
   std::string qk_norm_;
 };
 TORCH_MODULE(Attention);
+
+// YaRN's attention scale m(s) = 0.1 s ln(factor) + 1 (1 for factor <= 1).
+double yarn_mscale(double factor, double mscale);
+
+// Multi-head latent attention (DeepSeek-V2/V3). Queries come from x (full rank, or through a rank-Rq
+// latent and its norm); keys and values from a shared rank-Rkv latent and its norm; a P-dim RoPE key
+// is shared by all heads. Legend adds: N = qk_nope_head_dim, P = qk_rope_head_dim, Vd = v_head_dim.
+class MLAttentionImpl : public torch::nn::Module {
+ public:
+  explicit MLAttentionImpl(const config::ModelConfig& cfg);
+  // `rope` has P dims.
+  torch::Tensor forward(const torch::Tensor& x_BSD, const Rope& rope, ComputeDtype compute_dtype) const;
+
+  torch::Tensor wq;                   // (D, H*(N+P)); defined when model.mla.q_lora_rank = 0
+  torch::Tensor wq_a;                 // (D, Rq)
+  RMSNorm q_a_norm{nullptr};          // (Rq)
+  torch::Tensor wq_b;                 // (Rq, H*(N+P))
+  torch::Tensor wkv_a;                // (D, Rkv + P): the latent, then the shared RoPE key
+  RMSNorm kv_a_norm{nullptr};         // (Rkv)
+  torch::Tensor wkv_b;                // (Rkv, H*(N+Vd))
+  torch::Tensor wo;                   // (H*Vd, D)
+
+ private:
+  int n_heads_, nope_dim_, rope_dim_, v_dim_, kv_rank_;
+  double softmax_scale_;
+};
+TORCH_MODULE(MLAttention);
 
 }  // namespace moetrain::model

@@ -5,9 +5,20 @@
 
 namespace moetrain::model {
 
+namespace {
+// MLA rotates only its qk_rope_head_dim dimensions; GQA the whole head.
+Rope make_rope(const config::ModelConfig& cfg, torch::Device device) {
+  const int dim = cfg.attention == "mla" ? cfg.mla.qk_rope_head_dim : config::head_dim(cfg);
+  return Rope::make(cfg.max_seq_len, dim, cfg.rope_theta, device, cfg.yarn);
+}
+}  // namespace
+
 BlockImpl::BlockImpl(const config::ModelConfig& cfg, bool is_moe) {
   attn_norm = register_module("attn_norm", RMSNorm(cfg.d_model, cfg.norm_eps));
-  attn = register_module("attn", Attention(cfg));
+  if (cfg.attention == "mla")
+    mla = register_module("attn", MLAttention(cfg));
+  else
+    attn = register_module("attn", Attention(cfg));
   ffn_norm = register_module("ffn_norm", RMSNorm(cfg.d_model, cfg.norm_eps));
   if (is_moe && cfg.moe.shared_gate && cfg.moe.n_shared_experts > 0) {
     auto routed_only = cfg.moe;
@@ -23,7 +34,9 @@ BlockImpl::BlockImpl(const config::ModelConfig& cfg, bool is_moe) {
 }
 
 BlockOutput BlockImpl::forward(const torch::Tensor& x_BSD, const Rope& rope, ComputeDtype compute_dtype) const {
-  auto x = x_BSD + attn->forward(attn_norm->forward(x_BSD), rope, compute_dtype).to(x_BSD.scalar_type());
+  auto normed = attn_norm->forward(x_BSD);
+  auto a = attn ? attn->forward(normed, rope, compute_dtype) : mla->forward(normed, rope, compute_dtype);
+  auto x = x_BSD + a.to(x_BSD.scalar_type());
   auto h = ffn_norm->forward(x);
   if (!moe) return {x + mlp->forward(h, compute_dtype).to(x.scalar_type()), std::nullopt};
   const auto B = h.size(0), S = h.size(1), D = h.size(2);
@@ -39,9 +52,7 @@ BlockOutput BlockImpl::forward(const torch::Tensor& x_BSD, const Rope& rope, Com
 }
 
 TransformerImpl::TransformerImpl(const config::ModelConfig& cfg) : cfg_(cfg) {
-  // The config keys exist so that `moetrain cost` can estimate such models; the layers do not yet.
-  if (cfg.attention == "mla")
-    throw ConfigError("model.attention = mla is not implemented for training yet; configs with it serve `moetrain cost`");
+  // The config key exists so that `moetrain cost` can estimate such models; the modules do not yet.
   if (cfg.mtp_depth > 0)
     throw ConfigError("model.mtp_depth = " + std::to_string(cfg.mtp_depth) +
                       " (multi-token prediction) is not implemented for training yet; configs with it serve `moetrain cost`");
@@ -50,7 +61,7 @@ TransformerImpl::TransformerImpl(const config::ModelConfig& cfg) : cfg_(cfg) {
   for (int i = 0; i < cfg.n_layers; ++i) layers->push_back(Block(cfg, /*is_moe=*/i >= cfg.dense_layers));
   final_norm = register_module("final_norm", RMSNorm(cfg.d_model, cfg.norm_eps));
   if (!cfg.tie_embeddings) lm_head = register_parameter("lm_head", torch::empty({cfg.vocab_size, cfg.d_model}));
-  rope_ = Rope::make(cfg.max_seq_len, config::head_dim(cfg), cfg.rope_theta, torch::kCPU);
+  rope_ = make_rope(cfg, torch::kCPU);
 }
 
 ForwardOutput TransformerImpl::forward(const torch::Tensor& tokens_BS) const {
@@ -150,7 +161,7 @@ void TransformerImpl::update_router_bias(const std::vector<torch::Tensor>& load_
 
 void TransformerImpl::place(torch::Device device, ComputeDtype compute_dtype) {
   to(device);
-  rope_ = Rope::make(cfg_.max_seq_len, config::head_dim(cfg_), cfg_.rope_theta, device);
+  rope_ = make_rope(cfg_, device);
   compute_dtype_ = compute_dtype;
 }
 

@@ -23,7 +23,8 @@ class BlockImpl : public torch::nn::Module {
   BlockOutput forward(const torch::Tensor& x_BSD, const Rope& rope, ComputeDtype compute_dtype) const;
 
   RMSNorm attn_norm{nullptr}, ffn_norm{nullptr};
-  Attention attn{nullptr};
+  Attention attn{nullptr};   // model.attention = gqa
+  MLAttention mla{nullptr};  // model.attention = mla (registered as "attn" too)
   moe::SwiGLU mlp{nullptr};  // dense blocks
   moe::MoE moe{nullptr};     // MoE blocks
   // model.moe.shared_gate (Qwen2-MoE): the block runs the shared experts itself, scaled per token by

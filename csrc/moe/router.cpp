@@ -8,7 +8,7 @@ namespace moetrain::moe {
 
 RouterImpl::RouterImpl(const config::MoEConfig& cfg, int d_model) : cfg_(cfg) {
   weight = register_parameter("weight", torch::empty({cfg.n_experts, d_model}));
-  if (cfg.router.bias_update_rate > 0) expert_bias = register_buffer("expert_bias", torch::zeros({cfg.n_experts}));
+  if (cfg.router.bias_update_rate > 0 || cfg.router.selection_bias) expert_bias = register_buffer("expert_bias", torch::zeros({cfg.n_experts}));
 }
 
 namespace {

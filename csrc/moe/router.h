@@ -35,7 +35,7 @@ class RouterImpl : public torch::nn::Module {
   void update_bias(const torch::Tensor& tokens_per_expert_E);
 
   torch::Tensor weight;       // (E, D)
-  torch::Tensor expert_bias;  // (E,) fp32 buffer, selection only; defined when bias_update_rate > 0
+  torch::Tensor expert_bias;  // (E,) fp32 buffer, selection only; defined when bias_update_rate > 0 or selection_bias
 
  private:
   config::MoEConfig cfg_;

@@ -142,7 +142,16 @@ CATCH_TEST_CASE("DeepSeek-V3: 671B total, 37B active, about 250 GFLOPs per token
   CATCH_CHECK(f.mtp_causal == Approx(10.2e9).epsilon(0.02));
   CATCH_CHECK(f.total > f.total_causal);
 
-  CATCH_CHECK_THROWS_WITH(model::Transformer(cfg.model), Contains("model.attention = mla is not implemented"));
+  // MLA builds (a tiny one: this config would allocate 671B weights) with the parameters cost counts.
+  auto tiny_mla = testing::tiny_model_config();
+  tiny_mla.attention = "mla";
+  tiny_mla.mla = {8, 6, 4, 2, 4};
+  for (int q_lora : {8, 0}) {
+    tiny_mla.mla.q_lora_rank = q_lora;
+    model::Transformer built(tiny_mla);
+    CATCH_CHECK(built->param_counts().total == cost::param_counts(tiny_mla).total);
+    CATCH_CHECK(built->param_counts().active == cost::param_counts(tiny_mla).active);
+  }
   auto mtp_only = testing::tiny_model_config();
   mtp_only.mtp_depth = 1;
   CATCH_CHECK_THROWS_AS(model::Transformer(mtp_only), ConfigError);

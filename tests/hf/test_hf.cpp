@@ -51,7 +51,7 @@ std::vector<int64_t> to_vector(const torch::Tensor& t) {
 }
 
 // Import, compare, export, reload in transformers, compare; greedy generation.
-void check_family(const std::string& family) {
+void check_family(const std::string& family, const std::string& model_type = "") {
   testing::TempDir dir("hf-" + family);
   const std::string hf_dir = dir.str("hf"), exported = dir.str("exported");
   reference("make " + family + " " + hf_dir);
@@ -59,7 +59,7 @@ void check_family(const std::string& family) {
   const auto tokens = load_tensor(ref, "tokens");
 
   auto loaded = hf::load(hf_dir);
-  CATCH_REQUIRE(hf::family_name(loaded.hf.family) == family);
+  CATCH_REQUIRE(hf::family_name(loaded.hf.family) == (model_type.empty() ? family : model_type));
   const auto logits = our_logits(*loaded.model, tokens);
   const double import_diff = max_abs_diff(logits, load_tensor(ref, "logits"));
 
@@ -126,6 +126,14 @@ CATCH_TEST_CASE("hf: Qwen3-MoE (per-head q/k norms, own head_dim, tied head, a d
 }
 CATCH_TEST_CASE("hf: OLMoE (q/k norms over the whole projection, raw top-k) round trip", "[hf]") {
   check_family("olmoe");
+}
+
+CATCH_TEST_CASE("hf: DeepSeek-V3 (MLA with query low-rank, YaRN, sigmoid group-limited routing with the correction "
+                "bias, routed scaling, shared and dense layers) round trip", "[hf]") {
+  check_family("deepseek_v3");
+}
+CATCH_TEST_CASE("hf: DeepSeek-V2-Lite shape (MLA without query low-rank) round trip", "[hf]") {
+  check_family("deepseek_v2_lite", "deepseek_v3");
 }
 
 CATCH_TEST_CASE("hf: bf16 and fp16 shards import as their fp32 values", "[hf]") {
