@@ -510,7 +510,7 @@ void load_weights(const std::string& dir, Family family, model::TransformerImpl&
   auto params = model.named_parameters();
   auto buffers = model.named_buffers();
   const bool interleaved = family == Family::DeepseekV3 && read_rope_interleave(dir);
-  std::set<std::string> used;
+  std::set<std::string> used, written;
   for (const auto& entry : map) {
     if (!params.contains(entry.ours) && !buffers.contains(entry.ours))
       throw HfError("the model has no parameter '" + entry.ours + "' for HF tensor '" + entry.hf + "' (family " +
@@ -540,7 +540,12 @@ void load_weights(const std::string& dir, Family family, model::TransformerImpl&
     if (entry.layout == Layout::Row) value = value.view({-1});
     target.copy_(value);
     used.insert(entry.hf);
+    written.insert(entry.ours);
   }
+  // The model was built uninitialized: every parameter must have come from the folder.
+  for (const auto& p : params)
+    if (!written.count(p.key()))
+      throw HfError("no tensor of " + dir + " maps to parameter '" + p.key() + "' (family " + family_name(family) + ")");
   for (const auto& [name, file] : index.file_of) {
     if (used.count(name) || name.find("rotary_emb.inv_freq") != std::string::npos) continue;
     if (family == Family::DeepseekV3 && is_mtp_layer(name, model.config().n_layers)) continue;  // MTP: not modelled

@@ -83,6 +83,20 @@ void check_family(const std::string& family, const std::string& model_type = "")
   const std::vector<int64_t> prompt(greedy.begin(), greedy.begin() + prompt_len);
   CATCH_CHECK(train::generate(*loaded.model, prompt, options) == greedy);
 
+  // The imported model trains: every parameter gets a finite, non-zero gradient.
+  {
+    auto out = loaded.model->forward(tokens.narrow(1, 0, 11));
+    auto loss = torch::cross_entropy_loss(out.logits_BSV.reshape({-1, out.logits_BSV.size(-1)}),
+                                          tokens.narrow(1, 1, 11).reshape(-1));
+    (loss + out.balance_loss).backward();
+    for (const auto& p : loaded.model->named_parameters()) {
+      CATCH_INFO(p.key());
+      CATCH_REQUIRE(p.value().grad().defined());
+      CATCH_CHECK(torch::isfinite(p.value().grad()).all().item<bool>());
+      CATCH_CHECK(p.value().grad().abs().sum().item<double>() > 0);
+    }
+  }
+
   // Round trip without transformers: re-importing the export gives the same parameters exactly.
   auto again = hf::load(exported);
   auto a = loaded.model->named_parameters(), b = again.model->named_parameters();
