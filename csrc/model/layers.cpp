@@ -1,7 +1,9 @@
-// RMSNorm, RoPE and grouped-query causal attention through scaled_dot_product_attention.
+// RMSNorm, RoPE (with YaRN), grouped-query and multi-head latent causal attention through
+// scaled_dot_product_attention.
 #include "model/layers.h"
 
 #include <cmath>
+#include <numbers>
 
 namespace moetrain::model {
 
@@ -25,7 +27,7 @@ Rope Rope::make(int max_seq_len, int head_dim, double theta, torch::Device devic
     // are divided by the factor, with a linear ramp between (YaRN, arXiv:2309.00071).
     const double original = yarn.original_max_seq_len > 0 ? yarn.original_max_seq_len : max_seq_len;
     auto dim_of = [&](double rotations) {
-      return head_dim * std::log(original / (rotations * 2 * M_PI)) / (2 * std::log(theta));
+      return head_dim * std::log(original / (rotations * 2 * std::numbers::pi)) / (2 * std::log(theta));
     };
     const double low = std::max(std::floor(dim_of(yarn.beta_fast)), 0.0);
     double high = std::min(std::ceil(dim_of(yarn.beta_slow)), double(head_dim - 1));

@@ -1,4 +1,5 @@
-// Transformer building blocks: RMSNorm, rotary position embedding, grouped-query attention.
+// Transformer building blocks: RMSNorm, rotary position embedding (with YaRN), grouped-query attention
+// (optional q/k/v biases and q/k norms) and multi-head latent attention.
 // Legend: B batch, S sequence, D model dim, H query heads, G key/value heads, Hd head dim.
 // Parameters stay in their storage dtype (fp32 master weights); `compute_dtype` (bf16 on the GPU)
 // casts weights and activations for the matmuls, norms and softmax run in fp32.

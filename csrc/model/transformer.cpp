@@ -6,6 +6,8 @@
 namespace moetrain::model {
 
 namespace {
+PretrainedLoader pretrained_loader = nullptr;  // installed by csrc/hf (model.init_from)
+
 // MLA rotates only its qk_rope_head_dim dimensions; GQA the whole head.
 Rope make_rope(const config::ModelConfig& cfg, torch::Device device) {
   const int dim = cfg.attention == "mla" ? cfg.mla.qk_rope_head_dim : config::head_dim(cfg);
@@ -104,10 +106,6 @@ torch::Tensor seeded_normal(at::IntArrayRef shape, double std, uint64_t seed, co
 bool ends_with(const std::string& s, const std::string& suffix) {
   return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
 }
-}  // namespace
-
-namespace {
-PretrainedLoader pretrained_loader = nullptr;
 }  // namespace
 
 void set_pretrained_loader(PretrainedLoader loader) { pretrained_loader = loader; }
