@@ -47,5 +47,6 @@ int run_prepare_data(const std::vector<std::string>& argv);
 int run_config(const std::vector<std::string>& argv);
 int run_bench_moe(const std::vector<std::string>& argv);
 int run_cost(const std::vector<std::string>& argv);
+int run_bench_step(const std::vector<std::string>& argv);
 
 }  // namespace moetrain::cli

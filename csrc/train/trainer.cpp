@@ -2,10 +2,12 @@
 // the "bookkeeping" marker is timing, logging, evaluation and checkpoint decisions.
 #include "train/trainer.h"
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <csignal>
 #include <fstream>
+#include <functional>
 #include <nlohmann/json.hpp>
 #include <thread>
 
@@ -158,6 +160,38 @@ struct MoETelemetry {
   }
 };
 
+struct StepOutcome {
+  double loss = 0;       // mean cross-entropy over the micro-batches (the balance loss apart)
+  double grad_norm = 0;  // before clipping
+  MoETelemetry telemetry;
+};
+
+// One optimizer step: forward and backward of every micro-batch (gradients accumulated, each loss
+// scaled by 1/grad_accum), clip, AdamW, then the routers' bias update from the step's expert load.
+// The trainer and bench-step both run exactly this.
+StepOutcome train_step(model::TransformerImpl& model, optim::AdamW& optimizer, const std::vector<torch::Tensor>& params,
+                       const config::Config& cfg, double lr, torch::Device device,
+                       const std::function<data::Batch(int micro)>& batch_of) {
+  StepOutcome outcome;
+  optimizer.zero_grad();
+  double loss_sum = 0;
+  for (int micro = 0; micro < cfg.train.grad_accum; ++micro) {
+    auto batch = batch_of(micro);
+    auto out = model.forward(batch.inputs.to(device));
+    const auto V = out.logits_BSV.size(-1);
+    auto ce = torch::cross_entropy_loss(out.logits_BSV.view({-1, V}), batch.targets.to(device).view(-1));
+    auto loss = ce + out.balance_loss;
+    (loss / cfg.train.grad_accum).backward();
+    loss_sum += ce.item<double>();
+    outcome.telemetry.add(out);
+  }
+  outcome.grad_norm = optim::clip_grad_norm(params, cfg.optim.grad_clip);
+  optimizer.step(lr);
+  model.update_router_bias(outcome.telemetry.load_LE);
+  outcome.loss = loss_sum / cfg.train.grad_accum;
+  return outcome;
+}
+
 }  // namespace
 
 torch::Device resolve_device(const config::RunConfig& run) {
@@ -280,24 +314,12 @@ TrainResult train(const config::Config& cfg, const TrainOptions& options) {
     const double step_start = now_s();
     // ---- the step ----------------------------------------------------------------------------------
     const double lr = optim::learning_rate(cfg.optim, step, decay_steps);
-    optimizer.zero_grad();
-    double loss_sum = 0;
-    MoETelemetry moe_telemetry;
-    for (int micro = 0; micro < cfg.train.grad_accum; ++micro) {
-      auto batch = sampler.batch(step, micro);
-      auto out = model->forward(batch.inputs.to(device));
-      const auto V = out.logits_BSV.size(-1);
-      auto ce = torch::cross_entropy_loss(out.logits_BSV.view({-1, V}), batch.targets.to(device).view(-1));
-      auto loss = ce + out.balance_loss;
-      (loss / cfg.train.grad_accum).backward();
-      loss_sum += ce.item<double>();
-      moe_telemetry.add(out);
-    }
-    const double grad_norm = optim::clip_grad_norm(params, cfg.optim.grad_clip);
-    optimizer.step(lr);
-    model->update_router_bias(moe_telemetry.load_LE);
+    auto outcome = train_step(*model, optimizer, params, cfg, lr, device,
+                              [&](int micro) { return sampler.batch(step, micro); });
+    const double grad_norm = outcome.grad_norm;
+    const MoETelemetry& moe_telemetry = outcome.telemetry;
     // ---- bookkeeping -------------------------------------------------------------------------------
-    const double loss = loss_sum / cfg.train.grad_accum;
+    const double loss = outcome.loss;
     if (!std::isfinite(loss))
       throw Error("[train] loss became " + format_double(loss) + " at step " + std::to_string(step + 1) +
                   " (lower optim.lr or check the data)");
@@ -372,6 +394,86 @@ TrainResult train(const config::Config& cfg, const TrainOptions& options) {
   result.cost_usd = result.gpu_hours * cfg.cost.price_per_gpu_hour;
   result.mean_mfu = result.tokens_per_s * flops_per_token / peak_flops;
   return result;
+}
+
+BenchResult bench_steps(const config::Config& cfg, int warmup_steps, int steps, bool quiet) {
+  if (warmup_steps < 0 || steps < 1)
+    throw UsageError("bench-step needs --warmup >= 0 and --steps >= 1 (got " + std::to_string(warmup_steps) + ", " +
+                     std::to_string(steps) + ")");
+  auto comm = dist::make_communicator(cfg.parallel);
+  set_log_rank(comm->rank());
+  configure_threads(cfg.run);
+  const torch::Device device = resolve_device(cfg.run);
+  const auto compute_dtype = resolve_compute_dtype(cfg.run);
+
+  model::Transformer model(cfg.model);
+  model->init_weights(cfg.run.seed);
+  model->place(device, compute_dtype);
+  std::vector<std::pair<std::string, torch::Tensor>> named_params;
+  std::vector<torch::Tensor> params;
+  for (const auto& p : model->named_parameters()) {
+    named_params.emplace_back(p.key(), p.value());
+    params.push_back(p.value());
+  }
+  optim::AdamW optimizer(named_params, cfg.optim, model::is_no_decay);
+
+  // Synthetic tokens, uniform over the vocabulary and a pure function of (seed, step, micro, rank).
+  const int B = cfg.train.micro_batch_size, S = cfg.data.seq_len;
+  auto synthetic = [&](int64_t step, int micro) {
+    auto tokens = torch::empty({B, S + 1}, torch::kInt64);
+    auto* t = tokens.data_ptr<int64_t>();
+    const uint64_t base = data::mix64(cfg.run.seed ^ data::mix64(uint64_t(step) * 1000003u + uint64_t(micro) * 7919u +
+                                                                  uint64_t(comm->rank()) * 104729u));
+    for (int64_t i = 0; i < tokens.numel(); ++i) t[i] = int64_t(data::mix64(base + uint64_t(i)) % uint64_t(cfg.model.vocab_size));
+    return data::Batch{tokens.narrow(1, 0, S).contiguous(), tokens.narrow(1, 1, S).contiguous()};
+  };
+
+  BenchResult r;
+  r.device = device.is_cuda() ? "cuda" : "cpu";
+  r.dtype = compute_dtype ? "bf16" : "fp32";
+  r.world_size = comm->world_size();
+  r.warmup_steps = warmup_steps;
+  r.steps = steps;
+  r.tokens_per_step = int64_t(B) * S * cfg.train.grad_accum * comm->world_size();
+  const auto counts = model->param_counts();
+  r.params_total = counts.total;
+  r.params_active = counts.active;
+
+  std::vector<double> step_s;
+  for (int i = 0; i < warmup_steps + steps; ++i) {
+    const double lr = optim::learning_rate(cfg.optim, i, std::max<int64_t>(1, cfg.optim.decay_steps > 0 ? cfg.optim.decay_steps : cfg.train.steps));
+    const double start = now_s();
+    auto outcome = train_step(*model, optimizer, params, cfg, lr, device, [&](int micro) { return synthetic(i, micro); });
+    if (device.is_cuda()) torch::cuda::synchronize();
+    const double took = now_s() - start;
+    if (!std::isfinite(outcome.loss))
+      throw Error("[bench-step] loss became " + format_double(outcome.loss) + " at step " + std::to_string(i + 1));
+    if (i == 0) r.first_loss = outcome.loss;
+    r.last_loss = outcome.loss;
+    if (i >= warmup_steps) step_s.push_back(took);
+    if (!quiet)
+      log_line("bench-step " + std::to_string(i + 1) + "/" + std::to_string(warmup_steps + steps) +
+             (i < warmup_steps ? " (warm-up)" : "") + " | " + format_double(took * 1e3, 4) + " ms | loss " +
+             format_double(outcome.loss, 4));
+  }
+  double sum = 0;
+  for (double s : step_s) sum += s;
+  auto sorted = step_s;
+  std::sort(sorted.begin(), sorted.end());
+  r.step_s_mean = sum / double(step_s.size());
+  r.step_s_min = sorted.front();
+  r.step_s_median = sorted[sorted.size() / 2];
+  r.tokens_per_s = double(r.tokens_per_step) / r.step_s_mean;
+  r.tokens_per_s_per_gpu = r.tokens_per_s / r.world_size;
+  r.flops_per_token_causal = cost::training_flops_per_token(cfg.model, S).total_causal;
+  // On the CPU the peak is this machine's (measured); on a GPU it is the datasheet of cost.gpu.
+  if (device.is_cuda() && cfg.cost.gpu == "cpu")
+    throw ConfigError("bench-step on cuda needs cost.gpu to name the GPU (e.g. --set cost.gpu=h200), not \"cpu\"");
+  const cost::Hardware hardware = cost::lookup_hardware(device.is_cuda() ? cfg.cost.gpu : "cpu");
+  r.gpu = hardware.name;
+  r.peak_tflops = hardware.bf16_tflops;
+  r.mfu = r.tokens_per_s_per_gpu * r.flops_per_token_causal / (hardware.bf16_tflops * 1e12);
+  return r;
 }
 
 }  // namespace moetrain::train
