@@ -74,7 +74,7 @@ while (( ${#live[@]} > 0 )); do
     (( code > 128 )) && how="was killed by signal $((code - 128))"
     echo "launch.sh: rank ${rank_of[$finished]} (pid $finished) $how; stopping the other ranks" >&2
     stop_all TERM
-    ( sleep "$grace"; stop_all KILL ) &
+    ( exec >/dev/null 2>&1; sleep "$grace"; stop_all KILL ) &  # not holding our output open
     killer=$!
   fi
 done

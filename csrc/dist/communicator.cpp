@@ -6,6 +6,7 @@
 #include <chrono>
 #include <cstdlib>
 #include <cstring>
+#include <thread>
 
 #include "common/errors.h"
 #include "dist/nccl.h"
@@ -74,12 +75,36 @@ std::vector<uint8_t> to_bytes(const torch::Tensor& t) {
   return std::vector<uint8_t>(p, p + c.nbytes());
 }
 
+// The store and its shutdown, shared by the world and its sub-groups. Rank 0 serves the store, so it
+// must not exit while another rank still talks to it: at the end every other rank checks out and
+// rank 0 waits for them (unless a collective failed, when nobody waits on a dead job).
+struct SharedStore {
+  c10::intrusive_ptr<c10d::Store> store;
+  int rank = 0, world_size = 1;
+  std::chrono::milliseconds timeout{0};
+  bool broken = false;
+
+  ~SharedStore() {
+    if (broken) return;
+    try {
+      if (rank != 0) {
+        store->add("exit", 1);
+        return;
+      }
+      const auto deadline = std::chrono::steady_clock::now() + timeout;
+      while (store->add("exit", 0) < world_size - 1 && std::chrono::steady_clock::now() < deadline)
+        std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    } catch (const std::exception&) {
+    }
+  }
+};
+
 class StoreCommunicator final : public Communicator {
  public:
-  StoreCommunicator(c10::intrusive_ptr<c10d::Store> store, std::string prefix, std::string name, int rank,
+  StoreCommunicator(std::shared_ptr<SharedStore> shared, std::string prefix, std::string name, int rank,
                     std::vector<int> world_ranks)
-      : store_(std::move(store)), prefix_(std::move(prefix)), name_(std::move(name)), rank_(rank),
-        world_ranks_(std::move(world_ranks)) {}
+      : shared_(std::move(shared)), store_(shared_->store), prefix_(std::move(prefix)), name_(std::move(name)),
+        rank_(rank), world_ranks_(std::move(world_ranks)) {}
 
   int rank() const override { return rank_; }
   int world_size() const override { return int(world_ranks_.size()); }
@@ -169,7 +194,7 @@ class StoreCommunicator final : public Communicator {
       members.push_back(world_ranks_[size_t(r)]);
     }
     const std::string prefix = prefix_ + "split" + std::to_string(round_) + "." + std::to_string(color) + "/";
-    return std::make_unique<StoreCommunicator>(store_, prefix, label, new_rank, members);
+    return std::make_unique<StoreCommunicator>(shared_, prefix, label, new_rank, members);
   }
 
  private:
@@ -203,15 +228,18 @@ class StoreCommunicator final : public Communicator {
   torch::Tensor take(const std::string& key, int readers, int from, const torch::Tensor& like) {
     auto bytes = take_bytes(key, readers, from);
     auto out = torch::empty(like.sizes(), like.options().device(torch::kCPU));
-    if (bytes.size() != size_t(out.nbytes()))
+    if (bytes.size() != size_t(out.nbytes())) {
+      shared_->broken = true;
       throw DistError(std::string(op_) + " on " + name_ + ": rank " + std::to_string(world_rank_of(from)) + " sent " +
                       std::to_string(bytes.size()) + " bytes, rank " + std::to_string(world_rank_of(rank_)) +
                       " expected " + std::to_string(out.nbytes()) + " (mismatched shapes or splits)");
+    }
     if (!bytes.empty()) std::memcpy(out.data_ptr(), bytes.data(), bytes.size());
     return out;
   }
 
   [[noreturn]] void fail(const std::string& what, const c10::Error& e) {
+    shared_->broken = true;
     std::string cause = e.what_without_backtrace();
     cause = cause.substr(0, cause.find('\n'));
     throw DistError(std::string(op_) + " #" + std::to_string(round_ - 1) + " on " + name_ + " (rank " +
@@ -219,6 +247,7 @@ class StoreCommunicator final : public Communicator {
                     " (a peer died or parallel.timeout_s passed)");
   }
 
+  std::shared_ptr<SharedStore> shared_;
   c10::intrusive_ptr<c10d::Store> store_;
   std::string prefix_, name_;
   int rank_;
@@ -316,7 +345,12 @@ std::unique_ptr<Communicator> make_communicator(const config::ParallelConfig& pa
   std::vector<int> ranks(static_cast<size_t>(env.world_size));
   for (int r = 0; r < env.world_size; ++r) ranks[size_t(r)] = r;
   if (backend == "nccl") return make_nccl(store, env.rank, env.world_size, env.local_rank, parallel.timeout_s);
-  return std::make_unique<StoreCommunicator>(store, "c/", "world", env.rank, ranks);
+  auto shared = std::make_shared<SharedStore>();
+  shared->store = store;
+  shared->rank = env.rank;
+  shared->world_size = env.world_size;
+  shared->timeout = options.timeout;
+  return std::make_unique<StoreCommunicator>(shared, "c/", "world", env.rank, ranks);
 }
 
 Layout make_layout(std::shared_ptr<Communicator> world, int expert_parallel) {

@@ -227,7 +227,10 @@ torch::Tensor MoEImpl::experts_across_ranks(const torch::Tensor& rows_RD, const 
       for (int64_t j = 0; j < counts[src * EL + e]; ++j) by_expert.push_back(start[size_t(src * EL + e)] + j);
   auto perm_R = torch::tensor(by_expert, torch::kInt64).to(rows_RD.device());
   auto local_counts_E = recv_counts_PE.sum(0).to(rows_RD.device());
-  auto y_sorted = experts->forward(received_RD.index_select(0, perm_R), local_counts_E, compute_dtype);
+  // A rank that receives no rows still passes them through the graph: both all-to-alls must run
+  // their backward on every rank, or the ranks' collectives would fall out of step.
+  auto y_sorted = offset == 0 ? received_RD
+                              : experts->forward(received_RD.index_select(0, perm_R), local_counts_E, compute_dtype);
   auto y_received = torch::empty_like(y_sorted).index_copy(0, perm_R, y_sorted);
   // 4. Results back to the ranks the rows came from, in their dispatch order.
   return all_to_all_rows(y_received, ep, recv_rows, send_rows);
