@@ -161,6 +161,7 @@ int run_bench_step(const std::vector<std::string>& argv) {
   const std::string config_path = args.require("config");
   const auto cfg = config::load_config(config_path, args.all("set"));
   const auto r = train::bench_steps(cfg, args.get_int("warmup", 3), args.get_int("steps", 10), args.has("json"));
+  if (log_rank() != 0) return 0;  // one report per job, from rank 0
   nlohmann::json j = {{"config", config_path},
                       {"device", r.device},
                       {"dtype", r.dtype},
@@ -180,6 +181,13 @@ int run_bench_step(const std::vector<std::string>& argv) {
                       {"mfu", r.mfu},
                       {"params_total", r.params_total},
                       {"params_active", r.params_active},
+                      {"expert_parallel", r.expert_parallel},
+                      {"moe_layers", r.moe_layers},
+                      {"micro_batch_size", cfg.train.micro_batch_size},
+                      {"grad_accum", cfg.train.grad_accum},
+                      {"d_model", cfg.model.d_model},
+                      {"top_k", cfg.model.moe.top_k},
+                      {"all_to_all_bytes_per_step", r.all_to_all_bytes_per_step},
                       {"first_loss", r.first_loss},
                       {"last_loss", r.last_loss}};
   if (args.has("json")) {

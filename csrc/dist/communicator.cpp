@@ -3,6 +3,7 @@
 
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdlib>
 #include <cstring>
@@ -154,7 +155,11 @@ class StoreCommunicator final : public Communicator {
     auto rows = in.detach().to(torch::kCPU).contiguous();
     int64_t start = 0;
     for (int r = 0; r < W; ++r) {
-      if (r != rank_ && send_rows[r] > 0) put(round + std::to_string(rank_) + ">" + std::to_string(r), to_bytes(rows.narrow(0, start, send_rows[r])));
+      if (r != rank_ && send_rows[r] > 0) {
+        auto bytes = to_bytes(rows.narrow(0, start, send_rows[r]));
+        all_to_all_bytes_sent_ += int64_t(bytes.size());
+        put(round + std::to_string(rank_) + ">" + std::to_string(r), bytes);
+      }
       start += send_rows[r];
     }
     auto shape = in.sizes().vec();
@@ -203,9 +208,21 @@ class StoreCommunicator final : public Communicator {
     return prefix_ + std::to_string(round_++) + "/";
   }
 
+  // The store's server takes values of at most 8 MiB, so a value travels in chunks of kChunk bytes:
+  // `key` holds the total size (8 bytes) and the first chunk, `key.i` the i-th.
+  static constexpr size_t kChunk = size_t(4) << 20;
+
   void put(const std::string& key, const std::vector<uint8_t>& bytes) {
     try {
-      store_->set(key, bytes);
+      const uint64_t total = bytes.size();
+      const size_t first = std::min(kChunk, bytes.size());
+      std::vector<uint8_t> head(sizeof total + first);
+      std::memcpy(head.data(), &total, sizeof total);
+      std::memcpy(head.data() + sizeof total, bytes.data(), first);
+      store_->set(key, head);
+      for (size_t at = first, i = 1; at < bytes.size(); at += kChunk, ++i)
+        store_->set(key + "." + std::to_string(i),
+                    std::vector<uint8_t>(bytes.begin() + long(at), bytes.begin() + long(std::min(at + kChunk, bytes.size()))));
     } catch (const c10::Error& e) {
       fail("writing to the store", e);
     }
@@ -213,10 +230,23 @@ class StoreCommunicator final : public Communicator {
 
   std::vector<uint8_t> take_bytes(const std::string& key, int readers, int from) {
     try {
-      auto bytes = store_->get(key);
-      if (store_->add(key + "#", 1) == readers) {
-        store_->deleteKey(key);
-        store_->deleteKey(key + "#");
+      auto get = [&](const std::string& k) {
+        auto v = store_->get(k);
+        if (store_->add(k + "#", 1) == readers) {  // the last reader cleans up
+          store_->deleteKey(k);
+          store_->deleteKey(k + "#");
+        }
+        return v;
+      };
+      auto head = get(key);
+      uint64_t total = 0;
+      TORCH_CHECK(head.size() >= sizeof total, "[dist] malformed store value '", key, "'");
+      std::memcpy(&total, head.data(), sizeof total);
+      std::vector<uint8_t> bytes(head.begin() + sizeof total, head.end());
+      bytes.reserve(total);
+      for (size_t i = 1; bytes.size() < total; ++i) {
+        auto chunk = get(key + "." + std::to_string(i));
+        bytes.insert(bytes.end(), chunk.begin(), chunk.end());
       }
       return bytes;
     } catch (const c10::Error& e) {

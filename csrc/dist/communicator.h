@@ -59,6 +59,12 @@ class Communicator {
   // The sub-group of the ranks passing the same `color` (MPI_Comm_split): every rank of this group
   // calls it; ranks in the new group are ordered by their rank here. `label` names it in messages.
   virtual std::unique_ptr<Communicator> split(int color, const std::string& label) = 0;
+
+  // Bytes this rank has sent to other ranks by all_to_all since the group was made (bench_ep.sh).
+  int64_t all_to_all_bytes_sent() const { return all_to_all_bytes_sent_; }
+
+ protected:
+  int64_t all_to_all_bytes_sent_ = 0;
 };
 
 // The job's world communicator: rendezvous from the launcher's environment, then the backend that

@@ -90,6 +90,7 @@ class NcclCommunicator final : public Communicator {
     call("all_to_all", ncclGroupStart());
     int64_t send_off = 0, recv_off = 0;
     for (int r = 0; r < W; ++r) {
+      if (send_rows[r] > 0 && r != rank_) all_to_all_bytes_sent_ += send_rows[r] * per_row * int64_t(item);
       if (send_rows[r] > 0)
         call("all_to_all", ncclSend(src + send_off * per_row * item, size_t(send_rows[r] * per_row), type, r, comm_, stream()));
       if (recv_rows[r] > 0)

@@ -547,8 +547,12 @@ BenchResult bench_steps(const config::Config& cfg, int warmup_steps, int steps, 
   r.params_total = counts.total;
   r.params_active = counts.active;
 
+  r.expert_parallel = layout->ep_size();
+  r.moe_layers = cfg.model.n_layers - cfg.model.dense_layers;
   std::vector<double> step_s;
+  int64_t a2a_bytes_at_start = 0;
   for (int i = 0; i < warmup_steps + steps; ++i) {
+    if (i == warmup_steps) a2a_bytes_at_start = layout->ep->all_to_all_bytes_sent();
     const double lr = optim::learning_rate(cfg.optim, i, std::max<int64_t>(1, cfg.optim.decay_steps > 0 ? cfg.optim.decay_steps : cfg.train.steps));
     const double start = now_s();
     auto outcome = train_step(*model, optimizer, parallel, cfg, lr, device, [&](int micro) { return synthetic(i, micro); });
@@ -564,6 +568,7 @@ BenchResult bench_steps(const config::Config& cfg, int warmup_steps, int steps, 
              (i < warmup_steps ? " (warm-up)" : "") + " | " + format_double(took * 1e3, 4) + " ms | loss " +
              format_double(outcome.loss, 4));
   }
+  r.all_to_all_bytes_per_step = double(layout->ep->all_to_all_bytes_sent() - a2a_bytes_at_start) / steps;
   double sum = 0;
   for (double s : step_s) sum += s;
   auto sorted = step_s;

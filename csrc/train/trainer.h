@@ -50,6 +50,9 @@ struct BenchResult {
   double mfu = 0;
   int64_t params_total = 0, params_active = 0;
   double first_loss = 0, last_loss = 0;  // sanity: the steps really trained
+  int expert_parallel = 1;
+  int moe_layers = 0;
+  double all_to_all_bytes_per_step = 0;  // sent by this rank to other ranks, mean over timed steps
 };
 // Logs one line per step unless quiet (the --json output keeps stdout to the one object).
 BenchResult bench_steps(const config::Config& cfg, int warmup_steps, int steps, bool quiet = false);
