@@ -26,22 +26,30 @@ std::string shape_text(at::IntArrayRef shape) {
   return s.str();
 }
 
-// Reads `name` from `file` and checks it against the tensor it will be copied into.
-torch::Tensor read_matching(const SafetensorsFile& file, const std::string& name, const torch::Tensor& target) {
+// Reads `name` from `file` and checks it against the tensor it will be copied into; with a shard, an
+// expert tensor is checked whole and this rank's experts returned.
+torch::Tensor read_matching(const SafetensorsFile& file, const std::string& name, const torch::Tensor& target,
+                            const ExpertShard* shard = nullptr) {
+  const bool sharded = shard && is_expert_tensor(name);
+  auto expected = target.sizes().vec();
+  if (sharded) expected[0] = shard->total;
   if (!file.contains(name))
     throw CheckpointError(file.path() + ": tensor '" + name + "' is missing (the model expects shape " +
-                          shape_text(target.sizes()) + ")");
+                          shape_text(expected) + ")");
   const auto& info = file.info(name);
-  if (info.shape != target.sizes().vec())
+  if (info.shape != expected)
     throw CheckpointError(file.path() + ": tensor '" + name + "' has shape " + shape_text(info.shape) +
-                          " in the checkpoint but " + shape_text(target.sizes()) + " in the model");
+                          " in the checkpoint but " + shape_text(expected) + " in the model");
   if (info.dtype != target.scalar_type())
     throw CheckpointError(file.path() + ": tensor '" + name + "' has dtype " + std::string(c10::toString(info.dtype)) +
                           " in the checkpoint but " + std::string(c10::toString(target.scalar_type())) + " in the model");
-  return file.load(name);
+  auto value = file.load(name);
+  return sharded ? value.narrow(0, shard->offset, shard->local) : value;
 }
 
 }  // namespace
+
+bool is_expert_tensor(const std::string& name) { return name.find(".moe.experts.") != std::string::npos; }
 
 std::string step_dir_name(int64_t step) {
   char buf[32];
@@ -51,8 +59,23 @@ std::string step_dir_name(int64_t step) {
 
 namespace {
 
+// optimizer == nullptr writes weights only (moetrain convert).
 std::string save(const std::string& out_dir, const model::TransformerImpl& model, const optim::AdamW* optimizer,
-                 const std::string& config_yaml, const Progress& progress) {
+                 const std::string& config_yaml, const Progress& progress, const ExpertShard* shard, bool write) {
+  auto whole = [&](const std::string& name, const torch::Tensor& t) {
+    return shard && is_expert_tensor(name) ? shard->gather(t.detach()) : t.detach();
+  };
+  TensorMap weights;  // parameters, then buffers (the routers' balancing biases)
+  for (const auto& p : model.named_parameters()) weights.emplace_back(p.key(), whole(p.key(), p.value()));
+  for (const auto& b : model.named_buffers()) weights.emplace_back(b.key(), b.value().detach());
+  TensorMap optim_state;
+  if (optimizer)
+    for (const auto& s : optimizer->states()) {
+      optim_state.emplace_back(s.name + ".exp_avg", whole(s.name, s.exp_avg));
+      optim_state.emplace_back(s.name + ".exp_avg_sq", whole(s.name, s.exp_avg_sq));
+    }
+  if (!write) return "";
+
   const std::string ckpt_root = files::join(out_dir, "ckpt");
   const std::string name = step_dir_name(progress.step);
   const std::string final_dir = files::join(ckpt_root, name);
@@ -61,17 +84,8 @@ std::string save(const std::string& out_dir, const model::TransformerImpl& model
   files::remove_tree(tmp_dir);  // left by a crash during an earlier save of this step
   files::make_directories(tmp_dir);
 
-  TensorMap weights;  // parameters, then buffers (the routers' balancing biases)
-  for (const auto& p : model.named_parameters()) weights.emplace_back(p.key(), p.value().detach());
-  for (const auto& b : model.named_buffers()) weights.emplace_back(b.key(), b.value().detach());
   save_safetensors(files::join(tmp_dir, kModelFile), weights, {{"format", "moetrain"}});
-
   if (optimizer) {
-    TensorMap optim_state;
-    for (const auto& s : optimizer->states()) {
-      optim_state.emplace_back(s.name + ".exp_avg", s.exp_avg);
-      optim_state.emplace_back(s.name + ".exp_avg_sq", s.exp_avg_sq);
-    }
     {
       at::Generator generator = at::detail::getDefaultCPUGenerator();
       std::lock_guard<std::mutex> lock(generator.mutex());
@@ -108,13 +122,14 @@ std::string save(const std::string& out_dir, const model::TransformerImpl& model
 }  // namespace
 
 std::string save_checkpoint(const std::string& out_dir, const model::TransformerImpl& model,
-                            const optim::AdamW& optimizer, const std::string& config_yaml, const Progress& progress) {
-  return save(out_dir, model, &optimizer, config_yaml, progress);
+                            const optim::AdamW& optimizer, const std::string& config_yaml, const Progress& progress,
+                            const ExpertShard* shard, bool write) {
+  return save(out_dir, model, &optimizer, config_yaml, progress, shard, write);
 }
 
 std::string save_weights_checkpoint(const std::string& out_dir, const model::TransformerImpl& model,
                                     const std::string& config_yaml, const Progress& progress) {
-  return save(out_dir, model, nullptr, config_yaml, progress);
+  return save(out_dir, model, nullptr, config_yaml, progress, nullptr, true);
 }
 
 std::optional<std::string> find_checkpoint(const std::string& path) {
@@ -174,7 +189,7 @@ Manifest open_checkpoint(const std::string& step_dir, const std::string& verify)
   return m;
 }
 
-void load_model(const std::string& step_dir, model::TransformerImpl& model) {
+void load_model(const std::string& step_dir, model::TransformerImpl& model, const ExpertShard* shard) {
   torch::NoGradGuard no_grad;
   SafetensorsFile file(files::join(step_dir, kModelFile));
   auto params = model.named_parameters();
@@ -182,17 +197,18 @@ void load_model(const std::string& step_dir, model::TransformerImpl& model) {
   for (const auto& info : file.tensors())
     if (!params.contains(info.name) && !buffers.contains(info.name))
       throw CheckpointError(file.path() + ": tensor '" + info.name + "' has no parameter or buffer in this model");
-  for (auto& p : params) p.value().copy_(read_matching(file, p.key(), p.value()));
+  for (auto& p : params) p.value().copy_(read_matching(file, p.key(), p.value(), shard));
   for (auto& b : buffers) b.value().copy_(read_matching(file, b.key(), b.value()));
 }
 
-void load_optimizer(const std::string& step_dir, optim::AdamW& optimizer) {
+void load_optimizer(const std::string& step_dir, optim::AdamW& optimizer, const ExpertShard* shard) {
   torch::NoGradGuard no_grad;
   if (!files::exists(files::join(step_dir, kOptimFile))) return;  // weights only (moetrain convert)
   SafetensorsFile file(files::join(step_dir, kOptimFile));
   for (auto& s : optimizer.states()) {
-    s.exp_avg.copy_(read_matching(file, s.name + ".exp_avg", s.exp_avg));
-    s.exp_avg_sq.copy_(read_matching(file, s.name + ".exp_avg_sq", s.exp_avg_sq));
+    const ExpertShard* sh = shard && is_expert_tensor(s.name) ? shard : nullptr;
+    s.exp_avg.copy_(read_matching(file, s.name + ".exp_avg", s.exp_avg, sh));
+    s.exp_avg_sq.copy_(read_matching(file, s.name + ".exp_avg_sq", s.exp_avg_sq, sh));
   }
   const auto& meta = file.metadata();
   auto it = meta.find("step_count");

@@ -49,5 +49,6 @@ int run_bench_moe(const std::vector<std::string>& argv);
 int run_cost(const std::vector<std::string>& argv);
 int run_convert(const std::vector<std::string>& argv);
 int run_eval(const std::vector<std::string>& argv);
+int run_bench_step(const std::vector<std::string>& argv);
 
 }  // namespace moetrain::cli

@@ -1,14 +1,18 @@
 // `moetrain cost`: training FLOPs, GPU-hours, days and price of a token budget for a config, from one
 // of MFU, per-GPU throughput or GPU-hours. Needs no data and builds no model, so any size can be costed.
 #include <cstdio>
+#include <optional>
 #include <nlohmann/json.hpp>
 
 #include "cli/args.h"
 #include "common/errors.h"
+#include "common/files.h"
+#include "common/log.h"
 #include "config/config.h"
 #include "cost/estimate.h"
 #include "cost/flops.h"
 #include "cost/hardware.h"
+#include "train/trainer.h"
 
 namespace moetrain::cli {
 
@@ -28,6 +32,7 @@ int run_cost(const std::vector<std::string>& argv) {
        {"mfu", "X", "model FLOPs utilization in (0, 1]"},
        {"tokens-per-s-per-gpu", "Y", "training throughput per GPU"},
        {"gpu-hours", "H", "GPU-hours of the whole run, e.g. 2.664e6 or 2.664M"},
+       {"bench", "FILE", "JSON written by `moetrain bench-step --json`: its measured MFU and hardware carry over"},
        {"json", "", "print one JSON object instead of text"}}};
   Args args(command, argv);
   if (args.help()) {
@@ -55,8 +60,27 @@ int run_cost(const std::vector<std::string>& argv) {
     given_value = cost::parse_count(args.get("gpu-hours"), "--gpu-hours");
     if (!(given_value > 0)) throw UsageError("--gpu-hours must be > 0");
   }
+  std::optional<cost::Hardware> bench_hardware;
+  if (args.has("bench")) {
+    // A bench-step run is a measured proxy: what carries over to the full model is its MFU (a layer
+    // stack of the same shapes runs at the same utilization), not its tokens/s.
+    const std::string path = args.get("bench");
+    nlohmann::json j;
+    try {
+      j = nlohmann::json::parse(files::read_file(path));
+    } catch (const nlohmann::json::exception& e) {
+      throw UsageError("--bench " + path + ": not a bench-step JSON (" + e.what() + ")");
+    }
+    for (const char* key : {"mfu", "gpu", "peak_tflops"})
+      if (!j.contains(key)) throw UsageError("--bench " + path + ": missing key '" + key + "' (write it with bench-step --json)");
+    ++given_count, given = cost::Given::mfu, given_value = j["mfu"].get<double>();
+    if (!(given_value > 0 && given_value <= 1)) throw UsageError("--bench " + path + ": mfu must be in (0, 1]");
+    // The peak the bench measured its MFU against (for the CPU, the probe of that run, not a new one).
+    bench_hardware = cost::Hardware{j["gpu"].get<std::string>(), j["peak_tflops"].get<double>(), std::nullopt,
+                                    "as measured by bench-step in " + path};
+  }
   if (given_count != 1)
-    throw UsageError("moetrain cost needs exactly one of --mfu, --tokens-per-s-per-gpu, --gpu-hours (got " +
+    throw UsageError("moetrain cost needs exactly one of --mfu, --tokens-per-s-per-gpu, --gpu-hours, --bench (got " +
                      std::to_string(given_count) + ")");
 
   const int gpus = args.get_int("gpus", 1);
@@ -65,7 +89,8 @@ int run_cost(const std::vector<std::string>& argv) {
   if (!(price >= 0)) throw UsageError("--price must be >= 0, got '" + args.get("price") + "'");
   const int seq_len = args.get_int("seq-len", cfg.data.seq_len);
   if (seq_len < 1) throw UsageError("--seq-len must be >= 1, got " + std::to_string(seq_len));
-  const auto hardware = cost::lookup_hardware(args.get("gpu", cfg.cost.gpu));
+  const auto hardware = args.has("gpu") || !bench_hardware ? cost::lookup_hardware(args.get("gpu", cfg.cost.gpu))
+                                                           : *bench_hardware;
 
   const auto r = cost::estimate_run(cfg.model, seq_len, tokens, hardware.bf16_tflops, gpus, price, given, given_value);
   if (args.has("json")) {
@@ -112,6 +137,74 @@ int run_cost(const std::vector<std::string>& argv) {
   std::printf("GPU-hours         %.4g%s\n", r.gpu_hours, given == cost::Given::gpu_hours ? " [given]" : "");
   std::printf("days              %.2f on %d GPU%s\n", r.days, r.gpus, r.gpus == 1 ? "" : "s");
   std::printf("cost              $%.4g at $%.2f per GPU-hour\n", r.cost_usd, price);
+  return 0;
+}
+
+// `moetrain bench-step`: the measured side of the cost story. Real training steps (the trainer's
+// step, on synthetic tokens) after warm-up give tokens/s and MFU on this hardware; --json output feeds
+// `moetrain cost --bench` to extrapolate a full run.
+int run_bench_step(const std::vector<std::string>& argv) {
+  const Command command{
+      "bench-step",
+      "Time real training steps (forward, backward, AdamW) of a config on synthetic tokens after warm-up, and "
+      "print tokens/s and MFU on this hardware.",
+      {{"config", "FILE", "YAML config (required)"},
+       {"set", "KEY=VALUE", "override one config key (repeatable), e.g. model.n_layers=4", true},
+       {"warmup", "N", "untimed steps first (default 3)"},
+       {"steps", "N", "timed steps (default 10)"},
+       {"json", "", "print one JSON object (the input of `moetrain cost --bench`)"}}};
+  Args args(command, argv);
+  if (args.help()) {
+    std::fputs(usage(command).c_str(), stdout);
+    return 0;
+  }
+  const std::string config_path = args.require("config");
+  const auto cfg = config::load_config(config_path, args.all("set"));
+  const auto r = train::bench_steps(cfg, args.get_int("warmup", 3), args.get_int("steps", 10), args.has("json"));
+  if (log_rank() != 0) return 0;  // one report per job, from rank 0
+  nlohmann::json j = {{"config", config_path},
+                      {"device", r.device},
+                      {"dtype", r.dtype},
+                      {"gpu", r.gpu},
+                      {"peak_tflops", r.peak_tflops},
+                      {"world_size", r.world_size},
+                      {"seq_len", cfg.data.seq_len},
+                      {"warmup_steps", r.warmup_steps},
+                      {"steps", r.steps},
+                      {"tokens_per_step", r.tokens_per_step},
+                      {"step_s_mean", r.step_s_mean},
+                      {"step_s_median", r.step_s_median},
+                      {"step_s_min", r.step_s_min},
+                      {"tokens_per_s", r.tokens_per_s},
+                      {"tokens_per_s_per_gpu", r.tokens_per_s_per_gpu},
+                      {"flops_per_token_causal", r.flops_per_token_causal},
+                      {"mfu", r.mfu},
+                      {"params_total", r.params_total},
+                      {"params_active", r.params_active},
+                      {"expert_parallel", r.expert_parallel},
+                      {"moe_layers", r.moe_layers},
+                      {"micro_batch_size", cfg.train.micro_batch_size},
+                      {"grad_accum", cfg.train.grad_accum},
+                      {"d_model", cfg.model.d_model},
+                      {"top_k", cfg.model.moe.top_k},
+                      {"all_to_all_bytes_per_step", r.all_to_all_bytes_per_step},
+                      {"first_loss", r.first_loss},
+                      {"last_loss", r.last_loss}};
+  if (args.has("json")) {
+    std::printf("%s\n", j.dump().c_str());
+    return 0;
+  }
+  std::printf("bench-step       %s on %s (%s), world %d\n", config_path.c_str(), r.device.c_str(), r.dtype.c_str(),
+              r.world_size);
+  std::printf("model            %.4gM params, %.4gM active per token\n", r.params_total / 1e6, r.params_active / 1e6);
+  std::printf("steps            %d timed after %d warm-up, %lld tokens each\n", r.steps, r.warmup_steps,
+              static_cast<long long>(r.tokens_per_step));
+  std::printf("step time        mean %.2f ms, median %.2f ms, min %.2f ms\n", r.step_s_mean * 1e3,
+              r.step_s_median * 1e3, r.step_s_min * 1e3);
+  std::printf("tokens/s         %.1f (%.1f per device)\n", r.tokens_per_s, r.tokens_per_s_per_gpu);
+  std::printf("FLOPs/token      %.4g (training, causal)\n", r.flops_per_token_causal);
+  std::printf("MFU              %.4f against %s at %.4g TFLOP/s\n", r.mfu, r.gpu.c_str(), r.peak_tflops);
+  std::printf("loss             %.4f -> %.4f\n", r.first_loss, r.last_loss);
   return 0;
 }
 

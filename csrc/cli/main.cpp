@@ -27,6 +27,7 @@ const Subcommand kSubcommands[] = {
     {"prepare-data", "turn text files into token shards (train.bin, val.bin)", moetrain::cli::run_prepare_data},
     {"config", "print a resolved config, or the reference of every key", moetrain::cli::run_config},
     {"cost", "estimate a training run's FLOPs, GPU-hours, days and price from a config", moetrain::cli::run_cost},
+    {"bench-step", "time real training steps of a config: tokens/s and MFU on this hardware", moetrain::cli::run_bench_step},
     {"bench-moe", "time one MoE layer's forward+backward per experts implementation", moetrain::cli::run_bench_moe},
 };
 

@@ -249,11 +249,16 @@ const std::vector<KeyDesc>& keys() {
       MOETRAIN_KEY(train.eval_batches, "Validation micro-batches per evaluation.", at_least(1)),
 
       MOETRAIN_KEY(parallel.backend,
-                   "Communication backend; nccl and gloo arrive with distributed training.",
-                   one_of({"auto", "single"})),
+                   "Communication backend: nccl (CUDA tensors), store (CPU tensors through the c10d TCPStore; it "
+                   "stands in for gloo, whose headers the torch wheel lacks), single (one process); auto = single "
+                   "when the launcher started one process, else nccl on cuda and store on cpu.",
+                   one_of({"auto", "nccl", "store", "single"})),
       MOETRAIN_KEY(parallel.expert_parallel,
-                   "Ranks the routed experts are sharded across; must divide model.moe.n_experts.", at_least(1)),
-      MOETRAIN_KEY(parallel.timeout_s, "Timeout of collective operations, in seconds.", at_least(1)),
+                   "Ranks the routed experts are sharded across (ep); must divide the world size and "
+                   "model.moe.n_experts. The world holds world/ep replicas of every expert.", at_least(1)),
+      MOETRAIN_KEY(parallel.timeout_s,
+                   "Seconds the rendezvous and each collective may wait for a peer before every rank stops with "
+                   "an error naming the operation.", at_least(1)),
 
       MOETRAIN_KEY(checkpoint.every, "Steps between checkpoints; 0 = only at the end.", at_least(0)),
       MOETRAIN_KEY(checkpoint.keep_last, "Most recent checkpoints to keep; 0 = keep all.", at_least(0)),

@@ -118,7 +118,7 @@ struct TrainConfig {
 };
 
 struct ParallelConfig {
-  std::string backend = "auto"; // auto | single (nccl and gloo arrive with distributed training)
+  std::string backend = "auto"; // auto | nccl | store | single
   int expert_parallel = 1;
   int timeout_s = 600;
 };

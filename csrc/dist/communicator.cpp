@@ -1,34 +1,405 @@
-// The single-process backend and the factory.
+// Rendezvous, the single and store backends, the factory and the expert-parallel layout.
 #include "dist/communicator.h"
 
+#include <torch/csrc/distributed/c10d/TCPStore.hpp>
+
+#include <algorithm>
+#include <chrono>
 #include <cstdlib>
+#include <cstring>
+#include <thread>
 
 #include "common/errors.h"
+#include "dist/nccl.h"
 
 namespace moetrain::dist {
 
 namespace {
+
+// ---- the launcher's environment ----------------------------------------------------------------------
+
+int parse_int_var(const char* name, const char* value, int min) {
+  char* end = nullptr;
+  errno = 0;
+  const long v = std::strtol(value, &end, 10);
+  if (errno || end == value || *end != '\0' || v < min || v > (1 << 24))
+    throw DistError(std::string(name) + "=\"" + value + "\" is not an integer >= " + std::to_string(min));
+  return int(v);
+}
+
+// The first host of a Slurm node list: "gpu[003-010,012],cpu1" -> "gpu003".
+std::string first_slurm_host(const std::string& list) {
+  const auto comma = list.find(',');
+  const auto bracket = list.find('[');
+  if (bracket == std::string::npos || (comma != std::string::npos && comma < bracket)) return list.substr(0, comma);
+  const auto end = list.find_first_of("-,]", bracket + 1);
+  return list.substr(0, bracket) + list.substr(bracket + 1, end - bracket - 1);
+}
+
+// ---- single --------------------------------------------------------------------------------------------
+
 class SingleCommunicator final : public Communicator {
  public:
+  explicit SingleCommunicator(std::string name = "world") : name_(std::move(name)) {}
   int rank() const override { return 0; }
   int world_size() const override { return 1; }
   std::string backend() const override { return "single"; }
+  std::string name() const override { return name_; }
+  int world_rank_of(int) const override { return 0; }
   void all_reduce_sum(torch::Tensor&) override {}
   void broadcast(torch::Tensor&, int) override {}
+  torch::Tensor all_gather(const torch::Tensor& t) override { return t.clone(); }
+  torch::Tensor all_to_all(const torch::Tensor& in, const std::vector<int64_t>& send_rows,
+                           const std::vector<int64_t>& recv_rows) override {
+    TORCH_CHECK(send_rows.size() == 1 && recv_rows.size() == 1 && send_rows[0] == recv_rows[0] &&
+                    send_rows[0] == in.size(0),
+                "[dist] all_to_all on one rank: splits must both be {", in.size(0), "}");
+    return in.clone();
+  }
   void barrier() override {}
+  std::unique_ptr<Communicator> split(int, const std::string& label) override {
+    return std::make_unique<SingleCommunicator>(label);
+  }
+
+ private:
+  std::string name_;
 };
+
+// ---- store -----------------------------------------------------------------------------------------------
+// Every collective is a numbered round of keys "<group>/<round>/<what>". A value is written once and
+// read by a known number of ranks; the last reader deletes it, so the store holds only rounds in flight.
+// Sums add the ranks' tensors in rank order, so every rank gets bitwise the same result.
+
+std::vector<uint8_t> to_bytes(const torch::Tensor& t) {
+  auto c = t.detach().to(torch::kCPU).contiguous();
+  const auto* p = static_cast<const uint8_t*>(c.data_ptr());
+  return std::vector<uint8_t>(p, p + c.nbytes());
+}
+
+// The store and its shutdown, shared by the world and its sub-groups. Rank 0 serves the store, so it
+// must not exit while another rank still talks to it: at the end every other rank checks out and
+// rank 0 waits for them (unless a collective failed, when nobody waits on a dead job).
+struct SharedStore {
+  c10::intrusive_ptr<c10d::Store> store;
+  int rank = 0, world_size = 1;
+  std::chrono::milliseconds timeout{0};
+  bool broken = false;
+
+  ~SharedStore() {
+    if (broken) return;
+    try {
+      if (rank != 0) {
+        store->add("exit", 1);
+        return;
+      }
+      const auto deadline = std::chrono::steady_clock::now() + timeout;
+      while (store->add("exit", 0) < world_size - 1 && std::chrono::steady_clock::now() < deadline)
+        std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    } catch (const std::exception&) {
+    }
+  }
+};
+
+class StoreCommunicator final : public Communicator {
+ public:
+  StoreCommunicator(std::shared_ptr<SharedStore> shared, std::string prefix, std::string name, int rank,
+                    std::vector<int> world_ranks)
+      : shared_(std::move(shared)), store_(shared_->store), prefix_(std::move(prefix)), name_(std::move(name)),
+        rank_(rank), world_ranks_(std::move(world_ranks)) {}
+
+  int rank() const override { return rank_; }
+  int world_size() const override { return int(world_ranks_.size()); }
+  std::string backend() const override { return "store"; }
+  std::string name() const override { return name_; }
+  int world_rank_of(int r) const override { return world_ranks_.at(size_t(r)); }
+
+  void all_reduce_sum(torch::Tensor& t) override {
+    const auto round = begin("all_reduce", t);
+    put(round + std::to_string(rank_), to_bytes(t));
+    torch::Tensor sum;
+    for (int r = 0; r < world_size(); ++r) {
+      auto part = r == rank_ ? t.detach().to(torch::kCPU) : take(round + std::to_string(r), world_size() - 1, r, t);
+      sum = r == 0 ? part.clone() : sum.add_(part);
+    }
+    t.copy_(sum);
+  }
+
+  void broadcast(torch::Tensor& t, int root) override {
+    TORCH_CHECK(root >= 0 && root < world_size(), "[dist] broadcast root ", root, " outside ", name_);
+    const auto round = begin("broadcast", t);
+    if (rank_ == root)
+      put(round + "b", to_bytes(t));
+    else
+      t.copy_(take(round + "b", world_size() - 1, root, t));
+  }
+
+  torch::Tensor all_gather(const torch::Tensor& t) override {
+    const auto round = begin("all_gather", t);
+    put(round + std::to_string(rank_), to_bytes(t));
+    std::vector<torch::Tensor> parts;
+    for (int r = 0; r < world_size(); ++r)
+      parts.push_back(r == rank_ ? t.detach().to(torch::kCPU).clone() : take(round + std::to_string(r), world_size() - 1, r, t));
+    return torch::cat(parts, 0).to(t.device());
+  }
+
+  torch::Tensor all_to_all(const torch::Tensor& in, const std::vector<int64_t>& send_rows,
+                           const std::vector<int64_t>& recv_rows) override {
+    const int W = world_size();
+    TORCH_CHECK(int(send_rows.size()) == W && int(recv_rows.size()) == W, "[dist] all_to_all on ", name_,
+                ": splits need ", W, " entries");
+    int64_t total_send = 0, total_recv = 0;
+    for (int r = 0; r < W; ++r) total_send += send_rows[r], total_recv += recv_rows[r];
+    TORCH_CHECK(total_send == in.size(0), "[dist] all_to_all on ", name_, ": send splits sum to ", total_send,
+                " rows, the input has ", in.size(0));
+    const auto round = begin("all_to_all", in);
+    auto rows = in.detach().to(torch::kCPU).contiguous();
+    int64_t start = 0;
+    for (int r = 0; r < W; ++r) {
+      if (r != rank_ && send_rows[r] > 0) {
+        auto bytes = to_bytes(rows.narrow(0, start, send_rows[r]));
+        all_to_all_bytes_sent_ += int64_t(bytes.size());
+        put(round + std::to_string(rank_) + ">" + std::to_string(r), bytes);
+      }
+      start += send_rows[r];
+    }
+    auto shape = in.sizes().vec();
+    std::vector<torch::Tensor> parts;
+    start = 0;
+    for (int r = 0; r < W; ++r) start += r < rank_ ? send_rows[r] : 0;
+    for (int r = 0; r < W; ++r) {
+      shape[0] = recv_rows[r];
+      if (r == rank_) {
+        TORCH_CHECK(recv_rows[r] == send_rows[r], "[dist] all_to_all on ", name_, ": rank ", rank_, " sends itself ",
+                    send_rows[r], " rows but expects ", recv_rows[r]);
+        parts.push_back(rows.narrow(0, start, send_rows[r]).clone());
+      } else if (recv_rows[r] > 0) {
+        parts.push_back(take(round + std::to_string(r) + ">" + std::to_string(rank_), 1, r,
+                             torch::empty(shape, rows.options())));
+      } else {
+        parts.push_back(torch::empty(shape, rows.options()));
+      }
+    }
+    return torch::cat(parts, 0).to(in.device());
+  }
+
+  void barrier() override {
+    const auto round = begin("barrier", torch::Tensor());
+    put(round + std::to_string(rank_), {});
+    for (int r = 0; r < world_size(); ++r)
+      if (r != rank_) take_bytes(round + std::to_string(r), world_size() - 1, r);
+  }
+
+  std::unique_ptr<Communicator> split(int color, const std::string& label) override {
+    auto colors = all_gather(torch::tensor({int64_t(color)}));
+    std::vector<int> members;
+    int new_rank = -1;
+    for (int r = 0; r < world_size(); ++r) {
+      if (colors[r].item<int64_t>() != color) continue;
+      if (r == rank_) new_rank = int(members.size());
+      members.push_back(world_ranks_[size_t(r)]);
+    }
+    const std::string prefix = prefix_ + "split" + std::to_string(round_) + "." + std::to_string(color) + "/";
+    return std::make_unique<StoreCommunicator>(shared_, prefix, label, new_rank, members);
+  }
+
+ private:
+  std::string begin(const char* op, const torch::Tensor& t) {
+    op_ = op;
+    return prefix_ + std::to_string(round_++) + "/";
+  }
+
+  // The store's server takes values of at most 8 MiB, so a value travels in chunks of kChunk bytes:
+  // `key` holds the total size (8 bytes) and the first chunk, `key.i` the i-th.
+  static constexpr size_t kChunk = size_t(4) << 20;
+
+  void put(const std::string& key, const std::vector<uint8_t>& bytes) {
+    try {
+      const uint64_t total = bytes.size();
+      const size_t first = std::min(kChunk, bytes.size());
+      std::vector<uint8_t> head(sizeof total + first);
+      std::memcpy(head.data(), &total, sizeof total);
+      std::memcpy(head.data() + sizeof total, bytes.data(), first);
+      store_->set(key, head);
+      for (size_t at = first, i = 1; at < bytes.size(); at += kChunk, ++i)
+        store_->set(key + "." + std::to_string(i),
+                    std::vector<uint8_t>(bytes.begin() + long(at), bytes.begin() + long(std::min(at + kChunk, bytes.size()))));
+    } catch (const c10::Error& e) {
+      fail("writing to the store", e);
+    }
+  }
+
+  std::vector<uint8_t> take_bytes(const std::string& key, int readers, int from) {
+    try {
+      auto get = [&](const std::string& k) {
+        auto v = store_->get(k);
+        if (store_->add(k + "#", 1) == readers) {  // the last reader cleans up
+          store_->deleteKey(k);
+          store_->deleteKey(k + "#");
+        }
+        return v;
+      };
+      auto head = get(key);
+      uint64_t total = 0;
+      TORCH_CHECK(head.size() >= sizeof total, "[dist] malformed store value '", key, "'");
+      std::memcpy(&total, head.data(), sizeof total);
+      std::vector<uint8_t> bytes(head.begin() + sizeof total, head.end());
+      bytes.reserve(total);
+      for (size_t i = 1; bytes.size() < total; ++i) {
+        auto chunk = get(key + "." + std::to_string(i));
+        bytes.insert(bytes.end(), chunk.begin(), chunk.end());
+      }
+      return bytes;
+    } catch (const c10::Error& e) {
+      fail("waiting for rank " + std::to_string(world_rank_of(from)), e);
+    }
+  }
+
+  // Reads the value of `key` into a tensor shaped and typed like `like`.
+  torch::Tensor take(const std::string& key, int readers, int from, const torch::Tensor& like) {
+    auto bytes = take_bytes(key, readers, from);
+    auto out = torch::empty(like.sizes(), like.options().device(torch::kCPU));
+    if (bytes.size() != size_t(out.nbytes())) {
+      shared_->broken = true;
+      throw DistError(std::string(op_) + " on " + name_ + ": rank " + std::to_string(world_rank_of(from)) + " sent " +
+                      std::to_string(bytes.size()) + " bytes, rank " + std::to_string(world_rank_of(rank_)) +
+                      " expected " + std::to_string(out.nbytes()) + " (mismatched shapes or splits)");
+    }
+    if (!bytes.empty()) std::memcpy(out.data_ptr(), bytes.data(), bytes.size());
+    return out;
+  }
+
+  [[noreturn]] void fail(const std::string& what, const c10::Error& e) {
+    shared_->broken = true;
+    std::string cause = e.what_without_backtrace();
+    cause = cause.substr(0, cause.find('\n'));
+    throw DistError(std::string(op_) + " #" + std::to_string(round_ - 1) + " on " + name_ + " (rank " +
+                    std::to_string(world_rank_of(rank_)) + "): " + what + " failed: " + cause +
+                    " (a peer died or parallel.timeout_s passed)");
+  }
+
+  std::shared_ptr<SharedStore> shared_;
+  c10::intrusive_ptr<c10d::Store> store_;
+  std::string prefix_, name_;
+  int rank_;
+  std::vector<int> world_ranks_;
+  int64_t round_ = 0;
+  const char* op_ = "";
+};
+
 }  // namespace
 
-std::unique_ptr<Communicator> make_communicator(const config::ParallelConfig& cfg) {
-  for (const char* var : {"WORLD_SIZE", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE"}) {
-    const char* value = std::getenv(var);
-    if (value && std::atoi(value) > 1)
-      throw DistError(std::string(var) + "=" + value +
-                      " asks for a multi-process run, but this build has only the single-process backend");
+LaunchEnv read_launch_env(const std::function<const char*(const char*)>& getenv_fn) {
+  auto get = [&](const char* name) -> const char* {
+    const char* v = getenv_fn ? getenv_fn(name) : std::getenv(name);
+    return v && *v ? v : nullptr;
+  };
+  LaunchEnv env;
+  struct Scheme {
+    const char* source;
+    const char* rank;
+    const char* size;
+    const char* local;
+  };
+  const Scheme schemes[] = {{"torchrun", "RANK", "WORLD_SIZE", "LOCAL_RANK"},
+                            {"slurm", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID"},
+                            {"openmpi", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK"}};
+  for (const auto& s : schemes) {
+    const char* rank = get(s.rank);
+    const char* size = get(s.size);
+    if (!rank && !size) continue;
+    if (!rank || !size)
+      throw DistError(std::string("launcher environment (") + s.source + "): " + (rank ? s.rank : s.size) +
+                      " is set but " + (rank ? s.size : s.rank) + " is not");
+    env.source = s.source;
+    env.world_size = parse_int_var(s.size, size, 1);
+    env.rank = parse_int_var(s.rank, rank, 0);
+    if (env.rank >= env.world_size)
+      throw DistError(std::string(s.rank) + "=" + rank + " is not below " + s.size + "=" + size);
+    const char* local = get(s.local);
+    env.local_rank = local ? parse_int_var(s.local, local, 0) : 0;
+    if (env.world_size == 1) return env;
+    if (const char* addr = get("MASTER_ADDR")) {
+      env.master_addr = addr;
+    } else if (env.source == std::string("slurm") && get("SLURM_JOB_NODELIST")) {
+      env.master_addr = first_slurm_host(get("SLURM_JOB_NODELIST"));
+    } else if (env.source == std::string("torchrun")) {
+      throw DistError("launcher environment (torchrun): WORLD_SIZE=" + std::string(size) + " but MASTER_ADDR is not set");
+    }
+    if (const char* port = get("MASTER_PORT")) {
+      env.master_port = parse_int_var("MASTER_PORT", port, 1);
+      if (env.master_port > 65535) throw DistError("MASTER_PORT=" + std::string(port) + " is not a TCP port");
+    } else if (env.source == std::string("torchrun")) {
+      throw DistError("launcher environment (torchrun): WORLD_SIZE=" + std::string(size) + " but MASTER_PORT is not set");
+    }
+    return env;
   }
-  if (cfg.backend != "auto" && cfg.backend != "single")
-    throw DistError("parallel.backend = \"" + cfg.backend + "\" is not available in this build (available: auto, single)");
-  return std::make_unique<SingleCommunicator>();
+  return env;
+}
+
+std::unique_ptr<Communicator> make_single() { return std::make_unique<SingleCommunicator>(); }
+
+std::unique_ptr<Communicator> make_communicator(const config::ParallelConfig& parallel, const std::string& device) {
+  const LaunchEnv env = read_launch_env();
+  std::string backend = parallel.backend;
+  if (backend == "gloo")
+    throw DistError("parallel.backend = \"gloo\": the LibTorch wheel ships no gloo headers, so moetrain cannot build "
+                    "c10d's Gloo backend; use \"store\" (CPU collectives over the c10d TCPStore) or \"auto\"");
+  if (backend == "auto") backend = env.world_size == 1 ? "single" : device == "cuda" ? "nccl" : "store";
+  if (backend == "single") {
+    if (env.world_size > 1)
+      throw DistError("parallel.backend = \"single\" but the " + env.source + " launcher started " +
+                      std::to_string(env.world_size) + " processes (use auto, store or nccl)");
+    return make_single();
+  }
+  if (backend == "nccl" && device != "cuda")
+    throw DistError("parallel.backend = \"nccl\" needs run.device = \"cuda\" (use store for the CPU)");
+  if (backend == "store" && device == "cuda")
+    throw DistError("parallel.backend = \"store\" moves CPU tensors only; with run.device = \"cuda\" use nccl");
+
+  // Rendezvous: rank 0 serves the store at MASTER_ADDR:MASTER_PORT; every rank connects to it.
+  c10d::TCPStoreOptions options;
+  options.port = uint16_t(env.master_port);
+  options.isServer = env.rank == 0;
+  options.numWorkers = size_t(env.world_size);
+  options.waitWorkers = true;
+  options.timeout = std::chrono::milliseconds(int64_t(parallel.timeout_s) * 1000);
+  c10::intrusive_ptr<c10d::Store> store;
+  try {
+    store = c10::make_intrusive<c10d::TCPStore>(env.master_addr, options);
+  } catch (const c10::Error& e) {
+    std::string cause = e.what_without_backtrace();
+    throw DistError("rendezvous of rank " + std::to_string(env.rank) + "/" + std::to_string(env.world_size) + " at " +
+                    env.master_addr + ":" + std::to_string(env.master_port) + " failed within parallel.timeout_s = " +
+                    std::to_string(parallel.timeout_s) + " s: " + cause.substr(0, cause.find('\n')));
+  }
+  std::vector<int> ranks(static_cast<size_t>(env.world_size));
+  for (int r = 0; r < env.world_size; ++r) ranks[size_t(r)] = r;
+  if (backend == "nccl") return make_nccl(store, env.rank, env.world_size, env.local_rank, parallel.timeout_s);
+  auto shared = std::make_shared<SharedStore>();
+  shared->store = store;
+  shared->rank = env.rank;
+  shared->world_size = env.world_size;
+  shared->timeout = options.timeout;
+  return std::make_unique<StoreCommunicator>(shared, "c/", "world", env.rank, ranks);
+}
+
+Layout make_layout(std::shared_ptr<Communicator> world, int expert_parallel) {
+  const int W = world->world_size();
+  if (expert_parallel < 1 || W % expert_parallel != 0)
+    throw DistError("parallel.expert_parallel = " + std::to_string(expert_parallel) + " does not divide the world size " +
+                    std::to_string(W));
+  Layout layout;
+  const int r = world->rank();
+  const int group = r / expert_parallel, ep_rank = r % expert_parallel;
+  auto list = [&](int first, int stride, int count) {
+    std::string s;
+    for (int i = 0; i < count; ++i) s += (i ? "," : "") + std::to_string(first + i * stride);
+    return "[" + s + "]";
+  };
+  layout.ep = world->split(group, "ep" + list(group * expert_parallel, 1, expert_parallel));
+  layout.edp = world->split(ep_rank, "edp" + list(ep_rank, expert_parallel, W / expert_parallel));
+  layout.world = std::move(world);
+  return layout;
 }
 
 }  // namespace moetrain::dist

@@ -1,13 +1,40 @@
-// The communicator interface every multi-rank operation goes through. This build has the `single`
-// backend (one process); Gloo and NCCL backends implement the same interface (roadmap item 3).
+// The communicator interface every multi-rank operation goes through, and the rendezvous that builds
+// one from the launcher's environment. Nothing outside csrc/dist includes c10d or NCCL headers.
+//
+// Backends:
+//   single  one process; every collective is the identity.
+//   store   CPU tensors; collectives move bytes through LibTorch's c10d TCPStore. It stands in for
+//           c10d's Gloo backend, whose headers the torch wheel does not ship (see DESIGN.md).
+//   nccl    CUDA tensors on the current CUDA stream; the NCCL unique id travels through the store.
 #pragma once
 #include <torch/torch.h>
 
+#include <functional>
 #include <memory>
+#include <optional>
+#include <string>
+#include <vector>
 
 #include "config/config.h"
 
 namespace moetrain::dist {
+
+// Where this process sits in the job, read from the launcher's environment.
+struct LaunchEnv {
+  int rank = 0;
+  int world_size = 1;
+  int local_rank = 0;
+  std::string master_addr = "127.0.0.1";
+  int master_port = 29500;
+  std::string source = "none";  // "torchrun", "slurm", "openmpi" or "none" (a single process)
+};
+
+// Reads torchrun (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT), Slurm (SLURM_PROCID,
+// SLURM_NTASKS, SLURM_LOCALID; the master from MASTER_ADDR or the first host of SLURM_JOB_NODELIST)
+// and Open MPI (OMPI_COMM_WORLD_RANK/SIZE/LOCAL_RANK) variables, in that order of precedence. No
+// variables at all is a single process; partial or inconsistent ones are a DistError naming them.
+// `getenv` is injectable for tests.
+LaunchEnv read_launch_env(const std::function<const char*(const char*)>& getenv = nullptr);
 
 class Communicator {
  public:
@@ -15,13 +42,47 @@ class Communicator {
   virtual int rank() const = 0;
   virtual int world_size() const = 0;
   virtual std::string backend() const = 0;
-  virtual void all_reduce_sum(torch::Tensor& t) = 0;  // in place
-  virtual void broadcast(torch::Tensor& t, int root) = 0;
+  // The group's name in messages: "world", "ep[0,1]", ...
+  virtual std::string name() const = 0;
+  // Global (world) rank of this group's rank r, for messages.
+  virtual int world_rank_of(int r) const = 0;
+
+  virtual void all_reduce_sum(torch::Tensor& t) = 0;  // in place, every rank gets the sum
+  virtual void broadcast(torch::Tensor& t, int root) = 0;  // in place, from the group's rank `root`
+  // Concatenation of every rank's `t` along dim 0 (all ranks give the same shape).
+  virtual torch::Tensor all_gather(const torch::Tensor& t) = 0;
+  // Rows [sum(send_rows[:r]), +send_rows[r]) of `in` go to rank r; the result holds recv_rows[r] rows
+  // from each rank r, in rank order. Splits are in rows of dim 0 and may be zero.
+  virtual torch::Tensor all_to_all(const torch::Tensor& in, const std::vector<int64_t>& send_rows,
+                                   const std::vector<int64_t>& recv_rows) = 0;
   virtual void barrier() = 0;
+  // The sub-group of the ranks passing the same `color` (MPI_Comm_split): every rank of this group
+  // calls it; ranks in the new group are ordered by their rank here. `label` names it in messages.
+  virtual std::unique_ptr<Communicator> split(int color, const std::string& label) = 0;
+
+  // Bytes this rank has sent to other ranks by all_to_all since the group was made (bench_ep.sh).
+  int64_t all_to_all_bytes_sent() const { return all_to_all_bytes_sent_; }
+
+ protected:
+  int64_t all_to_all_bytes_sent_ = 0;
 };
 
-// Picks the backend from parallel.backend and the launcher's environment (RANK/WORLD_SIZE...).
-// A multi-rank environment without a multi-rank backend is a DistError, never a silent single run.
-std::unique_ptr<Communicator> make_communicator(const config::ParallelConfig& cfg);
+// The job's world communicator: rendezvous from the launcher's environment, then the backend that
+// parallel.backend names (auto: nccl for run.device cuda, store for cpu; single when alone).
+std::unique_ptr<Communicator> make_communicator(const config::ParallelConfig& parallel, const std::string& device = "cpu");
+
+// The process layout for expert parallelism: world = ep x replicas. Rank r is EP rank r % ep of EP
+// group r / ep; the ranks holding the same experts (same EP rank) form an expert-data-parallel group.
+struct Layout {
+  std::shared_ptr<Communicator> world;
+  std::shared_ptr<Communicator> ep;   // the ranks that share one copy of every expert
+  std::shared_ptr<Communicator> edp;  // the replicas of this rank's experts
+  int ep_size() const { return ep->world_size(); }
+  int ep_rank() const { return ep->rank(); }
+};
+Layout make_layout(std::shared_ptr<Communicator> world, int expert_parallel);
+
+// A rank of one: the layout of a single process (used where no job is running, e.g. tests).
+std::unique_ptr<Communicator> make_single();
 
 }  // namespace moetrain::dist

@@ -15,7 +15,7 @@ Rope make_rope(const config::ModelConfig& cfg, torch::Device device) {
 }
 }  // namespace
 
-BlockImpl::BlockImpl(const config::ModelConfig& cfg, bool is_moe) {
+BlockImpl::BlockImpl(const config::ModelConfig& cfg, bool is_moe, std::shared_ptr<const dist::Layout> layout) {
   attn_norm = register_module("attn_norm", RMSNorm(cfg.d_model, cfg.norm_eps));
   if (cfg.attention == "mla")
     mla = register_module("attn", MLAttention(cfg));
@@ -25,12 +25,12 @@ BlockImpl::BlockImpl(const config::ModelConfig& cfg, bool is_moe) {
   if (is_moe && cfg.moe.shared_gate && cfg.moe.n_shared_experts > 0) {
     auto routed_only = cfg.moe;
     routed_only.n_shared_experts = 0;
-    moe = register_module("moe", moe::MoE(routed_only, cfg.d_model));
+    moe = register_module("moe", moe::MoE(routed_only, cfg.d_model, layout));
     gated_shared = moe->register_module(
         "shared", moe::SwiGLU(cfg.d_model, cfg.moe.n_shared_experts * config::shared_hidden(cfg.moe)));
     shared_gate = moe->register_parameter("shared_gate", torch::empty({cfg.d_model}));
   } else if (is_moe) {
-    moe = register_module("moe", moe::MoE(cfg.moe, cfg.d_model));
+    moe = register_module("moe", moe::MoE(cfg.moe, cfg.d_model, layout));
   } else
     mlp = register_module("mlp", moe::SwiGLU(cfg.d_model, cfg.dense_hidden));
 }
@@ -53,14 +53,19 @@ BlockOutput BlockImpl::forward(const torch::Tensor& x_BSD, const Rope& rope, Com
   return {x + y, std::move(out)};
 }
 
-TransformerImpl::TransformerImpl(const config::ModelConfig& cfg) : cfg_(cfg) {
+TransformerImpl::TransformerImpl(const config::ModelConfig& cfg, std::shared_ptr<const dist::Layout> layout)
+    : cfg_(cfg) {
+  if (layout) {
+    ep_size_ = layout->ep_size();
+    expert_offset_ = int64_t(layout->ep_rank()) * (cfg.moe.n_experts / ep_size_);
+  }
   // The config key exists so that `moetrain cost` can estimate such models; the modules do not yet.
   if (cfg.mtp_depth > 0)
     throw ConfigError("model.mtp_depth = " + std::to_string(cfg.mtp_depth) +
                       " (multi-token prediction) is not implemented for training yet; configs with it serve `moetrain cost`");
   embed = register_parameter("embed", torch::empty({cfg.vocab_size, cfg.d_model}));
   layers = register_module("layers", torch::nn::ModuleList());
-  for (int i = 0; i < cfg.n_layers; ++i) layers->push_back(Block(cfg, /*is_moe=*/i >= cfg.dense_layers));
+  for (int i = 0; i < cfg.n_layers; ++i) layers->push_back(Block(cfg, /*is_moe=*/i >= cfg.dense_layers, layout));
   final_norm = register_module("final_norm", RMSNorm(cfg.d_model, cfg.norm_eps));
   if (!cfg.tie_embeddings) lm_head = register_parameter("lm_head", torch::empty({cfg.vocab_size, cfg.d_model}));
   rope_ = make_rope(cfg, torch::kCPU);
@@ -132,7 +137,8 @@ void TransformerImpl::init_weights(uint64_t seed) {
       if (name.find(".moe.experts.") != std::string::npos) {  // one draw per global expert id
         std::vector<torch::Tensor> slices;
         for (int64_t e = 0; e < w.size(0); ++e)
-          slices.push_back(seeded_normal(w.sizes().slice(1), std, seed, name + "[" + std::to_string(e) + "]"));
+          slices.push_back(
+              seeded_normal(w.sizes().slice(1), std, seed, name + "[" + std::to_string(expert_offset_ + e) + "]"));
         value = torch::stack(slices);
       } else {
         value = seeded_normal(w.sizes(), std, seed, name);
@@ -167,13 +173,17 @@ ParamCounts TransformerImpl::param_counts() const {
   ParamCounts c;
   for (const auto& p : named_parameters()) {
     const int64_t n = p.value().numel();
-    c.total += n;
-    if (p.key().find(".moe.experts.") != std::string::npos)
-      c.active += n / cfg_.moe.n_experts * cfg_.moe.top_k;
-    else
+    if (p.key().find(".moe.experts.") != std::string::npos) {  // this rank holds 1/ep of them
+      c.total += n * ep_size_;
+      c.active += n * ep_size_ / cfg_.moe.n_experts * cfg_.moe.top_k;
+    } else {
+      c.total += n;
       c.active += n;
+    }
   }
   return c;
 }
+
+int64_t TransformerImpl::local_experts() const { return cfg_.moe.n_experts / ep_size_; }
 
 }  // namespace moetrain::model

@@ -19,7 +19,7 @@ struct BlockOutput {
 
 class BlockImpl : public torch::nn::Module {
  public:
-  BlockImpl(const config::ModelConfig& cfg, bool is_moe);
+  BlockImpl(const config::ModelConfig& cfg, bool is_moe, std::shared_ptr<const dist::Layout> layout = nullptr);
   BlockOutput forward(const torch::Tensor& x_BSD, const Rope& rope, ComputeDtype compute_dtype) const;
 
   RMSNorm attn_norm{nullptr}, ffn_norm{nullptr};
@@ -48,7 +48,9 @@ struct ParamCounts {
 
 class TransformerImpl : public torch::nn::Module {
  public:
-  explicit TransformerImpl(const config::ModelConfig& cfg);
+  // With a layout, MoE layers hold this rank's share of the routed experts (parallel.expert_parallel)
+  // and exchange rows with its ep group; without one the model is whole.
+  explicit TransformerImpl(const config::ModelConfig& cfg, std::shared_ptr<const dist::Layout> layout = nullptr);
   ForwardOutput forward(const torch::Tensor& tokens_BS) const;
 
   // Initial weights as a function of (seed, parameter name, global expert id) only, generated on the
@@ -60,7 +62,10 @@ class TransformerImpl : public torch::nn::Module {
   void update_router_bias(const std::vector<torch::Tensor>& load_LE);
   // Moves parameters to `device`; `compute_dtype` bf16 keeps fp32 master weights, computes in bf16.
   void place(torch::Device device, ComputeDtype compute_dtype);
-  ParamCounts param_counts() const;
+  ParamCounts param_counts() const;  // of the whole model, whatever this rank holds
+  // Global id of this rank's first routed expert and how many it holds (all of them without EP).
+  int64_t expert_offset() const { return expert_offset_; }
+  int64_t local_experts() const;
   const config::ModelConfig& config() const { return cfg_; }
   ComputeDtype compute_dtype() const { return compute_dtype_; }
   void set_compute_dtype(ComputeDtype dtype) { compute_dtype_ = dtype; }
@@ -72,6 +77,8 @@ class TransformerImpl : public torch::nn::Module {
 
  private:
   config::ModelConfig cfg_;
+  int64_t expert_offset_ = 0;
+  int ep_size_ = 1;
   Rope rope_;
   ComputeDtype compute_dtype_;
 };

@@ -5,6 +5,7 @@
 #include <torch/torch.h>
 
 #include "config/config.h"
+#include "dist/communicator.h"
 #include "moe/router.h"
 
 namespace moetrain::moe {
@@ -80,19 +81,35 @@ struct MoEOutput {
   RouterStats stats;
 };
 
+// Moves rows between the ranks of `group` (all_to_all with row splits) as an autograd operation:
+// backward sends the gradients back the reverse way.
+torch::Tensor all_to_all_rows(const torch::Tensor& rows, dist::Communicator& group, const std::vector<int64_t>& send_rows,
+                              const std::vector<int64_t>& recv_rows);
+
 class MoEImpl : public torch::nn::Module {
  public:
-  MoEImpl(const config::MoEConfig& cfg, int d_model);
+  // With a layout whose ep group has P > 1 ranks, this rank holds routed experts
+  // [ep_rank * E / P, (ep_rank + 1) * E / P) and exchanges token rows with its ep group; the router,
+  // shared experts and everything else are replicated.
+  MoEImpl(const config::MoEConfig& cfg, int d_model, std::shared_ptr<const dist::Layout> layout = nullptr);
   // x_TD holds T = B * seq_len tokens, sequence-major.
   MoEOutput forward(const torch::Tensor& x_TD, int64_t seq_len, std::optional<torch::ScalarType> compute_dtype) const;
   const config::MoEConfig& config() const { return cfg_; }
+  // Global id of this rank's first routed expert (0 without expert parallelism).
+  int64_t expert_offset() const;
 
   Router router{nullptr};
   Experts experts{nullptr};
   SwiGLU shared{nullptr};  // n_shared_experts experts as one SwiGLU of n_shared * shared_hidden
 
  private:
+  // Expert parallelism: counts exchange, rows to the experts' owners, experts, rows back.
+  torch::Tensor experts_across_ranks(const torch::Tensor& rows_RD, const torch::Tensor& counts_E,
+                                     std::optional<torch::ScalarType> compute_dtype) const;
+
   config::MoEConfig cfg_;
+  std::shared_ptr<const dist::Layout> layout_;
+  int ep_size_ = 1;
 };
 TORCH_MODULE(MoE);
 

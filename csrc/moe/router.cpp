@@ -66,7 +66,16 @@ RoutingPlan RouterImpl::route(const torch::Tensor& x_TD, int64_t seq_len) const 
     return plan;
   }
   auto probs_TE = rc.score_func == "softmax" ? scores_TE : scores_TE / scores_TE.sum(1, true);
-  st.aux_loss = balance_product(st.tokens_per_expert_E.unsqueeze(0), probs_TE.mean(0, true), T * K, E);
+  // f_e from the global batch, P_e from this rank's tokens: the ranks' mean of this loss is the
+  // one-process loss E * sum_e f_e * P_e, and so are the gradients.
+  torch::Tensor counts_E = st.tokens_per_expert_E;
+  int64_t copies = T * K;
+  if (data_group_ && data_group_->world_size() > 1) {
+    counts_E = counts_E.clone();
+    data_group_->all_reduce_sum(counts_E);
+    copies *= data_group_->world_size();
+  }
+  st.aux_loss = balance_product(counts_E.unsqueeze(0), probs_TE.mean(0, true), copies, E);
   TORCH_CHECK(seq_len > 0 && T % seq_len == 0, "[moe] router: ", T, " tokens are not whole sequences of ", seq_len);
   const int64_t B = T / seq_len;
   auto one_hot_TE = torch::zeros({T, E}, probs_TE.options()).scatter_(1, plan.topk_ids_TK, 1.0);

@@ -3,6 +3,8 @@
 #pragma once
 #include <torch/torch.h>
 
+#include <functional>
+
 #include <string>
 #include <vector>
 
@@ -40,6 +42,9 @@ class AdamW {
 double learning_rate(const config::OptimConfig& cfg, int64_t step, int64_t total_steps);
 
 // Global L2 norm of all gradients (fp32 accumulation); scales them to max_norm when above it (max_norm > 0).
-double clip_grad_norm(const std::vector<torch::Tensor>& params, double max_norm);
+// Under expert parallelism, params marked in `sharded` differ across ranks: their squared sum goes
+// through `sum_sharded` (a sum over the ranks that share them) so that every rank clips alike.
+double clip_grad_norm(const std::vector<torch::Tensor>& params, double max_norm, const std::vector<bool>& sharded = {},
+                      const std::function<void(torch::Tensor&)>& sum_sharded = nullptr);
 
 }  // namespace moetrain::optim

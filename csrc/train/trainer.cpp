@@ -2,10 +2,12 @@
 // the "bookkeeping" marker is timing, logging, evaluation and checkpoint decisions.
 #include "train/trainer.h"
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <csignal>
 #include <fstream>
+#include <functional>
 #include <nlohmann/json.hpp>
 #include <thread>
 
@@ -158,6 +160,140 @@ struct MoETelemetry {
   }
 };
 
+// Data and expert parallelism around the step: which parameters are sharded across the ep group,
+// how gradients are averaged, and the global view of the step's loss and expert load.
+class Parallel {
+ public:
+  Parallel(std::shared_ptr<const dist::Layout> layout, const model::TransformerImpl& model)
+      : layout_(std::move(layout)) {
+    for (const auto& p : model.named_parameters()) {
+      params_.push_back(p.value());
+      sharded_.push_back(ckpt::is_expert_tensor(p.key()) && layout_->ep_size() > 1);
+    }
+    shard_.offset = model.expert_offset();
+    shard_.local = model.local_experts();
+    shard_.total = model.config().moe.n_experts;
+    shard_.gather = [this](const torch::Tensor& t) { return layout_->ep->all_gather(t.contiguous()); };
+  }
+
+  int world_size() const { return layout_->world->world_size(); }
+  int rank() const { return layout_->world->rank(); }
+  dist::Communicator& world() const { return *layout_->world; }
+  const ckpt::ExpertShard* shard() const { return layout_->ep_size() > 1 ? &shard_ : nullptr; }
+
+  // Every rank's loss is the mean over its own tokens and the job's loss is their mean, so each
+  // gradient is summed over the ranks that computed it and divided by the world size. Replicated
+  // weights sum over the world; a routed expert's owner already holds the sum over its ep group (the
+  // all-to-all's backward brought it), so experts sum over their replicas (the edp group). Gradients
+  // travel in fused buckets of at most kBucketBytes.
+  void average_gradients() {
+    if (world_size() == 1) return;
+    torch::NoGradGuard no_grad;
+    std::vector<torch::Tensor> replicated, experts;
+    for (size_t i = 0; i < params_.size(); ++i) {
+      auto& p = params_[i];
+      if (!p.grad().defined()) p.mutable_grad() = torch::zeros_like(p);  // an expert no token reached
+      (sharded_[i] ? experts : replicated).push_back(p.grad());
+    }
+    reduce_in_buckets(replicated, *layout_->world);
+    reduce_in_buckets(experts, *layout_->edp);
+  }
+
+  // The clip sees the norm of the whole model's gradient on every rank.
+  double clip(double max_norm) {
+    if (layout_->ep_size() == 1) return optim::clip_grad_norm(params_, max_norm);
+    return optim::clip_grad_norm(params_, max_norm, sharded_, [this](torch::Tensor& t) { layout_->ep->all_reduce_sum(t); });
+  }
+
+  double mean_over_ranks(double v) {
+    if (world_size() == 1) return v;
+    auto t = torch::tensor({v}, torch::kDouble);
+    if (layout_->world->backend() == "nccl") t = t.to(torch::kCUDA);
+    layout_->world->all_reduce_sum(t);
+    return t.to(torch::kCPU).item<double>() / world_size();
+  }
+
+  // The step's expert load summed over the ranks, so telemetry is global and every rank moves its
+  // routers' balancing biases alike.
+  void sum_load(std::vector<torch::Tensor>& load_LE) {
+    if (world_size() == 1 || load_LE.empty()) return;
+    auto all = torch::stack(load_LE);
+    layout_->world->all_reduce_sum(all);
+    for (size_t l = 0; l < load_LE.size(); ++l) load_LE[l] = all[int64_t(l)];
+  }
+
+  // Whether any rank was asked to stop (SIGTERM/SIGINT), so that all stop after the same step.
+  bool any(bool flag) {
+    if (world_size() == 1) return flag;
+    return mean_over_ranks(flag ? 1.0 : 0.0) > 0;
+  }
+
+ private:
+  static constexpr int64_t kBucketBytes = 32 << 20;
+
+  void reduce_in_buckets(const std::vector<torch::Tensor>& grads, dist::Communicator& group) {
+    const double scale = 1.0 / world_size();
+    size_t i = 0;
+    while (i < grads.size()) {
+      std::vector<torch::Tensor> bucket;
+      int64_t bytes = 0;
+      while (i < grads.size() && (bucket.empty() || bytes + int64_t(grads[i].nbytes()) <= kBucketBytes)) {
+        bytes += int64_t(grads[i].nbytes());
+        bucket.push_back(grads[i++]);
+      }
+      std::vector<torch::Tensor> flat;
+      for (const auto& g : bucket) flat.push_back(g.reshape(-1));
+      auto fused = torch::cat(flat);
+      if (group.world_size() > 1) group.all_reduce_sum(fused);
+      fused.mul_(scale);
+      int64_t offset = 0;
+      for (auto& g : bucket) {
+        g.copy_(fused.narrow(0, offset, g.numel()).view_as(g));
+        offset += g.numel();
+      }
+    }
+  }
+
+  std::shared_ptr<const dist::Layout> layout_;
+  std::vector<torch::Tensor> params_;
+  std::vector<bool> sharded_;
+  ckpt::ExpertShard shard_;
+};
+
+struct StepOutcome {
+  double loss = 0;       // mean cross-entropy over the micro-batches and ranks (the balance loss apart)
+  double grad_norm = 0;  // before clipping
+  MoETelemetry telemetry;
+};
+
+// One optimizer step: forward and backward of every micro-batch (gradients accumulated, each loss
+// scaled by 1/grad_accum), gradients averaged over the ranks, clip, AdamW, then the routers' bias
+// update from the step's expert load. The trainer and bench-step both run exactly this.
+StepOutcome train_step(model::TransformerImpl& model, optim::AdamW& optimizer, Parallel& parallel,
+                       const config::Config& cfg, double lr, torch::Device device,
+                       const std::function<data::Batch(int micro)>& batch_of) {
+  StepOutcome outcome;
+  optimizer.zero_grad();
+  double loss_sum = 0;
+  for (int micro = 0; micro < cfg.train.grad_accum; ++micro) {
+    auto batch = batch_of(micro);
+    auto out = model.forward(batch.inputs.to(device));
+    const auto V = out.logits_BSV.size(-1);
+    auto ce = torch::cross_entropy_loss(out.logits_BSV.view({-1, V}), batch.targets.to(device).view(-1));
+    auto loss = ce + out.balance_loss;
+    (loss / cfg.train.grad_accum).backward();
+    loss_sum += ce.item<double>();
+    outcome.telemetry.add(out);
+  }
+  parallel.average_gradients();
+  outcome.grad_norm = parallel.clip(cfg.optim.grad_clip);
+  optimizer.step(lr);
+  parallel.sum_load(outcome.telemetry.load_LE);
+  model.update_router_bias(outcome.telemetry.load_LE);
+  outcome.loss = parallel.mean_over_ranks(loss_sum / cfg.train.grad_accum);
+  return outcome;
+}
+
 }  // namespace
 
 torch::Device resolve_device(const config::RunConfig& run) {
@@ -194,7 +330,9 @@ double evaluate(const model::TransformerImpl& model, const data::Shard& shard, i
 
 TrainResult train(const config::Config& cfg, const TrainOptions& options) {
   // ---- set-up ------------------------------------------------------------------------------------
-  auto comm = dist::make_communicator(cfg.parallel);
+  auto layout = std::make_shared<const dist::Layout>(
+      dist::make_layout(dist::make_communicator(cfg.parallel, cfg.run.device), cfg.parallel.expert_parallel));
+  const auto& comm = layout->world;
   set_log_rank(comm->rank());
   configure_threads(cfg.run);
   const torch::Device device = resolve_device(cfg.run);
@@ -210,16 +348,13 @@ TrainResult train(const config::Config& cfg, const TrainOptions& options) {
   data::Sampler sampler(train_shard, {cfg.run.seed, cfg.data.seq_len, cfg.train.micro_batch_size,
                                       cfg.train.grad_accum, comm->rank(), comm->world_size()});
 
-  model::Transformer model(cfg.model);
+  model::Transformer model(cfg.model, layout);
   model->init_weights(cfg.run.seed);
   model->place(device, compute_dtype);
   std::vector<std::pair<std::string, torch::Tensor>> named_params;
-  std::vector<torch::Tensor> params;
-  for (const auto& p : model->named_parameters()) {
-    named_params.emplace_back(p.key(), p.value());
-    params.push_back(p.value());
-  }
+  for (const auto& p : model->named_parameters()) named_params.emplace_back(p.key(), p.value());
   optim::AdamW optimizer(named_params, cfg.optim, model::is_no_decay);
+  Parallel parallel(layout, *model);
 
   ckpt::Progress progress;
   TrainResult result;
@@ -231,8 +366,8 @@ TrainResult train(const config::Config& cfg, const TrainOptions& options) {
       throw CheckpointError("'" + options.resume + "' holds no checkpoint to resume from");
     if (step_dir) {
       auto manifest = ckpt::open_checkpoint(*step_dir, cfg.checkpoint.verify);
-      ckpt::load_model(*step_dir, *model);
-      ckpt::load_optimizer(*step_dir, optimizer);
+      ckpt::load_model(*step_dir, *model, parallel.shard());
+      ckpt::load_optimizer(*step_dir, optimizer, parallel.shard());
       progress = manifest.progress;
       log_line("resumed from " + *step_dir + " at step " + std::to_string(progress.step));
       log_config_changes(manifest.config_yaml, *step_dir, cfg);
@@ -250,6 +385,11 @@ TrainResult train(const config::Config& cfg, const TrainOptions& options) {
     log_line("parameters: " + format_count(double(counts.total)) + " total, " + format_count(double(counts.active)) +
              " active per token | device " + device.str() + " | compute " + (compute_dtype ? "bf16" : "fp32") +
              " | threads " + std::to_string(at::get_num_threads()));
+    if (comm->world_size() > 1)
+      log_line("parallel: world " + std::to_string(comm->world_size()) + " (" + comm->backend() + "), expert parallel " +
+               std::to_string(layout->ep_size()) + ": " + std::to_string(model->local_experts()) + " of " +
+               std::to_string(cfg.model.moe.n_experts) + " routed experts per rank, " +
+               std::to_string(layout->edp->world_size()) + " replica(s) of each");
     truncate_metrics(files::join(out_dir, "metrics.jsonl"), progress.step);
   }
   std::ofstream metrics;
@@ -280,24 +420,12 @@ TrainResult train(const config::Config& cfg, const TrainOptions& options) {
     const double step_start = now_s();
     // ---- the step ----------------------------------------------------------------------------------
     const double lr = optim::learning_rate(cfg.optim, step, decay_steps);
-    optimizer.zero_grad();
-    double loss_sum = 0;
-    MoETelemetry moe_telemetry;
-    for (int micro = 0; micro < cfg.train.grad_accum; ++micro) {
-      auto batch = sampler.batch(step, micro);
-      auto out = model->forward(batch.inputs.to(device));
-      const auto V = out.logits_BSV.size(-1);
-      auto ce = torch::cross_entropy_loss(out.logits_BSV.view({-1, V}), batch.targets.to(device).view(-1));
-      auto loss = ce + out.balance_loss;
-      (loss / cfg.train.grad_accum).backward();
-      loss_sum += ce.item<double>();
-      moe_telemetry.add(out);
-    }
-    const double grad_norm = optim::clip_grad_norm(params, cfg.optim.grad_clip);
-    optimizer.step(lr);
-    model->update_router_bias(moe_telemetry.load_LE);
+    auto outcome = train_step(*model, optimizer, parallel, cfg, lr, device,
+                              [&](int micro) { return sampler.batch(step, micro); });
+    const double grad_norm = outcome.grad_norm;
+    const MoETelemetry& moe_telemetry = outcome.telemetry;
     // ---- bookkeeping -------------------------------------------------------------------------------
-    const double loss = loss_sum / cfg.train.grad_accum;
+    const double loss = outcome.loss;
     if (!std::isfinite(loss))
       throw Error("[train] loss became " + format_double(loss) + " at step " + std::to_string(step + 1) +
                   " (lower optim.lr or check the data)");
@@ -312,7 +440,7 @@ TrainResult train(const config::Config& cfg, const TrainOptions& options) {
     progress.elapsed_s = elapsed_before + (step_end - run_start);
 
     const bool last = progress.step == total_steps;
-    const bool stop = g_stop_signal != 0;
+    const bool stop = parallel.any(g_stop_signal != 0);
     const bool do_log = last || stop || progress.step % cfg.train.log_every == 0;
     const bool do_eval = last || (cfg.train.eval_every > 0 && progress.step % cfg.train.eval_every == 0);
     const bool do_save = last || stop || (cfg.checkpoint.every > 0 && progress.step % cfg.checkpoint.every == 0);
@@ -352,11 +480,14 @@ TrainResult train(const config::Config& cfg, const TrainOptions& options) {
       log_line("step " + std::to_string(progress.step) + " | val_loss " + format_double(val_loss, 4));
     }
     if (do_save) {
-      result.last_checkpoint = ckpt::save_checkpoint(cfg.run.out_dir, *model, optimizer, config_yaml, progress);
-      ckpt::apply_retention(cfg.run.out_dir, cfg.checkpoint.keep_last);
+      // Every rank takes part (experts are gathered); rank 0 writes.
+      result.last_checkpoint = ckpt::save_checkpoint(cfg.run.out_dir, *model, optimizer, config_yaml, progress,
+                                                     parallel.shard(), comm->rank() == 0);
+      if (comm->rank() == 0) ckpt::apply_retention(cfg.run.out_dir, cfg.checkpoint.keep_last);
     }
     if (stop) {
-      log_line(std::string("received ") + (g_stop_signal == SIGTERM ? "SIGTERM" : "SIGINT") + ": saved " +
+      const std::string why = g_stop_signal == SIGTERM ? "SIGTERM" : g_stop_signal == SIGINT ? "SIGINT" : "a stop signal on another rank";
+      log_line("received " + why + ": saved " +
                result.last_checkpoint + ", exiting");
       result.interrupted = true;
       break;
@@ -372,6 +503,90 @@ TrainResult train(const config::Config& cfg, const TrainOptions& options) {
   result.cost_usd = result.gpu_hours * cfg.cost.price_per_gpu_hour;
   result.mean_mfu = result.tokens_per_s * flops_per_token / peak_flops;
   return result;
+}
+
+BenchResult bench_steps(const config::Config& cfg, int warmup_steps, int steps, bool quiet) {
+  if (warmup_steps < 0 || steps < 1)
+    throw UsageError("bench-step needs --warmup >= 0 and --steps >= 1 (got " + std::to_string(warmup_steps) + ", " +
+                     std::to_string(steps) + ")");
+  auto layout = std::make_shared<const dist::Layout>(
+      dist::make_layout(dist::make_communicator(cfg.parallel, cfg.run.device), cfg.parallel.expert_parallel));
+  const auto& comm = layout->world;
+  set_log_rank(comm->rank());
+  configure_threads(cfg.run);
+  const torch::Device device = resolve_device(cfg.run);
+  const auto compute_dtype = resolve_compute_dtype(cfg.run);
+
+  model::Transformer model(cfg.model, layout);
+  model->init_weights(cfg.run.seed);
+  model->place(device, compute_dtype);
+  std::vector<std::pair<std::string, torch::Tensor>> named_params;
+  for (const auto& p : model->named_parameters()) named_params.emplace_back(p.key(), p.value());
+  optim::AdamW optimizer(named_params, cfg.optim, model::is_no_decay);
+  Parallel parallel(layout, *model);
+
+  // Synthetic tokens, uniform over the vocabulary and a pure function of (seed, step, micro, rank).
+  const int B = cfg.train.micro_batch_size, S = cfg.data.seq_len;
+  auto synthetic = [&](int64_t step, int micro) {
+    auto tokens = torch::empty({B, S + 1}, torch::kInt64);
+    auto* t = tokens.data_ptr<int64_t>();
+    const uint64_t base = data::mix64(cfg.run.seed ^ data::mix64(uint64_t(step) * 1000003u + uint64_t(micro) * 7919u +
+                                                                  uint64_t(comm->rank()) * 104729u));
+    for (int64_t i = 0; i < tokens.numel(); ++i) t[i] = int64_t(data::mix64(base + uint64_t(i)) % uint64_t(cfg.model.vocab_size));
+    return data::Batch{tokens.narrow(1, 0, S).contiguous(), tokens.narrow(1, 1, S).contiguous()};
+  };
+
+  BenchResult r;
+  r.device = device.is_cuda() ? "cuda" : "cpu";
+  r.dtype = compute_dtype ? "bf16" : "fp32";
+  r.world_size = comm->world_size();
+  r.warmup_steps = warmup_steps;
+  r.steps = steps;
+  r.tokens_per_step = int64_t(B) * S * cfg.train.grad_accum * comm->world_size();
+  const auto counts = model->param_counts();
+  r.params_total = counts.total;
+  r.params_active = counts.active;
+
+  r.expert_parallel = layout->ep_size();
+  r.moe_layers = cfg.model.n_layers - cfg.model.dense_layers;
+  std::vector<double> step_s;
+  int64_t a2a_bytes_at_start = 0;
+  for (int i = 0; i < warmup_steps + steps; ++i) {
+    if (i == warmup_steps) a2a_bytes_at_start = layout->ep->all_to_all_bytes_sent();
+    const double lr = optim::learning_rate(cfg.optim, i, std::max<int64_t>(1, cfg.optim.decay_steps > 0 ? cfg.optim.decay_steps : cfg.train.steps));
+    const double start = now_s();
+    auto outcome = train_step(*model, optimizer, parallel, cfg, lr, device, [&](int micro) { return synthetic(i, micro); });
+    if (device.is_cuda()) torch::cuda::synchronize();
+    const double took = now_s() - start;
+    if (!std::isfinite(outcome.loss))
+      throw Error("[bench-step] loss became " + format_double(outcome.loss) + " at step " + std::to_string(i + 1));
+    if (i == 0) r.first_loss = outcome.loss;
+    r.last_loss = outcome.loss;
+    if (i >= warmup_steps) step_s.push_back(took);
+    if (!quiet)
+      log_line("bench-step " + std::to_string(i + 1) + "/" + std::to_string(warmup_steps + steps) +
+             (i < warmup_steps ? " (warm-up)" : "") + " | " + format_double(took * 1e3, 4) + " ms | loss " +
+             format_double(outcome.loss, 4));
+  }
+  r.all_to_all_bytes_per_step = double(layout->ep->all_to_all_bytes_sent() - a2a_bytes_at_start) / steps;
+  double sum = 0;
+  for (double s : step_s) sum += s;
+  auto sorted = step_s;
+  std::sort(sorted.begin(), sorted.end());
+  r.step_s_mean = sum / double(step_s.size());
+  r.step_s_min = sorted.front();
+  r.step_s_median = sorted[sorted.size() / 2];
+  r.tokens_per_s = double(r.tokens_per_step) / r.step_s_mean;
+  r.tokens_per_s_per_gpu = r.tokens_per_s / r.world_size;
+  r.flops_per_token_causal = cost::training_flops_per_token(cfg.model, S).total_causal;
+  // On the CPU the peak is this machine's (measured); on a GPU it is the datasheet of cost.gpu.
+  if (device.is_cuda() && cfg.cost.gpu == "cpu")
+    throw ConfigError("bench-step on cuda needs cost.gpu to name the GPU (e.g. --set cost.gpu=h200), not \"cpu\"");
+  const cost::Hardware hardware = cost::lookup_hardware(device.is_cuda() ? cfg.cost.gpu : "cpu");
+  r.gpu = hardware.name;
+  r.peak_tflops = hardware.bf16_tflops;
+  r.mfu = r.tokens_per_s_per_gpu * r.flops_per_token_causal / (hardware.bf16_tflops * 1e12);
+  return r;
 }
 
 }  // namespace moetrain::train

@@ -32,6 +32,31 @@ struct TrainResult {
 
 TrainResult train(const config::Config& cfg, const TrainOptions& options);
 
+// bench-step: real training steps (the trainer's own step function) on synthetic tokens, so any
+// config can be measured without data. Warm-up steps are not timed.
+struct BenchResult {
+  std::string device;            // "cpu" or "cuda"
+  std::string dtype;             // compute dtype: "fp32" or "bf16"
+  std::string gpu;               // hardware whose peak the MFU is against (cost.gpu)
+  double peak_tflops = 0;        // its dense bf16 peak per device
+  int world_size = 1;
+  int warmup_steps = 0;
+  int steps = 0;                 // timed steps
+  int64_t tokens_per_step = 0;   // over all ranks
+  double step_s_mean = 0, step_s_min = 0, step_s_median = 0;
+  double tokens_per_s = 0;       // whole job
+  double tokens_per_s_per_gpu = 0;
+  double flops_per_token_causal = 0;
+  double mfu = 0;
+  int64_t params_total = 0, params_active = 0;
+  double first_loss = 0, last_loss = 0;  // sanity: the steps really trained
+  int expert_parallel = 1;
+  int moe_layers = 0;
+  double all_to_all_bytes_per_step = 0;  // sent by this rank to other ranks, mean over timed steps
+};
+// Logs one line per step unless quiet (the --json output keeps stdout to the one object).
+BenchResult bench_steps(const config::Config& cfg, int warmup_steps, int steps, bool quiet = false);
+
 // Mean next-token cross-entropy (nats per token) over the fixed validation batches.
 double evaluate(const model::TransformerImpl& model, const data::Shard& shard, int n_batches, int batch_size,
                 int seq_len, torch::Device device);

@@ -232,7 +232,7 @@ CATCH_TEST_CASE("per-key ranges and enums are checked at load", "[config]") {
   CATCH_CHECK(error_of("run:\n  device: tpu\n") == "[config] run.device = \"tpu\" must be one of: cpu, cuda");
   CATCH_CHECK_THAT(error_of("run:\n  dtype: fp16\n"), Contains("run.dtype = \"fp16\" must be one of: fp32, bf16"));
   CATCH_CHECK_THAT(error_of("optim:\n  schedule: linear\n"), Contains("optim.schedule") && Contains("cosine, constant"));
-  CATCH_CHECK_THAT(error_of("parallel:\n  backend: nccl\n"), Contains("parallel.backend") && Contains("auto, single"));
+  CATCH_CHECK_THAT(error_of("parallel:\n  backend: gloo\n"), Contains("parallel.backend") && Contains("auto, nccl, store, single"));
   CATCH_CHECK_THAT(error_of("checkpoint:\n  verify: none\n"), Contains("checkpoint.verify") && Contains("full, size"));
   CATCH_CHECK_THAT(error_of("model:\n  moe:\n    router:\n      score_func: relu\n"),
                    Contains("model.moe.router.score_func") && Contains("softmax, sigmoid"));

@@ -1,0 +1,209 @@
+// The NCCL backend: direct NCCL calls on the current CUDA stream, the unique id shared through the
+// c10d store. Each collective is awaited with a deadline (parallel.timeout_s) by polling the stream and
+// NCCL's asynchronous error; a timeout or a NCCL error aborts the communicator and throws, so a dead
+// peer ends every rank instead of hanging it. Overlapping communication with compute is future work.
+#include "dist/nccl.h"
+
+#include <c10/cuda/CUDAFunctions.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime_api.h>
+#include <nccl.h>
+
+#include <chrono>
+#include <cstring>
+#include <thread>
+
+#include "common/errors.h"
+
+namespace moetrain::dist {
+
+namespace {
+
+ncclDataType_t nccl_type(const torch::Tensor& t) {
+  switch (t.scalar_type()) {
+    case torch::kFloat: return ncclFloat32;
+    case torch::kBFloat16: return ncclBfloat16;
+    case torch::kHalf: return ncclFloat16;
+    case torch::kDouble: return ncclFloat64;
+    case torch::kLong: return ncclInt64;
+    case torch::kInt: return ncclInt32;
+    case torch::kByte:
+    case torch::kBool: return ncclUint8;
+    default: throw DistError(std::string("nccl: unsupported dtype ") + c10::toString(t.scalar_type()));
+  }
+}
+
+class NcclCommunicator final : public Communicator {
+ public:
+  NcclCommunicator(ncclComm_t comm, std::string name, int rank, std::vector<int> world_ranks, int timeout_s)
+      : comm_(comm), name_(std::move(name)), rank_(rank), world_ranks_(std::move(world_ranks)), timeout_s_(timeout_s) {}
+  ~NcclCommunicator() override {
+    if (comm_) ncclCommDestroy(comm_);
+  }
+
+  int rank() const override { return rank_; }
+  int world_size() const override { return int(world_ranks_.size()); }
+  std::string backend() const override { return "nccl"; }
+  std::string name() const override { return name_; }
+  int world_rank_of(int r) const override { return world_ranks_.at(size_t(r)); }
+
+  void all_reduce_sum(torch::Tensor& t) override {
+    check_tensor("all_reduce", t);
+    call("all_reduce", ncclAllReduce(t.data_ptr(), t.data_ptr(), size_t(t.numel()), nccl_type(t), ncclSum, comm_, stream()));
+    wait("all_reduce");
+  }
+
+  void broadcast(torch::Tensor& t, int root) override {
+    check_tensor("broadcast", t);
+    call("broadcast", ncclBroadcast(t.data_ptr(), t.data_ptr(), size_t(t.numel()), nccl_type(t), root, comm_, stream()));
+    wait("broadcast");
+  }
+
+  torch::Tensor all_gather(const torch::Tensor& t) override {
+    auto in = t.contiguous();
+    check_tensor("all_gather", in);
+    auto shape = in.sizes().vec();
+    shape[0] *= world_size();
+    auto out = torch::empty(shape, in.options());
+    call("all_gather", ncclAllGather(in.data_ptr(), out.data_ptr(), size_t(in.numel()), nccl_type(in), comm_, stream()));
+    wait("all_gather");
+    return out;
+  }
+
+  torch::Tensor all_to_all(const torch::Tensor& in_, const std::vector<int64_t>& send_rows,
+                           const std::vector<int64_t>& recv_rows) override {
+    auto in = in_.contiguous();
+    check_tensor("all_to_all", in);
+    const int W = world_size();
+    TORCH_CHECK(int(send_rows.size()) == W && int(recv_rows.size()) == W, "[dist] all_to_all: splits need ", W, " entries");
+    int64_t per_row = 1;  // elements per row of dim 0
+    for (int64_t d = 1; d < in.dim(); ++d) per_row *= in.size(d);
+    int64_t total_recv = 0;
+    for (auto n : recv_rows) total_recv += n;
+    auto shape = in.sizes().vec();
+    shape[0] = total_recv;
+    auto out = torch::empty(shape, in.options());
+    const auto type = nccl_type(in);
+    const size_t item = in.element_size();
+    auto* src = static_cast<char*>(in.data_ptr());
+    auto* dst = static_cast<char*>(out.data_ptr());
+    call("all_to_all", ncclGroupStart());
+    int64_t send_off = 0, recv_off = 0;
+    for (int r = 0; r < W; ++r) {
+      if (send_rows[r] > 0 && r != rank_) all_to_all_bytes_sent_ += send_rows[r] * per_row * int64_t(item);
+      if (send_rows[r] > 0)
+        call("all_to_all", ncclSend(src + send_off * per_row * item, size_t(send_rows[r] * per_row), type, r, comm_, stream()));
+      if (recv_rows[r] > 0)
+        call("all_to_all", ncclRecv(dst + recv_off * per_row * item, size_t(recv_rows[r] * per_row), type, r, comm_, stream()));
+      send_off += send_rows[r];
+      recv_off += recv_rows[r];
+    }
+    call("all_to_all", ncclGroupEnd());
+    wait("all_to_all");
+    return out;
+  }
+
+  void barrier() override {
+    auto t = torch::ones({1}, torch::TensorOptions().device(torch::kCUDA, c10::cuda::current_device()));
+    all_reduce_sum(t);
+  }
+
+  std::unique_ptr<Communicator> split(int color, const std::string& label) override {
+    auto colors = all_gather(torch::tensor({int64_t(color)}).to(torch::Device(torch::kCUDA, c10::cuda::current_device())))
+                      .to(torch::kCPU);
+    std::vector<int> members;
+    int new_rank = -1;
+    for (int r = 0; r < world_size(); ++r) {
+      if (colors[r].item<int64_t>() != color) continue;
+      if (r == rank_) new_rank = int(members.size());
+      members.push_back(world_ranks_[size_t(r)]);
+    }
+    ncclComm_t sub = nullptr;
+    call("split", ncclCommSplit(comm_, color, rank_, &sub, nullptr));
+    return std::make_unique<NcclCommunicator>(sub, label, new_rank, members, timeout_s_);
+  }
+
+ private:
+  static cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
+
+  void check_tensor(const char* op, const torch::Tensor& t) const {
+    if (!t.is_cuda() || !t.is_contiguous())
+      throw DistError(std::string(op) + " on " + name_ + ": nccl needs a contiguous CUDA tensor, got " +
+                      (t.is_cuda() ? "a strided" : "a CPU") + " one");
+  }
+
+  void call(const char* op, ncclResult_t result) {
+    if (result != ncclSuccess && result != ncclInProgress)
+      throw DistError(std::string(op) + " on " + name_ + " (rank " + std::to_string(world_rank_of(rank_)) +
+                      "): " + ncclGetErrorString(result));
+  }
+
+  // Polls until the stream's work is done, NCCL reports an error, or the deadline passes.
+  void wait(const char* op) {
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(timeout_s_);
+    auto s = stream();
+    while (true) {
+      const cudaError_t done = cudaStreamQuery(s);
+      if (done == cudaSuccess) return;
+      if (done != cudaErrorNotReady)
+        throw DistError(std::string(op) + " on " + name_ + ": CUDA error " + cudaGetErrorString(done));
+      ncclResult_t async = ncclSuccess;
+      ncclCommGetAsyncError(comm_, &async);
+      if (async != ncclSuccess && async != ncclInProgress) {
+        ncclCommAbort(comm_);
+        comm_ = nullptr;
+        throw DistError(std::string(op) + " on " + name_ + " (rank " + std::to_string(world_rank_of(rank_)) +
+                        "): NCCL error " + ncclGetErrorString(async) + " (a peer may have died)");
+      }
+      if (std::chrono::steady_clock::now() > deadline) {
+        ncclCommAbort(comm_);
+        comm_ = nullptr;
+        throw DistError(std::string(op) + " on " + name_ + " (rank " + std::to_string(world_rank_of(rank_)) +
+                        "): not finished after parallel.timeout_s = " + std::to_string(timeout_s_) +
+                        " s (a peer died or is stuck)");
+      }
+      std::this_thread::sleep_for(std::chrono::microseconds(50));
+    }
+  }
+
+  ncclComm_t comm_;
+  std::string name_;
+  int rank_;
+  std::vector<int> world_ranks_;
+  int timeout_s_;
+};
+
+}  // namespace
+
+std::unique_ptr<Communicator> make_nccl(c10::intrusive_ptr<c10d::Store> store, int rank, int world_size,
+                                        int local_rank, int timeout_s) {
+  const int devices = c10::cuda::device_count();
+  if (devices < 1) throw DistError("parallel.backend = nccl but this process sees no CUDA device");
+  c10::cuda::set_device(c10::DeviceIndex(local_rank % devices));
+  ncclUniqueId id;
+  const std::string key = "nccl/unique_id";
+  try {
+    if (rank == 0) {
+      if (ncclGetUniqueId(&id) != ncclSuccess) throw DistError("nccl: ncclGetUniqueId failed");
+      store->set(key, std::vector<uint8_t>(reinterpret_cast<uint8_t*>(&id), reinterpret_cast<uint8_t*>(&id) + sizeof id));
+    } else {
+      auto bytes = store->get(key);
+      if (bytes.size() != sizeof id) throw DistError("nccl: the store's unique id has the wrong size");
+      std::memcpy(&id, bytes.data(), sizeof id);
+    }
+  } catch (const c10::Error& e) {
+    std::string cause = e.what_without_backtrace();
+    throw DistError("nccl: sharing the unique id failed at rank " + std::to_string(rank) + ": " +
+                    cause.substr(0, cause.find('\n')));
+  }
+  ncclComm_t comm = nullptr;
+  const ncclResult_t r = ncclCommInitRank(&comm, world_size, id, rank);
+  if (r != ncclSuccess)
+    throw DistError("nccl: ncclCommInitRank of rank " + std::to_string(rank) + "/" + std::to_string(world_size) +
+                    " failed: " + ncclGetErrorString(r));
+  std::vector<int> ranks(static_cast<size_t>(world_size));
+  for (int i = 0; i < world_size; ++i) ranks[size_t(i)] = i;
+  return std::make_unique<NcclCommunicator>(comm, "world", rank, ranks, timeout_s);
+}
+
+}  // namespace moetrain::dist

@@ -1,0 +1,305 @@
+// Distributed: the launcher's environment, the store backend's collectives in real processes, and
+// training at several (world, ep) layouts against one process. Every multi-process case runs through
+// scripts/launch.sh on loopback and is bounded by `timeout`.
+#include <catch2/catch.hpp>
+
+#include <chrono>
+#include <cmath>
+#include <fstream>
+#include <map>
+#include <nlohmann/json.hpp>
+
+#include "ckpt/safetensors.h"
+#include "common/errors.h"
+#include "common/files.h"
+#include "dist/communicator.h"
+#include "../train/train_fixture.h"
+
+using namespace moetrain;
+using Catch::Matchers::Contains;
+
+namespace {
+
+dist::LaunchEnv env_of(const std::map<std::string, std::string>& vars) {
+  return dist::read_launch_env([&](const char* name) -> const char* {
+    auto it = vars.find(name);
+    return it == vars.end() ? nullptr : it->second.c_str();
+  });
+}
+
+std::string launch(int nproc, const std::string& command, int timeout_s = 300) {
+  return "timeout " + std::to_string(timeout_s) + " " + std::string(MOETRAIN_SOURCE_DIR) + "/scripts/launch.sh --nproc " +
+         std::to_string(nproc) + " -- " + command;
+}
+
+// What rank r contributes in the collective checks: a pure function of (round, r), so every rank can
+// compute every other rank's input.
+torch::Tensor input_of(int round, int r, int64_t rows, int64_t cols = 3) {
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(uint64_t(1000 * round + r));
+  return torch::randn({rows, cols}, gen, torch::kFloat);
+}
+
+// Uneven split sizes, zeros included: rows rank `src` sends rank `dst` in round `round`.
+int64_t rows_between(int round, int src, int dst) { return (src * 7 + dst * 3 + round) % 4 == 0 ? 0 : (src + 2 * dst + round) % 5; }
+
+}  // namespace
+
+CATCH_TEST_CASE("Launcher environment: torchrun, Slurm, Open MPI, none, and bad variables", "[dist]") {
+  auto single = env_of({});
+  CATCH_CHECK(single.world_size == 1);
+  CATCH_CHECK(single.source == "none");
+
+  auto t = env_of({{"RANK", "3"}, {"WORLD_SIZE", "4"}, {"LOCAL_RANK", "1"}, {"MASTER_ADDR", "node7"}, {"MASTER_PORT", "29411"}});
+  CATCH_CHECK(t.source == "torchrun");
+  CATCH_CHECK((t.rank == 3 && t.world_size == 4 && t.local_rank == 1 && t.master_addr == "node7" && t.master_port == 29411));
+
+  auto s = env_of({{"SLURM_PROCID", "5"}, {"SLURM_NTASKS", "8"}, {"SLURM_LOCALID", "1"},
+                   {"SLURM_JOB_NODELIST", "gpu[003-004,010]"}, {"MASTER_PORT", "29500"}});
+  CATCH_CHECK(s.source == "slurm");
+  CATCH_CHECK((s.rank == 5 && s.world_size == 8 && s.local_rank == 1 && s.master_addr == "gpu003"));
+  CATCH_CHECK(env_of({{"SLURM_PROCID", "0"}, {"SLURM_NTASKS", "2"}, {"SLURM_JOB_NODELIST", "a1,b2"}}).master_addr == "a1");
+
+  auto o = env_of({{"OMPI_COMM_WORLD_RANK", "1"}, {"OMPI_COMM_WORLD_SIZE", "2"}, {"OMPI_COMM_WORLD_LOCAL_RANK", "1"},
+                   {"MASTER_ADDR", "10.0.0.1"}});
+  CATCH_CHECK(o.source == "openmpi");
+  CATCH_CHECK((o.rank == 1 && o.world_size == 2 && o.local_rank == 1 && o.master_addr == "10.0.0.1"));
+
+  // torchrun's variables win over a surrounding Slurm allocation's.
+  CATCH_CHECK(env_of({{"RANK", "0"}, {"WORLD_SIZE", "1"}, {"SLURM_PROCID", "3"}, {"SLURM_NTASKS", "4"}}).source == "torchrun");
+
+  const std::vector<std::pair<std::map<std::string, std::string>, std::string>> bad = {
+      {{{"RANK", "1"}}, "RANK is set but WORLD_SIZE is not"},
+      {{{"WORLD_SIZE", "2"}}, "WORLD_SIZE is set but RANK is not"},
+      {{{"RANK", "2"}, {"WORLD_SIZE", "2"}, {"MASTER_ADDR", "x"}, {"MASTER_PORT", "1"}}, "RANK=2 is not below WORLD_SIZE=2"},
+      {{{"RANK", "x"}, {"WORLD_SIZE", "2"}}, "RANK=\"x\" is not an integer"},
+      {{{"RANK", "0"}, {"WORLD_SIZE", "2"}, {"MASTER_PORT", "1"}}, "MASTER_ADDR is not set"},
+      {{{"RANK", "0"}, {"WORLD_SIZE", "2"}, {"MASTER_ADDR", "h"}}, "MASTER_PORT is not set"},
+      {{{"RANK", "0"}, {"WORLD_SIZE", "2"}, {"MASTER_ADDR", "h"}, {"MASTER_PORT", "70000"}}, "not a TCP port"},
+      {{{"SLURM_PROCID", "0"}}, "SLURM_PROCID is set but SLURM_NTASKS is not"},
+  };
+  for (const auto& [vars, message] : bad) {
+    CATCH_INFO(message);
+    CATCH_CHECK_THROWS_WITH(env_of(vars), Contains(message));
+  }
+}
+
+CATCH_TEST_CASE("Communicator: single backend and bad backend choices", "[dist]") {
+  config::ParallelConfig p;
+  auto c = dist::make_communicator(p);  // no launcher variables in the test's environment
+  CATCH_CHECK(c->backend() == "single");
+  auto t = torch::arange(6).view({3, 2});
+  CATCH_CHECK(torch::equal(c->all_to_all(t, {3}, {3}), t));
+  CATCH_CHECK(torch::equal(c->all_gather(t), t));
+  auto layout = dist::make_layout(std::move(c), 1);
+  CATCH_CHECK((layout.ep_size() == 1 && layout.edp->world_size() == 1));
+  p.backend = "nccl";
+  CATCH_CHECK_THROWS_WITH(dist::make_communicator(p, "cpu"), Contains("needs run.device = \"cuda\""));
+  p.backend = "gloo";
+  CATCH_CHECK_THROWS_WITH(dist::make_communicator(p), Contains("no gloo headers"));
+  CATCH_CHECK_THROWS_WITH(dist::make_layout(dist::make_single(), 2), Contains("does not divide the world size 1"));
+}
+
+// Run by the next case in N processes (hidden: `[.]`): every collective against a local expectation.
+CATCH_TEST_CASE("dist worker: collectives", "[.dist-worker]") {
+  config::ParallelConfig p;
+  p.backend = "store";
+  p.timeout_s = 60;
+  std::shared_ptr<dist::Communicator> world = dist::make_communicator(p);
+  const int W = world->world_size(), me = world->rank();
+  CATCH_REQUIRE(W > 1);
+  for (int round = 0; round < 4; ++round) {
+    CATCH_INFO("round " << round << " rank " << me);
+    // all_reduce: the sum over ranks, bitwise the same on every rank (summed in rank order).
+    auto x = input_of(round, me, 5);
+    auto want = input_of(round, 0, 5).clone();
+    for (int r = 1; r < W; ++r) want += input_of(round, r, 5);
+    world->all_reduce_sum(x);
+    CATCH_CHECK(torch::equal(x, want));
+    // broadcast from a moving root.
+    const int root = round % W;
+    auto b = input_of(round, me, 2);
+    world->broadcast(b, root);
+    CATCH_CHECK(torch::equal(b, input_of(round, root, 2)));
+    // all_gather.
+    auto g = world->all_gather(input_of(round, me, 2));
+    for (int r = 0; r < W; ++r) CATCH_CHECK(torch::equal(g.narrow(0, 2 * r, 2), input_of(round, r, 2)));
+    // all_to_all with uneven splits, zeros included: rank src's rows for dst are the block of its input
+    // after the blocks for ranks < dst.
+    std::vector<int64_t> send(W), recv(W);
+    int64_t total = 0;
+    for (int r = 0; r < W; ++r) send[r] = rows_between(round, me, r), recv[r] = rows_between(round, r, me), total += send[r];
+    auto got = world->all_to_all(input_of(round, me, total), send, recv);
+    std::vector<torch::Tensor> parts;
+    for (int src = 0; src < W; ++src) {
+      int64_t start = 0, src_total = 0;
+      for (int r = 0; r < W; ++r) src_total += rows_between(round, src, r), start += r < me ? rows_between(round, src, r) : 0;
+      parts.push_back(input_of(round, src, src_total).narrow(0, start, rows_between(round, src, me)));
+    }
+    CATCH_CHECK(torch::equal(got, torch::cat(parts, 0)));
+    world->barrier();
+  }
+  // Sub-groups as expert parallelism builds them: ep groups of 2 and their replicas.
+  auto layout = dist::make_layout(world, 2);
+  CATCH_CHECK(layout.ep->world_size() == 2);
+  CATCH_CHECK(layout.ep->rank() == me % 2);
+  CATCH_CHECK(layout.edp->world_size() == W / 2);
+  auto v = torch::tensor({double(me)});
+  layout.ep->all_reduce_sum(v);
+  const int first = me - me % 2;
+  CATCH_CHECK(v.item<double>() == double(first + first + 1));
+  auto u = torch::tensor({double(me)});
+  layout.edp->all_reduce_sum(u);
+  double want_u = 0;
+  for (int r = me % 2; r < W; r += 2) want_u += r;
+  CATCH_CHECK(u.item<double>() == want_u);
+  CATCH_CHECK(layout.edp->world_rank_of(0) == me % 2);
+}
+
+CATCH_TEST_CASE("Store backend: all_reduce, broadcast, all_gather, uneven all_to_all at world 2 and 4", "[dist]") {
+  for (int world : {2, 4}) {
+    CATCH_INFO("world " << world);
+    auto r = testing::run_command("OMP_NUM_THREADS=1 " + launch(world, std::string(MOETRAIN_TESTS_BINARY) +
+                                                                          " '[.dist-worker]'", 120));
+    CATCH_INFO(r.output);
+    CATCH_CHECK(r.exit_code == 0);
+    CATCH_CHECK_THAT(r.output, Contains("[rank " + std::to_string(world - 1) + "]") && Contains("All tests passed"));
+  }
+}
+
+namespace {
+
+// A small MoE training run at one (world, ep) layout through the CLI and the launcher; the global
+// batch is 8 sequences in 2 micro-batches whatever the world size.
+struct Run {
+  std::vector<double> losses;
+  std::string run_dir;
+  std::string output;
+  int exit_code = -1;
+};
+
+config::Config equivalence_config(const std::string& data_dir, const std::string& out_dir) {
+  auto cfg = testing::tiny_train_config(data_dir, out_dir);
+  cfg.model.dense_layers = 0;
+  cfg.model.moe.n_experts = 8;
+  cfg.model.moe.aux_loss_coef = 0.01;
+  cfg.model.moe.z_loss_coef = 0.001;
+  cfg.model.moe.seq_aux_loss_coef = 0.001;
+  cfg.train.steps = 20;
+  cfg.train.grad_accum = 2;
+  cfg.train.eval_every = 0;
+  cfg.optim.warmup_steps = 2;
+  return cfg;
+}
+
+Run train_at(config::Config cfg, int world, int ep) {
+  cfg.train.micro_batch_size = 4 / world;
+  cfg.parallel.expert_parallel = ep;
+  cfg.parallel.timeout_s = 60;
+  files::make_directories(cfg.run.out_dir);
+  const std::string yaml = files::join(cfg.run.out_dir, "input.yaml");
+  files::write_file_atomic(yaml, config::to_yaml(cfg));
+  const std::string train = std::string(MOETRAIN_BINARY) + " train --config " + yaml;
+  Run run;
+  auto r = testing::run_command("OMP_NUM_THREADS=1 " + (world == 1 ? "timeout 300 " + train : launch(world, train)));
+  run.exit_code = r.exit_code;
+  run.output = r.output;
+  run.run_dir = cfg.run.out_dir;
+  std::ifstream metrics(files::join(cfg.run.out_dir, "metrics.jsonl"));
+  std::string line;
+  while (std::getline(metrics, line)) run.losses.push_back(nlohmann::json::parse(line)["loss"].get<double>());
+  return run;
+}
+
+// Largest relative difference ||a - b|| / ||a|| (Frobenius) over the tensors of two checkpoints'
+// weights (or moments).
+double max_relative_difference(const Run& a, const Run& b, const std::string& file) {
+  const auto step = "ckpt/step_00000020/" + file;
+  ckpt::SafetensorsFile fa(files::join(a.run_dir, step)), fb(files::join(b.run_dir, step));
+  double worst = 0;
+  CATCH_REQUIRE(fa.tensors().size() == fb.tensors().size());
+  for (const auto& info : fa.tensors()) {
+    if (info.name == "rng.cpu") continue;
+    auto x = fa.load(info.name).to(torch::kDouble), y = fb.load(info.name).to(torch::kDouble);
+    CATCH_REQUIRE(x.sizes() == y.sizes());
+    const double d = (x - y).norm().item<double>() / std::max(x.norm().item<double>(), 1e-12);
+    if (d > 1e-6) std::printf("%s: %s differs by %.3g (relative norm)\n", file.c_str(), info.name.c_str(), d);
+    worst = std::max(worst, d);
+  }
+  return worst;
+}
+
+void check_same_run(const Run& got, const Run& want, const std::string& what) {
+  CATCH_INFO(what << "\n" << got.output.substr(got.output.size() > 3000 ? got.output.size() - 3000 : 0));
+  CATCH_REQUIRE(got.exit_code == 0);
+  CATCH_REQUIRE(got.losses.size() == want.losses.size());
+  for (size_t i = 0; i < want.losses.size(); ++i) {
+    CATCH_INFO("step " << i + 1 << ": " << got.losses[i] << " vs " << want.losses[i]);
+    CATCH_CHECK(std::abs(got.losses[i] - want.losses[i]) <= 1e-5 * std::abs(want.losses[i]));
+  }
+  CATCH_CHECK(max_relative_difference(got, want, "model.safetensors") <= 1e-5);
+  CATCH_CHECK(max_relative_difference(got, want, "optim.safetensors") <= 1e-4);
+}
+
+}  // namespace
+
+// Tolerances: fp32, the same math in a different order (sums over ranks, all-to-all regrouping, matmul
+// blocking of different row counts), so results agree to rounding, not bit for bit: 1e-5 relative on
+// every step's loss and on every weight tensor (relative norm of the difference; measured ~1e-6, the
+// worst single element ~1e-5 of its tensor's largest, where Adam turns a rounding-level gradient
+// difference into an update difference). Adam's moments are gradient statistics and get 1e-4.
+CATCH_TEST_CASE("Training at (world, ep) = (2,1), (2,2), (4,4), (4,2) equals one process", "[dist][train]") {
+  testing::TempDir dir("dist-equivalence");
+  const auto data_dir = testing::make_corpus(dir);
+  const auto one = train_at(equivalence_config(data_dir, dir.str("w1")), 1, 1);
+  CATCH_REQUIRE(one.exit_code == 0);
+  CATCH_REQUIRE(one.losses.size() == 20);
+  CATCH_CHECK(one.losses.back() < one.losses.front());
+  for (auto [world, ep] : std::vector<std::pair<int, int>>{{2, 1}, {2, 2}, {4, 4}, {4, 2}}) {
+    const std::string name = "w" + std::to_string(world) + "ep" + std::to_string(ep);
+    check_same_run(train_at(equivalence_config(data_dir, dir.str(name)), world, ep), one, name);
+  }
+}
+
+CATCH_TEST_CASE("DeepSeek-style routing (sigmoid, groups, bias updates) at (2, 2) equals one process", "[dist][train]") {
+  testing::TempDir dir("dist-deepseek");
+  const auto data_dir = testing::make_corpus(dir);
+  auto deepseek = [&](const std::string& name) {
+    auto cfg = equivalence_config(data_dir, dir.str(name));
+    cfg.model.moe.router.score_func = "sigmoid";
+    cfg.model.moe.router.n_groups = 4;
+    cfg.model.moe.router.topk_groups = 2;
+    cfg.model.moe.router.bias_update_rate = 0.01;
+    cfg.model.moe.router.routed_scaling = 2.5;
+    cfg.model.moe.aux_loss_coef = 0;
+    return cfg;
+  };
+  const auto one = train_at(deepseek("w1"), 1, 1);
+  CATCH_REQUIRE(one.exit_code == 0);
+  check_same_run(train_at(deepseek("w2ep2"), 2, 2), one, "sigmoid routing, world 2, ep 2");
+}
+
+CATCH_TEST_CASE("A rank killed mid-run: the launcher stops the job, exits non-zero and names the rank", "[dist]") {
+  testing::TempDir dir("dist-kill");
+  const auto data_dir = testing::make_corpus(dir);
+  auto cfg = equivalence_config(data_dir, dir.str("run"));
+  cfg.train.steps = 100000;
+  cfg.parallel.timeout_s = 5;
+  cfg.train.micro_batch_size = 2;
+  cfg.parallel.expert_parallel = 2;
+  files::make_directories(cfg.run.out_dir);
+  files::write_file_atomic(dir.str("input.yaml"), config::to_yaml(cfg));
+  // Rank 1 is killed with SIGKILL two seconds in; --grace 60 leaves rank 0 to notice by itself.
+  const std::string command = "bash -c 'if [ $RANK = 1 ]; then (sleep 2; kill -9 $$) & fi; exec " +
+                              std::string(MOETRAIN_BINARY) + " train --config " + dir.str("input.yaml") + "'";
+  const auto start = std::chrono::steady_clock::now();
+  auto r = testing::run_command("OMP_NUM_THREADS=1 timeout 120 " + std::string(MOETRAIN_SOURCE_DIR) +
+                                "/scripts/launch.sh --grace 60 --nproc 2 -- " + command);
+  const double took = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  CATCH_INFO(r.output);
+  CATCH_CHECK(r.exit_code != 0);
+  CATCH_CHECK(r.exit_code != 124);  // not the outer timeout
+  CATCH_CHECK_THAT(r.output, Contains("launch.sh: rank 1") && Contains("killed by signal 9"));
+  // Rank 0 ends on its own, within parallel.timeout_s, with an error naming the operation and the peer.
+  CATCH_CHECK_THAT(r.output, Contains("[rank 0] moetrain: [dist]") && Contains("rank 1"));
+  CATCH_CHECK(took < 45);
+}
