@@ -17,7 +17,7 @@ global_batch=8
 for ep in 1 2 4; do
   echo "bench_ep: ep $ep ..." >&2
   OMP_NUM_THREADS=1 scripts/launch.sh --nproc "$ep" -- build/moetrain bench-step --config configs/tiny.yaml \
-    --set parallel.expert_parallel="$ep" --set train.micro_batch_size=$((global_batch / ep)) --set run.threads=1 \
+    --set parallel.expert_parallel="$ep" --set train.global_batch_size=$global_batch --set run.threads=1 \
     --warmup 2 --steps "$steps" --json "$@" > "$out/ep$ep.log" 2>&1 || { cat "$out/ep$ep.log" >&2; exit 1; }
   grep '^\[rank 0\] {' "$out/ep$ep.log" | sed 's/^\[rank 0\] //' > "$out/ep$ep.json"
 done

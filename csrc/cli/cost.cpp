@@ -183,7 +183,7 @@ int run_bench_step(const std::vector<std::string>& argv) {
                       {"params_active", r.params_active},
                       {"expert_parallel", r.expert_parallel},
                       {"moe_layers", r.moe_layers},
-                      {"micro_batch_size", cfg.train.micro_batch_size},
+                      {"micro_batch_size", r.micro_batch_size},
                       {"grad_accum", cfg.train.grad_accum},
                       {"d_model", cfg.model.d_model},
                       {"top_k", cfg.model.moe.top_k},

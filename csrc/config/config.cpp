@@ -244,6 +244,11 @@ const std::vector<KeyDesc>& keys() {
       MOETRAIN_KEY(train.steps, "Optimizer steps to run.", at_least(1)),
       MOETRAIN_KEY(train.micro_batch_size, "Sequences per micro-batch per rank.", at_least(1)),
       MOETRAIN_KEY(train.grad_accum, "Micro-batches accumulated per optimizer step.", at_least(1)),
+      MOETRAIN_KEY(train.global_batch_size,
+                   "Sequences per optimizer step over all ranks; when set, train.micro_batch_size becomes "
+                   "global_batch_size / (world size * grad_accum), so the config trains alike at any world size. "
+                   "0 = micro_batch_size * grad_accum * world size.",
+                   at_least(0)),
       MOETRAIN_KEY(train.log_every, "Steps between training log lines.", at_least(1)),
       MOETRAIN_KEY(train.eval_every, "Steps between validation evaluations; 0 = only at the end.", at_least(0)),
       MOETRAIN_KEY(train.eval_batches, "Validation micro-batches per evaluation.", at_least(1)),

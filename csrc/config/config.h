@@ -111,6 +111,7 @@ struct OptimConfig {
 struct TrainConfig {
   int steps = 1000;
   int micro_batch_size = 16;    // sequences per micro-batch per rank
+  int global_batch_size = 0;    // sequences per optimizer step over all ranks; 0 = micro_batch_size * grad_accum * world
   int grad_accum = 1;           // micro-batches per optimizer step
   int log_every = 10;
   int eval_every = 100;         // 0 = only at the end

@@ -316,23 +316,58 @@ void configure_threads(const config::RunConfig& run) {
 }
 
 double evaluate(const model::TransformerImpl& model, const data::Shard& shard, int n_batches, int batch_size,
-                int seq_len, torch::Device device) {
+                int seq_len, torch::Device device, dist::Communicator* world) {
   torch::NoGradGuard no_grad;
+  const int W = world ? world->world_size() : 1, r = world ? world->rank() : 0;
   double total = 0;
   for (int i = 0; i < n_batches; ++i) {
-    auto batch = data::eval_batch(shard, i, n_batches, batch_size, seq_len);
-    auto out = model.forward(batch.inputs.to(device));
+    // Evaluation batch i holds batch_size * W sequences whatever the layout; rank r takes its share.
+    auto batch = data::eval_batch(shard, i, n_batches, batch_size * W, seq_len);
+    auto inputs = batch.inputs.narrow(0, int64_t(r) * batch_size, batch_size);
+    auto targets = batch.targets.narrow(0, int64_t(r) * batch_size, batch_size);
+    auto out = model.forward(inputs.to(device));
     auto V = out.logits_BSV.size(-1);
-    total += torch::cross_entropy_loss(out.logits_BSV.view({-1, V}), batch.targets.to(device).view(-1)).item<double>();
+    total += torch::cross_entropy_loss(out.logits_BSV.view({-1, V}), targets.to(device).view(-1)).item<double>();
   }
-  return total / n_batches;
+  double mean = total / n_batches;
+  if (W > 1) {
+    auto t = torch::tensor({mean}, torch::kDouble);
+    if (world->backend() == "nccl") t = t.to(torch::kCUDA);
+    world->all_reduce_sum(t);
+    mean = t.to(torch::kCPU).item<double>() / W;
+  }
+  return mean;
 }
 
-TrainResult train(const config::Config& cfg, const TrainOptions& options) {
+namespace {
+
+// train.global_batch_size, where set, fixes the sequences per optimizer step whatever the world size:
+// micro_batch_size becomes global / (world * grad_accum), so one config trains alike at any layout.
+config::Config with_world_batch(config::Config cfg, int world_size) {
+  auto& t = cfg.train;
+  if (t.global_batch_size == 0) return cfg;
+  if (t.global_batch_size % (world_size * t.grad_accum) != 0)
+    throw ConfigError("train.global_batch_size = " + std::to_string(t.global_batch_size) +
+                      " is not divisible by world size " + std::to_string(world_size) + " x train.grad_accum " +
+                      std::to_string(t.grad_accum));
+  const int derived = t.global_batch_size / (world_size * t.grad_accum);
+  if (t.micro_batch_size != config::TrainConfig{}.micro_batch_size && t.micro_batch_size != derived)
+    throw ConfigError("train.micro_batch_size = " + std::to_string(t.micro_batch_size) +
+                      " conflicts with train.global_batch_size = " + std::to_string(t.global_batch_size) + " at world size " +
+                      std::to_string(world_size) + " (which gives " + std::to_string(derived) +
+                      "); set one of them (train.global_batch_size=0 keeps micro_batch_size)");
+  t.micro_batch_size = derived;
+  return cfg;
+}
+
+}  // namespace
+
+TrainResult train(const config::Config& given, const TrainOptions& options) {
   // ---- set-up ------------------------------------------------------------------------------------
   auto layout = std::make_shared<const dist::Layout>(
-      dist::make_layout(dist::make_communicator(cfg.parallel, cfg.run.device), cfg.parallel.expert_parallel));
+      dist::make_layout(dist::make_communicator(given.parallel, given.run.device), given.parallel.expert_parallel));
   const auto& comm = layout->world;
+  const config::Config cfg = with_world_batch(given, comm->world_size());
   set_log_rank(comm->rank());
   configure_threads(cfg.run);
   const torch::Device device = resolve_device(cfg.run);
@@ -447,7 +482,8 @@ TrainResult train(const config::Config& cfg, const TrainOptions& options) {
 
     double val_loss = -1;
     if (do_eval) {
-      val_loss = evaluate(*model, val_shard, cfg.train.eval_batches, cfg.train.micro_batch_size, cfg.data.seq_len, device);
+      val_loss = evaluate(*model, val_shard, cfg.train.eval_batches, cfg.train.micro_batch_size, cfg.data.seq_len,
+                          device, comm.get());
       result.final_val_loss = val_loss;
     }
     if (do_log && comm->rank() == 0) {
@@ -505,13 +541,14 @@ TrainResult train(const config::Config& cfg, const TrainOptions& options) {
   return result;
 }
 
-BenchResult bench_steps(const config::Config& cfg, int warmup_steps, int steps, bool quiet) {
+BenchResult bench_steps(const config::Config& given, int warmup_steps, int steps, bool quiet) {
   if (warmup_steps < 0 || steps < 1)
     throw UsageError("bench-step needs --warmup >= 0 and --steps >= 1 (got " + std::to_string(warmup_steps) + ", " +
                      std::to_string(steps) + ")");
   auto layout = std::make_shared<const dist::Layout>(
-      dist::make_layout(dist::make_communicator(cfg.parallel, cfg.run.device), cfg.parallel.expert_parallel));
+      dist::make_layout(dist::make_communicator(given.parallel, given.run.device), given.parallel.expert_parallel));
   const auto& comm = layout->world;
+  const config::Config cfg = with_world_batch(given, comm->world_size());
   set_log_rank(comm->rank());
   configure_threads(cfg.run);
   const torch::Device device = resolve_device(cfg.run);
@@ -548,6 +585,7 @@ BenchResult bench_steps(const config::Config& cfg, int warmup_steps, int steps, 
   r.params_active = counts.active;
 
   r.expert_parallel = layout->ep_size();
+  r.micro_batch_size = cfg.train.micro_batch_size;
   r.moe_layers = cfg.model.n_layers - cfg.model.dense_layers;
   std::vector<double> step_s;
   int64_t a2a_bytes_at_start = 0;

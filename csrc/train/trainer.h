@@ -6,6 +6,7 @@
 
 #include "config/config.h"
 #include "data/shard.h"
+#include "dist/communicator.h"
 #include "model/transformer.h"
 
 namespace moetrain::train {
@@ -51,6 +52,7 @@ struct BenchResult {
   int64_t params_total = 0, params_active = 0;
   double first_loss = 0, last_loss = 0;  // sanity: the steps really trained
   int expert_parallel = 1;
+  int micro_batch_size = 0;  // per rank, as resolved for this world size
   int moe_layers = 0;
   double all_to_all_bytes_per_step = 0;  // sent by this rank to other ranks, mean over timed steps
 };
@@ -58,8 +60,10 @@ struct BenchResult {
 BenchResult bench_steps(const config::Config& cfg, int warmup_steps, int steps, bool quiet = false);
 
 // Mean next-token cross-entropy (nats per token) over the fixed validation batches.
+// With a world of W ranks, batch i holds batch_size * W sequences, each rank evaluates its share and
+// every rank returns the mean over all of them (the same figure at any layout).
 double evaluate(const model::TransformerImpl& model, const data::Shard& shard, int n_batches, int batch_size,
-                int seq_len, torch::Device device);
+                int seq_len, torch::Device device, dist::Communicator* world = nullptr);
 
 // Device from run.device ("cpu" or "cuda"); a missing GPU is a clear error.
 torch::Device resolve_device(const config::RunConfig& run);

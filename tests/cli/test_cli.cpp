@@ -80,7 +80,7 @@ CATCH_TEST_CASE("CLI: prepare-data, train, resume equals straight, generate", "[
   const std::string common = "train --config " + kTiny + " --set data.dir=" + dir.str("shards") +
                              " --set model.n_layers=2 --set model.d_model=32 --set model.n_heads=4"
                              " --set model.n_kv_heads=2 --set model.dense_hidden=64 --set model.moe.expert_hidden=32"
-                             " --set data.seq_len=32 --set train.micro_batch_size=4 --set train.eval_batches=2"
+                             " --set data.seq_len=32 --set train.global_batch_size=4 --set train.eval_batches=2"
                              " --set train.log_every=1 --set train.eval_every=5 --set run.threads=1"
                              " --set checkpoint.every=5 --set optim.decay_steps=10";
   // --resume auto on a run folder that does not exist yet starts from step 0.
@@ -113,7 +113,7 @@ CATCH_TEST_CASE("SIGTERM during training saves a checkpoint at the current step 
   const std::string train = kBinary + " train --config " + kTiny + " --set data.dir=" + dir.str("shards") +
                             " --set model.n_layers=2 --set model.d_model=32 --set model.n_heads=4"
                             " --set model.n_kv_heads=2 --set model.dense_hidden=64 --set model.moe.expert_hidden=32"
-                            " --set data.seq_len=32 --set train.micro_batch_size=4 --set train.log_every=1"
+                            " --set data.seq_len=32 --set train.global_batch_size=4 --set train.log_every=1"
                             " --set train.steps=1000000 --set run.threads=1 --set run.out_dir=" + run;
   auto r = testing::run_command("(" + train + " > " + dir.str("log") + " 2>&1 & pid=$!; for i in $(seq 600); do"
                                 " [ -s " + run + "/metrics.jsonl ] && break; sleep 0.1; done; kill -TERM $pid;"

@@ -235,7 +235,7 @@ CATCH_TEST_CASE("moetrain bench-step: real steps give tokens/s and MFU that `cos
   // A two-layer MoE small enough for a CI core; synthetic tokens, so no data folder is needed.
   const std::string sets = " --set model.n_layers=2 --set model.d_model=64 --set model.n_heads=4 --set model.n_kv_heads=2"
                            " --set model.vocab_size=512 --set model.moe.expert_hidden=64 --set model.moe.shared_hidden=64 --set data.seq_len=32"
-                           " --set train.micro_batch_size=4 --set run.threads=1";
+                           " --set train.global_batch_size=4 --set run.threads=1";
   const std::string config = std::string(MOETRAIN_SOURCE_DIR) + "/configs/tiny.yaml";
   auto r = testing::run_command(std::string(MOETRAIN_BINARY) + " bench-step --config " + config + sets +
                                 " --warmup 1 --steps 3 --json > " + dir.str("bench.json"));
