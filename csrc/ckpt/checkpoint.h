@@ -1,13 +1,23 @@
-// Checkpoints: <out_dir>/ckpt/step_XXXXXXXX/{model,optim}.safetensors + manifest.json, written into a
-// temporary folder, fsynced, renamed into place; <out_dir>/ckpt/latest names the newest complete
-// one and is replaced last, so a crash at any instant leaves the previous checkpoint loadable.
+// Checkpoints: <out_dir>/ckpt/step_XXXXXXXX/ holds
+//   model.safetensors                     replicated weights and buffers (rank 0)
+//   optim.safetensors                     their AdamW moments and the step count (rank 0)
+//   experts-PPPPP-of-NNNNN.safetensors    routed experts of ep rank P, one tensor per GLOBAL expert id,
+//   optim-experts-PPPPP-of-NNNNN...       named "<param>[<id>]" (and their moments); written by the first
+//                                         replica of each ep rank
+//   rng-RRRRR.safetensors                 each rank's CPU generator state
+//   manifest.json                         every file with size and sha256, the layout, progress, cost,
+//                                         data cursor and resolved config
+// Every rank writes its files into ckpt/.tmp-step_XXXXXXXX and fsyncs them; after a barrier rank 0
+// writes the manifest, renames the folder into place and replaces ckpt/latest atomically. A crash of
+// any rank at any instant leaves `latest` naming a complete checkpoint. Any layout loads any
+// checkpoint: experts are found by global id. Format 1 (one file, stacked experts) still loads.
 #pragma once
 #include <cstdint>
-#include <functional>
 #include <optional>
 #include <string>
 #include <vector>
 
+#include "dist/communicator.h"
 #include "model/transformer.h"
 #include "optim/adamw.h"
 
@@ -17,6 +27,8 @@ struct Progress {
   int64_t step = 0;      // optimizer steps completed
   int64_t tokens = 0;    // training tokens consumed
   double elapsed_s = 0;  // training wall time so far
+  double gpu_hours = 0;  // device-hours so far (elapsed x world size)
+  double cost_usd = 0;   // at cost.price_per_gpu_hour
 };
 
 struct FileEntry {
@@ -26,28 +38,23 @@ struct FileEntry {
 };
 
 struct Manifest {
-  int format_version = 1;
+  int format_version = 2;
   Progress progress;
   std::string config_yaml;  // the resolved config of the run that wrote it
   std::vector<FileEntry> files;
+  int world_size = 1;       // the layout that wrote it
+  int expert_parallel = 1;
 };
 
-// Expert parallelism: this rank holds routed experts [offset, offset + local) of `total`, stacked on
-// dim 0 of every tensor whose name contains ".moe.experts." (weights and their moments). Checkpoints
-// always hold whole tensors, so any layout loads any checkpoint.
-struct ExpertShard {
-  int64_t offset = 0, local = 0, total = 0;
-  std::function<torch::Tensor(const torch::Tensor&)> gather;  // collective: the whole tensor, in expert order
-};
-bool is_expert_tensor(const std::string& name);
+bool is_expert_tensor(const std::string& name);  // a routed expert's stacked weights (or moments)
 
-// Writes a checkpoint for `progress.step`; returns its folder. With a shard every rank must call it
-// (the gather is collective) and only the one with `write` set writes; the others return "". Throws CheckpointError on any I/O error,
-// leaving earlier checkpoints and `latest` untouched.
+// Writes a checkpoint for `progress.step` and returns its folder. Collective when `layout` is given
+// (every rank calls it); each rank writes what it owns. Throws CheckpointError on any I/O error or
+// when the disk lacks room (checked before anything is written), leaving earlier checkpoints and
+// `latest` untouched.
 std::string save_checkpoint(const std::string& out_dir, const model::TransformerImpl& model,
                             const optim::AdamW& optimizer, const std::string& config_yaml, const Progress& progress,
-                            const ExpertShard* shard = nullptr, bool write = true);
-
+                            const dist::Layout* layout = nullptr);
 // The same without optimizer state (moetrain convert): a resume from it starts AdamW fresh.
 std::string save_weights_checkpoint(const std::string& out_dir, const model::TransformerImpl& model,
                                     const std::string& config_yaml, const Progress& progress);
@@ -55,21 +62,25 @@ std::string save_weights_checkpoint(const std::string& out_dir, const model::Tra
 // A user's path to a checkpoint: a run folder, its ckpt/ folder, or a step folder. Returns the step
 // folder, or nullopt if the path holds no checkpoint yet (no `latest`).
 std::optional<std::string> find_checkpoint(const std::string& path);
-
 // Reads manifest.json and checks every listed file: sizes always, sha256 when verify == "full".
 // A missing, truncated or altered file throws CheckpointError naming it.
 Manifest open_checkpoint(const std::string& step_dir, const std::string& verify = "full");
+// The same checks without throwing: one line per problem (moetrain inspect).
+std::vector<std::string> verify_files(const std::string& step_dir, const Manifest& manifest, const std::string& verify);
+// Reads the manifest only (no file checks).
+Manifest read_manifest(const std::string& step_dir);
 
-// Loads weights into `model`, requiring exactly its parameter names, shapes and dtypes.
-// With a shard, expert tensors are read whole and this rank's experts copied in.
-void load_model(const std::string& step_dir, model::TransformerImpl& model, const ExpertShard* shard = nullptr);
-// Loads moments, step count and the CPU RNG state into `optimizer` built over the same parameters.
-// A weights-only checkpoint (no optim.safetensors; open_checkpoint has checked the manifest's files)
-// leaves the optimizer as it is.
-void load_optimizer(const std::string& step_dir, optim::AdamW& optimizer, const ExpertShard* shard = nullptr);
+// Loads the weights this rank holds (its experts by global id, model.expert_offset() onwards),
+// requiring exactly the model's names, shapes and dtypes; a mismatch names the tensor and both shapes.
+void load_model(const std::string& step_dir, model::TransformerImpl& model);
+// Loads moments, step count and this rank's CPU RNG state into `optimizer` over the same parameters.
+// A weights-only checkpoint leaves the optimizer as it is.
+void load_optimizer(const std::string& step_dir, optim::AdamW& optimizer, const model::TransformerImpl& model,
+                    int rank = 0);
 
-// Deletes step folders beyond the newest keep_last (0 keeps all); never the one `latest` names.
-void apply_retention(const std::string& out_dir, int keep_last);
+// Deletes step folders beyond the newest keep_last (0 keeps all), except milestones (step a multiple
+// of keep_every > 0) and never the one `latest` names. Leftover temporary folders of older steps go too.
+void apply_retention(const std::string& out_dir, int keep_last, int keep_every = 0);
 
 std::string step_dir_name(int64_t step);  // step_00000500
 

@@ -48,6 +48,7 @@ int run_config(const std::vector<std::string>& argv);
 int run_bench_moe(const std::vector<std::string>& argv);
 int run_cost(const std::vector<std::string>& argv);
 int run_convert(const std::vector<std::string>& argv);
+int run_inspect(const std::vector<std::string>& argv);
 int run_eval(const std::vector<std::string>& argv);
 int run_bench_step(const std::vector<std::string>& argv);
 

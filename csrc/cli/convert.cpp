@@ -1,6 +1,11 @@
+// Checkpoint tools. `moetrain inspect`: a checkpoint's manifest, tensors and checksums.
 // `moetrain convert`: our checkpoints <-> Hugging Face folders. hf:DIR names a Hugging Face folder on
 // either side; the other side is one of our run folders (a weights-only checkpoint at step 0 is written).
 #include <cstdio>
+#include <map>
+
+#include "ckpt/safetensors.h"
+#include "common/files.h"
 
 #include "ckpt/checkpoint.h"
 #include "cli/args.h"
@@ -47,6 +52,75 @@ int run_convert(const std::vector<std::string>& argv) {
     log_line("wrote checkpoint " + dir);
   }
   return 0;
+}
+
+int run_inspect(const std::vector<std::string>& argv) {
+  const Command command{"inspect",
+                        "Print a checkpoint's manifest summary, every tensor with shape and dtype, the parameter "
+                        "counts, and verify every file (exit 1 on any mismatch).",
+                        {{"checkpoint", "DIR", "a run folder, its ckpt/ folder or a step folder (or the first argument)"},
+                         {"verify", "MODE", "full (sizes and sha256, default) or size"},
+                         {"quiet", "", "omit the tensor list"}}};
+  std::vector<std::string> rest = argv;
+  if (!rest.empty() && rest.front().rfind("--", 0) != 0) rest.insert(rest.begin(), "--checkpoint");
+  Args args(command, rest);
+  if (args.help()) {
+    std::fputs(usage(command).c_str(), stdout);
+    return 0;
+  }
+  const std::string path = args.require("checkpoint");
+  const std::string verify = args.get("verify", "full");
+  if (verify != "full" && verify != "size") throw UsageError("--verify must be full or size, got '" + verify + "'");
+  auto step_dir = ckpt::find_checkpoint(path);
+  if (!step_dir) throw CheckpointError("'" + path + "' holds no checkpoint yet");
+  const auto m = ckpt::read_manifest(*step_dir);
+  std::printf("checkpoint  %s\n", step_dir->c_str());
+  std::printf("format      %d\n", m.format_version);
+  std::printf("step        %lld\n", static_cast<long long>(m.progress.step));
+  std::printf("tokens      %lld\n", static_cast<long long>(m.progress.tokens));
+  std::printf("elapsed     %s\n", format_duration(m.progress.elapsed_s).c_str());
+  std::printf("cost        %.4g device-hours, $%.4g\n", m.progress.gpu_hours, m.progress.cost_usd);
+  std::printf("layout      world %d, expert parallel %d\n", m.world_size, m.expert_parallel);
+
+  // Tensors, by file; weights (not moments, not RNG state) count as parameters.
+  int64_t params = 0, expert_params = 0;
+  uint64_t bytes = 0;
+  std::printf("files       %zu\n", m.files.size());
+  for (const auto& f : m.files) {
+    bytes += f.size;
+    const std::string file = files::join(*step_dir, f.name);
+    std::printf("  %-44s %12llu bytes  sha256 %.16s...\n", f.name.c_str(), static_cast<unsigned long long>(f.size),
+                f.sha256.c_str());
+    if (!files::exists(file)) continue;
+    std::unique_ptr<ckpt::SafetensorsFile> st;
+    try {
+      st = std::make_unique<ckpt::SafetensorsFile>(file);
+    } catch (const Error& e) {
+      std::printf("    (unreadable: %s)\n", e.what());
+      continue;
+    }
+    const bool weights = f.name == "model.safetensors" || f.name.rfind("experts-", 0) == 0;
+    for (const auto& info : st->tensors()) {
+      int64_t n = 1;
+      for (auto d : info.shape) n *= d;
+      if (weights && info.name.find("expert_bias") == std::string::npos) {
+        params += n;
+        if (ckpt::is_expert_tensor(info.name)) expert_params += n;
+      }
+      if (!args.has("quiet")) {
+        std::string shape;
+        for (size_t i = 0; i < info.shape.size(); ++i) shape += (i ? ", " : "") + std::to_string(info.shape[i]);
+        std::printf("    %-52s [%s] %s\n", info.name.c_str(), shape.c_str(), c10::toString(info.dtype));
+      }
+    }
+  }
+  std::printf("parameters  %s (%s in routed experts)\n", format_count(double(params)).c_str(),
+              format_count(double(expert_params)).c_str());
+  std::printf("size        %s bytes\n", format_count(double(bytes)).c_str());
+  const auto problems = ckpt::verify_files(*step_dir, m, verify);
+  for (const auto& p : problems) std::printf("MISMATCH    %s\n", p.c_str());
+  std::printf("verify      %s: %s\n", verify.c_str(), problems.empty() ? "every file matches the manifest" : "FAILED");
+  return problems.empty() ? 0 : 1;
 }
 
 }  // namespace moetrain::cli

@@ -23,6 +23,7 @@ const Subcommand kSubcommands[] = {
     {"train", "train a model from a YAML config (checkpoints, metrics, resume)", moetrain::cli::run_train},
     {"generate", "sample text (or token ids) from a checkpoint or a Hugging Face folder", moetrain::cli::run_generate},
     {"eval", "mean next-token loss and perplexity of a checkpoint over a token shard", moetrain::cli::run_eval},
+    {"inspect", "a checkpoint's manifest, tensors and parameter counts; verifies its checksums", moetrain::cli::run_inspect},
     {"convert", "convert between our checkpoints and Hugging Face folders (hf:DIR)", moetrain::cli::run_convert},
     {"prepare-data", "turn text files into token shards (train.bin, val.bin)", moetrain::cli::run_prepare_data},
     {"config", "print a resolved config, or the reference of every key", moetrain::cli::run_config},

@@ -267,6 +267,9 @@ const std::vector<KeyDesc>& keys() {
 
       MOETRAIN_KEY(checkpoint.every, "Steps between checkpoints; 0 = only at the end.", at_least(0)),
       MOETRAIN_KEY(checkpoint.keep_last, "Most recent checkpoints to keep; 0 = keep all.", at_least(0)),
+      MOETRAIN_KEY(checkpoint.keep_every,
+                   "Milestones kept beyond keep_last: checkpoints whose step is a multiple of it; 0 = none.",
+                   at_least(0)),
       MOETRAIN_KEY(checkpoint.verify,
                    "Check when loading a checkpoint: full = sizes and sha256, size = sizes only.",
                    one_of({"full", "size"})),

@@ -127,6 +127,7 @@ struct ParallelConfig {
 struct CheckpointConfig {
   int every = 0;                // steps between checkpoints; 0 = only at the end
   int keep_last = 0;            // 0 = keep all
+  int keep_every = 0;           // also keep milestones: steps that are multiples of it; 0 = none
   std::string verify = "full";  // full (sizes and sha256) | size
 };
 

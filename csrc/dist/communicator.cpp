@@ -338,6 +338,34 @@ LaunchEnv read_launch_env(const std::function<const char*(const char*)>& getenv_
 
 std::unique_ptr<Communicator> make_single() { return std::make_unique<SingleCommunicator>(); }
 
+namespace {
+torch::Device device_of(const Communicator& group) {
+  return group.backend() == "nccl" ? torch::Device(torch::kCUDA) : torch::Device(torch::kCPU);
+}
+}  // namespace
+
+double all_sum(Communicator& group, double value) {
+  if (group.world_size() == 1) return value;
+  auto t = torch::tensor({value}, torch::kDouble).to(device_of(group));
+  group.all_reduce_sum(t);
+  return t.to(torch::kCPU).item<double>();
+}
+
+std::vector<std::string> all_gather_strings(Communicator& group, const std::string& value) {
+  if (group.world_size() == 1) return {value};
+  const int W = group.world_size();
+  auto lengths = group.all_gather(torch::tensor({int64_t(value.size())}).to(device_of(group))).to(torch::kCPU);
+  int64_t longest = 0;
+  for (int r = 0; r < W; ++r) longest = std::max(longest, lengths[r].item<int64_t>());
+  auto mine = torch::zeros({1, std::max<int64_t>(longest, 1)}, torch::kUInt8);
+  std::memcpy(mine.data_ptr(), value.data(), value.size());
+  auto all = group.all_gather(mine.to(device_of(group))).to(torch::kCPU).contiguous();
+  std::vector<std::string> out;
+  for (int r = 0; r < W; ++r)
+    out.emplace_back(reinterpret_cast<const char*>(all[r].data_ptr()), size_t(lengths[r].item<int64_t>()));
+  return out;
+}
+
 std::unique_ptr<Communicator> make_communicator(const config::ParallelConfig& parallel, const std::string& device) {
   const LaunchEnv env = read_launch_env();
   std::string backend = parallel.backend;

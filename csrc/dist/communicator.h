@@ -85,4 +85,9 @@ Layout make_layout(std::shared_ptr<Communicator> world, int expert_parallel);
 // A rank of one: the layout of a single process (used where no job is running, e.g. tests).
 std::unique_ptr<Communicator> make_single();
 
+// Small host-side collectives for bookkeeping (any backend; nccl goes through a CUDA tensor).
+double all_sum(Communicator& group, double value);
+// Every rank's string, in rank order.
+std::vector<std::string> all_gather_strings(Communicator& group, const std::string& value);
+
 }  // namespace moetrain::dist

@@ -170,16 +170,11 @@ class Parallel {
       params_.push_back(p.value());
       sharded_.push_back(ckpt::is_expert_tensor(p.key()) && layout_->ep_size() > 1);
     }
-    shard_.offset = model.expert_offset();
-    shard_.local = model.local_experts();
-    shard_.total = model.config().moe.n_experts;
-    shard_.gather = [this](const torch::Tensor& t) { return layout_->ep->all_gather(t.contiguous()); };
   }
 
   int world_size() const { return layout_->world->world_size(); }
   int rank() const { return layout_->world->rank(); }
   dist::Communicator& world() const { return *layout_->world; }
-  const ckpt::ExpertShard* shard() const { return layout_->ep_size() > 1 ? &shard_ : nullptr; }
 
   // Every rank's loss is the mean over its own tokens and the job's loss is their mean, so each
   // gradient is summed over the ranks that computed it and divided by the world size. Replicated
@@ -257,7 +252,6 @@ class Parallel {
   std::shared_ptr<const dist::Layout> layout_;
   std::vector<torch::Tensor> params_;
   std::vector<bool> sharded_;
-  ckpt::ExpertShard shard_;
 };
 
 struct StepOutcome {
@@ -401,8 +395,8 @@ TrainResult train(const config::Config& given, const TrainOptions& options) {
       throw CheckpointError("'" + options.resume + "' holds no checkpoint to resume from");
     if (step_dir) {
       auto manifest = ckpt::open_checkpoint(*step_dir, cfg.checkpoint.verify);
-      ckpt::load_model(*step_dir, *model, parallel.shard());
-      ckpt::load_optimizer(*step_dir, optimizer, parallel.shard());
+      ckpt::load_model(*step_dir, *model);
+      ckpt::load_optimizer(*step_dir, optimizer, *model, comm->rank());
       progress = manifest.progress;
       log_line("resumed from " + *step_dir + " at step " + std::to_string(progress.step));
       log_config_changes(manifest.config_yaml, *step_dir, cfg);
@@ -516,10 +510,12 @@ TrainResult train(const config::Config& given, const TrainOptions& options) {
       log_line("step " + std::to_string(progress.step) + " | val_loss " + format_double(val_loss, 4));
     }
     if (do_save) {
-      // Every rank takes part (experts are gathered); rank 0 writes.
-      result.last_checkpoint = ckpt::save_checkpoint(cfg.run.out_dir, *model, optimizer, config_yaml, progress,
-                                                     parallel.shard(), comm->rank() == 0);
-      if (comm->rank() == 0) ckpt::apply_retention(cfg.run.out_dir, cfg.checkpoint.keep_last);
+      // Every rank writes what it owns; rank 0 commits.
+      progress.gpu_hours = gpu_hours_at(progress.elapsed_s);
+      progress.cost_usd = progress.gpu_hours * cfg.cost.price_per_gpu_hour;
+      result.last_checkpoint =
+          ckpt::save_checkpoint(cfg.run.out_dir, *model, optimizer, config_yaml, progress, layout.get());
+      if (comm->rank() == 0) ckpt::apply_retention(cfg.run.out_dir, cfg.checkpoint.keep_last, cfg.checkpoint.keep_every);
     }
     if (stop) {
       const std::string why = g_stop_signal == SIGTERM ? "SIGTERM" : g_stop_signal == SIGINT ? "SIGINT" : "a stop signal on another rank";
