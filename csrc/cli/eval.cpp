@@ -64,7 +64,8 @@ int run_eval(const std::vector<std::string>& argv) {
     auto inputs = window.narrow(1, 0, len), targets = window.narrow(1, 1, len).clone();
     if (shard.has_mask()) {
       auto learned_NL = torch::empty({int64_t(n), len}, torch::kUInt8);
-      for (uint64_t b = 0; b < n; ++b) shard.read_mask(begin + b * seq_len + 1, uint64_t(len), learned_NL[int64_t(b)].data_ptr<uint8_t>());
+      for (uint64_t b = 0; b < n; ++b)
+        shard.read_mask(begin + b * seq_len + 1, uint64_t(len), learned_NL[int64_t(b)].data_ptr<uint8_t>());
       targets.masked_fill_(learned_NL.eq(0), data::kIgnoreTarget);
     }
     learned += uint64_t(targets.ne(data::kIgnoreTarget).sum().item<int64_t>());
