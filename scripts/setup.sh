@@ -43,9 +43,9 @@ else
   log "torch $have_torch present"
 fi
 # numpy and safetensors for the tools and tests; transformers (the Hugging Face reference in
-# scripts/bench_moe_hf.py) and matplotlib (scripts/plot_run.py).
-py_packages=(numpy safetensors transformers matplotlib)
-if ! "$venv/bin/python" -c 'import numpy, safetensors, transformers, matplotlib' 2>/dev/null; then
+# scripts/bench_moe_hf.py), tokenizers (scripts/prepare_data.py) and matplotlib (scripts/plot_run.py).
+py_packages=(numpy safetensors transformers tokenizers matplotlib)
+if ! "$venv/bin/python" -c 'import numpy, safetensors, transformers, tokenizers, matplotlib' 2>/dev/null; then
   log "installing ${py_packages[*]}"
   "$venv/bin/pip" install -q --disable-pip-version-check "${py_packages[@]}"
 fi

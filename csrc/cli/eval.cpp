@@ -1,6 +1,7 @@
 // `moetrain eval`: mean next-token loss and perplexity of a checkpoint (ours or hf:DIR) over a whole
 // token shard, in windows of --seq-len tokens, so that a checkpoint can be compared before and after
-// fine-tuning.
+// fine-tuning. With a loss mask beside the shard (val.mask.bin, see data/shard.h) only learned tokens
+// count: the response loss of prompt/response data.
 #include <cmath>
 #include <cstdio>
 
@@ -10,6 +11,7 @@
 #include "common/errors.h"
 #include "common/files.h"
 #include "common/log.h"
+#include "data/sampler.h"
 #include "data/shard.h"
 #include "train/generate.h"
 
@@ -20,7 +22,7 @@ int run_eval(const std::vector<std::string>& argv) {
       "eval",
       "Mean next-token loss (nats per token) and perplexity of a checkpoint over a token shard.",
       {{"checkpoint", "DIR", "run folder, ckpt/ folder, step folder, or hf:DIR (a Hugging Face folder)"},
-       {"data", "SHARDS", "a folder holding val.bin (moetrain prepare-data), or a .bin shard"},
+       {"data", "SHARDS", "a folder holding val.bin (moetrain prepare-data), or a .bin shard; a loss mask beside it (val.mask.bin) restricts the loss to learned tokens"},
        {"seq-len", "N", "tokens per window (default: the checkpoint's data.seq_len)"},
        {"batch-size", "B", "windows per forward pass (default 8)"},
        {"json", "", "print one JSON object instead of a line"}}};
@@ -51,6 +53,7 @@ int run_eval(const std::vector<std::string>& argv) {
   const uint64_t predictions = shard.size() - 1;
   const uint64_t n_windows = (predictions + seq_len - 1) / seq_len;
   double total = 0;
+  uint64_t learned = 0;  // predictions that count: all of them without a mask
   for (uint64_t w = 0; w < n_windows;) {
     const uint64_t begin = w * uint64_t(seq_len);
     const int64_t len = int64_t(std::min<uint64_t>(seq_len, predictions - begin));
@@ -58,22 +61,32 @@ int run_eval(const std::vector<std::string>& argv) {
     const uint64_t n = len == seq_len ? std::min<uint64_t>(batch_size, predictions / seq_len - w) : 1;
     auto window = torch::empty({int64_t(n), len + 1}, torch::kLong);
     for (uint64_t b = 0; b < n; ++b) shard.read(begin + b * seq_len, uint64_t(len) + 1, window[int64_t(b)].data_ptr<int64_t>());
-    auto inputs = window.narrow(1, 0, len).to(device), targets = window.narrow(1, 1, len).to(device);
-    auto logits = loaded.model->forward(inputs).logits_BSV;
-    total += torch::cross_entropy_loss(logits.reshape({-1, logits.size(-1)}), targets.reshape(-1),
-                                       /*weight=*/{}, at::Reduction::Sum)
+    auto inputs = window.narrow(1, 0, len), targets = window.narrow(1, 1, len).clone();
+    if (shard.has_mask()) {
+      auto learned_NL = torch::empty({int64_t(n), len}, torch::kUInt8);
+      for (uint64_t b = 0; b < n; ++b)
+        shard.read_mask(begin + b * seq_len + 1, uint64_t(len), learned_NL[int64_t(b)].data_ptr<uint8_t>());
+      targets.masked_fill_(learned_NL.eq(0), data::kIgnoreTarget);
+    }
+    learned += uint64_t(targets.ne(data::kIgnoreTarget).sum().item<int64_t>());
+    auto logits = loaded.model->forward(inputs.to(device)).logits_BSV;
+    total += torch::cross_entropy_loss(logits.reshape({-1, logits.size(-1)}), targets.to(device).reshape(-1),
+                                       /*weight=*/{}, at::Reduction::Sum, /*ignore_index=*/data::kIgnoreTarget)
                  .item<double>();
     w += n;
   }
-  const double loss = total / double(predictions);
+  if (learned == 0) throw DataError(shard.mask_path() + " marks no token of " + shard_path + " as learned: no loss");
+  const double loss = total / double(learned);
   if (args.has("json")) {
-    nlohmann::json j = {{"loss", loss}, {"perplexity", std::exp(loss)}, {"tokens", predictions},
+    nlohmann::json j = {{"loss", loss}, {"perplexity", std::exp(loss)}, {"tokens", learned},
                         {"seq_len", seq_len}, {"data", shard_path}};
+    j["mask"] = shard.has_mask() ? nlohmann::json(shard.mask_path()) : nlohmann::json(nullptr);
     std::printf("%s\n", j.dump().c_str());
   } else {
-    std::printf("loss %s | perplexity %s | %llu predicted tokens in windows of %d | %s\n",
+    const std::string counted = shard.has_mask() ? " learned (masked by " + shard.mask_path() + ")" : "";
+    std::printf("loss %s | perplexity %s | %llu%s predicted tokens in windows of %d | %s\n",
                 format_double(loss, 5).c_str(), format_double(std::exp(loss), 5).c_str(),
-                static_cast<unsigned long long>(predictions), seq_len, shard_path.c_str());
+                static_cast<unsigned long long>(learned), counted.c_str(), seq_len, shard_path.c_str());
   }
   return 0;
 }

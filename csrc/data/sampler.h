@@ -1,6 +1,8 @@
 // The training sampler. The batch at optimizer step s, micro-batch m, for rank r is a pure function of
 // (seed, s, m, r): resuming needs only the step, and any world size draws disjoint sequences.
 // Each sequence is a window of seq_len + 1 tokens at an offset hashed from (seed, global sequence id).
+// With a loss mask (shard.h), targets whose token is not learned are kIgnoreTarget, and a training
+// window whose targets are all unlearned is redrawn, so that no micro-batch is without a loss.
 #pragma once
 #include <torch/torch.h>
 
@@ -10,9 +12,12 @@
 
 namespace moetrain::data {
 
+// A target the loss skips: torch's cross_entropy ignore_index (its default, -100).
+constexpr int64_t kIgnoreTarget = -100;
+
 struct Batch {
   torch::Tensor inputs;   // (B, S) int64
-  torch::Tensor targets;  // (B, S) int64, inputs shifted by one
+  torch::Tensor targets;  // (B, S) int64, inputs shifted by one; kIgnoreTarget where the mask says 0
 };
 
 struct SamplerOptions {
@@ -30,6 +35,9 @@ class Sampler {
   Batch batch(int64_t step, int micro) const;
   // Window start for a global sequence id (exposed for tests).
   uint64_t offset(uint64_t global_sequence) const;
+  // The start the batch uses: offset(), or with a mask the first of the redraws
+  // offset(mix64(id) + k), k = 1, 2, ..., whose window has a learned target.
+  uint64_t window_start(uint64_t global_sequence) const;
   // Global id of sequence i of (step, micro, rank): disjoint across ranks and micro-batches.
   uint64_t global_sequence(int64_t step, int micro, int i) const;
 

@@ -1,5 +1,6 @@
-// Token shards: writing (smallest token width that holds the vocabulary, temp name + rename so a
-// reader never sees half a shard), read-only mmap access, and prepare_text for plain-text corpora.
+// Token shards and their loss masks: writing (smallest token width that holds the vocabulary, temp
+// name + rename so a reader never sees half a file), read-only mmap access, and prepare_text for
+// plain-text corpora.
 #include "data/shard.h"
 
 #include <fcntl.h>
@@ -12,6 +13,8 @@
 #include <cerrno>
 #include <cstring>
 #include <fstream>
+#include <functional>
+#include <tuple>
 #include <sstream>
 
 #include "common/errors.h"
@@ -25,8 +28,62 @@ static_assert(std::endian::native == std::endian::little, "shard I/O assumes a l
 
 constexpr char kMagic[8] = {'M', 'O', 'E', 'T', 'O', 'K', 'S', '\0'};
 constexpr size_t kHeaderBytes = 32;
+constexpr char kMaskMagic[8] = {'M', 'O', 'E', 'M', 'A', 'S', 'K', '\0'};
+constexpr size_t kMaskHeaderBytes = 64;
+constexpr size_t kMaskNameOffset = 24, kMaskNameBytes = kMaskHeaderBytes - kMaskNameOffset;
 
 std::string errno_text() { return std::strerror(errno); }
+
+std::string base_name(const std::string& path) {
+  const size_t slash = path.rfind('/');
+  return slash == std::string::npos ? path : path.substr(slash + 1);
+}
+
+// Writes header + body to path through a temporary name, fsynced, then renamed into place.
+void write_atomically(const std::string& path, const uint8_t* header, size_t header_bytes,
+                      const std::function<void(int fd, const std::string& tmp_path)>& write_body) {
+  const std::string tmp_path = path + ".tmp." + std::to_string(::getpid());
+  int fd = ::open(tmp_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  if (fd < 0) throw DataError("cannot create " + tmp_path + ": " + errno_text());
+  try {
+    files::write_all(fd, header, header_bytes, tmp_path);
+    write_body(fd, tmp_path);
+    if (::fsync(fd) != 0) throw DataError("cannot fsync " + tmp_path + ": " + errno_text());
+    const int to_close = fd;
+    fd = -1;
+    if (::close(to_close) != 0) throw DataError("cannot close " + tmp_path + ": " + errno_text());
+    if (::rename(tmp_path.c_str(), path.c_str()) != 0) {
+      throw DataError("cannot rename " + tmp_path + " to " + path + ": " + errno_text());
+    }
+  } catch (...) {
+    if (fd >= 0) ::close(fd);
+    ::unlink(tmp_path.c_str());
+    throw;
+  }
+}
+
+// Maps a whole file read-only; `what` names it in errors ("shard", "mask").
+std::pair<const uint8_t*, size_t> map_file(const std::string& path, const std::string& what, size_t min_bytes) {
+  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) throw DataError("cannot open " + what + " " + path + ": " + errno_text());
+  struct stat st {};
+  if (::fstat(fd, &st) != 0) {
+    const std::string err = errno_text();
+    ::close(fd);
+    throw DataError("cannot stat " + what + " " + path + ": " + err);
+  }
+  const uint64_t file_size = uint64_t(st.st_size);
+  if (file_size < min_bytes) {
+    ::close(fd);
+    throw DataError(path + ": " + std::to_string(file_size) + " bytes, shorter than the " + std::to_string(min_bytes) +
+                    "-byte " + what + " header");
+  }
+  void* map = ::mmap(nullptr, file_size, PROT_READ, MAP_PRIVATE, fd, 0);
+  const std::string map_err = errno_text();
+  ::close(fd);  // the mapping keeps the file alive
+  if (map == MAP_FAILED) throw DataError("cannot mmap " + what + " " + path + ": " + map_err);
+  return {static_cast<const uint8_t*>(map), size_t(file_size)};
+}
 
 int bytes_for_vocab(uint64_t vocab_size) {
   if (vocab_size <= (uint64_t(1) << 8)) return 1;
@@ -56,12 +113,8 @@ void write_shard(const std::string& path, const std::vector<int64_t>& tokens, ui
   std::memcpy(header + 16, &count, 8);
   std::memcpy(header + 24, &vocab_size, 8);
 
-  const std::string tmp_path = path + ".tmp." + std::to_string(::getpid());
-  int fd = ::open(tmp_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-  if (fd < 0) throw DataError("cannot create " + tmp_path + ": " + errno_text());
-  try {
-    files::write_all(fd, header, kHeaderBytes, tmp_path);
-    // Narrow the tokens a chunk at a time: a big corpus should not need a second full copy.
+  // Narrow the tokens a chunk at a time: a big corpus should not need a second full copy.
+  write_atomically(path, header, kHeaderBytes, [&](int fd, const std::string& tmp_path) {
     std::vector<uint8_t> chunk;
     constexpr size_t kChunkTokens = size_t(1) << 18;
     for (size_t start = 0; start < tokens.size(); start += kChunkTokens) {
@@ -73,40 +126,43 @@ void write_shard(const std::string& path, const std::vector<int64_t>& tokens, ui
       }
       files::write_all(fd, chunk.data(), chunk.size(), tmp_path);
     }
-    if (::fsync(fd) != 0) throw DataError("cannot fsync " + tmp_path + ": " + errno_text());
-    const int to_close = fd;
-    fd = -1;
-    if (::close(to_close) != 0) throw DataError("cannot close " + tmp_path + ": " + errno_text());
-    if (::rename(tmp_path.c_str(), path.c_str()) != 0) {
-      throw DataError("cannot rename " + tmp_path + " to " + path + ": " + errno_text());
-    }
-  } catch (...) {
-    if (fd >= 0) ::close(fd);
-    ::unlink(tmp_path.c_str());
-    throw;
-  }
+  });
 }
 
-Shard::Shard(const std::string& path) : path_(path) {
-  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd < 0) throw DataError("cannot open shard " + path + ": " + errno_text());
-  struct stat st {};
-  if (::fstat(fd, &st) != 0) {
-    const std::string err = errno_text();
-    ::close(fd);
-    throw DataError("cannot stat shard " + path + ": " + err);
+std::string mask_path_for(const std::string& shard_path) {
+  const std::string ext = ".bin";
+  if (shard_path.size() > ext.size() && shard_path.compare(shard_path.size() - ext.size(), ext.size(), ext) == 0)
+    return shard_path.substr(0, shard_path.size() - ext.size()) + ".mask.bin";
+  return shard_path + ".mask.bin";
+}
+
+void write_mask(const std::string& shard_path, const std::vector<uint8_t>& learned) {
+  const std::string path = mask_path_for(shard_path), name = base_name(shard_path);
+  if (name.empty() || name.size() >= kMaskNameBytes) {
+    throw DataError(path + ": shard file name '" + name + "' must be 1 to " + std::to_string(kMaskNameBytes - 1) +
+                    " bytes long to fit the mask header");
   }
-  const uint64_t file_size = uint64_t(st.st_size);
-  if (file_size < kHeaderBytes) {
-    ::close(fd);
-    throw DataError(path + ": " + std::to_string(file_size) + " bytes, shorter than the 32-byte shard header");
+  for (size_t i = 0; i < learned.size(); ++i) {
+    if (learned[i] > 1) {
+      throw DataError(path + ": mask entry " + std::to_string(int(learned[i])) + " at index " + std::to_string(i) +
+                      " must be 0 or 1");
+    }
   }
-  void* map = ::mmap(nullptr, file_size, PROT_READ, MAP_PRIVATE, fd, 0);
-  const std::string map_err = errno_text();
-  ::close(fd);  // the mapping keeps the file alive
-  if (map == MAP_FAILED) throw DataError("cannot mmap shard " + path + ": " + map_err);
-  map_ = static_cast<const uint8_t*>(map);
-  map_len_ = file_size;
+  uint8_t header[kMaskHeaderBytes] = {};
+  const uint32_t version = kMaskVersion;
+  const uint64_t count = learned.size();
+  std::memcpy(header, kMaskMagic, 8);
+  std::memcpy(header + 8, &version, 4);
+  std::memcpy(header + 16, &count, 8);
+  std::memcpy(header + kMaskNameOffset, name.data(), name.size());
+  write_atomically(path, header, kMaskHeaderBytes, [&](int fd, const std::string& tmp_path) {
+    files::write_all(fd, learned.data(), learned.size(), tmp_path);
+  });
+}
+
+Shard::Shard(const std::string& path) : path_(path), mask_path_(mask_path_for(path)) {
+  std::tie(map_, map_len_) = map_file(path, "shard", kHeaderBytes);
+  const uint64_t file_size = map_len_;
 
   try {
     if (std::memcmp(map_, kMagic, 8) != 0) {
@@ -133,6 +189,7 @@ Shard::Shard(const std::string& path) : path_(path) {
                       " bytes after the header");
     }
     if (vocab_ == 0) throw DataError(path + ": header field 'vocab_size' is 0");
+    if (files::exists(mask_path_)) load_mask();
   } catch (...) {
     ::munmap(const_cast<uint8_t*>(map_), map_len_);
     map_ = nullptr;
@@ -140,8 +197,46 @@ Shard::Shard(const std::string& path) : path_(path) {
   }
 }
 
+void Shard::load_mask() {
+  std::tie(mask_map_, mask_map_len_) = map_file(mask_path_, "mask", kMaskHeaderBytes);
+  try {
+    const std::string& m = mask_path_;
+    if (std::memcmp(mask_map_, kMaskMagic, 8) != 0) {
+      throw DataError(m + ": bad magic (bytes 0..7): not a MOEMASK loss mask (the mask of shard " + path_ + ")");
+    }
+    uint32_t version = 0;
+    uint64_t count = 0;
+    std::memcpy(&version, mask_map_ + 8, 4);
+    std::memcpy(&count, mask_map_ + 16, 8);
+    if (version != kMaskVersion) {
+      throw DataError(m + ": header field 'version' is " + std::to_string(version) + ", expected " +
+                      std::to_string(kMaskVersion));
+    }
+    const char* name_field = reinterpret_cast<const char*>(mask_map_ + kMaskNameOffset);
+    const std::string name(name_field, strnlen(name_field, kMaskNameBytes));
+    if (name != base_name(path_)) {
+      throw DataError(m + ": header field 'shard' names '" + name + "', but the mask sits beside shard " + path_);
+    }
+    if (count != count_) {
+      throw DataError(m + ": the mask covers " + std::to_string(count) + " tokens but shard " + path_ + " holds " +
+                      std::to_string(count_));
+    }
+    if (mask_map_len_ - kMaskHeaderBytes != count) {
+      throw DataError(m + ": header field 'count' says " + std::to_string(count) + " entries but the file holds " +
+                      std::to_string(mask_map_len_ - kMaskHeaderBytes) + " bytes after the header (mask of shard " +
+                      path_ + ")");
+    }
+    mask_ = mask_map_ + kMaskHeaderBytes;
+  } catch (...) {
+    ::munmap(const_cast<uint8_t*>(mask_map_), mask_map_len_);
+    mask_map_ = nullptr;
+    throw;
+  }
+}
+
 Shard::~Shard() {
   if (map_) ::munmap(const_cast<uint8_t*>(map_), map_len_);
+  if (mask_map_) ::munmap(const_cast<uint8_t*>(mask_map_), mask_map_len_);
 }
 
 int64_t Shard::at(uint64_t i) const {
@@ -176,6 +271,18 @@ void Shard::read(uint64_t begin, uint64_t n, int64_t* out) const {
         out[i] = token;
       }
   }
+}
+
+void Shard::read_mask(uint64_t begin, uint64_t n, uint8_t* out) const {
+  if (begin > count_ || n > count_ - begin) {
+    throw DataError(mask_path_ + ": read of " + std::to_string(n) + " mask entries at " + std::to_string(begin) +
+                    " is past the end of the shard (" + std::to_string(count_) + " tokens)");
+  }
+  if (!mask_) {
+    std::memset(out, 1, n);
+    return;
+  }
+  for (uint64_t i = 0; i < n; ++i) out[i] = mask_[begin + i] != 0;
 }
 
 PrepareStats prepare_text(const std::vector<std::string>& text_files, const std::string& out_dir,
@@ -228,6 +335,11 @@ PrepareStats prepare_text(const std::vector<std::string>& text_files, const std:
   const ByteTokenizer tokenizer;
   const std::vector<int64_t> train = tokenizer.encode(text.substr(0, split));
   const std::vector<int64_t> val = tokenizer.encode(text.substr(split));
+  for (const char* name : {"train.bin", "val.bin"}) {
+    const std::string mask = mask_path_for(files::join(out_dir, name));
+    if (files::exists(mask) && ::unlink(mask.c_str()) != 0)  // a stale mask would mask this text
+      throw DataError("cannot remove the old loss mask " + mask + ": " + errno_text());
+  }
   write_shard(files::join(out_dir, "train.bin"), train, ByteTokenizer::vocab_size);
   write_shard(files::join(out_dir, "val.bin"), val, ByteTokenizer::vocab_size);
   return PrepareStats{train.size(), val.size()};

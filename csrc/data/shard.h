@@ -6,6 +6,18 @@
 //   bytes 24..31 vocabulary size (uint64); every token is < this
 // A header that does not match the file (bad magic, unknown version or dtype, a size that does not
 // equal 32 + count * bytes) throws DataError naming the file and the field.
+//
+// Loss masks (fine-tuning on prompt/response pairs): an optional sibling file <name>.mask.bin beside
+// <name>.bin (train.mask.bin for train.bin), one byte per token: 1 = the token is learned (predicting
+// it counts in the loss), 0 = it is not (a prompt token). No mask file: every token is learned. A
+// 64-byte header, then the bytes:
+//   bytes 0..7   magic "MOEMASK\0"
+//   bytes 8..11  mask format version (uint32, little-endian), currently 1
+//   bytes 12..15 reserved, 0
+//   bytes 16..23 token count (uint64): must equal the shard's
+//   bytes 24..63 file name of the shard it belongs to ("train.bin"), NUL-padded, at most 39 bytes
+// A mask whose count or shard name does not match its shard, or whose size is not 64 + count, throws
+// DataError naming both files.
 #pragma once
 #include <cstdint>
 #include <string>
@@ -14,8 +26,15 @@
 namespace moetrain::data {
 
 constexpr uint32_t kShardVersion = 1;
+constexpr uint32_t kMaskVersion = 1;
 
 void write_shard(const std::string& path, const std::vector<int64_t>& tokens, uint64_t vocab_size);
+
+// "dir/train.bin" -> "dir/train.mask.bin" (any other name gets ".mask.bin" appended).
+std::string mask_path_for(const std::string& shard_path);
+// Writes the loss mask of the shard at shard_path (mask_path_for(shard_path)); one entry (0 or 1) per
+// token of that shard.
+void write_mask(const std::string& shard_path, const std::vector<uint8_t>& learned);
 
 class Shard {
  public:
@@ -30,11 +49,21 @@ class Shard {
   int64_t at(uint64_t i) const;                      // bounds-checked in debug only
   // Copies tokens [begin, begin + n) into out (int64); throws DataError if out of range.
   void read(uint64_t begin, uint64_t n, int64_t* out) const;
+  // The loss mask, when <name>.mask.bin exists beside the shard.
+  bool has_mask() const { return mask_ != nullptr; }
+  const std::string& mask_path() const { return mask_path_; }
+  // Copies mask entries [begin, begin + n) into out (1 = learned); all 1 without a mask file.
+  void read_mask(uint64_t begin, uint64_t n, uint8_t* out) const;
 
  private:
-  std::string path_;
+  void load_mask();
+
+  std::string path_, mask_path_;
   const uint8_t* map_ = nullptr;
   size_t map_len_ = 0;
+  const uint8_t* mask_map_ = nullptr;  // the mask file's mapping (header included), or null
+  const uint8_t* mask_ = nullptr;      // its first entry, or null
+  size_t mask_map_len_ = 0;
   uint64_t count_ = 0, vocab_ = 0;
   int bytes_ = 0;
 };

@@ -273,7 +273,8 @@ StepOutcome train_step(model::TransformerImpl& model, optim::AdamW& optimizer, P
     auto batch = batch_of(micro);
     auto out = model.forward(batch.inputs.to(device));
     const auto V = out.logits_BSV.size(-1);
-    auto ce = torch::cross_entropy_loss(out.logits_BSV.view({-1, V}), batch.targets.to(device).view(-1));
+    auto ce = torch::cross_entropy_loss(out.logits_BSV.view({-1, V}), batch.targets.to(device).view(-1), {},
+                                        at::Reduction::Mean, /*ignore_index=*/data::kIgnoreTarget);
     auto loss = ce + out.balance_loss;
     (loss / cfg.train.grad_accum).backward();
     loss_sum += ce.item<double>();
@@ -321,7 +322,9 @@ double evaluate(const model::TransformerImpl& model, const data::Shard& shard, i
     auto targets = batch.targets.narrow(0, int64_t(r) * batch_size, batch_size);
     auto out = model.forward(inputs.to(device));
     auto V = out.logits_BSV.size(-1);
-    total += torch::cross_entropy_loss(out.logits_BSV.view({-1, V}), targets.to(device).view(-1)).item<double>();
+    total += torch::cross_entropy_loss(out.logits_BSV.view({-1, V}), targets.to(device).view(-1), {},
+                                       at::Reduction::Mean, /*ignore_index=*/data::kIgnoreTarget)
+                 .item<double>();
   }
   double mean = total / n_batches;
   if (W > 1) {
