@@ -9,7 +9,10 @@
 #include <map>
 #include <nlohmann/json.hpp>
 
+#include "ckpt/checkpoint.h"
 #include "ckpt/safetensors.h"
+#include "optim/adamw.h"
+#include <random>
 #include "common/errors.h"
 #include "common/files.h"
 #include "dist/communicator.h"
@@ -191,14 +194,14 @@ config::Config equivalence_config(const std::string& data_dir, const std::string
   return cfg;
 }
 
-Run train_at(config::Config cfg, int world, int ep) {
+Run train_at(config::Config cfg, int world, int ep, const std::string& extra = "") {
   cfg.train.micro_batch_size = 4 / world;
   cfg.parallel.expert_parallel = ep;
   cfg.parallel.timeout_s = 60;
   files::make_directories(cfg.run.out_dir);
   const std::string yaml = files::join(cfg.run.out_dir, "input.yaml");
   files::write_file_atomic(yaml, config::to_yaml(cfg));
-  const std::string train = std::string(MOETRAIN_BINARY) + " train --config " + yaml;
+  const std::string train = std::string(MOETRAIN_BINARY) + " train --config " + yaml + extra;
   Run run;
   auto r = testing::run_command("OMP_NUM_THREADS=1 " + (world == 1 ? "timeout 300 " + train : launch(world, train)));
   run.exit_code = r.exit_code;
@@ -212,8 +215,9 @@ Run train_at(config::Config cfg, int world, int ep) {
 
 // Every tensor of a checkpoint by name, across its files (the expert files differ by layout): the
 // weights ("model") or the AdamW moments ("optim").
-std::map<std::string, torch::Tensor> checkpoint_tensors(const Run& run, const std::string& kind) {
-  const auto step_dir = files::join(run.run_dir, "ckpt/step_00000020");
+std::map<std::string, torch::Tensor> checkpoint_tensors(const Run& run, const std::string& kind,
+                                                       const std::string& step = "step_00000020") {
+  const auto step_dir = files::join(run.run_dir, "ckpt/" + step);
   std::map<std::string, torch::Tensor> out;
   for (const auto& name : files::list_directory(step_dir)) {
     const bool is_optim = name.rfind("optim", 0) == 0;
@@ -316,4 +320,251 @@ CATCH_TEST_CASE("A rank killed mid-run: the launcher stops the job, exits non-ze
   // Rank 0 ends on its own, within parallel.timeout_s, with an error naming the operation and the peer.
   CATCH_CHECK_THAT(r.output, Contains("[rank 0] moetrain: [dist]") && Contains("rank 1"));
   CATCH_CHECK(took < 45);
+}
+
+// ---- checkpoints across ranks (issue: checkpoints that never lose a run) --------------------------------
+
+namespace {
+
+// A rank of a layout that is never asked to communicate: enough to build and load a model as that
+// rank would, in one process.
+class FakeRank final : public dist::Communicator {
+ public:
+  FakeRank(int rank, int size) : rank_(rank), size_(size) {}
+  int rank() const override { return rank_; }
+  int world_size() const override { return size_; }
+  std::string backend() const override { return "fake"; }
+  std::string name() const override { return "fake"; }
+  int world_rank_of(int r) const override { return r; }
+  void all_reduce_sum(torch::Tensor&) override { fail(); }
+  void broadcast(torch::Tensor&, int) override { fail(); }
+  torch::Tensor all_gather(const torch::Tensor&) override { fail(); }
+  torch::Tensor all_to_all(const torch::Tensor&, const std::vector<int64_t>&, const std::vector<int64_t>&) override { fail(); }
+  void barrier() override { fail(); }
+  std::unique_ptr<dist::Communicator> split(int, const std::string&) override { fail(); }
+
+ private:
+  [[noreturn]] static void fail() { throw std::logic_error("FakeRank cannot communicate"); }
+  int rank_, size_;
+};
+
+std::shared_ptr<const dist::Layout> fake_layout(int rank, int world, int ep) {
+  auto layout = std::make_shared<dist::Layout>();
+  layout->world = std::make_shared<FakeRank>(rank, world);
+  layout->ep = std::make_shared<FakeRank>(rank % ep, ep);
+  layout->edp = std::make_shared<FakeRank>(rank / ep, world / ep);
+  return layout;
+}
+
+std::vector<double> metrics_losses(const std::string& run_dir) {
+  std::vector<double> losses;
+  std::ifstream metrics(files::join(run_dir, "metrics.jsonl"));
+  std::string line;
+  while (std::getline(metrics, line)) losses.push_back(nlohmann::json::parse(line)["loss"].get<double>());
+  return losses;
+}
+
+}  // namespace
+
+CATCH_TEST_CASE("A checkpoint from (world 4, ep 4) resumes at (1), (2, 2) and (4, 2): same state, then the new layout's losses",
+                "[ckpt][dist]") {
+  testing::TempDir dir("ckpt-layouts");
+  const auto data_dir = testing::make_corpus(dir);
+  auto base = equivalence_config(data_dir, dir.str("w4ep4"));
+  base.optim.decay_steps = 20;
+  base.train.steps = 10;
+  const auto saved = train_at(base, 4, 4);
+  CATCH_INFO(saved.output);
+  CATCH_REQUIRE(saved.exit_code == 0);
+  const std::string step_dir = dir.str("w4ep4/ckpt/step_00000010");
+
+  // Every rank of every layout loads exactly its share of the one-process state.
+  auto model_cfg = base.model;
+  model::Transformer whole(model_cfg);
+  optim::AdamW whole_opt(
+      [&] {
+        std::vector<std::pair<std::string, torch::Tensor>> named;
+        for (const auto& p : whole->named_parameters()) named.emplace_back(p.key(), p.value());
+        return named;
+      }(),
+      base.optim, model::is_no_decay);
+  ckpt::load_model(step_dir, *whole);
+  ckpt::load_optimizer(step_dir, whole_opt, *whole);
+  CATCH_CHECK(whole_opt.step_count() == 10);
+  for (auto [world, ep] : std::vector<std::pair<int, int>>{{1, 1}, {2, 2}, {4, 2}, {4, 4}}) {
+    for (int r = 0; r < world; ++r) {
+      CATCH_INFO("world " << world << " ep " << ep << " rank " << r);
+      model::Transformer part(model_cfg, fake_layout(r, world, ep));
+      std::vector<std::pair<std::string, torch::Tensor>> named;
+      for (const auto& p : part->named_parameters()) named.emplace_back(p.key(), p.value());
+      optim::AdamW opt(named, base.optim, model::is_no_decay);
+      ckpt::load_model(step_dir, *part);
+      ckpt::load_optimizer(step_dir, opt, *part, r);
+      auto want = whole->named_parameters();
+      const int64_t first = part->expert_offset(), n = part->local_experts();
+      CATCH_CHECK(n == model_cfg.moe.n_experts / ep);
+      for (const auto& p : part->named_parameters()) {
+        auto w = want[p.key()];
+        if (ckpt::is_expert_tensor(p.key())) w = w.narrow(0, first, n);
+        CATCH_CHECK(torch::equal(p.value(), w));
+      }
+      for (size_t i = 0; i < opt.states().size(); ++i) {
+        const auto& got = opt.states()[i];
+        const auto& ref = whole_opt.states()[i];
+        CATCH_REQUIRE(got.name == ref.name);
+        auto m = ref.exp_avg, v = ref.exp_avg_sq;
+        if (ckpt::is_expert_tensor(got.name)) m = m.narrow(0, first, n), v = v.narrow(0, first, n);
+        CATCH_CHECK(torch::equal(got.exp_avg, m));
+        CATCH_CHECK(torch::equal(got.exp_avg_sq, v));
+      }
+      CATCH_CHECK(opt.step_count() == 10);
+    }
+  }
+
+  // Then each layout trains on from step 10 with the losses of its own uninterrupted run.
+  for (auto [world, ep] : std::vector<std::pair<int, int>>{{1, 1}, {2, 2}, {4, 2}}) {
+    const std::string name = "w" + std::to_string(world) + "ep" + std::to_string(ep);
+    CATCH_INFO(name);
+    auto straight_cfg = equivalence_config(data_dir, dir.str(name + "-straight"));
+    const auto straight = train_at(straight_cfg, world, ep);
+    CATCH_REQUIRE(straight.exit_code == 0);
+    testing::run_command("cp -r " + dir.str("w4ep4") + " " + dir.str(name + "-resumed"));
+    auto resumed_cfg = equivalence_config(data_dir, dir.str(name + "-resumed"));
+    const auto resumed = train_at(resumed_cfg, world, ep, " --resume auto");
+    CATCH_INFO(resumed.output.substr(resumed.output.size() > 2000 ? resumed.output.size() - 2000 : 0));
+    CATCH_REQUIRE(resumed.exit_code == 0);
+    CATCH_CHECK_THAT(resumed.output, Contains("resumed from") && Contains("step_00000010"));
+    const auto losses = metrics_losses(dir.str(name + "-resumed"));
+    CATCH_REQUIRE(losses.size() == 20);
+    for (size_t i = 10; i < 20; ++i) {
+      CATCH_INFO("step " << i + 1 << ": " << losses[i] << " vs " << straight.losses[i]);
+      CATCH_CHECK(std::abs(losses[i] - straight.losses[i]) <= 1e-5 * std::abs(straight.losses[i]));
+    }
+  }
+}
+
+CATCH_TEST_CASE("SIGTERM to one rank of two: both finish the step, save, exit 0; the resume continues exactly",
+                "[ckpt][dist]") {
+  testing::TempDir dir("ckpt-sigterm");
+  const auto data_dir = testing::make_corpus(dir);
+  auto cfg = equivalence_config(data_dir, dir.str("run"));
+  cfg.train.steps = 400;
+  cfg.optim.decay_steps = 400;
+  cfg.train.micro_batch_size = 2;
+  cfg.parallel.expert_parallel = 2;
+  cfg.parallel.timeout_s = 60;
+  files::make_directories(cfg.run.out_dir);
+  files::write_file_atomic(dir.str("input.yaml"), config::to_yaml(cfg));
+  // Each rank leaves its pid; rank 1 gets SIGTERM a moment into training.
+  auto rank_command = [&](const std::string& extra) {
+    return "bash -c 'echo $$ > " + dir.str("pid.") + "$RANK; exec " + std::string(MOETRAIN_BINARY) + " train --config " +
+           dir.str("input.yaml") + " --resume auto" + extra + "'";
+  };
+  const std::string rank_cmd = rank_command("");
+  const std::string stopper = "(while [ ! -s " + dir.str("run/metrics.jsonl") + " ]; do sleep 0.1; done; sleep 1; kill -TERM $(cat " +
+                              dir.str("pid.1") + ")) & ";
+  auto r = testing::run_command(stopper + "OMP_NUM_THREADS=1 timeout 300 " + std::string(MOETRAIN_SOURCE_DIR) +
+                                "/scripts/launch.sh --nproc 2 -- " + rank_cmd);
+  CATCH_INFO(r.output.substr(r.output.size() > 3000 ? r.output.size() - 3000 : 0));
+  CATCH_REQUIRE(r.exit_code == 0);
+  CATCH_CHECK_THAT(r.output, Contains("a stop signal on another rank") && Contains("saved"));
+  const auto stopped = ckpt::read_manifest(*ckpt::find_checkpoint(dir.str("run")));
+  CATCH_REQUIRE(stopped.progress.step > 0);
+  CATCH_REQUIRE(stopped.progress.step < 400);
+  CATCH_CHECK(stopped.world_size == 2);
+
+  // Resume to a few steps past the stop, and compare with a straight run to the same step.
+  const int64_t until = stopped.progress.step + 3;
+  auto resume = testing::run_command("OMP_NUM_THREADS=1 " + launch(2, rank_command(" --set train.steps=" + std::to_string(until))));
+  CATCH_INFO(resume.output.substr(resume.output.size() > 2000 ? resume.output.size() - 2000 : 0));
+  CATCH_REQUIRE(resume.exit_code == 0);
+  auto straight_cfg = cfg;
+  straight_cfg.run.out_dir = dir.str("straight");
+  straight_cfg.train.steps = int(until);
+  files::make_directories(straight_cfg.run.out_dir);
+  files::write_file_atomic(dir.str("straight.yaml"), config::to_yaml(straight_cfg));
+  auto straight = testing::run_command("OMP_NUM_THREADS=1 " + launch(2, std::string(MOETRAIN_BINARY) + " train --config " +
+                                                                        dir.str("straight.yaml")));
+  CATCH_REQUIRE(straight.exit_code == 0);
+  const auto a = metrics_losses(dir.str("run")), b = metrics_losses(dir.str("straight"));
+  CATCH_REQUIRE(a.size() == size_t(until));
+  CATCH_REQUIRE(b.size() == size_t(until));
+  for (size_t i = 0; i < a.size(); ++i) {
+    CATCH_INFO("step " << i + 1);
+    CATCH_CHECK(a[i] == b[i]);  // the same processes, the same ops: bit for bit
+  }
+}
+
+CATCH_TEST_CASE("kill -9 at any moment of a run that saves every step: latest always loads and training goes on",
+                "[ckpt]") {
+  testing::TempDir dir("ckpt-kill");
+  const auto data_dir = testing::make_corpus(dir);
+  auto cfg = equivalence_config(data_dir, dir.str("run"));
+  cfg.train.steps = 60;
+  cfg.optim.decay_steps = 60;
+  cfg.checkpoint.every = 1;
+  cfg.checkpoint.keep_last = 2;
+  cfg.train.micro_batch_size = 4;
+  files::make_directories(cfg.run.out_dir);
+  files::write_file_atomic(dir.str("input.yaml"), config::to_yaml(cfg));
+  const std::string train = std::string(MOETRAIN_BINARY) + " train --config " + dir.str("input.yaml") + " --resume auto";
+  const std::string inspect = std::string(MOETRAIN_BINARY) + " inspect " + dir.str("run") + " --quiet";
+
+  // The straight run, for the losses every resumed run must reproduce (one process: bit for bit).
+  auto straight_cfg = cfg;
+  straight_cfg.run.out_dir = dir.str("straight");
+  straight_cfg.checkpoint.every = 0;
+  files::write_file_atomic(dir.str("straight.yaml"), config::to_yaml(straight_cfg));
+  CATCH_REQUIRE(testing::run_command("OMP_NUM_THREADS=1 " + std::string(MOETRAIN_BINARY) + " train --config " +
+                                     dir.str("straight.yaml")).exit_code == 0);
+
+  // Kills at chosen points of a save (after the shards, after the rename), then at random moments.
+  for (const std::string point : {"shards_written@5", "renamed@9"}) {
+    CATCH_INFO(point);
+    auto r = testing::run_command("OMP_NUM_THREADS=1 MOETRAIN_TEST_CRASH_AT=" + point + " timeout 120 " + train);
+    CATCH_CHECK(r.exit_code != 0);
+    auto check = testing::run_command(inspect);
+    CATCH_INFO(check.output);
+    CATCH_CHECK(check.exit_code == 0);
+  }
+  std::mt19937 rng(7);
+  for (int kill = 0; kill < 5; ++kill) {
+    const double delay = 0.3 + 1.2 * double(rng() % 1000) / 1000.0;
+    CATCH_INFO("kill after " << delay << " s");
+    testing::run_command("( OMP_NUM_THREADS=1 " + train + " > /dev/null 2>&1 & pid=$!; sleep " + std::to_string(delay) +
+                         "; kill -9 $pid; wait $pid ) 2>/dev/null");
+    auto check = testing::run_command(inspect);
+    CATCH_INFO(check.output);
+    CATCH_CHECK(check.exit_code == 0);
+  }
+  auto finish = testing::run_command("OMP_NUM_THREADS=1 timeout 300 " + train);
+  CATCH_INFO(finish.output.substr(finish.output.size() > 2000 ? finish.output.size() - 2000 : 0));
+  CATCH_REQUIRE(finish.exit_code == 0);
+  const auto a = metrics_losses(dir.str("run")), b = metrics_losses(dir.str("straight"));
+  CATCH_REQUIRE(a.size() == 60);
+  for (size_t i = 0; i < a.size(); ++i) {
+    CATCH_INFO("step " << i + 1);
+    CATCH_CHECK(a[i] == b[i]);
+  }
+  // No leftover of the interrupted saves outlives the retention pass, and latest is kept.
+  CATCH_CHECK(*ckpt::find_checkpoint(dir.str("run")) == dir.str("run/ckpt/step_00000060"));
+}
+
+CATCH_TEST_CASE("Retention keeps keep_last, the milestones of keep_every, and what latest names", "[ckpt]") {
+  testing::TempDir dir("ckpt-milestones");
+  const auto data_dir = testing::make_corpus(dir);
+  auto cfg = equivalence_config(data_dir, dir.str("run"));
+  cfg.train.steps = 7;
+  cfg.checkpoint.every = 1;
+  cfg.checkpoint.keep_last = 2;
+  cfg.checkpoint.keep_every = 3;
+  cfg.train.micro_batch_size = 4;
+  files::make_directories(cfg.run.out_dir);
+  files::write_file_atomic(dir.str("input.yaml"), config::to_yaml(cfg));
+  CATCH_REQUIRE(testing::run_command("OMP_NUM_THREADS=1 " + std::string(MOETRAIN_BINARY) + " train --config " +
+                                     dir.str("input.yaml")).exit_code == 0);
+  std::vector<std::string> kept;
+  for (const auto& name : files::list_directory(dir.str("run/ckpt")))
+    if (name.rfind("step_", 0) == 0) kept.push_back(name);
+  CATCH_CHECK(kept == std::vector<std::string>{"step_00000003", "step_00000006", "step_00000007"});
 }
