@@ -130,86 +130,127 @@ struct PendingFile {
 
 int64_t total_experts(const model::TransformerImpl& model) { return model.config().moe.n_experts; }
 
-std::string save(const std::string& out_dir, const model::TransformerImpl& model, const optim::AdamW* optimizer,
-                 const std::string& config_yaml, const Progress& progress, const dist::Layout* layout) {
-  dist::Communicator* world = layout ? layout->world.get() : nullptr;
-  const int rank = world ? world->rank() : 0, W = world ? world->world_size() : 1;
-  const int ep = layout ? layout->ep_size() : 1, ep_rank = layout ? layout->ep_rank() : 0;
+}  // namespace
+
+// A save in three phases. plan() (collective) decides what this rank writes, checks the disk and
+// makes the temporary folder; write() writes and fsyncs this rank's files (local: it may run on a
+// background thread); commit() (collective) gathers the file entries, and rank 0 writes the manifest,
+// renames the folder into place and moves `latest`.
+struct SaveJob {
+  const dist::Layout* layout = nullptr;
+  dist::Communicator* world = nullptr;
+  int rank = 0, world_size = 1, ep = 1;
+  int64_t routed_experts = 0;
+  Progress progress;
+  std::string config_yaml;
+  std::string ckpt_root, name, final_dir, tmp_dir;
+  std::vector<PendingFile> files;
+  std::string entries;  // JSON array of this rank's {name, size, sha256}, filled by write()
+  uint64_t bytes = 0;
+
+  void barrier() const {
+    if (world) world->barrier();
+  }
+};
+
+namespace {
+
+SaveJob plan(const std::string& out_dir, const model::TransformerImpl& model, const optim::AdamW* optimizer,
+             const std::string& config_yaml, const Progress& progress, const dist::Layout* layout, bool snapshot) {
+  SaveJob job;
+  job.layout = layout;
+  job.world = layout ? layout->world.get() : nullptr;
+  job.rank = job.world ? job.world->rank() : 0;
+  job.world_size = job.world ? job.world->world_size() : 1;
+  job.ep = layout ? layout->ep_size() : 1;
+  job.routed_experts = total_experts(model);
+  job.progress = progress;
+  job.config_yaml = config_yaml;
+  const int rank = job.rank, ep_rank = layout ? layout->ep_rank() : 0;
   const bool first_replica = !layout || layout->edp->rank() == 0;  // writes this ep rank's experts
   const int64_t offset = model.expert_offset();
-  auto barrier = [&] {
-    if (world) world->barrier();
+  // An asynchronous save keeps CPU copies, so training may change the originals meanwhile.
+  auto keep = [&](const torch::Tensor& t) {
+    return snapshot ? t.detach().to(torch::kCPU, /*non_blocking=*/false, /*copy=*/true) : t.detach();
   };
 
-  // ---- what this rank writes ---------------------------------------------------------------------
-  PendingFile main{kModelFile, {}, {{"format", "moetrain"}}}, experts{numbered(kExpertsPrefix, ep_rank, ep), {}, {{"format", "moetrain"}}};
-  PendingFile optim{kOptimFile, {}, {{"format", "moetrain"}}}, optim_experts{numbered(kOptimExpertsPrefix, ep_rank, ep), {}, {{"format", "moetrain"}}};
+  PendingFile main{kModelFile, {}, {{"format", "moetrain"}}};
+  PendingFile experts{numbered(kExpertsPrefix, ep_rank, job.ep), {}, {{"format", "moetrain"}}};
+  PendingFile optim{kOptimFile, {}, {{"format", "moetrain"}}};
+  PendingFile optim_experts{numbered(kOptimExpertsPrefix, ep_rank, job.ep), {}, {{"format", "moetrain"}}};
   auto add = [&](PendingFile& whole, PendingFile& per_expert, const std::string& name, const std::string& suffix,
                  const torch::Tensor& t) {
     if (is_expert_tensor(name)) {
-      if (first_replica)
-        for (int64_t e = 0; e < t.size(0); ++e) per_expert.tensors.emplace_back(expert_key(name, offset + e, suffix), t[e]);
+      if (!first_replica) return;
+      auto all = keep(t);
+      for (int64_t e = 0; e < t.size(0); ++e) per_expert.tensors.emplace_back(expert_key(name, offset + e, suffix), all[e]);
     } else if (rank == 0) {
-      whole.tensors.emplace_back(name + suffix, t);
+      whole.tensors.emplace_back(name + suffix, keep(t));
     }
   };
-  for (const auto& p : model.named_parameters()) add(main, experts, p.key(), "", p.value().detach());
+  for (const auto& p : model.named_parameters()) add(main, experts, p.key(), "", p.value());
   if (rank == 0)
-    for (const auto& b : model.named_buffers()) main.tensors.emplace_back(b.key(), b.value().detach());
-  std::vector<PendingFile*> mine;
-  if (rank == 0) mine.push_back(&main);
-  if (!experts.tensors.empty()) mine.push_back(&experts);
-  PendingFile rng{rng_file(rank), {}, {{"format", "moetrain"}}};
+    for (const auto& b : model.named_buffers()) main.tensors.emplace_back(b.key(), keep(b.value()));
+  if (rank == 0) job.files.push_back(std::move(main));
+  if (!experts.tensors.empty()) job.files.push_back(std::move(experts));
   if (optimizer) {
     for (const auto& s : optimizer->states()) {
       add(optim, optim_experts, s.name, ".exp_avg", s.exp_avg);
       add(optim, optim_experts, s.name, ".exp_avg_sq", s.exp_avg_sq);
     }
     optim.metadata["step_count"] = std::to_string(optimizer->step_count());
-    if (rank == 0) mine.push_back(&optim);
-    if (!optim_experts.tensors.empty()) mine.push_back(&optim_experts);
+    if (rank == 0) job.files.push_back(std::move(optim));
+    if (!optim_experts.tensors.empty()) job.files.push_back(std::move(optim_experts));
+    PendingFile rng{rng_file(rank), {}, {{"format", "moetrain"}}};
     at::Generator generator = at::detail::getDefaultCPUGenerator();
     std::lock_guard<std::mutex> lock(generator.mutex());
     rng.tensors.emplace_back("rng.cpu", generator.get_state());
-    mine.push_back(&rng);
+    job.files.push_back(std::move(rng));
   }
 
-  // ---- room on the disk, checked by every rank before anyone writes -------------------------------
-  const std::string ckpt_root = files::join(out_dir, "ckpt");
-  const std::string name = step_dir_name(progress.step);
-  const std::string final_dir = files::join(ckpt_root, name);
-  const std::string tmp_dir = files::join(ckpt_root, ".tmp-" + name);
-  files::make_directories(ckpt_root);
+  // Room on the disk, checked by every rank before anyone writes.
+  job.ckpt_root = files::join(out_dir, "ckpt");
+  job.name = step_dir_name(progress.step);
+  job.final_dir = files::join(job.ckpt_root, job.name);
+  job.tmp_dir = files::join(job.ckpt_root, ".tmp-" + job.name);
+  files::make_directories(job.ckpt_root);
   uint64_t need = 1 << 20;  // headers and the manifest
-  for (const auto* f : mine)
-    for (const auto& [n, t] : f->tensors) need += uint64_t(t.nbytes());
-  const uint64_t have = free_bytes(ckpt_root);
+  for (const auto& f : job.files)
+    for (const auto& [n, t] : f.tensors) need += uint64_t(t.nbytes());
+  job.bytes = need;
+  const uint64_t have = free_bytes(job.ckpt_root);
   const bool short_here = have < need;
-  const bool short_anywhere = world ? dist::all_sum(*world, short_here ? 1.0 : 0.0) > 0 : short_here;
+  const bool short_anywhere = job.world ? dist::all_sum(*job.world, short_here ? 1.0 : 0.0) > 0 : short_here;
   if (short_anywhere)
-    throw CheckpointError(short_here ? "not enough free space in '" + ckpt_root + "' for the checkpoint of step " +
+    throw CheckpointError(short_here ? "not enough free space in '" + job.ckpt_root + "' for the checkpoint of step " +
                                            std::to_string(progress.step) + ": this rank writes " + std::to_string(need) +
                                            " bytes, " + std::to_string(have) + " are free"
                                      : "another rank lacks the free space to write the checkpoint of step " +
-                                           std::to_string(progress.step) + " under '" + ckpt_root + "'");
-
-  // ---- shards into the temporary folder, fsynced --------------------------------------------------
+                                           std::to_string(progress.step) + " under '" + job.ckpt_root + "'");
   if (rank == 0) {
-    files::remove_tree(tmp_dir);  // left by a crash during an earlier save of this step
-    files::make_directories(tmp_dir);
+    files::remove_tree(job.tmp_dir);  // left by a crash during an earlier save of this step
+    files::make_directories(job.tmp_dir);
   }
-  barrier();
+  job.barrier();
+  return job;
+}
+
+void write(SaveJob& job) {
   json entries = json::array();
-  for (const auto* f : mine) {
-    const std::string path = files::join(tmp_dir, f->name);
-    save_safetensors(path, f->tensors, f->metadata);  // written and fsynced
-    entries.push_back({{"name", f->name}, {"size", *files::file_size(path)}, {"sha256", sha256_file(path)}});
+  for (const auto& f : job.files) {
+    const std::string path = files::join(job.tmp_dir, f.name);
+    save_safetensors(path, f.tensors, f.metadata);  // written and fsynced
+    entries.push_back({{"name", f.name}, {"size", *files::file_size(path)}, {"sha256", sha256_file(path)}});
   }
-  const auto all_entries = world ? dist::all_gather_strings(*world, entries.dump()) : std::vector<std::string>{entries.dump()};
-  crash_point("shards_written", progress.step);
+  job.entries = entries.dump();
+  job.files.clear();  // the copies are on disk now
+}
 
-  // ---- commit: rank 0 writes the manifest, renames the folder, then moves `latest` ----------------
-  if (rank == 0) {
+std::string commit(SaveJob& job) {
+  const auto all_entries = job.world ? dist::all_gather_strings(*job.world, job.entries) : std::vector<std::string>{job.entries};
+  crash_point("shards_written", job.progress.step);
+  if (job.rank == 0) {
+    const auto& progress = job.progress;
     json manifest;
     manifest["format"] = "moetrain-checkpoint";
     manifest["format_version"] = kFormatVersion;
@@ -218,23 +259,30 @@ std::string save(const std::string& out_dir, const model::TransformerImpl& model
     manifest["elapsed_s"] = progress.elapsed_s;
     manifest["gpu_hours"] = progress.gpu_hours;
     manifest["cost_usd"] = progress.cost_usd;
-    manifest["layout"] = {{"world_size", W}, {"expert_parallel", ep}, {"routed_experts", total_experts(model)}};
+    manifest["layout"] = {{"world_size", job.world_size}, {"expert_parallel", job.ep}, {"routed_experts", job.routed_experts}};
     // The sampler is a pure function of (seed, step, micro-batch, rank): the step is the data cursor.
     manifest["data_cursor"] = {{"step", progress.step}, {"tokens", progress.tokens}};
-    manifest["config"] = config_yaml;
+    manifest["config"] = job.config_yaml;
     manifest["files"] = json::array();
     for (const auto& text : all_entries)
       for (const auto& e : json::parse(text)) manifest["files"].push_back(e);
-    files::write_file_synced(files::join(tmp_dir, kManifestFile), manifest.dump(2) + "\n");
-    files::fsync_path(tmp_dir, true);
-    if (files::exists(final_dir)) files::remove_tree(final_dir);
-    files::rename_path(tmp_dir, final_dir);
-    files::fsync_path(ckpt_root, true);
+    files::write_file_synced(files::join(job.tmp_dir, kManifestFile), manifest.dump(2) + "\n");
+    files::fsync_path(job.tmp_dir, true);
+    if (files::exists(job.final_dir)) files::remove_tree(job.final_dir);
+    files::rename_path(job.tmp_dir, job.final_dir);
+    files::fsync_path(job.ckpt_root, true);
     crash_point("renamed", progress.step);
-    files::write_file_atomic(files::join(ckpt_root, "latest"), name + "\n");
+    files::write_file_atomic(files::join(job.ckpt_root, "latest"), job.name + "\n");
   }
-  barrier();  // every rank returns once the checkpoint is committed
-  return final_dir;
+  job.barrier();  // every rank returns once the checkpoint is committed
+  return job.final_dir;
+}
+
+std::string save(const std::string& out_dir, const model::TransformerImpl& model, const optim::AdamW* optimizer,
+                 const std::string& config_yaml, const Progress& progress, const dist::Layout* layout) {
+  SaveJob job = plan(out_dir, model, optimizer, config_yaml, progress, layout, /*snapshot=*/false);
+  write(job);
+  return commit(job);
 }
 
 }  // namespace
@@ -411,6 +459,54 @@ void apply_retention(const std::string& out_dir, int keep_last, int keep_every) 
     if (keep_every > 0 && step % keep_every == 0) continue;  // a milestone
     files::remove_tree(dir);
   }
+}
+
+// ---- asynchronous saves ----------------------------------------------------------------------------
+
+AsyncSaver::AsyncSaver() = default;
+
+AsyncSaver::~AsyncSaver() {
+  if (thread_.joinable()) thread_.join();  // an abandoned save stays a temporary folder
+}
+
+void AsyncSaver::start(const std::string& out_dir, const model::TransformerImpl& model, const optim::AdamW& optimizer,
+                       const std::string& config_yaml, const Progress& progress, const dist::Layout* layout) {
+  if (job_) throw CheckpointError("internal: a checkpoint save is already in flight (finish() it first)");
+  job_ = std::make_unique<SaveJob>(plan(out_dir, model, &optimizer, config_yaml, progress, layout, /*snapshot=*/true));
+  bytes_in_flight_ = job_->bytes;
+  done_ = false;
+  error_ = nullptr;
+  thread_ = std::thread([this] {
+    try {
+      write(*job_);
+    } catch (...) {
+      error_ = std::current_exception();
+    }
+    done_ = true;
+  });
+}
+
+std::optional<std::string> AsyncSaver::poll(bool wait) {
+  if (!job_) return std::nullopt;
+  if (wait && thread_.joinable()) thread_.join();
+  // Every rank agrees: commit when all have written, fail everywhere when any failed.
+  const bool failed_here = done_ && error_;
+  const double status = (done_ ? 0.0 : 1.0) + (failed_here ? 1e6 : 0.0);
+  const double total = job_->world ? dist::all_sum(*job_->world, status) : status;
+  if (total >= 1e6) {
+    if (thread_.joinable()) thread_.join();
+    auto error = error_;
+    job_.reset();
+    bytes_in_flight_ = 0;
+    if (error) std::rethrow_exception(error);
+    throw CheckpointError("another rank failed to write its part of the checkpoint");
+  }
+  if (total > 0) return std::nullopt;  // still writing somewhere
+  if (thread_.joinable()) thread_.join();
+  auto dir = commit(*job_);
+  job_.reset();
+  bytes_in_flight_ = 0;
+  return dir;
 }
 
 }  // namespace moetrain::ckpt

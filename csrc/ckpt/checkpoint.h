@@ -12,7 +12,11 @@
 // any rank at any instant leaves `latest` naming a complete checkpoint. Any layout loads any
 // checkpoint: experts are found by global id. Format 1 (one file, stacked experts) still loads.
 #pragma once
+#include <atomic>
 #include <cstdint>
+#include <exception>
+#include <memory>
+#include <thread>
 #include <optional>
 #include <string>
 #include <vector>
@@ -58,6 +62,33 @@ std::string save_checkpoint(const std::string& out_dir, const model::Transformer
 // The same without optimizer state (moetrain convert): a resume from it starts AdamW fresh.
 std::string save_weights_checkpoint(const std::string& out_dir, const model::TransformerImpl& model,
                                     const std::string& config_yaml, const Progress& progress);
+
+struct SaveJob;
+
+// checkpoint.async: start() snapshots this rank's share to CPU memory and writes it on a background
+// thread while training goes on; poll() (collective, every rank at the same step) commits it once
+// every rank has written. One save is in flight at a time, so the extra memory is at most one CPU
+// copy of this rank's weights and AdamW moments (3x its parameter bytes in fp32). The commit is the
+// same atomic rename as a synchronous save: until then `latest` names the previous checkpoint.
+class AsyncSaver {
+ public:
+  AsyncSaver();
+  ~AsyncSaver();
+  void start(const std::string& out_dir, const model::TransformerImpl& model, const optim::AdamW& optimizer,
+             const std::string& config_yaml, const Progress& progress, const dist::Layout* layout = nullptr);
+  // Commits the save in flight if every rank has written it (or, with wait, once they have); returns
+  // the committed folder, or nullopt if nothing was committed. A write error on any rank throws on all.
+  std::optional<std::string> poll(bool wait);
+  bool in_flight() const { return job_ != nullptr; }
+  uint64_t bytes_in_flight() const { return bytes_in_flight_; }
+
+ private:
+  std::unique_ptr<SaveJob> job_;
+  std::thread thread_;
+  std::atomic<bool> done_{false};
+  std::exception_ptr error_;
+  uint64_t bytes_in_flight_ = 0;
+};
 
 // A user's path to a checkpoint: a run folder, its ckpt/ folder, or a step folder. Returns the step
 // folder, or nullopt if the path holds no checkpoint yet (no `latest`).

@@ -273,6 +273,11 @@ const std::vector<KeyDesc>& keys() {
       MOETRAIN_KEY(checkpoint.verify,
                    "Check when loading a checkpoint: full = sizes and sha256, size = sizes only.",
                    one_of({"full", "size"})),
+      MOETRAIN_KEY(checkpoint.async,
+                   "Write checkpoints on a background thread from a CPU copy while training goes on (at most one "
+                   "save in flight: 3x this rank's parameter bytes of extra host memory); committed atomically "
+                   "at a later step. The last checkpoint of a run is always written synchronously.",
+                   any()),
 
       MOETRAIN_KEY(cost.gpu,
                    "Hardware whose dense bf16 peak the live MFU is measured against (h100, h200, h800, a100, "

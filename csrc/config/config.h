@@ -129,6 +129,7 @@ struct CheckpointConfig {
   int keep_last = 0;            // 0 = keep all
   int keep_every = 0;           // also keep milestones: steps that are multiples of it; 0 = none
   std::string verify = "full";  // full (sizes and sha256) | size
+  bool async = false;           // write checkpoints on a background thread while training goes on
 };
 
 struct CostConfig {

@@ -442,6 +442,7 @@ TrainResult train(const config::Config& given, const TrainOptions& options) {
   const int64_t tokens_per_step =
       int64_t(cfg.train.micro_batch_size) * cfg.data.seq_len * cfg.train.grad_accum * comm->world_size();
   SignalScope signals;
+  ckpt::AsyncSaver saver;
   const double run_start = now_s();
   double step_time_ema = 0;
   int64_t window_tokens = 0;
@@ -512,13 +513,21 @@ TrainResult train(const config::Config& given, const TrainOptions& options) {
     } else if (do_eval) {
       log_line("step " + std::to_string(progress.step) + " | val_loss " + format_double(val_loss, 4));
     }
+    // Checkpoints: every rank writes what it owns, rank 0 commits. With checkpoint.async the files
+    // are written in the background and committed at a later step; the last save is synchronous.
+    auto committed = [&](const std::string& dir) {
+      result.last_checkpoint = dir;
+      if (comm->rank() == 0) ckpt::apply_retention(cfg.run.out_dir, cfg.checkpoint.keep_last, cfg.checkpoint.keep_every);
+    };
+    if (saver.in_flight())
+      if (auto dir = saver.poll(/*wait=*/do_save)) committed(*dir);
     if (do_save) {
-      // Every rank writes what it owns; rank 0 commits.
       progress.gpu_hours = gpu_hours_at(progress.elapsed_s);
       progress.cost_usd = progress.gpu_hours * cfg.cost.price_per_gpu_hour;
-      result.last_checkpoint =
-          ckpt::save_checkpoint(cfg.run.out_dir, *model, optimizer, config_yaml, progress, layout.get());
-      if (comm->rank() == 0) ckpt::apply_retention(cfg.run.out_dir, cfg.checkpoint.keep_last, cfg.checkpoint.keep_every);
+      if (cfg.checkpoint.async && !last && !stop)
+        saver.start(cfg.run.out_dir, *model, optimizer, config_yaml, progress, layout.get());
+      else
+        committed(ckpt::save_checkpoint(cfg.run.out_dir, *model, optimizer, config_yaml, progress, layout.get()));
     }
     if (stop) {
       const std::string why = g_stop_signal == SIGTERM ? "SIGTERM" : g_stop_signal == SIGINT ? "SIGINT" : "a stop signal on another rank";

@@ -497,9 +497,12 @@ CATCH_TEST_CASE("SIGTERM to one rank of two: both finish the step, save, exit 0;
 
 CATCH_TEST_CASE("kill -9 at any moment of a run that saves every step: latest always loads and training goes on",
                 "[ckpt]") {
+  const bool async = GENERATE(false, true);
+  CATCH_INFO("checkpoint.async = " << async);
   testing::TempDir dir("ckpt-kill");
   const auto data_dir = testing::make_corpus(dir);
   auto cfg = equivalence_config(data_dir, dir.str("run"));
+  cfg.checkpoint.async = async;
   cfg.train.steps = 60;
   cfg.optim.decay_steps = 60;
   cfg.checkpoint.every = 1;
