@@ -511,12 +511,20 @@ void load_weights(const std::string& dir, Family family, model::TransformerImpl&
   auto buffers = model.named_buffers();
   const bool interleaved = family == Family::DeepseekV3 && read_rope_interleave(dir);
   std::set<std::string> used, written;
+  // Under expert parallelism this rank holds experts [first, first + count) and reads only those.
+  const int64_t first = model.expert_offset(), count = model.local_experts();
   for (const auto& entry : map) {
     if (!params.contains(entry.ours) && !buffers.contains(entry.ours))
       throw HfError("the model has no parameter '" + entry.ours + "' for HF tensor '" + entry.hf + "' (family " +
                     family_name(family) + ")");
     torch::Tensor target = params.contains(entry.ours) ? params[entry.ours] : buffers[entry.ours];
-    if (entry.expert >= 0) target = target.select(0, entry.expert);
+    if (entry.expert >= 0) {
+      if (entry.expert < first || entry.expert >= first + count) {  // another rank's expert
+        used.insert(entry.hf);
+        continue;
+      }
+      target = target.select(0, entry.expert - first);
+    }
     const auto it = index.file_of.find(entry.hf);
     if (it == index.file_of.end())
       throw HfError(index.source + ": tensor '" + entry.hf + "' is missing (expected shape " +

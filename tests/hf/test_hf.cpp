@@ -5,6 +5,7 @@
 #include <catch2/catch.hpp>
 
 #include <cstdio>
+#include <fstream>
 #include <nlohmann/json.hpp>
 
 #include "../test_util.h"
@@ -306,4 +307,54 @@ CATCH_TEST_CASE("hf: fine-tuning from an imported model lowers the loss, and the
   const auto diff = max_abs_diff(load_tensor(dir.str("logits.safetensors"), "logits"),
                                  our_logits(*loaded.model, load_tensor(ref, "tokens")));
   CATCH_CHECK(diff < kTolerance);
+}
+
+CATCH_TEST_CASE("hf: fine-tuning at (world 2, ep 2) imports each rank's own experts and follows one process", "[hf][dist]") {
+  testing::TempDir dir("hf-finetune-ep");
+  const std::string hf_dir = dir.str("hf");
+  reference("make qwen2_moe " + hf_dir);
+  std::vector<int64_t> tokens;
+  for (int i = 0; i < 4000; ++i) tokens.push_back((i % 24) * 3 + 1);
+  files::make_directories(dir.str("data"));
+  data::write_shard(dir.str("data/train.bin"), tokens, 96);
+  data::write_shard(dir.str("data/val.bin"), std::vector<int64_t>(tokens.begin(), tokens.begin() + 400), 96);
+
+  config::Config cfg;
+  cfg.model.init_from = "hf:" + hf_dir;
+  cfg.data.dir = dir.str("data");
+  cfg.data.seq_len = 32;
+  cfg.run.threads = 1;
+  cfg.train.steps = 6;
+  cfg.train.global_batch_size = 4;
+  cfg.train.log_every = 1;
+  cfg.train.eval_every = 0;
+  cfg.train.eval_batches = 1;
+  cfg.optim.warmup_steps = 2;
+  cfg.optim.lr = 3e-3;
+  cfg.parallel.timeout_s = 60;
+  auto run = [&](int world) {
+    auto c = cfg;
+    c.run.out_dir = dir.str("w" + std::to_string(world));
+    c.parallel.expert_parallel = world;
+    files::make_directories(c.run.out_dir);
+    const std::string yaml = files::join(c.run.out_dir, "input.yaml");
+    files::write_file_atomic(yaml, config::to_yaml(c));
+    const std::string train = std::string(MOETRAIN_BINARY) + " train --config " + yaml;
+    auto r = testing::run_command("OMP_NUM_THREADS=1 timeout 300 " +
+                                  (world == 1 ? train : std::string(MOETRAIN_SOURCE_DIR) + "/scripts/launch.sh --nproc " +
+                                                            std::to_string(world) + " -- " + train));
+    CATCH_INFO(r.output);
+    CATCH_REQUIRE(r.exit_code == 0);
+    std::vector<double> losses;
+    std::ifstream metrics(files::join(c.run.out_dir, "metrics.jsonl"));
+    for (std::string line; std::getline(metrics, line);) losses.push_back(nlohmann::json::parse(line)["loss"].get<double>());
+    return losses;
+  };
+  const auto one = run(1), two = run(2);
+  CATCH_REQUIRE(one.size() == 6);
+  CATCH_REQUIRE(two.size() == 6);
+  for (size_t i = 0; i < one.size(); ++i) {
+    CATCH_INFO("step " << i + 1 << ": " << two[i] << " vs " << one[i]);
+    CATCH_CHECK(std::abs(two[i] - one[i]) <= 1e-5 * std::abs(one[i]));
+  }
 }
