@@ -43,6 +43,23 @@ status=0
 train_bf16=$(run bf16 bf16) || status=1
 train_fp32=$(run fp32 fp32) || status=1
 train_ds=$(run deepseek-bf16 bf16 configs/tiny-deepseek.yaml) || status=1
+# The NCCL backend at world size 1 (two ranks cannot share one GPU), through the launcher.
+scripts/launch.sh --nproc 1 -- build-gpu/moetrain train --config configs/tiny.yaml --set run.device=cuda \
+  --set run.dtype=bf16 --set parallel.backend=nccl --set train.steps=50 --set optim.decay_steps=50 \
+  --set train.log_every=10 --set train.eval_every=50 --set checkpoint.every=25 --set run.out_dir=runs/gpu-nccl \
+  > "$out/train-nccl.log" 2>&1 && train_nccl=$(grep "done:" "$out/train-nccl.log" | tail -1) || { status=1; train_nccl="FAIL (see train-nccl.log)"; }
+# A DeepSeek-V3-shaped stack (full widths, MLA, top-8 of experts of hidden 2048; 1 dense + 1 MoE layer
+# with 32 routed experts so that fp32 weights and AdamW fit one GPU): measured tokens/s and MFU.
+build-gpu/moetrain bench-step --config configs/deepseek-v3-671b.yaml --set run.device=cuda --set run.dtype=bf16 \
+  --set cost.gpu=h200 --set model.n_layers=2 --set model.dense_layers=1 --set model.moe.n_experts=32 \
+  --set model.mtp_depth=0 --set train.global_batch_size=1 --warmup 2 --steps 5 --json > "$out/bench-deepseek.json" \
+  2> "$out/bench-deepseek.log" || status=1
+bench_ds=$(python3 - "$out/bench-deepseek.json" <<'PY' 2>/dev/null || echo "FAIL (see bench-deepseek.log)"
+import json, sys
+j = json.load(open(sys.argv[1]))
+print("%.0f tok/s, MFU %.3f, step %.0f ms" % (j["tokens_per_s"], j["mfu"], 1e3 * j["step_s_mean"]))
+PY
+)
 grep -q "100% tests passed" "$out/ctest.log" || status=1
 cp runs/gpu-bf16/metrics.jsonl "$out/metrics-bf16.jsonl" 2>/dev/null || true
 
@@ -54,6 +71,8 @@ printf '%-22s %s\n' "[gpu] cases" "${gpu_line:-see gpu-tests.txt}"
 printf '%-22s %s\n' "train 50 steps bf16" "$train_bf16"
 printf '%-22s %s\n' "train 50 steps fp32" "$train_fp32"
 printf '%-22s %s\n' "tiny-deepseek bf16" "$train_ds"
+printf '%-22s %s\n' "nccl world 1 bf16" "$train_nccl"
+printf '%-22s %s\n' "bench DeepSeek-V3 2L" "$bench_ds"
 grep -A30 "tests failed out of" "$out/ctest.log" | grep -E "^\s+[0-9]+ - " | head -10
 echo "status: $([ $status = 0 ] && echo PASS || echo FAIL)"
 exit $status
