@@ -15,6 +15,7 @@
 #include <random>
 #include "common/errors.h"
 #include "common/files.h"
+#include "common/log.h"
 #include "dist/communicator.h"
 #include "../train/train_fixture.h"
 
@@ -598,4 +599,64 @@ CATCH_TEST_CASE("NCCL backend at world size 1: every collective on CUDA tensors"
   CATCH_CHECK(layout.ep->world_size() == 1);
   CATCH_CHECK(dist::all_sum(*world, 2.5) == 2.5);
   CATCH_CHECK(dist::all_gather_strings(*world, "abc") == std::vector<std::string>{"abc"});
+}
+
+CATCH_TEST_CASE("moetrain inspect: manifest, tensors, counts; exit 1 naming a damaged file", "[ckpt][cli]") {
+  testing::TempDir dir("ckpt-inspect");
+  const auto data_dir = testing::make_corpus(dir);
+  auto cfg = equivalence_config(data_dir, dir.str("run"));
+  cfg.train.steps = 2;
+  const auto run = train_at(cfg, 2, 2);
+  CATCH_REQUIRE(run.exit_code == 0);
+  const std::string inspect = std::string(MOETRAIN_BINARY) + " inspect " + dir.str("run");
+  auto ok = testing::run_command(inspect);
+  CATCH_INFO(ok.output);
+  CATCH_CHECK(ok.exit_code == 0);
+  CATCH_CHECK_THAT(ok.output, Contains("step        2") && Contains("layout      world 2, expert parallel 2") &&
+                                  Contains("experts-00001-of-00002.safetensors") &&
+                                  Contains("layers.0.moe.experts.w1[7]") && Contains("every file matches"));
+  // The parameter count is the model's, whatever the layout that wrote it.
+  model::Transformer whole(cfg.model);
+  CATCH_CHECK_THAT(ok.output, Contains("parameters  " + format_count(double(whole->param_counts().total))));
+
+  const std::string victim = dir.str("run/ckpt/step_00000002/experts-00001-of-00002.safetensors");
+  auto bytes = files::read_file(victim);
+  bytes[bytes.size() - 3] ^= 0x40;
+  testing::write_bytes(victim, bytes);
+  auto bad = testing::run_command(inspect + " --quiet");
+  CATCH_CHECK(bad.exit_code == 1);
+  CATCH_CHECK_THAT(bad.output, Contains("MISMATCH") && Contains("experts-00001-of-00002.safetensors") && Contains("sha256"));
+  // Sizes only: the flipped byte passes, a truncation does not.
+  CATCH_CHECK(testing::run_command(inspect + " --quiet --verify size").exit_code == 0);
+  testing::write_bytes(victim, bytes.substr(0, bytes.size() - 10));
+  auto cut = testing::run_command(inspect + " --quiet --verify size");
+  CATCH_CHECK(cut.exit_code == 1);
+  CATCH_CHECK_THAT(cut.output, Contains("truncated"));
+  // Resuming from it is refused, naming the file.
+  auto resume = testing::run_command(std::string(MOETRAIN_BINARY) + " train --config " + dir.str("run/input.yaml") +
+                                     " --set parallel.expert_parallel=1 --resume auto");
+  CATCH_CHECK(resume.exit_code == 1);
+  CATCH_CHECK_THAT(resume.output, Contains("experts-00001-of-00002.safetensors"));
+}
+
+CATCH_TEST_CASE("A second SIGTERM ends the run at once and leaves the last complete checkpoint loadable", "[ckpt]") {
+  testing::TempDir dir("ckpt-second-signal");
+  const auto data_dir = testing::make_corpus(dir);
+  auto cfg = equivalence_config(data_dir, dir.str("run"));
+  cfg.train.steps = 100000;
+  cfg.checkpoint.every = 1;
+  cfg.checkpoint.keep_last = 2;
+  cfg.train.micro_batch_size = 4;
+  files::make_directories(cfg.run.out_dir);
+  files::write_file_atomic(dir.str("input.yaml"), config::to_yaml(cfg));
+  const std::string train = std::string(MOETRAIN_BINARY) + " train --config " + dir.str("input.yaml");
+  auto r = testing::run_command("( OMP_NUM_THREADS=1 " + train + " > " + dir.str("log") +
+                                " 2>&1 & pid=$!; while [ ! -s " + dir.str("run/metrics.jsonl") +
+                                " ]; do sleep 0.05; done; sleep 0.5; kill -TERM $pid; sleep 0.01; kill -TERM $pid; wait $pid;"
+                                " echo exit=$? )");
+  CATCH_INFO(r.output << files::read_file(dir.str("log")));
+  CATCH_CHECK_THAT(r.output, Contains("exit=143") || Contains("exit=0"));  // at once, or the step had just ended
+  auto check = testing::run_command(std::string(MOETRAIN_BINARY) + " inspect " + dir.str("run") + " --quiet");
+  CATCH_INFO(check.output);
+  CATCH_CHECK(check.exit_code == 0);
 }
