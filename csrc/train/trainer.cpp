@@ -208,13 +208,16 @@ class Parallel {
     return t.to(torch::kCPU).item<double>() / world_size();
   }
 
-  // The step's expert load summed over the ranks, so telemetry is global and every rank moves its
-  // routers' balancing biases alike.
-  void sum_load(std::vector<torch::Tensor>& load_LE) {
+  // The step's expert load and drops summed over the ranks, so telemetry is global and every rank
+  // moves its routers' balancing biases alike.
+  void sum_load(std::vector<torch::Tensor>& load_LE, std::vector<torch::Tensor>& dropped_L) {
     if (world_size() == 1 || load_LE.empty()) return;
-    auto all = torch::stack(load_LE);
+    auto all = torch::cat({torch::stack(load_LE), torch::stack(dropped_L).unsqueeze(1)}, 1);  // (L, E + 1)
     layout_->world->all_reduce_sum(all);
-    for (size_t l = 0; l < load_LE.size(); ++l) load_LE[l] = all[int64_t(l)];
+    for (size_t l = 0; l < load_LE.size(); ++l) {
+      load_LE[l] = all[int64_t(l)].narrow(0, 0, load_LE[l].size(0));
+      dropped_L[l] = all[int64_t(l)][load_LE[l].size(0)];
+    }
   }
 
   // Whether any rank was asked to stop (SIGTERM/SIGINT), so that all stop after the same step.
@@ -283,7 +286,7 @@ StepOutcome train_step(model::TransformerImpl& model, optim::AdamW& optimizer, P
   parallel.average_gradients();
   outcome.grad_norm = parallel.clip(cfg.optim.grad_clip);
   optimizer.step(lr);
-  parallel.sum_load(outcome.telemetry.load_LE);
+  parallel.sum_load(outcome.telemetry.load_LE, outcome.telemetry.dropped_L);
   model.update_router_bias(outcome.telemetry.load_LE);
   outcome.loss = parallel.mean_over_ranks(loss_sum / cfg.train.grad_accum);
   return outcome;

@@ -660,3 +660,20 @@ CATCH_TEST_CASE("A second SIGTERM ends the run at once and leaves the last compl
   CATCH_INFO(check.output);
   CATCH_CHECK(check.exit_code == 0);
 }
+
+CATCH_TEST_CASE("Expert parallel with a capacity factor: drops are per rank, training runs and learns", "[dist][train]") {
+  testing::TempDir dir("dist-capacity");
+  const auto data_dir = testing::make_corpus(dir);
+  auto cfg = equivalence_config(data_dir, dir.str("w2ep2"));
+  cfg.model.moe.capacity_factor = 1.0;
+  const auto run = train_at(cfg, 2, 2);
+  CATCH_INFO(run.output.substr(run.output.size() > 2000 ? run.output.size() - 2000 : 0));
+  CATCH_REQUIRE(run.exit_code == 0);
+  CATCH_REQUIRE(run.losses.size() == 20);
+  CATCH_CHECK(run.losses.back() < run.losses.front() - 0.3);
+  // Drops happen and are reported: capacity 1.0 cannot hold an imbalanced load.
+  std::ifstream metrics(files::join(run.run_dir, "metrics.jsonl"));
+  double dropped = 0;
+  for (std::string line; std::getline(metrics, line);) dropped += nlohmann::json::parse(line)["drop_fraction"].get<double>();
+  CATCH_CHECK(dropped > 0);
+}
