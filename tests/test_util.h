@@ -45,6 +45,13 @@ inline config::ModelConfig tiny_model_config() {
   return m;
 }
 
+// Writes `cfg` as YAML to `path` for `moetrain train --config` and creates its run folder; returns path.
+inline std::string write_config(const config::Config& cfg, const std::string& path) {
+  files::make_directories(cfg.run.out_dir);
+  files::write_file_atomic(path, config::to_yaml(cfg));
+  return path;
+}
+
 // Writes raw bytes to a file (replacing it): for building damaged inputs in tests.
 inline void write_bytes(const std::string& path, const std::string& bytes) {
   FILE* f = std::fopen(path.c_str(), "wb");

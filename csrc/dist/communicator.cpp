@@ -114,7 +114,7 @@ class StoreCommunicator final : public Communicator {
   int world_rank_of(int r) const override { return world_ranks_.at(size_t(r)); }
 
   void all_reduce_sum(torch::Tensor& t) override {
-    const auto round = begin("all_reduce", t);
+    const auto round = begin("all_reduce");
     put(round + std::to_string(rank_), to_bytes(t));
     torch::Tensor sum;
     for (int r = 0; r < world_size(); ++r) {
@@ -126,7 +126,7 @@ class StoreCommunicator final : public Communicator {
 
   void broadcast(torch::Tensor& t, int root) override {
     TORCH_CHECK(root >= 0 && root < world_size(), "[dist] broadcast root ", root, " outside ", name_);
-    const auto round = begin("broadcast", t);
+    const auto round = begin("broadcast");
     if (rank_ == root)
       put(round + "b", to_bytes(t));
     else
@@ -134,7 +134,7 @@ class StoreCommunicator final : public Communicator {
   }
 
   torch::Tensor all_gather(const torch::Tensor& t) override {
-    const auto round = begin("all_gather", t);
+    const auto round = begin("all_gather");
     put(round + std::to_string(rank_), to_bytes(t));
     std::vector<torch::Tensor> parts;
     for (int r = 0; r < world_size(); ++r)
@@ -151,7 +151,7 @@ class StoreCommunicator final : public Communicator {
     for (int r = 0; r < W; ++r) total_send += send_rows[r], total_recv += recv_rows[r];
     TORCH_CHECK(total_send == in.size(0), "[dist] all_to_all on ", name_, ": send splits sum to ", total_send,
                 " rows, the input has ", in.size(0));
-    const auto round = begin("all_to_all", in);
+    const auto round = begin("all_to_all");
     auto rows = in.detach().to(torch::kCPU).contiguous();
     int64_t start = 0;
     for (int r = 0; r < W; ++r) {
@@ -183,27 +183,21 @@ class StoreCommunicator final : public Communicator {
   }
 
   void barrier() override {
-    const auto round = begin("barrier", torch::Tensor());
+    const auto round = begin("barrier");
     put(round + std::to_string(rank_), {});
     for (int r = 0; r < world_size(); ++r)
       if (r != rank_) take_bytes(round + std::to_string(r), world_size() - 1, r);
   }
 
   std::unique_ptr<Communicator> split(int color, const std::string& label) override {
-    auto colors = all_gather(torch::tensor({int64_t(color)}));
-    std::vector<int> members;
-    int new_rank = -1;
-    for (int r = 0; r < world_size(); ++r) {
-      if (colors[r].item<int64_t>() != color) continue;
-      if (r == rank_) new_rank = int(members.size());
-      members.push_back(world_ranks_[size_t(r)]);
-    }
+    auto members = members_with_color(*this, color);
     const std::string prefix = prefix_ + "split" + std::to_string(round_) + "." + std::to_string(color) + "/";
-    return std::make_unique<StoreCommunicator>(shared_, prefix, label, new_rank, members);
+    return std::make_unique<StoreCommunicator>(shared_, prefix, label, members.rank, members.world_ranks);
   }
 
  private:
-  std::string begin(const char* op, const torch::Tensor& t) {
+  // Starts the next numbered round of this group: its key prefix.
+  std::string begin(const char* op) {
     op_ = op;
     return prefix_ + std::to_string(round_++) + "/";
   }
@@ -349,6 +343,17 @@ double all_sum(Communicator& group, double value) {
   auto t = torch::tensor({value}, torch::kDouble).to(device_of(group));
   group.all_reduce_sum(t);
   return t.to(torch::kCPU).item<double>();
+}
+
+Members members_with_color(Communicator& group, int color) {
+  auto colors = group.all_gather(torch::tensor({int64_t(color)}).to(device_of(group))).to(torch::kCPU);
+  Members members;
+  for (int r = 0; r < group.world_size(); ++r) {
+    if (colors[r].item<int64_t>() != color) continue;
+    if (r == group.rank()) members.rank = int(members.world_ranks.size());
+    members.world_ranks.push_back(group.world_rank_of(r));
+  }
+  return members;
 }
 
 std::vector<std::string> all_gather_strings(Communicator& group, const std::string& value) {

@@ -89,5 +89,12 @@ std::unique_ptr<Communicator> make_single();
 double all_sum(Communicator& group, double value);
 // Every rank's string, in rank order.
 std::vector<std::string> all_gather_strings(Communicator& group, const std::string& value);
+// For a backend's split(): the ranks of `group` that pass `color` (collective), as world ranks in
+// order, and this rank's place among them (-1 if its color differs).
+struct Members {
+  int rank = -1;
+  std::vector<int> world_ranks;
+};
+Members members_with_color(Communicator& group, int color);
 
 }  // namespace moetrain::dist

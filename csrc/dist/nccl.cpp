@@ -109,18 +109,10 @@ class NcclCommunicator final : public Communicator {
   }
 
   std::unique_ptr<Communicator> split(int color, const std::string& label) override {
-    auto colors = all_gather(torch::tensor({int64_t(color)}).to(torch::Device(torch::kCUDA, c10::cuda::current_device())))
-                      .to(torch::kCPU);
-    std::vector<int> members;
-    int new_rank = -1;
-    for (int r = 0; r < world_size(); ++r) {
-      if (colors[r].item<int64_t>() != color) continue;
-      if (r == rank_) new_rank = int(members.size());
-      members.push_back(world_ranks_[size_t(r)]);
-    }
+    auto members = members_with_color(*this, color);
     ncclComm_t sub = nullptr;
     call("split", ncclCommSplit(comm_, color, rank_, &sub, nullptr));
-    return std::make_unique<NcclCommunicator>(sub, label, new_rank, members, timeout_s_);
+    return std::make_unique<NcclCommunicator>(sub, label, members.rank, members.world_ranks, timeout_s_);
   }
 
  private:

@@ -200,13 +200,7 @@ class Parallel {
     return optim::clip_grad_norm(params_, max_norm, sharded_, [this](torch::Tensor& t) { layout_->ep->all_reduce_sum(t); });
   }
 
-  double mean_over_ranks(double v) {
-    if (world_size() == 1) return v;
-    auto t = torch::tensor({v}, torch::kDouble);
-    if (layout_->world->backend() == "nccl") t = t.to(torch::kCUDA);
-    layout_->world->all_reduce_sum(t);
-    return t.to(torch::kCPU).item<double>() / world_size();
-  }
+  double mean_over_ranks(double v) { return dist::all_sum(*layout_->world, v) / world_size(); }
 
   // The step's expert load and drops summed over the ranks, so telemetry is global and every rank
   // moves its routers' balancing biases alike.
@@ -221,10 +215,7 @@ class Parallel {
   }
 
   // Whether any rank was asked to stop (SIGTERM/SIGINT), so that all stop after the same step.
-  bool any(bool flag) {
-    if (world_size() == 1) return flag;
-    return mean_over_ranks(flag ? 1.0 : 0.0) > 0;
-  }
+  bool any(bool flag) { return dist::all_sum(*layout_->world, flag ? 1.0 : 0.0) > 0; }
 
  private:
   static constexpr int64_t kBucketBytes = 32 << 20;
@@ -329,14 +320,8 @@ double evaluate(const model::TransformerImpl& model, const data::Shard& shard, i
                                        at::Reduction::Mean, /*ignore_index=*/data::kIgnoreTarget)
                  .item<double>();
   }
-  double mean = total / n_batches;
-  if (W > 1) {
-    auto t = torch::tensor({mean}, torch::kDouble);
-    if (world->backend() == "nccl") t = t.to(torch::kCUDA);
-    world->all_reduce_sum(t);
-    mean = t.to(torch::kCPU).item<double>() / W;
-  }
-  return mean;
+  const double mean = total / n_batches;
+  return world ? dist::all_sum(*world, mean) / W : mean;
 }
 
 namespace {
@@ -360,18 +345,57 @@ config::Config with_world_batch(config::Config cfg, int world_size) {
   return cfg;
 }
 
+// What train and bench-step both set up first: this process's place in the job, the config resolved
+// for the world size, the device and the compute dtype.
+struct Process {
+  explicit Process(const config::Config& given)
+      : layout(std::make_shared<const dist::Layout>(dist::make_layout(
+            dist::make_communicator(given.parallel, given.run.device), given.parallel.expert_parallel))),
+        cfg(with_world_batch(given, layout->world->world_size())) {
+    set_log_rank(layout->world->rank());
+    configure_threads(cfg.run);
+    device = resolve_device(cfg.run);
+    compute_dtype = resolve_compute_dtype(cfg.run);
+  }
+  std::shared_ptr<const dist::Layout> layout;
+  config::Config cfg;
+  torch::Device device{torch::kCPU};
+  model::ComputeDtype compute_dtype;
+};
+
+// Then the model this rank holds (seeded by global names, placed), its optimizer and the gradient
+// bookkeeping across ranks.
+struct Trainable {
+  explicit Trainable(const Process& p)
+      : model(build(p)), optimizer(named_parameters(*model), p.cfg.optim, model::is_no_decay), parallel(p.layout, *model) {}
+  model::Transformer model;
+  optim::AdamW optimizer;
+  Parallel parallel;
+
+ private:
+  static model::Transformer build(const Process& p) {
+    model::Transformer m(p.cfg.model, p.layout);
+    m->init_weights(p.cfg.run.seed);
+    m->place(p.device, p.compute_dtype);
+    return m;
+  }
+  static std::vector<std::pair<std::string, torch::Tensor>> named_parameters(const model::TransformerImpl& m) {
+    std::vector<std::pair<std::string, torch::Tensor>> named;
+    for (const auto& p : m.named_parameters()) named.emplace_back(p.key(), p.value());
+    return named;
+  }
+};
+
 }  // namespace
 
 TrainResult train(const config::Config& given, const TrainOptions& options) {
   // ---- set-up ------------------------------------------------------------------------------------
-  auto layout = std::make_shared<const dist::Layout>(
-      dist::make_layout(dist::make_communicator(given.parallel, given.run.device), given.parallel.expert_parallel));
+  const Process process(given);
+  const auto& layout = process.layout;
   const auto& comm = layout->world;
-  const config::Config cfg = with_world_batch(given, comm->world_size());
-  set_log_rank(comm->rank());
-  configure_threads(cfg.run);
-  const torch::Device device = resolve_device(cfg.run);
-  const auto compute_dtype = resolve_compute_dtype(cfg.run);
+  const config::Config& cfg = process.cfg;
+  const torch::Device device = process.device;
+  const auto compute_dtype = process.compute_dtype;
   const std::string& out_dir = cfg.run.out_dir;
   const std::string config_yaml = config::to_yaml(cfg);
 
@@ -383,13 +407,10 @@ TrainResult train(const config::Config& given, const TrainOptions& options) {
   data::Sampler sampler(train_shard, {cfg.run.seed, cfg.data.seq_len, cfg.train.micro_batch_size,
                                       cfg.train.grad_accum, comm->rank(), comm->world_size()});
 
-  model::Transformer model(cfg.model, layout);
-  model->init_weights(cfg.run.seed);
-  model->place(device, compute_dtype);
-  std::vector<std::pair<std::string, torch::Tensor>> named_params;
-  for (const auto& p : model->named_parameters()) named_params.emplace_back(p.key(), p.value());
-  optim::AdamW optimizer(named_params, cfg.optim, model::is_no_decay);
-  Parallel parallel(layout, *model);
+  Trainable trainable(process);
+  auto& model = trainable.model;
+  auto& optimizer = trainable.optimizer;
+  auto& parallel = trainable.parallel;
 
   ckpt::Progress progress;
   TrainResult result;
@@ -556,22 +577,16 @@ BenchResult bench_steps(const config::Config& given, int warmup_steps, int steps
   if (warmup_steps < 0 || steps < 1)
     throw UsageError("bench-step needs --warmup >= 0 and --steps >= 1 (got " + std::to_string(warmup_steps) + ", " +
                      std::to_string(steps) + ")");
-  auto layout = std::make_shared<const dist::Layout>(
-      dist::make_layout(dist::make_communicator(given.parallel, given.run.device), given.parallel.expert_parallel));
+  const Process process(given);
+  const auto& layout = process.layout;
   const auto& comm = layout->world;
-  const config::Config cfg = with_world_batch(given, comm->world_size());
-  set_log_rank(comm->rank());
-  configure_threads(cfg.run);
-  const torch::Device device = resolve_device(cfg.run);
-  const auto compute_dtype = resolve_compute_dtype(cfg.run);
-
-  model::Transformer model(cfg.model, layout);
-  model->init_weights(cfg.run.seed);
-  model->place(device, compute_dtype);
-  std::vector<std::pair<std::string, torch::Tensor>> named_params;
-  for (const auto& p : model->named_parameters()) named_params.emplace_back(p.key(), p.value());
-  optim::AdamW optimizer(named_params, cfg.optim, model::is_no_decay);
-  Parallel parallel(layout, *model);
+  const config::Config& cfg = process.cfg;
+  const torch::Device device = process.device;
+  const auto compute_dtype = process.compute_dtype;
+  Trainable trainable(process);
+  auto& model = trainable.model;
+  auto& optimizer = trainable.optimizer;
+  auto& parallel = trainable.parallel;
 
   // Synthetic tokens, uniform over the vocabulary and a pure function of (seed, step, micro, rank).
   const int B = cfg.train.micro_batch_size, S = cfg.data.seq_len;

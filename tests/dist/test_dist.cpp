@@ -199,9 +199,7 @@ Run train_at(config::Config cfg, int world, int ep, const std::string& extra = "
   cfg.train.micro_batch_size = 4 / world;
   cfg.parallel.expert_parallel = ep;
   cfg.parallel.timeout_s = 60;
-  files::make_directories(cfg.run.out_dir);
-  const std::string yaml = files::join(cfg.run.out_dir, "input.yaml");
-  files::write_file_atomic(yaml, config::to_yaml(cfg));
+  const std::string yaml = testing::write_config(cfg, files::join(cfg.run.out_dir, "input.yaml"));
   const std::string train = std::string(MOETRAIN_BINARY) + " train --config " + yaml + extra;
   Run run;
   auto r = testing::run_command("OMP_NUM_THREADS=1 " + (world == 1 ? "timeout 300 " + train : launch(world, train)));
@@ -305,8 +303,7 @@ CATCH_TEST_CASE("A rank killed mid-run: the launcher stops the job, exits non-ze
   cfg.parallel.timeout_s = 5;
   cfg.train.micro_batch_size = 2;
   cfg.parallel.expert_parallel = 2;
-  files::make_directories(cfg.run.out_dir);
-  files::write_file_atomic(dir.str("input.yaml"), config::to_yaml(cfg));
+  testing::write_config(cfg, dir.str("input.yaml"));
   // Rank 1 is killed with SIGKILL two seconds in; --grace 60 leaves rank 0 to notice by itself.
   const std::string command = "bash -c 'if [ $RANK = 1 ]; then (sleep 2; kill -9 $$) & fi; exec " +
                               std::string(MOETRAIN_BINARY) + " train --config " + dir.str("input.yaml") + "'";
@@ -454,8 +451,7 @@ CATCH_TEST_CASE("SIGTERM to one rank of two: both finish the step, save, exit 0;
   cfg.train.micro_batch_size = 2;
   cfg.parallel.expert_parallel = 2;
   cfg.parallel.timeout_s = 60;
-  files::make_directories(cfg.run.out_dir);
-  files::write_file_atomic(dir.str("input.yaml"), config::to_yaml(cfg));
+  testing::write_config(cfg, dir.str("input.yaml"));
   // Each rank leaves its pid; rank 1 gets SIGTERM a moment into training.
   auto rank_command = [&](const std::string& extra) {
     return "bash -c 'echo $$ > " + dir.str("pid.") + "$RANK; exec " + std::string(MOETRAIN_BINARY) + " train --config " +
@@ -482,8 +478,7 @@ CATCH_TEST_CASE("SIGTERM to one rank of two: both finish the step, save, exit 0;
   auto straight_cfg = cfg;
   straight_cfg.run.out_dir = dir.str("straight");
   straight_cfg.train.steps = int(until);
-  files::make_directories(straight_cfg.run.out_dir);
-  files::write_file_atomic(dir.str("straight.yaml"), config::to_yaml(straight_cfg));
+  testing::write_config(straight_cfg, dir.str("straight.yaml"));
   auto straight = testing::run_command("OMP_NUM_THREADS=1 " + launch(2, std::string(MOETRAIN_BINARY) + " train --config " +
                                                                         dir.str("straight.yaml")));
   CATCH_REQUIRE(straight.exit_code == 0);
@@ -509,8 +504,7 @@ CATCH_TEST_CASE("kill -9 at any moment of a run that saves every step: latest al
   cfg.checkpoint.every = 1;
   cfg.checkpoint.keep_last = 2;
   cfg.train.micro_batch_size = 4;
-  files::make_directories(cfg.run.out_dir);
-  files::write_file_atomic(dir.str("input.yaml"), config::to_yaml(cfg));
+  testing::write_config(cfg, dir.str("input.yaml"));
   const std::string train = std::string(MOETRAIN_BINARY) + " train --config " + dir.str("input.yaml") + " --resume auto";
   const std::string inspect = std::string(MOETRAIN_BINARY) + " inspect " + dir.str("run") + " --quiet";
 
@@ -518,7 +512,7 @@ CATCH_TEST_CASE("kill -9 at any moment of a run that saves every step: latest al
   auto straight_cfg = cfg;
   straight_cfg.run.out_dir = dir.str("straight");
   straight_cfg.checkpoint.every = 0;
-  files::write_file_atomic(dir.str("straight.yaml"), config::to_yaml(straight_cfg));
+  testing::write_config(straight_cfg, dir.str("straight.yaml"));
   CATCH_REQUIRE(testing::run_command("OMP_NUM_THREADS=1 " + std::string(MOETRAIN_BINARY) + " train --config " +
                                      dir.str("straight.yaml")).exit_code == 0);
 
@@ -563,8 +557,7 @@ CATCH_TEST_CASE("Retention keeps keep_last, the milestones of keep_every, and wh
   cfg.checkpoint.keep_last = 2;
   cfg.checkpoint.keep_every = 3;
   cfg.train.micro_batch_size = 4;
-  files::make_directories(cfg.run.out_dir);
-  files::write_file_atomic(dir.str("input.yaml"), config::to_yaml(cfg));
+  testing::write_config(cfg, dir.str("input.yaml"));
   CATCH_REQUIRE(testing::run_command("OMP_NUM_THREADS=1 " + std::string(MOETRAIN_BINARY) + " train --config " +
                                      dir.str("input.yaml")).exit_code == 0);
   std::vector<std::string> kept;
@@ -647,8 +640,7 @@ CATCH_TEST_CASE("A second SIGTERM ends the run at once and leaves the last compl
   cfg.checkpoint.every = 1;
   cfg.checkpoint.keep_last = 2;
   cfg.train.micro_batch_size = 4;
-  files::make_directories(cfg.run.out_dir);
-  files::write_file_atomic(dir.str("input.yaml"), config::to_yaml(cfg));
+  testing::write_config(cfg, dir.str("input.yaml"));
   const std::string train = std::string(MOETRAIN_BINARY) + " train --config " + dir.str("input.yaml");
   auto r = testing::run_command("( OMP_NUM_THREADS=1 " + train + " > " + dir.str("log") +
                                 " 2>&1 & pid=$!; while [ ! -s " + dir.str("run/metrics.jsonl") +

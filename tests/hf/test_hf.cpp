@@ -265,31 +265,40 @@ CATCH_TEST_CASE("hf: convert to our checkpoint and back, generate and eval throu
   CATCH_CHECK(j["loss"].get<double>() < 5.0);
 }
 
-CATCH_TEST_CASE("hf: fine-tuning from an imported model lowers the loss, and the result exports", "[hf]") {
-  hf::install_init_from();
-  testing::TempDir dir("hf-finetune");
-  const std::string hf_dir = dir.str("hf");
-  reference("make qwen2_moe " + hf_dir);  // the family with the most features
-  // A learnable sequence: a repeating pattern of 24 tokens.
+namespace {
+
+// A tiny Qwen2-MoE (the family with the most features) in hf_dir, a learnable shard (a repeating
+// pattern of 24 tokens) and a fine-tuning config that starts from the former and reads the latter.
+config::Config finetune_config(const testing::TempDir& dir, const std::string& hf_dir) {
+  reference("make qwen2_moe " + hf_dir);
   std::vector<int64_t> tokens;
   for (int i = 0; i < 4000; ++i) tokens.push_back((i % 24) * 3 + 1);
   files::make_directories(dir.str("data"));
   data::write_shard(dir.str("data/train.bin"), tokens, 96);
   data::write_shard(dir.str("data/val.bin"), std::vector<int64_t>(tokens.begin(), tokens.begin() + 400), 96);
-
   config::Config cfg;
   cfg.model.init_from = "hf:" + hf_dir;
   cfg.data.dir = dir.str("data");
   cfg.data.seq_len = 32;
-  cfg.run.out_dir = dir.str("run");
   cfg.run.threads = 1;
-  cfg.train.steps = 10;
-  cfg.train.micro_batch_size = 4;
-  cfg.train.log_every = 5;
   cfg.train.eval_every = 0;
   cfg.train.eval_batches = 1;
   cfg.optim.warmup_steps = 2;
   cfg.optim.lr = 3e-3;
+  return cfg;
+}
+
+}  // namespace
+
+CATCH_TEST_CASE("hf: fine-tuning from an imported model lowers the loss, and the result exports", "[hf]") {
+  hf::install_init_from();
+  testing::TempDir dir("hf-finetune");
+  const std::string hf_dir = dir.str("hf");
+  auto cfg = finetune_config(dir, hf_dir);
+  cfg.run.out_dir = dir.str("run");
+  cfg.train.steps = 10;
+  cfg.train.micro_batch_size = 4;
+  cfg.train.log_every = 5;
   cfg = hf::resolve_init_from(cfg);
   CATCH_REQUIRE(cfg.model.d_model == 32);
   CATCH_REQUIRE(cfg.model.moe.shared_gate);
@@ -311,34 +320,16 @@ CATCH_TEST_CASE("hf: fine-tuning from an imported model lowers the loss, and the
 
 CATCH_TEST_CASE("hf: fine-tuning at (world 2, ep 2) imports each rank's own experts and follows one process", "[hf][dist]") {
   testing::TempDir dir("hf-finetune-ep");
-  const std::string hf_dir = dir.str("hf");
-  reference("make qwen2_moe " + hf_dir);
-  std::vector<int64_t> tokens;
-  for (int i = 0; i < 4000; ++i) tokens.push_back((i % 24) * 3 + 1);
-  files::make_directories(dir.str("data"));
-  data::write_shard(dir.str("data/train.bin"), tokens, 96);
-  data::write_shard(dir.str("data/val.bin"), std::vector<int64_t>(tokens.begin(), tokens.begin() + 400), 96);
-
-  config::Config cfg;
-  cfg.model.init_from = "hf:" + hf_dir;
-  cfg.data.dir = dir.str("data");
-  cfg.data.seq_len = 32;
-  cfg.run.threads = 1;
+  auto cfg = finetune_config(dir, dir.str("hf"));
   cfg.train.steps = 6;
   cfg.train.global_batch_size = 4;
   cfg.train.log_every = 1;
-  cfg.train.eval_every = 0;
-  cfg.train.eval_batches = 1;
-  cfg.optim.warmup_steps = 2;
-  cfg.optim.lr = 3e-3;
   cfg.parallel.timeout_s = 60;
   auto run = [&](int world) {
     auto c = cfg;
     c.run.out_dir = dir.str("w" + std::to_string(world));
     c.parallel.expert_parallel = world;
-    files::make_directories(c.run.out_dir);
-    const std::string yaml = files::join(c.run.out_dir, "input.yaml");
-    files::write_file_atomic(yaml, config::to_yaml(c));
+    const std::string yaml = testing::write_config(c, files::join(c.run.out_dir, "input.yaml"));
     const std::string train = std::string(MOETRAIN_BINARY) + " train --config " + yaml;
     auto r = testing::run_command("OMP_NUM_THREADS=1 timeout 300 " +
                                   (world == 1 ? train : std::string(MOETRAIN_SOURCE_DIR) + "/scripts/launch.sh --nproc " +
