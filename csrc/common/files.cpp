@@ -92,16 +92,48 @@ std::vector<std::string> list_directory(const std::string& path) {
   return names;
 }
 
-std::string read_file(const std::string& path) {
-  FILE* f = std::fopen(path.c_str(), "rb");
-  if (!f) fail("read", path);
+std::string read_file(const std::string& path, uint64_t max_bytes) {
+  // O_NONBLOCK: opening a FIFO must not wait for a writer; the descriptor is checked before reading.
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
+  if (fd < 0) fail("read", path);
+  struct stat st;
+  if (::fstat(fd, &st) != 0) {
+    const int saved = errno;
+    ::close(fd);
+    errno = saved;
+    fail("read", path);
+  }
+  if (!S_ISREG(st.st_mode)) {
+    ::close(fd);
+    throw Error("[io] cannot read '" + path + "': it is " +
+                (S_ISDIR(st.st_mode) ? "a directory" : "not a regular file (a device, pipe or socket)") +
+                ", not a file");
+  }
+  if (uint64_t(st.st_size) > max_bytes) {
+    ::close(fd);
+    throw Error("[io] cannot read '" + path + "': it holds " + std::to_string(st.st_size) + " bytes, more than the " +
+                std::to_string(max_bytes) + " such a file may have");
+  }
   std::string content;
+  content.reserve(size_t(st.st_size));
   char buf[1 << 16];
-  size_t n;
-  while ((n = std::fread(buf, 1, sizeof buf, f)) > 0) content.append(buf, n);
-  const bool bad = std::ferror(f);
-  std::fclose(f);
-  if (bad) fail("read", path);
+  while (true) {
+    const ssize_t n = ::read(fd, buf, sizeof buf);
+    if (n < 0 && (errno == EINTR || errno == EAGAIN)) continue;
+    if (n < 0) {
+      const int saved = errno;
+      ::close(fd);
+      errno = saved;
+      fail("read", path);
+    }
+    if (n == 0) break;
+    content.append(buf, size_t(n));
+    if (content.size() > max_bytes) {  // it grew while being read
+      ::close(fd);
+      throw Error("[io] cannot read '" + path + "': it grew past " + std::to_string(max_bytes) + " bytes while read");
+    }
+  }
+  ::close(fd);
   return content;
 }
 

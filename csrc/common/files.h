@@ -21,7 +21,10 @@ void make_directories(const std::string& path);
 void remove_tree(const std::string& path);  // no error if absent
 void rename_path(const std::string& from, const std::string& to);
 std::vector<std::string> list_directory(const std::string& path);  // entry names, sorted
-std::string read_file(const std::string& path);
+// Reads a whole regular file of at most max_bytes: a directory, device, pipe or larger file (a config
+// pointed at /dev/zero, a `latest` linked to /dev/urandom) is an error naming it, never a huge allocation.
+constexpr uint64_t kMaxReadBytes = uint64_t(64) << 20;
+std::string read_file(const std::string& path, uint64_t max_bytes = kMaxReadBytes);
 // Writes all n bytes to an open descriptor, retrying short writes and EINTR; `path` names it in errors.
 void write_all(int fd, const void* data, size_t n, const std::string& path);
 // Writes `content` to `path` (truncating) and fsyncs it.

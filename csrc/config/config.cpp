@@ -18,6 +18,7 @@
 #include <variant>
 
 #include "common/errors.h"
+#include "common/files.h"
 
 namespace moetrain::config {
 
@@ -252,6 +253,15 @@ const std::vector<KeyDesc>& keys() {
       MOETRAIN_KEY(train.log_every, "Steps between training log lines.", at_least(1)),
       MOETRAIN_KEY(train.eval_every, "Steps between validation evaluations; 0 = only at the end.", at_least(0)),
       MOETRAIN_KEY(train.eval_batches, "Validation micro-batches per evaluation.", at_least(1)),
+      MOETRAIN_KEY(train.nonfinite,
+                   "A step whose loss or gradient is not finite on any rank never updates the model: skip = "
+                   "log it (\"skipped\": true in metrics.jsonl) and go on; stop = exit 1 at once. Nothing is "
+                   "saved from such a step.",
+                   one_of({"skip", "stop"})),
+      MOETRAIN_KEY(train.max_skipped_steps,
+                   "With train.nonfinite = skip: consecutive skipped steps tolerated; one more stops the run "
+                   "with an error naming the last good checkpoint.",
+                   at_least(0)),
 
       MOETRAIN_KEY(parallel.backend,
                    "Communication backend: nccl (CUDA tensors), store (CPU tensors through the c10d TCPStore; it "
@@ -566,20 +576,17 @@ void apply_override(const std::string& override_text, Config& cfg) {
   set_from_node(*k, value, cfg, where);
 }
 
+constexpr uint64_t kMaxConfigBytes = uint64_t(16) << 20;
+
 std::string read_file(const std::string& path) {
-  // Plain stdio: the torch wheel exports its own, crashing copies of some std::filesystem functions.
-  // A directory opens here and fails on read with EISDIR.
-  std::FILE* f = std::fopen(path.c_str(), "rb");
-  if (!f) throw ConfigError("cannot read config file '" + path + "': " + std::strerror(errno));
-  std::string text;
-  char buf[65536];
-  size_t n;
-  while ((n = std::fread(buf, 1, sizeof buf, f)) > 0) text.append(buf, n);
-  bool failed = std::ferror(f);
-  int err = errno;
-  std::fclose(f);
-  if (failed) throw ConfigError("cannot read config file '" + path + "': " + std::strerror(err));
-  return text;
+  // A regular file of bounded size (files::read_file): `--config /dev/zero` is an error, not an allocation.
+  try {
+    return files::read_file(path, kMaxConfigBytes);
+  } catch (const Error& e) {
+    std::string why = e.what();
+    if (why.rfind("[io] cannot read ", 0) == 0) why = why.substr(17);
+    throw ConfigError("cannot read config file " + why);
+  }
 }
 
 std::string escape_markdown_cell(const std::string& s) {
