@@ -7,7 +7,11 @@
 #include <csignal>
 #include <cstdio>
 #include <cstdlib>
+#include <algorithm>
+#include <charconv>
+#include <cmath>
 #include <map>
+#include <set>
 #include <memory>
 #include <nlohmann/json.hpp>
 
@@ -15,6 +19,7 @@
 #include "ckpt/sha256.h"
 #include "common/errors.h"
 #include "common/files.h"
+#include "common/log.h"
 
 using json = nlohmann::json;
 
@@ -306,23 +311,142 @@ std::string save_weights_checkpoint(const std::string& out_dir, const model::Tra
   return save(out_dir, model, nullptr, config_yaml, progress, nullptr);
 }
 
-std::optional<std::string> find_checkpoint(const std::string& path) {
+namespace {
+
+// The step of a folder named step_XXXXXXXX, or nullopt for any other name.
+std::optional<int64_t> step_of_folder(const std::string& dir) {
+  std::string name = dir;
+  while (name.size() > 1 && name.back() == '/') name.pop_back();
+  name = name.substr(name.rfind('/') == std::string::npos ? 0 : name.rfind('/') + 1);
+  if (name.size() <= 5 || name.rfind("step_", 0) != 0 || name.size() > 5 + 18) return std::nullopt;
+  for (size_t i = 5; i < name.size(); ++i)
+    if (name[i] < '0' || name[i] > '9') return std::nullopt;
+  return std::stoll(name.substr(5));
+}
+
+// Step folders under `root`, newest first.
+std::vector<std::string> step_folders_newest_first(const std::string& root) {
+  std::vector<std::string> dirs;
+  if (!files::is_directory(root)) return dirs;
+  for (const auto& name : files::list_directory(root))
+    if (step_of_folder(name) && files::is_directory(files::join(root, name))) dirs.push_back(files::join(root, name));
+  std::sort(dirs.begin(), dirs.end(), [](const std::string& a, const std::string& b) {
+    return *step_of_folder(a) > *step_of_folder(b);
+  });
+  return dirs;
+}
+
+// Why `step_dir` cannot be loaded, or "" when its manifest reads and every file verifies.
+std::string why_unloadable(const std::string& step_dir, const std::string& verify) {
+  try {
+    const auto problems = verify_files(step_dir, read_manifest(step_dir), verify);
+    return problems.empty() ? "" : problems.front();
+  } catch (const Error& e) {
+    return e.what();
+  }
+}
+
+}  // namespace
+
+std::optional<std::string> newest_verified_checkpoint(const std::string& root, const std::string& verify,
+                                                      const std::string& except) {
+  for (const auto& dir : step_folders_newest_first(root))
+    if (dir != except && why_unloadable(dir, verify).empty()) return dir;
+  return std::nullopt;
+}
+
+std::optional<std::string> find_checkpoint(const std::string& path, const std::string& verify) {
   if (files::exists(files::join(path, kManifestFile))) return path;
   for (const std::string& root : {path, files::join(path, "ckpt")}) {
+    const auto steps = step_folders_newest_first(root);
     const std::string latest = files::join(root, "latest");
-    if (!files::exists(latest)) continue;
-    std::string name = files::read_file(latest);
-    while (!name.empty() && (name.back() == '\n' || name.back() == ' ')) name.pop_back();
-    if (name.empty() || name.find('/') != std::string::npos)
-      throw CheckpointError("'" + latest + "' does not name a checkpoint folder");
-    const std::string dir = files::join(root, name);
-    if (!files::exists(files::join(dir, kManifestFile)))
-      throw CheckpointError("'" + latest + "' names '" + name + "', which has no " + kManifestFile);
-    return dir;
+    const bool has_latest = files::exists(latest);
+    if (!has_latest && steps.empty()) continue;
+    // `latest` names the newest complete checkpoint; when it is missing or does not name one, the
+    // newest step folder that verifies stands in (said aloud), and with none the answer is an error,
+    // never "no checkpoint": training from step 0 on top of them would bury the run.
+    std::string trouble;
+    if (!has_latest) {
+      trouble = "'" + latest + "' is missing";
+    } else {
+      std::string name;
+      try {
+        name = files::read_file(latest, 4096);
+      } catch (const Error& e) {
+        trouble = std::string("'") + latest + "' is unreadable (" + e.what() + ")";
+      }
+      while (!name.empty() && (name.back() == '\n' || name.back() == ' ')) name.pop_back();
+      if (trouble.empty()) {
+        if (!step_of_folder(name) || name.find('/') != std::string::npos)
+          trouble = "'" + latest + "' does not name a step folder";
+        else if (!files::exists(files::join(files::join(root, name), kManifestFile)))
+          trouble = "'" + latest + "' names '" + name + "', which has no " + kManifestFile;
+        else
+          return files::join(root, name);
+      }
+    }
+    if (steps.empty()) throw CheckpointError(trouble + ", and '" + root + "' holds no step folder");
+    if (auto dir = newest_verified_checkpoint(root, verify)) {
+      log_line("note: " + trouble + "; using the newest checkpoint that verifies (" + verify + "): " + *dir);
+      return dir;
+    }
+    throw CheckpointError(trouble + " and none of the " + std::to_string(steps.size()) + " step folders in '" + root +
+                          "' verifies (newest: " + why_unloadable(steps.front(), verify) + ")");
   }
   if (!files::exists(path)) throw CheckpointError("no such checkpoint or run folder: '" + path + "'");
   return std::nullopt;
 }
+
+namespace {
+
+// Manifest fields are data from disk: each is checked for type and range, and a violation names the
+// manifest and the field.
+struct ManifestReader {
+  const std::string& path;
+  const json& j;
+
+  [[noreturn]] void bad(const std::string& field, const std::string& what) const {
+    throw CheckpointError(path + ": field '" + field + "' " + what);
+  }
+  const json& at(const json& obj, const std::string& key, const std::string& field) const {
+    if (!obj.is_object() || !obj.contains(key)) bad(field, "is missing");
+    return obj[key];
+  }
+  int64_t integer(const json& v, const std::string& field, int64_t lo, int64_t hi) const {
+    if (!v.is_number_integer()) bad(field, "must be an integer, got " + v.dump().substr(0, 40));
+    if (v.is_number_unsigned() && v.get<uint64_t>() > uint64_t(INT64_MAX)) bad(field, "is out of range");
+    const int64_t x = v.get<int64_t>();
+    if (x < lo || x > hi)
+      bad(field, "= " + std::to_string(x) + " is outside [" + std::to_string(lo) + ", " + std::to_string(hi) + "]");
+    return x;
+  }
+  double non_negative(const json& v, const std::string& field) const {
+    if (!v.is_number()) bad(field, "must be a number, got " + v.dump().substr(0, 40));
+    const double x = v.get<double>();
+    if (!std::isfinite(x) || x < 0) bad(field, "must be a finite number >= 0");
+    return x;
+  }
+  std::string text(const json& v, const std::string& field) const {
+    if (!v.is_string()) bad(field, "must be a string");
+    return v.get<std::string>();
+  }
+};
+
+bool is_plain_file_name(const std::string& name) {
+  if (name.empty() || name == "." || name == ".." || name.size() > 255) return false;
+  for (char c : name)
+    if (c == '/' || c == '\\' || c == '\0' || (unsigned char)(c) < 0x20) return false;
+  return true;
+}
+
+bool is_sha256_hex(const std::string& s) {
+  if (s.size() != 64) return false;
+  for (char c : s)
+    if (!((c >= '0' && c <= '9') || (c >= 'a' && c <= 'f'))) return false;
+  return true;
+}
+
+}  // namespace
 
 Manifest read_manifest(const std::string& step_dir) {
   const std::string manifest_path = files::join(step_dir, kManifestFile);
@@ -333,35 +457,53 @@ Manifest read_manifest(const std::string& step_dir) {
   } catch (const json::exception& e) {
     throw CheckpointError(manifest_path + ": not valid JSON (" + e.what() + ")");
   }
+  const ManifestReader r{manifest_path, j};
+  if (!j.is_object()) throw CheckpointError(manifest_path + ": not a moetrain checkpoint manifest (not a JSON object)");
   Manifest m;
-  try {
-    if (j.at("format").get<std::string>() != "moetrain-checkpoint")
-      throw CheckpointError(manifest_path + ": not a moetrain checkpoint manifest");
-    m.format_version = j.at("format_version").get<int>();
-    if (m.format_version < 1 || m.format_version > kFormatVersion)
-      throw CheckpointError(manifest_path + ": format_version " + std::to_string(m.format_version) +
-                            " is not supported (this build reads 1 and 2)");
-    m.progress.step = j.at("step").get<int64_t>();
-    m.progress.tokens = j.at("tokens").get<int64_t>();
-    m.progress.elapsed_s = j.at("elapsed_s").get<double>();
-    m.progress.gpu_hours = j.value("gpu_hours", 0.0);
-    m.progress.cost_usd = j.value("cost_usd", 0.0);
-    if (j.contains("layout")) {
-      m.world_size = j["layout"].at("world_size").get<int>();
-      m.expert_parallel = j["layout"].at("expert_parallel").get<int>();
-    }
-    m.config_yaml = j.at("config").get<std::string>();
-    for (const auto& f : j.at("files"))
-      m.files.push_back({f.at("name").get<std::string>(), f.at("size").get<uint64_t>(), f.at("sha256").get<std::string>()});
-  } catch (const json::exception& e) {
-    throw CheckpointError(manifest_path + ": malformed manifest (" + e.what() + ")");
+  if (r.text(r.at(j, "format", "format"), "format") != "moetrain-checkpoint")
+    throw CheckpointError(manifest_path + ": not a moetrain checkpoint manifest");
+  m.format_version = int(r.integer(r.at(j, "format_version", "format_version"), "format_version", 1, kFormatVersion));
+  m.progress.step = r.integer(r.at(j, "step", "step"), "step", 0, INT64_MAX);
+  if (const auto folder_step = step_of_folder(step_dir); folder_step && *folder_step != m.progress.step)
+    r.bad("step", "= " + std::to_string(m.progress.step) + " but the folder is for step " + std::to_string(*folder_step));
+  m.progress.tokens = r.integer(r.at(j, "tokens", "tokens"), "tokens", 0, INT64_MAX);
+  m.progress.elapsed_s = r.non_negative(r.at(j, "elapsed_s", "elapsed_s"), "elapsed_s");
+  if (j.contains("gpu_hours")) m.progress.gpu_hours = r.non_negative(j["gpu_hours"], "gpu_hours");
+  if (j.contains("cost_usd")) m.progress.cost_usd = r.non_negative(j["cost_usd"], "cost_usd");
+  if (j.contains("layout")) {
+    const json& layout = j["layout"];
+    m.world_size = int(r.integer(r.at(layout, "world_size", "layout.world_size"), "layout.world_size", 1, 1 << 20));
+    m.expert_parallel = int(r.integer(r.at(layout, "expert_parallel", "layout.expert_parallel"),
+                                      "layout.expert_parallel", 1, m.world_size));
+    if (m.world_size % m.expert_parallel != 0)
+      r.bad("layout.expert_parallel", "= " + std::to_string(m.expert_parallel) + " does not divide layout.world_size = " +
+                                          std::to_string(m.world_size));
+  }
+  m.config_yaml = r.text(r.at(j, "config", "config"), "config");
+  const json& listed = r.at(j, "files", "files");
+  if (!listed.is_array()) r.bad("files", "must be an array");
+  std::set<std::string> seen;
+  for (size_t i = 0; i < listed.size(); ++i) {
+    const std::string field = "files[" + std::to_string(i) + "]";
+    FileEntry f;
+    f.name = r.text(r.at(listed[i], "name", field + ".name"), field + ".name");
+    if (!is_plain_file_name(f.name) || f.name == kManifestFile)
+      r.bad(field + ".name", "= '" + f.name.substr(0, 80) + "' is not a plain file name inside the checkpoint folder");
+    if (!seen.insert(f.name).second) r.bad(field + ".name", "lists '" + f.name + "' twice");
+    f.size = uint64_t(r.integer(r.at(listed[i], "size", field + ".size"), field + ".size", 0, INT64_MAX));
+    f.sha256 = r.text(r.at(listed[i], "sha256", field + ".sha256"), field + ".sha256");
+    if (!is_sha256_hex(f.sha256)) r.bad(field + ".sha256", "is not 64 lowercase hex digits");
+    m.files.push_back(std::move(f));
   }
   return m;
 }
 
 std::vector<std::string> verify_files(const std::string& step_dir, const Manifest& m, const std::string& verify) {
   std::vector<std::string> problems;
+  if (m.files.empty()) problems.push_back("'" + files::join(step_dir, kManifestFile) + "' lists no files");
+  std::set<std::string> listed;
   for (const auto& f : m.files) {
+    listed.insert(f.name);
     const std::string path = files::join(step_dir, f.name);
     const auto size = files::file_size(path);
     if (!size) {
@@ -371,8 +513,18 @@ std::vector<std::string> verify_files(const std::string& step_dir, const Manifes
                          std::to_string(f.size) + " (truncated or replaced)");
     } else if (verify == "full" && sha256_file(path) != f.sha256) {
       problems.push_back("checkpoint file '" + path + "' fails its sha256 check (altered or corrupted)");
+    } else {
+      try {
+        SafetensorsFile readable(path);  // header and offsets parse: the tensors can be read
+      } catch (const Error& e) {
+        problems.push_back("checkpoint file '" + path + "' is unreadable: " + e.what());
+      }
     }
   }
+  // Whatever else is in the folder was not written by this checkpoint: it must not be loaded as if it were.
+  for (const auto& name : files::list_directory(step_dir))
+    if (name != kManifestFile && !listed.contains(name))
+      problems.push_back("'" + files::join(step_dir, name) + "' is in the checkpoint folder but not in its manifest");
   return problems;
 }
 
@@ -383,10 +535,19 @@ Manifest open_checkpoint(const std::string& step_dir, const std::string& verify)
   return m;
 }
 
+// The path of `name` in `step_dir`, which its manifest must list: a file the manifest does not cover
+// was not verified and is never loaded.
+static std::string listed_path(const std::string& step_dir, const Manifest& manifest, const std::string& name) {
+  for (const auto& f : manifest.files)
+    if (f.name == name) return files::join(step_dir, name);
+  throw CheckpointError("'" + files::join(step_dir, name) + "' is not listed in " + files::join(step_dir, kManifestFile) +
+                        ": the checkpoint is incomplete or was altered");
+}
+
 void load_model(const std::string& step_dir, model::TransformerImpl& model) {
   torch::NoGradGuard no_grad;
   const Manifest manifest = read_manifest(step_dir);
-  SafetensorsFile file(files::join(step_dir, kModelFile));
+  SafetensorsFile file(listed_path(step_dir, manifest, kModelFile));
   auto params = model.named_parameters();
   auto buffers = model.named_buffers();
   for (const auto& info : file.tensors())
@@ -410,7 +571,7 @@ void load_optimizer(const std::string& step_dir, optim::AdamW& optimizer, const 
   torch::NoGradGuard no_grad;
   if (!files::exists(files::join(step_dir, kOptimFile))) return;  // weights only (moetrain convert)
   const Manifest manifest = read_manifest(step_dir);
-  SafetensorsFile file(files::join(step_dir, kOptimFile));
+  SafetensorsFile file(listed_path(step_dir, manifest, kOptimFile));
   const int64_t offset = model.expert_offset(), E = total_experts(model);
   std::optional<ExpertFiles> experts;
   if (manifest.format_version >= 2) experts.emplace(step_dir, manifest, kOptimExpertsPrefix);
@@ -427,13 +588,18 @@ void load_optimizer(const std::string& step_dir, optim::AdamW& optimizer, const 
   const auto& meta = file.metadata();
   auto it = meta.find("step_count");
   if (it == meta.end()) throw CheckpointError(file.path() + ": metadata 'step_count' is missing");
-  optimizer.set_step_count(std::stoll(it->second));
+  int64_t step_count = -1;
+  const auto [end, ec] = std::from_chars(it->second.data(), it->second.data() + it->second.size(), step_count);
+  if (ec != std::errc() || end != it->second.data() + it->second.size() || step_count < 0)
+    throw CheckpointError(file.path() + ": metadata 'step_count' = '" + it->second.substr(0, 40) +
+                          "' is not a non-negative integer");
+  optimizer.set_step_count(step_count);
 
   // This rank's generator: its own file, or (a larger world than the one that saved) rank r % world's.
   torch::Tensor state;
   if (manifest.format_version >= 2) {
-    const std::string path = files::join(step_dir, rng_file(rank % std::max(1, manifest.world_size)));
-    if (files::exists(path)) state = SafetensorsFile(path).load("rng.cpu");
+    const std::string name = rng_file(rank % std::max(1, manifest.world_size));
+    if (files::exists(files::join(step_dir, name))) state = SafetensorsFile(listed_path(step_dir, manifest, name)).load("rng.cpu");
   } else if (file.contains("rng.cpu")) {
     state = file.load("rng.cpu");
   }

@@ -91,14 +91,22 @@ class AsyncSaver {
 };
 
 // A user's path to a checkpoint: a run folder, its ckpt/ folder, or a step folder. Returns the step
-// folder, or nullopt if the path holds no checkpoint yet (no `latest`).
-std::optional<std::string> find_checkpoint(const std::string& path);
+// folder `latest` names, or nullopt if the path holds no checkpoint yet. With `latest` missing or not
+// naming a checkpoint, the newest step folder whose files verify (at `verify`) stands in, with a note
+// on the log; if none verifies, CheckpointError: step folders are never taken for "no checkpoint".
+std::optional<std::string> find_checkpoint(const std::string& path, const std::string& verify = "size");
+// The newest step folder under `root` (a ckpt/ folder) other than `except` whose manifest reads and
+// whose files verify: the last good checkpoint to name in an error.
+std::optional<std::string> newest_verified_checkpoint(const std::string& root, const std::string& verify = "size",
+                                                      const std::string& except = "");
 // Reads manifest.json and checks every listed file: sizes always, sha256 when verify == "full".
-// A missing, truncated or altered file throws CheckpointError naming it.
+// A missing, truncated, altered or unreadable file, a file the manifest does not list, or a manifest
+// listing no files throws CheckpointError naming it.
 Manifest open_checkpoint(const std::string& step_dir, const std::string& verify = "full");
 // The same checks without throwing: one line per problem (moetrain inspect).
 std::vector<std::string> verify_files(const std::string& step_dir, const Manifest& manifest, const std::string& verify);
-// Reads the manifest only (no file checks).
+// Reads and validates the manifest only (no file checks): every field's type and range, plain file
+// names inside the folder, the step against the folder's name, a sane layout.
 Manifest read_manifest(const std::string& step_dir);
 
 // Loads the weights this rank holds (its experts by global id, model.expert_offset() onwards),
