@@ -45,7 +45,8 @@ def read_metrics(path):
 
 
 def plot_loss(records, out_path):
-    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    # A skipped step (non-finite loss or gradient) has "loss": null and "skipped": true: left out.
+    train = [(r["step"], r["loss"]) for r in records if r.get("loss") is not None and not r.get("skipped")]
     val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
     fig, ax = plt.subplots(figsize=(8, 4.5))
     if train:

@@ -14,7 +14,8 @@ int run_train(const std::vector<std::string>& argv) {
       "Train the model a YAML config describes; checkpoints and metrics.jsonl go to run.out_dir.",
       {{"config", "FILE", "YAML config (see configs/ and the README's reference)"},
        {"set", "KEY=VALUE", "override one config key, e.g. --set train.steps=20 (repeatable)", true},
-       {"resume", "auto|DIR", "continue from the newest checkpoint of run.out_dir (auto) or from DIR"}}};
+       {"resume", "auto|DIR", "continue from the newest checkpoint of run.out_dir (auto) or from DIR"},
+       {"overwrite", "", "start afresh in a run.out_dir that holds a run, moving that run aside to <out_dir>.replaced-N"}}};
   Args args(command, argv);
   if (args.help()) {
     std::fputs(usage(command).c_str(), stdout);
@@ -22,7 +23,7 @@ int run_train(const std::vector<std::string>& argv) {
   }
   // With model.init_from: hf:DIR, the architecture comes from DIR/config.json.
   const auto cfg = hf::resolve_init_from(config::load_config(args.require("config"), args.all("set")));
-  const auto result = train::train(cfg, {args.get("resume")});
+  const auto result = train::train(cfg, {args.get("resume"), args.has("overwrite")});
   const int64_t ran = result.last_step - result.first_step;
   std::string summary = "done: step " + std::to_string(result.last_step) + "/" + std::to_string(cfg.train.steps) +
                         (result.interrupted ? " (interrupted)" : "");

@@ -116,6 +116,8 @@ struct TrainConfig {
   int log_every = 10;
   int eval_every = 100;         // 0 = only at the end
   int eval_batches = 8;         // validation micro-batches per evaluation
+  std::string nonfinite = "skip";  // a step with a non-finite loss or gradient: skip its update | stop the run
+  int max_skipped_steps = 3;    // with skip: consecutive skipped steps tolerated before the run stops
 };
 
 struct ParallelConfig {

@@ -5,10 +5,13 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <cmath>
 #include <csignal>
+#include <cstdlib>
 #include <fstream>
 #include <functional>
 #include <nlohmann/json.hpp>
+#include <sstream>
 #include <thread>
 
 #include "ckpt/checkpoint.h"
@@ -56,12 +59,13 @@ double now_s() {
 // Keeps the metrics of steps <= last_step (a resumed run rewrites what came after its checkpoint).
 void truncate_metrics(const std::string& path, int64_t last_step) {
   if (!files::exists(path)) return;
-  std::istringstream in(files::read_file(path));
+  std::ifstream in(path);  // streamed: a long run's metrics may be larger than files::read_file allows
   std::string line, kept;
   while (std::getline(in, line)) {
     if (line.empty()) continue;
     auto j = json::parse(line, nullptr, /*allow_exceptions=*/false);
-    if (!j.is_discarded() && j.contains("step") && j["step"].get<int64_t>() <= last_step) kept += line + "\n";
+    if (j.is_object() && j.contains("step") && j["step"].is_number_integer() && j["step"].get<int64_t>() <= last_step)
+      kept += line + "\n";
   }
   files::write_file_atomic(path, kept);
 }
@@ -200,8 +204,6 @@ class Parallel {
     return optim::clip_grad_norm(params_, max_norm, sharded_, [this](torch::Tensor& t) { layout_->ep->all_reduce_sum(t); });
   }
 
-  double mean_over_ranks(double v) { return dist::all_sum(*layout_->world, v) / world_size(); }
-
   // The step's expert load and drops summed over the ranks, so telemetry is global and every rank
   // moves its routers' balancing biases alike.
   void sum_load(std::vector<torch::Tensor>& load_LE, std::vector<torch::Tensor>& dropped_L) {
@@ -216,6 +218,40 @@ class Parallel {
 
   // Whether any rank was asked to stop (SIGTERM/SIGINT), so that all stop after the same step.
   bool any(bool flag) { return dist::all_sum(*layout_->world, flag ? 1.0 : 0.0) > 0; }
+
+  // Every rank's (loss, largest |gradient| before averaging), in one collective: a non-finite value
+  // stays in the slot of the rank that produced it, so every rank takes the same decision and the
+  // error can name the rank.
+  std::vector<std::pair<double, double>> gather_health(double loss, double grad_max_abs) {
+    const int W = world_size();
+    if (W == 1) return {{loss, grad_max_abs}};
+    auto slots = torch::zeros({2, W}, torch::kDouble);
+    slots[0][rank()] = loss;
+    slots[1][rank()] = grad_max_abs;
+    slots = slots.to(params_.front().device());
+    layout_->world->all_reduce_sum(slots);
+    slots = slots.to(torch::kCPU);
+    std::vector<std::pair<double, double>> per_rank;
+    for (int r = 0; r < W; ++r) per_rank.emplace_back(slots[0][r].item<double>(), slots[1][r].item<double>());
+    return per_rank;
+  }
+
+  // The largest |element| over tensors (NaN if any is NaN): one fused pass, no per-tensor sync.
+  static double max_abs(const std::vector<torch::Tensor>& tensors) {
+    std::vector<torch::Tensor> defined;
+    for (const auto& t : tensors)
+      if (t.defined() && t.numel() > 0) defined.push_back(t);
+    if (defined.empty()) return 0;
+    std::vector<torch::Tensor> maxima;
+    for (const auto& m : at::_foreach_norm(defined, INFINITY)) maxima.push_back(m.to(torch::kDouble));
+    return torch::stack(maxima).max().item<double>();  // max propagates NaN
+  }
+  std::vector<torch::Tensor> grads() const {
+    std::vector<torch::Tensor> g;
+    for (const auto& p : params_) g.push_back(p.grad());
+    return g;
+  }
+  const std::vector<torch::Tensor>& params() const { return params_; }
 
  private:
   static constexpr int64_t kBucketBytes = 32 << 20;
@@ -248,17 +284,38 @@ class Parallel {
   std::vector<bool> sharded_;
 };
 
+// Fault injection for the divergence tests: MOETRAIN_TEST_NONFINITE=<loss|grad>@<step>[,<step>...][:<rank>]
+// makes that rank's loss (or one element of its first gradient) NaN at those 1-based steps.
+bool test_fault(const char* kind, int64_t step, int rank) {
+  const char* v = std::getenv("MOETRAIN_TEST_NONFINITE");
+  if (!v) return false;
+  std::string spec(v);
+  const auto colon = spec.find(':');
+  if (colon != std::string::npos && std::to_string(rank) != spec.substr(colon + 1)) return false;
+  spec = spec.substr(0, colon);
+  const auto at = spec.find('@');
+  if (at == std::string::npos || spec.substr(0, at) != kind) return false;
+  std::istringstream steps(spec.substr(at + 1));
+  for (std::string s; std::getline(steps, s, ',');)
+    if (s == std::to_string(step)) return true;
+  return false;
+}
+
 struct StepOutcome {
   double loss = 0;       // mean cross-entropy over the micro-batches and ranks (the balance loss apart)
   double grad_norm = 0;  // before clipping
+  bool applied = true;   // false: a rank's loss or gradients were not finite, and nothing was updated
+  std::string nonfinite; // what was not finite, and on which ranks ("" when applied)
   MoETelemetry telemetry;
 };
 
 // One optimizer step: forward and backward of every micro-batch (gradients accumulated, each loss
 // scaled by 1/grad_accum), gradients averaged over the ranks, clip, AdamW, then the routers' bias
-// update from the step's expert load. The trainer and bench-step both run exactly this.
+// update from the step's expert load. The trainer and bench-step both run exactly this. A non-finite
+// loss or gradient on any rank leaves the weights, the optimizer and the routers' biases untouched on
+// every rank (the decision is global), and says which rank it came from.
 StepOutcome train_step(model::TransformerImpl& model, optim::AdamW& optimizer, Parallel& parallel,
-                       const config::Config& cfg, double lr, torch::Device device,
+                       const config::Config& cfg, int64_t step, double lr, torch::Device device,
                        const std::function<data::Batch(int micro)>& batch_of) {
   StepOutcome outcome;
   optimizer.zero_grad();
@@ -274,12 +331,39 @@ StepOutcome train_step(model::TransformerImpl& model, optim::AdamW& optimizer, P
     loss_sum += ce.item<double>();
     outcome.telemetry.add(out);
   }
+  if (test_fault("loss", step + 1, parallel.rank())) loss_sum = std::nan("");
+  if (test_fault("grad", step + 1, parallel.rank())) {
+    torch::NoGradGuard no_grad;
+    for (const auto& p : parallel.params())
+      if (p.grad().defined()) {
+        p.grad().view(-1)[0] = std::nan("");
+        break;
+      }
+  }
+  const auto health = parallel.gather_health(loss_sum / cfg.train.grad_accum, Parallel::max_abs(parallel.grads()));
   parallel.average_gradients();
   outcome.grad_norm = parallel.clip(cfg.optim.grad_clip);
+  std::string bad_loss, bad_grad;
+  double loss_total = 0;
+  for (size_t r = 0; r < health.size(); ++r) {
+    loss_total += health[r].first;
+    if (!std::isfinite(health[r].first)) bad_loss += (bad_loss.empty() ? "" : ", ") + std::to_string(r);
+    if (!std::isfinite(health[r].second)) bad_grad += (bad_grad.empty() ? "" : ", ") + std::to_string(r);
+  }
+  outcome.loss = loss_total / double(health.size());
+  if (!bad_loss.empty() || !bad_grad.empty() || !std::isfinite(outcome.grad_norm)) {
+    outcome.applied = false;
+    if (!bad_loss.empty()) outcome.nonfinite = "loss " + format_double(outcome.loss) + " on rank " + bad_loss;
+    if (!bad_grad.empty())
+      outcome.nonfinite += (outcome.nonfinite.empty() ? "" : ", ") + std::string("non-finite gradients on rank ") + bad_grad;
+    outcome.nonfinite += (outcome.nonfinite.empty() ? "" : ", ") + std::string("grad norm ") + format_double(outcome.grad_norm);
+    optimizer.zero_grad();
+    parallel.sum_load(outcome.telemetry.load_LE, outcome.telemetry.dropped_L);
+    return outcome;
+  }
   optimizer.step(lr);
   parallel.sum_load(outcome.telemetry.load_LE, outcome.telemetry.dropped_L);
   model.update_router_bias(outcome.telemetry.load_LE);
-  outcome.loss = parallel.mean_over_ranks(loss_sum / cfg.train.grad_accum);
   return outcome;
 }
 
@@ -304,12 +388,14 @@ void configure_threads(const config::RunConfig& run) {
   at::set_num_threads(threads);
 }
 
-double evaluate(const model::TransformerImpl& model, const data::Shard& shard, int n_batches, int batch_size,
-                int seq_len, torch::Device device, dist::Communicator* world) {
+std::optional<double> evaluate(const model::TransformerImpl& model, const data::Shard& shard, int n_batches,
+                               int batch_size, int seq_len, torch::Device device, dist::Communicator* world,
+                               const std::function<bool()>& stop) {
   torch::NoGradGuard no_grad;
   const int W = world ? world->world_size() : 1, r = world ? world->rank() : 0;
   double total = 0;
   for (int i = 0; i < n_batches; ++i) {
+    if (stop && stop()) return std::nullopt;  // a preemption does not wait for the rest of the batches
     // Evaluation batch i holds batch_size * W sequences whatever the layout; rank r takes its share.
     auto batch = data::eval_batch(shard, i, n_batches, batch_size * W, seq_len);
     auto inputs = batch.inputs.narrow(0, int64_t(r) * batch_size, batch_size);
@@ -322,6 +408,11 @@ double evaluate(const model::TransformerImpl& model, const data::Shard& shard, i
   }
   const double mean = total / n_batches;
   return world ? dist::all_sum(*world, mean) / W : mean;
+}
+
+double evaluate(const model::TransformerImpl& model, const data::Shard& shard, int n_batches, int batch_size,
+                int seq_len, torch::Device device, dist::Communicator* world) {
+  return *evaluate(model, shard, n_batches, batch_size, seq_len, device, world, nullptr);
 }
 
 namespace {
@@ -386,6 +477,68 @@ struct Trainable {
   }
 };
 
+// What of a run `out_dir` already holds (checkpoints, metrics), or "" for nothing.
+std::string run_contents(const std::string& out_dir) {
+  std::vector<std::string> found;
+  const std::string ckpt_root = files::join(out_dir, "ckpt");
+  if (files::is_directory(ckpt_root)) {
+    int steps = 0;
+    for (const auto& name : files::list_directory(ckpt_root))
+      if (name.rfind("step_", 0) == 0) ++steps;
+    if (steps > 0) found.push_back(std::to_string(steps) + " checkpoint(s) in ckpt/");
+    else if (files::exists(files::join(ckpt_root, "latest"))) found.push_back("ckpt/latest");
+  }
+  if (files::exists(files::join(out_dir, "metrics.jsonl"))) found.push_back("metrics.jsonl");
+  std::string text;
+  for (const auto& f : found) text += (text.empty() ? "" : ", ") + f;
+  return text;
+}
+
+// A fresh run never writes over an earlier one: it refuses, or (--overwrite) moves that run aside to
+// <out_dir>.replaced-N first. Rank 0 decides and every rank gets the same answer.
+void claim_run_folder(const std::string& out_dir, const TrainOptions& options, dist::Communicator& world) {
+  if (!options.resume.empty()) {
+    if (options.overwrite) throw UsageError("--overwrite starts a fresh run; it cannot be combined with --resume");
+    return;
+  }
+  std::string refusal;
+  if (world.rank() == 0) {
+    const std::string held = run_contents(out_dir);
+    if (!held.empty() && !options.overwrite) {
+      refusal = "run.out_dir '" + out_dir + "' already holds a run (" + held +
+                "): continue it with --resume auto, or choose a new run.out_dir (--overwrite moves the old run aside)";
+    } else if (!held.empty()) {
+      std::string dir = out_dir;
+      while (dir.size() > 1 && dir.back() == '/') dir.pop_back();
+      std::string aside;
+      for (int n = 1; aside.empty() || files::exists(aside); ++n) aside = dir + ".replaced-" + std::to_string(n);
+      files::rename_path(dir, aside);
+      log_line("--overwrite: moved the earlier run (" + held + ") aside to " + aside);
+    }
+  }
+  if (dist::all_sum(world, refusal.empty() ? 0.0 : 1.0) > 0)
+    throw Error("[train] " + (refusal.empty() ? "rank 0 refused to start: run.out_dir '" + out_dir + "' already holds a run" : refusal));
+}
+
+// The newest checkpoint of `out_dir` that verifies, for error messages after a divergence.
+std::string last_good_checkpoint(const std::string& out_dir, const std::string& verify) {
+  try {
+    if (auto dir = ckpt::newest_verified_checkpoint(files::join(out_dir, "ckpt"), verify)) return *dir;
+  } catch (const Error&) {
+  }
+  return "none (no checkpoint of this run verifies)";
+}
+
+// True on every rank when every rank's weights and AdamW moments are finite.
+bool all_finite(Parallel& parallel, const optim::AdamW& optimizer) {
+  std::vector<torch::Tensor> state = parallel.params();
+  for (const auto& s : optimizer.states()) {
+    state.push_back(s.exp_avg);
+    state.push_back(s.exp_avg_sq);
+  }
+  return !parallel.any(!std::isfinite(Parallel::max_abs(state)));
+}
+
 }  // namespace
 
 TrainResult train(const config::Config& given, const TrainOptions& options) {
@@ -412,16 +565,27 @@ TrainResult train(const config::Config& given, const TrainOptions& options) {
   auto& optimizer = trainable.optimizer;
   auto& parallel = trainable.parallel;
 
+  claim_run_folder(out_dir, options, *comm);
   ckpt::Progress progress;
   TrainResult result;
   if (!options.resume.empty()) {
-    const std::string where = options.resume == "auto" ? cfg.run.out_dir : options.resume;
-    const bool fresh_run = options.resume == "auto" && !files::exists(where);
-    auto step_dir = fresh_run ? std::nullopt : ckpt::find_checkpoint(where);
-    if (!step_dir && options.resume != "auto")
+    const bool automatic = options.resume == "auto";
+    const std::string where = automatic ? cfg.run.out_dir : options.resume;
+    const bool fresh_run = automatic && !files::exists(where);
+    auto step_dir = fresh_run ? std::nullopt : ckpt::find_checkpoint(where, cfg.checkpoint.verify);
+    if (!step_dir && !automatic)
       throw CheckpointError("'" + options.resume + "' holds no checkpoint to resume from");
     if (step_dir) {
-      auto manifest = ckpt::open_checkpoint(*step_dir, cfg.checkpoint.verify);
+      ckpt::Manifest manifest;
+      try {
+        manifest = ckpt::open_checkpoint(*step_dir, cfg.checkpoint.verify);
+      } catch (const CheckpointError& e) {
+        // Name the checkpoint that would load, so that the way on is one command.
+        const auto older = ckpt::newest_verified_checkpoint(files::parent(*step_dir), cfg.checkpoint.verify, *step_dir);
+        throw Error(std::string(e.what()) + (older ? "; the newest checkpoint that verifies is " + *older +
+                                                         " (--resume " + *older + " continues from it)"
+                                                   : "; no other checkpoint of this run verifies"));
+      }
       ckpt::load_model(*step_dir, *model);
       ckpt::load_optimizer(*step_dir, optimizer, *model, comm->rank());
       progress = manifest.progress;
@@ -471,21 +635,19 @@ TrainResult train(const config::Config& given, const TrainOptions& options) {
   double step_time_ema = 0;
   int64_t window_tokens = 0;
   double tokens_time = 0;
+  int64_t skipped_in_a_row = 0;
   const double elapsed_before = progress.elapsed_s;
 
   for (int64_t step = progress.step; step < total_steps; ++step) {
     const double step_start = now_s();
     // ---- the step ----------------------------------------------------------------------------------
     const double lr = optim::learning_rate(cfg.optim, step, decay_steps);
-    auto outcome = train_step(*model, optimizer, parallel, cfg, lr, device,
+    auto outcome = train_step(*model, optimizer, parallel, cfg, step, lr, device,
                               [&](int micro) { return sampler.batch(step, micro); });
     const double grad_norm = outcome.grad_norm;
     const MoETelemetry& moe_telemetry = outcome.telemetry;
     // ---- bookkeeping -------------------------------------------------------------------------------
     const double loss = outcome.loss;
-    if (!std::isfinite(loss))
-      throw Error("[train] loss became " + format_double(loss) + " at step " + std::to_string(step + 1) +
-                  " (lower optim.lr or check the data)");
     progress.step = step + 1;
     progress.tokens += tokens_per_step;
     result.losses.push_back(loss);
@@ -496,17 +658,41 @@ TrainResult train(const config::Config& given, const TrainOptions& options) {
     tokens_time += step_s;
     progress.elapsed_s = elapsed_before + (step_end - run_start);
 
+    // A non-finite step changed nothing (train_step skipped its update); train.nonfinite says whether
+    // the run goes on. A run that stops never saves: the last checkpoint is the last good state.
+    skipped_in_a_row = outcome.applied ? 0 : skipped_in_a_row + 1;
+    if (!outcome.applied) {
+      ++result.skipped_steps;
+      const std::string what = "step " + std::to_string(progress.step) + ": " + outcome.nonfinite;
+      if (cfg.train.nonfinite == "stop" || skipped_in_a_row > cfg.train.max_skipped_steps) {
+        if (saver.in_flight())
+          if (auto dir = saver.poll(/*wait=*/true)) result.last_checkpoint = *dir;  // taken before this step
+        throw Error("[train] " + what + "; the update was not applied and nothing was saved" +
+                    (cfg.train.nonfinite == "stop" ? std::string(" (train.nonfinite = stop)")
+                                                   : " (" + std::to_string(skipped_in_a_row) +
+                                                         " steps in a row, more than train.max_skipped_steps = " +
+                                                         std::to_string(cfg.train.max_skipped_steps) + ")") +
+                    ". Last good checkpoint: " + last_good_checkpoint(out_dir, cfg.checkpoint.verify) +
+                    " (--resume auto continues from it; lower optim.lr or check the data)");
+      }
+      log_line("warning: " + what + ": update skipped (" + std::to_string(skipped_in_a_row) + " in a row, at most " +
+               std::to_string(cfg.train.max_skipped_steps) + ")");
+    }
+
     const bool last = progress.step == total_steps;
     const bool stop = parallel.any(g_stop_signal != 0);
-    const bool do_log = last || stop || progress.step % cfg.train.log_every == 0;
-    const bool do_eval = last || (cfg.train.eval_every > 0 && progress.step % cfg.train.eval_every == 0);
+    const bool do_log = last || stop || !outcome.applied || progress.step % cfg.train.log_every == 0;
+    const bool do_eval = !stop && (last || (cfg.train.eval_every > 0 && progress.step % cfg.train.eval_every == 0));
     const bool do_save = last || stop || (cfg.checkpoint.every > 0 && progress.step % cfg.checkpoint.every == 0);
 
     double val_loss = -1;
+    bool stopped_in_eval = false;
     if (do_eval) {
-      val_loss = evaluate(*model, val_shard, cfg.train.eval_batches, cfg.train.micro_batch_size, cfg.data.seq_len,
-                          device, comm.get());
-      result.final_val_loss = val_loss;
+      // A stop signal ends the evaluation between batches: the grace after SIGTERM is one batch, not all.
+      const auto val = evaluate(*model, val_shard, cfg.train.eval_batches, cfg.train.micro_batch_size,
+                                cfg.data.seq_len, device, comm.get(), [&] { return parallel.any(g_stop_signal != 0); });
+      stopped_in_eval = !val;
+      if (val) result.final_val_loss = val_loss = *val;
     }
     if (do_log && comm->rank() == 0) {
       const double tok_s = double(window_tokens) / std::max(1e-9, tokens_time);  // step time only, no eval
@@ -522,6 +708,10 @@ TrainResult train(const config::Config& given, const TrainOptions& options) {
       rec["gpu_hours"] = gpu_hours_at(progress.elapsed_s);
       rec["cost_usd"] = gpu_hours_at(progress.elapsed_s) * cfg.cost.price_per_gpu_hour;
       if (val_loss >= 0) rec["val_loss"] = val_loss;
+      if (!outcome.applied) {
+        rec["skipped"] = true;
+        rec["nonfinite"] = outcome.nonfinite;
+      }
       moe_telemetry.write(rec);
       metrics << rec.dump() << "\n" << std::flush;
       std::string line = progress_line(progress.step, total_steps, loss, lr, grad_norm, tok_s,
@@ -534,7 +724,7 @@ TrainResult train(const config::Config& given, const TrainOptions& options) {
       log_line(line);
       window_tokens = 0;
       tokens_time = 0;
-    } else if (do_eval) {
+    } else if (val_loss >= 0) {
       log_line("step " + std::to_string(progress.step) + " | val_loss " + format_double(val_loss, 4));
     }
     // Checkpoints: every rank writes what it owns, rank 0 commits. With checkpoint.async the files
@@ -543,17 +733,23 @@ TrainResult train(const config::Config& given, const TrainOptions& options) {
       result.last_checkpoint = dir;
       if (comm->rank() == 0) ckpt::apply_retention(cfg.run.out_dir, cfg.checkpoint.keep_last, cfg.checkpoint.keep_every);
     };
+    const bool stopping = stop || stopped_in_eval;
+    const bool saving = do_save || stopped_in_eval;
     if (saver.in_flight())
-      if (auto dir = saver.poll(/*wait=*/do_save)) committed(*dir);
-    if (do_save) {
+      if (auto dir = saver.poll(/*wait=*/saving)) committed(*dir);
+    if (saving && !all_finite(parallel, optimizer))  // never reached by a skipped step; a last guard
+      throw Error("[train] step " + std::to_string(progress.step) +
+                  ": the weights or AdamW moments hold non-finite values; nothing was saved. Last good checkpoint: " +
+                  last_good_checkpoint(out_dir, cfg.checkpoint.verify));
+    if (saving) {
       progress.gpu_hours = gpu_hours_at(progress.elapsed_s);
       progress.cost_usd = progress.gpu_hours * cfg.cost.price_per_gpu_hour;
-      if (cfg.checkpoint.async && !last && !stop)
+      if (cfg.checkpoint.async && !last && !stopping)
         saver.start(cfg.run.out_dir, *model, optimizer, config_yaml, progress, layout.get());
       else
         committed(ckpt::save_checkpoint(cfg.run.out_dir, *model, optimizer, config_yaml, progress, layout.get()));
     }
-    if (stop) {
+    if (stopping) {
       const std::string why = g_stop_signal == SIGTERM ? "SIGTERM" : g_stop_signal == SIGINT ? "SIGINT" : "a stop signal on another rank";
       log_line("received " + why + ": saved " +
                result.last_checkpoint + ", exiting");
@@ -619,11 +815,10 @@ BenchResult bench_steps(const config::Config& given, int warmup_steps, int steps
     if (i == warmup_steps) a2a_bytes_at_start = layout->ep->all_to_all_bytes_sent();
     const double lr = optim::learning_rate(cfg.optim, i, std::max<int64_t>(1, cfg.optim.decay_steps > 0 ? cfg.optim.decay_steps : cfg.train.steps));
     const double start = now_s();
-    auto outcome = train_step(*model, optimizer, parallel, cfg, lr, device, [&](int micro) { return synthetic(i, micro); });
+    auto outcome = train_step(*model, optimizer, parallel, cfg, i, lr, device, [&](int micro) { return synthetic(i, micro); });
     if (device.is_cuda()) torch::cuda::synchronize();
     const double took = now_s() - start;
-    if (!std::isfinite(outcome.loss))
-      throw Error("[bench-step] loss became " + format_double(outcome.loss) + " at step " + std::to_string(i + 1));
+    if (!outcome.applied) throw Error("[bench-step] step " + std::to_string(i + 1) + ": " + outcome.nonfinite);
     if (i == 0) r.first_loss = outcome.loss;
     r.last_loss = outcome.loss;
     if (i >= warmup_steps) step_s.push_back(took);

@@ -1,6 +1,8 @@
 // The training loop: data -> forward -> loss (+ aux) -> backward -> clip -> AdamW, then bookkeeping
 // (metrics.jsonl, progress line, validation, checkpoints) clearly after the step.
 #pragma once
+#include <functional>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -12,7 +14,8 @@
 namespace moetrain::train {
 
 struct TrainOptions {
-  std::string resume;  // "" = fresh run, "auto" = newest checkpoint of run.out_dir if any, else a path
+  std::string resume;      // "" = fresh run, "auto" = newest checkpoint of run.out_dir if any, else a path
+  bool overwrite = false;  // a fresh run into a run.out_dir that holds a run moves that run aside first
 };
 
 struct TrainResult {
@@ -22,6 +25,7 @@ struct TrainResult {
   double final_val_loss = 0;
   double tokens_per_s = 0;           // mean over the steps this process ran
   bool interrupted = false;          // stopped early by SIGTERM/SIGINT after saving
+  int64_t skipped_steps = 0;         // steps whose update was skipped for a non-finite loss or gradient
   std::string last_checkpoint;
   // The cost meter, for the whole run so far (a resumed run includes the time before it).
   int64_t tokens = 0;
@@ -64,6 +68,12 @@ BenchResult bench_steps(const config::Config& cfg, int warmup_steps, int steps, 
 // every rank returns the mean over all of them (the same figure at any layout).
 double evaluate(const model::TransformerImpl& model, const data::Shard& shard, int n_batches, int batch_size,
                 int seq_len, torch::Device device, dist::Communicator* world = nullptr);
+// The same, asking `stop` before each batch (collective where it is: every rank asks at the same
+// batches and gets the same answer); nullopt when it said stop, so a preemption during a long
+// evaluation waits for one batch, not all of them.
+std::optional<double> evaluate(const model::TransformerImpl& model, const data::Shard& shard, int n_batches,
+                               int batch_size, int seq_len, torch::Device device, dist::Communicator* world,
+                               const std::function<bool()>& stop);
 
 // Device from run.device ("cpu" or "cuda"); a missing GPU is a clear error.
 torch::Device resolve_device(const config::RunConfig& run);

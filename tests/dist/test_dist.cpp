@@ -669,3 +669,29 @@ CATCH_TEST_CASE("Expert parallel with a capacity factor: drops are per rank, tra
   for (std::string line; std::getline(metrics, line);) dropped += nlohmann::json::parse(line)["drop_fraction"].get<double>();
   CATCH_CHECK(dropped > 0);
 }
+
+// A non-finite gradient on one rank: every rank skips the same step (the decision is global), so the
+// job still follows one process that skipped that step; with train.nonfinite = stop every rank exits
+// non-zero, naming the rank, and the last checkpoint is the one before the step.
+CATCH_TEST_CASE("A NaN gradient on one rank of two is skipped by every rank, or stops the job naming the rank",
+                "[dist][train][reliability]") {
+  testing::TempDir dir("dist-nonfinite");
+  const auto data_dir = testing::make_corpus(dir);
+  auto cfg = equivalence_config(data_dir, dir.str("w1"));
+  ::setenv("MOETRAIN_TEST_NONFINITE", "grad@2", 1);
+  const auto one = train_at(cfg, 1, 1);
+  ::setenv("MOETRAIN_TEST_NONFINITE", "grad@2:1", 1);
+  cfg.run.out_dir = dir.str("w2ep2");
+  const auto two = train_at(cfg, 2, 2);
+  cfg.run.out_dir = dir.str("stop");
+  cfg.train.nonfinite = "stop";
+  cfg.checkpoint.every = 1;
+  const auto stopped = train_at(cfg, 2, 2);
+  ::unsetenv("MOETRAIN_TEST_NONFINITE");
+  CATCH_REQUIRE(one.exit_code == 0);
+  check_same_run(two, one, "world 2, ep 2, rank 1's gradient NaN at step 2");
+  CATCH_INFO(stopped.output);
+  CATCH_CHECK(stopped.exit_code != 0);
+  CATCH_CHECK_THAT(stopped.output, Contains("step 2") && Contains("non-finite gradients on rank 1"));
+  CATCH_CHECK(files::read_file(dir.str("stop/ckpt/latest")) == "step_00000001\n");
+}
