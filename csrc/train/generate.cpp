@@ -5,6 +5,7 @@
 #include <ATen/CPUGeneratorImpl.h>
 
 #include "common/errors.h"
+#include "cost/memory.h"
 #include "hf/hf.h"
 #include "train/trainer.h"
 
@@ -28,6 +29,7 @@ LoadedModel load_for_inference(const std::string& path, const std::string& verif
   loaded.step_dir = *step_dir;
   loaded.manifest = ckpt::open_checkpoint(*step_dir, verify);
   loaded.cfg = config::parse_config(loaded.manifest.config_yaml, *step_dir + "/manifest.json");
+  cost::require_memory(loaded.cfg, /*expert_parallel=*/1, /*training=*/false);  // before allocating the weights
   configure_threads(loaded.cfg.run);
   loaded.model = model::Transformer(loaded.cfg.model);
   ckpt::load_model(*step_dir, *loaded.model);

@@ -17,6 +17,7 @@
 #include "common/log.h"
 #include "cost/flops.h"
 #include "cost/hardware.h"
+#include "cost/memory.h"
 #include "data/sampler.h"
 #include "dist/communicator.h"
 #include "optim/adamw.h"
@@ -356,6 +357,7 @@ struct Process {
     configure_threads(cfg.run);
     device = resolve_device(cfg.run);
     compute_dtype = resolve_compute_dtype(cfg.run);
+    cost::require_memory(cfg, layout->ep_size(), /*training=*/true);  // refuse an absurd size before allocating
   }
   std::shared_ptr<const dist::Layout> layout;
   config::Config cfg;
