@@ -42,9 +42,7 @@ int run_eval(const std::vector<std::string>& argv) {
     throw UsageError("--seq-len " + std::to_string(seq_len) + " must be in [1, " + std::to_string(model_cfg.max_seq_len) +
                      "] (the model's context)");
   if (batch_size < 1) throw UsageError("--batch-size must be >= 1");
-  if (shard.vocab_size() > uint64_t(model_cfg.vocab_size))
-    throw DataError(shard_path + " holds tokens of a " + std::to_string(shard.vocab_size()) +
-                    "-token vocabulary, but the model has " + std::to_string(model_cfg.vocab_size));
+  data::require_vocabulary(shard, model_cfg.vocab_size);  // the checkpoint's model.vocab_size
   if (shard.size() < 2) throw DataError(shard_path + " has fewer than 2 tokens: nothing to predict");
 
   // Windows [s*L, s*L + L + 1) cover every next-token prediction once; the last may be shorter.

@@ -4,6 +4,8 @@
 
 #include <ATen/CPUGeneratorImpl.h>
 
+#include <cmath>
+
 #include "common/errors.h"
 #include "cost/memory.h"
 #include "hf/hf.h"
@@ -42,6 +44,8 @@ std::vector<int64_t> generate(const model::TransformerImpl& model, const std::ve
   torch::NoGradGuard no_grad;
   const auto& cfg = model.config();
   if (prompt.empty()) throw UsageError("the prompt is empty: give at least one token");
+  if (!std::isfinite(options.temperature) || options.temperature < 0)
+    throw UsageError("temperature " + std::to_string(options.temperature) + " must be a finite number >= 0 (0 = greedy)");
   for (auto id : prompt)
     if (id < 0 || id >= cfg.vocab_size)
       throw UsageError("prompt token " + std::to_string(id) + " is outside the vocabulary [0, " +
