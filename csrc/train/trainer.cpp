@@ -409,7 +409,7 @@ TrainResult train(const config::Config& given, const TrainOptions& options) {
   }
   if (val_shard.learned_tokens() == 0)
     log_line("warning: " + val_shard.mask_path() + " marks no token of " + val_shard.path() +
-             " as learned: validation has nothing to measure (val_loss will be nan)");
+             " as learned: validation measures nothing, so no val_loss is reported");
   data::Sampler sampler(train_shard, {cfg.run.seed, cfg.data.seq_len, cfg.train.micro_batch_size,
                                       cfg.train.grad_accum, comm->rank(), comm->world_size()});
 

@@ -86,3 +86,42 @@ CATCH_TEST_CASE("train, bench-step, generate and eval refuse an absurd size in o
     CATCH_CHECK_THAT(bench.output, Contains("GiB") && Contains("model.d_model = "));
   }
 }
+
+CATCH_TEST_CASE("generate and eval refuse a checkpoint whose config is too large, before building it", "[cost][cli]") {
+  testing::TempDir dir("memory-checkpoint");
+  // A real checkpoint of the tiny model, whose manifest's config then claims d_model = 1e9.
+  std::string corpus;
+  for (int i = 0; i < 400; ++i) corpus += "the router sends token " + std::to_string(i) + " to two experts\n";
+  testing::write_bytes(dir.str("corpus.txt"), corpus);
+  config::Config cfg;
+  cfg.model = testing::tiny_model_config();
+  cfg.model.vocab_size = 256;
+  cfg.data.dir = dir.str("data");
+  cfg.data.seq_len = 16;
+  cfg.run.out_dir = dir.str("run");
+  cfg.train.steps = 1;
+  cfg.train.micro_batch_size = 2;
+  testing::write_config(cfg, dir.str("run.yaml"));
+  CATCH_REQUIRE(testing::run_command(kBinary + " prepare-data --text " + dir.str("corpus.txt") + " --out " +
+                                     dir.str("data")).exit_code == 0);
+  CATCH_REQUIRE(testing::run_command("OMP_NUM_THREADS=1 timeout 120 " + kBinary + " train --config " +
+                                     dir.str("run.yaml")).exit_code == 0);
+  const std::string manifest_path = dir.str("run/ckpt/step_00000001/manifest.json");
+  std::string manifest = files::read_file(manifest_path);
+  const std::string from = "d_model: 16\\n", to = "d_model: 1000000000\\n";  // inside a JSON string
+  const size_t at = manifest.find(from);
+  CATCH_REQUIRE(at != std::string::npos);
+  manifest.replace(at, from.size(), to);
+  testing::write_bytes(manifest_path, manifest);
+
+  for (const std::string& command : {kBinary + " generate --checkpoint " + dir.str("run") + " --prompt hi",
+                                     kBinary + " eval --checkpoint " + dir.str("run") + " --data " + dir.str("data")}) {
+    CATCH_INFO(command);
+    auto r = stderr_of(command);
+    CATCH_INFO(r.output);
+    CATCH_CHECK(r.exit_code == 1);
+    CATCH_CHECK(std::count(r.output.begin(), r.output.end(), '\n') == 1);
+    CATCH_CHECK_THAT(r.output, Contains("moetrain: [config]") && Contains("model.d_model = 1000000000") &&
+                                   Contains("fp32 weights alone") && Contains("GiB"));
+  }
+}
