@@ -34,6 +34,8 @@ int run_eval(const std::vector<std::string>& argv) {
   std::string shard_path = args.require("data");
   if (files::is_directory(shard_path)) shard_path = files::join(shard_path, "val.bin");
   const data::Shard shard(shard_path);
+  if (shard.has_mask() && shard.learned_tokens() == 0)  // before loading a model: there would be no loss
+    throw DataError(shard.mask_path() + " marks no token of " + shard_path + " as learned: no loss to measure");
   auto loaded = train::load_for_inference(args.require("checkpoint"));
   const auto& model_cfg = loaded.cfg.model;
   const int seq_len = args.get_int("seq-len", loaded.cfg.data.seq_len);

@@ -397,6 +397,7 @@ std::optional<std::string> integer_bound_text(const std::string& text) {
   const size_t digits = negative ? 1 : 0;
   if (s.size() == digits || !std::all_of(s.begin() + digits, s.end(), [](char c) { return c >= '0' && c <= '9'; }))
     return std::nullopt;
+  if (negative && s.find_first_not_of('0', 1) == std::string::npos) return std::nullopt;  // "-0" for an unsigned key
   if (negative) return "smaller than the minimum " + std::to_string(std::numeric_limits<T>::min());
   return "larger than the maximum " + std::to_string(std::numeric_limits<T>::max());
 }

@@ -79,6 +79,12 @@ CATCH_TEST_CASE("A val mask that learns nothing warns once at start", "[train][d
   CATCH_INFO(r.output);
   CATCH_CHECK(count_of(r.output, "marks no token of " + val) == 1);
   CATCH_CHECK(count_of(r.output, "warning: " + data::mask_path_for(val)) == 1);
+  // eval has nothing to report either: one line naming the mask, before it loads the model.
+  auto eval = testing::run_command("{ " + kBinary + " eval --checkpoint " + dir.str("run") + " --data " + data_dir +
+                                   " 2>&1 >/dev/null; }");
+  CATCH_CHECK(eval.exit_code == 1);
+  CATCH_CHECK(count_of(eval.output, "\n") == 1);
+  CATCH_CHECK_THAT(eval.output, Contains(data::mask_path_for(val)) && Contains("marks no token"));
 }
 
 CATCH_TEST_CASE("train.bin truncated mid-run: exit 1, one line naming it, the last checkpoint intact", "[train][data][cli]") {
