@@ -34,6 +34,8 @@ int run_eval(const std::vector<std::string>& argv) {
   std::string shard_path = args.require("data");
   if (files::is_directory(shard_path)) shard_path = files::join(shard_path, "val.bin");
   const data::Shard shard(shard_path);
+  if (shard.has_mask() && shard.learned_tokens() == 0)  // before loading a model: there would be no loss
+    throw DataError(shard.mask_path() + " marks no token of " + shard_path + " as learned: no loss to measure");
   auto loaded = train::load_for_inference(args.require("checkpoint"));
   const auto& model_cfg = loaded.cfg.model;
   const int seq_len = args.get_int("seq-len", loaded.cfg.data.seq_len);
@@ -42,9 +44,7 @@ int run_eval(const std::vector<std::string>& argv) {
     throw UsageError("--seq-len " + std::to_string(seq_len) + " must be in [1, " + std::to_string(model_cfg.max_seq_len) +
                      "] (the model's context)");
   if (batch_size < 1) throw UsageError("--batch-size must be >= 1");
-  if (shard.vocab_size() > uint64_t(model_cfg.vocab_size))
-    throw DataError(shard_path + " holds tokens of a " + std::to_string(shard.vocab_size()) +
-                    "-token vocabulary, but the model has " + std::to_string(model_cfg.vocab_size));
+  data::require_vocabulary(shard, model_cfg.vocab_size);  // the checkpoint's model.vocab_size
   if (shard.size() < 2) throw DataError(shard_path + " has fewer than 2 tokens: nothing to predict");
 
   // Windows [s*L, s*L + L + 1) cover every next-token prediction once; the last may be shorter.

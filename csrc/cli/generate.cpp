@@ -1,5 +1,6 @@
 // `moetrain generate`: sample from a checkpoint (ours or hf:DIR), text through the byte tokenizer or
 // token ids in and out (--prompt-ids, --print-ids) for models whose tokenizer lives elsewhere.
+#include <cmath>
 #include <cstdio>
 
 #include "cli/args.h"
@@ -56,7 +57,8 @@ int run_generate(const std::vector<std::string>& argv) {
   options.top_k = args.get_int("top-k", options.top_k);
   options.seed = args.get_u64("seed", options.seed);
   if (options.max_new_tokens < 0) throw UsageError("--max-new-tokens must be >= 0");
-  if (options.temperature < 0) throw UsageError("--temperature must be >= 0");
+  if (!std::isfinite(options.temperature) || options.temperature < 0)  // NaN passes a plain "< 0"
+    throw UsageError("--temperature " + args.get("temperature") + " must be a finite number >= 0 (0 = greedy)");
   if (options.top_k < 0) throw UsageError("--top-k must be >= 0");
 
   if (args.has("prompt") == args.has("prompt-ids")) throw UsageError("give exactly one of --prompt and --prompt-ids");

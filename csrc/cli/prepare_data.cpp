@@ -13,7 +13,8 @@ int run_prepare_data(const std::vector<std::string>& argv) {
                         "Tokenize text files with the byte tokenizer into DIR/train.bin and DIR/val.bin.",
                         {{"text", "FILE", "input text file (repeatable; concatenated in order)", true},
                          {"out", "DIR", "output folder"},
-                         {"val-fraction", "F", "share of the text (its end) kept for validation (default 0.05)"}}};
+                         {"val-fraction", "F", "share of the text (its end) kept for validation (default 0.05)"},
+                         {"overwrite", "", "replace the shards (and loss masks) already in the --out folder"}}};
   Args args(command, argv);
   if (args.help()) {
     std::fputs(usage(command).c_str(), stdout);
@@ -23,7 +24,7 @@ int run_prepare_data(const std::vector<std::string>& argv) {
   const double val_fraction = args.get_double("val-fraction", 0.05);
   if (!(val_fraction > 0 && val_fraction < 1)) throw UsageError("--val-fraction must be in (0, 1)");
   const std::string out = args.require("out");
-  const auto stats = data::prepare_text(args.all("text"), out, val_fraction);
+  const auto stats = data::prepare_text(args.all("text"), out, val_fraction, args.has("overwrite"));
   log_line("wrote " + out + "/train.bin (" + format_count(double(stats.train_tokens)) + " tokens) and " + out +
            "/val.bin (" + format_count(double(stats.val_tokens)) + " tokens)");
   return 0;

@@ -3,6 +3,7 @@
 // key is declared exactly once.
 #include "config/config.h"
 
+#include <yaml-cpp/depthguard.h>
 #include <yaml-cpp/yaml.h>
 
 #include <algorithm>
@@ -397,6 +398,20 @@ bool parse_integer(const std::string& text, T& out) {
   return !s.empty() && ec == std::errc() && end == s.data() + s.size();
 }
 
+// For integer text that T cannot hold, which bound it passes ("larger than the maximum 2147483647");
+// nullopt for text that is not an integer at all.
+template <typename T>
+std::optional<std::string> integer_bound_text(const std::string& text) {
+  const std::string s = strip_plus(text);
+  const bool negative = !s.empty() && s[0] == '-';
+  const size_t digits = negative ? 1 : 0;
+  if (s.size() == digits || !std::all_of(s.begin() + digits, s.end(), [](char c) { return c >= '0' && c <= '9'; }))
+    return std::nullopt;
+  if (negative && s.find_first_not_of('0', 1) == std::string::npos) return std::nullopt;  // "-0" for an unsigned key
+  if (negative) return "smaller than the minimum " + std::to_string(std::numeric_limits<T>::min());
+  return "larger than the maximum " + std::to_string(std::numeric_limits<T>::max());
+}
+
 bool parse_double(const std::string& text, double& out) {
   std::string s = strip_plus(text);
   auto [end, ec] = std::from_chars(s.data(), s.data() + s.size(), out);
@@ -455,7 +470,11 @@ void set_from_node(const KeyDesc& k, const YAML::Node& node, Config& cfg, const 
           field = v;
         } else {
           T v{};
-          if (!parse_integer(text, v)) fail();
+          if (!parse_integer(text, v)) {
+            if (auto bound = integer_bound_text<T>(text))
+              throw ConfigError(where + ": " + k.path + ": " + strip_plus(text) + " is " + *bound);
+            fail();
+          }
           field = v;
         }
       },
@@ -549,8 +568,36 @@ void apply_mapping(const YAML::Node& map, const std::string& prefix, Config& cfg
   }
 }
 
+// A config nests four levels (model.moe.router.score_func); far deeper YAML is damage or an attack
+// on the parser's recursion. yaml-cpp itself stops at 2000 levels (YAML::DeepRecursion).
+constexpr int kMaxYamlDepth = 64;
+
+// The first node deeper than kMaxYamlDepth (the top level is depth 1), if any; recurses at most
+// kMaxYamlDepth + 1 levels.
+std::optional<YAML::Mark> too_deep(const YAML::Node& node, int depth = 1) {
+  if (depth > kMaxYamlDepth) return node.Mark();
+  if (node.IsMap()) {
+    for (const auto& entry : node) {
+      const YAML::Node key = entry.first, value = entry.second;
+      if (auto m = too_deep(key, depth + 1)) return m;
+      if (auto m = too_deep(value, depth + 1)) return m;
+    }
+  } else if (node.IsSequence()) {
+    for (const auto& item : node)
+      if (auto m = too_deep(YAML::Node(item), depth + 1)) return m;
+  }
+  return std::nullopt;
+}
+
+std::string too_deep_text() {
+  return "YAML nested more than " + std::to_string(kMaxYamlDepth) +
+         " levels deep (a moetrain config nests at most 4, as in model.moe.router.score_func)";
+}
+
 void apply_override(const std::string& override_text, Config& cfg) {
-  const std::string where = "--set " + override_text;
+  constexpr size_t kShownChars = 80;  // a huge override is named by its start, not echoed whole
+  const std::string where = "--set " + (override_text.size() <= kShownChars ? override_text
+                                                                           : override_text.substr(0, kShownChars) + "...");
   size_t eq = override_text.find('=');
   std::string path = override_text.substr(0, eq);
   path.erase(0, path.find_first_not_of(" \t"));
@@ -570,9 +617,12 @@ void apply_override(const std::string& override_text, Config& cfg) {
   YAML::Node value;
   try {
     value = YAML::Load(override_text.substr(eq + 1));
+  } catch (const YAML::DeepRecursion&) {
+    throw ConfigError(where + ": " + too_deep_text());
   } catch (const YAML::Exception& e) {
     throw ConfigError(where + ": " + e.msg);
   }
+  if (too_deep(value)) throw ConfigError(where + ": " + too_deep_text());
   set_from_node(*k, value, cfg, where);
 }
 
@@ -607,6 +657,8 @@ Config parse_config(const std::string& yaml_text, const std::string& source,
   std::vector<YAML::Node> docs;
   try {
     docs = YAML::LoadAll(yaml_text);
+  } catch (const YAML::DeepRecursion& e) {
+    throw ConfigError(location(source, e.mark) + ": " + too_deep_text());
   } catch (const YAML::ParserException& e) {
     throw ConfigError(location(source, e.mark) + ": " + e.msg);
   } catch (const YAML::Exception& e) {
@@ -615,6 +667,8 @@ Config parse_config(const std::string& yaml_text, const std::string& source,
   if (docs.size() > 1)
     throw ConfigError(source + ": holds " + std::to_string(docs.size()) + " YAML documents; expected one");
 
+  for (const auto& doc : docs)
+    if (auto mark = too_deep(doc)) throw ConfigError(location(source, *mark) + ": " + too_deep_text());
   Config cfg;
   if (!docs.empty() && !docs[0].IsNull()) {  // an empty file is all defaults
     const YAML::Node& root = docs[0];

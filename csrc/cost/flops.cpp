@@ -1,6 +1,10 @@
 // Training FLOPs and parameter counts from the config, part by part (see flops.h for the conventions).
 #include "cost/flops.h"
 
+#include <cstdio>
+
+#include "common/errors.h"
+
 namespace moetrain::cost {
 
 namespace {
@@ -11,47 +15,75 @@ bool is_mla(const config::ModelConfig& m) { return m.attention == "mla"; }
 bool has_moe_layers(const config::ModelConfig& m) { return m.dense_layers < m.n_layers; }
 int n_moe_layers(const config::ModelConfig& m) { return m.n_layers - m.dense_layers; }
 
+// Counts are computed in T: int64_t for exact counts (callers check the size first), double where a
+// config may be absurd (model.d_model = 1e9 squared times the layers overflows int64).
+
 // Weights of the attention projections (the matmul FLOPs per token are twice this).
-int64_t attention_weights(const config::ModelConfig& m) {
-  const int64_t D = m.d_model, H = m.n_heads;
+template <typename T>
+T attention_weights(const config::ModelConfig& m) {
+  const T D = m.d_model, H = m.n_heads;
   if (!is_mla(m)) {
-    const int64_t hd = config::head_dim(m), G = m.n_kv_heads;
+    const T hd = config::head_dim(m), G = m.n_kv_heads;
     return D * H * hd + 2 * D * G * hd + H * hd * D;
   }
   const auto& a = m.mla;
-  const int64_t qk = a.qk_nope_head_dim + a.qk_rope_head_dim;
-  const int64_t q = a.q_lora_rank > 0 ? D * a.q_lora_rank + int64_t(a.q_lora_rank) * H * qk : D * H * qk;
-  const int64_t kv = D * (a.kv_lora_rank + a.qk_rope_head_dim) +
-                     int64_t(a.kv_lora_rank) * H * (a.qk_nope_head_dim + a.v_head_dim);
-  const int64_t o = H * a.v_head_dim * D;
+  const T qk = T(a.qk_nope_head_dim) + a.qk_rope_head_dim;
+  const T q = a.q_lora_rank > 0 ? D * a.q_lora_rank + T(a.q_lora_rank) * H * qk : D * H * qk;
+  const T kv = D * (T(a.kv_lora_rank) + a.qk_rope_head_dim) + T(a.kv_lora_rank) * H * (T(a.qk_nope_head_dim) + a.v_head_dim);
+  const T o = H * a.v_head_dim * D;
   return q + kv + o;
 }
 
 // MLA's norms on the query and key/value latents.
-int64_t attention_norm_weights(const config::ModelConfig& m) {
-  return is_mla(m) ? int64_t(m.mla.q_lora_rank) + m.mla.kv_lora_rank : 0;
+template <typename T>
+T attention_norm_weights(const config::ModelConfig& m) {
+  return is_mla(m) ? T(m.mla.q_lora_rank) + m.mla.kv_lora_rank : 0;
 }
 
-int64_t swiglu_weights(int64_t d_model, int64_t hidden) { return 3 * d_model * hidden; }
+template <typename T>
+T swiglu_weights(T d_model, T hidden) { return 3 * d_model * hidden; }
 
 // One MTP module's own parameters: its block, the 2D x D projection and three norms (on the hidden
 // state, on the embedding, and before the shared head).
-int64_t mtp_module_weights(const config::ModelConfig& m, bool active_only) {
-  const int64_t D = m.d_model;
-  int64_t block = attention_weights(m) + attention_norm_weights(m) + 2 * D;
+template <typename T>
+T mtp_module_weights(const config::ModelConfig& m, bool active_only) {
+  const T D = m.d_model;
+  T block = attention_weights<T>(m) + attention_norm_weights<T>(m) + 2 * D;
   if (has_moe_layers(m)) {
-    const int experts = active_only ? m.moe.top_k : m.moe.n_experts;
-    block += experts * swiglu_weights(D, m.moe.expert_hidden) +
-             m.moe.n_shared_experts * swiglu_weights(D, config::shared_hidden(m.moe)) + int64_t(m.moe.n_experts) * D;
+    const T experts = active_only ? m.moe.top_k : m.moe.n_experts;
+    block += experts * swiglu_weights<T>(D, m.moe.expert_hidden) +
+             T(m.moe.n_shared_experts) * swiglu_weights<T>(D, config::shared_hidden(m.moe)) + T(m.moe.n_experts) * D;
   } else {
-    block += swiglu_weights(D, m.dense_hidden);
+    block += swiglu_weights<T>(D, m.dense_hidden);
   }
   return block + 2 * D * D + 3 * D;
 }
 
+template <typename T>
+BasicParamCounts<T> count_params(const config::ModelConfig& m) {
+  const T D = m.d_model, V = m.vocab_size, moe = n_moe_layers(m), L = m.n_layers;
+  BasicParamCounts<T> p;
+  p.embedding = V * D;
+  p.lm_head = m.tie_embeddings ? 0 : V * D;
+  p.attention = L * attention_weights<T>(m);
+  p.norms = L * (2 * D + attention_norm_weights<T>(m)) + D;
+  p.dense_mlp = T(m.dense_layers) * swiglu_weights<T>(D, m.dense_hidden);
+  p.routed_experts = moe * m.moe.n_experts * swiglu_weights<T>(D, m.moe.expert_hidden);
+  p.routed_experts_active = moe * m.moe.top_k * swiglu_weights<T>(D, m.moe.expert_hidden);
+  p.shared_experts = moe * m.moe.n_shared_experts * swiglu_weights<T>(D, config::shared_hidden(m.moe));
+  p.router = moe * m.moe.n_experts * D;
+  p.mtp = T(m.mtp_depth) * mtp_module_weights<T>(m, /*active_only=*/false);
+  p.mtp_active = T(m.mtp_depth) * mtp_module_weights<T>(m, /*active_only=*/true);
+  const T common = p.embedding + p.lm_head + p.attention + p.norms + p.dense_mlp + p.shared_experts + p.router;
+  p.total = common + p.routed_experts;
+  p.active = common + p.routed_experts_active;
+  p.active_non_embedding = m.tie_embeddings ? p.active : p.active - p.embedding;  // a tied table is the head
+  return p;
+}
+
 }  // namespace
 
-double attention_projection_forward(const config::ModelConfig& m) { return 2.0 * double(attention_weights(m)); }
+double attention_projection_forward(const config::ModelConfig& m) { return 2.0 * attention_weights<double>(m); }
 
 double attention_scores_forward(const config::ModelConfig& m, int seq_len, bool causal) {
   const double S = seq_len, H = m.n_heads;
@@ -61,14 +93,14 @@ double attention_scores_forward(const config::ModelConfig& m, int seq_len, bool 
   return causal ? full / 2.0 : full;
 }
 
-double dense_mlp_forward(const config::ModelConfig& m) { return 2.0 * double(swiglu_weights(m.d_model, m.dense_hidden)); }
+double dense_mlp_forward(const config::ModelConfig& m) { return 2.0 * swiglu_weights<double>(m.d_model, m.dense_hidden); }
 
 double routed_experts_forward(const config::ModelConfig& m) {
-  return m.moe.top_k * 2.0 * double(swiglu_weights(m.d_model, m.moe.expert_hidden));
+  return m.moe.top_k * 2.0 * swiglu_weights<double>(m.d_model, m.moe.expert_hidden);
 }
 
 double shared_experts_forward(const config::ModelConfig& m) {
-  return m.moe.n_shared_experts * 2.0 * double(swiglu_weights(m.d_model, config::shared_hidden(m.moe)));
+  return m.moe.n_shared_experts * 2.0 * swiglu_weights<double>(m.d_model, config::shared_hidden(m.moe));
 }
 
 double router_forward(const config::ModelConfig& m) { return 2.0 * m.d_model * double(m.moe.n_experts); }
@@ -105,25 +137,21 @@ FlopsPerToken training_flops_per_token(const config::ModelConfig& m, int seq_len
 }
 
 ParamCounts param_counts(const config::ModelConfig& m) {
-  const int64_t D = m.d_model, V = m.vocab_size, moe = n_moe_layers(m);
-  ParamCounts p;
-  p.embedding = V * D;
-  p.lm_head = m.tie_embeddings ? 0 : V * D;
-  p.attention = m.n_layers * attention_weights(m);
-  p.norms = m.n_layers * (2 * D + attention_norm_weights(m)) + D;
-  p.dense_mlp = m.dense_layers * swiglu_weights(D, m.dense_hidden);
-  p.routed_experts = moe * m.moe.n_experts * swiglu_weights(D, m.moe.expert_hidden);
-  p.routed_experts_active = moe * m.moe.top_k * swiglu_weights(D, m.moe.expert_hidden);
-  p.shared_experts = moe * m.moe.n_shared_experts * swiglu_weights(D, config::shared_hidden(m.moe));
-  p.router = moe * m.moe.n_experts * D;
-  p.mtp = m.mtp_depth * mtp_module_weights(m, /*active_only=*/false);
-  p.mtp_active = m.mtp_depth * mtp_module_weights(m, /*active_only=*/true);
-  const int64_t common = p.embedding + p.lm_head + p.attention + p.norms + p.dense_mlp + p.shared_experts + p.router;
-  p.total = common + p.routed_experts;
-  p.active = common + p.routed_experts_active;
-  p.active_non_embedding = m.tie_embeddings ? p.active : p.active - p.embedding;  // a tied table is the head
-  return p;
+  // Every part is below the approximate total (all terms are positive), so a total that fits in 2^62
+  // means no intermediate product overflowed.
+  const double approx = param_counts_approx(m).total + param_counts_approx(m).mtp;
+  if (!(approx < 0x1p62)) {
+    char count[32];
+    std::snprintf(count, sizeof count, "%.3g", approx);
+    throw ConfigError("model.d_model = " + std::to_string(m.d_model) + ", model.n_layers = " + std::to_string(m.n_layers) +
+                      ", model.vocab_size = " + std::to_string(m.vocab_size) + ", model.moe.n_experts = " +
+                      std::to_string(m.moe.n_experts) + ": about " + count +
+                      " parameters, more than a 64-bit count holds");
+  }
+  return count_params<int64_t>(m);
 }
+
+BasicParamCounts<double> param_counts_approx(const config::ModelConfig& m) { return count_params<double>(m); }
 
 double six_n_flops_per_token(const config::ModelConfig& m) {
   return 6.0 * double(param_counts(m).active_non_embedding);

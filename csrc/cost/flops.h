@@ -56,23 +56,30 @@ FlopsPerToken training_flops_per_token(const config::ModelConfig& m, int seq_len
 
 // Parameter counts. Active = used for one token: top_k of n_experts routed experts; the embedding
 // counts as active (as in TransformerImpl::param_counts, which this matches for GQA models).
-struct ParamCounts {
-  int64_t embedding = 0;
-  int64_t lm_head = 0;  // 0 when tied to the embedding
-  int64_t attention = 0;
-  int64_t norms = 0;  // per-layer norms, the final norm and MLA's latent norms
-  int64_t dense_mlp = 0;
-  int64_t routed_experts = 0;         // all experts
-  int64_t routed_experts_active = 0;  // top_k of them per token
-  int64_t shared_experts = 0;
-  int64_t router = 0;
-  int64_t mtp = 0;         // MTP modules' own parameters (they share embedding and head), apart from total
-  int64_t mtp_active = 0;  // ... active per token
-  int64_t total = 0;       // main model, without MTP
-  int64_t active = 0;      // main model, without MTP
-  int64_t active_non_embedding = 0;  // active minus the untied embedding (a lookup, not a matmul)
+template <typename Count>
+struct BasicParamCounts {
+  Count embedding = 0;
+  Count lm_head = 0;  // 0 when tied to the embedding
+  Count attention = 0;
+  Count norms = 0;  // per-layer norms, the final norm and MLA's latent norms
+  Count dense_mlp = 0;
+  Count routed_experts = 0;         // all experts
+  Count routed_experts_active = 0;  // top_k of them per token
+  Count shared_experts = 0;
+  Count router = 0;
+  Count mtp = 0;         // MTP modules' own parameters (they share embedding and head), apart from total
+  Count mtp_active = 0;  // ... active per token
+  Count total = 0;       // main model, without MTP
+  Count active = 0;      // main model, without MTP
+  Count active_non_embedding = 0;  // active minus the untied embedding (a lookup, not a matmul)
 };
+using ParamCounts = BasicParamCounts<int64_t>;
+// Throws ConfigError naming the size keys when the count does not fit in 64 bits (model.d_model = 1e9
+// with many layers).
 ParamCounts param_counts(const config::ModelConfig& m);
+// The same counts in double, which never overflows (exact below 2^53 parameters): for sizes that are
+// checked before anything is built.
+BasicParamCounts<double> param_counts_approx(const config::ModelConfig& m);
 
 // The usual estimate 6 * N: N = active non-embedding parameters (MTP excluded). It leaves out attention
 // scores, so it sits below training_flops_per_token(...).total_causal.

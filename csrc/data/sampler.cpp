@@ -54,11 +54,9 @@ Sampler::Sampler(const Shard& shard, SamplerOptions opt) : shard_(shard), opt_(o
                     std::to_string(opt_.grad_accum) + ", rank " + std::to_string(opt_.rank) + " of world_size " +
                     std::to_string(opt_.world_size) + ")");
   }
-  const uint64_t needed = uint64_t(opt_.seq_len) + 1;
-  if (shard.size() < needed) {
-    throw DataError(shard.path() + " has " + std::to_string(shard.size()) + " tokens; seq_len " +
-                    std::to_string(opt_.seq_len) + " needs at least " + std::to_string(needed));
-  }
+  require_window(shard, opt_.seq_len);
+  if (shard.has_mask() && shard.learned_tokens() == 0)
+    throw DataError(shard.mask_path() + " marks no token of " + shard.path() + " as learned: training would have no loss");
 }
 
 uint64_t Sampler::global_sequence(int64_t step, int micro, int i) const {
@@ -102,11 +100,8 @@ Batch eval_batch(const Shard& shard, int index, int n_batches, int batch_size, i
                     shard.path() + ": invalid arguments (batch_size " + std::to_string(batch_size) + ", seq_len " +
                     std::to_string(seq_len) + ")");
   }
+  require_window(shard, seq_len);
   const uint64_t window = uint64_t(seq_len) + 1;
-  if (shard.size() < window) {
-    throw DataError(shard.path() + " has " + std::to_string(shard.size()) + " tokens; seq_len " +
-                    std::to_string(seq_len) + " needs at least " + std::to_string(window));
-  }
   // Window j of n_windows starts at j * stride; when the shard is too short for disjoint windows the
   // starts are spread evenly over every valid start instead (the windows then overlap).
   const uint64_t n_windows = uint64_t(n_batches) * uint64_t(batch_size);

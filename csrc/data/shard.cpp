@@ -1,13 +1,13 @@
 // Token shards and their loss masks: writing (smallest token width that holds the vocabulary, temp
-// name + rename so a reader never sees half a file), read-only mmap access, and prepare_text for
-// plain-text corpora.
+// name + rename so a reader never sees half a file), reading with pread (checked once at open), and
+// prepare_text for plain-text corpora.
 #include "data/shard.h"
 
 #include <fcntl.h>
-#include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <bit>
 #include <cassert>
 #include <cerrno>
@@ -62,9 +62,10 @@ void write_atomically(const std::string& path, const uint8_t* header, size_t hea
   }
 }
 
-// Maps a whole file read-only; `what` names it in errors ("shard", "mask").
-std::pair<const uint8_t*, size_t> map_file(const std::string& path, const std::string& what, size_t min_bytes) {
-  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+// Opens a regular file read-only and returns (descriptor, size); `what` names it in errors ("shard",
+// "mask"). A folder, a FIFO or a device is refused here, before any byte is read.
+std::pair<int, uint64_t> open_file(const std::string& path, const std::string& what, uint64_t min_bytes) {
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
   if (fd < 0) throw DataError("cannot open " + what + " " + path + ": " + errno_text());
   struct stat st {};
   if (::fstat(fd, &st) != 0) {
@@ -72,17 +73,61 @@ std::pair<const uint8_t*, size_t> map_file(const std::string& path, const std::s
     ::close(fd);
     throw DataError("cannot stat " + what + " " + path + ": " + err);
   }
+  if (!S_ISREG(st.st_mode)) {
+    ::close(fd);
+    throw DataError(path + " is " + (S_ISDIR(st.st_mode) ? "a directory" : "not a regular file") + ", not a " + what +
+                    " file" + (what == "shard" ? " (a token shard is a .bin file written by moetrain prepare-data)" : ""));
+  }
   const uint64_t file_size = uint64_t(st.st_size);
   if (file_size < min_bytes) {
     ::close(fd);
     throw DataError(path + ": " + std::to_string(file_size) + " bytes, shorter than the " + std::to_string(min_bytes) +
                     "-byte " + what + " header");
   }
-  void* map = ::mmap(nullptr, file_size, PROT_READ, MAP_PRIVATE, fd, 0);
-  const std::string map_err = errno_text();
-  ::close(fd);  // the mapping keeps the file alive
-  if (map == MAP_FAILED) throw DataError("cannot mmap " + what + " " + path + ": " + map_err);
-  return {static_cast<const uint8_t*>(map), size_t(file_size)};
+  return {fd, file_size};
+}
+
+// Reads exactly n bytes at offset; returns how many it got (fewer only at the end of the file).
+uint64_t pread_full(int fd, void* out, uint64_t n, uint64_t offset, const std::string& path) {
+  uint64_t done = 0;
+  while (done < n) {
+    const ssize_t got = ::pread(fd, static_cast<uint8_t*>(out) + done, n - done, off_t(offset + done));
+    if (got < 0 && errno == EINTR) continue;
+    if (got < 0) throw DataError("cannot read " + path + ": " + errno_text());
+    if (got == 0) break;
+    done += uint64_t(got);
+  }
+  return done;
+}
+
+// The file no longer holds what its header promised: it changed under the run.
+[[noreturn]] void throw_shrunk(const std::string& path, uint64_t offset, uint64_t wanted, uint64_t got,
+                               uint64_t expected_size) {
+  throw DataError(path + ": the file ends at byte " + std::to_string(offset + got) + " but its header promised " +
+                  std::to_string(expected_size) + " bytes (read of " + std::to_string(wanted) + " bytes at " +
+                  std::to_string(offset) + "): it was truncated or rewritten while this run read it; restore it and "
+                  "resume from the last checkpoint");
+}
+
+// Chunks of the once-at-open scans: big enough to stream, small enough to stay in cache.
+constexpr uint64_t kScanChunkBytes = uint64_t(1) << 20;
+
+// The largest of n little-endian tokens of width T in `bytes`: a loop the compiler vectorises.
+template <typename T>
+uint32_t max_token(const uint8_t* bytes, uint64_t n) {
+  T best = 0;
+  for (uint64_t i = 0; i < n; ++i) {
+    T v;
+    std::memcpy(&v, bytes + i * sizeof(T), sizeof(T));
+    best = v > best ? v : best;
+  }
+  return best;
+}
+
+uint32_t token_at(const uint8_t* bytes, uint64_t i, int width) {
+  uint32_t v = 0;
+  std::memcpy(&v, bytes + i * uint64_t(width), size_t(width));  // little-endian: low bytes first
+  return v;
 }
 
 int bytes_for_vocab(uint64_t vocab_size) {
@@ -161,18 +206,19 @@ void write_mask(const std::string& shard_path, const std::vector<uint8_t>& learn
 }
 
 Shard::Shard(const std::string& path) : path_(path), mask_path_(mask_path_for(path)) {
-  std::tie(map_, map_len_) = map_file(path, "shard", kHeaderBytes);
-  const uint64_t file_size = map_len_;
-
+  uint64_t file_size = 0;
+  std::tie(fd_, file_size) = open_file(path, "shard", kHeaderBytes);
   try {
-    if (std::memcmp(map_, kMagic, 8) != 0) {
+    uint8_t header[kHeaderBytes];
+    if (pread_full(fd_, header, kHeaderBytes, 0, path) != kHeaderBytes) throw_shrunk(path, 0, kHeaderBytes, 0, file_size);
+    if (std::memcmp(header, kMagic, 8) != 0) {
       throw DataError(path + ": bad magic (bytes 0..7): not a MOETOKS token shard");
     }
     uint32_t version = 0, dtype_code = 0;
-    std::memcpy(&version, map_ + 8, 4);
-    std::memcpy(&dtype_code, map_ + 12, 4);
-    std::memcpy(&count_, map_ + 16, 8);
-    std::memcpy(&vocab_, map_ + 24, 8);
+    std::memcpy(&version, header + 8, 4);
+    std::memcpy(&dtype_code, header + 12, 4);
+    std::memcpy(&count_, header + 16, 8);
+    std::memcpy(&vocab_, header + 24, 8);
     if (version != kShardVersion) {
       throw DataError(path + ": header field 'version' is " + std::to_string(version) + ", expected " +
                       std::to_string(kShardVersion));
@@ -189,62 +235,107 @@ Shard::Shard(const std::string& path) : path_(path), mask_path_(mask_path_for(pa
                       " bytes after the header");
     }
     if (vocab_ == 0) throw DataError(path + ": header field 'vocab_size' is 0");
+    scan_tokens();
+    learned_ = count_;
     if (files::exists(mask_path_)) load_mask();
   } catch (...) {
-    ::munmap(const_cast<uint8_t*>(map_), map_len_);
-    map_ = nullptr;
+    close_files();
     throw;
+  }
+}
+
+// One pass over the tokens at open, so that a token the embedding cannot hold is an error naming its
+// position now, not "index out of range" from inside a forward pass hours later.
+void Shard::scan_tokens() const {
+  std::vector<uint8_t> chunk;
+  const uint64_t tokens_per_chunk = kScanChunkBytes / uint64_t(bytes_);
+  for (uint64_t first = 0; first < count_; first += tokens_per_chunk) {
+    const uint64_t n = std::min(tokens_per_chunk, count_ - first);
+    const uint64_t offset = kHeaderBytes + first * uint64_t(bytes_), want = n * uint64_t(bytes_);
+    chunk.resize(want);
+    const uint64_t got = pread_full(fd_, chunk.data(), want, offset, path_);
+    if (got != want) throw_shrunk(path_, offset, want, got, kHeaderBytes + count_ * uint64_t(bytes_));
+    const uint32_t largest = bytes_ == 1   ? max_token<uint8_t>(chunk.data(), n)
+                             : bytes_ == 2 ? max_token<uint16_t>(chunk.data(), n)
+                                           : max_token<uint32_t>(chunk.data(), n);
+    if (uint64_t(largest) < vocab_) continue;
+    for (uint64_t i = 0; i < n; ++i) {
+      const uint32_t token = token_at(chunk.data(), i, bytes_);
+      if (uint64_t(token) >= vocab_)
+        throw DataError(path_ + ": token " + std::to_string(token) + " at position " + std::to_string(first + i) +
+                        " is outside the header's vocabulary [0, " + std::to_string(vocab_) +
+                        ") (the file is damaged, or was written with a different tokenizer)");
+    }
   }
 }
 
 void Shard::load_mask() {
-  std::tie(mask_map_, mask_map_len_) = map_file(mask_path_, "mask", kMaskHeaderBytes);
-  try {
-    const std::string& m = mask_path_;
-    if (std::memcmp(mask_map_, kMaskMagic, 8) != 0) {
-      throw DataError(m + ": bad magic (bytes 0..7): not a MOEMASK loss mask (the mask of shard " + path_ + ")");
+  const std::string& m = mask_path_;
+  uint64_t mask_size = 0;
+  std::tie(mask_fd_, mask_size) = open_file(m, "mask", kMaskHeaderBytes);
+  uint8_t header[kMaskHeaderBytes];
+  if (pread_full(mask_fd_, header, kMaskHeaderBytes, 0, m) != kMaskHeaderBytes)
+    throw_shrunk(m, 0, kMaskHeaderBytes, 0, mask_size);
+  if (std::memcmp(header, kMaskMagic, 8) != 0) {
+    throw DataError(m + ": bad magic (bytes 0..7): not a MOEMASK loss mask (the mask of shard " + path_ + ")");
+  }
+  uint32_t version = 0;
+  uint64_t count = 0;
+  std::memcpy(&version, header + 8, 4);
+  std::memcpy(&count, header + 16, 8);
+  if (version != kMaskVersion) {
+    throw DataError(m + ": header field 'version' is " + std::to_string(version) + ", expected " +
+                    std::to_string(kMaskVersion));
+  }
+  const char* name_field = reinterpret_cast<const char*>(header + kMaskNameOffset);
+  const std::string name(name_field, strnlen(name_field, kMaskNameBytes));
+  if (name != base_name(path_)) {
+    throw DataError(m + ": header field 'shard' names '" + name + "', but the mask sits beside shard " + path_);
+  }
+  if (count != count_) {
+    throw DataError(m + ": the mask covers " + std::to_string(count) + " tokens but shard " + path_ + " holds " +
+                    std::to_string(count_));
+  }
+  if (mask_size - kMaskHeaderBytes != count) {
+    throw DataError(m + ": header field 'count' says " + std::to_string(count) + " entries but the file holds " +
+                    std::to_string(mask_size - kMaskHeaderBytes) + " bytes after the header (mask of shard " + path_ +
+                    ")");
+  }
+  // One pass: every entry is 0 or 1 (a 2 is not "learned twice", it is damage), and the learned count.
+  std::vector<uint8_t> chunk;
+  learned_ = 0;
+  for (uint64_t first = 0; first < count; first += kScanChunkBytes) {
+    const uint64_t n = std::min(kScanChunkBytes, count - first);
+    chunk.resize(n);
+    const uint64_t got = pread_full(mask_fd_, chunk.data(), n, kMaskHeaderBytes + first, m);
+    if (got != n) throw_shrunk(m, kMaskHeaderBytes + first, n, got, mask_size);
+    uint8_t largest = 0;
+    uint64_t ones = 0;
+    for (uint64_t i = 0; i < n; ++i) {
+      largest = chunk[i] > largest ? chunk[i] : largest;
+      ones += chunk[i];
     }
-    uint32_t version = 0;
-    uint64_t count = 0;
-    std::memcpy(&version, mask_map_ + 8, 4);
-    std::memcpy(&count, mask_map_ + 16, 8);
-    if (version != kMaskVersion) {
-      throw DataError(m + ": header field 'version' is " + std::to_string(version) + ", expected " +
-                      std::to_string(kMaskVersion));
+    if (largest > 1) {
+      const uint64_t i = uint64_t(std::find_if(chunk.begin(), chunk.end(), [](uint8_t b) { return b > 1; }) - chunk.begin());
+      throw DataError(m + ": entry " + std::to_string(int(chunk[i])) + " at position " + std::to_string(first + i) +
+                      " must be 0 (not learned) or 1 (learned); the mask of shard " + path_ + " is damaged");
     }
-    const char* name_field = reinterpret_cast<const char*>(mask_map_ + kMaskNameOffset);
-    const std::string name(name_field, strnlen(name_field, kMaskNameBytes));
-    if (name != base_name(path_)) {
-      throw DataError(m + ": header field 'shard' names '" + name + "', but the mask sits beside shard " + path_);
-    }
-    if (count != count_) {
-      throw DataError(m + ": the mask covers " + std::to_string(count) + " tokens but shard " + path_ + " holds " +
-                      std::to_string(count_));
-    }
-    if (mask_map_len_ - kMaskHeaderBytes != count) {
-      throw DataError(m + ": header field 'count' says " + std::to_string(count) + " entries but the file holds " +
-                      std::to_string(mask_map_len_ - kMaskHeaderBytes) + " bytes after the header (mask of shard " +
-                      path_ + ")");
-    }
-    mask_ = mask_map_ + kMaskHeaderBytes;
-  } catch (...) {
-    ::munmap(const_cast<uint8_t*>(mask_map_), mask_map_len_);
-    mask_map_ = nullptr;
-    throw;
+    learned_ += ones;
   }
 }
 
-Shard::~Shard() {
-  if (map_) ::munmap(const_cast<uint8_t*>(map_), map_len_);
-  if (mask_map_) ::munmap(const_cast<uint8_t*>(mask_map_), mask_map_len_);
+void Shard::close_files() {
+  if (fd_ >= 0) ::close(fd_);
+  if (mask_fd_ >= 0) ::close(mask_fd_);
+  fd_ = mask_fd_ = -1;
 }
 
+Shard::~Shard() { close_files(); }
+
 int64_t Shard::at(uint64_t i) const {
-  assert(i < count_);
-  const uint8_t* p = map_ + kHeaderBytes + i * uint64_t(bytes_);
-  uint32_t token = 0;
-  std::memcpy(&token, p, size_t(bytes_));
-  return int64_t(token);
+  int64_t token = 0;
+  read(i, 1, &token);
+  return token;
 }
 
 void Shard::read(uint64_t begin, uint64_t n, int64_t* out) const {
@@ -252,25 +343,19 @@ void Shard::read(uint64_t begin, uint64_t n, int64_t* out) const {
     throw DataError(path_ + ": read of " + std::to_string(n) + " tokens at " + std::to_string(begin) +
                     " is past the end of the shard (" + std::to_string(count_) + " tokens)");
   }
-  const uint8_t* p = map_ + kHeaderBytes + begin * uint64_t(bytes_);
-  switch (bytes_) {
-    case 1:
-      for (uint64_t i = 0; i < n; ++i) out[i] = p[i];
-      break;
-    case 2:
-      for (uint64_t i = 0; i < n; ++i) {
-        uint16_t token;
-        std::memcpy(&token, p + 2 * i, 2);
-        out[i] = token;
-      }
-      break;
-    default:
-      for (uint64_t i = 0; i < n; ++i) {
-        uint32_t token;
-        std::memcpy(&token, p + 4 * i, 4);
-        out[i] = token;
-      }
-  }
+  // The narrow tokens land at the front of `out` (n * bytes_ <= n * 8 bytes) and are widened in place
+  // from the last one back: token i's bytes lie below out[i]'s and no earlier token's are overwritten.
+  uint8_t* raw = reinterpret_cast<uint8_t*>(out);
+  const uint64_t offset = kHeaderBytes + begin * uint64_t(bytes_), want = n * uint64_t(bytes_);
+  const uint64_t got = pread_full(fd_, raw, want, offset, path_);
+  if (got != want) throw_shrunk(path_, offset, want, got, kHeaderBytes + count_ * uint64_t(bytes_));
+  for (uint64_t i = n; i-- > 0;) out[i] = int64_t(token_at(raw, i, bytes_));
+  // Checked at open, so a token out of range now means the file was rewritten in place since.
+  for (uint64_t i = 0; i < n; ++i)
+    if (uint64_t(out[i]) >= vocab_)
+      throw DataError(path_ + ": token " + std::to_string(out[i]) + " at position " + std::to_string(begin + i) +
+                      " is outside the header's vocabulary [0, " + std::to_string(vocab_) +
+                      "): the file was rewritten while this run read it; restore it and resume from the last checkpoint");
 }
 
 void Shard::read_mask(uint64_t begin, uint64_t n, uint8_t* out) const {
@@ -278,16 +363,39 @@ void Shard::read_mask(uint64_t begin, uint64_t n, uint8_t* out) const {
     throw DataError(mask_path_ + ": read of " + std::to_string(n) + " mask entries at " + std::to_string(begin) +
                     " is past the end of the shard (" + std::to_string(count_) + " tokens)");
   }
-  if (!mask_) {
+  if (mask_fd_ < 0) {
     std::memset(out, 1, n);
     return;
   }
-  for (uint64_t i = 0; i < n; ++i) out[i] = mask_[begin + i] != 0;
+  const uint64_t got = pread_full(mask_fd_, out, n, kMaskHeaderBytes + begin, mask_path_);
+  if (got != n) throw_shrunk(mask_path_, kMaskHeaderBytes + begin, n, got, kMaskHeaderBytes + count_);
+}
+
+void require_vocabulary(const Shard& shard, int64_t model_vocab_size) {
+  if (shard.vocab_size() > uint64_t(model_vocab_size))
+    throw DataError(shard.path() + " holds tokens of a " + std::to_string(shard.vocab_size()) +
+                    "-token vocabulary (its header), but model.vocab_size = " + std::to_string(model_vocab_size) +
+                    ": the data was tokenized for another model");
+}
+
+void require_window(const Shard& shard, int seq_len) {
+  const uint64_t window = uint64_t(seq_len) + 1;
+  if (shard.size() < window)
+    throw DataError(shard.path() + " has " + std::to_string(shard.size()) + " tokens; data.seq_len = " +
+                    std::to_string(seq_len) + " needs at least " + std::to_string(window) + " (one window)");
 }
 
 PrepareStats prepare_text(const std::vector<std::string>& text_files, const std::string& out_dir,
-                          double val_fraction) {
+                          double val_fraction, bool overwrite) {
   if (text_files.empty()) throw DataError("prepare_text: no text files given");
+  if (!overwrite) {  // before any work: another corpus's shards are someone's data
+    std::string present;
+    for (const char* name : {"train.bin", "val.bin", "train.mask.bin", "val.mask.bin"})
+      if (files::exists(files::join(out_dir, name))) present += (present.empty() ? "" : ", ") + std::string(name);
+    if (!present.empty())
+      throw DataError(out_dir + " already holds token shards (" + present +
+                      "); pass --overwrite to replace them, or choose another --out folder");
+  }
   if (!(val_fraction > 0.0 && val_fraction < 1.0)) {
     throw DataError("prepare_text: val_fraction " + std::to_string(val_fraction) + " must be in (0, 1)");
   }

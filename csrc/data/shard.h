@@ -1,11 +1,12 @@
-// Token shards: a 32-byte header then the tokens, read by mmap.
+// Token shards: a 32-byte header then the tokens, read with pread (see Shard for why not mmap).
 //   bytes 0..7   magic "MOETOKS\0"
 //   bytes 8..11  format version (uint32, little-endian), currently 1
 //   bytes 12..15 token dtype code (uint32): 1 = uint8, 2 = uint16, 4 = uint32 (bytes per token)
 //   bytes 16..23 token count (uint64)
 //   bytes 24..31 vocabulary size (uint64); every token is < this
 // A header that does not match the file (bad magic, unknown version or dtype, a size that does not
-// equal 32 + count * bytes) throws DataError naming the file and the field.
+// equal 32 + count * bytes) throws DataError naming the file and the field; so does a token at or past
+// the header's vocabulary (found by one scan at open, naming its position).
 //
 // Loss masks (fine-tuning on prompt/response pairs): an optional sibling file <name>.mask.bin beside
 // <name>.bin (train.mask.bin for train.bin), one byte per token: 1 = the token is learned (predicting
@@ -17,7 +18,7 @@
 //   bytes 16..23 token count (uint64): must equal the shard's
 //   bytes 24..63 file name of the shard it belongs to ("train.bin"), NUL-padded, at most 39 bytes
 // A mask whose count or shard name does not match its shard, or whose size is not 64 + count, throws
-// DataError naming both files.
+// DataError naming both files; an entry other than 0 or 1 throws naming the mask and the position.
 #pragma once
 #include <cstdint>
 #include <string>
@@ -36,9 +37,16 @@ std::string mask_path_for(const std::string& shard_path);
 // token of that shard.
 void write_mask(const std::string& shard_path, const std::vector<uint8_t>& learned);
 
+// An open token shard. Reads go through pread on a descriptor held open, not through a mapping: a
+// mapped file that is truncated while the run reads it kills the process with SIGBUS, while pread
+// returns a short count that read() turns into a DataError naming the file. (A SIGBUS handler would
+// be process-wide state around LibTorch's own threads and handlers, for no gain: a window is a few KB,
+// one syscall next to a forward pass.) A file renamed over the shard is not seen: the descriptor
+// keeps reading the file that was opened.
 class Shard {
  public:
-  explicit Shard(const std::string& path);  // maps the file read-only
+  // Opens the file, checks the header and scans every token (and mask entry) once.
+  explicit Shard(const std::string& path);
   ~Shard();
   Shard(const Shard&) = delete;
   Shard& operator=(const Shard&) = delete;
@@ -46,34 +54,43 @@ class Shard {
   uint64_t size() const { return count_; }          // number of tokens
   uint64_t vocab_size() const { return vocab_; }
   int bytes_per_token() const { return bytes_; }
-  int64_t at(uint64_t i) const;                      // bounds-checked in debug only
-  // Copies tokens [begin, begin + n) into out (int64); throws DataError if out of range.
+  int64_t at(uint64_t i) const;                      // one token, as read()
+  // Copies tokens [begin, begin + n) into out (int64); throws DataError if out of range, or if the
+  // file no longer holds them (truncated while the run reads it).
   void read(uint64_t begin, uint64_t n, int64_t* out) const;
   // The loss mask, when <name>.mask.bin exists beside the shard.
-  bool has_mask() const { return mask_ != nullptr; }
+  bool has_mask() const { return mask_fd_ >= 0; }
   const std::string& mask_path() const { return mask_path_; }
+  // Entries the mask marks learned (every token without a mask file).
+  uint64_t learned_tokens() const { return learned_; }
   // Copies mask entries [begin, begin + n) into out (1 = learned); all 1 without a mask file.
   void read_mask(uint64_t begin, uint64_t n, uint8_t* out) const;
 
  private:
   void load_mask();
+  void scan_tokens() const;
+  void close_files();
 
   std::string path_, mask_path_;
-  const uint8_t* map_ = nullptr;
-  size_t map_len_ = 0;
-  const uint8_t* mask_map_ = nullptr;  // the mask file's mapping (header included), or null
-  const uint8_t* mask_ = nullptr;      // its first entry, or null
-  size_t mask_map_len_ = 0;
-  uint64_t count_ = 0, vocab_ = 0;
+  int fd_ = -1;
+  int mask_fd_ = -1;  // the mask file, or -1 without one
+  uint64_t count_ = 0, vocab_ = 0, learned_ = 0;
   int bytes_ = 0;
 };
+
+// The checks a run makes of each shard at open, before training starts (each throws DataError naming
+// the file): its header vocabulary fits the model's (model.vocab_size), and it holds one window of
+// seq_len + 1 tokens (data.seq_len).
+void require_vocabulary(const Shard& shard, int64_t model_vocab_size);
+void require_window(const Shard& shard, int seq_len);
 
 struct PrepareStats {
   uint64_t train_tokens = 0, val_tokens = 0;
 };
 // Tokenizes text files with the byte tokenizer and writes <out_dir>/train.bin and <out_dir>/val.bin;
-// the last val_fraction of the text (split at a line boundary) is the validation set.
+// the last val_fraction of the text (split at a line boundary) is the validation set. A folder that
+// already holds shards or masks is refused (a run may be training on them) unless overwrite is set.
 PrepareStats prepare_text(const std::vector<std::string>& text_files, const std::string& out_dir,
-                          double val_fraction = 0.05);
+                          double val_fraction = 0.05, bool overwrite = false);
 
 }  // namespace moetrain::data

@@ -1,7 +1,12 @@
 // Rendezvous, the single and store backends, the factory and the expert-parallel layout.
 #include "dist/communicator.h"
 
+#include <c10/util/Logging.h>
+#include <netdb.h>
+#include <poll.h>
+#include <sys/socket.h>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
+#include <unistd.h>
 
 #include <algorithm>
 #include <chrono>
@@ -371,6 +376,45 @@ std::vector<std::string> all_gather_strings(Communicator& group, const std::stri
   return out;
 }
 
+namespace {
+
+// c10d logs each failed connection attempt, with a stack trace, and retries past its own timeout;
+// moetrain reports a failed rendezvous itself, in one line, so LibTorch's logging is held to FATAL
+// while the store is made.
+struct QuietTorchLogging {
+  QuietTorchLogging() : saved(FLAGS_caffe2_log_level) { FLAGS_caffe2_log_level = 3; }
+  ~QuietTorchLogging() { FLAGS_caffe2_log_level = saved; }
+  int saved;
+};
+
+// Whether something at host:port accepts a TCP connection within `wait` (the connection is closed
+// again at once; the store's server takes that as a client that left).
+bool accepts_connections(const std::string& host, int port, std::chrono::milliseconds wait) {
+  addrinfo hints{};
+  hints.ai_family = AF_UNSPEC;
+  hints.ai_socktype = SOCK_STREAM;
+  addrinfo* found = nullptr;
+  if (::getaddrinfo(host.c_str(), std::to_string(port).c_str(), &hints, &found) != 0) return false;
+  bool ok = false;
+  for (addrinfo* a = found; a && !ok; a = a->ai_next) {
+    const int fd = ::socket(a->ai_family, a->ai_socktype | SOCK_NONBLOCK | SOCK_CLOEXEC, a->ai_protocol);
+    if (fd < 0) continue;
+    if (::connect(fd, a->ai_addr, a->ai_addrlen) == 0) {
+      ok = true;
+    } else if (errno == EINPROGRESS) {  // not on loopback: wait for the handshake, bounded
+      pollfd p{fd, POLLOUT, 0};
+      int err = 0;
+      socklen_t len = sizeof err;
+      ok = ::poll(&p, 1, int(wait.count())) == 1 && ::getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len) == 0 && err == 0;
+    }
+    ::close(fd);
+  }
+  ::freeaddrinfo(found);
+  return ok;
+}
+
+}  // namespace
+
 std::unique_ptr<Communicator> make_communicator(const config::ParallelConfig& parallel, const std::string& device) {
   const LaunchEnv env = read_launch_env();
   std::string backend = parallel.backend;
@@ -396,14 +440,35 @@ std::unique_ptr<Communicator> make_communicator(const config::ParallelConfig& pa
   options.numWorkers = size_t(env.world_size);
   options.waitWorkers = true;
   options.timeout = std::chrono::milliseconds(int64_t(parallel.timeout_s) * 1000);
+  const std::string master = env.master_addr + ":" + std::to_string(env.master_port);
+  const std::string within = "within parallel.timeout_s = " + std::to_string(parallel.timeout_s) + " s";
+  if (env.rank != 0) {
+    // The store's client retries for up to twice its timeout; this wait keeps to parallel.timeout_s.
+    using clock = std::chrono::steady_clock;
+    const auto deadline = clock::now() + options.timeout;
+    bool reached = false;
+    while (!reached && clock::now() < deadline) {
+      const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - clock::now());
+      reached = accepts_connections(env.master_addr, env.master_port, std::min(left, std::chrono::milliseconds(1000)));
+      if (!reached) std::this_thread::sleep_for(std::min(left, std::chrono::milliseconds(100)));
+    }
+    if (!reached)
+      throw DistError("no rendezvous master at " + master + " " + within + " (is rank 0 running, and is " + master +
+                      " reachable from rank " + std::to_string(env.rank) + "? MASTER_ADDR and MASTER_PORT come from " +
+                      "the launcher)");
+  }
   c10::intrusive_ptr<c10d::Store> store;
   try {
+    QuietTorchLogging quiet;
     store = c10::make_intrusive<c10d::TCPStore>(env.master_addr, options);
-  } catch (const c10::Error& e) {
-    std::string cause = e.what_without_backtrace();
-    throw DistError("rendezvous of rank " + std::to_string(env.rank) + "/" + std::to_string(env.world_size) + " at " +
-                    env.master_addr + ":" + std::to_string(env.master_port) + " failed within parallel.timeout_s = " +
-                    std::to_string(parallel.timeout_s) + " s: " + cause.substr(0, cause.find('\n')));
+  } catch (const std::exception& e) {
+    const auto* c10_error = dynamic_cast<const c10::Error*>(&e);
+    std::string cause = c10_error ? c10_error->what_without_backtrace() : e.what();
+    cause = cause.substr(0, cause.find('\n'));
+    if (env.rank != 0)
+      throw DistError("no rendezvous master at " + master + " " + within + " (is rank 0 running? " + cause + ")");
+    throw DistError("rank 0 of " + std::to_string(env.world_size) + " could not serve the rendezvous at " + master +
+                    " " + within + ": " + cause);
   }
   std::vector<int> ranks(static_cast<size_t>(env.world_size));
   for (int r = 0; r < env.world_size; ++r) ranks[size_t(r)] = r;

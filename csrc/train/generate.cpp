@@ -4,7 +4,10 @@
 
 #include <ATen/CPUGeneratorImpl.h>
 
+#include <cmath>
+
 #include "common/errors.h"
+#include "cost/memory.h"
 #include "hf/hf.h"
 #include "train/trainer.h"
 
@@ -28,6 +31,7 @@ LoadedModel load_for_inference(const std::string& path, const std::string& verif
   loaded.step_dir = *step_dir;
   loaded.manifest = ckpt::open_checkpoint(*step_dir, verify);
   loaded.cfg = config::parse_config(loaded.manifest.config_yaml, *step_dir + "/manifest.json");
+  cost::require_memory(loaded.cfg, /*expert_parallel=*/1, /*training=*/false);  // before allocating the weights
   configure_threads(loaded.cfg.run);
   loaded.model = model::Transformer(loaded.cfg.model);
   ckpt::load_model(*step_dir, *loaded.model);
@@ -40,6 +44,8 @@ std::vector<int64_t> generate(const model::TransformerImpl& model, const std::ve
   torch::NoGradGuard no_grad;
   const auto& cfg = model.config();
   if (prompt.empty()) throw UsageError("the prompt is empty: give at least one token");
+  if (!std::isfinite(options.temperature) || options.temperature < 0)
+    throw UsageError("temperature " + std::to_string(options.temperature) + " must be a finite number >= 0 (0 = greedy)");
   for (auto id : prompt)
     if (id < 0 || id >= cfg.vocab_size)
       throw UsageError("prompt token " + std::to_string(id) + " is outside the vocabulary [0, " +

@@ -20,6 +20,7 @@
 #include "common/log.h"
 #include "cost/flops.h"
 #include "cost/hardware.h"
+#include "cost/memory.h"
 #include "data/sampler.h"
 #include "dist/communicator.h"
 #include "optim/adamw.h"
@@ -447,6 +448,7 @@ struct Process {
     configure_threads(cfg.run);
     device = resolve_device(cfg.run);
     compute_dtype = resolve_compute_dtype(cfg.run);
+    cost::require_memory(cfg, layout->ep_size(), /*training=*/true);  // refuse an absurd size before allocating
   }
   std::shared_ptr<const dist::Layout> layout;
   config::Config cfg;
@@ -554,9 +556,13 @@ TrainResult train(const config::Config& given, const TrainOptions& options) {
 
   data::Shard train_shard(files::join(cfg.data.dir, "train.bin"));
   data::Shard val_shard(files::join(cfg.data.dir, "val.bin"));
-  if (train_shard.vocab_size() > uint64_t(cfg.model.vocab_size))
-    throw ConfigError("data.dir '" + cfg.data.dir + "' holds tokens of a " + std::to_string(train_shard.vocab_size()) +
-                      "-token vocabulary, but model.vocab_size = " + std::to_string(cfg.model.vocab_size));
+  for (const data::Shard* shard : {&train_shard, &val_shard}) {  // bad data fails now, not at the first eval
+    data::require_vocabulary(*shard, cfg.model.vocab_size);
+    data::require_window(*shard, cfg.data.seq_len);
+  }
+  if (val_shard.learned_tokens() == 0)
+    log_line("warning: " + val_shard.mask_path() + " marks no token of " + val_shard.path() +
+             " as learned: validation measures nothing, so no val_loss is reported");
   data::Sampler sampler(train_shard, {cfg.run.seed, cfg.data.seq_len, cfg.train.micro_batch_size,
                                       cfg.train.grad_accum, comm->rank(), comm->world_size()});
 

@@ -209,10 +209,11 @@ CATCH_TEST_CASE("wrong types name the file, line and column", "[config]") {
   CATCH_CHECK(error_of("run:\n  seed: 1\nmodel:\n  d_model: 64\n  n_layers: four\n") ==
               "[config] configs/x.yaml:5:13: model.n_layers: expected an integer, got \"four\"");
   CATCH_CHECK_THAT(error_of("model:\n  n_layers: 4.0\n"), Contains("expected an integer, got \"4.0\""));
-  CATCH_CHECK_THAT(error_of("model:\n  n_layers: 99999999999\n"), Contains("expected an integer"));
+  CATCH_CHECK_THAT(error_of("model:\n  n_layers: 99999999999\n"), Contains("is larger than the maximum 2147483647"));
   CATCH_CHECK_THAT(error_of("optim:\n  lr: fast\n"), Contains("2:7: optim.lr: expected a number, got \"fast\""));
   CATCH_CHECK_THAT(error_of("model:\n  tie_embeddings: maybe\n"), Contains("expected true or false"));
-  CATCH_CHECK_THAT(error_of("run:\n  seed: -1\n"), Contains("run.seed: expected an unsigned 64-bit integer"));
+  CATCH_CHECK_THAT(error_of("run:\n  seed: -1\n"), Contains("run.seed: -1 is smaller than the minimum 0"));
+  CATCH_CHECK_THAT(error_of("run:\n  seed: -x\n"), Contains("run.seed: expected an unsigned 64-bit integer"));
   // A mapping where a value belongs, a value where a section belongs, and a null value.
   CATCH_CHECK_THAT(error_of("model:\n  n_layers:\n    a: 1\n"), Contains("model.n_layers: expected an integer, got a mapping"));
   CATCH_CHECK_THAT(error_of("model:\n  n_layers: [1, 2]\n"), Contains("got a sequence"));

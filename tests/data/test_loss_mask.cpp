@@ -197,11 +197,18 @@ CATCH_TEST_CASE("loss mask: sampler and eval batches ignore the targets the mask
   CATCH_CHECK(torch::equal(batch.inputs.narrow(1, 1, seq_len - 1), batch.targets.narrow(1, 0, seq_len - 1)));
   CATCH_CHECK(batch.targets.min().item<int64_t>() >= 0);
 
-  // A mask that learns nothing: a clear error rather than a loss of 0/0.
+  // A mask that learns nothing: a clear error rather than a loss of 0/0, before the first batch.
   data::write_mask(shard_path, std::vector<uint8_t>(1000, 0));
   const data::Shard nothing(shard_path);
-  const data::Sampler nothing_sampler(nothing, {7, seq_len, 4, 2, 0, 1});
-  CATCH_CHECK_THROWS_WITH(nothing_sampler.batch(0, 0), Contains("train.mask.bin") && Contains("no learned target"));
+  CATCH_CHECK_THROWS_WITH(data::Sampler(nothing, {7, seq_len, 4, 2, 0, 1}),
+                          Contains("train.mask.bin") && Contains("marks no token"));
+  // One learned token no window can reach as a target (the first): the redraws give up, naming the mask.
+  std::vector<uint8_t> first_only(1000, 0);
+  first_only[0] = 1;
+  data::write_mask(shard_path, first_only);
+  const data::Shard unreachable(shard_path);
+  const data::Sampler unreachable_sampler(unreachable, {7, seq_len, 4, 2, 0, 1});
+  CATCH_CHECK_THROWS_WITH(unreachable_sampler.batch(0, 0), Contains("train.mask.bin") && Contains("no learned target"));
 }
 
 CATCH_TEST_CASE("loss mask: the trainer's step and validation losses are the mean over learned targets only",

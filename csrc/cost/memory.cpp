@@ -1,0 +1,70 @@
+// Memory of a model's training state from its config (see memory.h), and the machine's memory.
+#include "cost/memory.h"
+
+#include <ATen/cuda/CUDAContext.h>
+#include <unistd.h>
+
+#include <cstdio>
+
+#include "common/errors.h"
+#include "cost/flops.h"
+
+namespace moetrain::cost {
+
+namespace {
+
+constexpr double kGiB = 1024.0 * 1024.0 * 1024.0;
+constexpr double kFp32Bytes = 4;
+
+std::string gib(double bytes) {
+  char buf[64];
+  std::snprintf(buf, sizeof buf, bytes < 0.1 * kGiB ? "%.3f GiB" : "%.1f GiB", bytes / kGiB);
+  return buf;
+}
+
+}  // namespace
+
+MemoryEstimate estimate_memory(const config::ModelConfig& model, int expert_parallel) {
+  const auto counts = param_counts_approx(model);
+  const double ep = expert_parallel > 0 ? expert_parallel : 1;
+  MemoryEstimate e;
+  e.params_per_rank = counts.total - counts.routed_experts + counts.routed_experts / ep;
+  e.weight_bytes = kFp32Bytes * e.params_per_rank;
+  e.gradient_bytes = e.weight_bytes;
+  e.optimizer_bytes = 2 * e.weight_bytes;  // AdamW's first and second moments
+  return e;
+}
+
+double machine_memory_bytes(const std::string& device) {
+  if (device == "cuda" && torch::cuda::is_available())
+    return double(at::cuda::getDeviceProperties(0)->totalGlobalMem);
+  const long pages = ::sysconf(_SC_PHYS_PAGES), page_size = ::sysconf(_SC_PAGE_SIZE);
+  return pages > 0 && page_size > 0 ? double(pages) * double(page_size) : 0;
+}
+
+void require_memory(const config::Config& cfg, int expert_parallel, bool training, double available_bytes,
+                    const std::string& device) {
+  const MemoryEstimate e = estimate_memory(cfg.model, expert_parallel);
+  const double need = e.bytes(training);
+  if (available_bytes <= 0 || need <= available_bytes) return;
+  const auto& m = cfg.model;
+  const std::string sizes = "model.vocab_size = " + std::to_string(m.vocab_size) + ", model.d_model = " +
+                            std::to_string(m.d_model) + ", model.n_layers = " + std::to_string(m.n_layers) +
+                            ", model.moe.n_experts = " + std::to_string(m.moe.n_experts) +
+                            ", model.moe.expert_hidden = " + std::to_string(m.moe.expert_hidden) +
+                            ", model.dense_hidden = " + std::to_string(m.dense_hidden);
+  char params[64];
+  std::snprintf(params, sizeof params, "%.3g", e.params_per_rank);
+  const std::string what = training ? "fp32 weights, gradients and AdamW state" : "fp32 weights";
+  throw ConfigError("the model (" + sizes + ") has " + params + " parameters per rank; its " + what + " alone need " +
+                    gib(need) + ", more than the " + gib(available_bytes) + " of memory this machine's " + device +
+                    " has: make the model smaller" +
+                    (training && m.moe.n_experts > 1 ? " or shard its experts over more ranks (parallel.expert_parallel)"
+                                                     : ""));
+}
+
+void require_memory(const config::Config& cfg, int expert_parallel, bool training) {
+  require_memory(cfg, expert_parallel, training, machine_memory_bytes(cfg.run.device), cfg.run.device);
+}
+
+}  // namespace moetrain::cost

@@ -1,0 +1,33 @@
+// The bytes a model's training state needs per rank, from the config alone, and the check that it
+// fits this machine before anything is allocated: an absurd size (model.d_model = 1e9) is then one
+// line naming the keys and the figure, not an allocator's error from deep inside LibTorch.
+#pragma once
+#include <string>
+
+#include "config/config.h"
+
+namespace moetrain::cost {
+
+// fp32 weights, their fp32 gradients and AdamW's two fp32 moments, per rank: routed experts are
+// divided over parallel.expert_parallel, everything else is replicated. Activations are not counted,
+// so this is a floor, not a plan. Computed in double: it never overflows.
+struct MemoryEstimate {
+  double params_per_rank = 0;
+  double weight_bytes = 0;
+  double gradient_bytes = 0;
+  double optimizer_bytes = 0;
+  double bytes(bool training) const { return training ? weight_bytes + gradient_bytes + optimizer_bytes : weight_bytes; }
+};
+MemoryEstimate estimate_memory(const config::ModelConfig& model, int expert_parallel);
+
+// Bytes of memory `device` ("cpu" or "cuda") has: the physical memory, or the first GPU's total.
+double machine_memory_bytes(const std::string& device);
+
+// Throws ConfigError when the estimate (weights only unless training) exceeds available_bytes,
+// naming the size keys with their values, the estimate and the memory in GiB, and `device`.
+void require_memory(const config::Config& cfg, int expert_parallel, bool training, double available_bytes,
+                    const std::string& device);
+// The same against this machine: require_memory(cfg, ..., machine_memory_bytes(cfg.run.device), ...).
+void require_memory(const config::Config& cfg, int expert_parallel, bool training);
+
+}  // namespace moetrain::cost
