@@ -204,7 +204,14 @@ def main():
     parser.add_argument("--response-field", default="response", help="jsonl field of responses (default response)")
     parser.add_argument("--append-eos", action="store_true", help="end each document with the EOS token")
     parser.add_argument("--eos-token", help="the EOS token's text (default: from tokenizer_config.json)")
+    parser.add_argument("--overwrite", action="store_true", help="replace shards already in --out")
     args = parser.parse_args()
+
+    # Shards a run may be reading are never replaced unless asked.
+    held = [n for n in ("train.bin", "val.bin", "train.mask.bin", "val.mask.bin")
+            if os.path.exists(os.path.join(args.out, n))]
+    if held and not args.overwrite:
+        fail(f"{args.out} already holds {', '.join(held)}: pass --overwrite to replace them, or choose another --out")
 
     if not 0.0 < args.val_fraction < 1.0:
         fail(f"--val-fraction {args.val_fraction} must be in (0, 1)")

@@ -139,9 +139,16 @@ CATCH_TEST_CASE("prepare_data.py: prompt/response jsonl masks exactly the respon
   CATCH_CHECK(files::read_file(dir.str("cpp/train.bin")) == files::read_file(dir.str("out/train.bin")));
   CATCH_CHECK(files::read_file(dir.str("cpp/train.mask.bin")) == files::read_file(dir.str("out/train.mask.bin")));
 
-  // Plain text into the same folder removes the stale masks.
+  // Into a folder that holds shards: refused without --overwrite, shards untouched.
   testing::write_bytes(dir.str("docs.jsonl"), "{\"text\": \"The quick brown fox.\"}\n{\"text\": \"Answer: four.\"}\n");
+  const std::string before = files::read_file(dir.str("out/train.bin"));
   r = prepare_data("--tokenizer " + dir.str("tok") + " --input " + dir.str("docs.jsonl") + " --out " + dir.str("out"));
+  CATCH_CHECK(r.exit_code == 1);
+  CATCH_CHECK_THAT(r.output, Contains("already holds") && Contains("--overwrite"));
+  CATCH_CHECK(files::read_file(dir.str("out/train.bin")) == before);
+  // With --overwrite, plain text replaces them and removes the stale masks.
+  r = prepare_data("--tokenizer " + dir.str("tok") + " --input " + dir.str("docs.jsonl") + " --out " + dir.str("out") +
+                   " --overwrite");
   CATCH_INFO(r.output);
   CATCH_REQUIRE(r.exit_code == 0);
   CATCH_CHECK_FALSE(files::exists(dir.str("out/train.mask.bin")));
