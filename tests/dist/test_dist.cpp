@@ -304,8 +304,12 @@ CATCH_TEST_CASE("A rank killed mid-run: the launcher stops the job, exits non-ze
   cfg.train.micro_batch_size = 2;
   cfg.parallel.expert_parallel = 2;
   testing::write_config(cfg, dir.str("input.yaml"));
-  // Rank 1 is killed with SIGKILL two seconds in; --grace 60 leaves rank 0 to notice by itself.
-  const std::string command = "bash -c 'if [ $RANK = 1 ]; then (sleep 2; kill -9 $$) & fi; exec " +
+  // Rank 1 is killed with SIGKILL once training has started (the first metrics line; on a loaded
+  // machine set-up alone can take seconds, and a SIGTERM then ends rank 0 before it can say anything);
+  // --grace 60 leaves rank 0 to notice by itself.
+  const std::string metrics = dir.str("run/metrics.jsonl");
+  const std::string command = "bash -c 'if [ $RANK = 1 ]; then (while [ ! -s " + metrics +
+                              " ]; do sleep 0.1; done; kill -9 $$) & fi; exec " +
                               std::string(MOETRAIN_BINARY) + " train --config " + dir.str("input.yaml") + "'";
   const auto start = std::chrono::steady_clock::now();
   auto r = testing::run_command("OMP_NUM_THREADS=1 timeout 120 " + std::string(MOETRAIN_SOURCE_DIR) +
