@@ -106,8 +106,7 @@ std::string read_file(const std::string& path, uint64_t max_bytes) {
   if (!S_ISREG(st.st_mode)) {
     ::close(fd);
     throw Error("[io] cannot read '" + path + "': it is " +
-                (S_ISDIR(st.st_mode) ? "a directory" : "not a regular file (a device, pipe or socket)") +
-                ", not a file");
+                (S_ISDIR(st.st_mode) ? "a directory" : "a device, pipe or socket") + ", not a regular file");
   }
   if (uint64_t(st.st_size) > max_bytes) {
     ::close(fd);

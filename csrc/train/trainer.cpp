@@ -302,6 +302,9 @@ bool test_fault(const char* kind, int64_t step, int rank) {
   return false;
 }
 
+// "nan", "inf" or "-inf" without the sign bit noise of printf ("-nan").
+std::string number_text(double x) { return std::isnan(x) ? "nan" : format_double(x); }
+
 struct StepOutcome {
   double loss = 0;       // mean cross-entropy over the micro-batches and ranks (the balance loss apart)
   double grad_norm = 0;  // before clipping
@@ -354,10 +357,10 @@ StepOutcome train_step(model::TransformerImpl& model, optim::AdamW& optimizer, P
   outcome.loss = loss_total / double(health.size());
   if (!bad_loss.empty() || !bad_grad.empty() || !std::isfinite(outcome.grad_norm)) {
     outcome.applied = false;
-    if (!bad_loss.empty()) outcome.nonfinite = "loss " + format_double(outcome.loss) + " on rank " + bad_loss;
+    if (!bad_loss.empty()) outcome.nonfinite = "loss " + number_text(outcome.loss) + " on rank " + bad_loss;
     if (!bad_grad.empty())
       outcome.nonfinite += (outcome.nonfinite.empty() ? "" : ", ") + std::string("non-finite gradients on rank ") + bad_grad;
-    outcome.nonfinite += (outcome.nonfinite.empty() ? "" : ", ") + std::string("grad norm ") + format_double(outcome.grad_norm);
+    outcome.nonfinite += (outcome.nonfinite.empty() ? "" : ", ") + std::string("grad norm ") + number_text(outcome.grad_norm);
     optimizer.zero_grad();
     parallel.sum_load(outcome.telemetry.load_LE, outcome.telemetry.dropped_L);
     return outcome;
@@ -522,14 +525,17 @@ void claim_run_folder(const std::string& out_dir, const TrainOptions& options, d
     throw Error("[train] " + (refusal.empty() ? "rank 0 refused to start: run.out_dir '" + out_dir + "' already holds a run" : refusal));
 }
 
-// The newest checkpoint of `out_dir` that verifies, for error messages after a divergence.
+// Where to go on from after a divergence: the newest checkpoint of `out_dir` that verifies.
 std::string last_good_checkpoint(const std::string& out_dir, const std::string& verify) {
+  std::optional<std::string> dir;
   try {
-    if (auto dir = ckpt::newest_verified_checkpoint(files::join(out_dir, "ckpt"), verify)) return *dir;
+    dir = ckpt::newest_verified_checkpoint(files::join(out_dir, "ckpt"), verify);
   } catch (const Error&) {
   }
-  return "none (no checkpoint of this run verifies)";
+  if (!dir) return "this run has no checkpoint that verifies (lower optim.lr or check the data, and start again)";
+  return "last good checkpoint: " + *dir + " (--resume auto continues from it; lower optim.lr or check the data)";
 }
+
 
 // True on every rank when every rank's weights and AdamW moments are finite.
 bool all_finite(Parallel& parallel, const optim::AdamW& optimizer) {
@@ -678,8 +684,7 @@ TrainResult train(const config::Config& given, const TrainOptions& options) {
                                                    : " (" + std::to_string(skipped_in_a_row) +
                                                          " steps in a row, more than train.max_skipped_steps = " +
                                                          std::to_string(cfg.train.max_skipped_steps) + ")") +
-                    ". Last good checkpoint: " + last_good_checkpoint(out_dir, cfg.checkpoint.verify) +
-                    " (--resume auto continues from it; lower optim.lr or check the data)");
+                    "; " + last_good_checkpoint(out_dir, cfg.checkpoint.verify));
       }
       log_line("warning: " + what + ": update skipped (" + std::to_string(skipped_in_a_row) + " in a row, at most " +
                std::to_string(cfg.train.max_skipped_steps) + ")");
@@ -745,7 +750,7 @@ TrainResult train(const config::Config& given, const TrainOptions& options) {
       if (auto dir = saver.poll(/*wait=*/saving)) committed(*dir);
     if (saving && !all_finite(parallel, optimizer))  // never reached by a skipped step; a last guard
       throw Error("[train] step " + std::to_string(progress.step) +
-                  ": the weights or AdamW moments hold non-finite values; nothing was saved. Last good checkpoint: " +
+                  ": the weights or AdamW moments hold non-finite values; nothing was saved; " +
                   last_good_checkpoint(out_dir, cfg.checkpoint.verify));
     if (saving) {
       progress.gpu_hours = gpu_hours_at(progress.elapsed_s);
