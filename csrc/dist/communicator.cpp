@@ -287,6 +287,25 @@ class StoreCommunicator final : public Communicator {
 
 }  // namespace
 
+torch::Device select_device(const std::string& run_device, const LaunchEnv& env, int visible_devices,
+                            const char* cuda_visible_devices) {
+  if (run_device != "cuda") return torch::Device(torch::kCPU);
+  const std::string visible = cuda_visible_devices ? cuda_visible_devices : "";
+  const std::string shown = cuda_visible_devices ? "CUDA_VISIBLE_DEVICES=" + visible : "CUDA_VISIBLE_DEVICES unset";
+  if (visible_devices < 1)
+    throw DistError("run.device = \"cuda\" but this process sees no CUDA device (" + shown + "; use run.device=cpu)");
+  const bool bound_one = cuda_visible_devices && visible_devices == 1 && visible.find(',') == std::string::npos;
+  const int local_ranks = std::max(env.local_world_size, env.local_rank + 1);
+  if (bound_one) return torch::Device(torch::kCUDA, 0);  // the scheduler gave this process its own GPU
+  if (local_ranks > visible_devices)
+    throw DistError("this node runs " + std::string(env.local_world_size > 0 ? "" : "at least ") +
+                    std::to_string(local_ranks) + " ranks (local rank " + std::to_string(env.local_rank) + ") but " +
+                    std::to_string(visible_devices) + " GPU(s) are visible (" + shown +
+                    "): each rank needs a GPU of its own; launch at most " + std::to_string(visible_devices) +
+                    " ranks per node");
+  return torch::Device(torch::kCUDA, c10::DeviceIndex(env.local_rank));
+}
+
 LaunchEnv read_launch_env(const std::function<const char*(const char*)>& getenv_fn) {
   auto get = [&](const char* name) -> const char* {
     const char* v = getenv_fn ? getenv_fn(name) : std::getenv(name);
@@ -316,6 +335,15 @@ LaunchEnv read_launch_env(const std::function<const char*(const char*)>& getenv_
       throw DistError(std::string(s.rank) + "=" + rank + " is not below " + s.size + "=" + size);
     const char* local = get(s.local);
     env.local_rank = local ? parse_int_var(s.local, local, 0) : 0;
+    const char* local_size_var = env.source == std::string("torchrun") ? "LOCAL_WORLD_SIZE"
+                                 : env.source == std::string("slurm")  ? "SLURM_NTASKS_PER_NODE"
+                                                                       : "OMPI_COMM_WORLD_LOCAL_SIZE";
+    if (const char* local_size = get(local_size_var)) {
+      env.local_world_size = parse_int_var(local_size_var, local_size, 1);
+      if (env.local_rank >= env.local_world_size)
+        throw DistError(std::string(s.local) + "=" + std::to_string(env.local_rank) + " is not below " + local_size_var +
+                        "=" + local_size);
+    }
     if (env.world_size == 1) return env;
     if (const char* addr = get("MASTER_ADDR")) {
       env.master_addr = addr;
@@ -472,7 +500,7 @@ std::unique_ptr<Communicator> make_communicator(const config::ParallelConfig& pa
   }
   std::vector<int> ranks(static_cast<size_t>(env.world_size));
   for (int r = 0; r < env.world_size; ++r) ranks[size_t(r)] = r;
-  if (backend == "nccl") return make_nccl(store, env.rank, env.world_size, env.local_rank, parallel.timeout_s);
+  if (backend == "nccl") return make_nccl(store, env.rank, env.world_size, claim_device(device), parallel.timeout_s);
   auto shared = std::make_shared<SharedStore>();
   shared->store = store;
   shared->rank = env.rank;

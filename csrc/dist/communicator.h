@@ -24,6 +24,8 @@ struct LaunchEnv {
   int rank = 0;
   int world_size = 1;
   int local_rank = 0;
+  int local_world_size = 0;  // ranks on this node (LOCAL_WORLD_SIZE, SLURM_NTASKS_PER_NODE,
+                             // OMPI_COMM_WORLD_LOCAL_SIZE); 0 = the launcher does not say
   std::string master_addr = "127.0.0.1";
   int master_port = 29500;
   std::string source = "none";  // "torchrun", "slurm", "openmpi" or "none" (a single process)
@@ -35,6 +37,17 @@ struct LaunchEnv {
 // variables at all is a single process; partial or inconsistent ones are a DistError naming them.
 // `getenv` is injectable for tests.
 LaunchEnv read_launch_env(const std::function<const char*(const char*)>& getenv = nullptr);
+
+// The device this process computes on, a pure function of run.device, the launch environment and
+// what CUDA shows it: cpu, or cuda:<local rank> among the `visible_devices` GPUs (which honour
+// CUDA_VISIBLE_DEVICES, given as `cuda_visible_devices`, may be null). A scheduler that binds one GPU
+// to each process (CUDA_VISIBLE_DEVICES naming a single device) gives cuda:0 to every local rank.
+// More local ranks than visible GPUs, or no GPU at all, is a DistError naming the counts.
+torch::Device select_device(const std::string& run_device, const LaunchEnv& env, int visible_devices,
+                            const char* cuda_visible_devices);
+// select_device for this process (its environment, CUDA's device count), made CUDA's current device:
+// called once, before any CUDA allocation; the model, the data, NCCL and every synchronisation use it.
+torch::Device claim_device(const std::string& run_device);
 
 class Communicator {
  public:

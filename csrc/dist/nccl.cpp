@@ -10,6 +10,7 @@
 #include <nccl.h>
 
 #include <chrono>
+#include <cstdlib>
 #include <cstring>
 #include <thread>
 
@@ -75,7 +76,19 @@ class NcclCommunicator final : public Communicator {
     auto in = in_.contiguous();
     check_tensor("all_to_all", in);
     const int W = world_size();
-    TORCH_CHECK(int(send_rows.size()) == W && int(recv_rows.size()) == W, "[dist] all_to_all: splits need ", W, " entries");
+    if (int(send_rows.size()) != W || int(recv_rows.size()) != W)
+      throw DistError("all_to_all on " + name_ + ": splits need " + std::to_string(W) + " entries, got " +
+                      std::to_string(send_rows.size()) + " and " + std::to_string(recv_rows.size()));
+    int64_t total_send = 0;
+    for (int r = 0; r < W; ++r) {
+      if (send_rows[r] < 0 || recv_rows[r] < 0)
+        throw DistError("all_to_all on " + name_ + ": negative split for rank " + std::to_string(r));
+      total_send += send_rows[r];
+    }
+    // NCCL trusts the counts: a wrong sum would read past the input or leave peers waiting forever.
+    if (in.dim() < 1 || total_send != in.size(0))
+      throw DistError("all_to_all on " + name_ + ": send splits sum to " + std::to_string(total_send) +
+                      " rows, the input has " + (in.dim() < 1 ? std::string("no rows (a scalar)") : std::to_string(in.size(0))));
     int64_t per_row = 1;  // elements per row of dim 0
     for (int64_t d = 1; d < in.dim(); ++d) per_row *= in.size(d);
     int64_t total_recv = 0;
@@ -122,6 +135,9 @@ class NcclCommunicator final : public Communicator {
     if (!t.is_cuda() || !t.is_contiguous())
       throw DistError(std::string(op) + " on " + name_ + ": nccl needs a contiguous CUDA tensor, got " +
                       (t.is_cuda() ? "a strided" : "a CPU") + " one");
+    if (t.device().index() != c10::cuda::current_device())
+      throw DistError(std::string(op) + " on " + name_ + ": the tensor is on " + t.device().str() +
+                      " but this rank's communicator runs on cuda:" + std::to_string(c10::cuda::current_device()));
   }
 
   void call(const char* op, ncclResult_t result) {
@@ -167,11 +183,17 @@ class NcclCommunicator final : public Communicator {
 
 }  // namespace
 
+torch::Device claim_device(const std::string& run_device) {
+  const int visible = run_device == "cuda" && torch::cuda::is_available() ? int(c10::cuda::device_count()) : 0;
+  const torch::Device device = select_device(run_device, read_launch_env(), visible, std::getenv("CUDA_VISIBLE_DEVICES"));
+  if (device.is_cuda()) c10::cuda::set_device(device.index());
+  return device;
+}
+
 std::unique_ptr<Communicator> make_nccl(c10::intrusive_ptr<c10d::Store> store, int rank, int world_size,
-                                        int local_rank, int timeout_s) {
-  const int devices = c10::cuda::device_count();
-  if (devices < 1) throw DistError("parallel.backend = nccl but this process sees no CUDA device");
-  c10::cuda::set_device(c10::DeviceIndex(local_rank % devices));
+                                        torch::Device device, int timeout_s) {
+  if (!device.is_cuda()) throw DistError("parallel.backend = nccl but this process's device is " + device.str());
+  c10::cuda::set_device(device.index());
   ncclUniqueId id;
   const std::string key = "nccl/unique_id";
   try {

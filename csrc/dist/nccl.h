@@ -8,10 +8,10 @@
 
 namespace moetrain::dist {
 
-// Joins the NCCL world of `world_size` ranks (the unique id shared through `store`) on CUDA device
-// local_rank % device count. Collectives run on the current CUDA stream and are awaited with a
+// Joins the NCCL world of `world_size` ranks (the unique id shared through `store`) on `device`
+// (claim_device's). Collectives run on the current CUDA stream and are awaited with a
 // deadline of timeout_s; a timeout aborts the communicator and throws DistError naming the operation.
 std::unique_ptr<Communicator> make_nccl(c10::intrusive_ptr<c10d::Store> store, int rank, int world_size,
-                                        int local_rank, int timeout_s);
+                                        torch::Device device, int timeout_s);
 
 }  // namespace moetrain::dist

@@ -213,8 +213,10 @@ torch::Tensor MoEImpl::experts_across_ranks(const torch::Tensor& rows_RD, const 
   auto recv_counts_PE = ep.all_to_all(counts_E, count_split, count_split).to(torch::kCPU).view({P, EL});
   const auto send_rows = group_sums(counts_E.to(torch::kCPU), P);
   const auto recv_rows = group_sums(recv_counts_PE, P);
-  // 2. Rows to the experts' owners; they arrive grouped by source rank, then by local expert.
-  auto received_RD = all_to_all_rows(rows_RD, ep, send_rows, recv_rows);
+  // 2. Rows to the experts' owners; they arrive grouped by source rank, then by local expert. They
+  // travel in the compute dtype both ways (the experts' output is in it), so a rank that receives no
+  // rows and passes them straight back posts exactly the dtype its peers post, as NCCL requires.
+  auto received_RD = all_to_all_rows(cast(rows_RD, compute_dtype), ep, send_rows, recv_rows);
   // 3. Regroup by local expert (source ranks in order within each), run the experts, undo the regrouping.
   std::vector<int64_t> start(size_t(P * EL));
   int64_t offset = 0;

@@ -373,14 +373,7 @@ StepOutcome train_step(model::TransformerImpl& model, optim::AdamW& optimizer, P
 
 }  // namespace
 
-torch::Device resolve_device(const config::RunConfig& run) {
-  if (run.device == "cuda") {
-    if (!torch::cuda::is_available())
-      throw ConfigError("run.device = \"cuda\" but this machine has no usable CUDA device (use run.device=cpu)");
-    return torch::Device(torch::kCUDA, 0);
-  }
-  return torch::Device(torch::kCPU);
-}
+torch::Device resolve_device(const config::RunConfig& run) { return dist::claim_device(run.device); }
 
 model::ComputeDtype resolve_compute_dtype(const config::RunConfig& run) {
   if (run.dtype == "bf16") return torch::kBFloat16;
@@ -444,18 +437,18 @@ config::Config with_world_batch(config::Config cfg, int world_size) {
 // for the world size, the device and the compute dtype.
 struct Process {
   explicit Process(const config::Config& given)
-      : layout(std::make_shared<const dist::Layout>(dist::make_layout(
+      : device(resolve_device(given.run)),  // first: every CUDA allocation (NCCL's included) lands on it
+        layout(std::make_shared<const dist::Layout>(dist::make_layout(
             dist::make_communicator(given.parallel, given.run.device), given.parallel.expert_parallel))),
         cfg(with_world_batch(given, layout->world->world_size())) {
     set_log_rank(layout->world->rank());
     configure_threads(cfg.run);
-    device = resolve_device(cfg.run);
     compute_dtype = resolve_compute_dtype(cfg.run);
     cost::require_memory(cfg, layout->ep_size(), /*training=*/true);  // refuse an absurd size before allocating
   }
+  torch::Device device{torch::kCPU};
   std::shared_ptr<const dist::Layout> layout;
   config::Config cfg;
-  torch::Device device{torch::kCPU};
   model::ComputeDtype compute_dtype;
 };
 

@@ -75,7 +75,8 @@ std::optional<double> evaluate(const model::TransformerImpl& model, const data::
                                int batch_size, int seq_len, torch::Device device, dist::Communicator* world,
                                const std::function<bool()>& stop);
 
-// Device from run.device ("cpu" or "cuda"); a missing GPU is a clear error.
+// Device from run.device and the launch environment (dist::claim_device: cuda:<local rank>, made
+// current); a missing GPU, or more local ranks than GPUs, is a clear error.
 torch::Device resolve_device(const config::RunConfig& run);
 // Compute dtype from run.dtype: nullopt for fp32, bf16 otherwise.
 model::ComputeDtype resolve_compute_dtype(const config::RunConfig& run);

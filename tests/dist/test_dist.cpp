@@ -7,6 +7,7 @@
 #include <cmath>
 #include <fstream>
 #include <map>
+#include <set>
 #include <nlohmann/json.hpp>
 
 #include "ckpt/checkpoint.h"
@@ -17,6 +18,7 @@
 #include "common/files.h"
 #include "common/log.h"
 #include "dist/communicator.h"
+#include "moe/moe.h"
 #include "../train/train_fixture.h"
 
 using namespace moetrain;
@@ -85,6 +87,45 @@ CATCH_TEST_CASE("Launcher environment: torchrun, Slurm, Open MPI, none, and bad 
     CATCH_INFO(message);
     CATCH_CHECK_THROWS_WITH(env_of(vars), Contains(message));
   }
+}
+
+// Which device each rank computes on: the pure decision, with fake GPU counts, for every launcher.
+CATCH_TEST_CASE("Device per rank: cuda:<local rank>, CUDA_VISIBLE_DEVICES respected, too many ranks refused", "[dist]") {
+  using dist::select_device;
+  auto torchrun = env_of({{"RANK", "11"}, {"WORLD_SIZE", "16"}, {"LOCAL_RANK", "3"}, {"LOCAL_WORLD_SIZE", "8"},
+                          {"MASTER_ADDR", "n0"}, {"MASTER_PORT", "29500"}});
+  CATCH_CHECK(torchrun.local_world_size == 8);
+  CATCH_CHECK(select_device("cuda", torchrun, 8, nullptr) == torch::Device(torch::kCUDA, 3));
+  CATCH_CHECK(select_device("cuda", torchrun, 8, "0,1,2,3,4,5,6,7") == torch::Device(torch::kCUDA, 3));
+  CATCH_CHECK(select_device("cpu", torchrun, 8, nullptr) == torch::Device(torch::kCPU));
+  // Every rank of a node gets its own GPU: 8 ranks, 8 devices, 8 different indices.
+  std::set<int> indices;
+  for (int local = 0; local < 8; ++local) {
+    auto env = torchrun;
+    env.local_rank = local;
+    indices.insert(select_device("cuda", env, 8, nullptr).index());
+  }
+  CATCH_CHECK(indices.size() == 8);
+  // More local ranks than visible GPUs: refused on every rank, naming the counts and the variable.
+  CATCH_CHECK_THROWS_WITH(select_device("cuda", torchrun, 4, "0,1,2,3"),
+                          Contains("8 ranks") && Contains("4 GPU(s)") && Contains("CUDA_VISIBLE_DEVICES=0,1,2,3"));
+  auto first = torchrun;
+  first.local_rank = 0;
+  CATCH_CHECK_THROWS_WITH(select_device("cuda", first, 4, nullptr), Contains("8 ranks"));
+  // Slurm binding one GPU to each task (--gpus-per-task=1): each process sees its own as device 0.
+  auto slurm = env_of({{"SLURM_PROCID", "5"}, {"SLURM_NTASKS", "8"}, {"SLURM_LOCALID", "5"},
+                       {"SLURM_NTASKS_PER_NODE", "8"}, {"MASTER_ADDR", "n0"}, {"MASTER_PORT", "29500"}});
+  CATCH_CHECK(select_device("cuda", slurm, 1, "5") == torch::Device(torch::kCUDA, 0));
+  CATCH_CHECK_THROWS_WITH(select_device("cuda", slurm, 1, nullptr), Contains("8 ranks") && Contains("unset"));
+  // A launcher that gives no local size: the local rank alone must fit.
+  auto mpi = env_of({{"OMPI_COMM_WORLD_RANK", "2"}, {"OMPI_COMM_WORLD_SIZE", "4"}, {"OMPI_COMM_WORLD_LOCAL_RANK", "2"},
+                     {"MASTER_ADDR", "h"}});
+  CATCH_CHECK(select_device("cuda", mpi, 4, nullptr) == torch::Device(torch::kCUDA, 2));
+  CATCH_CHECK_THROWS_WITH(select_device("cuda", mpi, 2, nullptr), Contains("at least 3 ranks"));
+  CATCH_CHECK_THROWS_WITH(select_device("cuda", mpi, 0, nullptr), Contains("sees no CUDA device"));
+  CATCH_CHECK_THROWS_WITH(env_of({{"RANK", "0"}, {"WORLD_SIZE", "2"}, {"LOCAL_RANK", "4"}, {"LOCAL_WORLD_SIZE", "4"},
+                                  {"MASTER_ADDR", "h"}, {"MASTER_PORT", "1"}}),
+                          Contains("LOCAL_RANK=4 is not below LOCAL_WORLD_SIZE=4"));
 }
 
 CATCH_TEST_CASE("Communicator: single backend and bad backend choices", "[dist]") {
@@ -168,6 +209,64 @@ CATCH_TEST_CASE("Store backend: all_reduce, broadcast, all_gather, uneven all_to
     CATCH_CHECK(r.exit_code == 0);
     CATCH_CHECK_THAT(r.output, Contains("[rank " + std::to_string(world - 1) + "]") && Contains("All tests passed"));
   }
+}
+
+// Rank 1 of an ep group of 2 owns experts 2 and 3, which a selection bias makes unreachable: it
+// receives no rows at all, yet must post the same collectives (dtype and counts) as rank 0 in both
+// directions. Each rank's output and input gradient equal one process's MoE on the same tokens.
+// Tolerances: fp32 1e-5 (the same matmuls over differently grouped rows); bf16 2e-2 relative, a few
+// bf16 ulps (2^-8 = 3.9e-3 each) of the largest value, since the CPU's bf16 matmul may block the
+// differently grouped rows differently.
+CATCH_TEST_CASE("dist worker: a rank that receives no rows", "[.dist-worker-zero-rows]") {
+  config::ParallelConfig p;
+  p.backend = "store";
+  p.timeout_s = 60;
+  std::shared_ptr<dist::Communicator> world = dist::make_communicator(p);
+  CATCH_REQUIRE(world->world_size() == 2);
+  const int me = world->rank();
+  auto layout = std::make_shared<const dist::Layout>(dist::make_layout(world, 2));
+  auto cfg = testing::tiny_model_config().moe;
+  cfg.router.selection_bias = true;
+  const int D = testing::tiny_model_config().d_model;
+  torch::manual_seed(7);
+  moe::MoE whole(cfg, D);  // the same weights on every rank
+  moe::MoE part(cfg, D, layout);
+  torch::NoGradGuard no_grad;
+  for (auto& q : whole->parameters()) q.normal_(0, 0.3);  // seeded above: the same on every rank
+  auto full_params = whole->named_parameters();
+  for (auto& q : part->named_parameters()) {
+    const auto& full = full_params[q.key()];
+    q.value().copy_(q.key().rfind("experts.", 0) == 0 ? full.narrow(0, part->expert_offset(), q.value().size(0)) : full);
+  }
+  const auto bias = torch::tensor({0.f, 0.f, -1e4f, -1e4f});
+  whole->router->expert_bias.copy_(bias);
+  part->router->expert_bias.copy_(bias);
+  for (const std::optional<torch::ScalarType> dtype : {std::optional<torch::ScalarType>{}, std::optional(torch::kBFloat16)}) {
+    CATCH_INFO("rank " << me << (dtype ? " bf16" : " fp32"));
+    const double tol = dtype ? 2e-2 : 1e-5;
+    torch::manual_seed(100 + me);  // each rank its own tokens
+    const auto x = torch::randn({2 * 8, D});
+    auto run = [&](const moe::MoE& layer) {
+      torch::AutoGradMode grad_mode(true);
+      auto xi = x.clone().requires_grad_(true);
+      auto out = layer->forward(xi, 8, dtype);
+      out.out_TD.to(torch::kFloat).pow(2).sum().backward();
+      return std::make_tuple(out.out_TD.to(torch::kFloat), xi.grad().clone(), out.stats.tokens_per_expert_E.clone());
+    };
+    const auto [want, want_grad, want_load] = run(whole);
+    const auto [got, got_grad, got_load] = run(part);
+    CATCH_CHECK(want_load[2].item<int64_t>() + want_load[3].item<int64_t>() == 0);  // nothing reaches rank 1
+    CATCH_CHECK((got - want).abs().max().item<double>() <= tol * want.abs().max().item<double>());
+    CATCH_CHECK((got_grad - want_grad).abs().max().item<double>() <= tol * want_grad.abs().max().item<double>());
+  }
+}
+
+CATCH_TEST_CASE("Expert parallel: a rank that receives no rows, in fp32 and bf16, follows one process", "[dist]") {
+  auto r = testing::run_command("OMP_NUM_THREADS=1 " + launch(2, std::string(MOETRAIN_TESTS_BINARY) +
+                                                                     " '[.dist-worker-zero-rows]'", 120));
+  CATCH_INFO(r.output);
+  CATCH_CHECK(r.exit_code == 0);
+  CATCH_CHECK_THAT(r.output, Contains("[rank 1]") && Contains("All tests passed"));
 }
 
 namespace {
