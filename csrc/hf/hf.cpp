@@ -503,6 +503,8 @@ bool read_rope_interleave(const std::string& dir) {
 
 }  // namespace
 
+std::map<std::string, std::string> read_weight_map(const std::string& dir) { return ShardIndex(dir).file_of; }
+
 void load_weights(const std::string& dir, Family family, model::TransformerImpl& model) {
   torch::NoGradGuard no_grad;
   const auto map = name_map(model.config(), family);
