@@ -334,25 +334,34 @@ Manifest read_manifest(const std::string& step_dir) {
     throw CheckpointError(manifest_path + ": not valid JSON (" + e.what() + ")");
   }
   Manifest m;
+  // json's get<int>() of 1e100 is undefined behaviour: integer fields must be JSON integers in range.
+  auto integer = [&](const json& v, const char* field, int64_t lo, int64_t hi) {
+    if (!v.is_number_integer() || (v.is_number_unsigned() && v.get<uint64_t>() > uint64_t(hi)) ||
+        v.get<int64_t>() < lo || v.get<int64_t>() > hi)
+      throw CheckpointError(manifest_path + ": field '" + field + "' = " + (v.is_primitive() ? v.dump() : v.type_name()) +
+                            " is not an integer in [" + std::to_string(lo) + ", " + std::to_string(hi) + "]");
+    return v.get<int64_t>();
+  };
   try {
     if (j.at("format").get<std::string>() != "moetrain-checkpoint")
       throw CheckpointError(manifest_path + ": not a moetrain checkpoint manifest");
-    m.format_version = j.at("format_version").get<int>();
+    m.format_version = int(integer(j.at("format_version"), "format_version", INT32_MIN, INT32_MAX));
     if (m.format_version < 1 || m.format_version > kFormatVersion)
       throw CheckpointError(manifest_path + ": format_version " + std::to_string(m.format_version) +
                             " is not supported (this build reads 1 and 2)");
-    m.progress.step = j.at("step").get<int64_t>();
-    m.progress.tokens = j.at("tokens").get<int64_t>();
+    m.progress.step = integer(j.at("step"), "step", INT64_MIN, INT64_MAX);
+    m.progress.tokens = integer(j.at("tokens"), "tokens", INT64_MIN, INT64_MAX);
     m.progress.elapsed_s = j.at("elapsed_s").get<double>();
     m.progress.gpu_hours = j.value("gpu_hours", 0.0);
     m.progress.cost_usd = j.value("cost_usd", 0.0);
     if (j.contains("layout")) {
-      m.world_size = j["layout"].at("world_size").get<int>();
-      m.expert_parallel = j["layout"].at("expert_parallel").get<int>();
+      m.world_size = int(integer(j["layout"].at("world_size"), "layout.world_size", INT32_MIN, INT32_MAX));
+      m.expert_parallel = int(integer(j["layout"].at("expert_parallel"), "layout.expert_parallel", INT32_MIN, INT32_MAX));
     }
     m.config_yaml = j.at("config").get<std::string>();
     for (const auto& f : j.at("files"))
-      m.files.push_back({f.at("name").get<std::string>(), f.at("size").get<uint64_t>(), f.at("sha256").get<std::string>()});
+      m.files.push_back({f.at("name").get<std::string>(), uint64_t(integer(f.at("size"), "files[].size", 0, INT64_MAX)),
+                         f.at("sha256").get<std::string>()});
   } catch (const json::exception& e) {
     throw CheckpointError(manifest_path + ": malformed manifest (" + e.what() + ")");
   }
