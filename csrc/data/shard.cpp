@@ -8,6 +8,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <bit>
 #include <cassert>
 #include <cerrno>
@@ -279,7 +280,7 @@ void Shard::read_mask(uint64_t begin, uint64_t n, uint8_t* out) const {
                     " is past the end of the shard (" + std::to_string(count_) + " tokens)");
   }
   if (!mask_) {
-    std::memset(out, 1, n);
+    std::fill_n(out, n, uint8_t(1));  // not memset: out may be null when n is 0
     return;
   }
   for (uint64_t i = 0; i < n; ++i) out[i] = mask_[begin + i] != 0;
