@@ -14,6 +14,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cctype>
 #include <chrono>
 #include <cstdint>
 #include <cstdio>
@@ -145,7 +146,7 @@ class Mutator {
                                              0xff,        0x100,       0x7fff,     0x8000,     0xffff,
                                              0x10000,     0x7fffffff,  0x80000000, 0xffffffff, 0x100000000ull,
                                              INT64_MAX,   uint64_t(INT64_MIN),     UINT64_MAX, UINT64_MAX - 7};
-    switch (below(b.empty() ? 3 : 11)) {
+    switch (below(b.empty() ? 3 : 13)) {
       case 0:  // insert random bytes
       case 1: {
         const size_t at = below(b.size() + 1), n = 1 + below(8);
@@ -183,6 +184,19 @@ class Mutator {
         const size_t from = below(b.size()), n = 1 + below(std::min<size_t>(b.size() - from, 32));
         const Bytes chunk(b.begin() + from, b.begin() + from + n);
         b.insert(b.begin() + below(b.size() + 1), chunk.begin(), chunk.end());
+        break;
+      }
+      case 11:
+      case 12: {  // replace a word or number (a JSON or YAML value, a key) by a dictionary token
+        if (dict_.empty()) break;
+        auto word = [](uint8_t c) { return std::isalnum(c) || c == '_' || c == '.' || c == '-' || c == '+'; };
+        size_t lo = below(b.size()), hi = lo;
+        while (lo > 0 && word(b[lo - 1])) --lo;
+        while (hi < b.size() && word(b[hi])) ++hi;
+        if (lo > 0 && hi < b.size() && b[lo - 1] == '"' && b[hi] == '"' && below(2)) --lo, ++hi;  // the quotes too
+        const Bytes& t = dict_[below(dict_.size())];
+        b.erase(b.begin() + lo, b.begin() + hi);
+        b.insert(b.begin() + lo, t.begin(), t.end());
         break;
       }
       default: {  // splice: this input's head, another seed's tail
