@@ -189,12 +189,17 @@ SafetensorsFile::SafetensorsFile(const std::string& path) : path_(path) {
   std::string header_text(header_len, '\0');
   pread_all(file.fd, header_text.data(), header_len, 8, path, "the header");
 
-  // Count top-level keys while parsing: the JSON library keeps only the last of duplicate keys.
+  // Count top-level keys while parsing: the JSON library keeps only the last of duplicate keys. A
+  // valid header nests 3 levels; the library copies nested values recursively while parsing with a
+  // callback, so a deeper nesting is refused before it can overflow the stack (60,000 '[' did).
+  constexpr int kMaxDepth = 16;
   size_t n_keys = 0;
   Json header;
   try {
-    header = Json::parse(header_text, [&n_keys](int depth, Json::parse_event_t event, Json&) {
+    header = Json::parse(header_text, [&n_keys, &path](int depth, Json::parse_event_t event, Json&) {
       if (depth == 1 && event == Json::parse_event_t::key) ++n_keys;
+      if (depth > kMaxDepth)
+        throw CheckpointError(path + ": header nests deeper than " + std::to_string(kMaxDepth) + " levels");
       return true;
     });
   } catch (const Json::exception& e) {

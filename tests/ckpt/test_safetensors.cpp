@@ -247,15 +247,13 @@ CATCH_TEST_CASE("SafetensorsFile: fuzzed headers are clean errors", "[ckpt][fuzz
   // A zero-size tensor of ordinary shape still loads.
   write_raw_safetensors(path, R"({"w": {"dtype": "F32", "shape": [0, 3], "data_offsets": [0, 0]}})", "");
   CATCH_CHECK(SafetensorsFile(path).load("w").sizes().vec() == std::vector<int64_t>{0, 3});
-  // A deeply nested shape: the message names it in a few words instead of echoing 40,000 brackets.
-  write_raw_safetensors(path, R"({"w": {"dtype": "F32", "shape": )" + std::string(20000, '[') + std::string(20000, ']') +
+  // A nested shape: the message names it in a few words instead of echoing the brackets.
+  write_raw_safetensors(path, R"({"w": {"dtype": "F32", "shape": [[[[1]]]], "data_offsets": [0, 0]}})", "");
+  CATCH_REQUIRE_THROWS_WITH(SafetensorsFile(path), Contains("shape [[...]] has an entry that is not a non-negative integer"));
+  // 60,000 nested '[' (120 KB of header) overflowed the stack under AddressSanitizer: the JSON
+  // library copies nested values recursively when it parses with a callback.
+  write_raw_safetensors(path, R"({"w": {"dtype": "F32", "shape": )" + std::string(60000, '[') + std::string(60000, ']') +
                               R"(, "data_offsets": [0, 0]}})", "");
-  try {
-    SafetensorsFile file(path);
-    CATCH_FAIL("no error");
-  } catch (const CheckpointError& e) {
-    CATCH_CHECK_THAT(e.what(), Contains("shape [[...]] has an entry that is not a non-negative integer"));
-    CATCH_CHECK(std::strlen(e.what()) < 300);
-  }
+  CATCH_REQUIRE_THROWS_WITH(SafetensorsFile(path), Contains(path) && Contains("header nests deeper than 16 levels"));
 }
 
