@@ -10,6 +10,8 @@ log() { printf '[setup] %s\n' "$*"; }
 
 # --- Debian packages --------------------------------------------------------------------------
 apt_packages=(libyaml-cpp-dev catch2 nlohmann-json3-dev fortunes cmake ninja-build ccache python3-venv)
+# clang with libFuzzer and the sanitizers, for scripts/fuzz.sh (which scripts/test.sh runs in CI).
+apt_packages+=(clang libclang-rt-14-dev)
 missing=()
 for p in "${apt_packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -412,13 +412,14 @@ struct ManifestReader {
     if (!obj.is_object() || !obj.contains(key)) bad(field, "is missing");
     return obj[key];
   }
+  // json's get<int64_t>() of 1e100 is undefined behaviour: only JSON integers in range pass.
   int64_t integer(const json& v, const std::string& field, int64_t lo, int64_t hi) const {
-    if (!v.is_number_integer()) bad(field, "must be an integer, got " + v.dump().substr(0, 40));
-    if (v.is_number_unsigned() && v.get<uint64_t>() > uint64_t(INT64_MAX)) bad(field, "is out of range");
-    const int64_t x = v.get<int64_t>();
-    if (x < lo || x > hi)
-      bad(field, "= " + std::to_string(x) + " is outside [" + std::to_string(lo) + ", " + std::to_string(hi) + "]");
-    return x;
+    const bool ok = v.is_number_integer() && !(v.is_number_unsigned() && v.get<uint64_t>() > uint64_t(INT64_MAX)) &&
+                    v.get<int64_t>() >= lo && v.get<int64_t>() <= hi;
+    if (!ok)
+      bad(field, "= " + (v.is_primitive() ? v.dump().substr(0, 40) : std::string(v.type_name())) +
+                     " is not an integer in [" + std::to_string(lo) + ", " + std::to_string(hi) + "]");
+    return v.get<int64_t>();
   }
   double non_negative(const json& v, const std::string& field) const {
     if (!v.is_number()) bad(field, "must be a number, got " + v.dump().substr(0, 40));

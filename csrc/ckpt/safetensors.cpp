@@ -55,6 +55,27 @@ std::string shape_string(const std::vector<int64_t>& shape) {
 
 std::string errno_text() { return std::strerror(errno); }
 
+// A header value as it appears in an error message: a scalar or a short flat list as written, anything
+// bigger by its kind, so a hostile header cannot turn one error line into megabytes.
+std::string brief(const Json& v) {
+  if (v.is_structured()) {
+    for (const auto& e : v)
+      if (e.is_structured()) return v.is_array() ? "[[...]]" : "{...}";
+    if (v.is_object() && v.size() > 16) return "{...}";
+  }
+  std::string text;
+  if (v.is_array() && v.size() > 16) {
+    Json head = Json::array();
+    for (size_t i = 0; i < 16; ++i) head.push_back(v[i]);
+    text = head.dump(-1, ' ', false, Json::error_handler_t::replace);
+    text.insert(text.size() - 1, ",...");
+  } else {
+    text = v.dump(-1, ' ', false, Json::error_handler_t::replace);
+  }
+  if (text.size() > 200) text = text.substr(0, 200) + "...";
+  return text;
+}
+
 // Closes the descriptor on every path out of a function.
 struct Fd {
   int fd = -1;
@@ -168,12 +189,17 @@ SafetensorsFile::SafetensorsFile(const std::string& path) : path_(path) {
   std::string header_text(header_len, '\0');
   pread_all(file.fd, header_text.data(), header_len, 8, path, "the header");
 
-  // Count top-level keys while parsing: the JSON library keeps only the last of duplicate keys.
+  // Count top-level keys while parsing: the JSON library keeps only the last of duplicate keys. A
+  // valid header nests 3 levels; the library copies nested values recursively while parsing with a
+  // callback, so a deeper nesting is refused before it can overflow the stack (60,000 '[' did).
+  constexpr int kMaxDepth = 16;
   size_t n_keys = 0;
   Json header;
   try {
-    header = Json::parse(header_text, [&n_keys](int depth, Json::parse_event_t event, Json&) {
+    header = Json::parse(header_text, [&n_keys, &path](int depth, Json::parse_event_t event, Json&) {
       if (depth == 1 && event == Json::parse_event_t::key) ++n_keys;
+      if (depth > kMaxDepth)
+        throw CheckpointError(path + ": header nests deeper than " + std::to_string(kMaxDepth) + " levels");
       return true;
     });
   } catch (const Json::exception& e) {
@@ -211,31 +237,40 @@ SafetensorsFile::SafetensorsFile(const std::string& path) : path_(path) {
     if (!shape.is_array()) throw CheckpointError(where + ": shape is not an array");
     uint64_t numel = 1;
     bool numel_overflow = false;
+    // A tensor with a zero dimension holds no bytes, but its strides (the product of the other
+    // dimensions) must still fit in int64 for torch to create it.
+    uint64_t span = 1;
+    bool span_overflow = false;
     for (const Json& dim : shape) {
       if (!dim.is_number_unsigned() || dim.get<uint64_t>() > uint64_t(INT64_MAX)) {
-        throw CheckpointError(where + ": shape " + shape.dump() + " has an entry that is not a non-negative integer");
+        throw CheckpointError(where + ": shape " + brief(shape) + " has an entry that is not a non-negative integer");
       }
       info.shape.push_back(dim.get<int64_t>());
       numel_overflow |= __builtin_mul_overflow(numel, dim.get<uint64_t>(), &numel);
+      span_overflow |= __builtin_mul_overflow(span, std::max<uint64_t>(dim.get<uint64_t>(), 1), &span);
+    }
+    if (span_overflow || span > uint64_t(INT64_MAX)) {
+      throw CheckpointError(where + ": shape " + brief(shape) + " is too large: its dimensions (zeros counted as 1) " +
+                            "multiply past 2^63");
     }
 
     const Json& offsets = entry["data_offsets"];
     if (!offsets.is_array() || offsets.size() != 2 || !offsets[0].is_number_unsigned() ||
         !offsets[1].is_number_unsigned()) {
-      throw CheckpointError(where + ": data_offsets " + offsets.dump() + " is not a pair of non-negative integers");
+      throw CheckpointError(where + ": data_offsets " + brief(offsets) + " is not a pair of non-negative integers");
     }
     info.begin = offsets[0].get<uint64_t>();
     info.end = offsets[1].get<uint64_t>();
-    if (info.end < info.begin) throw CheckpointError(where + ": data_offsets " + offsets.dump() + " ends before it begins");
+    if (info.end < info.begin) throw CheckpointError(where + ": data_offsets " + brief(offsets) + " ends before it begins");
     if (info.end > file_size_ - data_start_) {
-      throw CheckpointError(where + ": data_offsets " + offsets.dump() + " run past the end of the data section (" +
+      throw CheckpointError(where + ": data_offsets " + brief(offsets) + " run past the end of the data section (" +
                             std::to_string(file_size_ - data_start_) + " bytes)");
     }
     uint64_t n_bytes = 0;
     numel_overflow |= __builtin_mul_overflow(numel, uint64_t(c10::elementSize(info.dtype)), &n_bytes);
     if (numel_overflow || n_bytes != info.end - info.begin) {
       throw CheckpointError(where + ": shape " + shape_string(info.shape) + " of " + dtype.get<std::string>() +
-                            " does not match data_offsets " + offsets.dump() + " (" +
+                            " does not match data_offsets " + brief(offsets) + " (" +
                             std::to_string(info.end - info.begin) + " bytes)");
     }
     infos_.push_back(std::move(info));

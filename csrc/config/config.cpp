@@ -4,6 +4,7 @@
 #include "config/config.h"
 
 #include <yaml-cpp/depthguard.h>
+#include <yaml-cpp/eventhandler.h>
 #include <yaml-cpp/yaml.h>
 
 #include <algorithm>
@@ -16,6 +17,7 @@
 #include <limits>
 #include <optional>
 #include <set>
+#include <sstream>
 #include <variant>
 
 #include "common/errors.h"
@@ -628,6 +630,26 @@ void apply_override(const std::string& override_text, Config& cfg) {
 
 constexpr uint64_t kMaxConfigBytes = uint64_t(16) << 20;
 
+// The number of YAML documents in text, counting no further than limit.
+size_t count_documents(const std::string& text, size_t limit) {
+  struct Ignore : YAML::EventHandler {
+    void OnDocumentStart(const YAML::Mark&) override {}
+    void OnDocumentEnd() override {}
+    void OnNull(const YAML::Mark&, YAML::anchor_t) override {}
+    void OnAlias(const YAML::Mark&, YAML::anchor_t) override {}
+    void OnScalar(const YAML::Mark&, const std::string&, YAML::anchor_t, const std::string&) override {}
+    void OnSequenceStart(const YAML::Mark&, const std::string&, YAML::anchor_t, YAML::EmitterStyle::value) override {}
+    void OnSequenceEnd() override {}
+    void OnMapStart(const YAML::Mark&, const std::string&, YAML::anchor_t, YAML::EmitterStyle::value) override {}
+    void OnMapEnd() override {}
+  } ignore;
+  std::istringstream stream(text);
+  YAML::Parser parser(stream);
+  size_t n = 0;
+  while (n < limit && parser.HandleNextDocument(ignore)) ++n;
+  return n;
+}
+
 std::string read_file(const std::string& path) {
   // A regular file of bounded size (files::read_file): `--config /dev/zero` is an error, not an allocation.
   try {
@@ -654,9 +676,13 @@ std::string escape_markdown_cell(const std::string& s) {
 
 Config parse_config(const std::string& yaml_text, const std::string& source,
                     const std::vector<std::string>& overrides) {
+  // yaml-cpp 0.7's LoadAll never returns on a ',' outside [] or {} (it sees endless empty documents),
+  // so the documents are counted with a bound before the one document is loaded.
   std::vector<YAML::Node> docs;
+  size_t n_docs = 0;
   try {
-    docs = YAML::LoadAll(yaml_text);
+    n_docs = count_documents(yaml_text, 2);
+    if (n_docs == 1) docs.push_back(YAML::Load(yaml_text));
   } catch (const YAML::DeepRecursion& e) {
     throw ConfigError(location(source, e.mark) + ": " + too_deep_text());
   } catch (const YAML::ParserException& e) {
@@ -664,8 +690,9 @@ Config parse_config(const std::string& yaml_text, const std::string& source,
   } catch (const YAML::Exception& e) {
     throw ConfigError(source + ": " + e.msg);
   }
-  if (docs.size() > 1)
-    throw ConfigError(source + ": holds " + std::to_string(docs.size()) + " YAML documents; expected one");
+  if (n_docs > 1)
+    throw ConfigError(source + ": holds more than one YAML document (a '---' line, or a ',' outside [] or {}, "
+                      "starts another); expected one");
 
   for (const auto& doc : docs)
     if (auto mark = too_deep(doc)) throw ConfigError(location(source, *mark) + ": " + too_deep_text());

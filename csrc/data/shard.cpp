@@ -364,7 +364,7 @@ void Shard::read_mask(uint64_t begin, uint64_t n, uint8_t* out) const {
                     " is past the end of the shard (" + std::to_string(count_) + " tokens)");
   }
   if (mask_fd_ < 0) {
-    std::memset(out, 1, n);
+    std::fill_n(out, n, uint8_t(1));  // not memset: out may be null when n is 0
     return;
   }
   const uint64_t got = pread_full(mask_fd_, out, n, kMaskHeaderBytes + begin, mask_path_);

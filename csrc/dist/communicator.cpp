@@ -12,6 +12,7 @@
 #include <chrono>
 #include <cstdlib>
 #include <cstring>
+#include <sstream>
 #include <thread>
 
 #include "common/errors.h"
@@ -74,6 +75,10 @@ class SingleCommunicator final : public Communicator {
 // Every collective is a numbered round of keys "<group>/<round>/<what>". A value is written once and
 // read by a known number of ranks; the last reader deletes it, so the store holds only rounds in flight.
 // Sums add the ranks' tensors in rank order, so every rank gets bitwise the same result.
+// The backend also holds every rank to NCCL's contract, which NCCL itself enforces only by hanging:
+// each value carries its sender's signature (operation, dtype, shape; for all_to_all the rows meant
+// for the reader, posted even when zero), and a reader whose own call differs fails at once, naming
+// the operation, the round, both ranks and both signatures.
 
 std::vector<uint8_t> to_bytes(const torch::Tensor& t) {
   auto c = t.detach().to(torch::kCPU).contiguous();
@@ -88,7 +93,8 @@ struct SharedStore {
   c10::intrusive_ptr<c10d::Store> store;
   int rank = 0, world_size = 1;
   std::chrono::milliseconds timeout{0};
-  bool broken = false;
+  bool broken = false;           // a peer died or a wait timed out: nobody waits on a dead job
+  bool contract_broken = false;  // ranks disagreed on a collective: they are alive and report it too
 
   ~SharedStore() {
     if (broken) return;
@@ -97,7 +103,10 @@ struct SharedStore {
         store->add("exit", 1);
         return;
       }
-      const auto deadline = std::chrono::steady_clock::now() + timeout;
+      // After a contract error the peers are alive and read what this rank posted before they fail
+      // in turn: the store they read from lives until they have, for a bounded while.
+      const auto wait = contract_broken ? std::min(timeout, std::chrono::milliseconds(10000)) : timeout;
+      const auto deadline = std::chrono::steady_clock::now() + wait;
       while (store->add("exit", 0) < world_size - 1 && std::chrono::steady_clock::now() < deadline)
         std::this_thread::sleep_for(std::chrono::milliseconds(5));
     } catch (const std::exception&) {
@@ -120,10 +129,11 @@ class StoreCommunicator final : public Communicator {
 
   void all_reduce_sum(torch::Tensor& t) override {
     const auto round = begin("all_reduce");
-    put(round + std::to_string(rank_), to_bytes(t));
+    const auto sig = signature(t);
+    put(round + std::to_string(rank_), sig, to_bytes(t));
     torch::Tensor sum;
     for (int r = 0; r < world_size(); ++r) {
-      auto part = r == rank_ ? t.detach().to(torch::kCPU) : take(round + std::to_string(r), world_size() - 1, r, t);
+      auto part = r == rank_ ? t.detach().to(torch::kCPU) : take(round + std::to_string(r), world_size() - 1, r, t, sig);
       sum = r == 0 ? part.clone() : sum.add_(part);
     }
     t.copy_(sum);
@@ -132,18 +142,21 @@ class StoreCommunicator final : public Communicator {
   void broadcast(torch::Tensor& t, int root) override {
     TORCH_CHECK(root >= 0 && root < world_size(), "[dist] broadcast root ", root, " outside ", name_);
     const auto round = begin("broadcast");
+    const auto sig = signature(t) + " from " + std::to_string(world_rank_of(root));
     if (rank_ == root)
-      put(round + "b", to_bytes(t));
+      put(round + "b", sig, to_bytes(t));
     else
-      t.copy_(take(round + "b", world_size() - 1, root, t));
+      t.copy_(take(round + "b", world_size() - 1, root, t, sig));
   }
 
   torch::Tensor all_gather(const torch::Tensor& t) override {
     const auto round = begin("all_gather");
-    put(round + std::to_string(rank_), to_bytes(t));
+    const auto sig = signature(t);
+    put(round + std::to_string(rank_), sig, to_bytes(t));
     std::vector<torch::Tensor> parts;
     for (int r = 0; r < world_size(); ++r)
-      parts.push_back(r == rank_ ? t.detach().to(torch::kCPU).clone() : take(round + std::to_string(r), world_size() - 1, r, t));
+      parts.push_back(r == rank_ ? t.detach().to(torch::kCPU).clone()
+                                 : take(round + std::to_string(r), world_size() - 1, r, t, sig));
     return torch::cat(parts, 0).to(t.device());
   }
 
@@ -160,10 +173,11 @@ class StoreCommunicator final : public Communicator {
     auto rows = in.detach().to(torch::kCPU).contiguous();
     int64_t start = 0;
     for (int r = 0; r < W; ++r) {
-      if (r != rank_ && send_rows[r] > 0) {
-        auto bytes = to_bytes(rows.narrow(0, start, send_rows[r]));
+      if (r != rank_) {  // zero rows too: the reader checks that it expected none
+        auto part = rows.narrow(0, start, send_rows[r]);
+        auto bytes = to_bytes(part);
         all_to_all_bytes_sent_ += int64_t(bytes.size());
-        put(round + std::to_string(rank_) + ">" + std::to_string(r), bytes);
+        put(round + std::to_string(rank_) + ">" + std::to_string(r), signature(part), bytes);
       }
       start += send_rows[r];
     }
@@ -177,11 +191,9 @@ class StoreCommunicator final : public Communicator {
         TORCH_CHECK(recv_rows[r] == send_rows[r], "[dist] all_to_all on ", name_, ": rank ", rank_, " sends itself ",
                     send_rows[r], " rows but expects ", recv_rows[r]);
         parts.push_back(rows.narrow(0, start, send_rows[r]).clone());
-      } else if (recv_rows[r] > 0) {
-        parts.push_back(take(round + std::to_string(r) + ">" + std::to_string(rank_), 1, r,
-                             torch::empty(shape, rows.options())));
       } else {
-        parts.push_back(torch::empty(shape, rows.options()));
+        auto like = torch::empty(shape, rows.options());
+        parts.push_back(take(round + std::to_string(r) + ">" + std::to_string(rank_), 1, r, like, signature(like)));
       }
     }
     return torch::cat(parts, 0).to(in.device());
@@ -189,9 +201,9 @@ class StoreCommunicator final : public Communicator {
 
   void barrier() override {
     const auto round = begin("barrier");
-    put(round + std::to_string(rank_), {});
+    put(round + std::to_string(rank_), "barrier", {});
     for (int r = 0; r < world_size(); ++r)
-      if (r != rank_) take_bytes(round + std::to_string(r), world_size() - 1, r);
+      if (r != rank_) take_bytes(round + std::to_string(r), world_size() - 1, r, "barrier");
   }
 
   std::unique_ptr<Communicator> split(int color, const std::string& label) override {
@@ -211,7 +223,20 @@ class StoreCommunicator final : public Communicator {
   // `key` holds the total size (8 bytes) and the first chunk, `key.i` the i-th.
   static constexpr size_t kChunk = size_t(4) << 20;
 
-  void put(const std::string& key, const std::vector<uint8_t>& bytes) {
+  // What this rank's call is, as its peers must see it: "all_reduce Float [4, 3]".
+  std::string signature(const torch::Tensor& t) const {
+    std::ostringstream s;
+    s << op_ << " " << c10::toString(t.scalar_type()) << " " << t.sizes();
+    return s.str();
+  }
+
+  // A value is [u32 signature length][signature][payload], in chunks (below).
+  void put(const std::string& key, const std::string& sig, const std::vector<uint8_t>& payload) {
+    std::vector<uint8_t> bytes(sizeof(uint32_t) + sig.size());
+    const uint32_t n = uint32_t(sig.size());
+    std::memcpy(bytes.data(), &n, sizeof n);
+    std::memcpy(bytes.data() + sizeof n, sig.data(), sig.size());
+    bytes.insert(bytes.end(), payload.begin(), payload.end());
     try {
       const uint64_t total = bytes.size();
       const size_t first = std::min(kChunk, bytes.size());
@@ -227,7 +252,9 @@ class StoreCommunicator final : public Communicator {
     }
   }
 
-  std::vector<uint8_t> take_bytes(const std::string& key, int readers, int from) {
+  // The payload rank `from` posted under `key`, once its signature is the one this rank expects.
+  std::vector<uint8_t> take_bytes(const std::string& key, int readers, int from, const std::string& expected) {
+    std::vector<uint8_t> bytes;
     try {
       auto get = [&](const std::string& k) {
         auto v = store_->get(k);
@@ -241,24 +268,39 @@ class StoreCommunicator final : public Communicator {
       uint64_t total = 0;
       TORCH_CHECK(head.size() >= sizeof total, "[dist] malformed store value '", key, "'");
       std::memcpy(&total, head.data(), sizeof total);
-      std::vector<uint8_t> bytes(head.begin() + sizeof total, head.end());
+      bytes.assign(head.begin() + sizeof total, head.end());
       bytes.reserve(total);
       for (size_t i = 1; bytes.size() < total; ++i) {
         auto chunk = get(key + "." + std::to_string(i));
         bytes.insert(bytes.end(), chunk.begin(), chunk.end());
       }
-      return bytes;
     } catch (const c10::Error& e) {
       fail("waiting for rank " + std::to_string(world_rank_of(from)), e);
     }
+    uint32_t n = 0;
+    if (bytes.size() >= sizeof n) std::memcpy(&n, bytes.data(), sizeof n);
+    if (bytes.size() < sizeof n + n) {
+      shared_->broken = true;
+      throw DistError(std::string(op_) + " on " + name_ + ": malformed store value '" + key + "'");
+    }
+    const std::string sig(bytes.begin() + sizeof n, bytes.begin() + long(sizeof n + n));
+    if (sig != expected) {
+      shared_->contract_broken = true;
+      throw DistError(std::string(op_) + " #" + std::to_string(round_ - 1) + " on " + name_ + ": rank " +
+                      std::to_string(world_rank_of(from)) + " called '" + sig + "' but rank " +
+                      std::to_string(world_rank_of(rank_)) + " called '" + expected +
+                      "' (every rank must call the same collective with the same dtype and counts; NCCL would hang)");
+    }
+    bytes.erase(bytes.begin(), bytes.begin() + long(sizeof n + n));
+    return bytes;
   }
 
   // Reads the value of `key` into a tensor shaped and typed like `like`.
-  torch::Tensor take(const std::string& key, int readers, int from, const torch::Tensor& like) {
-    auto bytes = take_bytes(key, readers, from);
+  torch::Tensor take(const std::string& key, int readers, int from, const torch::Tensor& like, const std::string& expected) {
+    auto bytes = take_bytes(key, readers, from, expected);
     auto out = torch::empty(like.sizes(), like.options().device(torch::kCPU));
     if (bytes.size() != size_t(out.nbytes())) {
-      shared_->broken = true;
+      shared_->contract_broken = true;
       throw DistError(std::string(op_) + " on " + name_ + ": rank " + std::to_string(world_rank_of(from)) + " sent " +
                       std::to_string(bytes.size()) + " bytes, rank " + std::to_string(world_rank_of(rank_)) +
                       " expected " + std::to_string(out.nbytes()) + " (mismatched shapes or splits)");

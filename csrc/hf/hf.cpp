@@ -4,6 +4,8 @@
 #include "hf/hf.h"
 
 #include <algorithm>
+#include <charconv>
+#include <cmath>
 #include <map>
 #include <memory>
 #include <nlohmann/json.hpp>
@@ -47,6 +49,27 @@ std::string shape_text(at::IntArrayRef shape) {
   return s.str();
 }
 
+// A JSON value as it appears in an error message: a scalar or a short flat list as written, anything
+// bigger by its kind, so a hostile file cannot turn one error line into megabytes.
+std::string brief(const Json& v) {
+  if (v.is_structured()) {
+    for (const auto& e : v)
+      if (e.is_structured()) return v.is_array() ? "[[...]]" : "{...}";
+    if (v.is_object() && v.size() > 16) return "{...}";
+  }
+  std::string text;
+  if (v.is_array() && v.size() > 16) {
+    Json head = Json::array();
+    for (size_t i = 0; i < 16; ++i) head.push_back(v[i]);
+    text = head.dump(-1, ' ', false, Json::error_handler_t::replace);
+    text.insert(text.size() - 1, ",...");
+  } else {
+    text = v.dump(-1, ' ', false, Json::error_handler_t::replace);
+  }
+  if (text.size() > 200) text = text.substr(0, 200) + "...";
+  return text;
+}
+
 // ---------------------------------------------------------------------------------------------
 // config.json fields, each read with an error that names the file and the field.
 
@@ -67,12 +90,18 @@ struct ConfigReader {
       if (fallback) return *fallback;
       fail(field, "is missing");
     }
-    if (!v->is_number_integer()) fail(field, "= " + v->dump() + " must be an integer");
+    if (!v->is_number_integer()) fail(field, "= " + brief(*v) + " must be an integer");
+    if (v->is_number_unsigned() && v->get<uint64_t>() > uint64_t(INT64_MAX)) fail(field, "= " + brief(*v) + " is out of range");
     return v->get<int64_t>();
   }
   int positive_int(const std::string& field, std::optional<int64_t> fallback = std::nullopt) const {
     const int64_t v = integer(field, fallback);
     if (v < 1 || v > INT32_MAX) fail(field, "= " + std::to_string(v) + " must be a positive integer");
+    return int(v);
+  }
+  int non_negative_int(const std::string& field, int64_t fallback) const {
+    const int64_t v = integer(field, fallback);
+    if (v < 0 || v > INT32_MAX) fail(field, "= " + std::to_string(v) + " must be an integer in [0, " + std::to_string(INT32_MAX) + "]");
     return int(v);
   }
   double number(const std::string& field, std::optional<double> fallback = std::nullopt) const {
@@ -81,19 +110,19 @@ struct ConfigReader {
       if (fallback) return *fallback;
       fail(field, "is missing");
     }
-    if (!v->is_number()) fail(field, "= " + v->dump() + " must be a number");
+    if (!v->is_number()) fail(field, "= " + brief(*v) + " must be a number");
     return v->get<double>();
   }
   bool boolean(const std::string& field, bool fallback) const {
     const Json* v = find(field);
     if (!v) return fallback;
-    if (!v->is_boolean()) fail(field, "= " + v->dump() + " must be true or false");
+    if (!v->is_boolean()) fail(field, "= " + brief(*v) + " must be true or false");
     return v->get<bool>();
   }
   void require_equal(const std::string& field, const Json& expected, const Json& fallback, const std::string& why) const {
     const Json* v = find(field);
     const Json& actual = v ? *v : fallback;
-    if (actual != expected) fail(field, "= " + actual.dump() + " is not supported (" + why + ")");
+    if (actual != expected) fail(field, "= " + brief(actual) + " is not supported (" + why + ")");
   }
 };
 
@@ -113,7 +142,7 @@ int qwen_dense_layers(const ConfigReader& r, int n_layers) {
   std::sort(layers.begin(), layers.end());
   for (size_t i = 0; i < layers.size(); ++i)
     if (layers[i] != int64_t(i) || layers[i] >= n_layers)
-      r.fail("mlp_only_layers", "= " + only->dump() + " is not supported (the dense layers must be the first ones: [0, 1, ...])");
+      r.fail("mlp_only_layers", "= " + brief(*only) + " is not supported (the dense layers must be the first ones: [0, 1, ...])");
   return int(layers.size());
 }
 
@@ -156,7 +185,7 @@ HfConfig read_config(const std::string& dir) {
       if (arch == i.architecture) family = i.family;
     if (!family) r.fail("architectures", "= [\"" + arch + "\"]: architecture not supported (supported: " + supported + ")");
   } else if (const Json* type = r.find("model_type")) {
-    const auto name = type->is_string() ? type->get<std::string>() : type->dump();
+    const auto name = type->is_string() ? type->get<std::string>() : brief(*type);
     for (const auto& i : kFamilies)
       if (name == i.model_type) family = i.family;
     if (!family) r.fail("model_type", "= \"" + name + "\": model type not supported (supported: " + supported + ")");
@@ -179,7 +208,7 @@ HfConfig read_config(const std::string& dir) {
   m.attention = "gqa";
   m.mtp_depth = 0;
   if (const Json* act = r.find("hidden_act"); act && *act != "silu")
-    r.fail("hidden_act", "= " + act->dump() + " is not supported (SwiGLU experts: \"silu\")");
+    r.fail("hidden_act", "= " + brief(*act) + " is not supported (SwiGLU experts: \"silu\")");
   // RoPE: transformers 5 nests it in rope_parameters; older configs have rope_theta and rope_scaling.
   // YaRN is read for DeepSeek-V3 only (whose attention scale follows it).
   {
@@ -193,14 +222,23 @@ HfConfig read_config(const std::string& dir) {
         if (fallback) return *fallback;
         r.fail(field + "." + key, "is missing");
       }
-      if (!params[key].is_number()) r.fail(field + "." + key, "= " + params[key].dump() + " must be a number");
+      if (!params[key].is_number()) r.fail(field + "." + key, "= " + brief(params[key]) + " must be a number");
       return params[key].get<double>();
     };
-    const std::string type = params.value("rope_type", params.value("type", std::string("default")));
+    auto text = [&](const std::string& key, const std::string& fallback) {
+      if (!params.contains(key) || params[key].is_null()) return fallback;
+      if (!params[key].is_string()) r.fail(field + "." + key, "= " + brief(params[key]) + " must be a string");
+      return params[key].get<std::string>();
+    };
+    const std::string type = text("rope_type", text("type", "default"));
     m.rope_theta = in_parameters ? number("rope_theta", std::nullopt) : r.number("rope_theta", 10000.0);
     if (type == "yarn" && out.family == Family::DeepseekV3) {
       m.yarn.factor = number("factor", std::nullopt);
-      m.yarn.original_max_seq_len = int(number("original_max_position_embeddings", std::nullopt));
+      const double original = number("original_max_position_embeddings", std::nullopt);
+      if (!(original >= 1 && original <= INT32_MAX) || original != std::floor(original))
+        r.fail(field + ".original_max_position_embeddings", "= " + brief(params["original_max_position_embeddings"]) +
+                                                               " must be a positive integer");
+      m.yarn.original_max_seq_len = int(original);
       m.yarn.beta_fast = number("beta_fast", 32.0);
       m.yarn.beta_slow = number("beta_slow", 1.0);
       m.yarn.mscale = number("mscale", 1.0);
@@ -234,7 +272,7 @@ HfConfig read_config(const std::string& dir) {
       m.moe.router.normalize_topk = true;  // softmax over the top-k logits
       if (const Json* window = r.find("sliding_window");
           window && (!window->is_number_integer() || window->get<int64_t>() < m.max_seq_len))
-        r.fail("sliding_window", "= " + window->dump() + " is not supported (full causal attention: null)");
+        r.fail("sliding_window", "= " + brief(*window) + " is not supported (full causal attention: null)");
       break;
     }
     case Family::Qwen2Moe:
@@ -246,7 +284,7 @@ HfConfig read_config(const std::string& dir) {
       r.require_equal("use_sliding_window", false, false, "full causal attention: false");
       if (out.family == Family::Qwen2Moe) {
         m.qkv_bias = r.boolean("qkv_bias", true);
-        const int shared = int(r.integer("shared_expert_intermediate_size", 0));
+        const int shared = r.non_negative_int("shared_expert_intermediate_size", 0);
         if (shared > 0) {
           m.moe.n_shared_experts = 1;
           m.moe.shared_hidden = shared;
@@ -264,7 +302,7 @@ HfConfig read_config(const std::string& dir) {
       m.qk_norm = "full";
       r.require_equal("clip_qkv", nullptr, nullptr, "q/k/v clipping is not implemented: null");
       r.require_equal("attention_bias", false, false, "no attention biases: false");
-      if (m.n_heads * m.head_dim != m.d_model)
+      if (int64_t(m.n_heads) * m.head_dim != m.d_model)
         r.fail("head_dim", "= " + std::to_string(m.head_dim) + ": OLMoE's q_norm spans hidden_size, so heads * head_dim must equal it");
       break;
     }
@@ -280,11 +318,9 @@ HfConfig read_config(const std::string& dir) {
       m.head_dim = m.mla.qk_rope_head_dim;    // unused by MLA; even, as validation wants
       m.moe.expert_hidden = r.positive_int("moe_intermediate_size");
       m.dense_hidden = r.positive_int("intermediate_size");
-      m.dense_layers = std::min(int(r.integer("first_k_dense_replace", 0)), m.n_layers);
-      if (r.integer("first_k_dense_replace", 0) < 0) r.fail("first_k_dense_replace", "must be >= 0");
+      m.dense_layers = std::min(r.non_negative_int("first_k_dense_replace", 0), m.n_layers);
       if (r.integer("moe_layer_freq", 1) != 1) r.fail("moe_layer_freq", "is not supported (every layer after the dense ones is MoE: 1)");
-      m.moe.n_shared_experts = int(r.integer("n_shared_experts", 0));
-      if (m.moe.n_shared_experts < 0) r.fail("n_shared_experts", "must be >= 0");
+      m.moe.n_shared_experts = r.non_negative_int("n_shared_experts", 0);
       m.moe.shared_hidden = m.moe.expert_hidden;
       m.moe.router.score_func = "sigmoid";
       m.moe.router.selection_bias = true;  // e_score_correction_bias
@@ -457,8 +493,9 @@ struct ShardIndex {
       if (!j.is_object() || !j.contains("weight_map") || !j["weight_map"].is_object())
         throw HfError(index_path + ": field 'weight_map' is missing or not an object");
       for (const auto& [name, file] : j["weight_map"].items()) {
-        if (!file.is_string() || file.get<std::string>().find('/') != std::string::npos)
-          throw HfError(index_path + ": weight_map['" + name + "'] must be a file name in the folder");
+        if (!file.is_string() || file.get<std::string>().find('/') != std::string::npos ||
+            file.get<std::string>().find_first_not_of('.') == std::string::npos)  // "", "." or ".."
+          throw HfError(index_path + ": weight_map['" + name + "'] = " + brief(file) + " must be a file name in the folder");
         file_of[name] = file.get<std::string>();
       }
       std::set<std::string> shards;
@@ -492,16 +529,27 @@ struct ShardIndex {
 bool is_mtp_layer(const std::string& name, int n_layers) {
   const std::string prefix = "model.layers.";
   if (name.rfind(prefix, 0) != 0) return false;
-  return std::atoi(name.c_str() + prefix.size()) >= n_layers;
+  int64_t layer = -1;
+  const char* digits = name.c_str() + prefix.size();
+  const auto [end, ec] = std::from_chars(digits, name.c_str() + name.size(), layer);
+  return end != digits && (ec == std::errc::result_out_of_range || (ec == std::errc() && layer >= n_layers));
 }
 
 bool read_rope_interleave(const std::string& dir) {
-  const auto j = nlohmann::json::parse(files::read_file(files::join(dir, kConfigFile)));
+  const std::string path = files::join(dir, kConfigFile);
+  nlohmann::json j;
+  try {
+    j = nlohmann::json::parse(files::read_file(path));
+  } catch (const nlohmann::json::exception& e) {  // read_config parsed it; it changed since
+    throw HfError(path + ": not valid JSON (" + e.what() + ")");
+  }
   auto it = j.find("rope_interleave");
   return it == j.end() || it->is_null() || (it->is_boolean() && it->get<bool>());
 }
 
 }  // namespace
+
+std::map<std::string, std::string> read_weight_map(const std::string& dir) { return ShardIndex(dir).file_of; }
 
 void load_weights(const std::string& dir, Family family, model::TransformerImpl& model) {
   torch::NoGradGuard no_grad;

@@ -5,6 +5,7 @@
 // in V2-Lite's shape).
 #pragma once
 #include <cstdint>
+#include <map>
 #include <string>
 
 #include "common/errors.h"
@@ -42,6 +43,10 @@ void apply_architecture(const config::ModelConfig& hf, config::ModelConfig& mode
 // For `model.init_from: hf:DIR`: the config with its model architecture taken from DIR/config.json,
 // data.seq_len clamped to the model's context, validated. Returns cfg unchanged when init_from is "".
 config::Config resolve_init_from(const config::Config& cfg);
+
+// Where each tensor of DIR lives (tensor name -> shard file name): model.safetensors.index.json's
+// weight_map, whose shards must exist, else model.safetensors's header. Bad input is an HfError.
+std::map<std::string, std::string> read_weight_map(const std::string& dir);
 
 // Streams the weights of DIR (model.safetensors.index.json and its shards, or model.safetensors)
 // into `model`, whose config must be the one read_config(DIR) gave. bf16, fp16 and fp32 inputs are

@@ -234,3 +234,26 @@ CATCH_TEST_CASE("SafetensorsFile refuses malformed files, naming the file", "[ck
     CATCH_REQUIRE_THROWS_WITH(file.load("flags"), Contains(path) && Contains("'flags'"));
   }
 }
+
+// Inputs from fuzzing the reader (fuzz/fuzz_safetensors.cpp): each is one CheckpointError of bounded length.
+CATCH_TEST_CASE("SafetensorsFile: fuzzed headers are clean errors", "[ckpt][fuzz]") {
+  TempDir dir("ckpt");
+  const std::string path = dir.str("bad.safetensors");
+  // A zero-size tensor whose other dimensions overflow int64 strides: LibTorch's "Stride calculation
+  // overflowed" (a c10::Error) escaped from load().
+  write_raw_safetensors(path, R"({"w": {"dtype": "F32", "shape": [0, 4611686018427387904, 4611686018427387904], )"
+                              R"("data_offsets": [0, 0]}})", "");
+  CATCH_REQUIRE_THROWS_WITH(SafetensorsFile(path), Contains(path) && Contains("'w'") && Contains("too large"));
+  // A zero-size tensor of ordinary shape still loads.
+  write_raw_safetensors(path, R"({"w": {"dtype": "F32", "shape": [0, 3], "data_offsets": [0, 0]}})", "");
+  CATCH_CHECK(SafetensorsFile(path).load("w").sizes().vec() == std::vector<int64_t>{0, 3});
+  // A nested shape: the message names it in a few words instead of echoing the brackets.
+  write_raw_safetensors(path, R"({"w": {"dtype": "F32", "shape": [[[[1]]]], "data_offsets": [0, 0]}})", "");
+  CATCH_REQUIRE_THROWS_WITH(SafetensorsFile(path), Contains("shape [[...]] has an entry that is not a non-negative integer"));
+  // 60,000 nested '[' (120 KB of header) overflowed the stack under AddressSanitizer: the JSON
+  // library copies nested values recursively when it parses with a callback.
+  write_raw_safetensors(path, R"({"w": {"dtype": "F32", "shape": )" + std::string(60000, '[') + std::string(60000, ']') +
+                              R"(, "data_offsets": [0, 0]}})", "");
+  CATCH_REQUIRE_THROWS_WITH(SafetensorsFile(path), Contains(path) && Contains("header nests deeper than 16 levels"));
+}
+

@@ -219,6 +219,68 @@ CATCH_TEST_CASE("hf: a missing shard, a wrong shape, an unknown architecture are
   CATCH_CHECK_THAT(r.output, Contains("[hf]") && Contains(shard_name));
 }
 
+// Inputs from fuzzing (fuzz/fuzz_hf_config.cpp, fuzz_hf_index.cpp) and the review that went with it:
+// each was a raw nlohmann exception, undefined behaviour or a megabyte message, and is now one HfError.
+CATCH_TEST_CASE("hf: fuzzed config.json and index values are one-line errors naming the field", "[hf][fuzz]") {
+  testing::TempDir dir("hf-fuzz");
+  const std::string hf_dir = dir.str("hf");
+  write_tiny_mixtral(hf_dir);
+  const std::string config_path = files::join(hf_dir, "config.json");
+  auto mixtral = nlohmann::json::parse(files::read_file(config_path));
+  mixtral.erase("rope_parameters");  // rope_theta and rope_scaling, as transformers 4 writes them
+  auto error_with = [&](const nlohmann::json& config) {
+    testing::write_bytes(config_path, config.dump());
+    return error_of([&] { hf::read_config(hf_dir); });
+  };
+
+  // A non-string rope type (the fuzzer's input): was nlohmann's type_error.302 from json::value().
+  CATCH_REQUIRE(error_with(mixtral).empty());
+  auto config = mixtral;
+  config["rope_scaling"] = {{"type", "yarn"}, {"factor", 4.0}, {"rope_type", 4}};
+  CATCH_CHECK_THAT(error_with(config), Contains("[hf]") && Contains("field 'rope_scaling.rope_type' = 4 must be a string"));
+  config["rope_scaling"] = {{"type", 1}};
+  CATCH_CHECK_THAT(error_with(config), Contains("field 'rope_scaling.type' = 1 must be a string"));
+
+  // YaRN's original context as a huge double: was int(1e100), undefined behaviour.
+  config = mixtral;
+  config["architectures"] = {"DeepseekV3ForCausalLM"};
+  for (const char* key : {"head_dim", "num_local_experts"}) config.erase(key);
+  config.update({{"q_lora_rank", 8}, {"kv_lora_rank", 8}, {"qk_nope_head_dim", 4}, {"qk_rope_head_dim", 2},
+                 {"v_head_dim", 4}, {"intermediate_size", 24}, {"moe_intermediate_size", 8}, {"n_routed_experts", 4},
+                 {"rope_scaling", {{"type", "yarn"}, {"factor", 4.0}, {"original_max_position_embeddings", 1e100}}}});
+  CATCH_CHECK_THAT(error_with(config), Contains("'rope_scaling.original_max_position_embeddings' = 1e+100 must be a positive integer"));
+  config["rope_scaling"]["original_max_position_embeddings"] = 8;
+  CATCH_CHECK(error_with(config).empty());
+  // Counts beyond int: were truncated silently (2^32 + 1 shared experts became 1).
+  config["n_shared_experts"] = 4294967297ll;
+  CATCH_CHECK_THAT(error_with(config), Contains("field 'n_shared_experts' = 4294967297 must be an integer in [0, "));
+
+  // OLMoE's heads * head_dim: 8 * 536870914 overflowed int to 16 = hidden_size and was accepted.
+  config = mixtral;
+  config["architectures"] = {"OlmoeForCausalLM"};
+  config.update({{"num_attention_heads", 8}, {"num_key_value_heads", 2}, {"head_dim", 536870914}, {"num_experts", 4}});
+  CATCH_CHECK_THAT(error_with(config), Contains("field 'head_dim' = 536870914: OLMoE's q_norm spans hidden_size"));
+
+  // A deeply nested value is named in a few characters, not echoed whole.
+  config = mixtral;
+  config["num_hidden_layers"] = nlohmann::json::array();
+  for (int i = 0; i < 1000; ++i) config["num_hidden_layers"] = nlohmann::json::array({config["num_hidden_layers"]});
+  const std::string nested = error_with(config);
+  CATCH_CHECK_THAT(nested, Contains("field 'num_hidden_layers' = [[...]] must be an integer"));
+  testing::write_bytes(config_path, mixtral.dump());
+
+  // weight_map naming "..", "." or "" (the folder itself, its parent): refused as not a file name.
+  const std::string index_path = files::join(hf_dir, "model.safetensors.index.json");
+  auto index = nlohmann::json::parse(files::read_file(index_path));
+  for (const char* name : {"..", ".", ""}) {
+    auto bad = index;
+    bad["weight_map"]["model.norm.weight"] = name;
+    testing::write_bytes(index_path, bad.dump());
+    CATCH_CHECK_THAT(error_of([&] { hf::read_weight_map(hf_dir); }),
+                     Contains("weight_map['model.norm.weight'] = \"" + std::string(name) + "\" must be a file name"));
+  }
+}
+
 CATCH_TEST_CASE("hf: convert to our checkpoint and back, generate and eval through the CLI", "[hf]") {
   testing::TempDir dir("hf-cli");
   const std::string hf_dir = dir.str("hf");
