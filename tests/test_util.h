@@ -3,6 +3,7 @@
 #include <sys/wait.h>
 
 #include <cstdio>
+#include <cstring>
 #include <stdexcept>
 #include <string>
 
@@ -58,6 +59,13 @@ inline void write_bytes(const std::string& path, const std::string& bytes) {
   if (!f) throw std::runtime_error("test: cannot write " + path);
   std::fwrite(bytes.data(), 1, bytes.size(), f);
   std::fclose(f);
+}
+
+// Overwrites bytes [offset, offset + n) of a file: for damaging inputs in place.
+inline void patch(const std::string& path, size_t offset, const void* data, size_t n) {
+  std::string bytes = files::read_file(path);
+  std::memcpy(bytes.data() + offset, data, n);
+  write_bytes(path, bytes);
 }
 
 struct CommandResult {

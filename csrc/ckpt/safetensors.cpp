@@ -16,6 +16,7 @@
 #include <nlohmann/json.hpp>
 
 #include "common/errors.h"
+#include "common/json_brief.h"
 #include "common/files.h"
 
 namespace moetrain::ckpt {
@@ -55,26 +56,7 @@ std::string shape_string(const std::vector<int64_t>& shape) {
 
 std::string errno_text() { return std::strerror(errno); }
 
-// A header value as it appears in an error message: a scalar or a short flat list as written, anything
-// bigger by its kind, so a hostile header cannot turn one error line into megabytes.
-std::string brief(const Json& v) {
-  if (v.is_structured()) {
-    for (const auto& e : v)
-      if (e.is_structured()) return v.is_array() ? "[[...]]" : "{...}";
-    if (v.is_object() && v.size() > 16) return "{...}";
-  }
-  std::string text;
-  if (v.is_array() && v.size() > 16) {
-    Json head = Json::array();
-    for (size_t i = 0; i < 16; ++i) head.push_back(v[i]);
-    text = head.dump(-1, ' ', false, Json::error_handler_t::replace);
-    text.insert(text.size() - 1, ",...");
-  } else {
-    text = v.dump(-1, ' ', false, Json::error_handler_t::replace);
-  }
-  if (text.size() > 200) text = text.substr(0, 200) + "...";
-  return text;
-}
+std::string brief(const Json& v) { return brief_json(v); }
 
 // Closes the descriptor on every path out of a function.
 struct Fd {

@@ -14,6 +14,7 @@
 
 #include "ckpt/safetensors.h"
 #include "common/files.h"
+#include "common/json_brief.h"
 
 namespace moetrain::hf {
 
@@ -49,26 +50,7 @@ std::string shape_text(at::IntArrayRef shape) {
   return s.str();
 }
 
-// A JSON value as it appears in an error message: a scalar or a short flat list as written, anything
-// bigger by its kind, so a hostile file cannot turn one error line into megabytes.
-std::string brief(const Json& v) {
-  if (v.is_structured()) {
-    for (const auto& e : v)
-      if (e.is_structured()) return v.is_array() ? "[[...]]" : "{...}";
-    if (v.is_object() && v.size() > 16) return "{...}";
-  }
-  std::string text;
-  if (v.is_array() && v.size() > 16) {
-    Json head = Json::array();
-    for (size_t i = 0; i < 16; ++i) head.push_back(v[i]);
-    text = head.dump(-1, ' ', false, Json::error_handler_t::replace);
-    text.insert(text.size() - 1, ",...");
-  } else {
-    text = v.dump(-1, ' ', false, Json::error_handler_t::replace);
-  }
-  if (text.size() > 200) text = text.substr(0, 200) + "...";
-  return text;
-}
+std::string brief(const Json& v) { return brief_json(v); }
 
 // ---------------------------------------------------------------------------------------------
 // config.json fields, each read with an error that names the file and the field.

@@ -17,15 +17,10 @@ using Catch::Matchers::Contains;
 using namespace moetrain::data;
 using moetrain::testing::TempDir;
 using moetrain::testing::write_bytes;
+using moetrain::testing::patch;
 namespace files = moetrain::files;
 
 namespace {
-
-void patch(const std::string& path, size_t offset, const void* data, size_t n) {
-  std::string bytes = files::read_file(path);
-  std::memcpy(bytes.data() + offset, data, n);
-  write_bytes(path, bytes);
-}
 
 std::vector<int64_t> cycle(int64_t n, int64_t vocab) {
   std::vector<int64_t> tokens(static_cast<size_t>(n));

@@ -19,16 +19,10 @@ using Catch::Matchers::Contains;
 using namespace moetrain::data;
 using moetrain::testing::TempDir;
 using moetrain::testing::write_bytes;
+using moetrain::testing::patch;
 namespace files = moetrain::files;
 
 namespace {
-
-// Overwrites bytes [offset, offset + n) of a file.
-void patch(const std::string& path, size_t offset, const void* data, size_t n) {
-  std::string bytes = files::read_file(path);
-  std::memcpy(bytes.data() + offset, data, n);
-  write_bytes(path, bytes);
-}
 
 // Tokens equal to their position, so a window's content reveals where it was read from.
 std::vector<int64_t> positions(int64_t n) {
