@@ -4,7 +4,7 @@
 // Backends:
 //   single  one process; every collective is the identity.
 //   store   CPU tensors; collectives move bytes through LibTorch's c10d TCPStore. It stands in for
-//           c10d's Gloo backend, whose headers the torch wheel does not ship (see DESIGN.md).
+//           c10d's Gloo backend, whose headers the torch wheel does not ship (README: "Backends").
 //   nccl    CUDA tensors on the current CUDA stream; the NCCL unique id travels through the store.
 #pragma once
 #include <torch/torch.h>
