@@ -18,7 +18,7 @@ targets=("$@")
 log() { printf '[fuzz] %s\n' "$*"; }
 
 cxx="${MOETRAIN_FUZZ_CXX:-clang++}"
-command -v "$cxx" >/dev/null 2>&1 || { echo "[fuzz] $cxx not found: install clang and libclang-rt-14-dev (scripts/setup.sh does with MOETRAIN_FUZZ_SETUP=1)" >&2; exit 1; }
+command -v "$cxx" >/dev/null 2>&1 || { echo "[fuzz] $cxx not found: install clang and libclang-rt-14-dev (scripts/setup.sh does)" >&2; exit 1; }
 fuzzer_lib="$("$cxx" -print-resource-dir)/lib/linux/libclang_rt.fuzzer-x86_64.a"
 [ -f "$fuzzer_lib" ] || { echo "[fuzz] $fuzzer_lib is missing: install libclang-rt-14-dev (libFuzzer and the sanitizers)" >&2; exit 1; }
 if ! command -v nvcc >/dev/null 2>&1 && [ -x /usr/local/cuda/bin/nvcc ]; then export PATH="/usr/local/cuda/bin:$PATH"; fi
