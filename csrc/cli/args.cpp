@@ -2,9 +2,12 @@
 #include "cli/args.h"
 
 #include <algorithm>
+#include <cstdio>
 #include <sstream>
 
 #include "common/errors.h"
+#include "common/files.h"
+#include "hf/hf.h"
 
 namespace moetrain::cli {
 
@@ -118,6 +121,18 @@ std::string usage(const Command& command) {
   for (const auto& o : command.options) line(o.name + (o.metavar.empty() ? "" : " " + o.metavar), o.help);
   line("help", "show this help");
   return out.str();
+}
+
+config::Config load_command_config(const Args& args, InitFrom mode) {
+  const auto cfg = args.has("config") ? config::load_config(args.get("config"), args.all("set"))
+                                      : config::parse_config("{}", "<defaults>", args.all("set"));
+  if (mode == InitFrom::if_present && !cfg.model.init_from.empty() &&
+      !files::exists(files::join(hf::hf_dir(cfg.model.init_from), "config.json"))) {
+    std::fprintf(stderr, "note: model.init_from = %s has no config.json yet: the model keys printed are the file's "
+                 "placeholders, not the checkpoint's architecture\n", cfg.model.init_from.c_str());
+    return cfg;
+  }
+  return hf::resolve_init_from(cfg);
 }
 
 }  // namespace moetrain::cli

@@ -5,6 +5,8 @@
 #include <string>
 #include <vector>
 
+#include "config/config.h"
+
 namespace moetrain::cli {
 
 struct Option {
@@ -39,6 +41,14 @@ class Args {
 };
 
 std::string usage(const Command& command);
+
+// The config a command runs from --config FILE and its --set overrides. With model.init_from: hf:DIR
+// the model's architecture comes from DIR/config.json (hf::resolve_init_from), so `train`,
+// `bench-step` and `cost` all build and count the checkpoint's model, never the template's
+// placeholder. `config` passes InitFrom::if_present: it prints a template whose folder is absent as
+// written (with a note on stderr), so templates can be checked without the model.
+enum class InitFrom { required, if_present };
+config::Config load_command_config(const Args& args, InitFrom mode = InitFrom::required);
 
 // Subcommands: each returns the process exit code.
 int run_train(const std::vector<std::string>& argv);

@@ -24,7 +24,7 @@ int run_convert(const std::vector<std::string>& argv) {
       "and train --resume); --from CKPT --to hf:DIR writes config.json, safetensors shards and their index.",
       {{"from", "SRC", "our run/ckpt/step folder, or hf:DIR"},
        {"to", "DST", "a run folder to create, or hf:DIR"},
-       {"family", "NAME", "export family: mixtral, qwen2_moe, qwen3_moe, olmoe (default: from the model's features)"},
+       {"family", "NAME", "export family: " + hf::family_names() + " (default: from the model's features)"},
        {"shard-size", "BYTES", "largest exported shard in bytes (default 2000000000)"}}};
   Args args(command, argv);
   if (args.help()) {

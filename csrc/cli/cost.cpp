@@ -39,7 +39,8 @@ int run_cost(const std::vector<std::string>& argv) {
     std::fputs(usage(command).c_str(), stdout);
     return 0;
   }
-  const auto cfg = config::load_config(args.require("config"), args.all("set"));
+  args.require("config");
+  const auto cfg = load_command_config(args);
   const double tokens = cost::parse_count(args.require("tokens"), "--tokens");
   if (!(tokens > 0)) throw UsageError("--tokens must be > 0, got '" + args.get("tokens") + "'");
 
@@ -159,7 +160,7 @@ int run_bench_step(const std::vector<std::string>& argv) {
     return 0;
   }
   const std::string config_path = args.require("config");
-  const auto cfg = config::load_config(config_path, args.all("set"));
+  const auto cfg = load_command_config(args);
   const auto r = train::bench_steps(cfg, args.get_int("warmup", 3), args.get_int("steps", 10), args.has("json"));
   if (log_rank() != 0) return 0;  // one report per job, from rank 0
   nlohmann::json j = {{"config", config_path},
@@ -167,6 +168,7 @@ int run_bench_step(const std::vector<std::string>& argv) {
                       {"dtype", r.dtype},
                       {"gpu", r.gpu},
                       {"peak_tflops", r.peak_tflops},
+                      {"peak_source", r.peak_source},
                       {"world_size", r.world_size},
                       {"seq_len", cfg.data.seq_len},
                       {"warmup_steps", r.warmup_steps},
@@ -204,6 +206,7 @@ int run_bench_step(const std::vector<std::string>& argv) {
   std::printf("tokens/s         %.1f (%.1f per device)\n", r.tokens_per_s, r.tokens_per_s_per_gpu);
   std::printf("FLOPs/token      %.4g (training, causal)\n", r.flops_per_token_causal);
   std::printf("MFU              %.4f against %s at %.4g TFLOP/s\n", r.mfu, r.gpu.c_str(), r.peak_tflops);
+  if (r.mfu > 1) std::printf("%s\n", cost::mfu_warning(r.mfu, cost::Hardware{r.gpu, r.peak_tflops, std::nullopt, r.peak_source}).c_str());
   std::printf("loss             %.4f -> %.4f\n", r.first_loss, r.last_loss);
   return 0;
 }

@@ -3,7 +3,6 @@
 
 #include "cli/args.h"
 #include "common/log.h"
-#include "hf/hf.h"
 #include "train/trainer.h"
 
 namespace moetrain::cli {
@@ -21,8 +20,8 @@ int run_train(const std::vector<std::string>& argv) {
     std::fputs(usage(command).c_str(), stdout);
     return 0;
   }
-  // With model.init_from: hf:DIR, the architecture comes from DIR/config.json.
-  const auto cfg = hf::resolve_init_from(config::load_config(args.require("config"), args.all("set")));
+  args.require("config");
+  const auto cfg = load_command_config(args);
   const auto result = train::train(cfg, {args.get("resume"), args.has("overwrite")});
   const int64_t ran = result.last_step - result.first_step;
   std::string summary = "done: step " + std::to_string(result.last_step) + "/" + std::to_string(cfg.train.steps) +
@@ -35,7 +34,7 @@ int run_train(const std::vector<std::string>& argv) {
   if (ran > 0)
     summary += " | " + format_count(double(result.tokens)) + " tokens in " + format_duration(result.elapsed_s) + ", " +
                format_double(result.gpu_hours, 3) + " device-hours, $" + format_double(result.cost_usd, 3) +
-               ", mean MFU " + format_double(100 * result.mean_mfu, 3) + "%";
+               ", mean MFU " + format_double(100 * result.mean_mfu, 3) + "%" + (result.mean_mfu > 1 ? " (!)" : "");
   if (result.final_val_loss > 0) summary += " | val_loss " + format_double(result.final_val_loss, 4);
   if (!result.last_checkpoint.empty()) summary += " | checkpoint " + result.last_checkpoint;
   log_line(summary);

@@ -93,6 +93,12 @@ const std::vector<KeyDesc>& keys() {
       MOETRAIN_KEY(run.dtype, "Compute dtype of matmuls and activations; weights and optimizer state stay fp32 (bf16 is mixed precision with fp32 master weights). Router math always runs in fp32.",
                    one_of({"fp32", "bf16"})),
       MOETRAIN_KEY(run.threads, "CPU intra-op threads; 0 = all cores.", at_least(0)),
+      MOETRAIN_KEY(run.deterministic,
+                   "Deterministic kernels only: LibTorch's deterministic mode (an op without a deterministic "
+                   "kernel is an error), cuBLAS's fixed workspace, SDPA's math backend on CUDA, and the MoE's "
+                   "dispatch, combine and loss without atomic adds. CPU runs are bit-exact without it; on a GPU "
+                   "it makes reruns and resumes bit-exact at some cost in speed.",
+                   any()),
 
       MOETRAIN_KEY(model.vocab_size, "Vocabulary size: rows of the token embedding (and of the LM head).",
                    at_least(2)),
@@ -247,11 +253,15 @@ const std::vector<KeyDesc>& keys() {
 
       MOETRAIN_KEY(train.steps, "Optimizer steps to run.", at_least(1)),
       MOETRAIN_KEY(train.micro_batch_size, "Sequences per micro-batch per rank.", at_least(1)),
-      MOETRAIN_KEY(train.grad_accum, "Micro-batches accumulated per optimizer step.", at_least(1)),
+      MOETRAIN_KEY(train.grad_accum,
+                   "Micro-batches accumulated per optimizer step; 0 = global_batch_size / (world size * "
+                   "micro_batch_size), Megatron's convention (needs train.global_batch_size).",
+                   at_least(0)),
       MOETRAIN_KEY(train.global_batch_size,
-                   "Sequences per optimizer step over all ranks; when set, train.micro_batch_size becomes "
-                   "global_batch_size / (world size * grad_accum), so the config trains alike at any world size. "
-                   "0 = micro_batch_size * grad_accum * world size.",
+                   "Sequences per optimizer step over all ranks; when set, the config trains alike at any world "
+                   "size: train.micro_batch_size becomes global_batch_size / (world size * grad_accum), or with "
+                   "grad_accum = 0 the micro-batch stays and grad_accum is derived. 0 = micro_batch_size * "
+                   "grad_accum * world size.",
                    at_least(0)),
       MOETRAIN_KEY(train.log_every, "Steps between training log lines.", at_least(1)),
       MOETRAIN_KEY(train.eval_every, "Steps between validation evaluations; 0 = only at the end.", at_least(0)),
@@ -789,6 +799,35 @@ void validate(const Config& cfg) {
   if (cfg.optim.min_lr > cfg.optim.lr)
     throw ConfigError("optim.min_lr = " + format_number(cfg.optim.min_lr) + " must be <= optim.lr = " +
                       format_number(cfg.optim.lr));
+  if (cfg.train.grad_accum == 0 && cfg.train.global_batch_size == 0)
+    throw ConfigError("train.grad_accum = 0 (derived) needs train.global_batch_size > 0 to derive it from");
+}
+
+Config for_world_size(Config cfg, int world_size) {
+  TrainConfig& t = cfg.train;
+  if (world_size < 1) throw ConfigError("world size " + std::to_string(world_size) + " must be at least 1");
+  if (t.global_batch_size == 0) return cfg;
+  const std::string global = "train.global_batch_size = " + std::to_string(t.global_batch_size);
+  const std::string world = "world size " + std::to_string(world_size);
+  if (t.grad_accum == 0) {  // the micro-batch is given (it is what fits in memory); accumulation fills the rest
+    const int64_t per_accum = int64_t(world_size) * t.micro_batch_size;
+    if (t.global_batch_size % per_accum != 0)
+      throw ConfigError(global + " is not divisible by " + world + " x train.micro_batch_size " +
+                        std::to_string(t.micro_batch_size) + " (train.grad_accum = 0 derives the accumulation)");
+    t.grad_accum = int(t.global_batch_size / per_accum);
+    return cfg;
+  }
+  if (t.global_batch_size % (int64_t(world_size) * t.grad_accum) != 0)
+    throw ConfigError(global + " is not divisible by " + world + " x train.grad_accum " + std::to_string(t.grad_accum) +
+                      " (or set train.grad_accum = 0 to derive it from train.micro_batch_size)");
+  const int derived = int(t.global_batch_size / (int64_t(world_size) * t.grad_accum));
+  if (t.micro_batch_size != TrainConfig{}.micro_batch_size && t.micro_batch_size != derived)
+    throw ConfigError("train.micro_batch_size = " + std::to_string(t.micro_batch_size) + " conflicts with " + global +
+                      " at " + world + " (which gives " + std::to_string(derived) +
+                      "); set one of them (train.global_batch_size=0 keeps micro_batch_size), or set "
+                      "train.grad_accum = 0 to keep the micro-batch and derive the accumulation");
+  t.micro_batch_size = derived;
+  return cfg;
 }
 
 std::string to_yaml(const Config& cfg) {

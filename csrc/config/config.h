@@ -17,6 +17,7 @@ struct RunConfig {
   std::string device = "cpu";   // cpu | cuda
   std::string dtype = "fp32";   // fp32 | bf16 (parameters and activations; router math is fp32)
   int threads = 0;              // CPU intra-op threads; 0 = all cores
+  bool deterministic = false;   // deterministic kernels everywhere (bit-exact reruns on a GPU too)
 };
 
 // Routing: how scores are computed and which experts each token is sent to.
@@ -112,7 +113,7 @@ struct TrainConfig {
   int steps = 1000;
   int micro_batch_size = 16;    // sequences per micro-batch per rank
   int global_batch_size = 0;    // sequences per optimizer step over all ranks; 0 = micro_batch_size * grad_accum * world
-  int grad_accum = 1;           // micro-batches per optimizer step
+  int grad_accum = 1;           // micro-batches per optimizer step; 0 = derived (see for_world_size)
   int log_every = 10;
   int eval_every = 100;         // 0 = only at the end
   int eval_batches = 8;         // validation micro-batches per evaluation
@@ -158,6 +159,10 @@ Config parse_config(const std::string& yaml_text, const std::string& source,
                     const std::vector<std::string>& overrides = {});
 // Checks every value and the relations between them; throws ConfigError on the first problem.
 void validate(const Config& cfg);
+// The config as one rank of a job of `world_size` ranks runs it: with train.global_batch_size set,
+// train.micro_batch_size (or, at train.grad_accum = 0, grad_accum) is derived so that every world size
+// takes the same sequences per step. Throws ConfigError naming the keys when the sizes do not divide.
+Config for_world_size(Config cfg, int world_size);
 // The resolved config as YAML that parse_config reads back to an equal config.
 std::string to_yaml(const Config& cfg);
 // (key path, value text) for every key, in declaration order: the start-up table.

@@ -5,7 +5,9 @@
 
 #include <algorithm>
 #include <chrono>
-#include <limits>
+#include <cstdio>
+#include <map>
+#include <mutex>
 
 #include "common/errors.h"
 
@@ -44,24 +46,53 @@ std::vector<std::string> hardware_names() {
   return names;
 }
 
-double measure_cpu_tflops(int n, int reps) {
+double measure_cpu_tflops() {
+  // The peak a CPU run is measured against is the best fp32 matmul rate this process reaches with the
+  // threads it trains with. One size or a few repetitions is not that: on a small shared machine a
+  // 1024^3 product runs at half the rate of a 512^3 one that fits in cache (which is what a small
+  // model's matmuls do), and single timings swing by 30%. So: several sizes, each warmed up and then
+  // repeated for a fixed time, the best rate of all; cached per thread count, so the probe runs once.
+  static std::mutex mutex;
+  static std::map<int, double> measured;
+  const std::lock_guard<std::mutex> lock(mutex);
+  const int threads = at::get_num_threads();
+  if (auto it = measured.find(threads); it != measured.end()) return it->second;
+
   torch::NoGradGuard no_grad;
-  auto a = torch::randn({n, n}, torch::kFloat), b = torch::randn({n, n}, torch::kFloat);
-  (void)torch::mm(a, b);  // warm-up: thread pool and allocator
-  double best_s = std::numeric_limits<double>::infinity();
-  for (int i = 0; i < reps; ++i) {
-    auto start = std::chrono::steady_clock::now();
-    auto c = torch::mm(a, b);
-    (void)c.data_ptr<float>();
-    best_s = std::min(best_s, std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
+  using clock = std::chrono::steady_clock;
+  auto seconds_since = [](clock::time_point t) { return std::chrono::duration<double>(clock::now() - t).count(); };
+  double best_flops_per_s = 0;
+  for (int64_t n : {256, 512, 1024}) {
+    const auto a = torch::randn({n, n}, torch::kFloat), b = torch::randn({n, n}, torch::kFloat);
+    auto c = torch::empty({n, n}, torch::kFloat);
+    for (auto start = clock::now(); seconds_since(start) < 0.03;) torch::mm_out(c, a, b);  // threads, caches, clock
+    const auto start = clock::now();
+    for (int reps = 0; reps < 3 || seconds_since(start) < 0.12; ++reps) {
+      const auto t = clock::now();
+      torch::mm_out(c, a, b);
+      best_flops_per_s = std::max(best_flops_per_s, 2.0 * double(n) * n * n / seconds_since(t));
+    }
   }
-  return 2.0 * double(n) * n * n / best_s / 1e12;
+  return measured[threads] = best_flops_per_s / 1e12;
+}
+
+std::string mfu_warning(double mfu, const Hardware& hardware) {
+  if (!(mfu > 1.0)) return "";
+  char figures[96];
+  std::snprintf(figures, sizeof figures, "MFU %.0f%% is above 100%%: the peak of cost.gpu = %s (%.4g TFLOP/s, ",
+                100 * mfu, hardware.name.c_str(), hardware.bf16_tflops);
+  return "warning: " + std::string(figures) + hardware.source + ") is below what this run reaches" +
+         (hardware.name == "cpu" ? std::string(" (the CPU probe was disturbed, e.g. by other processes)")
+                                 : std::string("; does cost.gpu name the hardware the run is on?"));
 }
 
 Hardware lookup_hardware(const std::string& name) {
   for (const auto& h : gpu_table())
     if (h.name == name) return h;
-  if (name == "cpu") return {"cpu", measure_cpu_tflops(), std::nullopt, "measured: best of 3 fp32 1024^3 matmuls"};
+  if (name == "cpu")
+    return {"cpu", measure_cpu_tflops(), std::nullopt,
+            "measured: best fp32 matmul rate over 256^3 to 1024^3 at " + std::to_string(at::get_num_threads()) +
+                " threads"};
   std::string known;
   for (const auto& n : hardware_names()) known += (known.empty() ? "" : ", ") + n;
   throw UsageError("unknown GPU '" + name + "': known are " + known);

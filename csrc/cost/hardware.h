@@ -20,7 +20,12 @@ std::vector<std::string> hardware_names();
 // reports its best rate as both figures' stand-in (bf16_tflops; fp8 empty). Throws UsageError naming
 // the known names for anything else.
 Hardware lookup_hardware(const std::string& name);
-// The best measured fp32 matmul rate of this machine's CPU, in TFLOP/s (LibTorch mm, n^3, a few reps).
-double measure_cpu_tflops(int n = 1024, int reps = 3);
+// The best fp32 matmul rate of this machine's CPU in TFLOP/s at the current thread count: 256^3,
+// 512^3 and 1024^3 products, each repeated for 0.12 s after a warm-up. Measured once per thread count
+// and process (about 0.5 s), then cached.
+double measure_cpu_tflops();
+// "" for an MFU in [0, 1]; above 1, a one-line warning naming cost.gpu and its peak (an MFU above 100%
+// means the peak is wrong, never that the run beat the hardware).
+std::string mfu_warning(double mfu, const Hardware& hardware);
 
 }  // namespace moetrain::cost

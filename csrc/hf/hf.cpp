@@ -15,6 +15,7 @@
 #include "ckpt/safetensors.h"
 #include "common/files.h"
 #include "common/json_brief.h"
+#include "common/log.h"
 
 namespace moetrain::hf {
 
@@ -132,13 +133,16 @@ int qwen_dense_layers(const ConfigReader& r, int n_layers) {
 
 std::string family_name(Family family) { return info_of(family).model_type; }
 
-Family family_from_name(const std::string& name) {
+std::string family_names() {
   std::string names;
-  for (const auto& i : kFamilies) {
+  for (const auto& i : kFamilies) names += std::string(names.empty() ? "" : ", ") + i.model_type;
+  return names;
+}
+
+Family family_from_name(const std::string& name) {
+  for (const auto& i : kFamilies)
     if (name == i.model_type || name == i.architecture) return i.family;
-    names += std::string(names.empty() ? "" : ", ") + i.model_type;
-  }
-  throw HfError("unknown model family '" + name + "' (supported: " + names + ")");
+  throw HfError("unknown model family '" + name + "' (supported: " + family_names() + ")");
 }
 
 bool is_hf_path(const std::string& path) { return path.rfind("hf:", 0) == 0; }
@@ -157,26 +161,35 @@ HfConfig read_config(const std::string& dir) {
 
   // The family: architectures[0], else model_type.
   std::optional<Family> family;
-  std::string supported;
-  for (const auto& i : kFamilies) supported += std::string(supported.empty() ? "" : ", ") + i.architecture;
+  std::string architectures;
+  for (const auto& i : kFamilies) architectures += std::string(architectures.empty() ? "" : ", ") + i.architecture;
+  const Json* type = r.find("model_type");
+  const std::string type_name = !type ? "" : type->is_string() ? type->get<std::string>() : brief(*type);
+  std::vector<std::string> warnings;
   if (const Json* archs = r.find("architectures")) {
     if (!archs->is_array() || archs->empty() || !(*archs)[0].is_string())
       r.fail("architectures", "must be a non-empty list of names");
     const auto arch = (*archs)[0].get<std::string>();
     for (const auto& i : kFamilies)
       if (arch == i.architecture) family = i.family;
-    if (!family) r.fail("architectures", "= [\"" + arch + "\"]: architecture not supported (supported: " + supported + ")");
-  } else if (const Json* type = r.find("model_type")) {
-    const auto name = type->is_string() ? type->get<std::string>() : brief(*type);
+    if (!family)
+      r.fail("architectures", "= [\"" + arch + "\"]: architecture not supported (supported: " + architectures + ")");
+    if (type && type_name != info_of(*family).model_type)
+      warnings.push_back("warning: " + r.path + ": model_type \"" + type_name + "\" disagrees with architectures [\"" +
+                         arch + "\"] (whose model_type is \"" + info_of(*family).model_type +
+                         "\"); reading it as " + arch + ", as architectures says");
+  } else if (type) {
     for (const auto& i : kFamilies)
-      if (name == i.model_type) family = i.family;
-    if (!family) r.fail("model_type", "= \"" + name + "\": model type not supported (supported: " + supported + ")");
+      if (type_name == i.model_type) family = i.family;
+    if (!family) r.fail("model_type", "= \"" + type_name + "\": model type not supported (supported: " + family_names() + ")");
   } else {
     r.fail("architectures", "is missing (and so is model_type)");
   }
+  for (const auto& w : warnings) log_line(w);
 
   HfConfig out;
   out.family = *family;
+  out.warnings = std::move(warnings);
   config::ModelConfig& m = out.model;
   m.vocab_size = r.positive_int("vocab_size");
   m.d_model = r.positive_int("hidden_size");

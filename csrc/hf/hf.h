@@ -21,6 +21,8 @@ struct HfError : Error {
 enum class Family { Mixtral, Qwen2Moe, Qwen3Moe, Olmoe, DeepseekV3 };
 
 std::string family_name(Family family);  // mixtral | qwen2_moe | qwen3_moe | olmoe | deepseek_v3 (HF's model_type)
+// The model_type of every family, comma-separated: what --family and error messages list.
+std::string family_names();
 Family family_from_name(const std::string& name);  // throws HfError listing the names
 
 // "hf:DIR" -> true; hf_dir("hf:DIR") = "DIR".
@@ -30,10 +32,12 @@ std::string hf_dir(const std::string& path);
 struct HfConfig {
   Family family;
   config::ModelConfig model;  // the architecture keys set from config.json, the rest at their defaults
+  std::vector<std::string> warnings;  // what read_config also logged: fields that disagree but load
 };
 
 // Reads DIR/config.json. An unknown architecture, a missing field or a value we cannot express is an
-// HfError naming the file and the field.
+// HfError naming the file and the field. The family is architectures[0] (model_type where that is
+// absent); a model_type naming another family is logged as a warning that names both.
 HfConfig read_config(const std::string& dir);
 
 // Sets the architecture keys of `model` from `hf` and leaves the training keys (balancing

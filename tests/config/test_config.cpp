@@ -40,6 +40,15 @@ std::string error_of(const std::string& yaml, const std::vector<std::string>& ov
   return "(no error)";
 }
 
+std::string error_of_world(const Config& cfg, int world_size) {
+  try {
+    for_world_size(cfg, world_size);
+  } catch (const ConfigError& e) {
+    return e.what();
+  }
+  return "(no error)";
+}
+
 }  // namespace
 
 CATCH_TEST_CASE("defaults come from the struct initializers", "[config]") {
@@ -70,7 +79,7 @@ CATCH_TEST_CASE("every key appears once in flatten and reference, in declaration
   auto rows = flatten(Config{});
   auto docs = reference();
   CATCH_REQUIRE(rows.size() == docs.size());
-  CATCH_REQUIRE(rows.size() == 84);  // every field of the structs in config.h
+  CATCH_REQUIRE(rows.size() == 85);  // every field of the structs in config.h
   CATCH_CHECK(rows.front().first == "run.name");
   CATCH_CHECK(rows.back().first == "cost.price_per_gpu_hour");
   for (size_t i = 0; i < rows.size(); ++i) {
@@ -99,6 +108,7 @@ CATCH_TEST_CASE("to_yaml reads back to an equal config", "[config]") {
   cfg.run.device = "cuda";
   cfg.run.dtype = "bf16";
   cfg.run.threads = 3;
+  cfg.run.deterministic = true;
   cfg.model.vocab_size = 50257;
   cfg.model.d_model = 96;
   cfg.model.n_layers = 5;
@@ -272,6 +282,39 @@ CATCH_TEST_CASE("relations between keys are checked at load", "[config]") {
   Config cfg;
   cfg.model.moe.top_k = 9;
   CATCH_REQUIRE_THROWS_WITH(validate(cfg), Contains("model.moe.top_k = 9"));
+}
+
+CATCH_TEST_CASE("for_world_size: a global batch is the same sequences per step at every world size", "[config]") {
+  // grad_accum given: the micro-batch is derived.
+  auto cfg = parse("", {"train.global_batch_size=16", "train.grad_accum=2"});
+  for (int world : {1, 2, 4, 8}) {
+    const auto t = for_world_size(cfg, world).train;
+    CATCH_CHECK(t.grad_accum == 2);
+    CATCH_CHECK(t.micro_batch_size * t.grad_accum * world == 16);
+  }
+  CATCH_CHECK_THAT(error_of_world(cfg, 3), Contains("train.global_batch_size = 16 is not divisible by world size 3 x "
+                                                    "train.grad_accum 2") && Contains("train.grad_accum = 0"));
+  // A micro-batch that disagrees with the derived one is named, with the way out.
+  auto conflicting = parse("", {"train.global_batch_size=16", "train.grad_accum=2", "train.micro_batch_size=4"});
+  CATCH_CHECK_NOTHROW(for_world_size(conflicting, 2));  // 16 / (2 x 2) = 4 agrees
+  CATCH_CHECK_THAT(error_of_world(conflicting, 4), Contains("train.micro_batch_size = 4 conflicts"));
+
+  // grad_accum 0 (Megatron's convention): the micro-batch stays, the accumulation is derived.
+  cfg = parse("", {"train.global_batch_size=32", "train.grad_accum=0", "train.micro_batch_size=2"});
+  for (int world : {1, 2, 4, 8, 16}) {
+    const auto t = for_world_size(cfg, world).train;
+    CATCH_CHECK(t.micro_batch_size == 2);
+    CATCH_CHECK(t.grad_accum == 16 / world);
+  }
+  CATCH_CHECK_THAT(error_of_world(cfg, 32), Contains("not divisible by world size 32 x train.micro_batch_size 2"));
+  CATCH_CHECK_THAT(error_of_world(cfg, 3), Contains("world size 3"));
+  // Without a global batch there is nothing to derive from.
+  CATCH_CHECK(error_of("", {"train.grad_accum=0"}) ==
+              "[config] train.grad_accum = 0 (derived) needs train.global_batch_size > 0 to derive it from");
+  // No global batch: the config runs as written.
+  cfg = parse("", {"train.micro_batch_size=3", "train.grad_accum=5"});
+  CATCH_CHECK(for_world_size(cfg, 7).train.micro_batch_size == 3);
+  CATCH_CHECK(for_world_size(cfg, 7).train.grad_accum == 5);
 }
 
 CATCH_TEST_CASE("file errors name the path and the position", "[config]") {

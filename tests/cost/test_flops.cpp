@@ -185,7 +185,17 @@ CATCH_TEST_CASE("MFU, throughput and GPU-hours round-trip", "[cost]") {
 
   CATCH_CHECK(cost::lookup_hardware("h100").bf16_tflops == Approx(989.4));
   CATCH_CHECK(!cost::lookup_hardware("a100").fp8_tflops);
-  CATCH_CHECK(cost::lookup_hardware("cpu").bf16_tflops > 0);
+  const auto cpu = cost::lookup_hardware("cpu");
+  CATCH_CHECK(cpu.bf16_tflops > 0);
+  // Probed once per process and thread count: every MFU of a run is against the same figure.
+  CATCH_CHECK(cost::lookup_hardware("cpu").bf16_tflops == cpu.bf16_tflops);
+  CATCH_CHECK_THAT(cpu.source, Contains("threads"));
+  // An MFU above 100% never goes out without a warning naming the peak it was measured against.
+  CATCH_CHECK(cost::mfu_warning(0.999, cost::lookup_hardware("h100")).empty());
+  const auto warning = cost::mfu_warning(1.16, cost::lookup_hardware("h100"));
+  CATCH_CHECK_THAT(warning, Contains("warning: MFU 116% is above 100%") && Contains("cost.gpu = h100") &&
+                                Contains("989.4 TFLOP/s"));
+  CATCH_CHECK_THAT(cost::mfu_warning(1.1, cpu), Contains("cost.gpu = cpu") && Contains("probe"));
   CATCH_CHECK_THROWS_WITH(cost::lookup_hardware("h900"), Contains("h100") && Contains("cpu"));
 }
 

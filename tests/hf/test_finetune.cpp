@@ -7,6 +7,7 @@
 #include <random>
 
 #include "../test_util.h"
+#include "cost/flops.h"
 #include "data/shard.h"
 #include "hf/hf.h"
 #include "train/trainer.h"
@@ -86,7 +87,51 @@ CATCH_TEST_CASE("finetune configs: each example loads, and resolves against a ti
     CATCH_CHECK(cfg.model.d_model == 16);
     CATCH_CHECK(cfg.data.seq_len == 16);  // clamped to the tiny model's context
     CATCH_CHECK(cfg.model.init_from == "hf:" + hf_dir);
+
+    // The templates speak of several GPUs: each resolves to the same 32 sequences per step at 1, 2, 4
+    // and 8 ranks (the micro-batch stays 1, the accumulation is derived), and says so through the CLI.
+    for (int world : {1, 2, 4, 8}) {
+      CATCH_INFO("world " << world);
+      const auto at_world = config::for_world_size(cfg, world);
+      CATCH_CHECK(at_world.train.micro_batch_size == 1);
+      CATCH_CHECK(int64_t(at_world.train.micro_batch_size) * at_world.train.grad_accum * world == 32);
+      const auto printed = run("config --config " + file + " --world-size " + std::to_string(world));
+      CATCH_CHECK(printed.exit_code == 0);
+      CATCH_CHECK_THAT(printed.output, Contains("grad_accum: " + std::to_string(32 / world)));
+    }
   }
+}
+
+CATCH_TEST_CASE("finetune: every command builds the checkpoint's architecture from model.init_from", "[hf]") {
+  testing::TempDir dir("finetune-init-from");
+  const std::string hf_dir = dir.str("qwen3");
+  write_tiny_family(hf::Family::Qwen3Moe, hf_dir);
+  const std::string config = kSource + "/configs/finetune-qwen3-moe.yaml --set model.init_from=hf:" + hf_dir +
+                             " --set run.device=cpu --set run.dtype=fp32 --set run.threads=1";
+  const int64_t params = hf::load(hf_dir).model->param_counts().total;
+
+  // bench-step on a fine-tune config times the imported model (it used to build the template's
+  // placeholder architecture and fail: "tensor ... maps to no parameter").
+  const auto bench = run("bench-step --config " + config + " --set train.global_batch_size=2 --warmup 1 --steps 1 --json");
+  CATCH_INFO(bench.output);
+  CATCH_REQUIRE(bench.exit_code == 0);
+  const auto j = nlohmann::json::parse(bench.output.substr(bench.output.rfind("{\"")));
+  CATCH_CHECK(j["params_total"].get<int64_t>() == params);
+
+  // cost counts the same model.
+  const auto cost = run("cost --config " + config + " --mfu 0.4 --tokens 1e9 --gpu h100 --json");
+  CATCH_INFO(cost.output);
+  CATCH_REQUIRE(cost.exit_code == 0);
+  const auto c = nlohmann::json::parse(cost.output.substr(cost.output.rfind("{\"")));
+  CATCH_CHECK(c["params_total"].get<double>() == double(cost::param_counts(hf::read_config(hf_dir).model).total));
+
+  // config prints the resolved architecture when the folder is there, the template's without it.
+  const auto printed = run("config --config " + config);
+  CATCH_CHECK(printed.exit_code == 0);
+  CATCH_CHECK_THAT(printed.output, Contains("d_model: 16"));
+  const auto absent = run("config --config " + kSource + "/configs/finetune-qwen3-moe.yaml");
+  CATCH_CHECK(absent.exit_code == 0);
+  CATCH_CHECK_THAT(absent.output, Contains("note: model.init_from") && !Contains("d_model: 16"));
 }
 
 CATCH_TEST_CASE("finetune: 10 steps on a prompt/response shard lower the response loss moetrain eval reports",

@@ -219,6 +219,49 @@ CATCH_TEST_CASE("hf: a missing shard, a wrong shape, an unknown architecture are
   CATCH_CHECK_THAT(r.output, Contains("[hf]") && Contains(shard_name));
 }
 
+CATCH_TEST_CASE("hf: model_type and architectures are checked against each other; messages list what is supported",
+                "[hf]") {
+  testing::TempDir dir("hf-family");
+  const std::string hf_dir = dir.str("hf");
+  write_tiny_mixtral(hf_dir);
+  const std::string config_path = files::join(hf_dir, "config.json");
+  const auto original = nlohmann::json::parse(files::read_file(config_path));
+
+  // Agreeing fields: no warning.
+  CATCH_CHECK(hf::read_config(hf_dir).warnings.empty());
+
+  // model_type llama next to MixtralForCausalLM loads as Mixtral, with a warning naming both.
+  auto config = original;
+  config["model_type"] = "llama";
+  testing::write_bytes(config_path, config.dump());
+  const auto read = hf::read_config(hf_dir);
+  CATCH_CHECK(read.family == hf::Family::Mixtral);
+  CATCH_REQUIRE(read.warnings.size() == 1);
+  CATCH_CHECK_THAT(read.warnings[0], Contains("config.json") && Contains("\"llama\"") && Contains("MixtralForCausalLM") &&
+                                         Contains("\"mixtral\""));
+
+  // Only a model_type, and an unknown one: the message lists model types, not architectures.
+  config = original;
+  config.erase("architectures");
+  config["model_type"] = "llama";
+  testing::write_bytes(config_path, config.dump());
+  auto msg = error_of([&] { hf::read_config(hf_dir); });
+  CATCH_CHECK_THAT(msg, Contains("model_type") && Contains("llama") && Contains("deepseek_v3") && Contains("qwen3_moe"));
+  CATCH_CHECK_THAT(msg, !Contains("ForCausalLM"));
+  // An unknown architecture lists architectures.
+  config = original;
+  config["architectures"] = {"LlamaForCausalLM"};
+  testing::write_bytes(config_path, config.dump());
+  msg = error_of([&] { hf::read_config(hf_dir); });
+  CATCH_CHECK_THAT(msg, Contains("LlamaForCausalLM") && Contains("DeepseekV3ForCausalLM"));
+
+  // `convert --help` offers every family export knows, DeepSeek-V3 included.
+  const auto help = testing::run_command(kBinary + " convert --help");
+  CATCH_CHECK(help.exit_code == 0);
+  for (const char* family : {"mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3"})
+    CATCH_CHECK_THAT(help.output, Contains(family));
+}
+
 // Inputs from fuzzing (fuzz/fuzz_hf_config.cpp, fuzz_hf_index.cpp) and the review that went with it:
 // each was a raw nlohmann exception, undefined behaviour or a megabyte message, and is now one HfError.
 CATCH_TEST_CASE("hf: fuzzed config.json and index values are one-line errors naming the field", "[hf][fuzz]") {
