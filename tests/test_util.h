@@ -46,6 +46,17 @@ inline config::ModelConfig tiny_model_config() {
   return m;
 }
 
+// Sets LibTorch's deterministic mode (run.deterministic) for a scope and restores it as it was.
+struct DeterministicMode {
+  explicit DeterministicMode(bool on) : was(at::globalContext().deterministicAlgorithms()) {
+    at::globalContext().setDeterministicAlgorithms(on, /*warn_only=*/false);
+  }
+  ~DeterministicMode() { at::globalContext().setDeterministicAlgorithms(was, false); }
+  DeterministicMode(const DeterministicMode&) = delete;
+  DeterministicMode& operator=(const DeterministicMode&) = delete;
+  bool was;
+};
+
 // Writes `cfg` as YAML to `path` for `moetrain train --config` and creates its run folder; returns path.
 inline std::string write_config(const config::Config& cfg, const std::string& path) {
   files::make_directories(cfg.run.out_dir);

@@ -70,8 +70,8 @@ int run_eval(const std::vector<std::string>& argv) {
     }
     learned += uint64_t(targets.ne(data::kIgnoreTarget).sum().item<int64_t>());
     auto logits = loaded.model->forward(inputs.to(device)).logits_BSV;
-    total += torch::cross_entropy_loss(logits.reshape({-1, logits.size(-1)}), targets.to(device).reshape(-1),
-                                       /*weight=*/{}, at::Reduction::Sum, /*ignore_index=*/data::kIgnoreTarget)
+    total += model::token_cross_entropy(logits.reshape({-1, logits.size(-1)}), targets.to(device).reshape(-1),
+                                        data::kIgnoreTarget, /*sum=*/true)
                  .item<double>();
     w += n;
   }

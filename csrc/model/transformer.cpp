@@ -186,4 +186,16 @@ ParamCounts TransformerImpl::param_counts() const {
 
 int64_t TransformerImpl::local_experts() const { return cfg_.moe.n_experts / ep_size_; }
 
+torch::Tensor token_cross_entropy(const torch::Tensor& logits_NV, const torch::Tensor& targets_N, int64_t ignore_index,
+                                  bool sum) {
+  if (!at::globalContext().deterministicAlgorithms())
+    return torch::cross_entropy_loss(logits_NV, targets_N, /*weight=*/{}, sum ? at::Reduction::Sum : at::Reduction::Mean,
+                                     ignore_index);
+  const auto kept_N = targets_N.ne(ignore_index);
+  const auto logp_NV = torch::log_softmax(logits_NV, /*dim=*/-1);
+  const auto picked_N = logp_NV.gather(1, targets_N.masked_fill(kept_N.logical_not(), 0).unsqueeze(1)).squeeze(1);
+  const auto total = -picked_N.masked_fill(kept_N.logical_not(), 0).sum();
+  return sum ? total : total / kept_N.sum();
+}
+
 }  // namespace moetrain::model

@@ -92,4 +92,12 @@ void set_pretrained_loader(PretrainedLoader loader);
 // Parameters excluded from weight decay: norms, biases and embeddings.
 bool is_no_decay(const std::string& param_name);
 
+// Next-token cross-entropy of (N, V) fp32 logits against (N,) targets, over the targets that are
+// not ignore_index: their mean, or with sum = true their sum. The one loss of training, `train`'s
+// validation and `eval`. Under LibTorch's deterministic mode (run.deterministic) it avoids NLLLoss,
+// which has no deterministic CUDA kernel: each row's log-probability is gathered (its backward writes
+// one value per row, no collisions) and reduced by a plain sum. Both agree to fp32 rounding.
+torch::Tensor token_cross_entropy(const torch::Tensor& logits_NV, const torch::Tensor& targets_N, int64_t ignore_index,
+                                  bool sum = false);
+
 }  // namespace moetrain::model

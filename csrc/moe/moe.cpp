@@ -10,6 +10,36 @@ namespace {
 torch::Tensor cast(const torch::Tensor& t, std::optional<torch::ScalarType> dtype) {
   return dtype && t.scalar_type() != *dtype ? t.to(*dtype) : t;
 }
+
+// Under LibTorch's deterministic mode (run.deterministic) dispatch and combine never add two values
+// into one place with atomics, so CUDA runs repeat bit for bit. Each row has a slot of its own in a
+// (T*K, D) buffer (its flat copy index t*K + k, unique); a token's K slots are then summed in k order.
+
+// rows = x_TD[order_R / K], whose backward writes each row's gradient into its own slot and sums a
+// token's K slots, where index_select's backward would index_add the K copies onto one token row.
+struct GatherCopies : torch::autograd::Function<GatherCopies> {
+  static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& x_TD,
+                               const torch::Tensor& order_R, int64_t K) {
+    ctx->save_for_backward({order_R});
+    ctx->saved_data["T"] = x_TD.size(0);
+    ctx->saved_data["K"] = K;
+    return x_TD.index_select(0, torch::floor_divide(order_R, K));
+  }
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto order_R = ctx->get_saved_variables()[0];
+    const int64_t T = ctx->saved_data["T"].toInt(), K = ctx->saved_data["K"].toInt();
+    const auto& g_RD = grads[0];
+    auto slots = torch::zeros({T * K, g_RD.size(1)}, g_RD.options()).index_copy_(0, order_R, g_RD);
+    return {slots.view({T, K, g_RD.size(1)}).sum(1), torch::Tensor(), torch::Tensor()};
+  }
+};
+
+// out_TD[t] = sum over k of weighted_RD[row of copy t*K + k] (dropped copies add nothing), in k order.
+torch::Tensor combine_in_slots(const torch::Tensor& weighted_RD, const torch::Tensor& order_R, int64_t T, int64_t K) {
+  auto slots = torch::zeros({T * K, weighted_RD.size(1)}, weighted_RD.options()).index_copy(0, order_R, weighted_RD);
+  return slots.view({T, K, weighted_RD.size(1)}).sum(1);
+}
 }  // namespace
 
 SwiGLUImpl::SwiGLUImpl(int d_model, int hidden) {
@@ -53,7 +83,8 @@ Dispatched dispatch(const torch::Tensor& x_TD, const RoutingPlan& plan, std::opt
     d.dropped = (flat_ids_R.numel() - counts_E.sum()).reshape({});
   }
   auto token_ids_R = torch::floor_divide(order_R, K);
-  d.rows_RD = x_TD.index_select(0, token_ids_R);
+  d.rows_RD = at::globalContext().deterministicAlgorithms() ? GatherCopies::apply(x_TD, order_R, K)
+                                                             : x_TD.index_select(0, token_ids_R);
   d.handle.token_ids_R = token_ids_R;
   d.handle.order_R = order_R;
   d.handle.counts_E = counts_E;
@@ -64,6 +95,8 @@ Dispatched dispatch(const torch::Tensor& x_TD, const RoutingPlan& plan, std::opt
 torch::Tensor combine(const torch::Tensor& y_RD, const DispatchHandle& handle, const RoutingPlan& plan) {
   auto weights_R = plan.topk_weights_TK.reshape(-1).index_select(0, handle.order_R);
   auto weighted_RD = y_RD * weights_R.to(y_RD.scalar_type()).unsqueeze(1);
+  if (at::globalContext().deterministicAlgorithms())
+    return combine_in_slots(weighted_RD, handle.order_R, handle.num_tokens, plan.topk_ids_TK.size(1));
   auto out_TD = torch::zeros({handle.num_tokens, y_RD.size(1)}, y_RD.options());
   return out_TD.index_add(0, handle.token_ids_R, weighted_RD);
 }

@@ -33,6 +33,7 @@ LoadedModel load_for_inference(const std::string& path, const std::string& verif
   loaded.cfg = config::parse_config(loaded.manifest.config_yaml, *step_dir + "/manifest.json");
   cost::require_memory(loaded.cfg, /*expert_parallel=*/1, /*training=*/false);  // before allocating the weights
   configure_threads(loaded.cfg.run);
+  configure_determinism(loaded.cfg.run);
   loaded.model = model::Transformer(loaded.cfg.model);
   ckpt::load_model(*step_dir, *loaded.model);
   loaded.model->place(resolve_device(loaded.cfg.run), resolve_compute_dtype(loaded.cfg.run));

@@ -328,8 +328,8 @@ StepOutcome train_step(model::TransformerImpl& model, optim::AdamW& optimizer, P
     auto batch = batch_of(micro);
     auto out = model.forward(batch.inputs.to(device));
     const auto V = out.logits_BSV.size(-1);
-    auto ce = torch::cross_entropy_loss(out.logits_BSV.view({-1, V}), batch.targets.to(device).view(-1), {},
-                                        at::Reduction::Mean, /*ignore_index=*/data::kIgnoreTarget);
+    auto ce = model::token_cross_entropy(out.logits_BSV.view({-1, V}), batch.targets.to(device).view(-1),
+                                         data::kIgnoreTarget);
     auto loss = ce + out.balance_loss;
     (loss / cfg.train.grad_accum).backward();
     loss_sum += ce.item<double>();
@@ -385,6 +385,21 @@ void configure_threads(const config::RunConfig& run) {
   at::set_num_threads(threads);
 }
 
+void configure_determinism(const config::RunConfig& run) {
+  auto& context = at::globalContext();
+  const bool on = run.deterministic;
+  if (on) ::setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8", /*overwrite=*/0);
+  context.setDeterministicAlgorithms(on, /*warn_only=*/false);
+  context.setDeterministicCuDNN(on);
+  context.setBenchmarkCuDNN(false);
+  // Flash and memory-efficient attention accumulate their backward with atomics (or may; LibTorch's
+  // list does not promise otherwise): the math backend is plain matmuls and a softmax.
+  context.setSDPUseFlash(!on);
+  context.setSDPUseMemEfficient(!on);
+  context.setSDPUseCuDNN(!on);
+  context.setSDPUseMath(true);
+}
+
 std::optional<double> evaluate(const model::TransformerImpl& model, const data::Shard& shard, int n_batches,
                                int batch_size, int seq_len, torch::Device device, dist::Communicator* world,
                                const std::function<bool()>& stop) {
@@ -399,8 +414,7 @@ std::optional<double> evaluate(const model::TransformerImpl& model, const data::
     auto targets = batch.targets.narrow(0, int64_t(r) * batch_size, batch_size);
     auto out = model.forward(inputs.to(device));
     auto V = out.logits_BSV.size(-1);
-    total += torch::cross_entropy_loss(out.logits_BSV.view({-1, V}), targets.to(device).view(-1), {},
-                                       at::Reduction::Mean, /*ignore_index=*/data::kIgnoreTarget)
+    total += model::token_cross_entropy(out.logits_BSV.view({-1, V}), targets.to(device).view(-1), data::kIgnoreTarget)
                  .item<double>();
   }
   const double mean = total / n_batches;
@@ -414,38 +428,21 @@ double evaluate(const model::TransformerImpl& model, const data::Shard& shard, i
 
 namespace {
 
-// train.global_batch_size, where set, fixes the sequences per optimizer step whatever the world size:
-// micro_batch_size becomes global / (world * grad_accum), so one config trains alike at any layout.
-config::Config with_world_batch(config::Config cfg, int world_size) {
-  auto& t = cfg.train;
-  if (t.global_batch_size == 0) return cfg;
-  if (t.global_batch_size % (world_size * t.grad_accum) != 0)
-    throw ConfigError("train.global_batch_size = " + std::to_string(t.global_batch_size) +
-                      " is not divisible by world size " + std::to_string(world_size) + " x train.grad_accum " +
-                      std::to_string(t.grad_accum));
-  const int derived = t.global_batch_size / (world_size * t.grad_accum);
-  if (t.micro_batch_size != config::TrainConfig{}.micro_batch_size && t.micro_batch_size != derived)
-    throw ConfigError("train.micro_batch_size = " + std::to_string(t.micro_batch_size) +
-                      " conflicts with train.global_batch_size = " + std::to_string(t.global_batch_size) + " at world size " +
-                      std::to_string(world_size) + " (which gives " + std::to_string(derived) +
-                      "); set one of them (train.global_batch_size=0 keeps micro_batch_size)");
-  t.micro_batch_size = derived;
-  return cfg;
-}
-
 // What train and bench-step both set up first: this process's place in the job, the config resolved
 // for the world size, the device and the compute dtype.
 struct Process {
   explicit Process(const config::Config& given)
-      : device(resolve_device(given.run)),  // first: every CUDA allocation (NCCL's included) lands on it
+      : determinism((configure_determinism(given.run), given.run.deterministic)),  // before cuBLAS starts
+        device(resolve_device(given.run)),  // first: every CUDA allocation (NCCL's included) lands on it
         layout(std::make_shared<const dist::Layout>(dist::make_layout(
             dist::make_communicator(given.parallel, given.run.device), given.parallel.expert_parallel))),
-        cfg(with_world_batch(given, layout->world->world_size())) {
+        cfg(config::for_world_size(given, layout->world->world_size())) {
     set_log_rank(layout->world->rank());
     configure_threads(cfg.run);
     compute_dtype = resolve_compute_dtype(cfg.run);
     cost::require_memory(cfg, layout->ep_size(), /*training=*/true);  // refuse an absurd size before allocating
   }
+  bool determinism;
   torch::Device device{torch::kCPU};
   std::shared_ptr<const dist::Layout> layout;
   config::Config cfg;
@@ -641,6 +638,7 @@ TrainResult train(const config::Config& given, const TrainOptions& options) {
   int64_t window_tokens = 0;
   double tokens_time = 0;
   int64_t skipped_in_a_row = 0;
+  bool warned_mfu = false;
   const double elapsed_before = progress.elapsed_s;
 
   for (int64_t step = progress.step; step < total_steps; ++step) {
@@ -720,8 +718,13 @@ TrainResult train(const config::Config& given, const TrainOptions& options) {
       metrics << rec.dump() << "\n" << std::flush;
       std::string line = progress_line(progress.step, total_steps, loss, lr, grad_norm, tok_s,
                                         step_time_ema * double(total_steps - progress.step));
-      line += " | mfu " + format_double(100 * rec["mfu"].get<double>(), 3) + "% | $" +
+      const double mfu = rec["mfu"].get<double>();
+      line += " | mfu " + format_double(100 * mfu, 3) + "%" + (mfu > 1 ? " (!)" : "") + " | $" +
               format_double(rec["cost_usd"].get<double>(), 3);
+      if (mfu > 1 && !warned_mfu) {  // once per run: the peak is wrong, not the run
+        log_line(cost::mfu_warning(mfu, hardware));
+        warned_mfu = true;
+      }
       if (rec.contains("load_max_over_mean"))
         line += " | load max/mean " + format_double(rec["load_max_over_mean"].get<double>(), 3);
       if (val_loss >= 0) line += " | val_loss " + format_double(val_loss, 4);
@@ -848,6 +851,7 @@ BenchResult bench_steps(const config::Config& given, int warmup_steps, int steps
   const cost::Hardware hardware = cost::lookup_hardware(device.is_cuda() ? cfg.cost.gpu : "cpu");
   r.gpu = hardware.name;
   r.peak_tflops = hardware.bf16_tflops;
+  r.peak_source = hardware.source;
   r.mfu = r.tokens_per_s_per_gpu * r.flops_per_token_causal / (hardware.bf16_tflops * 1e12);
   return r;
 }

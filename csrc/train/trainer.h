@@ -44,6 +44,7 @@ struct BenchResult {
   std::string dtype;             // compute dtype: "fp32" or "bf16"
   std::string gpu;               // hardware whose peak the MFU is against (cost.gpu)
   double peak_tflops = 0;        // its dense bf16 peak per device
+  std::string peak_source;       // where that peak comes from (a datasheet, or this machine's probe)
   int world_size = 1;
   int warmup_steps = 0;
   int steps = 0;                 // timed steps
@@ -82,5 +83,10 @@ torch::Device resolve_device(const config::RunConfig& run);
 model::ComputeDtype resolve_compute_dtype(const config::RunConfig& run);
 // Sets CPU threads from run.threads (0 = all cores).
 void configure_threads(const config::RunConfig& run);
+// run.deterministic: LibTorch's deterministic mode (an op with no deterministic kernel throws),
+// deterministic cuDNN, cuBLAS's fixed workspace (CUBLAS_WORKSPACE_CONFIG, unless already set) and
+// only SDPA's math backend; the MoE layer and the loss follow the same mode. Off restores the
+// defaults. Call before the first CUDA allocation (cuBLAS reads its workspace setting once).
+void configure_determinism(const config::RunConfig& run);
 
 }  // namespace moetrain::train

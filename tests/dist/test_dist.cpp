@@ -750,34 +750,6 @@ CATCH_TEST_CASE("Retention keeps keep_last, the milestones of keep_every, and wh
   CATCH_CHECK(kept == std::vector<std::string>{"step_00000003", "step_00000006", "step_00000007"});
 }
 
-CATCH_TEST_CASE("NCCL backend at world size 1: every collective on CUDA tensors", "[gpu][dist]") {
-  if (!torch::cuda::is_available()) {
-    CATCH_WARN("no CUDA device: NCCL test not run");
-    return;
-  }
-  config::ParallelConfig p;
-  p.backend = "nccl";
-  p.timeout_s = 60;
-  std::shared_ptr<dist::Communicator> world = dist::make_communicator(p, "cuda");
-  CATCH_REQUIRE(world->backend() == "nccl");
-  CATCH_REQUIRE(world->world_size() == 1);
-  auto x = torch::arange(12, torch::TensorOptions().dtype(torch::kFloat).device(torch::kCUDA)).view({4, 3});
-  auto y = x.clone();
-  world->all_reduce_sum(y);
-  CATCH_CHECK(torch::equal(y, x));
-  world->broadcast(y, 0);
-  CATCH_CHECK(torch::equal(y, x));
-  CATCH_CHECK(torch::equal(world->all_gather(x), x));
-  CATCH_CHECK(torch::equal(world->all_to_all(x, {4}, {4}), x));
-  auto bf = x.to(torch::kBFloat16);
-  CATCH_CHECK(torch::equal(world->all_to_all(bf, {4}, {4}), bf));
-  world->barrier();
-  auto layout = dist::make_layout(world, 1);
-  CATCH_CHECK(layout.ep->world_size() == 1);
-  CATCH_CHECK(dist::all_sum(*world, 2.5) == 2.5);
-  CATCH_CHECK(dist::all_gather_strings(*world, "abc") == std::vector<std::string>{"abc"});
-}
-
 CATCH_TEST_CASE("moetrain inspect: manifest, tensors, counts; exit 1 naming a damaged file", "[ckpt][cli]") {
   testing::TempDir dir("ckpt-inspect");
   const auto data_dir = testing::make_corpus(dir);

@@ -107,3 +107,36 @@ CATCH_TEST_CASE("The weight-decay rule excludes norms, biases and embeddings", "
   CATCH_CHECK(!model::is_no_decay("layers.1.moe.experts.w1"));
   CATCH_CHECK(!model::is_no_decay("lm_head"));
 }
+
+// The loss every command uses: LibTorch's cross_entropy by default, and under deterministic mode a
+// gather and a plain sum (NLLLoss has no deterministic CUDA kernel). Both must be the same function:
+// mean and sum over the kept targets, ignored targets contributing nothing, gradients included.
+CATCH_TEST_CASE("token_cross_entropy: the deterministic form equals LibTorch's cross_entropy", "[model]") {
+  torch::manual_seed(2);
+  const auto logits = torch::randn({50, 17}) * 3;
+  auto targets = torch::randint(0, 17, {50}, torch::kLong);
+  targets.index_put_({torch::arange(0, 50, 7)}, -100);  // every 7th target is ignored
+  for (bool sum : {false, true}) {
+    std::vector<torch::Tensor> values, grads;
+    for (bool deterministic : {false, true}) {
+      const testing::DeterministicMode mode(deterministic);
+      auto x = logits.clone().requires_grad_(true);
+      auto loss = model::token_cross_entropy(x, targets, -100, sum);
+      loss.backward();
+      values.push_back(loss.detach());
+      grads.push_back(x.grad());
+    }
+    CATCH_INFO((sum ? "sum" : "mean"));
+    // The same sums of the same fp32 log-probabilities in another order: 1e-6 relative.
+    CATCH_CHECK(values[1].item<double>() == Approx(values[0].item<double>()).epsilon(1e-6));
+    CATCH_CHECK(torch::allclose(grads[1], grads[0], 1e-5, 1e-7));
+    CATCH_CHECK(grads[1].index({torch::arange(0, 50, 7)}).abs().max().item<double>() == 0.0);  // ignored rows
+  }
+  // The reference: -mean of log_softmax at the kept targets, computed by hand.
+  const auto logp = torch::log_softmax(logits.to(torch::kDouble), -1);
+  double total = 0;
+  int kept = 0;
+  for (int i = 0; i < 50; ++i)
+    if (targets[i].item<int64_t>() != -100) total -= logp[i][targets[i].item<int64_t>()].item<double>(), ++kept;
+  CATCH_CHECK(model::token_cross_entropy(logits, targets, -100).item<double>() == Approx(total / kept).epsilon(1e-6));
+}

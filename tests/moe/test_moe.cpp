@@ -1,6 +1,7 @@
 // The MoE layer against an independent naive reference: a loop over tokens and their top-k experts.
 #include <catch2/catch.hpp>
 
+#include "../test_util.h"
 #include "moe/moe.h"
 
 using namespace moetrain;
@@ -108,4 +109,43 @@ CATCH_TEST_CASE("Switch aux loss is 1 under perfectly uniform routing and larger
   CATCH_CHECK(uniform.stats.aux_loss.item<double>() == Approx(1.0).epsilon(1e-6));
   auto skewed = router->route(torch::eye(4).index_select(0, torch::tensor({0, 0, 0, 1})), 4);
   CATCH_CHECK(skewed.stats.aux_loss.item<double>() > 1.5);
+}
+
+// run.deterministic replaces dispatch's index_select backward and combine's index_add (atomic adds on
+// CUDA) with per-copy slots summed in k order. On the CPU both are deterministic, so here the two are
+// held to the same values: the new path must be the same function, to fp32 rounding (only the order
+// of a token's K additions differs). Its bit-for-bit repeatability on CUDA is a [.gpu] test.
+CATCH_TEST_CASE("Deterministic dispatch and combine give the default path's outputs and gradients", "[moe]") {
+  for (const std::optional<double> capacity_factor : {std::optional<double>{}, std::optional<double>{0.75}}) {
+    CATCH_INFO("capacity factor " << (capacity_factor ? std::to_string(*capacity_factor) : "none"));
+    config::MoEConfig cfg;
+    cfg.n_experts = 6;
+    cfg.top_k = 3;
+    cfg.expert_hidden = 12;
+    cfg.n_shared_experts = 1;
+    cfg.shared_hidden = 10;
+    cfg.capacity_factor = capacity_factor;
+    torch::manual_seed(11);
+    const auto x = torch::randn({41, 16});
+    const auto upstream = torch::randn({41, 16});
+    auto run = [&](bool deterministic) {
+      const testing::DeterministicMode mode(deterministic);
+      auto layer = make_layer(cfg, 16, 5);
+      auto input = x.clone().requires_grad_(true);
+      auto out = layer->forward(input, input.size(0), std::nullopt);
+      (out.out_TD * upstream).sum().backward();
+      std::vector<torch::Tensor> got{out.out_TD.detach(), input.grad()};
+      for (const auto& p : layer->parameters()) got.push_back(p.grad());
+      return std::make_pair(got, out.stats.dropped.item<int64_t>());
+    };
+    const auto [want, want_dropped] = run(false);
+    const auto [got, got_dropped] = run(true);
+    CATCH_CHECK(got_dropped == want_dropped);
+    if (capacity_factor) CATCH_CHECK(got_dropped > 0);  // the capacity path is exercised
+    CATCH_REQUIRE(got.size() == want.size());
+    for (size_t i = 0; i < got.size(); ++i) {
+      CATCH_INFO("tensor " << i << " (0 = output, 1 = input gradient, then parameter gradients)");
+      CATCH_CHECK(torch::allclose(got[i], want[i], 1e-5, 1e-6));
+    }
+  }
 }
