@@ -3,9 +3,10 @@
 # ninja), meant to finish in under 8 minutes, build included. It builds the CLI and the tests against
 # that machine's torch with the carried Debian packages, then prints one table of:
 #   - the hidden [.gpu] test cases, every one of which must run and pass (none may be skipped);
-#   - 100 steps of configs/tiny.yaml on CUDA in bf16 and in fp32: every logged loss of the bf16 run
-#     within 3% of the fp32 run's and the final validation losses within 2% (bounds calibrated on the
-#     CPU, where the same two runs differ by the figures the README gives);
+#   - 100 steps of configs/tiny.yaml on CUDA in bf16 and in fp32: the mean of the logged losses and
+#     the final validation losses within 2% of each other, no single logged loss more than 10% off.
+#     Calibrated on the CPU (tiny.yaml at seq 64, 8 sequences a step, 100 steps): 0.47%, 0.23% and
+#     5.0% (single steps are single noisy batches, and the two runs' trajectories part after a while);
 #   - run.deterministic: two 20-step bf16 runs, one straight and one stopped at step 10 and resumed,
 #     whose losses must agree bit for bit; and the same pair without the key, for comparison;
 #   - configs/tiny-deepseek.yaml in bf16, the NCCL backend at world size 1 through the launcher, and a
@@ -65,11 +66,14 @@ train fp32 100 fp32 --overwrite || fail "train fp32 (see train-fp32.log)"
 bf16_vs_fp32=$(python3 - runs/gpu-bf16/metrics.jsonl runs/gpu-fp32/metrics.jsonl <<'PY' 2>&1
 import json, sys
 a, b = ([json.loads(l) for l in open(p)] for p in sys.argv[1:3])
-worst = max(abs(x["loss"] - y["loss"]) / y["loss"] for x, y in zip(a, b))
+rel = lambda x, y: abs(x - y) / y
+worst = max(rel(x["loss"], y["loss"]) for x, y in zip(a, b))
+mean = rel(sum(x["loss"] for x in a) / len(a), sum(y["loss"] for y in b) / len(b))
 va, vb = a[-1]["val_loss"], b[-1]["val_loss"]
-ok = worst <= 0.03 and abs(va - vb) / vb <= 0.02
-print(f"{'ok' if ok else 'OUT OF BOUNDS'}: worst logged loss {100 * worst:.2f}% (bound 3%), "
-      f"val {va:.4f} vs {vb:.4f} ({100 * abs(va - vb) / vb:.2f}%, bound 2%), bf16 {a[-1]['tokens_per_s']:.0f} tok/s")
+ok = mean <= 0.02 and rel(va, vb) <= 0.02 and worst <= 0.10
+print(f"{'ok' if ok else 'OUT OF BOUNDS'}: mean logged loss {100 * mean:.2f}% (bound 2%), val {va:.4f} vs {vb:.4f} "
+      f"({100 * rel(va, vb):.2f}%, bound 2%), worst single step {100 * worst:.1f}% (bound 10%), "
+      f"bf16 {a[-1]['tokens_per_s']:.0f} tok/s")
 PY
 )
 [[ "$bf16_vs_fp32" == ok* ]] || fail "bf16 vs fp32: $bf16_vs_fp32"

@@ -1,6 +1,8 @@
 // The MoE transformer, its seeded name-keyed initialization and its parameter counts.
 #include "model/transformer.h"
 
+#include <set>
+
 #include "common/errors.h"
 
 namespace moetrain::model {
@@ -185,6 +187,20 @@ ParamCounts TransformerImpl::param_counts() const {
 }
 
 int64_t TransformerImpl::local_experts() const { return cfg_.moe.n_experts / ep_size_; }
+
+std::vector<dist::RoledParam> TransformerImpl::roled_parameters() const {
+  std::set<const c10::TensorImpl*> experts;
+  for (const auto& module : *layers) {
+    const auto* block = module->as<BlockImpl>();
+    if (block && block->moe)
+      for (const auto& p : block->moe->experts->parameters()) experts.insert(p.unsafeGetTensorImpl());
+  }
+  std::vector<dist::RoledParam> out;
+  for (const auto& p : named_parameters())
+    out.push_back({p.key(), p.value(),
+                   experts.count(p.value().unsafeGetTensorImpl()) ? dist::ParamRole::expert : dist::ParamRole::replicated});
+  return out;
+}
 
 torch::Tensor token_cross_entropy(const torch::Tensor& logits_NV, const torch::Tensor& targets_N, int64_t ignore_index,
                                   bool sum) {

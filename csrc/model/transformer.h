@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "config/config.h"
+#include "dist/data_parallel.h"
 #include "model/layers.h"
 #include "moe/moe.h"
 
@@ -63,6 +64,10 @@ class TransformerImpl : public torch::nn::Module {
   // Moves parameters to `device`; `compute_dtype` bf16 keeps fp32 master weights, computes in bf16.
   void place(torch::Device device, ComputeDtype compute_dtype);
   ParamCounts param_counts() const;  // of the whole model, whatever this rank holds
+  // named_parameters() with what each is to a parallel layout: the routed experts' stacked weights
+  // (those of every MoE layer's `experts` module) are ParamRole::expert, the rest replicated. The
+  // structure says so, not the names.
+  std::vector<dist::RoledParam> roled_parameters() const;
   // Global id of this rank's first routed expert and how many it holds (all of them without EP).
   int64_t expert_offset() const { return expert_offset_; }
   int64_t local_experts() const;

@@ -23,6 +23,7 @@
 #include "cost/memory.h"
 #include "data/sampler.h"
 #include "dist/communicator.h"
+#include "dist/data_parallel.h"
 #include "optim/adamw.h"
 
 using json = nlohmann::json;
@@ -165,125 +166,13 @@ struct MoETelemetry {
   }
 };
 
-// Data and expert parallelism around the step: which parameters are sharded across the ep group,
-// how gradients are averaged, and the global view of the step's loss and expert load.
-class Parallel {
- public:
-  Parallel(std::shared_ptr<const dist::Layout> layout, const model::TransformerImpl& model)
-      : layout_(std::move(layout)) {
-    for (const auto& p : model.named_parameters()) {
-      params_.push_back(p.value());
-      sharded_.push_back(ckpt::is_expert_tensor(p.key()) && layout_->ep_size() > 1);
-    }
-  }
-
-  int world_size() const { return layout_->world->world_size(); }
-  int rank() const { return layout_->world->rank(); }
-  dist::Communicator& world() const { return *layout_->world; }
-
-  // Every rank's loss is the mean over its own tokens and the job's loss is their mean, so each
-  // gradient is summed over the ranks that computed it and divided by the world size. Replicated
-  // weights sum over the world; a routed expert's owner already holds the sum over its ep group (the
-  // all-to-all's backward brought it), so experts sum over their replicas (the edp group). Gradients
-  // travel in fused buckets of at most kBucketBytes.
-  void average_gradients() {
-    if (world_size() == 1) return;
-    torch::NoGradGuard no_grad;
-    std::vector<torch::Tensor> replicated, experts;
-    for (size_t i = 0; i < params_.size(); ++i) {
-      auto& p = params_[i];
-      if (!p.grad().defined()) p.mutable_grad() = torch::zeros_like(p);  // an expert no token reached
-      (sharded_[i] ? experts : replicated).push_back(p.grad());
-    }
-    reduce_in_buckets(replicated, *layout_->world);
-    reduce_in_buckets(experts, *layout_->edp);
-  }
-
-  // The clip sees the norm of the whole model's gradient on every rank.
-  double clip(double max_norm) {
-    if (layout_->ep_size() == 1) return optim::clip_grad_norm(params_, max_norm);
-    return optim::clip_grad_norm(params_, max_norm, sharded_, [this](torch::Tensor& t) { layout_->ep->all_reduce_sum(t); });
-  }
-
-  // The step's expert load and drops summed over the ranks, so telemetry is global and every rank
-  // moves its routers' balancing biases alike.
-  void sum_load(std::vector<torch::Tensor>& load_LE, std::vector<torch::Tensor>& dropped_L) {
-    if (world_size() == 1 || load_LE.empty()) return;
-    auto all = torch::cat({torch::stack(load_LE), torch::stack(dropped_L).unsqueeze(1)}, 1);  // (L, E + 1)
-    layout_->world->all_reduce_sum(all);
-    for (size_t l = 0; l < load_LE.size(); ++l) {
-      load_LE[l] = all[int64_t(l)].narrow(0, 0, load_LE[l].size(0));
-      dropped_L[l] = all[int64_t(l)][load_LE[l].size(0)];
-    }
-  }
-
-  // Whether any rank was asked to stop (SIGTERM/SIGINT), so that all stop after the same step.
-  bool any(bool flag) { return dist::all_sum(*layout_->world, flag ? 1.0 : 0.0) > 0; }
-
-  // Every rank's (loss, largest |gradient| before averaging), in one collective: a non-finite value
-  // stays in the slot of the rank that produced it, so every rank takes the same decision and the
-  // error can name the rank.
-  std::vector<std::pair<double, double>> gather_health(double loss, double grad_max_abs) {
-    const int W = world_size();
-    if (W == 1) return {{loss, grad_max_abs}};
-    auto slots = torch::zeros({2, W}, torch::kDouble);
-    slots[0][rank()] = loss;
-    slots[1][rank()] = grad_max_abs;
-    slots = slots.to(params_.front().device());
-    layout_->world->all_reduce_sum(slots);
-    slots = slots.to(torch::kCPU);
-    std::vector<std::pair<double, double>> per_rank;
-    for (int r = 0; r < W; ++r) per_rank.emplace_back(slots[0][r].item<double>(), slots[1][r].item<double>());
-    return per_rank;
-  }
-
-  // The largest |element| over tensors (NaN if any is NaN): one fused pass, no per-tensor sync.
-  static double max_abs(const std::vector<torch::Tensor>& tensors) {
-    std::vector<torch::Tensor> defined;
-    for (const auto& t : tensors)
-      if (t.defined() && t.numel() > 0) defined.push_back(t);
-    if (defined.empty()) return 0;
-    std::vector<torch::Tensor> maxima;
-    for (const auto& m : at::_foreach_norm(defined, INFINITY)) maxima.push_back(m.to(torch::kDouble));
-    return torch::stack(maxima).max().item<double>();  // max propagates NaN
-  }
-  std::vector<torch::Tensor> grads() const {
-    std::vector<torch::Tensor> g;
-    for (const auto& p : params_) g.push_back(p.grad());
-    return g;
-  }
-  const std::vector<torch::Tensor>& params() const { return params_; }
-
- private:
-  static constexpr int64_t kBucketBytes = 32 << 20;
-
-  void reduce_in_buckets(const std::vector<torch::Tensor>& grads, dist::Communicator& group) {
-    const double scale = 1.0 / world_size();
-    size_t i = 0;
-    while (i < grads.size()) {
-      std::vector<torch::Tensor> bucket;
-      int64_t bytes = 0;
-      while (i < grads.size() && (bucket.empty() || bytes + int64_t(grads[i].nbytes()) <= kBucketBytes)) {
-        bytes += int64_t(grads[i].nbytes());
-        bucket.push_back(grads[i++]);
-      }
-      std::vector<torch::Tensor> flat;
-      for (const auto& g : bucket) flat.push_back(g.reshape(-1));
-      auto fused = torch::cat(flat);
-      if (group.world_size() > 1) group.all_reduce_sum(fused);
-      fused.mul_(scale);
-      int64_t offset = 0;
-      for (auto& g : bucket) {
-        g.copy_(fused.narrow(0, offset, g.numel()).view_as(g));
-        offset += g.numel();
-      }
-    }
-  }
-
-  std::shared_ptr<const dist::Layout> layout_;
-  std::vector<torch::Tensor> params_;
-  std::vector<bool> sharded_;
-};
+// The clip sees the norm of the whole model's gradient on every rank: the expert-sharded part of the
+// squared norm is summed over the ep group.
+double clip_gradients(const dist::DataParallel& parallel, double max_norm) {
+  if (parallel.layout().ep_size() == 1) return optim::clip_grad_norm(parallel.params(), max_norm);
+  return optim::clip_grad_norm(parallel.params(), max_norm, parallel.sharded(),
+                               [&](torch::Tensor& t) { parallel.sum_over_expert_group(t); });
+}
 
 // Fault injection for the divergence tests: MOETRAIN_TEST_NONFINITE=<loss|grad>@<step>[,<step>...][:<rank>]
 // makes that rank's loss (or one element of its first gradient) NaN at those 1-based steps.
@@ -318,7 +207,7 @@ struct StepOutcome {
 // update from the step's expert load. The trainer and bench-step both run exactly this. A non-finite
 // loss or gradient on any rank leaves the weights, the optimizer and the routers' biases untouched on
 // every rank (the decision is global), and says which rank it came from.
-StepOutcome train_step(model::TransformerImpl& model, optim::AdamW& optimizer, Parallel& parallel,
+StepOutcome train_step(model::TransformerImpl& model, optim::AdamW& optimizer, dist::DataParallel& parallel,
                        const config::Config& cfg, int64_t step, double lr, torch::Device device,
                        const std::function<data::Batch(int micro)>& batch_of) {
   StepOutcome outcome;
@@ -344,9 +233,9 @@ StepOutcome train_step(model::TransformerImpl& model, optim::AdamW& optimizer, P
         break;
       }
   }
-  const auto health = parallel.gather_health(loss_sum / cfg.train.grad_accum, Parallel::max_abs(parallel.grads()));
+  const auto health = parallel.gather_health(loss_sum / cfg.train.grad_accum, dist::max_abs(parallel.grads()));
   parallel.average_gradients();
-  outcome.grad_norm = parallel.clip(cfg.optim.grad_clip);
+  outcome.grad_norm = clip_gradients(parallel, cfg.optim.grad_clip);
   std::string bad_loss, bad_grad;
   double loss_total = 0;
   for (size_t r = 0; r < health.size(); ++r) {
@@ -405,20 +294,25 @@ std::optional<double> evaluate(const model::TransformerImpl& model, const data::
                                const std::function<bool()>& stop) {
   torch::NoGradGuard no_grad;
   const int W = world ? world->world_size() : 1, r = world ? world->rank() : 0;
-  double total = 0;
+  double loss_sum = 0, learned = 0;  // over every learned target of every batch and rank
   for (int i = 0; i < n_batches; ++i) {
     if (stop && stop()) return std::nullopt;  // a preemption does not wait for the rest of the batches
     // Evaluation batch i holds batch_size * W sequences whatever the layout; rank r takes its share.
     auto batch = data::eval_batch(shard, i, n_batches, batch_size * W, seq_len);
     auto inputs = batch.inputs.narrow(0, int64_t(r) * batch_size, batch_size);
-    auto targets = batch.targets.narrow(0, int64_t(r) * batch_size, batch_size);
+    auto targets = batch.targets.narrow(0, int64_t(r) * batch_size, batch_size).reshape(-1);
     auto out = model.forward(inputs.to(device));
     auto V = out.logits_BSV.size(-1);
-    total += model::token_cross_entropy(out.logits_BSV.view({-1, V}), targets.to(device).view(-1), data::kIgnoreTarget)
-                 .item<double>();
+    loss_sum += model::token_cross_entropy(out.logits_BSV.view({-1, V}), targets.to(device), data::kIgnoreTarget,
+                                           /*sum=*/true)
+                    .item<double>();
+    learned += double(targets.ne(data::kIgnoreTarget).sum().item<int64_t>());
   }
-  const double mean = total / n_batches;
-  return world ? dist::all_sum(*world, mean) / W : mean;
+  if (world) loss_sum = dist::all_sum(*world, loss_sum), learned = dist::all_sum(*world, learned);
+  if (learned == 0)
+    throw DataError("validation: the " + std::to_string(n_batches) + " evaluation batches of " + shard.path() +
+                    " hold no learned target (its loss mask marks none): no validation loss");
+  return loss_sum / learned;
 }
 
 double evaluate(const model::TransformerImpl& model, const data::Shard& shard, int n_batches, int batch_size,
@@ -453,10 +347,12 @@ struct Process {
 // bookkeeping across ranks.
 struct Trainable {
   explicit Trainable(const Process& p)
-      : model(build(p)), optimizer(named_parameters(*model), p.cfg.optim, model::is_no_decay), parallel(p.layout, *model) {}
+      : model(build(p)),
+        optimizer(named_parameters(*model), p.cfg.optim, model::is_no_decay),
+        parallel(p.layout, model->roled_parameters()) {}
   model::Transformer model;
   optim::AdamW optimizer;
-  Parallel parallel;
+  dist::DataParallel parallel;
 
  private:
   static model::Transformer build(const Process& p) {
@@ -528,13 +424,13 @@ std::string last_good_checkpoint(const std::string& out_dir, const std::string& 
 
 
 // True on every rank when every rank's weights and AdamW moments are finite.
-bool all_finite(Parallel& parallel, const optim::AdamW& optimizer) {
+bool all_finite(const dist::DataParallel& parallel, const optim::AdamW& optimizer) {
   std::vector<torch::Tensor> state = parallel.params();
   for (const auto& s : optimizer.states()) {
     state.push_back(s.exp_avg);
     state.push_back(s.exp_avg_sq);
   }
-  return !parallel.any(!std::isfinite(Parallel::max_abs(state)));
+  return !parallel.any(!std::isfinite(dist::max_abs(state)));
 }
 
 }  // namespace

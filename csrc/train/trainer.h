@@ -64,9 +64,11 @@ struct BenchResult {
 // Logs one line per step unless quiet (the --json output keeps stdout to the one object).
 BenchResult bench_steps(const config::Config& cfg, int warmup_steps, int steps, bool quiet = false);
 
-// Mean next-token cross-entropy (nats per token) over the fixed validation batches.
-// With a world of W ranks, batch i holds batch_size * W sequences, each rank evaluates its share and
-// every rank returns the mean over all of them (the same figure at any layout).
+// Mean next-token cross-entropy (nats per token) over the fixed validation batches: the sum over every
+// learned target divided by their number, the reduction `moetrain eval` uses (with a loss mask, a mean
+// of batch means would weigh a batch of few learned tokens like a full one). With a world of W ranks,
+// batch i holds batch_size * W sequences, each rank evaluates its share and every rank returns the
+// mean over all of them (the same figure at any layout). No learned target at all is a DataError.
 double evaluate(const model::TransformerImpl& model, const data::Shard& shard, int n_batches, int batch_size,
                 int seq_len, torch::Device device, dist::Communicator* world = nullptr);
 // The same, asking `stop` before each batch (collective where it is: every rank asks at the same

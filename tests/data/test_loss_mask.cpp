@@ -258,4 +258,8 @@ CATCH_TEST_CASE("loss mask: the trainer's step and validation losses are the mea
   const double val = train::evaluate(*model, val_shard, 1, 4, 16, torch::kCPU);
   const double val_expected = direct_masked_loss(*model, val_shard, raw_mask(dir.str("data/val.bin")), {0, 125, 250, 375}, 16);
   CATCH_CHECK(std::abs(val - val_expected) < 1e-5 * val_expected);
+  // The same four windows as two batches of two: still the mean over every learned target (as
+  // `moetrain eval` reduces), not the mean of the two batch means.
+  const double val_two = train::evaluate(*model, val_shard, 2, 2, 16, torch::kCPU);
+  CATCH_CHECK(std::abs(val_two - val_expected) < 1e-5 * val_expected);
 }

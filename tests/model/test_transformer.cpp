@@ -2,6 +2,7 @@
 #include <catch2/catch.hpp>
 
 #include "../test_util.h"
+#include "ckpt/checkpoint.h"
 #include "model/transformer.h"
 
 using namespace moetrain;
@@ -139,4 +140,24 @@ CATCH_TEST_CASE("token_cross_entropy: the deterministic form equals LibTorch's c
   for (int i = 0; i < 50; ++i)
     if (targets[i].item<int64_t>() != -100) total -= logp[i][targets[i].item<int64_t>()].item<double>(), ++kept;
   CATCH_CHECK(model::token_cross_entropy(logits, targets, -100).item<double>() == Approx(total / kept).epsilon(1e-6));
+}
+
+// Parallel layouts read each parameter's role from the model's structure. The checkpoint still files
+// expert tensors by name (ckpt::is_expert_tensor); the two must agree on every parameter.
+CATCH_TEST_CASE("roled_parameters marks exactly the routed experts' weights as expert", "[model]") {
+  auto cfg = testing::tiny_model_config();
+  cfg.n_layers = 3;
+  model::Transformer m(cfg);
+  const auto roled = m->roled_parameters();
+  const auto named = m->named_parameters();
+  CATCH_REQUIRE(roled.size() == named.size());
+  int experts = 0;
+  for (const auto& p : roled) {
+    CATCH_INFO(p.name);
+    CATCH_CHECK(p.tensor.is_same(named[p.name]));
+    const bool by_name = ckpt::is_expert_tensor(p.name);
+    CATCH_CHECK((p.role == dist::ParamRole::expert) == by_name);
+    experts += p.role == dist::ParamRole::expert;
+  }
+  CATCH_CHECK(experts == 3 * (cfg.n_layers - cfg.dense_layers));  // w1, w2, w3 of each MoE layer
 }

@@ -1,0 +1,74 @@
+// Data parallelism around a built model's step: the gradient average after backward, the job-wide
+// views of the step's expert load, loss and gradient health, and the stop decision. The model knows
+// nothing of ranks; what each parameter is to the layout arrives as data (ParamRole), not from its
+// name. Expert parallelism is the layout's other half: a routed expert's weights live on one rank of
+// its ep group and are replicated over the edp group (dist::Layout).
+#pragma once
+#include <torch/torch.h>
+
+#include <memory>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "dist/communicator.h"
+
+namespace moetrain::dist {
+
+enum class ParamRole {
+  replicated,  // every rank holds all of it: gradients are averaged over the world
+  expert,      // a routed expert's stacked weights: sharded over the ep group, averaged over edp
+};
+
+struct RoledParam {
+  std::string name;
+  torch::Tensor tensor;
+  ParamRole role = ParamRole::replicated;
+};
+
+class DataParallel {
+ public:
+  DataParallel(std::shared_ptr<const Layout> layout, std::vector<RoledParam> params);
+
+  int world_size() const { return layout_->world->world_size(); }
+  int rank() const { return layout_->world->rank(); }
+  Communicator& world() const { return *layout_->world; }
+
+  // Every rank's loss is the mean over its own tokens and the job's loss is their mean, so each
+  // gradient is summed over the ranks that computed it and divided by the world size. Replicated
+  // weights sum over the world; a routed expert's owner already holds the sum over its ep group (the
+  // all-to-all's backward brought it), so experts sum over their replicas (the edp group). Gradients
+  // travel in fused buckets of at most kBucketBytes. A parameter no token reached gets a zero gradient
+  // first, so that every rank posts the same buckets.
+  void average_gradients();
+  // Which parameters are sharded over the ep group (expert role at ep > 1), parallel to params(), and
+  // the sum of a per-rank partial over that group: what a global gradient norm needs.
+  const std::vector<bool>& sharded() const { return sharded_; }
+  void sum_over_expert_group(torch::Tensor& t) const;
+  // The step's expert load and drops summed over the ranks, so telemetry is global and every rank
+  // moves its routers' balancing biases alike.
+  void sum_load(std::vector<torch::Tensor>& load_LE, std::vector<torch::Tensor>& dropped_L) const;
+  // Whether any rank raised `flag` (a stop signal), so that all act on it after the same step.
+  bool any(bool flag) const;
+  // Every rank's (loss, largest |gradient| before averaging), in one collective: a non-finite value
+  // stays in the slot of the rank that produced it, so every rank takes the same decision and an
+  // error can name the rank.
+  std::vector<std::pair<double, double>> gather_health(double loss, double grad_max_abs) const;
+
+  const std::vector<torch::Tensor>& params() const { return params_; }
+  std::vector<torch::Tensor> grads() const;
+  const Layout& layout() const { return *layout_; }
+
+ private:
+  static constexpr int64_t kBucketBytes = 32 << 20;
+  void reduce_in_buckets(const std::vector<torch::Tensor>& grads, Communicator& group) const;
+
+  std::shared_ptr<const Layout> layout_;
+  std::vector<torch::Tensor> params_;
+  std::vector<bool> sharded_;
+};
+
+// The largest |element| over tensors (NaN if any is NaN): one fused pass, one host read.
+double max_abs(const std::vector<torch::Tensor>& tensors);
+
+}  // namespace moetrain::dist
