@@ -3,11 +3,12 @@
 # loop and Hugging Face transformers' Qwen3-MoE block, on the same weights and input, for two shapes:
 # configs/tiny.yaml's MoE (d 256, 8 experts top-2, hidden 384) and a fine-grained one (d 256, 64
 # experts top-8, hidden 128), 4096 tokens each. Prints one table; ratios are speed-ups (baseline ms /
-# variant ms). Extra arguments go to `moetrain bench-moe` (e.g. --threads 1 --iters 20).
-# MOETRAIN_BIN picks the binary (default build/moetrain). No timing is asserted; outputs are checked.
+# variant ms). Extra arguments go to build/moetrain_bench_moe (e.g. --threads 1 --iters 20).
+# MOETRAIN_BENCH_MOE picks the binary (default build/moetrain_bench_moe). No timing is asserted; outputs
+# are checked.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-bin="${MOETRAIN_BIN:-$root/build/moetrain}"
+bin="${MOETRAIN_BENCH_MOE:-$root/build/moetrain_bench_moe}"
 python="$root/third_party/venv/bin/python"
 
 if ! "$python" -c 'import torch, transformers, safetensors' >/dev/null 2>&1; then
@@ -17,11 +18,7 @@ if ! "$python" -c 'import torch, transformers, safetensors' >/dev/null 2>&1; the
   rm -f "$setup_log"
 fi
 if [ ! -x "$bin" ]; then
-  echo "[bench] $bin is missing: build it with scripts/setup.sh && scripts/build.sh (or set MOETRAIN_BIN)" >&2
-  exit 1
-fi
-if ! "$bin" bench-moe --help >/dev/null 2>&1; then
-  echo "[bench] $bin has no bench-moe command: rebuild it with scripts/build.sh" >&2
+  echo "[bench] $bin is missing: build it with scripts/setup.sh && scripts/build.sh (or set MOETRAIN_BENCH_MOE)" >&2
   exit 1
 fi
 
@@ -32,7 +29,7 @@ shapes=("tiny 256 8 2 384" "fine-grained 256 64 8 128")
 for shape in "${shapes[@]}"; do
   read -r name d_model experts top_k hidden <<<"$shape"
   echo "[bench] $name: d_model $d_model, $experts experts top-$top_k, hidden $hidden, 4096 tokens" >&2
-  "$bin" bench-moe --tokens 4096 --d-model "$d_model" --experts "$experts" --top-k "$top_k" --hidden "$hidden" \
+  "$bin" --tokens 4096 --d-model "$d_model" --experts "$experts" --top-k "$top_k" --hidden "$hidden" \
     --save-weights "$tmp/$name.safetensors" --json "$@" >"$tmp/$name.moetrain.json"
   "$python" "$root/scripts/bench_moe_hf.py" "$tmp/$name.safetensors" >"$tmp/$name.hf.json"
 done

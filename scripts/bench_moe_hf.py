@@ -1,10 +1,10 @@
 #!/usr/bin/env python3
-"""The Hugging Face reference for `moetrain bench-moe`: Qwen3-MoE's sparse MoE block from transformers,
-built with the same shape, loaded with the weights `bench-moe --save-weights FILE` wrote, checked against
+"""The Hugging Face reference for moetrain_bench_moe: Qwen3-MoE's sparse MoE block from transformers,
+built with the same shape, loaded with the weights `moetrain_bench_moe --save-weights FILE` wrote, checked against
 moetrain's output and input gradient, and timed forward+backward the same way. Prints one JSON object.
 
 Usage: bench_moe_hf.py FILE [--threads N] [--iters N] [--warmup N] [--impls eager,grouped_mm]
-(threads, iters and warm-up default to the values bench-moe ran with, stored in the file's metadata).
+(threads, iters and warm-up default to the values moetrain_bench_moe ran with, stored in the file's metadata).
 """
 import argparse
 import json
@@ -25,7 +25,7 @@ def load(path):
     need = ["router.weight", "experts.w1", "experts.w3", "experts.w2", "x", "g", "out", "grad_x"]
     missing = [n for n in need if n not in tensors]
     if missing:
-        sys.exit(f"[bench-hf] {path} lacks {', '.join(missing)} (write it with moetrain bench-moe --save-weights)")
+        sys.exit(f"[bench-hf] {path} lacks {', '.join(missing)} (write it with build/moetrain_bench_moe --save-weights)")
     return meta, tensors
 
 
@@ -65,10 +65,10 @@ def build_block(t, top_k, normalize_topk, impl):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("weights", help="safetensors file from moetrain bench-moe --save-weights")
-    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: as bench-moe ran)")
-    parser.add_argument("--iters", type=int, help="timed iterations (default: as bench-moe ran)")
-    parser.add_argument("--warmup", type=int, help="untimed iterations first (default: as bench-moe ran)")
+    parser.add_argument("weights", help="safetensors file from build/moetrain_bench_moe --save-weights")
+    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: as moetrain_bench_moe ran)")
+    parser.add_argument("--iters", type=int, help="timed iterations (default: as moetrain_bench_moe ran)")
+    parser.add_argument("--warmup", type=int, help="untimed iterations first (default: as moetrain_bench_moe ran)")
     parser.add_argument(
         "--impls",
         default="grouped_mm,eager",
@@ -118,7 +118,7 @@ def main():
             + ("" if ok else f"  MISMATCH (tolerance {TOLERANCE:g})"),
             file=sys.stderr,
         )
-    # ... then timed round-robin, as bench-moe does, so that a change in machine load affects them alike.
+    # ... then timed round-robin, as moetrain_bench_moe does, so that a change in machine load affects them alike.
     timed = [r for r in results if r["name"] in blocks]
     for i in range(warmup + iters):
         for r in timed:

@@ -20,6 +20,7 @@
 #include "common/errors.h"
 #include "common/files.h"
 #include "common/log.h"
+#include "common/tensor.h"
 
 using json = nlohmann::json;
 
@@ -34,11 +35,6 @@ constexpr const char* kExpertsPrefix = "experts-";
 constexpr const char* kOptimExpertsPrefix = "optim-experts-";
 constexpr int kFormatVersion = 2;
 
-std::string shape_text(at::IntArrayRef shape) {
-  std::ostringstream s;
-  s << shape;
-  return s.str();
-}
 
 std::string numbered(const std::string& prefix, int64_t i, int64_t n) {
   char buf[64];

@@ -44,8 +44,8 @@ Args::Args(const Command& command, const std::vector<std::string>& argv) : comma
       continue;
     }
     if (arg.rfind("--", 0) != 0)
-      throw UsageError("moetrain " + command.name + ": unexpected argument '" + arg + "' (see moetrain " +
-                       command.name + " --help)");
+      throw UsageError(command.invocation() + ": unexpected argument '" + arg + "' (see " + command.invocation() +
+                       " --help)");
     std::string name = arg.substr(2), value;
     bool inline_value = false;
     if (auto eq = name.find('='); eq != std::string::npos) {
@@ -59,7 +59,7 @@ Args::Args(const Command& command, const std::vector<std::string>& argv) : comma
       size_t best_d = 3;
       for (const auto& o : command.options)
         if (size_t d = edit_distance(name, o.name); d < best_d) best_d = d, best = o.name;
-      throw UsageError("moetrain " + command.name + ": unknown option '--" + name + "'" +
+      throw UsageError(command.invocation() + ": unknown option '--" + name + "'" +
                        (best.empty() ? "" : " (did you mean '--" + best + "'?)"));
     }
     if (it->metavar.empty()) {
@@ -82,7 +82,7 @@ std::string Args::get(const std::string& name, const std::string& fallback) cons
 
 std::string Args::require(const std::string& name) const {
   auto it = values_.find(name);
-  if (it == values_.end()) throw UsageError("moetrain " + command_.name + " needs --" + name + " (see --help)");
+  if (it == values_.end()) throw UsageError(command_.invocation() + " needs --" + name + " (see --help)");
   return it->second.back();
 }
 
@@ -112,7 +112,7 @@ uint64_t Args::get_u64(const std::string& name, uint64_t fallback) const {
 
 std::string usage(const Command& command) {
   std::ostringstream out;
-  out << "usage: moetrain " << command.name << " [options]\n\n" << command.synopsis << "\n\noptions:\n";
+  out << "usage: " << command.invocation() << " [options]\n\n" << command.synopsis << "\n\noptions:\n";
   size_t width = 6;
   for (const auto& o : command.options) width = std::max(width, o.name.size() + o.metavar.size() + 1);
   auto line = [&](const std::string& left, const std::string& help) {
@@ -133,6 +133,29 @@ config::Config load_command_config(const Args& args, InitFrom mode) {
     return cfg;
   }
   return hf::resolve_init_from(cfg);
+}
+
+namespace {
+std::string one_line(std::string s) {
+  for (auto& c : s)
+    if (c == '\n') c = ' ';
+  return s;
+}
+}  // namespace
+
+int run_reporting_errors(const char* program, const std::function<int()>& body) {
+  try {
+    return body();
+  } catch (const UsageError& e) {
+    std::fprintf(stderr, "%s: %s\n", program, one_line(e.what()).c_str());
+    return 2;
+  } catch (const c10::Error& e) {
+    std::fprintf(stderr, "%s: %s\n", program, one_line(e.what_without_backtrace()).c_str());
+    return 1;
+  } catch (const std::exception& e) {  // moetrain::Error and the rest
+    std::fprintf(stderr, "%s: %s\n", program, one_line(e.what()).c_str());
+    return 1;
+  }
 }
 
 }  // namespace moetrain::cli

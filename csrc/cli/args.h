@@ -1,6 +1,7 @@
 // A small command-line parser for the subcommands: --name value, --name=value, repeatable options
 // and flags; unknown options are usage errors with a did-you-mean.
 #pragma once
+#include <functional>
 #include <map>
 #include <string>
 #include <vector>
@@ -17,9 +18,12 @@ struct Option {
 };
 
 struct Command {
-  std::string name;
+  std::string name;      // the subcommand; "" for an executable of its own
   std::string synopsis;  // one line: what it does
   std::vector<Option> options;
+  std::string program = "moetrain";
+  // How a user types it: "moetrain train", or the program alone.
+  std::string invocation() const { return name.empty() ? program : program + " " + name; }
 };
 
 class Args {
@@ -50,12 +54,15 @@ std::string usage(const Command& command);
 enum class InitFrom { required, if_present };
 config::Config load_command_config(const Args& args, InitFrom mode = InitFrom::required);
 
+// Runs a command's body the way every moetrain executable does: each error becomes one line on stderr
+// prefixed with `program`, exit status 2 for usage errors and 1 otherwise.
+int run_reporting_errors(const char* program, const std::function<int()>& body);
+
 // Subcommands: each returns the process exit code.
 int run_train(const std::vector<std::string>& argv);
 int run_generate(const std::vector<std::string>& argv);
 int run_prepare_data(const std::vector<std::string>& argv);
 int run_config(const std::vector<std::string>& argv);
-int run_bench_moe(const std::vector<std::string>& argv);
 int run_cost(const std::vector<std::string>& argv);
 int run_convert(const std::vector<std::string>& argv);
 int run_inspect(const std::vector<std::string>& argv);

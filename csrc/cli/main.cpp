@@ -1,7 +1,5 @@
 // moetrain: one binary, one subcommand per job. Every error becomes one line on stderr and a
 // non-zero exit status (2 for usage errors, 1 otherwise); nothing below this file calls exit().
-#include <c10/util/Exception.h>
-
 #include <cstdio>
 #include <cstring>
 #include <string>
@@ -29,19 +27,12 @@ const Subcommand kSubcommands[] = {
     {"config", "print a resolved config, or the reference of every key", moetrain::cli::run_config},
     {"cost", "estimate a training run's FLOPs, GPU-hours, days and price from a config", moetrain::cli::run_cost},
     {"bench-step", "time real training steps of a config: tokens/s and MFU on this hardware", moetrain::cli::run_bench_step},
-    {"bench-moe", "time one MoE layer's forward+backward per experts implementation", moetrain::cli::run_bench_moe},
 };
 
 void print_help() {
   std::printf("moetrain: Mixture-of-Experts transformer training on LibTorch\n\n");
   std::printf("usage: moetrain <command> [options]   (moetrain <command> --help for its options)\n\ncommands:\n");
   for (const auto& s : kSubcommands) std::printf("  %-14s %s\n", s.name, s.summary);
-}
-
-std::string one_line(std::string s) {
-  for (auto& c : s)
-    if (c == '\n') c = ' ';
-  return s;
 }
 
 }  // namespace
@@ -54,24 +45,8 @@ int main(int argc, char** argv) {
   const std::string name = argv[1];
   std::vector<std::string> args(argv + 2, argv + argc);
   moetrain::hf::install_init_from();  // model.init_from: hf:DIR
-  for (const auto& s : kSubcommands) {
-    if (name != s.name) continue;
-    try {
-      return s.run(args);
-    } catch (const moetrain::UsageError& e) {
-      std::fprintf(stderr, "moetrain: %s\n", one_line(e.what()).c_str());
-      return 2;
-    } catch (const moetrain::Error& e) {
-      std::fprintf(stderr, "moetrain: %s\n", one_line(e.what()).c_str());
-      return 1;
-    } catch (const c10::Error& e) {
-      std::fprintf(stderr, "moetrain: %s\n", one_line(e.what_without_backtrace()).c_str());
-      return 1;
-    } catch (const std::exception& e) {
-      std::fprintf(stderr, "moetrain: %s\n", one_line(e.what()).c_str());
-      return 1;
-    }
-  }
+  for (const auto& s : kSubcommands)
+    if (name == s.name) return moetrain::cli::run_reporting_errors("moetrain", [&] { return s.run(args); });
   std::fprintf(stderr, "moetrain: unknown command '%s' (see moetrain --help)\n", name.c_str());
   return 2;
 }

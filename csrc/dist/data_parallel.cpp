@@ -5,11 +5,11 @@
 
 namespace moetrain::dist {
 
-DataParallel::DataParallel(std::shared_ptr<const Layout> layout, std::vector<RoledParam> params)
+DataParallel::DataParallel(std::shared_ptr<const Layout> layout, std::vector<model::RoledParam> params)
     : layout_(std::move(layout)) {
   for (auto& p : params) {
     params_.push_back(p.tensor);
-    sharded_.push_back(p.role == ParamRole::expert && layout_->ep_size() > 1);
+    sharded_.push_back(p.role == model::ParamRole::expert && layout_->ep_size() > 1);
   }
 }
 

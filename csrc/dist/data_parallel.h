@@ -1,8 +1,8 @@
 // Data parallelism around a built model's step: the gradient average after backward, the job-wide
-// views of the step's expert load, loss and gradient health, and the stop decision. The model knows
-// nothing of ranks; what each parameter is to the layout arrives as data (ParamRole), not from its
-// name. Expert parallelism is the layout's other half: a routed expert's weights live on one rank of
-// its ep group and are replicated over the edp group (dist::Layout).
+// views of the step's expert load, loss and gradient health, and the stop decision. What each
+// parameter is to the layout comes from the model as data (model::ParamRole), not from its name:
+// replicated weights are averaged over the world; a routed expert's weights live on one rank of its
+// ep group and are averaged over the ranks holding the same experts (the edp group, dist::Layout).
 #pragma once
 #include <torch/torch.h>
 
@@ -12,23 +12,13 @@
 #include <vector>
 
 #include "dist/communicator.h"
+#include "model/transformer.h"
 
 namespace moetrain::dist {
 
-enum class ParamRole {
-  replicated,  // every rank holds all of it: gradients are averaged over the world
-  expert,      // a routed expert's stacked weights: sharded over the ep group, averaged over edp
-};
-
-struct RoledParam {
-  std::string name;
-  torch::Tensor tensor;
-  ParamRole role = ParamRole::replicated;
-};
-
 class DataParallel {
  public:
-  DataParallel(std::shared_ptr<const Layout> layout, std::vector<RoledParam> params);
+  DataParallel(std::shared_ptr<const Layout> layout, std::vector<model::RoledParam> params);
 
   int world_size() const { return layout_->world->world_size(); }
   int rank() const { return layout_->world->rank(); }

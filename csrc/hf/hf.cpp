@@ -16,6 +16,7 @@
 #include "common/files.h"
 #include "common/json_brief.h"
 #include "common/log.h"
+#include "common/tensor.h"
 
 namespace moetrain::hf {
 
@@ -45,11 +46,6 @@ const FamilyInfo& info_of(Family f) {
   throw HfError("unknown family");
 }
 
-std::string shape_text(at::IntArrayRef shape) {
-  std::ostringstream s;
-  s << shape;
-  return s.str();
-}
 
 std::string brief(const Json& v) { return brief_json(v); }
 

@@ -8,14 +8,12 @@
 
 #include <optional>
 
+#include "common/tensor.h"
 #include "config/config.h"
 
 namespace moetrain::model {
 
 using ComputeDtype = std::optional<torch::ScalarType>;
-inline torch::Tensor cast(const torch::Tensor& t, ComputeDtype dtype) {
-  return dtype && t.scalar_type() != *dtype ? t.to(*dtype) : t;
-}
 
 class RMSNormImpl : public torch::nn::Module {
  public:

@@ -17,7 +17,7 @@ Rope make_rope(const config::ModelConfig& cfg, torch::Device device) {
 }
 }  // namespace
 
-BlockImpl::BlockImpl(const config::ModelConfig& cfg, bool is_moe, std::shared_ptr<const dist::Layout> layout) {
+BlockImpl::BlockImpl(const config::ModelConfig& cfg, bool is_moe, moe::ExpertShard shard) {
   attn_norm = register_module("attn_norm", RMSNorm(cfg.d_model, cfg.norm_eps));
   if (cfg.attention == "mla")
     mla = register_module("attn", MLAttention(cfg));
@@ -27,12 +27,12 @@ BlockImpl::BlockImpl(const config::ModelConfig& cfg, bool is_moe, std::shared_pt
   if (is_moe && cfg.moe.shared_gate && cfg.moe.n_shared_experts > 0) {
     auto routed_only = cfg.moe;
     routed_only.n_shared_experts = 0;
-    moe = register_module("moe", moe::MoE(routed_only, cfg.d_model, layout));
+    moe = register_module("moe", moe::MoE(routed_only, cfg.d_model, shard));
     gated_shared = moe->register_module(
         "shared", moe::SwiGLU(cfg.d_model, cfg.moe.n_shared_experts * config::shared_hidden(cfg.moe)));
     shared_gate = moe->register_parameter("shared_gate", torch::empty({cfg.d_model}));
   } else if (is_moe) {
-    moe = register_module("moe", moe::MoE(cfg.moe, cfg.d_model, layout));
+    moe = register_module("moe", moe::MoE(cfg.moe, cfg.d_model, shard));
   } else
     mlp = register_module("mlp", moe::SwiGLU(cfg.d_model, cfg.dense_hidden));
 }
@@ -55,19 +55,19 @@ BlockOutput BlockImpl::forward(const torch::Tensor& x_BSD, const Rope& rope, Com
   return {x + y, std::move(out)};
 }
 
-TransformerImpl::TransformerImpl(const config::ModelConfig& cfg, std::shared_ptr<const dist::Layout> layout)
-    : cfg_(cfg) {
-  if (layout) {
-    ep_size_ = layout->ep_size();
-    expert_offset_ = int64_t(layout->ep_rank()) * (cfg.moe.n_experts / ep_size_);
-  }
+TransformerImpl::TransformerImpl(const config::ModelConfig& cfg, moe::ExpertShard shard)
+    : cfg_(cfg), ep_size_(shard.ranks) {
+  if (shard.ranks < 1 || shard.rank < 0 || shard.rank >= shard.ranks || cfg.moe.n_experts % shard.ranks != 0)
+    throw ConfigError("expert shard " + std::to_string(shard.rank) + " of " + std::to_string(shard.ranks) +
+                      " does not split model.moe.n_experts = " + std::to_string(cfg.moe.n_experts));
+  expert_offset_ = int64_t(shard.rank) * (cfg.moe.n_experts / shard.ranks);
   // The config key exists so that `moetrain cost` can estimate such models; the modules do not yet.
   if (cfg.mtp_depth > 0)
     throw ConfigError("model.mtp_depth = " + std::to_string(cfg.mtp_depth) +
                       " (multi-token prediction) is not implemented for training yet; configs with it serve `moetrain cost`");
   embed = register_parameter("embed", torch::empty({cfg.vocab_size, cfg.d_model}));
   layers = register_module("layers", torch::nn::ModuleList());
-  for (int i = 0; i < cfg.n_layers; ++i) layers->push_back(Block(cfg, /*is_moe=*/i >= cfg.dense_layers, layout));
+  for (int i = 0; i < cfg.n_layers; ++i) layers->push_back(Block(cfg, /*is_moe=*/i >= cfg.dense_layers, shard));
   final_norm = register_module("final_norm", RMSNorm(cfg.d_model, cfg.norm_eps));
   if (!cfg.tie_embeddings) lm_head = register_parameter("lm_head", torch::empty({cfg.vocab_size, cfg.d_model}));
   rope_ = make_rope(cfg, torch::kCPU);
@@ -188,17 +188,16 @@ ParamCounts TransformerImpl::param_counts() const {
 
 int64_t TransformerImpl::local_experts() const { return cfg_.moe.n_experts / ep_size_; }
 
-std::vector<dist::RoledParam> TransformerImpl::roled_parameters() const {
+std::vector<RoledParam> TransformerImpl::roled_parameters() const {
   std::set<const c10::TensorImpl*> experts;
   for (const auto& module : *layers) {
     const auto* block = module->as<BlockImpl>();
     if (block && block->moe)
       for (const auto& p : block->moe->experts->parameters()) experts.insert(p.unsafeGetTensorImpl());
   }
-  std::vector<dist::RoledParam> out;
+  std::vector<RoledParam> out;
   for (const auto& p : named_parameters())
-    out.push_back({p.key(), p.value(),
-                   experts.count(p.value().unsafeGetTensorImpl()) ? dist::ParamRole::expert : dist::ParamRole::replicated});
+    out.push_back({p.key(), p.value(), experts.count(p.value().unsafeGetTensorImpl()) ? ParamRole::expert : ParamRole::replicated});
   return out;
 }
 

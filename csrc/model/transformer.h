@@ -7,7 +7,6 @@
 #include <vector>
 
 #include "config/config.h"
-#include "dist/data_parallel.h"
 #include "model/layers.h"
 #include "moe/moe.h"
 
@@ -20,7 +19,7 @@ struct BlockOutput {
 
 class BlockImpl : public torch::nn::Module {
  public:
-  BlockImpl(const config::ModelConfig& cfg, bool is_moe, std::shared_ptr<const dist::Layout> layout = nullptr);
+  BlockImpl(const config::ModelConfig& cfg, bool is_moe, moe::ExpertShard shard = {});
   BlockOutput forward(const torch::Tensor& x_BSD, const Rope& rope, ComputeDtype compute_dtype) const;
 
   RMSNorm attn_norm{nullptr}, ffn_norm{nullptr};
@@ -42,6 +41,17 @@ struct ForwardOutput {
   std::vector<int> moe_layers;                 // the block index of each entry of moe_stats
 };
 
+// What a parameter is to a parallel layout (csrc/dist reads it; the model only says it).
+enum class ParamRole {
+  replicated,  // every rank holds all of it
+  expert,      // a routed expert's stacked weights: sharded over the experts' ranks
+};
+struct RoledParam {
+  std::string name;
+  torch::Tensor tensor;
+  ParamRole role = ParamRole::replicated;
+};
+
 struct ParamCounts {
   int64_t total = 0;   // every parameter (a tied head counted once)
   int64_t active = 0;  // used per token: routed experts count top_k of n_experts
@@ -49,9 +59,9 @@ struct ParamCounts {
 
 class TransformerImpl : public torch::nn::Module {
  public:
-  // With a layout, MoE layers hold this rank's share of the routed experts (parallel.expert_parallel)
-  // and exchange rows with its ep group; without one the model is whole.
-  explicit TransformerImpl(const config::ModelConfig& cfg, std::shared_ptr<const dist::Layout> layout = nullptr);
+  // MoE layers hold the routed experts of `shard` (all of them by default). The model is single-device
+  // math: a sharded model runs once a parallel layout has installed its dispatchers (dist::parallelize).
+  explicit TransformerImpl(const config::ModelConfig& cfg, moe::ExpertShard shard = {});
   ForwardOutput forward(const torch::Tensor& tokens_BS) const;
 
   // Initial weights as a function of (seed, parameter name, global expert id) only, generated on the
@@ -67,7 +77,7 @@ class TransformerImpl : public torch::nn::Module {
   // named_parameters() with what each is to a parallel layout: the routed experts' stacked weights
   // (those of every MoE layer's `experts` module) are ParamRole::expert, the rest replicated. The
   // structure says so, not the names.
-  std::vector<dist::RoledParam> roled_parameters() const;
+  std::vector<RoledParam> roled_parameters() const;
   // Global id of this rank's first routed expert and how many it holds (all of them without EP).
   int64_t expert_offset() const { return expert_offset_; }
   int64_t local_experts() const;

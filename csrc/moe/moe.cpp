@@ -7,10 +7,6 @@
 namespace moetrain::moe {
 
 namespace {
-torch::Tensor cast(const torch::Tensor& t, std::optional<torch::ScalarType> dtype) {
-  return dtype && t.scalar_type() != *dtype ? t.to(*dtype) : t;
-}
-
 // Under LibTorch's deterministic mode (run.deterministic) dispatch and combine never add two values
 // into one place with atomics, so CUDA runs repeat bit for bit. Each row has a slot of its own in a
 // (T*K, D) buffer (its flat copy index t*K + k, unique); a token's K slots are then summed in k order.
@@ -168,46 +164,13 @@ torch::Tensor ExpertsImpl::forward(const torch::Tensor& rows_RD, const torch::Te
   return forward_sliced(rows_RD, counts_E, compute_dtype);
 }
 
-namespace {
-
-// Autograd wrapper of Communicator::all_to_all: forward moves rows by (send, recv) splits, backward
-// moves their gradients by (recv, send).
-struct AllToAllRows : public torch::autograd::Function<AllToAllRows> {
-  static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& rows, dist::Communicator* group,
-                               const std::vector<int64_t>& send_rows, const std::vector<int64_t>& recv_rows) {
-    ctx->saved_data["group"] = int64_t(reinterpret_cast<intptr_t>(group));
-    ctx->saved_data["send"] = send_rows;
-    ctx->saved_data["recv"] = recv_rows;
-    return group->all_to_all(rows, send_rows, recv_rows);
-  }
-  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
-                                                 torch::autograd::variable_list grads) {
-    auto* group = reinterpret_cast<dist::Communicator*>(intptr_t(ctx->saved_data["group"].toInt()));
-    const auto send = ctx->saved_data["send"].toIntVector(), recv = ctx->saved_data["recv"].toIntVector();
-    auto grad = grads[0].defined() ? grads[0].contiguous() : torch::Tensor();
-    return {group->all_to_all(grad, recv, send), torch::Tensor(), torch::Tensor(), torch::Tensor()};
-  }
-};
-
-std::vector<int64_t> group_sums(const torch::Tensor& counts_cpu, int64_t groups) {
-  auto sums = counts_cpu.view({groups, -1}).sum(1);
-  return std::vector<int64_t>(sums.data_ptr<int64_t>(), sums.data_ptr<int64_t>() + groups);
-}
-
-}  // namespace
-
-torch::Tensor all_to_all_rows(const torch::Tensor& rows, dist::Communicator& group, const std::vector<int64_t>& send_rows,
-                              const std::vector<int64_t>& recv_rows) {
-  return AllToAllRows::apply(rows, &group, send_rows, recv_rows);
-}
-
-MoEImpl::MoEImpl(const config::MoEConfig& cfg, int d_model, std::shared_ptr<const dist::Layout> layout)
-    : cfg_(cfg), layout_(std::move(layout)), ep_size_(layout_ ? layout_->ep_size() : 1) {
-  TORCH_CHECK(cfg.n_experts % ep_size_ == 0, "[moe] model.moe.n_experts = ", cfg.n_experts,
-              " is not divisible by parallel.expert_parallel = ", ep_size_);
+MoEImpl::MoEImpl(const config::MoEConfig& cfg, int d_model, ExpertShard shard) : cfg_(cfg), shard_(shard) {
+  TORCH_CHECK(shard_.ranks >= 1 && shard_.rank >= 0 && shard_.rank < shard_.ranks, "[moe] expert shard ", shard_.rank,
+              " of ", shard_.ranks, " is not a shard");
+  TORCH_CHECK(cfg.n_experts % shard_.ranks == 0, "[moe] model.moe.n_experts = ", cfg.n_experts,
+              " is not divisible by parallel.expert_parallel = ", shard_.ranks);
   router = register_module("router", Router(cfg, d_model));
-  if (layout_ && layout_->world->world_size() > 1) router->set_data_parallel(layout_->world.get());
-  experts = register_module("experts", Experts(cfg.n_experts / ep_size_, d_model, cfg.expert_hidden, cfg.experts_impl));
+  experts = register_module("experts", Experts(cfg.n_experts / shard_.ranks, d_model, cfg.expert_hidden, cfg.experts_impl));
   if (cfg.n_shared_experts > 0)
     shared = register_module("shared", SwiGLU(d_model, cfg.n_shared_experts * config::shared_hidden(cfg)));
 }
@@ -219,8 +182,10 @@ MoEOutput MoEImpl::forward(const torch::Tensor& x_TD, int64_t seq_len,
   if (cfg_.capacity_factor)
     capacity = expert_capacity(*cfg_.capacity_factor, x_TD.size(0), cfg_.top_k, cfg_.n_experts);
   Dispatched dispatched = dispatch(x_TD, plan, capacity);                                     // 2. dispatch
-  auto y_RD = ep_size_ > 1 ? experts_across_ranks(dispatched.rows_RD, dispatched.handle.counts_E, compute_dtype)
-                           : experts->forward(dispatched.rows_RD, dispatched.handle.counts_E, compute_dtype);  // 3. experts
+  TORCH_CHECK(dispatcher_ || shard_.ranks == 1, "[moe] this layer holds experts of shard ", shard_.rank, " of ",
+              shard_.ranks, " but no expert-parallel dispatcher was installed (dist::parallelize)");
+  auto y_RD = dispatcher_ ? dispatcher_->run(*experts, dispatched.rows_RD, dispatched.handle.counts_E, compute_dtype)
+                          : experts->forward(dispatched.rows_RD, dispatched.handle.counts_E, compute_dtype);  // 3. experts
   auto out_TD = combine(y_RD, dispatched.handle, plan);                                       // 4. combine
   if (shared) out_TD = out_TD + shared->forward(x_TD, compute_dtype);                         // 5. shared experts
 
@@ -231,44 +196,6 @@ MoEOutput MoEImpl::forward(const torch::Tensor& x_TD, int64_t seq_len,
   out.balance_loss = cfg_.aux_loss_coef * plan.stats.aux_loss + cfg_.seq_aux_loss_coef * plan.stats.seq_aux_loss +
                      cfg_.z_loss_coef * plan.stats.z_loss;
   return out;
-}
-
-int64_t MoEImpl::expert_offset() const { return layout_ ? int64_t(layout_->ep_rank()) * (cfg_.n_experts / ep_size_) : 0; }
-
-torch::Tensor MoEImpl::experts_across_ranks(const torch::Tensor& rows_RD, const torch::Tensor& counts_E,
-                                            std::optional<torch::ScalarType> compute_dtype) const {
-  // Rows arrive sorted by global expert, and rank p owns experts [p * EL, (p + 1) * EL): the rows for
-  // each rank are already contiguous. P ranks, EL local experts.
-  dist::Communicator& ep = *layout_->ep;
-  const int64_t P = ep_size_, EL = cfg_.n_experts / ep_size_;
-  // 1. Counts: recv_counts_PE[src][e] = rows rank src sends to local expert e.
-  const std::vector<int64_t> count_split(size_t(P), EL);
-  auto recv_counts_PE = ep.all_to_all(counts_E, count_split, count_split).to(torch::kCPU).view({P, EL});
-  const auto send_rows = group_sums(counts_E.to(torch::kCPU), P);
-  const auto recv_rows = group_sums(recv_counts_PE, P);
-  // 2. Rows to the experts' owners; they arrive grouped by source rank, then by local expert. They
-  // travel in the compute dtype both ways (the experts' output is in it), so a rank that receives no
-  // rows and passes them straight back posts exactly the dtype its peers post, as NCCL requires.
-  auto received_RD = all_to_all_rows(cast(rows_RD, compute_dtype), ep, send_rows, recv_rows);
-  // 3. Regroup by local expert (source ranks in order within each), run the experts, undo the regrouping.
-  std::vector<int64_t> start(size_t(P * EL));
-  int64_t offset = 0;
-  const auto* counts = recv_counts_PE.data_ptr<int64_t>();
-  for (int64_t i = 0; i < P * EL; ++i) start[size_t(i)] = offset, offset += counts[i];
-  std::vector<int64_t> by_expert;
-  by_expert.reserve(size_t(offset));
-  for (int64_t e = 0; e < EL; ++e)
-    for (int64_t src = 0; src < P; ++src)
-      for (int64_t j = 0; j < counts[src * EL + e]; ++j) by_expert.push_back(start[size_t(src * EL + e)] + j);
-  auto perm_R = torch::tensor(by_expert, torch::kInt64).to(rows_RD.device());
-  auto local_counts_E = recv_counts_PE.sum(0).to(rows_RD.device());
-  // A rank that receives no rows still passes them through the graph: both all-to-alls must run
-  // their backward on every rank, or the ranks' collectives would fall out of step.
-  auto y_sorted = offset == 0 ? received_RD
-                              : experts->forward(received_RD.index_select(0, perm_R), local_counts_E, compute_dtype);
-  auto y_received = torch::empty_like(y_sorted).index_copy(0, perm_R, y_sorted);
-  // 4. Results back to the ranks the rows came from, in their dispatch order.
-  return all_to_all_rows(y_received, ep, recv_rows, send_rows);
 }
 
 }  // namespace moetrain::moe

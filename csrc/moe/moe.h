@@ -4,8 +4,10 @@
 #pragma once
 #include <torch/torch.h>
 
+#include <memory>
+
+#include "common/tensor.h"
 #include "config/config.h"
-#include "dist/communicator.h"
 #include "moe/router.h"
 
 namespace moetrain::moe {
@@ -81,35 +83,46 @@ struct MoEOutput {
   RouterStats stats;
 };
 
-// Moves rows between the ranks of `group` (all_to_all with row splits) as an autograd operation:
-// backward sends the gradients back the reverse way.
-torch::Tensor all_to_all_rows(const torch::Tensor& rows, dist::Communicator& group, const std::vector<int64_t>& send_rows,
-                              const std::vector<int64_t>& recv_rows);
+// Which routed experts a layer holds: [rank * E / ranks, (rank + 1) * E / ranks). The model is built
+// for its shard and knows nothing else of the ranks; a whole model is the shard {1, 0}.
+struct ExpertShard {
+  int ranks = 1;
+  int rank = 0;
+};
+
+// How a layer's rows reach experts it does not hold and come back: the seam expert parallelism
+// (csrc/dist/expert_parallel) plugs into. run() gets this layer's experts, the rows sorted by global
+// expert and the rows per global expert, and returns the experts' outputs for those rows in the same
+// order, in the compute dtype. A layer holding every expert needs none.
+class ExpertDispatcher {
+ public:
+  virtual ~ExpertDispatcher() = default;
+  virtual torch::Tensor run(const ExpertsImpl& experts, const torch::Tensor& rows_RD, const torch::Tensor& counts_E,
+                            std::optional<torch::ScalarType> compute_dtype) const = 0;
+};
 
 class MoEImpl : public torch::nn::Module {
  public:
-  // With a layout whose ep group has P > 1 ranks, this rank holds routed experts
-  // [ep_rank * E / P, (ep_rank + 1) * E / P) and exchanges token rows with its ep group; the router,
-  // shared experts and everything else are replicated.
-  MoEImpl(const config::MoEConfig& cfg, int d_model, std::shared_ptr<const dist::Layout> layout = nullptr);
+  // The layer holds the routed experts of `shard` (all of them by default); the router, the shared
+  // experts and everything else are whole.
+  MoEImpl(const config::MoEConfig& cfg, int d_model, ExpertShard shard = {});
   // x_TD holds T = B * seq_len tokens, sequence-major.
   MoEOutput forward(const torch::Tensor& x_TD, int64_t seq_len, std::optional<torch::ScalarType> compute_dtype) const;
   const config::MoEConfig& config() const { return cfg_; }
-  // Global id of this rank's first routed expert (0 without expert parallelism).
-  int64_t expert_offset() const;
+  const ExpertShard& shard() const { return shard_; }
+  // Global id of this layer's first routed expert (0 for a whole layer).
+  int64_t expert_offset() const { return int64_t(shard_.rank) * (cfg_.n_experts / shard_.ranks); }
+  // Installed by a parallel layout (dist::parallelize); a sharded layer cannot run without one.
+  void set_dispatcher(std::shared_ptr<const ExpertDispatcher> dispatcher) { dispatcher_ = std::move(dispatcher); }
 
   Router router{nullptr};
   Experts experts{nullptr};
   SwiGLU shared{nullptr};  // n_shared_experts experts as one SwiGLU of n_shared * shared_hidden
 
  private:
-  // Expert parallelism: counts exchange, rows to the experts' owners, experts, rows back.
-  torch::Tensor experts_across_ranks(const torch::Tensor& rows_RD, const torch::Tensor& counts_E,
-                                     std::optional<torch::ScalarType> compute_dtype) const;
-
   config::MoEConfig cfg_;
-  std::shared_ptr<const dist::Layout> layout_;
-  int ep_size_ = 1;
+  ExpertShard shard_;
+  std::shared_ptr<const ExpertDispatcher> dispatcher_;
 };
 TORCH_MODULE(MoE);
 

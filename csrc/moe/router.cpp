@@ -70,10 +70,9 @@ RoutingPlan RouterImpl::route(const torch::Tensor& x_TD, int64_t seq_len) const 
   // one-process loss E * sum_e f_e * P_e, and so are the gradients.
   torch::Tensor counts_E = st.tokens_per_expert_E;
   int64_t copies = T * K;
-  if (data_group_ && data_group_->world_size() > 1) {
+  if (global_counts_) {
     counts_E = counts_E.clone();
-    data_group_->all_reduce_sum(counts_E);
-    copies *= data_group_->world_size();
+    copies *= global_counts_(counts_E);
   }
   st.aux_loss = balance_product(counts_E.unsqueeze(0), probs_TE.mean(0, true), copies, E);
   TORCH_CHECK(seq_len > 0 && T % seq_len == 0, "[moe] router: ", T, " tokens are not whole sequences of ", seq_len);

@@ -6,8 +6,9 @@
 #pragma once
 #include <torch/torch.h>
 
+#include <functional>
+
 #include "config/config.h"
-#include "dist/communicator.h"
 
 namespace moetrain::moe {
 
@@ -34,16 +35,18 @@ class RouterImpl : public torch::nn::Module {
   RoutingPlan route(const torch::Tensor& x_TD, int64_t seq_len) const;
   // Aux-loss-free balancing: expert_bias += rate * sign(mean(load) - load). No-op when the rate is 0.
   void update_bias(const torch::Tensor& tokens_per_expert_E);
-  // Data parallelism: the switch loss's expert fractions f_e become those of the global batch (one
-  // all_reduce of E counts per call), so that the ranks' averaged gradients equal one process's.
-  void set_data_parallel(dist::Communicator* world) { data_group_ = world; }
+  // The seam for data parallelism: a hook that sums per-expert counts over the data-parallel ranks in
+  // place and returns how many ranks there are. With one, the switch loss's expert fractions f_e are
+  // those of the global batch, so that the ranks' averaged gradients equal one process's.
+  using GlobalCounts = std::function<int64_t(torch::Tensor& counts_E)>;
+  void set_global_counts(GlobalCounts hook) { global_counts_ = std::move(hook); }
 
   torch::Tensor weight;       // (E, D)
   torch::Tensor expert_bias;  // (E,) fp32 buffer, selection only; defined when bias_update_rate > 0 or selection_bias
 
  private:
   config::MoEConfig cfg_;
-  dist::Communicator* data_group_ = nullptr;
+  GlobalCounts global_counts_;
 };
 TORCH_MODULE(Router);
 

@@ -1,5 +1,6 @@
-// The Trainer: one function that reads top to bottom. The step is in one place; everything after
-// the "bookkeeping" marker is timing, logging, evaluation and checkpoint decisions.
+// The Trainer: one function that reads top to bottom. The step is in step.cpp, evaluation in
+// evaluate.cpp; everything after the "bookkeeping" marker is timing, logging, evaluation and
+// checkpoint decisions.
 #include "train/trainer.h"
 
 #include <algorithm>
@@ -24,12 +25,13 @@
 #include "data/sampler.h"
 #include "dist/communicator.h"
 #include "dist/data_parallel.h"
+#include "dist/expert_parallel.h"
+#include "train/step.h"
 #include "optim/adamw.h"
 
 using json = nlohmann::json;
 
 namespace moetrain::train {
-
 namespace {
 
 std::atomic<int> g_stop_signal{0};
@@ -52,11 +54,6 @@ struct SignalScope {
   void (*prev_term_)(int);
   void (*prev_int_)(int);
 };
-
-double now_s() {
-  using namespace std::chrono;
-  return duration<double>(steady_clock::now().time_since_epoch()).count();
-}
 
 // Keeps the metrics of steps <= last_step (a resumed run rewrites what came after its checkpoint).
 void truncate_metrics(const std::string& path, int64_t last_step) {
@@ -98,275 +95,6 @@ void log_config_changes(const std::string& saved_yaml, const std::string& step_d
       changes += (changes.empty() ? "" : ", ") + now[i].first + " " + saved[i].second + " -> " + now[i].second;
   if (!changes.empty()) log_line("note: settings changed since the checkpoint: " + changes);
 }
-
-// Routing telemetry of one optimizer step, summed over its micro-batches (tensors until written,
-// so nothing syncs with the device unless the step is logged).
-struct MoETelemetry {
-  std::vector<int> layers;
-  std::vector<torch::Tensor> load_LE;  // tokens per expert, summed over micro-batches
-  std::vector<torch::Tensor> dropped_L, aux_L, seq_aux_L, z_L, entropy_L;
-  int micro_batches = 0;
-
-  void add(const model::ForwardOutput& out) {
-    if (load_LE.empty()) {
-      layers = out.moe_layers;
-      for (const auto& st : out.moe_stats) {
-        load_LE.push_back(torch::zeros_like(st.tokens_per_expert_E));
-        dropped_L.push_back(torch::zeros_like(st.dropped));
-        for (auto* v : {&aux_L, &seq_aux_L, &z_L, &entropy_L}) v->push_back(torch::zeros_like(st.aux_loss).detach());
-      }
-    }
-    for (size_t l = 0; l < out.moe_stats.size(); ++l) {
-      const auto& st = out.moe_stats[l];
-      load_LE[l] += st.tokens_per_expert_E;
-      dropped_L[l] += st.dropped;
-      aux_L[l] += st.aux_loss.detach();
-      seq_aux_L[l] += st.seq_aux_loss.detach();
-      z_L[l] += st.z_loss.detach();
-      entropy_L[l] += st.entropy.detach();
-    }
-    ++micro_batches;
-  }
-
-  // Adds per-layer records under "moe" and their summaries: aux_loss (mean over layers),
-  // load_max_over_mean (worst layer), drop_fraction (over all layers).
-  void write(json& rec) const {
-    if (load_LE.empty()) {  // a dense model
-      rec["aux_loss"] = 0.0;
-      return;
-    }
-    json per_layer = json::array();
-    double aux_sum = 0, worst = 0, dropped = 0, routed = 0;
-    for (size_t l = 0; l < load_LE.size(); ++l) {
-      auto load = load_LE[l].to(torch::kCPU);
-      std::vector<int64_t> counts(load.data_ptr<int64_t>(), load.data_ptr<int64_t>() + load.numel());
-      const double total = double(load.sum().item<int64_t>());
-      const double max_over_mean = total > 0 ? double(load.max().item<int64_t>()) * double(counts.size()) / total : 0;
-      const double layer_dropped = double(dropped_L[l].item<int64_t>());
-      const double n = micro_batches;
-      json j;
-      j["layer"] = layers[l];
-      j["tokens_per_expert"] = counts;
-      j["max_over_mean"] = max_over_mean;
-      j["drop_fraction"] = total > 0 ? layer_dropped / total : 0.0;
-      j["aux_loss"] = aux_L[l].item<double>() / n;
-      j["seq_aux_loss"] = seq_aux_L[l].item<double>() / n;
-      j["z_loss"] = z_L[l].item<double>() / n;
-      j["entropy"] = entropy_L[l].item<double>() / n;
-      aux_sum += j["aux_loss"].get<double>();
-      worst = std::max(worst, max_over_mean);
-      dropped += layer_dropped;
-      routed += total;
-      per_layer.push_back(j);
-    }
-    rec["aux_loss"] = aux_sum / double(load_LE.size());
-    rec["load_max_over_mean"] = worst;
-    rec["drop_fraction"] = routed > 0 ? dropped / routed : 0.0;
-    rec["moe"] = per_layer;
-  }
-};
-
-// The clip sees the norm of the whole model's gradient on every rank: the expert-sharded part of the
-// squared norm is summed over the ep group.
-double clip_gradients(const dist::DataParallel& parallel, double max_norm) {
-  if (parallel.layout().ep_size() == 1) return optim::clip_grad_norm(parallel.params(), max_norm);
-  return optim::clip_grad_norm(parallel.params(), max_norm, parallel.sharded(),
-                               [&](torch::Tensor& t) { parallel.sum_over_expert_group(t); });
-}
-
-// Fault injection for the divergence tests: MOETRAIN_TEST_NONFINITE=<loss|grad>@<step>[,<step>...][:<rank>]
-// makes that rank's loss (or one element of its first gradient) NaN at those 1-based steps.
-bool test_fault(const char* kind, int64_t step, int rank) {
-  const char* v = std::getenv("MOETRAIN_TEST_NONFINITE");
-  if (!v) return false;
-  std::string spec(v);
-  const auto colon = spec.find(':');
-  if (colon != std::string::npos && std::to_string(rank) != spec.substr(colon + 1)) return false;
-  spec = spec.substr(0, colon);
-  const auto at = spec.find('@');
-  if (at == std::string::npos || spec.substr(0, at) != kind) return false;
-  std::istringstream steps(spec.substr(at + 1));
-  for (std::string s; std::getline(steps, s, ',');)
-    if (s == std::to_string(step)) return true;
-  return false;
-}
-
-// "nan", "inf" or "-inf" without the sign bit noise of printf ("-nan").
-std::string number_text(double x) { return std::isnan(x) ? "nan" : format_double(x); }
-
-struct StepOutcome {
-  double loss = 0;       // mean cross-entropy over the micro-batches and ranks (the balance loss apart)
-  double grad_norm = 0;  // before clipping
-  bool applied = true;   // false: a rank's loss or gradients were not finite, and nothing was updated
-  std::string nonfinite; // what was not finite, and on which ranks ("" when applied)
-  MoETelemetry telemetry;
-};
-
-// One optimizer step: forward and backward of every micro-batch (gradients accumulated, each loss
-// scaled by 1/grad_accum), gradients averaged over the ranks, clip, AdamW, then the routers' bias
-// update from the step's expert load. The trainer and bench-step both run exactly this. A non-finite
-// loss or gradient on any rank leaves the weights, the optimizer and the routers' biases untouched on
-// every rank (the decision is global), and says which rank it came from.
-StepOutcome train_step(model::TransformerImpl& model, optim::AdamW& optimizer, dist::DataParallel& parallel,
-                       const config::Config& cfg, int64_t step, double lr, torch::Device device,
-                       const std::function<data::Batch(int micro)>& batch_of) {
-  StepOutcome outcome;
-  optimizer.zero_grad();
-  double loss_sum = 0;
-  for (int micro = 0; micro < cfg.train.grad_accum; ++micro) {
-    auto batch = batch_of(micro);
-    auto out = model.forward(batch.inputs.to(device));
-    const auto V = out.logits_BSV.size(-1);
-    auto ce = model::token_cross_entropy(out.logits_BSV.view({-1, V}), batch.targets.to(device).view(-1),
-                                         data::kIgnoreTarget);
-    auto loss = ce + out.balance_loss;
-    (loss / cfg.train.grad_accum).backward();
-    loss_sum += ce.item<double>();
-    outcome.telemetry.add(out);
-  }
-  if (test_fault("loss", step + 1, parallel.rank())) loss_sum = std::nan("");
-  if (test_fault("grad", step + 1, parallel.rank())) {
-    torch::NoGradGuard no_grad;
-    for (const auto& p : parallel.params())
-      if (p.grad().defined()) {
-        p.grad().view(-1)[0] = std::nan("");
-        break;
-      }
-  }
-  const auto health = parallel.gather_health(loss_sum / cfg.train.grad_accum, dist::max_abs(parallel.grads()));
-  parallel.average_gradients();
-  outcome.grad_norm = clip_gradients(parallel, cfg.optim.grad_clip);
-  std::string bad_loss, bad_grad;
-  double loss_total = 0;
-  for (size_t r = 0; r < health.size(); ++r) {
-    loss_total += health[r].first;
-    if (!std::isfinite(health[r].first)) bad_loss += (bad_loss.empty() ? "" : ", ") + std::to_string(r);
-    if (!std::isfinite(health[r].second)) bad_grad += (bad_grad.empty() ? "" : ", ") + std::to_string(r);
-  }
-  outcome.loss = loss_total / double(health.size());
-  if (!bad_loss.empty() || !bad_grad.empty() || !std::isfinite(outcome.grad_norm)) {
-    outcome.applied = false;
-    if (!bad_loss.empty()) outcome.nonfinite = "loss " + number_text(outcome.loss) + " on rank " + bad_loss;
-    if (!bad_grad.empty())
-      outcome.nonfinite += (outcome.nonfinite.empty() ? "" : ", ") + std::string("non-finite gradients on rank ") + bad_grad;
-    outcome.nonfinite += (outcome.nonfinite.empty() ? "" : ", ") + std::string("grad norm ") + number_text(outcome.grad_norm);
-    optimizer.zero_grad();
-    parallel.sum_load(outcome.telemetry.load_LE, outcome.telemetry.dropped_L);
-    return outcome;
-  }
-  optimizer.step(lr);
-  parallel.sum_load(outcome.telemetry.load_LE, outcome.telemetry.dropped_L);
-  model.update_router_bias(outcome.telemetry.load_LE);
-  return outcome;
-}
-
-}  // namespace
-
-torch::Device resolve_device(const config::RunConfig& run) { return dist::claim_device(run.device); }
-
-model::ComputeDtype resolve_compute_dtype(const config::RunConfig& run) {
-  if (run.dtype == "bf16") return torch::kBFloat16;
-  return std::nullopt;
-}
-
-void configure_threads(const config::RunConfig& run) {
-  const int threads = run.threads > 0 ? run.threads : int(std::max(1u, std::thread::hardware_concurrency()));
-  at::set_num_threads(threads);
-}
-
-void configure_determinism(const config::RunConfig& run) {
-  auto& context = at::globalContext();
-  const bool on = run.deterministic;
-  if (on) ::setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8", /*overwrite=*/0);
-  context.setDeterministicAlgorithms(on, /*warn_only=*/false);
-  context.setDeterministicCuDNN(on);
-  context.setBenchmarkCuDNN(false);
-  // Flash and memory-efficient attention accumulate their backward with atomics (or may; LibTorch's
-  // list does not promise otherwise): the math backend is plain matmuls and a softmax.
-  context.setSDPUseFlash(!on);
-  context.setSDPUseMemEfficient(!on);
-  context.setSDPUseCuDNN(!on);
-  context.setSDPUseMath(true);
-}
-
-std::optional<double> evaluate(const model::TransformerImpl& model, const data::Shard& shard, int n_batches,
-                               int batch_size, int seq_len, torch::Device device, dist::Communicator* world,
-                               const std::function<bool()>& stop) {
-  torch::NoGradGuard no_grad;
-  const int W = world ? world->world_size() : 1, r = world ? world->rank() : 0;
-  double loss_sum = 0, learned = 0;  // over every learned target of every batch and rank
-  for (int i = 0; i < n_batches; ++i) {
-    if (stop && stop()) return std::nullopt;  // a preemption does not wait for the rest of the batches
-    // Evaluation batch i holds batch_size * W sequences whatever the layout; rank r takes its share.
-    auto batch = data::eval_batch(shard, i, n_batches, batch_size * W, seq_len);
-    auto inputs = batch.inputs.narrow(0, int64_t(r) * batch_size, batch_size);
-    auto targets = batch.targets.narrow(0, int64_t(r) * batch_size, batch_size).reshape(-1);
-    auto out = model.forward(inputs.to(device));
-    auto V = out.logits_BSV.size(-1);
-    loss_sum += model::token_cross_entropy(out.logits_BSV.view({-1, V}), targets.to(device), data::kIgnoreTarget,
-                                           /*sum=*/true)
-                    .item<double>();
-    learned += double(targets.ne(data::kIgnoreTarget).sum().item<int64_t>());
-  }
-  if (world) loss_sum = dist::all_sum(*world, loss_sum), learned = dist::all_sum(*world, learned);
-  if (learned == 0)
-    throw DataError("validation: the " + std::to_string(n_batches) + " evaluation batches of " + shard.path() +
-                    " hold no learned target (its loss mask marks none): no validation loss");
-  return loss_sum / learned;
-}
-
-double evaluate(const model::TransformerImpl& model, const data::Shard& shard, int n_batches, int batch_size,
-                int seq_len, torch::Device device, dist::Communicator* world) {
-  return *evaluate(model, shard, n_batches, batch_size, seq_len, device, world, nullptr);
-}
-
-namespace {
-
-// What train and bench-step both set up first: this process's place in the job, the config resolved
-// for the world size, the device and the compute dtype.
-struct Process {
-  explicit Process(const config::Config& given)
-      : determinism((configure_determinism(given.run), given.run.deterministic)),  // before cuBLAS starts
-        device(resolve_device(given.run)),  // first: every CUDA allocation (NCCL's included) lands on it
-        layout(std::make_shared<const dist::Layout>(dist::make_layout(
-            dist::make_communicator(given.parallel, given.run.device), given.parallel.expert_parallel))),
-        cfg(config::for_world_size(given, layout->world->world_size())) {
-    set_log_rank(layout->world->rank());
-    configure_threads(cfg.run);
-    compute_dtype = resolve_compute_dtype(cfg.run);
-    cost::require_memory(cfg, layout->ep_size(), /*training=*/true);  // refuse an absurd size before allocating
-  }
-  bool determinism;
-  torch::Device device{torch::kCPU};
-  std::shared_ptr<const dist::Layout> layout;
-  config::Config cfg;
-  model::ComputeDtype compute_dtype;
-};
-
-// Then the model this rank holds (seeded by global names, placed), its optimizer and the gradient
-// bookkeeping across ranks.
-struct Trainable {
-  explicit Trainable(const Process& p)
-      : model(build(p)),
-        optimizer(named_parameters(*model), p.cfg.optim, model::is_no_decay),
-        parallel(p.layout, model->roled_parameters()) {}
-  model::Transformer model;
-  optim::AdamW optimizer;
-  dist::DataParallel parallel;
-
- private:
-  static model::Transformer build(const Process& p) {
-    model::Transformer m(p.cfg.model, p.layout);
-    m->init_weights(p.cfg.run.seed);
-    m->place(p.device, p.compute_dtype);
-    return m;
-  }
-  static std::vector<std::pair<std::string, torch::Tensor>> named_parameters(const model::TransformerImpl& m) {
-    std::vector<std::pair<std::string, torch::Tensor>> named;
-    for (const auto& p : m.named_parameters()) named.emplace_back(p.key(), p.value());
-    return named;
-  }
-};
 
 // What of a run `out_dir` already holds (checkpoints, metrics), or "" for nothing.
 std::string run_contents(const std::string& out_dir) {
@@ -670,86 +398,6 @@ TrainResult train(const config::Config& given, const TrainOptions& options) {
   result.cost_usd = result.gpu_hours * cfg.cost.price_per_gpu_hour;
   result.mean_mfu = result.tokens_per_s * flops_per_token / peak_flops;
   return result;
-}
-
-BenchResult bench_steps(const config::Config& given, int warmup_steps, int steps, bool quiet) {
-  if (warmup_steps < 0 || steps < 1)
-    throw UsageError("bench-step needs --warmup >= 0 and --steps >= 1 (got " + std::to_string(warmup_steps) + ", " +
-                     std::to_string(steps) + ")");
-  const Process process(given);
-  const auto& layout = process.layout;
-  const auto& comm = layout->world;
-  const config::Config& cfg = process.cfg;
-  const torch::Device device = process.device;
-  const auto compute_dtype = process.compute_dtype;
-  Trainable trainable(process);
-  auto& model = trainable.model;
-  auto& optimizer = trainable.optimizer;
-  auto& parallel = trainable.parallel;
-
-  // Synthetic tokens, uniform over the vocabulary and a pure function of (seed, step, micro, rank).
-  const int B = cfg.train.micro_batch_size, S = cfg.data.seq_len;
-  auto synthetic = [&](int64_t step, int micro) {
-    auto tokens = torch::empty({B, S + 1}, torch::kInt64);
-    auto* t = tokens.data_ptr<int64_t>();
-    const uint64_t base = data::mix64(cfg.run.seed ^ data::mix64(uint64_t(step) * 1000003u + uint64_t(micro) * 7919u +
-                                                                  uint64_t(comm->rank()) * 104729u));
-    for (int64_t i = 0; i < tokens.numel(); ++i) t[i] = int64_t(data::mix64(base + uint64_t(i)) % uint64_t(cfg.model.vocab_size));
-    return data::Batch{tokens.narrow(1, 0, S).contiguous(), tokens.narrow(1, 1, S).contiguous()};
-  };
-
-  BenchResult r;
-  r.device = device.is_cuda() ? "cuda" : "cpu";
-  r.dtype = compute_dtype ? "bf16" : "fp32";
-  r.world_size = comm->world_size();
-  r.warmup_steps = warmup_steps;
-  r.steps = steps;
-  r.tokens_per_step = int64_t(B) * S * cfg.train.grad_accum * comm->world_size();
-  const auto counts = model->param_counts();
-  r.params_total = counts.total;
-  r.params_active = counts.active;
-
-  r.expert_parallel = layout->ep_size();
-  r.micro_batch_size = cfg.train.micro_batch_size;
-  r.moe_layers = cfg.model.n_layers - cfg.model.dense_layers;
-  std::vector<double> step_s;
-  int64_t a2a_bytes_at_start = 0;
-  for (int i = 0; i < warmup_steps + steps; ++i) {
-    if (i == warmup_steps) a2a_bytes_at_start = layout->ep->all_to_all_bytes_sent();
-    const double lr = optim::learning_rate(cfg.optim, i, std::max<int64_t>(1, cfg.optim.decay_steps > 0 ? cfg.optim.decay_steps : cfg.train.steps));
-    const double start = now_s();
-    auto outcome = train_step(*model, optimizer, parallel, cfg, i, lr, device, [&](int micro) { return synthetic(i, micro); });
-    if (device.is_cuda()) torch::cuda::synchronize();
-    const double took = now_s() - start;
-    if (!outcome.applied) throw Error("[bench-step] step " + std::to_string(i + 1) + ": " + outcome.nonfinite);
-    if (i == 0) r.first_loss = outcome.loss;
-    r.last_loss = outcome.loss;
-    if (i >= warmup_steps) step_s.push_back(took);
-    if (!quiet)
-      log_line("bench-step " + std::to_string(i + 1) + "/" + std::to_string(warmup_steps + steps) +
-             (i < warmup_steps ? " (warm-up)" : "") + " | " + format_double(took * 1e3, 4) + " ms | loss " +
-             format_double(outcome.loss, 4));
-  }
-  r.all_to_all_bytes_per_step = double(layout->ep->all_to_all_bytes_sent() - a2a_bytes_at_start) / steps;
-  double sum = 0;
-  for (double s : step_s) sum += s;
-  auto sorted = step_s;
-  std::sort(sorted.begin(), sorted.end());
-  r.step_s_mean = sum / double(step_s.size());
-  r.step_s_min = sorted.front();
-  r.step_s_median = sorted[sorted.size() / 2];
-  r.tokens_per_s = double(r.tokens_per_step) / r.step_s_mean;
-  r.tokens_per_s_per_gpu = r.tokens_per_s / r.world_size;
-  r.flops_per_token_causal = cost::training_flops_per_token(cfg.model, S).total_causal;
-  // On the CPU the peak is this machine's (measured); on a GPU it is the datasheet of cost.gpu.
-  if (device.is_cuda() && cfg.cost.gpu == "cpu")
-    throw ConfigError("bench-step on cuda needs cost.gpu to name the GPU (e.g. --set cost.gpu=h200), not \"cpu\"");
-  const cost::Hardware hardware = cost::lookup_hardware(device.is_cuda() ? cfg.cost.gpu : "cpu");
-  r.gpu = hardware.name;
-  r.peak_tflops = hardware.bf16_tflops;
-  r.peak_source = hardware.source;
-  r.mfu = r.tokens_per_s_per_gpu * r.flops_per_token_causal / (hardware.bf16_tflops * 1e12);
-  return r;
 }
 
 }  // namespace moetrain::train

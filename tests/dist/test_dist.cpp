@@ -18,6 +18,7 @@
 #include "common/files.h"
 #include "common/log.h"
 #include "dist/communicator.h"
+#include "dist/expert_parallel.h"
 #include "moe/moe.h"
 #include "../train/train_fixture.h"
 
@@ -230,7 +231,8 @@ CATCH_TEST_CASE("dist worker: a rank that receives no rows", "[.dist-worker-zero
   const int D = testing::tiny_model_config().d_model;
   torch::manual_seed(7);
   moe::MoE whole(cfg, D);  // the same weights on every rank
-  moe::MoE part(cfg, D, layout);
+  moe::MoE part(cfg, D, dist::expert_shard(*layout));
+  dist::parallelize(*part, layout);
   torch::NoGradGuard no_grad;
   for (auto& q : whole->parameters()) q.normal_(0, 0.3);  // seeded above: the same on every rank
   auto full_params = whole->named_parameters();
@@ -576,7 +578,7 @@ CATCH_TEST_CASE("A checkpoint from (world 4, ep 4) resumes at (1), (2, 2) and (4
   for (auto [world, ep] : std::vector<std::pair<int, int>>{{1, 1}, {2, 2}, {4, 2}, {4, 4}}) {
     for (int r = 0; r < world; ++r) {
       CATCH_INFO("world " << world << " ep " << ep << " rank " << r);
-      model::Transformer part(model_cfg, fake_layout(r, world, ep));
+      model::Transformer part(model_cfg, dist::expert_shard(*fake_layout(r, world, ep)));
       std::vector<std::pair<std::string, torch::Tensor>> named;
       for (const auto& p : part->named_parameters()) named.emplace_back(p.key(), p.value());
       optim::AdamW opt(named, base.optim, model::is_no_decay);

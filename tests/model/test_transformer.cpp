@@ -156,8 +156,8 @@ CATCH_TEST_CASE("roled_parameters marks exactly the routed experts' weights as e
     CATCH_INFO(p.name);
     CATCH_CHECK(p.tensor.is_same(named[p.name]));
     const bool by_name = ckpt::is_expert_tensor(p.name);
-    CATCH_CHECK((p.role == dist::ParamRole::expert) == by_name);
-    experts += p.role == dist::ParamRole::expert;
+    CATCH_CHECK((p.role == model::ParamRole::expert) == by_name);
+    experts += p.role == model::ParamRole::expert;
   }
   CATCH_CHECK(experts == 3 * (cfg.n_layers - cfg.dense_layers));  // w1, w2, w3 of each MoE layer
 }

@@ -149,3 +149,18 @@ CATCH_TEST_CASE("Deterministic dispatch and combine give the default path's outp
     }
   }
 }
+
+// A layer built for a shard of the experts is single-device math with a seam: it cannot run until a
+// parallel layout installs its dispatcher, and says so rather than computing with missing experts.
+CATCH_TEST_CASE("A sharded MoE layer without a dispatcher is a clear error", "[moe]") {
+  config::MoEConfig cfg;
+  cfg.n_experts = 4;
+  cfg.top_k = 2;
+  cfg.expert_hidden = 8;
+  moe::MoE half(cfg, 8, moe::ExpertShard{2, 1});
+  CATCH_CHECK(half->experts->w1.size(0) == 2);
+  CATCH_CHECK(half->expert_offset() == 2);
+  CATCH_CHECK_THROWS_WITH(half->forward(torch::randn({4, 8}), 4, std::nullopt),
+                          Catch::Matchers::Contains("shard 1 of 2") && Catch::Matchers::Contains("dist::parallelize"));
+  CATCH_CHECK_THROWS(moe::MoE(cfg, 8, moe::ExpertShard{3, 0}));  // 4 experts do not split 3 ways
+}

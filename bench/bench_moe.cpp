@@ -1,6 +1,7 @@
-// `moetrain bench-moe`: times forward+backward of one routed MoE layer (softmax router, dropless, no
-// shared experts) per experts implementation, against the per-expert loop a Python framework would
+// build/moetrain_bench_moe: times forward+backward of one routed MoE layer (softmax router, dropless,
+// no shared experts) per experts implementation, against the per-expert loop a Python framework would
 // write. Each variant's output and input gradient are checked against that loop before it is timed.
+// A developer's tool (scripts/bench_moe.sh runs it), kept out of the moetrain binary users run.
 // Legend: T tokens, D model dim, E routed experts, K experts per token, F expert hidden.
 #include <algorithm>
 #include <chrono>
@@ -202,7 +203,7 @@ bool parse_bool(const std::string& option, const std::string& text) {
 
 int run_bench_moe(const std::vector<std::string>& argv) {
   const Command command{
-      "bench-moe",
+      "",
       "Time forward+backward of one MoE layer (softmax router, dropless, no shared experts) for each experts\n"
       "implementation and for a naive per-expert loop; outputs are checked against the loop. CPU, fp32.",
       {{"tokens", "N", "tokens per call (default 4096)"},
@@ -216,7 +217,8 @@ int run_bench_moe(const std::vector<std::string>& argv) {
        {"seed", "S", "seed of the weights, input and upstream gradient (default 0)"},
        {"normalize-topk", "0|1", "renormalize the k chosen weights to sum to 1 (default 1)"},
        {"save-weights", "FILE", "write router/expert weights, x, g, out and grad_x as safetensors"},
-       {"json", "", "print one JSON object instead of the tables"}}};
+       {"json", "", "print one JSON object instead of the tables"}},
+      "moetrain_bench_moe"};
   Args args(command, argv);
   if (args.help()) {
     std::fputs(usage(command).c_str(), stdout);
@@ -371,7 +373,7 @@ int run_bench_moe(const std::vector<std::string>& argv) {
     std::puts(j.dump().c_str());
     std::fflush(stdout);
   } else {
-    log_table("bench-moe", settings);
+    log_table("moetrain_bench_moe", settings);
     log_line("forward + backward, median of " + std::to_string(opt.iters) + " after " + std::to_string(opt.warmup) +
              " warm-up; diffs are max abs against the naive loop");
     print_table(results);
@@ -385,3 +387,8 @@ int run_bench_moe(const std::vector<std::string>& argv) {
 }
 
 }  // namespace moetrain::cli
+
+int main(int argc, char** argv) {
+  const std::vector<std::string> args(argv + 1, argv + argc);
+  return moetrain::cli::run_reporting_errors("moetrain_bench_moe", [&] { return moetrain::cli::run_bench_moe(args); });
+}

@@ -1,0 +1,189 @@
+// The optimizer step (see step.h) and the process settings every command that runs a model applies.
+#include "train/step.h"
+
+#include <chrono>
+#include <cmath>
+#include <cstdlib>
+#include <thread>
+
+#include "common/errors.h"
+#include "common/log.h"
+
+using json = nlohmann::json;
+
+namespace moetrain::train {
+
+double now_s() {
+  using namespace std::chrono;
+  return duration<double>(steady_clock::now().time_since_epoch()).count();
+}
+
+void MoETelemetry::add(const model::ForwardOutput& out) {
+  if (load_LE.empty()) {
+    layers = out.moe_layers;
+    for (const auto& st : out.moe_stats) {
+      load_LE.push_back(torch::zeros_like(st.tokens_per_expert_E));
+      dropped_L.push_back(torch::zeros_like(st.dropped));
+      for (auto* v : {&aux_L, &seq_aux_L, &z_L, &entropy_L}) v->push_back(torch::zeros_like(st.aux_loss).detach());
+    }
+  }
+  for (size_t l = 0; l < out.moe_stats.size(); ++l) {
+    const auto& st = out.moe_stats[l];
+    load_LE[l] += st.tokens_per_expert_E;
+    dropped_L[l] += st.dropped;
+    aux_L[l] += st.aux_loss.detach();
+    seq_aux_L[l] += st.seq_aux_loss.detach();
+    z_L[l] += st.z_loss.detach();
+    entropy_L[l] += st.entropy.detach();
+  }
+  ++micro_batches;
+}
+
+void MoETelemetry::write(json& rec) const {
+  if (load_LE.empty()) {  // a dense model
+    rec["aux_loss"] = 0.0;
+    return;
+  }
+  json per_layer = json::array();
+  double aux_sum = 0, worst = 0, dropped = 0, routed = 0;
+  for (size_t l = 0; l < load_LE.size(); ++l) {
+    auto load = load_LE[l].to(torch::kCPU);
+    std::vector<int64_t> counts(load.data_ptr<int64_t>(), load.data_ptr<int64_t>() + load.numel());
+    const double total = double(load.sum().item<int64_t>());
+    const double max_over_mean = total > 0 ? double(load.max().item<int64_t>()) * double(counts.size()) / total : 0;
+    const double layer_dropped = double(dropped_L[l].item<int64_t>());
+    const double n = micro_batches;
+    json j;
+    j["layer"] = layers[l];
+    j["tokens_per_expert"] = counts;
+    j["max_over_mean"] = max_over_mean;
+    j["drop_fraction"] = total > 0 ? layer_dropped / total : 0.0;
+    j["aux_loss"] = aux_L[l].item<double>() / n;
+    j["seq_aux_loss"] = seq_aux_L[l].item<double>() / n;
+    j["z_loss"] = z_L[l].item<double>() / n;
+    j["entropy"] = entropy_L[l].item<double>() / n;
+    aux_sum += j["aux_loss"].get<double>();
+    worst = std::max(worst, max_over_mean);
+    dropped += layer_dropped;
+    routed += total;
+    per_layer.push_back(j);
+  }
+  rec["aux_loss"] = aux_sum / double(load_LE.size());
+  rec["load_max_over_mean"] = worst;
+  rec["drop_fraction"] = routed > 0 ? dropped / routed : 0.0;
+  rec["moe"] = per_layer;
+}
+
+namespace {
+
+// The clip sees the norm of the whole model's gradient on every rank: the expert-sharded part of the
+// squared norm is summed over the ep group.
+double clip_gradients(const dist::DataParallel& parallel, double max_norm) {
+  if (parallel.layout().ep_size() == 1) return optim::clip_grad_norm(parallel.params(), max_norm);
+  return optim::clip_grad_norm(parallel.params(), max_norm, parallel.sharded(),
+                               [&](torch::Tensor& t) { parallel.sum_over_expert_group(t); });
+}
+
+// Fault injection for the divergence tests: MOETRAIN_TEST_NONFINITE=<loss|grad>@<step>[,<step>...][:<rank>]
+// makes that rank's loss (or one element of its first gradient) NaN at those 1-based steps.
+bool test_fault(const char* kind, int64_t step, int rank) {
+  const char* v = std::getenv("MOETRAIN_TEST_NONFINITE");
+  if (!v) return false;
+  std::string spec(v);
+  const auto colon = spec.find(':');
+  if (colon != std::string::npos && std::to_string(rank) != spec.substr(colon + 1)) return false;
+  spec = spec.substr(0, colon);
+  const auto at = spec.find('@');
+  if (at == std::string::npos || spec.substr(0, at) != kind) return false;
+  std::istringstream steps(spec.substr(at + 1));
+  for (std::string s; std::getline(steps, s, ',');)
+    if (s == std::to_string(step)) return true;
+  return false;
+}
+
+// "nan", "inf" or "-inf" without the sign bit noise of printf ("-nan").
+std::string number_text(double x) { return std::isnan(x) ? "nan" : format_double(x); }
+
+}  // namespace
+
+StepOutcome train_step(model::TransformerImpl& model, optim::AdamW& optimizer, dist::DataParallel& parallel,
+                       const config::Config& cfg, int64_t step, double lr, torch::Device device,
+                       const std::function<data::Batch(int micro)>& batch_of) {
+  StepOutcome outcome;
+  optimizer.zero_grad();
+  double loss_sum = 0;
+  for (int micro = 0; micro < cfg.train.grad_accum; ++micro) {
+    auto batch = batch_of(micro);
+    auto out = model.forward(batch.inputs.to(device));
+    const auto V = out.logits_BSV.size(-1);
+    auto ce = model::token_cross_entropy(out.logits_BSV.view({-1, V}), batch.targets.to(device).view(-1),
+                                         data::kIgnoreTarget);
+    auto loss = ce + out.balance_loss;
+    (loss / cfg.train.grad_accum).backward();
+    loss_sum += ce.item<double>();
+    outcome.telemetry.add(out);
+  }
+  if (test_fault("loss", step + 1, parallel.rank())) loss_sum = std::nan("");
+  if (test_fault("grad", step + 1, parallel.rank())) {
+    torch::NoGradGuard no_grad;
+    for (const auto& p : parallel.params())
+      if (p.grad().defined()) {
+        p.grad().view(-1)[0] = std::nan("");
+        break;
+      }
+  }
+  const auto health = parallel.gather_health(loss_sum / cfg.train.grad_accum, dist::max_abs(parallel.grads()));
+  parallel.average_gradients();
+  outcome.grad_norm = clip_gradients(parallel, cfg.optim.grad_clip);
+  std::string bad_loss, bad_grad;
+  double loss_total = 0;
+  for (size_t r = 0; r < health.size(); ++r) {
+    loss_total += health[r].first;
+    if (!std::isfinite(health[r].first)) bad_loss += (bad_loss.empty() ? "" : ", ") + std::to_string(r);
+    if (!std::isfinite(health[r].second)) bad_grad += (bad_grad.empty() ? "" : ", ") + std::to_string(r);
+  }
+  outcome.loss = loss_total / double(health.size());
+  if (!bad_loss.empty() || !bad_grad.empty() || !std::isfinite(outcome.grad_norm)) {
+    outcome.applied = false;
+    if (!bad_loss.empty()) outcome.nonfinite = "loss " + number_text(outcome.loss) + " on rank " + bad_loss;
+    if (!bad_grad.empty())
+      outcome.nonfinite += (outcome.nonfinite.empty() ? "" : ", ") + std::string("non-finite gradients on rank ") + bad_grad;
+    outcome.nonfinite += (outcome.nonfinite.empty() ? "" : ", ") + std::string("grad norm ") + number_text(outcome.grad_norm);
+    optimizer.zero_grad();
+    parallel.sum_load(outcome.telemetry.load_LE, outcome.telemetry.dropped_L);
+    return outcome;
+  }
+  optimizer.step(lr);
+  parallel.sum_load(outcome.telemetry.load_LE, outcome.telemetry.dropped_L);
+  model.update_router_bias(outcome.telemetry.load_LE);
+  return outcome;
+}
+
+torch::Device resolve_device(const config::RunConfig& run) { return dist::claim_device(run.device); }
+
+model::ComputeDtype resolve_compute_dtype(const config::RunConfig& run) {
+  if (run.dtype == "bf16") return torch::kBFloat16;
+  return std::nullopt;
+}
+
+void configure_threads(const config::RunConfig& run) {
+  const int threads = run.threads > 0 ? run.threads : int(std::max(1u, std::thread::hardware_concurrency()));
+  at::set_num_threads(threads);
+}
+
+void configure_determinism(const config::RunConfig& run) {
+  auto& context = at::globalContext();
+  const bool on = run.deterministic;
+  if (on) ::setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8", /*overwrite=*/0);
+  context.setDeterministicAlgorithms(on, /*warn_only=*/false);
+  context.setDeterministicCuDNN(on);
+  context.setBenchmarkCuDNN(false);
+  // Flash and memory-efficient attention accumulate their backward with atomics (or may; LibTorch's
+  // list does not promise otherwise): the math backend is plain matmuls and a softmax.
+  context.setSDPUseFlash(!on);
+  context.setSDPUseMemEfficient(!on);
+  context.setSDPUseCuDNN(!on);
+  context.setSDPUseMath(true);
+}
+
+}  // namespace moetrain::train

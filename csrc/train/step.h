@@ -1,0 +1,108 @@
+// One optimizer step and what it needs set up: this process's place in the job (Process), the model,
+// optimizer and data parallelism it trains (Trainable), the step itself (train_step) and its routing
+// telemetry. `train` (trainer.cpp) and `bench-step` (bench.cpp) both run exactly this.
+#pragma once
+#include <torch/torch.h>
+
+#include <functional>
+#include <memory>
+#include <nlohmann/json.hpp>
+#include <string>
+#include <vector>
+
+#include "common/log.h"
+#include "config/config.h"
+#include "cost/memory.h"
+#include "data/sampler.h"
+#include "dist/communicator.h"
+#include "dist/data_parallel.h"
+#include "dist/expert_parallel.h"
+#include "model/transformer.h"
+#include "optim/adamw.h"
+#include "train/trainer.h"
+
+namespace moetrain::train {
+
+// Seconds on a monotonic clock.
+double now_s();
+
+// Routing telemetry of one optimizer step, summed over its micro-batches (tensors until written,
+// so nothing syncs with the device unless the step is logged).
+struct MoETelemetry {
+  std::vector<int> layers;
+  std::vector<torch::Tensor> load_LE;  // tokens per expert, summed over micro-batches
+  std::vector<torch::Tensor> dropped_L, aux_L, seq_aux_L, z_L, entropy_L;
+  int micro_batches = 0;
+
+  // Adds one micro-batch's routing statistics.
+  void add(const model::ForwardOutput& out);
+  // Adds per-layer records under "moe" and their summaries: aux_loss (mean over layers),
+  // load_max_over_mean (worst layer), drop_fraction (over all layers).
+  void write(nlohmann::json& rec) const;
+};
+
+struct StepOutcome {
+  double loss = 0;       // mean cross-entropy over the micro-batches and ranks (the balance loss apart)
+  double grad_norm = 0;  // before clipping
+  bool applied = true;   // false: a rank's loss or gradients were not finite, and nothing was updated
+  std::string nonfinite; // what was not finite, and on which ranks ("" when applied)
+  MoETelemetry telemetry;
+};
+
+// One optimizer step: forward and backward of every micro-batch (gradients accumulated, each loss
+// scaled by 1/grad_accum), gradients averaged over the ranks, clip, AdamW, then the routers' bias
+// update from the step's expert load. The trainer and bench-step both run exactly this. A non-finite
+// loss or gradient on any rank leaves the weights, the optimizer and the routers' biases untouched on
+// every rank (the decision is global), and says which rank it came from.
+StepOutcome train_step(model::TransformerImpl& model, optim::AdamW& optimizer, dist::DataParallel& parallel,
+                       const config::Config& cfg, int64_t step, double lr, torch::Device device,
+                       const std::function<data::Batch(int micro)>& batch_of);
+
+// What train and bench-step both set up first: this process's place in the job, the config resolved
+// for the world size, the device and the compute dtype.
+struct Process {
+  explicit Process(const config::Config& given)
+      : determinism((configure_determinism(given.run), given.run.deterministic)),  // before cuBLAS starts
+        device(resolve_device(given.run)),  // first: every CUDA allocation (NCCL's included) lands on it
+        layout(std::make_shared<const dist::Layout>(dist::make_layout(
+            dist::make_communicator(given.parallel, given.run.device), given.parallel.expert_parallel))),
+        cfg(config::for_world_size(given, layout->world->world_size())) {
+    set_log_rank(layout->world->rank());
+    configure_threads(cfg.run);
+    compute_dtype = resolve_compute_dtype(cfg.run);
+    cost::require_memory(cfg, layout->ep_size(), /*training=*/true);  // refuse an absurd size before allocating
+  }
+  bool determinism;
+  torch::Device device{torch::kCPU};
+  std::shared_ptr<const dist::Layout> layout;
+  config::Config cfg;
+  model::ComputeDtype compute_dtype;
+};
+
+// Then the model this rank holds (seeded by global names, placed), its optimizer and the gradient
+// bookkeeping across ranks.
+struct Trainable {
+  explicit Trainable(const Process& p)
+      : model(build(p)),
+        optimizer(named_parameters(*model), p.cfg.optim, model::is_no_decay),
+        parallel(p.layout, model->roled_parameters()) {}
+  model::Transformer model;
+  optim::AdamW optimizer;
+  dist::DataParallel parallel;
+
+ private:
+  static model::Transformer build(const Process& p) {
+    model::Transformer m(p.cfg.model, dist::expert_shard(*p.layout));  // this rank's share of the experts
+    m->init_weights(p.cfg.run.seed);
+    m->place(p.device, p.compute_dtype);
+    dist::parallelize(*m, p.layout);  // expert-parallel dispatch and global routing counts
+    return m;
+  }
+  static std::vector<std::pair<std::string, torch::Tensor>> named_parameters(const model::TransformerImpl& m) {
+    std::vector<std::pair<std::string, torch::Tensor>> named;
+    for (const auto& p : m.named_parameters()) named.emplace_back(p.key(), p.value());
+    return named;
+  }
+};
+
+}  // namespace moetrain::train
