@@ -69,10 +69,8 @@ int run_eval(const std::vector<std::string>& argv) {
       targets.masked_fill_(learned_NL.eq(0), data::kIgnoreTarget);
     }
     learned += uint64_t(targets.ne(data::kIgnoreTarget).sum().item<int64_t>());
-    auto logits = loaded.model->forward(inputs.to(device)).logits_BSV;
-    total += model::token_cross_entropy(logits.reshape({-1, logits.size(-1)}), targets.to(device).reshape(-1),
-                                        data::kIgnoreTarget, /*sum=*/true)
-                 .item<double>();
+    total += loaded.model->forward_loss(inputs.to(device), targets.to(device), data::kIgnoreTarget, /*sum=*/true)
+                 .loss.item<double>();
     w += n;
   }
   if (learned == 0) throw DataError(shard.mask_path() + " marks no token of " + shard_path + " as learned: no loss");

@@ -263,6 +263,11 @@ const std::vector<KeyDesc>& keys() {
                    "grad_accum = 0 the micro-batch stays and grad_accum is derived. 0 = micro_batch_size * "
                    "grad_accum * world size.",
                    at_least(0)),
+      MOETRAIN_KEY(train.loss_chunk_tokens,
+                   "Run the LM head and the loss over this many tokens at a time, forward and backward, so that "
+                   "the (tokens x vocabulary) fp32 logits never exist whole (training, validation and eval); the "
+                   "same loss and gradients to fp32 rounding. 0 = all tokens at once.",
+                   at_least(0)),
       MOETRAIN_KEY(train.log_every, "Steps between training log lines.", at_least(1)),
       MOETRAIN_KEY(train.eval_every, "Steps between validation evaluations; 0 = only at the end.", at_least(0)),
       MOETRAIN_KEY(train.eval_batches, "Validation micro-batches per evaluation.", at_least(1)),

@@ -74,6 +74,15 @@ TransformerImpl::TransformerImpl(const config::ModelConfig& cfg, moe::ExpertShar
 }
 
 ForwardOutput TransformerImpl::forward(const torch::Tensor& tokens_BS) const {
+  ForwardOutput out = forward_hidden(tokens_BS);
+  auto head = lm_head.defined() ? lm_head : embed;
+  auto logits = torch::matmul(cast(out.hidden_BSD, compute_dtype_), cast(head, compute_dtype_).t());
+  out.logits_BSV = logits.to(torch::promote_types(logits.scalar_type(), torch::kFloat));
+  out.hidden_BSD = torch::Tensor();
+  return out;
+}
+
+ForwardOutput TransformerImpl::forward_hidden(const torch::Tensor& tokens_BS) const {
   TORCH_CHECK(tokens_BS.dim() == 2 && tokens_BS.scalar_type() == torch::kLong,
               "[model] tokens must be (B, S) int64, got ", tokens_BS.sizes(), " ", tokens_BS.scalar_type());
   auto x = embed.index_select(0, tokens_BS.reshape(-1)).view({tokens_BS.size(0), tokens_BS.size(1), cfg_.d_model});
@@ -88,10 +97,87 @@ ForwardOutput TransformerImpl::forward(const torch::Tensor& tokens_BS) const {
       out.moe_layers.push_back(int(i));
     }
   }
-  auto head = lm_head.defined() ? lm_head : embed;
-  auto logits = torch::matmul(cast(final_norm->forward(x), compute_dtype_), cast(head, compute_dtype_).t());
-  out.logits_BSV = logits.to(torch::promote_types(logits.scalar_type(), torch::kFloat));
+  out.hidden_BSD = final_norm->forward(x);
   return out;
+}
+
+namespace {
+
+// The LM head and the loss over one chunk of rows, exactly as forward() and token_cross_entropy
+// compute them for those rows: the summed loss of the chunk's kept targets.
+torch::Tensor head_loss_sum(const torch::Tensor& hidden_cD, const torch::Tensor& head_VD, const torch::Tensor& targets_c,
+                            int64_t ignore_index, ComputeDtype compute_dtype) {
+  auto logits = torch::matmul(cast(hidden_cD, compute_dtype), cast(head_VD, compute_dtype).t());
+  logits = logits.to(torch::promote_types(logits.scalar_type(), torch::kFloat));
+  return token_cross_entropy(logits, targets_c, ignore_index, /*sum=*/true);
+}
+
+// sum over chunks of head_loss_sum, whose backward recomputes each chunk's logits (one chunk's at a
+// time) and takes that chunk's gradients by autograd, so they are the unchunked graph's, chunk by chunk.
+struct ChunkedHeadLoss : torch::autograd::Function<ChunkedHeadLoss> {
+  static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& hidden_ND,
+                               const torch::Tensor& head_VD, const torch::Tensor& targets_N, int64_t ignore_index,
+                               int64_t chunk, ComputeDtype compute_dtype) {
+    ctx->save_for_backward({hidden_ND, head_VD, targets_N});
+    ctx->saved_data["ignore_index"] = ignore_index;
+    ctx->saved_data["chunk"] = chunk;
+    ctx->saved_data["dtype"] = compute_dtype ? int64_t(*compute_dtype) : int64_t(-1);
+    torch::NoGradGuard no_grad;
+    auto total = torch::zeros({}, hidden_ND.options().dtype(torch::kFloat));
+    for (int64_t start = 0; start < hidden_ND.size(0); start += chunk) {
+      const int64_t n = std::min(chunk, hidden_ND.size(0) - start);
+      total += head_loss_sum(hidden_ND.narrow(0, start, n), head_VD, targets_N.narrow(0, start, n), ignore_index,
+                             compute_dtype);
+    }
+    return total;
+  }
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const auto& hidden_ND = saved[0];
+    const auto& targets_N = saved[2];
+    const int64_t ignore_index = ctx->saved_data["ignore_index"].toInt(), chunk = ctx->saved_data["chunk"].toInt();
+    const int64_t dtype = ctx->saved_data["dtype"].toInt();
+    const ComputeDtype compute_dtype = dtype < 0 ? ComputeDtype{} : ComputeDtype{torch::ScalarType(dtype)};
+    auto head_VD = saved[1].detach().requires_grad_(true);
+    auto grad_hidden = torch::empty_like(hidden_ND);
+    torch::Tensor grad_head;
+    torch::AutoGradMode enable(true);
+    for (int64_t start = 0; start < hidden_ND.size(0); start += chunk) {
+      const int64_t n = std::min(chunk, hidden_ND.size(0) - start);
+      auto hidden_cD = hidden_ND.narrow(0, start, n).detach().requires_grad_(true);
+      auto loss = head_loss_sum(hidden_cD, head_VD, targets_N.narrow(0, start, n), ignore_index, compute_dtype);
+      auto g = torch::autograd::grad({loss}, {hidden_cD, head_VD}, {grads[0]});
+      grad_hidden.narrow(0, start, n).copy_(g[0]);
+      grad_head = grad_head.defined() ? grad_head + g[1] : g[1];
+    }
+    return {grad_hidden, grad_head, torch::Tensor(), torch::Tensor(), torch::Tensor(), torch::Tensor()};
+  }
+};
+
+}  // namespace
+
+ForwardOutput TransformerImpl::forward_loss(const torch::Tensor& tokens_BS, const torch::Tensor& targets_BS,
+                                            int64_t ignore_index, bool sum) const {
+  const int64_t chunk = loss_chunk_;
+  if (chunk <= 0) {
+    ForwardOutput out = forward(tokens_BS);
+    out.loss = token_cross_entropy(out.logits_BSV.view({-1, out.logits_BSV.size(-1)}), targets_BS.reshape(-1),
+                                   ignore_index, sum);
+    return out;
+  }
+  ForwardOutput out = forward_hidden(tokens_BS);
+  out.loss = chunked_loss(out.hidden_BSD.reshape({-1, cfg_.d_model}), targets_BS.reshape(-1), ignore_index, chunk, sum);
+  out.hidden_BSD = torch::Tensor();
+  return out;
+}
+
+torch::Tensor TransformerImpl::chunked_loss(const torch::Tensor& hidden_ND, const torch::Tensor& targets_N,
+                                            int64_t ignore_index, int64_t chunk, bool sum) const {
+  TORCH_CHECK(chunk > 0, "[model] chunked_loss needs a positive chunk, got ", chunk);
+  const auto& head = lm_head.defined() ? lm_head : embed;
+  auto total = ChunkedHeadLoss::apply(hidden_ND, head, targets_N, ignore_index, chunk, compute_dtype_);
+  return sum ? total : total / targets_N.ne(ignore_index).sum();
 }
 
 namespace {

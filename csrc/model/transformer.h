@@ -35,7 +35,9 @@ class BlockImpl : public torch::nn::Module {
 TORCH_MODULE(Block);
 
 struct ForwardOutput {
-  torch::Tensor logits_BSV;                    // fp32
+  torch::Tensor logits_BSV;                    // fp32; undefined from forward_hidden
+  torch::Tensor hidden_BSD;                    // the final norm's output (forward_hidden only)
+  torch::Tensor loss;                          // () fp32 next-token loss (forward_loss only)
   torch::Tensor balance_loss;                  // () fp32: sum over MoE layers of their weighted losses
   std::vector<moe::RouterStats> moe_stats;     // one per MoE layer, in layer order
   std::vector<int> moe_layers;                 // the block index of each entry of moe_stats
@@ -63,6 +65,21 @@ class TransformerImpl : public torch::nn::Module {
   // math: a sharded model runs once a parallel layout has installed its dispatchers (dist::parallelize).
   explicit TransformerImpl(const config::ModelConfig& cfg, moe::ExpertShard shard = {});
   ForwardOutput forward(const torch::Tensor& tokens_BS) const;
+  // The same up to the final norm: hidden_BSD instead of logits, for a loss that never holds them all.
+  ForwardOutput forward_hidden(const torch::Tensor& tokens_BS) const;
+  // forward() and the next-token loss against targets_BS (token_cross_entropy: the mean over the
+  // targets that are not ignore_index, or with sum their sum). With a loss chunk set, the LM head and
+  // the loss run over that many tokens at a time (chunked_loss) and logits_BSV stays undefined.
+  ForwardOutput forward_loss(const torch::Tensor& tokens_BS, const torch::Tensor& targets_BS, int64_t ignore_index,
+                             bool sum = false) const;
+  // train.loss_chunk_tokens: 0 = the full logits.
+  void set_loss_chunk(int64_t tokens) { loss_chunk_ = tokens; }
+  // Next-token cross-entropy of the LM head over hidden_ND (N, D) against targets_N, as
+  // token_cross_entropy of the full logits would give it (mean over kept targets, or their sum), but
+  // computed over `chunk` rows at a time, forward and backward: at most chunk x V logits exist at
+  // once, where a full (tokens x vocab) fp32 tensor would (train.loss_chunk_tokens).
+  torch::Tensor chunked_loss(const torch::Tensor& hidden_ND, const torch::Tensor& targets_N, int64_t ignore_index,
+                             int64_t chunk, bool sum = false) const;
 
   // Initial weights as a function of (seed, parameter name, global expert id) only, generated on the
   // CPU in fp32: the same start on any device and any later parallel layout. With model.init_from set,
@@ -96,6 +113,7 @@ class TransformerImpl : public torch::nn::Module {
   int ep_size_ = 1;
   Rope rope_;
   ComputeDtype compute_dtype_;
+  int64_t loss_chunk_ = 0;
 };
 TORCH_MODULE(Transformer);
 

@@ -17,11 +17,8 @@ std::optional<double> evaluate(const model::TransformerImpl& model, const data::
     auto batch = data::eval_batch(shard, i, n_batches, batch_size * W, seq_len);
     auto inputs = batch.inputs.narrow(0, int64_t(r) * batch_size, batch_size);
     auto targets = batch.targets.narrow(0, int64_t(r) * batch_size, batch_size).reshape(-1);
-    auto out = model.forward(inputs.to(device));
-    auto V = out.logits_BSV.size(-1);
-    loss_sum += model::token_cross_entropy(out.logits_BSV.view({-1, V}), targets.to(device), data::kIgnoreTarget,
-                                           /*sum=*/true)
-                    .item<double>();
+    loss_sum += model.forward_loss(inputs.to(device), targets.to(device), data::kIgnoreTarget, /*sum=*/true)
+                    .loss.item<double>();
     learned += double(targets.ne(data::kIgnoreTarget).sum().item<int64_t>());
   }
   if (world) loss_sum = dist::all_sum(*world, loss_sum), learned = dist::all_sum(*world, learned);

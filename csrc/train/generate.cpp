@@ -36,6 +36,7 @@ LoadedModel load_for_inference(const std::string& path, const std::string& verif
   configure_determinism(loaded.cfg.run);
   loaded.model = model::Transformer(loaded.cfg.model);
   ckpt::load_model(*step_dir, *loaded.model);
+  loaded.model->set_loss_chunk(loaded.cfg.train.loss_chunk_tokens);
   loaded.model->place(resolve_device(loaded.cfg.run), resolve_compute_dtype(loaded.cfg.run));
   return loaded;
 }

@@ -114,10 +114,8 @@ StepOutcome train_step(model::TransformerImpl& model, optim::AdamW& optimizer, d
   double loss_sum = 0;
   for (int micro = 0; micro < cfg.train.grad_accum; ++micro) {
     auto batch = batch_of(micro);
-    auto out = model.forward(batch.inputs.to(device));
-    const auto V = out.logits_BSV.size(-1);
-    auto ce = model::token_cross_entropy(out.logits_BSV.view({-1, V}), batch.targets.to(device).view(-1),
-                                         data::kIgnoreTarget);
+    auto out = model.forward_loss(batch.inputs.to(device), batch.targets.to(device), data::kIgnoreTarget);
+    const auto& ce = out.loss;
     auto loss = ce + out.balance_loss;
     (loss / cfg.train.grad_accum).backward();
     loss_sum += ce.item<double>();

@@ -95,6 +95,7 @@ struct Trainable {
     model::Transformer m(p.cfg.model, dist::expert_shard(*p.layout));  // this rank's share of the experts
     m->init_weights(p.cfg.run.seed);
     m->place(p.device, p.compute_dtype);
+    m->set_loss_chunk(p.cfg.train.loss_chunk_tokens);
     dist::parallelize(*m, p.layout);  // expert-parallel dispatch and global routing counts
     return m;
   }

@@ -161,3 +161,49 @@ CATCH_TEST_CASE("roled_parameters marks exactly the routed experts' weights as e
   }
   CATCH_CHECK(experts == 3 * (cfg.n_layers - cfg.dense_layers));  // w1, w2, w3 of each MoE layer
 }
+
+// train.loss_chunk_tokens: the LM head and the loss a chunk of tokens at a time, forward and backward.
+// Against the full logits: the same loss (mean and sum) and the same gradient for every parameter, to
+// fp32 rounding (only the order of the loss's sum changes; 1e-5 relative of the largest value). In bf16
+// compute the loss agrees to 2e-3, and the gradients to two bf16 ulps (2^-7 = 7.8e-3) of the largest:
+// the head's gradient is a bf16 matmul per chunk, each rounded to bf16 before the chunks are summed,
+// where the full logits round one matmul over all tokens once. Chunks that do not divide the tokens,
+// ignored targets, a tied head and an untied one.
+CATCH_TEST_CASE("chunked_loss equals the loss of the full logits, value and gradients", "[model]") {
+  for (bool tied : {true, false}) {
+    for (const model::ComputeDtype dtype : {model::ComputeDtype{}, model::ComputeDtype{torch::kBFloat16}}) {
+      for (bool sum : {false, true}) {
+        CATCH_INFO((tied ? "tied" : "untied") << (dtype ? " bf16" : " fp32") << (sum ? " sum" : " mean"));
+        auto cfg = testing::tiny_model_config();
+        cfg.tie_embeddings = tied;
+        torch::manual_seed(8);
+        const auto tokens = torch::randint(0, cfg.vocab_size, {3, 16}, torch::kLong);
+        auto targets = torch::randint(0, cfg.vocab_size, {3, 16}, torch::kLong);
+        targets.index_put_({0, torch::indexing::Slice(0, 5)}, -100);
+        auto run = [&](int64_t chunk) {
+          model::Transformer m(cfg);
+          m->init_weights(4);
+          m->set_compute_dtype(dtype);
+          m->set_loss_chunk(chunk);
+          auto out = m->forward_loss(tokens, targets, -100, sum);
+          CATCH_CHECK(out.logits_BSV.defined() == (chunk == 0));  // chunked: the logits never exist whole
+          out.loss.backward();
+          std::vector<torch::Tensor> grads;
+          for (const auto& p : m->parameters()) grads.push_back(p.grad().defined() ? p.grad() : torch::zeros_like(p));
+          return std::make_pair(out.loss.item<double>(), grads);
+        };
+        const auto [want, want_grads] = run(0);
+        const double tol = dtype ? 2e-3 : 1e-5, grad_tol = dtype ? 7.8e-3 : 1e-5;
+        for (int64_t chunk : {7, 16, 48, 1000}) {
+          CATCH_INFO("chunk " << chunk);
+          const auto [got, got_grads] = run(chunk);
+          CATCH_CHECK(got == Approx(want).epsilon(tol));
+          for (size_t i = 0; i < got_grads.size(); ++i) {
+            const double scale = std::max(1e-12, want_grads[i].abs().max().item<double>());
+            CATCH_CHECK((got_grads[i] - want_grads[i]).abs().max().item<double>() <= grad_tol * scale);
+          }
+        }
+      }
+    }
+  }
+}

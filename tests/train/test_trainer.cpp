@@ -112,3 +112,22 @@ CATCH_TEST_CASE("run.deterministic trains the default run's model and resumes bi
   train::train(base, {"auto"});  // a run without the key turns the mode off again
   CATCH_CHECK(!at::globalContext().deterministicAlgorithms());
 }
+
+// train.loss_chunk_tokens trains the same model as the full logits (to fp32 rounding in the loss's
+// sum; 1e-5 relative over 6 steps) and resumes bit for bit like any run.
+CATCH_TEST_CASE("train.loss_chunk_tokens trains the full-logits run's model", "[train]") {
+  testing::TempDir dir("train-loss-chunk");
+  const auto data_dir = testing::make_corpus(dir);
+  auto base = testing::tiny_train_config(data_dir, dir.str("full"));
+  const auto full = train::train(base, {});
+  auto chunked = base;
+  chunked.train.loss_chunk_tokens = 24;  // micro-batches of 4 x 16 tokens: chunks of 24, 24 and 16
+  chunked.run.out_dir = dir.str("chunked");
+  const auto got = train::train(chunked, {});
+  CATCH_REQUIRE(got.losses.size() == full.losses.size());
+  for (size_t i = 0; i < got.losses.size(); ++i) {
+    CATCH_INFO("step " << i + 1);
+    CATCH_CHECK(got.losses[i] == Approx(full.losses[i]).epsilon(1e-5));
+  }
+  CATCH_CHECK(got.final_val_loss == Approx(full.final_val_loss).epsilon(1e-5));
+}
