@@ -268,6 +268,11 @@ const std::vector<KeyDesc>& keys() {
                    "the (tokens x vocabulary) fp32 logits never exist whole (training, validation and eval); the "
                    "same loss and gradients to fp32 rounding. 0 = all tokens at once.",
                    at_least(0)),
+      MOETRAIN_KEY(train.activation_checkpointing,
+                   "full = each transformer block keeps only its input and is recomputed in backward (activation "
+                   "memory of one block instead of all; about one more forward of compute). Gradients equal those "
+                   "without it. none = keep every activation.",
+                   one_of({"none", "full"})),
       MOETRAIN_KEY(train.log_every, "Steps between training log lines.", at_least(1)),
       MOETRAIN_KEY(train.eval_every, "Steps between validation evaluations; 0 = only at the end.", at_least(0)),
       MOETRAIN_KEY(train.eval_batches, "Validation micro-batches per evaluation.", at_least(1)),

@@ -115,6 +115,7 @@ struct TrainConfig {
   int global_batch_size = 0;    // sequences per optimizer step over all ranks; 0 = micro_batch_size * grad_accum * world
   int grad_accum = 1;           // micro-batches per optimizer step; 0 = derived (see for_world_size)
   int loss_chunk_tokens = 0;    // LM head + loss over this many tokens at a time; 0 = all at once
+  std::string activation_checkpointing = "none";  // none | full (each block recomputed in backward)
   int log_every = 10;
   int eval_every = 100;         // 0 = only at the end
   int eval_batches = 8;         // validation micro-batches per evaluation

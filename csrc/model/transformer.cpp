@@ -73,6 +73,84 @@ TransformerImpl::TransformerImpl(const config::ModelConfig& cfg, moe::ExpertShar
   rope_ = make_rope(cfg, torch::kCPU);
 }
 
+namespace {
+
+// train.activation_checkpointing: full. The block's forward runs without keeping its activations;
+// backward runs it again from its saved input and takes the gradients of that recomputation. The
+// same ops on the same values give the same routing and, with a capacity, the same drops; under
+// expert parallelism every rank recomputes the same blocks in the same order, so the recomputation
+// posts the same collectives on every rank. Outputs: the block's output, its MoE balance loss, and the
+// router's statistics (not differentiable).
+struct CheckpointedBlock : torch::autograd::Function<CheckpointedBlock> {
+  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& x_BSD,
+                                                at::TensorList params, const BlockImpl* block, const Rope* rope,
+                                                int64_t dtype_code) {
+    ctx->save_for_backward({x_BSD});
+    ctx->saved_data["block"] = int64_t(reinterpret_cast<intptr_t>(block));
+    ctx->saved_data["rope"] = int64_t(reinterpret_cast<intptr_t>(rope));
+    ctx->saved_data["dtype"] = dtype_code;
+    ctx->saved_data["params"] = int64_t(params.size());
+    torch::NoGradGuard no_grad;
+    auto out = block->forward(x_BSD, *rope, dtype_code < 0 ? ComputeDtype{} : ComputeDtype{torch::ScalarType(dtype_code)});
+    if (!out.moe) {
+      auto none = torch::zeros({}, x_BSD.options().dtype(torch::kFloat));
+      ctx->mark_non_differentiable({none});
+      return {out.x_BSD, none};
+    }
+    const auto& st = out.moe->stats;
+    torch::autograd::variable_list stats = {st.aux_loss.detach().clone(), st.seq_aux_loss.detach().clone(),
+                                            st.z_loss.detach().clone(),   st.entropy.detach().clone(),
+                                            st.tokens_per_expert_E.clone(), st.dropped.clone()};
+    ctx->mark_non_differentiable(stats);
+    torch::autograd::variable_list result = {out.x_BSD, out.moe->balance_loss};
+    result.insert(result.end(), stats.begin(), stats.end());
+    return result;
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto* block = reinterpret_cast<const BlockImpl*>(intptr_t(ctx->saved_data["block"].toInt()));
+    const auto* rope = reinterpret_cast<const Rope*>(intptr_t(ctx->saved_data["rope"].toInt()));
+    const int64_t dtype_code = ctx->saved_data["dtype"].toInt();
+    const int64_t n_params = ctx->saved_data["params"].toInt();
+    auto x = ctx->get_saved_variables()[0].detach().requires_grad_(true);
+    const auto params = block->parameters();
+    torch::AutoGradMode enable(true);
+    auto out = block->forward(x, *rope, dtype_code < 0 ? ComputeDtype{} : ComputeDtype{torch::ScalarType(dtype_code)});
+    torch::autograd::variable_list outputs = {out.x_BSD}, upstream = {grads[0]};
+    if (out.moe && grads[1].defined()) outputs.push_back(out.moe->balance_loss), upstream.push_back(grads[1]);
+    torch::autograd::variable_list inputs = {x};
+    inputs.insert(inputs.end(), params.begin(), params.end());
+    auto got = torch::autograd::grad(outputs, inputs, upstream, /*retain_graph=*/false, /*create_graph=*/false,
+                                     /*allow_unused=*/true);
+    TORCH_CHECK(int64_t(got.size()) == 1 + n_params, "[model] activation checkpointing: the block's parameters changed");
+    got.resize(got.size() + 3);  // the block, rope and dtype arguments take no gradient
+    return got;
+  }
+};
+
+}  // namespace
+
+BlockOutput TransformerImpl::checkpointed(const BlockImpl& block, const torch::Tensor& x_BSD, const Rope& rope,
+                                          ComputeDtype compute_dtype) const {
+  const auto params = block.parameters();
+  const auto r = CheckpointedBlock::apply(x_BSD, at::TensorList(params), &block, &rope,
+                                          compute_dtype ? int64_t(*compute_dtype) : int64_t(-1));
+  BlockOutput out{r[0], std::nullopt};
+  if (block.moe) {
+    moe::MoEOutput m;
+    m.balance_loss = r[1];
+    m.stats.aux_loss = r[2];
+    m.stats.seq_aux_loss = r[3];
+    m.stats.z_loss = r[4];
+    m.stats.entropy = r[5];
+    m.stats.tokens_per_expert_E = r[6];
+    m.stats.dropped = r[7];
+    out.moe = std::move(m);
+  }
+  return out;
+}
+
 ForwardOutput TransformerImpl::forward(const torch::Tensor& tokens_BS) const {
   ForwardOutput out = forward_hidden(tokens_BS);
   auto head = lm_head.defined() ? lm_head : embed;
@@ -88,8 +166,10 @@ ForwardOutput TransformerImpl::forward_hidden(const torch::Tensor& tokens_BS) co
   auto x = embed.index_select(0, tokens_BS.reshape(-1)).view({tokens_BS.size(0), tokens_BS.size(1), cfg_.d_model});
   ForwardOutput out;
   out.balance_loss = torch::zeros({}, x.options().dtype(torch::promote_types(x.scalar_type(), torch::kFloat)));
+  const bool recompute = activation_checkpointing_ && torch::GradMode::is_enabled();
   for (size_t i = 0; i < layers->size(); ++i) {
-    auto block = layers->ptr(i)->as<BlockImpl>()->forward(x, rope_, compute_dtype_);
+    const auto& layer = *layers->ptr(i)->as<BlockImpl>();
+    auto block = recompute ? checkpointed(layer, x, rope_, compute_dtype_) : layer.forward(x, rope_, compute_dtype_);
     x = block.x_BSD;
     if (block.moe) {
       out.balance_loss = out.balance_loss + block.moe->balance_loss;

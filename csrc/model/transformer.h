@@ -74,6 +74,9 @@ class TransformerImpl : public torch::nn::Module {
                              bool sum = false) const;
   // train.loss_chunk_tokens: 0 = the full logits.
   void set_loss_chunk(int64_t tokens) { loss_chunk_ = tokens; }
+  // train.activation_checkpointing = full: while gradients are recorded, each block keeps only its
+  // input and is recomputed in backward (see CheckpointedBlock in transformer.cpp).
+  void set_activation_checkpointing(bool on) { activation_checkpointing_ = on; }
   // Next-token cross-entropy of the LM head over hidden_ND (N, D) against targets_N, as
   // token_cross_entropy of the full logits would give it (mean over kept targets, or their sum), but
   // computed over `chunk` rows at a time, forward and backward: at most chunk x V logits exist at
@@ -114,6 +117,9 @@ class TransformerImpl : public torch::nn::Module {
   Rope rope_;
   ComputeDtype compute_dtype_;
   int64_t loss_chunk_ = 0;
+  bool activation_checkpointing_ = false;
+  BlockOutput checkpointed(const BlockImpl& block, const torch::Tensor& x_BSD, const Rope& rope,
+                           ComputeDtype compute_dtype) const;
 };
 TORCH_MODULE(Transformer);
 
