@@ -75,6 +75,10 @@ TransformerImpl::TransformerImpl(const config::ModelConfig& cfg, moe::ExpertShar
 
 namespace {
 
+// A compute dtype as an autograd context stores it (an int64; -1 for fp32) and back.
+int64_t dtype_code(ComputeDtype dtype) { return dtype ? int64_t(*dtype) : int64_t(-1); }
+ComputeDtype dtype_of(int64_t code) { return code < 0 ? ComputeDtype{} : ComputeDtype{torch::ScalarType(code)}; }
+
 // train.activation_checkpointing: full. The block's forward runs without keeping its activations;
 // backward runs it again from its saved input and takes the gradients of that recomputation. The
 // same ops on the same values give the same routing and, with a capacity, the same drops; under
@@ -84,14 +88,14 @@ namespace {
 struct CheckpointedBlock : torch::autograd::Function<CheckpointedBlock> {
   static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& x_BSD,
                                                 at::TensorList params, const BlockImpl* block, const Rope* rope,
-                                                int64_t dtype_code) {
+                                                int64_t compute_dtype) {
     ctx->save_for_backward({x_BSD});
     ctx->saved_data["block"] = int64_t(reinterpret_cast<intptr_t>(block));
     ctx->saved_data["rope"] = int64_t(reinterpret_cast<intptr_t>(rope));
-    ctx->saved_data["dtype"] = dtype_code;
+    ctx->saved_data["dtype"] = compute_dtype;
     ctx->saved_data["params"] = int64_t(params.size());
     torch::NoGradGuard no_grad;
-    auto out = block->forward(x_BSD, *rope, dtype_code < 0 ? ComputeDtype{} : ComputeDtype{torch::ScalarType(dtype_code)});
+    auto out = block->forward(x_BSD, *rope, dtype_of(compute_dtype));
     if (!out.moe) {
       auto none = torch::zeros({}, x_BSD.options().dtype(torch::kFloat));
       ctx->mark_non_differentiable({none});
@@ -111,12 +115,11 @@ struct CheckpointedBlock : torch::autograd::Function<CheckpointedBlock> {
                                                  torch::autograd::variable_list grads) {
     const auto* block = reinterpret_cast<const BlockImpl*>(intptr_t(ctx->saved_data["block"].toInt()));
     const auto* rope = reinterpret_cast<const Rope*>(intptr_t(ctx->saved_data["rope"].toInt()));
-    const int64_t dtype_code = ctx->saved_data["dtype"].toInt();
     const int64_t n_params = ctx->saved_data["params"].toInt();
     auto x = ctx->get_saved_variables()[0].detach().requires_grad_(true);
     const auto params = block->parameters();
     torch::AutoGradMode enable(true);
-    auto out = block->forward(x, *rope, dtype_code < 0 ? ComputeDtype{} : ComputeDtype{torch::ScalarType(dtype_code)});
+    auto out = block->forward(x, *rope, dtype_of(ctx->saved_data["dtype"].toInt()));
     torch::autograd::variable_list outputs = {out.x_BSD}, upstream = {grads[0]};
     if (out.moe && grads[1].defined()) outputs.push_back(out.moe->balance_loss), upstream.push_back(grads[1]);
     torch::autograd::variable_list inputs = {x};
@@ -135,7 +138,7 @@ BlockOutput TransformerImpl::checkpointed(const BlockImpl& block, const torch::T
                                           ComputeDtype compute_dtype) const {
   const auto params = block.parameters();
   const auto r = CheckpointedBlock::apply(x_BSD, at::TensorList(params), &block, &rope,
-                                          compute_dtype ? int64_t(*compute_dtype) : int64_t(-1));
+                                          dtype_code(compute_dtype));
   BlockOutput out{r[0], std::nullopt};
   if (block.moe) {
     moe::MoEOutput m;
@@ -201,7 +204,7 @@ struct ChunkedHeadLoss : torch::autograd::Function<ChunkedHeadLoss> {
     ctx->save_for_backward({hidden_ND, head_VD, targets_N});
     ctx->saved_data["ignore_index"] = ignore_index;
     ctx->saved_data["chunk"] = chunk;
-    ctx->saved_data["dtype"] = compute_dtype ? int64_t(*compute_dtype) : int64_t(-1);
+    ctx->saved_data["dtype"] = dtype_code(compute_dtype);
     torch::NoGradGuard no_grad;
     auto total = torch::zeros({}, hidden_ND.options().dtype(torch::kFloat));
     for (int64_t start = 0; start < hidden_ND.size(0); start += chunk) {
@@ -217,8 +220,7 @@ struct ChunkedHeadLoss : torch::autograd::Function<ChunkedHeadLoss> {
     const auto& hidden_ND = saved[0];
     const auto& targets_N = saved[2];
     const int64_t ignore_index = ctx->saved_data["ignore_index"].toInt(), chunk = ctx->saved_data["chunk"].toInt();
-    const int64_t dtype = ctx->saved_data["dtype"].toInt();
-    const ComputeDtype compute_dtype = dtype < 0 ? ComputeDtype{} : ComputeDtype{torch::ScalarType(dtype)};
+    const ComputeDtype compute_dtype = dtype_of(ctx->saved_data["dtype"].toInt());
     auto head_VD = saved[1].detach().requires_grad_(true);
     auto grad_hidden = torch::empty_like(hidden_ND);
     torch::Tensor grad_head;

@@ -11,15 +11,15 @@ namespace {
 // into one place with atomics, so CUDA runs repeat bit for bit. Each row has a slot of its own in a
 // (T*K, D) buffer (its flat copy index t*K + k, unique); a token's K slots are then summed in k order.
 
-// rows = x_TD[order_R / K], whose backward writes each row's gradient into its own slot and sums a
+// rows = x_TD[token_ids_R] (token_ids_R = order_R / K), whose backward writes each row's gradient into its own slot and sums a
 // token's K slots, where index_select's backward would index_add the K copies onto one token row.
 struct GatherCopies : torch::autograd::Function<GatherCopies> {
   static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& x_TD,
-                               const torch::Tensor& order_R, int64_t K) {
+                               const torch::Tensor& order_R, const torch::Tensor& token_ids_R, int64_t K) {
     ctx->save_for_backward({order_R});
     ctx->saved_data["T"] = x_TD.size(0);
     ctx->saved_data["K"] = K;
-    return x_TD.index_select(0, torch::floor_divide(order_R, K));
+    return x_TD.index_select(0, token_ids_R);
   }
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
@@ -27,7 +27,7 @@ struct GatherCopies : torch::autograd::Function<GatherCopies> {
     const int64_t T = ctx->saved_data["T"].toInt(), K = ctx->saved_data["K"].toInt();
     const auto& g_RD = grads[0];
     auto slots = torch::zeros({T * K, g_RD.size(1)}, g_RD.options()).index_copy_(0, order_R, g_RD);
-    return {slots.view({T, K, g_RD.size(1)}).sum(1), torch::Tensor(), torch::Tensor()};
+    return {slots.view({T, K, g_RD.size(1)}).sum(1), torch::Tensor(), torch::Tensor(), torch::Tensor()};
   }
 };
 
@@ -79,7 +79,7 @@ Dispatched dispatch(const torch::Tensor& x_TD, const RoutingPlan& plan, std::opt
     d.dropped = (flat_ids_R.numel() - counts_E.sum()).reshape({});
   }
   auto token_ids_R = torch::floor_divide(order_R, K);
-  d.rows_RD = at::globalContext().deterministicAlgorithms() ? GatherCopies::apply(x_TD, order_R, K)
+  d.rows_RD = at::globalContext().deterministicAlgorithms() ? GatherCopies::apply(x_TD, order_R, token_ids_R, K)
                                                              : x_TD.index_select(0, token_ids_R);
   d.handle.token_ids_R = token_ids_R;
   d.handle.order_R = order_R;
