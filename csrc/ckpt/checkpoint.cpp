@@ -156,7 +156,7 @@ struct SaveJob {
 
 namespace {
 
-SaveJob plan(const std::string& out_dir, const model::TransformerImpl& model, const optim::AdamW* optimizer,
+SaveJob plan(const std::string& out_dir, const model::TransformerImpl& model, const optim::OptimizerState* optimizer,
              const std::string& config_yaml, const Progress& progress, const dist::Layout* layout, bool snapshot) {
   SaveJob job;
   job.layout = layout;
@@ -179,9 +179,13 @@ SaveJob plan(const std::string& out_dir, const model::TransformerImpl& model, co
   PendingFile experts{numbered(kExpertsPrefix, ep_rank, job.ep), {}, {{"format", "moetrain"}}};
   PendingFile optim{kOptimFile, {}, {{"format", "moetrain"}}};
   PendingFile optim_experts{numbered(kOptimExpertsPrefix, ep_rank, job.ep), {}, {{"format", "moetrain"}}};
+  const auto experts_by_name = expert_names(model);
   auto add = [&](PendingFile& whole, PendingFile& per_expert, const std::string& name, const std::string& suffix,
                  const torch::Tensor& t) {
-    if (is_expert_tensor(name)) {
+    const bool writes = experts_by_name.count(name) ? first_replica : rank == 0;
+    if (writes && !t.defined())
+      throw CheckpointError("internal: rank " + std::to_string(rank) + " writes '" + name + suffix + "' but holds none of it");
+    if (experts_by_name.count(name)) {
       if (!first_replica) return;
       auto all = keep(t);
       for (int64_t e = 0; e < t.size(0); ++e) per_expert.tensors.emplace_back(expert_key(name, offset + e, suffix), all[e]);
@@ -195,11 +199,11 @@ SaveJob plan(const std::string& out_dir, const model::TransformerImpl& model, co
   if (rank == 0) job.files.push_back(std::move(main));
   if (!experts.tensors.empty()) job.files.push_back(std::move(experts));
   if (optimizer) {
-    for (const auto& s : optimizer->states()) {
+    for (const auto& s : optimizer->states) {
       add(optim, optim_experts, s.name, ".exp_avg", s.exp_avg);
       add(optim, optim_experts, s.name, ".exp_avg_sq", s.exp_avg_sq);
     }
-    optim.metadata["step_count"] = std::to_string(optimizer->step_count());
+    optim.metadata["step_count"] = std::to_string(optimizer->step_count);
     if (rank == 0) job.files.push_back(std::move(optim));
     if (!optim_experts.tensors.empty()) job.files.push_back(std::move(optim_experts));
     PendingFile rng{rng_file(rank), {}, {{"format", "moetrain"}}};
@@ -279,7 +283,7 @@ std::string commit(SaveJob& job) {
   return job.final_dir;
 }
 
-std::string save(const std::string& out_dir, const model::TransformerImpl& model, const optim::AdamW* optimizer,
+std::string save(const std::string& out_dir, const model::TransformerImpl& model, const optim::OptimizerState* optimizer,
                  const std::string& config_yaml, const Progress& progress, const dist::Layout* layout) {
   SaveJob job = plan(out_dir, model, optimizer, config_yaml, progress, layout, /*snapshot=*/false);
   write(job);
@@ -288,7 +292,12 @@ std::string save(const std::string& out_dir, const model::TransformerImpl& model
 
 }  // namespace
 
-bool is_expert_tensor(const std::string& name) { return name.find(".moe.experts.") != std::string::npos; }
+std::set<std::string> expert_names(const model::TransformerImpl& model) {
+  std::set<std::string> names;
+  for (const auto& p : model.roled_parameters())
+    if (p.role == model::ParamRole::expert) names.insert(p.name);
+  return names;
+}
 
 std::string step_dir_name(int64_t step) {
   char buf[32];
@@ -297,7 +306,7 @@ std::string step_dir_name(int64_t step) {
 }
 
 std::string save_checkpoint(const std::string& out_dir, const model::TransformerImpl& model,
-                            const optim::AdamW& optimizer, const std::string& config_yaml, const Progress& progress,
+                            const optim::OptimizerState& optimizer, const std::string& config_yaml, const Progress& progress,
                             const dist::Layout* layout) {
   return save(out_dir, model, &optimizer, config_yaml, progress, layout);
 }
@@ -553,8 +562,9 @@ void load_model(const std::string& step_dir, model::TransformerImpl& model) {
   const int64_t offset = model.expert_offset(), E = total_experts(model);
   std::optional<ExpertFiles> experts;
   if (manifest.format_version >= 2) experts.emplace(step_dir, manifest, kExpertsPrefix);
+  const auto experts_by_name = expert_names(model);
   for (auto& p : params) {
-    if (!is_expert_tensor(p.key()))
+    if (!experts_by_name.count(p.key()))
       p.value().copy_(read_matching(file, p.key(), p.value()));
     else if (experts)
       experts->load_into(p.key(), "", p.value(), offset, E);
@@ -564,7 +574,7 @@ void load_model(const std::string& step_dir, model::TransformerImpl& model) {
   for (auto& b : buffers) b.value().copy_(read_matching(file, b.key(), b.value()));
 }
 
-void load_optimizer(const std::string& step_dir, optim::AdamW& optimizer, const model::TransformerImpl& model, int rank) {
+void load_optimizer(const std::string& step_dir, optim::OptimizerState& optimizer, const model::TransformerImpl& model, int rank) {
   torch::NoGradGuard no_grad;
   if (!files::exists(files::join(step_dir, kOptimFile))) return;  // weights only (moetrain convert)
   const Manifest manifest = read_manifest(step_dir);
@@ -572,9 +582,10 @@ void load_optimizer(const std::string& step_dir, optim::AdamW& optimizer, const 
   const int64_t offset = model.expert_offset(), E = total_experts(model);
   std::optional<ExpertFiles> experts;
   if (manifest.format_version >= 2) experts.emplace(step_dir, manifest, kOptimExpertsPrefix);
-  for (auto& s : optimizer.states()) {
+  const auto experts_by_name = expert_names(model);
+  for (auto& s : optimizer.states) {
     for (auto [suffix, moment] : {std::pair<const char*, torch::Tensor*>{".exp_avg", &s.exp_avg}, {".exp_avg_sq", &s.exp_avg_sq}}) {
-      if (!is_expert_tensor(s.name))
+      if (!experts_by_name.count(s.name))
         moment->copy_(read_matching(file, s.name + suffix, *moment));
       else if (experts)
         experts->load_into(s.name, suffix, *moment, offset, E);
@@ -590,7 +601,7 @@ void load_optimizer(const std::string& step_dir, optim::AdamW& optimizer, const 
   if (ec != std::errc() || end != it->second.data() + it->second.size() || step_count < 0)
     throw CheckpointError(file.path() + ": metadata 'step_count' = '" + it->second.substr(0, 40) +
                           "' is not a non-negative integer");
-  optimizer.set_step_count(step_count);
+  optimizer.step_count = step_count;
 
   // This rank's generator: its own file, or (a larger world than the one that saved) rank r % world's.
   torch::Tensor state;
@@ -632,7 +643,7 @@ AsyncSaver::~AsyncSaver() {
   if (thread_.joinable()) thread_.join();  // an abandoned save stays a temporary folder
 }
 
-void AsyncSaver::start(const std::string& out_dir, const model::TransformerImpl& model, const optim::AdamW& optimizer,
+void AsyncSaver::start(const std::string& out_dir, const model::TransformerImpl& model, const optim::OptimizerState& optimizer,
                        const std::string& config_yaml, const Progress& progress, const dist::Layout* layout) {
   if (job_) throw CheckpointError("internal: a checkpoint save is already in flight (finish() it first)");
   job_ = std::make_unique<SaveJob>(plan(out_dir, model, &optimizer, config_yaml, progress, layout, /*snapshot=*/true));

@@ -18,6 +18,7 @@
 #include <memory>
 #include <thread>
 #include <optional>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -50,14 +51,15 @@ struct Manifest {
   int expert_parallel = 1;
 };
 
-bool is_expert_tensor(const std::string& name);  // a routed expert's stacked weights (or moments)
+// The model's routed experts' stacked weights (model::ParamRole::expert): filed by global expert id.
+std::set<std::string> expert_names(const model::TransformerImpl& model);
 
 // Writes a checkpoint for `progress.step` and returns its folder. Collective when `layout` is given
 // (every rank calls it); each rank writes what it owns. Throws CheckpointError on any I/O error or
 // when the disk lacks room (checked before anything is written), leaving earlier checkpoints and
 // `latest` untouched.
 std::string save_checkpoint(const std::string& out_dir, const model::TransformerImpl& model,
-                            const optim::AdamW& optimizer, const std::string& config_yaml, const Progress& progress,
+                            const optim::OptimizerState& optimizer, const std::string& config_yaml, const Progress& progress,
                             const dist::Layout* layout = nullptr);
 // The same without optimizer state (moetrain convert): a resume from it starts AdamW fresh.
 std::string save_weights_checkpoint(const std::string& out_dir, const model::TransformerImpl& model,
@@ -74,7 +76,7 @@ class AsyncSaver {
  public:
   AsyncSaver();
   ~AsyncSaver();
-  void start(const std::string& out_dir, const model::TransformerImpl& model, const optim::AdamW& optimizer,
+  void start(const std::string& out_dir, const model::TransformerImpl& model, const optim::OptimizerState& optimizer,
              const std::string& config_yaml, const Progress& progress, const dist::Layout* layout = nullptr);
   // Commits the save in flight if every rank has written it (or, with wait, once they have); returns
   // the committed folder, or nullopt if nothing was committed. A write error on any rank throws on all.
@@ -114,7 +116,7 @@ Manifest read_manifest(const std::string& step_dir);
 void load_model(const std::string& step_dir, model::TransformerImpl& model);
 // Loads moments, step count and this rank's CPU RNG state into `optimizer` over the same parameters.
 // A weights-only checkpoint leaves the optimizer as it is.
-void load_optimizer(const std::string& step_dir, optim::AdamW& optimizer, const model::TransformerImpl& model,
+void load_optimizer(const std::string& step_dir, optim::OptimizerState& optimizer, const model::TransformerImpl& model,
                     int rank = 0);
 
 // Deletes step folders beyond the newest keep_last (0 keeps all), except milestones (step a multiple

@@ -99,13 +99,16 @@ int run_inspect(const std::vector<std::string>& argv) {
       std::printf("    (unreadable: %s)\n", e.what());
       continue;
     }
-    const bool weights = f.name == "model.safetensors" || f.name.rfind("experts-", 0) == 0;
+    const bool expert_file = f.name.rfind("experts-", 0) == 0;  // format 2 files routed experts apart
+    const bool weights = f.name == "model.safetensors" || expert_file;
     for (const auto& info : st->tensors()) {
       int64_t n = 1;
       for (auto d : info.shape) n *= d;
       if (weights && info.name.find("expert_bias") == std::string::npos) {
         params += n;
-        if (ckpt::is_expert_tensor(info.name)) expert_params += n;
+        // Format 1 stacked every expert in model.safetensors, known only by its parameter name.
+        if (expert_file || (m.format_version < 2 && info.name.find(".moe.experts.") != std::string::npos))
+          expert_params += n;
       }
       if (!args.has("quiet")) {
         std::string shape;

@@ -190,6 +190,9 @@ int run_bench_step(const std::vector<std::string>& argv) {
                       {"d_model", cfg.model.d_model},
                       {"top_k", cfg.model.moe.top_k},
                       {"all_to_all_bytes_per_step", r.all_to_all_bytes_per_step},
+                      {"zero", r.zero},
+                      {"optimizer_state_bytes", r.optimizer_state_bytes},
+                      {"peak_rss_bytes", r.peak_rss_bytes},
                       {"first_loss", r.first_loss},
                       {"last_loss", r.last_loss}};
   if (args.has("json")) {
@@ -207,6 +210,8 @@ int run_bench_step(const std::vector<std::string>& argv) {
   std::printf("FLOPs/token      %.4g (training, causal)\n", r.flops_per_token_causal);
   std::printf("MFU              %.4f against %s at %.4g TFLOP/s\n", r.mfu, r.gpu.c_str(), r.peak_tflops);
   if (r.mfu > 1) std::printf("%s\n", cost::mfu_warning(r.mfu, cost::Hardware{r.gpu, r.peak_tflops, std::nullopt, r.peak_source}).c_str());
+  std::printf("memory           %.1f MiB of AdamW state on this rank (parallel.zero %d), peak RSS %.1f MiB\n",
+              r.optimizer_state_bytes / 1048576.0, r.zero, r.peak_rss_bytes / 1048576.0);
   std::printf("loss             %.4f -> %.4f\n", r.first_loss, r.last_loss);
   return 0;
 }

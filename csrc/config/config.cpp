@@ -60,6 +60,11 @@ Allowed in_half_open(double lo, double hi) {
   a.hi_open = true;
   return a;
 }
+Allowed from_to(double lo, double hi) {
+  Allowed a = at_least(lo);
+  a.hi = hi;
+  return a;
+}
 Allowed one_of(std::vector<std::string> values) {
   Allowed a;
   a.one_of = std::move(values);
@@ -294,6 +299,12 @@ const std::vector<KeyDesc>& keys() {
       MOETRAIN_KEY(parallel.expert_parallel,
                    "Ranks the routed experts are sharded across (ep); must divide the world size and "
                    "model.moe.n_experts. The world holds world/ep replicas of every expert.", at_least(1)),
+      MOETRAIN_KEY(parallel.zero,
+                   "ZeRO stage: 0 = every data-parallel replica holds AdamW's moments for all it computes; 1 = the "
+                   "moments (and the update) are sharded over the replicas of each parameter (the world for "
+                   "replicated weights, the expert-data-parallel group for routed experts): gradients are "
+                   "reduce-scattered, each rank updates its shard and the weights are all-gathered.",
+                   from_to(0, 1)),
       MOETRAIN_KEY(parallel.timeout_s,
                    "Seconds the rendezvous and each collective may wait for a peer before every rank stops with "
                    "an error naming the operation.", at_least(1)),

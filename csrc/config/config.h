@@ -126,6 +126,7 @@ struct TrainConfig {
 struct ParallelConfig {
   std::string backend = "auto"; // auto | nccl | store | single
   int expert_parallel = 1;
+  int zero = 0;                 // ZeRO stage: 0 = every replica holds all optimizer state; 1 = sharded over the replicas
   int timeout_s = 600;
 };
 

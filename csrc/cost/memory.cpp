@@ -5,6 +5,8 @@
 #include <unistd.h>
 
 #include <cstdio>
+#include <string>
+#include <vector>
 
 #include "common/errors.h"
 #include "cost/flops.h"
@@ -24,14 +26,17 @@ std::string gib(double bytes) {
 
 }  // namespace
 
-MemoryEstimate estimate_memory(const config::ModelConfig& model, int expert_parallel) {
+MemoryEstimate estimate_memory(const config::ModelConfig& model, int expert_parallel, int world_size, int zero) {
   const auto counts = param_counts_approx(model);
   const double ep = expert_parallel > 0 ? expert_parallel : 1;
+  const double world = std::max(ep, double(world_size));
+  const double replicated = counts.total - counts.routed_experts, experts = counts.routed_experts / ep;
   MemoryEstimate e;
-  e.params_per_rank = counts.total - counts.routed_experts + counts.routed_experts / ep;
+  e.params_per_rank = replicated + experts;
   e.weight_bytes = kFp32Bytes * e.params_per_rank;
   e.gradient_bytes = e.weight_bytes;
-  e.optimizer_bytes = 2 * e.weight_bytes;  // AdamW's first and second moments
+  // AdamW's first and second moments, of a 1/replicas share of each parameter at zero 1.
+  e.optimizer_bytes = 2 * kFp32Bytes * (zero >= 1 ? replicated / world + experts / (world / ep) : e.params_per_rank);
   return e;
 }
 
@@ -43,8 +48,8 @@ double machine_memory_bytes(const std::string& device) {
 }
 
 void require_memory(const config::Config& cfg, int expert_parallel, bool training, double available_bytes,
-                    const std::string& device) {
-  const MemoryEstimate e = estimate_memory(cfg.model, expert_parallel);
+                    const std::string& device, int world_size) {
+  const MemoryEstimate e = estimate_memory(cfg.model, expert_parallel, world_size, cfg.parallel.zero);
   const double need = e.bytes(training);
   if (available_bytes <= 0 || need <= available_bytes) return;
   const auto& m = cfg.model;
@@ -56,15 +61,19 @@ void require_memory(const config::Config& cfg, int expert_parallel, bool trainin
   char params[64];
   std::snprintf(params, sizeof params, "%.3g", e.params_per_rank);
   const std::string what = training ? "fp32 weights, gradients and AdamW state" : "fp32 weights";
+  std::vector<std::string> remedies{"make the model smaller"};
+  if (training && m.moe.n_experts > 1) remedies.push_back("shard its experts over more ranks (parallel.expert_parallel)");
+  if (training && cfg.parallel.zero == 0) remedies.push_back("shard AdamW's moments over the replicas (parallel.zero: 1)");
+  std::string advice;
+  for (size_t i = 0; i < remedies.size(); ++i)
+    advice += (i == 0 ? "" : i + 1 == remedies.size() ? " or " : ", ") + remedies[i];
   throw ConfigError("the model (" + sizes + ") has " + params + " parameters per rank; its " + what + " alone need " +
                     gib(need) + ", more than the " + gib(available_bytes) + " of memory this machine's " + device +
-                    " has: make the model smaller" +
-                    (training && m.moe.n_experts > 1 ? " or shard its experts over more ranks (parallel.expert_parallel)"
-                                                     : ""));
+                    " has: " + advice);
 }
 
-void require_memory(const config::Config& cfg, int expert_parallel, bool training) {
-  require_memory(cfg, expert_parallel, training, machine_memory_bytes(cfg.run.device), cfg.run.device);
+void require_memory(const config::Config& cfg, int expert_parallel, bool training, int world_size) {
+  require_memory(cfg, expert_parallel, training, machine_memory_bytes(cfg.run.device), cfg.run.device, world_size);
 }
 
 }  // namespace moetrain::cost

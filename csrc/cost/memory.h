@@ -9,8 +9,10 @@
 namespace moetrain::cost {
 
 // fp32 weights, their fp32 gradients and AdamW's two fp32 moments, per rank: routed experts are
-// divided over parallel.expert_parallel, everything else is replicated. Activations are not counted,
-// so this is a floor, not a plan. Computed in double: it never overflows.
+// divided over parallel.expert_parallel, everything else is replicated. At `zero` 1 (with the job's
+// `world_size`) the moments are divided over each parameter's replicas: world_size for replicated
+// weights, world_size / expert_parallel for experts. Activations are not counted, so this is a
+// floor, not a plan. Computed in double: it never overflows.
 struct MemoryEstimate {
   double params_per_rank = 0;
   double weight_bytes = 0;
@@ -18,16 +20,17 @@ struct MemoryEstimate {
   double optimizer_bytes = 0;
   double bytes(bool training) const { return training ? weight_bytes + gradient_bytes + optimizer_bytes : weight_bytes; }
 };
-MemoryEstimate estimate_memory(const config::ModelConfig& model, int expert_parallel);
+MemoryEstimate estimate_memory(const config::ModelConfig& model, int expert_parallel, int world_size = 0, int zero = 0);
 
 // Bytes of memory `device` ("cpu" or "cuda") has: the physical memory, or the first GPU's total.
 double machine_memory_bytes(const std::string& device);
 
 // Throws ConfigError when the estimate (weights only unless training) exceeds available_bytes,
 // naming the size keys with their values, the estimate and the memory in GiB, and `device`.
+// `world_size` 0 means expert_parallel (parallel.zero then saves nothing on replicated weights).
 void require_memory(const config::Config& cfg, int expert_parallel, bool training, double available_bytes,
-                    const std::string& device);
+                    const std::string& device, int world_size = 0);
 // The same against this machine: require_memory(cfg, ..., machine_memory_bytes(cfg.run.device), ...).
-void require_memory(const config::Config& cfg, int expert_parallel, bool training);
+void require_memory(const config::Config& cfg, int expert_parallel, bool training, int world_size = 0);
 
 }  // namespace moetrain::cost

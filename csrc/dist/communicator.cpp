@@ -54,6 +54,7 @@ class SingleCommunicator final : public Communicator {
   int world_rank_of(int) const override { return 0; }
   void all_reduce_sum(torch::Tensor&) override {}
   void broadcast(torch::Tensor&, int) override {}
+  torch::Tensor reduce_scatter_sum(const torch::Tensor& in) override { return in.clone(); }
   torch::Tensor all_gather(const torch::Tensor& t) override { return t.clone(); }
   torch::Tensor all_to_all(const torch::Tensor& in, const std::vector<int64_t>& send_rows,
                            const std::vector<int64_t>& recv_rows) override {
@@ -137,6 +138,26 @@ class StoreCommunicator final : public Communicator {
       sum = r == 0 ? part.clone() : sum.add_(part);
     }
     t.copy_(sum);
+  }
+
+  torch::Tensor reduce_scatter_sum(const torch::Tensor& in) override {
+    const int W = world_size();
+    TORCH_CHECK(in.dim() == 1 && in.numel() % W == 0, "[dist] reduce_scatter on ", name_, ": needs a 1-D tensor whose ",
+                "length is a multiple of ", W, ", got ", in.sizes());
+    const auto round = begin("reduce_scatter");
+    const int64_t share = in.numel() / W;
+    auto flat = in.detach().to(torch::kCPU).contiguous();
+    const auto sig = signature(flat);  // the whole input: every rank must give the same length
+    for (int r = 0; r < W; ++r)
+      if (r != rank_) put(round + std::to_string(rank_) + ">" + std::to_string(r), sig, to_bytes(flat.narrow(0, r * share, share)));
+    auto like = torch::empty({share}, flat.options());
+    torch::Tensor sum;
+    for (int r = 0; r < W; ++r) {
+      auto part = r == rank_ ? flat.narrow(0, r * share, share)
+                             : take(round + std::to_string(r) + ">" + std::to_string(rank_), 1, r, like, sig);
+      sum = r == 0 ? part.clone() : sum.add_(part);
+    }
+    return sum.to(in.device());
   }
 
   void broadcast(torch::Tensor& t, int root) override {

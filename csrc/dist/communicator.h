@@ -62,6 +62,10 @@ class Communicator {
 
   virtual void all_reduce_sum(torch::Tensor& t) = 0;  // in place, every rank gets the sum
   virtual void broadcast(torch::Tensor& t, int root) = 0;  // in place, from the group's rank `root`
+  // This rank's share of the element-wise sum of every rank's `in` (1-D, its length a multiple of the
+  // group size n): elements [rank * len / n, (rank + 1) * len / n). The store backend sums in rank
+  // order, as all_reduce_sum does, so the share equals that slice of an all_reduce_sum bit for bit.
+  virtual torch::Tensor reduce_scatter_sum(const torch::Tensor& in) = 0;
   // Concatenation of every rank's `t` along dim 0 (all ranks give the same shape).
   virtual torch::Tensor all_gather(const torch::Tensor& t) = 0;
   // Rows [sum(send_rows[:r]), +send_rows[r]) of `in` go to rank r; the result holds recv_rows[r] rows

@@ -60,6 +60,19 @@ class NcclCommunicator final : public Communicator {
     wait("broadcast");
   }
 
+  torch::Tensor reduce_scatter_sum(const torch::Tensor& in_) override {
+    auto in = in_.contiguous();
+    check_tensor("reduce_scatter", in);
+    if (in.dim() != 1 || in.numel() % world_size() != 0)
+      throw DistError("reduce_scatter on " + name_ + ": needs a 1-D tensor whose length is a multiple of " +
+                      std::to_string(world_size()) + ", got " + std::to_string(in.numel()) + " elements");
+    auto out = torch::empty({in.numel() / world_size()}, in.options());
+    call("reduce_scatter", ncclReduceScatter(in.data_ptr(), out.data_ptr(), size_t(out.numel()), nccl_type(in), ncclSum,
+                                             comm_, stream()));
+    wait("reduce_scatter");
+    return out;
+  }
+
   torch::Tensor all_gather(const torch::Tensor& t) override {
     auto in = t.contiguous();
     check_tensor("all_gather", in);

@@ -293,9 +293,9 @@ void TransformerImpl::init_weights(uint64_t seed) {
   torch::NoGradGuard no_grad;
   // Output projections of residual branches are scaled down by sqrt(2 * n_layers) (GPT-2).
   const double out_std = cfg_.init_std / std::sqrt(2.0 * cfg_.n_layers);
-  for (auto& p : named_parameters()) {
-    const std::string& name = p.key();
-    auto& w = p.value();
+  for (auto& p : roled_parameters()) {
+    const std::string& name = p.name;
+    auto& w = p.tensor;
     torch::Tensor value;
     if (name.find("norm") != std::string::npos) {
       value = torch::ones(w.sizes(), torch::kFloat);
@@ -304,7 +304,7 @@ void TransformerImpl::init_weights(uint64_t seed) {
     } else {
       const bool is_out = ends_with(name, ".wo") || ends_with(name, ".w2");
       const double std = is_out ? out_std : cfg_.init_std;
-      if (name.find(".moe.experts.") != std::string::npos) {  // one draw per global expert id
+      if (p.role == ParamRole::expert) {  // one draw per global expert id
         std::vector<torch::Tensor> slices;
         for (int64_t e = 0; e < w.size(0); ++e)
           slices.push_back(
@@ -341,9 +341,9 @@ void TransformerImpl::place(torch::Device device, ComputeDtype compute_dtype) {
 
 ParamCounts TransformerImpl::param_counts() const {
   ParamCounts c;
-  for (const auto& p : named_parameters()) {
-    const int64_t n = p.value().numel();
-    if (p.key().find(".moe.experts.") != std::string::npos) {  // this rank holds 1/ep of them
+  for (const auto& p : roled_parameters()) {
+    const int64_t n = p.tensor.numel();
+    if (p.role == ParamRole::expert) {  // this rank holds 1/ep of them
       c.total += n * ep_size_;
       c.active += n * ep_size_ / cfg_.moe.n_experts * cfg_.moe.top_k;
     } else {

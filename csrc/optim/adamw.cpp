@@ -10,30 +10,34 @@ AdamW::AdamW(const std::vector<std::pair<std::string, torch::Tensor>>& named_par
     : cfg_(cfg) {
   for (const auto& [name, p] : named_params) {
     auto opts = p.options().dtype(torch::kFloat);
-    states_.push_back({name, p, torch::zeros(p.sizes(), opts), torch::zeros(p.sizes(), opts), !no_decay(name)});
+    state_.states.push_back({name, p, torch::zeros(p.sizes(), opts), torch::zeros(p.sizes(), opts), !no_decay(name)});
   }
 }
 
 void AdamW::zero_grad() {
-  for (auto& s : states_)
+  for (auto& s : state_.states)
     if (s.param.grad().defined()) s.param.mutable_grad() = torch::Tensor();
 }
 
 void AdamW::step(double lr) {
   torch::NoGradGuard no_grad;
-  ++step_count_;
-  const double bias1 = 1.0 - std::pow(cfg_.beta1, double(step_count_));
-  const double bias2 = 1.0 - std::pow(cfg_.beta2, double(step_count_));
-  for (auto& s : states_) {
-    auto grad = s.param.grad();
-    if (!grad.defined()) continue;
-    auto g = grad.to(torch::kFloat);
-    s.exp_avg.mul_(cfg_.beta1).add_(g, 1.0 - cfg_.beta1);
-    s.exp_avg_sq.mul_(cfg_.beta2).addcmul_(g, g, 1.0 - cfg_.beta2);
-    auto denom = (s.exp_avg_sq.sqrt() / std::sqrt(bias2)).add_(cfg_.eps);
-    if (s.decay && cfg_.weight_decay > 0) s.param.mul_(1.0 - lr * cfg_.weight_decay);
-    s.param.addcdiv_(s.exp_avg.to(s.param.scalar_type()), denom.to(s.param.scalar_type()), -lr / bias1);
-  }
+  ++state_.step_count;
+  for (auto& s : state_.states)
+    if (s.param.grad().defined())
+      adamw_update(s.param, s.param.grad(), s.exp_avg, s.exp_avg_sq, cfg_, lr, state_.step_count, s.decay);
+}
+
+void adamw_update(torch::Tensor param, const torch::Tensor& grad, torch::Tensor exp_avg, torch::Tensor exp_avg_sq,
+                  const config::OptimConfig& cfg, double lr, int64_t step_count, bool decay) {
+  torch::NoGradGuard no_grad;
+  const double bias1 = 1.0 - std::pow(cfg.beta1, double(step_count));
+  const double bias2 = 1.0 - std::pow(cfg.beta2, double(step_count));
+  auto g = grad.to(torch::kFloat);
+  exp_avg.mul_(cfg.beta1).add_(g, 1.0 - cfg.beta1);
+  exp_avg_sq.mul_(cfg.beta2).addcmul_(g, g, 1.0 - cfg.beta2);
+  auto denom = (exp_avg_sq.sqrt() / std::sqrt(bias2)).add_(cfg.eps);
+  if (decay && cfg.weight_decay > 0) param.mul_(1.0 - lr * cfg.weight_decay);
+  param.addcdiv_(exp_avg.to(param.scalar_type()), denom.to(param.scalar_type()), -lr / bias1);
 }
 
 double learning_rate(const config::OptimConfig& cfg, int64_t step, int64_t total_steps) {

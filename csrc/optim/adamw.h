@@ -20,6 +20,14 @@ struct ParamState {
   bool decay = true;
 };
 
+// What a checkpoint holds of an optimizer, whatever the layout: every parameter's moments in the
+// shape of the parameter this rank holds, and the step count. A moment may be undefined where this
+// rank does not write it (a ZeRO-1 shard that another rank saves).
+struct OptimizerState {
+  std::vector<ParamState> states;
+  int64_t step_count = 0;
+};
+
 class AdamW {
  public:
   // `no_decay(name)` says which parameters skip weight decay.
@@ -27,16 +35,23 @@ class AdamW {
         const std::function<bool(const std::string&)>& no_decay);
   void step(double lr);
   void zero_grad();
-  int64_t step_count() const { return step_count_; }
-  void set_step_count(int64_t n) { step_count_ = n; }
-  std::vector<ParamState>& states() { return states_; }
-  const std::vector<ParamState>& states() const { return states_; }
+  int64_t step_count() const { return state_.step_count; }
+  void set_step_count(int64_t n) { state_.step_count = n; }
+  std::vector<ParamState>& states() { return state_.states; }
+  const std::vector<ParamState>& states() const { return state_.states; }
+  OptimizerState& state() { return state_; }
+  const OptimizerState& state() const { return state_; }
 
  private:
   config::OptimConfig cfg_;
-  std::vector<ParamState> states_;
-  int64_t step_count_ = 0;
+  OptimizerState state_;
 };
+
+// One AdamW update of `param` in place from `grad` at 1-based step `step_count`: the moments advance,
+// weight decay (when `decay`) shrinks the weight, then the bias-corrected step. Element-wise, so a
+// slice of a parameter (a ZeRO-1 shard) updates exactly as that slice of the whole would.
+void adamw_update(torch::Tensor param, const torch::Tensor& grad, torch::Tensor exp_avg, torch::Tensor exp_avg_sq,
+                  const config::OptimConfig& cfg, double lr, int64_t step_count, bool decay);
 
 // Linear warmup to optim.lr over warmup_steps, then cosine decay to min_lr at total_steps (or constant).
 double learning_rate(const config::OptimConfig& cfg, int64_t step, int64_t total_steps);

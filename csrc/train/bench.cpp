@@ -7,6 +7,8 @@
 #include "cost/hardware.h"
 #include "train/step.h"
 
+#include <sys/resource.h>
+
 namespace moetrain::train {
 
 BenchResult bench_steps(const config::Config& given, int warmup_steps, int steps, bool quiet) {
@@ -21,7 +23,7 @@ BenchResult bench_steps(const config::Config& given, int warmup_steps, int steps
   const auto compute_dtype = process.compute_dtype;
   Trainable trainable(process);
   auto& model = trainable.model;
-  auto& optimizer = trainable.optimizer;
+  auto& optimizer = *trainable.optimizer;
   auto& parallel = trainable.parallel;
 
   // Synthetic tokens, uniform over the vocabulary and a pure function of (seed, step, micro, rank).
@@ -68,6 +70,10 @@ BenchResult bench_steps(const config::Config& given, int warmup_steps, int steps
              format_double(outcome.loss, 4));
   }
   r.all_to_all_bytes_per_step = double(layout->ep->all_to_all_bytes_sent() - a2a_bytes_at_start) / steps;
+  r.zero = cfg.parallel.zero;
+  for (const auto& t : optimizer.state_tensors()) r.optimizer_state_bytes += double(t.nbytes());
+  struct rusage usage {};
+  if (::getrusage(RUSAGE_SELF, &usage) == 0) r.peak_rss_bytes = double(usage.ru_maxrss) * 1024.0;  // Linux: KiB
   double sum = 0;
   for (double s : step_s) sum += s;
   auto sorted = step_s;

@@ -76,14 +76,6 @@ void MoETelemetry::write(json& rec) const {
 
 namespace {
 
-// The clip sees the norm of the whole model's gradient on every rank: the expert-sharded part of the
-// squared norm is summed over the ep group.
-double clip_gradients(const dist::DataParallel& parallel, double max_norm) {
-  if (parallel.layout().ep_size() == 1) return optim::clip_grad_norm(parallel.params(), max_norm);
-  return optim::clip_grad_norm(parallel.params(), max_norm, parallel.sharded(),
-                               [&](torch::Tensor& t) { parallel.sum_over_expert_group(t); });
-}
-
 // Fault injection for the divergence tests: MOETRAIN_TEST_NONFINITE=<loss|grad>@<step>[,<step>...][:<rank>]
 // makes that rank's loss (or one element of its first gradient) NaN at those 1-based steps.
 bool test_fault(const char* kind, int64_t step, int rank) {
@@ -106,7 +98,7 @@ std::string number_text(double x) { return std::isnan(x) ? "nan" : format_double
 
 }  // namespace
 
-StepOutcome train_step(model::TransformerImpl& model, optim::AdamW& optimizer, dist::DataParallel& parallel,
+StepOutcome train_step(model::TransformerImpl& model, dist::Optimizer& optimizer, dist::DataParallel& parallel,
                        const config::Config& cfg, int64_t step, double lr, torch::Device device,
                        const std::function<data::Batch(int micro)>& batch_of) {
   StepOutcome outcome;
@@ -131,8 +123,8 @@ StepOutcome train_step(model::TransformerImpl& model, optim::AdamW& optimizer, d
       }
   }
   const auto health = parallel.gather_health(loss_sum / cfg.train.grad_accum, dist::max_abs(parallel.grads()));
-  parallel.average_gradients();
-  outcome.grad_norm = clip_gradients(parallel, cfg.optim.grad_clip);
+  optimizer.reduce_gradients();
+  outcome.grad_norm = optimizer.clip_gradients(cfg.optim.grad_clip);
   std::string bad_loss, bad_grad;
   double loss_total = 0;
   for (size_t r = 0; r < health.size(); ++r) {

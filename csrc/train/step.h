@@ -17,6 +17,7 @@
 #include "dist/communicator.h"
 #include "dist/data_parallel.h"
 #include "dist/expert_parallel.h"
+#include "dist/optimizer.h"
 #include "model/transformer.h"
 #include "optim/adamw.h"
 #include "train/trainer.h"
@@ -54,7 +55,7 @@ struct StepOutcome {
 // update from the step's expert load. The trainer and bench-step both run exactly this. A non-finite
 // loss or gradient on any rank leaves the weights, the optimizer and the routers' biases untouched on
 // every rank (the decision is global), and says which rank it came from.
-StepOutcome train_step(model::TransformerImpl& model, optim::AdamW& optimizer, dist::DataParallel& parallel,
+StepOutcome train_step(model::TransformerImpl& model, dist::Optimizer& optimizer, dist::DataParallel& parallel,
                        const config::Config& cfg, int64_t step, double lr, torch::Device device,
                        const std::function<data::Batch(int micro)>& batch_of);
 
@@ -70,7 +71,7 @@ struct Process {
     set_log_rank(layout->world->rank());
     configure_threads(cfg.run);
     compute_dtype = resolve_compute_dtype(cfg.run);
-    cost::require_memory(cfg, layout->ep_size(), /*training=*/true);  // refuse an absurd size before allocating
+    cost::require_memory(cfg, layout->ep_size(), /*training=*/true, layout->world->world_size());  // refuse an absurd size before allocating
   }
   bool determinism;
   torch::Device device{torch::kCPU};
@@ -79,16 +80,16 @@ struct Process {
   model::ComputeDtype compute_dtype;
 };
 
-// Then the model this rank holds (seeded by global names, placed), its optimizer and the gradient
-// bookkeeping across ranks.
+// Then the model this rank holds (seeded by global names, placed), the bookkeeping across ranks and
+// the optimizer over them (parallel.zero).
 struct Trainable {
   explicit Trainable(const Process& p)
       : model(build(p)),
-        optimizer(named_parameters(*model), p.cfg.optim, model::is_no_decay),
-        parallel(p.layout, model->roled_parameters()) {}
+        parallel(p.layout, model->roled_parameters()),
+        optimizer(dist::make_optimizer(parallel, model->roled_parameters(), p.cfg.optim, p.cfg.parallel.zero)) {}
   model::Transformer model;
-  optim::AdamW optimizer;
   dist::DataParallel parallel;
+  std::unique_ptr<dist::Optimizer> optimizer;
 
  private:
   static model::Transformer build(const Process& p) {
@@ -99,11 +100,6 @@ struct Trainable {
     m->set_activation_checkpointing(p.cfg.train.activation_checkpointing == "full");
     dist::parallelize(*m, p.layout);  // expert-parallel dispatch and global routing counts
     return m;
-  }
-  static std::vector<std::pair<std::string, torch::Tensor>> named_parameters(const model::TransformerImpl& m) {
-    std::vector<std::pair<std::string, torch::Tensor>> named;
-    for (const auto& p : m.named_parameters()) named.emplace_back(p.key(), p.value());
-    return named;
   }
 };
 

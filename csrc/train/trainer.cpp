@@ -152,12 +152,9 @@ std::string last_good_checkpoint(const std::string& out_dir, const std::string& 
 
 
 // True on every rank when every rank's weights and AdamW moments are finite.
-bool all_finite(const dist::DataParallel& parallel, const optim::AdamW& optimizer) {
+bool all_finite(const dist::DataParallel& parallel, const dist::Optimizer& optimizer) {
   std::vector<torch::Tensor> state = parallel.params();
-  for (const auto& s : optimizer.states()) {
-    state.push_back(s.exp_avg);
-    state.push_back(s.exp_avg_sq);
-  }
+  for (const auto& t : optimizer.state_tensors()) state.push_back(t);
   return !parallel.any(!std::isfinite(dist::max_abs(state)));
 }
 
@@ -188,7 +185,7 @@ TrainResult train(const config::Config& given, const TrainOptions& options) {
 
   Trainable trainable(process);
   auto& model = trainable.model;
-  auto& optimizer = trainable.optimizer;
+  auto& optimizer = *trainable.optimizer;
   auto& parallel = trainable.parallel;
 
   claim_run_folder(out_dir, options, *comm);
@@ -213,7 +210,7 @@ TrainResult train(const config::Config& given, const TrainOptions& options) {
                                                    : "; no other checkpoint of this run verifies"));
       }
       ckpt::load_model(*step_dir, *model);
-      ckpt::load_optimizer(*step_dir, optimizer, *model, comm->rank());
+      optimizer.load_state([&](optim::OptimizerState& state) { ckpt::load_optimizer(*step_dir, state, *model, comm->rank()); });
       progress = manifest.progress;
       log_line("resumed from " + *step_dir + " at step " + std::to_string(progress.step));
       log_config_changes(manifest.config_yaml, *step_dir, cfg);
@@ -376,9 +373,10 @@ TrainResult train(const config::Config& given, const TrainOptions& options) {
       progress.gpu_hours = gpu_hours_at(progress.elapsed_s);
       progress.cost_usd = progress.gpu_hours * cfg.cost.price_per_gpu_hour;
       if (cfg.checkpoint.async && !last && !stopping)
-        saver.start(cfg.run.out_dir, *model, optimizer, config_yaml, progress, layout.get());
+        saver.start(cfg.run.out_dir, *model, optimizer.checkpoint_state(), config_yaml, progress, layout.get());
       else
-        committed(ckpt::save_checkpoint(cfg.run.out_dir, *model, optimizer, config_yaml, progress, layout.get()));
+        committed(ckpt::save_checkpoint(cfg.run.out_dir, *model, optimizer.checkpoint_state(), config_yaml, progress,
+                                        layout.get()));
     }
     if (stopping) {
       const std::string why = g_stop_signal == SIGTERM ? "SIGTERM" : g_stop_signal == SIGINT ? "SIGINT" : "a stop signal on another rank";

@@ -60,6 +60,9 @@ struct BenchResult {
   int micro_batch_size = 0;  // per rank, as resolved for this world size
   int moe_layers = 0;
   double all_to_all_bytes_per_step = 0;  // sent by this rank to other ranks, mean over timed steps
+  int zero = 0;                          // parallel.zero
+  double optimizer_state_bytes = 0;      // AdamW state this rank holds
+  double peak_rss_bytes = 0;             // this process's peak resident memory so far (getrusage)
 };
 // Logs one line per step unless quiet (the --json output keeps stdout to the one object).
 BenchResult bench_steps(const config::Config& cfg, int warmup_steps, int steps, bool quiet = false);

@@ -44,7 +44,7 @@ Trained make(uint64_t seed, int steps) {
 CATCH_TEST_CASE("Checkpoint round trip restores weights and optimizer state bit for bit", "[ckpt]") {
   testing::TempDir dir("ckpt-roundtrip");
   auto a = make(1, 3);
-  const auto step_dir = ckpt::save_checkpoint(dir.str(), *a.model, *a.opt, "run: {}\n", {3, 300, 1.5});
+  const auto step_dir = ckpt::save_checkpoint(dir.str(), *a.model, a.opt->state(), "run: {}\n", {3, 300, 1.5});
   CATCH_CHECK(step_dir == dir.str("ckpt/step_00000003"));
   auto found = ckpt::find_checkpoint(dir.str());
   CATCH_REQUIRE(found);
@@ -62,7 +62,7 @@ CATCH_TEST_CASE("Checkpoint round trip restores weights and optimizer state bit 
 
   auto b = make(2, 0);  // different weights, empty optimizer state
   ckpt::load_model(*found, *b.model);
-  ckpt::load_optimizer(*found, *b.opt, *b.model);
+  ckpt::load_optimizer(*found, b.opt->state(), *b.model);
   auto pa = a.model->named_parameters(), pb = b.model->named_parameters();
   for (const auto& p : pa) CATCH_CHECK(torch::equal(p.value(), pb[p.key()]));
   CATCH_CHECK(b.opt->step_count() == 3);
@@ -76,7 +76,7 @@ CATCH_TEST_CASE("Checkpoint round trip restores weights and optimizer state bit 
 CATCH_TEST_CASE("A truncated, altered or missing checkpoint file is refused, naming it", "[ckpt]") {
   testing::TempDir dir("ckpt-corrupt");
   auto a = make(1, 1);
-  const auto step_dir = ckpt::save_checkpoint(dir.str(), *a.model, *a.opt, "", {1, 0, 0});
+  const auto step_dir = ckpt::save_checkpoint(dir.str(), *a.model, a.opt->state(), "", {1, 0, 0});
   const auto model_file = step_dir + "/model.safetensors";
   const auto size = *files::file_size(model_file);
 
@@ -103,7 +103,7 @@ CATCH_TEST_CASE("A truncated, altered or missing checkpoint file is refused, nam
 CATCH_TEST_CASE("Loading into a model of another shape names the tensor and both shapes", "[ckpt]") {
   testing::TempDir dir("ckpt-shape");
   auto a = make(1, 0);
-  const auto step_dir = ckpt::save_checkpoint(dir.str(), *a.model, *a.opt, "", {0, 0, 0});
+  const auto step_dir = ckpt::save_checkpoint(dir.str(), *a.model, a.opt->state(), "", {0, 0, 0});
   auto cfg = testing::tiny_model_config();
   cfg.moe.expert_hidden = 12;
   model::Transformer other(cfg);
@@ -114,7 +114,7 @@ CATCH_TEST_CASE("Loading into a model of another shape names the tensor and both
 CATCH_TEST_CASE("Retention keeps the newest checkpoints and never the one latest names", "[ckpt]") {
   testing::TempDir dir("ckpt-retention");
   auto a = make(1, 0);
-  for (int step = 1; step <= 4; ++step) ckpt::save_checkpoint(dir.str(), *a.model, *a.opt, "", {step, 0, 0});
+  for (int step = 1; step <= 4; ++step) ckpt::save_checkpoint(dir.str(), *a.model, a.opt->state(), "", {step, 0, 0});
   ckpt::apply_retention(dir.str(), 2);
   CATCH_CHECK_FALSE(files::exists(dir.str("ckpt/step_00000001")));
   CATCH_CHECK_FALSE(files::exists(dir.str("ckpt/step_00000002")));

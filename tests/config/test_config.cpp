@@ -79,7 +79,7 @@ CATCH_TEST_CASE("every key appears once in flatten and reference, in declaration
   auto rows = flatten(Config{});
   auto docs = reference();
   CATCH_REQUIRE(rows.size() == docs.size());
-  CATCH_REQUIRE(rows.size() == 87);  // every field of the structs in config.h
+  CATCH_REQUIRE(rows.size() == 88);  // every field of the structs in config.h
   CATCH_CHECK(rows.front().first == "run.name");
   CATCH_CHECK(rows.back().first == "cost.price_per_gpu_hour");
   for (size_t i = 0; i < rows.size(); ++i) {
@@ -157,6 +157,7 @@ CATCH_TEST_CASE("to_yaml reads back to an equal config", "[config]") {
   cfg.train.eval_batches = 2;
   cfg.parallel.backend = "single";
   cfg.parallel.expert_parallel = 16;
+  cfg.parallel.zero = 1;
   cfg.parallel.timeout_s = 5;
   cfg.checkpoint.every = 250;
   cfg.checkpoint.keep_last = 2;
@@ -279,6 +280,7 @@ CATCH_TEST_CASE("relations between keys are checked at load", "[config]") {
   CATCH_CHECK(error_of("", {"parallel.expert_parallel=3"}) ==
               "[config] model.moe.n_experts = 8 must be divisible by parallel.expert_parallel = 3");
   CATCH_CHECK(error_of("", {"optim.min_lr=0.01"}) == "[config] optim.min_lr = 0.01 must be <= optim.lr = 0.001");
+  CATCH_CHECK_THAT(error_of("", {"parallel.zero=2"}), Contains("parallel.zero") && Contains("[0, 1]"));
 
   // validate() on a struct built in code gives the same messages.
   Config cfg;

@@ -34,6 +34,12 @@ CATCH_TEST_CASE("Memory estimate: fp32 weights, gradients and AdamW moments; exp
   CATCH_CHECK(one.bytes(/*training=*/false) == 4.0 * double(p.total));
   const auto four = cost::estimate_memory(m, 4);  // 4 experts over 4 ranks: one each
   CATCH_CHECK(four.params_per_rank == double(p.total - p.routed_experts + p.routed_experts / 4));
+  // ZeRO-1 at world 8, ep 2: replicated moments over 8 replicas, each expert's over its 4 replicas.
+  const auto zero = cost::estimate_memory(m, 2, 8, 1);
+  const double replicated = double(p.total - p.routed_experts), experts = double(p.routed_experts) / 2;
+  CATCH_CHECK(zero.weight_bytes == 4.0 * (replicated + experts));
+  CATCH_CHECK(std::abs(zero.optimizer_bytes - 8.0 * (replicated / 8 + experts / 4)) <= 1e-9 * zero.optimizer_bytes);
+  CATCH_CHECK(cost::estimate_memory(m, 2, 8, 0).optimizer_bytes == 2 * zero.weight_bytes);
 }
 
 CATCH_TEST_CASE("Parameter counts never overflow: an absurd size is a figure, or a ConfigError naming the keys", "[cost]") {
@@ -61,7 +67,8 @@ CATCH_TEST_CASE("require_memory refuses a model larger than the memory, naming t
   cost::require_memory(cfg, 1, false, need / 4, "cpu");  // weights only
   CATCH_CHECK_THROWS_WITH(cost::require_memory(cfg, 1, true, need - 1, "cpu"),
                           Contains("[config]") && Contains("model.d_model = 16") && Contains("model.n_layers = 2") &&
-                              Contains("GiB") && Contains("weights, gradients and AdamW state") && Contains("cpu"));
+                              Contains("GiB") && Contains("weights, gradients and AdamW state") && Contains("cpu") &&
+                              Contains("parallel.zero: 1"));
   CATCH_CHECK_THROWS_WITH(cost::require_memory(cfg, 1, false, need / 4 - 1, "cuda"),
                           Contains("fp32 weights alone") && Contains("cuda"));
   CATCH_CHECK(cost::machine_memory_bytes("cpu") > 1e8);

@@ -2,7 +2,6 @@
 #include <catch2/catch.hpp>
 
 #include "../test_util.h"
-#include "ckpt/checkpoint.h"
 #include "model/transformer.h"
 
 using namespace moetrain;
@@ -142,8 +141,8 @@ CATCH_TEST_CASE("token_cross_entropy: the deterministic form equals LibTorch's c
   CATCH_CHECK(model::token_cross_entropy(logits, targets, -100).item<double>() == Approx(total / kept).epsilon(1e-6));
 }
 
-// Parallel layouts read each parameter's role from the model's structure. The checkpoint still files
-// expert tensors by name (ckpt::is_expert_tensor); the two must agree on every parameter.
+// Parallel layouts, the seeded init and the checkpoint read each parameter's role from the model's
+// structure: exactly the stacked weights of every MoE layer's routed experts.
 CATCH_TEST_CASE("roled_parameters marks exactly the routed experts' weights as expert", "[model]") {
   auto cfg = testing::tiny_model_config();
   cfg.n_layers = 3;
@@ -155,8 +154,8 @@ CATCH_TEST_CASE("roled_parameters marks exactly the routed experts' weights as e
   for (const auto& p : roled) {
     CATCH_INFO(p.name);
     CATCH_CHECK(p.tensor.is_same(named[p.name]));
-    const bool by_name = ckpt::is_expert_tensor(p.name);
-    CATCH_CHECK((p.role == model::ParamRole::expert) == by_name);
+    const bool routed = p.name.find(".moe.experts.") != std::string::npos && p.tensor.size(0) == cfg.moe.n_experts;
+    CATCH_CHECK((p.role == model::ParamRole::expert) == routed);
     experts += p.role == model::ParamRole::expert;
   }
   CATCH_CHECK(experts == 3 * (cfg.n_layers - cfg.dense_layers));  // w1, w2, w3 of each MoE layer

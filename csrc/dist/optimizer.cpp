@@ -1,0 +1,273 @@
+// The optimizer step across ranks (see optimizer.h): replicated AdamW (zero 0) and ZeRO stage 1.
+#include "dist/optimizer.h"
+
+#include <cmath>
+
+#include "common/errors.h"
+
+namespace moetrain::dist {
+
+namespace {
+
+std::vector<std::pair<std::string, torch::Tensor>> named(const std::vector<model::RoledParam>& params) {
+  std::vector<std::pair<std::string, torch::Tensor>> out;
+  for (const auto& p : params) out.emplace_back(p.name, p.tensor);
+  return out;
+}
+
+// ---- zero 0: every replica updates the whole parameter -----------------------------------------
+
+class ReplicatedAdamW final : public Optimizer {
+ public:
+  ReplicatedAdamW(DataParallel& parallel, const std::vector<model::RoledParam>& params, const config::OptimConfig& cfg)
+      : parallel_(parallel), adamw_(named(params), cfg, model::is_no_decay) {}
+
+  void zero_grad() override { adamw_.zero_grad(); }
+  void reduce_gradients() override { parallel_.average_gradients(); }
+  // The expert-sharded part of the squared norm is summed over the ep group.
+  double clip_gradients(double max_norm) override {
+    if (parallel_.layout().ep_size() == 1) return optim::clip_grad_norm(parallel_.params(), max_norm);
+    return optim::clip_grad_norm(parallel_.params(), max_norm, parallel_.sharded(),
+                                 [&](torch::Tensor& t) { parallel_.sum_over_expert_group(t); });
+  }
+  void step(double lr) override { adamw_.step(lr); }
+  int64_t step_count() const override { return adamw_.step_count(); }
+  optim::OptimizerState checkpoint_state() override { return adamw_.state(); }
+  void load_state(const std::function<void(optim::OptimizerState&)>& read) override { read(adamw_.state()); }
+  std::vector<torch::Tensor> state_tensors() const override {
+    std::vector<torch::Tensor> out;
+    for (const auto& s : adamw_.states()) out.insert(out.end(), {s.exp_avg, s.exp_avg_sq});
+    return out;
+  }
+
+ private:
+  DataParallel& parallel_;
+  optim::AdamW adamw_;
+};
+
+// ---- zero 1: each replica updates its share ------------------------------------------------------
+
+// The parameters sharded over one group of replicas. They are laid end to end in buckets of at most
+// kBucketElements fp32 elements; each bucket is padded to a multiple of the group size n and split
+// into n equal shares, rank i holding share i (Megatron-Core shards each bucket the same way, so
+// that a bucket's reduce-scatter is one collective of bounded size). This rank's shares of all
+// buckets lie end to end in its shard tensors (gradient, moments).
+struct ShardGroup {
+  struct Segment {  // where a parameter's elements meet this rank's share of a bucket
+    size_t param;         // index into the optimizer's parameters
+    int64_t param_begin;  // first element in the flattened parameter
+    int64_t shard_begin;  // first element in this rank's shard tensors
+    int64_t length;
+  };
+  struct Bucket {
+    std::vector<size_t> members;   // parameters, in order
+    std::vector<int64_t> offsets;  // their first element in the bucket
+    int64_t padded = 0;            // the bucket's length, a multiple of n
+    int64_t share = 0;             // padded / n
+    int64_t shard_begin = 0;       // where this rank's share starts in the shard tensors
+    std::vector<Segment> segments;
+  };
+  Communicator* comm = nullptr;  // the replicas; its rank 0 writes these moments into checkpoints
+  std::vector<Bucket> buckets;
+  int64_t shard_numel = 0;
+  torch::Tensor grad, exp_avg, exp_avg_sq;  // this rank's shares, fp32
+};
+
+class ShardedAdamW final : public Optimizer {
+ public:
+  static constexpr int64_t kBucketElements = int64_t(8) << 20;  // 32 MiB of fp32
+
+  ShardedAdamW(DataParallel& parallel, const std::vector<model::RoledParam>& params, const config::OptimConfig& cfg)
+      : parallel_(parallel), cfg_(cfg) {
+    for (const auto& p : params) {
+      params_.push_back(p.tensor);
+      names_.push_back(p.name);
+      decay_.push_back(!model::is_no_decay(p.name));
+    }
+    const Layout& layout = parallel.layout();
+    std::vector<size_t> replicated, experts;
+    for (size_t i = 0; i < params_.size(); ++i) (parallel.sharded()[i] ? experts : replicated).push_back(i);
+    add_group(replicated, *layout.world);
+    add_group(experts, *layout.edp);
+  }
+
+  void zero_grad() override {
+    for (auto& p : params_)
+      if (p.grad().defined()) p.mutable_grad() = torch::Tensor();
+    for (auto& g : groups_) g.grad = torch::Tensor();
+  }
+
+  // Each bucket's gradients are summed over the group by one reduce-scatter and scaled by 1/world,
+  // exactly as zero 0 averages them (the store backend sums in rank order either way, so each share
+  // equals that slice of zero 0's gradient bit for bit). The parameters' own gradients are then
+  // released: from here on the update reads the shares.
+  void reduce_gradients() override {
+    torch::NoGradGuard no_grad;
+    const double scale = 1.0 / parallel_.world_size();
+    for (auto& g : groups_) {
+      g.grad = torch::zeros({g.shard_numel}, fp32());
+      for (const auto& b : g.buckets) {
+        auto flat = torch::zeros({b.padded}, fp32());
+        for (size_t k = 0; k < b.members.size(); ++k) {
+          const auto& grad = params_[b.members[k]].grad();
+          if (grad.defined()) flat.narrow(0, b.offsets[k], grad.numel()).copy_(grad.reshape(-1));
+        }
+        auto share = g.comm->world_size() > 1 ? g.comm->reduce_scatter_sum(flat) : flat;
+        g.grad.narrow(0, b.shard_begin, b.share).copy_(share.mul_(scale));
+      }
+    }
+    for (auto& p : params_) p.mutable_grad() = torch::Tensor();
+  }
+
+  // Every element of the job's gradient lies in exactly one rank's share (experts: one ep rank's
+  // experts, one replica's share of them), so the squared norm is one sum over the world.
+  double clip_gradients(double max_norm) override {
+    torch::NoGradGuard no_grad;
+    auto squares = torch::zeros({1}, fp32());
+    for (const auto& g : groups_)
+      if (g.shard_numel > 0) squares += g.grad.pow(2).sum();
+    if (parallel_.world_size() > 1) parallel_.world().all_reduce_sum(squares);
+    const double norm = std::sqrt(squares.item<double>());
+    if (max_norm > 0 && norm > max_norm) {
+      const double scale = max_norm / (norm + 1e-6);
+      for (auto& g : groups_) g.grad.mul_(scale);
+    }
+    return norm;
+  }
+
+  // AdamW on this rank's shares (the same element-wise update as zero 0, so each element moves as it
+  // would there given the same gradient), then each bucket's updated weights are all-gathered into
+  // the parameters.
+  void step(double lr) override {
+    torch::NoGradGuard no_grad;
+    ++step_count_;
+    for (auto& g : groups_) {
+      for (const auto& b : g.buckets) {
+        auto weights = torch::zeros({b.share}, fp32());
+        for (const auto& s : b.segments) {
+          auto w = weights.narrow(0, s.shard_begin - b.shard_begin, s.length);
+          w.copy_(params_[s.param].detach().reshape(-1).narrow(0, s.param_begin, s.length));
+          optim::adamw_update(w, g.grad.narrow(0, s.shard_begin, s.length), g.exp_avg.narrow(0, s.shard_begin, s.length),
+                              g.exp_avg_sq.narrow(0, s.shard_begin, s.length), cfg_, lr, step_count_, decay_[s.param]);
+        }
+        auto whole = g.comm->world_size() > 1 ? g.comm->all_gather(weights) : weights;
+        for (size_t k = 0; k < b.members.size(); ++k) {
+          auto& p = params_[b.members[k]];
+          p.detach().view(-1).copy_(whole.narrow(0, b.offsets[k], p.numel()));
+        }
+      }
+    }
+  }
+
+  int64_t step_count() const override { return step_count_; }
+
+  optim::OptimizerState checkpoint_state() override {
+    torch::NoGradGuard no_grad;
+    optim::OptimizerState state;
+    state.step_count = step_count_;
+    for (size_t i = 0; i < params_.size(); ++i) state.states.push_back({names_[i], params_[i], {}, {}, decay_[i]});
+    for (auto& g : groups_) {
+      const bool writes = g.comm->rank() == 0;  // ckpt: world rank 0, or an expert shard's first replica
+      for (const auto& b : g.buckets) {
+        for (const bool second : {false, true}) {
+          auto& moments = second ? g.exp_avg_sq : g.exp_avg;
+          auto mine = moments.narrow(0, b.shard_begin, b.share).contiguous();
+          auto whole = g.comm->world_size() > 1 ? g.comm->all_gather(mine) : mine;
+          if (!writes) continue;
+          whole = whole.to(torch::kCPU);
+          for (size_t k = 0; k < b.members.size(); ++k) {
+            const auto& p = params_[b.members[k]];
+            auto m = whole.narrow(0, b.offsets[k], p.numel()).view(p.sizes()).clone();
+            (second ? state.states[b.members[k]].exp_avg_sq : state.states[b.members[k]].exp_avg) = m;
+          }
+        }
+      }
+    }
+    return state;
+  }
+
+  void load_state(const std::function<void(optim::OptimizerState&)>& read) override {
+    torch::NoGradGuard no_grad;
+    optim::OptimizerState whole;
+    const auto cpu = torch::TensorOptions().dtype(torch::kFloat);
+    for (size_t i = 0; i < params_.size(); ++i)
+      whole.states.push_back({names_[i], params_[i], torch::zeros(params_[i].sizes(), cpu),
+                              torch::zeros(params_[i].sizes(), cpu), decay_[i]});
+    whole.step_count = step_count_;
+    read(whole);
+    step_count_ = whole.step_count;
+    for (auto& g : groups_)
+      for (const auto& b : g.buckets)
+        for (const auto& s : b.segments) {
+          const auto& ps = whole.states[s.param];
+          g.exp_avg.narrow(0, s.shard_begin, s.length).copy_(ps.exp_avg.reshape(-1).narrow(0, s.param_begin, s.length));
+          g.exp_avg_sq.narrow(0, s.shard_begin, s.length)
+              .copy_(ps.exp_avg_sq.reshape(-1).narrow(0, s.param_begin, s.length));
+        }
+  }
+
+  std::vector<torch::Tensor> state_tensors() const override {
+    std::vector<torch::Tensor> out;
+    for (const auto& g : groups_) out.insert(out.end(), {g.exp_avg, g.exp_avg_sq});
+    return out;
+  }
+
+ private:
+  torch::TensorOptions fp32() const { return params_.front().options().dtype(torch::kFloat); }
+
+  void add_group(const std::vector<size_t>& members, Communicator& comm) {
+    if (members.empty()) return;
+    ShardGroup g;
+    g.comm = &comm;
+    const int64_t n = comm.world_size(), rank = comm.rank();
+    auto close = [&](ShardGroup::Bucket& b, int64_t length) {
+      b.padded = (length + n - 1) / n * n;
+      b.share = b.padded / n;
+      b.shard_begin = g.shard_numel;
+      const int64_t lo = rank * b.share, hi = lo + b.share;
+      for (size_t k = 0; k < b.members.size(); ++k) {
+        const int64_t begin = std::max(lo, b.offsets[k]);
+        const int64_t end = std::min(hi, b.offsets[k] + params_[b.members[k]].numel());
+        if (begin < end)
+          b.segments.push_back({b.members[k], begin - b.offsets[k], b.shard_begin + begin - lo, end - begin});
+      }
+      g.shard_numel += b.share;
+      g.buckets.push_back(std::move(b));
+    };
+    ShardGroup::Bucket bucket;
+    int64_t length = 0;
+    for (const size_t i : members) {
+      const int64_t numel = params_[i].numel();
+      if (!bucket.members.empty() && length + numel > kBucketElements) {
+        close(bucket, length);
+        bucket = {};
+        length = 0;
+      }
+      bucket.members.push_back(i);
+      bucket.offsets.push_back(length);
+      length += numel;
+    }
+    close(bucket, length);
+    g.exp_avg = torch::zeros({g.shard_numel}, fp32());
+    g.exp_avg_sq = torch::zeros({g.shard_numel}, fp32());
+    groups_.push_back(std::move(g));
+  }
+
+  DataParallel& parallel_;
+  config::OptimConfig cfg_;
+  std::vector<torch::Tensor> params_;
+  std::vector<std::string> names_;
+  std::vector<bool> decay_;
+  std::vector<ShardGroup> groups_;
+  int64_t step_count_ = 0;
+};
+
+}  // namespace
+
+std::unique_ptr<Optimizer> make_optimizer(DataParallel& parallel, const std::vector<model::RoledParam>& params,
+                                          const config::OptimConfig& cfg, int zero) {
+  if (zero == 1 && parallel.world_size() > 1) return std::make_unique<ShardedAdamW>(parallel, params, cfg);
+  return std::make_unique<ReplicatedAdamW>(parallel, params, cfg);
+}
+
+}  // namespace moetrain::dist

@@ -1,0 +1,56 @@
+// The optimizer step across the job's ranks, one object the step calls in order:
+//   zero_grad, (forward and backward), reduce_gradients, clip_gradients, step.
+// parallel.zero chooses how the work and the state are split over a parameter's replicas (the world
+// for replicated weights, the expert-data-parallel group for routed experts at ep > 1):
+//   0  every replica averages the full gradient (all-reduce) and updates the whole parameter with its
+//      own copy of AdamW's moments (dist::DataParallel and optim::AdamW);
+//   1  ZeRO stage 1 (Rajbhandari et al. 2020; Megatron-Core's distributed optimizer): the replicas
+//      split each gradient bucket (reduce-scatter), each updates its share with the moments of that
+//      share only, and the updated weights are all-gathered. A parameter with R replicas keeps 1/R of
+//      its moments on each. The parameters themselves stay the fp32 master weights (the compute
+//      dtype is cast per micro-batch), so at zero 1 only the moments and the update are sharded.
+// Checkpoints stay layout-free at either stage: checkpoint_state() gives every parameter's whole
+// moments, so a zero 1 checkpoint resumes at zero 0 and at any world size, and the other way round.
+#pragma once
+#include <torch/torch.h>
+
+#include <functional>
+#include <memory>
+#include <vector>
+
+#include "config/config.h"
+#include "dist/data_parallel.h"
+#include "model/transformer.h"
+#include "optim/adamw.h"
+
+namespace moetrain::dist {
+
+class Optimizer {
+ public:
+  virtual ~Optimizer() = default;
+  virtual void zero_grad() = 0;
+  // After backward, collective: each gradient summed over the ranks that computed it and divided by
+  // the world size, in the form this rank's update needs (zero 0: whole; zero 1: its shares).
+  virtual void reduce_gradients() = 0;
+  // The L2 norm of the job's whole averaged gradient (the same on every rank); the gradients are
+  // scaled to max_norm when above it (max_norm > 0). Collective.
+  virtual double clip_gradients(double max_norm) = 0;
+  virtual void step(double lr) = 0;  // collective at zero 1 (the all-gather of the weights)
+  virtual int64_t step_count() const = 0;
+  // What a checkpoint writes, layout-free. Collective at zero 1: the moments are gathered to the CPU
+  // of the ranks that write them (world rank 0 for replicated weights, the first replica of each
+  // expert shard), one bucket at a time; elsewhere they are left undefined.
+  virtual optim::OptimizerState checkpoint_state() = 0;
+  // Takes a checkpoint's state: `read` fills whole moments shaped like this rank's parameters (on the
+  // CPU at zero 1, which then keeps its shares) and the step count.
+  virtual void load_state(const std::function<void(optim::OptimizerState&)>& read) = 0;
+  // Every tensor of optimizer state this rank holds (finiteness checks, memory accounting).
+  virtual std::vector<torch::Tensor> state_tensors() const = 0;
+};
+
+// The optimizer for parallel.zero (0 or 1) over `parallel`'s parameters; at world size 1 both are
+// the plain AdamW.
+std::unique_ptr<Optimizer> make_optimizer(DataParallel& parallel, const std::vector<model::RoledParam>& params,
+                                          const config::OptimConfig& cfg, int zero);
+
+}  // namespace moetrain::dist
