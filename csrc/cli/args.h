@@ -64,6 +64,7 @@ int run_generate(const std::vector<std::string>& argv);
 int run_prepare_data(const std::vector<std::string>& argv);
 int run_config(const std::vector<std::string>& argv);
 int run_cost(const std::vector<std::string>& argv);
+int run_plan(const std::vector<std::string>& argv);
 int run_convert(const std::vector<std::string>& argv);
 int run_inspect(const std::vector<std::string>& argv);
 int run_eval(const std::vector<std::string>& argv);

@@ -12,6 +12,7 @@
 #include "cost/estimate.h"
 #include "cost/flops.h"
 #include "cost/hardware.h"
+#include "cost/plan.h"
 #include "train/trainer.h"
 
 namespace moetrain::cli {
@@ -193,6 +194,7 @@ int run_bench_step(const std::vector<std::string>& argv) {
                       {"zero", r.zero},
                       {"optimizer_state_bytes", r.optimizer_state_bytes},
                       {"peak_rss_bytes", r.peak_rss_bytes},
+                      {"peak_allocated_bytes", r.peak_allocated_bytes},
                       {"first_loss", r.first_loss},
                       {"last_loss", r.last_loss}};
   if (args.has("json")) {
@@ -210,9 +212,82 @@ int run_bench_step(const std::vector<std::string>& argv) {
   std::printf("FLOPs/token      %.4g (training, causal)\n", r.flops_per_token_causal);
   std::printf("MFU              %.4f against %s at %.4g TFLOP/s\n", r.mfu, r.gpu.c_str(), r.peak_tflops);
   if (r.mfu > 1) std::printf("%s\n", cost::mfu_warning(r.mfu, cost::Hardware{r.gpu, r.peak_tflops, std::nullopt, r.peak_source}).c_str());
-  std::printf("memory           %.1f MiB of AdamW state on this rank (parallel.zero %d), peak RSS %.1f MiB\n",
-              r.optimizer_state_bytes / 1048576.0, r.zero, r.peak_rss_bytes / 1048576.0);
+  std::printf("memory           peak %.1f MiB allocated by LibTorch (%.1f MiB of it AdamW state, parallel.zero %d), "
+              "peak RSS %.1f MiB\n",
+              r.peak_allocated_bytes / 1048576.0, r.optimizer_state_bytes / 1048576.0, r.zero,
+              r.peak_rss_bytes / 1048576.0);
   std::printf("loss             %.4f -> %.4f\n", r.first_loss, r.last_loss);
+  return 0;
+}
+
+int run_plan(const std::vector<std::string>& argv) {
+  const Command command{
+      "plan",
+      "The memory one rank needs for a config on a layout, from the config alone: weights, compute copies, "
+      "gradients, AdamW state, one micro-batch's activations (by train.activation_checkpointing), the loss and "
+      "communication buffers; the peak against the device's memory, and the largest micro-batch, the smallest "
+      "expert_parallel and the ZeRO stage that fit.",
+      {{"config", "FILE", "YAML config (required)"},
+       {"set", "KEY=VALUE", "override one config key (repeatable)", true},
+       {"gpus", "N", "ranks of the job (default parallel.expert_parallel)"},
+       {"gpu", "NAME", "h100, h200, h800, a100, b200 or cpu; default cost.gpu"},
+       {"json", "", "print one JSON object instead of text"}}};
+  Args args(command, argv);
+  if (args.help()) {
+    std::fputs(usage(command).c_str(), stdout);
+    return 0;
+  }
+  args.require("config");
+  const auto cfg = load_command_config(args);
+  const int ep = cfg.parallel.expert_parallel;
+  const int gpus = args.has("gpus") ? args.get_int("gpus", 1) : ep;
+  if (gpus < 1 || gpus % ep != 0)
+    throw UsageError("--gpus " + std::to_string(gpus) + " must be a positive multiple of parallel.expert_parallel = " +
+                     std::to_string(ep));
+  const std::string gpu = args.has("gpu") ? args.get("gpu") : cfg.cost.gpu;
+  const double memory = cost::device_memory_bytes(gpu);
+  const double usable = gpu == "cpu" ? memory : memory * cost::kUsableFraction;
+  const auto p = cost::plan_memory(cfg, gpus);
+  const auto fit = cost::advise_fit(cfg, gpus, usable);
+  const bool fits = p.peak <= usable;
+  if (args.has("json")) {
+    nlohmann::json j = {{"world_size", p.world_size}, {"expert_parallel", p.expert_parallel}, {"zero", p.zero},
+                        {"micro_batch_size", p.micro_batch_size}, {"grad_accum", p.grad_accum},
+                        {"tokens_per_micro_batch", p.tokens_per_micro_batch}, {"params_per_rank", p.params_per_rank},
+                        {"weights_bytes", p.weights}, {"compute_copy_bytes", p.compute_copy},
+                        {"gradient_bytes", p.gradients}, {"optimizer_bytes", p.optimizer},
+                        {"activation_bytes", p.activations}, {"loss_bytes", p.loss},
+                        {"communication_bytes", p.communication}, {"peak_bytes", p.peak},
+                        {"peak_moment", p.peak_moment}, {"gpu", gpu}, {"device_memory_bytes", memory},
+                        {"usable_bytes", usable}, {"fits", fits},
+                        {"largest_micro_batch", fit.largest_micro_batch},
+                        {"smallest_expert_parallel", fit.smallest_expert_parallel}, {"zero_needed", fit.zero_needed}};
+    std::printf("%s\n", j.dump().c_str());
+    return 0;
+  }
+  constexpr double GiB = 1024.0 * 1024.0 * 1024.0;
+  std::printf("plan             world %d (expert_parallel %d, zero %d), %s, activation checkpointing %s\n",
+              p.world_size, p.expert_parallel, p.zero, cfg.run.dtype.c_str(),
+              cfg.train.activation_checkpointing.c_str());
+  std::printf("micro-batch      %d sequences x %d tokens per rank, grad_accum %d; %.4g parameters per rank\n",
+              p.micro_batch_size, cfg.data.seq_len, p.grad_accum, p.params_per_rank);
+  std::printf("per rank (GiB)\n");
+  const std::pair<const char*, double> rows[] = {
+      {"weights (fp32 master)", p.weights}, {"compute copies (bf16)", p.compute_copy},
+      {"gradients (fp32)", p.gradients},    {"AdamW moments", p.optimizer},
+      {"activations (1 micro-batch)", p.activations}, {"loss (logits' gradients)", p.loss},
+      {"communication buffers", p.communication}};
+  for (const auto& [name, bytes] : rows) std::printf("  %-30s %10.3f\n", name, bytes / GiB);
+  std::printf("peak             %.3f GiB (at the %s) of %.3f GiB usable on %s (%.1f GiB%s): %s\n", p.peak / GiB,
+              p.peak_moment.c_str(), usable / GiB, gpu.c_str(), memory / GiB,
+              gpu == "cpu" ? "" : ", 92% usable", fits ? "fits" : "does NOT fit");
+  std::printf("largest micro-batch that fits      %s\n",
+              fit.largest_micro_batch > 0 ? std::to_string(fit.largest_micro_batch).c_str() : "none (not even 1)");
+  std::printf("smallest expert_parallel (mb 1)    %s\n", fit.smallest_expert_parallel > 0
+                                                            ? std::to_string(fit.smallest_expert_parallel).c_str()
+                                                            : "none at this world size");
+  std::printf("ZeRO stage needed (mb 1)           %s\n",
+              fit.zero_needed >= 0 ? std::to_string(fit.zero_needed).c_str() : "neither 0 nor 1 fits");
   return 0;
 }
 

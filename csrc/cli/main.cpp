@@ -26,6 +26,7 @@ const Subcommand kSubcommands[] = {
     {"prepare-data", "turn text files into token shards (train.bin, val.bin)", moetrain::cli::run_prepare_data},
     {"config", "print a resolved config, or the reference of every key", moetrain::cli::run_config},
     {"cost", "estimate a training run's FLOPs, GPU-hours, days and price from a config", moetrain::cli::run_cost},
+    {"plan", "the memory per rank a config needs on a layout, term by term, and what fits a GPU", moetrain::cli::run_plan},
     {"bench-step", "time real training steps of a config: tokens/s and MFU on this hardware", moetrain::cli::run_bench_step},
 };
 

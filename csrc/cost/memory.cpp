@@ -2,6 +2,9 @@
 #include "cost/memory.h"
 
 #include <ATen/cuda/CUDAContext.h>
+#include <c10/core/Allocator.h>
+#include <c10/cuda/CUDACachingAllocator.h>
+#include <c10/util/ThreadLocalDebugInfo.h>
 #include <unistd.h>
 
 #include <cstdio>
@@ -74,6 +77,33 @@ void require_memory(const config::Config& cfg, int expert_parallel, bool trainin
 
 void require_memory(const config::Config& cfg, int expert_parallel, bool training, int world_size) {
   require_memory(cfg, expert_parallel, training, machine_memory_bytes(cfg.run.device), cfg.run.device, world_size);
+}
+
+struct PeakMemoryMeter::Cpu final : c10::MemoryReportingInfoBase {
+  void reportMemoryUsage(void*, int64_t, size_t total_allocated, size_t, c10::Device device) override {
+    if (device.is_cpu()) peak = std::max(peak, double(total_allocated));
+  }
+  bool memoryProfilingEnabled() const override { return true; }
+  double peak = 0;
+};
+
+PeakMemoryMeter::PeakMemoryMeter(torch::Device device) : device_(device) {
+  if (device.is_cuda()) {
+    c10::cuda::CUDACachingAllocator::resetPeakStats(device.index() < 0 ? 0 : device.index());
+  } else {
+    cpu_ = std::make_shared<Cpu>();
+    c10::ThreadLocalDebugInfo::_push(c10::DebugInfoKind::PROFILER_STATE, cpu_);
+  }
+}
+
+PeakMemoryMeter::~PeakMemoryMeter() {
+  if (cpu_) c10::ThreadLocalDebugInfo::_pop(c10::DebugInfoKind::PROFILER_STATE);
+}
+
+double PeakMemoryMeter::peak_bytes() const {
+  if (cpu_) return cpu_->peak;
+  const auto stats = c10::cuda::CUDACachingAllocator::getDeviceStats(device_.index() < 0 ? 0 : device_.index());
+  return double(stats.allocated_bytes[size_t(c10::CachingAllocator::StatType::AGGREGATE)].peak);
 }
 
 }  // namespace moetrain::cost

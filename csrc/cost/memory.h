@@ -2,6 +2,9 @@
 // fits this machine before anything is allocated: an absurd size (model.d_model = 1e9) is then one
 // line naming the keys and the figure, not an allocator's error from deep inside LibTorch.
 #pragma once
+#include <torch/torch.h>
+
+#include <memory>
 #include <string>
 
 #include "config/config.h"
@@ -32,5 +35,23 @@ void require_memory(const config::Config& cfg, int expert_parallel, bool trainin
                     const std::string& device, int world_size = 0);
 // The same against this machine: require_memory(cfg, ..., machine_memory_bytes(cfg.run.device), ...).
 void require_memory(const config::Config& cfg, int expert_parallel, bool training, int world_size = 0);
+
+// The peak of the bytes LibTorch's allocator holds for `device` while the meter lives: on the CPU
+// through c10's memory-reporting hook (allocations made on the creating thread and, with
+// run.threads 1, all of them; only tensors allocated while it lives are counted), on CUDA the caching
+// allocator's peak of allocated bytes (reset when the meter starts). What `plan` is checked against.
+class PeakMemoryMeter {
+ public:
+  explicit PeakMemoryMeter(torch::Device device);
+  ~PeakMemoryMeter();
+  PeakMemoryMeter(const PeakMemoryMeter&) = delete;
+  PeakMemoryMeter& operator=(const PeakMemoryMeter&) = delete;
+  double peak_bytes() const;
+
+ private:
+  struct Cpu;
+  torch::Device device_;
+  std::shared_ptr<Cpu> cpu_;
+};
 
 }  // namespace moetrain::cost

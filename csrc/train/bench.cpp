@@ -5,6 +5,7 @@
 #include "common/log.h"
 #include "cost/flops.h"
 #include "cost/hardware.h"
+#include "cost/memory.h"
 #include "train/step.h"
 
 #include <sys/resource.h>
@@ -21,6 +22,7 @@ BenchResult bench_steps(const config::Config& given, int warmup_steps, int steps
   const config::Config& cfg = process.cfg;
   const torch::Device device = process.device;
   const auto compute_dtype = process.compute_dtype;
+  const cost::PeakMemoryMeter meter(device);  // from the model's build on: weights, gradients, AdamW, steps
   Trainable trainable(process);
   auto& model = trainable.model;
   auto& optimizer = *trainable.optimizer;
@@ -71,6 +73,7 @@ BenchResult bench_steps(const config::Config& given, int warmup_steps, int steps
   }
   r.all_to_all_bytes_per_step = double(layout->ep->all_to_all_bytes_sent() - a2a_bytes_at_start) / steps;
   r.zero = cfg.parallel.zero;
+  r.peak_allocated_bytes = meter.peak_bytes();
   for (const auto& t : optimizer.state_tensors()) r.optimizer_state_bytes += double(t.nbytes());
   struct rusage usage {};
   if (::getrusage(RUSAGE_SELF, &usage) == 0) r.peak_rss_bytes = double(usage.ru_maxrss) * 1024.0;  // Linux: KiB

@@ -107,6 +107,7 @@ StepOutcome train_step(model::TransformerImpl& model, dist::Optimizer& optimizer
   for (int micro = 0; micro < cfg.train.grad_accum; ++micro) {
     auto batch = batch_of(micro);
     auto out = model.forward_loss(batch.inputs.to(device), batch.targets.to(device), data::kIgnoreTarget);
+    out.logits_BSV = torch::Tensor();  // backward needs the log-probabilities, not the logits: free them
     const auto& ce = out.loss;
     auto loss = ce + out.balance_loss;
     (loss / cfg.train.grad_accum).backward();

@@ -63,6 +63,8 @@ struct BenchResult {
   int zero = 0;                          // parallel.zero
   double optimizer_state_bytes = 0;      // AdamW state this rank holds
   double peak_rss_bytes = 0;             // this process's peak resident memory so far (getrusage)
+  double peak_allocated_bytes = 0;       // peak bytes LibTorch's allocator held from the model's build on
+                                         // (cost::PeakMemoryMeter): what `moetrain plan` predicts
 };
 // Logs one line per step unless quiet (the --json output keeps stdout to the one object).
 BenchResult bench_steps(const config::Config& cfg, int warmup_steps, int steps, bool quiet = false);
