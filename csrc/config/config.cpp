@@ -275,9 +275,10 @@ const std::vector<KeyDesc>& keys() {
                    at_least(0)),
       MOETRAIN_KEY(train.activation_checkpointing,
                    "full = each transformer block keeps only its input and is recomputed in backward (activation "
-                   "memory of one block instead of all; about one more forward of compute). Gradients equal those "
-                   "without it. none = keep every activation.",
-                   one_of({"none", "full"})),
+                   "memory of one block instead of all; about one more forward of compute). selective = the matmul "
+                   "and attention outputs are kept and the element-wise work (every RMSNorm, SwiGLU's silu(gate) * "
+                   "up) is recomputed in backward. Gradients equal those without it. none = keep every activation.",
+                   one_of({"none", "full", "selective"})),
       MOETRAIN_KEY(train.log_every, "Steps between training log lines.", at_least(1)),
       MOETRAIN_KEY(train.eval_every, "Steps between validation evaluations; 0 = only at the end.", at_least(0)),
       MOETRAIN_KEY(train.eval_batches, "Validation micro-batches per evaluation.", at_least(1)),

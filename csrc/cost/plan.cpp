@@ -20,12 +20,15 @@ constexpr double kBucketBytes = 32.0 * 1024 * 1024;  // dist::DataParallel's and
 // and v (k and v repeated to every query head) and its output, and the output projection its
 // reshaped copy; SwiGLU keeps both projections, the SiLU and their product; a routed row keeps its
 // input and output rows (the combine's weighting); the router keeps a few vectors of E.
+// With selective checkpointing a norm keeps only its input and SwiGLU only gate, up and the product
+// the down projection keeps (the SiLU is recomputed).
 struct Activations {
   const config::ModelConfig& m;
   double cb;
+  bool selective;
 
-  double norm(double width) const { return 8 * width + (cb < 4 ? cb * width : 0); }
-  double swiglu(double hidden) const { return 4 * hidden * cb; }
+  double norm(double width) const { return (selective ? 4 : 8) * width + (cb < 4 ? cb * width : 0); }
+  double swiglu(double hidden) const { return (selective ? 3 : 4) * hidden * cb; }
   double attention() const {
     const double D = m.d_model;
     if (m.attention == "mla") {
@@ -95,7 +98,7 @@ MemoryPlan plan_memory(const config::Config& given, int world_size) {
   const double outer_params = state.params_per_rank - block_params * m.n_layers;
   if (bf16) p.compute_copy = 2 * (checkpointing ? outer_params + block_params : state.params_per_rank);
 
-  const Activations act{m, cb};
+  const Activations act{m, cb, cfg.train.activation_checkpointing == "selective"};
   double per_token = act.norm(m.d_model), largest_block = 0;  // the final norm
   for (int l = 0; l < m.n_layers; ++l) {
     largest_block = std::max(largest_block, act.block(l));

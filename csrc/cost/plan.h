@@ -8,8 +8,9 @@
 //   optimizer      AdamW's two fp32 moments, divided over each parameter's replicas at parallel.zero 1
 //   activations    what autograd saves for one micro-batch: per token and layer, the tensors each op
 //                  keeps (norms, projections, RoPE, attention inputs and output, the routed rows and
-//                  each expert's SwiGLU), or with activation checkpointing each block's input plus
-//                  one block recomputed in backward
+//                  each expert's SwiGLU), or with full checkpointing each block's input plus one
+//                  block recomputed in backward (selective: norms keep their input only, SwiGLU
+//                  drops its SiLU)
 //   loss           the log-probabilities, their gradient and the logits' gradient at the start of
 //                  backward (3 x tokens x vocab fp32), or the same over loss_chunk_tokens rows and
 //                  the head's gradient accumulated over the chunks

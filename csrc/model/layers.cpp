@@ -11,10 +11,36 @@ RMSNormImpl::RMSNormImpl(int dim, double eps) : eps_(eps) {
   weight = register_parameter("weight", torch::ones({dim}));
 }
 
-torch::Tensor RMSNormImpl::forward(const torch::Tensor& x) const {
+namespace {
+torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, double eps) {
   auto xf = x.to(torch::promote_types(x.scalar_type(), torch::kFloat));  // fp32, or fp64 in gradient checks
-  auto normed = xf * torch::rsqrt(xf.pow(2).mean(-1, true) + eps_);
+  auto normed = xf * torch::rsqrt(xf.pow(2).mean(-1, true) + eps);
   return (normed * weight.to(normed.scalar_type())).to(x.scalar_type());
+}
+
+struct RecomputedNorm : torch::autograd::Function<RecomputedNorm> {
+  static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& x, const torch::Tensor& weight,
+                               double eps) {
+    ctx->save_for_backward({x, weight});
+    ctx->saved_data["eps"] = eps;
+    return rms_norm(x, weight, eps);
+  }
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    auto x = saved[0].detach().requires_grad_(true), weight = saved[1].detach().requires_grad_(true);
+    torch::AutoGradMode enable(true);
+    auto out = rms_norm(x, weight, ctx->saved_data["eps"].toDouble());
+    auto got = torch::autograd::grad({out}, {x, weight}, {grads[0]});
+    return {got[0], got[1], torch::Tensor()};
+  }
+};
+}  // namespace
+
+torch::Tensor RMSNormImpl::forward(const torch::Tensor& x) const {
+  if (recompute && torch::GradMode::is_enabled() && (x.requires_grad() || weight.requires_grad()))
+    return RecomputedNorm::apply(x, weight, eps_);
+  return rms_norm(x, weight, eps_);
 }
 
 double yarn_mscale(double factor, double mscale) { return factor <= 1 ? 1.0 : 0.1 * mscale * std::log(factor) + 1.0; }

@@ -20,6 +20,9 @@ class RMSNormImpl : public torch::nn::Module {
   RMSNormImpl(int dim, double eps);
   torch::Tensor forward(const torch::Tensor& x) const;  // statistics in fp32, output in x's dtype
   torch::Tensor weight;  // (D)
+  // train.activation_checkpointing: selective. Backward keeps only x (and the weight) and reruns the
+  // same ops, where autograd would also keep the normalized x.
+  bool recompute = false;
  private:
   double eps_;
 };

@@ -285,6 +285,18 @@ bool ends_with(const std::string& s, const std::string& suffix) {
 
 void set_pretrained_loader(PretrainedLoader loader) { pretrained_loader = loader; }
 
+void TransformerImpl::set_activation_checkpointing(const std::string& mode) {
+  TORCH_CHECK(mode == "none" || mode == "full" || mode == "selective", "[model] activation checkpointing '", mode,
+              "' is not none, full or selective");
+  activation_checkpointing_ = mode == "full";
+  const bool selective = mode == "selective";
+  for (const auto& module : modules(/*include_self=*/false)) {
+    if (auto* norm = module->as<RMSNormImpl>()) norm->recompute = selective;
+    if (auto* mlp = module->as<moe::SwiGLUImpl>()) mlp->recompute_elementwise = selective;
+    if (auto* experts = module->as<moe::ExpertsImpl>()) experts->recompute_elementwise = selective;
+  }
+}
+
 bool is_no_decay(const std::string& name) {
   return name.find("norm") != std::string::npos || ends_with(name, "bias") || name == "embed";
 }

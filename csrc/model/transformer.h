@@ -74,9 +74,11 @@ class TransformerImpl : public torch::nn::Module {
                              bool sum = false) const;
   // train.loss_chunk_tokens: 0 = the full logits.
   void set_loss_chunk(int64_t tokens) { loss_chunk_ = tokens; }
-  // train.activation_checkpointing = full: while gradients are recorded, each block keeps only its
-  // input and is recomputed in backward (see CheckpointedBlock in transformer.cpp).
-  void set_activation_checkpointing(bool on) { activation_checkpointing_ = on; }
+  // train.activation_checkpointing: "full" = while gradients are recorded, each block keeps only its
+  // input and is recomputed in backward (see CheckpointedBlock in transformer.cpp); "selective" = the
+  // matmul and attention outputs are kept and the cheap element-wise work (every RMSNorm, SwiGLU's
+  // silu(gate) * up) is recomputed in backward; "none" keeps everything.
+  void set_activation_checkpointing(const std::string& mode);
   // Next-token cross-entropy of the LM head over hidden_ND (N, D) against targets_N, as
   // token_cross_entropy of the full logits would give it (mean over kept targets, or their sum), but
   // computed over `chunk` rows at a time, forward and backward: at most chunk x V logits exist at

@@ -38,6 +38,29 @@ torch::Tensor combine_in_slots(const torch::Tensor& weighted_RD, const torch::Te
 }
 }  // namespace
 
+namespace {
+struct RecomputedGatedProduct : torch::autograd::Function<RecomputedGatedProduct> {
+  static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& gate, const torch::Tensor& up) {
+    ctx->save_for_backward({gate, up});
+    return torch::silu(gate) * up;
+  }
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    auto gate = saved[0].detach().requires_grad_(true), up = saved[1].detach().requires_grad_(true);
+    torch::AutoGradMode enable(true);
+    auto out = torch::silu(gate) * up;
+    return torch::autograd::grad({out}, {gate, up}, {grads[0]});
+  }
+};
+}  // namespace
+
+torch::Tensor gated_product(const torch::Tensor& gate, const torch::Tensor& up, bool recompute) {
+  if (recompute && torch::GradMode::is_enabled() && (gate.requires_grad() || up.requires_grad()))
+    return RecomputedGatedProduct::apply(gate, up);
+  return torch::silu(gate) * up;
+}
+
 SwiGLUImpl::SwiGLUImpl(int d_model, int hidden) {
   w1 = register_parameter("w1", torch::empty({d_model, hidden}));
   w3 = register_parameter("w3", torch::empty({d_model, hidden}));
@@ -46,7 +69,8 @@ SwiGLUImpl::SwiGLUImpl(int d_model, int hidden) {
 
 torch::Tensor SwiGLUImpl::forward(const torch::Tensor& x_TD, std::optional<torch::ScalarType> compute_dtype) const {
   auto x = cast(x_TD, compute_dtype);
-  auto h = torch::silu(torch::matmul(x, cast(w1, compute_dtype))) * torch::matmul(x, cast(w3, compute_dtype));
+  auto h = gated_product(torch::matmul(x, cast(w1, compute_dtype)), torch::matmul(x, cast(w3, compute_dtype)),
+                         recompute_elementwise);
   return torch::matmul(h, cast(w2, compute_dtype));
 }
 
@@ -117,7 +141,7 @@ torch::Tensor ExpertsImpl::forward_sliced(const torch::Tensor& rows_RD, const to
   std::vector<torch::Tensor> outputs;
   for (int64_t e = 0; e < E; ++e) {
     if (sizes[e] == 0) continue;
-    auto h = torch::silu(xs[e].mm(w1s[e])) * xs[e].mm(w3s[e]);
+    auto h = gated_product(xs[e].mm(w1s[e]), xs[e].mm(w3s[e]), recompute_elementwise);
     outputs.push_back(h.mm(w2s[e]));
   }
   if (outputs.empty()) return torch::zeros({0, w2.size(2)}, rows_RD.options().dtype(w2s[0].scalar_type()));
@@ -146,7 +170,7 @@ torch::Tensor ExpertsImpl::forward_grouped(const torch::Tensor& rows_RD, const t
   auto x = rows_RD.to(dtype).contiguous();
   auto gate = at::_grouped_mm(x, w1.to(dtype), offsets_E);
   auto up = at::_grouped_mm(x, w3.to(dtype), offsets_E);
-  auto h = (torch::silu(gate) * up).contiguous();
+  auto h = gated_product(gate, up, recompute_elementwise).contiguous();
   return at::_grouped_mm(h, w2.to(dtype), offsets_E);
 }
 

@@ -12,6 +12,11 @@
 
 namespace moetrain::moe {
 
+// silu(gate) * up, SwiGLU's element-wise part. With `recompute` (train.activation_checkpointing:
+// selective) backward keeps only gate and up and recomputes the product from them, where autograd
+// would also keep silu(gate); the same ops run again, so the gradients are the same bit for bit.
+torch::Tensor gated_product(const torch::Tensor& gate, const torch::Tensor& up, bool recompute);
+
 // SwiGLU: w2( silu(x w1) * (x w3) ). Dense MLP and (concatenated) shared experts.
 class SwiGLUImpl : public torch::nn::Module {
  public:
@@ -21,6 +26,7 @@ class SwiGLUImpl : public torch::nn::Module {
   torch::Tensor w1;  // (D, F)
   torch::Tensor w3;  // (D, F)
   torch::Tensor w2;  // (F, D)
+  bool recompute_elementwise = false;  // see gated_product
 };
 TORCH_MODULE(SwiGLU);
 
@@ -71,6 +77,7 @@ class ExpertsImpl : public torch::nn::Module {
   torch::Tensor w1;  // (E, D, F)
   torch::Tensor w3;  // (E, D, F)
   torch::Tensor w2;  // (E, F, D)
+  bool recompute_elementwise = false;  // see gated_product
 
  private:
   std::string impl_;

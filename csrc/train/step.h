@@ -97,7 +97,7 @@ struct Trainable {
     m->init_weights(p.cfg.run.seed);
     m->place(p.device, p.compute_dtype);
     m->set_loss_chunk(p.cfg.train.loss_chunk_tokens);
-    m->set_activation_checkpointing(p.cfg.train.activation_checkpointing == "full");
+    m->set_activation_checkpointing(p.cfg.train.activation_checkpointing);
     dist::parallelize(*m, p.layout);  // expert-parallel dispatch and global routing counts
     return m;
   }

@@ -207,37 +207,55 @@ CATCH_TEST_CASE("chunked_loss equals the loss of the full logits, value and grad
   }
 }
 
-// train.activation_checkpointing = full recomputes each block in backward from its input: the same ops
-// on the same values, so on the CPU in fp32 the loss, the router statistics and every gradient are
-// bit for bit those of the run that kept its activations, with a capacity that drops copies too.
-CATCH_TEST_CASE("Full activation checkpointing gives bit-identical losses and gradients", "[model]") {
+// train.activation_checkpointing recomputes in backward what it did not keep: with full, each block from
+// its input; with selective, every RMSNorm from its input and SwiGLU's silu(gate) * up from gate and up.
+// The same ops run on the same values, so on the CPU in fp32 the loss and the router statistics are bit
+// for bit those of the run that kept its activations, with a capacity that drops copies too, and so is
+// every gradient with full. With selective, the gradient reaching a norm's input is summed in another
+// order: autograd adds the norm's two inner paths (through the square and through the scaling) to the
+// residual path one at a time, the recomputed norm hands over their sum; so gradients agree to fp32
+// rounding, 1e-5 of each tensor's largest element (measured below 1e-6), not bit for bit.
+CATCH_TEST_CASE("Full and selective activation checkpointing give bit-identical losses and gradients", "[model]") {
   for (const std::optional<double> capacity : {std::optional<double>{}, std::optional<double>{0.75}}) {
-    CATCH_INFO("capacity factor " << (capacity ? std::to_string(*capacity) : "none"));
-    auto cfg = testing::tiny_model_config();
-    cfg.n_layers = 3;
-    cfg.moe.capacity_factor = capacity;
-    cfg.moe.aux_loss_coef = 0.01;
-    cfg.moe.z_loss_coef = 0.001;
-    torch::manual_seed(12);
-    const auto tokens = torch::randint(0, cfg.vocab_size, {4, 16}, torch::kLong);
-    const auto targets = torch::randint(0, cfg.vocab_size, {4, 16}, torch::kLong);
-    auto run = [&](bool checkpointing) {
-      model::Transformer m(cfg);
-      m->init_weights(3);
-      m->set_activation_checkpointing(checkpointing);
-      auto out = m->forward_loss(tokens, targets, -100);
-      (out.loss + out.balance_loss).backward();
-      std::vector<torch::Tensor> got = {out.loss.detach(), out.balance_loss.detach()};
-      for (const auto& st : out.moe_stats) got.insert(got.end(), {st.tokens_per_expert_E, st.dropped, st.aux_loss.detach()});
-      for (const auto& p : m->parameters()) got.push_back(p.grad().defined() ? p.grad() : torch::zeros_like(p));
-      return got;
-    };
-    const auto want = run(false), got = run(true);
-    CATCH_REQUIRE(got.size() == want.size());
-    if (capacity) CATCH_CHECK(want[3].item<int64_t>() > 0);  // the first MoE layer dropped copies
-    for (size_t i = 0; i < got.size(); ++i) {
-      CATCH_INFO("tensor " << i);
-      CATCH_CHECK(torch::equal(got[i], want[i]));
+    for (const std::string mode : {"full", "selective"}) {
+      CATCH_INFO(mode << ", capacity factor " << (capacity ? std::to_string(*capacity) : "none"));
+      auto cfg = testing::tiny_model_config();
+      cfg.n_layers = 3;
+      cfg.moe.capacity_factor = capacity;
+      cfg.moe.aux_loss_coef = 0.01;
+      cfg.moe.z_loss_coef = 0.001;
+      cfg.qk_norm = "head";  // more norms to recompute
+      torch::manual_seed(12);
+      const auto tokens = torch::randint(0, cfg.vocab_size, {4, 16}, torch::kLong);
+      const auto targets = torch::randint(0, cfg.vocab_size, {4, 16}, torch::kLong);
+      auto run = [&](const std::string& checkpointing) {
+        model::Transformer m(cfg);
+        m->init_weights(3);
+        m->set_activation_checkpointing(checkpointing);
+        auto out = m->forward_loss(tokens, targets, -100);
+        (out.loss + out.balance_loss).backward();
+        std::vector<torch::Tensor> got = {out.loss.detach(), out.balance_loss.detach()};
+        for (const auto& st : out.moe_stats) got.insert(got.end(), {st.tokens_per_expert_E, st.dropped, st.aux_loss.detach()});
+        for (const auto& p : m->parameters()) got.push_back(p.grad().defined() ? p.grad() : torch::zeros_like(p));
+        return got;
+      };
+      const auto want = run("none"), got = run(mode);
+      CATCH_REQUIRE(got.size() == want.size());
+      if (capacity) CATCH_CHECK(want[3].item<int64_t>() > 0);  // the first MoE layer dropped copies
+      double worst = 0;
+      for (size_t i = 0; i < got.size(); ++i) {
+        CATCH_INFO("tensor " << i);
+        const bool gradient = i >= 2 + 3 * size_t(cfg.n_layers - cfg.dense_layers);
+        if (mode == "full" || !gradient) {
+          CATCH_CHECK(torch::equal(got[i], want[i]));
+        } else {
+          const double scale = std::max(want[i].abs().max().item<double>(), 1e-30);
+          const double d = (got[i] - want[i]).abs().max().item<double>() / scale;
+          worst = std::max(worst, d);
+          CATCH_CHECK(d <= 1e-5);
+        }
+      }
+      if (mode == "selective") std::printf("selective checkpointing: worst gradient difference %.3g of its tensor's largest\n", worst);
     }
   }
 }
