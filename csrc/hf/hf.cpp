@@ -1,6 +1,7 @@
-// Hugging Face import and export. One name map per family, built from the model config, drives both
-// directions: each entry pairs one of our parameters (or one expert's slice of it) with one HF tensor
-// and says how the layouts differ (HF Linear weights are (out, in); ours are (in, out)).
+// Hugging Face import and export. Each family is described once, in a table of traits (kFamilies):
+// its config.json fields, tensor names and features. One name map, built from the model config and the
+// traits, drives both directions: each entry pairs one of our parameters (or one expert's slice of it)
+// with one HF tensor and says how the layouts differ (HF Linear weights are (out, in); ours are (in, out)).
 #include "hf/hf.h"
 
 #include <algorithm>
@@ -27,25 +28,6 @@ namespace {
 constexpr const char* kConfigFile = "config.json";
 constexpr const char* kIndexFile = "model.safetensors.index.json";
 constexpr const char* kSingleFile = "model.safetensors";
-
-struct FamilyInfo {
-  Family family;
-  const char* model_type;
-  const char* architecture;
-};
-constexpr FamilyInfo kFamilies[] = {
-    {Family::Mixtral, "mixtral", "MixtralForCausalLM"},
-    {Family::Qwen2Moe, "qwen2_moe", "Qwen2MoeForCausalLM"},
-    {Family::Qwen3Moe, "qwen3_moe", "Qwen3MoeForCausalLM"},
-    {Family::Olmoe, "olmoe", "OlmoeForCausalLM"},
-    {Family::DeepseekV3, "deepseek_v3", "DeepseekV3ForCausalLM"},
-};
-const FamilyInfo& info_of(Family f) {
-  for (const auto& i : kFamilies)
-    if (i.family == f) return i;
-  throw HfError("unknown family");
-}
-
 
 std::string brief(const Json& v) { return brief_json(v); }
 
@@ -105,8 +87,8 @@ struct ConfigReader {
   }
 };
 
-// Dense layers of the Qwen families: mlp_only_layers must be the first k layers, every other layer MoE.
-int qwen_dense_layers(const ConfigReader& r, int n_layers) {
+// Dense layers as mlp_only_layers (Qwen): they must be the first k layers, every other layer MoE.
+int mlp_only_dense_layers(const ConfigReader& r, int n_layers) {
   if (r.integer("decoder_sparse_step", 1) != 1)
     r.fail("decoder_sparse_step", "= " + std::to_string(r.integer("decoder_sparse_step")) +
                                       " is not supported (every layer after the dense ones must be MoE: 1)");
@@ -125,19 +107,148 @@ int qwen_dense_layers(const ConfigReader& r, int n_layers) {
   return int(layers.size());
 }
 
-}  // namespace
+// MLA's own fields (DeepSeek): code rather than traits, as no other family has latent attention.
+void read_mla(const ConfigReader& r, config::ModelConfig& m) {
+  m.attention = "mla";
+  m.mla.q_lora_rank = r.find("q_lora_rank") ? r.positive_int("q_lora_rank") : 0;  // null: a full-rank wq
+  m.mla.kv_lora_rank = r.positive_int("kv_lora_rank");
+  m.mla.qk_nope_head_dim = r.positive_int("qk_nope_head_dim");
+  m.mla.qk_rope_head_dim = r.positive_int("qk_rope_head_dim");
+  m.mla.v_head_dim = r.positive_int("v_head_dim");
+  if (m.mla.qk_rope_head_dim % 2 != 0) r.fail("qk_rope_head_dim", "must be even (RoPE)");
+  m.n_kv_heads = m.n_heads;             // unused by MLA
+  m.head_dim = m.mla.qk_rope_head_dim;  // unused by MLA; even, as validation wants
+}
 
-std::string family_name(Family family) { return info_of(family).model_type; }
+// ---------------------------------------------------------------------------------------------
+// Each family described once: its names (config.json fields, tensor names) and the features it can
+// express. read_config, name_map, check_exportable, infer_family and config_json consult this table.
 
-std::string family_names() {
+// How config.json places the dense (non-MoE) layers, which must come first.
+enum class DenseLayers {
+  None,           // every layer is MoE
+  MlpOnlyLayers,  // mlp_only_layers = [0, ..., k-1] with decoder_sparse_step 1 (Qwen)
+  FirstKDense,    // first_k_dense_replace = k with moe_layer_freq 1 (DeepSeek)
+};
+
+enum class SharedExperts {
+  None,
+  OneGated,  // one shared expert behind a sigmoid gate, sized by shared_expert_intermediate_size (Qwen2-MoE)
+  Ungated,   // n_shared_experts experts of the routed experts' size, summed into one (DeepSeek)
+};
+
+// A config.json field with the one value we can express: checked on read (why: the message's reason),
+// written on export. why == nullptr: written only.
+struct FixedField {
+  const char* name;
+  Json value;
+  const char* why;
+};
+
+struct FamilyTraits {
+  Family family;
+  const char* model_type;    // HF's model_type, also our --family name
+  const char* architecture;  // architectures[0]
+  const char* display;       // the family in messages
+
+  // Tensor names, under model.layers.N.
+  const char* moe_prefix;                  // the MoE block
+  const char* expert_proj[3];              // each expert's w1 (gate), w3 (up), w2 (down)
+  const char* shared_prefix = nullptr;     // the shared expert(s), under moe_prefix
+  const char* shared_gate = nullptr;       // the shared expert's gate, under moe_prefix
+  const char* router_bias = nullptr;       // the selection bias, under moe_prefix; nullptr: none
+
+  // config.json fields that differ between families.
+  const char* expert_hidden_field;           // the routed experts' hidden size
+  const char* dense_hidden_field = nullptr;  // the dense layers' hidden size; nullptr: no dense layers
+  const char* n_experts_field;               // written on export (any family's name is read)
+  const char* norm_topk_field = nullptr;     // nullptr: the top-k weights are always renormalized
+  bool normalize_topk = true;                // norm_topk_prob's default
+  std::vector<FixedField> fixed;
+
+  // Features.
+  const char* attention = "gqa";  // gqa | mla
+  const char* qk_norm = "none";   // none | head (per head) | full (over the whole projection)
+  bool qkv_bias = false;          // optional q/k/v biases (qkv_bias, default true)
+  bool sliding_window = false;    // sliding_window: null or at least the context (full attention)
+  DenseLayers dense_layers = DenseLayers::None;
+  SharedExperts shared = SharedExperts::None;
+  const char* score_func = "softmax";  // softmax | sigmoid
+  bool group_limited = false;          // n_group, topk_group
+  bool routed_scaling = false;         // routed_scaling_factor
+  bool yarn = false;                   // YaRN RoPE scaling
+  bool interleaved_rope = false;       // rope_interleave: MLA's RoPE rows stored as pairs
+  bool mtp_layers = false;             // multi-token prediction layers past num_hidden_layers (skipped)
+};
+
+// One line per aspect: names; tensor names; config.json fields; fixed fields; features.
+const std::vector<FamilyTraits> kFamilies = {
+    {.family = Family::Mixtral, .model_type = "mixtral", .architecture = "MixtralForCausalLM", .display = "Mixtral",
+     .moe_prefix = "block_sparse_moe.", .expert_proj = {"w1", "w3", "w2"},
+     .expert_hidden_field = "intermediate_size", .n_experts_field = "num_local_experts",
+     .fixed = {{"sliding_window", nullptr, nullptr}, {"router_jitter_noise", 0.0, nullptr}},
+     .sliding_window = true},
+    {.family = Family::Qwen2Moe, .model_type = "qwen2_moe", .architecture = "Qwen2MoeForCausalLM", .display = "Qwen2-MoE",
+     .moe_prefix = "mlp.", .expert_proj = {"gate_proj", "up_proj", "down_proj"}, .shared_prefix = "shared_expert.",
+     .shared_gate = "shared_expert_gate.",
+     .expert_hidden_field = "moe_intermediate_size", .dense_hidden_field = "intermediate_size",
+     .n_experts_field = "num_experts", .norm_topk_field = "norm_topk_prob", .normalize_topk = false,
+     .fixed = {{"use_sliding_window", false, "full causal attention: false"}},
+     .qkv_bias = true, .dense_layers = DenseLayers::MlpOnlyLayers, .shared = SharedExperts::OneGated},
+    {.family = Family::Qwen3Moe, .model_type = "qwen3_moe", .architecture = "Qwen3MoeForCausalLM", .display = "Qwen3-MoE",
+     .moe_prefix = "mlp.", .expert_proj = {"gate_proj", "up_proj", "down_proj"},
+     .expert_hidden_field = "moe_intermediate_size", .dense_hidden_field = "intermediate_size",
+     .n_experts_field = "num_experts", .norm_topk_field = "norm_topk_prob", .normalize_topk = true,
+     .fixed = {{"use_sliding_window", false, "full causal attention: false"},
+               {"attention_bias", false, "no attention biases in Qwen3-MoE here"}},
+     .qk_norm = "head", .dense_layers = DenseLayers::MlpOnlyLayers},
+    {.family = Family::Olmoe, .model_type = "olmoe", .architecture = "OlmoeForCausalLM", .display = "OLMoE",
+     .moe_prefix = "mlp.", .expert_proj = {"gate_proj", "up_proj", "down_proj"},
+     .expert_hidden_field = "intermediate_size", .n_experts_field = "num_experts", .norm_topk_field = "norm_topk_prob",
+     .normalize_topk = false,
+     .fixed = {{"clip_qkv", nullptr, "q/k/v clipping is not implemented: null"},
+               {"attention_bias", false, "no attention biases: false"}},
+     .qk_norm = "full"},
+    {.family = Family::DeepseekV3, .model_type = "deepseek_v3", .architecture = "DeepseekV3ForCausalLM", .display = "DeepSeek-V3",
+     .moe_prefix = "mlp.", .expert_proj = {"gate_proj", "up_proj", "down_proj"}, .shared_prefix = "shared_experts.",
+     .router_bias = "gate.e_score_correction_bias",
+     .expert_hidden_field = "moe_intermediate_size", .dense_hidden_field = "intermediate_size",
+     .n_experts_field = "n_routed_experts", .norm_topk_field = "norm_topk_prob", .normalize_topk = true,
+     .fixed = {{"scoring_func", "sigmoid", "DeepSeek-V3 routes by sigmoid scores"},
+               {"topk_method", "noaux_tc", "group-limited top-k with the correction bias"},
+               {"num_nextn_predict_layers", 0, nullptr},
+               {"attention_bias", false, "no attention biases"}},
+     .attention = "mla", .dense_layers = DenseLayers::FirstKDense, .shared = SharedExperts::Ungated,
+     .score_func = "sigmoid", .group_limited = true, .routed_scaling = true, .yarn = true, .interleaved_rope = true,
+     .mtp_layers = true},
+};
+
+const FamilyTraits& traits_of(Family f) {
+  for (const auto& t : kFamilies)
+    if (t.family == f) return t;
+  throw HfError("unknown family");
+}
+
+// The model_type of each family that has `feature`, comma-separated.
+template <class Feature>
+std::string model_types_with(Feature feature) {
   std::string names;
-  for (const auto& i : kFamilies) names += std::string(names.empty() ? "" : ", ") + i.model_type;
+  for (const auto& t : kFamilies)
+    if (feature(t)) names += std::string(names.empty() ? "" : ", ") + t.model_type;
   return names;
 }
 
+}  // namespace
+
+std::string family_name(Family family) { return traits_of(family).model_type; }
+
+std::string family_names() {
+  return model_types_with([](const FamilyTraits&) { return true; });
+}
+
 Family family_from_name(const std::string& name) {
-  for (const auto& i : kFamilies)
-    if (name == i.model_type || name == i.architecture) return i.family;
+  for (const auto& t : kFamilies)
+    if (name == t.model_type || name == t.architecture) return t.family;
   throw HfError("unknown model family '" + name + "' (supported: " + family_names() + ")");
 }
 
@@ -156,9 +267,9 @@ HfConfig read_config(const std::string& dir) {
   if (!r.json.is_object()) throw HfError(r.path + ": not a JSON object");
 
   // The family: architectures[0], else model_type.
-  std::optional<Family> family;
+  const FamilyTraits* family = nullptr;
   std::string architectures;
-  for (const auto& i : kFamilies) architectures += std::string(architectures.empty() ? "" : ", ") + i.architecture;
+  for (const auto& t : kFamilies) architectures += std::string(architectures.empty() ? "" : ", ") + t.architecture;
   const Json* type = r.find("model_type");
   const std::string type_name = !type ? "" : type->is_string() ? type->get<std::string>() : brief(*type);
   std::vector<std::string> warnings;
@@ -166,25 +277,26 @@ HfConfig read_config(const std::string& dir) {
     if (!archs->is_array() || archs->empty() || !(*archs)[0].is_string())
       r.fail("architectures", "must be a non-empty list of names");
     const auto arch = (*archs)[0].get<std::string>();
-    for (const auto& i : kFamilies)
-      if (arch == i.architecture) family = i.family;
+    for (const auto& t : kFamilies)
+      if (arch == t.architecture) family = &t;
     if (!family)
       r.fail("architectures", "= [\"" + arch + "\"]: architecture not supported (supported: " + architectures + ")");
-    if (type && type_name != info_of(*family).model_type)
+    if (type && type_name != family->model_type)
       warnings.push_back("warning: " + r.path + ": model_type \"" + type_name + "\" disagrees with architectures [\"" +
-                         arch + "\"] (whose model_type is \"" + info_of(*family).model_type +
+                         arch + "\"] (whose model_type is \"" + family->model_type +
                          "\"); reading it as " + arch + ", as architectures says");
   } else if (type) {
-    for (const auto& i : kFamilies)
-      if (type_name == i.model_type) family = i.family;
+    for (const auto& t : kFamilies)
+      if (type_name == t.model_type) family = &t;
     if (!family) r.fail("model_type", "= \"" + type_name + "\": model type not supported (supported: " + family_names() + ")");
   } else {
     r.fail("architectures", "is missing (and so is model_type)");
   }
   for (const auto& w : warnings) log_line(w);
+  const FamilyTraits& t = *family;
 
   HfConfig out;
-  out.family = *family;
+  out.family = t.family;
   out.warnings = std::move(warnings);
   config::ModelConfig& m = out.model;
   m.vocab_size = r.positive_int("vocab_size");
@@ -201,7 +313,7 @@ HfConfig read_config(const std::string& dir) {
   if (const Json* act = r.find("hidden_act"); act && *act != "silu")
     r.fail("hidden_act", "= " + brief(*act) + " is not supported (SwiGLU experts: \"silu\")");
   // RoPE: transformers 5 nests it in rope_parameters; older configs have rope_theta and rope_scaling.
-  // YaRN is read for DeepSeek-V3 only (whose attention scale follows it).
+  // YaRN is read for the families that have it (DeepSeek-V3, whose attention scale follows it).
   {
     const bool in_parameters = r.find("rope_parameters") != nullptr;
     const std::string field = in_parameters ? "rope_parameters" : "rope_scaling";
@@ -223,7 +335,7 @@ HfConfig read_config(const std::string& dir) {
     };
     const std::string type = text("rope_type", text("type", "default"));
     m.rope_theta = in_parameters ? number("rope_theta", std::nullopt) : r.number("rope_theta", 10000.0);
-    if (type == "yarn" && out.family == Family::DeepseekV3) {
+    if (type == "yarn" && t.yarn) {
       m.yarn.factor = number("factor", std::nullopt);
       const double original = number("original_max_position_embeddings", std::nullopt);
       if (!(original >= 1 && original <= INT32_MAX) || original != std::floor(original))
@@ -238,10 +350,10 @@ HfConfig read_config(const std::string& dir) {
         r.fail(field + ".attention_factor", "is not supported (derived from mscale and mscale_all_dim)");
       if (m.yarn.factor < 1) r.fail(field + ".factor", "must be >= 1");
     } else if (type != "default") {
-      r.fail(field + ".rope_type", "= \"" + type + "\" is not supported (default RoPE" +
-                                       (out.family == Family::DeepseekV3 ? " or yarn)" : ")"));
+      r.fail(field + ".rope_type", "= \"" + type + "\" is not supported (default RoPE" + (t.yarn ? " or yarn)" : ")"));
     }
   }
+  // Any family's name for the expert count is accepted.
   const int n_experts_field = r.find("num_experts")         ? r.positive_int("num_experts")
                               : r.find("n_routed_experts") ? r.positive_int("n_routed_experts")
                                                            : r.positive_int("num_local_experts");
@@ -257,76 +369,48 @@ HfConfig read_config(const std::string& dir) {
   m.dense_layers = 0;
   if (m.head_dim % 2 != 0) r.fail("head_dim", "= " + std::to_string(m.head_dim) + " must be even (RoPE)");
 
-  switch (out.family) {
-    case Family::Mixtral: {
-      m.moe.expert_hidden = r.positive_int("intermediate_size");
-      m.moe.router.normalize_topk = true;  // softmax over the top-k logits
-      if (const Json* window = r.find("sliding_window");
-          window && (!window->is_number_integer() || window->get<int64_t>() < m.max_seq_len))
-        r.fail("sliding_window", "= " + brief(*window) + " is not supported (full causal attention: null)");
-      break;
-    }
-    case Family::Qwen2Moe:
-    case Family::Qwen3Moe: {
-      m.moe.expert_hidden = r.positive_int("moe_intermediate_size");
-      m.dense_hidden = r.positive_int("intermediate_size");
-      m.dense_layers = qwen_dense_layers(r, m.n_layers);
-      m.moe.router.normalize_topk = r.boolean("norm_topk_prob", out.family == Family::Qwen3Moe);
-      r.require_equal("use_sliding_window", false, false, "full causal attention: false");
-      if (out.family == Family::Qwen2Moe) {
-        m.qkv_bias = r.boolean("qkv_bias", true);
-        const int shared = r.non_negative_int("shared_expert_intermediate_size", 0);
-        if (shared > 0) {
-          m.moe.n_shared_experts = 1;
-          m.moe.shared_hidden = shared;
-          m.moe.shared_gate = true;
-        }
-      } else {
-        m.qk_norm = "head";
-        r.require_equal("attention_bias", false, false, "no attention biases in Qwen3-MoE here");
-      }
-      break;
-    }
-    case Family::Olmoe: {
-      m.moe.expert_hidden = r.positive_int("intermediate_size");
-      m.moe.router.normalize_topk = r.boolean("norm_topk_prob", false);
-      m.qk_norm = "full";
-      r.require_equal("clip_qkv", nullptr, nullptr, "q/k/v clipping is not implemented: null");
-      r.require_equal("attention_bias", false, false, "no attention biases: false");
-      if (int64_t(m.n_heads) * m.head_dim != m.d_model)
-        r.fail("head_dim", "= " + std::to_string(m.head_dim) + ": OLMoE's q_norm spans hidden_size, so heads * head_dim must equal it");
-      break;
-    }
-    case Family::DeepseekV3: {
-      m.attention = "mla";
-      m.mla.q_lora_rank = r.find("q_lora_rank") ? r.positive_int("q_lora_rank") : 0;  // null: a full-rank wq
-      m.mla.kv_lora_rank = r.positive_int("kv_lora_rank");
-      m.mla.qk_nope_head_dim = r.positive_int("qk_nope_head_dim");
-      m.mla.qk_rope_head_dim = r.positive_int("qk_rope_head_dim");
-      m.mla.v_head_dim = r.positive_int("v_head_dim");
-      if (m.mla.qk_rope_head_dim % 2 != 0) r.fail("qk_rope_head_dim", "must be even (RoPE)");
-      m.n_kv_heads = m.n_heads;               // unused by MLA
-      m.head_dim = m.mla.qk_rope_head_dim;    // unused by MLA; even, as validation wants
-      m.moe.expert_hidden = r.positive_int("moe_intermediate_size");
-      m.dense_hidden = r.positive_int("intermediate_size");
-      m.dense_layers = std::min(r.non_negative_int("first_k_dense_replace", 0), m.n_layers);
-      if (r.integer("moe_layer_freq", 1) != 1) r.fail("moe_layer_freq", "is not supported (every layer after the dense ones is MoE: 1)");
-      m.moe.n_shared_experts = r.non_negative_int("n_shared_experts", 0);
-      m.moe.shared_hidden = m.moe.expert_hidden;
-      m.moe.router.score_func = "sigmoid";
-      m.moe.router.selection_bias = true;  // e_score_correction_bias
-      m.moe.router.normalize_topk = r.boolean("norm_topk_prob", true);
-      m.moe.router.routed_scaling = r.number("routed_scaling_factor", 1.0);
-      m.moe.router.n_groups = r.positive_int("n_group", 1);
-      m.moe.router.topk_groups = r.positive_int("topk_group", 1);
-      r.require_equal("scoring_func", "sigmoid", "sigmoid", "DeepSeek-V3 routes by sigmoid scores");
-      r.require_equal("topk_method", "noaux_tc", "noaux_tc", "group-limited top-k with the correction bias");
-      r.require_equal("attention_bias", false, false, "no attention biases");
-      if (m.moe.n_experts % m.moe.router.n_groups != 0)
-        r.fail("n_group", "= " + std::to_string(m.moe.router.n_groups) + " must divide the number of routed experts");
-      break;
+  // What differs between families, in the order the fields are checked.
+  if (std::string(t.attention) == "mla") read_mla(r, m);
+  m.moe.expert_hidden = r.positive_int(t.expert_hidden_field);
+  if (t.dense_hidden_field) m.dense_hidden = r.positive_int(t.dense_hidden_field);
+  if (t.dense_layers == DenseLayers::MlpOnlyLayers) m.dense_layers = mlp_only_dense_layers(r, m.n_layers);
+  if (t.dense_layers == DenseLayers::FirstKDense) {
+    m.dense_layers = std::min(r.non_negative_int("first_k_dense_replace", 0), m.n_layers);
+    if (r.integer("moe_layer_freq", 1) != 1) r.fail("moe_layer_freq", "is not supported (every layer after the dense ones is MoE: 1)");
+  }
+  if (t.shared == SharedExperts::Ungated) {
+    m.moe.n_shared_experts = r.non_negative_int("n_shared_experts", 0);
+    m.moe.shared_hidden = m.moe.expert_hidden;
+  }
+  m.moe.router.score_func = t.score_func;
+  m.moe.router.selection_bias = t.router_bias != nullptr;  // e_score_correction_bias
+  m.moe.router.normalize_topk = t.norm_topk_field ? r.boolean(t.norm_topk_field, t.normalize_topk) : true;
+  if (t.routed_scaling) m.moe.router.routed_scaling = r.number("routed_scaling_factor", 1.0);
+  if (t.group_limited) {
+    m.moe.router.n_groups = r.positive_int("n_group", 1);
+    m.moe.router.topk_groups = r.positive_int("topk_group", 1);
+  }
+  for (const auto& f : t.fixed)
+    if (f.why) r.require_equal(f.name, f.value, f.value, f.why);
+  if (t.sliding_window)
+    if (const Json* window = r.find("sliding_window");
+        window && (!window->is_number_integer() || window->get<int64_t>() < m.max_seq_len))
+      r.fail("sliding_window", "= " + brief(*window) + " is not supported (full causal attention: null)");
+  if (t.qkv_bias) m.qkv_bias = r.boolean("qkv_bias", true);
+  if (t.shared == SharedExperts::OneGated) {
+    const int shared = r.non_negative_int("shared_expert_intermediate_size", 0);
+    if (shared > 0) {
+      m.moe.n_shared_experts = 1;
+      m.moe.shared_hidden = shared;
+      m.moe.shared_gate = true;
     }
   }
+  m.qk_norm = t.qk_norm;
+  if (m.qk_norm == "full" && int64_t(m.n_heads) * m.head_dim != m.d_model)
+    r.fail("head_dim", "= " + std::to_string(m.head_dim) + ": " + t.display +
+                           "'s q_norm spans hidden_size, so heads * head_dim must equal it");
+  if (t.group_limited && m.moe.n_experts % m.moe.router.n_groups != 0)
+    r.fail("n_group", "= " + std::to_string(m.moe.router.n_groups) + " must divide the number of routed experts");
   return out;
 }
 
@@ -379,8 +463,8 @@ std::vector<Entry> name_map(const config::ModelConfig& m, Family family) {
   auto add = [&](std::string ours, std::string hf, Layout layout, int expert = -1, int rope_group = 0) {
     map.push_back({std::move(ours), expert, std::move(hf), layout, rope_group});
   };
+  const FamilyTraits& t = traits_of(family);
   add("embed", "model.embed_tokens.weight", Layout::Same);
-  const bool mixtral = family == Family::Mixtral;
   for (int i = 0; i < m.n_layers; ++i) {
     const std::string ours = "layers." + std::to_string(i) + ".";
     const std::string hf = "model.layers." + std::to_string(i) + ".";
@@ -417,21 +501,26 @@ std::vector<Entry> name_map(const config::ModelConfig& m, Family family) {
       add(ours + "mlp.w2", hf + "mlp.down_proj.weight", Layout::Transposed);
       continue;
     }
-    const std::string moe = hf + (mixtral ? "block_sparse_moe." : "mlp.");
+    const std::string moe = hf + t.moe_prefix;
     add(ours + "moe.router.weight", moe + "gate.weight", Layout::Same);
-    if (family == Family::DeepseekV3) add(ours + "moe.router.expert_bias", moe + "gate.e_score_correction_bias", Layout::Same);
+    // Exported even when our router has no selection bias (as zeros): the family's model always has it.
+    if (t.router_bias) add(ours + "moe.router.expert_bias", moe + t.router_bias, Layout::Same);
     for (int e = 0; e < m.moe.n_experts; ++e) {
       const std::string expert = moe + "experts." + std::to_string(e) + ".";
-      add(ours + "moe.experts.w1", expert + (mixtral ? "w1" : "gate_proj") + ".weight", Layout::Transposed, e);
-      add(ours + "moe.experts.w3", expert + (mixtral ? "w3" : "up_proj") + ".weight", Layout::Transposed, e);
-      add(ours + "moe.experts.w2", expert + (mixtral ? "w2" : "down_proj") + ".weight", Layout::Transposed, e);
+      add(ours + "moe.experts.w1", expert + t.expert_proj[0] + ".weight", Layout::Transposed, e);
+      add(ours + "moe.experts.w3", expert + t.expert_proj[1] + ".weight", Layout::Transposed, e);
+      add(ours + "moe.experts.w2", expert + t.expert_proj[2] + ".weight", Layout::Transposed, e);
     }
     if (m.moe.n_shared_experts > 0) {
-      const std::string shared = moe + (family == Family::DeepseekV3 ? "shared_experts." : "shared_expert.");
+      if (!t.shared_prefix) throw HfError(std::string(t.model_type) + " has no shared experts");
+      const std::string shared = moe + t.shared_prefix;
       add(ours + "moe.shared.w1", shared + "gate_proj.weight", Layout::Transposed);
       add(ours + "moe.shared.w3", shared + "up_proj.weight", Layout::Transposed);
       add(ours + "moe.shared.w2", shared + "down_proj.weight", Layout::Transposed);
-      if (m.moe.shared_gate) add(ours + "moe.shared_gate", moe + "shared_expert_gate.weight", Layout::Row);
+      if (m.moe.shared_gate) {
+        if (!t.shared_gate) throw HfError(std::string(t.model_type) + " has no shared expert gate");
+        add(ours + "moe.shared_gate", moe + t.shared_gate + "weight", Layout::Row);
+      }
     }
   }
   add("final_norm.weight", "model.norm.weight", Layout::Same);
@@ -548,7 +637,7 @@ void load_weights(const std::string& dir, Family family, model::TransformerImpl&
   ShardIndex index(dir);
   auto params = model.named_parameters();
   auto buffers = model.named_buffers();
-  const bool interleaved = family == Family::DeepseekV3 && read_rope_interleave(dir);
+  const bool interleaved = traits_of(family).interleaved_rope && read_rope_interleave(dir);
   std::set<std::string> used, written;
   // Under expert parallelism this rank holds experts [first, first + count) and reads only those.
   const int64_t first = model.expert_offset(), count = model.local_experts();
@@ -595,7 +684,7 @@ void load_weights(const std::string& dir, Family family, model::TransformerImpl&
       throw HfError("no tensor of " + dir + " maps to parameter '" + p.key() + "' (family " + family_name(family) + ")");
   for (const auto& [name, file] : index.file_of) {
     if (used.count(name) || name.find("rotary_emb.inv_freq") != std::string::npos) continue;
-    if (family == Family::DeepseekV3 && is_mtp_layer(name, model.config().n_layers)) continue;  // MTP: not modelled
+    if (traits_of(family).mtp_layers && is_mtp_layer(name, model.config().n_layers)) continue;  // MTP: not modelled
     throw HfError(files::join(dir, file) + ": tensor '" + name + "' maps to no parameter of this " +
                   family_name(family) + " model (an unsupported feature?)");
   }
@@ -609,59 +698,68 @@ LoadedHf load(const std::string& dir) {
   return out;
 }
 
+// The family of the model's most distinctive feature: MLA, then its q/k norm, then attention biases or
+// a gated shared expert; a model with none of them exports to the first (plainest) family, Mixtral.
 Family infer_family(const config::ModelConfig& m) {
-  if (m.attention == "mla") return Family::DeepseekV3;
-  if (m.qk_norm == "head") return Family::Qwen3Moe;
-  if (m.qk_norm == "full") return Family::Olmoe;
-  if (m.qkv_bias || m.moe.shared_gate) return Family::Qwen2Moe;
-  return Family::Mixtral;
+  auto first_with = [](auto feature) -> const FamilyTraits* {
+    for (const auto& t : kFamilies)
+      if (feature(t)) return &t;
+    return nullptr;
+  };
+  const FamilyTraits* t = nullptr;
+  if (m.attention != "gqa") t = first_with([&](const FamilyTraits& f) { return m.attention == f.attention; });
+  if (!t && m.qk_norm != "none") t = first_with([&](const FamilyTraits& f) { return m.qk_norm == f.qk_norm; });
+  if (!t && m.qkv_bias) t = first_with([](const FamilyTraits& f) { return f.qkv_bias; });
+  if (!t && m.moe.shared_gate) t = first_with([](const FamilyTraits& f) { return f.shared == SharedExperts::OneGated; });
+  return t ? t->family : kFamilies.front().family;
 }
 
 namespace {
 
 // What the family can express; throws naming the key that it cannot.
 void check_exportable(const config::ModelConfig& m, Family family) {
-  const std::string name = family_name(family);
+  const FamilyTraits& t = traits_of(family);
+  const std::string name = t.model_type, display = t.display;
+  const bool mla = std::string(t.attention) == "mla";
   auto refuse = [&](const std::string& key_value, const std::string& why) {
     throw HfError("cannot export to " + name + ": " + key_value + " (" + why + ")");
   };
   const auto& r = m.moe.router;
-  if (family == Family::DeepseekV3) {
-    if (m.attention != "mla") refuse("model.attention = " + m.attention, "DeepSeek-V3 has MLA");
-    if (r.score_func != "sigmoid") refuse("model.moe.router.score_func = " + r.score_func, "DeepSeek-V3 routes by sigmoid");
-    if (m.qk_norm != "none") refuse("model.qk_norm = " + m.qk_norm, "no q/k norms");
-    if (m.qkv_bias) refuse("model.qkv_bias = true", "no attention biases");
-    if (m.moe.shared_gate) refuse("model.moe.shared_gate = true", "DeepSeek-V3's shared experts are not gated");
-    return;
-  }
-  if (m.attention != "gqa") refuse("model.attention = " + m.attention, "the family has grouped-query attention");
-  if (m.yarn.factor > 1) refuse("model.yarn.factor > 1", "YaRN is exported for deepseek_v3 only");
-  if (r.selection_bias) refuse("model.moe.router.selection_bias = true", "the family has no selection bias");
-  if (r.score_func != "softmax") refuse("model.moe.router.score_func = " + r.score_func, "the family routes by softmax");
-  if (r.routed_scaling != 1.0) refuse("model.moe.router.routed_scaling != 1", "the family has no routed scaling");
-  if (r.n_groups != 1) refuse("model.moe.router.n_groups != 1", "the family has no group-limited routing");
-  if (r.bias_update_rate > 0) refuse("model.moe.router.bias_update_rate > 0", "the family has no selection bias");
-  const bool qwen = family == Family::Qwen2Moe || family == Family::Qwen3Moe;
-  if (!qwen && m.dense_layers > 0) refuse("model.dense_layers = " + std::to_string(m.dense_layers), "every layer is MoE");
-  if (family != Family::Qwen2Moe && m.moe.n_shared_experts > 0) refuse("model.moe.n_shared_experts > 0", "no shared experts");
-  if (family != Family::Qwen2Moe && m.qkv_bias) refuse("model.qkv_bias = true", "no attention biases");
-  if (family == Family::Qwen2Moe && m.moe.n_shared_experts > 0 && !m.moe.shared_gate)
-    refuse("model.moe.shared_gate = false", "Qwen2-MoE's shared expert is always gated");
-  if (family == Family::Qwen2Moe && m.moe.n_shared_experts == 0)
-    refuse("model.moe.n_shared_experts = 0", "Qwen2-MoE always has a gated shared expert");
-  if (family == Family::Mixtral && !r.normalize_topk)
-    refuse("model.moe.router.normalize_topk = false", "Mixtral renormalizes the top-k weights");
-  const std::string want_norm = family == Family::Qwen3Moe ? "head" : family == Family::Olmoe ? "full" : "none";
-  if (m.qk_norm != want_norm) refuse("model.qk_norm = " + m.qk_norm, "the family has " + want_norm);
-  if (family == Family::Olmoe && m.n_heads * config::head_dim(m) != m.d_model)
-    refuse("model.n_heads * head_dim != model.d_model", "OLMoE's q_norm spans hidden_size");
+  if (m.attention != t.attention)
+    refuse("model.attention = " + m.attention, mla ? display + " has MLA" : "the family has grouped-query attention");
+  if (!t.yarn && m.yarn.factor > 1)
+    refuse("model.yarn.factor > 1", "YaRN is exported for " + model_types_with([](const FamilyTraits& f) { return f.yarn; }) + " only");
+  if (!t.router_bias && r.selection_bias) refuse("model.moe.router.selection_bias = true", "the family has no selection bias");
+  if (r.score_func != t.score_func)
+    refuse("model.moe.router.score_func = " + r.score_func,
+           std::string(t.score_func) == "sigmoid" ? display + " routes by sigmoid" : "the family routes by softmax");
+  if (!t.routed_scaling && r.routed_scaling != 1.0) refuse("model.moe.router.routed_scaling != 1", "the family has no routed scaling");
+  if (!t.group_limited && r.n_groups != 1) refuse("model.moe.router.n_groups != 1", "the family has no group-limited routing");
+  if (!t.router_bias && r.bias_update_rate > 0) refuse("model.moe.router.bias_update_rate > 0", "the family has no selection bias");
+  if (t.dense_layers == DenseLayers::None && m.dense_layers > 0)
+    refuse("model.dense_layers = " + std::to_string(m.dense_layers), "every layer is MoE");
+  if (t.shared == SharedExperts::None && m.moe.n_shared_experts > 0) refuse("model.moe.n_shared_experts > 0", "no shared experts");
+  if (!t.qkv_bias && m.qkv_bias) refuse("model.qkv_bias = true", "no attention biases");
+  if (t.shared == SharedExperts::OneGated && m.moe.n_shared_experts > 0 && !m.moe.shared_gate)
+    refuse("model.moe.shared_gate = false", display + "'s shared expert is always gated");
+  if (t.shared == SharedExperts::OneGated && m.moe.n_shared_experts == 0)
+    refuse("model.moe.n_shared_experts = 0", display + " always has a gated shared expert");
+  if (t.shared == SharedExperts::Ungated && m.moe.shared_gate)
+    refuse("model.moe.shared_gate = true", display + "'s shared experts are not gated");
+  if (!t.norm_topk_field && !r.normalize_topk)
+    refuse("model.moe.router.normalize_topk = false", display + " renormalizes the top-k weights");
+  if (m.qk_norm != t.qk_norm)
+    refuse("model.qk_norm = " + m.qk_norm, mla ? "no q/k norms" : "the family has " + std::string(t.qk_norm));
+  if (std::string(t.qk_norm) == "full" && m.n_heads * config::head_dim(m) != m.d_model)
+    refuse("model.n_heads * head_dim != model.d_model", display + "'s q_norm spans hidden_size");
 }
 
+// config.json in the family's vocabulary. The fields go in the order transformers' own configs list them.
 Json config_json(const config::ModelConfig& m, Family family) {
-  const auto& fi = info_of(family);
+  const FamilyTraits& t = traits_of(family);
   Json j;
-  j["architectures"] = {fi.architecture};
-  j["model_type"] = fi.model_type;
+  j["architectures"] = {t.architecture};
+  j["model_type"] = t.model_type;
   j["vocab_size"] = m.vocab_size;
   j["hidden_size"] = m.d_model;
   j["num_hidden_layers"] = m.n_layers;
@@ -678,79 +776,55 @@ Json config_json(const config::ModelConfig& m, Family family) {
   j["attention_dropout"] = 0.0;
   j["torch_dtype"] = "float32";
   j["dtype"] = "float32";
-  std::vector<int> dense;
-  for (int i = 0; i < m.dense_layers; ++i) dense.push_back(i);
-  switch (family) {
-    case Family::Mixtral:
-      j["intermediate_size"] = m.moe.expert_hidden;
-      j["num_local_experts"] = m.moe.n_experts;
-      j["sliding_window"] = nullptr;
-      j["router_jitter_noise"] = 0.0;
-      break;
-    case Family::Qwen2Moe:
-    case Family::Qwen3Moe:
-      j["intermediate_size"] = m.dense_hidden;
-      j["moe_intermediate_size"] = m.moe.expert_hidden;
-      j["num_experts"] = m.moe.n_experts;
-      j["norm_topk_prob"] = m.moe.router.normalize_topk;
-      j["decoder_sparse_step"] = 1;
-      j["mlp_only_layers"] = dense;
-      j["use_sliding_window"] = false;
-      if (family == Family::Qwen2Moe) {
-        j["qkv_bias"] = m.qkv_bias;
-        j["shared_expert_intermediate_size"] = m.moe.n_shared_experts * config::shared_hidden(m.moe);
-      } else {
-        j["attention_bias"] = false;
-      }
-      break;
-    case Family::Olmoe:
-      j["intermediate_size"] = m.moe.expert_hidden;
-      j["num_experts"] = m.moe.n_experts;
-      j["norm_topk_prob"] = m.moe.router.normalize_topk;
-      j["clip_qkv"] = nullptr;
-      j["attention_bias"] = false;
-      break;
-    case Family::DeepseekV3: {
-      j.erase("head_dim");  // derived by transformers from qk_rope_head_dim
-      j["q_lora_rank"] = m.mla.q_lora_rank > 0 ? Json(m.mla.q_lora_rank) : Json(nullptr);
-      j["kv_lora_rank"] = m.mla.kv_lora_rank;
-      j["qk_nope_head_dim"] = m.mla.qk_nope_head_dim;
-      j["qk_rope_head_dim"] = m.mla.qk_rope_head_dim;
-      j["v_head_dim"] = m.mla.v_head_dim;
-      j["rope_interleave"] = true;
-      j["intermediate_size"] = m.dense_hidden;
-      j["moe_intermediate_size"] = m.moe.expert_hidden;
-      j["n_routed_experts"] = m.moe.n_experts;
-      j["n_shared_experts"] = m.moe.n_shared_experts;
-      j["first_k_dense_replace"] = m.dense_layers;
-      j["moe_layer_freq"] = 1;
-      j["n_group"] = m.moe.router.n_groups;
-      j["topk_group"] = m.moe.router.topk_groups;
-      j["routed_scaling_factor"] = m.moe.router.routed_scaling;
-      j["norm_topk_prob"] = m.moe.router.normalize_topk;
-      j["scoring_func"] = "sigmoid";
-      j["topk_method"] = "noaux_tc";
-      j["num_nextn_predict_layers"] = 0;
-      j["attention_bias"] = false;
-      if (m.yarn.factor > 1) {
-        Json yarn = {{"rope_type", "yarn"},
-                     {"rope_theta", m.rope_theta},
-                     {"factor", m.yarn.factor},
-                     {"original_max_position_embeddings",
-                      m.yarn.original_max_seq_len > 0 ? m.yarn.original_max_seq_len : m.max_seq_len},
-                     {"beta_fast", m.yarn.beta_fast},
-                     {"beta_slow", m.yarn.beta_slow},
-                     {"mscale", m.yarn.mscale},
-                     {"mscale_all_dim", m.yarn.mscale_all_dim}};
-        j["rope_parameters"] = yarn;
-        Json legacy = yarn;  // transformers 4
-        legacy.erase("rope_theta");
-        legacy.erase("rope_type");
-        legacy["type"] = "yarn";
-        j["rope_scaling"] = legacy;
-      }
-      break;
-    }
+  if (std::string(t.attention) == "mla") {  // MLA's own fields (DeepSeek)
+    j.erase("head_dim");                     // derived by transformers from qk_rope_head_dim
+    j["q_lora_rank"] = m.mla.q_lora_rank > 0 ? Json(m.mla.q_lora_rank) : Json(nullptr);
+    j["kv_lora_rank"] = m.mla.kv_lora_rank;
+    j["qk_nope_head_dim"] = m.mla.qk_nope_head_dim;
+    j["qk_rope_head_dim"] = m.mla.qk_rope_head_dim;
+    j["v_head_dim"] = m.mla.v_head_dim;
+    j["rope_interleave"] = true;
+  }
+  if (t.dense_hidden_field) j[t.dense_hidden_field] = m.dense_hidden;
+  j[t.expert_hidden_field] = m.moe.expert_hidden;
+  j[t.n_experts_field] = m.moe.n_experts;
+  if (t.shared == SharedExperts::Ungated) j["n_shared_experts"] = m.moe.n_shared_experts;
+  if (t.dense_layers == DenseLayers::FirstKDense) {
+    j["first_k_dense_replace"] = m.dense_layers;
+    j["moe_layer_freq"] = 1;
+  }
+  if (t.group_limited) {
+    j["n_group"] = m.moe.router.n_groups;
+    j["topk_group"] = m.moe.router.topk_groups;
+  }
+  if (t.routed_scaling) j["routed_scaling_factor"] = m.moe.router.routed_scaling;
+  if (t.norm_topk_field) j[t.norm_topk_field] = m.moe.router.normalize_topk;
+  if (t.dense_layers == DenseLayers::MlpOnlyLayers) {
+    std::vector<int> dense;
+    for (int i = 0; i < m.dense_layers; ++i) dense.push_back(i);
+    j["decoder_sparse_step"] = 1;
+    j["mlp_only_layers"] = dense;
+  }
+  for (const auto& f : t.fixed) j[f.name] = f.value;
+  if (t.qkv_bias) j["qkv_bias"] = m.qkv_bias;
+  if (t.shared == SharedExperts::OneGated)
+    j["shared_expert_intermediate_size"] = m.moe.n_shared_experts * config::shared_hidden(m.moe);
+  if (t.yarn && m.yarn.factor > 1) {
+    Json yarn = {{"rope_type", "yarn"},
+                 {"rope_theta", m.rope_theta},
+                 {"factor", m.yarn.factor},
+                 {"original_max_position_embeddings",
+                  m.yarn.original_max_seq_len > 0 ? m.yarn.original_max_seq_len : m.max_seq_len},
+                 {"beta_fast", m.yarn.beta_fast},
+                 {"beta_slow", m.yarn.beta_slow},
+                 {"mscale", m.yarn.mscale},
+                 {"mscale_all_dim", m.yarn.mscale_all_dim}};
+    j["rope_parameters"] = yarn;
+    Json legacy = yarn;  // transformers 4
+    legacy.erase("rope_theta");
+    legacy.erase("rope_type");
+    legacy["type"] = "yarn";
+    j["rope_scaling"] = legacy;
   }
   return j;
 }
