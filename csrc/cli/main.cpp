@@ -7,7 +7,6 @@
 
 #include "cli/args.h"
 #include "common/errors.h"
-#include "hf/hf.h"
 
 namespace {
 
@@ -45,7 +44,6 @@ int main(int argc, char** argv) {
   }
   const std::string name = argv[1];
   std::vector<std::string> args(argv + 2, argv + argc);
-  moetrain::hf::install_init_from();  // model.init_from: hf:DIR
   for (const auto& s : kSubcommands)
     if (name == s.name) return moetrain::cli::run_reporting_errors("moetrain", [&] { return s.run(args); });
   std::fprintf(stderr, "moetrain: unknown command '%s' (see moetrain --help)\n", name.c_str());

@@ -901,13 +901,9 @@ void export_model(const model::TransformerImpl& model, Family family, const std:
   files::write_file_synced(files::join(dir, kConfigFile), config_json(m, family).dump(2) + "\n");
 }
 
-namespace {
 void load_init_from(model::TransformerImpl& model, const std::string& init_from) {
   const std::string dir = hf_dir(init_from);
   load_weights(dir, read_config(dir).family, model);
 }
-}  // namespace
-
-void install_init_from() { model::set_pretrained_loader(&load_init_from); }
 
 }  // namespace moetrain::hf

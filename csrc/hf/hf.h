@@ -75,7 +75,8 @@ Family infer_family(const config::ModelConfig& model);
 void export_model(const model::TransformerImpl& model, Family family, const std::string& dir,
                   uint64_t max_shard_bytes = 2'000'000'000ull);
 
-// Installs load_weights as the model's loader for `model.init_from: hf:DIR` (see model::init_weights).
-void install_init_from();
+// `model.init_from: hf:DIR`: streams DIR's weights into `model` (built from the config that
+// resolve_init_from gave), over its seeded initial weights.
+void load_init_from(model::TransformerImpl& model, const std::string& init_from);
 
 }  // namespace moetrain::hf

@@ -8,7 +8,6 @@
 namespace moetrain::model {
 
 namespace {
-PretrainedLoader pretrained_loader = nullptr;  // installed by csrc/hf (model.init_from)
 
 // MLA rotates only its qk_rope_head_dim dimensions; GQA the whole head.
 Rope make_rope(const config::ModelConfig& cfg, torch::Device device) {
@@ -283,8 +282,6 @@ bool ends_with(const std::string& s, const std::string& suffix) {
 }
 }  // namespace
 
-void set_pretrained_loader(PretrainedLoader loader) { pretrained_loader = loader; }
-
 void TransformerImpl::set_activation_checkpointing(const std::string& mode) {
   TORCH_CHECK(mode == "none" || mode == "full" || mode == "selective", "[model] activation checkpointing '", mode,
               "' is not none, full or selective");
@@ -327,11 +324,6 @@ void TransformerImpl::init_weights(uint64_t seed) {
       }
     }
     w.copy_(value);
-  }
-  if (!cfg_.init_from.empty()) {
-    if (!pretrained_loader)
-      throw ConfigError("model.init_from = \"" + cfg_.init_from + "\" needs the Hugging Face reader, which this program did not install");
-    pretrained_loader(*this, cfg_.init_from);
   }
 }
 

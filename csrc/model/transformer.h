@@ -87,8 +87,8 @@ class TransformerImpl : public torch::nn::Module {
                              int64_t chunk, bool sum = false) const;
 
   // Initial weights as a function of (seed, parameter name, global expert id) only, generated on the
-  // CPU in fp32: the same start on any device and any later parallel layout. With model.init_from set,
-  // the pretrained weights then replace them (see set_pretrained_loader).
+  // CPU in fp32: the same start on any device and any later parallel layout. model.init_from is not the
+  // model's business: the trainer loads those weights over these (hf::load_init_from).
   void init_weights(uint64_t seed);
   // Aux-loss-free balancing after an optimizer step: load_LE[i] is MoE layer i's tokens_per_expert
   // summed over the step's micro-batches.
@@ -124,11 +124,6 @@ class TransformerImpl : public torch::nn::Module {
                            ComputeDtype compute_dtype) const;
 };
 TORCH_MODULE(Transformer);
-
-// model.init_from: the reader of pretrained weights sits above the model (csrc/hf), so it installs
-// itself here; init_weights() calls it after the seeded init whenever init_from is set.
-using PretrainedLoader = void (*)(TransformerImpl& model, const std::string& init_from);
-void set_pretrained_loader(PretrainedLoader loader);
 
 // Parameters excluded from weight decay: norms, biases and embeddings.
 bool is_no_decay(const std::string& param_name);

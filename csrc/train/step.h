@@ -18,6 +18,7 @@
 #include "dist/data_parallel.h"
 #include "dist/expert_parallel.h"
 #include "dist/optimizer.h"
+#include "hf/hf.h"
 #include "model/transformer.h"
 #include "optim/adamw.h"
 #include "train/trainer.h"
@@ -95,6 +96,7 @@ struct Trainable {
   static model::Transformer build(const Process& p) {
     model::Transformer m(p.cfg.model, dist::expert_shard(*p.layout));  // this rank's share of the experts
     m->init_weights(p.cfg.run.seed);
+    if (!p.cfg.model.init_from.empty()) hf::load_init_from(*m, p.cfg.model.init_from);  // fine-tuning
     m->place(p.device, p.compute_dtype);
     m->set_loss_chunk(p.cfg.train.loss_chunk_tokens);
     m->set_activation_checkpointing(p.cfg.train.activation_checkpointing);

@@ -136,7 +136,6 @@ CATCH_TEST_CASE("finetune: every command builds the checkpoint's architecture fr
 
 CATCH_TEST_CASE("finetune: 10 steps on a prompt/response shard lower the response loss moetrain eval reports",
                 "[hf][python]") {
-  hf::install_init_from();
   testing::TempDir dir("finetune-pairs");
   const std::string hf_dir = dir.str("hf");
   write_tiny_family(hf::Family::Mixtral, hf_dir, /*vocab_size=*/64, /*max_seq_len=*/32);

@@ -396,7 +396,6 @@ config::Config finetune_config(const testing::TempDir& dir, const std::string& h
 }  // namespace
 
 CATCH_TEST_CASE("hf: fine-tuning from an imported model lowers the loss, and the result exports", "[hf]") {
-  hf::install_init_from();
   testing::TempDir dir("hf-finetune");
   const std::string hf_dir = dir.str("hf");
   auto cfg = finetune_config(dir, hf_dir);
