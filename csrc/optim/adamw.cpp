@@ -6,8 +6,11 @@
 namespace moetrain::optim {
 
 AdamW::AdamW(const std::vector<std::pair<std::string, torch::Tensor>>& named_params, const config::OptimConfig& cfg,
-             const std::function<bool(const std::string&)>& no_decay)
+             const std::function<bool(const std::string&)>& no_decay, std::optional<bool> fused)
     : cfg_(cfg) {
+  bool all_cuda = !named_params.empty();
+  for (const auto& np : named_params) all_cuda = all_cuda && np.second.is_cuda();
+  fused_ = fused.value_or(all_cuda);
   for (const auto& [name, p] : named_params) {
     auto opts = p.options().dtype(torch::kFloat);
     state_.states.push_back({name, p, torch::zeros(p.sizes(), opts), torch::zeros(p.sizes(), opts), !no_decay(name)});
@@ -22,9 +25,31 @@ void AdamW::zero_grad() {
 void AdamW::step(double lr) {
   torch::NoGradGuard no_grad;
   ++state_.step_count;
-  for (auto& s : state_.states)
-    if (s.param.grad().defined())
-      adamw_update(s.param, s.param.grad(), s.exp_avg, s.exp_avg_sq, cfg_, lr, state_.step_count, s.decay);
+  if (!fused_) {
+    for (auto& s : state_.states)
+      if (s.param.grad().defined())
+        adamw_update(s.param, s.param.grad(), s.exp_avg, s.exp_avg_sq, cfg_, lr, state_.step_count, s.decay);
+    return;
+  }
+  // Two launches, with and without weight decay. The kernel reads each tensor's step count (fp32)
+  // and forms the bias corrections itself; the counts are views of one tensor, filled once.
+  for (const bool decay : {true, false}) {
+    std::vector<torch::Tensor> params, grads, exp_avgs, exp_avg_sqs;
+    for (auto& s : state_.states) {
+      if (s.decay != decay || !s.param.grad().defined()) continue;
+      params.push_back(s.param.detach());
+      grads.push_back(s.param.grad());
+      exp_avgs.push_back(s.exp_avg);
+      exp_avg_sqs.push_back(s.exp_avg_sq);
+    }
+    if (params.empty()) continue;
+    auto steps = torch::full({int64_t(params.size())}, double(state_.step_count),
+                             params.front().options().dtype(torch::kFloat));
+    std::vector<torch::Tensor> step_views;
+    for (int64_t i = 0; i < steps.size(0); ++i) step_views.push_back(steps[i]);
+    at::_fused_adamw_(params, grads, exp_avgs, exp_avg_sqs, /*max_exp_avg_sqs=*/{}, step_views, lr, cfg_.beta1,
+                      cfg_.beta2, decay ? cfg_.weight_decay : 0.0, cfg_.eps, /*amsgrad=*/false, /*maximize=*/false);
+  }
 }
 
 void adamw_update(torch::Tensor param, const torch::Tensor& grad, torch::Tensor exp_avg, torch::Tensor exp_avg_sq,

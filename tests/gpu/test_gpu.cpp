@@ -12,6 +12,7 @@
 #include "dist/communicator.h"
 #include "model/transformer.h"
 #include "moe/moe.h"
+#include "optim/adamw.h"
 
 using namespace moetrain;
 using Catch::Matchers::Contains;
@@ -102,6 +103,7 @@ CATCH_TEST_CASE("NCCL at world size 1: every collective, fp32 and bf16, strided 
     CATCH_CHECK(torch::equal(y, x));
     world->broadcast(y, 0);
     CATCH_CHECK(torch::equal(y, x));
+    CATCH_CHECK(torch::equal(world->reduce_scatter_sum(x.reshape(-1)), x.reshape(-1)));  // ZeRO-1's collective
     // Strided views (a transpose) are gathered and exchanged as their values, not their storage.
     const auto strided = torch::arange(12, opts).view({3, 4}).t();
     CATCH_REQUIRE(!strided.is_contiguous());
@@ -181,4 +183,31 @@ CATCH_TEST_CASE("Deterministic mode on CUDA: the MoE layer and the loss repeat b
   bool all_equal = true;
   for (size_t i = 0; i < a.second.size(); ++i) all_equal = all_equal && torch::equal(a.second[i], b.second[i]);
   CATCH_CHECK(all_equal);
+}
+
+// AdamW on CUDA takes LibTorch's fused kernel by default; it follows the CPU's per-tensor update to fp32
+// rounding (1e-6 relative over five steps; the kernel forms the bias corrections in another order).
+CATCH_TEST_CASE("AdamW on CUDA is fused and follows the CPU's per-tensor update", "[.gpu]") {
+  require_gpu();
+  config::OptimConfig cfg;
+  cfg.weight_decay = 0.1;
+  torch::manual_seed(3);
+  auto cpu_w = torch::randn({64, 32}).requires_grad_(), cpu_b = torch::randn({32}).requires_grad_();
+  auto gpu_w = cpu_w.detach().to(torch::kCUDA).requires_grad_(), gpu_b = cpu_b.detach().to(torch::kCUDA).requires_grad_();
+  auto no_decay = [](const std::string& n) { return n == "b"; };
+  optim::AdamW cpu({{"w", cpu_w}, {"b", cpu_b}}, cfg, no_decay);
+  optim::AdamW gpu({{"w", gpu_w}, {"b", gpu_b}}, cfg, no_decay);
+  CATCH_CHECK_FALSE(cpu.fused());
+  CATCH_REQUIRE(gpu.fused());
+  for (int step = 0; step < 5; ++step) {
+    auto gw = torch::randn({64, 32}), gb = torch::randn({32});
+    cpu_w.mutable_grad() = gw.clone();
+    cpu_b.mutable_grad() = gb.clone();
+    gpu_w.mutable_grad() = gw.to(torch::kCUDA);
+    gpu_b.mutable_grad() = gb.to(torch::kCUDA);
+    cpu.step(1e-2);
+    gpu.step(1e-2);
+  }
+  CATCH_CHECK(torch::allclose(gpu_w.detach().cpu(), cpu_w.detach(), 1e-6, 1e-7));
+  CATCH_CHECK(torch::allclose(gpu_b.detach().cpu(), cpu_b.detach(), 1e-6, 1e-7));
 }

@@ -5,35 +5,46 @@
 
 using namespace moetrain;
 
+// Both kernels: the per-tensor ops and LibTorch's fused multi-tensor kernel (the default on CUDA; the
+// CPU has one too, so the CPU test proves the call: its arguments, the step counts it reads, decay
+// only where asked).
 CATCH_TEST_CASE("AdamW matches the decoupled-weight-decay update element by element", "[optim]") {
-  config::OptimConfig cfg;
-  cfg.beta1 = 0.8;
-  cfg.beta2 = 0.9;
-  cfg.eps = 1e-6;
-  cfg.weight_decay = 0.1;
-  auto w = torch::randn({5}, torch::kDouble).to(torch::kFloat).requires_grad_();
-  auto b = torch::randn({3}).requires_grad_();
-  optim::AdamW opt({{"w", w}, {"b_bias", b}}, cfg, [](const std::string& n) { return n == "b_bias"; });
-  std::vector<double> wr(5), m(5, 0), v(5, 0);
-  for (int i = 0; i < 5; ++i) wr[i] = w[i].item<double>();
-  const double lr = 0.01;
-  for (int step = 1; step <= 3; ++step) {
-    auto g = torch::randn({5});
-    w.mutable_grad() = g.clone();
-    b.mutable_grad() = torch::randn({3});
-    opt.step(lr);
-    for (int i = 0; i < 5; ++i) {
-      const double gi = g[i].item<double>();
-      m[i] = cfg.beta1 * m[i] + (1 - cfg.beta1) * gi;
-      v[i] = cfg.beta2 * v[i] + (1 - cfg.beta2) * gi * gi;
-      const double mhat = m[i] / (1 - std::pow(cfg.beta1, step)), vhat = v[i] / (1 - std::pow(cfg.beta2, step));
-      wr[i] = wr[i] * (1 - lr * cfg.weight_decay) - lr * mhat / (std::sqrt(vhat) + cfg.eps);
+  for (const bool fused : {false, true}) {
+    CATCH_INFO((fused ? "fused" : "per-tensor") << " kernel");
+    config::OptimConfig cfg;
+    cfg.beta1 = 0.8;
+    cfg.beta2 = 0.9;
+    cfg.eps = 1e-6;
+    cfg.weight_decay = 0.1;
+    torch::manual_seed(7);
+    auto w = torch::randn({5}, torch::kDouble).to(torch::kFloat).requires_grad_();
+    auto b = torch::randn({3}).requires_grad_();
+    optim::AdamW opt({{"w", w}, {"b_bias", b}}, cfg, [](const std::string& n) { return n == "b_bias"; }, fused);
+    CATCH_CHECK(opt.fused() == fused);
+    std::vector<double> wr(5), br(3), m(8, 0), v(8, 0);
+    for (int i = 0; i < 5; ++i) wr[i] = w[i].item<double>();
+    for (int i = 0; i < 3; ++i) br[i] = b[i].item<double>();
+    const double lr = 0.01;
+    for (int step = 1; step <= 3; ++step) {
+      auto g = torch::randn({5}), gb = torch::randn({3});
+      w.mutable_grad() = g.clone();
+      b.mutable_grad() = gb.clone();
+      opt.step(lr);
+      for (int i = 0; i < 8; ++i) {
+        const double gi = i < 5 ? g[i].item<double>() : gb[i - 5].item<double>();
+        m[i] = cfg.beta1 * m[i] + (1 - cfg.beta1) * gi;
+        v[i] = cfg.beta2 * v[i] + (1 - cfg.beta2) * gi * gi;
+        const double mhat = m[i] / (1 - std::pow(cfg.beta1, step)), vhat = v[i] / (1 - std::pow(cfg.beta2, step));
+        double& x = i < 5 ? wr[i] : br[i - 5];
+        x = x * (i < 5 ? 1 - lr * cfg.weight_decay : 1.0) - lr * mhat / (std::sqrt(vhat) + cfg.eps);  // b: no decay
+      }
     }
+    // fp32 parameters against an fp64 reference over three steps: 1e-6 relative.
+    for (int i = 0; i < 5; ++i) CATCH_CHECK(w[i].item<double>() == Approx(wr[i]).epsilon(1e-6).margin(1e-7));
+    for (int i = 0; i < 3; ++i) CATCH_CHECK(b[i].item<double>() == Approx(br[i]).epsilon(1e-6).margin(1e-7));
+    CATCH_CHECK(opt.step_count() == 3);
+    CATCH_CHECK_FALSE(opt.states()[1].decay);
   }
-  // fp32 parameters against an fp64 reference over three steps: 1e-6 relative.
-  for (int i = 0; i < 5; ++i) CATCH_CHECK(w[i].item<double>() == Approx(wr[i]).epsilon(1e-6).margin(1e-7));
-  CATCH_CHECK(opt.step_count() == 3);
-  CATCH_CHECK_FALSE(opt.states()[1].decay);
 }
 
 CATCH_TEST_CASE("Learning rate: linear warmup, cosine to min_lr, constant", "[optim]") {
