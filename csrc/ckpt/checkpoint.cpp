@@ -182,16 +182,16 @@ SaveJob plan(const std::string& out_dir, const model::TransformerImpl& model, co
   const auto experts_by_name = expert_names(model);
   auto add = [&](PendingFile& whole, PendingFile& per_expert, const std::string& name, const std::string& suffix,
                  const torch::Tensor& t) {
-    const bool writes = experts_by_name.count(name) ? first_replica : rank == 0;
-    if (writes && !t.defined())
+    const bool expert = experts_by_name.count(name) > 0;
+    if (!(expert ? first_replica : rank == 0)) return;  // another rank writes it
+    if (!t.defined())
       throw CheckpointError("internal: rank " + std::to_string(rank) + " writes '" + name + suffix + "' but holds none of it");
-    if (experts_by_name.count(name)) {
-      if (!first_replica) return;
-      auto all = keep(t);
-      for (int64_t e = 0; e < t.size(0); ++e) per_expert.tensors.emplace_back(expert_key(name, offset + e, suffix), all[e]);
-    } else if (rank == 0) {
-      whole.tensors.emplace_back(name + suffix, keep(t));
+    auto kept = keep(t);
+    if (!expert) {
+      whole.tensors.emplace_back(name + suffix, kept);
+      return;
     }
+    for (int64_t e = 0; e < t.size(0); ++e) per_expert.tensors.emplace_back(expert_key(name, offset + e, suffix), kept[e]);
   };
   for (const auto& p : model.named_parameters()) add(main, experts, p.key(), "", p.value());
   if (rank == 0)
