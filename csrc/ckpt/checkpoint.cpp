@@ -33,6 +33,11 @@ constexpr const char* kOptimFile = "optim.safetensors";
 constexpr const char* kManifestFile = "manifest.json";
 constexpr const char* kExpertsPrefix = "experts-";
 constexpr const char* kOptimExpertsPrefix = "optim-experts-";
+// Pipeline stage s > 0 of pp files its replicated weights and moments apart (stage 0 keeps the names
+// above), and every stage's expert files carry the stage: "model-stage-00001-of-00004.safetensors",
+// "experts-stage00001-00000-of-00002.safetensors".
+constexpr const char* kModelStagePrefix = "model-stage-";
+constexpr const char* kOptimStagePrefix = "optim-stage-";
 constexpr int kFormatVersion = 2;
 
 
@@ -40,6 +45,15 @@ std::string numbered(const std::string& prefix, int64_t i, int64_t n) {
   char buf[64];
   std::snprintf(buf, sizeof buf, "%05lld-of-%05lld.safetensors", static_cast<long long>(i), static_cast<long long>(n));
   return prefix + buf;
+}
+std::string stage_file(const char* whole, const char* stage_prefix, int stage, int pp) {
+  return stage == 0 ? std::string(whole) : numbered(stage_prefix, stage, pp);
+}
+std::string expert_file(const char* prefix, int stage, int pp, int ep_rank, int ep) {
+  if (pp == 1) return numbered(prefix, ep_rank, ep);
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "stage%05d-", stage);
+  return numbered(prefix + std::string(buf), ep_rank, ep);
 }
 std::string rng_file(int rank) {
   char buf[48];
@@ -104,6 +118,35 @@ class ExpertFiles {
   std::map<std::string, const SafetensorsFile*> where_;
 };
 
+std::string listed_path(const std::string& step_dir, const Manifest& manifest, const std::string& name);
+
+// The replicated tensors of a checkpoint, found by name across its whole file (stage 0, or the only
+// one) and the other pipeline stages' files.
+class WholeFiles {
+ public:
+  WholeFiles(const std::string& step_dir, const Manifest& manifest, const char* whole, const char* stage_prefix) {
+    // The whole (stage 0) file first: it names the errors and holds the step count.
+    const std::string path = listed_path(step_dir, manifest, whole);
+    files_.push_back(std::make_unique<SafetensorsFile>(path));
+    for (const auto& f : manifest.files)
+      if (f.name.rfind(stage_prefix, 0) == 0) files_.push_back(std::make_unique<SafetensorsFile>(files::join(step_dir, f.name)));
+    for (const auto& file : files_)
+      for (const auto& info : file->tensors())
+        if (!where_.emplace(info.name, file.get()).second)
+          throw CheckpointError(file->path() + ": tensor '" + info.name + "' is also in " + where_[info.name]->path());
+  }
+  const std::map<std::string, const SafetensorsFile*>& tensors() const { return where_; }
+  const SafetensorsFile& holding(const std::string& name) const {
+    auto it = where_.find(name);
+    return it == where_.end() ? *files_.front() : *it->second;
+  }
+  const SafetensorsFile& first() const { return *files_.front(); }
+
+ private:
+  std::vector<std::unique_ptr<SafetensorsFile>> files_;
+  std::map<std::string, const SafetensorsFile*> where_;
+};
+
 uint64_t free_bytes(const std::string& dir) {
   struct statvfs st {};
   if (statvfs(dir.c_str(), &st) != 0) return UINT64_MAX;  // unknown: let the write itself report
@@ -140,7 +183,7 @@ int64_t total_experts(const model::TransformerImpl& model) { return model.config
 struct SaveJob {
   const dist::Layout* layout = nullptr;
   dist::Communicator* world = nullptr;
-  int rank = 0, world_size = 1, ep = 1;
+  int rank = 0, world_size = 1, ep = 1, pp = 1;
   int64_t routed_experts = 0;
   Progress progress;
   std::string config_yaml;
@@ -164,26 +207,31 @@ SaveJob plan(const std::string& out_dir, const model::TransformerImpl& model, co
   job.rank = job.world ? job.world->rank() : 0;
   job.world_size = job.world ? job.world->world_size() : 1;
   job.ep = layout ? layout->ep_size() : 1;
+  job.pp = layout ? layout->pp_size() : 1;
   job.routed_experts = total_experts(model);
   job.progress = progress;
   job.config_yaml = config_yaml;
-  const int rank = job.rank, ep_rank = layout ? layout->ep_rank() : 0;
+  const int rank = job.rank, ep_rank = layout ? layout->ep_rank() : 0, stage = layout ? layout->pp_rank() : 0;
   const bool first_replica = !layout || layout->edp->rank() == 0;  // writes this ep rank's experts
+  const bool stage_writer = !layout || layout->dp_rank() == 0;     // writes this stage's replicated tensors
+  std::set<std::string> duplicates;  // a tied embedding's second copy: the first stage writes it
+  for (const auto& p : model.roled_parameters())
+    if (p.duplicate) duplicates.insert(p.name);
   const int64_t offset = model.expert_offset();
   // An asynchronous save keeps CPU copies, so training may change the originals meanwhile.
   auto keep = [&](const torch::Tensor& t) {
     return snapshot ? t.detach().to(torch::kCPU, /*non_blocking=*/false, /*copy=*/true) : t.detach();
   };
 
-  PendingFile main{kModelFile, {}, {{"format", "moetrain"}}};
-  PendingFile experts{numbered(kExpertsPrefix, ep_rank, job.ep), {}, {{"format", "moetrain"}}};
-  PendingFile optim{kOptimFile, {}, {{"format", "moetrain"}}};
-  PendingFile optim_experts{numbered(kOptimExpertsPrefix, ep_rank, job.ep), {}, {{"format", "moetrain"}}};
+  PendingFile main{stage_file(kModelFile, kModelStagePrefix, stage, job.pp), {}, {{"format", "moetrain"}}};
+  PendingFile experts{expert_file(kExpertsPrefix, stage, job.pp, ep_rank, job.ep), {}, {{"format", "moetrain"}}};
+  PendingFile optim{stage_file(kOptimFile, kOptimStagePrefix, stage, job.pp), {}, {{"format", "moetrain"}}};
+  PendingFile optim_experts{expert_file(kOptimExpertsPrefix, stage, job.pp, ep_rank, job.ep), {}, {{"format", "moetrain"}}};
   const auto experts_by_name = expert_names(model);
   auto add = [&](PendingFile& whole, PendingFile& per_expert, const std::string& name, const std::string& suffix,
                  const torch::Tensor& t) {
     const bool expert = experts_by_name.count(name) > 0;
-    if (!(expert ? first_replica : rank == 0)) return;  // another rank writes it
+    if (!(expert ? first_replica : stage_writer && !duplicates.count(name))) return;  // another rank writes it
     if (!t.defined())
       throw CheckpointError("internal: rank " + std::to_string(rank) + " writes '" + name + suffix + "' but holds none of it");
     auto kept = keep(t);
@@ -194,9 +242,9 @@ SaveJob plan(const std::string& out_dir, const model::TransformerImpl& model, co
     for (int64_t e = 0; e < t.size(0); ++e) per_expert.tensors.emplace_back(expert_key(name, offset + e, suffix), kept[e]);
   };
   for (const auto& p : model.named_parameters()) add(main, experts, p.key(), "", p.value());
-  if (rank == 0)
+  if (stage_writer)
     for (const auto& b : model.named_buffers()) main.tensors.emplace_back(b.key(), keep(b.value()));
-  if (rank == 0) job.files.push_back(std::move(main));
+  if (stage_writer) job.files.push_back(std::move(main));
   if (!experts.tensors.empty()) job.files.push_back(std::move(experts));
   if (optimizer) {
     for (const auto& s : optimizer->states) {
@@ -204,7 +252,7 @@ SaveJob plan(const std::string& out_dir, const model::TransformerImpl& model, co
       add(optim, optim_experts, s.name, ".exp_avg_sq", s.exp_avg_sq);
     }
     optim.metadata["step_count"] = std::to_string(optimizer->step_count);
-    if (rank == 0) job.files.push_back(std::move(optim));
+    if (stage_writer) job.files.push_back(std::move(optim));
     if (!optim_experts.tensors.empty()) job.files.push_back(std::move(optim_experts));
     PendingFile rng{rng_file(rank), {}, {{"format", "moetrain"}}};
     at::Generator generator = at::detail::getDefaultCPUGenerator();
@@ -264,7 +312,8 @@ std::string commit(SaveJob& job) {
     manifest["elapsed_s"] = progress.elapsed_s;
     manifest["gpu_hours"] = progress.gpu_hours;
     manifest["cost_usd"] = progress.cost_usd;
-    manifest["layout"] = {{"world_size", job.world_size}, {"expert_parallel", job.ep}, {"routed_experts", job.routed_experts}};
+    manifest["layout"] = {{"world_size", job.world_size}, {"expert_parallel", job.ep}, {"pipeline_parallel", job.pp},
+                          {"routed_experts", job.routed_experts}};
     // The sampler is a pure function of (seed, step, micro-batch, rank): the step is the data cursor.
     manifest["data_cursor"] = {{"step", progress.step}, {"tokens", progress.tokens}};
     manifest["config"] = job.config_yaml;
@@ -481,8 +530,11 @@ Manifest read_manifest(const std::string& step_dir) {
     m.world_size = int(r.integer(r.at(layout, "world_size", "layout.world_size"), "layout.world_size", 1, 1 << 20));
     m.expert_parallel = int(r.integer(r.at(layout, "expert_parallel", "layout.expert_parallel"),
                                       "layout.expert_parallel", 1, m.world_size));
-    if (m.world_size % m.expert_parallel != 0)
-      r.bad("layout.expert_parallel", "= " + std::to_string(m.expert_parallel) + " does not divide layout.world_size = " +
+    if (layout.contains("pipeline_parallel"))
+      m.pipeline_parallel = int(r.integer(layout["pipeline_parallel"], "layout.pipeline_parallel", 1, m.world_size));
+    if (m.world_size % (m.expert_parallel * m.pipeline_parallel) != 0)
+      r.bad("layout.expert_parallel", "= " + std::to_string(m.expert_parallel) + " times layout.pipeline_parallel = " +
+                                          std::to_string(m.pipeline_parallel) + " does not divide layout.world_size = " +
                                           std::to_string(m.world_size));
   }
   m.config_yaml = r.text(r.at(j, "config", "config"), "config");
@@ -543,27 +595,30 @@ Manifest open_checkpoint(const std::string& step_dir, const std::string& verify)
 
 // The path of `name` in `step_dir`, which its manifest must list: a file the manifest does not cover
 // was not verified and is never loaded.
-static std::string listed_path(const std::string& step_dir, const Manifest& manifest, const std::string& name) {
+namespace {
+std::string listed_path(const std::string& step_dir, const Manifest& manifest, const std::string& name) {
   for (const auto& f : manifest.files)
     if (f.name == name) return files::join(step_dir, name);
   throw CheckpointError("'" + files::join(step_dir, name) + "' is not listed in " + files::join(step_dir, kManifestFile) +
                         ": the checkpoint is incomplete or was altered");
 }
+}  // namespace
 
 void load_model(const std::string& step_dir, model::TransformerImpl& model) {
   torch::NoGradGuard no_grad;
   const Manifest manifest = read_manifest(step_dir);
-  SafetensorsFile file(listed_path(step_dir, manifest, kModelFile));
+  const WholeFiles whole(step_dir, manifest, kModelFile, kModelStagePrefix);
   auto params = model.named_parameters();
   auto buffers = model.named_buffers();
-  for (const auto& info : file.tensors())
-    if (!params.contains(info.name) && !buffers.contains(info.name))
-      throw CheckpointError(file.path() + ": tensor '" + info.name + "' has no parameter or buffer in this model");
+  for (const auto& [name, file] : whole.tensors())
+    if (!params.contains(name) && !buffers.contains(name) && !model.held_by_another_stage(name))
+      throw CheckpointError(file->path() + ": tensor '" + name + "' has no parameter or buffer in this model");
   const int64_t offset = model.expert_offset(), E = total_experts(model);
   std::optional<ExpertFiles> experts;
   if (manifest.format_version >= 2) experts.emplace(step_dir, manifest, kExpertsPrefix);
   const auto experts_by_name = expert_names(model);
   for (auto& p : params) {
+    const auto& file = whole.holding(p.key());
     if (!experts_by_name.count(p.key()))
       p.value().copy_(read_matching(file, p.key(), p.value()));
     else if (experts)
@@ -571,26 +626,28 @@ void load_model(const std::string& step_dir, model::TransformerImpl& model) {
     else  // format 1: stacked over every expert in model.safetensors
       p.value().copy_(read_matching(file, p.key(), p.value(), std::make_pair(offset, E)));
   }
-  for (auto& b : buffers) b.value().copy_(read_matching(file, b.key(), b.value()));
+  for (auto& b : buffers) b.value().copy_(read_matching(whole.holding(b.key()), b.key(), b.value()));
 }
 
 void load_optimizer(const std::string& step_dir, optim::OptimizerState& optimizer, const model::TransformerImpl& model, int rank) {
   torch::NoGradGuard no_grad;
   if (!files::exists(files::join(step_dir, kOptimFile))) return;  // weights only (moetrain convert)
   const Manifest manifest = read_manifest(step_dir);
-  SafetensorsFile file(listed_path(step_dir, manifest, kOptimFile));
+  const WholeFiles whole(step_dir, manifest, kOptimFile, kOptimStagePrefix);
+  const SafetensorsFile& file = whole.first();  // stage 0's: the step count
   const int64_t offset = model.expert_offset(), E = total_experts(model);
   std::optional<ExpertFiles> experts;
   if (manifest.format_version >= 2) experts.emplace(step_dir, manifest, kOptimExpertsPrefix);
   const auto experts_by_name = expert_names(model);
   for (auto& s : optimizer.states) {
     for (auto [suffix, moment] : {std::pair<const char*, torch::Tensor*>{".exp_avg", &s.exp_avg}, {".exp_avg_sq", &s.exp_avg_sq}}) {
+      const auto& holding = whole.holding(s.name + suffix);
       if (!experts_by_name.count(s.name))
-        moment->copy_(read_matching(file, s.name + suffix, *moment));
+        moment->copy_(read_matching(holding, s.name + suffix, *moment));
       else if (experts)
         experts->load_into(s.name, suffix, *moment, offset, E);
       else
-        moment->copy_(read_matching(file, s.name + suffix, *moment, std::make_pair(offset, E)));
+        moment->copy_(read_matching(holding, s.name + suffix, *moment, std::make_pair(offset, E)));
     }
   }
   const auto& meta = file.metadata();

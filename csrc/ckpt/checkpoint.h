@@ -5,6 +5,10 @@
 //   optim-experts-PPPPP-of-NNNNN...       named "<param>[<id>]" (and their moments); written by the first
 //                                         replica of each ep rank
 //   rng-RRRRR.safetensors                 each rank's CPU generator state
+//   model-stage-SSSSS-of-PPPPP...         with a pipeline: stage S > 0's replicated weights (stage 0's
+//   optim-stage-SSSSS-of-PPPPP...         are in model.safetensors), its moments; the expert files
+//                                         become experts-stageSSSSS-PPPPP-of-NNNNN (written by each
+//                                         stage's first data-parallel rank and first expert replicas)
 //   manifest.json                         every file with size and sha256, the layout, progress, cost,
 //                                         data cursor and resolved config
 // Every rank writes its files into ckpt/.tmp-step_XXXXXXXX and fsyncs them; after a barrier rank 0
@@ -49,6 +53,7 @@ struct Manifest {
   std::vector<FileEntry> files;
   int world_size = 1;       // the layout that wrote it
   int expert_parallel = 1;
+  int pipeline_parallel = 1;
 };
 
 // The model's routed experts' stacked weights (model::ParamRole::expert): filed by global expert id.
@@ -111,8 +116,9 @@ std::vector<std::string> verify_files(const std::string& step_dir, const Manifes
 // names inside the folder, the step against the folder's name, a sane layout.
 Manifest read_manifest(const std::string& step_dir);
 
-// Loads the weights this rank holds (its experts by global id, model.expert_offset() onwards),
-// requiring exactly the model's names, shapes and dtypes; a mismatch names the tensor and both shapes.
+// Loads the weights this rank holds (its experts by global id, model.expert_offset() onwards; its
+// pipeline stage's blocks and ends, from whichever stage's file holds them), requiring exactly the
+// model's names, shapes and dtypes; a mismatch names the tensor and both shapes.
 void load_model(const std::string& step_dir, model::TransformerImpl& model);
 // Loads moments, step count and this rank's CPU RNG state into `optimizer` over the same parameters.
 // A weights-only checkpoint leaves the optimizer as it is.

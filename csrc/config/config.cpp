@@ -306,6 +306,16 @@ const std::vector<KeyDesc>& keys() {
                    "replicated weights, the expert-data-parallel group for routed experts): gradients are "
                    "reduce-scattered, each rank updates its shard and the weights are all-gathered.",
                    from_to(0, 1)),
+      MOETRAIN_KEY(parallel.pipeline_parallel,
+                   "Pipeline stages (pp): the blocks are split into pp consecutive stages, the embedding on the "
+                   "first, the final norm, LM head and loss on the last; a step runs its micro-batches through "
+                   "them in the 1F1B schedule (train.grad_accum >= pp). The world is pp x data-parallel ranks "
+                   "(expert parallel and ZeRO within each stage's data-parallel ranks); rank r is stage r / "
+                   "(world / pp).", at_least(1)),
+      MOETRAIN_KEY(parallel.pp_layers,
+                   "Blocks per pipeline stage as a comma-separated list (\"6,5,5\": pipeline_parallel counts "
+                   "summing to model.n_layers); \"\" = balanced by the cost model's per-layer FLOPs, the LM head "
+                   "counted on the last stage.", any()),
       MOETRAIN_KEY(parallel.timeout_s,
                    "Seconds the rendezvous and each collective may wait for a peer before every rank stops with "
                    "an error naming the operation.", at_least(1)),
@@ -823,12 +833,48 @@ void validate(const Config& cfg) {
                       format_number(cfg.optim.lr));
   if (cfg.train.grad_accum == 0 && cfg.train.global_batch_size == 0)
     throw ConfigError("train.grad_accum = 0 (derived) needs train.global_batch_size > 0 to derive it from");
+  const int pp = cfg.parallel.pipeline_parallel;
+  if (pp > m.n_layers)
+    throw ConfigError(kv("parallel.pipeline_parallel", pp) + " must be at most " + kv("model.n_layers", m.n_layers) +
+                      " (each stage holds at least one block)");
+  if (pp > 1 && cfg.train.grad_accum > 0 && cfg.train.grad_accum < pp)
+    throw ConfigError(kv("train.grad_accum", cfg.train.grad_accum) + " must be at least " +
+                      kv("parallel.pipeline_parallel", pp) +
+                      " (the 1F1B schedule fills the pipeline with the step's micro-batches)");
+  explicit_pp_layers(cfg);  // throws on a malformed list
+}
+
+std::vector<int> explicit_pp_layers(const Config& cfg) {
+  const std::string& text = cfg.parallel.pp_layers;
+  if (text.empty()) return {};
+  const std::string key = "parallel.pp_layers = \"" + text + "\"";
+  std::vector<int> counts;
+  int64_t sum = 0;
+  std::stringstream in(text);
+  for (std::string item; std::getline(in, item, ',');) {
+    item.erase(0, item.find_first_not_of(" "));
+    item.erase(item.find_last_not_of(" ") + 1);
+    int v = 0;
+    const auto [end, ec] = std::from_chars(item.data(), item.data() + item.size(), v);
+    if (item.empty() || ec != std::errc() || end != item.data() + item.size() || v < 1)
+      throw ConfigError(key + ": \"" + item + "\" is not a positive number of blocks");
+    counts.push_back(v);
+    sum += v;
+  }
+  if (int(counts.size()) != cfg.parallel.pipeline_parallel)
+    throw ConfigError(key + " lists " + std::to_string(counts.size()) + " stages but parallel.pipeline_parallel = " +
+                      std::to_string(cfg.parallel.pipeline_parallel));
+  if (sum != cfg.model.n_layers)
+    throw ConfigError(key + " sums to " + std::to_string(sum) + " blocks but model.n_layers = " +
+                      std::to_string(cfg.model.n_layers));
+  return counts;
 }
 
 Config for_world_size(Config cfg, int world_size) {
   TrainConfig& t = cfg.train;
   if (world_size < 1) throw ConfigError("world size " + std::to_string(world_size) + " must be at least 1");
   if (t.global_batch_size == 0) return cfg;
+  // (world_size here is the ranks that read data: the world divided by the pipeline stages.)
   const std::string global = "train.global_batch_size = " + std::to_string(t.global_batch_size);
   const std::string world = "world size " + std::to_string(world_size);
   if (t.grad_accum == 0) {  // the micro-batch is given (it is what fits in memory); accumulation fills the rest

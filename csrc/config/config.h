@@ -127,6 +127,8 @@ struct ParallelConfig {
   std::string backend = "auto"; // auto | nccl | store | single
   int expert_parallel = 1;
   int zero = 0;                 // ZeRO stage: 0 = every replica holds all optimizer state; 1 = sharded over the replicas
+  int pipeline_parallel = 1;    // pipeline stages (pp): world = pp x data-parallel ranks
+  std::string pp_layers;        // blocks per stage, "6,5,5"; "" = balanced by per-layer FLOPs (cost::pipeline_layers)
   int timeout_s = 600;
 };
 
@@ -166,6 +168,10 @@ void validate(const Config& cfg);
 // train.micro_batch_size (or, at train.grad_accum = 0, grad_accum) is derived so that every world size
 // takes the same sequences per step. Throws ConfigError naming the keys when the sizes do not divide.
 Config for_world_size(Config cfg, int world_size);
+// parallel.pp_layers as numbers: one count of blocks per stage; empty when the key is "" (balanced).
+// A list that is not parallel.pipeline_parallel positive integers summing to model.n_layers is a
+// ConfigError naming the key.
+std::vector<int> explicit_pp_layers(const Config& cfg);
 // The resolved config as YAML that parse_config reads back to an equal config.
 std::string to_yaml(const Config& cfg);
 // (key path, value text) for every key, in declaration order: the start-up table.

@@ -12,6 +12,7 @@
 #include <chrono>
 #include <cstdlib>
 #include <cstring>
+#include <map>
 #include <sstream>
 #include <thread>
 
@@ -64,6 +65,9 @@ class SingleCommunicator final : public Communicator {
     return in.clone();
   }
   void barrier() override {}
+  void send_recv(const torch::Tensor&, int dst, torch::Tensor&, int src) override {
+    TORCH_CHECK(dst < 0 && src < 0, "[dist] send/recv on ", name_, ": a group of one rank has no peer");
+  }
   std::unique_ptr<Communicator> split(int, const std::string& label) override {
     return std::make_unique<SingleCommunicator>(label);
   }
@@ -227,6 +231,32 @@ class StoreCommunicator final : public Communicator {
       if (r != rank_) take_bytes(round + std::to_string(r), world_size() - 1, r, "barrier");
   }
 
+  // Each ordered pair of ranks has its own numbered stream of messages "p2p/<src>><dst>/<n>": a
+  // message is posted at once (the store buffers it) and read by its one receiver, who checks its
+  // signature against the tensor it expects.
+  void send_recv(const torch::Tensor& send, int dst, torch::Tensor& recv, int src) override {
+    op_ = "send/recv";
+    auto p2p_signature = [](const torch::Tensor& t) {
+      std::ostringstream s;
+      s << "p2p " << c10::toString(t.scalar_type()) << " " << t.sizes();
+      return s.str();
+    };
+    if (dst >= 0) {
+      TORCH_CHECK(dst < world_size() && dst != rank_, "[dist] send on ", name_, ": no peer ", dst);
+      auto bytes = to_bytes(send);
+      p2p_bytes_sent_ += int64_t(bytes.size());
+      const std::string key = prefix_ + "p2p/" + std::to_string(rank_) + ">" + std::to_string(dst) + "/" +
+                              std::to_string(sent_[dst]++);
+      put(key, p2p_signature(send), bytes);
+    }
+    if (src >= 0) {
+      TORCH_CHECK(src < world_size() && src != rank_, "[dist] recv on ", name_, ": no peer ", src);
+      const std::string key = prefix_ + "p2p/" + std::to_string(src) + ">" + std::to_string(rank_) + "/" +
+                              std::to_string(received_[src]++);
+      recv.copy_(take(key, 1, src, recv, p2p_signature(recv)));
+    }
+  }
+
   std::unique_ptr<Communicator> split(int color, const std::string& label) override {
     auto members = members_with_color(*this, color);
     const std::string prefix = prefix_ + "split" + std::to_string(round_) + "." + std::to_string(color) + "/";
@@ -346,6 +376,7 @@ class StoreCommunicator final : public Communicator {
   std::vector<int> world_ranks_;
   int64_t round_ = 0;
   const char* op_ = "";
+  std::map<int, int64_t> sent_, received_;  // point-to-point messages, per peer
 };
 
 }  // namespace
@@ -572,21 +603,47 @@ std::unique_ptr<Communicator> make_communicator(const config::ParallelConfig& pa
   return std::make_unique<StoreCommunicator>(shared, "c/", "world", env.rank, ranks);
 }
 
-Layout make_layout(std::shared_ptr<Communicator> world, int expert_parallel) {
-  const int W = world->world_size();
-  if (expert_parallel < 1 || W % expert_parallel != 0)
-    throw DistError("parallel.expert_parallel = " + std::to_string(expert_parallel) + " does not divide the world size " +
+Layout make_layout(std::shared_ptr<Communicator> world, int expert_parallel, int pipeline_parallel) {
+  const int W = world->world_size(), pp = pipeline_parallel;
+  if (pp < 1 || W % pp != 0)
+    throw DistError("parallel.pipeline_parallel = " + std::to_string(pp) + " does not divide the world size " +
                     std::to_string(W));
+  const int dp = W / pp;
+  if (expert_parallel < 1 || dp % expert_parallel != 0)
+    throw DistError("parallel.expert_parallel = " + std::to_string(expert_parallel) + " does not divide the " +
+                    (pp > 1 ? "data-parallel ranks of a stage, world size " + std::to_string(W) + " / pipeline_parallel " +
+                                  std::to_string(pp) + " = " + std::to_string(dp)
+                            : "world size " + std::to_string(W)));
   Layout layout;
   const int r = world->rank();
-  const int group = r / expert_parallel, ep_rank = r % expert_parallel;
+  const int stage = r / dp, d = r % dp;
+  const int group = d / expert_parallel, ep_rank = d % expert_parallel;
   auto list = [&](int first, int stride, int count) {
-    std::string s;
-    for (int i = 0; i < count; ++i) s += (i ? "," : "") + std::to_string(first + i * stride);
-    return "[" + s + "]";
+    std::string s = "[";
+    for (int i = 0; i < count; ++i) {
+      if (i > 0) s += ",";
+      s += std::to_string(first + i * stride);
+    }
+    return s + "]";
   };
-  layout.ep = world->split(group, "ep" + list(group * expert_parallel, 1, expert_parallel));
-  layout.edp = world->split(ep_rank, "edp" + list(ep_rank, expert_parallel, W / expert_parallel));
+  const int base = stage * dp;  // world rank of this stage's dp rank 0
+  if (pp == 1) {
+    layout.ep = world->split(group, "ep" + list(group * expert_parallel, 1, expert_parallel));
+    layout.edp = world->split(ep_rank, "edp" + list(ep_rank, expert_parallel, dp / expert_parallel));
+    layout.pp = make_single();
+    layout.tie = make_single();
+    layout.world = std::move(world);
+    layout.dp = layout.world;
+    return layout;
+  }
+  // Every split is collective over the world: each rank passes the color of the group it joins.
+  layout.dp = world->split(stage, "dp" + list(base, 1, dp));
+  layout.ep = world->split(stage * dp + group, "ep" + list(base + group * expert_parallel, 1, expert_parallel));
+  layout.edp = world->split(stage * dp + ep_rank, "edp" + list(base + ep_rank, expert_parallel, dp / expert_parallel));
+  layout.pp = world->split(d, "pp" + list(d, dp, pp));
+  const bool end = stage == 0 || stage == pp - 1;
+  auto tie = world->split(end ? d : dp + r, "tie[" + std::to_string(d) + "," + std::to_string((pp - 1) * dp + d) + "]");
+  layout.tie = end ? std::move(tie) : make_single();
   layout.world = std::move(world);
   return layout;
 }

@@ -73,31 +73,57 @@ class Communicator {
   virtual torch::Tensor all_to_all(const torch::Tensor& in, const std::vector<int64_t>& send_rows,
                                    const std::vector<int64_t>& recv_rows) = 0;
   virtual void barrier() = 0;
+  // Point to point (the pipeline's activations and their gradients): sends `send` to rank `dst` and
+  // receives into `recv` (whose shape and dtype the receiver knows) from rank `src`, as one operation,
+  // so that two neighbours each sending to the other cannot deadlock (NCCL: one group of ncclSend and
+  // ncclRecv). dst or src -1 leaves that half out. A receiver's shape or dtype that differs from the
+  // sender's is an error naming both ranks (the store backend; NCCL would read garbage or hang).
+  virtual void send_recv(const torch::Tensor& send, int dst, torch::Tensor& recv, int src) = 0;
+  void send(const torch::Tensor& t, int dst) {
+    torch::Tensor none;
+    send_recv(t, dst, none, -1);
+  }
+  void recv(torch::Tensor& t, int src) { send_recv(torch::Tensor(), -1, t, src); }
   // The sub-group of the ranks passing the same `color` (MPI_Comm_split): every rank of this group
   // calls it; ranks in the new group are ordered by their rank here. `label` names it in messages.
   virtual std::unique_ptr<Communicator> split(int color, const std::string& label) = 0;
 
   // Bytes this rank has sent to other ranks by all_to_all since the group was made (bench_ep.sh).
   int64_t all_to_all_bytes_sent() const { return all_to_all_bytes_sent_; }
+  // Bytes this rank has sent point to point since the group was made (bench_pp.sh).
+  int64_t p2p_bytes_sent() const { return p2p_bytes_sent_; }
 
  protected:
   int64_t all_to_all_bytes_sent_ = 0;
+  int64_t p2p_bytes_sent_ = 0;
 };
 
 // The job's world communicator: rendezvous from the launcher's environment, then the backend that
 // parallel.backend names (auto: nccl for run.device cuda, store for cpu; single when alone).
 std::unique_ptr<Communicator> make_communicator(const config::ParallelConfig& parallel, const std::string& device = "cpu");
 
-// The process layout for expert parallelism: world = ep x replicas. Rank r is EP rank r % ep of EP
-// group r / ep; the ranks holding the same experts (same EP rank) form an expert-data-parallel group.
+// The process layout: world = pp x dp. Rank r is pipeline stage r / dp, data-parallel rank r % dp
+// within it (Megatron-Core's order, the pipeline outermost). Within a stage's dp ranks, expert
+// parallelism splits dp = ep x replicas: dp rank d is EP rank d % ep of EP group d / ep; the ranks
+// holding the same experts (same EP rank) form an expert-data-parallel group. Without a pipeline
+// (pp 1) dp is the world itself.
 struct Layout {
   std::shared_ptr<Communicator> world;
+  std::shared_ptr<Communicator> dp;   // this stage's ranks: the replicas of what the stage holds
   std::shared_ptr<Communicator> ep;   // the ranks that share one copy of every expert
   std::shared_ptr<Communicator> edp;  // the replicas of this rank's experts
+  std::shared_ptr<Communicator> pp;   // the same dp rank on every stage, in stage order (point to point)
+  std::shared_ptr<Communicator> tie;  // first and last stage at pp > 1 (a tied embedding's two copies); else single
   int ep_size() const { return ep->world_size(); }
   int ep_rank() const { return ep->rank(); }
+  int pp_size() const { return pp ? pp->world_size() : 1; }
+  int pp_rank() const { return pp ? pp->rank() : 0; }
+  int dp_size() const { return dp ? dp->world_size() : world->world_size(); }
+  int dp_rank() const { return dp ? dp->rank() : world->rank(); }
+  bool first_stage() const { return pp_rank() == 0; }
+  bool last_stage() const { return pp_rank() == pp_size() - 1; }
 };
-Layout make_layout(std::shared_ptr<Communicator> world, int expert_parallel);
+Layout make_layout(std::shared_ptr<Communicator> world, int expert_parallel, int pipeline_parallel = 1);
 
 // A rank of one: the layout of a single process (used where no job is running, e.g. tests).
 std::unique_ptr<Communicator> make_single();

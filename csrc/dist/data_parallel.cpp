@@ -10,11 +10,24 @@ DataParallel::DataParallel(std::shared_ptr<const Layout> layout, std::vector<mod
   for (auto& p : params) {
     params_.push_back(p.tensor);
     sharded_.push_back(p.role == model::ParamRole::expert && layout_->ep_size() > 1);
+    tied_.push_back(p.tied_across_stages);
+    duplicate_.push_back(p.duplicate);
+  }
+}
+
+void DataParallel::sum_tied_gradients() {
+  if (!layout_->tie || layout_->tie->world_size() == 1) return;
+  torch::NoGradGuard no_grad;
+  for (size_t i = 0; i < params_.size(); ++i) {
+    if (!tied_[i]) continue;
+    auto& p = params_[i];
+    if (!p.grad().defined()) p.mutable_grad() = torch::zeros_like(p);
+    layout_->tie->all_reduce_sum(p.mutable_grad());
   }
 }
 
 void DataParallel::average_gradients() {
-  if (world_size() == 1) return;
+  if (dp_size() == 1) return;
   torch::NoGradGuard no_grad;
   std::vector<torch::Tensor> replicated, experts;
   for (size_t i = 0; i < params_.size(); ++i) {
@@ -22,7 +35,7 @@ void DataParallel::average_gradients() {
     if (!p.grad().defined()) p.mutable_grad() = torch::zeros_like(p);  // an expert no token reached
     (sharded_[i] ? experts : replicated).push_back(p.grad());
   }
-  reduce_in_buckets(replicated, *layout_->world);
+  reduce_in_buckets(replicated, *layout_->dp);
   reduce_in_buckets(experts, *layout_->edp);
 }
 
@@ -31,9 +44,9 @@ void DataParallel::sum_over_expert_group(torch::Tensor& t) const {
 }
 
 void DataParallel::sum_load(std::vector<torch::Tensor>& load_LE, std::vector<torch::Tensor>& dropped_L) const {
-  if (world_size() == 1 || load_LE.empty()) return;
+  if (dp_size() == 1 || load_LE.empty()) return;
   auto all = torch::cat({torch::stack(load_LE), torch::stack(dropped_L).unsqueeze(1)}, 1);  // (L, E + 1)
-  layout_->world->all_reduce_sum(all);
+  layout_->dp->all_reduce_sum(all);
   for (size_t l = 0; l < load_LE.size(); ++l) {
     load_LE[l] = all[int64_t(l)].narrow(0, 0, load_LE[l].size(0));
     dropped_L[l] = all[int64_t(l)][load_LE[l].size(0)];
@@ -63,7 +76,7 @@ std::vector<torch::Tensor> DataParallel::grads() const {
 }
 
 void DataParallel::reduce_in_buckets(const std::vector<torch::Tensor>& grads, Communicator& group) const {
-  const double scale = 1.0 / world_size();
+  const double scale = 1.0 / dp_size();
   size_t i = 0;
   while (i < grads.size()) {
     std::vector<torch::Tensor> bucket;

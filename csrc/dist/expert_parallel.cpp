@@ -86,17 +86,17 @@ void parallelize(moe::MoEImpl& layer, const std::shared_ptr<const Layout>& layou
               layer.shard().rank, " of ", layer.shard().ranks, " but this rank's layout is shard ", want.rank, " of ",
               want.ranks);
   if (layout->ep_size() > 1) layer.set_dispatcher(std::make_shared<ExpertParallel>(layout, layer.config().n_experts));
-  if (layout->world->world_size() > 1) {
+  if (layout->dp_size() > 1) {  // the ranks that run this layer: the stage's data-parallel ranks
     layer.router->set_global_counts([layout](torch::Tensor& counts_E) {
-      layout->world->all_reduce_sum(counts_E);
-      return int64_t(layout->world->world_size());
+      layout->dp->all_reduce_sum(counts_E);
+      return int64_t(layout->dp->world_size());
     });
   }
 }
 
 void parallelize(model::TransformerImpl& model, const std::shared_ptr<const Layout>& layout) {
-  for (const auto& module : *model.layers)
-    if (auto* block = module->as<model::BlockImpl>(); block && block->moe) parallelize(*block->moe, layout);
+  for (auto& block : model.blocks)
+    if (block->moe) parallelize(*block->moe, layout);
 }
 
 }  // namespace moetrain::dist

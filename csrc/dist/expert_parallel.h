@@ -38,7 +38,7 @@ class ExpertParallel : public moe::ExpertDispatcher {
 moe::ExpertShard expert_shard(const Layout& layout);
 // Applies the layout to a layer or a model built for expert_shard(*layout): the expert-parallel
 // dispatcher where the ep group has more than one rank, and the router's global counts (summed over
-// the world) where the world has more than one rank. A no-op at world 1.
+// the stage's data-parallel ranks) where there are several. A no-op at world 1.
 void parallelize(moe::MoEImpl& layer, const std::shared_ptr<const Layout>& layout);
 void parallelize(model::TransformerImpl& model, const std::shared_ptr<const Layout>& layout);
 

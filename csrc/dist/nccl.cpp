@@ -129,6 +129,27 @@ class NcclCommunicator final : public Communicator {
     return out;
   }
 
+  void send_recv(const torch::Tensor& send_, int dst, torch::Tensor& recv, int src) override {
+    torch::Tensor send;
+    if (dst >= 0) {
+      send = send_.contiguous();
+      check_tensor("send", send);
+      if (dst >= world_size() || dst == rank_) throw DistError("send on " + name_ + ": no peer " + std::to_string(dst));
+    }
+    if (src >= 0) {
+      check_tensor("recv", recv);
+      if (src >= world_size() || src == rank_) throw DistError("recv on " + name_ + ": no peer " + std::to_string(src));
+    }
+    call("send/recv", ncclGroupStart());
+    if (dst >= 0) {
+      call("send", ncclSend(send.data_ptr(), size_t(send.numel()), nccl_type(send), dst, comm_, stream()));
+      p2p_bytes_sent_ += int64_t(send.nbytes());
+    }
+    if (src >= 0) call("recv", ncclRecv(recv.data_ptr(), size_t(recv.numel()), nccl_type(recv), src, comm_, stream()));
+    call("send/recv", ncclGroupEnd());
+    wait("send/recv");
+  }
+
   void barrier() override {
     auto t = torch::ones({1}, torch::TensorOptions().device(torch::kCUDA, c10::cuda::current_device()));
     all_reduce_sum(t);

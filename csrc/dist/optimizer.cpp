@@ -23,12 +23,24 @@ class ReplicatedAdamW final : public Optimizer {
       : parallel_(parallel), adamw_(named(params), cfg, model::is_no_decay) {}
 
   void zero_grad() override { adamw_.zero_grad(); }
-  void reduce_gradients() override { parallel_.average_gradients(); }
-  // The expert-sharded part of the squared norm is summed over the ep group.
+  void reduce_gradients() override {
+    parallel_.sum_tied_gradients();
+    parallel_.average_gradients();
+  }
+  // The expert-sharded part of the squared norm is summed over the ep group; with a pipeline, each
+  // stage's squared norm (a tied embedding's second copy left out) is summed over the stages.
   double clip_gradients(double max_norm) override {
-    if (parallel_.layout().ep_size() == 1) return optim::clip_grad_norm(parallel_.params(), max_norm);
-    return optim::clip_grad_norm(parallel_.params(), max_norm, parallel_.sharded(),
-                                 [&](torch::Tensor& t) { parallel_.sum_over_expert_group(t); });
+    const Layout& layout = parallel_.layout();
+    optim::NormReduction over;
+    if (layout.ep_size() > 1) {
+      over.sharded = parallel_.sharded();
+      over.sum_sharded = [&](torch::Tensor& t) { parallel_.sum_over_expert_group(t); };
+    }
+    if (layout.pp_size() > 1) {
+      over.skip = parallel_.duplicate();
+      over.sum_total = [&](torch::Tensor& t) { layout.pp->all_reduce_sum(t); };
+    }
+    return optim::clip_grad_norm(parallel_.params(), max_norm, over);
   }
   void step(double lr) override { adamw_.step(lr); }
   int64_t step_count() const override { return adamw_.step_count(); }
@@ -68,6 +80,7 @@ struct ShardGroup {
     std::vector<Segment> segments;
   };
   Communicator* comm = nullptr;  // the replicas; its rank 0 writes these moments into checkpoints
+  bool in_norm = true;           // false: a tied embedding's second copy, counted on the first stage
   std::vector<Bucket> buckets;
   int64_t shard_numel = 0;
   torch::Tensor grad, exp_avg, exp_avg_sq;  // this rank's shares, fp32
@@ -85,10 +98,12 @@ class ShardedAdamW final : public Optimizer {
       decay_.push_back(!model::is_no_decay(p.name));
     }
     const Layout& layout = parallel.layout();
-    std::vector<size_t> replicated, experts;
-    for (size_t i = 0; i < params_.size(); ++i) (parallel.sharded()[i] ? experts : replicated).push_back(i);
-    add_group(replicated, *layout.world);
+    std::vector<size_t> replicated, experts, duplicates;
+    for (size_t i = 0; i < params_.size(); ++i)
+      (parallel.duplicate()[i] ? duplicates : parallel.sharded()[i] ? experts : replicated).push_back(i);
+    add_group(replicated, *layout.dp);
     add_group(experts, *layout.edp);
+    add_group(duplicates, *layout.dp, /*in_norm=*/false);
   }
 
   void zero_grad() override {
@@ -97,13 +112,14 @@ class ShardedAdamW final : public Optimizer {
     for (auto& g : groups_) g.grad = torch::Tensor();
   }
 
-  // Each bucket's gradients are summed over the group by one reduce-scatter and scaled by 1/world,
+  // Each bucket's gradients are summed over the group by one reduce-scatter and scaled by 1/dp size,
   // exactly as zero 0 averages them (the store backend sums in rank order either way, so each share
   // equals that slice of zero 0's gradient bit for bit). The parameters' own gradients are then
   // released: from here on the update reads the shares.
   void reduce_gradients() override {
     torch::NoGradGuard no_grad;
-    const double scale = 1.0 / parallel_.world_size();
+    parallel_.sum_tied_gradients();
+    const double scale = 1.0 / parallel_.dp_size();
     for (auto& g : groups_) {
       g.grad = torch::zeros({g.shard_numel}, fp32());
       for (const auto& b : g.buckets) {
@@ -120,12 +136,13 @@ class ShardedAdamW final : public Optimizer {
   }
 
   // Every element of the job's gradient lies in exactly one rank's share (experts: one ep rank's
-  // experts, one replica's share of them), so the squared norm is one sum over the world.
+  // experts, one replica's share of them; a pipeline stage's parameters on that stage; a tied
+  // embedding's second copy left out), so the squared norm is one sum over the world.
   double clip_gradients(double max_norm) override {
     torch::NoGradGuard no_grad;
     auto squares = torch::zeros({1}, fp32());
     for (const auto& g : groups_)
-      if (g.shard_numel > 0) squares += g.grad.pow(2).sum();
+      if (g.shard_numel > 0 && g.in_norm) squares += g.grad.pow(2).sum();
     if (parallel_.world_size() > 1) parallel_.world().all_reduce_sum(squares);
     const double norm = std::sqrt(squares.item<double>());
     if (max_norm > 0 && norm > max_norm) {
@@ -167,7 +184,7 @@ class ShardedAdamW final : public Optimizer {
     state.step_count = step_count_;
     for (size_t i = 0; i < params_.size(); ++i) state.states.push_back({names_[i], params_[i], {}, {}, decay_[i]});
     for (auto& g : groups_) {
-      const bool writes = g.comm->rank() == 0;  // ckpt: world rank 0, or an expert shard's first replica
+      const bool writes = g.comm->rank() == 0;  // ckpt: a stage's dp rank 0, or an expert shard's first replica
       for (const auto& b : g.buckets) {
         for (const bool second : {false, true}) {
           auto& moments = second ? g.exp_avg_sq : g.exp_avg;
@@ -215,10 +232,11 @@ class ShardedAdamW final : public Optimizer {
  private:
   torch::TensorOptions fp32() const { return params_.front().options().dtype(torch::kFloat); }
 
-  void add_group(const std::vector<size_t>& members, Communicator& comm) {
+  void add_group(const std::vector<size_t>& members, Communicator& comm, bool in_norm = true) {
     if (members.empty()) return;
     ShardGroup g;
     g.comm = &comm;
+    g.in_norm = in_norm;
     const int64_t n = comm.world_size(), rank = comm.rank();
     auto close = [&](ShardGroup::Bucket& b, int64_t length) {
       b.padded = (length + n - 1) / n * n;
@@ -266,7 +284,7 @@ class ShardedAdamW final : public Optimizer {
 
 std::unique_ptr<Optimizer> make_optimizer(DataParallel& parallel, const std::vector<model::RoledParam>& params,
                                           const config::OptimConfig& cfg, int zero) {
-  if (zero == 1 && parallel.world_size() > 1) return std::make_unique<ShardedAdamW>(parallel, params, cfg);
+  if (zero == 1 && parallel.dp_size() > 1) return std::make_unique<ShardedAdamW>(parallel, params, cfg);
   return std::make_unique<ReplicatedAdamW>(parallel, params, cfg);
 }
 

@@ -642,6 +642,10 @@ void load_weights(const std::string& dir, Family family, model::TransformerImpl&
   // Under expert parallelism this rank holds experts [first, first + count) and reads only those.
   const int64_t first = model.expert_offset(), count = model.local_experts();
   for (const auto& entry : map) {
+    if (model.held_by_another_stage(entry.ours)) {  // another pipeline stage loads it
+      used.insert(entry.hf);
+      continue;
+    }
     if (!params.contains(entry.ours) && !buffers.contains(entry.ours))
       throw HfError("the model has no parameter '" + entry.ours + "' for HF tensor '" + entry.hf + "' (family " +
                     family_name(family) + ")");

@@ -1,6 +1,7 @@
 // The MoE transformer, its seeded name-keyed initialization and its parameter counts.
 #include "model/transformer.h"
 
+#include <charconv>
 #include <set>
 
 #include "common/errors.h"
@@ -54,8 +55,12 @@ BlockOutput BlockImpl::forward(const torch::Tensor& x_BSD, const Rope& rope, Com
   return {x + y, std::move(out)};
 }
 
-TransformerImpl::TransformerImpl(const config::ModelConfig& cfg, moe::ExpertShard shard)
-    : cfg_(cfg), ep_size_(shard.ranks) {
+TransformerImpl::TransformerImpl(const config::ModelConfig& cfg, moe::ExpertShard shard, LayerRange range)
+    : cfg_(cfg), ep_size_(shard.ranks), range_(range) {
+  if (range_.end < 0) range_.end = cfg.n_layers;
+  if (range_.first < 0 || range_.first >= range_.end || range_.end > cfg.n_layers)
+    throw ConfigError("pipeline stage of blocks [" + std::to_string(range_.first) + ", " + std::to_string(range_.end) +
+                      ") is not a non-empty range of model.n_layers = " + std::to_string(cfg.n_layers));
   if (shard.ranks < 1 || shard.rank < 0 || shard.rank >= shard.ranks || cfg.moe.n_experts % shard.ranks != 0)
     throw ConfigError("expert shard " + std::to_string(shard.rank) + " of " + std::to_string(shard.ranks) +
                       " does not split model.moe.n_experts = " + std::to_string(cfg.moe.n_experts));
@@ -64,11 +69,17 @@ TransformerImpl::TransformerImpl(const config::ModelConfig& cfg, moe::ExpertShar
   if (cfg.mtp_depth > 0)
     throw ConfigError("model.mtp_depth = " + std::to_string(cfg.mtp_depth) +
                       " (multi-token prediction) is not implemented for training yet; configs with it serve `moetrain cost`");
-  embed = register_parameter("embed", torch::empty({cfg.vocab_size, cfg.d_model}));
-  layers = register_module("layers", torch::nn::ModuleList());
-  for (int i = 0; i < cfg.n_layers; ++i) layers->push_back(Block(cfg, /*is_moe=*/i >= cfg.dense_layers, shard));
-  final_norm = register_module("final_norm", RMSNorm(cfg.d_model, cfg.norm_eps));
-  if (!cfg.tie_embeddings) lm_head = register_parameter("lm_head", torch::empty({cfg.vocab_size, cfg.d_model}));
+  if (first_stage() || (last_stage() && cfg.tie_embeddings))
+    embed = register_parameter("embed", torch::empty({cfg.vocab_size, cfg.d_model}));
+  layers = register_module("layers", std::make_shared<torch::nn::Module>());
+  for (int i = range_.first; i < range_.end; ++i) {
+    blocks.push_back(Block(cfg, /*is_moe=*/i >= cfg.dense_layers, shard));
+    layers->register_module(std::to_string(i), blocks.back());
+  }
+  if (last_stage()) {
+    final_norm = register_module("final_norm", RMSNorm(cfg.d_model, cfg.norm_eps));
+    if (!cfg.tie_embeddings) lm_head = register_parameter("lm_head", torch::empty({cfg.vocab_size, cfg.d_model}));
+  }
   rope_ = make_rope(cfg, torch::kCPU);
 }
 
@@ -163,24 +174,33 @@ ForwardOutput TransformerImpl::forward(const torch::Tensor& tokens_BS) const {
 }
 
 ForwardOutput TransformerImpl::forward_hidden(const torch::Tensor& tokens_BS) const {
+  TORCH_CHECK(first_stage() && last_stage(), "[model] forward of the whole model on pipeline stage of blocks [",
+              range_.first, ", ", range_.end, "): use forward_stage");
+  ForwardOutput out;
+  out.hidden_BSD = final_norm->forward(run_blocks(embed_tokens(tokens_BS), out));
+  return out;
+}
+
+torch::Tensor TransformerImpl::embed_tokens(const torch::Tensor& tokens_BS) const {
   TORCH_CHECK(tokens_BS.dim() == 2 && tokens_BS.scalar_type() == torch::kLong,
               "[model] tokens must be (B, S) int64, got ", tokens_BS.sizes(), " ", tokens_BS.scalar_type());
-  auto x = embed.index_select(0, tokens_BS.reshape(-1)).view({tokens_BS.size(0), tokens_BS.size(1), cfg_.d_model});
-  ForwardOutput out;
+  return embed.index_select(0, tokens_BS.reshape(-1)).view({tokens_BS.size(0), tokens_BS.size(1), cfg_.d_model});
+}
+
+torch::Tensor TransformerImpl::run_blocks(torch::Tensor x, ForwardOutput& out) const {
   out.balance_loss = torch::zeros({}, x.options().dtype(torch::promote_types(x.scalar_type(), torch::kFloat)));
   const bool recompute = activation_checkpointing_ && torch::GradMode::is_enabled();
-  for (size_t i = 0; i < layers->size(); ++i) {
-    const auto& layer = *layers->ptr(i)->as<BlockImpl>();
+  for (size_t i = 0; i < blocks.size(); ++i) {
+    const auto& layer = *blocks[i];
     auto block = recompute ? checkpointed(layer, x, rope_, compute_dtype_) : layer.forward(x, rope_, compute_dtype_);
     x = block.x_BSD;
     if (block.moe) {
       out.balance_loss = out.balance_loss + block.moe->balance_loss;
       out.moe_stats.push_back(block.moe->stats);
-      out.moe_layers.push_back(int(i));
+      out.moe_layers.push_back(range_.first + int(i));
     }
   }
-  out.hidden_BSD = final_norm->forward(x);
-  return out;
+  return x;
 }
 
 namespace {
@@ -240,17 +260,52 @@ struct ChunkedHeadLoss : torch::autograd::Function<ChunkedHeadLoss> {
 
 ForwardOutput TransformerImpl::forward_loss(const torch::Tensor& tokens_BS, const torch::Tensor& targets_BS,
                                             int64_t ignore_index, bool sum) const {
-  const int64_t chunk = loss_chunk_;
-  if (chunk <= 0) {
-    ForwardOutput out = forward(tokens_BS);
+  TORCH_CHECK(first_stage() && last_stage(), "[model] forward_loss of the whole model on pipeline stage of blocks [",
+              range_.first, ", ", range_.end, "): use forward_stage");
+  return forward_stage(tokens_BS, targets_BS, ignore_index, sum);
+}
+
+ForwardOutput TransformerImpl::forward_stage(const torch::Tensor& input, const torch::Tensor& targets_BS,
+                                             int64_t ignore_index, bool sum) const {
+  ForwardOutput out;
+  auto x = run_blocks(first_stage() ? embed_tokens(input) : input, out);
+  if (last_stage())
+    head_and_loss(x, targets_BS, ignore_index, sum, out);
+  else
+    out.hidden_BSD = x;
+  return out;
+}
+
+void TransformerImpl::head_and_loss(const torch::Tensor& x_BSD, const torch::Tensor& targets_BS, int64_t ignore_index,
+                                    bool sum, ForwardOutput& out) const {
+  auto hidden = final_norm->forward(x_BSD);
+  const auto& head = lm_head.defined() ? lm_head : embed;
+  if (loss_chunk_ <= 0) {
+    auto logits = torch::matmul(cast(hidden, compute_dtype_), cast(head, compute_dtype_).t());
+    out.logits_BSV = logits.to(torch::promote_types(logits.scalar_type(), torch::kFloat));
     out.loss = token_cross_entropy(out.logits_BSV.view({-1, out.logits_BSV.size(-1)}), targets_BS.reshape(-1),
                                    ignore_index, sum);
-    return out;
+    return;
   }
-  ForwardOutput out = forward_hidden(tokens_BS);
-  out.loss = chunked_loss(out.hidden_BSD.reshape({-1, cfg_.d_model}), targets_BS.reshape(-1), ignore_index, chunk, sum);
-  out.hidden_BSD = torch::Tensor();
-  return out;
+  out.loss = chunked_loss(hidden.reshape({-1, cfg_.d_model}), targets_BS.reshape(-1), ignore_index, loss_chunk_, sum);
+}
+
+bool TransformerImpl::held_by_another_stage(const std::string& name) const {
+  if (first_stage() && last_stage()) return false;
+  const std::string prefix = "layers.";
+  if (name.rfind(prefix, 0) == 0) {
+    const auto dot = name.find('.', prefix.size());
+    int index = -1;
+    const char* begin = name.data() + prefix.size();
+    const char* end = name.data() + (dot == std::string::npos ? name.size() : dot);
+    const auto [ptr, ec] = std::from_chars(begin, end, index);
+    if (ec != std::errc() || ptr != end) return false;
+    return index < range_.first || index >= range_.end;
+  }
+  if (name == "embed") return !embed.defined();
+  if (name == "lm_head") return !last_stage() && !cfg_.tie_embeddings;
+  if (name.rfind("final_norm.", 0) == 0) return !last_stage();
+  return false;
 }
 
 torch::Tensor TransformerImpl::chunked_loss(const torch::Tensor& hidden_ND, const torch::Tensor& targets_N,
@@ -329,8 +384,7 @@ void TransformerImpl::init_weights(uint64_t seed) {
 
 void TransformerImpl::update_router_bias(const std::vector<torch::Tensor>& load_LE) {
   size_t i = 0;
-  for (const auto& layer : *layers) {
-    auto* block = layer->as<BlockImpl>();
+  for (auto& block : blocks) {
     if (!block->moe) continue;
     TORCH_CHECK(i < load_LE.size(), "[model] update_router_bias: ", load_LE.size(), " loads for more MoE layers");
     block->moe->router->update_bias(load_LE[i++]);
@@ -362,14 +416,19 @@ int64_t TransformerImpl::local_experts() const { return cfg_.moe.n_experts / ep_
 
 std::vector<RoledParam> TransformerImpl::roled_parameters() const {
   std::set<const c10::TensorImpl*> experts;
-  for (const auto& module : *layers) {
-    const auto* block = module->as<BlockImpl>();
-    if (block && block->moe)
+  for (const auto& block : blocks)
+    if (block->moe)
       for (const auto& p : block->moe->experts->parameters()) experts.insert(p.unsafeGetTensorImpl());
-  }
+  const bool tied = cfg_.tie_embeddings && !(first_stage() && last_stage());
   std::vector<RoledParam> out;
-  for (const auto& p : named_parameters())
-    out.push_back({p.key(), p.value(), experts.count(p.value().unsafeGetTensorImpl()) ? ParamRole::expert : ParamRole::replicated});
+  for (const auto& p : named_parameters()) {
+    RoledParam r{p.key(), p.value(), experts.count(p.value().unsafeGetTensorImpl()) ? ParamRole::expert : ParamRole::replicated};
+    if (tied && p.value().unsafeGetTensorImpl() == embed.unsafeGetTensorImpl()) {
+      r.tied_across_stages = true;
+      r.duplicate = !first_stage();
+    }
+    out.push_back(std::move(r));
+  }
   return out;
 }
 

@@ -52,6 +52,18 @@ struct RoledParam {
   std::string name;
   torch::Tensor tensor;
   ParamRole role = ParamRole::replicated;
+  // A tied embedding held by two pipeline stages (the first looks tokens up, the last is its head):
+  // its two gradients are summed between the stages. The last stage's copy is `duplicate`: it is not
+  // counted twice in the gradient norm nor written twice to checkpoints.
+  bool tied_across_stages = false;
+  bool duplicate = false;
+};
+
+// The blocks one pipeline stage holds, [first, end) of model.n_layers (end -1: all of them). The first
+// stage also holds the embedding; the last the final norm and the LM head (a tied head is the
+// embedding again, so the first and last stages both hold `embed`). The whole model is one stage.
+struct LayerRange {
+  int first = 0, end = -1;
 };
 
 struct ParamCounts {
@@ -63,7 +75,9 @@ class TransformerImpl : public torch::nn::Module {
  public:
   // MoE layers hold the routed experts of `shard` (all of them by default). The model is single-device
   // math: a sharded model runs once a parallel layout has installed its dispatchers (dist::parallelize).
-  explicit TransformerImpl(const config::ModelConfig& cfg, moe::ExpertShard shard = {});
+  // A pipeline stage holds only the blocks of `range` (with their global names, "layers.<i>.") and
+  // the ends that belong to it.
+  explicit TransformerImpl(const config::ModelConfig& cfg, moe::ExpertShard shard = {}, LayerRange range = {});
   ForwardOutput forward(const torch::Tensor& tokens_BS) const;
   // The same up to the final norm: hidden_BSD instead of logits, for a loss that never holds them all.
   ForwardOutput forward_hidden(const torch::Tensor& tokens_BS) const;
@@ -72,6 +86,18 @@ class TransformerImpl : public torch::nn::Module {
   // the loss run over that many tokens at a time (chunked_loss) and logits_BSV stays undefined.
   ForwardOutput forward_loss(const torch::Tensor& tokens_BS, const torch::Tensor& targets_BS, int64_t ignore_index,
                              bool sum = false) const;
+  // One pipeline stage's share of forward_loss: from the tokens (the first stage) or the previous
+  // stage's activations x_BSD, through this stage's blocks; the last stage then takes the final norm,
+  // the head and the loss against targets_BS (as forward_loss, logits never kept), the others return
+  // their output activations in hidden_BSD. The whole model as one stage is forward_loss.
+  ForwardOutput forward_stage(const torch::Tensor& input, const torch::Tensor& targets_BS, int64_t ignore_index,
+                              bool sum = false) const;
+  bool first_stage() const { return range_.first == 0; }
+  bool last_stage() const { return range_.end == cfg_.n_layers; }
+  LayerRange layer_range() const { return range_; }
+  // Whether a checkpoint tensor name belongs to a part of the model another pipeline stage holds
+  // (a block outside this stage's range, or an end this stage lacks): a stage loads only its own.
+  bool held_by_another_stage(const std::string& name) const;
   // train.loss_chunk_tokens: 0 = the full logits.
   void set_loss_chunk(int64_t tokens) { loss_chunk_ = tokens; }
   // train.activation_checkpointing: "full" = while gradients are recorded, each block keeps only its
@@ -107,10 +133,11 @@ class TransformerImpl : public torch::nn::Module {
   ComputeDtype compute_dtype() const { return compute_dtype_; }
   void set_compute_dtype(ComputeDtype dtype) { compute_dtype_ = dtype; }
 
-  torch::Tensor embed;    // (V, D)
-  torch::Tensor lm_head;  // (V, D); undefined when tied to embed
-  torch::nn::ModuleList layers{nullptr};
-  RMSNorm final_norm{nullptr};
+  torch::Tensor embed;    // (V, D); undefined on a pipeline stage that neither looks up nor ties the head
+  torch::Tensor lm_head;  // (V, D); undefined when tied to embed, or off the last stage
+  std::shared_ptr<torch::nn::Module> layers;  // this stage's blocks, registered as "<global index>"
+  std::vector<Block> blocks;                  // the same, in order
+  RMSNorm final_norm{nullptr};                // the last stage only
 
  private:
   config::ModelConfig cfg_;
@@ -120,6 +147,13 @@ class TransformerImpl : public torch::nn::Module {
   ComputeDtype compute_dtype_;
   int64_t loss_chunk_ = 0;
   bool activation_checkpointing_ = false;
+  LayerRange range_;
+  torch::Tensor embed_tokens(const torch::Tensor& tokens_BS) const;
+  // The blocks from x_BSD on, their balance losses and router statistics added to `out`.
+  torch::Tensor run_blocks(torch::Tensor x_BSD, ForwardOutput& out) const;
+  // The final norm, the head and the loss (chunked or over full logits) of the last stage.
+  void head_and_loss(const torch::Tensor& x_BSD, const torch::Tensor& targets_BS, int64_t ignore_index, bool sum,
+                     ForwardOutput& out) const;
   BlockOutput checkpointed(const BlockImpl& block, const torch::Tensor& x_BSD, const Rope& rope,
                            ComputeDtype compute_dtype) const;
 };

@@ -73,22 +73,26 @@ double learning_rate(const config::OptimConfig& cfg, int64_t step, int64_t total
   return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1.0 + std::cos(M_PI * progress));
 }
 
-double clip_grad_norm(const std::vector<torch::Tensor>& params, double max_norm, const std::vector<bool>& sharded,
-                      const std::function<void(torch::Tensor&)>& sum_sharded) {
+double clip_grad_norm(const std::vector<torch::Tensor>& params, double max_norm, const NormReduction& over) {
   torch::NoGradGuard no_grad;
   std::vector<torch::Tensor> squares, sharded_squares;
   for (size_t i = 0; i < params.size(); ++i) {
     const auto& g = params[i].grad();
-    if (!g.defined()) continue;
-    (i < sharded.size() && sharded[i] ? sharded_squares : squares).push_back(g.to(torch::kFloat).pow(2).sum());
+    if (!g.defined() || (i < over.skip.size() && over.skip[i])) continue;
+    (i < over.sharded.size() && over.sharded[i] ? sharded_squares : squares).push_back(g.to(torch::kFloat).pow(2).sum());
   }
-  if (squares.empty() && sharded_squares.empty() && !sum_sharded) return 0.0;
+  if (squares.empty() && sharded_squares.empty() && !over.sum_sharded && !over.sum_total) return 0.0;
   auto total = squares.empty() ? torch::zeros({}) : torch::stack(squares).sum();
-  if (sum_sharded) {
+  if (over.sum_sharded) {
     auto part = sharded_squares.empty() ? torch::zeros({}, total.options()) : torch::stack(sharded_squares).sum();
     part = part.to(total.device()).reshape({1}).contiguous();
-    sum_sharded(part);
+    over.sum_sharded(part);
     total = total.to(part.device()) + part[0];
+  }
+  if (over.sum_total) {
+    auto all = total.reshape({1}).contiguous();
+    over.sum_total(all);
+    total = all[0];
   }
   const double norm = total.sqrt().item<double>();
   if (max_norm > 0 && norm > max_norm) {

@@ -62,10 +62,18 @@ void adamw_update(torch::Tensor param, const torch::Tensor& grad, torch::Tensor 
 // Linear warmup to optim.lr over warmup_steps, then cosine decay to min_lr at total_steps (or constant).
 double learning_rate(const config::OptimConfig& cfg, int64_t step, int64_t total_steps);
 
-// Global L2 norm of all gradients (fp32 accumulation); scales them to max_norm when above it (max_norm > 0).
-// Under expert parallelism, params marked in `sharded` differ across ranks: their squared sum goes
-// through `sum_sharded` (a sum over the ranks that share them) so that every rank clips alike.
-double clip_grad_norm(const std::vector<torch::Tensor>& params, double max_norm, const std::vector<bool>& sharded = {},
-                      const std::function<void(torch::Tensor&)>& sum_sharded = nullptr);
+// How a gradient norm spans ranks: params marked in `sharded` (experts under expert parallelism) differ
+// across ranks, so their squared sum goes through `sum_sharded` (a sum over the ranks that share
+// them); params marked in `skip` (a second copy of a tied weight) are left out; and the total squared
+// sum then goes through `sum_total` (a sum over pipeline stages, each holding other parameters).
+struct NormReduction {
+  std::vector<bool> sharded;
+  std::function<void(torch::Tensor&)> sum_sharded;
+  std::vector<bool> skip;
+  std::function<void(torch::Tensor&)> sum_total;
+};
+// Global L2 norm of all gradients (fp32 accumulation); scales them to max_norm when above it (max_norm
+// > 0). Every rank of the job gets the same norm and clips alike.
+double clip_grad_norm(const std::vector<torch::Tensor>& params, double max_norm, const NormReduction& over = {});
 
 }  // namespace moetrain::optim

@@ -28,13 +28,14 @@ BenchResult bench_steps(const config::Config& given, int warmup_steps, int steps
   auto& optimizer = *trainable.optimizer;
   auto& parallel = trainable.parallel;
 
-  // Synthetic tokens, uniform over the vocabulary and a pure function of (seed, step, micro, rank).
+  // Synthetic tokens, uniform over the vocabulary and a pure function of (seed, step, micro, data rank):
+  // every pipeline stage of a data-parallel rank draws the same batch.
   const int B = cfg.train.micro_batch_size, S = cfg.data.seq_len;
   auto synthetic = [&](int64_t step, int micro) {
     auto tokens = torch::empty({B, S + 1}, torch::kInt64);
     auto* t = tokens.data_ptr<int64_t>();
     const uint64_t base = data::mix64(cfg.run.seed ^ data::mix64(uint64_t(step) * 1000003u + uint64_t(micro) * 7919u +
-                                                                  uint64_t(comm->rank()) * 104729u));
+                                                                  uint64_t(layout->dp_rank()) * 104729u));
     for (int64_t i = 0; i < tokens.numel(); ++i) t[i] = int64_t(data::mix64(base + uint64_t(i)) % uint64_t(cfg.model.vocab_size));
     return data::Batch{tokens.narrow(1, 0, S).contiguous(), tokens.narrow(1, 1, S).contiguous()};
   };
@@ -45,18 +46,26 @@ BenchResult bench_steps(const config::Config& given, int warmup_steps, int steps
   r.world_size = comm->world_size();
   r.warmup_steps = warmup_steps;
   r.steps = steps;
-  r.tokens_per_step = int64_t(B) * S * cfg.train.grad_accum * comm->world_size();
-  const auto counts = model->param_counts();
+  r.tokens_per_step = int64_t(B) * S * cfg.train.grad_accum * layout->dp_size();
+  const auto counts = layout->pp_size() == 1 ? model->param_counts() : [&] {  // a stage holds part of the model
+    const auto c = cost::param_counts(cfg.model);
+    return model::ParamCounts{c.total, c.active};
+  }();
   r.params_total = counts.total;
   r.params_active = counts.active;
 
   r.expert_parallel = layout->ep_size();
   r.micro_batch_size = cfg.train.micro_batch_size;
   r.moe_layers = cfg.model.n_layers - cfg.model.dense_layers;
+  r.pipeline_parallel = layout->pp_size();
+  r.pp_layers = dist::pipeline_layers(cfg);
   std::vector<double> step_s;
-  int64_t a2a_bytes_at_start = 0;
+  int64_t a2a_bytes_at_start = 0, p2p_bytes_at_start = 0;
   for (int i = 0; i < warmup_steps + steps; ++i) {
-    if (i == warmup_steps) a2a_bytes_at_start = layout->ep->all_to_all_bytes_sent();
+    if (i == warmup_steps) {
+      a2a_bytes_at_start = layout->ep->all_to_all_bytes_sent();
+      p2p_bytes_at_start = layout->pp->p2p_bytes_sent();
+    }
     const double lr = optim::learning_rate(cfg.optim, i, std::max<int64_t>(1, cfg.optim.decay_steps > 0 ? cfg.optim.decay_steps : cfg.train.steps));
     const double start = now_s();
     auto outcome = train_step(*model, optimizer, parallel, cfg, i, lr, device, [&](int micro) { return synthetic(i, micro); });
@@ -72,6 +81,7 @@ BenchResult bench_steps(const config::Config& given, int warmup_steps, int steps
              format_double(outcome.loss, 4));
   }
   r.all_to_all_bytes_per_step = double(layout->ep->all_to_all_bytes_sent() - a2a_bytes_at_start) / steps;
+  r.p2p_bytes_per_step = double(layout->pp->p2p_bytes_sent() - p2p_bytes_at_start) / steps;
   r.zero = cfg.parallel.zero;
   r.peak_allocated_bytes = meter.peak_bytes();
   for (const auto& t : optimizer.state_tensors()) r.optimizer_state_bytes += double(t.nbytes());

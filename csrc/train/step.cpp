@@ -98,21 +98,81 @@ std::string number_text(double x) { return std::isnan(x) ? "nan" : format_double
 
 }  // namespace
 
+namespace {
+
+// Forward and backward of the step's micro-batches through this rank's pipeline stage, in the 1F1B
+// order; the last stage's cross-entropy summed into loss_sum. Each stage's backward starts from its
+// output's gradient and its own balance loss, so the gradients are those of one process's
+// sum over micro-batches of (loss + balance loss) / grad_accum.
+void pipeline_micro_batches(model::TransformerImpl& model, const dist::DataParallel& parallel, const config::Config& cfg,
+                            torch::Device device, const std::function<data::Batch(int micro)>& batch_of,
+                            double& loss_sum, MoETelemetry& telemetry) {
+  const int n = cfg.train.grad_accum;
+  const dist::Layout& layout = parallel.layout();
+  dist::PipelineSchedule schedule(parallel.shared_layout(), {cfg.train.micro_batch_size, cfg.data.seq_len, cfg.model.d_model},
+                                  torch::TensorOptions().dtype(torch::kFloat).device(device));
+  schedule.train(n, [&](int micro, const torch::Tensor& input) {
+    auto batch = batch_of(micro);  // a pure function of the step: every stage draws the same batch
+    auto out = model.forward_stage(layout.first_stage() ? batch.inputs.to(device) : input, batch.targets.to(device),
+                                   data::kIgnoreTarget);
+    out.logits_BSV = torch::Tensor();
+    telemetry.add(out);
+    if (!layout.last_stage()) return dist::StageForward{out.hidden_BSD, out.balance_loss / n};
+    loss_sum += out.loss.item<double>();
+    return dist::StageForward{torch::Tensor(), (out.loss + out.balance_loss) / n};
+  });
+}
+
+}  // namespace
+
+void MoETelemetry::gather_stages(const dist::Layout& layout, const config::ModelConfig& m) {
+  if (layout.pp_size() == 1 || m.n_layers == m.dense_layers) return;
+  const int64_t L = m.n_layers - m.dense_layers, E = m.moe.n_experts;
+  auto device = torch::Device(layout.pp->backend() == "nccl" ? torch::kCUDA : torch::kCPU);
+  // One row per MoE layer of the whole model: [load (E), dropped] in int64 and the four losses in
+  // fp64; each stage fills its layers' rows and the sum over the stages fills them all.
+  auto counts = torch::zeros({L, E + 1}, torch::TensorOptions().dtype(torch::kLong).device(device));
+  auto losses = torch::zeros({L, 4}, torch::TensorOptions().dtype(torch::kDouble).device(device));
+  for (size_t i = 0; i < layers.size(); ++i) {
+    const int64_t row = layers[i] - m.dense_layers;
+    counts[row].narrow(0, 0, E).copy_(load_LE[i]);
+    counts[row][E].copy_(dropped_L[i]);
+    losses[row].copy_(torch::stack({aux_L[i], seq_aux_L[i], z_L[i], entropy_L[i]}).to(torch::kDouble));
+  }
+  layout.pp->all_reduce_sum(counts);
+  layout.pp->all_reduce_sum(losses);
+  layers.clear();
+  for (auto* v : {&load_LE, &dropped_L, &aux_L, &seq_aux_L, &z_L, &entropy_L}) v->clear();
+  for (int64_t row = 0; row < L; ++row) {
+    layers.push_back(int(row) + m.dense_layers);
+    load_LE.push_back(counts[row].narrow(0, 0, E));
+    dropped_L.push_back(counts[row][E]);
+    aux_L.push_back(losses[row][0].to(torch::kFloat));
+    seq_aux_L.push_back(losses[row][1].to(torch::kFloat));
+    z_L.push_back(losses[row][2].to(torch::kFloat));
+    entropy_L.push_back(losses[row][3].to(torch::kFloat));
+  }
+}
+
 StepOutcome train_step(model::TransformerImpl& model, dist::Optimizer& optimizer, dist::DataParallel& parallel,
                        const config::Config& cfg, int64_t step, double lr, torch::Device device,
                        const std::function<data::Batch(int micro)>& batch_of) {
   StepOutcome outcome;
   optimizer.zero_grad();
   double loss_sum = 0;
-  for (int micro = 0; micro < cfg.train.grad_accum; ++micro) {
-    auto batch = batch_of(micro);
-    auto out = model.forward_loss(batch.inputs.to(device), batch.targets.to(device), data::kIgnoreTarget);
-    out.logits_BSV = torch::Tensor();  // backward needs the log-probabilities, not the logits: free them
-    const auto& ce = out.loss;
-    auto loss = ce + out.balance_loss;
-    (loss / cfg.train.grad_accum).backward();
-    loss_sum += ce.item<double>();
-    outcome.telemetry.add(out);
+  if (parallel.layout().pp_size() > 1) {
+    pipeline_micro_batches(model, parallel, cfg, device, batch_of, loss_sum, outcome.telemetry);
+  } else {
+    for (int micro = 0; micro < cfg.train.grad_accum; ++micro) {
+      auto batch = batch_of(micro);
+      auto out = model.forward_loss(batch.inputs.to(device), batch.targets.to(device), data::kIgnoreTarget);
+      out.logits_BSV = torch::Tensor();  // backward needs the log-probabilities, not the logits: free them
+      const auto& ce = out.loss;
+      auto loss = ce + out.balance_loss;
+      (loss / cfg.train.grad_accum).backward();
+      loss_sum += ce.item<double>();
+      outcome.telemetry.add(out);
+    }
   }
   if (test_fault("loss", step + 1, parallel.rank())) loss_sum = std::nan("");
   if (test_fault("grad", step + 1, parallel.rank())) {
@@ -133,7 +193,8 @@ StepOutcome train_step(model::TransformerImpl& model, dist::Optimizer& optimizer
     if (!std::isfinite(health[r].first)) bad_loss += (bad_loss.empty() ? "" : ", ") + std::to_string(r);
     if (!std::isfinite(health[r].second)) bad_grad += (bad_grad.empty() ? "" : ", ") + std::to_string(r);
   }
-  outcome.loss = loss_total / double(health.size());
+  // Only the last pipeline stage computes the loss (the others report 0): the mean over its dp ranks.
+  outcome.loss = loss_total / double(parallel.dp_size());
   if (!bad_loss.empty() || !bad_grad.empty() || !std::isfinite(outcome.grad_norm)) {
     outcome.applied = false;
     if (!bad_loss.empty()) outcome.nonfinite = "loss " + number_text(outcome.loss) + " on rank " + bad_loss;
@@ -142,11 +203,13 @@ StepOutcome train_step(model::TransformerImpl& model, dist::Optimizer& optimizer
     outcome.nonfinite += (outcome.nonfinite.empty() ? "" : ", ") + std::string("grad norm ") + number_text(outcome.grad_norm);
     optimizer.zero_grad();
     parallel.sum_load(outcome.telemetry.load_LE, outcome.telemetry.dropped_L);
+    outcome.telemetry.gather_stages(parallel.layout(), cfg.model);
     return outcome;
   }
   optimizer.step(lr);
   parallel.sum_load(outcome.telemetry.load_LE, outcome.telemetry.dropped_L);
-  model.update_router_bias(outcome.telemetry.load_LE);
+  model.update_router_bias(outcome.telemetry.load_LE);  // this stage's layers
+  outcome.telemetry.gather_stages(parallel.layout(), cfg.model);
   return outcome;
 }
 

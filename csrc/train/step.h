@@ -10,6 +10,7 @@
 #include <string>
 #include <vector>
 
+#include "common/errors.h"
 #include "common/log.h"
 #include "config/config.h"
 #include "cost/memory.h"
@@ -18,6 +19,7 @@
 #include "dist/data_parallel.h"
 #include "dist/expert_parallel.h"
 #include "dist/optimizer.h"
+#include "dist/pipeline.h"
 #include "hf/hf.h"
 #include "model/transformer.h"
 #include "optim/adamw.h"
@@ -38,6 +40,9 @@ struct MoETelemetry {
 
   // Adds one micro-batch's routing statistics.
   void add(const model::ForwardOutput& out);
+  // With a pipeline, each stage has its own layers' statistics: afterwards every rank holds those of
+  // every MoE layer of the model (collective over Layout::pp; a no-op without a pipeline).
+  void gather_stages(const dist::Layout& layout, const config::ModelConfig& m);
   // Adds per-layer records under "moe" and their summaries: aux_loss (mean over layers),
   // load_max_over_mean (worst layer), drop_fraction (over all layers).
   void write(nlohmann::json& rec) const;
@@ -56,6 +61,8 @@ struct StepOutcome {
 // update from the step's expert load. The trainer and bench-step both run exactly this. A non-finite
 // loss or gradient on any rank leaves the weights, the optimizer and the routers' biases untouched on
 // every rank (the decision is global), and says which rank it came from.
+// With a pipeline (parallel.layout().pp_size() > 1) the micro-batches run through this rank's stage in
+// the 1F1B schedule (dist::PipelineSchedule).
 StepOutcome train_step(model::TransformerImpl& model, dist::Optimizer& optimizer, dist::DataParallel& parallel,
                        const config::Config& cfg, int64_t step, double lr, torch::Device device,
                        const std::function<data::Batch(int micro)>& batch_of);
@@ -66,10 +73,15 @@ struct Process {
   explicit Process(const config::Config& given)
       : determinism((configure_determinism(given.run), given.run.deterministic)),  // before cuBLAS starts
         device(resolve_device(given.run)),  // first: every CUDA allocation (NCCL's included) lands on it
-        layout(std::make_shared<const dist::Layout>(dist::make_layout(
-            dist::make_communicator(given.parallel, given.run.device), given.parallel.expert_parallel))),
-        cfg(config::for_world_size(given, layout->world->world_size())) {
+        layout(std::make_shared<const dist::Layout>(dist::make_layout(dist::make_communicator(given.parallel, given.run.device),
+                                                                      given.parallel.expert_parallel,
+                                                                      given.parallel.pipeline_parallel))),
+        cfg(config::for_world_size(given, layout->dp_size())) {  // the ranks that read data
     set_log_rank(layout->world->rank());
+    if (layout->pp_size() > 1 && cfg.train.grad_accum < layout->pp_size())
+      throw ConfigError("train.grad_accum = " + std::to_string(cfg.train.grad_accum) + " (as resolved) must be at least "
+                        "parallel.pipeline_parallel = " + std::to_string(layout->pp_size()) +
+                        " (the 1F1B schedule fills the pipeline with the step's micro-batches)");
     configure_threads(cfg.run);
     compute_dtype = resolve_compute_dtype(cfg.run);
     cost::require_memory(cfg, layout->ep_size(), /*training=*/true, layout->world->world_size());  // refuse an absurd size before allocating
@@ -94,7 +106,11 @@ struct Trainable {
 
  private:
   static model::Transformer build(const Process& p) {
-    model::Transformer m(p.cfg.model, dist::expert_shard(*p.layout));  // this rank's share of the experts
+    // This rank's pipeline stage and its share of the experts.
+    const auto bounds = dist::stage_bounds(dist::pipeline_layers(p.cfg));
+    const int stage = p.layout->pp_rank();
+    model::Transformer m(p.cfg.model, dist::expert_shard(*p.layout),
+                         model::LayerRange{bounds[size_t(stage)], bounds[size_t(stage) + 1]});
     m->init_weights(p.cfg.run.seed);
     if (!p.cfg.model.init_from.empty()) hf::load_init_from(*m, p.cfg.model.init_from);  // fine-tuning
     m->place(p.device, p.compute_dtype);

@@ -26,6 +26,7 @@
 #include "dist/communicator.h"
 #include "dist/data_parallel.h"
 #include "dist/expert_parallel.h"
+#include "dist/pipeline.h"
 #include "train/step.h"
 #include "optim/adamw.h"
 
@@ -158,6 +159,13 @@ bool all_finite(const dist::DataParallel& parallel, const dist::Optimizer& optim
   return !parallel.any(!std::isfinite(dist::max_abs(state)));
 }
 
+// "6,5,5"
+std::string stage_list(const std::vector<int>& layers) {
+  std::string out;
+  for (int n : layers) out += (out.empty() ? "" : ",") + std::to_string(n);
+  return out;
+}
+
 }  // namespace
 
 TrainResult train(const config::Config& given, const TrainOptions& options) {
@@ -181,7 +189,7 @@ TrainResult train(const config::Config& given, const TrainOptions& options) {
     log_line("warning: " + val_shard.mask_path() + " marks no token of " + val_shard.path() +
              " as learned: validation measures nothing, so no val_loss is reported");
   data::Sampler sampler(train_shard, {cfg.run.seed, cfg.data.seq_len, cfg.train.micro_batch_size,
-                                      cfg.train.grad_accum, comm->rank(), comm->world_size()});
+                                      cfg.train.grad_accum, layout->dp_rank(), layout->dp_size()});
 
   Trainable trainable(process);
   auto& model = trainable.model;
@@ -224,7 +232,11 @@ TrainResult train(const config::Config& given, const TrainOptions& options) {
     files::make_directories(out_dir);
     files::write_file_atomic(files::join(out_dir, "config.yaml"), config_yaml);
     log_table("moetrain: resolved config (" + files::join(out_dir, "config.yaml") + ")", config::flatten(cfg));
-    const auto counts = model->param_counts();
+    // A pipeline stage holds part of the model: the whole model's counts come from its config.
+    const auto counts = layout->pp_size() == 1 ? model->param_counts() : [&] {
+      const auto c = cost::param_counts(cfg.model);
+      return model::ParamCounts{c.total, c.active};
+    }();
     log_line("parameters: " + format_count(double(counts.total)) + " total, " + format_count(double(counts.active)) +
              " active per token | device " + device.str() + " | compute " + (compute_dtype ? "bf16" : "fp32") +
              " | threads " + std::to_string(at::get_num_threads()));
@@ -232,7 +244,11 @@ TrainResult train(const config::Config& given, const TrainOptions& options) {
       log_line("parallel: world " + std::to_string(comm->world_size()) + " (" + comm->backend() + "), expert parallel " +
                std::to_string(layout->ep_size()) + ": " + std::to_string(model->local_experts()) + " of " +
                std::to_string(cfg.model.moe.n_experts) + " routed experts per rank, " +
-               std::to_string(layout->edp->world_size()) + " replica(s) of each");
+               std::to_string(layout->edp->world_size()) + " replica(s) of each" +
+               (layout->pp_size() > 1 ? "; pipeline " + std::to_string(layout->pp_size()) + " stages of " +
+                                            std::to_string(layout->dp_size()) + " data-parallel rank(s), blocks per stage " +
+                                            stage_list(dist::pipeline_layers(cfg))
+                                      : ""));
     truncate_metrics(files::join(out_dir, "metrics.jsonl"), progress.step);
   }
   std::ofstream metrics;
@@ -251,7 +267,7 @@ TrainResult train(const config::Config& given, const TrainOptions& options) {
   const int64_t total_steps = cfg.train.steps;
   const int64_t decay_steps = cfg.optim.decay_steps > 0 ? cfg.optim.decay_steps : total_steps;
   const int64_t tokens_per_step =
-      int64_t(cfg.train.micro_batch_size) * cfg.data.seq_len * cfg.train.grad_accum * comm->world_size();
+      int64_t(cfg.train.micro_batch_size) * cfg.data.seq_len * cfg.train.grad_accum * layout->dp_size();
   SignalScope signals;
   ckpt::AsyncSaver saver;
   const double run_start = now_s();
@@ -313,7 +329,7 @@ TrainResult train(const config::Config& given, const TrainOptions& options) {
     if (do_eval) {
       // A stop signal ends the evaluation between batches: the grace after SIGTERM is one batch, not all.
       const auto val = evaluate(*model, val_shard, cfg.train.eval_batches, cfg.train.micro_batch_size,
-                                cfg.data.seq_len, device, comm.get(), [&] { return parallel.any(g_stop_signal != 0); });
+                                cfg.data.seq_len, device, layout.get(), [&] { return parallel.any(g_stop_signal != 0); });
       stopped_in_eval = !val;
       if (val) result.final_val_loss = val_loss = *val;
     }

@@ -60,6 +60,9 @@ struct BenchResult {
   int micro_batch_size = 0;  // per rank, as resolved for this world size
   int moe_layers = 0;
   double all_to_all_bytes_per_step = 0;  // sent by this rank to other ranks, mean over timed steps
+  int pipeline_parallel = 1;             // pipeline stages
+  std::vector<int> pp_layers;            // blocks per stage
+  double p2p_bytes_per_step = 0;         // sent by this rank to its pipeline neighbours, mean over timed steps
   int zero = 0;                          // parallel.zero
   double optimizer_state_bytes = 0;      // AdamW state this rank holds
   double peak_rss_bytes = 0;             // this process's peak resident memory so far (getrusage)
@@ -73,14 +76,16 @@ BenchResult bench_steps(const config::Config& cfg, int warmup_steps, int steps, 
 // learned target divided by their number, the reduction `moetrain eval` uses (with a loss mask, a mean
 // of batch means would weigh a batch of few learned tokens like a full one). With a world of W ranks,
 // batch i holds batch_size * W sequences, each rank evaluates its share and every rank returns the
-// mean over all of them (the same figure at any layout). No learned target at all is a DataError.
+// mean over all of them (the same figure at any layout; W is the data-parallel ranks, and with a
+// pipeline each batch flows through the stages, the last computing the loss). No learned target at
+// all is a DataError.
 double evaluate(const model::TransformerImpl& model, const data::Shard& shard, int n_batches, int batch_size,
-                int seq_len, torch::Device device, dist::Communicator* world = nullptr);
+                int seq_len, torch::Device device, const dist::Layout* layout = nullptr);
 // The same, asking `stop` before each batch (collective where it is: every rank asks at the same
 // batches and gets the same answer); nullopt when it said stop, so a preemption during a long
 // evaluation waits for one batch, not all of them.
 std::optional<double> evaluate(const model::TransformerImpl& model, const data::Shard& shard, int n_batches,
-                               int batch_size, int seq_len, torch::Device device, dist::Communicator* world,
+                               int batch_size, int seq_len, torch::Device device, const dist::Layout* layout,
                                const std::function<bool()>& stop);
 
 // Device from run.device and the launch environment (dist::claim_device: cuda:<local rank>, made

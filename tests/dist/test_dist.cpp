@@ -20,9 +20,10 @@
 #include "dist/communicator.h"
 #include "dist/expert_parallel.h"
 #include "moe/moe.h"
-#include "../train/train_fixture.h"
+#include "dist_fixture.h"
 
 using namespace moetrain;
+using namespace moetrain::testing;
 using Catch::Matchers::Contains;
 
 namespace {
@@ -34,10 +35,6 @@ dist::LaunchEnv env_of(const std::map<std::string, std::string>& vars) {
   });
 }
 
-std::string launch(int nproc, const std::string& command, int timeout_s = 300) {
-  return "timeout " + std::to_string(timeout_s) + " " + std::string(MOETRAIN_SOURCE_DIR) + "/scripts/launch.sh --nproc " +
-         std::to_string(nproc) + " -- " + command;
-}
 
 // What rank r contributes in the collective checks: a pure function of (round, r), so every rank can
 // compute every other rank's input.
@@ -205,6 +202,45 @@ CATCH_TEST_CASE("dist worker: collectives", "[.dist-worker]") {
   for (int r = me % 2; r < W; r += 2) want_u += r;
   CATCH_CHECK(u.item<double>() == want_u);
   CATCH_CHECK(layout.edp->world_rank_of(0) == me % 2);
+
+  // Point to point: a ring, each rank sending to the next and receiving from the previous in one
+  // send_recv; then two messages in flight between one pair arrive in order.
+  for (int round = 0; round < 3; ++round) {
+    const int next = (me + 1) % W, prev = (me + W - 1) % W;
+    auto got = torch::empty({round + 1, 3});
+    world->send_recv(input_of(10 + round, me, round + 1), next, got, prev);
+    CATCH_CHECK(torch::equal(got, input_of(10 + round, prev, round + 1)));
+  }
+  if (me == 0) {
+    world->send(input_of(20, 0, 2), 1);
+    world->send(input_of(21, 0, 3), 1);
+  } else if (me == 1) {
+    auto a = torch::empty({2, 3}), b = torch::empty({3, 3});
+    world->recv(a, 0);
+    world->recv(b, 0);
+    CATCH_CHECK((torch::equal(a, input_of(20, 0, 2)) && torch::equal(b, input_of(21, 0, 3))));
+  }
+  CATCH_CHECK(world->p2p_bytes_sent() == 4 * (1 + 2 + 3) * 3 + (me == 0 ? 4 * (2 + 3) * 3 : 0));
+
+  // The pipeline layout at pp 2 (and pp W): stage me / dp, dp rank me % dp; the pp group links the
+  // same dp rank on every stage; the tie group the first and last stages.
+  for (int pp : {2, W}) {
+    CATCH_INFO("pp " << pp);
+    auto piped = dist::make_layout(world, 1, pp);
+    const int dp = W / pp, stage = me / dp, d = me % dp;
+    CATCH_CHECK((piped.pp_size() == pp && piped.pp_rank() == stage && piped.dp_size() == dp && piped.dp_rank() == d));
+    CATCH_CHECK((piped.first_stage() == (stage == 0) && piped.last_stage() == (stage == pp - 1)));
+    for (int s = 0; s < pp; ++s) CATCH_CHECK(piped.pp->world_rank_of(s) == s * dp + d);
+    auto in_stage = torch::tensor({double(me)});
+    piped.dp->all_reduce_sum(in_stage);
+    CATCH_CHECK(in_stage.item<double>() == double(dp * (stage * dp) + dp * (dp - 1) / 2));
+    const bool end = stage == 0 || stage == pp - 1;
+    CATCH_CHECK(piped.tie->world_size() == (end ? 2 : 1));
+    auto tied = torch::tensor({double(me)});
+    piped.tie->all_reduce_sum(tied);
+    CATCH_CHECK(tied.item<double>() == (end ? double(d + (pp - 1) * dp + d) : double(me)));
+  }
+  CATCH_CHECK_THROWS_WITH(dist::make_layout(world, 1, 3), Contains("does not divide the world size"));
 }
 
 CATCH_TEST_CASE("Store backend: all_reduce, reduce_scatter, broadcast, all_gather, uneven all_to_all at world 2 and 4", "[dist]") {
@@ -307,13 +343,22 @@ CATCH_TEST_CASE("dist worker: a broken collective contract", "[.dist-worker-cont
     CATCH_CHECK_THROWS_WITH(world->all_to_all(rows, send, recv),
                             Contains("called 'all_to_all Float [0, 3]'") &&
                                 Contains(me == 0 ? "rank 0 called 'all_to_all Float [1, 3]'" : "rank 1 called 'all_to_all Float [2, 3]'"));
+  } else if (which == "p2p") {
+    // The pipeline's receiver expects another shape than the sender sent.
+    if (me == 0) {
+      world->send(torch::ones({2, 3}), 1);
+    } else {
+      auto t = torch::empty({3, 3});
+      CATCH_CHECK_THROWS_WITH(world->recv(t, 0), Contains("rank 0 called 'p2p Float [2, 3]'") &&
+                                                     Contains("rank 1 called 'p2p Float [3, 3]'"));
+    }
   } else {
     CATCH_FAIL("unknown MOETRAIN_TEST_CONTRACT '" << which << "'");
   }
 }
 
 CATCH_TEST_CASE("The store backend holds every rank to NCCL's contract: dtype, counts, operation, splits", "[dist]") {
-  for (const std::string which : {"dtype", "count", "op", "all_to_all"}) {
+  for (const std::string which : {"dtype", "count", "op", "all_to_all", "p2p"}) {
     CATCH_INFO(which);
     const auto start = std::chrono::steady_clock::now();
     auto r = testing::run_command("OMP_NUM_THREADS=1 MOETRAIN_TEST_CONTRACT=" + which + " " +
@@ -325,95 +370,6 @@ CATCH_TEST_CASE("The store backend holds every rank to NCCL's contract: dtype, c
   }
 }
 
-namespace {
-
-// A small MoE training run at one (world, ep) layout through the CLI and the launcher; the global
-// batch is 8 sequences in 2 micro-batches whatever the world size.
-struct Run {
-  std::vector<double> losses;
-  std::string run_dir;
-  std::string output;
-  int exit_code = -1;
-};
-
-config::Config equivalence_config(const std::string& data_dir, const std::string& out_dir) {
-  auto cfg = testing::tiny_train_config(data_dir, out_dir);
-  cfg.model.dense_layers = 0;
-  cfg.model.moe.n_experts = 8;
-  cfg.model.moe.aux_loss_coef = 0.01;
-  cfg.model.moe.z_loss_coef = 0.001;
-  cfg.model.moe.seq_aux_loss_coef = 0.001;
-  cfg.train.steps = 20;
-  cfg.train.grad_accum = 2;
-  cfg.train.eval_every = 0;
-  cfg.optim.warmup_steps = 2;
-  return cfg;
-}
-
-Run train_at(config::Config cfg, int world, int ep, const std::string& extra = "") {
-  cfg.train.micro_batch_size = 4 / world;
-  cfg.parallel.expert_parallel = ep;
-  cfg.parallel.timeout_s = 60;
-  const std::string yaml = testing::write_config(cfg, files::join(cfg.run.out_dir, "input.yaml"));
-  const std::string train = std::string(MOETRAIN_BINARY) + " train --config " + yaml + extra;
-  Run run;
-  auto r = testing::run_command("OMP_NUM_THREADS=1 " + (world == 1 ? "timeout 300 " + train : launch(world, train)));
-  run.exit_code = r.exit_code;
-  run.output = r.output;
-  run.run_dir = cfg.run.out_dir;
-  std::ifstream metrics(files::join(cfg.run.out_dir, "metrics.jsonl"));
-  std::string line;
-  while (std::getline(metrics, line)) run.losses.push_back(nlohmann::json::parse(line)["loss"].get<double>());
-  return run;
-}
-
-// Every tensor of a checkpoint by name, across its files (the expert files differ by layout): the
-// weights ("model") or the AdamW moments ("optim").
-std::map<std::string, torch::Tensor> checkpoint_tensors(const Run& run, const std::string& kind,
-                                                       const std::string& step = "step_00000020") {
-  const auto step_dir = files::join(run.run_dir, "ckpt/" + step);
-  std::map<std::string, torch::Tensor> out;
-  for (const auto& name : files::list_directory(step_dir)) {
-    const bool is_optim = name.rfind("optim", 0) == 0;
-    const bool is_model = name.rfind("model", 0) == 0 || name.rfind("experts-", 0) == 0;
-    if ((kind == "optim" && !is_optim) || (kind == "model" && !is_model)) continue;
-    ckpt::SafetensorsFile f(files::join(step_dir, name));
-    for (const auto& info : f.tensors()) out[info.name] = f.load(info.name).to(torch::kDouble);
-  }
-  return out;
-}
-
-// Largest relative difference ||a - b|| / ||a|| (Frobenius) over the tensors of two checkpoints.
-double max_relative_difference(const Run& a, const Run& b, const std::string& kind,
-                               const std::string& step = "step_00000020") {
-  const auto ta = checkpoint_tensors(a, kind, step), tb = checkpoint_tensors(b, kind, step);
-  CATCH_REQUIRE(ta.size() == tb.size());
-  CATCH_REQUIRE(!ta.empty());
-  double worst = 0;
-  for (const auto& [name, x] : ta) {
-    CATCH_REQUIRE(tb.count(name));
-    const auto& y = tb.at(name);
-    CATCH_REQUIRE(x.sizes() == y.sizes());
-    const double d = (x - y).norm().item<double>() / std::max(x.norm().item<double>(), 1e-12);
-    if (d > 1e-6) std::printf("%s: %s differs by %.3g (relative norm)\n", kind.c_str(), name.c_str(), d);
-    worst = std::max(worst, d);
-  }
-  return worst;
-}
-
-void check_same_run(const Run& got, const Run& want, const std::string& what) {
-  CATCH_INFO(what << "\n" << got.output.substr(got.output.size() > 3000 ? got.output.size() - 3000 : 0));
-  CATCH_REQUIRE(got.exit_code == 0);
-  CATCH_REQUIRE(got.losses.size() == want.losses.size());
-  for (size_t i = 0; i < want.losses.size(); ++i) {
-    CATCH_INFO("step " << i + 1 << ": " << got.losses[i] << " vs " << want.losses[i]);
-    CATCH_CHECK(std::abs(got.losses[i] - want.losses[i]) <= 1e-5 * std::abs(want.losses[i]));
-  }
-  CATCH_CHECK(max_relative_difference(got, want, "model") <= 1e-5);
-  CATCH_CHECK(max_relative_difference(got, want, "optim") <= 1e-4);
-}
-
-}  // namespace
 
 // Tolerances: fp32, the same math in a different order (sums over ranks, all-to-all regrouping, matmul
 // blocking of different row counts), so results agree to rounding, not bit for bit: 1e-5 relative on
@@ -533,6 +489,7 @@ class FakeRank final : public dist::Communicator {
   torch::Tensor all_gather(const torch::Tensor&) override { fail(); }
   torch::Tensor all_to_all(const torch::Tensor&, const std::vector<int64_t>&, const std::vector<int64_t>&) override { fail(); }
   void barrier() override { fail(); }
+  void send_recv(const torch::Tensor&, int, torch::Tensor&, int) override { fail(); }
   std::unique_ptr<dist::Communicator> split(int, const std::string&) override { fail(); }
 
  private:
@@ -548,13 +505,6 @@ std::shared_ptr<const dist::Layout> fake_layout(int rank, int world, int ep) {
   return layout;
 }
 
-std::vector<double> metrics_losses(const std::string& run_dir) {
-  std::vector<double> losses;
-  std::ifstream metrics(files::join(run_dir, "metrics.jsonl"));
-  std::string line;
-  while (std::getline(metrics, line)) losses.push_back(nlohmann::json::parse(line)["loss"].get<double>());
-  return losses;
-}
 
 }  // namespace
 

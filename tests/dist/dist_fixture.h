@@ -1,0 +1,123 @@
+// Multi-process training runs for the distributed tests: a small MoE run at one layout through the
+// CLI and scripts/launch.sh, its checkpoints read back by name, and the comparisons every layout
+// test makes against one process.
+#pragma once
+#include <catch2/catch.hpp>
+
+#include <cmath>
+#include <cstdio>
+#include <fstream>
+#include <map>
+#include <nlohmann/json.hpp>
+#include <string>
+#include <vector>
+
+#include "ckpt/safetensors.h"
+#include "common/files.h"
+#include "../train/train_fixture.h"
+
+namespace moetrain::testing {
+
+inline std::string launch(int nproc, const std::string& command, int timeout_s = 300) {
+  return "timeout " + std::to_string(timeout_s) + " " + std::string(MOETRAIN_SOURCE_DIR) + "/scripts/launch.sh --nproc " +
+         std::to_string(nproc) + " -- " + command;
+}
+
+// A small MoE training run at one (world, ep) layout through the CLI and the launcher; the global
+// batch is 8 sequences in 2 micro-batches whatever the world size.
+struct Run {
+  std::vector<double> losses;
+  std::string run_dir;
+  std::string output;
+  int exit_code = -1;
+};
+
+inline config::Config equivalence_config(const std::string& data_dir, const std::string& out_dir) {
+  auto cfg = tiny_train_config(data_dir, out_dir);
+  cfg.model.dense_layers = 0;
+  cfg.model.moe.n_experts = 8;
+  cfg.model.moe.aux_loss_coef = 0.01;
+  cfg.model.moe.z_loss_coef = 0.001;
+  cfg.model.moe.seq_aux_loss_coef = 0.001;
+  cfg.train.steps = 20;
+  cfg.train.grad_accum = 2;
+  cfg.train.eval_every = 0;
+  cfg.optim.warmup_steps = 2;
+  return cfg;
+}
+
+// A global micro-batch of 4 sequences split over the data-parallel ranks (the world divided by
+// cfg.parallel.pipeline_parallel).
+inline Run train_at(config::Config cfg, int world, int ep, const std::string& extra = "") {
+  cfg.train.micro_batch_size = 4 * cfg.parallel.pipeline_parallel / world;
+  cfg.parallel.expert_parallel = ep;
+  cfg.parallel.timeout_s = 60;
+  const std::string yaml = write_config(cfg, files::join(cfg.run.out_dir, "input.yaml"));
+  const std::string train = std::string(MOETRAIN_BINARY) + " train --config " + yaml + extra;
+  Run run;
+  auto r = run_command("OMP_NUM_THREADS=1 " + (world == 1 ? "timeout 300 " + train : launch(world, train)));
+  run.exit_code = r.exit_code;
+  run.output = r.output;
+  run.run_dir = cfg.run.out_dir;
+  std::ifstream metrics(files::join(cfg.run.out_dir, "metrics.jsonl"));
+  std::string line;
+  while (std::getline(metrics, line)) run.losses.push_back(nlohmann::json::parse(line)["loss"].get<double>());
+  return run;
+}
+
+// Every tensor of a checkpoint by name, across its files (the expert files differ by layout): the
+// weights ("model") or the AdamW moments ("optim").
+inline std::map<std::string, torch::Tensor> checkpoint_tensors(const Run& run, const std::string& kind,
+                                                       const std::string& step = "step_00000020") {
+  const auto step_dir = files::join(run.run_dir, "ckpt/" + step);
+  std::map<std::string, torch::Tensor> out;
+  for (const auto& name : files::list_directory(step_dir)) {
+    const bool is_optim = name.rfind("optim", 0) == 0;
+    const bool is_model = name.rfind("model", 0) == 0 || name.rfind("experts-", 0) == 0;
+    if ((kind == "optim" && !is_optim) || (kind == "model" && !is_model)) continue;
+    ckpt::SafetensorsFile f(files::join(step_dir, name));
+    for (const auto& info : f.tensors()) out[info.name] = f.load(info.name).to(torch::kDouble);
+  }
+  return out;
+}
+
+// Largest relative difference ||a - b|| / ||a|| (Frobenius) over the tensors of two checkpoints.
+inline double max_relative_difference(const Run& a, const Run& b, const std::string& kind,
+                               const std::string& step = "step_00000020") {
+  const auto ta = checkpoint_tensors(a, kind, step), tb = checkpoint_tensors(b, kind, step);
+  CATCH_REQUIRE(ta.size() == tb.size());
+  CATCH_REQUIRE(!ta.empty());
+  double worst = 0;
+  for (const auto& [name, x] : ta) {
+    CATCH_REQUIRE(tb.count(name));
+    const auto& y = tb.at(name);
+    CATCH_REQUIRE(x.sizes() == y.sizes());
+    const double d = (x - y).norm().item<double>() / std::max(x.norm().item<double>(), 1e-12);
+    if (d > 1e-6) std::printf("%s: %s differs by %.3g (relative norm)\n", kind.c_str(), name.c_str(), d);
+    worst = std::max(worst, d);
+  }
+  return worst;
+}
+
+inline void check_same_run(const Run& got, const Run& want, const std::string& what) {
+  CATCH_INFO(what << "\n" << got.output.substr(got.output.size() > 3000 ? got.output.size() - 3000 : 0));
+  CATCH_REQUIRE(got.exit_code == 0);
+  CATCH_REQUIRE(got.losses.size() == want.losses.size());
+  for (size_t i = 0; i < want.losses.size(); ++i) {
+    CATCH_INFO("step " << i + 1 << ": " << got.losses[i] << " vs " << want.losses[i]);
+    CATCH_CHECK(std::abs(got.losses[i] - want.losses[i]) <= 1e-5 * std::abs(want.losses[i]));
+  }
+  CATCH_CHECK(max_relative_difference(got, want, "model") <= 1e-5);
+  CATCH_CHECK(max_relative_difference(got, want, "optim") <= 1e-4);
+}
+
+
+inline std::vector<double> metrics_losses(const std::string& run_dir) {
+  std::vector<double> losses;
+  std::ifstream metrics(files::join(run_dir, "metrics.jsonl"));
+  std::string line;
+  while (std::getline(metrics, line)) losses.push_back(nlohmann::json::parse(line)["loss"].get<double>());
+  return losses;
+}
+
+}  // namespace moetrain::testing
