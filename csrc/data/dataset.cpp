@@ -83,6 +83,7 @@ Dataset Dataset::open(const std::string& dir, const std::string& split, DatasetO
   s.open.resize(s.paths.size());
   for (const auto& path : s.paths) {
     const Shard shard(path, ShardOptions{false, options.vocab_bound});
+    if (options.vocab_bound > 0) require_vocabulary(shard, int64_t(options.vocab_bound));  // header vocabularies
     s.tokens.push_back(shard.size());
     s.total += shard.size();
   }

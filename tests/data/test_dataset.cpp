@@ -232,4 +232,8 @@ CATCH_TEST_CASE("data.sources: parsed, round-tripped, and each bad source is one
   CATCH_CHECK_THROWS_WITH(blend_of("[{dir: " + web + "}, {dir: " + web + "}]"), Contains("'web' is taken"));
   CATCH_CHECK_THROWS_WITH(open_blend(with("[{dir: " + web + "}]").data, 100), Contains("data.sources[0] ('web')") &&
                                                                                Contains("model.vocab_size = 100"));
+  CATCH_CHECK_THROWS_WITH(open_blend(with("[{dir: " + web + "}, {dir: " + code + "}]").data, 8000 - 1),
+                          Contains("data.sources[0] ('web')") && Contains("model.vocab_size = 7999"));
+  CATCH_CHECK_THROWS_WITH(Dataset::open(code, "train", {64, 7999}),
+                          Contains(files::join(code, shard_name("train", 0))) && Contains("model.vocab_size = 7999"));
 }
