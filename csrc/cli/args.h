@@ -68,6 +68,7 @@ int run_plan(const std::vector<std::string>& argv);
 int run_convert(const std::vector<std::string>& argv);
 int run_inspect(const std::vector<std::string>& argv);
 int run_eval(const std::vector<std::string>& argv);
+int run_inspect_data(const std::vector<std::string>& argv);
 int run_bench_step(const std::vector<std::string>& argv);
 
 }  // namespace moetrain::cli

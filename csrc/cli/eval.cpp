@@ -1,9 +1,10 @@
 // `moetrain eval`: mean next-token loss and perplexity of a checkpoint (ours or hf:DIR) over a whole
-// token shard, in windows of --seq-len tokens, so that a checkpoint can be compared before and after
-// fine-tuning. With a loss mask beside the shard (val.mask.bin, see data/shard.h) only learned tokens
+// token shard (or every shard of a folder's val split, or several such sources), in windows of --seq-len
+// tokens, so that a checkpoint can be compared before and after fine-tuning. With a loss mask beside the shard (val.mask.bin, see data/shard.h) only learned tokens
 // count: the response loss of prompt/response data.
 #include <cmath>
 #include <cstdio>
+#include <memory>
 
 #include <nlohmann/json.hpp>
 
@@ -11,18 +12,67 @@
 #include "common/errors.h"
 #include "common/files.h"
 #include "common/log.h"
+#include "data/dataset.h"
 #include "data/sampler.h"
 #include "data/shard.h"
 #include "train/generate.h"
 
 namespace moetrain::cli {
 
+namespace {
+
+struct Measured {
+  double loss_sum = 0;
+  uint64_t learned = 0;  // predictions that count: all of them without a mask
+};
+
+// Windows [s*L, s*L + L + 1) of each shard cover every next-token prediction in it once (none crosses
+// into the next shard); the last window of a shard may be shorter.
+Measured measure(const train::LoadedModel& loaded, const data::Dataset& split, int seq_len, int batch_size) {
+  torch::NoGradGuard no_grad;
+  const auto device = loaded.model->embed.device();
+  Measured m;
+  for (size_t i = 0; i < split.n_shards(); ++i) {
+    const auto shard_ptr = split.shard(i);
+    const data::Shard& shard = *shard_ptr;
+    if (shard.size() < 2) continue;
+    const uint64_t predictions = shard.size() - 1;
+    const uint64_t n_windows = (predictions + seq_len - 1) / seq_len;
+    for (uint64_t w = 0; w < n_windows;) {
+      const uint64_t begin = w * uint64_t(seq_len);
+      const int64_t len = int64_t(std::min<uint64_t>(seq_len, predictions - begin));
+      // Full windows go in batches; a short last window goes alone.
+      const uint64_t n = len == seq_len ? std::min<uint64_t>(batch_size, predictions / seq_len - w) : 1;
+      auto window = torch::empty({int64_t(n), len + 1}, torch::kLong);
+      for (uint64_t b = 0; b < n; ++b)
+        shard.read(begin + b * seq_len, uint64_t(len) + 1, window[int64_t(b)].data_ptr<int64_t>());
+      auto inputs = window.narrow(1, 0, len), targets = window.narrow(1, 1, len).clone();
+      if (shard.has_mask()) {
+        auto learned_NL = torch::empty({int64_t(n), len}, torch::kUInt8);
+        for (uint64_t b = 0; b < n; ++b)
+          shard.read_mask(begin + b * seq_len + 1, uint64_t(len), learned_NL[int64_t(b)].data_ptr<uint8_t>());
+        targets.masked_fill_(learned_NL.eq(0), data::kIgnoreTarget);
+      }
+      m.learned += uint64_t(targets.ne(data::kIgnoreTarget).sum().item<int64_t>());
+      m.loss_sum += loaded.model->forward_loss(inputs.to(device), targets.to(device), data::kIgnoreTarget, /*sum=*/true)
+                        .loss.item<double>();
+      w += n;
+    }
+  }
+  return m;
+}
+
+}  // namespace
+
 int run_eval(const std::vector<std::string>& argv) {
   const Command command{
       "eval",
-      "Mean next-token loss (nats per token) and perplexity of a checkpoint over a token shard.",
+      "Mean next-token loss (nats per token) and perplexity of a checkpoint over token shards.",
       {{"checkpoint", "DIR", "run folder, ckpt/ folder, step folder, or hf:DIR (a Hugging Face folder)"},
-       {"data", "SHARDS", "a folder holding val.bin (moetrain prepare-data), or a .bin shard; a loss mask beside it (val.mask.bin) restricts the loss to learned tokens"},
+       {"data", "SHARDS", "a folder holding val.bin or val-*.bin (any format `moetrain inspect-data` reads), or one .bin "
+                          "shard; a loss mask beside a shard (val.mask.bin) restricts the loss to learned tokens. "
+                          "Repeat it to measure several sources: each is reported, then all of them per token",
+        true},
        {"seq-len", "N", "tokens per window (default: the checkpoint's data.seq_len)"},
        {"batch-size", "B", "windows per forward pass (default 8)"},
        {"json", "", "print one JSON object instead of a line"}}};
@@ -31,11 +81,24 @@ int run_eval(const std::vector<std::string>& argv) {
     std::fputs(usage(command).c_str(), stdout);
     return 0;
   }
-  std::string shard_path = args.require("data");
-  if (files::is_directory(shard_path)) shard_path = files::join(shard_path, "val.bin");
-  const data::Shard shard(shard_path);
-  if (shard.has_mask() && shard.learned_tokens() == 0)  // before loading a model: there would be no loss
-    throw DataError(shard.mask_path() + " marks no token of " + shard_path + " as learned: no loss to measure");
+  args.require("data");
+  // Each source: its shards, opened (and checked) before a model is loaded.
+  std::vector<std::unique_ptr<data::Shard>> single_files;
+  std::vector<std::pair<std::string, data::Dataset>> sources;
+  for (const auto& given : args.all("data")) {
+    if (files::is_directory(given)) {
+      sources.emplace_back(given, data::Dataset::open(given, "val"));
+    } else {
+      single_files.push_back(std::make_unique<data::Shard>(given));
+      sources.emplace_back(given, data::Dataset::borrow(*single_files.back()));
+    }
+    const data::Dataset& split = sources.back().second;
+    if (split.n_shards() == 1) {
+      const auto shard = split.shard(0);
+      if (shard->has_mask() && shard->learned_tokens() == 0)  // before loading a model: there would be no loss
+        throw DataError(shard->mask_path() + " marks no token of " + shard->path() + " as learned: no loss to measure");
+    }
+  }
   auto loaded = train::load_for_inference(args.require("checkpoint"));
   const auto& model_cfg = loaded.cfg.model;
   const int seq_len = args.get_int("seq-len", loaded.cfg.data.seq_len);
@@ -44,48 +107,56 @@ int run_eval(const std::vector<std::string>& argv) {
     throw UsageError("--seq-len " + std::to_string(seq_len) + " must be in [1, " + std::to_string(model_cfg.max_seq_len) +
                      "] (the model's context)");
   if (batch_size < 1) throw UsageError("--batch-size must be >= 1");
-  data::require_vocabulary(shard, model_cfg.vocab_size);  // the checkpoint's model.vocab_size
-  if (shard.size() < 2) throw DataError(shard_path + " has fewer than 2 tokens: nothing to predict");
+  for (auto& [given, split] : sources) {
+    if (split.n_shards() == 1) data::require_vocabulary(*split.shard(0), model_cfg.vocab_size);  // the checkpoint's
+    else split = data::Dataset::open(given, "val", {64, uint64_t(model_cfg.vocab_size)});  // reads check the bound
+    if (split.size() < 2) throw DataError(split.name() + " has fewer than 2 tokens: nothing to predict");
+  }
 
-  // Windows [s*L, s*L + L + 1) cover every next-token prediction once; the last may be shorter.
-  torch::NoGradGuard no_grad;
-  const auto device = loaded.model->embed.device();
-  const uint64_t predictions = shard.size() - 1;
-  const uint64_t n_windows = (predictions + seq_len - 1) / seq_len;
-  double total = 0;
-  uint64_t learned = 0;  // predictions that count: all of them without a mask
-  for (uint64_t w = 0; w < n_windows;) {
-    const uint64_t begin = w * uint64_t(seq_len);
-    const int64_t len = int64_t(std::min<uint64_t>(seq_len, predictions - begin));
-    // Full windows go in batches; a short last window goes alone.
-    const uint64_t n = len == seq_len ? std::min<uint64_t>(batch_size, predictions / seq_len - w) : 1;
-    auto window = torch::empty({int64_t(n), len + 1}, torch::kLong);
-    for (uint64_t b = 0; b < n; ++b) shard.read(begin + b * seq_len, uint64_t(len) + 1, window[int64_t(b)].data_ptr<int64_t>());
-    auto inputs = window.narrow(1, 0, len), targets = window.narrow(1, 1, len).clone();
-    if (shard.has_mask()) {
-      auto learned_NL = torch::empty({int64_t(n), len}, torch::kUInt8);
-      for (uint64_t b = 0; b < n; ++b)
-        shard.read_mask(begin + b * seq_len + 1, uint64_t(len), learned_NL[int64_t(b)].data_ptr<uint8_t>());
-      targets.masked_fill_(learned_NL.eq(0), data::kIgnoreTarget);
-    }
-    learned += uint64_t(targets.ne(data::kIgnoreTarget).sum().item<int64_t>());
-    total += loaded.model->forward_loss(inputs.to(device), targets.to(device), data::kIgnoreTarget, /*sum=*/true)
-                 .loss.item<double>();
-    w += n;
+  Measured all;
+  std::vector<Measured> per_source;
+  for (const auto& [given, split] : sources) {
+    per_source.push_back(measure(loaded, split, seq_len, batch_size));
+    if (per_source.back().learned == 0)
+      throw DataError("the loss masks of " + split.name() + " mark no token as learned: no loss");
+    all.loss_sum += per_source.back().loss_sum;
+    all.learned += per_source.back().learned;
   }
-  if (learned == 0) throw DataError(shard.mask_path() + " marks no token of " + shard_path + " as learned: no loss");
-  const double loss = total / double(learned);
+  const double loss = all.loss_sum / double(all.learned);
+  auto mask_of = [](const data::Dataset& split) {
+    const auto shard = split.n_shards() == 1 ? split.shard(0) : nullptr;
+    return shard && shard->has_mask() ? shard->mask_path() : std::string();
+  };
   if (args.has("json")) {
-    nlohmann::json j = {{"loss", loss}, {"perplexity", std::exp(loss)}, {"tokens", learned},
-                        {"seq_len", seq_len}, {"data", shard_path}};
-    j["mask"] = shard.has_mask() ? nlohmann::json(shard.mask_path()) : nlohmann::json(nullptr);
+    nlohmann::json j = {{"loss", loss}, {"perplexity", std::exp(loss)}, {"tokens", all.learned}, {"seq_len", seq_len}};
+    if (sources.size() == 1) {
+      j["data"] = sources[0].second.name();
+      const std::string mask = mask_of(sources[0].second);
+      j["mask"] = mask.empty() ? nlohmann::json(nullptr) : nlohmann::json(mask);
+    } else {
+      j["sources"] = nlohmann::json::array();
+      for (size_t i = 0; i < sources.size(); ++i) {
+        const double l = per_source[i].loss_sum / double(per_source[i].learned);
+        j["sources"].push_back({{"data", sources[i].second.name()}, {"loss", l}, {"perplexity", std::exp(l)},
+                                {"tokens", per_source[i].learned}});
+      }
+    }
     std::printf("%s\n", j.dump().c_str());
-  } else {
-    const std::string counted = shard.has_mask() ? " learned (masked by " + shard.mask_path() + ")" : "";
-    std::printf("loss %s | perplexity %s | %llu%s predicted tokens in windows of %d | %s\n",
-                format_double(loss, 5).c_str(), format_double(std::exp(loss), 5).c_str(),
-                static_cast<unsigned long long>(learned), counted.c_str(), seq_len, shard_path.c_str());
+    return 0;
   }
+  for (size_t i = 0; i < sources.size(); ++i) {
+    const double l = per_source[i].loss_sum / double(per_source[i].learned);
+    const std::string mask = mask_of(sources[i].second);
+    const std::string counted = mask.empty() ? "" : " learned (masked by " + mask + ")";
+    std::printf("loss %s | perplexity %s | %llu%s predicted tokens in windows of %d | %s\n",
+                format_double(l, 5).c_str(), format_double(std::exp(l), 5).c_str(),
+                static_cast<unsigned long long>(per_source[i].learned), counted.c_str(), seq_len,
+                sources[i].second.name().c_str());
+  }
+  if (sources.size() > 1)
+    std::printf("loss %s | perplexity %s | %llu predicted tokens | all %zu sources, per token\n",
+                format_double(loss, 5).c_str(), format_double(std::exp(loss), 5).c_str(),
+                static_cast<unsigned long long>(all.learned), sources.size());
   return 0;
 }
 

@@ -22,6 +22,7 @@ const Subcommand kSubcommands[] = {
     {"eval", "mean next-token loss and perplexity of a checkpoint over a token shard", moetrain::cli::run_eval},
     {"inspect", "a checkpoint's manifest, tensors and parameter counts; verifies its checksums", moetrain::cli::run_inspect},
     {"convert", "convert between our checkpoints and Hugging Face folders (hf:DIR)", moetrain::cli::run_convert},
+    {"inspect-data", "what a data folder holds (format, shards, tokens, documents, vocabulary); verifies headers", moetrain::cli::run_inspect_data},
     {"prepare-data", "turn text files into token shards (train.bin, val.bin)", moetrain::cli::run_prepare_data},
     {"config", "print a resolved config, or the reference of every key", moetrain::cli::run_config},
     {"cost", "estimate a training run's FLOPs, GPU-hours, days and price from a config", moetrain::cli::run_cost},

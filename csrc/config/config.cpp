@@ -32,8 +32,9 @@ namespace {
 
 // Accessors return a reference to the field; the variant alternative is the key's value type.
 using Field = std::variant<int& (*)(Config&), uint64_t& (*)(Config&), double& (*)(Config&),
-                           bool& (*)(Config&), std::string& (*)(Config&), std::optional<double>& (*)(Config&)>;
-enum FieldKind { kInt = 0, kUInt64, kDouble, kBool, kString, kOptDouble };
+                           bool& (*)(Config&), std::string& (*)(Config&), std::optional<double>& (*)(Config&),
+                           std::vector<DataSource>& (*)(Config&)>;
+enum FieldKind { kInt = 0, kUInt64, kDouble, kBool, kString, kOptDouble, kSources };
 
 // What a single value may be, independent of other keys (relations live in validate()).
 struct Allowed {
@@ -239,6 +240,13 @@ const std::vector<KeyDesc>& keys() {
       MOETRAIN_KEY(data.dir, "Directory holding train.bin and val.bin (written by moetrain prepare-data).",
                    non_empty()),
       MOETRAIN_KEY(data.seq_len, "Tokens per training sequence; at most model.max_seq_len.", at_least(1)),
+      MOETRAIN_KEY(data.sources,
+                   "A blend of folders, each {dir, weight, name (optional, default: the folder's name)}; when "
+                   "non-empty it replaces data.dir. Each training sequence comes from one source, chosen by a hash "
+                   "of (run.seed, sequence id) with probability weight / sum of weights; every folder needs a "
+                   "train split, its val split (if any) is evaluated on its own. metrics.jsonl logs tokens/<name> "
+                   "and val_loss/<name>. Weights must be > 0.",
+                   any()),
 
       MOETRAIN_KEY(optim.lr, "Peak learning rate, reached at the end of warmup.", above(0)),
       MOETRAIN_KEY(optim.min_lr, "Floor of the cosine decay; at most optim.lr.", at_least(0)),
@@ -383,6 +391,19 @@ std::string format_number(double v) {
 
 std::string in_quotes(const std::string& s) { return "\"" + s + "\""; }
 
+// data.sources as flow YAML, which a --set reads back: [{dir: "a", weight: 0.7, name: "web"}].
+std::string sources_text(const std::vector<DataSource>& sources) {
+  std::string out = "[";
+  for (size_t i = 0; i < sources.size(); ++i) {
+    YAML::Emitter dir, name;
+    dir << YAML::DoubleQuoted << sources[i].dir;
+    name << YAML::DoubleQuoted << sources[i].name;
+    out += std::string(i ? ", " : "") + "{dir: " + dir.c_str() + ", weight: " + format_number(sources[i].weight) +
+           ", name: " + name.c_str() + "}";
+  }
+  return out + "]";
+}
+
 std::string value_text(const KeyDesc& k, const Config& cfg) {
   Config& c = const_cast<Config&>(cfg);  // accessors are shared with the setters; only read here
   return std::visit(
@@ -397,6 +418,8 @@ std::string value_text(const KeyDesc& k, const Config& cfg) {
           return format_number(v);
         else if constexpr (std::is_same_v<T, std::optional<double>>)
           return v ? format_number(*v) : "null";
+        else if constexpr (std::is_same_v<T, std::vector<DataSource>>)
+          return sources_text(v);
         else
           return std::to_string(v);
       },
@@ -419,7 +442,8 @@ std::string join(const std::vector<std::string>& items, const std::string& sep) 
 }
 
 std::string type_text(const KeyDesc& k) {
-  static const char* names[] = {"int", "uint64", "double", "bool", "string", "double or null"};
+  static const char* names[] = {"int", "uint64", "double", "bool", "string", "double or null",
+                                "list of {dir, weight, name}"};
   if (!k.allowed.one_of.empty()) return "enum (" + join(k.allowed.one_of, ", ") + ")";
   std::string t = names[k.field.index()];
   if (k.allowed.non_empty) t += ", non-empty";
@@ -469,6 +493,7 @@ const char* expected_text(const KeyDesc& k) {
     case kDouble: return "a number";
     case kBool: return "true or false";
     case kOptDouble: return "a number or null";
+    case kSources: return "a list of {dir, weight, name} mappings";
     default: return "a string";
   }
 }
@@ -482,6 +507,38 @@ std::string node_kind_text(const YAML::Node& n) {
   }
 }
 
+// data.sources from a sequence of mappings (null = no blend); each entry names its index and field.
+void set_sources(const std::string& path, const YAML::Node& node, std::vector<DataSource>& out,
+                 const std::string& where) {
+  out.clear();
+  if (node.IsNull()) return;
+  if (!node.IsSequence())
+    throw ConfigError(where + ": " + path + ": expected a list of {dir, weight, name} mappings, got " +
+                      node_kind_text(node));
+  for (size_t i = 0; i < node.size(); ++i) {
+    const YAML::Node item = node[i];
+    const std::string entry = path + "[" + std::to_string(i) + "]";
+    if (!item.IsMap())
+      throw ConfigError(where + ": " + entry + ": expected a mapping {dir, weight, name}, got " + node_kind_text(item));
+    DataSource source;
+    bool has_dir = false;
+    for (const auto& field : item) {
+      const YAML::Node key = field.first, value = field.second;
+      const std::string name = key.IsScalar() ? key.Scalar() : "?";
+      if ((name != "dir" && name != "weight" && name != "name") || !value.IsScalar())
+        throw ConfigError(where + ": " + entry + "." + name + ": " +
+                          (value.IsScalar() ? "unknown field; expected dir, weight or name"
+                                            : "expected a scalar, got " + node_kind_text(value)));
+      if (name == "weight" && !parse_double(value.Scalar(), source.weight))
+        throw ConfigError(where + ": " + entry + ".weight: expected a number, got " + node_kind_text(value));
+      if (name == "dir") source.dir = value.Scalar(), has_dir = true;
+      if (name == "name") source.name = value.Scalar();
+    }
+    if (!has_dir) throw ConfigError(where + ": " + entry + ": needs a dir (the folder of the source's shards)");
+    out.push_back(source);
+  }
+}
+
 // `where` is "file:line:col" or "--set ..."; returns by throwing on a mismatch of type.
 void set_from_node(const KeyDesc& k, const YAML::Node& node, Config& cfg, const std::string& where) {
   auto fail = [&]() -> void {
@@ -489,6 +546,10 @@ void set_from_node(const KeyDesc& k, const YAML::Node& node, Config& cfg, const 
   };
   if (k.field.index() == kOptDouble && node.IsNull()) {
     std::get<kOptDouble>(k.field)(cfg).reset();
+    return;
+  }
+  if (k.field.index() == kSources) {
+    set_sources(k.path, node, std::get<kSources>(k.field)(cfg), where);
     return;
   }
   if (!node.IsScalar()) fail();
@@ -512,6 +573,8 @@ void set_from_node(const KeyDesc& k, const YAML::Node& node, Config& cfg, const 
           double v = 0;
           if (!parse_double(text, v)) fail();
           field = v;
+        } else if constexpr (std::is_same_v<T, std::vector<DataSource>>) {
+          fail();  // handled by set_sources above
         } else {
           T v{};
           if (!parse_integer(text, v)) {
@@ -828,6 +891,14 @@ void validate(const Config& cfg) {
   if (cfg.data.seq_len > m.max_seq_len)
     throw ConfigError(kv("data.seq_len", cfg.data.seq_len) + " must be in [1, " +
                       kv("model.max_seq_len", m.max_seq_len) + "]");
+  for (size_t i = 0; i < cfg.data.sources.size(); ++i) {
+    const DataSource& source = cfg.data.sources[i];
+    const std::string entry = "data.sources[" + std::to_string(i) + "]";
+    if (source.dir.empty()) throw ConfigError(entry + ".dir = \"\" must name a folder");
+    if (!std::isfinite(source.weight) || source.weight <= 0)
+      throw ConfigError(entry + ".weight = " + format_number(source.weight) + " must be > 0 (source " +
+                        in_quotes(source.name.empty() ? source.dir : source.name) + ")");
+  }
   if (cfg.optim.min_lr > cfg.optim.lr)
     throw ConfigError("optim.min_lr = " + format_number(cfg.optim.min_lr) + " must be <= optim.lr = " +
                       format_number(cfg.optim.lr));
@@ -916,7 +987,14 @@ std::string to_yaml(const Config& cfg) {
       open.push_back(section[open.size()]);
     }
     out << YAML::Key << parts.back() << YAML::Value;
-    if (k.field.index() == kString)
+    if (k.field.index() == kSources) {
+      out << YAML::BeginSeq;
+      for (const auto& source : std::get<kSources>(k.field)(const_cast<Config&>(cfg)))
+        out << YAML::BeginMap << YAML::Key << "dir" << YAML::Value << YAML::DoubleQuoted << source.dir
+            << YAML::Key << "weight" << YAML::Value << format_number(source.weight) << YAML::Key << "name"
+            << YAML::Value << YAML::DoubleQuoted << source.name << YAML::EndMap;
+      out << YAML::EndSeq;
+    } else if (k.field.index() == kString)
       out << YAML::DoubleQuoted << value_text(k, cfg);  // quoted so "123", "~" or "true" stay strings
     else if (k.field.index() == kOptDouble && !std::get<kOptDouble>(k.field)(const_cast<Config&>(cfg)))
       out << YAML::Null;

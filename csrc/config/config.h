@@ -90,9 +90,17 @@ struct ModelConfig {
   MoEConfig moe;
 };
 
+// One entry of data.sources: a folder of shards and its share of the training sequences.
+struct DataSource {
+  std::string dir;
+  double weight = 1;  // > 0; the blend normalises the weights
+  std::string name;   // "" = the folder's last component
+};
+
 struct DataConfig {
   std::string dir = "data/fortunes";  // holds train.bin and val.bin (moetrain prepare-data)
   int seq_len = 256;                  // tokens per training sequence; <= model.max_seq_len
+  std::vector<DataSource> sources;    // a blend; when non-empty it replaces data.dir
 };
 
 struct OptimConfig {

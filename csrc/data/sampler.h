@@ -1,6 +1,9 @@
 // The training sampler. The batch at optimizer step s, micro-batch m, for rank r is a pure function of
 // (seed, s, m, r): resuming needs only the step, and any world size draws disjoint sequences.
-// Each sequence is a window of seq_len + 1 tokens at an offset hashed from (seed, global sequence id).
+// Each sequence is a window of seq_len + 1 tokens at an offset hashed from (seed, global sequence id):
+// the source of a blend is hashed from the id too (blend.h), then the offset picks one of that source's
+// window starts (dataset.h: every start of every shard, so shards weigh by their size; a window never
+// crosses from one shard into the next). With one source and one shard this is the single-file sampler.
 // With a loss mask (shard.h), targets whose token is not learned are kIgnoreTarget, and a training
 // window whose targets are all unlearned is redrawn, so that no micro-batch is without a loss.
 #pragma once
@@ -8,6 +11,8 @@
 
 #include <cstdint>
 
+#include "data/blend.h"
+#include "data/dataset.h"
 #include "data/shard.h"
 
 namespace moetrain::data {
@@ -31,23 +36,31 @@ struct SamplerOptions {
 
 class Sampler {
  public:
-  Sampler(const Shard& shard, SamplerOptions opt);  // throws DataError if the shard is too short
+  Sampler(const Shard& shard, SamplerOptions opt);  // one shard (borrowed); throws DataError if too short
+  Sampler(const Blend& blend, SamplerOptions opt);
   Batch batch(int64_t step, int micro) const;
-  // Window start for a global sequence id (exposed for tests).
+  // The blend source a global sequence id reads from.
+  size_t source(uint64_t global_sequence) const { return blend_.choose(opt_.seed, global_sequence); }
+  // Window start for a global sequence id, as an index into its source's WindowIndex (with one shard:
+  // the offset in it; exposed for tests).
   uint64_t offset(uint64_t global_sequence) const;
   // The start the batch uses: offset(), or with a mask the first of the redraws
   // offset(mix64(id) + k), k = 1, 2, ..., whose window has a learned target.
   uint64_t window_start(uint64_t global_sequence) const;
-  // Global id of sequence i of (step, micro, rank): disjoint across ranks and micro-batches.
+  // Global id of sequence i of (step, micro, rank): disjoint across ranks and micro-batches. The ids
+  // of step s are [s * sequences_per_step(), (s + 1) * sequences_per_step()).
   uint64_t global_sequence(int64_t step, int micro, int i) const;
+  uint64_t sequences_per_step() const;
 
  private:
-  const Shard& shard_;
+  Blend blend_;
+  std::vector<WindowIndex> windows_;  // per source of the blend
   SamplerOptions opt_;
 };
 
 // Fixed validation batches: evaluation k reads the same windows every time (evenly spaced over the
-// shard), so validation losses are comparable across steps and runs.
+// split), so validation losses are comparable across steps and runs.
+Batch eval_batch(const Dataset& split, int index, int n_batches, int batch_size, int seq_len);
 Batch eval_batch(const Shard& shard, int index, int n_batches, int batch_size, int seq_len);
 
 // splitmix64: the hash behind every deterministic choice here.

@@ -28,6 +28,10 @@ static_assert(std::endian::native == std::endian::little, "shard I/O assumes a l
 
 constexpr char kMagic[8] = {'M', 'O', 'E', 'T', 'O', 'K', 'S', '\0'};
 constexpr size_t kHeaderBytes = 32;
+constexpr int32_t kLlmcGpt2Magic = 20240520, kLlmcLlama3Magic = 20240801;
+constexpr uint64_t kLlmcHeaderBytes = 256 * 4;
+constexpr char kMegatronMagic[9] = {'M', 'M', 'I', 'D', 'I', 'D', 'X', '\0', '\0'};
+constexpr uint64_t kMegatronHeaderBytes = 9 + 8 + 1 + 8 + 8;
 constexpr char kMaskMagic[8] = {'M', 'O', 'E', 'M', 'A', 'S', 'K', '\0'};
 constexpr size_t kMaskHeaderBytes = 64;
 constexpr size_t kMaskNameOffset = 24, kMaskNameBytes = kMaskHeaderBytes - kMaskNameOffset;
@@ -205,37 +209,49 @@ void write_mask(const std::string& shard_path, const std::vector<uint8_t>& learn
   });
 }
 
-Shard::Shard(const std::string& path) : path_(path), mask_path_(mask_path_for(path)) {
+const char* format_name(ShardFormat format) {
+  switch (format) {
+    case ShardFormat::llmc: return "llm.c";
+    case ShardFormat::megatron: return "megatron";
+    default: return "moetrain";
+  }
+}
+
+Shard::Shard(const std::string& path, ShardOptions options)
+    : path_(path), mask_path_(mask_path_for(path)), options_(options) {
+  // A Megatron .bin has no header of its own: its .idx beside it says what it is.
+  const std::string ext = ".bin";
+  if (path.size() > ext.size() && path.compare(path.size() - ext.size(), ext.size(), ext) == 0 &&
+      files::exists(path.substr(0, path.size() - ext.size()) + ".idx")) {
+    format_ = ShardFormat::megatron;
+    index_path_ = path.substr(0, path.size() - ext.size()) + ".idx";
+  }
   uint64_t file_size = 0;
-  std::tie(fd_, file_size) = open_file(path, "shard", kHeaderBytes);
+  std::tie(fd_, file_size) = open_file(path, "shard", format_ == ShardFormat::megatron ? 0 : kHeaderBytes);
   try {
-    uint8_t header[kHeaderBytes];
-    if (pread_full(fd_, header, kHeaderBytes, 0, path) != kHeaderBytes) throw_shrunk(path, 0, kHeaderBytes, 0, file_size);
-    if (std::memcmp(header, kMagic, 8) != 0) {
-      throw DataError(path + ": bad magic (bytes 0..7): not a MOETOKS token shard");
+    if (format_ == ShardFormat::megatron) {
+      open_megatron(file_size);
+    } else {
+      uint8_t magic[8];
+      if (pread_full(fd_, magic, 8, 0, path) != 8) throw_shrunk(path, 0, 8, 0, file_size);
+      int32_t llmc_magic = 0;
+      std::memcpy(&llmc_magic, magic, 4);
+      if (llmc_magic == kLlmcGpt2Magic || llmc_magic == kLlmcLlama3Magic) {
+        format_ = ShardFormat::llmc;
+        open_llmc(file_size);
+      } else {
+        open_moetrain(file_size);
+      }
     }
-    uint32_t version = 0, dtype_code = 0;
-    std::memcpy(&version, header + 8, 4);
-    std::memcpy(&dtype_code, header + 12, 4);
-    std::memcpy(&count_, header + 16, 8);
-    std::memcpy(&vocab_, header + 24, 8);
-    if (version != kShardVersion) {
-      throw DataError(path + ": header field 'version' is " + std::to_string(version) + ", expected " +
-                      std::to_string(kShardVersion));
+    if (!vocab_in_header()) {  // the dtype's range, narrowed to the model's vocabulary when given
+      const uint64_t dtype_bound = bytes_ == 4 ? (uint64_t(1) << 31) : (uint64_t(1) << (8 * bytes_));
+      vocab_ = options_.vocab_bound > 0 ? std::min(dtype_bound, options_.vocab_bound) : dtype_bound;
     }
-    if (dtype_code != 1 && dtype_code != 2 && dtype_code != 4) {
-      throw DataError(path + ": header field 'dtype' is " + std::to_string(dtype_code) +
-                      ", expected 1 (uint8), 2 (uint16) or 4 (uint32)");
+    if (options_.scan) {
+      const uint64_t largest = scan_tokens();
+      if (!vocab_in_header()) vocab_ = count_ > 0 ? largest + 1 : 0;  // the bound the data shows
+      scanned_ = true;
     }
-    bytes_ = int(dtype_code);
-    uint64_t data_bytes = 0;
-    if (__builtin_mul_overflow(count_, uint64_t(bytes_), &data_bytes) || data_bytes != file_size - kHeaderBytes) {
-      throw DataError(path + ": header field 'count' says " + std::to_string(count_) + " tokens of " +
-                      std::to_string(bytes_) + " bytes but the file holds " + std::to_string(file_size - kHeaderBytes) +
-                      " bytes after the header");
-    }
-    if (vocab_ == 0) throw DataError(path + ": header field 'vocab_size' is 0");
-    scan_tokens();
     learned_ = count_;
     if (files::exists(mask_path_)) load_mask();
   } catch (...) {
@@ -244,29 +260,192 @@ Shard::Shard(const std::string& path) : path_(path), mask_path_(mask_path_for(pa
   }
 }
 
+void Shard::open_moetrain(uint64_t file_size) {
+  const std::string& path = path_;
+  uint8_t header[kHeaderBytes];
+  if (pread_full(fd_, header, kHeaderBytes, 0, path) != kHeaderBytes) throw_shrunk(path, 0, kHeaderBytes, 0, file_size);
+  if (std::memcmp(header, kMagic, 8) != 0) {
+    throw DataError(path + ": bad magic (bytes 0..7): not a MOETOKS token shard, nor an llm.c shard (int32 magic "
+                    "20240520 or 20240801), nor a Megatron .bin (no .idx beside it)");
+  }
+  uint32_t version = 0, dtype_code = 0;
+  std::memcpy(&version, header + 8, 4);
+  std::memcpy(&dtype_code, header + 12, 4);
+  std::memcpy(&count_, header + 16, 8);
+  std::memcpy(&vocab_, header + 24, 8);
+  if (version != kShardVersion) {
+    throw DataError(path + ": header field 'version' is " + std::to_string(version) + ", expected " +
+                    std::to_string(kShardVersion));
+  }
+  if (dtype_code != 1 && dtype_code != 2 && dtype_code != 4) {
+    throw DataError(path + ": header field 'dtype' is " + std::to_string(dtype_code) +
+                    ", expected 1 (uint8), 2 (uint16) or 4 (uint32)");
+  }
+  bytes_ = int(dtype_code);
+  data_offset_ = kHeaderBytes;
+  uint64_t data_bytes = 0;
+  if (__builtin_mul_overflow(count_, uint64_t(bytes_), &data_bytes) || data_bytes != file_size - kHeaderBytes) {
+    throw DataError(path + ": header field 'count' says " + std::to_string(count_) + " tokens of " +
+                    std::to_string(bytes_) + " bytes but the file holds " + std::to_string(file_size - kHeaderBytes) +
+                    " bytes after the header");
+  }
+  if (vocab_ == 0) throw DataError(path + ": header field 'vocab_size' is 0");
+}
+
+void Shard::open_llmc(uint64_t file_size) {
+  const std::string& path = path_;
+  if (file_size < kLlmcHeaderBytes)
+    throw DataError(path + ": " + std::to_string(file_size) + " bytes, shorter than the " +
+                    std::to_string(kLlmcHeaderBytes) + "-byte llm.c header (256 int32)");
+  int32_t header[3];
+  if (pread_full(fd_, header, sizeof header, 0, path) != sizeof header) throw_shrunk(path, 0, sizeof header, 0, file_size);
+  const bool gpt2 = header[0] == kLlmcGpt2Magic;
+  const int32_t want_version = gpt2 ? 1 : 7;
+  if (header[1] != want_version)
+    throw DataError(path + ": llm.c header field 'version' (int32 1) is " + std::to_string(header[1]) + ", expected " +
+                    std::to_string(want_version) + " for magic " + std::to_string(header[0]));
+  if (header[2] < 0)
+    throw DataError(path + ": llm.c header field 'token count' (int32 2) is " + std::to_string(header[2]) +
+                    ", expected >= 0");
+  bytes_ = gpt2 ? 2 : 4;
+  data_offset_ = kLlmcHeaderBytes;
+  count_ = uint64_t(header[2]);
+  if (count_ * uint64_t(bytes_) != file_size - kLlmcHeaderBytes)
+    throw DataError(path + ": llm.c header field 'token count' says " + std::to_string(count_) + " tokens of " +
+                    std::to_string(bytes_) + " bytes but the file holds " +
+                    std::to_string(file_size - kLlmcHeaderBytes) + " bytes after the header");
+}
+
+// The .idx is checked whole in size and at its ends (first and last pointer, first and last document
+// index); with a scan, every pointer and document index too.
+void Shard::open_megatron(uint64_t file_size) {
+  const std::string& idx = index_path_;
+  auto [idx_fd, idx_size] = open_file(idx, "Megatron index", kMegatronHeaderBytes);
+  struct Closer {
+    int fd;
+    ~Closer() { ::close(fd); }
+  } closer{idx_fd};
+  uint8_t header[kMegatronHeaderBytes];
+  if (pread_full(idx_fd, header, kMegatronHeaderBytes, 0, idx) != kMegatronHeaderBytes)
+    throw_shrunk(idx, 0, kMegatronHeaderBytes, 0, idx_size);
+  if (std::memcmp(header, kMegatronMagic, 9) != 0)
+    throw DataError(idx + ": bad magic (bytes 0..8): not a Megatron index (\"MMIDIDX\\x00\\x00\"), beside " + path_);
+  uint64_t version = 0, n_sequences = 0, n_doc_indices = 0;
+  std::memcpy(&version, header + 9, 8);
+  const uint8_t dtype_code = header[17];
+  std::memcpy(&n_sequences, header + 18, 8);
+  std::memcpy(&n_doc_indices, header + 26, 8);
+  if (version != 1)
+    throw DataError(idx + ": header field 'version' is " + std::to_string(version) + ", expected 1");
+  if (dtype_code == 1) bytes_ = 1;
+  else if (dtype_code == 8) bytes_ = 2;
+  else if (dtype_code == 4) bytes_ = 4;
+  else
+    throw DataError(idx + ": header field 'dtype' is " + std::to_string(int(dtype_code)) +
+                    ", expected 1 (uint8), 8 (uint16) or 4 (int32) for token ids");
+  // Sizes (int32) and pointers (int64) per sequence, document indices (int64), optional modes (int8).
+  const uint64_t limit = idx_size;  // no count can need more entries than the file has bytes
+  if (n_sequences > limit || n_doc_indices > limit)
+    throw DataError(idx + ": header counts (" + std::to_string(n_sequences) + " sequences, " +
+                    std::to_string(n_doc_indices) + " document indices) exceed the file's " + std::to_string(idx_size) +
+                    " bytes");
+  const uint64_t sizes_at = kMegatronHeaderBytes, pointers_at = sizes_at + 4 * n_sequences,
+                 docs_at = pointers_at + 8 * n_sequences, end = docs_at + 8 * n_doc_indices;
+  if (idx_size != end && idx_size != end + n_sequences)
+    throw DataError(idx + ": header field 'sequence count' (" + std::to_string(n_sequences) +
+                    ") and 'document count' (" + std::to_string(n_doc_indices) + ") need " + std::to_string(end) +
+                    " bytes (or " + std::to_string(end + n_sequences) + " with modes) but the file holds " +
+                    std::to_string(idx_size));
+  if (n_doc_indices < 1)
+    throw DataError(idx + ": header field 'document count' is 0, expected at least 1 (the leading 0)");
+  if (file_size % uint64_t(bytes_) != 0)
+    throw DataError(path_ + ": " + std::to_string(file_size) + " bytes is not a whole number of " +
+                    std::to_string(bytes_) + "-byte tokens (dtype of " + idx + ")");
+  auto read_at = [&](uint64_t offset, void* out, uint64_t n) {
+    if (pread_full(idx_fd, out, n, offset, idx) != n) throw_shrunk(idx, offset, n, 0, idx_size);
+  };
+  int64_t first_doc = 0, last_doc = 0;
+  read_at(docs_at, &first_doc, 8);
+  read_at(docs_at + 8 * (n_doc_indices - 1), &last_doc, 8);
+  if (first_doc != 0 || uint64_t(last_doc) != n_sequences)
+    throw DataError(idx + ": document indices run from " + std::to_string(first_doc) + " to " +
+                    std::to_string(last_doc) + ", expected 0 to the sequence count " + std::to_string(n_sequences));
+  // The sequences lie back to back from byte 0: pointer[i] = sum of the sizes before i (times the width).
+  std::vector<int32_t> sizes;
+  std::vector<int64_t> pointers;
+  const uint64_t chunk = options_.scan ? (uint64_t(1) << 16) : 1;
+  uint64_t expected_pointer = 0;
+  for (uint64_t first = 0; first < n_sequences;) {
+    // Without a scan only the first and the last sequence are read.
+    if (!options_.scan && first > 0 && first < n_sequences - 1) first = n_sequences - 1;
+    const uint64_t n = std::min(chunk, n_sequences - first);
+    sizes.resize(n);
+    pointers.resize(n);
+    read_at(sizes_at + 4 * first, sizes.data(), 4 * n);
+    read_at(pointers_at + 8 * first, pointers.data(), 8 * n);
+    for (uint64_t i = 0; i < n; ++i) {
+      const uint64_t s = first + i;
+      if (sizes[i] < 0)
+        throw DataError(idx + ": sequence " + std::to_string(s) + " has size " + std::to_string(sizes[i]) +
+                        ", expected >= 0");
+      if (!options_.scan && s == n_sequences - 1 && s > 0) expected_pointer = uint64_t(pointers[i]);
+      if (pointers[i] < 0 || uint64_t(pointers[i]) != expected_pointer)
+        throw DataError(idx + ": sequence " + std::to_string(s) + " points at byte " + std::to_string(pointers[i]) +
+                        " of " + path_ + ", expected " + std::to_string(expected_pointer) +
+                        " (the sequences must lie back to back, as Megatron's writer lays them)");
+      expected_pointer += uint64_t(sizes[i]) * uint64_t(bytes_);
+    }
+    first += n;
+  }
+  if (expected_pointer != file_size)
+    throw DataError(path_ + ": " + std::to_string(file_size) + " bytes, but the sequences of " + idx + " end at byte " +
+                    std::to_string(expected_pointer));
+  if (options_.scan) {
+    std::vector<int64_t> docs;
+    int64_t previous = 0;
+    for (uint64_t first = 0; first < n_doc_indices; first += chunk) {
+      const uint64_t n = std::min(chunk, n_doc_indices - first);
+      docs.resize(n);
+      read_at(docs_at + 8 * first, docs.data(), 8 * n);
+      for (uint64_t i = 0; i < n; ++i) {
+        if (docs[i] < previous)
+          throw DataError(idx + ": document index " + std::to_string(first + i) + " is " + std::to_string(docs[i]) +
+                          ", below the one before it (" + std::to_string(previous) + ")");
+        previous = docs[i];
+      }
+    }
+  }
+  data_offset_ = 0;
+  count_ = file_size / uint64_t(bytes_);
+  documents_ = n_doc_indices - 1;
+}
+
 // One pass over the tokens at open, so that a token the embedding cannot hold is an error naming its
-// position now, not "index out of range" from inside a forward pass hours later.
-void Shard::scan_tokens() const {
+// position now, not "index out of range" from inside a forward pass hours later. Returns the largest.
+uint64_t Shard::scan_tokens() const {
   std::vector<uint8_t> chunk;
+  uint64_t overall = 0;
   const uint64_t tokens_per_chunk = kScanChunkBytes / uint64_t(bytes_);
   for (uint64_t first = 0; first < count_; first += tokens_per_chunk) {
     const uint64_t n = std::min(tokens_per_chunk, count_ - first);
-    const uint64_t offset = kHeaderBytes + first * uint64_t(bytes_), want = n * uint64_t(bytes_);
+    const uint64_t offset = data_offset_ + first * uint64_t(bytes_), want = n * uint64_t(bytes_);
     chunk.resize(want);
     const uint64_t got = pread_full(fd_, chunk.data(), want, offset, path_);
-    if (got != want) throw_shrunk(path_, offset, want, got, kHeaderBytes + count_ * uint64_t(bytes_));
+    if (got != want) throw_shrunk(path_, offset, want, got, data_offset_ + count_ * uint64_t(bytes_));
     const uint32_t largest = bytes_ == 1   ? max_token<uint8_t>(chunk.data(), n)
                              : bytes_ == 2 ? max_token<uint16_t>(chunk.data(), n)
                                            : max_token<uint32_t>(chunk.data(), n);
+    overall = std::max<uint64_t>(overall, largest);
     if (uint64_t(largest) < vocab_) continue;
     for (uint64_t i = 0; i < n; ++i) {
       const uint32_t token = token_at(chunk.data(), i, bytes_);
       if (uint64_t(token) >= vocab_)
         throw DataError(path_ + ": token " + std::to_string(token) + " at position " + std::to_string(first + i) +
-                        " is outside the header's vocabulary [0, " + std::to_string(vocab_) +
-                        ") (the file is damaged, or was written with a different tokenizer)");
+                        " is outside " + vocabulary_text() +
+                        " (the file is damaged, or was written with a different tokenizer)");
     }
   }
+  return overall;
 }
 
 void Shard::load_mask() {
@@ -302,6 +481,8 @@ void Shard::load_mask() {
                     ")");
   }
   // One pass: every entry is 0 or 1 (a 2 is not "learned twice", it is damage), and the learned count.
+  // Unscanned, read_mask checks the entries it reads instead.
+  if (!options_.scan) return;
   std::vector<uint8_t> chunk;
   learned_ = 0;
   for (uint64_t first = 0; first < count; first += kScanChunkBytes) {
@@ -346,16 +527,27 @@ void Shard::read(uint64_t begin, uint64_t n, int64_t* out) const {
   // The narrow tokens land at the front of `out` (n * bytes_ <= n * 8 bytes) and are widened in place
   // from the last one back: token i's bytes lie below out[i]'s and no earlier token's are overwritten.
   uint8_t* raw = reinterpret_cast<uint8_t*>(out);
-  const uint64_t offset = kHeaderBytes + begin * uint64_t(bytes_), want = n * uint64_t(bytes_);
+  const uint64_t offset = data_offset_ + begin * uint64_t(bytes_), want = n * uint64_t(bytes_);
   const uint64_t got = pread_full(fd_, raw, want, offset, path_);
-  if (got != want) throw_shrunk(path_, offset, want, got, kHeaderBytes + count_ * uint64_t(bytes_));
+  if (got != want) throw_shrunk(path_, offset, want, got, data_offset_ + count_ * uint64_t(bytes_));
   for (uint64_t i = n; i-- > 0;) out[i] = int64_t(token_at(raw, i, bytes_));
-  // Checked at open, so a token out of range now means the file was rewritten in place since.
+  // Checked at open (when scanned), so a token out of range now means the file was rewritten in place
+  // since; unscanned, this is where damage or a foreign tokenizer shows.
   for (uint64_t i = 0; i < n; ++i)
     if (uint64_t(out[i]) >= vocab_)
       throw DataError(path_ + ": token " + std::to_string(out[i]) + " at position " + std::to_string(begin + i) +
-                      " is outside the header's vocabulary [0, " + std::to_string(vocab_) +
-                      "): the file was rewritten while this run read it; restore it and resume from the last checkpoint");
+                      " is outside " + vocabulary_text() +
+                      (scanned_ ? ": the file was rewritten while this run read it; restore it and resume from the "
+                                  "last checkpoint"
+                                : " (the file is damaged, or was written with a different tokenizer)"));
+}
+
+std::string Shard::vocabulary_text() const {
+  const std::string range = "[0, " + std::to_string(vocab_) + ")";
+  if (vocab_in_header()) return "the header's vocabulary " + range;
+  if (scanned_) return "the vocabulary its scan found " + range;
+  if (options_.vocab_bound > 0 && vocab_ == options_.vocab_bound) return "the vocabulary " + range + " (model.vocab_size)";
+  return "the token dtype's range " + range;
 }
 
 void Shard::read_mask(uint64_t begin, uint64_t n, uint8_t* out) const {
@@ -369,9 +561,22 @@ void Shard::read_mask(uint64_t begin, uint64_t n, uint8_t* out) const {
   }
   const uint64_t got = pread_full(mask_fd_, out, n, kMaskHeaderBytes + begin, mask_path_);
   if (got != n) throw_shrunk(mask_path_, kMaskHeaderBytes + begin, n, got, kMaskHeaderBytes + count_);
+  if (scanned_) return;  // every entry was checked at open
+  for (uint64_t i = 0; i < n; ++i)
+    if (out[i] > 1)
+      throw DataError(mask_path_ + ": entry " + std::to_string(int(out[i])) + " at position " +
+                      std::to_string(begin + i) + " must be 0 (not learned) or 1 (learned); the mask of shard " +
+                      path_ + " is damaged");
 }
 
 void require_vocabulary(const Shard& shard, int64_t model_vocab_size) {
+  if (!shard.vocab_in_header()) {  // a foreign format: the scan's bound, or each read checks instead
+    if (shard.scanned() && shard.vocab_size() > uint64_t(model_vocab_size))
+      throw DataError(shard.path() + " (" + format_name(shard.format()) + ") holds token " +
+                      std::to_string(shard.vocab_size() - 1) + ", but model.vocab_size = " +
+                      std::to_string(model_vocab_size) + ": the data was tokenized for another model");
+    return;
+  }
   if (shard.vocab_size() > uint64_t(model_vocab_size))
     throw DataError(shard.path() + " holds tokens of a " + std::to_string(shard.vocab_size()) +
                     "-token vocabulary (its header), but model.vocab_size = " + std::to_string(model_vocab_size) +

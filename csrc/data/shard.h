@@ -1,4 +1,5 @@
 // Token shards: a 32-byte header then the tokens, read with pread (see Shard for why not mmap).
+// Our format ("moetrain"):
 //   bytes 0..7   magic "MOETOKS\0"
 //   bytes 8..11  format version (uint32, little-endian), currently 1
 //   bytes 12..15 token dtype code (uint32): 1 = uint8, 2 = uint16, 4 = uint32 (bytes per token)
@@ -7,6 +8,22 @@
 // A header that does not match the file (bad magic, unknown version or dtype, a size that does not
 // equal 32 + count * bytes) throws DataError naming the file and the field; so does a token at or past
 // the header's vocabulary (found by one scan at open, naming its position).
+//
+// Two formats users already hold are read in place, with the same class (their tokens are also fixed-
+// width little-endian integers after a header, so only the header differs):
+//   llm.c token shards (karpathy/llm.c, dev/data/data_common.py, write_datafile): a header of 256
+//     int32 (1024 bytes): [0] magic 20240520 (GPT-2, version [1] = 1, uint16 tokens) or 20240801
+//     (Llama 3, version 7, uint32 tokens), [2] token count; then the tokens.
+//   Megatron-LM indexed datasets (NVIDIA/Megatron-LM, megatron/core/datasets/indexed_dataset.py,
+//     _IndexWriter / _IndexReader): X.bin holds the tokens alone, X.idx beside it: 9 bytes
+//     "MMIDIDX\x00\x00", version (uint64) 1, dtype code (uint8: 1 uint8, 4 int32, 8 uint16 are the token
+//     widths read here), sequence count S (uint64), document-index count D (uint64), then S sizes
+//     (int32, tokens per sequence), S pointers (int64, byte offset of each sequence in X.bin), D document
+//     indices (int64, the sequence index each document starts at, ending with S; D - 1 documents), and
+//     for multimodal sets S modes (int8). The sequences must lie back to back from byte 0 (as the writer
+//     lays them), so X.bin is one token stream.
+// Neither foreign header states a vocabulary: a full scan at open gives the bound (largest token + 1),
+// and every read checks tokens against ShardOptions::vocab_bound (the model's vocabulary).
 //
 // Loss masks (fine-tuning on prompt/response pairs): an optional sibling file <name>.mask.bin beside
 // <name>.bin (train.mask.bin for train.bin), one byte per token: 1 = the token is learned (predicting
@@ -43,17 +60,36 @@ void write_mask(const std::string& shard_path, const std::vector<uint8_t>& learn
 // be process-wide state around LibTorch's own threads and handlers, for no gain: a window is a few KB,
 // one syscall next to a forward pass.) A file renamed over the shard is not seen: the descriptor
 // keeps reading the file that was opened.
+enum class ShardFormat { moetrain, llmc, megatron };
+const char* format_name(ShardFormat format);  // "moetrain", "llm.c", "megatron"
+
+struct ShardOptions {
+  // Read every token (and mask entry) once at open. Off for the shards of a many-shard split, which
+  // are opened on demand (their windows are still checked token by token as they are read).
+  bool scan = true;
+  // Formats without a vocabulary in their header: tokens must be below this; 0 = the dtype's range.
+  uint64_t vocab_bound = 0;
+};
+
 class Shard {
  public:
-  // Opens the file, checks the header and scans every token (and mask entry) once.
-  explicit Shard(const std::string& path);
+  // Opens the file, checks the header and, with options.scan, reads every token (and mask entry) once.
+  explicit Shard(const std::string& path, ShardOptions options = {});
   ~Shard();
   Shard(const Shard&) = delete;
   Shard& operator=(const Shard&) = delete;
   const std::string& path() const { return path_; }
   uint64_t size() const { return count_; }          // number of tokens
+  // Every token is below this: the header's vocabulary (moetrain), else the scan's largest token + 1,
+  // else ShardOptions::vocab_bound or the dtype's range.
   uint64_t vocab_size() const { return vocab_; }
+  bool vocab_in_header() const { return format_ == ShardFormat::moetrain; }
+  bool scanned() const { return scanned_; }
   int bytes_per_token() const { return bytes_; }
+  ShardFormat format() const { return format_; }
+  // Megatron: documents in the .idx (and the index's path); 0 for the other formats, which keep none.
+  uint64_t documents() const { return documents_; }
+  const std::string& index_path() const { return index_path_; }
   int64_t at(uint64_t i) const;                      // one token, as read()
   // Copies tokens [begin, begin + n) into out (int64); throws DataError if out of range, or if the
   // file no longer holds them (truncated while the run reads it).
@@ -61,26 +97,34 @@ class Shard {
   // The loss mask, when <name>.mask.bin exists beside the shard.
   bool has_mask() const { return mask_fd_ >= 0; }
   const std::string& mask_path() const { return mask_path_; }
-  // Entries the mask marks learned (every token without a mask file).
+  // Entries the mask marks learned (every token without a mask file; the count only after a scan).
   uint64_t learned_tokens() const { return learned_; }
   // Copies mask entries [begin, begin + n) into out (1 = learned); all 1 without a mask file.
   void read_mask(uint64_t begin, uint64_t n, uint8_t* out) const;
 
  private:
+  void open_moetrain(uint64_t file_size);
+  void open_llmc(uint64_t file_size);
+  void open_megatron(uint64_t file_size);
   void load_mask();
-  void scan_tokens() const;
+  uint64_t scan_tokens() const;  // the largest token
+  std::string vocabulary_text() const;  // "the header's vocabulary [0, V)" or what bounds the tokens instead
   void close_files();
 
-  std::string path_, mask_path_;
+  std::string path_, mask_path_, index_path_;
   int fd_ = -1;
   int mask_fd_ = -1;  // the mask file, or -1 without one
-  uint64_t count_ = 0, vocab_ = 0, learned_ = 0;
+  ShardFormat format_ = ShardFormat::moetrain;
+  ShardOptions options_;
+  bool scanned_ = false;
+  uint64_t data_offset_ = 0;  // byte where the tokens start
+  uint64_t count_ = 0, vocab_ = 0, learned_ = 0, documents_ = 0;
   int bytes_ = 0;
 };
 
 // The checks a run makes of each shard at open, before training starts (each throws DataError naming
-// the file): its header vocabulary fits the model's (model.vocab_size), and it holds one window of
-// seq_len + 1 tokens (data.seq_len).
+// the file): its header vocabulary (or, for a scanned foreign shard, its largest token) fits the model's
+// (model.vocab_size), and it holds one window of seq_len + 1 tokens (data.seq_len).
 void require_vocabulary(const Shard& shard, int64_t model_vocab_size);
 void require_window(const Shard& shard, int seq_len);
 

@@ -179,17 +179,18 @@ TrainResult train(const config::Config& given, const TrainOptions& options) {
   const std::string& out_dir = cfg.run.out_dir;
   const std::string config_yaml = config::to_yaml(cfg);
 
-  data::Shard train_shard(files::join(cfg.data.dir, "train.bin"));
-  data::Shard val_shard(files::join(cfg.data.dir, "val.bin"));
-  for (const data::Shard* shard : {&train_shard, &val_shard}) {  // bad data fails now, not at the first eval
-    data::require_vocabulary(*shard, cfg.model.vocab_size);
-    data::require_window(*shard, cfg.data.seq_len);
+  // data.dir or the blend of data.sources; bad data fails now, not at the first eval.
+  const data::Blend blend = data::open_blend(cfg.data, cfg.model.vocab_size);
+  for (const auto& source : blend.sources()) {
+    const auto val_shard = source.val && source.val->n_shards() == 1 ? source.val->shard(0) : nullptr;
+    if (val_shard && val_shard->learned_tokens() == 0)
+      log_line("warning: " + val_shard->mask_path() + " marks no token of " + val_shard->path() +
+               " as learned: validation measures nothing, so no val_loss is reported");
   }
-  if (val_shard.learned_tokens() == 0)
-    log_line("warning: " + val_shard.mask_path() + " marks no token of " + val_shard.path() +
-             " as learned: validation measures nothing, so no val_loss is reported");
-  data::Sampler sampler(train_shard, {cfg.run.seed, cfg.data.seq_len, cfg.train.micro_batch_size,
-                                      cfg.train.grad_accum, layout->dp_rank(), layout->dp_size()});
+  data::Sampler sampler(blend, {cfg.run.seed, cfg.data.seq_len, cfg.train.micro_batch_size, cfg.train.grad_accum,
+                                layout->dp_rank(), layout->dp_size()});
+  const bool per_source = !cfg.data.sources.empty();  // tokens/<name> and val_loss/<name> in metrics.jsonl
+  std::vector<uint64_t> sequences_by_source(blend.size(), 0);  // drawn so far (all ranks)
 
   Trainable trainable(process);
   auto& model = trainable.model;
@@ -227,6 +228,8 @@ TrainResult train(const config::Config& given, const TrainOptions& options) {
     }
   }
   result.first_step = progress.step;
+  if (per_source)  // a pure function of the step, so a resumed run counts from step 0 again
+    sequences_by_source = blend.count_sources(cfg.run.seed, 0, uint64_t(progress.step) * sampler.sequences_per_step());
 
   if (comm->rank() == 0) {
     files::make_directories(out_dir);
@@ -290,6 +293,11 @@ TrainResult train(const config::Config& given, const TrainOptions& options) {
     const double loss = outcome.loss;
     progress.step = step + 1;
     progress.tokens += tokens_per_step;
+    if (per_source) {
+      const auto drawn = blend.count_sources(cfg.run.seed, uint64_t(step) * sampler.sequences_per_step(),
+                                             sampler.sequences_per_step());
+      for (size_t i = 0; i < drawn.size(); ++i) sequences_by_source[i] += drawn[i];
+    }
     result.losses.push_back(loss);
     const double step_end = now_s();
     const double step_s = step_end - step_start;
@@ -325,13 +333,14 @@ TrainResult train(const config::Config& given, const TrainOptions& options) {
     const bool do_save = last || stop || (cfg.checkpoint.every > 0 && progress.step % cfg.checkpoint.every == 0);
 
     double val_loss = -1;
+    Validation validation;
     bool stopped_in_eval = false;
     if (do_eval) {
       // A stop signal ends the evaluation between batches: the grace after SIGTERM is one batch, not all.
-      const auto val = evaluate(*model, val_shard, cfg.train.eval_batches, cfg.train.micro_batch_size,
+      const auto val = evaluate(*model, blend, cfg.train.eval_batches, cfg.train.micro_batch_size,
                                 cfg.data.seq_len, device, layout.get(), [&] { return parallel.any(g_stop_signal != 0); });
       stopped_in_eval = !val;
-      if (val) result.final_val_loss = val_loss = *val;
+      if (val) result.final_val_loss = val_loss = val->loss, validation = *val;
     }
     if (do_log && comm->rank() == 0) {
       const double tok_s = double(window_tokens) / std::max(1e-9, tokens_time);  // step time only, no eval
@@ -347,6 +356,10 @@ TrainResult train(const config::Config& given, const TrainOptions& options) {
       rec["gpu_hours"] = gpu_hours_at(progress.elapsed_s);
       rec["cost_usd"] = gpu_hours_at(progress.elapsed_s) * cfg.cost.price_per_gpu_hour;
       if (val_loss >= 0) rec["val_loss"] = val_loss;
+      for (size_t i = 0; per_source && i < blend.size(); ++i)
+        rec["tokens/" + blend.source(i).name] = sequences_by_source[i] * uint64_t(cfg.data.seq_len);
+      for (const auto& [name, source_loss] : validation.by_source)
+        if (per_source) rec["val_loss/" + name] = source_loss;
       if (!outcome.applied) {
         rec["skipped"] = true;
         rec["nonfinite"] = outcome.nonfinite;

@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "config/config.h"
+#include "data/blend.h"
 #include "data/shard.h"
 #include "dist/communicator.h"
 #include "model/transformer.h"
@@ -87,6 +88,17 @@ double evaluate(const model::TransformerImpl& model, const data::Shard& shard, i
 std::optional<double> evaluate(const model::TransformerImpl& model, const data::Shard& shard, int n_batches,
                                int batch_size, int seq_len, torch::Device device, const dist::Layout* layout,
                                const std::function<bool()>& stop);
+
+// Validation over a blend: each source's val split on its own (n_batches batches of batch_size * W
+// sequences each, as above) and overall the sum over every learned target of every source divided by
+// their number (per token, not a mean of the sources). Sources without a val split are left out.
+struct Validation {
+  double loss = 0;                                        // overall, nats per learned token
+  std::vector<std::pair<std::string, double>> by_source;  // (source name, its loss) with a learned target
+};
+std::optional<Validation> evaluate(const model::TransformerImpl& model, const data::Blend& blend, int n_batches,
+                                   int batch_size, int seq_len, torch::Device device, const dist::Layout* layout,
+                                   const std::function<bool()>& stop);
 
 // Device from run.device and the launch environment (dist::claim_device: cuda:<local rank>, made
 // current); a missing GPU, or more local ranks than GPUs, is a clear error.

@@ -20,6 +20,7 @@
 #include "dist/communicator.h"
 #include "dist/expert_parallel.h"
 #include "moe/moe.h"
+#include "../train/data_fixture.h"
 #include "dist_fixture.h"
 
 using namespace moetrain;
@@ -921,4 +922,27 @@ CATCH_TEST_CASE("A NaN gradient on one rank of two is skipped by every rank, or 
   CATCH_CHECK(stopped.exit_code != 0);
   CATCH_CHECK_THAT(stopped.output, Contains("step 2") && Contains("non-finite gradients on rank 1"));
   CATCH_CHECK(files::read_file(dir.str("stop/ckpt/latest")) == "step_00000001\n");
+}
+
+// Data at scale: a blend of a single-file source and a four-shard source, at (2,2), follows one process
+// (same tolerances as the equivalence test above); the per-source token counts agree exactly.
+CATCH_TEST_CASE("A blend with a many-shard source at (world, ep) = (2,2) equals one process", "[dist][train][data]") {
+  testing::TempDir dir("dist-blend");
+  const auto sources = testing::make_blend_sources(dir);
+  auto blend_config = [&](const std::string& name) {
+    auto cfg = equivalence_config(sources[0], dir.str(name));
+    cfg.data.sources = {{sources[0], 2.0, "prose"}, {sources[1], 1.0, ""}};
+    return cfg;
+  };
+  const auto one = train_at(blend_config("w1"), 1, 1);
+  CATCH_REQUIRE(one.exit_code == 0);
+  CATCH_REQUIRE(one.losses.size() == 20);
+  const auto two = train_at(blend_config("w2ep2"), 2, 2);
+  check_same_run(two, one, "blend w2ep2");
+  std::ifstream a(files::join(one.run_dir, "metrics.jsonl")), b(files::join(two.run_dir, "metrics.jsonl"));
+  for (std::string la, lb; std::getline(a, la) && std::getline(b, lb);) {
+    const auto ja = nlohmann::json::parse(la), jb = nlohmann::json::parse(lb);
+    CATCH_CHECK(ja["tokens/prose"] == jb["tokens/prose"]);
+    CATCH_CHECK(ja["tokens/words"] == jb["tokens/words"]);
+  }
 }
