@@ -95,6 +95,19 @@ int run_cost(const std::vector<std::string>& argv) {
                                                            : *bench_hardware;
 
   const auto r = cost::estimate_run(cfg.model, seq_len, tokens, hardware.bf16_tflops, gpus, price, given, given_value);
+  // With a pipeline, the 1F1B bubble is part of the time: the MFU above is over the whole step, and the
+  // stages compute at MFU / (1 - bubble) while busy. The micro-batches per step are the config's
+  // (resolved for the data-parallel ranks, gpus / pipeline_parallel).
+  const int pp = cfg.parallel.pipeline_parallel;
+  double bubble = 0;
+  int micro_batches = 0;
+  if (pp > 1) {
+    if (gpus % pp != 0)
+      throw UsageError("--gpus " + std::to_string(gpus) + " must be a multiple of parallel.pipeline_parallel = " +
+                       std::to_string(pp));
+    micro_batches = config::for_world_size(cfg, gpus / pp).train.grad_accum;
+    bubble = cost::pipeline_bubble(pp, std::max(1, micro_batches));
+  }
   if (args.has("json")) {
     nlohmann::json j = {{"flops_per_token", r.flops_per_token},
                         {"flops_per_token_causal", r.flops_per_token_causal},
@@ -106,7 +119,10 @@ int run_cost(const std::vector<std::string>& argv) {
                         {"days", r.days},
                         {"cost_usd", r.cost_usd},
                         {"mfu", r.mfu},
-                        {"tokens_per_s_per_gpu", r.tokens_per_s_per_gpu}};
+                        {"tokens_per_s_per_gpu", r.tokens_per_s_per_gpu},
+                        {"pipeline_parallel", pp},
+                        {"pipeline_bubble", bubble},
+                        {"mfu_while_busy", r.mfu / (1 - bubble)}};
     std::printf("%s\n", j.dump().c_str());
     return 0;
   }
@@ -134,6 +150,10 @@ int run_cost(const std::vector<std::string>& argv) {
               hardware.source.c_str());
   std::printf("MFU               %.4f (causal FLOPs over the dense bf16 peak)%s\n", r.mfu,
               given == cost::Given::mfu ? " [given]" : "");
+  if (pp > 1)
+    std::printf("pipeline          %d stages, %d micro-batches per step: 1F1B bubble (pp-1)/(m+pp-1) = %.4f of each "
+                "step idle; MFU while busy %.4f\n",
+                pp, micro_batches, bubble, r.mfu / (1 - bubble));
   std::printf("tokens/s per GPU  %.1f%s\n", r.tokens_per_s_per_gpu,
               given == cost::Given::tokens_per_s_per_gpu ? " [given]" : "");
   std::printf("GPU-hours         %.4g%s\n", r.gpu_hours, given == cost::Given::gpu_hours ? " [given]" : "");
@@ -232,7 +252,7 @@ int run_plan(const std::vector<std::string>& argv) {
       "expert_parallel and the ZeRO stage that fit.",
       {{"config", "FILE", "YAML config (required)"},
        {"set", "KEY=VALUE", "override one config key (repeatable)", true},
-       {"gpus", "N", "ranks of the job (default parallel.expert_parallel)"},
+       {"gpus", "N", "ranks of the job (default parallel.expert_parallel x parallel.pipeline_parallel)"},
        {"gpu", "NAME", "h100, h200, h800, a100, b200 or cpu; default cost.gpu"},
        {"json", "", "print one JSON object instead of text"}}};
   Args args(command, argv);
@@ -242,15 +262,16 @@ int run_plan(const std::vector<std::string>& argv) {
   }
   args.require("config");
   const auto cfg = load_command_config(args);
-  const int ep = cfg.parallel.expert_parallel;
-  const int gpus = args.has("gpus") ? args.get_int("gpus", 1) : ep;
-  if (gpus < 1 || gpus % ep != 0)
+  const int ep = cfg.parallel.expert_parallel, pp = cfg.parallel.pipeline_parallel;
+  const int gpus = args.has("gpus") ? args.get_int("gpus", 1) : ep * pp;
+  if (gpus < 1 || gpus % (ep * pp) != 0)
     throw UsageError("--gpus " + std::to_string(gpus) + " must be a positive multiple of parallel.expert_parallel = " +
-                     std::to_string(ep));
+                     std::to_string(ep) + " x parallel.pipeline_parallel = " + std::to_string(pp));
   const std::string gpu = args.has("gpu") ? args.get("gpu") : cfg.cost.gpu;
   const double memory = cost::device_memory_bytes(gpu);
   const double usable = gpu == "cpu" ? memory : memory * cost::kUsableFraction;
-  const auto p = cost::plan_memory(cfg, gpus);
+  const auto stages = cost::plan_stages(cfg, gpus);
+  const auto p = cost::plan_memory(cfg, gpus);  // the stage with the largest peak
   const auto fit = cost::advise_fit(cfg, gpus, usable);
   const bool fits = p.peak <= usable;
   if (args.has("json")) {
@@ -264,7 +285,11 @@ int run_plan(const std::vector<std::string>& argv) {
                         {"peak_moment", p.peak_moment}, {"gpu", gpu}, {"device_memory_bytes", memory},
                         {"usable_bytes", usable}, {"fits", fits},
                         {"largest_micro_batch", fit.largest_micro_batch},
-                        {"smallest_expert_parallel", fit.smallest_expert_parallel}, {"zero_needed", fit.zero_needed}};
+                        {"smallest_expert_parallel", fit.smallest_expert_parallel}, {"zero_needed", fit.zero_needed},
+                        {"pipeline_parallel", p.pipeline_parallel}, {"stage", p.stage}, {"blocks", p.blocks},
+                        {"in_flight", p.in_flight}, {"pipeline_bubble", p.bubble}};
+    j["stage_peak_bytes"] = nlohmann::json::array();
+    for (const auto& s : stages) j["stage_peak_bytes"].push_back(s.peak);
     std::printf("%s\n", j.dump().c_str());
     return 0;
   }
@@ -274,6 +299,15 @@ int run_plan(const std::vector<std::string>& argv) {
               cfg.train.activation_checkpointing.c_str());
   std::printf("micro-batch      %d sequences x %d tokens per rank, grad_accum %d; %.4g parameters per rank\n",
               p.micro_batch_size, cfg.data.seq_len, p.grad_accum, p.params_per_rank);
+  if (p.pipeline_parallel > 1) {
+    std::string per_stage;
+    for (const auto& s : stages)
+      per_stage += (per_stage.empty() ? "" : ", ") + std::to_string(s.blocks) + " (" + format_double(s.peak / GiB, 3) + ")";
+    std::printf("pipeline         %d stages, blocks (peak GiB) per stage: %s; 1F1B bubble %.4f\n", p.pipeline_parallel,
+                per_stage.c_str(), p.bubble);
+    std::printf("largest stage    stage %d: %d blocks, activations of %d micro-batch(es) in flight\n", p.stage, p.blocks,
+                p.in_flight);
+  }
   std::printf("per rank (GiB)\n");
   const std::pair<const char*, double> rows[] = {
       {"weights (fp32 master)", p.weights}, {"compute copies (bf16)", p.compute_copy},

@@ -2,6 +2,7 @@
 #include "cost/plan.h"
 
 #include <algorithm>
+#include <limits>
 
 #include "common/errors.h"
 #include "cost/flops.h"
@@ -69,68 +70,177 @@ double largest_param_bytes(const config::ModelConfig& m, int ep) {
   return 4 * n;
 }
 
-}  // namespace
+// The parameters of blocks [first, end) and the ends a stage holds, from the parts of the whole
+// model's count: replicated ones, and the routed experts (all of them, before expert parallelism).
+struct StageParams {
+  double replicated = 0, experts = 0;
+  double ends = 0;  // the embedding and head matrices among the replicated ones
+};
+StageParams stage_params(const config::ModelConfig& m, int first, int end) {
+  const auto c = param_counts_approx(m);
+  const int L = m.n_layers, moe_layers = L - m.dense_layers;
+  const double final_norm = m.d_model, matrix = double(m.vocab_size) * m.d_model;
+  const double per_block = (c.attention + c.norms - final_norm) / L;  // attention and its norms
+  StageParams s;
+  for (int l = first; l < end; ++l) {
+    s.replicated += per_block;
+    if (l < m.dense_layers) {
+      s.replicated += c.dense_mlp / m.dense_layers;
+    } else {
+      s.replicated += (c.shared_experts + c.router) / moe_layers;
+      s.experts += c.routed_experts / moe_layers;
+    }
+  }
+  const bool first_stage = first == 0, last_stage = end == L;
+  if (first_stage) s.ends += matrix;                                            // the embedding
+  if (last_stage) s.ends += m.tie_embeddings ? (first_stage ? 0 : matrix) : matrix;  // the head (a tied copy)
+  s.replicated += s.ends + (last_stage ? final_norm : 0);
+  return s;
+}
 
-MemoryPlan plan_memory(const config::Config& given, int world_size) {
-  const config::Config cfg = config::for_world_size(given, world_size);
+MemoryPlan plan_stage(const config::Config& cfg, int world_size, int stage, int first, int end) {
   const auto& m = cfg.model;
-  const int ep = cfg.parallel.expert_parallel;
+  const int ep = cfg.parallel.expert_parallel, pp = cfg.parallel.pipeline_parallel;
+  const int dp = std::max(1, world_size / pp);
+  const bool last_stage = end == m.n_layers;
   MemoryPlan p;
   p.world_size = world_size;
   p.expert_parallel = ep;
   p.zero = cfg.parallel.zero;
+  p.pipeline_parallel = pp;
+  p.stage = stage;
+  p.blocks = end - first;
   p.micro_batch_size = cfg.train.micro_batch_size;
   p.grad_accum = cfg.train.grad_accum;
+  p.in_flight = std::min(pp - stage, std::max(1, p.grad_accum));  // before the stage's first backward
+  p.bubble = pipeline_bubble(pp, std::max(1, p.grad_accum));
   const double T = double(cfg.train.micro_batch_size) * cfg.data.seq_len;
   p.tokens_per_micro_batch = int64_t(T);
 
-  const MemoryEstimate state = estimate_memory(m, ep, world_size, p.zero);
-  p.params_per_rank = state.params_per_rank;
-  p.weights = state.weight_bytes;
-  p.gradients = state.gradient_bytes;
-  p.optimizer = state.optimizer_bytes;
+  const StageParams params = stage_params(m, first, end);
+  const double experts = params.experts / ep;
+  p.params_per_rank = params.replicated + experts;
+  p.weights = 4 * p.params_per_rank;
+  p.gradients = p.weights;
+  // AdamW's two moments, of a 1/replicas share of each parameter at zero 1: replicated weights have
+  // the stage's dp ranks as replicas, routed experts dp / ep.
+  p.optimizer = 2 * 4 * (p.zero >= 1 ? params.replicated / dp + experts / (double(dp) / ep) : p.params_per_rank);
   const bool bf16 = cfg.run.dtype == "bf16";
   const double cb = bf16 ? 2 : 4;
   const bool checkpointing = cfg.train.activation_checkpointing == "full";
   // bf16 casts of the weights live from a micro-batch's forward to its backward (with checkpointing,
   // only the recomputed block's, beside the embedding and head).
-  const double block_params = std::max(1.0, (state.params_per_rank - double(m.vocab_size) * m.d_model * (m.tie_embeddings ? 1 : 2)) / m.n_layers);
-  const double outer_params = state.params_per_rank - block_params * m.n_layers;
-  if (bf16) p.compute_copy = 2 * (checkpointing ? outer_params + block_params : state.params_per_rank);
+  const double block_params = std::max(1.0, (p.params_per_rank - params.ends) / p.blocks);
+  const double outer_params = p.params_per_rank - block_params * p.blocks;
+  if (bf16) p.compute_copy = 2 * (checkpointing ? outer_params + block_params : p.params_per_rank);
 
   const Activations act{m, cb, cfg.train.activation_checkpointing == "selective"};
-  double per_token = act.norm(m.d_model), largest_block = 0;  // the final norm
-  for (int l = 0; l < m.n_layers; ++l) {
+  double per_token = last_stage ? act.norm(m.d_model) : 0, largest_block = 0;  // the final norm
+  for (int l = first; l < end; ++l) {
     largest_block = std::max(largest_block, act.block(l));
     if (!checkpointing) per_token += act.block(l);
   }
-  if (checkpointing) per_token += 4.0 * m.d_model * m.n_layers;  // each block's fp32 input
+  if (checkpointing) per_token += 4.0 * m.d_model * p.blocks;  // each block's fp32 input
   p.activations = T * per_token;
 
   // Log-probabilities, their gradient and the logits' gradient, all fp32. Chunked, one chunk's worth,
   // and the head's gradient accumulates over the chunks beside each chunk's own (2 x vocab x d_model).
-  if (cfg.train.loss_chunk_tokens > 0)
+  if (!last_stage)
+    p.loss = 0;
+  else if (cfg.train.loss_chunk_tokens > 0)
     p.loss = 3 * 4 * std::min(T, double(cfg.train.loss_chunk_tokens)) * m.vocab_size +
              2 * 4 * double(m.vocab_size) * m.d_model;
   else
     p.loss = 3 * 4 * T * m.vocab_size;
 
-  const bool reduces = world_size > 1;
-  const double replicas_min = double(world_size) / ep;  // experts have the fewest replicas
+  const bool reduces = dp > 1;
+  const double replicas_min = double(dp) / ep;  // experts have the fewest replicas
   if (p.zero == 1 && reduces)
     p.communication = p.optimizer / 2 + std::min(kBucketBytes, p.gradients) * (1 + 1 / replicas_min);
   else
     p.communication = reduces ? std::min(kBucketBytes, p.gradients) : 0;
+  if (pp > 1) p.communication += 2 * 4 * T * m.d_model;  // the received activation and its gradient
 
+  // 1F1B on this stage: before its k-th backward the forwards of in_flight(k) micro-batches are
+  // kept, and from the second backward on the step's gradients exist. The first backward keeps the
+  // most activations, the second the most beside the gradients (without a pipeline: one micro-batch,
+  // and the gradients of the earlier ones).
+  const int micro = std::max(1, p.grad_accum);
+  const int warmup = std::min(pp - stage - 1, micro), steady = micro - warmup;
+  auto in_flight = [&](int k) { return k < steady ? warmup + 1 : micro - k; };
+  const double kept = p.activations * in_flight(0);
+  const double kept_beside_gradients = micro > 1 ? p.activations * in_flight(1) + p.gradients : 0;
   const double resident = p.weights + p.optimizer;
-  const double earlier_grads = p.grad_accum > 1 ? p.gradients : 0;
-  const double backward = resident + p.compute_copy + earlier_grads + p.activations + p.loss;
-  const double recompute = checkpointing ? resident + p.compute_copy + p.gradients + p.activations + T * largest_block : 0;
+  const double backward = resident + p.compute_copy + std::max(kept, kept_beside_gradients) + p.loss;
+  const double recompute = checkpointing ? resident + p.compute_copy + p.gradients + kept + T * largest_block : 0;
   const double optimizer_step = resident + p.gradients + p.communication + 2 * largest_param_bytes(m, ep);
   p.peak = backward, p.peak_moment = "backward";
   if (recompute > p.peak) p.peak = recompute, p.peak_moment = "recompute";
   if (optimizer_step > p.peak) p.peak = optimizer_step, p.peak_moment = "optimizer";
   return p;
+}
+
+}  // namespace
+
+std::vector<int> pipeline_layers(const config::Config& cfg) {
+  const int P = cfg.parallel.pipeline_parallel, L = cfg.model.n_layers;
+  if (auto given = config::explicit_pp_layers(cfg); !given.empty()) return given;
+  if (P < 1 || P > L)
+    throw ConfigError("parallel.pipeline_parallel = " + std::to_string(P) + " must be in [1, model.n_layers = " +
+                      std::to_string(L) + "]");
+  // Forward FLOPs per token of each block (the training factor 3 is common to all and drops out).
+  const auto& m = cfg.model;
+  const double attention = attention_projection_forward(m) + attention_scores_forward(m, cfg.data.seq_len, /*causal=*/true);
+  const double dense = attention + dense_mlp_forward(m);
+  const double moe = attention + routed_experts_forward(m) + shared_experts_forward(m) + router_forward(m);
+  std::vector<double> prefix(size_t(L) + 1, 0.0);
+  for (int i = 0; i < L; ++i) prefix[size_t(i) + 1] = prefix[size_t(i)] + (i < m.dense_layers ? dense : moe);
+  const double head = lm_head_forward(m);
+  auto stage_cost = [&](int first, int end, bool last) { return prefix[size_t(end)] - prefix[size_t(first)] + (last ? head : 0); };
+  // best[p][i]: the smallest possible largest stage cost placing the first i blocks on p stages.
+  const double inf = std::numeric_limits<double>::infinity();
+  std::vector<std::vector<double>> best(size_t(P) + 1, std::vector<double>(size_t(L) + 1, inf));
+  std::vector<std::vector<int>> cut(size_t(P) + 1, std::vector<int>(size_t(L) + 1, 0));
+  best[0][0] = 0;
+  for (int p = 1; p <= P; ++p)
+    for (int i = p; i <= L - (P - p); ++i)
+      for (int j = p - 1; j < i; ++j) {  // stage p holds blocks [j, i)
+        const double c = std::max(best[size_t(p) - 1][size_t(j)], stage_cost(j, i, p == P));
+        if (c < best[size_t(p)][size_t(i)]) best[size_t(p)][size_t(i)] = c, cut[size_t(p)][size_t(i)] = j;
+      }
+  std::vector<int> layers(static_cast<size_t>(P), 0);
+  for (int p = P, i = L; p >= 1; --p) {
+    const int j = cut[size_t(p)][size_t(i)];
+    layers[size_t(p) - 1] = i - j;
+    i = j;
+  }
+  return layers;
+}
+
+std::vector<int> stage_bounds(const std::vector<int>& layers_per_stage) {
+  std::vector<int> bounds{0};
+  for (int n : layers_per_stage) bounds.push_back(bounds.back() + n);
+  return bounds;
+}
+
+double pipeline_bubble(int pp, int micro_batches) { return double(pp - 1) / double(micro_batches + pp - 1); }
+
+std::vector<MemoryPlan> plan_stages(const config::Config& given, int world_size) {
+  const int pp = given.parallel.pipeline_parallel;
+  if (pp < 1 || world_size % pp != 0)
+    throw ConfigError("parallel.pipeline_parallel = " + std::to_string(pp) + " does not divide the world size " +
+                      std::to_string(world_size));
+  const config::Config cfg = config::for_world_size(given, world_size / pp);
+  const auto bounds = stage_bounds(pipeline_layers(cfg));
+  std::vector<MemoryPlan> stages;
+  for (int s = 0; s < pp; ++s) stages.push_back(plan_stage(cfg, world_size, s, bounds[size_t(s)], bounds[size_t(s) + 1]));
+  return stages;
+}
+
+MemoryPlan plan_memory(const config::Config& cfg, int world_size) {
+  const auto stages = plan_stages(cfg, world_size);
+  return *std::max_element(stages.begin(), stages.end(),
+                           [](const MemoryPlan& a, const MemoryPlan& b) { return a.peak < b.peak; });
 }
 
 double device_memory_bytes(const std::string& gpu) {
@@ -148,12 +258,15 @@ double device_memory_bytes(const std::string& gpu) {
 
 FitAdvice advise_fit(const config::Config& cfg, int world_size, double capacity_bytes) {
   FitAdvice advice;
+  const int dp = world_size / std::max(1, cfg.parallel.pipeline_parallel);  // expert parallel splits a stage's ranks
+  config::Config c = config::for_world_size(cfg, dp);
+  // The micro-batch is what is varied; the micro-batches per step (a pipeline's in flight) stay.
+  const int grad_accum = std::max(1, c.train.grad_accum);
   auto fits = [&](config::Config c) {
-    c.train.global_batch_size = 0;  // the micro-batch is what is varied
-    c.train.grad_accum = std::max(1, cfg.train.grad_accum);
+    c.train.global_batch_size = 0;
+    c.train.grad_accum = grad_accum;
     return plan_memory(c, world_size).peak <= capacity_bytes;
   };
-  config::Config c = config::for_world_size(cfg, world_size);
   for (int b = 1; b <= 4096; b *= 2) {
     c.train.micro_batch_size = b;
     if (!fits(c)) break;
@@ -167,8 +280,8 @@ FitAdvice advise_fit(const config::Config& cfg, int world_size, double capacity_
     }
   }
   c.train.micro_batch_size = 1;
-  for (int ep = 1; ep <= world_size; ++ep) {
-    if (world_size % ep != 0 || cfg.model.moe.n_experts % ep != 0) continue;
+  for (int ep = 1; ep <= dp; ++ep) {
+    if (dp % ep != 0 || cfg.model.moe.n_experts % ep != 0) continue;
     c.parallel.expert_parallel = ep;
     if (fits(c)) {
       advice.smallest_expert_parallel = ep;

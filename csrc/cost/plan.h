@@ -14,7 +14,12 @@
 //   loss           the log-probabilities, their gradient and the logits' gradient at the start of
 //                  backward (3 x tokens x vocab fp32), or the same over loss_chunk_tokens rows and
 //                  the head's gradient accumulated over the chunks
-//   communication  the fused gradient bucket (32 MiB), and at zero 1 this rank's gradient shares
+//   communication  the fused gradient bucket (32 MiB), and at zero 1 this rank's gradient shares;
+//                  with a pipeline, the received activation and gradient of one micro-batch
+// With a pipeline (parallel.pipeline_parallel) each stage is planned apart: its blocks' weights and
+// their state (the embedding on the first stage, the final norm and head on the last, a tied
+// embedding on both), the activations of the micro-batches 1F1B keeps in flight on it, and the loss
+// on the last stage only.
 // The peak is not their sum: it is the largest of three moments of a step (the start of the last
 // micro-batch's backward, a block's recomputation late in backward, the optimizer step), each the sum
 // of what is alive then. Checked against the peak measured by bench-step (cost::PeakMemoryMeter) on
@@ -29,6 +34,11 @@ namespace moetrain::cost {
 
 struct MemoryPlan {
   int world_size = 1, expert_parallel = 1, zero = 0;
+  // Pipeline: this plan is for stage `stage` of pipeline_parallel, holding `blocks` blocks and the
+  // activations of `in_flight` micro-batches at once (1F1B: min(pp - stage, grad_accum)); the
+  // schedule's bubble (pp - 1) / (grad_accum + pp - 1) is idle time, not memory.
+  int pipeline_parallel = 1, stage = 0, blocks = 0, in_flight = 1;
+  double bubble = 0;
   int micro_batch_size = 1;   // per rank
   int grad_accum = 1;
   int64_t tokens_per_micro_batch = 0;  // per rank
@@ -42,8 +52,20 @@ struct MemoryPlan {
   std::string peak_moment;    // "backward", "recompute" or "optimizer"
 };
 
-// The plan for `cfg` (its batch keys resolved for `world_size`, as training resolves them).
+// The plan for `cfg` (its batch keys resolved for the data-parallel ranks, world_size /
+// parallel.pipeline_parallel, as training resolves them): with a pipeline, the stage with the largest
+// peak; plan_stages gives every stage's.
 MemoryPlan plan_memory(const config::Config& cfg, int world_size);
+std::vector<MemoryPlan> plan_stages(const config::Config& cfg, int world_size);
+
+// Pipeline stages: the blocks each holds, parallel.pp_layers when given, else the split of
+// model.n_layers into parallel.pipeline_parallel consecutive runs that minimises the largest stage's
+// forward FLOPs per token (this cost model's per-block FLOPs, the LM head on the last stage).
+std::vector<int> pipeline_layers(const config::Config& cfg);
+// The first block of each stage and one past the last: stage s holds [bounds[s], bounds[s + 1]).
+std::vector<int> stage_bounds(const std::vector<int>& layers_per_stage);
+// The 1F1B schedule's idle fraction of a step: (pp - 1) / (micro_batches + pp - 1).
+double pipeline_bubble(int pp, int micro_batches);
 
 // What fits in `capacity_bytes` per rank: the largest micro-batch (0 if not even one sequence), and
 // the smallest expert_parallel and zero settings that fit at micro-batch 1 (0 if none).

@@ -2,55 +2,10 @@
 #include "dist/pipeline.h"
 
 #include <deque>
-#include <limits>
 
 #include "common/errors.h"
-#include "cost/flops.h"
 
 namespace moetrain::dist {
-
-std::vector<int> pipeline_layers(const config::Config& cfg) {
-  const int P = cfg.parallel.pipeline_parallel, L = cfg.model.n_layers;
-  if (auto given = config::explicit_pp_layers(cfg); !given.empty()) return given;
-  if (P < 1 || P > L)
-    throw ConfigError("parallel.pipeline_parallel = " + std::to_string(P) + " must be in [1, model.n_layers = " +
-                      std::to_string(L) + "]");
-  // Forward FLOPs per token of each block (the training factor 3 is common to all and drops out).
-  const auto& m = cfg.model;
-  const double attention = cost::attention_projection_forward(m) +
-                           cost::attention_scores_forward(m, cfg.data.seq_len, /*causal=*/true);
-  const double dense = attention + cost::dense_mlp_forward(m);
-  const double moe = attention + cost::routed_experts_forward(m) + cost::shared_experts_forward(m) +
-                     cost::router_forward(m);
-  std::vector<double> prefix(size_t(L) + 1, 0.0);
-  for (int i = 0; i < L; ++i) prefix[size_t(i) + 1] = prefix[size_t(i)] + (i < m.dense_layers ? dense : moe);
-  const double head = cost::lm_head_forward(m);
-  auto stage_cost = [&](int first, int end, bool last) { return prefix[size_t(end)] - prefix[size_t(first)] + (last ? head : 0); };
-  // best[p][i]: the smallest possible largest stage cost placing the first i blocks on p stages.
-  const double inf = std::numeric_limits<double>::infinity();
-  std::vector<std::vector<double>> best(size_t(P) + 1, std::vector<double>(size_t(L) + 1, inf));
-  std::vector<std::vector<int>> cut(size_t(P) + 1, std::vector<int>(size_t(L) + 1, 0));
-  best[0][0] = 0;
-  for (int p = 1; p <= P; ++p)
-    for (int i = p; i <= L - (P - p); ++i)
-      for (int j = p - 1; j < i; ++j) {  // stage p holds blocks [j, i)
-        const double c = std::max(best[size_t(p) - 1][size_t(j)], stage_cost(j, i, p == P));
-        if (c < best[size_t(p)][size_t(i)]) best[size_t(p)][size_t(i)] = c, cut[size_t(p)][size_t(i)] = j;
-      }
-  std::vector<int> layers(static_cast<size_t>(P), 0);
-  for (int p = P, i = L; p >= 1; --p) {
-    const int j = cut[size_t(p)][size_t(i)];
-    layers[size_t(p) - 1] = i - j;
-    i = j;
-  }
-  return layers;
-}
-
-std::vector<int> stage_bounds(const std::vector<int>& layers_per_stage) {
-  std::vector<int> bounds{0};
-  for (int n : layers_per_stage) bounds.push_back(bounds.back() + n);
-  return bounds;
-}
 
 PipelineSchedule::PipelineSchedule(std::shared_ptr<const Layout> layout, std::vector<int64_t> activation_shape,
                                    torch::TensorOptions activation_options)

@@ -1,4 +1,4 @@
-// Pipeline parallelism: the blocks are split into consecutive stages (pipeline_layers), each rank runs
+// Pipeline parallelism: the blocks are split into consecutive stages (cost::pipeline_layers), each rank runs
 // its stage's share of every micro-batch, and activations and their gradients cross between
 // neighbouring stages point to point (Layout::pp). The schedule is 1F1B (PipeDream-Flush, Narayanan et
 // al. 2021; Megatron-Core's non-interleaved schedule): stage s of P first runs P - s - 1 forwards, then
@@ -16,14 +16,6 @@
 #include "dist/communicator.h"
 
 namespace moetrain::dist {
-
-// Blocks per stage: parallel.pp_layers when given, else the split of model.n_layers into
-// parallel.pipeline_parallel consecutive runs that minimises the largest stage's training FLOPs per
-// token (the cost model's per-layer forward FLOPs, the LM head and loss on the last stage).
-std::vector<int> pipeline_layers(const config::Config& cfg);
-// The first block of each stage and one past the last, from pipeline_layers: stage s holds
-// [bounds[s], bounds[s + 1]).
-std::vector<int> stage_bounds(const std::vector<int>& layers_per_stage);
 
 // What one stage's forward of a micro-batch gives the schedule.
 struct StageForward {

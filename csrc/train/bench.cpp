@@ -58,7 +58,7 @@ BenchResult bench_steps(const config::Config& given, int warmup_steps, int steps
   r.micro_batch_size = cfg.train.micro_batch_size;
   r.moe_layers = cfg.model.n_layers - cfg.model.dense_layers;
   r.pipeline_parallel = layout->pp_size();
-  r.pp_layers = dist::pipeline_layers(cfg);
+  r.pp_layers = cost::pipeline_layers(cfg);
   std::vector<double> step_s;
   int64_t a2a_bytes_at_start = 0, p2p_bytes_at_start = 0;
   for (int i = 0; i < warmup_steps + steps; ++i) {

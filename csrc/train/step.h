@@ -14,6 +14,7 @@
 #include "common/log.h"
 #include "config/config.h"
 #include "cost/memory.h"
+#include "cost/plan.h"
 #include "data/sampler.h"
 #include "dist/communicator.h"
 #include "dist/data_parallel.h"
@@ -107,7 +108,7 @@ struct Trainable {
  private:
   static model::Transformer build(const Process& p) {
     // This rank's pipeline stage and its share of the experts.
-    const auto bounds = dist::stage_bounds(dist::pipeline_layers(p.cfg));
+    const auto bounds = cost::stage_bounds(cost::pipeline_layers(p.cfg));
     const int stage = p.layout->pp_rank();
     model::Transformer m(p.cfg.model, dist::expert_shard(*p.layout),
                          model::LayerRange{bounds[size_t(stage)], bounds[size_t(stage) + 1]});

@@ -162,7 +162,10 @@ bool all_finite(const dist::DataParallel& parallel, const dist::Optimizer& optim
 // "6,5,5"
 std::string stage_list(const std::vector<int>& layers) {
   std::string out;
-  for (int n : layers) out += (out.empty() ? "" : ",") + std::to_string(n);
+  for (int n : layers) {
+    if (!out.empty()) out += ",";
+    out += std::to_string(n);
+  }
   return out;
 }
 
@@ -250,7 +253,7 @@ TrainResult train(const config::Config& given, const TrainOptions& options) {
                std::to_string(layout->edp->world_size()) + " replica(s) of each" +
                (layout->pp_size() > 1 ? "; pipeline " + std::to_string(layout->pp_size()) + " stages of " +
                                             std::to_string(layout->dp_size()) + " data-parallel rank(s), blocks per stage " +
-                                            stage_list(dist::pipeline_layers(cfg))
+                                            stage_list(cost::pipeline_layers(cfg))
                                       : ""));
     truncate_metrics(files::join(out_dir, "metrics.jsonl"), progress.step);
   }

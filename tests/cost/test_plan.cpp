@@ -74,6 +74,44 @@ CATCH_TEST_CASE("plan: weights, gradients and AdamW by hand; ZeRO-1 divides the 
   CATCH_CHECK(cost::advise_fit(cfg, 1, 1000).zero_needed == -1);
 }
 
+// Pipeline stages: their parameters add up to the whole model's (a tied embedding counted on both
+// ends), each holds its blocks' weights and the activations of min(pp - stage, m) micro-batches, the
+// loss lives on the last stage, and the bubble is (pp - 1) / (m + pp - 1).
+CATCH_TEST_CASE("plan: pipeline stages split the model, keep 1F1B's micro-batches in flight, bubble", "[cost]") {
+  config::Config cfg;
+  cfg.model = testing::tiny_model_config();
+  cfg.model.n_layers = 6;
+  cfg.data.seq_len = 16;
+  cfg.train.micro_batch_size = 2;
+  cfg.train.grad_accum = 6;
+  const auto whole = cost::plan_memory(cfg, 1);
+  CATCH_CHECK(whole.params_per_rank == Approx(cost::estimate_memory(cfg.model, 1).params_per_rank).epsilon(1e-12));
+  CATCH_CHECK((whole.pipeline_parallel == 1 && whole.in_flight == 1 && whole.bubble == 0 && whole.blocks == 6));
+  for (bool tie : {true, false}) {
+    cfg.model.tie_embeddings = tie;
+    const double total = cost::plan_memory(cfg, 1).params_per_rank;
+    cfg.parallel.pipeline_parallel = 3;
+    const auto stages = cost::plan_stages(cfg, 3);
+    CATCH_REQUIRE(stages.size() == 3);
+    double sum = 0;
+    int blocks = 0;
+    for (const auto& s : stages) sum += s.params_per_rank, blocks += s.blocks;
+    const double matrix = double(cfg.model.vocab_size) * cfg.model.d_model;
+    CATCH_CHECK(sum == Approx(total + (tie ? matrix : 0)).epsilon(1e-12));
+    CATCH_CHECK(blocks == 6);
+    CATCH_CHECK((stages[0].in_flight == 3 && stages[1].in_flight == 2 && stages[2].in_flight == 1));
+    CATCH_CHECK((stages[0].loss == 0 && stages[1].loss == 0 && stages[2].loss > 0));
+    CATCH_CHECK(stages[0].bubble == Approx(2.0 / 8.0));
+    CATCH_CHECK(stages[1].communication > 0);  // the received activation and gradient
+    const auto worst = cost::plan_memory(cfg, 3);
+    for (const auto& s : stages) CATCH_CHECK(worst.peak >= s.peak);
+    cfg.parallel.pipeline_parallel = 1;
+  }
+  CATCH_CHECK(cost::pipeline_bubble(16, 120) == Approx(15.0 / 135.0));
+  cfg.parallel.pipeline_parallel = 4;
+  CATCH_CHECK_THROWS_WITH(cost::plan_stages(cfg, 6), Contains("does not divide the world size 6"));
+}
+
 CATCH_TEST_CASE("plan: DeepSeek-V3 at its published scale prints per-GPU memory without overflow", "[cost][cli]") {
   const std::string config = std::string(MOETRAIN_SOURCE_DIR) + "/configs/deepseek-v3-671b.yaml";
   auto r = testing::run_command(kBinary + " plan --config " + config + " --gpus 2048 --set parallel.expert_parallel=64 "
@@ -84,6 +122,24 @@ CATCH_TEST_CASE("plan: DeepSeek-V3 at its published scale prints per-GPU memory 
   CATCH_CHECK(j["world_size"] == 2048);
   CATCH_CHECK(std::isfinite(j["peak_bytes"].get<double>()));
   CATCH_CHECK(j["peak_bytes"].get<double>() > 1e9);
+  // The published layout: PP 16 x EP 64 x ZeRO-1 over 2048 GPUs, a stage per 128 ranks.
+  auto pp = testing::run_command(kBinary + " plan --config " + config + " --gpus 2048 --set parallel.expert_parallel=64 "
+                                 "--set parallel.pipeline_parallel=16 --set parallel.zero=1 --gpu h800 --json "
+                                 "--set train.global_batch_size=15360 --set train.micro_batch_size=1 "
+                                 "--set train.grad_accum=0 --set train.activation_checkpointing=full");
+  CATCH_INFO(pp.output);
+  CATCH_REQUIRE(pp.exit_code == 0);
+  const auto jp = last_json_line(pp.output);
+  CATCH_CHECK(jp["pipeline_parallel"] == 16);
+  CATCH_CHECK(jp["stage_peak_bytes"].size() == 16);
+  CATCH_CHECK(jp["grad_accum"] == 120);  // 15,360 sequences over 128 data-parallel ranks
+  CATCH_CHECK(jp["fits"] == true);      // with full activation checkpointing
+  CATCH_CHECK(jp["in_flight"].get<int>() <= 16);
+  // Fewer micro-batches than stages is refused with the reason.
+  auto few = testing::run_command(kBinary + " plan --config " + config + " --gpus 2048 --set parallel.expert_parallel=64 "
+                                  "--set parallel.pipeline_parallel=16 2>&1");
+  CATCH_CHECK(few.exit_code != 0);
+  CATCH_CHECK_THAT(few.output, Contains("train.grad_accum = 1 must be at least parallel.pipeline_parallel = 16"));
   // One GPU cannot hold 671B: the text says so and names what would fit.
   auto one = testing::run_command(kBinary + " plan --config " + config + " --gpu h200");
   CATCH_REQUIRE(one.exit_code == 0);
@@ -109,6 +165,7 @@ CATCH_TEST_CASE("plan: the predicted peak is within 15% of bench-step's measured
     std::string name;
     int world;
     std::string sets;
+    int stage = -1;  // with a pipeline: rank 0's stage, whose plan is compared
   };
   const std::vector<Case> cases = {
       {"ac none", 1, ""},
@@ -118,15 +175,18 @@ CATCH_TEST_CASE("plan: the predicted peak is within 15% of bench-step's measured
       {"zero 0, world 2", 2, ""},
       {"zero 1, world 2", 2, " --set parallel.zero=1"},
       {"zero 1, world 2, ep 2", 2, " --set parallel.zero=1 --set parallel.expert_parallel=2"},
+      {"pp 2, stage 0", 2, " --set parallel.pipeline_parallel=2 --set train.grad_accum=2", 0},
   };
   for (const auto& c : cases) {
     CATCH_INFO(c.name);
     const std::string sets =
-        model + " --set train.global_batch_size=" + std::to_string(4 * c.world) + c.sets;
+        model + " --set train.global_batch_size=" + std::to_string(c.stage < 0 ? 4 * c.world : 8) + c.sets;
     auto plan = testing::run_command(kBinary + " plan --config " + kTiny + sets + " --gpus " + std::to_string(c.world) +
                                      " --gpu cpu --json");
     CATCH_REQUIRE(plan.exit_code == 0);
-    const double predicted = last_json_line(plan.output)["peak_bytes"].get<double>();
+    const auto planned = last_json_line(plan.output);
+    const double predicted = c.stage < 0 ? planned["peak_bytes"].get<double>()
+                                          : planned["stage_peak_bytes"][size_t(c.stage)].get<double>();
     const std::string bench = kBinary + " bench-step --config " + kTiny + sets + " --warmup 0 --steps 2 --json";
     auto run = testing::run_command("OMP_NUM_THREADS=1 timeout 300 " +
                                     (c.world == 1 ? bench : kLaunch + " --nproc " + std::to_string(c.world) + " -- " + bench) +

@@ -12,6 +12,7 @@
 
 #include "common/errors.h"
 #include "cost/flops.h"
+#include "cost/plan.h"
 #include "dist/pipeline.h"
 #include "model/transformer.h"
 #include "dist_fixture.h"
@@ -50,7 +51,7 @@ CATCH_TEST_CASE("Pipeline stages: explicit pp_layers, or the split with the smal
       auto cfg = pipeline_config(layers, pp);
       cfg.model.dense_layers = 2;
       cfg.model.vocab_size = 4096;  // a head worth about two blocks
-      const auto got = dist::pipeline_layers(cfg);
+      const auto got = cost::pipeline_layers(cfg);
       CATCH_REQUIRE(int(got.size()) == pp);
       const auto& m = cfg.model;
       const double attention = cost::attention_projection_forward(m) +
@@ -100,8 +101,8 @@ CATCH_TEST_CASE("Pipeline stages: explicit pp_layers, or the split with the smal
   }
   auto cfg = pipeline_config(4, 2);
   cfg.parallel.pp_layers = "3, 1";
-  CATCH_CHECK(dist::pipeline_layers(cfg) == std::vector<int>{3, 1});
-  CATCH_CHECK(dist::stage_bounds({3, 1}) == std::vector<int>{0, 3, 4});
+  CATCH_CHECK(cost::pipeline_layers(cfg) == std::vector<int>{3, 1});
+  CATCH_CHECK(cost::stage_bounds({3, 1}) == std::vector<int>{0, 3, 4});
   // Bad lists and layouts are errors naming the key.
   for (const auto& [text, message] : std::vector<std::pair<std::string, std::string>>{
            {"2,1", "sums to 3 blocks but model.n_layers = 4"},
