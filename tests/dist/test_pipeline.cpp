@@ -213,7 +213,8 @@ CATCH_TEST_CASE("A model's pipeline stages give its loss and gradients, tied and
 // Tolerances as for the (world, ep) layouts (test_dist.cpp): fp32, the same math in another order
 // (the stages' gradients meet at their boundary, a tied embedding's two gradients are summed between
 // the ends), so 1e-5 relative on every loss and weight tensor and 1e-4 on the moments.
-CATCH_TEST_CASE("Pipeline training at (pp 2), (pp 2, ep 2), (pp 4) and (pp 2, dp 4, ep 2, ZeRO-1) equals one process",
+CATCH_TEST_CASE("Pipeline training at (pp 2), (pp 2, ep 2), (pp 4), (pp 2, ep 2, ZeRO-1, full checkpointing) and "
+                "(pp 2, dp 4, ep 2, ZeRO-1) equals one process",
                 "[dist][pipeline][train]") {
   testing::TempDir dir("pipeline-equivalence");
   const auto data_dir = testing::make_corpus(dir);
@@ -235,14 +236,17 @@ CATCH_TEST_CASE("Pipeline training at (pp 2), (pp 2, ep 2), (pp 4) and (pp 2, dp
     CATCH_REQUIRE(one.losses.size() == 12);
     struct Case {
       int world, pp, ep, zero;
+      std::string checkpointing = "none";  // full: the stages' blocks recompute in backward, EP collectives too
     };
     const auto cases = tie ? std::vector<Case>{{2, 2, 1, 0}, {4, 2, 2, 0}, {8, 2, 2, 1}}
-                           : std::vector<Case>{{4, 4, 1, 0}, {4, 2, 2, 1}};
+                           : std::vector<Case>{{4, 4, 1, 0}, {4, 2, 2, 1, "full"}};
     for (const auto& c : cases) {
       const std::string name = std::string(tie ? "tied" : "untied") + "-w" + std::to_string(c.world) + "pp" +
-                               std::to_string(c.pp) + "ep" + std::to_string(c.ep) + "zero" + std::to_string(c.zero);
+                               std::to_string(c.pp) + "ep" + std::to_string(c.ep) + "zero" + std::to_string(c.zero) +
+                               "ac-" + c.checkpointing;
       auto cfg = config_of(name, tie, c.pp);
       cfg.parallel.zero = c.zero;
+      cfg.train.activation_checkpointing = c.checkpointing;
       const auto got = train_at(cfg, c.world, c.ep);
       CATCH_INFO(name << "\n" << got.output.substr(got.output.size() > 3000 ? got.output.size() - 3000 : 0));
       CATCH_REQUIRE(got.exit_code == 0);

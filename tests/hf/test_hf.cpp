@@ -422,17 +422,20 @@ CATCH_TEST_CASE("hf: fine-tuning from an imported model lowers the loss, and the
   CATCH_CHECK(diff < kTolerance);
 }
 
-CATCH_TEST_CASE("hf: fine-tuning at (world 2, ep 2) imports each rank's own experts and follows one process", "[hf][dist]") {
+CATCH_TEST_CASE("hf: fine-tuning at (world 2, ep 2) and (pp 2) imports each rank's own share and follows one process",
+                "[hf][dist]") {
   testing::TempDir dir("hf-finetune-ep");
   auto cfg = finetune_config(dir, dir.str("hf"));
   cfg.train.steps = 6;
   cfg.train.global_batch_size = 4;
   cfg.train.log_every = 1;
   cfg.parallel.timeout_s = 60;
-  auto run = [&](int world) {
+  auto run = [&](int world, int pp = 1, int grad_accum = 0) {
     auto c = cfg;
-    c.run.out_dir = dir.str("w" + std::to_string(world));
-    c.parallel.expert_parallel = world;
+    c.run.out_dir = dir.str("w" + std::to_string(world) + "pp" + std::to_string(pp) + "ga" + std::to_string(grad_accum));
+    c.parallel.expert_parallel = world / pp;
+    c.parallel.pipeline_parallel = pp;  // each stage imports only its own blocks
+    if (grad_accum > 0) c.train.grad_accum = grad_accum;
     const std::string yaml = testing::write_config(c, files::join(c.run.out_dir, "input.yaml"));
     const std::string train = std::string(MOETRAIN_BINARY) + " train --config " + yaml;
     auto r = testing::run_command("OMP_NUM_THREADS=1 timeout 300 " +
@@ -445,11 +448,16 @@ CATCH_TEST_CASE("hf: fine-tuning at (world 2, ep 2) imports each rank's own expe
     for (std::string line; std::getline(metrics, line);) losses.push_back(nlohmann::json::parse(line)["loss"].get<double>());
     return losses;
   };
-  const auto one = run(1), two = run(2);
-  CATCH_REQUIRE(one.size() == 6);
-  CATCH_REQUIRE(two.size() == 6);
-  for (size_t i = 0; i < one.size(); ++i) {
-    CATCH_INFO("step " << i + 1 << ": " << two[i] << " vs " << one[i]);
-    CATCH_CHECK(std::abs(two[i] - one[i]) <= 1e-5 * std::abs(one[i]));
-  }
+  auto same = [](const std::vector<double>& got, const std::vector<double>& want) {
+    CATCH_REQUIRE(got.size() == 6);
+    CATCH_REQUIRE(want.size() == 6);
+    for (size_t i = 0; i < want.size(); ++i) {
+      CATCH_INFO("step " << i + 1 << ": " << got[i] << " vs " << want[i]);
+      CATCH_CHECK(std::abs(got[i] - want[i]) <= 1e-5 * std::abs(want[i]));
+    }
+  };
+  same(run(2), run(1));
+  // Two pipeline stages, each importing its own blocks (and the tied or untied ends it holds), follow
+  // one process with the same two micro-batches per step.
+  same(run(2, 2, 2), run(1, 1, 2));
 }
