@@ -4,6 +4,7 @@
 #pragma once
 #include <catch2/catch.hpp>
 
+#include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <fstream>
@@ -118,6 +119,41 @@ inline std::vector<double> metrics_losses(const std::string& run_dir) {
   std::string line;
   while (std::getline(metrics, line)) losses.push_back(nlohmann::json::parse(line)["loss"].get<double>());
   return losses;
+}
+
+// A resumed run's metrics against the straight run's: every step after `from` within 1e-5 relative
+// (the layout tests' bound), and as many steps.
+inline void check_resumed_losses(const std::string& run_dir, const Run& straight, size_t from) {
+  const auto losses = metrics_losses(run_dir);
+  CATCH_REQUIRE(losses.size() == straight.losses.size());
+  for (size_t i = from; i < losses.size(); ++i) {
+    CATCH_INFO("step " << i + 1 << ": " << losses[i] << " vs " << straight.losses[i]);
+    CATCH_CHECK(std::abs(losses[i] - straight.losses[i]) <= 1e-5 * std::abs(straight.losses[i]));
+  }
+}
+
+// Trains `cfg` (written to `yaml`) in two processes and kills rank 1 with SIGKILL once training has
+// started (the first metrics line; on a loaded machine set-up alone can take seconds, and a SIGTERM
+// then ends rank 0 before it can say anything). --grace 60 leaves rank 0 to notice by itself. Checks
+// that the job ends non-zero within 45 s, naming rank 1 from rank 0 (within parallel.timeout_s).
+inline void check_killed_rank_ends_job(const config::Config& cfg, const std::string& yaml) {
+  write_config(cfg, yaml);
+  const std::string metrics = files::join(cfg.run.out_dir, "metrics.jsonl");
+  const std::string command = "bash -c 'if [ $RANK = 1 ]; then (while [ ! -s " + metrics +
+                              " ]; do sleep 0.1; done; kill -9 $$) & fi; exec " + std::string(MOETRAIN_BINARY) +
+                              " train --config " + yaml + "'";
+  const auto start = std::chrono::steady_clock::now();
+  auto r = run_command("OMP_NUM_THREADS=1 timeout 120 " + std::string(MOETRAIN_SOURCE_DIR) +
+                       "/scripts/launch.sh --grace 60 --nproc 2 -- " + command);
+  const double took = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  CATCH_INFO(r.output);
+  CATCH_CHECK(r.exit_code != 0);
+  CATCH_CHECK(r.exit_code != 124);  // not the outer timeout
+  CATCH_CHECK_THAT(r.output, Catch::Matchers::Contains("launch.sh: rank 1") &&
+                                 Catch::Matchers::Contains("killed by signal 9"));
+  // Rank 0 ends on its own with an error naming the operation and the peer.
+  CATCH_CHECK_THAT(r.output, Catch::Matchers::Contains("[rank 0] moetrain: [dist]") && Catch::Matchers::Contains("rank 1"));
+  CATCH_CHECK(took < 45);
 }
 
 }  // namespace moetrain::testing

@@ -449,25 +449,7 @@ CATCH_TEST_CASE("A rank killed mid-run: the launcher stops the job, exits non-ze
   cfg.parallel.timeout_s = 5;
   cfg.train.micro_batch_size = 2;
   cfg.parallel.expert_parallel = 2;
-  testing::write_config(cfg, dir.str("input.yaml"));
-  // Rank 1 is killed with SIGKILL once training has started (the first metrics line; on a loaded
-  // machine set-up alone can take seconds, and a SIGTERM then ends rank 0 before it can say anything);
-  // --grace 60 leaves rank 0 to notice by itself.
-  const std::string metrics = dir.str("run/metrics.jsonl");
-  const std::string command = "bash -c 'if [ $RANK = 1 ]; then (while [ ! -s " + metrics +
-                              " ]; do sleep 0.1; done; kill -9 $$) & fi; exec " +
-                              std::string(MOETRAIN_BINARY) + " train --config " + dir.str("input.yaml") + "'";
-  const auto start = std::chrono::steady_clock::now();
-  auto r = testing::run_command("OMP_NUM_THREADS=1 timeout 120 " + std::string(MOETRAIN_SOURCE_DIR) +
-                                "/scripts/launch.sh --grace 60 --nproc 2 -- " + command);
-  const double took = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-  CATCH_INFO(r.output);
-  CATCH_CHECK(r.exit_code != 0);
-  CATCH_CHECK(r.exit_code != 124);  // not the outer timeout
-  CATCH_CHECK_THAT(r.output, Contains("launch.sh: rank 1") && Contains("killed by signal 9"));
-  // Rank 0 ends on its own, within parallel.timeout_s, with an error naming the operation and the peer.
-  CATCH_CHECK_THAT(r.output, Contains("[rank 0] moetrain: [dist]") && Contains("rank 1"));
-  CATCH_CHECK(took < 45);
+  check_killed_rank_ends_job(cfg, dir.str("input.yaml"));
 }
 
 // ---- checkpoints across ranks (issue: checkpoints that never lose a run) --------------------------------
@@ -578,12 +560,7 @@ CATCH_TEST_CASE("A checkpoint from (world 4, ep 4) resumes at (1), (2, 2) and (4
     CATCH_INFO(resumed.output.substr(resumed.output.size() > 2000 ? resumed.output.size() - 2000 : 0));
     CATCH_REQUIRE(resumed.exit_code == 0);
     CATCH_CHECK_THAT(resumed.output, Contains("resumed from") && Contains("step_00000010"));
-    const auto losses = metrics_losses(dir.str(name + "-resumed"));
-    CATCH_REQUIRE(losses.size() == 20);
-    for (size_t i = 10; i < 20; ++i) {
-      CATCH_INFO("step " << i + 1 << ": " << losses[i] << " vs " << straight.losses[i]);
-      CATCH_CHECK(std::abs(losses[i] - straight.losses[i]) <= 1e-5 * std::abs(straight.losses[i]));
-    }
+    check_resumed_losses(dir.str(name + "-resumed"), straight, 10);
   }
 }
 
@@ -667,12 +644,7 @@ CATCH_TEST_CASE("ZeRO-1 checkpoints: written whole, resumed at zero 0 and other 
     CATCH_INFO(resumed.output.substr(resumed.output.size() > 2000 ? resumed.output.size() - 2000 : 0));
     CATCH_REQUIRE(resumed.exit_code == 0);
     CATCH_CHECK_THAT(resumed.output, Contains("resumed from") && Contains("step_00000010"));
-    const auto losses = metrics_losses(dir.str(name));
-    CATCH_REQUIRE(losses.size() == 20);
-    for (size_t i = 10; i < 20; ++i) {
-      CATCH_INFO("step " << i + 1 << ": " << losses[i] << " vs " << straight.losses[i]);
-      CATCH_CHECK(std::abs(losses[i] - straight.losses[i]) <= 1e-5 * std::abs(straight.losses[i]));
-    }
+    check_resumed_losses(dir.str(name), straight, 10);
   }
 }
 

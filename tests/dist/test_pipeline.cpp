@@ -5,7 +5,6 @@
 #include <catch2/catch.hpp>
 
 #include <algorithm>
-#include <chrono>
 #include <fstream>
 #include <functional>
 #include <set>
@@ -299,12 +298,7 @@ CATCH_TEST_CASE("Pipeline checkpoints: pp 2 resumes at pp 1 and (pp 1, ep 2), pp
     CATCH_INFO(resumed.output.substr(resumed.output.size() > 2000 ? resumed.output.size() - 2000 : 0));
     CATCH_REQUIRE(resumed.exit_code == 0);
     CATCH_CHECK_THAT(resumed.output, Contains("resumed from") && Contains("step_00000006"));
-    const auto losses = metrics_losses(dir.str(name));
-    CATCH_REQUIRE(losses.size() == 12);
-    for (size_t i = 6; i < 12; ++i) {
-      CATCH_INFO("step " << i + 1 << ": " << losses[i] << " vs " << straight.losses[i]);
-      CATCH_CHECK(std::abs(losses[i] - straight.losses[i]) <= 1e-5 * std::abs(straight.losses[i]));
-    }
+    check_resumed_losses(dir.str(name), straight, 6);
   }
 }
 
@@ -317,20 +311,6 @@ CATCH_TEST_CASE("A pipeline stage killed mid-schedule: every rank ends within th
   cfg.parallel.timeout_s = 5;
   cfg.parallel.pipeline_parallel = 2;
   cfg.train.micro_batch_size = 4;
-  testing::write_config(cfg, dir.str("input.yaml"));
   // Rank 1 (the last stage) is killed once training has started; rank 0 waits for its gradients.
-  const std::string metrics = dir.str("run/metrics.jsonl");
-  const std::string command = "bash -c 'if [ $RANK = 1 ]; then (while [ ! -s " + metrics +
-                              " ]; do sleep 0.1; done; kill -9 $$) & fi; exec " + std::string(MOETRAIN_BINARY) +
-                              " train --config " + dir.str("input.yaml") + "'";
-  const auto start = std::chrono::steady_clock::now();
-  auto r = testing::run_command("OMP_NUM_THREADS=1 timeout 120 " + std::string(MOETRAIN_SOURCE_DIR) +
-                                "/scripts/launch.sh --grace 60 --nproc 2 -- " + command);
-  const double took = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-  CATCH_INFO(r.output);
-  CATCH_CHECK(r.exit_code != 0);
-  CATCH_CHECK(r.exit_code != 124);
-  CATCH_CHECK_THAT(r.output, Contains("launch.sh: rank 1") && Contains("killed by signal 9"));
-  CATCH_CHECK_THAT(r.output, Contains("[rank 0] moetrain: [dist]") && Contains("rank 1"));
-  CATCH_CHECK(took < 45);
+  check_killed_rank_ends_job(cfg, dir.str("input.yaml"));
 }
