@@ -58,16 +58,15 @@ torch::Tensor ExpertParallel::run(const moe::ExpertsImpl& experts, const torch::
   // rows and passes them straight back posts exactly the dtype its peers post, as NCCL requires.
   auto received_RD = all_to_all_rows(cast(rows_RD, compute_dtype), ep, send_rows, recv_rows);
   // 3. Regroup by local expert (source ranks in order within each), run the experts, undo the regrouping.
-  std::vector<int64_t> start(size_t(P * EL));
+  // The rows arrive in blocks (source, expert); a stable sort of each row's key expert * P + source
+  // regroups them by expert with the sources in order, on the device (the output size is known on
+  // the host, so nothing waits for the device).
   int64_t offset = 0;
-  const auto* counts = recv_counts_PE.data_ptr<int64_t>();
-  for (int64_t i = 0; i < P * EL; ++i) start[size_t(i)] = offset, offset += counts[i];
-  std::vector<int64_t> by_expert;
-  by_expert.reserve(size_t(offset));
-  for (int64_t e = 0; e < EL; ++e)
-    for (int64_t src = 0; src < P; ++src)
-      for (int64_t j = 0; j < counts[src * EL + e]; ++j) by_expert.push_back(start[size_t(src * EL + e)] + j);
-  auto perm_R = torch::tensor(by_expert, torch::kInt64).to(rows_RD.device());
+  for (int64_t n : recv_rows) offset += n;
+  const auto on_device = torch::TensorOptions().dtype(torch::kInt64).device(rows_RD.device());
+  const auto block_key = torch::arange(EL, on_device).repeat({P}) * P + torch::arange(P, on_device).repeat_interleave(EL);
+  const auto row_key = torch::repeat_interleave(block_key, recv_counts_PE.reshape(-1).to(rows_RD.device()), 0, offset);
+  auto perm_R = std::get<1>(torch::sort(row_key, /*stable=*/true, /*dim=*/0, /*descending=*/false));
   auto local_counts_E = recv_counts_PE.sum(0).to(rows_RD.device());
   // A rank that receives no rows still passes them through the graph: both all-to-alls must run
   // their backward on every rank, or the ranks' collectives would fall out of step.
