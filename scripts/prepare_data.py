@@ -2,7 +2,7 @@
 
   prepare_data.py --tokenizer HF_DIR --input FILE(.txt|.jsonl) --out DIR [--val-fraction F]
                   [--text-field text] [--prompt-field prompt --response-field response]
-                  [--append-eos] [--eos-token TOKEN]
+                  [--append-eos] [--eos-token TOKEN] [--workers N] [--shard-tokens N]
 
 Reads HF_DIR/tokenizer.json with the `tokenizers` package (no network, no transformers). Writes
 DIR/train.bin and DIR/val.bin in the shard format of csrc/data/shard.h (uint8, uint16 or uint32
@@ -17,13 +17,25 @@ The last F of the records (at least one) is validation; records keep their order
 --append-eos ends each document (each record; for .txt each of the two parts) with the EOS token:
 --eos-token, else tokenizer_config.json's eos_token, else config.json's eos_token_id.
 
+Big corpora: with --workers N or --shard-tokens N the input is streamed, never held whole. A first
+pass counts it (characters of a .txt, records of a .jsonl) to place the validation split exactly
+where the in-memory path puts it; the second encodes batches (text chunks ending at a newline, or
+records) on N worker processes, in order, and writes each split as it comes. With --shard-tokens
+the splits become DIR/train-00000.bin, train-00001.bin, ... (and val-*), each of at most N tokens,
+cut between documents where one fits (a longer document is cut where the shard is full), with a
+mask beside each shard; moetrain reads such a folder as one split (data.dir). The tokens, in order,
+are exactly those of the in-memory path whatever the number of workers.
+
 Run with third_party/venv/bin/python.
 """
 import argparse
+import glob
 import json
+import multiprocessing
 import os
 import struct
 import sys
+import time
 
 import numpy as np
 from tokenizers import Tokenizer
@@ -193,6 +205,230 @@ def documents_from_jsonl(args, tokenizer, eos):
     return documents, True
 
 
+# ---- streaming: inputs larger than memory, several workers, bounded shards ---------------------------
+
+_worker_tokenizer = None
+
+
+def _load_worker(tokenizer_path):
+    global _worker_tokenizer
+    _worker_tokenizer = Tokenizer.from_file(tokenizer_path)
+
+
+def _encode_job(job):
+    """One batch of work: ("text", chunk, add_special_tokens) or ("records", texts, prompts, responses)."""
+    if job[0] == "text":
+        return [_worker_tokenizer.encode(job[1], add_special_tokens=job[2]).ids]
+    _, texts, prompts, responses = job
+    if texts is not None:
+        return [(e.ids, None) for e in _worker_tokenizer.encode_batch(texts)]
+    p = _worker_tokenizer.encode_batch(prompts)
+    r = _worker_tokenizer.encode_batch(responses, add_special_tokens=False)
+    return [(a.ids + b.ids, len(a.ids)) for a, b in zip(p, r)]
+
+
+class ShardWriter:
+    """Writes one split as it comes: one shard (NAME.bin) or, with a limit, NAME-00000.bin, ... each of at
+    most `limit` tokens, cut between documents where the next document fits."""
+
+    def __init__(self, out_dir, name, vocab_size, limit, masked):
+        self.out_dir, self.name, self.vocab_size, self.limit, self.masked = out_dir, name, vocab_size, limit, masked
+        self.ids, self.mask, self.files, self.tokens, self.learned = [], [], [], 0, 0
+
+    def add(self, ids, mask=None):
+        if self.limit and self.ids and len(self.ids) + len(ids) > self.limit:
+            self.flush()  # the document starts the next shard
+        while self.limit and len(ids) > self.limit - len(self.ids):  # a document longer than a shard
+            room = self.limit - len(self.ids)
+            self._append(ids[:room], None if mask is None else mask[:room])
+            self.flush()
+            ids, mask = ids[room:], None if mask is None else mask[room:]
+        self._append(ids, mask)
+
+    def _append(self, ids, mask):
+        self.ids.extend(ids)
+        if self.masked:
+            self.mask.extend(mask if mask is not None else [1] * len(ids))
+
+    def written(self):
+        names = {os.path.basename(path) for path, _, _ in self.files}
+        return names | ({os.path.basename(mask_path_for(os.path.join(self.out_dir, n))) for n in names} if self.masked else set())
+
+    def flush(self):
+        if not self.ids and self.files:
+            return
+        path = os.path.join(self.out_dir, f"{self.name}-{len(self.files):05d}.bin" if self.limit else f"{self.name}.bin")
+        width = write_shard(path, self.ids, self.vocab_size)
+        if self.masked:
+            write_mask(path, self.mask)
+            self.learned += sum(self.mask)
+        self.files.append((path, len(self.ids), width))
+        self.tokens += len(self.ids)
+        self.ids, self.mask = [], []
+
+
+def text_chunks(path, start_char, end_char):
+    """The characters [start_char, end_char) of a .txt in chunks of about TEXT_CHUNK_CHARS, each ending at
+    a newline (as encode_text cuts them, counted from start_char): (chunk, is_first)."""
+    with open(path, encoding="utf-8") as f:
+        skip = start_char
+        while skip > 0:
+            skip -= len(f.read(min(skip, TEXT_CHUNK_CHARS)))
+        left, pending, first = end_char - start_char, "", True
+        while left > 0 or pending:
+            while len(pending) <= TEXT_CHUNK_CHARS and left > 0:
+                piece = f.read(min(left, TEXT_CHUNK_CHARS))
+                if not piece:
+                    left = 0
+                    break
+                left -= len(piece)
+                pending += piece
+            if len(pending) <= TEXT_CHUNK_CHARS:
+                end = len(pending)
+            else:
+                end = pending.find("\n", TEXT_CHUNK_CHARS) + 1
+                while end <= 0 and left > 0:  # no newline yet: read on until one comes
+                    piece = f.read(min(left, TEXT_CHUNK_CHARS))
+                    left -= len(piece)
+                    pending += piece
+                    end = pending.find("\n", TEXT_CHUNK_CHARS) + 1
+                if end <= 0:
+                    end = len(pending)
+            yield pending[:end], first
+            pending, first = pending[end:], False
+
+
+def text_split_point(path, val_fraction):
+    """split_text's boundary, found by streaming: the characters of the file and where train ends."""
+    total, newlines = 0, []  # the last newline at or before the target, and the first after it
+    with open(path, encoding="utf-8") as f:
+        for piece in iter(lambda: f.read(TEXT_CHUNK_CHARS), ""):
+            total += len(piece)
+    target = int(total * (1.0 - val_fraction))
+    before, after, seen = -1, -1, 0
+    with open(path, encoding="utf-8") as f:
+        for piece in iter(lambda: f.read(TEXT_CHUNK_CHARS), ""):
+            lo = max(0, min(len(piece), target - seen))  # newlines at index < target count as "before"
+            i = piece.rfind("\n", 0, lo)
+            if i >= 0:
+                before = seen + i
+            if after < 0:
+                j = piece.find("\n", lo)
+                if j >= 0 and seen + j >= target:
+                    after = seen + j
+            seen += len(piece)
+    split = before + 1 if target > 0 and before >= 0 else 0
+    if split == 0:
+        split = after + 1 if after >= 0 else 0
+    if split <= 0 or split >= total:
+        fail(f"{path} ({total} characters) is too small to split into non-empty train and validation parts at a "
+             f"line boundary (val_fraction {val_fraction})")
+    return split, total
+
+
+def record_batches(args, first_record, start, end, batch):
+    """Records [start, end) of a .jsonl (blank lines skipped) as jobs of up to `batch` records."""
+    pairs = args.prompt_field in first_record and args.response_field in first_record
+    chunk, index = [], 0
+    with open(args.input, encoding="utf-8") as f:
+        for line_number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            if start <= index < end:
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    fail(f"{args.input}:{line_number}: not valid JSON ({e.msg})")
+                if not isinstance(record, dict):
+                    fail(f"{args.input}:{line_number}: expected a JSON object")
+                chunk.append((line_number, record))
+                if len(chunk) == batch:
+                    yield records_job(args, chunk, pairs)
+                    chunk = []
+            index += 1
+    if chunk:
+        yield records_job(args, chunk, pairs)
+
+
+def records_job(args, chunk, pairs):
+    if not pairs:
+        return ("records", [field(args.input, n, r, args.text_field) for n, r in chunk], None, None)
+    return ("records", None, [field(args.input, n, r, args.prompt_field) for n, r in chunk],
+            [field(args.input, n, r, args.response_field) for n, r in chunk])
+
+
+def count_records(args):
+    """Non-blank lines, and the first record (which decides text or prompt/response)."""
+    count, first = 0, None
+    with open(args.input, encoding="utf-8") as f:
+        for line_number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            if first is None:
+                try:
+                    first = json.loads(line)
+                except json.JSONDecodeError as e:
+                    fail(f"{args.input}:{line_number}: not valid JSON ({e.msg})")
+                if not isinstance(first, dict):
+                    fail(f"{args.input}:{line_number}: expected a JSON object")
+                if args.prompt_field not in first or args.response_field not in first:
+                    if args.text_field not in first:
+                        fail(f"{args.input}:{line_number}: has neither the text field {args.text_field!r} nor the "
+                             f"prompt and response fields {args.prompt_field!r}, {args.response_field!r}")
+            count += 1
+    return count, first
+
+
+def prepare_streaming(args, tokenizer_path, vocab_size, eos):
+    tail = [eos] if eos is not None else []
+    os.makedirs(args.out, exist_ok=True)
+    started, total_tokens, written = time.monotonic(), 0, set()
+    with multiprocessing.Pool(args.workers, initializer=_load_worker, initargs=(tokenizer_path,)) as pool:
+        if args.input.endswith(".txt"):
+            split, total = text_split_point(args.input, args.val_fraction)
+            masked = False
+            for name, (lo, hi) in (("train", (0, split)), ("val", (split, total))):
+                writer = ShardWriter(args.out, name, vocab_size, args.shard_tokens, masked)
+                jobs = (("text", chunk, first) for chunk, first in text_chunks(args.input, lo, hi))
+                for (ids,) in pool.imap(_encode_job, jobs):
+                    writer.add(ids)
+                writer.add(tail)
+                writer.flush()
+                report(writer, vocab_size)
+                total_tokens += writer.tokens
+                written |= writer.written()
+        elif args.input.endswith(".jsonl"):
+            count, first = count_records(args)
+            if count < 2:
+                fail(f"{args.input} has {count} records; train and validation need at least one each")
+            masked = args.prompt_field in first and args.response_field in first
+            n_val = max(1, min(count - 1, round(count * args.val_fraction)))
+            for name, (lo, hi) in (("train", (0, count - n_val)), ("val", (count - n_val, count))):
+                writer = ShardWriter(args.out, name, vocab_size, args.shard_tokens, masked)
+                for documents in pool.imap(_encode_job, record_batches(args, first, lo, hi, args.batch_records)):
+                    for ids, prompt_len in documents:
+                        mask = None if prompt_len is None else [0] * prompt_len + [1] * (len(ids) - prompt_len + len(tail))
+                        writer.add(ids + tail, mask)
+                writer.flush()
+                report(writer, vocab_size)
+                total_tokens += writer.tokens
+                written |= writer.written()
+        else:
+            fail(f"input file {args.input} must end in .txt or .jsonl")
+    took = time.monotonic() - started
+    print(f"[prepare_data] {total_tokens} tokens in {took:.2f} s ({total_tokens / max(took, 1e-9):.0f} tokens/s, "
+          f"{args.workers} worker{'s' if args.workers > 1 else ''})")
+    return written
+
+
+def report(writer, vocab_size):
+    for path, n, width in writer.files:
+        print(f"[prepare_data] wrote {path}: {n} tokens of uint{8 * width} (vocabulary {vocab_size})")
+    if writer.masked:
+        print(f"[prepare_data] {writer.name}: {writer.learned} of {writer.tokens} tokens learned (loss masks beside "
+              f"each shard)")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tokenizer", required=True, help="folder holding tokenizer.json (a Hugging Face model)")
@@ -205,16 +441,25 @@ def main():
     parser.add_argument("--append-eos", action="store_true", help="end each document with the EOS token")
     parser.add_argument("--eos-token", help="the EOS token's text (default: from tokenizer_config.json)")
     parser.add_argument("--overwrite", action="store_true", help="replace shards already in --out")
+    parser.add_argument("--workers", type=int, default=1, help="processes encoding batches in parallel (streams the input)")
+    parser.add_argument("--shard-tokens", type=int, default=0,
+                        help="at most this many tokens per shard: train-00000.bin, ... (streams the input)")
+    parser.add_argument("--batch-records", type=int, default=1000, help="jsonl records per worker batch (default 1000)")
     args = parser.parse_args()
 
-    # Shards a run may be reading are never replaced unless asked.
-    held = [n for n in ("train.bin", "val.bin", "train.mask.bin", "val.mask.bin")
-            if os.path.exists(os.path.join(args.out, n))]
+    # Shards a run may be reading are never replaced unless asked; old shards of a split are removed
+    # with --overwrite (a stale train-00007.bin would join the new ones).
+    held = sorted(os.path.basename(p) for pattern in ("train*.bin", "val*.bin")
+                  for p in glob.glob(os.path.join(glob.escape(args.out), pattern)))
     if held and not args.overwrite:
         fail(f"{args.out} already holds {', '.join(held)}: pass --overwrite to replace them, or choose another --out")
 
     if not 0.0 < args.val_fraction < 1.0:
         fail(f"--val-fraction {args.val_fraction} must be in (0, 1)")
+    if args.workers < 1:
+        fail(f"--workers {args.workers} must be at least 1")
+    if args.shard_tokens < 0 or args.batch_records < 1:
+        fail(f"--shard-tokens {args.shard_tokens} must be >= 0 and --batch-records {args.batch_records} >= 1")
     tokenizer_path = os.path.join(args.tokenizer, "tokenizer.json")
     if not os.path.isfile(tokenizer_path):
         fail(f"{tokenizer_path} does not exist (--tokenizer names a Hugging Face folder)")
@@ -223,6 +468,10 @@ def main():
     tokenizer = Tokenizer.from_file(tokenizer_path)
     vocab_size = vocab_size_of(tokenizer)
     eos = find_eos(tokenizer, args.tokenizer, args.eos_token) if args.append_eos else None
+    if args.workers > 1 or args.shard_tokens > 0:
+        written = prepare_streaming(args, tokenizer_path, vocab_size, eos)
+        remove_stale(args.out, held, written)
+        return
 
     if args.input.endswith(".txt"):
         with open(args.input, encoding="utf-8") as f:
@@ -249,8 +498,6 @@ def main():
             width = write_shard(shard, ids, vocab_size)
             if mask is not None:
                 write_mask(shard, mask)
-            elif os.path.exists(mask_path_for(shard)):
-                os.remove(mask_path_for(shard))  # a stale mask would mask these tokens
         except (OSError, ValueError) as e:
             fail(str(e))
         learned = f", {sum(mask)} learned" if mask is not None else ""
@@ -258,6 +505,15 @@ def main():
     if masked:
         print(f"[prepare_data] loss masks: {mask_path_for(os.path.join(args.out, 'train.bin'))} and "
               f"{mask_path_for(os.path.join(args.out, 'val.bin'))} (only response tokens are learned)")
+    remove_stale(args.out, held, {f"{name}.bin" for name in splits} | ({f"{name}.mask.bin" for name in splits} if masked else set()))
+
+
+def remove_stale(out_dir, held, written):
+    """Once the new shards are written: the old ones they did not replace (a stale train-00007.bin or
+    mask would join or mask the new data)."""
+    for name in held:
+        if name not in written and os.path.exists(os.path.join(out_dir, name)):
+            os.remove(os.path.join(out_dir, name))
 
 
 if __name__ == "__main__":

@@ -3,6 +3,8 @@
 // files byte for byte what the C++ writers write. Tokenizers come from tests/data/tokenizer_fixture.py.
 #include <catch2/catch.hpp>
 
+#include <algorithm>
+
 #include <nlohmann/json.hpp>
 
 #include "../test_util.h"
@@ -153,6 +155,89 @@ CATCH_TEST_CASE("prepare_data.py: prompt/response jsonl masks exactly the respon
   CATCH_REQUIRE(r.exit_code == 0);
   CATCH_CHECK_FALSE(files::exists(dir.str("out/train.mask.bin")));
   CATCH_CHECK(tokens_of(data::Shard(dir.str("out/train.bin"))) == encode(dir, dir.str("tok"), {{"The quick brown fox.", true}})[0]);
+}
+
+// Streaming (--workers, --shard-tokens): the in-memory path's tokens and masks, in order, whatever the
+// number of workers, cut into shards of at most the limit; a .txt past the 1 MiB encoding chunk
+// (several chunks, CRLF lines) and prompt/response jsonl in batches of records.
+CATCH_TEST_CASE("prepare_data.py: --workers and --shard-tokens stream the same tokens into bounded shards",
+                "[data][python]") {
+  TempDir dir("prepare-stream");
+  fixture("bpe " + dir.str("tok"));
+  const std::vector<std::string> words = {"the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog",
+                                          "experts", "route", "each", "token", "Question:", "Answer:"};
+  std::string text, jsonl;
+  uint64_t x = 7;
+  auto next = [&] { return x = x * 6364136223846793005ull + 1442695040888963407ull, (x >> 33); };
+  for (int line = 0; line < 50000; ++line) {
+    for (uint64_t w = 0, n = 3 + next() % 12; w < n; ++w) text += (w ? " " : "") + words[next() % words.size()];
+    text += line % 7 ? "\n" : "\r\n";
+  }
+  for (int r = 0; r < 600; ++r)
+    jsonl += nlohmann::json{{"prompt", words[next() % words.size()] + " " + words[next() % words.size()]},
+                            {"response", " " + words[next() % words.size()]}}.dump() + (r % 50 ? "\n" : "\n\n");
+  testing::write_bytes(dir.str("big.txt"), text);
+  testing::write_bytes(dir.str("pairs.jsonl"), jsonl);
+  CATCH_REQUIRE(text.size() > (size_t(2) << 20));
+
+  auto shards_of = [&](const std::string& out, const std::string& split) {
+    std::vector<std::string> names;
+    for (const auto& name : files::list_directory(dir.str(out)))
+      if (name.rfind(split + "-", 0) == 0 && name.find(".mask.") == std::string::npos) names.push_back(name);
+    std::sort(names.begin(), names.end());
+    return names;
+  };
+  for (const std::string input : {"big.txt", "pairs.jsonl"}) {
+    const bool pairs = input == "pairs.jsonl";
+    const std::string base = "--tokenizer " + dir.str("tok") + " --input " + dir.str(input) + " --append-eos";
+    auto whole = prepare_data(base + " --out " + dir.str(input + "-whole"));
+    CATCH_INFO(whole.output);
+    CATCH_REQUIRE(whole.exit_code == 0);
+    const int64_t limit = pairs ? 700 : 200000;
+    for (const int workers : {1, 2}) {
+      const std::string out = input + "-w" + std::to_string(workers);
+      auto r = prepare_data(base + " --out " + dir.str(out) + " --workers " + std::to_string(workers) +
+                            " --shard-tokens " + std::to_string(limit) + " --batch-records 64");
+      CATCH_INFO(r.output);
+      CATCH_REQUIRE(r.exit_code == 0);
+      CATCH_CHECK_THAT(r.output, Contains("tokens/s"));
+      for (const std::string split : {"train", "val"}) {
+        const data::Shard want(dir.str(input + "-whole/" + split + ".bin"));
+        std::vector<int64_t> tokens;
+        std::vector<uint8_t> mask;
+        const auto names = shards_of(out, split);
+        CATCH_REQUIRE(!names.empty());
+        for (const auto& name : names) {
+          const data::Shard shard(files::join(dir.str(out), name));
+          CATCH_CHECK(int64_t(shard.size()) <= limit);
+          CATCH_CHECK(shard.has_mask() == pairs);
+          const auto t = tokens_of(shard);
+          tokens.insert(tokens.end(), t.begin(), t.end());
+          if (pairs) {
+            const auto m = mask_of(shard);
+            mask.insert(mask.end(), m.begin(), m.end());
+          }
+        }
+        CATCH_INFO(input << " " << split << ", " << workers << " worker(s), " << names.size() << " shards");
+        CATCH_CHECK(tokens == tokens_of(want));
+        if (pairs) CATCH_CHECK(mask == mask_of(want));
+      }
+    }
+  }
+  CATCH_CHECK(shards_of("big.txt-w2", "train").size() >= 3);
+  // moetrain reads the folder as one split per name.
+  auto inspect = testing::run_command(std::string(MOETRAIN_BINARY) + " inspect-data " + dir.str("big.txt-w2"));
+  CATCH_INFO(inspect.output);
+  CATCH_CHECK(inspect.exit_code == 0);
+  // Re-sharding in place with --overwrite leaves no stale shard of the old cut.
+  auto again = prepare_data("--tokenizer " + dir.str("tok") + " --input " + dir.str("big.txt") + " --out " +
+                            dir.str("big.txt-w2") + " --shard-tokens 500000 --overwrite");
+  CATCH_REQUIRE(again.exit_code == 0);
+  CATCH_CHECK(shards_of("big.txt-w2", "train").size() == 2);
+  auto bad = prepare_data("--tokenizer " + dir.str("tok") + " --input " + dir.str("big.txt") + " --out " +
+                          dir.str("bad") + " --workers 0");
+  CATCH_CHECK(bad.exit_code == 1);
+  CATCH_CHECK_THAT(bad.output, Contains("--workers 0 must be at least 1"));
 }
 
 CATCH_TEST_CASE("prepare_data.py: a vocabulary past 65536 gives uint32 tokens, the C++ writer's bytes", "[data][python]") {
