@@ -10,6 +10,8 @@ log() { printf '[setup] %s\n' "$*"; }
 
 # --- Debian packages --------------------------------------------------------------------------
 apt_packages=(libyaml-cpp-dev catch2 nlohmann-json3-dev fortunes cmake ninja-build ccache python3-venv)
+# protobuf for TensorBoard's event files (logging.tensorboard).
+apt_packages+=(libprotobuf-dev protobuf-compiler)
 # clang with libFuzzer and the sanitizers, for scripts/fuzz.sh (which scripts/test.sh runs in CI).
 apt_packages+=(clang libclang-rt-14-dev)
 missing=()
@@ -45,9 +47,10 @@ else
   log "torch $have_torch present"
 fi
 # numpy and safetensors for the tools and tests; transformers (the Hugging Face reference in
-# scripts/bench_moe_hf.py), tokenizers (scripts/prepare_data.py) and matplotlib (scripts/plot_run.py).
-py_packages=(numpy safetensors transformers tokenizers matplotlib)
-if ! "$venv/bin/python" -c 'import numpy, safetensors, transformers, tokenizers, matplotlib' 2>/dev/null; then
+# scripts/bench_moe_hf.py), tokenizers (scripts/prepare_data.py), matplotlib (scripts/plot_run.py) and
+# tensorboard (reads the event files back in the tests, and shows them).
+py_packages=(numpy safetensors transformers tokenizers matplotlib tensorboard)
+if ! "$venv/bin/python" -c 'import numpy, safetensors, transformers, tokenizers, matplotlib, tensorboard' 2>/dev/null; then
   log "installing ${py_packages[*]}"
   "$venv/bin/pip" install -q --disable-pip-version-check "${py_packages[@]}"
 fi

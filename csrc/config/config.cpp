@@ -300,6 +300,12 @@ const std::vector<KeyDesc>& keys() {
                    "with an error naming the last good checkpoint.",
                    at_least(0)),
 
+      MOETRAIN_KEY(logging.tensorboard,
+                   "Also write TensorBoard event files under <out_dir>/tb/ (rank 0, flushed at every log step): "
+                   "every number of each metrics.jsonl record (loss, lr, grad_norm, tokens_per_s, mfu, cost, "
+                   "val_loss, per-source losses and tokens) and each MoE layer's load max/mean, drop fraction "
+                   "and balance loss.", any()),
+
       MOETRAIN_KEY(parallel.backend,
                    "Communication backend: nccl (CUDA tensors), store (CPU tensors through the c10d TCPStore; it "
                    "stands in for gloo, whose headers the torch wheel lacks), single (one process); auto = single "

@@ -131,6 +131,10 @@ struct TrainConfig {
   int max_skipped_steps = 3;    // with skip: consecutive skipped steps tolerated before the run stops
 };
 
+struct LoggingConfig {
+  bool tensorboard = false;     // also write TensorBoard event files under <out_dir>/tb/ (rank 0)
+};
+
 struct ParallelConfig {
   std::string backend = "auto"; // auto | nccl | store | single
   int expert_parallel = 1;
@@ -159,6 +163,7 @@ struct Config {
   DataConfig data;
   OptimConfig optim;
   TrainConfig train;
+  LoggingConfig logging;
   ParallelConfig parallel;
   CheckpointConfig checkpoint;
   CostConfig cost;

@@ -28,6 +28,7 @@
 #include "dist/expert_parallel.h"
 #include "dist/pipeline.h"
 #include "train/step.h"
+#include "train/tensorboard.h"
 #include "optim/adamw.h"
 
 using json = nlohmann::json;
@@ -259,6 +260,10 @@ TrainResult train(const config::Config& given, const TrainOptions& options) {
   }
   std::ofstream metrics;
   if (comm->rank() == 0) metrics.open(files::join(out_dir, "metrics.jsonl"), std::ios::app);
+  // logging.tensorboard: the same records as scalars, in a new event file per process start.
+  std::unique_ptr<TensorBoardWriter> tensorboard;
+  if (cfg.logging.tensorboard && comm->rank() == 0)
+    tensorboard = std::make_unique<TensorBoardWriter>(files::join(out_dir, "tb"));
 
   // The cost meter: causal training FLOPs per token (csrc/cost, as `moetrain cost` counts them) over
   // the peak of cost.gpu, summed over the ranks.
@@ -369,6 +374,7 @@ TrainResult train(const config::Config& given, const TrainOptions& options) {
       }
       moe_telemetry.write(rec);
       metrics << rec.dump() << "\n" << std::flush;
+      if (tensorboard) tensorboard->scalars(progress.step, tensorboard_scalars(rec));
       std::string line = progress_line(progress.step, total_steps, loss, lr, grad_norm, tok_s,
                                         step_time_ema * double(total_steps - progress.step));
       const double mfu = rec["mfu"].get<double>();
