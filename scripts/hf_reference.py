@@ -3,6 +3,8 @@ models with transformers, and computes logits and greedy continuations with tran
 
   hf_reference.py make FAMILY OUT_DIR    tiny model saved to OUT_DIR (sharded, with an index) plus
                                          OUT_DIR/reference.safetensors: tokens, logits, greedy
+                                         (deepseek_v3_mtp: DeepSeek-V3 with num_nextn_predict_layers 1,
+                                         whose MTP layer transformers does not model: written apart)
   hf_reference.py logits HF_DIR TOKENS_FILE OUT_FILE
                                          loads HF_DIR with transformers; logits on TOKENS_FILE's tokens
 
@@ -37,7 +39,7 @@ def tiny_config(family):
     if family == "olmoe":  # q/k norms over the whole projection, raw top-k weights
         return transformers.OlmoeConfig(**common, intermediate_size=16, num_hidden_layers=2, num_experts=8,
                                         norm_topk_prob=False, tie_word_embeddings=False)
-    if family in ("deepseek_v3", "deepseek_v2_lite"):
+    if family in ("deepseek_v3", "deepseek_v2_lite", "deepseek_v3_mtp"):
         # MLA (with or without the query low-rank), YaRN, sigmoid group-limited routing with the
         # score-correction bias, routed scaling, a shared expert, one dense first layer.
         return transformers.DeepseekV3Config(
@@ -45,11 +47,12 @@ def tiny_config(family):
             rms_norm_eps=1e-6, num_experts_per_tok=2, num_hidden_layers=3, intermediate_size=40,
             moe_intermediate_size=16, n_routed_experts=8, n_shared_experts=1, n_group=4, topk_group=2,
             routed_scaling_factor=2.5, norm_topk_prob=True, first_k_dense_replace=1,
-            q_lora_rank=24 if family == "deepseek_v3" else None, kv_lora_rank=16, qk_nope_head_dim=8,
+            q_lora_rank=None if family == "deepseek_v2_lite" else 24, kv_lora_rank=16, qk_nope_head_dim=8,
             qk_rope_head_dim=8, v_head_dim=12, tie_word_embeddings=False,
             rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
                              "original_max_position_embeddings": 16, "beta_fast": 32, "beta_slow": 1,
-                             "mscale": 1.0, "mscale_all_dim": 1.0})
+                             "mscale": 1.0, "mscale_all_dim": 1.0},
+            num_nextn_predict_layers=1 if family == "deepseek_v3_mtp" else 0)
     raise SystemExit(f"unknown family {family}")
 
 
@@ -57,7 +60,8 @@ def model_class(family):
     return {"mixtral": transformers.MixtralForCausalLM, "qwen2_moe": transformers.Qwen2MoeForCausalLM,
             "qwen3_moe": transformers.Qwen3MoeForCausalLM, "olmoe": transformers.OlmoeForCausalLM,
             "deepseek_v3": transformers.DeepseekV3ForCausalLM,
-            "deepseek_v2_lite": transformers.DeepseekV3ForCausalLM}[family]
+            "deepseek_v2_lite": transformers.DeepseekV3ForCausalLM,
+            "deepseek_v3_mtp": transformers.DeepseekV3ForCausalLM}[family]
 
 
 def fixed_tokens():
@@ -70,9 +74,7 @@ def logits_of(model, tokens):
         return model(input_ids=tokens).logits.float().contiguous()
 
 
-def make(family, out_dir):
-    torch.manual_seed(0)
-    model = model_class(family)(tiny_config(family)).eval()
+def randomize(model):
     # Weights far from the defaults (norms of ones, zero routers) so that a wrong mapping shows.
     with torch.no_grad():
         for name, p in list(model.named_parameters()) + list(model.named_buffers()):
@@ -84,7 +86,47 @@ def make(family, out_dir):
                 p.copy_(0.1 * torch.randn_like(p))
             else:
                 p.copy_(0.15 * torch.randn_like(p))
+
+
+def add_mtp_layer(model, out_dir):
+    """DeepSeek-V3's MTP module as its checkpoints store it (layer num_hidden_layers: embed_tokens, enorm,
+    hnorm, eh_proj, a decoder layer, shared_head.norm and shared_head.head; README_WEIGHTS.md of
+    deepseek-ai/DeepSeek-V3), in a shard of its own added to the index."""
+    import json
+    import tempfile
+    cfg = model.config
+    layer = cfg.num_hidden_layers
+    deeper = transformers.DeepseekV3ForCausalLM(
+        transformers.DeepseekV3Config(**{**cfg.to_dict(), "num_hidden_layers": layer + 1}))
+    randomize(deeper)
+    prefix = f"model.layers.{layer}."
+    with tempfile.TemporaryDirectory() as tmp:  # the block as transformers writes it (one tensor per expert)
+        deeper.save_pretrained(tmp)
+        tensors = {k: v.clone().contiguous() for k, v in load_file(f"{tmp}/model.safetensors").items()
+                   if k.startswith(prefix)}
+    d = cfg.hidden_size
+    tensors[prefix + "embed_tokens.weight"] = model.model.embed_tokens.weight.detach().clone()
+    tensors[prefix + "enorm.weight"] = 1.0 + 0.2 * torch.randn(d)
+    tensors[prefix + "hnorm.weight"] = 1.0 + 0.2 * torch.randn(d)
+    tensors[prefix + "eh_proj.weight"] = 0.15 * torch.randn(d, 2 * d)
+    tensors[prefix + "shared_head.norm.weight"] = 1.0 + 0.2 * torch.randn(d)
+    tensors[prefix + "shared_head.head.weight"] = model.lm_head.weight.detach().clone()
+    save_file(tensors, f"{out_dir}/model-mtp.safetensors", metadata={"format": "pt"})
+    with open(f"{out_dir}/model.safetensors.index.json") as f:
+        index = json.load(f)
+    for name in tensors:
+        index["weight_map"][name] = "model-mtp.safetensors"
+    with open(f"{out_dir}/model.safetensors.index.json", "w") as f:
+        json.dump(index, f, indent=2)
+
+
+def make(family, out_dir):
+    torch.manual_seed(0)
+    model = model_class(family)(tiny_config(family)).eval()
+    randomize(model)
     model.save_pretrained(out_dir, max_shard_size="40KB")
+    if family == "deepseek_v3_mtp":
+        add_mtp_layer(model, out_dir)
     tokens = fixed_tokens()
     prompt = tokens[:1, :PROMPT_LEN]
     model.generation_config.eos_token_id = None  # exactly NEW_TOKENS tokens, none suppressed

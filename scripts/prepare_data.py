@@ -157,19 +157,23 @@ def encode_text(tokenizer, text):
     return ids
 
 
+def parse_record(path, line_number, line):
+    """One jsonl line as a JSON object, or a one-line error naming the file and line."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as e:
+        fail(f"{path}:{line_number}: not valid JSON ({e.msg})")
+    if not isinstance(record, dict):
+        fail(f"{path}:{line_number}: expected a JSON object")
+    return record
+
+
 def read_jsonl(path):
     records = []
     with open(path, encoding="utf-8") as f:
         for line_number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                fail(f"{path}:{line_number}: not valid JSON ({e.msg})")
-            if not isinstance(record, dict):
-                fail(f"{path}:{line_number}: expected a JSON object")
-            records.append((line_number, record))
+            if line.strip():
+                records.append((line_number, parse_record(path, line_number, line)))
     return records
 
 
@@ -335,13 +339,7 @@ def record_batches(args, first_record, start, end, batch):
             if not line.strip():
                 continue
             if start <= index < end:
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    fail(f"{args.input}:{line_number}: not valid JSON ({e.msg})")
-                if not isinstance(record, dict):
-                    fail(f"{args.input}:{line_number}: expected a JSON object")
-                chunk.append((line_number, record))
+                chunk.append((line_number, parse_record(args.input, line_number, line)))
                 if len(chunk) == batch:
                     yield records_job(args, chunk, pairs)
                     chunk = []
@@ -365,12 +363,7 @@ def count_records(args):
             if not line.strip():
                 continue
             if first is None:
-                try:
-                    first = json.loads(line)
-                except json.JSONDecodeError as e:
-                    fail(f"{args.input}:{line_number}: not valid JSON ({e.msg})")
-                if not isinstance(first, dict):
-                    fail(f"{args.input}:{line_number}: expected a JSON object")
+                first = parse_record(args.input, line_number, line)
                 if args.prompt_field not in first or args.response_field not in first:
                     if args.text_field not in first:
                         fail(f"{args.input}:{line_number}: has neither the text field {args.text_field!r} nor the "

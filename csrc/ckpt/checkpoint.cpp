@@ -610,14 +610,31 @@ void load_model(const std::string& step_dir, model::TransformerImpl& model) {
   const WholeFiles whole(step_dir, manifest, kModelFile, kModelStagePrefix);
   auto params = model.named_parameters();
   auto buffers = model.named_buffers();
+  // MTP modules are optional both ways: those the checkpoint lacks keep their seeded init, and those
+  // the model lacks (model.mtp_depth lowered) are left out; each case says so once.
+  std::set<int> dropped_mtp, fresh_mtp;
   for (const auto& [name, file] : whole.tensors())
-    if (!params.contains(name) && !buffers.contains(name) && !model.held_by_another_stage(name))
+    if (!params.contains(name) && !buffers.contains(name) && !model.held_by_another_stage(name)) {
+      if (const int k = model::mtp_module_of(name); k >= 0) {
+        dropped_mtp.insert(k);
+        continue;
+      }
       throw CheckpointError(file->path() + ": tensor '" + name + "' has no parameter or buffer in this model");
+    }
+  for (const int k : dropped_mtp)
+    log_line("[ckpt] " + step_dir + ": MTP module mtp." + std::to_string(k) + " is not in this model (model.mtp_depth = " +
+             std::to_string(model.config().mtp_depth) + "): not loaded");
   const int64_t offset = model.expert_offset(), E = total_experts(model);
   std::optional<ExpertFiles> experts;
   if (manifest.format_version >= 2) experts.emplace(step_dir, manifest, kExpertsPrefix);
   const auto experts_by_name = expert_names(model);
   for (auto& p : params) {
+    if (const int k = model::mtp_module_of(p.key());
+        k >= 0 && !whole.tensors().count("mtp." + std::to_string(k) + ".eh_proj")) {
+      if (fresh_mtp.insert(k).second)
+        log_line("[ckpt] " + step_dir + " has no MTP module mtp." + std::to_string(k) + ": it keeps its seeded init");
+      continue;
+    }
     const auto& file = whole.holding(p.key());
     if (!experts_by_name.count(p.key()))
       p.value().copy_(read_matching(file, p.key(), p.value()));
@@ -640,6 +657,10 @@ void load_optimizer(const std::string& step_dir, optim::OptimizerState& optimize
   if (manifest.format_version >= 2) experts.emplace(step_dir, manifest, kOptimExpertsPrefix);
   const auto experts_by_name = expert_names(model);
   for (auto& s : optimizer.states) {
+    // An MTP module the checkpoint lacks (see load_model) starts with fresh moments.
+    if (const int k = model::mtp_module_of(s.name);
+        k >= 0 && !whole.tensors().count("mtp." + std::to_string(k) + ".eh_proj.exp_avg"))
+      continue;
     for (auto [suffix, moment] : {std::pair<const char*, torch::Tensor*>{".exp_avg", &s.exp_avg}, {".exp_avg_sq", &s.exp_avg_sq}}) {
       const auto& holding = whole.holding(s.name + suffix);
       if (!experts_by_name.count(s.name))

@@ -54,7 +54,9 @@ Measured measure(const train::LoadedModel& loaded, const data::Dataset& split, i
         targets.masked_fill_(learned_NL.eq(0), data::kIgnoreTarget);
       }
       m.learned += uint64_t(targets.ne(data::kIgnoreTarget).sum().item<int64_t>());
-      m.loss_sum += loaded.model->forward_loss(inputs.to(device), targets.to(device), data::kIgnoreTarget, /*sum=*/true)
+      m.loss_sum += loaded.model
+                        ->forward_loss(inputs.to(device), targets.to(device), data::kIgnoreTarget, /*sum=*/true,
+                                       /*with_mtp=*/false)  // the main next-token loss
                         .loss.item<double>();
       w += n;
     }

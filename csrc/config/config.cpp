@@ -136,9 +136,15 @@ const std::vector<KeyDesc>& keys() {
       MOETRAIN_KEY(model.tie_embeddings, "The LM head shares the token embedding matrix.", any()),
       MOETRAIN_KEY(model.init_std, "Standard deviation of the normal weight initialization.", above(0)),
       MOETRAIN_KEY(model.mtp_depth,
-                   "Multi-token prediction depth (DeepSeek-V3): each extra module predicts one token further "
-                   "with its own block and projection, sharing the embedding and LM head; 0 = off. Read by "
-                   "`moetrain cost` only; training refuses > 0 for now.",
+                   "Multi-token prediction depth (DeepSeek-V3): module k (1..D) joins the previous depth's hidden "
+                   "state with the embedding of token i+k, runs one block (MoE when the model has MoE layers) and "
+                   "predicts token i+k+1 through its own norm and the shared LM head; trained with the loss "
+                   "model.mtp_loss_weight adds. Lives on the last pipeline stage; generation and `eval` use the "
+                   "main model only. 0 = off.",
+                   at_least(0)),
+      MOETRAIN_KEY(model.mtp_loss_weight,
+                   "lambda: the training loss adds lambda times the mean over the MTP depths of their "
+                   "cross-entropies (DeepSeek-V3 used 0.3 for its first 10T tokens, then 0.1).",
                    at_least(0)),
       MOETRAIN_KEY(model.init_from,
                    "Initial weights: \"\" = the seeded random init; hf:DIR = a Hugging Face folder (config.json "
@@ -897,6 +903,9 @@ void validate(const Config& cfg) {
   if (cfg.data.seq_len > m.max_seq_len)
     throw ConfigError(kv("data.seq_len", cfg.data.seq_len) + " must be in [1, " +
                       kv("model.max_seq_len", m.max_seq_len) + "]");
+  if (m.mtp_depth >= cfg.data.seq_len)
+    throw ConfigError(kv("model.mtp_depth", m.mtp_depth) + " must be less than " + kv("data.seq_len", cfg.data.seq_len) +
+                      " (MTP depth k predicts token i+k+1 inside the sequence)");
   for (size_t i = 0; i < cfg.data.sources.size(); ++i) {
     const DataSource& source = cfg.data.sources[i];
     const std::string entry = "data.sources[" + std::to_string(i) + "]";

@@ -83,7 +83,8 @@ struct ModelConfig {
   double norm_eps = 1e-5;
   bool tie_embeddings = true;   // LM head shares the token embedding matrix
   double init_std = 0.02;
-  int mtp_depth = 0;            // multi-token prediction modules (DeepSeek-V3); cost estimates only
+  int mtp_depth = 0;            // multi-token prediction modules (DeepSeek-V3 section 2.2); 0 = off
+  double mtp_loss_weight = 0.3; // lambda: the MTP term is lambda * mean over depths of their losses
   std::string init_from;        // "" = seeded init; hf:DIR = weights (and architecture) of a Hugging Face folder
   MLAConfig mla;
   YarnConfig yarn;

@@ -96,6 +96,8 @@ void parallelize(moe::MoEImpl& layer, const std::shared_ptr<const Layout>& layou
 void parallelize(model::TransformerImpl& model, const std::shared_ptr<const Layout>& layout) {
   for (auto& block : model.blocks)
     if (block->moe) parallelize(*block->moe, layout);
+  for (auto& mtp : model.mtp_modules)  // the MTP modules' blocks (the last stage's)
+    if (mtp->block->moe) parallelize(*mtp->block->moe, layout);
 }
 
 }  // namespace moetrain::dist

@@ -178,7 +178,7 @@ struct FamilyTraits {
   bool routed_scaling = false;         // routed_scaling_factor
   bool yarn = false;                   // YaRN RoPE scaling
   bool interleaved_rope = false;       // rope_interleave: MLA's RoPE rows stored as pairs
-  bool mtp_layers = false;             // multi-token prediction layers past num_hidden_layers (skipped)
+  bool mtp_layers = false;             // num_nextn_predict_layers MTP layers past num_hidden_layers
 };
 
 // One line per aspect: names; tensor names; config.json fields; fixed fields; features.
@@ -216,7 +216,6 @@ const std::vector<FamilyTraits> kFamilies = {
      .n_experts_field = "n_routed_experts", .norm_topk_field = "norm_topk_prob", .normalize_topk = true,
      .fixed = {{"scoring_func", "sigmoid", "DeepSeek-V3 routes by sigmoid scores"},
                {"topk_method", "noaux_tc", "group-limited top-k with the correction bias"},
-               {"num_nextn_predict_layers", 0, nullptr},
                {"attention_bias", false, "no attention biases"}},
      .attention = "mla", .dense_layers = DenseLayers::FirstKDense, .shared = SharedExperts::Ungated,
      .score_func = "sigmoid", .group_limited = true, .routed_scaling = true, .yarn = true, .interleaved_rope = true,
@@ -411,6 +410,7 @@ HfConfig read_config(const std::string& dir) {
                            "'s q_norm spans hidden_size, so heads * head_dim must equal it");
   if (t.group_limited && m.moe.n_experts % m.moe.router.n_groups != 0)
     r.fail("n_group", "= " + std::to_string(m.moe.router.n_groups) + " must divide the number of routed experts");
+  if (t.mtp_layers) m.mtp_depth = r.non_negative_int("num_nextn_predict_layers", 0);
   return out;
 }
 
@@ -420,6 +420,10 @@ void apply_architecture(const config::ModelConfig& hf, config::ModelConfig& m) {
   // Training keys stay the user's.
   m.init_std = keep.init_std;
   m.init_from = keep.init_from;
+  // Whether to train MTP modules is the run's choice: those the folder has are loaded (up to
+  // model.mtp_depth), the rest start from the seeded init (load_weights).
+  m.mtp_depth = keep.mtp_depth;
+  m.mtp_loss_weight = keep.mtp_loss_weight;
   m.moe.capacity_factor = keep.moe.capacity_factor;
   m.moe.aux_loss_coef = keep.moe.aux_loss_coef;
   m.moe.seq_aux_loss_coef = keep.moe.seq_aux_loss_coef;
@@ -456,18 +460,20 @@ struct Entry {
   // DeepSeek's RoPE dims are stored interleaved (pairs x0 x1, x2 x3, ...); ours rotate halves. > 0: the
   // HF rows come in groups of this size whose last qk_rope_head_dim rows are interleaved.
   int rope_group = 0;
+  int mtp = -1;              // >= 0: a tensor of that MTP module (its HF layer num_hidden_layers + mtp)
+  bool shared_copy = false;  // an MTP layer's copy of the embedding or head: written on export, checked on import
 };
 
 std::vector<Entry> name_map(const config::ModelConfig& m, Family family) {
   std::vector<Entry> map;
+  int mtp = -1;  // the MTP module whose entries are being added
   auto add = [&](std::string ours, std::string hf, Layout layout, int expert = -1, int rope_group = 0) {
-    map.push_back({std::move(ours), expert, std::move(hf), layout, rope_group});
+    map.push_back({std::move(ours), expert, std::move(hf), layout, rope_group, mtp});
   };
   const FamilyTraits& t = traits_of(family);
   add("embed", "model.embed_tokens.weight", Layout::Same);
-  for (int i = 0; i < m.n_layers; ++i) {
-    const std::string ours = "layers." + std::to_string(i) + ".";
-    const std::string hf = "model.layers." + std::to_string(i) + ".";
+  // One block: ours under `ours`, HF's under `hf`; dense or MoE.
+  auto add_block = [&](const std::string& ours, const std::string& hf, bool dense) {
     add(ours + "attn_norm.weight", hf + "input_layernorm.weight", Layout::Same);
     if (m.attention == "mla") {
       const std::string attn = hf + "self_attn.";
@@ -495,11 +501,11 @@ std::vector<Entry> name_map(const config::ModelConfig& m, Family family) {
       add(ours + "attn.k_norm.weight", hf + "self_attn.k_norm.weight", Layout::Same);
     }
     add(ours + "ffn_norm.weight", hf + "post_attention_layernorm.weight", Layout::Same);
-    if (i < m.dense_layers) {
+    if (dense) {
       add(ours + "mlp.w1", hf + "mlp.gate_proj.weight", Layout::Transposed);
       add(ours + "mlp.w3", hf + "mlp.up_proj.weight", Layout::Transposed);
       add(ours + "mlp.w2", hf + "mlp.down_proj.weight", Layout::Transposed);
-      continue;
+      return;
     }
     const std::string moe = hf + t.moe_prefix;
     add(ours + "moe.router.weight", moe + "gate.weight", Layout::Same);
@@ -522,9 +528,27 @@ std::vector<Entry> name_map(const config::ModelConfig& m, Family family) {
         add(ours + "moe.shared_gate", moe + t.shared_gate + "weight", Layout::Row);
       }
     }
-  }
+  };
+  for (int i = 0; i < m.n_layers; ++i)
+    add_block("layers." + std::to_string(i) + ".", "model.layers." + std::to_string(i) + ".", i < m.dense_layers);
   add("final_norm.weight", "model.norm.weight", Layout::Same);
   if (!m.tie_embeddings) add("lm_head", "lm_head.weight", Layout::Same);
+  // DeepSeek-V3's MTP modules: layer num_hidden_layers + k, with copies of the embedding and head
+  // (README_WEIGHTS.md of deepseek-ai/DeepSeek-V3: they share the main model's parameters).
+  for (mtp = 0; mtp < m.mtp_depth; ++mtp) {
+    if (!t.mtp_layers) throw HfError(std::string(t.model_type) + " has no multi-token prediction layers");
+    const std::string ours = "mtp." + std::to_string(mtp) + ".";
+    const std::string hf = "model.layers." + std::to_string(m.n_layers + mtp) + ".";
+    add("embed", hf + "embed_tokens.weight", Layout::Same);
+    map.back().shared_copy = true;
+    add(ours + "enorm.weight", hf + "enorm.weight", Layout::Same);
+    add(ours + "hnorm.weight", hf + "hnorm.weight", Layout::Same);
+    add(ours + "eh_proj", hf + "eh_proj.weight", Layout::Transposed);
+    add_block(ours + "block.", hf, /*dense=*/m.n_layers <= m.dense_layers);
+    add(ours + "norm.weight", hf + "shared_head.norm.weight", Layout::Same);
+    add(m.tie_embeddings ? "embed" : "lm_head", hf + "shared_head.head.weight", Layout::Same);
+    map.back().shared_copy = true;
+  }
   return map;
 }
 
@@ -641,11 +665,20 @@ void load_weights(const std::string& dir, Family family, model::TransformerImpl&
   std::set<std::string> used, written;
   // Under expert parallelism this rank holds experts [first, first + count) and reads only those.
   const int64_t first = model.expert_offset(), count = model.local_experts();
+  // An MTP module the folder lacks (its layer has no eh_proj) keeps the seeded init.
+  std::set<int> absent_mtp;
+  for (int k = 0; k < model.config().mtp_depth; ++k)
+    if (!index.file_of.count("model.layers." + std::to_string(model.config().n_layers + k) + ".eh_proj.weight")) {
+      absent_mtp.insert(k);
+      log_line("[hf] " + dir + " has no MTP layer " + std::to_string(model.config().n_layers + k) + ": MTP module mtp." +
+               std::to_string(k) + " keeps its seeded init");
+    }
   for (const auto& entry : map) {
     if (model.held_by_another_stage(entry.ours)) {  // another pipeline stage loads it
       used.insert(entry.hf);
       continue;
     }
+    if (entry.mtp >= 0 && absent_mtp.count(entry.mtp)) continue;
     if (!params.contains(entry.ours) && !buffers.contains(entry.ours))
       throw HfError("the model has no parameter '" + entry.ours + "' for HF tensor '" + entry.hf + "' (family " +
                     family_name(family) + ")");
@@ -674,6 +707,13 @@ void load_weights(const std::string& dir, Family family, model::TransformerImpl&
                     "; expected F32, BF16 or F16");
     // One HF tensor in memory at a time, converted into the parameter (or expert slice) in place.
     torch::Tensor value = shard.load(entry.hf);
+    if (entry.shared_copy) {  // the main model's tensor, loaded before: a copy that differs is not ours to keep
+      if (!torch::equal(value.to(target.device(), target.scalar_type()), target))
+        log_line("[hf] warning: " + shard.path() + ": '" + entry.hf + "' differs from the main model's '" + entry.ours +
+                 "', which the MTP module shares; the main model's is used");
+      used.insert(entry.hf);
+      continue;
+    }
     if (interleaved && entry.rope_group > 0)
       value = value.index_select(0, deinterleave_rows(value.size(0), entry.rope_group, model.config().mla.qk_rope_head_dim));
     if (entry.layout == Layout::Transposed) value = value.t();
@@ -684,11 +724,11 @@ void load_weights(const std::string& dir, Family family, model::TransformerImpl&
   }
   // The model was built uninitialized: every parameter must have come from the folder.
   for (const auto& p : params)
-    if (!written.count(p.key()))
+    if (!written.count(p.key()) && !absent_mtp.count(model::mtp_module_of(p.key())))
       throw HfError("no tensor of " + dir + " maps to parameter '" + p.key() + "' (family " + family_name(family) + ")");
   for (const auto& [name, file] : index.file_of) {
     if (used.count(name) || name.find("rotary_emb.inv_freq") != std::string::npos) continue;
-    if (traits_of(family).mtp_layers && is_mtp_layer(name, model.config().n_layers)) continue;  // MTP: not modelled
+    if (traits_of(family).mtp_layers && is_mtp_layer(name, model.config().n_layers)) continue;  // MTP layers past model.mtp_depth
     throw HfError(files::join(dir, file) + ": tensor '" + name + "' maps to no parameter of this " +
                   family_name(family) + " model (an unsupported feature?)");
   }
@@ -744,6 +784,9 @@ void check_exportable(const config::ModelConfig& m, Family family) {
     refuse("model.dense_layers = " + std::to_string(m.dense_layers), "every layer is MoE");
   if (t.shared == SharedExperts::None && m.moe.n_shared_experts > 0) refuse("model.moe.n_shared_experts > 0", "no shared experts");
   if (!t.qkv_bias && m.qkv_bias) refuse("model.qkv_bias = true", "no attention biases");
+  if (!t.mtp_layers && m.mtp_depth > 0)
+    refuse("model.mtp_depth = " + std::to_string(m.mtp_depth),
+           "multi-token prediction layers are exported for " + model_types_with([](const FamilyTraits& f) { return f.mtp_layers; }) + " only");
   if (t.shared == SharedExperts::OneGated && m.moe.n_shared_experts > 0 && !m.moe.shared_gate)
     refuse("model.moe.shared_gate = false", display + "'s shared expert is always gated");
   if (t.shared == SharedExperts::OneGated && m.moe.n_shared_experts == 0)
@@ -810,6 +853,7 @@ Json config_json(const config::ModelConfig& m, Family family) {
     j["mlp_only_layers"] = dense;
   }
   for (const auto& f : t.fixed) j[f.name] = f.value;
+  if (t.mtp_layers) j["num_nextn_predict_layers"] = m.mtp_depth;
   if (t.qkv_bias) j["qkv_bias"] = m.qkv_bias;
   if (t.shared == SharedExperts::OneGated)
     j["shared_expert_intermediate_size"] = m.moe.n_shared_experts * config::shared_hidden(m.moe);

@@ -55,6 +55,14 @@ BlockOutput BlockImpl::forward(const torch::Tensor& x_BSD, const Rope& rope, Com
   return {x + y, std::move(out)};
 }
 
+MTPModuleImpl::MTPModuleImpl(const config::ModelConfig& cfg, moe::ExpertShard shard) {
+  enorm = register_module("enorm", RMSNorm(cfg.d_model, cfg.norm_eps));
+  hnorm = register_module("hnorm", RMSNorm(cfg.d_model, cfg.norm_eps));
+  eh_proj = register_parameter("eh_proj", torch::empty({2 * int64_t(cfg.d_model), cfg.d_model}));
+  block = register_module("block", Block(cfg, /*is_moe=*/cfg.n_layers > cfg.dense_layers, shard));
+  norm = register_module("norm", RMSNorm(cfg.d_model, cfg.norm_eps));
+}
+
 TransformerImpl::TransformerImpl(const config::ModelConfig& cfg, moe::ExpertShard shard, LayerRange range)
     : cfg_(cfg), ep_size_(shard.ranks), range_(range) {
   if (range_.end < 0) range_.end = cfg.n_layers;
@@ -65,11 +73,10 @@ TransformerImpl::TransformerImpl(const config::ModelConfig& cfg, moe::ExpertShar
     throw ConfigError("expert shard " + std::to_string(shard.rank) + " of " + std::to_string(shard.ranks) +
                       " does not split model.moe.n_experts = " + std::to_string(cfg.moe.n_experts));
   expert_offset_ = int64_t(shard.rank) * (cfg.moe.n_experts / shard.ranks);
-  // The config key exists so that `moetrain cost` can estimate such models; the modules do not yet.
-  if (cfg.mtp_depth > 0)
-    throw ConfigError("model.mtp_depth = " + std::to_string(cfg.mtp_depth) +
-                      " (multi-token prediction) is not implemented for training yet; configs with it serve `moetrain cost`");
-  if (first_stage() || (last_stage() && cfg.tie_embeddings))
+  if (cfg.mtp_depth < 0) throw ConfigError("model.mtp_depth = " + std::to_string(cfg.mtp_depth) + " must be >= 0");
+  // The last stage looks tokens up for its MTP modules: without a tied head, its copy of the embedding
+  // is tied across the stages like a tied head (roled_parameters).
+  if (first_stage() || (last_stage() && (cfg.tie_embeddings || cfg.mtp_depth > 0)))
     embed = register_parameter("embed", torch::empty({cfg.vocab_size, cfg.d_model}));
   layers = register_module("layers", std::make_shared<torch::nn::Module>());
   for (int i = range_.first; i < range_.end; ++i) {
@@ -79,6 +86,13 @@ TransformerImpl::TransformerImpl(const config::ModelConfig& cfg, moe::ExpertShar
   if (last_stage()) {
     final_norm = register_module("final_norm", RMSNorm(cfg.d_model, cfg.norm_eps));
     if (!cfg.tie_embeddings) lm_head = register_parameter("lm_head", torch::empty({cfg.vocab_size, cfg.d_model}));
+    if (cfg.mtp_depth > 0) {
+      mtp = register_module("mtp", std::make_shared<torch::nn::Module>());
+      for (int k = 0; k < cfg.mtp_depth; ++k) {
+        mtp_modules.push_back(MTPModule(cfg, shard));
+        mtp->register_module(std::to_string(k), mtp_modules.back());
+      }
+    }
   }
   rope_ = make_rope(cfg, torch::kCPU);
 }
@@ -194,20 +208,23 @@ torch::Tensor TransformerImpl::run_blocks(torch::Tensor x, ForwardOutput& out) c
     const auto& layer = *blocks[i];
     auto block = recompute ? checkpointed(layer, x, rope_, compute_dtype_) : layer.forward(x, rope_, compute_dtype_);
     x = block.x_BSD;
-    if (block.moe) {
-      out.balance_loss = out.balance_loss + block.moe->balance_loss;
-      out.moe_stats.push_back(block.moe->stats);
-      out.moe_layers.push_back(range_.first + int(i));
-    }
+    add_moe(block, range_.first + int(i), out);
   }
   return x;
+}
+
+void TransformerImpl::add_moe(const BlockOutput& block, int layer, ForwardOutput& out) const {
+  if (!block.moe) return;
+  out.balance_loss = out.balance_loss + block.moe->balance_loss;
+  out.moe_stats.push_back(block.moe->stats);
+  out.moe_layers.push_back(layer);
 }
 
 namespace {
 
 // The LM head and the loss over one chunk of rows, exactly as forward() and token_cross_entropy
 // compute them for those rows: the summed loss of the chunk's kept targets.
-torch::Tensor head_loss_sum(const torch::Tensor& hidden_cD, const torch::Tensor& head_VD, const torch::Tensor& targets_c,
+torch::Tensor chunk_loss_sum(const torch::Tensor& hidden_cD, const torch::Tensor& head_VD, const torch::Tensor& targets_c,
                             int64_t ignore_index, ComputeDtype compute_dtype) {
   auto logits = torch::matmul(cast(hidden_cD, compute_dtype), cast(head_VD, compute_dtype).t());
   logits = logits.to(torch::promote_types(logits.scalar_type(), torch::kFloat));
@@ -228,7 +245,7 @@ struct ChunkedHeadLoss : torch::autograd::Function<ChunkedHeadLoss> {
     auto total = torch::zeros({}, hidden_ND.options().dtype(torch::kFloat));
     for (int64_t start = 0; start < hidden_ND.size(0); start += chunk) {
       const int64_t n = std::min(chunk, hidden_ND.size(0) - start);
-      total += head_loss_sum(hidden_ND.narrow(0, start, n), head_VD, targets_N.narrow(0, start, n), ignore_index,
+      total += chunk_loss_sum(hidden_ND.narrow(0, start, n), head_VD, targets_N.narrow(0, start, n), ignore_index,
                              compute_dtype);
     }
     return total;
@@ -247,7 +264,7 @@ struct ChunkedHeadLoss : torch::autograd::Function<ChunkedHeadLoss> {
     for (int64_t start = 0; start < hidden_ND.size(0); start += chunk) {
       const int64_t n = std::min(chunk, hidden_ND.size(0) - start);
       auto hidden_cD = hidden_ND.narrow(0, start, n).detach().requires_grad_(true);
-      auto loss = head_loss_sum(hidden_cD, head_VD, targets_N.narrow(0, start, n), ignore_index, compute_dtype);
+      auto loss = chunk_loss_sum(hidden_cD, head_VD, targets_N.narrow(0, start, n), ignore_index, compute_dtype);
       auto g = torch::autograd::grad({loss}, {hidden_cD, head_VD}, {grads[0]});
       grad_hidden.narrow(0, start, n).copy_(g[0]);
       grad_head = grad_head.defined() ? grad_head + g[1] : g[1];
@@ -259,21 +276,64 @@ struct ChunkedHeadLoss : torch::autograd::Function<ChunkedHeadLoss> {
 }  // namespace
 
 ForwardOutput TransformerImpl::forward_loss(const torch::Tensor& tokens_BS, const torch::Tensor& targets_BS,
-                                            int64_t ignore_index, bool sum) const {
+                                            int64_t ignore_index, bool sum, bool with_mtp) const {
   TORCH_CHECK(first_stage() && last_stage(), "[model] forward_loss of the whole model on pipeline stage of blocks [",
               range_.first, ", ", range_.end, "): use forward_stage");
-  return forward_stage(tokens_BS, targets_BS, ignore_index, sum);
+  return forward_stage(tokens_BS, targets_BS, ignore_index, sum, with_mtp);
 }
 
 ForwardOutput TransformerImpl::forward_stage(const torch::Tensor& input, const torch::Tensor& targets_BS,
-                                             int64_t ignore_index, bool sum) const {
+                                             int64_t ignore_index, bool sum, bool with_mtp,
+                                             const torch::Tensor& tokens_BS) const {
   ForwardOutput out;
   auto x = run_blocks(first_stage() ? embed_tokens(input) : input, out);
-  if (last_stage())
-    head_and_loss(x, targets_BS, ignore_index, sum, out);
-  else
+  if (!last_stage()) {
     out.hidden_BSD = x;
+    return out;
+  }
+  head_and_loss(x, targets_BS, ignore_index, sum, out);
+  if (with_mtp && !mtp_modules.empty()) {
+    const auto& tokens = first_stage() ? input : tokens_BS;
+    TORCH_CHECK(tokens.defined(), "[model] the last pipeline stage runs the MTP modules: forward_stage needs tokens_BS");
+    mtp_losses(x, tokens, targets_BS, ignore_index, sum, out);
+  }
   return out;
+}
+
+torch::Tensor TransformerImpl::head_loss_sum(const torch::Tensor& hidden_ND, const torch::Tensor& targets_N,
+                                             int64_t ignore_index) const {
+  const auto& head = lm_head.defined() ? lm_head : embed;
+  if (loss_chunk_ > 0) return ChunkedHeadLoss::apply(hidden_ND, head, targets_N, ignore_index, loss_chunk_, compute_dtype_);
+  return chunk_loss_sum(hidden_ND, head, targets_N, ignore_index, compute_dtype_);
+}
+
+void TransformerImpl::mtp_losses(const torch::Tensor& x_BSD, const torch::Tensor& tokens_BS,
+                                 const torch::Tensor& targets_BS, int64_t ignore_index, bool sum,
+                                 ForwardOutput& out) const {
+  const int64_t S = x_BSD.size(1);
+  TORCH_CHECK(tokens_BS.sizes() == targets_BS.reshape(tokens_BS.sizes()).sizes() && tokens_BS.size(1) == S,
+              "[model] MTP: tokens ", tokens_BS.sizes(), " and targets must be (B, S) with S = ", S);
+  const auto targets = targets_BS.reshape(tokens_BS.sizes());
+  const bool recompute = activation_checkpointing_ && torch::GradMode::is_enabled();
+  torch::Tensor h = x_BSD, total;
+  for (size_t d = 0; d < mtp_modules.size(); ++d) {
+    const int64_t k = int64_t(d) + 1, n = S - k;  // depth k predicts token i+k+1 at positions i < S - k
+    TORCH_CHECK(n > 0, "[model] MTP depth ", k, " needs sequences longer than ", k, " tokens, got ", S);
+    const auto& m = *mtp_modules[d];
+    auto emb = embed_tokens(tokens_BS.narrow(1, k, n).contiguous());
+    auto joined = torch::cat({m.enorm->forward(emb), m.hnorm->forward(h.narrow(1, 0, n))}, -1);
+    auto x = torch::matmul(cast(joined, compute_dtype_), cast(m.eh_proj, compute_dtype_)).to(h.scalar_type());
+    auto block = recompute ? checkpointed(*m.block, x, rope_, compute_dtype_) : m.block->forward(x, rope_, compute_dtype_);
+    add_moe(block, cfg_.n_layers + int(d), out);
+    h = block.x_BSD;
+    const auto targets_N = targets.narrow(1, k, n).reshape(-1);
+    auto loss = head_loss_sum(m.norm->forward(h).reshape({-1, cfg_.d_model}), targets_N, ignore_index);
+    // A depth whose window holds no learned target adds nothing (not 0/0).
+    if (!sum) loss = loss / targets_N.ne(ignore_index).sum().clamp_min(1);
+    out.mtp_losses.push_back(loss);
+    total = total.defined() ? total + loss : loss;
+  }
+  out.mtp_loss = total * (cfg_.mtp_loss_weight / double(mtp_modules.size()));
 }
 
 void TransformerImpl::head_and_loss(const torch::Tensor& x_BSD, const torch::Tensor& targets_BS, int64_t ignore_index,
@@ -304,7 +364,7 @@ bool TransformerImpl::held_by_another_stage(const std::string& name) const {
   }
   if (name == "embed") return !embed.defined();
   if (name == "lm_head") return !last_stage() && !cfg_.tie_embeddings;
-  if (name.rfind("final_norm.", 0) == 0) return !last_stage();
+  if (name.rfind("final_norm.", 0) == 0 || name.rfind("mtp.", 0) == 0) return !last_stage();
   return false;
 }
 
@@ -349,6 +409,15 @@ void TransformerImpl::set_activation_checkpointing(const std::string& mode) {
   }
 }
 
+int mtp_module_of(const std::string& name) {
+  const std::string prefix = "mtp.";
+  if (name.rfind(prefix, 0) != 0) return -1;
+  int k = -1;
+  const char* begin = name.data() + prefix.size();
+  const auto [ptr, ec] = std::from_chars(begin, name.data() + name.size(), k);
+  return ec == std::errc() && ptr != begin && *ptr == '.' ? k : -1;
+}
+
 bool is_no_decay(const std::string& name) {
   return name.find("norm") != std::string::npos || ends_with(name, "bias") || name == "embed";
 }
@@ -384,7 +453,10 @@ void TransformerImpl::init_weights(uint64_t seed) {
 
 void TransformerImpl::update_router_bias(const std::vector<torch::Tensor>& load_LE) {
   size_t i = 0;
-  for (auto& block : blocks) {
+  std::vector<BlockImpl*> all;
+  for (auto& block : blocks) all.push_back(block.get());
+  for (auto& m : mtp_modules) all.push_back(m->block.get());  // after the blocks, as ForwardOutput lists them
+  for (auto* block : all) {
     if (!block->moe) continue;
     TORCH_CHECK(i < load_LE.size(), "[model] update_router_bias: ", load_LE.size(), " loads for more MoE layers");
     block->moe->router->update_bias(load_LE[i++]);
@@ -419,7 +491,11 @@ std::vector<RoledParam> TransformerImpl::roled_parameters() const {
   for (const auto& block : blocks)
     if (block->moe)
       for (const auto& p : block->moe->experts->parameters()) experts.insert(p.unsafeGetTensorImpl());
-  const bool tied = cfg_.tie_embeddings && !(first_stage() && last_stage());
+  for (const auto& m : mtp_modules)
+    if (m->block->moe)
+      for (const auto& p : m->block->moe->experts->parameters()) experts.insert(p.unsafeGetTensorImpl());
+  // Two stages hold the embedding when the head is tied to it or the last stage runs MTP modules.
+  const bool tied = (cfg_.tie_embeddings || cfg_.mtp_depth > 0) && !(first_stage() && last_stage());
   std::vector<RoledParam> out;
   for (const auto& p : named_parameters()) {
     RoledParam r{p.key(), p.value(), experts.count(p.value().unsafeGetTensorImpl()) ? ParamRole::expert : ParamRole::replicated};

@@ -34,13 +34,31 @@ class BlockImpl : public torch::nn::Module {
 };
 TORCH_MODULE(Block);
 
+// One multi-token prediction module (DeepSeek-V3 report, section 2.2): depth k combines the previous
+// depth's hidden state h (the main model's last block output, before the final norm, at k = 1) with the
+// embedding of token i+k, runs one block and predicts token i+k+1 through its own norm (HF's
+// shared_head.norm) and the model's LM head: h'_i = eh_proj [enorm(Emb(t_{i+k})); hnorm(h_i)].
+class MTPModuleImpl : public torch::nn::Module {
+ public:
+  MTPModuleImpl(const config::ModelConfig& cfg, moe::ExpertShard shard);
+  RMSNorm enorm{nullptr}, hnorm{nullptr};
+  torch::Tensor eh_proj;   // (2D, D): the embedding's half first, as DeepSeek's checkpoints store it
+  Block block{nullptr};    // MoE when the model has MoE layers, else dense
+  RMSNorm norm{nullptr};   // before the shared LM head
+};
+TORCH_MODULE(MTPModule);
+
 struct ForwardOutput {
   torch::Tensor logits_BSV;                    // fp32; undefined from forward_hidden
   torch::Tensor hidden_BSD;                    // the final norm's output (forward_hidden only)
   torch::Tensor loss;                          // () fp32 next-token loss (forward_loss only)
   torch::Tensor balance_loss;                  // () fp32: sum over MoE layers of their weighted losses
   std::vector<moe::RouterStats> moe_stats;     // one per MoE layer, in layer order
-  std::vector<int> moe_layers;                 // the block index of each entry of moe_stats
+  std::vector<int> moe_layers;                 // the block index of each entry of moe_stats (MTP depth k's
+                                               // block is n_layers + k - 1, as HF numbers it)
+  // model.mtp_depth > 0, the last stage, and forward_loss/forward_stage asked for it:
+  torch::Tensor mtp_loss;                      // () fp32 model.mtp_loss_weight * mean over depths of mtp_losses
+  std::vector<torch::Tensor> mtp_losses;       // () fp32 per depth: cross-entropy of token i+k+1 (mean or sum)
 };
 
 // What a parameter is to a parallel layout (csrc/dist reads it; the model only says it).
@@ -84,14 +102,18 @@ class TransformerImpl : public torch::nn::Module {
   // forward() and the next-token loss against targets_BS (token_cross_entropy: the mean over the
   // targets that are not ignore_index, or with sum their sum). With a loss chunk set, the LM head and
   // the loss run over that many tokens at a time (chunked_loss) and logits_BSV stays undefined.
+  // With MTP modules (model.mtp_depth) and with_mtp, also their losses (mtp_loss, mtp_losses); evaluation
+  // and generation leave them out.
   ForwardOutput forward_loss(const torch::Tensor& tokens_BS, const torch::Tensor& targets_BS, int64_t ignore_index,
-                             bool sum = false) const;
+                             bool sum = false, bool with_mtp = true) const;
   // One pipeline stage's share of forward_loss: from the tokens (the first stage) or the previous
   // stage's activations x_BSD, through this stage's blocks; the last stage then takes the final norm,
   // the head and the loss against targets_BS (as forward_loss, logits never kept), the others return
   // their output activations in hidden_BSD. The whole model as one stage is forward_loss.
+  // The MTP modules live on the last stage and need the tokens there: tokens_BS (the first stage's
+  // input is the tokens already).
   ForwardOutput forward_stage(const torch::Tensor& input, const torch::Tensor& targets_BS, int64_t ignore_index,
-                              bool sum = false) const;
+                              bool sum = false, bool with_mtp = true, const torch::Tensor& tokens_BS = {}) const;
   bool first_stage() const { return range_.first == 0; }
   bool last_stage() const { return range_.end == cfg_.n_layers; }
   LayerRange layer_range() const { return range_; }
@@ -133,11 +155,13 @@ class TransformerImpl : public torch::nn::Module {
   ComputeDtype compute_dtype() const { return compute_dtype_; }
   void set_compute_dtype(ComputeDtype dtype) { compute_dtype_ = dtype; }
 
-  torch::Tensor embed;    // (V, D); undefined on a pipeline stage that neither looks up nor ties the head
+  torch::Tensor embed;    // (V, D); undefined on a pipeline stage that neither looks up, ties the head nor runs MTP
   torch::Tensor lm_head;  // (V, D); undefined when tied to embed, or off the last stage
   std::shared_ptr<torch::nn::Module> layers;  // this stage's blocks, registered as "<global index>"
   std::vector<Block> blocks;                  // the same, in order
   RMSNorm final_norm{nullptr};                // the last stage only
+  std::shared_ptr<torch::nn::Module> mtp;     // the last stage's MTP modules, registered as "<k - 1>"
+  std::vector<MTPModule> mtp_modules;         // the same, depth 1 first
 
  private:
   config::ModelConfig cfg_;
@@ -154,10 +178,19 @@ class TransformerImpl : public torch::nn::Module {
   // The final norm, the head and the loss (chunked or over full logits) of the last stage.
   void head_and_loss(const torch::Tensor& x_BSD, const torch::Tensor& targets_BS, int64_t ignore_index, bool sum,
                      ForwardOutput& out) const;
+  // The MTP modules from the last block's output x_BSD: their losses, balance losses and statistics.
+  void mtp_losses(const torch::Tensor& x_BSD, const torch::Tensor& tokens_BS, const torch::Tensor& targets_BS,
+                  int64_t ignore_index, bool sum, ForwardOutput& out) const;
+  // The LM head's summed cross-entropy over normed hidden_ND against targets_N (chunked or not).
+  torch::Tensor head_loss_sum(const torch::Tensor& hidden_ND, const torch::Tensor& targets_N, int64_t ignore_index) const;
+  void add_moe(const BlockOutput& block, int layer, ForwardOutput& out) const;
   BlockOutput checkpointed(const BlockImpl& block, const torch::Tensor& x_BSD, const Rope& rope,
                            ComputeDtype compute_dtype) const;
 };
 TORCH_MODULE(Transformer);
+
+// The MTP module (0-based: depth k is k - 1) a parameter name belongs to ("mtp.<k-1>."), or -1.
+int mtp_module_of(const std::string& param_name);
 
 // Parameters excluded from weight decay: norms, biases and embeddings.
 bool is_no_decay(const std::string& param_name);

@@ -1,4 +1,5 @@
-// Validation: the mean next-token loss over the fixed validation batches of each source (see trainer.h).
+// Validation: the mean next-token loss over the fixed validation batches of each source (see trainer.h);
+// the main model's only (MTP modules are a training objective).
 #include "common/errors.h"
 #include "data/sampler.h"
 #include "dist/pipeline.h"
@@ -32,11 +33,12 @@ std::optional<Validation> evaluate(const model::TransformerImpl& model, const da
       auto targets = batch.targets.narrow(0, int64_t(r) * batch_size, batch_size).reshape(-1).to(device);
       if (last) source_learned += double(targets.ne(data::kIgnoreTarget).sum().item<int64_t>());
       if (!pipeline) {
-        source_loss += model.forward_loss(inputs, targets, data::kIgnoreTarget, /*sum=*/true).loss.item<double>();
+        source_loss += model.forward_loss(inputs, targets, data::kIgnoreTarget, /*sum=*/true, /*with_mtp=*/false).loss.item<double>();
         continue;
       }
       stages->forward_only(1, [&](int, const torch::Tensor& input) {
-        auto out = model.forward_stage(model.first_stage() ? inputs : input, targets, data::kIgnoreTarget, /*sum=*/true);
+        auto out = model.forward_stage(model.first_stage() ? inputs : input, targets, data::kIgnoreTarget, /*sum=*/true,
+                                       /*with_mtp=*/false);
         if (!model.last_stage()) return dist::StageForward{out.hidden_BSD, {}};
         source_loss += out.loss.item<double>();
         return dist::StageForward{};

@@ -106,20 +106,26 @@ namespace {
 // sum over micro-batches of (loss + balance loss) / grad_accum.
 void pipeline_micro_batches(model::TransformerImpl& model, const dist::DataParallel& parallel, const config::Config& cfg,
                             torch::Device device, const std::function<data::Batch(int micro)>& batch_of,
-                            double& loss_sum, MoETelemetry& telemetry) {
+                            double& loss_sum, torch::Tensor& mtp_sum, MoETelemetry& telemetry) {
   const int n = cfg.train.grad_accum;
   const dist::Layout& layout = parallel.layout();
   dist::PipelineSchedule schedule(parallel.shared_layout(), {cfg.train.micro_batch_size, cfg.data.seq_len, cfg.model.d_model},
                                   torch::TensorOptions().dtype(torch::kFloat).device(device));
   schedule.train(n, [&](int micro, const torch::Tensor& input) {
     auto batch = batch_of(micro);  // a pure function of the step: every stage draws the same batch
-    auto out = model.forward_stage(layout.first_stage() ? batch.inputs.to(device) : input, batch.targets.to(device),
-                                   data::kIgnoreTarget);
+    const auto tokens = batch.inputs.to(device);  // the last stage's MTP modules look them up too
+    auto out = model.forward_stage(layout.first_stage() ? tokens : input, batch.targets.to(device), data::kIgnoreTarget,
+                                   /*sum=*/false, /*with_mtp=*/true, tokens);
     out.logits_BSV = torch::Tensor();
     telemetry.add(out);
     if (!layout.last_stage()) return dist::StageForward{out.hidden_BSD, out.balance_loss / n};
     loss_sum += out.loss.item<double>();
-    return dist::StageForward{torch::Tensor(), (out.loss + out.balance_loss) / n};
+    auto objective = out.loss + out.balance_loss;
+    if (out.mtp_loss.defined()) {
+      objective = objective + out.mtp_loss;
+      mtp_sum += torch::stack(out.mtp_losses).detach().to(mtp_sum.device(), torch::kDouble);
+    }
+    return dist::StageForward{torch::Tensor(), objective / n};
   });
 }
 
@@ -127,7 +133,8 @@ void pipeline_micro_batches(model::TransformerImpl& model, const dist::DataParal
 
 void MoETelemetry::gather_stages(const dist::Layout& layout, const config::ModelConfig& m) {
   if (layout.pp_size() == 1 || m.n_layers == m.dense_layers) return;
-  const int64_t L = m.n_layers - m.dense_layers, E = m.moe.n_experts;
+  // The MTP modules' MoE blocks follow as layers n_layers, n_layers + 1, ... (the last stage's).
+  const int64_t L = m.n_layers - m.dense_layers + m.mtp_depth, E = m.moe.n_experts;
   auto device = torch::Device(layout.pp->backend() == "nccl" ? torch::kCUDA : torch::kCPU);
   // One row per MoE layer of the whole model: [load (E), dropped] in int64 and the four losses in
   // fp64; each stage fills its layers' rows and the sum over the stages fills them all.
@@ -160,8 +167,11 @@ StepOutcome train_step(model::TransformerImpl& model, dist::Optimizer& optimizer
   StepOutcome outcome;
   optimizer.zero_grad();
   double loss_sum = 0;
+  const int depth = cfg.model.mtp_depth;
+  // Each MTP depth's cross-entropy summed over the micro-batches (the last stage's; zeros elsewhere).
+  auto mtp_sum = torch::zeros({depth}, torch::TensorOptions().dtype(torch::kDouble).device(device));
   if (parallel.layout().pp_size() > 1) {
-    pipeline_micro_batches(model, parallel, cfg, device, batch_of, loss_sum, outcome.telemetry);
+    pipeline_micro_batches(model, parallel, cfg, device, batch_of, loss_sum, mtp_sum, outcome.telemetry);
   } else {
     for (int micro = 0; micro < cfg.train.grad_accum; ++micro) {
       auto batch = batch_of(micro);
@@ -169,6 +179,10 @@ StepOutcome train_step(model::TransformerImpl& model, dist::Optimizer& optimizer
       out.logits_BSV = torch::Tensor();  // backward needs the log-probabilities, not the logits: free them
       const auto& ce = out.loss;
       auto loss = ce + out.balance_loss;
+      if (out.mtp_loss.defined()) {
+        loss = loss + out.mtp_loss;
+        mtp_sum += torch::stack(out.mtp_losses).detach().to(torch::kDouble);
+      }
       (loss / cfg.train.grad_accum).backward();
       loss_sum += ce.item<double>();
       outcome.telemetry.add(out);
@@ -184,6 +198,13 @@ StepOutcome train_step(model::TransformerImpl& model, dist::Optimizer& optimizer
       }
   }
   const auto health = parallel.gather_health(loss_sum / cfg.train.grad_accum, dist::max_abs(parallel.grads()));
+  if (depth > 0) {  // the mean over micro-batches and the last stage's data-parallel ranks, on every rank
+    auto& world = *parallel.layout().world;
+    auto sum = world.backend() == "nccl" ? mtp_sum.to(torch::kCUDA) : mtp_sum.to(torch::kCPU);
+    if (world.world_size() > 1) world.all_reduce_sum(sum);
+    sum = sum.to(torch::kCPU) / double(cfg.train.grad_accum * parallel.dp_size());
+    outcome.mtp_losses.assign(sum.data_ptr<double>(), sum.data_ptr<double>() + depth);
+  }
   optimizer.reduce_gradients();
   outcome.grad_norm = optimizer.clip_gradients(cfg.optim.grad_clip);
   std::string bad_loss, bad_grad;

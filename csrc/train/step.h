@@ -50,7 +50,8 @@ struct MoETelemetry {
 };
 
 struct StepOutcome {
-  double loss = 0;       // mean cross-entropy over the micro-batches and ranks (the balance loss apart)
+  double loss = 0;       // mean cross-entropy over the micro-batches and ranks (the balance and MTP losses apart)
+  std::vector<double> mtp_losses;  // model.mtp_depth > 0: each depth's cross-entropy, averaged the same way
   double grad_norm = 0;  // before clipping
   bool applied = true;   // false: a rank's loss or gradients were not finite, and nothing was updated
   std::string nonfinite; // what was not finite, and on which ranks ("" when applied)

@@ -355,6 +355,7 @@ TrainResult train(const config::Config& given, const TrainOptions& options) {
       json rec;
       rec["step"] = progress.step;
       rec["loss"] = loss;
+      if (!outcome.mtp_losses.empty()) rec["mtp_loss"] = outcome.mtp_losses;
       rec["lr"] = lr;
       rec["grad_norm"] = grad_norm;
       rec["tokens"] = progress.tokens;

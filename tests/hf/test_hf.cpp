@@ -51,8 +51,16 @@ std::vector<int64_t> to_vector(const torch::Tensor& t) {
   return std::vector<int64_t>(c.data_ptr<int64_t>(), c.data_ptr<int64_t>() + c.numel());
 }
 
-// Import, compare, export, reload in transformers, compare; greedy generation.
-void check_family(const std::string& family, const std::string& model_type = "") {
+// Every tensor of an HF folder by name, across its shards.
+std::map<std::string, torch::Tensor> folder_tensors(const std::string& dir) {
+  std::map<std::string, torch::Tensor> out;
+  for (const auto& [name, file] : hf::read_weight_map(dir)) out[name] = load_tensor(files::join(dir, file), name);
+  return out;
+}
+
+// Import, compare, export, reload in transformers, compare; greedy generation. With `bitwise`, the
+// export holds every tensor of the original folder with the same values, bit for bit.
+void check_family(const std::string& family, const std::string& model_type = "", bool bitwise = false) {
   testing::TempDir dir("hf-" + family);
   const std::string hf_dir = dir.str("hf"), exported = dir.str("exported");
   reference("make " + family + " " + hf_dir);
@@ -84,12 +92,12 @@ void check_family(const std::string& family, const std::string& model_type = "")
   const std::vector<int64_t> prompt(greedy.begin(), greedy.begin() + prompt_len);
   CATCH_CHECK(train::generate(*loaded.model, prompt, options) == greedy);
 
-  // The imported model trains: every parameter gets a finite, non-zero gradient.
+  // The imported model trains: every parameter (MTP modules' included) gets a finite, non-zero gradient.
   {
-    auto out = loaded.model->forward(tokens.narrow(1, 0, 11));
-    auto loss = torch::cross_entropy_loss(out.logits_BSV.reshape({-1, out.logits_BSV.size(-1)}),
-                                          tokens.narrow(1, 1, 11).reshape(-1));
-    (loss + out.balance_loss).backward();
+    auto out = loaded.model->forward_loss(tokens.narrow(1, 0, 11), tokens.narrow(1, 1, 11), -100);
+    auto loss = out.loss + out.balance_loss;
+    if (out.mtp_loss.defined()) loss = loss + out.mtp_loss;
+    loss.backward();
     for (const auto& p : loaded.model->named_parameters()) {
       CATCH_INFO(p.key());
       CATCH_REQUIRE(p.value().grad().defined());
@@ -103,6 +111,15 @@ void check_family(const std::string& family, const std::string& model_type = "")
   auto a = loaded.model->named_parameters(), b = again.model->named_parameters();
   CATCH_REQUIRE(a.size() == b.size());
   for (const auto& p : a) CATCH_CHECK(torch::equal(p.value(), b[p.key()]));
+  if (bitwise) {
+    const auto original = folder_tensors(hf_dir), back = folder_tensors(exported);
+    CATCH_CHECK(original.size() == back.size());
+    for (const auto& [name, t] : original) {
+      CATCH_INFO(name);
+      CATCH_REQUIRE(back.count(name));
+      CATCH_CHECK(torch::equal(t, back.at(name)));
+    }
+  }
 }
 
 // A tiny Mixtral-shaped model of ours, exported: a valid HF folder without Python.
@@ -147,6 +164,36 @@ CATCH_TEST_CASE("hf: DeepSeek-V3 (MLA with query low-rank, YaRN, sigmoid group-l
                 "bias, routed scaling, shared and dense layers) round trip", "[hf]") {
   check_family("deepseek_v3");
 }
+// DeepSeek-V3's MTP layer (num_nextn_predict_layers 1): imported into model.mtp_depth 1 and exported
+// back bit for bit. transformers does not model it: the logits and greedy tokens are the main model's.
+CATCH_TEST_CASE("hf: DeepSeek-V3 with its MTP layer (num_nextn_predict_layers 1) round trip bit for bit", "[hf][mtp]") {
+  check_family("deepseek_v3_mtp", "deepseek_v3", /*bitwise=*/true);
+  testing::TempDir dir("hf-mtp");
+  reference("make deepseek_v3_mtp " + dir.str("hf"));
+  CATCH_CHECK(hf::read_config(dir.str("hf")).model.mtp_depth == 1);
+  // Fine-tuning a model without MTP from it skips the layer; one with two depths loads the first and
+  // keeps the seeded init for the second, saying so.
+  auto loaded = hf::load(dir.str("hf"));
+  for (int depth : {0, 2}) {
+    auto m = loaded.hf.model;
+    m.mtp_depth = depth;
+    model::Transformer model(m);
+    model->init_weights(1);
+    const auto fresh = depth > 0 ? model->named_parameters()["mtp.1.eh_proj"].clone() : torch::Tensor();
+    hf::load_init_from(*model, "hf:" + dir.str("hf"));
+    CATCH_CHECK(torch::equal(model->named_parameters()["layers.2.attn.wo"], loaded.model->named_parameters()["layers.2.attn.wo"]));
+    if (depth == 0) continue;
+    CATCH_CHECK(torch::equal(model->named_parameters()["mtp.0.eh_proj"], loaded.model->named_parameters()["mtp.0.eh_proj"]));
+    CATCH_CHECK(torch::equal(model->named_parameters()["mtp.1.eh_proj"], fresh));
+  }
+  // Another family cannot hold MTP layers.
+  auto mixtral = tiny_mixtral();
+  mixtral.mtp_depth = 1;
+  model::Transformer with_mtp(mixtral);
+  CATCH_CHECK_THROWS_WITH(hf::export_model(*with_mtp, hf::Family::Mixtral, dir.str("mixtral")),
+                          Contains("model.mtp_depth = 1"));
+}
+
 CATCH_TEST_CASE("hf: DeepSeek-V2-Lite shape (MLA without query low-rank) round trip", "[hf]") {
   check_family("deepseek_v2_lite", "deepseek_v3");
 }
