@@ -320,7 +320,11 @@ void Shard::open_llmc(uint64_t file_size) {
 // index); with a scan, every pointer and document index too.
 void Shard::open_megatron(uint64_t file_size) {
   const std::string& idx = index_path_;
-  auto [idx_fd, idx_size] = open_file(idx, "Megatron index", kMegatronHeaderBytes);
+  // Plain variables, not a structured binding: the lambda below captures them, which clang before 16
+  // (the fuzz build's) refuses for bindings.
+  const auto opened = open_file(idx, "Megatron index", kMegatronHeaderBytes);
+  const int idx_fd = opened.first;
+  const uint64_t idx_size = opened.second;
   struct Closer {
     int fd;
     ~Closer() { ::close(fd); }
