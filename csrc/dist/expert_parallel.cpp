@@ -69,8 +69,9 @@ torch::Tensor ExpertParallel::run(const moe::ExpertsImpl& experts, const torch::
   auto perm_R = std::get<1>(torch::sort(row_key, /*stable=*/true, /*dim=*/0, /*descending=*/false));
   auto local_counts_E = recv_counts_PE.sum(0).to(rows_RD.device());
   // A rank that receives no rows still passes them through the graph: both all-to-alls must run
-  // their backward on every rank, or the ranks' collectives would fall out of step.
-  auto y_sorted = offset == 0 ? received_RD
+  // their backward on every rank, or the ranks' collectives would fall out of step; and its experts
+  // still get a (zero) gradient, as every rank's do (see ExpertsImpl::forward_sliced).
+  auto y_sorted = offset == 0 ? received_RD + experts.forward(received_RD, local_counts_E, compute_dtype)
                               : experts.forward(received_RD.index_select(0, perm_R), local_counts_E, compute_dtype);
   auto y_received = torch::empty_like(y_sorted).index_copy(0, perm_R, y_sorted);
   // 4. Results back to the ranks the rows came from, in their dispatch order.

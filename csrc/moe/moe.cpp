@@ -144,7 +144,13 @@ torch::Tensor ExpertsImpl::forward_sliced(const torch::Tensor& rows_RD, const to
     auto h = gated_product(xs[e].mm(w1s[e]), xs[e].mm(w3s[e]), recompute_elementwise);
     outputs.push_back(h.mm(w2s[e]));
   }
-  if (outputs.empty()) return torch::zeros({0, w2.size(2)}, rows_RD.options().dtype(w2s[0].scalar_type()));
+  if (outputs.empty()) {
+    // No rows at all: an empty result that still depends on the weights, so that they get a (zero)
+    // gradient as on a rank whose experts saw tokens. Every rank's backward then reaches the same
+    // parameters, which the gradient buckets reduced during backward rely on (dist::GradientReducer).
+    const auto touch = (w1.sum() + w3.sum() + w2.sum()).mul(0).to(w2s[0].scalar_type());
+    return torch::zeros({0, w2.size(2)}, rows_RD.options().dtype(w2s[0].scalar_type())) + touch;
+  }
   return torch::cat(outputs, 0);
 }
 
