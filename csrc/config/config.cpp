@@ -336,6 +336,15 @@ const std::vector<KeyDesc>& keys() {
                    "Blocks per pipeline stage as a comma-separated list (\"6,5,5\": pipeline_parallel counts "
                    "summing to model.n_layers); \"\" = balanced by the cost model's per-layer FLOPs, the LM head "
                    "counted on the last stage.", any()),
+      MOETRAIN_KEY(parallel.overlap_grad_reduce,
+                   "Reduce the gradients during the backward pass of a step's last micro-batch: each bucket is "
+                   "launched as soon as autograd has accumulated all its gradients (NCCL: on its own stream, "
+                   "overlapping the rest of backward), in one fixed order on every rank; false = all after "
+                   "backward. The results are the same either way.", any()),
+      MOETRAIN_KEY(parallel.grad_bucket_mb,
+                   "Gradient bytes per reduction bucket in MiB (one collective each; ZeRO-1 shards each bucket "
+                   "over the replicas). Smaller buckets start reducing earlier in backward; larger ones make "
+                   "fewer, more efficient collectives.", above(0)),
       MOETRAIN_KEY(parallel.timeout_s,
                    "Seconds the rendezvous and each collective may wait for a peer before every rank stops with "
                    "an error naming the operation.", at_least(1)),

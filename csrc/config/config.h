@@ -142,6 +142,8 @@ struct ParallelConfig {
   int zero = 0;                 // ZeRO stage: 0 = every replica holds all optimizer state; 1 = sharded over the replicas
   int pipeline_parallel = 1;    // pipeline stages (pp): world = pp x data-parallel ranks
   std::string pp_layers;        // blocks per stage, "6,5,5"; "" = balanced by per-layer FLOPs (cost::pipeline_layers)
+  bool overlap_grad_reduce = true;  // reduce gradient buckets during backward, as each completes
+  double grad_bucket_mb = 32;   // gradient bytes per reduction bucket (MiB); also ZeRO-1's shard buckets
   int timeout_s = 600;
 };
 

@@ -465,6 +465,22 @@ torch::Device device_of(const Communicator& group) {
 }
 }  // namespace
 
+namespace {
+struct Done final : Pending {
+  void wait() override {}
+};
+}  // namespace
+
+std::unique_ptr<Pending> Communicator::all_reduce_sum_async(torch::Tensor& t) {
+  all_reduce_sum(t);
+  return std::make_unique<Done>();
+}
+
+std::unique_ptr<Pending> Communicator::reduce_scatter_sum_async(const torch::Tensor& in, torch::Tensor& out) {
+  out.copy_(reduce_scatter_sum(in));
+  return std::make_unique<Done>();
+}
+
 double all_sum(Communicator& group, double value) {
   if (group.world_size() == 1) return value;
   auto t = torch::tensor({value}, torch::kDouble).to(device_of(group));

@@ -49,6 +49,16 @@ torch::Device select_device(const std::string& run_device, const LaunchEnv& env,
 // called once, before any CUDA allocation; the model, the data, NCCL and every synchronisation use it.
 torch::Device claim_device(const std::string& run_device);
 
+// A collective in flight, from one of Communicator's *_async calls. wait() returns once the result may
+// be read by whatever the caller does next: the CPU backends have run the collective at launch; NCCL
+// runs it on the process's communication stream and wait() makes the caller's stream wait for it (with
+// parallel.timeout_s and NCCL's error checks, as every NCCL collective here).
+class Pending {
+ public:
+  virtual ~Pending() = default;
+  virtual void wait() = 0;
+};
+
 class Communicator {
  public:
   virtual ~Communicator() = default;
@@ -72,6 +82,12 @@ class Communicator {
   // from each rank r, in rank order. Splits are in rows of dim 0 and may be zero.
   virtual torch::Tensor all_to_all(const torch::Tensor& in, const std::vector<int64_t>& send_rows,
                                    const std::vector<int64_t>& recv_rows) = 0;
+  // The same collectives launched without waiting for them (gradient reduction during backward). The
+  // tensors must not be touched until wait(): `t` is reduced in place; `out` (this rank's share, sized
+  // by the caller) is written. Every rank launches the same collectives in the same order, as for the
+  // blocking ones. The base class runs them at once (the CPU backends).
+  virtual std::unique_ptr<Pending> all_reduce_sum_async(torch::Tensor& t);
+  virtual std::unique_ptr<Pending> reduce_scatter_sum_async(const torch::Tensor& in, torch::Tensor& out);
   virtual void barrier() = 0;
   // Point to point (the pipeline's activations and their gradients): sends `send` to rank `dst` and
   // receives into `recv` (whose shape and dtype the receiver knows) from rank `src`, as one operation,

@@ -1,9 +1,13 @@
 // The NCCL backend: direct NCCL calls on the current CUDA stream, the unique id shared through the
 // c10d store. Each collective is awaited with a deadline (parallel.timeout_s) by polling the stream and
 // NCCL's asynchronous error; a timeout or a NCCL error aborts the communicator and throws, so a dead
-// peer ends every rank instead of hanging it. Overlapping communication with compute is future work.
+// peer ends every rank instead of hanging it. The asynchronous collectives (gradient buckets reduced
+// during backward) run on one communication stream per process, so that they keep the order in which
+// they were launched whatever group they belong to, and overlap the compute stream's work.
 #include "dist/nccl.h"
 
+#include <ATen/cuda/CUDAEvent.h>
+#include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime_api.h>
@@ -32,6 +36,13 @@ ncclDataType_t nccl_type(const torch::Tensor& t) {
     case torch::kBool: return ncclUint8;
     default: throw DistError(std::string("nccl: unsupported dtype ") + c10::toString(t.scalar_type()));
   }
+}
+
+// The stream this process's asynchronous collectives run on (high priority, so that a bucket's
+// reduction is not starved by the backward kernels queued after it).
+c10::cuda::CUDAStream communication_stream() {
+  static const c10::cuda::CUDAStream stream = c10::cuda::getStreamFromPool(/*isHighPriority=*/true);
+  return stream;
 }
 
 class NcclCommunicator final : public Communicator {
@@ -150,6 +161,28 @@ class NcclCommunicator final : public Communicator {
     wait("send/recv");
   }
 
+  std::unique_ptr<Pending> all_reduce_sum_async(torch::Tensor& t) override {
+    check_tensor("all_reduce", t);
+    auto side = begin_async({t});
+    call("all_reduce", ncclAllReduce(t.data_ptr(), t.data_ptr(), size_t(t.numel()), nccl_type(t), ncclSum, comm_,
+                                     side.stream()));
+    return end_async("all_reduce", side);
+  }
+
+  std::unique_ptr<Pending> reduce_scatter_sum_async(const torch::Tensor& in_, torch::Tensor& out) override {
+    auto in = in_.contiguous();
+    check_tensor("reduce_scatter", in);
+    check_tensor("reduce_scatter", out);
+    if (in.dim() != 1 || out.numel() * world_size() != in.numel() || out.scalar_type() != in.scalar_type())
+      throw DistError("reduce_scatter on " + name_ + ": needs a 1-D input of " + std::to_string(world_size()) +
+                      " x the output's elements and the same dtype, got " + std::to_string(in.numel()) + " and " +
+                      std::to_string(out.numel()));
+    auto side = begin_async({in, out});
+    call("reduce_scatter", ncclReduceScatter(in.data_ptr(), out.data_ptr(), size_t(out.numel()), nccl_type(in), ncclSum,
+                                             comm_, side.stream()));
+    return end_async("reduce_scatter", side);
+  }
+
   void barrier() override {
     auto t = torch::ones({1}, torch::TensorOptions().device(torch::kCUDA, c10::cuda::current_device()));
     all_reduce_sum(t);
@@ -180,12 +213,50 @@ class NcclCommunicator final : public Communicator {
                       "): " + ncclGetErrorString(result));
   }
 
-  // Polls until the stream's work is done, NCCL reports an error, or the deadline passes.
+  // An asynchronous collective: the communication stream first waits for what the caller's stream has
+  // queued (the tensors' contents), and the allocator learns that the stream uses the tensors, so that
+  // their memory is not handed out again before the collective is done with it.
+  c10::cuda::CUDAStream begin_async(const std::vector<torch::Tensor>& tensors) {
+    auto side = communication_stream();
+    at::cuda::CUDAEvent ready;
+    ready.record(c10::cuda::getCurrentCUDAStream());
+    ready.block(side);
+    for (const auto& t : tensors) c10::cuda::CUDACachingAllocator::recordStream(t.storage().data_ptr(), side);
+    return side;
+  }
+
+  class NcclPending final : public Pending {
+   public:
+    NcclPending(NcclCommunicator* owner, const char* op, std::shared_ptr<at::cuda::CUDAEvent> done)
+        : owner_(owner), op_(op), done_(std::move(done)) {}
+    // The host waits (with the deadline and NCCL's error checks) and the caller's stream orders after it.
+    void wait() override {
+      owner_->await(op_, [this] { return cudaEventQuery(done_->event()); });
+      done_->block(c10::cuda::getCurrentCUDAStream());
+    }
+
+   private:
+    NcclCommunicator* owner_;
+    const char* op_;
+    std::shared_ptr<at::cuda::CUDAEvent> done_;
+  };
+
+  std::unique_ptr<Pending> end_async(const char* op, c10::cuda::CUDAStream side) {
+    auto done = std::make_shared<at::cuda::CUDAEvent>();
+    done->record(side);
+    return std::make_unique<NcclPending>(this, op, std::move(done));
+  }
+
+  // Polls until the current stream's work is done, NCCL reports an error, or the deadline passes.
   void wait(const char* op) {
-    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(timeout_s_);
     auto s = stream();
+    await(op, [s] { return cudaStreamQuery(s); });
+  }
+
+  void await(const char* op, const std::function<cudaError_t()>& query) {
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(timeout_s_);
     while (true) {
-      const cudaError_t done = cudaStreamQuery(s);
+      const cudaError_t done = query();
       if (done == cudaSuccess) return;
       if (done != cudaErrorNotReady)
         throw DistError(std::string(op) + " on " + name_ + ": CUDA error " + cudaGetErrorString(done));

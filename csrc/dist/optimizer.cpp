@@ -19,13 +19,20 @@ std::vector<std::pair<std::string, torch::Tensor>> named(const std::vector<model
 
 class ReplicatedAdamW final : public Optimizer {
  public:
-  ReplicatedAdamW(DataParallel& parallel, const std::vector<model::RoledParam>& params, const config::OptimConfig& cfg)
-      : parallel_(parallel), adamw_(named(params), cfg, model::is_no_decay) {}
+  ReplicatedAdamW(DataParallel& parallel, const std::vector<model::RoledParam>& params, const config::OptimConfig& cfg,
+                  const ReductionSettings& reduction)
+      : parallel_(parallel),
+        adamw_(named(params), cfg, model::is_no_decay),
+        reducer_(parallel.params(), parallel.names(), parallel.averaging_buckets(reduction.bucket_bytes),
+                 reduction.overlap && parallel.dp_size() > 1) {}
 
-  void zero_grad() override { adamw_.zero_grad(); }
-  void reduce_gradients() override {
-    parallel_.sum_tied_gradients();
-    parallel_.average_gradients();
+  void zero_grad() override {
+    if (!parallel_.zero_bucket_gradients()) adamw_.zero_grad();
+  }
+  void before_last_backward() override { reducer_.arm(); }
+  double reduce_gradients() override { return reducer_.finish([this] { parallel_.sum_tied_gradients(); }); }
+  std::pair<int, int> overlapped_buckets() const override {
+    return {reducer_.launched_during_backward(), reducer_.bucket_count()};
   }
   // The expert-sharded part of the squared norm is summed over the ep group; with a pipeline, each
   // stage's squared norm (a tied embedding's second copy left out) is summed over the stages.
@@ -55,12 +62,13 @@ class ReplicatedAdamW final : public Optimizer {
  private:
   DataParallel& parallel_;
   optim::AdamW adamw_;
+  GradientReducer reducer_;
 };
 
 // ---- zero 1: each replica updates its share ------------------------------------------------------
 
 // The parameters sharded over one group of replicas. They are laid end to end in buckets of at most
-// kBucketElements fp32 elements; each bucket is padded to a multiple of the group size n and split
+// parallel.grad_bucket_mb of fp32 elements; each bucket is padded to a multiple of the group size n and split
 // into n equal shares, rank i holding share i (Megatron-Core shards each bucket the same way, so
 // that a bucket's reduce-scatter is one collective of bounded size). This rank's shares of all
 // buckets lie end to end in its shard tensors (gradient, moments).
@@ -78,6 +86,7 @@ struct ShardGroup {
     int64_t share = 0;             // padded / n
     int64_t shard_begin = 0;       // where this rank's share starts in the shard tensors
     std::vector<Segment> segments;
+    torch::Tensor reduced;         // while its reduce-scatter is in flight: this rank's share of the sum
   };
   Communicator* comm = nullptr;  // the replicas; its rank 0 writes these moments into checkpoints
   bool in_norm = true;           // false: a tied embedding's second copy, counted on the first stage
@@ -88,10 +97,9 @@ struct ShardGroup {
 
 class ShardedAdamW final : public Optimizer {
  public:
-  static constexpr int64_t kBucketElements = int64_t(8) << 20;  // 32 MiB of fp32
-
-  ShardedAdamW(DataParallel& parallel, const std::vector<model::RoledParam>& params, const config::OptimConfig& cfg)
-      : parallel_(parallel), cfg_(cfg) {
+  ShardedAdamW(DataParallel& parallel, const std::vector<model::RoledParam>& params, const config::OptimConfig& cfg,
+               const ReductionSettings& reduction)
+      : parallel_(parallel), cfg_(cfg), bucket_elements_(std::max<int64_t>(1, reduction.bucket_bytes / 4)) {
     for (const auto& p : params) {
       params_.push_back(p.tensor);
       names_.push_back(p.name);
@@ -104,6 +112,17 @@ class ShardedAdamW final : public Optimizer {
     add_group(replicated, *layout.dp);
     add_group(experts, *layout.edp);
     add_group(duplicates, *layout.dp, /*in_norm=*/false);
+    std::vector<GradientReducer::Bucket> buckets;
+    for (size_t gi = 0; gi < groups_.size(); ++gi)
+      for (size_t bi = 0; bi < groups_[gi].buckets.size(); ++bi) {
+        GradientReducer::Bucket b;
+        b.members = groups_[gi].buckets[bi].members;
+        for (const size_t m : b.members) b.after_backward = b.after_backward || parallel.tied()[m];
+        b.launch = [this, gi, bi] { return launch_bucket(groups_[gi], groups_[gi].buckets[bi]); };
+        b.complete = [this, gi, bi] { complete_bucket(groups_[gi], groups_[gi].buckets[bi]); };
+        buckets.push_back(std::move(b));
+      }
+    reducer_ = std::make_unique<GradientReducer>(params_, names_, std::move(buckets), reduction.overlap);
   }
 
   void zero_grad() override {
@@ -112,27 +131,10 @@ class ShardedAdamW final : public Optimizer {
     for (auto& g : groups_) g.grad = torch::Tensor();
   }
 
-  // Each bucket's gradients are summed over the group by one reduce-scatter and scaled by 1/dp size,
-  // exactly as zero 0 averages them (the store backend sums in rank order either way, so each share
-  // equals that slice of zero 0's gradient bit for bit). The parameters' own gradients are then
-  // released: from here on the update reads the shares.
-  void reduce_gradients() override {
-    torch::NoGradGuard no_grad;
-    parallel_.sum_tied_gradients();
-    const double scale = 1.0 / parallel_.dp_size();
-    for (auto& g : groups_) {
-      g.grad = torch::zeros({g.shard_numel}, fp32());
-      for (const auto& b : g.buckets) {
-        auto flat = torch::zeros({b.padded}, fp32());
-        for (size_t k = 0; k < b.members.size(); ++k) {
-          const auto& grad = params_[b.members[k]].grad();
-          if (grad.defined()) flat.narrow(0, b.offsets[k], grad.numel()).copy_(grad.reshape(-1));
-        }
-        auto share = g.comm->world_size() > 1 ? g.comm->reduce_scatter_sum(flat) : flat;
-        g.grad.narrow(0, b.shard_begin, b.share).copy_(share.mul_(scale));
-      }
-    }
-    for (auto& p : params_) p.mutable_grad() = torch::Tensor();
+  void before_last_backward() override { reducer_->arm(); }
+  double reduce_gradients() override { return reducer_->finish([this] { parallel_.sum_tied_gradients(); }); }
+  std::pair<int, int> overlapped_buckets() const override {
+    return {reducer_->launched_during_backward(), reducer_->bucket_count()};
   }
 
   // Every element of the job's gradient lies in exactly one rank's share (experts: one ep rank's
@@ -153,20 +155,26 @@ class ShardedAdamW final : public Optimizer {
   }
 
   // AdamW on this rank's shares (the same element-wise update as zero 0, so each element moves as it
-  // would there given the same gradient), then each bucket's updated weights are all-gathered into
-  // the parameters.
+  // would there given the same gradient; on CUDA LibTorch's fused kernel over the bucket's segments,
+  // as zero 0 uses it there), then each bucket's updated weights are all-gathered into the parameters.
   void step(double lr) override {
     torch::NoGradGuard no_grad;
     ++step_count_;
+    const bool fused = params_.front().is_cuda();
     for (auto& g : groups_) {
       for (const auto& b : g.buckets) {
         auto weights = torch::zeros({b.share}, fp32());
+        std::vector<torch::Tensor> w, grads, m, v;
+        std::vector<bool> decay;
         for (const auto& s : b.segments) {
-          auto w = weights.narrow(0, s.shard_begin - b.shard_begin, s.length);
-          w.copy_(params_[s.param].detach().reshape(-1).narrow(0, s.param_begin, s.length));
-          optim::adamw_update(w, g.grad.narrow(0, s.shard_begin, s.length), g.exp_avg.narrow(0, s.shard_begin, s.length),
-                              g.exp_avg_sq.narrow(0, s.shard_begin, s.length), cfg_, lr, step_count_, decay_[s.param]);
+          w.push_back(weights.narrow(0, s.shard_begin - b.shard_begin, s.length));
+          w.back().copy_(params_[s.param].detach().reshape(-1).narrow(0, s.param_begin, s.length));
+          grads.push_back(g.grad.narrow(0, s.shard_begin, s.length));
+          m.push_back(g.exp_avg.narrow(0, s.shard_begin, s.length));
+          v.push_back(g.exp_avg_sq.narrow(0, s.shard_begin, s.length));
+          decay.push_back(decay_[s.param]);
         }
+        optim::adamw_step(w, grads, m, v, decay, cfg_, lr, step_count_, fused);
         auto whole = g.comm->world_size() > 1 ? g.comm->all_gather(weights) : weights;
         for (size_t k = 0; k < b.members.size(); ++k) {
           auto& p = params_[b.members[k]];
@@ -232,6 +240,31 @@ class ShardedAdamW final : public Optimizer {
  private:
   torch::TensorOptions fp32() const { return params_.front().options().dtype(torch::kFloat); }
 
+  // Each bucket's gradients are summed over the group by one reduce-scatter and scaled by 1/dp size,
+  // exactly as zero 0 averages them (the store backend sums in rank order either way, so each share
+  // equals that slice of zero 0's gradient bit for bit). The parameters' own gradients are released
+  // once copied: from here on the update reads the shares.
+  std::unique_ptr<Pending> launch_bucket(ShardGroup& g, ShardGroup::Bucket& b) {
+    auto flat = torch::zeros({b.padded}, fp32());
+    for (size_t k = 0; k < b.members.size(); ++k) {
+      auto& p = params_[b.members[k]];
+      flat.narrow(0, b.offsets[k], p.numel()).copy_(p.grad().reshape(-1));
+      p.mutable_grad() = torch::Tensor();
+    }
+    if (g.comm->world_size() == 1) {
+      b.reduced = flat;
+      return nullptr;
+    }
+    b.reduced = torch::empty({b.share}, fp32());
+    return g.comm->reduce_scatter_sum_async(flat, b.reduced);
+  }
+
+  void complete_bucket(ShardGroup& g, ShardGroup::Bucket& b) {
+    if (!g.grad.defined()) g.grad = torch::zeros({g.shard_numel}, fp32());
+    g.grad.narrow(0, b.shard_begin, b.share).copy_(b.reduced.mul_(1.0 / parallel_.dp_size()));
+    b.reduced = torch::Tensor();
+  }
+
   void add_group(const std::vector<size_t>& members, Communicator& comm, bool in_norm = true) {
     if (members.empty()) return;
     ShardGroup g;
@@ -256,7 +289,7 @@ class ShardedAdamW final : public Optimizer {
     int64_t length = 0;
     for (const size_t i : members) {
       const int64_t numel = params_[i].numel();
-      if (!bucket.members.empty() && length + numel > kBucketElements) {
+      if (!bucket.members.empty() && length + numel > bucket_elements_) {
         close(bucket, length);
         bucket = {};
         length = 0;
@@ -273,6 +306,8 @@ class ShardedAdamW final : public Optimizer {
 
   DataParallel& parallel_;
   config::OptimConfig cfg_;
+  int64_t bucket_elements_;  // fp32 elements per bucket (parallel.grad_bucket_mb)
+  std::unique_ptr<GradientReducer> reducer_;
   std::vector<torch::Tensor> params_;
   std::vector<std::string> names_;
   std::vector<bool> decay_;
@@ -283,9 +318,10 @@ class ShardedAdamW final : public Optimizer {
 }  // namespace
 
 std::unique_ptr<Optimizer> make_optimizer(DataParallel& parallel, const std::vector<model::RoledParam>& params,
-                                          const config::OptimConfig& cfg, int zero) {
-  if (zero == 1 && parallel.dp_size() > 1) return std::make_unique<ShardedAdamW>(parallel, params, cfg);
-  return std::make_unique<ReplicatedAdamW>(parallel, params, cfg);
+                                          const config::OptimConfig& cfg, const config::ParallelConfig& layout) {
+  const auto reduction = reduction_settings(layout);
+  if (layout.zero == 1 && parallel.dp_size() > 1) return std::make_unique<ShardedAdamW>(parallel, params, cfg, reduction);
+  return std::make_unique<ReplicatedAdamW>(parallel, params, cfg, reduction);
 }
 
 }  // namespace moetrain::dist

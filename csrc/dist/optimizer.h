@@ -1,5 +1,8 @@
 // The optimizer step across the job's ranks, one object the step calls in order:
-//   zero_grad, (forward and backward), reduce_gradients, clip_gradients, step.
+//   zero_grad, (forward and backward, before_last_backward before the last micro-batch's),
+//   reduce_gradients, clip_gradients, step.
+// Both stages reduce the gradients in buckets through a GradientReducer (dist/data_parallel.h): with
+// parallel.overlap_grad_reduce, during the last backward as each bucket completes.
 // parallel.zero chooses how the work and the state are split over a parameter's replicas (the world
 // for replicated weights, the expert-data-parallel group for routed experts at ep > 1):
 //   0  every replica averages the full gradient (all-reduce) and updates the whole parameter with its
@@ -16,6 +19,7 @@
 
 #include <functional>
 #include <memory>
+#include <utility>
 #include <vector>
 
 #include "config/config.h"
@@ -29,9 +33,15 @@ class Optimizer {
  public:
   virtual ~Optimizer() = default;
   virtual void zero_grad() = 0;
+  // Before the backward of the step's last micro-batch: from then on, with overlap, each bucket of
+  // gradients is reduced as soon as backward has completed it.
+  virtual void before_last_backward() = 0;
   // After backward, collective: each gradient summed over the ranks that computed it and divided by
-  // the world size, in the form this rank's update needs (zero 0: whole; zero 1: its shares).
-  virtual void reduce_gradients() = 0;
+  // the data-parallel size, in the form this rank's update needs (zero 0: whole; zero 1: its shares).
+  // Returns the largest |gradient| this rank held before the reduction (NaN if any was NaN).
+  virtual double reduce_gradients() = 0;
+  // The last step's gradient buckets: how many were launched during backward, and how many there are.
+  virtual std::pair<int, int> overlapped_buckets() const = 0;
   // The L2 norm of the job's whole averaged gradient (the same on every rank); the gradients are
   // scaled to max_norm when above it (max_norm > 0). Collective.
   virtual double clip_gradients(double max_norm) = 0;
@@ -48,9 +58,10 @@ class Optimizer {
   virtual std::vector<torch::Tensor> state_tensors() const = 0;
 };
 
-// The optimizer for parallel.zero (0 or 1) over `parallel`'s parameters; at world size 1 both are
-// the plain AdamW.
+// The optimizer for parallel.zero (0 or 1) over `parallel`'s parameters, reducing gradients as
+// parallel.overlap_grad_reduce and grad_bucket_mb say; at one data-parallel rank both are the plain
+// AdamW.
 std::unique_ptr<Optimizer> make_optimizer(DataParallel& parallel, const std::vector<model::RoledParam>& params,
-                                          const config::OptimConfig& cfg, int zero);
+                                          const config::OptimConfig& cfg, const config::ParallelConfig& layout);
 
 }  // namespace moetrain::dist

@@ -26,12 +26,14 @@ torch::Tensor PipelineSchedule::receive(int from) {
   return t;
 }
 
-void PipelineSchedule::train(int n, const std::function<StageForward(int, const torch::Tensor&)>& forward) {
+void PipelineSchedule::train(int n, const std::function<StageForward(int, const torch::Tensor&)>& forward,
+                             const std::function<void(int)>& before_backward) {
   Communicator& pp = *layout_->pp;
   const int stage = pp.rank(), P = pp.world_size();
   const bool first = stage == 0, last = stage == P - 1;
   const int prev = first ? -1 : stage - 1, next = last ? -1 : stage + 1;
   struct InFlight {
+    int micro;
     torch::Tensor input, output, loss;
   };
   std::deque<InFlight> in_flight;  // forwards whose backward is still to run, oldest first
@@ -40,7 +42,7 @@ void PipelineSchedule::train(int n, const std::function<StageForward(int, const 
     if (input.defined()) input.requires_grad_(true);
     auto f = forward(m, input);
     TORCH_CHECK(last || f.output.defined(), "[dist] pipeline stage ", stage, " produced no activations for micro-batch ", m);
-    in_flight.push_back({input, last ? torch::Tensor() : f.output, f.loss});
+    in_flight.push_back({m, input, last ? torch::Tensor() : f.output, f.loss});
     return last ? torch::Tensor() : f.output.detach().contiguous();
   };
   // Backward of the oldest micro-batch in flight from the gradient of its output; returns the gradient
@@ -51,6 +53,7 @@ void PipelineSchedule::train(int n, const std::function<StageForward(int, const 
     std::vector<torch::Tensor> roots, grads;
     if (f.output.defined()) roots.push_back(f.output), grads.push_back(grad_output);
     if (f.loss.defined() && f.loss.requires_grad()) roots.push_back(f.loss), grads.push_back(torch::ones_like(f.loss));
+    if (before_backward) before_backward(f.micro);
     if (!roots.empty()) torch::autograd::backward(roots, grads);
     if (first) return torch::Tensor();
     TORCH_CHECK(f.input.grad().defined(), "[dist] pipeline stage ", stage, ": no gradient reached the stage's input");

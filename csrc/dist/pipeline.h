@@ -36,7 +36,10 @@ class PipelineSchedule {
   // stage on micro-batch m; `input` is the previous stage's output (requires grad), undefined on the
   // first stage. Backward of micro-batch m starts from the output's gradient (received from the next
   // stage) and the stage's own loss; the gradient of the input goes back to the previous stage.
-  void train(int n, const std::function<StageForward(int micro, const torch::Tensor& input)>& forward);
+  // `before_backward(m)`, if given, runs just before micro-batch m's backward (backward runs them in
+  // order 0 .. n - 1 on every stage, so m = n - 1 is the step's last).
+  void train(int n, const std::function<StageForward(int micro, const torch::Tensor& input)>& forward,
+             const std::function<void(int micro)>& before_backward = nullptr);
   // Forward of micro-batches 0 .. n - 1 only (evaluation): outputs go on, nothing comes back.
   void forward_only(int n, const std::function<StageForward(int micro, const torch::Tensor& input)>& forward);
 

@@ -83,6 +83,8 @@ BenchResult bench_steps(const config::Config& given, int warmup_steps, int steps
   r.all_to_all_bytes_per_step = double(layout->ep->all_to_all_bytes_sent() - a2a_bytes_at_start) / steps;
   r.p2p_bytes_per_step = double(layout->pp->p2p_bytes_sent() - p2p_bytes_at_start) / steps;
   r.zero = cfg.parallel.zero;
+  r.overlap_grad_reduce = cfg.parallel.overlap_grad_reduce;
+  std::tie(r.grad_buckets_overlapped, r.grad_buckets) = optimizer.overlapped_buckets();
   r.peak_allocated_bytes = meter.peak_bytes();
   for (const auto& t : optimizer.state_tensors()) r.optimizer_state_bytes += double(t.nbytes());
   struct rusage usage {};

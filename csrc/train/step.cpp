@@ -106,7 +106,8 @@ namespace {
 // sum over micro-batches of (loss + balance loss) / grad_accum.
 void pipeline_micro_batches(model::TransformerImpl& model, const dist::DataParallel& parallel, const config::Config& cfg,
                             torch::Device device, const std::function<data::Batch(int micro)>& batch_of,
-                            double& loss_sum, torch::Tensor& mtp_sum, MoETelemetry& telemetry) {
+                            double& loss_sum, torch::Tensor& mtp_sum, MoETelemetry& telemetry,
+                            dist::Optimizer& optimizer) {
   const int n = cfg.train.grad_accum;
   const dist::Layout& layout = parallel.layout();
   dist::PipelineSchedule schedule(parallel.shared_layout(), {cfg.train.micro_batch_size, cfg.data.seq_len, cfg.model.d_model},
@@ -126,6 +127,8 @@ void pipeline_micro_batches(model::TransformerImpl& model, const dist::DataParal
       mtp_sum += torch::stack(out.mtp_losses).detach().to(mtp_sum.device(), torch::kDouble);
     }
     return dist::StageForward{torch::Tensor(), objective / n};
+  }, [&](int micro) {
+    if (micro == n - 1) optimizer.before_last_backward();
   });
 }
 
@@ -170,8 +173,17 @@ StepOutcome train_step(model::TransformerImpl& model, dist::Optimizer& optimizer
   const int depth = cfg.model.mtp_depth;
   // Each MTP depth's cross-entropy summed over the micro-batches (the last stage's; zeros elsewhere).
   auto mtp_sum = torch::zeros({depth}, torch::TensorOptions().dtype(torch::kDouble).device(device));
+  // The gradient fault: a hook makes one element of this rank's first gradient NaN before autograd
+  // accumulates it, so that the reduction (during backward or after) meets it as this rank's own.
+  std::optional<unsigned> fault_hook;
+  if (test_fault("grad", step + 1, parallel.rank()))
+    fault_hook = parallel.params().front().register_hook([](const torch::Tensor& g) {
+      auto bad = g.clone();
+      bad.view(-1)[0] = std::nan("");
+      return bad;
+    });
   if (parallel.layout().pp_size() > 1) {
-    pipeline_micro_batches(model, parallel, cfg, device, batch_of, loss_sum, mtp_sum, outcome.telemetry);
+    pipeline_micro_batches(model, parallel, cfg, device, batch_of, loss_sum, mtp_sum, outcome.telemetry, optimizer);
   } else {
     for (int micro = 0; micro < cfg.train.grad_accum; ++micro) {
       auto batch = batch_of(micro);
@@ -183,21 +195,16 @@ StepOutcome train_step(model::TransformerImpl& model, dist::Optimizer& optimizer
         loss = loss + out.mtp_loss;
         mtp_sum += torch::stack(out.mtp_losses).detach().to(torch::kDouble);
       }
+      if (micro == cfg.train.grad_accum - 1) optimizer.before_last_backward();
       (loss / cfg.train.grad_accum).backward();
       loss_sum += ce.item<double>();
       outcome.telemetry.add(out);
     }
   }
+  if (fault_hook) parallel.params().front().remove_hook(*fault_hook);
   if (test_fault("loss", step + 1, parallel.rank())) loss_sum = std::nan("");
-  if (test_fault("grad", step + 1, parallel.rank())) {
-    torch::NoGradGuard no_grad;
-    for (const auto& p : parallel.params())
-      if (p.grad().defined()) {
-        p.grad().view(-1)[0] = std::nan("");
-        break;
-      }
-  }
-  const auto health = parallel.gather_health(loss_sum / cfg.train.grad_accum, dist::max_abs(parallel.grads()));
+  const double grad_max_abs = optimizer.reduce_gradients();
+  const auto health = parallel.gather_health(loss_sum / cfg.train.grad_accum, grad_max_abs);
   if (depth > 0) {  // the mean over micro-batches and the last stage's data-parallel ranks, on every rank
     auto& world = *parallel.layout().world;
     auto sum = world.backend() == "nccl" ? mtp_sum.to(torch::kCUDA) : mtp_sum.to(torch::kCPU);
@@ -205,7 +212,6 @@ StepOutcome train_step(model::TransformerImpl& model, dist::Optimizer& optimizer
     sum = sum.to(torch::kCPU) / double(cfg.train.grad_accum * parallel.dp_size());
     outcome.mtp_losses.assign(sum.data_ptr<double>(), sum.data_ptr<double>() + depth);
   }
-  optimizer.reduce_gradients();
   outcome.grad_norm = optimizer.clip_gradients(cfg.optim.grad_clip);
   std::string bad_loss, bad_grad;
   double loss_total = 0;

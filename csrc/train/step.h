@@ -101,7 +101,7 @@ struct Trainable {
   explicit Trainable(const Process& p)
       : model(build(p)),
         parallel(p.layout, model->roled_parameters()),
-        optimizer(dist::make_optimizer(parallel, model->roled_parameters(), p.cfg.optim, p.cfg.parallel.zero)) {}
+        optimizer(dist::make_optimizer(parallel, model->roled_parameters(), p.cfg.optim, p.cfg.parallel)) {}
   model::Transformer model;
   dist::DataParallel parallel;
   std::unique_ptr<dist::Optimizer> optimizer;

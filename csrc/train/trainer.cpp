@@ -289,6 +289,7 @@ TrainResult train(const config::Config& given, const TrainOptions& options) {
   bool warned_mfu = false;
   const double elapsed_before = progress.elapsed_s;
 
+  const int64_t first_step = progress.step;
   for (int64_t step = progress.step; step < total_steps; ++step) {
     const double step_start = now_s();
     // ---- the step ----------------------------------------------------------------------------------
@@ -297,6 +298,13 @@ TrainResult train(const config::Config& given, const TrainOptions& options) {
                               [&](int micro) { return sampler.batch(step, micro); });
     const double grad_norm = outcome.grad_norm;
     const MoETelemetry& moe_telemetry = outcome.telemetry;
+    if (step == first_step && layout->dp_size() > 1) {  // this run's first step: what the overlap did
+      const auto [during, buckets] = optimizer.overlapped_buckets();
+      log_line("[dist] gradient reduction: " + std::to_string(buckets) + " buckets per step (parallel.grad_bucket_mb = " +
+               format_double(cfg.parallel.grad_bucket_mb) + "), " + std::to_string(during) +
+               " launched during backward (parallel.overlap_grad_reduce = " +
+               (cfg.parallel.overlap_grad_reduce ? "true" : "false") + ")");
+    }
     // ---- bookkeeping -------------------------------------------------------------------------------
     const double loss = outcome.loss;
     progress.step = step + 1;

@@ -65,6 +65,9 @@ struct BenchResult {
   std::vector<int> pp_layers;            // blocks per stage
   double p2p_bytes_per_step = 0;         // sent by this rank to its pipeline neighbours, mean over timed steps
   int zero = 0;                          // parallel.zero
+  bool overlap_grad_reduce = false;      // parallel.overlap_grad_reduce
+  int grad_buckets = 0;                  // gradient reduction buckets, and how many the last step launched
+  int grad_buckets_overlapped = 0;       // during backward
   double optimizer_state_bytes = 0;      // AdamW state this rank holds
   double peak_rss_bytes = 0;             // this process's peak resident memory so far (getrusage)
   double peak_allocated_bytes = 0;       // peak bytes LibTorch's allocator held from the model's build on

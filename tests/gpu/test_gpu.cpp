@@ -127,6 +127,30 @@ CATCH_TEST_CASE("NCCL at world size 1: every collective, fp32 and bf16, strided 
   CATCH_CHECK(dist::all_gather_strings(*world, "abc") == std::vector<std::string>{"abc"});
 }
 
+CATCH_TEST_CASE("NCCL asynchronous collectives run after the caller's queued work and before what it queues next",
+                "[.gpu]") {
+  require_gpu();
+  config::ParallelConfig p;
+  p.backend = "nccl";
+  p.timeout_s = 60;
+  std::shared_ptr<dist::Communicator> world = dist::make_communicator(p, "cuda");
+  const auto opts = torch::TensorOptions().dtype(torch::kFloat).device(torch::kCUDA);
+  auto big = torch::randn({4096, 4096}, opts);
+  for (int round = 0; round < 3; ++round) {
+    // The input is written by a long matmul queued on the compute stream: a collective on the
+    // communication stream that did not wait for it would read stale memory.
+    auto in = torch::zeros({4096 * 4096}, opts);
+    in.copy_(big.matmul(big).view(-1).mul(double(round + 1)));
+    auto out = torch::empty_like(in);  // world 1: the share is the whole
+    auto pending = world->reduce_scatter_sum_async(in, out);
+    pending->wait();
+    CATCH_CHECK(torch::equal(out, in));
+    auto summed = in.clone();
+    world->all_reduce_sum_async(summed)->wait();
+    CATCH_CHECK(torch::equal(summed, in));
+  }
+}
+
 CATCH_TEST_CASE("A checkpoint saved from CUDA loads on the CPU and back on CUDA bit for bit", "[.gpu]") {
   require_gpu();
   testing::TempDir dir("gpu-ckpt");
