@@ -9,9 +9,15 @@
 namespace moetrain {
 
 // `t` in `dtype`; unchanged when it is already in it or when `dtype` is empty (fp32 compute).
-inline torch::Tensor cast(const torch::Tensor& t, std::optional<torch::ScalarType> dtype) {
-  return dtype && t.scalar_type() != *dtype ? t.to(*dtype) : t;
-}
+// A parameter (a leaf that requires grad: the fp32 master weights under run.dtype bf16) is cast once
+// and its copy kept and handed out to every use until the parameter changes (a new version: the
+// optimizer step, a checkpoint load, ZeRO's all-gather), instead of a new copy per use and per
+// micro-batch. Under autograd the copy comes through a node whose backward returns the gradient in
+// the parameter's dtype, as Tensor::to's does, so values and gradients are those of a plain cast.
+torch::Tensor cast(const torch::Tensor& t, std::optional<torch::ScalarType> dtype);
+// Turns the kept copies on (the default) or off (every cast a new copy; for comparisons).
+void set_cached_casts(bool on);
+bool cached_casts();
 
 // "[2, 3]".
 inline std::string shape_text(at::IntArrayRef shape) {

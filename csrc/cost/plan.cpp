@@ -128,11 +128,8 @@ MemoryPlan plan_stage(const config::Config& cfg, int world_size, int stage, int 
   const bool bf16 = cfg.run.dtype == "bf16";
   const double cb = bf16 ? 2 : 4;
   const bool checkpointing = cfg.train.activation_checkpointing == "full";
-  // bf16 casts of the weights live from a micro-batch's forward to its backward (with checkpointing,
-  // only the recomputed block's, beside the embedding and head).
-  const double block_params = std::max(1.0, (p.params_per_rank - params.ends) / p.blocks);
-  const double outer_params = p.params_per_rank - block_params * p.blocks;
-  if (bf16) p.compute_copy = 2 * (checkpointing ? outer_params + block_params : p.params_per_rank);
+  // The bf16 copies of the weights are kept from one optimizer step to the next (common/tensor.h).
+  if (bf16) p.compute_copy = 2 * p.params_per_rank;
 
   const Activations act{m, cb, cfg.train.activation_checkpointing == "selective"};
   double per_token = last_stage ? act.norm(m.d_model) : 0, largest_block = 0;  // the final norm
@@ -155,10 +152,13 @@ MemoryPlan plan_stage(const config::Config& cfg, int world_size, int stage, int 
 
   const bool reduces = dp > 1;
   const double replicas_min = double(dp) / ep;  // experts have the fewest replicas
+  // zero 0 over several ranks keeps the gradients in its bucket buffers for the whole run and reduces
+  // them there, in place; zero 1 gathers each bucket for its reduce-scatter and frees the gradients.
+  const bool resident_gradients = reduces && p.zero == 0;
   if (p.zero == 1 && reduces)
     p.communication = p.optimizer / 2 + std::min(kBucketBytes, p.gradients) * (1 + 1 / replicas_min);
   else
-    p.communication = reduces ? std::min(kBucketBytes, p.gradients) : 0;
+    p.communication = 0;
   if (pp > 1) p.communication += 2 * 4 * T * m.d_model;  // the received activation and its gradient
 
   // 1F1B on this stage: before its k-th backward the forwards of in_flight(k) micro-batches are
@@ -168,12 +168,13 @@ MemoryPlan plan_stage(const config::Config& cfg, int world_size, int stage, int 
   const int micro = std::max(1, p.grad_accum);
   const int warmup = std::min(pp - stage - 1, micro), steady = micro - warmup;
   auto in_flight = [&](int k) { return k < steady ? warmup + 1 : micro - k; };
+  const double gradients = resident_gradients ? 0 : p.gradients;  // when they come and go
   const double kept = p.activations * in_flight(0);
-  const double kept_beside_gradients = micro > 1 ? p.activations * in_flight(1) + p.gradients : 0;
-  const double resident = p.weights + p.optimizer;
-  const double backward = resident + p.compute_copy + std::max(kept, kept_beside_gradients) + p.loss;
-  const double recompute = checkpointing ? resident + p.compute_copy + p.gradients + kept + T * largest_block : 0;
-  const double optimizer_step = resident + p.gradients + p.communication + 2 * largest_param_bytes(m, ep);
+  const double kept_beside_gradients = micro > 1 ? p.activations * in_flight(1) + gradients : 0;
+  const double resident = p.weights + p.compute_copy + p.optimizer + (resident_gradients ? p.gradients : 0);
+  const double backward = resident + std::max(kept, kept_beside_gradients) + p.loss;
+  const double recompute = checkpointing ? resident + gradients + kept + T * largest_block : 0;
+  const double optimizer_step = resident + gradients + p.communication + 2 * largest_param_bytes(m, ep);
   p.peak = backward, p.peak_moment = "backward";
   if (recompute > p.peak) p.peak = recompute, p.peak_moment = "recompute";
   if (optimizer_step > p.peak) p.peak = optimizer_step, p.peak_moment = "optimizer";

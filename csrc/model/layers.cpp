@@ -116,11 +116,10 @@ torch::Tensor AttentionImpl::forward(const torch::Tensor& x_BSD, const Rope& rop
   auto q = rope.apply(heads(wq, q_bias, n_heads_, q_norm));
   auto k = rope.apply(heads(wk, k_bias, n_kv_heads_, k_norm));
   auto v = heads(wv, v_bias, n_kv_heads_, RMSNorm(nullptr));
-  if (n_kv_heads_ != n_heads_) {  // each key/value head serves n_heads / n_kv_heads query heads
-    k = k.repeat_interleave(n_heads_ / n_kv_heads_, 1);
-    v = v.repeat_interleave(n_heads_ / n_kv_heads_, 1);
-  }
-  auto y = at::scaled_dot_product_attention(q, k, v, /*attn_mask=*/{}, /*dropout_p=*/0.0, /*is_causal=*/true);
+  // Each key/value head serves n_heads / n_kv_heads consecutive query heads: SDPA's enable_gqa reads
+  // them in place (flash attention on CUDA and on the CPU) instead of a repeated copy of K and V.
+  auto y = at::scaled_dot_product_attention(q, k, v, /*attn_mask=*/{}, /*dropout_p=*/0.0, /*is_causal=*/true,
+                                            /*scale=*/std::nullopt, /*enable_gqa=*/n_kv_heads_ != n_heads_);
   y = y.transpose(1, 2).reshape({B, S, n_heads_ * head_dim_});
   return torch::matmul(y, cast(wo, compute_dtype));
 }

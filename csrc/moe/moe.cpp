@@ -174,10 +174,10 @@ torch::Tensor ExpertsImpl::forward_grouped(const torch::Tensor& rows_RD, const t
   const auto dtype = compute_dtype.value_or(w1.scalar_type());
   auto offsets_E = torch::cumsum(counts_E, 0).to(torch::kInt);  // group ends, on the rows' device
   auto x = rows_RD.to(dtype).contiguous();
-  auto gate = at::_grouped_mm(x, w1.to(dtype), offsets_E);
-  auto up = at::_grouped_mm(x, w3.to(dtype), offsets_E);
+  auto gate = at::_grouped_mm(x, cast(w1, dtype), offsets_E);
+  auto up = at::_grouped_mm(x, cast(w3, dtype), offsets_E);
   auto h = gated_product(gate, up, recompute_elementwise).contiguous();
-  return at::_grouped_mm(h, w2.to(dtype), offsets_E);
+  return at::_grouped_mm(h, cast(w2, dtype), offsets_E);
 }
 
 torch::Tensor ExpertsImpl::forward(const torch::Tensor& rows_RD, const torch::Tensor& counts_E,

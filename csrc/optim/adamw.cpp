@@ -25,30 +25,45 @@ void AdamW::zero_grad() {
 void AdamW::step(double lr) {
   torch::NoGradGuard no_grad;
   ++state_.step_count;
-  if (!fused_) {
-    for (auto& s : state_.states)
-      if (s.param.grad().defined())
-        adamw_update(s.param, s.param.grad(), s.exp_avg, s.exp_avg_sq, cfg_, lr, state_.step_count, s.decay);
+  std::vector<torch::Tensor> params, grads, exp_avgs, exp_avg_sqs;
+  std::vector<bool> decay;
+  for (auto& s : state_.states) {
+    if (!s.param.grad().defined()) continue;
+    params.push_back(s.param.detach());
+    grads.push_back(s.param.grad());
+    exp_avgs.push_back(s.exp_avg);
+    exp_avg_sqs.push_back(s.exp_avg_sq);
+    decay.push_back(s.decay);
+  }
+  adamw_step(params, grads, exp_avgs, exp_avg_sqs, decay, cfg_, lr, state_.step_count, fused_);
+}
+
+void adamw_step(const std::vector<torch::Tensor>& params, const std::vector<torch::Tensor>& grads,
+                const std::vector<torch::Tensor>& exp_avgs, const std::vector<torch::Tensor>& exp_avg_sqs,
+                const std::vector<bool>& decay, const config::OptimConfig& cfg, double lr, int64_t step_count, bool fused) {
+  torch::NoGradGuard no_grad;
+  if (!fused) {
+    for (size_t i = 0; i < params.size(); ++i)
+      adamw_update(params[i], grads[i], exp_avgs[i], exp_avg_sqs[i], cfg, lr, step_count, decay[i]);
     return;
   }
   // Two launches, with and without weight decay. The kernel reads each tensor's step count (fp32)
   // and forms the bias corrections itself; the counts are views of one tensor, filled once.
-  for (const bool decay : {true, false}) {
-    std::vector<torch::Tensor> params, grads, exp_avgs, exp_avg_sqs;
-    for (auto& s : state_.states) {
-      if (s.decay != decay || !s.param.grad().defined()) continue;
-      params.push_back(s.param.detach());
-      grads.push_back(s.param.grad());
-      exp_avgs.push_back(s.exp_avg);
-      exp_avg_sqs.push_back(s.exp_avg_sq);
+  for (const bool with_decay : {true, false}) {
+    std::vector<torch::Tensor> p, g, m, v;
+    for (size_t i = 0; i < params.size(); ++i) {
+      if (decay[i] != with_decay) continue;
+      p.push_back(params[i]);
+      g.push_back(grads[i]);
+      m.push_back(exp_avgs[i]);
+      v.push_back(exp_avg_sqs[i]);
     }
-    if (params.empty()) continue;
-    auto steps = torch::full({int64_t(params.size())}, double(state_.step_count),
-                             params.front().options().dtype(torch::kFloat));
+    if (p.empty()) continue;
+    auto steps = torch::full({int64_t(p.size())}, double(step_count), p.front().options().dtype(torch::kFloat));
     std::vector<torch::Tensor> step_views;
     for (int64_t i = 0; i < steps.size(0); ++i) step_views.push_back(steps[i]);
-    at::_fused_adamw_(params, grads, exp_avgs, exp_avg_sqs, /*max_exp_avg_sqs=*/{}, step_views, lr, cfg_.beta1,
-                      cfg_.beta2, decay ? cfg_.weight_decay : 0.0, cfg_.eps, /*amsgrad=*/false, /*maximize=*/false);
+    at::_fused_adamw_(p, g, m, v, /*max_exp_avg_sqs=*/{}, step_views, lr, cfg.beta1, cfg.beta2,
+                      with_decay ? cfg.weight_decay : 0.0, cfg.eps, /*amsgrad=*/false, /*maximize=*/false);
   }
 }
 
@@ -73,18 +88,33 @@ double learning_rate(const config::OptimConfig& cfg, int64_t step, int64_t total
   return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1.0 + std::cos(M_PI * progress));
 }
 
+namespace {
+
+// The sum of the tensors' squared elements in fp32: one multi-tensor norm over all of them (a few
+// kernels whatever their number, where a norm per tensor would launch two per parameter).
+torch::Tensor sum_of_squares(const std::vector<torch::Tensor>& grads) {
+  if (grads.empty()) return torch::zeros({});
+  std::vector<torch::Tensor> fp32;
+  for (const auto& g : grads) fp32.push_back(g.scalar_type() == torch::kFloat ? g : g.to(torch::kFloat));
+  return torch::stack(at::_foreach_norm(fp32, 2)).pow(2).sum();
+}
+
+}  // namespace
+
 double clip_grad_norm(const std::vector<torch::Tensor>& params, double max_norm, const NormReduction& over) {
   torch::NoGradGuard no_grad;
-  std::vector<torch::Tensor> squares, sharded_squares;
+  std::vector<torch::Tensor> plain, sharded, all;
   for (size_t i = 0; i < params.size(); ++i) {
     const auto& g = params[i].grad();
-    if (!g.defined() || (i < over.skip.size() && over.skip[i])) continue;
-    (i < over.sharded.size() && over.sharded[i] ? sharded_squares : squares).push_back(g.to(torch::kFloat).pow(2).sum());
+    if (!g.defined()) continue;
+    all.push_back(g);
+    if (i < over.skip.size() && over.skip[i]) continue;
+    (i < over.sharded.size() && over.sharded[i] ? sharded : plain).push_back(g);
   }
-  if (squares.empty() && sharded_squares.empty() && !over.sum_sharded && !over.sum_total) return 0.0;
-  auto total = squares.empty() ? torch::zeros({}) : torch::stack(squares).sum();
+  if (plain.empty() && sharded.empty() && !over.sum_sharded && !over.sum_total) return 0.0;
+  auto total = sum_of_squares(plain);
   if (over.sum_sharded) {
-    auto part = sharded_squares.empty() ? torch::zeros({}, total.options()) : torch::stack(sharded_squares).sum();
+    auto part = sum_of_squares(sharded);
     part = part.to(total.device()).reshape({1}).contiguous();
     over.sum_sharded(part);
     total = total.to(part.device()) + part[0];
@@ -94,12 +124,8 @@ double clip_grad_norm(const std::vector<torch::Tensor>& params, double max_norm,
     over.sum_total(all);
     total = all[0];
   }
-  const double norm = total.sqrt().item<double>();
-  if (max_norm > 0 && norm > max_norm) {
-    const double scale = max_norm / (norm + 1e-6);
-    for (const auto& p : params)
-      if (p.grad().defined()) p.grad().mul_(scale);
-  }
+  const double norm = total.sqrt().item<double>();  // the one host synchronisation
+  if (max_norm > 0 && norm > max_norm && !all.empty()) at::_foreach_mul_(all, max_norm / (norm + 1e-6));
   return norm;
 }
 

@@ -59,6 +59,14 @@ class AdamW {
 void adamw_update(torch::Tensor param, const torch::Tensor& grad, torch::Tensor exp_avg, torch::Tensor exp_avg_sq,
                   const config::OptimConfig& cfg, double lr, int64_t step_count, bool decay);
 
+// One AdamW step over parallel lists (each parameter or slice of one, its gradient and fp32 moments;
+// `decay[i]` says whether item i takes weight decay) at 1-based step `step_count`. `fused`: LibTorch's
+// multi-tensor kernel, at::_fused_adamw_ (two launches, with and without decay; CUDA); else
+// adamw_update per item. Both compute the same update; their roundings differ in the last bits.
+void adamw_step(const std::vector<torch::Tensor>& params, const std::vector<torch::Tensor>& grads,
+                const std::vector<torch::Tensor>& exp_avgs, const std::vector<torch::Tensor>& exp_avg_sqs,
+                const std::vector<bool>& decay, const config::OptimConfig& cfg, double lr, int64_t step_count, bool fused);
+
 // Linear warmup to optim.lr over warmup_steps, then cosine decay to min_lr at total_steps (or constant).
 double learning_rate(const config::OptimConfig& cfg, int64_t step, int64_t total_steps);
 

@@ -71,3 +71,34 @@ CATCH_TEST_CASE("Gradient clipping scales the global norm down to the limit", "[
   const double after = std::sqrt(a.grad().pow(2).sum().item<double>() + b.grad().pow(2).sum().item<double>());
   CATCH_CHECK(after == Approx(1.0).epsilon(1e-5));
 }
+
+// ZeRO-1 updates a bucket's share as views of one flat tensor, each segment with its own decay, through
+// adamw_step (fused on CUDA): the same as AdamW over the whole tensors, element for element.
+CATCH_TEST_CASE("AdamW over slices of one flat tensor (ZeRO-1's shares) updates as over the whole tensors",
+                "[optim]") {
+  for (const bool fused : {false, true}) {
+    CATCH_INFO((fused ? "fused" : "per-tensor") << " kernel");
+    config::OptimConfig cfg;
+    cfg.weight_decay = 0.1;
+    torch::manual_seed(3);
+    auto a = torch::randn({4, 3}), c = torch::randn({5});
+    auto whole_a = a.clone().requires_grad_(), whole_c = c.clone().requires_grad_();
+    optim::AdamW reference({{"a", whole_a}, {"c_bias", whole_c}}, cfg,
+                           [](const std::string& n) { return n == "c_bias"; }, fused);
+    auto flat = torch::cat({a.reshape(-1), c});  // the share: a then c, end to end
+    auto grads = torch::zeros({17}), m = torch::zeros({17}), v = torch::zeros({17});
+    auto slices = [](const torch::Tensor& t) { return std::vector<torch::Tensor>{t.narrow(0, 0, 12), t.narrow(0, 12, 5)}; };
+    for (int step = 1; step <= 3; ++step) {
+      auto ga = torch::randn({4, 3}), gc = torch::randn({5});
+      whole_a.mutable_grad() = ga.clone();
+      whole_c.mutable_grad() = gc.clone();
+      reference.step(0.01);
+      grads.copy_(torch::cat({ga.reshape(-1), gc}));
+      optim::adamw_step(slices(flat), slices(grads), slices(m), slices(v), {true, false}, cfg, 0.01, step, fused);
+    }
+    CATCH_CHECK(torch::equal(flat.narrow(0, 0, 12), whole_a.detach().reshape(-1)));
+    CATCH_CHECK(torch::equal(flat.narrow(0, 12, 5), whole_c.detach()));
+    CATCH_CHECK(torch::equal(m.narrow(0, 0, 12), reference.states()[0].exp_avg.reshape(-1)));
+    CATCH_CHECK(torch::equal(v.narrow(0, 12, 5), reference.states()[1].exp_avg_sq));
+  }
+}
