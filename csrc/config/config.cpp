@@ -139,8 +139,8 @@ const std::vector<KeyDesc>& keys() {
                    "Multi-token prediction depth (DeepSeek-V3): module k (1..D) joins the previous depth's hidden "
                    "state with the embedding of token i+k, runs one block (MoE when the model has MoE layers) and "
                    "predicts token i+k+1 through its own norm and the shared LM head; trained with the loss "
-                   "model.mtp_loss_weight adds. Lives on the last pipeline stage; generation and `eval` use the "
-                   "main model only. 0 = off.",
+                   "model.mtp_loss_weight adds. Lives on the last pipeline stage; generation uses the main model "
+                   "only, `eval` reports the main loss (and each depth's with --mtp). 0 = off.",
                    at_least(0)),
       MOETRAIN_KEY(model.mtp_loss_weight,
                    "lambda: the training loss adds lambda times the mean over the MTP depths of their "
