@@ -1,10 +1,13 @@
 // `moetrain eval`: mean next-token loss and perplexity of a checkpoint (ours or hf:DIR) over a whole
 // token shard (or every shard of a folder's val split, or several such sources), in windows of --seq-len
 // tokens, so that a checkpoint can be compared before and after fine-tuning. With a loss mask beside the shard (val.mask.bin, see data/shard.h) only learned tokens
-// count: the response loss of prompt/response data.
+// count: the response loss of prompt/response data. With --mtp, each multi-token-prediction depth's
+// loss too, per token as the main loss, over the predictions that fall inside each window.
 #include <cmath>
 #include <cstdio>
 #include <memory>
+#include <optional>
+#include <vector>
 
 #include <nlohmann/json.hpp>
 
@@ -24,14 +27,29 @@ namespace {
 struct Measured {
   double loss_sum = 0;
   uint64_t learned = 0;  // predictions that count: all of them without a mask
+  // With --mtp, per depth k (1 first): depth k predicts token i+k+1 at the window's positions i < L - k.
+  std::vector<double> mtp_loss_sum;
+  std::vector<uint64_t> mtp_learned;
+
+  void add(const Measured& other) {
+    loss_sum += other.loss_sum;
+    learned += other.learned;
+    mtp_loss_sum.resize(other.mtp_loss_sum.size());
+    mtp_learned.resize(other.mtp_learned.size());
+    for (size_t d = 0; d < other.mtp_loss_sum.size(); ++d)
+      mtp_loss_sum[d] += other.mtp_loss_sum[d], mtp_learned[d] += other.mtp_learned[d];
+  }
 };
 
 // Windows [s*L, s*L + L + 1) of each shard cover every next-token prediction in it once (none crosses
 // into the next shard); the last window of a shard may be shorter.
-Measured measure(const train::LoadedModel& loaded, const data::Dataset& split, int seq_len, int batch_size) {
+Measured measure(const train::LoadedModel& loaded, const data::Dataset& split, int seq_len, int batch_size, bool mtp) {
   torch::NoGradGuard no_grad;
   const auto device = loaded.model->embed.device();
+  const int depths = mtp ? loaded.cfg.model.mtp_depth : 0;
   Measured m;
+  m.mtp_loss_sum.assign(size_t(depths), 0.0);
+  m.mtp_learned.assign(size_t(depths), 0);
   for (size_t i = 0; i < split.n_shards(); ++i) {
     const auto shard_ptr = split.shard(i);
     const data::Shard& shard = *shard_ptr;
@@ -54,10 +72,17 @@ Measured measure(const train::LoadedModel& loaded, const data::Dataset& split, i
         targets.masked_fill_(learned_NL.eq(0), data::kIgnoreTarget);
       }
       m.learned += uint64_t(targets.ne(data::kIgnoreTarget).sum().item<int64_t>());
-      m.loss_sum += loaded.model
-                        ->forward_loss(inputs.to(device), targets.to(device), data::kIgnoreTarget, /*sum=*/true,
-                                       /*with_mtp=*/false)  // the main next-token loss
-                        .loss.item<double>();
+      // The MTP depths need a window longer than the deepest one; a shorter last window counts for the
+      // main loss only.
+      const bool with_mtp = depths > 0 && len > depths;
+      const auto out = loaded.model->forward_loss(inputs.to(device), targets.to(device), data::kIgnoreTarget, /*sum=*/true,
+                                                  with_mtp);
+      m.loss_sum += out.loss.item<double>();  // the main next-token loss
+      for (int d = 0; with_mtp && d < depths; ++d) {
+        m.mtp_loss_sum[size_t(d)] += out.mtp_losses[size_t(d)].item<double>();
+        m.mtp_learned[size_t(d)] +=
+            uint64_t(targets.narrow(1, d + 1, len - d - 1).ne(data::kIgnoreTarget).sum().item<int64_t>());
+      }
       w += n;
     }
   }
@@ -69,7 +94,8 @@ Measured measure(const train::LoadedModel& loaded, const data::Dataset& split, i
 int run_eval(const std::vector<std::string>& argv) {
   const Command command{
       "eval",
-      "Mean next-token loss (nats per token) and perplexity of a checkpoint over token shards.",
+      "Mean next-token loss (nats per token) and perplexity of a checkpoint over token shards (and with --mtp each "
+      "multi-token-prediction depth's loss).",
       {{"checkpoint", "DIR", "run folder, ckpt/ folder, step folder, or hf:DIR (a Hugging Face folder)"},
        {"data", "SHARDS", "a folder holding val.bin or val-*.bin (any format `moetrain inspect-data` reads), or one .bin "
                           "shard; a loss mask beside a shard (val.mask.bin) restricts the loss to learned tokens. "
@@ -77,6 +103,8 @@ int run_eval(const std::vector<std::string>& argv) {
         true},
        {"seq-len", "N", "tokens per window (default: the checkpoint's data.seq_len)"},
        {"batch-size", "B", "windows per forward pass (default 8)"},
+       {"mtp", "", "also each multi-token-prediction depth's loss (model.mtp_depth > 0): depth k's cross-entropy of "
+                   "token i+k+1, per token, over the predictions inside each window"},
        {"json", "", "print one JSON object instead of a line"}}};
   Args args(command, argv);
   if (args.help()) {
@@ -103,6 +131,10 @@ int run_eval(const std::vector<std::string>& argv) {
   }
   auto loaded = train::load_for_inference(args.require("checkpoint"));
   const auto& model_cfg = loaded.cfg.model;
+  const bool mtp = args.has("mtp");
+  if (mtp && loaded.model->mtp_modules.empty())
+    throw UsageError("--mtp: the checkpoint's model has no multi-token-prediction modules (model.mtp_depth = " +
+                     std::to_string(model_cfg.mtp_depth) + "); train with model.mtp_depth > 0");
   const int seq_len = args.get_int("seq-len", loaded.cfg.data.seq_len);
   const int batch_size = args.get_int("batch-size", 8);
   if (seq_len < 1 || seq_len > model_cfg.max_seq_len)
@@ -118,19 +150,41 @@ int run_eval(const std::vector<std::string>& argv) {
   Measured all;
   std::vector<Measured> per_source;
   for (const auto& [given, split] : sources) {
-    per_source.push_back(measure(loaded, split, seq_len, batch_size));
+    per_source.push_back(measure(loaded, split, seq_len, batch_size, mtp));
     if (per_source.back().learned == 0)
       throw DataError("the loss masks of " + split.name() + " mark no token as learned: no loss");
-    all.loss_sum += per_source.back().loss_sum;
-    all.learned += per_source.back().learned;
+    all.add(per_source.back());
   }
   const double loss = all.loss_sum / double(all.learned);
+  // Each depth's loss per token (null where no window held a learned target for it).
+  auto mtp_losses = [](const Measured& m) {
+    std::vector<std::optional<double>> out;
+    for (size_t d = 0; d < m.mtp_loss_sum.size(); ++d)
+      out.push_back(m.mtp_learned[d] > 0 ? std::optional(m.mtp_loss_sum[d] / double(m.mtp_learned[d])) : std::nullopt);
+    return out;
+  };
+  auto mtp_json = [&](const Measured& m) {
+    auto j = nlohmann::json::array();
+    for (const auto& l : mtp_losses(m)) j.push_back(l ? nlohmann::json(*l) : nlohmann::json(nullptr));
+    return j;
+  };
+  auto mtp_text = [&](const Measured& m) {
+    std::string text;
+    const auto losses = mtp_losses(m);
+    for (size_t d = 0; d < losses.size(); ++d)
+      text += " | mtp " + std::to_string(d + 1) + " loss " + (losses[d] ? format_double(*losses[d], 5) : std::string("-"));
+    return text;
+  };
   auto mask_of = [](const data::Dataset& split) {
     const auto shard = split.n_shards() == 1 ? split.shard(0) : nullptr;
     return shard && shard->has_mask() ? shard->mask_path() : std::string();
   };
   if (args.has("json")) {
     nlohmann::json j = {{"loss", loss}, {"perplexity", std::exp(loss)}, {"tokens", all.learned}, {"seq_len", seq_len}};
+    if (mtp) {
+      j["mtp_loss"] = mtp_json(all);  // depth 1 first
+      j["mtp_tokens"] = all.mtp_learned;
+    }
     if (sources.size() == 1) {
       j["data"] = sources[0].second.name();
       const std::string mask = mask_of(sources[0].second);
@@ -141,6 +195,7 @@ int run_eval(const std::vector<std::string>& argv) {
         const double l = per_source[i].loss_sum / double(per_source[i].learned);
         j["sources"].push_back({{"data", sources[i].second.name()}, {"loss", l}, {"perplexity", std::exp(l)},
                                 {"tokens", per_source[i].learned}});
+        if (mtp) j["sources"].back()["mtp_loss"] = mtp_json(per_source[i]);
       }
     }
     std::printf("%s\n", j.dump().c_str());
@@ -150,15 +205,15 @@ int run_eval(const std::vector<std::string>& argv) {
     const double l = per_source[i].loss_sum / double(per_source[i].learned);
     const std::string mask = mask_of(sources[i].second);
     const std::string counted = mask.empty() ? "" : " learned (masked by " + mask + ")";
-    std::printf("loss %s | perplexity %s | %llu%s predicted tokens in windows of %d | %s\n",
+    std::printf("loss %s | perplexity %s | %llu%s predicted tokens in windows of %d%s | %s\n",
                 format_double(l, 5).c_str(), format_double(std::exp(l), 5).c_str(),
                 static_cast<unsigned long long>(per_source[i].learned), counted.c_str(), seq_len,
-                sources[i].second.name().c_str());
+                mtp ? mtp_text(per_source[i]).c_str() : "", sources[i].second.name().c_str());
   }
   if (sources.size() > 1)
-    std::printf("loss %s | perplexity %s | %llu predicted tokens | all %zu sources, per token\n",
+    std::printf("loss %s | perplexity %s | %llu predicted tokens%s | all %zu sources, per token\n",
                 format_double(loss, 5).c_str(), format_double(std::exp(loss), 5).c_str(),
-                static_cast<unsigned long long>(all.learned), sources.size());
+                static_cast<unsigned long long>(all.learned), mtp ? mtp_text(all).c_str() : "", sources.size());
   return 0;
 }
 

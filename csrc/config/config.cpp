@@ -139,8 +139,8 @@ const std::vector<KeyDesc>& keys() {
                    "Multi-token prediction depth (DeepSeek-V3): module k (1..D) joins the previous depth's hidden "
                    "state with the embedding of token i+k, runs one block (MoE when the model has MoE layers) and "
                    "predicts token i+k+1 through its own norm and the shared LM head; trained with the loss "
-                   "model.mtp_loss_weight adds. Lives on the last pipeline stage; generation and `eval` use the "
-                   "main model only. 0 = off.",
+                   "model.mtp_loss_weight adds. Lives on the last pipeline stage; generation uses the main model "
+                   "only, `eval` reports the main loss (and each depth's with --mtp). 0 = off.",
                    at_least(0)),
       MOETRAIN_KEY(model.mtp_loss_weight,
                    "lambda: the training loss adds lambda times the mean over the MTP depths of their "
@@ -242,6 +242,14 @@ const std::vector<KeyDesc>& keys() {
                    "Keep the per-expert selection bias even when model.moe.router.bias_update_rate = 0 (a fixed, "
                    "imported bias such as DeepSeek-V3's e_score_correction_bias).",
                    any()),
+      MOETRAIN_KEY(model.moe.router.max_groups_per_token,
+                   "Node-limited routing (DeepSeek-V3 section 2.1.2): each token's top-k experts lie in at most "
+                   "this many expert groups, a group being the experts of one expert-parallel rank (n_experts / "
+                   "parallel.expert_parallel, contiguous) or, with parallel.ranks_per_node, of one node's ranks. A "
+                   "group's score is the sum of its best ceil(top_k / max_groups_per_token) selection scores and the "
+                   "best groups are eligible; rows then cross to at most this many ranks or nodes. At most the "
+                   "groups; not with model.moe.router.n_groups > 1. 0 = off.",
+                   at_least(0)),
 
       MOETRAIN_KEY(data.dir, "Directory holding train.bin and val.bin (written by moetrain prepare-data).",
                    non_empty()),
@@ -332,6 +340,11 @@ const std::vector<KeyDesc>& keys() {
                    "them in the 1F1B schedule (train.grad_accum >= pp). The world is pp x data-parallel ranks "
                    "(expert parallel and ZeRO within each stage's data-parallel ranks); rank r is stage r / "
                    "(world / pp).", at_least(1)),
+      MOETRAIN_KEY(parallel.ranks_per_node,
+                   "Expert-parallel ranks per node, for node-limited routing: model.moe.router.max_groups_per_token "
+                   "then counts nodes of ranks_per_node consecutive EP ranks instead of single ranks. Must divide "
+                   "parallel.expert_parallel. 0 = unset (one group per EP rank).",
+                   at_least(0)),
       MOETRAIN_KEY(parallel.pp_layers,
                    "Blocks per pipeline stage as a comma-separated list (\"6,5,5\": pipeline_parallel counts "
                    "summing to model.n_layers); \"\" = balanced by the cost model's per-layer FLOPs, the LM head "
@@ -837,6 +850,7 @@ Config parse_config(const std::string& yaml_text, const std::string& source,
   }
   for (const auto& o : overrides) apply_override(o, cfg);
   validate(cfg);
+  cfg.model.moe.router.expert_groups = expert_groups(cfg);
   return cfg;
 }
 
@@ -909,6 +923,31 @@ void validate(const Config& cfg) {
   if (m.moe.n_experts % cfg.parallel.expert_parallel != 0)
     throw ConfigError(kv("model.moe.n_experts", m.moe.n_experts) + " must be divisible by " +
                       kv("parallel.expert_parallel", cfg.parallel.expert_parallel));
+  const int ep = cfg.parallel.expert_parallel, ranks_per_node = cfg.parallel.ranks_per_node;
+  if (ranks_per_node > 0 && ep % ranks_per_node != 0)
+    throw ConfigError(kv("parallel.ranks_per_node", ranks_per_node) + " must divide " +
+                      kv("parallel.expert_parallel", ep) + " (a node holds whole EP ranks)");
+  if (r.max_groups_per_token > 0) {
+    const int M = r.max_groups_per_token, groups = expert_groups(cfg);
+    const std::string groups_text = r.expert_groups > 0 ? "the router's expert_groups = " + std::to_string(groups)
+                                    : ranks_per_node > 0 ? "the nodes, parallel.expert_parallel / parallel.ranks_per_node = " +
+                                                               std::to_string(ep) + " / " + std::to_string(ranks_per_node) +
+                                                               " = " + std::to_string(groups)
+                                                         : "the expert groups, parallel.expert_parallel = " + std::to_string(ep);
+    if (r.n_groups > 1)
+      throw ConfigError(kv("model.moe.router.max_groups_per_token", M) + " and " + kv("model.moe.router.n_groups", r.n_groups) +
+                        " cannot both limit the routing: set max_groups_per_token = 0 or n_groups = 1");
+    if (m.moe.n_experts % groups != 0)
+      throw ConfigError(kv("model.moe.n_experts", m.moe.n_experts) + " must be divisible by " + groups_text +
+                        " (model.moe.router.max_groups_per_token groups experts by rank)");
+    if (M > groups)
+      throw ConfigError(kv("model.moe.router.max_groups_per_token", M) + " must be at most " + groups_text);
+    if (m.moe.top_k > M * (m.moe.n_experts / groups))
+      throw ConfigError(kv("model.moe.top_k", m.moe.top_k) + " must be at most the experts eligible per token, "
+                        "model.moe.router.max_groups_per_token * model.moe.n_experts / groups = " + std::to_string(M) +
+                        " * " + std::to_string(m.moe.n_experts) + " / " + std::to_string(groups) + " = " +
+                        std::to_string(M * (m.moe.n_experts / groups)));
+  }
   if (cfg.data.seq_len > m.max_seq_len)
     throw ConfigError(kv("data.seq_len", cfg.data.seq_len) + " must be in [1, " +
                       kv("model.max_seq_len", m.max_seq_len) + "]");
@@ -965,7 +1004,14 @@ std::vector<int> explicit_pp_layers(const Config& cfg) {
   return counts;
 }
 
+int expert_groups(const Config& cfg) {
+  if (cfg.model.moe.router.expert_groups > 0) return cfg.model.moe.router.expert_groups;
+  const int ep = std::max(cfg.parallel.expert_parallel, 1), ranks_per_node = cfg.parallel.ranks_per_node;
+  return ranks_per_node > 0 && ep % ranks_per_node == 0 ? ep / ranks_per_node : ep;
+}
+
 Config for_world_size(Config cfg, int world_size) {
+  cfg.model.moe.router.expert_groups = expert_groups(cfg);  // a config built in code, not loaded
   TrainConfig& t = cfg.train;
   if (world_size < 1) throw ConfigError("world size " + std::to_string(world_size) + " must be at least 1");
   if (t.global_batch_size == 0) return cfg;

@@ -29,6 +29,11 @@ struct RouterConfig {
   int topk_groups = 1;                  // ... of which the best topk_groups are eligible per token
   double bias_update_rate = 0.0;        // aux-loss-free balancing bias step; 0 = off
   bool selection_bias = false;          // keep the selection bias even when it is not updated (imports)
+  int max_groups_per_token = 0;         // node-limited routing: a token's top-k on at most this many expert
+                                        // groups (EP ranks, or nodes of parallel.ranks_per_node); 0 = off
+  // Not a key: how many expert groups max_groups_per_token counts, derived from parallel.* when the
+  // config is loaded (expert_groups()), so the router needs no ranks. 0 = not derived yet.
+  int expert_groups = 0;
 };
 
 struct MoEConfig {
@@ -141,6 +146,7 @@ struct ParallelConfig {
   int expert_parallel = 1;
   int zero = 0;                 // ZeRO stage: 0 = every replica holds all optimizer state; 1 = sharded over the replicas
   int pipeline_parallel = 1;    // pipeline stages (pp): world = pp x data-parallel ranks
+  int ranks_per_node = 0;       // EP ranks per node: node-limited routing groups nodes, not ranks; 0 = unset
   std::string pp_layers;        // blocks per stage, "6,5,5"; "" = balanced by per-layer FLOPs (cost::pipeline_layers)
   bool overlap_grad_reduce = true;  // reduce gradient buckets during backward, as each completes
   double grad_bucket_mb = 32;   // gradient bytes per reduction bucket (MiB); also ZeRO-1's shard buckets
@@ -199,6 +205,11 @@ struct KeyDoc {
 std::vector<KeyDoc> reference();
 // reference() as the markdown table in docs/config-reference.md (a test keeps the file in sync).
 std::string reference_markdown();
+
+// The expert groups of node-limited routing (model.moe.router.max_groups_per_token): one per node of
+// parallel.ranks_per_node EP ranks when that is set, else one per EP rank; each holds a contiguous
+// n_experts / groups experts, as the expert shards do. The router's own expert_groups when set.
+int expert_groups(const Config& cfg);
 
 // Derived values used throughout.
 inline int head_dim(const ModelConfig& m) { return m.head_dim > 0 ? m.head_dim : m.d_model / m.n_heads; }

@@ -1,6 +1,8 @@
 // Expert parallelism around the model (see expert_parallel.h).
 #include "dist/expert_parallel.h"
 
+#include <algorithm>
+
 namespace moetrain::dist {
 
 namespace {
@@ -42,40 +44,88 @@ ExpertParallel::ExpertParallel(std::shared_ptr<const Layout> layout, int n_exper
               " is not divisible by parallel.expert_parallel = ", layout_->ep_size());
 }
 
-torch::Tensor ExpertParallel::run(const moe::ExpertsImpl& experts, const torch::Tensor& rows_RD,
-                                  const torch::Tensor& counts_E, std::optional<torch::ScalarType> compute_dtype) const {
-  // Rows arrive sorted by global expert, and rank p owns experts [p * EL, (p + 1) * EL): the rows for
-  // each rank are already contiguous. P ranks, EL local experts.
+torch::Tensor ExpertParallel::run(const moe::ExpertsImpl& experts, const torch::Tensor& x_TD,
+                                  const moe::DispatchHandle& handle, const torch::Tensor& weights_R,
+                                  std::optional<torch::ScalarType> compute_dtype) const {
+  // Rank p owns experts [p * EL, (p + 1) * EL). A token crosses to each rank once, whatever number of
+  // that rank's experts it chose (U rows: one per (token, rank)); its copies (R: one per (token, expert))
+  // travel as an index into those rows and a routing weight. The expert's rank sums a row's weighted
+  // outputs, so one row per (token, rank) comes back too. P ranks, EL local experts.
   Communicator& ep = *layout_->ep;
-  const int64_t P = layout_->ep_size(), EL = n_experts_ / P;
-  // 1. Counts: recv_counts_PE[src][e] = rows rank src sends to local expert e.
-  const std::vector<int64_t> count_split(size_t(P), EL);
-  auto recv_counts_PE = ep.all_to_all(counts_E, count_split, count_split).to(torch::kCPU).view({P, EL});
-  const auto send_rows = group_sums(counts_E.to(torch::kCPU), P);
-  const auto recv_rows = group_sums(recv_counts_PE, P);
-  // 2. Rows to the experts' owners; they arrive grouped by source rank, then by local expert. They
-  // travel in the compute dtype both ways (the experts' output is in it), so a rank that receives no
-  // rows and passes them straight back posts exactly the dtype its peers post, as NCCL requires.
-  auto received_RD = all_to_all_rows(cast(rows_RD, compute_dtype), ep, send_rows, recv_rows);
-  // 3. Regroup by local expert (source ranks in order within each), run the experts, undo the regrouping.
-  // The rows arrive in blocks (source, expert); a stable sort of each row's key expert * P + source
-  // regroups them by expert with the sources in order, on the device (the output size is known on
-  // the host, so nothing waits for the device).
-  int64_t offset = 0;
-  for (int64_t n : recv_rows) offset += n;
-  const auto on_device = torch::TensorOptions().dtype(torch::kInt64).device(rows_RD.device());
+  const int64_t P = layout_->ep_size(), EL = n_experts_ / P, T = handle.num_tokens, R = handle.order_R.size(0);
+  const int64_t slots_per_row = std::min(handle.top_k, EL);  // copies a row can carry
+  const auto dev = x_TD.device();
+  const auto on_device = torch::TensorOptions().dtype(torch::kInt64).device(dev);
+  const auto counts_cpu = handle.counts_E.to(torch::kCPU);
+
+  // 1. The rows this rank sends: the distinct (rank, token) pairs of its copies, ordered by rank, then token.
+  const auto expert_R = torch::repeat_interleave(torch::arange(n_experts_, on_device), handle.counts_E, 0, R);
+  const auto dest_R = torch::floor_divide(expert_R, EL);
+  const int64_t key_base = std::max<int64_t>(T, 1);  // key = rank * T + token
+  const auto unique = at::_unique(dest_R * key_base + handle.token_ids_R, /*sorted=*/true, /*return_inverse=*/true);
+  const auto& pair_U = std::get<0>(unique);
+  const auto& row_of_copy_R = std::get<1>(unique);  // the copy's row among all sent rows
+  const int64_t U = pair_U.size(0);
+  const auto dest_U = torch::floor_divide(pair_U, key_base), token_U = pair_U - dest_U * key_base;
+  auto rows_per_dest = torch::zeros({P}, on_device).scatter_add_(0, dest_U, torch::ones_like(dest_U));
+  const auto first_row_P = torch::cumsum(rows_per_dest, 0) - rows_per_dest;
+  // Each copy names its row within the block sent to its rank.
+  const auto row_in_block_R = row_of_copy_R - first_row_P.index_select(0, dest_R);
+
+  // 2. Sizes: to each rank, [rows, copies per local expert]; meta_PC[src] = what rank src sends here.
+  auto send_meta_PC = torch::cat({rows_per_dest.to(torch::kCPU).unsqueeze(1), counts_cpu.view({P, EL})}, 1);
+  const std::vector<int64_t> one_each(size_t(P), 1);
+  auto recv_meta_PC = ep.all_to_all(send_meta_PC.to(dev), one_each, one_each).to(torch::kCPU);
+  const auto send_rows_P = send_meta_PC.select(1, 0).contiguous();
+  const std::vector<int64_t> send_rows(send_rows_P.data_ptr<int64_t>(), send_rows_P.data_ptr<int64_t>() + P);
+  const auto recv_rows_P = recv_meta_PC.select(1, 0).contiguous();
+  const std::vector<int64_t> recv_rows(recv_rows_P.data_ptr<int64_t>(), recv_rows_P.data_ptr<int64_t>() + P);
+  const auto recv_copies_PE = recv_meta_PC.narrow(1, 1, EL).contiguous();
+  const auto send_copies = group_sums(counts_cpu, P), recv_copies = group_sums(recv_copies_PE, P);
+  int64_t received_rows = 0, received_copies = 0;
+  for (int64_t p = 0; p < P; ++p) received_rows += recv_rows[p], received_copies += recv_copies[p];
+
+  // 3. Rows, then each copy's row and weight, to the experts' owners. Rows travel in the compute dtype
+  // both ways (the experts' output is in it), so a rank that receives none and passes them straight
+  // back posts exactly the dtype its peers post, as NCCL requires. The weights keep the router's dtype.
+  const auto rows_UD = moe::gather_rows(x_TD, token_U, token_U * P + dest_U, P);
+  auto received_UD = all_to_all_rows(cast(rows_UD, compute_dtype), ep, send_rows, recv_rows);
+  auto received_row_C = ep.all_to_all(row_in_block_R, send_copies, recv_copies).to(dev);
+  auto received_weight_C = all_to_all_rows(weights_R, ep, send_copies, recv_copies);
+
+  // 4. Regroup the copies by local expert (source ranks in order within each), run the experts, weight
+  // and sum each row's copies. The copies arrive in blocks (source, expert); a stable sort of each
+  // copy's key expert * P + source regroups them, on the device (sizes are known on the host).
+  const auto copy_source_C = torch::repeat_interleave(torch::arange(P, on_device), torch::tensor(recv_copies).to(dev), 0,
+                                                      received_copies);
+  const auto first_received_P = (torch::cumsum(recv_rows_P, 0) - recv_rows_P).to(dev);
+  const auto row_C = received_row_C + first_received_P.index_select(0, copy_source_C);
   const auto block_key = torch::arange(EL, on_device).repeat({P}) * P + torch::arange(P, on_device).repeat_interleave(EL);
-  const auto row_key = torch::repeat_interleave(block_key, recv_counts_PE.reshape(-1).to(rows_RD.device()), 0, offset);
-  auto perm_R = std::get<1>(torch::sort(row_key, /*stable=*/true, /*dim=*/0, /*descending=*/false));
-  auto local_counts_E = recv_counts_PE.sum(0).to(rows_RD.device());
-  // A rank that receives no rows still passes them through the graph: both all-to-alls must run
-  // their backward on every rank, or the ranks' collectives would fall out of step; and its experts
-  // still get a (zero) gradient, as every rank's do (see ExpertsImpl::forward_sliced).
-  auto y_sorted = offset == 0 ? received_RD + experts.forward(received_RD, local_counts_E, compute_dtype)
-                              : experts.forward(received_RD.index_select(0, perm_R), local_counts_E, compute_dtype);
-  auto y_received = torch::empty_like(y_sorted).index_copy(0, perm_R, y_sorted);
-  // 4. Results back to the ranks the rows came from, in their dispatch order.
-  return all_to_all_rows(y_received, ep, recv_rows, send_rows);
+  const auto copy_key = torch::repeat_interleave(block_key, recv_copies_PE.reshape(-1).to(dev), 0, received_copies);
+  const auto perm_C = std::get<1>(torch::sort(copy_key, /*stable=*/true, /*dim=*/0, /*descending=*/false));
+  const auto sorted_row_C = row_C.index_select(0, perm_C);
+  // A copy's slot in its row: its place among the row's copies (for the sums free of atomic adds).
+  const auto by_row_C = std::get<1>(torch::sort(sorted_row_C, /*stable=*/true, 0, false));
+  const auto copies_per_row = torch::zeros({received_rows}, on_device).scatter_add_(0, sorted_row_C, torch::ones_like(sorted_row_C));
+  const auto first_copy_of_row = torch::cumsum(copies_per_row, 0) - copies_per_row;
+  const auto place_C = torch::empty_like(sorted_row_C).index_copy_(
+      0, by_row_C, torch::arange(received_copies, on_device) - first_copy_of_row.index_select(0, sorted_row_C.index_select(0, by_row_C)));
+  const auto slot_C = sorted_row_C * slots_per_row + place_C;
+  const auto local_counts_E = recv_copies_PE.sum(0).to(dev);
+  auto rows_CD = moe::gather_rows(received_UD, sorted_row_C, slot_C, slots_per_row);
+  // A rank that receives no rows still passes them through the graph: every all-to-all must run its
+  // backward on every rank, or the ranks' collectives would fall out of step; and its experts still
+  // get a (zero) gradient, as every rank's do (see ExpertsImpl::forward_sliced).
+  auto y_CD = received_copies == 0 ? rows_CD + experts.forward(rows_CD, local_counts_E, compute_dtype)
+                                   : experts.forward(rows_CD, local_counts_E, compute_dtype);
+  auto weighted_CD = y_CD * received_weight_C.index_select(0, perm_C).to(y_CD.scalar_type()).unsqueeze(1);
+  auto combined_UD = moe::sum_rows(weighted_CD, sorted_row_C, slot_C, received_rows, slots_per_row);
+
+  // 5. One row per (token, rank) back to the ranks the rows came from, in their order; each token sums
+  // its ranks' rows.
+  auto returned_UD = all_to_all_rows(combined_UD, ep, recv_rows, send_rows);
+  TORCH_CHECK(returned_UD.size(0) == U, "[dist] expert parallel: ", returned_UD.size(0), " rows came back for ", U, " sent");
+  return moe::sum_rows(returned_UD, token_U, token_U * P + dest_U, T, P);
 }
 
 moe::ExpertShard expert_shard(const Layout& layout) { return {layout.ep_size(), layout.ep_rank()}; }

@@ -19,15 +19,16 @@ namespace moetrain::dist {
 torch::Tensor all_to_all_rows(const torch::Tensor& rows, Communicator& group, const std::vector<int64_t>& send_rows,
                               const std::vector<int64_t>& recv_rows);
 
-// The rows of one MoE layer across its ep group of P ranks, rank p holding experts
-// [p * E / P, (p + 1) * E / P): counts exchange, rows to the experts' owners, the experts, rows back.
-// Rows cross in the compute dtype both ways, and a rank that receives none still posts every
-// collective its peers post (NCCL hangs otherwise).
+// The tokens of one MoE layer across its ep group of P ranks, rank p holding experts
+// [p * E / P, (p + 1) * E / P): sizes exchange, one row per (token, rank) to the experts' owners with
+// each copy's row index and routing weight, the experts, the weighted sum of a token's local experts,
+// one row per (token, rank) back. Rows cross in the compute dtype both ways, and a rank that receives
+// none still posts every collective its peers post (NCCL hangs otherwise).
 class ExpertParallel : public moe::ExpertDispatcher {
  public:
   ExpertParallel(std::shared_ptr<const Layout> layout, int n_experts);
-  torch::Tensor run(const moe::ExpertsImpl& experts, const torch::Tensor& rows_RD, const torch::Tensor& counts_E,
-                    std::optional<torch::ScalarType> compute_dtype) const override;
+  torch::Tensor run(const moe::ExpertsImpl& experts, const torch::Tensor& x_TD, const moe::DispatchHandle& handle,
+                    const torch::Tensor& weights_R, std::optional<torch::ScalarType> compute_dtype) const override;
 
  private:
   std::shared_ptr<const Layout> layout_;

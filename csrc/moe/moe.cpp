@@ -8,35 +8,44 @@ namespace moetrain::moe {
 
 namespace {
 // Under LibTorch's deterministic mode (run.deterministic) dispatch and combine never add two values
-// into one place with atomics, so CUDA runs repeat bit for bit. Each row has a slot of its own in a
-// (T*K, D) buffer (its flat copy index t*K + k, unique); a token's K slots are then summed in k order.
+// into one place with atomics, so CUDA runs repeat bit for bit. Each element has a slot of its own in
+// an (n_rows * slots_per_row, D) buffer (for dispatch, the flat copy index t*K + k); a row's slots are
+// then summed in slot order.
 
-// rows = x_TD[token_ids_R] (token_ids_R = order_R / K), whose backward writes each row's gradient into its own slot and sums a
-// token's K slots, where index_select's backward would index_add the K copies onto one token row.
-struct GatherCopies : torch::autograd::Function<GatherCopies> {
-  static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& x_TD,
-                               const torch::Tensor& order_R, const torch::Tensor& token_ids_R, int64_t K) {
-    ctx->save_for_backward({order_R});
-    ctx->saved_data["T"] = x_TD.size(0);
-    ctx->saved_data["K"] = K;
-    return x_TD.index_select(0, token_ids_R);
+// x_ND[row_I], whose backward writes each element's gradient into its own slot and sums a row's
+// slots, where index_select's backward would index_add them onto one row (sum_rows without row_I
+// always takes the slots).
+struct GatherRows : torch::autograd::Function<GatherRows> {
+  static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& x_ND,
+                               const torch::Tensor& row_I, const torch::Tensor& slot_I, int64_t slots_per_row) {
+    ctx->save_for_backward({slot_I});
+    ctx->saved_data["N"] = x_ND.size(0);
+    ctx->saved_data["S"] = slots_per_row;
+    return x_ND.index_select(0, row_I);
   }
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
-    const auto order_R = ctx->get_saved_variables()[0];
-    const int64_t T = ctx->saved_data["T"].toInt(), K = ctx->saved_data["K"].toInt();
-    const auto& g_RD = grads[0];
-    auto slots = torch::zeros({T * K, g_RD.size(1)}, g_RD.options()).index_copy_(0, order_R, g_RD);
-    return {slots.view({T, K, g_RD.size(1)}).sum(1), torch::Tensor(), torch::Tensor(), torch::Tensor()};
+    const auto slot_I = ctx->get_saved_variables()[0];
+    const int64_t N = ctx->saved_data["N"].toInt(), S = ctx->saved_data["S"].toInt();
+    return {sum_rows(grads[0], torch::Tensor(), slot_I, N, S), torch::Tensor(), torch::Tensor(), torch::Tensor()};
   }
 };
-
-// out_TD[t] = sum over k of weighted_RD[row of copy t*K + k] (dropped copies add nothing), in k order.
-torch::Tensor combine_in_slots(const torch::Tensor& weighted_RD, const torch::Tensor& order_R, int64_t T, int64_t K) {
-  auto slots = torch::zeros({T * K, weighted_RD.size(1)}, weighted_RD.options()).index_copy(0, order_R, weighted_RD);
-  return slots.view({T, K, weighted_RD.size(1)}).sum(1);
-}
 }  // namespace
+
+torch::Tensor gather_rows(const torch::Tensor& x_ND, const torch::Tensor& row_I, const torch::Tensor& slot_I,
+                          int64_t slots_per_row) {
+  if (at::globalContext().deterministicAlgorithms()) return GatherRows::apply(x_ND, row_I, slot_I, slots_per_row);
+  return x_ND.index_select(0, row_I);
+}
+
+torch::Tensor sum_rows(const torch::Tensor& v_ID, const torch::Tensor& row_I, const torch::Tensor& slot_I, int64_t n_rows,
+                       int64_t slots_per_row) {
+  if (at::globalContext().deterministicAlgorithms() || !row_I.defined()) {
+    auto slots = torch::zeros({n_rows * slots_per_row, v_ID.size(1)}, v_ID.options()).index_copy(0, slot_I, v_ID);
+    return slots.view({n_rows, slots_per_row, v_ID.size(1)}).sum(1);
+  }
+  return torch::zeros({n_rows, v_ID.size(1)}, v_ID.options()).index_add(0, row_I, v_ID);
+}
 
 namespace {
 struct RecomputedGatedProduct : torch::autograd::Function<RecomputedGatedProduct> {
@@ -78,10 +87,10 @@ int64_t expert_capacity(double capacity_factor, int64_t num_tokens, int top_k, i
   return int64_t(std::ceil(capacity_factor * double(num_tokens) * top_k / n_experts));
 }
 
-Dispatched dispatch(const torch::Tensor& x_TD, const RoutingPlan& plan, std::optional<int64_t> capacity) {
+Dispatched sort_copies(const RoutingPlan& plan, int64_t num_tokens, std::optional<int64_t> capacity) {
   const int64_t K = plan.topk_ids_TK.size(1);
-  TORCH_CHECK(plan.topk_ids_TK.size(0) == x_TD.size(0), "[moe] dispatch: plan has ", plan.topk_ids_TK.size(0),
-              " tokens, input has ", x_TD.size(0));
+  TORCH_CHECK(plan.topk_ids_TK.size(0) == num_tokens, "[moe] dispatch: plan has ", plan.topk_ids_TK.size(0),
+              " tokens, input has ", num_tokens);
   auto flat_ids_R = plan.topk_ids_TK.reshape(-1);
   const auto stable = std::optional<bool>(true);
   Dispatched d;
@@ -102,23 +111,27 @@ Dispatched dispatch(const torch::Tensor& x_TD, const RoutingPlan& plan, std::opt
     counts_E = counts_E.clamp_max(*capacity);
     d.dropped = (flat_ids_R.numel() - counts_E.sum()).reshape({});
   }
-  auto token_ids_R = torch::floor_divide(order_R, K);
-  d.rows_RD = at::globalContext().deterministicAlgorithms() ? GatherCopies::apply(x_TD, order_R, token_ids_R, K)
-                                                             : x_TD.index_select(0, token_ids_R);
-  d.handle.token_ids_R = token_ids_R;
+  d.handle.token_ids_R = torch::floor_divide(order_R, K);
   d.handle.order_R = order_R;
   d.handle.counts_E = counts_E;
-  d.handle.num_tokens = x_TD.size(0);
+  d.handle.num_tokens = num_tokens;
+  d.handle.top_k = K;
   return d;
 }
 
+Dispatched dispatch(const torch::Tensor& x_TD, const RoutingPlan& plan, std::optional<int64_t> capacity) {
+  Dispatched d = sort_copies(plan, x_TD.size(0), capacity);
+  d.rows_RD = gather_rows(x_TD, d.handle.token_ids_R, d.handle.order_R, d.handle.top_k);
+  return d;
+}
+
+torch::Tensor copy_weights(const DispatchHandle& handle, const RoutingPlan& plan) {
+  return plan.topk_weights_TK.reshape(-1).index_select(0, handle.order_R);
+}
+
 torch::Tensor combine(const torch::Tensor& y_RD, const DispatchHandle& handle, const RoutingPlan& plan) {
-  auto weights_R = plan.topk_weights_TK.reshape(-1).index_select(0, handle.order_R);
-  auto weighted_RD = y_RD * weights_R.to(y_RD.scalar_type()).unsqueeze(1);
-  if (at::globalContext().deterministicAlgorithms())
-    return combine_in_slots(weighted_RD, handle.order_R, handle.num_tokens, plan.topk_ids_TK.size(1));
-  auto out_TD = torch::zeros({handle.num_tokens, y_RD.size(1)}, y_RD.options());
-  return out_TD.index_add(0, handle.token_ids_R, weighted_RD);
+  auto weighted_RD = y_RD * copy_weights(handle, plan).to(y_RD.scalar_type()).unsqueeze(1);
+  return sum_rows(weighted_RD, handle.token_ids_R, handle.order_R, handle.num_tokens, handle.top_k);
 }
 
 ExpertsImpl::ExpertsImpl(int n_experts, int d_model, int hidden, std::string impl) : impl_(std::move(impl)) {
@@ -211,12 +224,17 @@ MoEOutput MoEImpl::forward(const torch::Tensor& x_TD, int64_t seq_len,
   std::optional<int64_t> capacity;
   if (cfg_.capacity_factor)
     capacity = expert_capacity(*cfg_.capacity_factor, x_TD.size(0), cfg_.top_k, cfg_.n_experts);
-  Dispatched dispatched = dispatch(x_TD, plan, capacity);                                     // 2. dispatch
   TORCH_CHECK(dispatcher_ || shard_.ranks == 1, "[moe] this layer holds experts of shard ", shard_.rank, " of ",
               shard_.ranks, " but no expert-parallel dispatcher was installed (dist::parallelize)");
-  auto y_RD = dispatcher_ ? dispatcher_->run(*experts, dispatched.rows_RD, dispatched.handle.counts_E, compute_dtype)
-                          : experts->forward(dispatched.rows_RD, dispatched.handle.counts_E, compute_dtype);  // 3. experts
-  auto out_TD = combine(y_RD, dispatched.handle, plan);                                       // 4. combine
+  Dispatched dispatched = sort_copies(plan, x_TD.size(0), capacity);                         // 2. dispatch
+  torch::Tensor out_TD;
+  if (dispatcher_) {  // 2-4 across the ranks: rows out, experts, weighted sums back
+    out_TD = dispatcher_->run(*experts, x_TD, dispatched.handle, copy_weights(dispatched.handle, plan), compute_dtype);
+  } else {
+    dispatched.rows_RD = gather_rows(x_TD, dispatched.handle.token_ids_R, dispatched.handle.order_R, cfg_.top_k);
+    auto y_RD = experts->forward(dispatched.rows_RD, dispatched.handle.counts_E, compute_dtype);  // 3. experts
+    out_TD = combine(y_RD, dispatched.handle, plan);                                            // 4. combine
+  }
   if (shared) out_TD = out_TD + shared->forward(x_TD, compute_dtype);                         // 5. shared experts
 
   MoEOutput out;

@@ -36,6 +36,7 @@ struct DispatchHandle {
   torch::Tensor order_R;      // (R,) int64, flat (t*K + k) index of each sorted row
   torch::Tensor counts_E;     // (E,) int64 on the input's device, rows per expert after capacity
   int64_t num_tokens = 0;
+  int64_t top_k = 0;
 };
 
 struct Dispatched {
@@ -51,8 +52,22 @@ int64_t expert_capacity(double capacity_factor, int64_t num_tokens, int top_k, i
 // order within an expert. With a capacity, each expert keeps its `capacity` copies of highest routing
 // weight (ties: earlier tokens first) and drops the rest.
 Dispatched dispatch(const torch::Tensor& x_TD, const RoutingPlan& plan, std::optional<int64_t> capacity = {});
+// dispatch() without gathering the rows (rows_RD stays undefined): the order, counts and drops only.
+Dispatched sort_copies(const RoutingPlan& plan, int64_t num_tokens, std::optional<int64_t> capacity = {});
+// The combine weights of the kept copies in dispatch order: (R,) fp32, with autograd to the router.
+torch::Tensor copy_weights(const DispatchHandle& handle, const RoutingPlan& plan);
 // Weighted sum of each token's expert outputs: out_TD[t] = sum_k w[t,k] * y[row of (t,k)] over kept rows.
 torch::Tensor combine(const torch::Tensor& y_RD, const DispatchHandle& handle, const RoutingPlan& plan);
+
+// Gather and scatter-sum of rows by index, free of atomic adds under LibTorch's deterministic mode:
+// each element i has its own slot slot_I[i] < n_rows * slots_per_row (unique, row_I[i] * slots_per_row
+// + something below slots_per_row), so sums go through a (n_rows, slots_per_row) buffer in slot order.
+// gather_rows(x_ND, row_I, ...) = x_ND[row_I]; its backward sums each row's slots.
+torch::Tensor gather_rows(const torch::Tensor& x_ND, const torch::Tensor& row_I, const torch::Tensor& slot_I,
+                          int64_t slots_per_row);
+// out_ND[n] = sum of v_ID[i] over i with row_I[i] = n.
+torch::Tensor sum_rows(const torch::Tensor& v_ID, const torch::Tensor& row_I, const torch::Tensor& slot_I, int64_t n_rows,
+                       int64_t slots_per_row);
 
 // Routed experts stored stacked, computed as one grouped GEMM per projection over sorted rows.
 class ExpertsImpl : public torch::nn::Module {
@@ -97,15 +112,17 @@ struct ExpertShard {
   int rank = 0;
 };
 
-// How a layer's rows reach experts it does not hold and come back: the seam expert parallelism
-// (csrc/dist/expert_parallel) plugs into. run() gets this layer's experts, the rows sorted by global
-// expert and the rows per global expert, and returns the experts' outputs for those rows in the same
-// order, in the compute dtype. A layer holding every expert needs none.
+// How a layer's tokens reach experts it does not hold and come back: the seam expert parallelism
+// (csrc/dist/expert_parallel) plugs into, standing for steps 2-4. run() gets this layer's experts, the
+// tokens x_TD, the kept copies sorted by global expert (handle) and their combine weights weights_R
+// (copy_weights: autograd reaches the router through them), and returns each token's weighted sum of
+// its experts' outputs, (T, D) in the compute dtype: what combine() gives locally, to fp32 rounding.
+// A layer holding every expert needs none.
 class ExpertDispatcher {
  public:
   virtual ~ExpertDispatcher() = default;
-  virtual torch::Tensor run(const ExpertsImpl& experts, const torch::Tensor& rows_RD, const torch::Tensor& counts_E,
-                            std::optional<torch::ScalarType> compute_dtype) const = 0;
+  virtual torch::Tensor run(const ExpertsImpl& experts, const torch::Tensor& x_TD, const DispatchHandle& handle,
+                            const torch::Tensor& weights_R, std::optional<torch::ScalarType> compute_dtype) const = 0;
 };
 
 class MoEImpl : public torch::nn::Module {

@@ -1,4 +1,4 @@
-// Routing: softmax or sigmoid scores, optional group-limited selection and selection bias, top-k,
+// Routing: softmax or sigmoid scores, optional group-limited or node-limited selection and selection bias, top-k,
 // and the balancing losses (switch, sequence-wise, z-loss) with routing statistics.
 #include "moe/router.h"
 
@@ -8,6 +8,13 @@ namespace moetrain::moe {
 
 RouterImpl::RouterImpl(const config::MoEConfig& cfg, int d_model) : cfg_(cfg) {
   weight = register_parameter("weight", torch::empty({cfg.n_experts, d_model}));
+  const auto& rc = cfg.router;
+  if (rc.max_groups_per_token > 0)
+    TORCH_CHECK(rc.expert_groups >= rc.max_groups_per_token && cfg.n_experts % rc.expert_groups == 0 &&
+                    cfg.top_k <= rc.max_groups_per_token * (cfg.n_experts / rc.expert_groups),
+                "[moe] model.moe.router.max_groups_per_token = ", rc.max_groups_per_token, " over ", rc.expert_groups,
+                " expert groups of ", cfg.n_experts, " experts cannot route top_k = ", cfg.top_k,
+                " (the groups come from parallel.expert_parallel and parallel.ranks_per_node when the config is loaded)");
   if (cfg.router.bias_update_rate > 0 || cfg.router.selection_bias) expert_bias = register_buffer("expert_bias", torch::zeros({cfg.n_experts}));
 }
 
@@ -48,6 +55,18 @@ RoutingPlan RouterImpl::route(const torch::Tensor& x_TD, int64_t seq_len) const 
     auto eligible_TG = torch::zeros({T, rc.n_groups}, choice_TE.options().dtype(torch::kBool))
                            .scatter_(1, best_groups, true);
     auto eligible_TE = eligible_TG.unsqueeze(-1).expand({T, rc.n_groups, per_group}).reshape({T, E});
+    choice_TE = choice_TE.masked_fill(eligible_TE.logical_not(), -std::numeric_limits<double>::infinity());
+  }
+  if (rc.max_groups_per_token > 0) {
+    // Node-limited (DeepSeek-V3 section 2.1.2): a group is the experts of one EP rank or node, scored by
+    // the sum of its best ceil(K / M) selection scores; the token's top-k comes from the best M groups.
+    const int64_t G = rc.expert_groups, M = rc.max_groups_per_token, per_group = E / G;
+    const int64_t best_per_group = std::min<int64_t>((K + M - 1) / M, per_group);
+    auto grouped = choice_TE.view({T, G, per_group});
+    auto group_score_TG = std::get<0>(grouped.topk(best_per_group, -1)).sum(-1);
+    auto best_groups = std::get<1>(group_score_TG.topk(M, -1));
+    auto eligible_TG = torch::zeros({T, G}, choice_TE.options().dtype(torch::kBool)).scatter_(1, best_groups, true);
+    auto eligible_TE = eligible_TG.unsqueeze(-1).expand({T, G, per_group}).reshape({T, E});
     choice_TE = choice_TE.masked_fill(eligible_TE.logical_not(), -std::numeric_limits<double>::infinity());
   }
   RoutingPlan plan;

@@ -9,7 +9,9 @@
 #include "../test_util.h"
 #include "../train/train_fixture.h"
 #include "common/files.h"
+#include "data/shard.h"
 #include "model/transformer.h"
+#include "train/generate.h"
 
 using namespace moetrain;
 using Catch::Matchers::Contains;
@@ -247,4 +249,80 @@ CATCH_TEST_CASE("mtp: config keys are validated with their key paths", "[config]
   CATCH_CHECK_THROWS_WITH(config::validate(cfg), Contains("model.mtp_loss_weight"));
   cfg.model.mtp_loss_weight = 0.1;
   CATCH_CHECK_NOTHROW(config::validate(cfg));
+}
+
+// `moetrain eval --mtp`: each depth's loss per token over the eval windows (--seq-len L, the last one
+// shorter) equals the direct reference above on the same windows. fp32, the same sums in another
+// grouping of windows: 1e-5 relative. The token counts are exact: L - k predictions per full window.
+CATCH_TEST_CASE("mtp: eval --mtp reports each depth's loss as a direct computation does", "[train][mtp][cli]") {
+  testing::TempDir dir("mtp-eval");
+  const auto data_dir = testing::make_corpus(dir);
+  auto cfg = testing::tiny_train_config(data_dir, dir.str("run"));
+  cfg.model = mtp_config(2);
+  cfg.model.vocab_size = 256;
+  cfg.train.steps = 3;
+  cfg.train.eval_every = 0;
+  auto run = testing::run_command("OMP_NUM_THREADS=1 " + std::string(MOETRAIN_BINARY) + " train --config " +
+                                  testing::write_config(cfg, dir.str("run.yaml")));
+  CATCH_INFO(run.output);
+  CATCH_REQUIRE(run.exit_code == 0);
+  const int L = 12;
+  const std::string eval = std::string(MOETRAIN_BINARY) + " eval --checkpoint " + dir.str("run") + " --data " + data_dir +
+                           " --seq-len " + std::to_string(L) + " --json";
+  auto with = testing::run_command(eval + " --mtp 2>&1"), without = testing::run_command(eval + " 2>&1");
+  CATCH_INFO(with.output << without.output);
+  CATCH_REQUIRE(with.exit_code == 0);
+  CATCH_REQUIRE(without.exit_code == 0);
+  const auto got = nlohmann::json::parse(with.output.substr(with.output.find("{\"data\"")));
+  const auto plain = nlohmann::json::parse(without.output.substr(without.output.find("{\"data\"")));
+  CATCH_CHECK(got["loss"].get<double>() == plain["loss"].get<double>());  // the main loss is the same
+  CATCH_CHECK(!plain.contains("mtp_loss"));
+  CATCH_REQUIRE(got["mtp_loss"].size() == 2);
+
+  // Direct: every full window in one batch, the short last one alone (when longer than the depth).
+  auto loaded = train::load_for_inference(dir.str("run"));
+  data::Shard val(files::join(data_dir, "val.bin"));
+  std::vector<int64_t> tokens(val.size());
+  val.read(0, val.size(), tokens.data());
+  const int64_t predictions = int64_t(tokens.size()) - 1, full = predictions / L, last = predictions - full * L;
+  auto stream = torch::tensor(tokens);
+  std::vector<double> sums(2, 0.0), counts(2, 0.0);
+  auto add = [&](int64_t begin, int64_t rows, int64_t len) {
+    Batch b;
+    b.tokens = torch::empty({rows, len}, torch::kLong);
+    b.targets = torch::empty({rows, len}, torch::kLong);
+    for (int64_t r = 0; r < rows; ++r) {
+      b.tokens[r] = stream.narrow(0, begin + r * L, len);
+      b.targets[r] = stream.narrow(0, begin + r * L + 1, len);
+    }
+    const auto means = reference_mtp_losses(*loaded.model, b);
+    for (int k = 1; k <= 2; ++k) {
+      sums[size_t(k - 1)] += means[size_t(k - 1)] * double(rows * (len - k));
+      counts[size_t(k - 1)] += double(rows * (len - k));
+    }
+  };
+  add(0, full, L);
+  if (last > 2) add(full * L, 1, last);
+  for (int k = 1; k <= 2; ++k) {
+    const double want = sums[size_t(k - 1)] / counts[size_t(k - 1)];
+    CATCH_INFO("depth " << k << ": " << got["mtp_loss"][k - 1].get<double>() << " vs " << want);
+    CATCH_CHECK(got["mtp_tokens"][k - 1].get<double>() == counts[size_t(k - 1)]);
+    CATCH_CHECK(std::abs(got["mtp_loss"][k - 1].get<double>() - want) <= 1e-5 * want);
+  }
+  // The line form names each depth.
+  auto line = testing::run_command(std::string(MOETRAIN_BINARY) + " eval --checkpoint " + dir.str("run") + " --data " +
+                                   data_dir + " --mtp 2>&1");
+  CATCH_CHECK_THAT(line.output, Contains("| mtp 1 loss ") && Contains("| mtp 2 loss "));
+
+  // A model without MTP modules: one clear line, exit non-zero.
+  auto off = cfg;
+  off.model.mtp_depth = 0;
+  off.run.out_dir = dir.str("off");
+  CATCH_REQUIRE(testing::run_command("OMP_NUM_THREADS=1 " + std::string(MOETRAIN_BINARY) + " train --config " +
+                                     testing::write_config(off, dir.str("off.yaml")))
+                    .exit_code == 0);
+  auto refused = testing::run_command(std::string(MOETRAIN_BINARY) + " eval --checkpoint " + dir.str("off") + " --data " +
+                                      data_dir + " --mtp 2>&1");
+  CATCH_CHECK(refused.exit_code != 0);
+  CATCH_CHECK_THAT(refused.output, Contains("--mtp") && Contains("model.mtp_depth = 0"));
 }
