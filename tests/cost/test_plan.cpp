@@ -8,6 +8,8 @@
 #include "../test_util.h"
 #include "cost/flops.h"
 #include "cost/memory.h"
+#include "common/files.h"
+#include "config/config.h"
 #include "cost/plan.h"
 
 using namespace moetrain;
@@ -226,4 +228,29 @@ CATCH_TEST_CASE("claims table: every public claim costed, checked against publis
   auto bad = testing::run_command(python + " " + dir.str() + " 2>&1");
   CATCH_CHECK(bad.exit_code != 0);
   CATCH_CHECK_THAT(bad.output, Contains("bad.yaml: claim.gpu_hours is missing"));
+}
+
+// Every config the repository ships loads and validates (templates without their model folders), and
+// the architectures of configs/models/ (what scripts/what_fits.sh plans) have their models' published
+// parameter counts: OLMoE-1B-7B 6.92B (Hugging Face's count), Qwen3-30B-A3B 30.5B, Mixtral-8x7B
+// 46.7B, DeepSeek-V2-Lite 15.7B, within 0.5% (the published figures are rounded).
+CATCH_TEST_CASE("Every shipped config loads; configs/models/ have their published parameter counts", "[cost][config]") {
+  const std::string root = std::string(MOETRAIN_SOURCE_DIR) + "/configs";
+  int loaded = 0;
+  for (const std::string sub : {"", "/models", "/claims"})
+    for (const auto& name : files::list_directory(root + sub)) {
+      if (name.size() < 5 || name.substr(name.size() - 5) != ".yaml") continue;
+      CATCH_INFO("configs" << sub << "/" << name);
+      CATCH_CHECK_NOTHROW(config::load_config(root + sub + "/" + name, {}));
+      ++loaded;
+    }
+  CATCH_CHECK(loaded >= 15);
+  const std::vector<std::pair<std::string, double>> published = {
+      {"olmoe-1b-7b", 6.92e9}, {"qwen3-30b-a3b", 30.5e9}, {"mixtral-8x7b", 46.7e9}, {"deepseek-v2-lite", 15.7e9}};
+  for (const auto& [name, count] : published) {
+    CATCH_INFO(name);
+    const auto cfg = config::load_config(root + "/models/" + name + ".yaml", {});
+    const double total = double(cost::param_counts(cfg.model).total);
+    CATCH_CHECK(std::abs(total - count) <= 0.005 * count);
+  }
 }
