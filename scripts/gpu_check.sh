@@ -13,6 +13,9 @@
 #     bench-step of a 2-layer DeepSeek-V3-shaped stack (tokens/s, MFU), whose measured peak of allocated
 #     CUDA memory is printed beside `moetrain plan`'s prediction for the same config (bf16 and MLA
 #     terms, unmeasured on the CPU: the issue asks for 15%);
+#   - an OLMoE-1B-7B-shaped stack (4 layers, seq 4096, bf16): bench-step's tokens/s and MFU against
+#     transformers' OlmoeForCausalLM trained the same way on the same GPU (scripts/bench_step_hf.py),
+#     and the measured peak against plan's;
 #   - where the machine has two GPUs or more: bench-step at world 2 with the gradient reduction
 #     overlapped with backward and not, the step times side by side.
 # Set GPU_CHECK_CTEST=1 to run the whole CPU suite there as well (a few more minutes).
@@ -134,6 +137,24 @@ print("predicted %.2f GiB, measured %.2f GiB, ratio %.3f (%s)" % (p / 2**30, m /
       "within 15%" if abs(p - m) <= 0.15 * m else "OFF by more than 15%"))
 PY
 )
+# OLMoE-1B-7B's shape (4 of its 16 layers, so that both frameworks' fp32 weights and AdamW fit one
+# GPU at seq 4096): moetrain's step against transformers' on this GPU, and plan's peak against ours.
+olmoe=(--config configs/models/olmoe-1b-7b.yaml --set model.n_layers=4 --set train.global_batch_size=1)
+build-gpu/moetrain bench-step "${olmoe[@]}" --set cost.gpu=h200 --warmup 2 --steps 5 --json \
+  > "$out/bench-olmoe.json" 2> "$out/bench-olmoe.log" || fail "bench OLMoE-shaped"
+python3 scripts/bench_step_hf.py --layers 4 --seq 4096 --steps 5 --warmup 2 > "$out/bench-olmoe-hf.json" \
+  2> "$out/bench-olmoe-hf.log" || fail "bench OLMoE-shaped in transformers (see bench-olmoe-hf.log)"
+build-gpu/moetrain plan "${olmoe[@]}" --gpu h200 --json > "$out/plan-olmoe.json" 2> "$out/plan-olmoe.log" ||
+  fail "plan OLMoE-shaped"
+olmoe_line=$(python3 - "$out/bench-olmoe.json" "$out/bench-olmoe-hf.json" "$out/plan-olmoe.json" <<'PY' 2>/dev/null || echo "FAIL (see bench-olmoe*.log)"
+import json, sys
+ours, hf, plan = (json.loads([l for l in open(f) if l.startswith("{")][-1]) for f in sys.argv[1:4])
+p, m = plan["peak_bytes"], ours["peak_allocated_bytes"]
+print("%.0f tok/s (MFU %.3f) vs transformers %.0f tok/s: %.2fx; peak %.1f GiB, plan %.1f GiB (%.3f)" % (
+    ours["tokens_per_s"], ours["mfu"], hf["tokens_per_s"], ours["tokens_per_s"] / hf["tokens_per_s"],
+    m / 2**30, p / 2**30, p / m))
+PY
+)
 # Gradient reduction overlapped with backward needs two data-parallel ranks, so two GPUs: bench-step
 # of tiny-deepseek at world 2 with overlap on and off, side by side, where the machine has them.
 gpus=$(nvidia-smi --query-gpu=name --format=csv,noheader | wc -l)
@@ -170,6 +191,7 @@ printf '%-24s %s\n' "tiny-deepseek bf16" "${ds_line:-FAIL}"
 printf '%-24s %s\n' "nccl world 1 bf16" "${nccl_line:-FAIL}"
 printf '%-24s %s\n' "bench DeepSeek-V3 2L" "$bench_line"
 printf '%-24s %s\n' "plan vs measured peak" "$plan_line"
+printf '%-24s %s\n' "OLMoE-shaped, 4 layers" "$olmoe_line"
 printf '%-24s %s\n' "overlap, world 2" "$overlap_line"
 echo "status: $([ $status = 0 ] && echo PASS || echo FAIL)"
 exit $status

@@ -4,7 +4,8 @@
 # For each model and GPU it plans parallel.expert_parallel in the divisors of the expert count up to
 # 8, parallel.zero 0 and 1, and train.activation_checkpointing none, selective and full, and
 # recommends the first setting that fits in this order (fastest-looking first): no checkpointing
-# before selective before full, then the smallest expert_parallel, then zero 0 before 1; with it,
+# before selective before full, then the smallest expert_parallel, then zero 0 before 1, then the
+# bf16 weight copies kept between updates before cast at every use (run.keep_compute_copies); with it,
 # the largest micro-batch that fits and divides the configs' global batch (32 sequences over 8 GPUs:
 # 1, 2 or 4). Where nothing fits on 8 GPUs it finds the smallest count of 16, 32, 64, ... that fits
 # (expert_parallel then up to the GPU count, the global batch at least one sequence per GPU).
@@ -70,8 +71,9 @@ def total_params(config):
     return run_json(["cost", "--config", config, "--tokens", "1e12", "--mfu", "0.5"])["params_total"]
 
 
-def plan(config, gpu, n_gpus, ep, zero, ac, mb, global_batch):
+def plan(config, gpu, n_gpus, ep, zero, ac, mb, global_batch, keep):
     return run_json(["plan", "--config", config, "--gpu", gpu, "--gpus", str(n_gpus),
+                     "--set", f"run.keep_compute_copies={'true' if keep else 'false'}",
                      "--set", f"parallel.expert_parallel={ep}", "--set", f"parallel.zero={zero}",
                      "--set", f"train.activation_checkpointing={ac}", "--set", f"train.micro_batch_size={mb}",
                      "--set", f"train.global_batch_size={global_batch}", "--set", "train.grad_accum=0"])
@@ -85,20 +87,21 @@ def recommend(config, gpu, n_gpus, n_experts, max_ep):
     for ac in CHECKPOINTING:
         for ep in eps:
             for zero in (0, 1):
-                best = None
-                for mb in micro_batches:
-                    p = plan(config, gpu, n_gpus, ep, zero, ac, mb, global_batch)
-                    if not p["fits"]:
-                        break
-                    best = p
-                if best:
-                    return dict(ac=ac, ep=ep, zero=zero, mb=best["micro_batch_size"], peak=best["peak_bytes"],
-                                usable=best["usable_bytes"])
+                for keep in (True, False):
+                    best = None
+                    for mb in micro_batches:
+                        p = plan(config, gpu, n_gpus, ep, zero, ac, mb, global_batch, keep)
+                        if not p["fits"]:
+                            break
+                        best = p
+                    if best:
+                        return dict(ac=ac, ep=ep, zero=zero, keep=keep, mb=best["micro_batch_size"],
+                                    peak=best["peak_bytes"], usable=best["usable_bytes"])
     return None
 
 
 def settings(r):
-    return f"ep {r['ep']}, zero {r['zero']}, {r['ac']}, mb {r['mb']}"
+    return f"ep {r['ep']}, zero {r['zero']}, {r['ac']}{'' if r['keep'] else ', bf16 cast per use'}, mb {r['mb']}"
 
 
 def gib(r):
@@ -111,7 +114,8 @@ def tight(r):
 
 def set_flags(r, seq_len):
     return (f"#     --set data.seq_len={seq_len} --set parallel.expert_parallel={r['ep']} --set parallel.zero={r['zero']}\n"
-            f"#     --set train.activation_checkpointing={r['ac']} --set train.micro_batch_size={r['mb']}")
+            f"#     --set train.activation_checkpointing={r['ac']} --set train.micro_batch_size={r['mb']}" +
+            ("" if r["keep"] else "\n#     --set run.keep_compute_copies=false"))
 
 
 def replace_between(path, begin, end, body):
@@ -135,7 +139,7 @@ for name, config, template in MODELS:
         print(f"[what_fits] {name} on 8 x {gpu} ...", file=sys.stderr)
         r = recommend(config, gpu, 8, keys["n_experts"], 8)
         if r:
-            rows.append(f"| {name} | 8 x {gpu} | {params} | {r['ep']} | {r['zero']} | {r['ac']} | {r['mb']} | {gib(r)}{tight(r)} |")
+            rows.append(f"| {name} | 8 x {gpu} | {params} | {r['ep']} | {r['zero']} | {r['ac']}{'' if r['keep'] else ' (bf16 cast per use)'} | {r['mb']} | {gib(r)}{tight(r)} |")
             block.append(f"#   8 x {gpu}, peak {gib(r)} GiB{tight(r)}:\n{set_flags(r, keys['seq_len'])}")
             continue
         n, found = 16, None

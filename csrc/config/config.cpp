@@ -105,6 +105,12 @@ const std::vector<KeyDesc>& keys() {
                    "dispatch, combine and loss without atomic adds. CPU runs are bit-exact without it; on a GPU "
                    "it makes reruns and resumes bit-exact at some cost in speed.",
                    any()),
+      MOETRAIN_KEY(run.keep_compute_copies,
+                   "Under dtype bf16: cast each weight once per update and keep the copy for every use until the "
+                   "next (2 bytes per parameter held all along); false = cast at every use, each copy living only "
+                   "while autograd needs it (with full activation checkpointing, one block's at a time). The "
+                   "results are the same bit for bit.",
+                   any()),
 
       MOETRAIN_KEY(model.vocab_size, "Vocabulary size: rows of the token embedding (and of the LM head).",
                    at_least(2)),

@@ -18,6 +18,7 @@ struct RunConfig {
   std::string dtype = "fp32";   // fp32 | bf16 (parameters and activations; router math is fp32)
   int threads = 0;              // CPU intra-op threads; 0 = all cores
   bool deterministic = false;   // deterministic kernels everywhere (bit-exact reruns on a GPU too)
+  bool keep_compute_copies = true;  // bf16: one kept copy of each weight per update, not a cast per use
 };
 
 // Routing: how scores are computed and which experts each token is sent to.

@@ -128,8 +128,14 @@ MemoryPlan plan_stage(const config::Config& cfg, int world_size, int stage, int 
   const bool bf16 = cfg.run.dtype == "bf16";
   const double cb = bf16 ? 2 : 4;
   const bool checkpointing = cfg.train.activation_checkpointing == "full";
-  // The bf16 copies of the weights are kept from one optimizer step to the next (common/tensor.h).
-  if (bf16) p.compute_copy = 2 * p.params_per_rank;
+  // The bf16 copies of the weights: kept from one optimizer step to the next (common/tensor.h), or
+  // (run.keep_compute_copies false) alive from a micro-batch's forward to its backward, with
+  // checkpointing only the recomputed block's, beside the embedding and head.
+  const double block_params = std::max(1.0, (p.params_per_rank - params.ends) / p.blocks);
+  const double outer_params = p.params_per_rank - block_params * p.blocks;
+  const bool kept_copies = cfg.run.keep_compute_copies;
+  if (bf16)
+    p.compute_copy = 2 * (kept_copies || !checkpointing ? p.params_per_rank : outer_params + block_params);
 
   const Activations act{m, cb, cfg.train.activation_checkpointing == "selective"};
   double per_token = last_stage ? act.norm(m.d_model) : 0, largest_block = 0;  // the final norm
@@ -171,9 +177,11 @@ MemoryPlan plan_stage(const config::Config& cfg, int world_size, int stage, int 
   const double gradients = resident_gradients ? 0 : p.gradients;  // when they come and go
   const double kept = p.activations * in_flight(0);
   const double kept_beside_gradients = micro > 1 ? p.activations * in_flight(1) + gradients : 0;
-  const double resident = p.weights + p.compute_copy + p.optimizer + (resident_gradients ? p.gradients : 0);
-  const double backward = resident + std::max(kept, kept_beside_gradients) + p.loss;
-  const double recompute = checkpointing ? resident + gradients + kept + T * largest_block : 0;
+  const double resident = p.weights + (kept_copies ? p.compute_copy : 0) + p.optimizer +
+                          (resident_gradients ? p.gradients : 0);
+  const double copies = kept_copies ? 0 : p.compute_copy;  // when they live in forward and backward only
+  const double backward = resident + copies + std::max(kept, kept_beside_gradients) + p.loss;
+  const double recompute = checkpointing ? resident + copies + gradients + kept + T * largest_block : 0;
   const double optimizer_step = resident + gradients + p.communication + 2 * largest_param_bytes(m, ep);
   p.peak = backward, p.peak_moment = "backward";
   if (recompute > p.peak) p.peak = recompute, p.peak_moment = "recompute";

@@ -3,7 +3,9 @@
 //
 // The terms follow what this implementation holds, not a generic formula:
 //   weights        fp32 master weights (routed experts divided over expert_parallel)
-//   compute copy   in bf16, the bf16 copy of every weight, kept from one update to the next
+//   compute copy   in bf16, the bf16 copy of every weight, kept from one update to the next; with
+//                  run.keep_compute_copies false the casts autograd keeps for backward (with full
+//                  checkpointing one block's, beside the embedding and head)
 //   gradients      fp32, the size of the weights; at zero 0 over several ranks held for the whole run
 //                  in the gradient buckets' buffers, else from the first backward to the update
 //   optimizer      AdamW's two fp32 moments, divided over each parameter's replicas at parallel.zero 1

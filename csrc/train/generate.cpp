@@ -7,6 +7,7 @@
 #include <cmath>
 
 #include "common/errors.h"
+#include "common/tensor.h"
 #include "cost/memory.h"
 #include "hf/hf.h"
 #include "train/trainer.h"
@@ -34,6 +35,7 @@ LoadedModel load_for_inference(const std::string& path, const std::string& verif
   cost::require_memory(loaded.cfg, /*expert_parallel=*/1, /*training=*/false);  // before allocating the weights
   configure_threads(loaded.cfg.run);
   configure_determinism(loaded.cfg.run);
+  set_cached_casts(loaded.cfg.run.keep_compute_copies);
   loaded.model = model::Transformer(loaded.cfg.model);
   ckpt::load_model(*step_dir, *loaded.model);
   loaded.model->set_loss_chunk(loaded.cfg.train.loss_chunk_tokens);

@@ -12,6 +12,7 @@
 
 #include "common/errors.h"
 #include "common/log.h"
+#include "common/tensor.h"
 #include "config/config.h"
 #include "cost/memory.h"
 #include "cost/plan.h"
@@ -85,6 +86,7 @@ struct Process {
                         "parallel.pipeline_parallel = " + std::to_string(layout->pp_size()) +
                         " (the 1F1B schedule fills the pipeline with the step's micro-batches)");
     configure_threads(cfg.run);
+    set_cached_casts(cfg.run.keep_compute_copies);
     compute_dtype = resolve_compute_dtype(cfg.run);
     cost::require_memory(cfg, layout->ep_size(), /*training=*/true, layout->world->world_size());  // refuse an absurd size before allocating
   }

@@ -237,14 +237,14 @@ CATCH_TEST_CASE("claims table: every public claim costed, checked against publis
 CATCH_TEST_CASE("Every shipped config loads; configs/models/ have their published parameter counts", "[cost][config]") {
   const std::string root = std::string(MOETRAIN_SOURCE_DIR) + "/configs";
   int loaded = 0;
-  for (const std::string sub : {"", "/models", "/claims"})
+  for (const std::string sub : {"", "/models"})  // configs/claims/ add a claim section: the claims test reads them
     for (const auto& name : files::list_directory(root + sub)) {
       if (name.size() < 5 || name.substr(name.size() - 5) != ".yaml") continue;
       CATCH_INFO("configs" << sub << "/" << name);
       CATCH_CHECK_NOTHROW(config::load_config(root + sub + "/" + name, {}));
       ++loaded;
     }
-  CATCH_CHECK(loaded >= 15);
+  CATCH_CHECK(loaded >= 11);
   const std::vector<std::pair<std::string, double>> published = {
       {"olmoe-1b-7b", 6.92e9}, {"qwen3-30b-a3b", 30.5e9}, {"mixtral-8x7b", 46.7e9}, {"deepseek-v2-lite", 15.7e9}};
   for (const auto& [name, count] : published) {

@@ -63,14 +63,16 @@ CATCH_TEST_CASE("bf16 training with kept compute copies equals casting at every 
   const auto data_dir = testing::make_corpus(dir);
   std::vector<double> losses[2];
   for (const bool kept : {false, true}) {
-    CachedCasts mode(kept);
     auto cfg = testing::tiny_train_config(data_dir, dir.str(kept ? "kept" : "per-use"));
+    cfg.run.keep_compute_copies = kept;  // the trainer applies it (set_cached_casts)
     cfg.run.dtype = "bf16";
     cfg.train.steps = 4;
     cfg.train.grad_accum = 2;
     cfg.train.activation_checkpointing = "full";  // the recomputed blocks cast again in backward
     losses[kept] = train::train(cfg, {}).losses;
+    CATCH_CHECK(cached_casts() == kept);
   }
+  set_cached_casts(true);
   CATCH_REQUIRE(losses[0].size() == 4);
   for (size_t i = 0; i < 4; ++i) {
     CATCH_INFO("step " << i + 1);
