@@ -15,6 +15,7 @@
 
 #include "ckpt/safetensors.h"
 #include "common/files.h"
+#include "moe/moe.h"
 #include "../train/train_fixture.h"
 
 namespace moetrain::testing {
@@ -112,6 +113,19 @@ inline void check_same_run(const Run& got, const Run& want, const std::string& w
   CATCH_CHECK(max_relative_difference(got, want, "optim") <= 1e-4);
 }
 
+
+// A whole MoE layer and this rank's expert shard of it with the same weights: the whole layer's drawn
+// from N(0, 0.3) by the global generator (seed it alike on every rank first), the shard given its own
+// experts' slices and every other tensor whole.
+inline void same_weights(moe::MoEImpl& whole, moe::MoEImpl& part) {
+  torch::NoGradGuard no_grad;
+  for (auto& q : whole.parameters()) q.normal_(0, 0.3);
+  auto full_params = whole.named_parameters();
+  for (auto& q : part.named_parameters()) {
+    const auto& full = full_params[q.key()];
+    q.value().copy_(q.key().rfind("experts.", 0) == 0 ? full.narrow(0, part.expert_offset(), q.value().size(0)) : full);
+  }
+}
 
 inline std::vector<double> metrics_losses(const std::string& run_dir) {
   std::vector<double> losses;

@@ -276,13 +276,8 @@ CATCH_TEST_CASE("dist worker: a rank that receives no rows", "[.dist-worker-zero
   moe::MoE whole(cfg, D);  // the same weights on every rank
   moe::MoE part(cfg, D, dist::expert_shard(*layout));
   dist::parallelize(*part, layout);
+  same_weights(*whole, *part);  // seeded above: the same on every rank
   torch::NoGradGuard no_grad;
-  for (auto& q : whole->parameters()) q.normal_(0, 0.3);  // seeded above: the same on every rank
-  auto full_params = whole->named_parameters();
-  for (auto& q : part->named_parameters()) {
-    const auto& full = full_params[q.key()];
-    q.value().copy_(q.key().rfind("experts.", 0) == 0 ? full.narrow(0, part->expert_offset(), q.value().size(0)) : full);
-  }
   const auto bias = torch::tensor({0.f, 0.f, -1e4f, -1e4f});
   whole->router->expert_bias.copy_(bias);
   part->router->expert_bias.copy_(bias);

@@ -36,15 +36,7 @@ void check_layer(const std::shared_ptr<const dist::Layout>& layout, int max_grou
   moe::MoE whole(cfg, D);  // the same weights on every rank
   moe::MoE part(cfg, D, dist::expert_shard(*layout));
   dist::parallelize(*part, layout);
-  {
-    torch::NoGradGuard no_grad;
-    for (auto& q : whole->parameters()) q.normal_(0, 0.3);  // seeded above: the same on every rank
-    auto full_params = whole->named_parameters();
-    for (auto& q : part->named_parameters()) {
-      const auto& full = full_params[q.key()];
-      q.value().copy_(q.key().rfind("experts.", 0) == 0 ? full.narrow(0, part->expert_offset(), q.value().size(0)) : full);
-    }
-  }
+  same_weights(*whole, *part);  // seeded above: the same on every rank
   CATCH_INFO("rank " << me << " ep " << ep << " max_groups_per_token " << max_groups
                      << (deterministic ? " deterministic" : ""));
   torch::manual_seed(100 + me);  // each rank its own tokens
