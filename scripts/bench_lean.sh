@@ -15,7 +15,7 @@ if [[ "${1:-}" == "--steps" ]]; then steps="$2"; shift 2; fi
 [[ -x build/moetrain ]] || bash scripts/build.sh
 out=runs/bench-lean
 mkdir -p "$out"
-common=(--config configs/tiny.yaml --set train.global_batch_size=16 --set train.micro_batch_size=4 --warmup 1
+common=(--config configs/tiny.yaml --set train.global_batch_size=16 --set train.micro_batch_size=4 --set train.grad_accum=0 --warmup 1
         --steps "$steps" --json)
 bench() {  # name, world, extra arguments: rank 0's JSON into $out/name.json
   local name="$1" world="$2"

@@ -155,6 +155,20 @@ print("%.0f tok/s (MFU %.3f) vs transformers %.0f tok/s: %.2fx; peak %.1f GiB, p
     m / 2**30, p / 2**30, p / m))
 PY
 )
+# bf16 weight copies kept between updates against a cast at every use (4 micro-batches a step).
+for keep in false true; do
+  build-gpu/moetrain bench-step --config configs/tiny-deepseek.yaml --set run.device=cuda --set run.dtype=bf16 \
+    --set cost.gpu=h200 --set run.keep_compute_copies=$keep --set train.grad_accum=4 --warmup 3 --steps 10 --json \
+    > "$out/bench-copies-$keep.json" 2> "$out/bench-copies-$keep.log" || fail "bench keep_compute_copies=$keep"
+done
+copies_line=$(python3 - "$out/bench-copies-false.json" "$out/bench-copies-true.json" <<'PY' 2>/dev/null || echo "FAIL (see bench-copies-*.log)"
+import json, sys
+per_use, kept = (json.loads([l for l in open(f) if l.startswith("{")][-1]) for f in sys.argv[1:3])
+print("step %.1f ms cast per use, %.1f ms kept (%.3fx), peak %.2f / %.2f GiB, same loss: %s" % (
+    1e3 * per_use["step_s_mean"], 1e3 * kept["step_s_mean"], kept["step_s_mean"] / per_use["step_s_mean"],
+    per_use["peak_allocated_bytes"] / 2**30, kept["peak_allocated_bytes"] / 2**30, kept["last_loss"] == per_use["last_loss"]))
+PY
+)
 # Gradient reduction overlapped with backward needs two data-parallel ranks, so two GPUs: bench-step
 # of tiny-deepseek at world 2 with overlap on and off, side by side, where the machine has them.
 gpus=$(nvidia-smi --query-gpu=name --format=csv,noheader | wc -l)
@@ -192,6 +206,7 @@ printf '%-24s %s\n' "nccl world 1 bf16" "${nccl_line:-FAIL}"
 printf '%-24s %s\n' "bench DeepSeek-V3 2L" "$bench_line"
 printf '%-24s %s\n' "plan vs measured peak" "$plan_line"
 printf '%-24s %s\n' "OLMoE-shaped, 4 layers" "$olmoe_line"
+printf '%-24s %s\n' "bf16 copies kept" "$copies_line"
 printf '%-24s %s\n' "overlap, world 2" "$overlap_line"
 echo "status: $([ $status = 0 ] && echo PASS || echo FAIL)"
 exit $status
