@@ -15,10 +15,20 @@
 
 #include "ckpt/safetensors.h"
 #include "common/files.h"
+#include "dist/communicator.h"
 #include "moe/moe.h"
 #include "../train/train_fixture.h"
 
 namespace moetrain::testing {
+
+// A dist worker's world: the launcher's ranks over the store backend, each collective bounded by 60 s
+// (every test bounds its whole launch below that).
+inline std::shared_ptr<dist::Communicator> store_world() {
+  config::ParallelConfig p;
+  p.backend = "store";
+  p.timeout_s = 60;
+  return dist::make_communicator(p);
+}
 
 inline std::string launch(int nproc, const std::string& command, int timeout_s = 300) {
   return "timeout " + std::to_string(timeout_s) + " " + std::string(MOETRAIN_SOURCE_DIR) + "/scripts/launch.sh --nproc " +

@@ -145,10 +145,7 @@ CATCH_TEST_CASE("Communicator: single backend and bad backend choices", "[dist]"
 
 // Run by the next case in N processes (hidden: `[.]`): every collective against a local expectation.
 CATCH_TEST_CASE("dist worker: collectives", "[.dist-worker]") {
-  config::ParallelConfig p;
-  p.backend = "store";
-  p.timeout_s = 60;
-  std::shared_ptr<dist::Communicator> world = dist::make_communicator(p);
+  std::shared_ptr<dist::Communicator> world = store_world();
   const int W = world->world_size(), me = world->rank();
   CATCH_REQUIRE(W > 1);
   for (int round = 0; round < 4; ++round) {
@@ -262,10 +259,7 @@ CATCH_TEST_CASE("Store backend: all_reduce, reduce_scatter, broadcast, all_gathe
 // bf16 ulps (2^-8 = 3.9e-3 each) of the largest value, since the CPU's bf16 matmul may block the
 // differently grouped rows differently.
 CATCH_TEST_CASE("dist worker: a rank that receives no rows", "[.dist-worker-zero-rows]") {
-  config::ParallelConfig p;
-  p.backend = "store";
-  p.timeout_s = 60;
-  std::shared_ptr<dist::Communicator> world = dist::make_communicator(p);
+  std::shared_ptr<dist::Communicator> world = store_world();
   CATCH_REQUIRE(world->world_size() == 2);
   const int me = world->rank();
   auto layout = std::make_shared<const dist::Layout>(dist::make_layout(world, 2));
@@ -312,10 +306,7 @@ CATCH_TEST_CASE("Expert parallel: a rank that receives no rows, in fp32 and bf16
 // One contract violation per launch (MOETRAIN_TEST_CONTRACT names it): NCCL would hang on each, the
 // store backend must fail at once on the rank that sees it, naming the operation and both calls.
 CATCH_TEST_CASE("dist worker: a broken collective contract", "[.dist-worker-contract]") {
-  config::ParallelConfig p;
-  p.backend = "store";
-  p.timeout_s = 60;  // the test's bound on the whole launch is far below: no case may wait for it
-  std::shared_ptr<dist::Communicator> world = dist::make_communicator(p);
+  std::shared_ptr<dist::Communicator> world = store_world();
   CATCH_REQUIRE(world->world_size() == 2);
   const int me = world->rank();
   const std::string which = std::getenv("MOETRAIN_TEST_CONTRACT");

@@ -89,10 +89,7 @@ void check_layer(const std::shared_ptr<const dist::Layout>& layout, int max_grou
 }  // namespace
 
 CATCH_TEST_CASE("dist worker: one row per (token, rank)", "[.dist-worker-dedup]") {
-  config::ParallelConfig p;
-  p.backend = "store";
-  p.timeout_s = 60;
-  std::shared_ptr<dist::Communicator> world = dist::make_communicator(p);
+  std::shared_ptr<dist::Communicator> world = store_world();
   CATCH_REQUIRE(world->world_size() == 4);
   for (int ep : {4, 2}) {  // one layout each: its groups are made once
     auto layout = std::make_shared<const dist::Layout>(dist::make_layout(world, ep));

@@ -168,23 +168,19 @@ CATCH_TEST_CASE("router: node limiting changes the choice where the best experts
   // 8 experts in 4 groups of 2, K = 2, M = 1: the two best experts (0 and 2) lie in different groups;
   // group 1 (experts 2, 3) has the best pair sum, so the token gets experts 2 and 3, not 0 and 2.
   auto cfg = node_limited_config(8, 2, 1, 4, 0, "sigmoid", true);
-  moe::Router router(cfg.model.moe, 1);
-  {
+  // A router whose scores are the selection bias alone: every token sees the same eight scores.
+  auto route = [](const config::MoEConfig& moe) {
+    moe::Router router(moe, 1);
     torch::NoGradGuard no_grad;
     router->weight.zero_();
     router->expert_bias.copy_(torch::tensor({0.9f, 0.0f, 0.8f, 0.7f, 0.1f, 0.1f, 0.2f, 0.2f}));
-  }
-  const auto ids = router->route(torch::ones({1, 1}), 1).topk_ids_TK;
+    return router->route(torch::ones({1, 1}), 1).topk_ids_TK;
+  };
+  const auto ids = route(cfg.model.moe);
   CATCH_CHECK(ids[0][0].item<int64_t>() == 2);
   CATCH_CHECK(ids[0][1].item<int64_t>() == 3);
   cfg.model.moe.router.max_groups_per_token = 2;  // two groups: the two best experts
-  moe::Router two(cfg.model.moe, 1);
-  {
-    torch::NoGradGuard no_grad;
-    two->weight.zero_();
-    two->expert_bias.copy_(torch::tensor({0.9f, 0.0f, 0.8f, 0.7f, 0.1f, 0.1f, 0.2f, 0.2f}));
-  }
-  const auto ids_two = two->route(torch::ones({1, 1}), 1).topk_ids_TK;
+  const auto ids_two = route(cfg.model.moe);
   CATCH_CHECK(ids_two[0][0].item<int64_t>() == 0);
   CATCH_CHECK(ids_two[0][1].item<int64_t>() == 2);
 }
