@@ -241,7 +241,20 @@ SaveJob plan(const std::string& out_dir, const model::TransformerImpl& model, co
     }
     for (int64_t e = 0; e < t.size(0); ++e) per_expert.tensors.emplace_back(expert_key(name, offset + e, suffix), kept[e]);
   };
-  for (const auto& p : model.named_parameters()) add(main, experts, p.key(), "", p.value());
+  // Weights are written in fp32: the optimizer's master copy where it keeps one apart (ZeRO-1 with the
+  // parameter held in bf16; defined on the rank that writes it), else the parameter.
+  std::map<std::string, torch::Tensor> masters;
+  if (optimizer)
+    for (const auto& s : optimizer->states)
+      if (s.master.defined()) masters[s.name] = s.master;
+  for (const auto& p : model.named_parameters()) {
+    const auto master = masters.find(p.key());
+    const torch::Tensor& weights = master != masters.end() ? master->second : p.value();
+    if (c10::isReducedFloatingType(weights.scalar_type()) && (experts_by_name.count(p.key()) ? first_replica : stage_writer))
+      throw CheckpointError("internal: '" + p.key() + "' would be written in " +
+                            std::string(c10::toString(weights.scalar_type())) + ", not fp32 (no master weights for it)");
+    add(main, experts, p.key(), "", weights);
+  }
   if (stage_writer)
     for (const auto& b : model.named_buffers()) main.tensors.emplace_back(b.key(), keep(b.value()));
   if (stage_writer) job.files.push_back(std::move(main));

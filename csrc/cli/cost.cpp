@@ -284,7 +284,8 @@ int run_plan(const std::vector<std::string>& argv) {
     nlohmann::json j = {{"world_size", p.world_size}, {"expert_parallel", p.expert_parallel}, {"zero", p.zero},
                         {"micro_batch_size", p.micro_batch_size}, {"grad_accum", p.grad_accum},
                         {"tokens_per_micro_batch", p.tokens_per_micro_batch}, {"params_per_rank", p.params_per_rank},
-                        {"weights_bytes", p.weights}, {"compute_copy_bytes", p.compute_copy},
+                        {"weights_bytes", p.weights}, {"master_weights_bytes", p.master_weights},
+                        {"compute_copy_bytes", p.compute_copy},
                         {"gradient_bytes", p.gradients}, {"optimizer_bytes", p.optimizer},
                         {"activation_bytes", p.activations}, {"loss_bytes", p.loss},
                         {"communication_bytes", p.communication}, {"peak_bytes", p.peak},
@@ -315,8 +316,10 @@ int run_plan(const std::vector<std::string>& argv) {
                 p.in_flight);
   }
   std::printf("per rank (GiB)\n");
+  const bool masters = p.master_weights > 0;
   const std::pair<const char*, double> rows[] = {
-      {"weights (fp32 master)", p.weights}, {"compute copies (bf16)", p.compute_copy},
+      {masters ? "weights (bf16 matmul, fp32 rest)" : "weights (fp32 master)", p.weights},
+      {"fp32 master shares (ZeRO-1)", p.master_weights}, {"compute copies (bf16)", p.compute_copy},
       {"gradients (fp32)", p.gradients},    {"AdamW moments", p.optimizer},
       {"activations (1 micro-batch)", p.activations}, {"loss (logits' gradients)", p.loss},
       {"communication buffers", p.communication}};

@@ -82,4 +82,10 @@ void set_cached_casts(bool on) {
 
 bool cached_casts() { return g_cached_casts.load(); }
 
+void forget_cached_casts(const torch::Tensor& param) {
+  std::lock_guard<std::mutex> lock(g_mutex);
+  for (auto e = g_copies.begin(); e != g_copies.end();)
+    e = e->first.first == param.unsafeGetTensorImpl() ? g_copies.erase(e) : std::next(e);
+}
+
 }  // namespace moetrain

@@ -18,6 +18,8 @@ torch::Tensor cast(const torch::Tensor& t, std::optional<torch::ScalarType> dtyp
 // Turns the kept copies on (the default) or off (every cast a new copy; for comparisons).
 void set_cached_casts(bool on);
 bool cached_casts();
+// Drops `param`'s kept copies: it is now held in the compute dtype itself (ZeRO-1's sharded masters).
+void forget_cached_casts(const torch::Tensor& param);
 
 // "[2, 3]".
 inline std::string shape_text(at::IntArrayRef shape) {

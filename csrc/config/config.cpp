@@ -338,7 +338,9 @@ const std::vector<KeyDesc>& keys() {
                    "ZeRO stage: 0 = every data-parallel replica holds AdamW's moments for all it computes; 1 = the "
                    "moments (and the update) are sharded over the replicas of each parameter (the world for "
                    "replicated weights, the expert-data-parallel group for routed experts): gradients are "
-                   "reduce-scattered, each rank updates its shard and the weights are all-gathered.",
+                   "reduce-scattered, each rank updates its shard and the weights are all-gathered. Under "
+                   "run.dtype bf16 the fp32 master weights are sharded too: the matmul weights are held in bf16 "
+                   "(their gradients accumulated in fp32) and the all-gather carries bf16.",
                    from_to(0, 1)),
       MOETRAIN_KEY(parallel.pipeline_parallel,
                    "Pipeline stages (pp): the blocks are split into pp consecutive stages, the embedding on the "

@@ -75,6 +75,9 @@ double largest_param_bytes(const config::ModelConfig& m, int ep) {
 struct StageParams {
   double replicated = 0, experts = 0;
   double ends = 0;  // the embedding and head matrices among the replicated ones
+  // Among the replicated ones, those read in fp32 (norms, routers, the embedding): under ZeRO-1's
+  // sharded masters the rest are held in bf16 (model::RoledParam::compute_dtype_only).
+  double read_in_fp32 = 0;
 };
 StageParams stage_params(const config::ModelConfig& m, int first, int end) {
   const auto c = param_counts_approx(m);
@@ -84,10 +87,12 @@ StageParams stage_params(const config::ModelConfig& m, int first, int end) {
   StageParams s;
   for (int l = first; l < end; ++l) {
     s.replicated += per_block;
+    s.read_in_fp32 += (c.norms - final_norm) / L;
     if (l < m.dense_layers) {
       s.replicated += c.dense_mlp / m.dense_layers;
     } else {
       s.replicated += (c.shared_experts + c.router) / moe_layers;
+      s.read_in_fp32 += c.router / moe_layers;
       s.experts += c.routed_experts / moe_layers;
     }
   }
@@ -95,6 +100,8 @@ StageParams stage_params(const config::ModelConfig& m, int first, int end) {
   if (first_stage) s.ends += matrix;                                            // the embedding
   if (last_stage) s.ends += m.tie_embeddings ? (first_stage ? 0 : matrix) : matrix;  // the head (a tied copy)
   s.replicated += s.ends + (last_stage ? final_norm : 0);
+  if (first_stage) s.read_in_fp32 += matrix;                                    // the embedding
+  if (last_stage) s.read_in_fp32 += final_norm + (m.tie_embeddings && !first_stage ? matrix : 0);
   return s;
 }
 
@@ -120,13 +127,17 @@ MemoryPlan plan_stage(const config::Config& cfg, int world_size, int stage, int 
   const StageParams params = stage_params(m, first, end);
   const double experts = params.experts / ep;
   p.params_per_rank = params.replicated + experts;
-  p.weights = 4 * p.params_per_rank;
-  p.gradients = p.weights;
+  const bool bf16 = cfg.run.dtype == "bf16";
+  const double cb = bf16 ? 2 : 4;
+  // ZeRO-1 under bf16 holds the weights every use casts in bf16 and 1/replicas of their fp32 masters.
+  const bool masters = p.zero >= 1 && bf16 && dp > 1;
+  const double held_in_bf16 = masters ? p.params_per_rank - params.read_in_fp32 : 0;
+  p.weights = 4 * (p.params_per_rank - held_in_bf16) + 2 * held_in_bf16;
+  if (masters) p.master_weights = 4 * ((params.replicated - params.read_in_fp32) / dp + experts / (double(dp) / ep));
+  p.gradients = 4 * p.params_per_rank;
   // AdamW's two moments, of a 1/replicas share of each parameter at zero 1: replicated weights have
   // the stage's dp ranks as replicas, routed experts dp / ep.
   p.optimizer = 2 * 4 * (p.zero >= 1 ? params.replicated / dp + experts / (double(dp) / ep) : p.params_per_rank);
-  const bool bf16 = cfg.run.dtype == "bf16";
-  const double cb = bf16 ? 2 : 4;
   const bool checkpointing = cfg.train.activation_checkpointing == "full";
   // The bf16 copies of the weights: kept from one optimizer step to the next (common/tensor.h), or
   // (run.keep_compute_copies false) alive from a micro-batch's forward to its backward, with
@@ -136,6 +147,8 @@ MemoryPlan plan_stage(const config::Config& cfg, int world_size, int stage, int 
   const bool kept_copies = cfg.run.keep_compute_copies;
   if (bf16)
     p.compute_copy = 2 * (kept_copies || !checkpointing ? p.params_per_rank : outer_params + block_params);
+  if (masters)  // only a tied head is cast from fp32 (norm and router weights are read in fp32)
+    p.compute_copy = m.tie_embeddings && last_stage ? 2.0 * m.vocab_size * m.d_model : 0;
 
   const Activations act{m, cb, cfg.train.activation_checkpointing == "selective"};
   double per_token = last_stage ? act.norm(m.d_model) : 0, largest_block = 0;  // the final norm
@@ -159,8 +172,9 @@ MemoryPlan plan_stage(const config::Config& cfg, int world_size, int stage, int 
   const bool reduces = dp > 1;
   const double replicas_min = double(dp) / ep;  // experts have the fewest replicas
   // zero 0 over several ranks keeps the gradients in its bucket buffers for the whole run and reduces
-  // them there, in place; zero 1 gathers each bucket for its reduce-scatter and frees the gradients.
-  const bool resident_gradients = reduces && p.zero == 0;
+  // them there, in place, as zero 1 does for the weights held in bf16; zero 1 gathers the other
+  // buckets for their reduce-scatter and frees those gradients.
+  const double resident_gradients = reduces && p.zero == 0 ? p.gradients : 4 * held_in_bf16;
   if (p.zero == 1 && reduces)
     p.communication = p.optimizer / 2 + std::min(kBucketBytes, p.gradients) * (1 + 1 / replicas_min);
   else
@@ -174,11 +188,11 @@ MemoryPlan plan_stage(const config::Config& cfg, int world_size, int stage, int 
   const int micro = std::max(1, p.grad_accum);
   const int warmup = std::min(pp - stage - 1, micro), steady = micro - warmup;
   auto in_flight = [&](int k) { return k < steady ? warmup + 1 : micro - k; };
-  const double gradients = resident_gradients ? 0 : p.gradients;  // when they come and go
+  const double gradients = p.gradients - resident_gradients;  // when they come and go
   const double kept = p.activations * in_flight(0);
   const double kept_beside_gradients = micro > 1 ? p.activations * in_flight(1) + gradients : 0;
-  const double resident = p.weights + (kept_copies ? p.compute_copy : 0) + p.optimizer +
-                          (resident_gradients ? p.gradients : 0);
+  const double resident = p.weights + p.master_weights + (kept_copies ? p.compute_copy : 0) + p.optimizer +
+                          resident_gradients;
   const double copies = kept_copies ? 0 : p.compute_copy;  // when they live in forward and backward only
   const double backward = resident + copies + std::max(kept, kept_beside_gradients) + p.loss;
   const double recompute = checkpointing ? resident + copies + gradients + kept + T * largest_block : 0;

@@ -49,6 +49,8 @@ struct MemoryPlan {
   double params_per_rank = 0;
   // Bytes per rank.
   double weights = 0, compute_copy = 0, gradients = 0, optimizer = 0;
+  // ZeRO-1 under bf16: `weights` holds the matmul weights in bf16 and this is 1/replicas of their fp32 masters.
+  double master_weights = 0;
   double activations = 0;     // one micro-batch, by train.activation_checkpointing
   double loss = 0;
   double communication = 0;

@@ -4,6 +4,7 @@
 #include <cmath>
 
 #include "common/errors.h"
+#include "common/tensor.h"
 
 namespace moetrain::dist {
 
@@ -87,30 +88,49 @@ struct ShardGroup {
     int64_t shard_begin = 0;       // where this rank's share starts in the shard tensors
     std::vector<Segment> segments;
     torch::Tensor reduced;         // while its reduce-scatter is in flight: this rank's share of the sum
+    torch::Tensor grads;           // masters: (padded) fp32, every member's .grad a view of its slice
   };
   Communicator* comm = nullptr;  // the replicas; its rank 0 writes these moments into checkpoints
   bool in_norm = true;           // false: a tied embedding's second copy, counted on the first stage
+  // The parameters are held in the compute dtype and `master` is this rank's shares of their fp32
+  // weights; their gradients accumulate in fp32 in each bucket's `grads`, reduce-scattered from there.
+  bool masters = false;
   std::vector<Bucket> buckets;
   int64_t shard_numel = 0;
-  torch::Tensor grad, exp_avg, exp_avg_sq;  // this rank's shares, fp32
+  torch::Tensor grad, exp_avg, exp_avg_sq, master;  // this rank's shares, fp32
 };
 
 class ShardedAdamW final : public Optimizer {
  public:
   ShardedAdamW(DataParallel& parallel, const std::vector<model::RoledParam>& params, const config::OptimConfig& cfg,
-               const ReductionSettings& reduction)
-      : parallel_(parallel), cfg_(cfg), bucket_elements_(std::max<int64_t>(1, reduction.bucket_bytes / 4)) {
+               const ReductionSettings& reduction, std::optional<torch::ScalarType> compute_dtype)
+      : parallel_(parallel),
+        cfg_(cfg),
+        bucket_elements_(std::max<int64_t>(1, reduction.bucket_bytes / 4)),
+        compute_dtype_(compute_dtype.value_or(torch::kFloat)) {
     for (const auto& p : params) {
       params_.push_back(p.tensor);
       names_.push_back(p.name);
       decay_.push_back(!model::is_no_decay(p.name));
     }
+    // Under a narrower compute dtype, the weights every use casts to it are held in that dtype, their
+    // fp32 masters sharded here; the rest (norms, routers, the embedding: read in fp32) stay fp32.
+    const bool narrow = compute_dtype_ != torch::kFloat && params_.front().scalar_type() == torch::kFloat;
     const Layout& layout = parallel.layout();
-    std::vector<size_t> replicated, experts, duplicates;
-    for (size_t i = 0; i < params_.size(); ++i)
-      (parallel.duplicate()[i] ? duplicates : parallel.sharded()[i] ? experts : replicated).push_back(i);
+    std::vector<size_t> replicated, experts, duplicates, replicated_masters, expert_masters;
+    for (size_t i = 0; i < params_.size(); ++i) {
+      const bool master = narrow && params[i].compute_dtype_only && !parallel.duplicate()[i];
+      if (parallel.duplicate()[i])
+        duplicates.push_back(i);
+      else if (parallel.sharded()[i])
+        (master ? expert_masters : experts).push_back(i);
+      else
+        (master ? replicated_masters : replicated).push_back(i);
+    }
     add_group(replicated, *layout.dp);
+    add_group(replicated_masters, *layout.dp, /*in_norm=*/true, /*masters=*/true);
     add_group(experts, *layout.edp);
+    add_group(expert_masters, *layout.edp, /*in_norm=*/true, /*masters=*/true);
     add_group(duplicates, *layout.dp, /*in_norm=*/false);
     std::vector<GradientReducer::Bucket> buckets;
     for (size_t gi = 0; gi < groups_.size(); ++gi)
@@ -126,9 +146,17 @@ class ShardedAdamW final : public Optimizer {
   }
 
   void zero_grad() override {
+    take_masters();
     for (auto& p : params_)
       if (p.grad().defined()) p.mutable_grad() = torch::Tensor();
-    for (auto& g : groups_) g.grad = torch::Tensor();
+    for (auto& g : groups_) {
+      g.grad = torch::Tensor();
+      if (!g.masters) continue;
+      for (auto& b : g.buckets) {
+        b.grads.zero_();
+        attach_gradients(b, /*copy_stray=*/false);
+      }
+    }
   }
 
   void before_last_backward() override { reducer_->arm(); }
@@ -157,25 +185,28 @@ class ShardedAdamW final : public Optimizer {
   // AdamW on this rank's shares (the same element-wise update as zero 0, so each element moves as it
   // would there given the same gradient; on CUDA LibTorch's fused kernel over the bucket's segments,
   // as zero 0 uses it there), then each bucket's updated weights are all-gathered into the parameters.
+  // With masters, the update runs on them in place and the weights travel in the compute dtype: each
+  // parameter becomes its master rounded once, as zero 0's kept copy of it is.
   void step(double lr) override {
     torch::NoGradGuard no_grad;
     ++step_count_;
     const bool fused = params_.front().is_cuda();
     for (auto& g : groups_) {
       for (const auto& b : g.buckets) {
-        auto weights = torch::zeros({b.share}, fp32());
+        auto weights = g.masters ? g.master.narrow(0, b.shard_begin, b.share) : torch::zeros({b.share}, fp32());
         std::vector<torch::Tensor> w, grads, m, v;
         std::vector<bool> decay;
         for (const auto& s : b.segments) {
           w.push_back(weights.narrow(0, s.shard_begin - b.shard_begin, s.length));
-          w.back().copy_(params_[s.param].detach().reshape(-1).narrow(0, s.param_begin, s.length));
+          if (!g.masters) w.back().copy_(params_[s.param].detach().reshape(-1).narrow(0, s.param_begin, s.length));
           grads.push_back(g.grad.narrow(0, s.shard_begin, s.length));
           m.push_back(g.exp_avg.narrow(0, s.shard_begin, s.length));
           v.push_back(g.exp_avg_sq.narrow(0, s.shard_begin, s.length));
           decay.push_back(decay_[s.param]);
         }
         optim::adamw_step(w, grads, m, v, decay, cfg_, lr, step_count_, fused);
-        auto whole = g.comm->world_size() > 1 ? g.comm->all_gather(weights) : weights;
+        const auto sent = g.masters ? weights.to(compute_dtype_) : weights;
+        auto whole = g.comm->world_size() > 1 ? g.comm->all_gather(sent) : sent;
         for (size_t k = 0; k < b.members.size(); ++k) {
           auto& p = params_[b.members[k]];
           p.detach().view(-1).copy_(whole.narrow(0, b.offsets[k], p.numel()));
@@ -186,24 +217,42 @@ class ShardedAdamW final : public Optimizer {
 
   int64_t step_count() const override { return step_count_; }
 
+  std::string sharding_summary() const override {
+    int64_t weights = 0, elements = 0, kept = 0;
+    for (const auto& g : groups_) {
+      if (!g.masters || !g.master.defined()) continue;
+      for (const auto& b : g.buckets) {
+        weights += int64_t(b.members.size());
+        for (const size_t m : b.members) elements += params_[m].numel();
+        for (const auto& s : b.segments) kept += s.length;
+      }
+    }
+    if (weights == 0) return {};
+    return "[dist] ZeRO-1 sharded masters: " + std::to_string(weights) + " weights held in " +
+           std::string(c10::toString(compute_dtype_)) + ", this rank keeps " + std::to_string(kept) + " of their " +
+           std::to_string(elements) + " fp32 master elements";
+  }
+
   optim::OptimizerState checkpoint_state() override {
     torch::NoGradGuard no_grad;
     optim::OptimizerState state;
     state.step_count = step_count_;
-    for (size_t i = 0; i < params_.size(); ++i) state.states.push_back({names_[i], params_[i], {}, {}, decay_[i]});
+    for (size_t i = 0; i < params_.size(); ++i) state.states.push_back({names_[i], params_[i], {}, {}, decay_[i], {}});
     for (auto& g : groups_) {
       const bool writes = g.comm->rank() == 0;  // ckpt: a stage's dp rank 0, or an expert shard's first replica
       for (const auto& b : g.buckets) {
-        for (const bool second : {false, true}) {
-          auto& moments = second ? g.exp_avg_sq : g.exp_avg;
-          auto mine = moments.narrow(0, b.shard_begin, b.share).contiguous();
+        for (const int which : {0, 1, 2}) {  // exp_avg, exp_avg_sq, the master weights
+          if (which == 2 && !(g.masters && g.master.defined())) continue;
+          const auto& shards = which == 0 ? g.exp_avg : which == 1 ? g.exp_avg_sq : g.master;
+          auto mine = shards.narrow(0, b.shard_begin, b.share).contiguous();
           auto whole = g.comm->world_size() > 1 ? g.comm->all_gather(mine) : mine;
           if (!writes) continue;
           whole = whole.to(torch::kCPU);
           for (size_t k = 0; k < b.members.size(); ++k) {
             const auto& p = params_[b.members[k]];
-            auto m = whole.narrow(0, b.offsets[k], p.numel()).view(p.sizes()).clone();
-            (second ? state.states[b.members[k]].exp_avg_sq : state.states[b.members[k]].exp_avg) = m;
+            auto& s = state.states[b.members[k]];
+            (which == 0 ? s.exp_avg : which == 1 ? s.exp_avg_sq : s.master) =
+                whole.narrow(0, b.offsets[k], p.numel()).view(p.sizes()).clone();
           }
         }
       }
@@ -211,13 +260,16 @@ class ShardedAdamW final : public Optimizer {
     return state;
   }
 
+  // Before the first step only: the checkpoint's weights went into the parameters, still fp32 then.
   void load_state(const std::function<void(optim::OptimizerState&)>& read) override {
+    if (masters_taken_)
+      throw Error("[dist] internal: ZeRO-1 optimizer state loaded after training began (the master weights are taken)");
     torch::NoGradGuard no_grad;
     optim::OptimizerState whole;
     const auto cpu = torch::TensorOptions().dtype(torch::kFloat);
     for (size_t i = 0; i < params_.size(); ++i)
       whole.states.push_back({names_[i], params_[i], torch::zeros(params_[i].sizes(), cpu),
-                              torch::zeros(params_[i].sizes(), cpu), decay_[i]});
+                              torch::zeros(params_[i].sizes(), cpu), decay_[i], {}});
     whole.step_count = step_count_;
     read(whole);
     step_count_ = whole.step_count;
@@ -233,7 +285,10 @@ class ShardedAdamW final : public Optimizer {
 
   std::vector<torch::Tensor> state_tensors() const override {
     std::vector<torch::Tensor> out;
-    for (const auto& g : groups_) out.insert(out.end(), {g.exp_avg, g.exp_avg_sq});
+    for (const auto& g : groups_) {
+      out.insert(out.end(), {g.exp_avg, g.exp_avg_sq});
+      if (g.master.defined()) out.push_back(g.master);
+    }
     return out;
   }
 
@@ -245,11 +300,17 @@ class ShardedAdamW final : public Optimizer {
   // equals that slice of zero 0's gradient bit for bit). The parameters' own gradients are released
   // once copied: from here on the update reads the shares.
   std::unique_ptr<Pending> launch_bucket(ShardGroup& g, ShardGroup::Bucket& b) {
-    auto flat = torch::zeros({b.padded}, fp32());
-    for (size_t k = 0; k < b.members.size(); ++k) {
-      auto& p = params_[b.members[k]];
-      flat.narrow(0, b.offsets[k], p.numel()).copy_(p.grad().reshape(-1));
-      p.mutable_grad() = torch::Tensor();
+    torch::Tensor flat;
+    if (g.masters) {  // the gradients are in place already
+      attach_gradients(b, /*copy_stray=*/true);
+      flat = b.grads;
+    } else {
+      flat = torch::zeros({b.padded}, fp32());
+      for (size_t k = 0; k < b.members.size(); ++k) {
+        auto& p = params_[b.members[k]];
+        flat.narrow(0, b.offsets[k], p.numel()).copy_(p.grad().reshape(-1));
+        p.mutable_grad() = torch::Tensor();
+      }
     }
     if (g.comm->world_size() == 1) {
       b.reduced = flat;
@@ -261,15 +322,55 @@ class ShardedAdamW final : public Optimizer {
 
   void complete_bucket(ShardGroup& g, ShardGroup::Bucket& b) {
     if (!g.grad.defined()) g.grad = torch::zeros({g.shard_numel}, fp32());
-    g.grad.narrow(0, b.shard_begin, b.share).copy_(b.reduced.mul_(1.0 / parallel_.dp_size()));
+    g.grad.narrow(0, b.shard_begin, b.share).copy_(b.reduced).mul_(1.0 / parallel_.dp_size());
     b.reduced = torch::Tensor();
   }
 
-  void add_group(const std::vector<size_t>& members, Communicator& comm, bool in_norm = true) {
+  // Points each member's .grad at its slice of the bucket's fp32 gradients, where autograd accumulates
+  // in place; a gradient autograd put elsewhere is copied in first.
+  void attach_gradients(ShardGroup::Bucket& b, bool copy_stray) {
+    for (size_t k = 0; k < b.members.size(); ++k) {
+      auto& p = params_[b.members[k]];
+      auto slice = b.grads.narrow(0, b.offsets[k], p.numel()).view(p.sizes());
+      if (p.grad().defined() && p.grad().data_ptr() == slice.data_ptr()) continue;
+      if (copy_stray && p.grad().defined()) slice.copy_(p.grad());
+      p.mutable_grad() = slice;
+    }
+  }
+
+  // At the first step, after any checkpoint has been loaded into the (still fp32) parameters: the master
+  // groups keep this rank's shares of the weights in fp32, and their parameters become compute-dtype.
+  void take_masters() {
+    if (masters_taken_) return;
+    masters_taken_ = true;
+    torch::NoGradGuard no_grad;
+    for (auto& g : groups_) {
+      if (!g.masters) continue;
+      g.master = torch::zeros({g.shard_numel}, fp32());
+      for (auto& b : g.buckets) {
+        for (const auto& s : b.segments)
+          g.master.narrow(0, s.shard_begin, s.length)
+              .copy_(params_[s.param].detach().reshape(-1).narrow(0, s.param_begin, s.length));
+        b.grads = torch::zeros({b.padded}, fp32());
+        for (const size_t m : b.members) {
+          auto& p = params_[m];
+          forget_cached_casts(p);
+          p.mutable_grad() = torch::Tensor();
+          p.set_data(p.detach().to(compute_dtype_));
+          // Each use's gradient becomes fp32 before uses are summed (as zero 0's cast returns it), and
+          // autograd adds it into the fp32 slice attach_gradients points .grad at.
+          p.set_grad_dtype(torch::kFloat);
+        }
+      }
+    }
+  }
+
+  void add_group(const std::vector<size_t>& members, Communicator& comm, bool in_norm = true, bool masters = false) {
     if (members.empty()) return;
     ShardGroup g;
     g.comm = &comm;
     g.in_norm = in_norm;
+    g.masters = masters;
     const int64_t n = comm.world_size(), rank = comm.rank();
     auto close = [&](ShardGroup::Bucket& b, int64_t length) {
       b.padded = (length + n - 1) / n * n;
@@ -313,14 +414,18 @@ class ShardedAdamW final : public Optimizer {
   std::vector<bool> decay_;
   std::vector<ShardGroup> groups_;
   int64_t step_count_ = 0;
+  torch::ScalarType compute_dtype_;
+  bool masters_taken_ = false;
 };
 
 }  // namespace
 
 std::unique_ptr<Optimizer> make_optimizer(DataParallel& parallel, const std::vector<model::RoledParam>& params,
-                                          const config::OptimConfig& cfg, const config::ParallelConfig& layout) {
+                                          const config::OptimConfig& cfg, const config::ParallelConfig& layout,
+                                          std::optional<torch::ScalarType> compute_dtype) {
   const auto reduction = reduction_settings(layout);
-  if (layout.zero == 1 && parallel.dp_size() > 1) return std::make_unique<ShardedAdamW>(parallel, params, cfg, reduction);
+  if (layout.zero == 1 && parallel.dp_size() > 1)
+    return std::make_unique<ShardedAdamW>(parallel, params, cfg, reduction, compute_dtype);
   return std::make_unique<ReplicatedAdamW>(parallel, params, cfg, reduction);
 }
 

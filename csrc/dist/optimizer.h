@@ -10,8 +10,10 @@
 //   1  ZeRO stage 1 (Rajbhandari et al. 2020; Megatron-Core's distributed optimizer): the replicas
 //      split each gradient bucket (reduce-scatter), each updates its share with the moments of that
 //      share only, and the updated weights are all-gathered. A parameter with R replicas keeps 1/R of
-//      its moments on each. The parameters themselves stay the fp32 master weights (the compute
-//      dtype is cast per micro-batch), so at zero 1 only the moments and the update are sharded.
+//      its moments on each. Under run.dtype bf16 the fp32 master weights are sharded too: from the
+//      first step, each weight every use casts to bf16 (model::RoledParam::compute_dtype_only) is
+//      held in bf16, its master is 1/R on each replica, its gradient accumulates in an fp32 bucket
+//      buffer, and the all-gather carries bf16. In fp32 the parameters are the masters.
 // Checkpoints stay layout-free at either stage: checkpoint_state() gives every parameter's whole
 // moments, so a zero 1 checkpoint resumes at zero 0 and at any world size, and the other way round.
 #pragma once
@@ -19,6 +21,8 @@
 
 #include <functional>
 #include <memory>
+#include <optional>
+#include <string>
 #include <utility>
 #include <vector>
 
@@ -47,7 +51,7 @@ class Optimizer {
   virtual double clip_gradients(double max_norm) = 0;
   virtual void step(double lr) = 0;  // collective at zero 1 (the all-gather of the weights)
   virtual int64_t step_count() const = 0;
-  // What a checkpoint writes, layout-free. Collective at zero 1: the moments are gathered to the CPU
+  // What a checkpoint writes, layout-free. Collective at zero 1: the moments (and sharded masters) are gathered to the CPU
   // of the ranks that write them (world rank 0 for replicated weights, the first replica of each
   // expert shard), one bucket at a time; elsewhere they are left undefined.
   virtual optim::OptimizerState checkpoint_state() = 0;
@@ -56,12 +60,16 @@ class Optimizer {
   virtual void load_state(const std::function<void(optim::OptimizerState&)>& read) = 0;
   // Every tensor of optimizer state this rank holds (finiteness checks, memory accounting).
   virtual std::vector<torch::Tensor> state_tensors() const = 0;
+  // One line on what the state shards beyond the moments (ZeRO-1's fp32 masters), once the first step
+  // has set it up; empty when nothing is.
+  virtual std::string sharding_summary() const { return {}; }
 };
 
 // The optimizer for parallel.zero (0 or 1) over `parallel`'s parameters, reducing gradients as
 // parallel.overlap_grad_reduce and grad_bucket_mb say; at one data-parallel rank both are the plain
 // AdamW.
 std::unique_ptr<Optimizer> make_optimizer(DataParallel& parallel, const std::vector<model::RoledParam>& params,
-                                          const config::OptimConfig& cfg, const config::ParallelConfig& layout);
+                                          const config::OptimConfig& cfg, const config::ParallelConfig& layout,
+                                          std::optional<torch::ScalarType> compute_dtype = std::nullopt);
 
 }  // namespace moetrain::dist

@@ -496,9 +496,16 @@ std::vector<RoledParam> TransformerImpl::roled_parameters() const {
       for (const auto& p : m->block->moe->experts->parameters()) experts.insert(p.unsafeGetTensorImpl());
   // Two stages hold the embedding when the head is tied to it or the last stage runs MTP modules.
   const bool tied = (cfg_.tie_embeddings || cfg_.mtp_depth > 0) && !(first_stage() && last_stage());
+  // Read in fp32 wherever they are used: the norms' and routers' weights, and the embedding.
+  std::set<const c10::TensorImpl*> fp32_uses;
+  for (const auto& m : modules(/*include_self=*/false))
+    if (dynamic_cast<const RMSNormImpl*>(m.get()) || dynamic_cast<const moe::RouterImpl*>(m.get()))
+      for (const auto& p : m->parameters(/*recurse=*/false)) fp32_uses.insert(p.unsafeGetTensorImpl());
+  if (embed.defined()) fp32_uses.insert(embed.unsafeGetTensorImpl());
   std::vector<RoledParam> out;
   for (const auto& p : named_parameters()) {
     RoledParam r{p.key(), p.value(), experts.count(p.value().unsafeGetTensorImpl()) ? ParamRole::expert : ParamRole::replicated};
+    r.compute_dtype_only = !fp32_uses.count(p.value().unsafeGetTensorImpl());
     if (tied && p.value().unsafeGetTensorImpl() == embed.unsafeGetTensorImpl()) {
       r.tied_across_stages = true;
       r.duplicate = !first_stage();

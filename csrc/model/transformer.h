@@ -75,6 +75,10 @@ struct RoledParam {
   // counted twice in the gradient norm nor written twice to checkpoints.
   bool tied_across_stages = false;
   bool duplicate = false;
+  // Every use casts it to the compute dtype (the matmul weights). Norm and router weights (their math
+  // is fp32) and the embedding (looked up in fp32) are not: under bf16 only these may be held in bf16,
+  // their fp32 master weights kept by the optimizer (ZeRO-1, dist/optimizer.h).
+  bool compute_dtype_only = true;
 };
 
 // The blocks one pipeline stage holds, [first, end) of model.n_layers (end -1: all of them). The first

@@ -13,7 +13,7 @@ AdamW::AdamW(const std::vector<std::pair<std::string, torch::Tensor>>& named_par
   fused_ = fused.value_or(all_cuda);
   for (const auto& [name, p] : named_params) {
     auto opts = p.options().dtype(torch::kFloat);
-    state_.states.push_back({name, p, torch::zeros(p.sizes(), opts), torch::zeros(p.sizes(), opts), !no_decay(name)});
+    state_.states.push_back({name, p, torch::zeros(p.sizes(), opts), torch::zeros(p.sizes(), opts), !no_decay(name), {}});
   }
 }
 

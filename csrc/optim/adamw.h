@@ -19,6 +19,9 @@ struct ParamState {
   torch::Tensor exp_avg;     // first moment, fp32, shape of param
   torch::Tensor exp_avg_sq;  // second moment, fp32, shape of param
   bool decay = true;
+  // The fp32 weights, when the optimizer keeps them apart from `param` (ZeRO-1 with the parameter
+  // held in bf16): checkpoints write these in its place.
+  torch::Tensor master;
 };
 
 // What a checkpoint holds of an optimizer, whatever the layout: every parameter's moments in the

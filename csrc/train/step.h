@@ -103,7 +103,8 @@ struct Trainable {
   explicit Trainable(const Process& p)
       : model(build(p)),
         parallel(p.layout, model->roled_parameters()),
-        optimizer(dist::make_optimizer(parallel, model->roled_parameters(), p.cfg.optim, p.cfg.parallel)) {}
+        optimizer(dist::make_optimizer(parallel, model->roled_parameters(), p.cfg.optim, p.cfg.parallel,
+                                            p.compute_dtype)) {}
   model::Transformer model;
   dist::DataParallel parallel;
   std::unique_ptr<dist::Optimizer> optimizer;

@@ -304,6 +304,7 @@ TrainResult train(const config::Config& given, const TrainOptions& options) {
                format_double(cfg.parallel.grad_bucket_mb) + "), " + std::to_string(during) +
                " launched during backward (parallel.overlap_grad_reduce = " +
                (cfg.parallel.overlap_grad_reduce ? "true" : "false") + ")");
+      if (const auto masters = optimizer.sharding_summary(); !masters.empty()) log_line(masters);
     }
     // ---- bookkeeping -------------------------------------------------------------------------------
     const double loss = outcome.loss;
