@@ -172,9 +172,8 @@ MemoryPlan plan_stage(const config::Config& cfg, int world_size, int stage, int 
   const bool reduces = dp > 1;
   const double replicas_min = double(dp) / ep;  // experts have the fewest replicas
   // zero 0 over several ranks keeps the gradients in its bucket buffers for the whole run and reduces
-  // them there, in place, as zero 1 does for the weights held in bf16; zero 1 gathers the other
-  // buckets for their reduce-scatter and frees those gradients.
-  const double resident_gradients = reduces && p.zero == 0 ? p.gradients : 4 * held_in_bf16;
+  // them there, in place; zero 1 gathers each bucket for its reduce-scatter and frees the gradients.
+  const double resident_gradients = reduces && p.zero == 0 ? p.gradients : 0;
   if (p.zero == 1 && reduces)
     p.communication = p.optimizer / 2 + std::min(kBucketBytes, p.gradients) * (1 + 1 / replicas_min);
   else

@@ -88,12 +88,11 @@ struct ShardGroup {
     int64_t shard_begin = 0;       // where this rank's share starts in the shard tensors
     std::vector<Segment> segments;
     torch::Tensor reduced;         // while its reduce-scatter is in flight: this rank's share of the sum
-    torch::Tensor grads;           // masters: (padded) fp32, every member's .grad a view of its slice
   };
   Communicator* comm = nullptr;  // the replicas; its rank 0 writes these moments into checkpoints
   bool in_norm = true;           // false: a tied embedding's second copy, counted on the first stage
-  // The parameters are held in the compute dtype and `master` is this rank's shares of their fp32
-  // weights; their gradients accumulate in fp32 in each bucket's `grads`, reduce-scattered from there.
+  // The parameters are held in the compute dtype (their gradients in fp32) and `master` is this rank's
+  // shares of their fp32 weights.
   bool masters = false;
   std::vector<Bucket> buckets;
   int64_t shard_numel = 0;
@@ -149,14 +148,7 @@ class ShardedAdamW final : public Optimizer {
     take_masters();
     for (auto& p : params_)
       if (p.grad().defined()) p.mutable_grad() = torch::Tensor();
-    for (auto& g : groups_) {
-      g.grad = torch::Tensor();
-      if (!g.masters) continue;
-      for (auto& b : g.buckets) {
-        b.grads.zero_();
-        attach_gradients(b, /*copy_stray=*/false);
-      }
-    }
+    for (auto& g : groups_) g.grad = torch::Tensor();
   }
 
   void before_last_backward() override { reducer_->arm(); }
@@ -300,17 +292,11 @@ class ShardedAdamW final : public Optimizer {
   // equals that slice of zero 0's gradient bit for bit). The parameters' own gradients are released
   // once copied: from here on the update reads the shares.
   std::unique_ptr<Pending> launch_bucket(ShardGroup& g, ShardGroup::Bucket& b) {
-    torch::Tensor flat;
-    if (g.masters) {  // the gradients are in place already
-      attach_gradients(b, /*copy_stray=*/true);
-      flat = b.grads;
-    } else {
-      flat = torch::zeros({b.padded}, fp32());
-      for (size_t k = 0; k < b.members.size(); ++k) {
-        auto& p = params_[b.members[k]];
-        flat.narrow(0, b.offsets[k], p.numel()).copy_(p.grad().reshape(-1));
-        p.mutable_grad() = torch::Tensor();
-      }
+    auto flat = torch::zeros({b.padded}, fp32());
+    for (size_t k = 0; k < b.members.size(); ++k) {
+      auto& p = params_[b.members[k]];
+      flat.narrow(0, b.offsets[k], p.numel()).copy_(p.grad().reshape(-1));
+      p.mutable_grad() = torch::Tensor();
     }
     if (g.comm->world_size() == 1) {
       b.reduced = flat;
@@ -326,18 +312,6 @@ class ShardedAdamW final : public Optimizer {
     b.reduced = torch::Tensor();
   }
 
-  // Points each member's .grad at its slice of the bucket's fp32 gradients, where autograd accumulates
-  // in place; a gradient autograd put elsewhere is copied in first.
-  void attach_gradients(ShardGroup::Bucket& b, bool copy_stray) {
-    for (size_t k = 0; k < b.members.size(); ++k) {
-      auto& p = params_[b.members[k]];
-      auto slice = b.grads.narrow(0, b.offsets[k], p.numel()).view(p.sizes());
-      if (p.grad().defined() && p.grad().data_ptr() == slice.data_ptr()) continue;
-      if (copy_stray && p.grad().defined()) slice.copy_(p.grad());
-      p.mutable_grad() = slice;
-    }
-  }
-
   // At the first step, after any checkpoint has been loaded into the (still fp32) parameters: the master
   // groups keep this rank's shares of the weights in fp32, and their parameters become compute-dtype.
   void take_masters() {
@@ -351,14 +325,13 @@ class ShardedAdamW final : public Optimizer {
         for (const auto& s : b.segments)
           g.master.narrow(0, s.shard_begin, s.length)
               .copy_(params_[s.param].detach().reshape(-1).narrow(0, s.param_begin, s.length));
-        b.grads = torch::zeros({b.padded}, fp32());
         for (const size_t m : b.members) {
           auto& p = params_[m];
           forget_cached_casts(p);
           p.mutable_grad() = torch::Tensor();
           p.set_data(p.detach().to(compute_dtype_));
-          // Each use's gradient becomes fp32 before uses are summed (as zero 0's cast returns it), and
-          // autograd adds it into the fp32 slice attach_gradients points .grad at.
+          // Autograd turns each use's gradient to fp32 before summing the uses (as zero 0's cast does) and
+          // accumulates the micro-batches in an fp32 .grad, which launch_bucket gathers and frees.
           p.set_grad_dtype(torch::kFloat);
         }
       }

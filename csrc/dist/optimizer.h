@@ -12,8 +12,8 @@
 //      share only, and the updated weights are all-gathered. A parameter with R replicas keeps 1/R of
 //      its moments on each. Under run.dtype bf16 the fp32 master weights are sharded too: from the
 //      first step, each weight every use casts to bf16 (model::RoledParam::compute_dtype_only) is
-//      held in bf16, its master is 1/R on each replica, its gradient accumulates in an fp32 bucket
-//      buffer, and the all-gather carries bf16. In fp32 the parameters are the masters.
+//      held in bf16 with an fp32 gradient (Tensor::set_grad_dtype), its master is 1/R on each
+//      replica, and the all-gather carries bf16. In fp32 the parameters are the masters.
 // Checkpoints stay layout-free at either stage: checkpoint_state() gives every parameter's whole
 // moments, so a zero 1 checkpoint resumes at zero 0 and at any world size, and the other way round.
 #pragma once
