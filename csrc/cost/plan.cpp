@@ -160,14 +160,13 @@ MemoryPlan plan_stage(const config::Config& cfg, int world_size, int stage, int 
   p.activations = T * per_token;
 
   // Log-probabilities, their gradient and the logits' gradient, all fp32. Chunked, one chunk's worth,
-  // and the head's gradient accumulates over the chunks beside each chunk's own (2 x vocab x d_model).
+  // and with more than one chunk the head's gradient accumulates over them beside each chunk's own
+  // (2 x vocab x d_model; one chunk's gradient is the head's gradient itself).
+  const double chunk = cfg.train.loss_chunk_tokens > 0 ? std::min(T, double(cfg.train.loss_chunk_tokens)) : T;
   if (!last_stage)
     p.loss = 0;
-  else if (cfg.train.loss_chunk_tokens > 0)
-    p.loss = 3 * 4 * std::min(T, double(cfg.train.loss_chunk_tokens)) * m.vocab_size +
-             2 * 4 * double(m.vocab_size) * m.d_model;
   else
-    p.loss = 3 * 4 * T * m.vocab_size;
+    p.loss = 3 * 4 * chunk * m.vocab_size + (chunk < T ? 2 * 4 * double(m.vocab_size) * m.d_model : 0);
 
   const bool reduces = dp > 1;
   const double replicas_min = double(dp) / ep;  // experts have the fewest replicas
@@ -195,7 +194,10 @@ MemoryPlan plan_stage(const config::Config& cfg, int world_size, int stage, int 
   const double copies = kept_copies ? 0 : p.compute_copy;  // when they live in forward and backward only
   const double backward = resident + copies + std::max(kept, kept_beside_gradients) + p.loss;
   const double recompute = checkpointing ? resident + copies + gradients + kept + T * largest_block : 0;
-  const double optimizer_step = resident + gradients + p.communication + 2 * largest_param_bytes(m, ep);
+  // zero 1 has freed the whole gradients by then (each bucket once copied for its reduce-scatter): the
+  // shares are in p.communication.
+  const double optimizer_step = resident + (p.zero == 1 && reduces ? 0 : gradients) + p.communication +
+                                2 * largest_param_bytes(m, ep);
   p.peak = backward, p.peak_moment = "backward";
   if (recompute > p.peak) p.peak = recompute, p.peak_moment = "recompute";
   if (optimizer_step > p.peak) p.peak = optimizer_step, p.peak_moment = "optimizer";
