@@ -77,6 +77,18 @@ inline Run train_at(config::Config cfg, int world, int ep, const std::string& ex
   return run;
 }
 
+// Copies the run folder `from` to cfg.run.out_dir and resumes it there with --resume auto at (world,
+// ep): the run must start from the checkpoint `step_dir` (step_XXXXXXXX) and finish.
+inline Run resume_copy(const std::string& from, const config::Config& cfg, int world, int ep,
+                       const std::string& step_dir) {
+  run_command("cp -r " + from + " " + cfg.run.out_dir);
+  auto resumed = train_at(cfg, world, ep, " --resume auto");
+  CATCH_INFO(resumed.output.substr(resumed.output.size() > 2000 ? resumed.output.size() - 2000 : 0));
+  CATCH_REQUIRE(resumed.exit_code == 0);
+  CATCH_CHECK_THAT(resumed.output, Catch::Matchers::Contains("resumed from") && Catch::Matchers::Contains(step_dir));
+  return resumed;
+}
+
 // Every tensor of a checkpoint by name, across its files (the expert files differ by layout): the
 // weights ("model") or the AdamW moments ("optim").
 inline std::map<std::string, torch::Tensor> checkpoint_tensors(const Run& run, const std::string& kind,

@@ -540,12 +540,7 @@ CATCH_TEST_CASE("A checkpoint from (world 4, ep 4) resumes at (1), (2, 2) and (4
     auto straight_cfg = equivalence_config(data_dir, dir.str(name + "-straight"));
     const auto straight = train_at(straight_cfg, world, ep);
     CATCH_REQUIRE(straight.exit_code == 0);
-    testing::run_command("cp -r " + dir.str("w4ep4") + " " + dir.str(name + "-resumed"));
-    auto resumed_cfg = equivalence_config(data_dir, dir.str(name + "-resumed"));
-    const auto resumed = train_at(resumed_cfg, world, ep, " --resume auto");
-    CATCH_INFO(resumed.output.substr(resumed.output.size() > 2000 ? resumed.output.size() - 2000 : 0));
-    CATCH_REQUIRE(resumed.exit_code == 0);
-    CATCH_CHECK_THAT(resumed.output, Contains("resumed from") && Contains("step_00000010"));
+    resume_copy(dir.str("w4ep4"), equivalence_config(data_dir, dir.str(name + "-resumed")), world, ep, "step_00000010");
     check_resumed_losses(dir.str(name + "-resumed"), straight, 10);
   }
 }
@@ -625,11 +620,7 @@ CATCH_TEST_CASE("ZeRO-1 checkpoints: written whole, resumed at zero 0 and other 
     CATCH_INFO(name);
     const auto straight = train_at(config_of(name + "-straight", c.zero), c.world, c.ep);
     CATCH_REQUIRE(straight.exit_code == 0);
-    testing::run_command("cp -r " + dir.str(c.from) + " " + dir.str(name));
-    const auto resumed = train_at(config_of(name, c.zero), c.world, c.ep, " --resume auto");
-    CATCH_INFO(resumed.output.substr(resumed.output.size() > 2000 ? resumed.output.size() - 2000 : 0));
-    CATCH_REQUIRE(resumed.exit_code == 0);
-    CATCH_CHECK_THAT(resumed.output, Contains("resumed from") && Contains("step_00000010"));
+    resume_copy(dir.str(c.from), config_of(name, c.zero), c.world, c.ep, "step_00000010");
     check_resumed_losses(dir.str(name), straight, 10);
   }
 }
@@ -714,11 +705,7 @@ CATCH_TEST_CASE("ZeRO-1 in bf16 shards the fp32 master weights, trains as zero 0
       CATCH_REQUIRE(train_at(config_of(c.from, c.from_zero, 10), c.from_world, c.from_ep).exit_code == 0);
     const auto straight = train_at(config_of(name + "-straight", c.zero, 20), c.world, c.ep);
     CATCH_REQUIRE(straight.exit_code == 0);
-    testing::run_command("cp -r " + dir.str(c.from) + " " + dir.str(name));
-    const auto resumed = train_at(config_of(name, c.zero, 20), c.world, c.ep, " --resume auto");
-    CATCH_INFO(resumed.output.substr(resumed.output.size() > 2000 ? resumed.output.size() - 2000 : 0));
-    CATCH_REQUIRE(resumed.exit_code == 0);
-    CATCH_CHECK_THAT(resumed.output, Contains("resumed from") && Contains("step_00000010"));
+    resume_copy(dir.str(c.from), config_of(name, c.zero, 20), c.world, c.ep, "step_00000010");
     const auto losses = metrics_losses(dir.str(name));
     if (c.bound == 0) {
       same_losses(losses, straight.losses, 10);

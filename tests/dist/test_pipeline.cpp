@@ -293,11 +293,7 @@ CATCH_TEST_CASE("Pipeline checkpoints: pp 2 resumes at pp 1 and (pp 1, ep 2), pp
     CATCH_INFO(name);
     const auto straight = train_at(config_of(name + "-straight", c.pp, 12), c.world, c.ep);
     CATCH_REQUIRE(straight.exit_code == 0);
-    testing::run_command("cp -r " + dir.str(c.from) + " " + dir.str(name));
-    const auto resumed = train_at(config_of(name, c.pp, 12), c.world, c.ep, " --resume auto");
-    CATCH_INFO(resumed.output.substr(resumed.output.size() > 2000 ? resumed.output.size() - 2000 : 0));
-    CATCH_REQUIRE(resumed.exit_code == 0);
-    CATCH_CHECK_THAT(resumed.output, Contains("resumed from") && Contains("step_00000006"));
+    resume_copy(dir.str(c.from), config_of(name, c.pp, 12), c.world, c.ep, "step_00000006");
     check_resumed_losses(dir.str(name), straight, 6);
   }
 }
