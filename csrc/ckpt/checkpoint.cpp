@@ -234,6 +234,9 @@ SaveJob plan(const std::string& out_dir, const model::TransformerImpl& model, co
     if (!(expert ? first_replica : stage_writer && !duplicates.count(name))) return;  // another rank writes it
     if (!t.defined())
       throw CheckpointError("internal: rank " + std::to_string(rank) + " writes '" + name + suffix + "' but holds none of it");
+    if (c10::isReducedFloatingType(t.scalar_type()))  // a weight held in bf16 whose fp32 master is missing
+      throw CheckpointError("internal: '" + name + suffix + "' would be written in " +
+                            std::string(c10::toString(t.scalar_type())) + ", not fp32");
     auto kept = keep(t);
     if (!expert) {
       whole.tensors.emplace_back(name + suffix, kept);
@@ -249,11 +252,7 @@ SaveJob plan(const std::string& out_dir, const model::TransformerImpl& model, co
       if (s.master.defined()) masters[s.name] = s.master;
   for (const auto& p : model.named_parameters()) {
     const auto master = masters.find(p.key());
-    const torch::Tensor& weights = master != masters.end() ? master->second : p.value();
-    if (c10::isReducedFloatingType(weights.scalar_type()) && (experts_by_name.count(p.key()) ? first_replica : stage_writer))
-      throw CheckpointError("internal: '" + p.key() + "' would be written in " +
-                            std::string(c10::toString(weights.scalar_type())) + ", not fp32 (no master weights for it)");
-    add(main, experts, p.key(), "", weights);
+    add(main, experts, p.key(), "", master != masters.end() ? master->second : p.value());
   }
   if (stage_writer)
     for (const auto& b : model.named_buffers()) main.tensors.emplace_back(b.key(), keep(b.value()));

@@ -129,15 +129,16 @@ MemoryPlan plan_stage(const config::Config& cfg, int world_size, int stage, int 
   p.params_per_rank = params.replicated + experts;
   const bool bf16 = cfg.run.dtype == "bf16";
   const double cb = bf16 ? 2 : 4;
-  // ZeRO-1 under bf16 holds the weights every use casts in bf16 and 1/replicas of their fp32 masters.
-  const bool masters = p.zero >= 1 && bf16 && dp > 1;
+  // ZeRO-1 over several replicas: each keeps a 1/replicas share (replicated weights have the stage's dp
+  // ranks as replicas, routed experts dp / ep) of AdamW's two moments and, under bf16, of the fp32
+  // masters of the weights every use casts, which are held in bf16.
+  const bool sharded = p.zero >= 1 && dp > 1, masters = sharded && bf16;
+  auto share = [&](double replicated, double expert) { return replicated / dp + expert / (double(dp) / ep); };
   const double held_in_bf16 = masters ? p.params_per_rank - params.read_in_fp32 : 0;
   p.weights = 4 * (p.params_per_rank - held_in_bf16) + 2 * held_in_bf16;
-  if (masters) p.master_weights = 4 * ((params.replicated - params.read_in_fp32) / dp + experts / (double(dp) / ep));
+  if (masters) p.master_weights = 4 * share(params.replicated - params.read_in_fp32, experts);
   p.gradients = 4 * p.params_per_rank;
-  // AdamW's two moments, of a 1/replicas share of each parameter at zero 1: replicated weights have
-  // the stage's dp ranks as replicas, routed experts dp / ep.
-  p.optimizer = 2 * 4 * (p.zero >= 1 ? params.replicated / dp + experts / (double(dp) / ep) : p.params_per_rank);
+  p.optimizer = 2 * 4 * (sharded ? share(params.replicated, experts) : p.params_per_rank);
   const bool checkpointing = cfg.train.activation_checkpointing == "full";
   // The bf16 copies of the weights: kept from one optimizer step to the next (common/tensor.h), or
   // (run.keep_compute_copies false) alive from a micro-batch's forward to its backward, with
@@ -145,10 +146,10 @@ MemoryPlan plan_stage(const config::Config& cfg, int world_size, int stage, int 
   const double block_params = std::max(1.0, (p.params_per_rank - params.ends) / p.blocks);
   const double outer_params = p.params_per_rank - block_params * p.blocks;
   const bool kept_copies = cfg.run.keep_compute_copies;
-  if (bf16)
-    p.compute_copy = 2 * (kept_copies || !checkpointing ? p.params_per_rank : outer_params + block_params);
   if (masters)  // only a tied head is cast from fp32 (norm and router weights are read in fp32)
     p.compute_copy = m.tie_embeddings && last_stage ? 2.0 * m.vocab_size * m.d_model : 0;
+  else if (bf16)
+    p.compute_copy = 2 * (kept_copies || !checkpointing ? p.params_per_rank : outer_params + block_params);
 
   const Activations act{m, cb, cfg.train.activation_checkpointing == "selective"};
   double per_token = last_stage ? act.norm(m.d_model) : 0, largest_block = 0;  // the final norm
@@ -168,12 +169,11 @@ MemoryPlan plan_stage(const config::Config& cfg, int world_size, int stage, int 
   else
     p.loss = 3 * 4 * chunk * m.vocab_size + (chunk < T ? 2 * 4 * double(m.vocab_size) * m.d_model : 0);
 
-  const bool reduces = dp > 1;
   const double replicas_min = double(dp) / ep;  // experts have the fewest replicas
   // zero 0 over several ranks keeps the gradients in its bucket buffers for the whole run and reduces
   // them there, in place; zero 1 gathers each bucket for its reduce-scatter and frees the gradients.
-  const double resident_gradients = reduces && p.zero == 0 ? p.gradients : 0;
-  if (p.zero == 1 && reduces)
+  const double resident_gradients = dp > 1 && !sharded ? p.gradients : 0;
+  if (sharded)
     p.communication = p.optimizer / 2 + std::min(kBucketBytes, p.gradients) * (1 + 1 / replicas_min);
   else
     p.communication = 0;
@@ -196,7 +196,7 @@ MemoryPlan plan_stage(const config::Config& cfg, int world_size, int stage, int 
   const double recompute = checkpointing ? resident + copies + gradients + kept + T * largest_block : 0;
   // zero 1 has freed the whole gradients by then (each bucket once copied for its reduce-scatter): the
   // shares are in p.communication.
-  const double optimizer_step = resident + (p.zero == 1 && reduces ? 0 : gradients) + p.communication +
+  const double optimizer_step = resident + (sharded ? 0 : gradients) + p.communication +
                                 2 * largest_param_bytes(m, ep);
   p.peak = backward, p.peak_moment = "backward";
   if (recompute > p.peak) p.peak = recompute, p.peak_moment = "recompute";

@@ -118,7 +118,7 @@ class ShardedAdamW final : public Optimizer {
     const Layout& layout = parallel.layout();
     std::vector<size_t> replicated, experts, duplicates, replicated_masters, expert_masters;
     for (size_t i = 0; i < params_.size(); ++i) {
-      const bool master = narrow && params[i].compute_dtype_only && !parallel.duplicate()[i];
+      const bool master = narrow && params[i].compute_dtype_only;
       if (parallel.duplicate()[i])
         duplicates.push_back(i);
       else if (parallel.sharded()[i])
