@@ -146,8 +146,7 @@ void save_safetensors(const std::string& path, const TensorMap& tensors,
 }
 
 SafetensorsFile::SafetensorsFile(const std::string& path) : path_(path) {
-  Fd file{::open(path.c_str(), O_RDONLY | O_CLOEXEC)};
-  if (file.fd < 0) throw CheckpointError("cannot open " + path + ": " + errno_text());
+  Fd file{files::open_regular<CheckpointError>(path)};
   struct stat st {};
   if (::fstat(file.fd, &st) != 0) throw CheckpointError("cannot stat " + path + ": " + errno_text());
   file_size_ = uint64_t(st.st_size);
@@ -293,8 +292,7 @@ torch::Tensor SafetensorsFile::load(const std::string& name) const {
   torch::Tensor out = torch::empty(ti.shape, torch::TensorOptions().dtype(ti.dtype).device(torch::kCPU));
   const uint64_t n_bytes = ti.end - ti.begin;
   if (n_bytes == 0) return out;
-  Fd file{::open(path_.c_str(), O_RDONLY | O_CLOEXEC)};
-  if (file.fd < 0) throw CheckpointError("cannot open " + path_ + ": " + errno_text());
+  Fd file{files::open_regular<CheckpointError>(path_)};
   pread_all(file.fd, out.data_ptr(), n_bytes, data_start_ + ti.begin, path_, "tensor '" + name + "'");
   if (ti.dtype == torch::kBool) {
     // Any byte other than 0 or 1 is not a bool; torch would misbehave on it later.

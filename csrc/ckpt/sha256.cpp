@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "common/errors.h"
+#include "common/files.h"
 
 namespace moetrain::ckpt {
 namespace {
@@ -119,8 +120,9 @@ std::string sha256_hex(const void* data, size_t n) {
 }
 
 std::string sha256_file(const std::string& path) {
-  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd < 0) throw CheckpointError("cannot open " + path + " for hashing: " + std::strerror(errno));
+  std::string why;
+  const int fd = files::try_open_regular(path, why);
+  if (fd < 0) throw CheckpointError(why + " (hashing it)");
   Sha256 sha;
   std::vector<uint8_t> chunk(size_t(1) << 20);
   while (true) {

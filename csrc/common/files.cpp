@@ -53,6 +53,56 @@ std::optional<uint64_t> file_size(const std::string& path) {
   return uint64_t(st.st_size);
 }
 
+namespace {
+std::string kind_of_mode(mode_t mode) {
+  if (S_ISREG(mode)) return "a regular file";
+  if (S_ISDIR(mode)) return "a directory";
+  if (S_ISFIFO(mode)) return "a FIFO";
+  if (S_ISSOCK(mode)) return "a socket";
+  if (S_ISCHR(mode)) return "a character device";
+  if (S_ISBLK(mode)) return "a block device";
+  return "not a regular file";
+}
+}  // namespace
+
+std::string kind(const std::string& path) {
+  struct stat st;
+  if (::stat(path.c_str(), &st) != 0) return "missing";
+  return kind_of_mode(st.st_mode);
+}
+
+int try_open_regular(const std::string& path, std::string& why) {
+  // O_NONBLOCK: opening a FIFO must not wait for a writer; the descriptor is checked before any read.
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
+  if (fd < 0) {
+    const int saved = errno;
+    struct stat st;
+    if (::stat(path.c_str(), &st) == 0 && !S_ISREG(st.st_mode))  // a socket cannot even be opened
+      why = "'" + path + "' is " + kind_of_mode(st.st_mode) + ", not a regular file";
+    else
+      why = "cannot open '" + path + "': " + std::strerror(saved);
+    return -1;
+  }
+  struct stat st;
+  if (::fstat(fd, &st) != 0) {
+    why = "cannot stat '" + path + "': " + std::strerror(errno);
+    ::close(fd);
+    return -1;
+  }
+  if (!S_ISREG(st.st_mode)) {
+    why = "'" + path + "' is " + kind_of_mode(st.st_mode) + ", not a regular file";
+    ::close(fd);
+    return -1;
+  }
+  const int flags = ::fcntl(fd, F_GETFL);
+  if (flags < 0 || ::fcntl(fd, F_SETFL, flags & ~O_NONBLOCK) != 0) {
+    why = "cannot read '" + path + "': " + std::strerror(errno);
+    ::close(fd);
+    return -1;
+  }
+  return fd;
+}
+
 void make_directories(const std::string& path) {
   if (path.empty() || is_directory(path)) return;
   const std::string up = parent(path);
@@ -93,20 +143,15 @@ std::vector<std::string> list_directory(const std::string& path) {
 }
 
 std::string read_file(const std::string& path, uint64_t max_bytes) {
-  // O_NONBLOCK: opening a FIFO must not wait for a writer; the descriptor is checked before reading.
-  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
-  if (fd < 0) fail("read", path);
+  std::string why;
+  const int fd = try_open_regular(path, why);
+  if (fd < 0) throw Error("[io] " + why);
   struct stat st;
   if (::fstat(fd, &st) != 0) {
     const int saved = errno;
     ::close(fd);
     errno = saved;
     fail("read", path);
-  }
-  if (!S_ISREG(st.st_mode)) {
-    ::close(fd);
-    throw Error("[io] cannot read '" + path + "': it is " +
-                (S_ISDIR(st.st_mode) ? "a directory" : "a device, pipe or socket") + ", not a regular file");
   }
   if (uint64_t(st.st_size) > max_bytes) {
     ::close(fd);
@@ -118,7 +163,7 @@ std::string read_file(const std::string& path, uint64_t max_bytes) {
   char buf[1 << 16];
   while (true) {
     const ssize_t n = ::read(fd, buf, sizeof buf);
-    if (n < 0 && (errno == EINTR || errno == EAGAIN)) continue;
+    if (n < 0 && errno == EINTR) continue;
     if (n < 0) {
       const int saved = errno;
       ::close(fd);

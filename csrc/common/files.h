@@ -15,6 +15,21 @@ std::string parent(const std::string& path);                   // "a/b/c" -> "a/
 bool exists(const std::string& path);
 bool is_directory(const std::string& path);
 std::optional<uint64_t> file_size(const std::string& path);    // nullopt if absent or not a file
+// What a path is, in words for an error: "a regular file", "a directory", "a FIFO", "a socket",
+// "a character device" ("/dev/zero"), "a block device", or "missing" (links are followed).
+std::string kind(const std::string& path);
+// Opens a regular file read-only without ever blocking: the open does not wait for a FIFO's writer,
+// and a FIFO, socket, device or folder is refused before a byte is read. Returns the descriptor
+// (O_CLOEXEC, blocking reads), or -1 with `why` set to one line naming the path and what it is.
+int try_open_regular(const std::string& path, std::string& why);
+// The same, throwing E(why) (E names the component: DataError, CheckpointError, ...).
+template <class E>
+int open_regular(const std::string& path) {
+  std::string why;
+  const int fd = try_open_regular(path, why);
+  if (fd < 0) throw E(why);
+  return fd;
+}
 
 // Each throws moetrain::Error ("[io] ...") naming the path and the system's reason.
 void make_directories(const std::string& path);

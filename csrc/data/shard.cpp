@@ -69,18 +69,16 @@ void write_atomically(const std::string& path, const uint8_t* header, size_t hea
 // Opens a regular file read-only and returns (descriptor, size); `what` names it in errors ("shard",
 // "mask"). A folder, a FIFO or a device is refused here, before any byte is read.
 std::pair<int, uint64_t> open_file(const std::string& path, const std::string& what, uint64_t min_bytes) {
-  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd < 0) throw DataError("cannot open " + what + " " + path + ": " + errno_text());
+  std::string why;
+  const int fd = files::try_open_regular(path, why);
+  if (fd < 0)
+    throw DataError(why + " (expected a " + what + " file" +
+                    (what == "shard" ? ": a token shard is a .bin file written by moetrain prepare-data)" : ")"));
   struct stat st {};
   if (::fstat(fd, &st) != 0) {
     const std::string err = errno_text();
     ::close(fd);
     throw DataError("cannot stat " + what + " " + path + ": " + err);
-  }
-  if (!S_ISREG(st.st_mode)) {
-    ::close(fd);
-    throw DataError(path + " is " + (S_ISDIR(st.st_mode) ? "a directory" : "not a regular file") + ", not a " + what +
-                    " file" + (what == "shard" ? " (a token shard is a .bin file written by moetrain prepare-data)" : ""));
   }
   const uint64_t file_size = uint64_t(st.st_size);
   if (file_size < min_bytes) {
@@ -139,6 +137,9 @@ int bytes_for_vocab(uint64_t vocab_size) {
   if (vocab_size <= (uint64_t(1) << 16)) return 2;
   return 4;
 }
+
+// The largest text file prepare-data reads whole (it holds one in memory, as bytes and as tokens).
+constexpr uint64_t kMaxTextBytes = uint64_t(64) << 30;
 
 }  // namespace
 
@@ -611,14 +612,16 @@ PrepareStats prepare_text(const std::vector<std::string>& text_files, const std:
   std::string text;
   for (size_t i = 0; i < text_files.size(); ++i) {
     const std::string& file = text_files[i];
-    if (!files::file_size(file)) throw DataError("text file " + file + " does not exist");
-    std::ifstream in(file, std::ios::binary);
-    if (!in) throw DataError("cannot open text file " + file);
-    std::ostringstream contents;
-    contents << in.rdbuf();
-    if (in.bad()) throw DataError("cannot read text file " + file);
+    if (files::kind(file) != "a regular file")
+      throw DataError("text file '" + file + "' is " + files::kind(file) + ", not a regular file");
+    std::string contents;
+    try {
+      contents = files::read_file(file, kMaxTextBytes);
+    } catch (const Error& e) {
+      throw DataError(std::string("text file: ") + e.what());
+    }
     if (i > 0) text += '\n';
-    text += contents.str();
+    text += contents;
   }
 
   // Split right after the last newline at or before the target point (else the first one after it).
