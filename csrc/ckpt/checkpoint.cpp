@@ -18,9 +18,11 @@
 #include "ckpt/safetensors.h"
 #include "ckpt/sha256.h"
 #include "common/errors.h"
+#include "common/fault.h"
 #include "common/files.h"
 #include "common/log.h"
 #include "common/tensor.h"
+#include "config/config.h"
 
 using json = nlohmann::json;
 
@@ -151,19 +153,6 @@ uint64_t free_bytes(const std::string& dir) {
   struct statvfs st {};
   if (statvfs(dir.c_str(), &st) != 0) return UINT64_MAX;  // unknown: let the write itself report
   return uint64_t(st.f_bavail) * uint64_t(st.f_frsize);
-}
-
-// Fault injection for the crash tests: MOETRAIN_TEST_CRASH_AT=<point>[@<step>] kills the process
-// (SIGKILL, as a power cut would) at that point of a save: "shards_written" (every file of the
-// temporary folder on disk, no manifest yet) or "renamed" (the folder in place, `latest` not moved).
-void crash_point(const char* point, int64_t step) {
-  const char* v = std::getenv("MOETRAIN_TEST_CRASH_AT");
-  if (!v) return;
-  const std::string spec(v);
-  const auto at = spec.find('@');
-  if (spec.substr(0, at) != point) return;
-  if (at != std::string::npos && std::stoll(spec.substr(at + 1)) != step) return;
-  std::raise(SIGKILL);
 }
 
 struct PendingFile {
@@ -313,7 +302,7 @@ void write(SaveJob& job) {
 
 std::string commit(SaveJob& job) {
   const auto all_entries = job.world ? dist::all_gather_strings(*job.world, job.entries) : std::vector<std::string>{job.entries};
-  crash_point("shards_written", job.progress.step);
+  fault_point("shards_written", job.progress.step, job.rank);  // the crash and signal tests
   if (job.rank == 0) {
     const auto& progress = job.progress;
     json manifest;
@@ -337,7 +326,7 @@ std::string commit(SaveJob& job) {
     if (files::exists(job.final_dir)) files::remove_tree(job.final_dir);
     files::rename_path(job.tmp_dir, job.final_dir);
     files::fsync_path(job.ckpt_root, true);
-    crash_point("renamed", progress.step);
+    fault_point("renamed", progress.step, job.rank);
     files::write_file_atomic(files::join(job.ckpt_root, "latest"), job.name + "\n");
   }
   job.barrier();  // every rank returns once the checkpoint is committed
@@ -550,6 +539,11 @@ Manifest read_manifest(const std::string& step_dir) {
                                           std::to_string(m.world_size));
   }
   m.config_yaml = r.text(r.at(j, "config", "config"), "config");
+  try {  // resume, inspect and generate build from it: a damaged config is a damaged checkpoint
+    (void)config::parse_config(m.config_yaml, manifest_path + " (field 'config')");
+  } catch (const ConfigError& e) {
+    r.bad("config", std::string("is not a valid moetrain config: ") + e.what());
+  }
   const json& listed = r.at(j, "files", "files");
   if (!listed.is_array()) r.bad("files", "must be an array");
   std::set<std::string> seen;
@@ -577,7 +571,8 @@ std::vector<std::string> verify_files(const std::string& step_dir, const Manifes
     const std::string path = files::join(step_dir, f.name);
     const auto size = files::file_size(path);
     if (!size) {
-      problems.push_back("checkpoint file '" + path + "' is missing");
+      const std::string kind = files::kind(path);
+      problems.push_back("checkpoint file '" + path + "' is " + (kind == "missing" ? kind : kind + ", not a regular file"));
     } else if (*size != f.size) {
       problems.push_back("checkpoint file '" + path + "' has " + std::to_string(*size) + " bytes, the manifest says " +
                          std::to_string(f.size) + " (truncated or replaced)");

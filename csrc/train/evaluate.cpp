@@ -49,12 +49,8 @@ std::optional<Validation> evaluate(const model::TransformerImpl& model, const da
     loss_sum += source_loss;
     learned += source_learned;
   }
-  if (learned == 0) {
-    const std::string what = blend.size() == 1 && blend.source(0).val ? blend.source(0).val->name() : "any val split";
-    throw DataError("validation: the " + std::to_string(n_batches) + " evaluation batches of " + what +
-                    " hold no learned target (its loss mask marks none): no validation loss");
-  }
-  result.loss = loss_sum / learned;
+  result.measured = learned > 0;
+  result.loss = result.measured ? loss_sum / learned : 0.0;
   return result;
 }
 
@@ -64,6 +60,9 @@ std::optional<double> evaluate(const model::TransformerImpl& model, const data::
   const data::Blend one({data::BlendSource{shard.path(), 1.0, data::Dataset::borrow(shard), data::Dataset::borrow(shard)}});
   const auto validation = evaluate(model, one, n_batches, batch_size, seq_len, device, layout, stop);
   if (!validation) return std::nullopt;
+  if (!validation->measured)
+    throw DataError("validation: the " + std::to_string(n_batches) + " evaluation batches of " + shard.path() +
+                    " hold no learned target (its loss mask marks none): no validation loss");
   return validation->loss;
 }
 

@@ -8,6 +8,7 @@
 #include <chrono>
 #include <cmath>
 #include <csignal>
+#include <ctime>
 #include <cstdlib>
 #include <fstream>
 #include <functional>
@@ -17,6 +18,7 @@
 
 #include "ckpt/checkpoint.h"
 #include "common/errors.h"
+#include "common/fault.h"
 #include "common/files.h"
 #include "common/log.h"
 #include "cost/flops.h"
@@ -37,10 +39,26 @@ namespace moetrain::train {
 namespace {
 
 std::atomic<int> g_stop_signal{0};
+std::atomic<int64_t> g_first_signal_ns{0};
+
+// One preemption often arrives twice: Ctrl-C reaches the launcher and every rank of its process group,
+// and the launcher passes it on too; a scheduler may signal both the job step and each task. A repeat
+// within kRepeatWindowNs is that same preemption and is ignored; a signal after it ends the process at
+// once (the user insists). Only async-signal-safe calls here.
+constexpr int64_t kRepeatWindowNs = 2'000'000'000;
 
 void on_stop_signal(int sig) {
-  g_stop_signal = sig;
-  std::signal(sig, SIG_DFL);  // a second signal ends the process at once
+  timespec now{};
+  ::clock_gettime(CLOCK_MONOTONIC, &now);
+  const int64_t now_ns = int64_t(now.tv_sec) * 1'000'000'000 + now.tv_nsec;
+  if (g_stop_signal == 0) {
+    g_first_signal_ns = now_ns;
+    g_stop_signal = sig;
+    return;
+  }
+  if (now_ns - g_first_signal_ns < kRepeatWindowNs) return;
+  std::signal(sig, SIG_DFL);
+  std::raise(sig);
 }
 
 struct SignalScope {
@@ -48,18 +66,25 @@ struct SignalScope {
     g_stop_signal = 0;
     prev_term_ = std::signal(SIGTERM, on_stop_signal);
     prev_int_ = std::signal(SIGINT, on_stop_signal);
+    // A reader of our output that went away (a log filter stopped with the job) must not kill the
+    // run before it saves: a failed write of a log line is harmless.
+    prev_pipe_ = std::signal(SIGPIPE, SIG_IGN);
   }
   ~SignalScope() {
     std::signal(SIGTERM, prev_term_);
     std::signal(SIGINT, prev_int_);
+    std::signal(SIGPIPE, prev_pipe_);
   }
   void (*prev_term_)(int);
   void (*prev_int_)(int);
+  void (*prev_pipe_)(int);
 };
 
 // Keeps the metrics of steps <= last_step (a resumed run rewrites what came after its checkpoint).
 void truncate_metrics(const std::string& path, int64_t last_step) {
   if (!files::exists(path)) return;
+  if (const auto kind = files::kind(path); kind != "a regular file")  // a FIFO would block the stream below
+    throw Error("[train] '" + path + "' is " + kind + ", not a regular file: not a run's metrics");
   std::ifstream in(path);  // streamed: a long run's metrics may be larger than files::read_file allows
   std::string line, kept;
   while (std::getline(in, line)) {
@@ -115,15 +140,36 @@ std::string run_contents(const std::string& out_dir) {
   return text;
 }
 
+// The run folder's files that moetrain writes (config.yaml, metrics.jsonl) but that are someone else's
+// here: the reason to refuse the folder, or "". Other files in it are left alone.
+std::string foreign_files(const std::string& out_dir) {
+  const std::string config_path = files::join(out_dir, "config.yaml");
+  if (files::exists(config_path)) {
+    std::string why;
+    try {
+      (void)config::parse_config(files::read_file(config_path), config_path);
+    } catch (const Error& e) {
+      why = e.what();
+    }
+    if (!why.empty())
+      return "run.out_dir '" + out_dir + "' holds a config.yaml that is not a moetrain run's config (" + why +
+             "): a run writes its resolved config there, so move that file away or choose another run.out_dir";
+  }
+  const std::string metrics_path = files::join(out_dir, "metrics.jsonl");
+  if (files::exists(metrics_path) && files::kind(metrics_path) != "a regular file")
+    return "run.out_dir '" + out_dir + "' holds a metrics.jsonl that is " + files::kind(metrics_path) +
+           ", not a run's metrics file";
+  return "";
+}
+
 // A fresh run never writes over an earlier one: it refuses, or (--overwrite) moves that run aside to
 // <out_dir>.replaced-N first. Rank 0 decides and every rank gets the same answer.
 void claim_run_folder(const std::string& out_dir, const TrainOptions& options, dist::Communicator& world) {
-  if (!options.resume.empty()) {
-    if (options.overwrite) throw UsageError("--overwrite starts a fresh run; it cannot be combined with --resume");
-    return;
-  }
+  if (!options.resume.empty() && options.overwrite)
+    throw UsageError("--overwrite starts a fresh run; it cannot be combined with --resume");
   std::string refusal;
-  if (world.rank() == 0) {
+  if (world.rank() == 0) refusal = foreign_files(out_dir);
+  if (world.rank() == 0 && refusal.empty() && options.resume.empty()) {
     const std::string held = run_contents(out_dir);
     if (!held.empty() && !options.overwrite) {
       refusal = "run.out_dir '" + out_dir + "' already holds a run (" + held +
@@ -138,20 +184,27 @@ void claim_run_folder(const std::string& out_dir, const TrainOptions& options, d
     }
   }
   if (dist::all_sum(world, refusal.empty() ? 0.0 : 1.0) > 0)
-    throw Error("[train] " + (refusal.empty() ? "rank 0 refused to start: run.out_dir '" + out_dir + "' already holds a run" : refusal));
+    throw Error("[train] " + (refusal.empty() ? "rank 0 refused run.out_dir '" + out_dir + "' (its message says why)" : refusal));
 }
 
-// Where to go on from after a divergence: the newest checkpoint of `out_dir` that verifies.
-std::string last_good_checkpoint(const std::string& out_dir, const std::string& verify) {
+// Where to go on from after a divergence: the newest checkpoint of `out_dir` that verifies. None is
+// written at a skipped step or while a streak of them is open, so it predates the trouble.
+std::string last_good_checkpoint(const std::string& out_dir, const config::Config& cfg) {
   std::optional<std::string> dir;
   try {
-    dir = ckpt::newest_verified_checkpoint(files::join(out_dir, "ckpt"), verify);
+    dir = ckpt::newest_verified_checkpoint(files::join(out_dir, "ckpt"), cfg.checkpoint.verify);
   } catch (const Error&) {
   }
-  if (!dir) return "this run has no checkpoint that verifies (lower optim.lr or check the data, and start again)";
-  return "last good checkpoint: " + *dir + " (--resume auto continues from it; lower optim.lr or check the data)";
+  const std::string remedies =
+      "a lower optim.lr (now " + format_double(cfg.optim.lr) + ")" +
+      (cfg.optim.warmup_steps < 1000 ? ", a longer optim.warmup_steps (now " + std::to_string(cfg.optim.warmup_steps) + ")" : "") +
+      (cfg.optim.grad_clip > 0 ? ", a lower optim.grad_clip (now " + format_double(cfg.optim.grad_clip) + ")"
+                               : " or gradient clipping (optim.grad_clip is 0, off)") +
+      ", or check the data of this step";
+  if (!dir) return "this run has no checkpoint that verifies: start again with " + remedies;
+  return "last good checkpoint: " + *dir + ", written before the trouble began; continue from it with --resume " + *dir +
+         " and " + remedies;
 }
-
 
 // True on every rank when every rank's weights and AdamW moments are finite.
 bool all_finite(const dist::DataParallel& parallel, const dist::Optimizer& optimizer) {
@@ -174,6 +227,9 @@ std::string stage_list(const std::vector<int>& layers) {
 
 TrainResult train(const config::Config& given, const TrainOptions& options) {
   // ---- set-up ------------------------------------------------------------------------------------
+  // From the first instant: a preemption during set-up is acted on after the first step (every rank
+  // votes on it there), never by the default action that would leave the other ranks waiting.
+  SignalScope signals;
   const Process process(given);
   const auto& layout = process.layout;
   const auto& comm = layout->world;
@@ -193,6 +249,16 @@ TrainResult train(const config::Config& given, const TrainOptions& options) {
   }
   data::Sampler sampler(blend, {cfg.run.seed, cfg.data.seq_len, cfg.train.micro_batch_size, cfg.train.grad_accum,
                                 layout->dp_rank(), layout->dp_size()});
+  // A source whose share is too small to be drawn even once in the run is a blend that does not do
+  // what its weights seem to say.
+  for (size_t i = 0; blend.size() > 1 && i < blend.size(); ++i) {
+    const double expected = blend.share(i) * double(cfg.train.steps) * double(sampler.sequences_per_step());
+    if (expected < 1)
+      log_line("warning: data.sources[" + std::to_string(i) + "] ('" + blend.source(i).name + "') has a share of " +
+               format_double(blend.share(i), 3) + " of the blend: about " + format_double(expected, 3) + " of the run's " +
+               std::to_string(int64_t(cfg.train.steps) * int64_t(sampler.sequences_per_step())) +
+               " sequences, so it may get none (data.sources weights)");
+  }
   const bool per_source = !cfg.data.sources.empty();  // tokens/<name> and val_loss/<name> in metrics.jsonl
   std::vector<uint64_t> sequences_by_source(blend.size(), 0);  // drawn so far (all ranks)
 
@@ -279,7 +345,6 @@ TrainResult train(const config::Config& given, const TrainOptions& options) {
   const int64_t decay_steps = cfg.optim.decay_steps > 0 ? cfg.optim.decay_steps : total_steps;
   const int64_t tokens_per_step =
       int64_t(cfg.train.micro_batch_size) * cfg.data.seq_len * cfg.train.grad_accum * layout->dp_size();
-  SignalScope signals;
   ckpt::AsyncSaver saver;
   const double run_start = now_s();
   double step_time_ema = 0;
@@ -287,12 +352,14 @@ TrainResult train(const config::Config& given, const TrainOptions& options) {
   double tokens_time = 0;
   int64_t skipped_in_a_row = 0;
   bool warned_mfu = false;
+  bool warned_unmeasured = false;
   const double elapsed_before = progress.elapsed_s;
 
   const int64_t first_step = progress.step;
   for (int64_t step = progress.step; step < total_steps; ++step) {
     const double step_start = now_s();
     // ---- the step ----------------------------------------------------------------------------------
+    fault_point("step", step + 1, comm->rank());  // the signal tests: a preemption in the middle of a step
     const double lr = optim::learning_rate(cfg.optim, step, decay_steps);
     auto outcome = train_step(*model, optimizer, parallel, cfg, step, lr, device,
                               [&](int micro) { return sampler.batch(step, micro); });
@@ -337,7 +404,7 @@ TrainResult train(const config::Config& given, const TrainOptions& options) {
                                                    : " (" + std::to_string(skipped_in_a_row) +
                                                          " steps in a row, more than train.max_skipped_steps = " +
                                                          std::to_string(cfg.train.max_skipped_steps) + ")") +
-                    "; " + last_good_checkpoint(out_dir, cfg.checkpoint.verify));
+                    "; " + last_good_checkpoint(out_dir, cfg));
       }
       log_line("warning: " + what + ": update skipped (" + std::to_string(skipped_in_a_row) + " in a row, at most " +
                std::to_string(cfg.train.max_skipped_steps) + ")");
@@ -345,9 +412,14 @@ TrainResult train(const config::Config& given, const TrainOptions& options) {
 
     const bool last = progress.step == total_steps;
     const bool stop = parallel.any(g_stop_signal != 0);
+    fault_point("voted", progress.step, comm->rank());  // a signal just after the vote is the next step's
     const bool do_log = last || stop || !outcome.applied || progress.step % cfg.train.log_every == 0;
     const bool do_eval = !stop && (last || (cfg.train.eval_every > 0 && progress.step % cfg.train.eval_every == 0));
-    const bool do_save = last || stop || (cfg.checkpoint.every > 0 && progress.step % cfg.checkpoint.every == 0);
+    // No checkpoint at a skipped step or while a streak of them is open: the last one written stays the
+    // last good state, and retention (which keeps the newest) never removes it.
+    const bool in_streak = skipped_in_a_row > 0;
+    const bool do_save =
+        !in_streak && (last || stop || (cfg.checkpoint.every > 0 && progress.step % cfg.checkpoint.every == 0));
 
     double val_loss = -1;
     Validation validation;
@@ -355,9 +427,19 @@ TrainResult train(const config::Config& given, const TrainOptions& options) {
     if (do_eval) {
       // A stop signal ends the evaluation between batches: the grace after SIGTERM is one batch, not all.
       const auto val = evaluate(*model, blend, cfg.train.eval_batches, cfg.train.micro_batch_size,
-                                cfg.data.seq_len, device, layout.get(), [&] { return parallel.any(g_stop_signal != 0); });
+                                cfg.data.seq_len, device, layout.get(), [&] {
+                                  fault_point("eval", progress.step, comm->rank());
+                                  const bool any = parallel.any(g_stop_signal != 0);
+                                  fault_point("eval_voted", progress.step, comm->rank());
+                                  return any;
+                                });
       stopped_in_eval = !val;
-      if (val) result.final_val_loss = val_loss = val->loss, validation = *val;
+      if (val && val->measured) result.final_val_loss = val_loss = val->loss, validation = *val;
+      if (val && !val->measured && !warned_unmeasured) {  // once: the masks learn nothing the batches hold
+        log_line("warning: step " + std::to_string(progress.step) + ": the " + std::to_string(cfg.train.eval_batches) +
+                 " evaluation batches hold no learned target (the val loss masks mark none): no val_loss is reported");
+        warned_unmeasured = true;
+      }
     }
     if (do_log && comm->rank() == 0) {
       const double tok_s = double(window_tokens) / std::max(1e-9, tokens_time);  // step time only, no eval
@@ -410,13 +492,13 @@ TrainResult train(const config::Config& given, const TrainOptions& options) {
       if (comm->rank() == 0) ckpt::apply_retention(cfg.run.out_dir, cfg.checkpoint.keep_last, cfg.checkpoint.keep_every);
     };
     const bool stopping = stop || stopped_in_eval;
-    const bool saving = do_save || stopped_in_eval;
+    const bool saving = do_save || (stopped_in_eval && !in_streak);
     if (saver.in_flight())
       if (auto dir = saver.poll(/*wait=*/saving)) committed(*dir);
     if (saving && !all_finite(parallel, optimizer))  // never reached by a skipped step; a last guard
       throw Error("[train] step " + std::to_string(progress.step) +
                   ": the weights or AdamW moments hold non-finite values; nothing was saved; " +
-                  last_good_checkpoint(out_dir, cfg.checkpoint.verify));
+                  last_good_checkpoint(out_dir, cfg));
     if (saving) {
       progress.gpu_hours = gpu_hours_at(progress.elapsed_s);
       progress.cost_usd = progress.gpu_hours * cfg.cost.price_per_gpu_hour;
@@ -426,10 +508,13 @@ TrainResult train(const config::Config& given, const TrainOptions& options) {
         committed(ckpt::save_checkpoint(cfg.run.out_dir, *model, optimizer.checkpoint_state(), config_yaml, progress,
                                         layout.get()));
     }
+    if (in_streak && (last || stopping))
+      log_line("warning: step " + std::to_string(progress.step) + " ends a streak of " + std::to_string(skipped_in_a_row) +
+               " skipped step(s): no checkpoint is written for it; " + last_good_checkpoint(out_dir, cfg));
     if (stopping) {
       const std::string why = g_stop_signal == SIGTERM ? "SIGTERM" : g_stop_signal == SIGINT ? "SIGINT" : "a stop signal on another rank";
-      log_line("received " + why + ": saved " +
-               result.last_checkpoint + ", exiting");
+      log_line("received " + why + ": " + (saving ? "saved " + result.last_checkpoint : std::string("nothing saved")) +
+               ", exiting");
       result.interrupted = true;
       break;
     }

@@ -97,6 +97,7 @@ std::optional<double> evaluate(const model::TransformerImpl& model, const data::
 // their number (per token, not a mean of the sources). Sources without a val split are left out.
 struct Validation {
   double loss = 0;                                        // overall, nats per learned token
+  bool measured = true;  // false when the masks learn no target of any batch: there is no loss to report
   std::vector<std::pair<std::string, double>> by_source;  // (source name, its loss) with a learned target
 };
 std::optional<Validation> evaluate(const model::TransformerImpl& model, const data::Blend& blend, int n_batches,

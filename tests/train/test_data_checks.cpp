@@ -66,7 +66,7 @@ CATCH_TEST_CASE("Shards are checked before the first step: val window, val vocab
   }
 }
 
-CATCH_TEST_CASE("A val mask that learns nothing warns once at start", "[train][data][cli]") {
+CATCH_TEST_CASE("A val mask that learns nothing warns once at start, and the run trains on with no val_loss", "[train][data][cli]") {
   testing::TempDir dir("train-val-mask");
   const auto data_dir = testing::make_corpus(dir);
   const std::string val = files::join(data_dir, "val.bin");
@@ -77,6 +77,11 @@ CATCH_TEST_CASE("A val mask that learns nothing warns once at start", "[train][d
   testing::write_config(cfg, dir.str("run.yaml"));
   auto r = testing::run_command("OMP_NUM_THREADS=1 timeout 300 " + kBinary + " train --config " + dir.str("run.yaml"));
   CATCH_INFO(r.output);
+  // The run trains on: no val_loss anywhere, and its checkpoints are kept.
+  CATCH_CHECK(r.exit_code == 0);
+  CATCH_CHECK(r.output.find("| val_loss") == std::string::npos);
+  CATCH_CHECK(files::read_file(dir.str("run/metrics.jsonl")).find("val_loss") == std::string::npos);
+  CATCH_CHECK(files::read_file(dir.str("run/ckpt/latest")) == "step_00000004\n");
   CATCH_CHECK(count_of(r.output, "marks no token of " + val) == 1);
   CATCH_CHECK(count_of(r.output, "warning: " + data::mask_path_for(val)) == 1);
   // eval has nothing to report either: one line naming the mask, before it loads the model.
