@@ -12,6 +12,8 @@
 #include "common/errors.h"
 #include "common/log.h"
 #include "config/config.h"
+#include "cost/flops.h"
+#include "cost/memory.h"
 #include "hf/hf.h"
 #include "train/generate.h"
 
@@ -120,9 +122,28 @@ int run_inspect(const std::vector<std::string>& argv) {
   std::printf("parameters  %s (%s in routed experts)\n", format_count(double(params)).c_str(),
               format_count(double(expert_params)).c_str());
   std::printf("size        %s bytes\n", format_count(double(bytes)).c_str());
-  const auto problems = ckpt::verify_files(*step_dir, m, verify);
+  auto problems = ckpt::verify_files(*step_dir, m, verify);
   for (const auto& p : problems) std::printf("MISMATCH    %s\n", p.c_str());
   std::printf("verify      %s: %s\n", verify.c_str(), problems.empty() ? "every file matches the manifest" : "FAILED");
+  if (problems.empty()) {
+    // The files are whole; their tensors must also be the ones the manifest's config implies: the
+    // model of that config loads them (names, shapes, dtypes), where it fits in this machine's memory.
+    const auto cfg = config::parse_config(m.config_yaml, files::join(*step_dir, "manifest.json"));
+    const double fp32_bytes = 4.0 * double(cost::param_counts(cfg.model).total);
+    if (fp32_bytes > 0.5 * cost::machine_memory_bytes("cpu")) {
+      std::printf("tensors     not checked against the config: its model (%s bytes in fp32) is more than half of "
+                  "this machine's memory\n", format_count(fp32_bytes).c_str());
+    } else {
+      try {
+        model::Transformer expected(cfg.model);
+        ckpt::load_model(*step_dir, *expected);
+        std::printf("tensors     every weight has the name, shape and dtype the manifest's config implies\n");
+      } catch (const Error& e) {
+        problems.push_back(e.what());
+        std::printf("MISMATCH    %s\n", e.what());
+      }
+    }
+  }
   return problems.empty() ? 0 : 1;
 }
 

@@ -55,6 +55,11 @@ Allowed above(double lo) {
   a.lo_open = true;
   return a;
 }
+Allowed above_to(double lo, double hi) {
+  Allowed a = above(lo);
+  a.hi = hi;
+  return a;
+}
 Allowed in_half_open(double lo, double hi) {
   Allowed a = at_least(lo);
   a.hi = hi;
@@ -140,7 +145,10 @@ const std::vector<KeyDesc>& keys() {
       MOETRAIN_KEY(model.rope_theta, "RoPE base frequency.", above(0)),
       MOETRAIN_KEY(model.norm_eps, "Epsilon added inside the normalization layers.", above(0)),
       MOETRAIN_KEY(model.tie_embeddings, "The LM head shares the token embedding matrix.", any()),
-      MOETRAIN_KEY(model.init_std, "Standard deviation of the normal weight initialization.", above(0)),
+      MOETRAIN_KEY(model.init_std,
+                   "Standard deviation of the normal weight initialization (at most 1: a larger scale overflows "
+                   "the activations before the first step).",
+                   above_to(0, 1)),
       MOETRAIN_KEY(model.mtp_depth,
                    "Multi-token prediction depth (DeepSeek-V3): module k (1..D) joins the previous depth's hidden "
                    "state with the embedding of token i+k, runs one block (MoE when the model has MoE layers) and "
@@ -969,6 +977,13 @@ void validate(const Config& cfg) {
     if (!std::isfinite(source.weight) || source.weight <= 0)
       throw ConfigError(entry + ".weight = " + format_number(source.weight) + " must be > 0 (source " +
                         in_quotes(source.name.empty() ? source.dir : source.name) + ")");
+  }
+  if (!cfg.data.sources.empty()) {  // shares are weight / sum: the sum must be a finite number too
+    double sum = 0;
+    for (const auto& source : cfg.data.sources) sum += source.weight;
+    if (!std::isfinite(sum))
+      throw ConfigError("data.sources: the weights sum to " + format_number(sum) +
+                        ", beyond the range of a double; give relative weights (e.g. 0.7 and 0.3)");
   }
   if (cfg.optim.min_lr > cfg.optim.lr)
     throw ConfigError("optim.min_lr = " + format_number(cfg.optim.min_lr) + " must be <= optim.lr = " +

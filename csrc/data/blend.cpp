@@ -31,14 +31,17 @@ void check_split(const Dataset& split, int64_t model_vocab_size, int seq_len) {
 
 Blend::Blend(std::vector<BlendSource> sources) : sources_(std::move(sources)) {
   if (sources_.empty()) throw DataError("a blend needs at least one source");
-  double total = 0;
+  double largest = 0;
   for (const auto& s : sources_) {
     if (!(s.weight > 0) || !std::isfinite(s.weight))
       throw DataError("source '" + s.name + "': weight " + std::to_string(s.weight) + " must be a finite number > 0");
-    total += s.weight;
+    largest = std::max(largest, s.weight);
   }
+  // Relative to the largest weight, so that no sum overflows (weights of 1e308 are shares like any other).
+  double total = 0;
+  for (const auto& s : sources_) total += s.weight / largest;
   double running = 0;
-  for (const auto& s : sources_) cumulative_.push_back((running += s.weight) / total);
+  for (const auto& s : sources_) cumulative_.push_back((running += s.weight / largest) / total);
   cumulative_.back() = 1.0;
 }
 

@@ -28,6 +28,8 @@ class Blend {
   const std::vector<BlendSource>& sources() const { return sources_; }
   // The source of a global sequence id; 0 without hashing when there is one source.
   size_t choose(uint64_t seed, uint64_t global_sequence) const;
+  // The fraction of sequences source i is drawn for (its weight over the sum), in [0, 1].
+  double share(size_t i) const { return cumulative_.at(i) - (i ? cumulative_[i - 1] : 0.0); }
   // Sequences [first, first + count) drawn from each source (count per source).
   std::vector<uint64_t> count_sources(uint64_t seed, uint64_t first, uint64_t count) const;
 

@@ -18,6 +18,60 @@ double now_s() {
   return duration<double>(steady_clock::now().time_since_epoch()).count();
 }
 
+void require_same_config(dist::Communicator& world, const config::Config& cfg) {
+  if (world.world_size() == 1) return;
+  std::string mine;  // "key=value" lines, rank-local keys left out
+  for (const auto& [key, value] : config::flatten(cfg))
+    if (key != "run.threads") mine += key + "=" + value + "\n";
+  const auto all = dist::all_gather_strings(world, mine);
+  const auto lines = [](const std::string& text) {
+    std::vector<std::string> out;
+    for (size_t at = 0, nl; at < text.size(); at = nl + 1) out.push_back(text.substr(at, (nl = text.find('\n', at)) - at));
+    return out;
+  };
+  const auto first = lines(all[0]);
+  for (size_t r = 1; r < all.size(); ++r) {
+    if (all[r] == all[0]) continue;
+    const auto other = lines(all[r]);
+    for (size_t i = 0; i < std::max(first.size(), other.size()); ++i) {
+      const std::string a = i < first.size() ? first[i] : "(none)", b = i < other.size() ? other[i] : "(none)";
+      if (a == b) continue;
+      const auto eq = a.find('=');
+      throw ConfigError("the ranks were started with different configs: rank " + std::to_string(r) + " has " + b +
+                        ", rank 0 has " + a.substr(eq == std::string::npos ? 0 : eq + 1) +
+                        " (" + a.substr(0, eq) + "); every rank of a job must run the same config and --set options");
+    }
+  }
+}
+
+void require_equal_replicas(const dist::Layout& layout, const std::vector<model::RoledParam>& params) {
+  // Per role, the sum and the sum of squares of every element in fp64, written exactly (%a): equal
+  // weights give equal text, and a replica that differs in any weight almost surely does not.
+  const auto fingerprint = [&](model::ParamRole role) {
+    double sum = 0, squares = 0;
+    for (const auto& p : params) {
+      if (p.role != role) continue;
+      const auto t = p.tensor.detach().to(torch::kDouble);
+      sum += t.sum().item<double>();
+      squares += t.square().sum().item<double>();
+    }
+    char text[80];
+    std::snprintf(text, sizeof text, "%a %a", sum, squares);
+    return std::string(text);
+  };
+  const auto check = [&](dist::Communicator& group, model::ParamRole role, const std::string& what) {
+    if (group.world_size() == 1) return;
+    const auto all = dist::all_gather_strings(group, fingerprint(role));
+    for (size_t r = 1; r < all.size(); ++r)
+      if (all[r] != all[0])
+        throw DistError("the " + what + " weights differ between replicas at start (rank " + std::to_string(group.world_rank_of(int(r))) +
+                        " and rank " + std::to_string(group.world_rank_of(0)) + " of " + group.name() +
+                        "): every replica must load the same model.init_from and run.seed");
+  };
+  check(layout.dp ? *layout.dp : *layout.world, model::ParamRole::replicated, "replicated");
+  check(*layout.edp, model::ParamRole::expert, "routed experts'");
+}
+
 void MoETelemetry::add(const model::ForwardOutput& out) {
   if (load_LE.empty()) {
     layers = out.moe_layers;

@@ -70,6 +70,14 @@ StepOutcome train_step(model::TransformerImpl& model, dist::Optimizer& optimizer
                        const config::Config& cfg, int64_t step, double lr, torch::Device device,
                        const std::function<data::Batch(int micro)>& batch_of);
 
+// Refuses a job whose ranks were started with different configs (another run.seed, a --set given to
+// one rank only): every rank compares its config, less rank-local keys, with rank 0's, and all name the
+// first key that differs. Collective over `world`.
+void require_same_config(dist::Communicator& world, const config::Config& cfg);
+// Refuses replicas whose weights differ (an init_from folder that differs between nodes): each rank's
+// fingerprint of what it holds is compared with its replicas'. Collective over the layout's groups.
+void require_equal_replicas(const dist::Layout& layout, const std::vector<model::RoledParam>& params);
+
 // What train and bench-step both set up first: this process's place in the job, the config resolved
 // for the world size, the device and the compute dtype.
 struct Process {
@@ -81,6 +89,7 @@ struct Process {
                                                                       given.parallel.pipeline_parallel))),
         cfg(config::for_world_size(given, layout->dp_size())) {  // the ranks that read data
     set_log_rank(layout->world->rank());
+    require_same_config(*layout->world, given);
     if (layout->pp_size() > 1 && cfg.train.grad_accum < layout->pp_size())
       throw ConfigError("train.grad_accum = " + std::to_string(cfg.train.grad_accum) + " (as resolved) must be at least "
                         "parallel.pipeline_parallel = " + std::to_string(layout->pp_size()) +
@@ -118,6 +127,7 @@ struct Trainable {
                          model::LayerRange{bounds[size_t(stage)], bounds[size_t(stage) + 1]});
     m->init_weights(p.cfg.run.seed);
     if (!p.cfg.model.init_from.empty()) hf::load_init_from(*m, p.cfg.model.init_from);  // fine-tuning
+    require_equal_replicas(*p.layout, m->roled_parameters());
     m->place(p.device, p.compute_dtype);
     m->set_loss_chunk(p.cfg.train.loss_chunk_tokens);
     m->set_activation_checkpointing(p.cfg.train.activation_checkpointing);
