@@ -80,7 +80,7 @@ int try_open_regular(const std::string& path, std::string& why) {
     if (::stat(path.c_str(), &st) == 0 && !S_ISREG(st.st_mode))  // a socket cannot even be opened
       why = "'" + path + "' is " + kind_of_mode(st.st_mode) + ", not a regular file";
     else
-      why = "cannot open '" + path + "': " + std::strerror(saved);
+      why = "cannot read '" + path + "': " + std::strerror(saved);
     return -1;
   }
   struct stat st;
@@ -145,7 +145,7 @@ std::vector<std::string> list_directory(const std::string& path) {
 std::string read_file(const std::string& path, uint64_t max_bytes) {
   std::string why;
   const int fd = try_open_regular(path, why);
-  if (fd < 0) throw Error("[io] " + why);
+  if (fd < 0) throw Error("[io] " + why);  // "[io] cannot read 'p': ..." or "[io] 'p' is a FIFO, ..."
   struct stat st;
   if (::fstat(fd, &st) != 0) {
     const int saved = errno;
