@@ -78,7 +78,7 @@ int try_open_regular(const std::string& path, std::string& why) {
     const int saved = errno;
     struct stat st;
     if (::stat(path.c_str(), &st) == 0 && !S_ISREG(st.st_mode))  // a socket cannot even be opened
-      why = "'" + path + "' is " + kind_of_mode(st.st_mode) + ", not a regular file";
+      why = "cannot read '" + path + "': it is " + kind_of_mode(st.st_mode) + ", not a regular file";
     else
       why = "cannot read '" + path + "': " + std::strerror(saved);
     return -1;
@@ -90,7 +90,7 @@ int try_open_regular(const std::string& path, std::string& why) {
     return -1;
   }
   if (!S_ISREG(st.st_mode)) {
-    why = "'" + path + "' is " + kind_of_mode(st.st_mode) + ", not a regular file";
+    why = "cannot read '" + path + "': it is " + kind_of_mode(st.st_mode) + ", not a regular file";
     ::close(fd);
     return -1;
   }
@@ -145,7 +145,7 @@ std::vector<std::string> list_directory(const std::string& path) {
 std::string read_file(const std::string& path, uint64_t max_bytes) {
   std::string why;
   const int fd = try_open_regular(path, why);
-  if (fd < 0) throw Error("[io] " + why);  // "[io] cannot read 'p': ..." or "[io] 'p' is a FIFO, ..."
+  if (fd < 0) throw Error("[io] " + why);
   struct stat st;
   if (::fstat(fd, &st) != 0) {
     const int saved = errno;

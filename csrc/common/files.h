@@ -20,7 +20,8 @@ std::optional<uint64_t> file_size(const std::string& path);    // nullopt if abs
 std::string kind(const std::string& path);
 // Opens a regular file read-only without ever blocking: the open does not wait for a FIFO's writer,
 // and a FIFO, socket, device or folder is refused before a byte is read. Returns the descriptor
-// (O_CLOEXEC, blocking reads), or -1 with `why` set to one line naming the path and what it is.
+// (O_CLOEXEC, blocking reads), or -1 with `why` set to one line naming the path and what it is
+// ("cannot read 'p': it is a FIFO, not a regular file").
 int try_open_regular(const std::string& path, std::string& why);
 // The same, throwing E(why) (E names the component: DataError, CheckpointError, ...).
 template <class E>

@@ -499,6 +499,7 @@ TrainResult train(const config::Config& given, const TrainOptions& options) {
       throw Error("[train] step " + std::to_string(progress.step) +
                   ": the weights or AdamW moments hold non-finite values; nothing was saved; " +
                   last_good_checkpoint(out_dir, cfg));
+    if (stopping) fault_point("stopping", progress.step, comm->rank());  // the tests: a slow stop
     if (saving) {
       progress.gpu_hours = gpu_hours_at(progress.elapsed_s);
       progress.cost_usd = progress.gpu_hours * cfg.cost.price_per_gpu_hour;
