@@ -52,7 +52,8 @@ WorkingMemory estimate_working_memory(const config::Config& cfg, bool training) 
   const auto& m = cfg.model;
   WorkingMemory w;
   const double rotated = m.attention == "mla" ? m.mla.qk_rope_head_dim : config::head_dim(m);
-  w.rope_bytes = double(m.max_seq_len) * rotated * (2 * kFp32Bytes + 8);
+  const double angle_bytes = cfg.run.device == "cpu" ? 8 : 0;  // on the CPU only: the tables are moved to a GPU
+  w.rope_bytes = double(m.max_seq_len) * rotated * (2 * kFp32Bytes + angle_bytes);
   if (!training) return w;
   const double tokens = double(cfg.train.micro_batch_size) * cfg.data.seq_len;
   const double logit_rows =
