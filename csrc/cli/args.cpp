@@ -164,7 +164,8 @@ int run_reporting_errors(const char* program, const std::function<int()>& body) 
     return 1;
   } catch (const c10::Error& e) {
     const std::string what = e.what_without_backtrace();
-    const bool cpu_out_of_memory = what.find("DefaultCPUAllocator: not enough memory") != std::string::npos;
+    const bool cpu_out_of_memory =  // "not enough memory" or "can't allocate memory", by the allocator's path
+        what.find("DefaultCPUAllocator") != std::string::npos && what.find("tried to allocate") != std::string::npos;
     std::fprintf(stderr, "%s: %s\n", program, (cpu_out_of_memory ? out_of_memory(what) : one_line(what)).c_str());
     return 1;
   } catch (const std::bad_alloc&) {

@@ -206,6 +206,30 @@ CATCH_TEST_CASE("train refuses model.max_seq_len, data.seq_len or a micro-batch 
   }
 }
 
+CATCH_TEST_CASE("A micro-batch that passes the floor but not the allocator ends in one out-of-memory line",
+                "[config][cost][cli]") {
+  testing::TempDir dir("absurd-oom");
+  std::string corpus;
+  for (int i = 0; i < 20000; ++i) corpus += "the router sends token " + std::to_string(i) + " to two experts\n";
+  testing::write_bytes(dir.str("corpus.txt"), corpus);
+  CATCH_REQUIRE(testing::run_command(kBinary + " prepare-data --text " + dir.str("corpus.txt") + " --out " +
+                                     dir.str("data")).exit_code == 0);
+  // 1600 x 256 tokens: a floor of about 2 GiB, under the 8 GiB limit; the activations need far more.
+  const auto r = testing::run_command("{ ulimit -v 8388608; OMP_NUM_THREADS=1 timeout 600 " + kBinary + " train --config " +
+                                      kTiny + " --set run.out_dir=" + dir.str("run") + " --set data.dir=" + dir.str("data") +
+                                      " --set train.global_batch_size=0 --set train.micro_batch_size=1600 "
+                                      "--set train.steps=1 2>&1 >/dev/null; }");
+  CATCH_INFO(r.output);
+  CATCH_CHECK(r.exit_code == 1);
+  // The start-up lines, then the error's one line; the allocator's own words only after "tried to allocate".
+  CATCH_REQUIRE(r.output.size() > 1);
+  const std::string last = r.output.substr(r.output.rfind('\n', r.output.size() - 2) + 1);
+  CATCH_CHECK_THAT(last, Contains("moetrain: out of memory (tried to allocate ") && Contains("moetrain plan") &&
+                             Contains("train.micro_batch_size"));
+  CATCH_CHECK_FALSE(Contains("DefaultCPUAllocator").match(r.output));
+  CATCH_CHECK_FALSE(Contains("bad_alloc").match(r.output));
+}
+
 CATCH_TEST_CASE("An HF config.json of huge dimensions is refused naming the file, before the model is built",
                 "[hf][cli]") {
   testing::TempDir dir("absurd-hf");
