@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <cstdio>
+#include <new>
 #include <sstream>
 
 #include "common/errors.h"
@@ -141,6 +142,15 @@ std::string one_line(std::string s) {
     if (c == '\n') c = ' ';
   return s;
 }
+
+// An allocation that failed although the sizes passed the checks before allocating (which count a
+// floor): the allocator's own sentence from "tried to allocate" on, and what makes a run smaller.
+std::string out_of_memory(const std::string& allocator_text) {
+  std::string what = allocator_text;
+  if (const auto at = what.find("tried to allocate"); at != std::string::npos) what = what.substr(at);
+  return "out of memory (" + one_line(what) + "): `moetrain plan` gives a config's peak per rank; lower "
+         "train.micro_batch_size or data.seq_len, set train.activation_checkpointing: full, or a smaller model";
+}
 }  // namespace
 
 int run_reporting_errors(const char* program, const std::function<int()>& body) {
@@ -149,8 +159,17 @@ int run_reporting_errors(const char* program, const std::function<int()>& body) 
   } catch (const UsageError& e) {
     std::fprintf(stderr, "%s: %s\n", program, one_line(e.what()).c_str());
     return 2;
+  } catch (const c10::OutOfMemoryError& e) {  // CUDA's allocator
+    std::fprintf(stderr, "%s: %s\n", program, out_of_memory(e.what_without_backtrace()).c_str());
+    return 1;
   } catch (const c10::Error& e) {
-    std::fprintf(stderr, "%s: %s\n", program, one_line(e.what_without_backtrace()).c_str());
+    const std::string what = e.what_without_backtrace();
+    const bool cpu_out_of_memory =  // "not enough memory" or "can't allocate memory", by the allocator's path
+        what.find("DefaultCPUAllocator") != std::string::npos && what.find("tried to allocate") != std::string::npos;
+    std::fprintf(stderr, "%s: %s\n", program, (cpu_out_of_memory ? out_of_memory(what) : one_line(what)).c_str());
+    return 1;
+  } catch (const std::bad_alloc&) {
+    std::fprintf(stderr, "%s: %s\n", program, out_of_memory("std::bad_alloc").c_str());
     return 1;
   } catch (const std::exception& e) {  // moetrain::Error and the rest
     std::fprintf(stderr, "%s: %s\n", program, one_line(e.what()).c_str());

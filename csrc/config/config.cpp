@@ -30,6 +30,10 @@ namespace {
 // ---------------------------------------------------------------------------------------------
 // The descriptor table.
 
+// The most blocks a model may have: plan, cost and the pipeline split work block by block, and no
+// real model comes near it (DeepSeek-V3 has 61).
+constexpr int kMaxLayers = 100000;
+
 // Accessors return a reference to the field; the variant alternative is the key's value type.
 using Field = std::variant<int& (*)(Config&), uint64_t& (*)(Config&), double& (*)(Config&),
                            bool& (*)(Config&), std::string& (*)(Config&), std::optional<double>& (*)(Config&),
@@ -120,7 +124,9 @@ const std::vector<KeyDesc>& keys() {
       MOETRAIN_KEY(model.vocab_size, "Vocabulary size: rows of the token embedding (and of the LM head).",
                    at_least(2)),
       MOETRAIN_KEY(model.d_model, "Width of the residual stream.", at_least(1)),
-      MOETRAIN_KEY(model.n_layers, "Number of transformer blocks.", at_least(1)),
+      MOETRAIN_KEY(model.n_layers,
+                   "Number of transformer blocks (plan, cost and the pipeline split work block by block).",
+                   from_to(1, kMaxLayers)),
       MOETRAIN_KEY(model.n_heads, "Attention (query) heads per block.", at_least(1)),
       MOETRAIN_KEY(model.n_kv_heads, "Key/value heads for grouped-query attention; must divide model.n_heads.",
                    at_least(1)),
@@ -477,11 +483,14 @@ std::string value_text(const KeyDesc& k, const Config& cfg) {
 }
 
 std::string bounds_text(const Allowed& a) {
+  // Whole bounds as integers ("100000", where the shortest text would be "1e+05").
+  auto bound = [](double v) {
+    return v == std::trunc(v) && std::abs(v) < 1e15 ? std::to_string(int64_t(v)) : format_number(v);
+  };
   if (a.lo && a.hi)
-    return std::string("in ") + (a.lo_open ? "(" : "[") + format_number(*a.lo) + ", " + format_number(*a.hi) +
-           (a.hi_open ? ")" : "]");
-  if (a.lo) return std::string(a.lo_open ? "> " : ">= ") + format_number(*a.lo);
-  if (a.hi) return std::string(a.hi_open ? "< " : "<= ") + format_number(*a.hi);
+    return std::string("in ") + (a.lo_open ? "(" : "[") + bound(*a.lo) + ", " + bound(*a.hi) + (a.hi_open ? ")" : "]");
+  if (a.lo) return std::string(a.lo_open ? "> " : ">= ") + bound(*a.lo);
+  if (a.hi) return std::string(a.hi_open ? "< " : "<= ") + bound(*a.hi);
   return "";
 }
 
@@ -728,27 +737,48 @@ void apply_mapping(const YAML::Node& map, const std::string& prefix, Config& cfg
 // A config nests four levels (model.moe.router.score_func); far deeper YAML is damage or an attack
 // on the parser's recursion. yaml-cpp itself stops at 2000 levels (YAML::DeepRecursion).
 constexpr int kMaxYamlDepth = 64;
-
-// The first node deeper than kMaxYamlDepth (the top level is depth 1), if any; recurses at most
-// kMaxYamlDepth + 1 levels.
-std::optional<YAML::Mark> too_deep(const YAML::Node& node, int depth = 1) {
-  if (depth > kMaxYamlDepth) return node.Mark();
-  if (node.IsMap()) {
-    for (const auto& entry : node) {
-      const YAML::Node key = entry.first, value = entry.second;
-      if (auto m = too_deep(key, depth + 1)) return m;
-      if (auto m = too_deep(value, depth + 1)) return m;
-    }
-  } else if (node.IsSequence()) {
-    for (const auto& item : node)
-      if (auto m = too_deep(YAML::Node(item), depth + 1)) return m;
-  }
-  return std::nullopt;
-}
+// A config has a few hundred nodes. Aliases let a 1 KB file stand for billions of them (a "billion
+// laughs": each level a list of aliases of the one before), and a walk of the document follows every
+// alias, so the walk stops after this many nodes.
+constexpr size_t kMaxYamlNodes = 100000;
 
 std::string too_deep_text() {
   return "YAML nested more than " + std::to_string(kMaxYamlDepth) +
          " levels deep (a moetrain config nests at most 4, as in model.moe.router.score_func)";
+}
+
+std::string too_many_nodes_text() {
+  return "YAML of more than " + std::to_string(kMaxYamlNodes) +
+         " nodes, counting each *alias as a copy of what it names (a moetrain config has a few hundred)";
+}
+
+struct ShapeError {
+  YAML::Mark mark;
+  std::string text;
+};
+
+// The first node deeper than kMaxYamlDepth (the top level is depth 1), or the node at which the walk
+// passes kMaxYamlNodes, if any: recurses at most kMaxYamlDepth + 1 levels and visits at most
+// kMaxYamlNodes + 1 nodes, however the aliases multiply them.
+std::optional<ShapeError> bad_shape(const YAML::Node& node, size_t& visited, int depth = 1) {
+  if (depth > kMaxYamlDepth) return ShapeError{node.Mark(), too_deep_text()};
+  if (++visited > kMaxYamlNodes) return ShapeError{node.Mark(), too_many_nodes_text()};
+  if (node.IsMap()) {
+    for (const auto& entry : node) {
+      const YAML::Node key = entry.first, value = entry.second;
+      if (auto e = bad_shape(key, visited, depth + 1)) return e;
+      if (auto e = bad_shape(value, visited, depth + 1)) return e;
+    }
+  } else if (node.IsSequence()) {
+    for (const auto& item : node)
+      if (auto e = bad_shape(YAML::Node(item), visited, depth + 1)) return e;
+  }
+  return std::nullopt;
+}
+
+std::optional<ShapeError> bad_shape(const YAML::Node& node) {
+  size_t visited = 0;
+  return bad_shape(node, visited);
 }
 
 void apply_override(const std::string& override_text, Config& cfg) {
@@ -779,7 +809,7 @@ void apply_override(const std::string& override_text, Config& cfg) {
   } catch (const YAML::Exception& e) {
     throw ConfigError(where + ": " + e.msg);
   }
-  if (too_deep(value)) throw ConfigError(where + ": " + too_deep_text());
+  if (auto e = bad_shape(value)) throw ConfigError(where + ": " + e->text);
   set_from_node(*k, value, cfg, where);
 }
 
@@ -850,7 +880,7 @@ Config parse_config(const std::string& yaml_text, const std::string& source,
                       "starts another); expected one");
 
   for (const auto& doc : docs)
-    if (auto mark = too_deep(doc)) throw ConfigError(location(source, *mark) + ": " + too_deep_text());
+    if (auto e = bad_shape(doc)) throw ConfigError(location(source, e->mark) + ": " + e->text);
   Config cfg;
   if (!docs.empty() && !docs[0].IsNull()) {  // an empty file is all defaults
     const YAML::Node& root = docs[0];

@@ -5,10 +5,15 @@
 #include <c10/core/Allocator.h>
 #include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/util/ThreadLocalDebugInfo.h>
+#include <sys/resource.h>
 #include <unistd.h>
 
+#include <algorithm>
+#include <cmath>
 #include <cstdio>
+#include <fstream>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "common/errors.h"
@@ -33,7 +38,7 @@ MemoryEstimate estimate_memory(const config::ModelConfig& model, int expert_para
   const auto counts = param_counts_approx(model);
   const double ep = expert_parallel > 0 ? expert_parallel : 1;
   const double world = std::max(ep, double(world_size));
-  const double replicated = counts.total - counts.routed_experts, experts = counts.routed_experts / ep;
+  const double replicated = counts.total + counts.mtp - counts.routed_experts, experts = counts.routed_experts / ep;
   MemoryEstimate e;
   e.params_per_rank = replicated + experts;
   e.weight_bytes = kFp32Bytes * e.params_per_rank;
@@ -43,18 +48,90 @@ MemoryEstimate estimate_memory(const config::ModelConfig& model, int expert_para
   return e;
 }
 
+WorkingMemory estimate_working_memory(const config::Config& cfg, bool training) {
+  const auto& m = cfg.model;
+  WorkingMemory w;
+  const double rotated = m.attention == "mla" ? m.mla.qk_rope_head_dim : config::head_dim(m);
+  const double angle_bytes = cfg.run.device == "cpu" ? 8 : 0;  // on the CPU only: the tables are moved to a GPU
+  w.rope_bytes = double(m.max_seq_len) * rotated * (2 * kFp32Bytes + angle_bytes);
+  if (!training) return w;
+  const double tokens = double(cfg.train.micro_batch_size) * cfg.data.seq_len;
+  const double logit_rows =
+      cfg.train.loss_chunk_tokens > 0 ? std::min(tokens, double(cfg.train.loss_chunk_tokens)) : tokens;
+  const double logits = kFp32Bytes * logit_rows * m.vocab_size;
+  // With a pipeline the largest stage holds ceil(n_layers / pp) blocks and the last one the logits:
+  // each is a floor for some rank.
+  const int pp = std::max(1, cfg.parallel.pipeline_parallel);
+  const double blocks = kFp32Bytes * tokens * m.d_model * std::ceil(double(m.n_layers) / pp);
+  w.micro_batch_bytes = pp == 1 ? blocks + logits : std::max(blocks, logits);
+  return w;
+}
+
 double machine_memory_bytes(const std::string& device) {
   if (device == "cuda" && torch::cuda::is_available())
     return double(at::cuda::getDeviceProperties(0)->totalGlobalMem);
   const long pages = ::sysconf(_SC_PHYS_PAGES), page_size = ::sysconf(_SC_PAGE_SIZE);
-  return pages > 0 && page_size > 0 ? double(pages) * double(page_size) : 0;
+  double bytes = pages > 0 && page_size > 0 ? double(pages) * double(page_size) : 0;
+  // A process may get less than the machine has: its address-space limit (ulimit -v), its container's
+  // memory limit (cgroup v2).
+  auto lower = [&](double limit) {
+    if (limit > 0 && (bytes <= 0 || limit < bytes)) bytes = limit;
+  };
+  if (rlimit limit{}; ::getrlimit(RLIMIT_AS, &limit) == 0 && limit.rlim_cur != RLIM_INFINITY) lower(double(limit.rlim_cur));
+  if (std::ifstream cgroup("/sys/fs/cgroup/memory.max"); cgroup) {
+    double limit = 0;
+    if (cgroup >> limit) lower(limit);  // "max" (no limit) reads as no number
+  }
+  return bytes;
 }
+
+namespace {
+
+// The second half of require_memory: the parameters' state fits, but not with the RoPE tables and
+// (training) the micro-batch beside it. Each that is a tenth of the need or more is named, the larger
+// first, with the keys that make it smaller.
+void require_working_memory(const config::Config& cfg, bool training, double state_bytes, double available_bytes,
+                            const std::string& device) {
+  const WorkingMemory w = estimate_working_memory(cfg, training);
+  const double need = state_bytes + w.rope_bytes + w.micro_batch_bytes;
+  if (need <= available_bytes) return;
+  struct Term {
+    double bytes;
+    std::string what;
+    std::vector<std::string> keys;
+  };
+  std::vector<Term> terms{
+      {w.rope_bytes, "model.max_seq_len = " + std::to_string(cfg.model.max_seq_len) + " (RoPE tables: " +
+                         gib(w.rope_bytes) + ")", {"model.max_seq_len"}},
+      {w.micro_batch_bytes, "one micro-batch of train.micro_batch_size = " + std::to_string(cfg.train.micro_batch_size) +
+                                " x data.seq_len = " + std::to_string(cfg.data.seq_len) +
+                                " tokens (its logits and block inputs: " + gib(w.micro_batch_bytes) + ")",
+       {"train.micro_batch_size", "data.seq_len"}}};
+  std::sort(terms.begin(), terms.end(), [](const Term& a, const Term& b) { return a.bytes > b.bytes; });
+  std::string named;
+  std::vector<std::string> keys;
+  size_t n_named = 0;
+  for (const auto& t : terms) {
+    if (n_named > 0 && t.bytes < need / 10) break;
+    named += (n_named++ == 0 ? "" : " and ") + t.what;
+    keys.insert(keys.end(), t.keys.begin(), t.keys.end());
+  }
+  std::string advice;
+  for (size_t i = 0; i < keys.size(); ++i) advice += (i == 0 ? "" : i + 1 == keys.size() ? " or " : ", ") + keys[i];
+  const std::string state = training ? "fp32 weights, gradients and AdamW state" : "fp32 weights";
+  throw ConfigError(named + ", with the model's " + gib(state_bytes) + " of " + state + ", " +
+                    (n_named == 1 ? "needs" : "need") + " at least " + gib(need) + ", more than the " +
+                    gib(available_bytes) + " of memory this machine's " + device + " has: make " + advice + " smaller");
+}
+
+}  // namespace
 
 void require_memory(const config::Config& cfg, int expert_parallel, bool training, double available_bytes,
                     const std::string& device, int world_size) {
   const MemoryEstimate e = estimate_memory(cfg.model, expert_parallel, world_size, cfg.parallel.zero);
   const double need = e.bytes(training);
-  if (available_bytes <= 0 || need <= available_bytes) return;
+  if (available_bytes <= 0) return;  // unknown
+  if (need <= available_bytes) return require_working_memory(cfg, training, need, available_bytes, device);
   const auto& m = cfg.model;
   const std::string sizes = "model.vocab_size = " + std::to_string(m.vocab_size) + ", model.d_model = " +
                             std::to_string(m.d_model) + ", model.n_layers = " + std::to_string(m.n_layers) +

@@ -2,6 +2,7 @@
 #include "cost/plan.h"
 
 #include <algorithm>
+#include <cstdio>
 #include <limits>
 
 #include "common/errors.h"
@@ -212,6 +213,16 @@ std::vector<int> pipeline_layers(const config::Config& cfg) {
   if (P < 1 || P > L)
     throw ConfigError("parallel.pipeline_parallel = " + std::to_string(P) + " must be in [1, model.n_layers = " +
                       std::to_string(L) + "]");
+  if (P == 1) return {L};
+  // The search below takes about P x L^2 / 2 steps and (P + 1) x (L + 1) entries of two tables.
+  constexpr double kMaxSearchSteps = 1e9;
+  if (const double steps = double(P) * L * L / 2; steps > kMaxSearchSteps) {
+    char text[32];
+    std::snprintf(text, sizeof text, "%.3g", steps);
+    throw ConfigError("parallel.pipeline_parallel = " + std::to_string(P) + " stages of model.n_layers = " +
+                      std::to_string(L) + " blocks: balancing them by FLOPs would take " + text +
+                      " steps (at most 1e9); give the blocks per stage in parallel.pp_layers");
+  }
   // Forward FLOPs per token of each block (the training factor 3 is common to all and drops out).
   const auto& m = cfg.model;
   const double attention = attention_projection_forward(m) + attention_scores_forward(m, cfg.data.seq_len, /*causal=*/true);
@@ -284,6 +295,11 @@ FitAdvice advise_fit(const config::Config& cfg, int world_size, double capacity_
   FitAdvice advice;
   const int dp = world_size / std::max(1, cfg.parallel.pipeline_parallel);  // expert parallel splits a stage's ranks
   config::Config c = config::for_world_size(cfg, dp);
+  // The stages' blocks do not depend on what is varied below: balanced once, not at every plan.
+  if (c.parallel.pipeline_parallel > 1 && c.parallel.pp_layers.empty()) {
+    for (int blocks : pipeline_layers(c))
+      c.parallel.pp_layers += (c.parallel.pp_layers.empty() ? "" : ",") + std::to_string(blocks);
+  }
   // The micro-batch is what is varied; the micro-batches per step (a pipeline's in flight) stay.
   const int grad_accum = std::max(1, c.train.grad_accum);
   auto fits = [&](config::Config c) {

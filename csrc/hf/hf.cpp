@@ -18,6 +18,7 @@
 #include "common/json_brief.h"
 #include "common/log.h"
 #include "common/tensor.h"
+#include "cost/memory.h"
 
 namespace moetrain::hf {
 
@@ -737,6 +738,18 @@ void load_weights(const std::string& dir, Family family, model::TransformerImpl&
 LoadedHf load(const std::string& dir) {
   LoadedHf out;
   out.hf = read_config(dir);
+  // Sizes our keys do not allow, or huge dimensions, are refused before anything is allocated: the
+  // model is built on this machine's CPU in fp32.
+  config::Config cfg;
+  cfg.model = out.hf.model;
+  cfg.data.seq_len = std::min(cfg.data.seq_len, cfg.model.max_seq_len);
+  try {
+    config::validate(cfg);
+    cost::require_memory(cfg, /*expert_parallel=*/1, /*training=*/false);
+  } catch (const ConfigError& e) {
+    const std::string what = e.what(), prefix = "[config] ";
+    throw HfError(files::join(dir, kConfigFile) + ": " + (what.rfind(prefix, 0) == 0 ? what.substr(prefix.size()) : what));
+  }
   out.model = model::Transformer(out.hf.model);
   load_weights(dir, out.hf.family, *out.model);
   return out;
