@@ -19,6 +19,7 @@ if (( BASH_VERSINFO[0] < 5 || (BASH_VERSINFO[0] == 5 && BASH_VERSINFO[1] < 1) ))
   echo "launch.sh: needs bash 5.1 or newer (wait -n -p), this is bash $BASH_VERSION" >&2
   exit 2
 fi
+command -v setsid >/dev/null || { echo "launch.sh: needs setsid (util-linux)" >&2; exit 2; }
 
 nproc=""
 port=""
@@ -50,7 +51,8 @@ fi
 declare -A rank_of=()
 pids=()
 signals=0         # stop signals passed on so far
-last_signal_us=0  # when the last one came ($EPOCHREALTIME in microseconds)
+last_signal=""    # the last one's name, and when it came ($EPOCHREALTIME in microseconds)
+last_signal_us=0
 stop_all() {  # $1: signal
   for pid in "${pids[@]}"; do kill "-$1" "$pid" 2>/dev/null; done
 }
@@ -58,11 +60,12 @@ forward() {  # a signal to the launcher goes to every rank; they finish the step
   local now_us=${EPOCHREALTIME/[.,]/}
   # `timeout` and some schedulers signal the command and then its whole process group: the same
   # signal twice within microseconds. Passed on twice, it would stop the ranks without saving.
-  if (( signals > 0 && now_us - last_signal_us < 1000000 )); then
+  if [[ "$1" == "$last_signal" ]] && (( now_us - last_signal_us < 1000000 )); then
     echo "launch.sh: received SIG$1 again within 1 s, taken as the same signal" >&2
     return
   fi
   signals=$((signals + 1))
+  last_signal=$1
   last_signal_us=$now_us
   if (( signals == 1 )); then
     echo "launch.sh: received SIG$1, passing it to every rank and waiting for them" >&2
@@ -75,43 +78,58 @@ trap 'forward TERM' TERM
 trap 'forward INT' INT
 trap 'forward HUP' HUP
 
-# Each rank starts in its own process group (job control, on while starting them only: off, bash
-# prints no job notices), so a signal meant for the launcher's group (Ctrl-C in a terminal, `timeout`,
-# `kill -- -PGID`) reaches a rank once, through the launcher, not a second time directly: a second
-# signal would stop the rank without saving.
-set -m
+# Each rank runs in its own session (setsid: this shell's children lead no group, so it execs in
+# place and $! stays the rank's pid), so a signal meant for the launcher's group (Ctrl-C in a terminal,
+# `timeout`, `kill -- -PGID`) reaches a rank once, through the launcher, not a second time directly:
+# a second signal would stop the rank without saving. The output filters stay in the launcher's
+# group and ignore those signals, to pass on what the ranks print while they save.
 for ((r = 0; r < nproc; r++)); do
   (( signals == 0 )) || break  # stopped while starting: start no more ranks
   RANK=$r WORLD_SIZE=$nproc LOCAL_RANK=$r LOCAL_WORLD_SIZE=$nproc MASTER_ADDR=127.0.0.1 MASTER_PORT=$port \
-    "$@" < /dev/null > >(sed -u "s/^/[rank $r] /") 2> >(sed -u "s/^/[rank $r] /" >&2) &
+    setsid "$@" < /dev/null > >(trap '' INT TERM; exec sed -u "s/^/[rank $r] /") \
+    2> >(trap '' INT TERM; exec sed -u "s/^/[rank $r] /" >&2) &
   pid=$!
   rank_of[$pid]=$r
   pids+=("$pid")
 done
-set +m
 
 status=0
+if (( ${#pids[@]} < nproc )); then
+  echo "launch.sh: stopped by SIG$last_signal while starting the ranks (${#pids[@]} of $nproc started)" >&2
+  status=1
+fi
 killer=""
 live=("${pids[@]}")
-while (( ${#live[@]} > 0 )); do
-  # A trapped signal interrupts wait: it returns > 128 and leaves `finished` unset; wait again.
-  wait -n -p finished "${live[@]}"
-  code=$?
-  [[ -n "${finished:-}" ]] || continue
-  rest=()
-  for pid in "${live[@]}"; do [[ "$pid" != "$finished" ]] && rest+=("$pid"); done
+ended() {  # $1: a rank's pid, $2: its exit status
+  local pid rest=()
+  for pid in "${live[@]}"; do [[ "$pid" != "$1" ]] && rest+=("$pid"); done
   live=("${rest[@]}")
-  if (( code != 0 && status == 0 )); then
-    status=$code
-    how="exited with status $code"
-    (( code > 128 )) && how="was killed by signal $((code - 128))"
-    echo "launch.sh: rank ${rank_of[$finished]} (pid $finished) $how; stopping the other ranks" >&2
+  if (( $2 != 0 && status == 0 )); then
+    status=$2
+    local how="exited with status $2"
+    (( $2 > 128 )) && how="was killed by signal $(($2 - 128))"
+    echo "launch.sh: rank ${rank_of[$1]} (pid $1) $how; stopping the other ranks" >&2
     stop_all TERM
-    set -m  # its own group, so that the sleep goes with it below
     ( exec >/dev/null 2>&1; sleep "$grace"; stop_all KILL ) &  # not holding our output open
     killer=$!
-    set +m
   fi
+}
+while (( ${#live[@]} > 0 )); do
+  wait -n -p finished "${live[@]}" 2>/dev/null  # (it names the pids of the reaped ranks below)
+  code=$?
+  if [[ -n "${finished:-}" ]]; then
+    ended "$finished" "$code"
+  elif (( code == 127 )); then
+    # "No such job": bash had already reaped them (it drops ended jobs it has reported, keeping
+    # their status for `wait PID`), so find those that are gone.
+    n=${#live[@]}
+    for pid in "${live[@]}"; do
+      kill -0 "$pid" 2>/dev/null && continue
+      wait "$pid"
+      ended "$pid" $?
+    done
+    (( ${#live[@]} < n )) || sleep 0.1
+  fi  # else a trapped signal interrupted wait (> 128, `finished` unset): wait again
 done
-[[ -n "$killer" ]] && kill -- "-$killer" 2>/dev/null  # its group: the sleep too
+[[ -n "$killer" ]] && kill "$killer" 2>/dev/null
 exit "$status"
