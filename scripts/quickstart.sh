@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# From nothing to a trained MoE and a sample: set-up, build, prepare Debian's fortunes as a byte-level
-# corpus, train configs/tiny.yaml on the CPU (resuming if an earlier quickstart was interrupted),
-# then sample from the final checkpoint. Extra arguments go to `moetrain train` (e.g. --set ...).
+# From nothing to a trained MoE and a sample: set-up, build the moetrain binary (not the tests, which
+# are scripts/test.sh's), prepare Debian's fortunes as a byte-level corpus, train configs/tiny.yaml on
+# the CPU (resuming if an earlier quickstart was interrupted), then sample from the final checkpoint.
+# Extra arguments go to `moetrain train` (e.g. --set ...).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 bash scripts/setup.sh
-bash scripts/build.sh
+bash scripts/build.sh --target moetrain
 if [ ! -f data/fortunes/train.bin ] || [ ! -f data/fortunes/val.bin ]; then
   python3 scripts/make_fortunes_corpus.py data/fortunes/corpus.txt
   build/moetrain prepare-data --text data/fortunes/corpus.txt --out data/fortunes

@@ -2,7 +2,9 @@
 #pragma once
 #include <sys/wait.h>
 
+#include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <stdexcept>
 #include <string>
@@ -77,6 +79,32 @@ inline void patch(const std::string& path, size_t offset, const void* data, size
   std::string bytes = files::read_file(path);
   std::memcpy(bytes.data() + offset, data, n);
   write_bytes(path, bytes);
+}
+
+// How many times slower than an idle 2-core machine this one may run: MOETRAIN_TEST_TIME_SCALE
+// (a number >= 1, default 1). Every wall-clock bound in the tests is multiplied by it.
+inline double time_scale() {
+  const char* v = std::getenv("MOETRAIN_TEST_TIME_SCALE");
+  if (!v || !*v) return 1;
+  char* end = nullptr;
+  const double scale = std::strtod(v, &end);
+  if (*end != '\0' || !std::isfinite(scale) || scale < 1)
+    throw std::invalid_argument("test: MOETRAIN_TEST_TIME_SCALE must be a number >= 1, got '" + std::string(v) + "'");
+  return scale;
+}
+
+// A bound of `seconds` on an idle machine, as this machine gets it.
+inline double scaled_seconds(double seconds) { return seconds * time_scale(); }
+
+// The seconds hang_guard() allows one command: longer than CTest's limit on a whole test case (TIMEOUT
+// 900 in CMakeLists.txt), so it only ever ends a hang, when the test binary runs outside CTest.
+inline int hang_guard_seconds() { return int(std::ceil(scaled_seconds(1200))); }
+
+// A `timeout` prefix for a command that could hang (SIGTERM, then SIGKILL 30 s later). --foreground:
+// a signal a test sends to the guarded command then reaches it once; plain `timeout` passes it on to
+// the command and again to its process group, and a second SIGTERM stops moetrain without saving.
+inline std::string hang_guard() {
+  return "timeout --foreground -k 30 " + std::to_string(hang_guard_seconds()) + " ";
 }
 
 struct CommandResult {

@@ -115,8 +115,8 @@ CATCH_TEST_CASE("SIGTERM during training saves a checkpoint at the current step 
                             " --set model.n_kv_heads=2 --set model.dense_hidden=64 --set model.moe.expert_hidden=32"
                             " --set data.seq_len=32 --set train.global_batch_size=4 --set train.log_every=1"
                             " --set train.steps=1000000 --set run.threads=1 --set run.out_dir=" + run;
-  auto r = testing::run_command("(" + train + " > " + dir.str("log") + " 2>&1 & pid=$!; for i in $(seq 600); do"
-                                " [ -s " + run + "/metrics.jsonl ] && break; sleep 0.1; done; kill -TERM $pid;"
+  auto r = testing::run_command("(" + testing::hang_guard() + train + " > " + dir.str("log") + " 2>&1 & pid=$!; while"
+                                " [ ! -s " + run + "/metrics.jsonl ] && kill -0 $pid 2>/dev/null; do sleep 0.1; done; kill -TERM $pid;"
                                 " wait $pid; echo exit=$?)");
   CATCH_CHECK_THAT(r.output, Contains("exit=0"));
   const auto log = files::read_file(dir.str("log"));

@@ -18,7 +18,7 @@ const std::string kTiny = std::string(MOETRAIN_SOURCE_DIR) + "/configs/tiny.yaml
 
 // stderr only (stdout dropped), with the exit code.
 testing::CommandResult stderr_of(const std::string& command) {
-  return testing::run_command("{ OMP_NUM_THREADS=1 timeout 120 " + command + " 2>&1 >/dev/null; }");
+  return testing::run_command("{ OMP_NUM_THREADS=1 " + testing::hang_guard() + command + " 2>&1 >/dev/null; }");
 }
 }  // namespace
 
@@ -113,7 +113,7 @@ CATCH_TEST_CASE("generate and eval refuse a checkpoint whose config is too large
   testing::write_config(cfg, dir.str("run.yaml"));
   CATCH_REQUIRE(testing::run_command(kBinary + " prepare-data --text " + dir.str("corpus.txt") + " --out " +
                                      dir.str("data")).exit_code == 0);
-  CATCH_REQUIRE(testing::run_command("OMP_NUM_THREADS=1 timeout 120 " + kBinary + " train --config " +
+  CATCH_REQUIRE(testing::run_command("OMP_NUM_THREADS=1 " + testing::hang_guard() + kBinary + " train --config " +
                                      dir.str("run.yaml")).exit_code == 0);
   const std::string manifest_path = dir.str("run/ckpt/step_00000001/manifest.json");
   std::string manifest = files::read_file(manifest_path);

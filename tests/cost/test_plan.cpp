@@ -196,7 +196,7 @@ CATCH_TEST_CASE("plan: the predicted peak is within 15% of bench-step's measured
     const double predicted = c.stage < 0 ? planned["peak_bytes"].get<double>()
                                           : planned["stage_peak_bytes"][size_t(c.stage)].get<double>();
     const std::string bench = kBinary + " bench-step --config " + kTiny + sets + " --warmup 0 --steps 2 --json";
-    auto run = testing::run_command("OMP_NUM_THREADS=1 timeout 300 " +
+    auto run = testing::run_command("OMP_NUM_THREADS=1 " + testing::hang_guard() +
                                     (c.world == 1 ? bench : kLaunch + " --nproc " + std::to_string(c.world) + " -- " + bench) +
                                     " 2>&1");
     CATCH_INFO(run.output.substr(run.output.size() > 2000 ? run.output.size() - 2000 : 0));

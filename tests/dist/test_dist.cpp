@@ -1,6 +1,6 @@
 // Distributed: the launcher's environment, the store backend's collectives in real processes, and
 // training at several (world, ep) layouts against one process. Every multi-process case runs through
-// scripts/launch.sh on loopback and is bounded by `timeout`.
+// scripts/launch.sh on loopback, guarded against hangs by testing::hang_guard().
 #include <catch2/catch.hpp>
 
 #include <chrono>
@@ -245,7 +245,7 @@ CATCH_TEST_CASE("Store backend: all_reduce, reduce_scatter, broadcast, all_gathe
   for (int world : {2, 4}) {
     CATCH_INFO("world " << world);
     auto r = testing::run_command("OMP_NUM_THREADS=1 " + launch(world, std::string(MOETRAIN_TESTS_BINARY) +
-                                                                          " '[.dist-worker]'", 120));
+                                                                          " '[.dist-worker]'"));
     CATCH_INFO(r.output);
     CATCH_CHECK(r.exit_code == 0);
     CATCH_CHECK_THAT(r.output, Contains("[rank " + std::to_string(world - 1) + "]") && Contains("All tests passed"));
@@ -297,7 +297,7 @@ CATCH_TEST_CASE("dist worker: a rank that receives no rows", "[.dist-worker-zero
 
 CATCH_TEST_CASE("Expert parallel: a rank that receives no rows, in fp32 and bf16, follows one process", "[dist]") {
   auto r = testing::run_command("OMP_NUM_THREADS=1 " + launch(2, std::string(MOETRAIN_TESTS_BINARY) +
-                                                                     " '[.dist-worker-zero-rows]'", 120));
+                                                                     " '[.dist-worker-zero-rows]'"));
   CATCH_INFO(r.output);
   CATCH_CHECK(r.exit_code == 0);
   CATCH_CHECK_THAT(r.output, Contains("[rank 1]") && Contains("All tests passed"));
@@ -349,11 +349,11 @@ CATCH_TEST_CASE("The store backend holds every rank to NCCL's contract: dtype, c
     CATCH_INFO(which);
     const auto start = std::chrono::steady_clock::now();
     auto r = testing::run_command("OMP_NUM_THREADS=1 MOETRAIN_TEST_CONTRACT=" + which + " " +
-                                  launch(2, std::string(MOETRAIN_TESTS_BINARY) + " '[.dist-worker-contract]'", 120));
+                                  launch(2, std::string(MOETRAIN_TESTS_BINARY) + " '[.dist-worker-contract]'"));
     const double took = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
     CATCH_INFO(r.output);
     CATCH_CHECK(r.exit_code == 0);
-    CATCH_CHECK(took < 30);  // at once, not after parallel.timeout_s = 60
+    CATCH_CHECK(took < testing::scaled_seconds(30));  // at once, not after store_world()'s timeout (60 s, scaled)
   }
 }
 
@@ -738,7 +738,7 @@ CATCH_TEST_CASE("SIGTERM to one rank of two: both finish the step, save, exit 0;
   const std::string rank_cmd = rank_command("");
   const std::string stopper = "(while [ ! -s " + dir.str("run/metrics.jsonl") + " ]; do sleep 0.1; done; sleep 1; kill -TERM $(cat " +
                               dir.str("pid.1") + ")) & ";
-  auto r = testing::run_command(stopper + "OMP_NUM_THREADS=1 timeout 300 " + std::string(MOETRAIN_SOURCE_DIR) +
+  auto r = testing::run_command(stopper + "OMP_NUM_THREADS=1 " + testing::hang_guard() + std::string(MOETRAIN_SOURCE_DIR) +
                                 "/scripts/launch.sh --nproc 2 -- " + rank_cmd);
   CATCH_INFO(r.output.substr(r.output.size() > 3000 ? r.output.size() - 3000 : 0));
   CATCH_REQUIRE(r.exit_code == 0);
@@ -797,7 +797,7 @@ CATCH_TEST_CASE("kill -9 at any moment of a run that saves every step: latest al
   // Kills at chosen points of a save (after the shards, after the rename), then at random moments.
   for (const std::string point : {"shards_written@5", "renamed@9"}) {
     CATCH_INFO(point);
-    auto r = testing::run_command("OMP_NUM_THREADS=1 MOETRAIN_TEST_CRASH_AT=" + point + " timeout 120 " + train);
+    auto r = testing::run_command("OMP_NUM_THREADS=1 MOETRAIN_TEST_CRASH_AT=" + point + " " + testing::hang_guard() + train);
     CATCH_CHECK(r.exit_code != 0);
     auto check = testing::run_command(inspect);
     CATCH_INFO(check.output);
@@ -813,7 +813,7 @@ CATCH_TEST_CASE("kill -9 at any moment of a run that saves every step: latest al
     CATCH_INFO(check.output);
     CATCH_CHECK(check.exit_code == 0);
   }
-  auto finish = testing::run_command("OMP_NUM_THREADS=1 timeout 300 " + train);
+  auto finish = testing::run_command("OMP_NUM_THREADS=1 " + testing::hang_guard() + train);
   CATCH_INFO(finish.output.substr(finish.output.size() > 2000 ? finish.output.size() - 2000 : 0));
   CATCH_REQUIRE(finish.exit_code == 0);
   const auto a = metrics_losses(dir.str("run")), b = metrics_losses(dir.str("straight"));

@@ -101,7 +101,7 @@ CATCH_TEST_CASE("dist worker: one row per (token, rank)", "[.dist-worker-dedup]"
 CATCH_TEST_CASE("Expert parallel sends one row per (token, rank) both ways, with exact outputs and gradients",
                 "[dist]") {
   auto r = testing::run_command("OMP_NUM_THREADS=1 " +
-                                launch(4, std::string(MOETRAIN_TESTS_BINARY) + " '[.dist-worker-dedup]'", 180));
+                                launch(4, std::string(MOETRAIN_TESTS_BINARY) + " '[.dist-worker-dedup]'"));
   CATCH_INFO(r.output);
   CATCH_CHECK(r.exit_code == 0);
   CATCH_CHECK_THAT(r.output, Contains("[rank 3]") && Contains("All tests passed"));

@@ -485,7 +485,7 @@ CATCH_TEST_CASE("hf: fine-tuning at (world 2, ep 2) and (pp 2) imports each rank
     if (grad_accum > 0) c.train.grad_accum = grad_accum;
     const std::string yaml = testing::write_config(c, files::join(c.run.out_dir, "input.yaml"));
     const std::string train = std::string(MOETRAIN_BINARY) + " train --config " + yaml;
-    auto r = testing::run_command("OMP_NUM_THREADS=1 timeout 300 " +
+    auto r = testing::run_command("OMP_NUM_THREADS=1 " + testing::hang_guard() +
                                   (world == 1 ? train : std::string(MOETRAIN_SOURCE_DIR) + "/scripts/launch.sh --nproc " +
                                                             std::to_string(world) + " -- " + train));
     CATCH_INFO(r.output);
