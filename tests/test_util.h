@@ -125,4 +125,18 @@ inline CommandResult run_command(const std::string& command) {
   return r;
 }
 
+// Whether a command's output is exactly one non-empty line (trailing newlines aside): the CLI's promise
+// for every error.
+inline bool one_line(std::string s) {
+  while (!s.empty() && s.back() == '\n') s.pop_back();
+  return !s.empty() && s.find('\n') == std::string::npos;
+}
+
+// How many times `what` occurs in `text` (overlapping occurrences count).
+inline int count_of(const std::string& text, const std::string& what) {
+  int n = 0;
+  for (size_t at = text.find(what); at != std::string::npos; at = text.find(what, at + 1)) ++n;
+  return n;
+}
+
 }  // namespace moetrain::testing

@@ -8,6 +8,7 @@
 #include "../train/train_fixture.h"
 
 using namespace moetrain;
+using testing::one_line;
 using Catch::Matchers::Contains;
 
 namespace {
@@ -15,12 +16,6 @@ const std::string kBinary = MOETRAIN_BINARY;
 const std::string kTiny = std::string(MOETRAIN_SOURCE_DIR) + "/configs/tiny.yaml";
 
 testing::CommandResult moetrain_cli(const std::string& args) { return testing::run_command(kBinary + " " + args); }
-
-bool one_line(const std::string& s) {
-  auto body = s;
-  while (!body.empty() && body.back() == '\n') body.pop_back();
-  return !body.empty() && body.find('\n') == std::string::npos;
-}
 
 std::vector<double> losses(const std::string& metrics_path) {
   std::vector<double> out;

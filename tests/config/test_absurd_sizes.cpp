@@ -30,7 +30,7 @@ constexpr double kGiB = 1024.0 * 1024.0 * 1024.0;
 
 // stderr only (stdout dropped), with the exit code; a generous guard against a hang.
 testing::CommandResult stderr_of(const std::string& command) {
-  return testing::run_command("{ ulimit -v 16777216; OMP_NUM_THREADS=1 timeout 600 " + command + " 2>&1 >/dev/null; }");
+  return testing::run_command("{ ulimit -v 16777216; OMP_NUM_THREADS=1 " + testing::hang_guard() + command + " 2>&1 >/dev/null; }");
 }
 
 // One line, exit 1, no allocator text.
@@ -86,7 +86,7 @@ CATCH_TEST_CASE("plan and cost refuse model.n_layers beyond 100000 in one line, 
                            "--set model.moe.expert_hidden=2000000000 --set model.dense_hidden=2000000000 "
                            "--set model.max_seq_len=2000000000 --set data.seq_len=2000000000 --set train.global_batch_size=0 "
                            "--set train.micro_batch_size=2000000000";
-  const auto plan = testing::run_command("{ ulimit -v 16777216; timeout 600 " + kBinary + " plan --gpu h100 --json --config " +
+  const auto plan = testing::run_command("{ ulimit -v 16777216; " + testing::hang_guard() + kBinary + " plan --gpu h100 --json --config " +
                                          kTiny + huge + "; }");
   CATCH_INFO(plan.output);
   CATCH_REQUIRE(plan.exit_code == 0);
@@ -215,7 +215,7 @@ CATCH_TEST_CASE("A micro-batch that passes the floor but not the allocator ends 
   CATCH_REQUIRE(testing::run_command(kBinary + " prepare-data --text " + dir.str("corpus.txt") + " --out " +
                                      dir.str("data")).exit_code == 0);
   // 1600 x 256 tokens: a floor of about 2 GiB, under the 8 GiB limit; the activations need far more.
-  const auto r = testing::run_command("{ ulimit -v 8388608; OMP_NUM_THREADS=1 timeout 600 " + kBinary + " train --config " +
+  const auto r = testing::run_command("{ ulimit -v 8388608; OMP_NUM_THREADS=1 " + testing::hang_guard() + kBinary + " train --config " +
                                       kTiny + " --set run.out_dir=" + dir.str("run") + " --set data.dir=" + dir.str("data") +
                                       " --set train.global_batch_size=0 --set train.micro_batch_size=1600 "
                                       "--set train.steps=1 2>&1 >/dev/null; }");

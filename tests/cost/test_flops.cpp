@@ -14,6 +14,7 @@
 #include "../test_util.h"
 
 using namespace moetrain;
+using testing::one_line;
 using Catch::Matchers::Contains;
 
 namespace {
@@ -23,10 +24,6 @@ testing::CommandResult moetrain_cost(const std::string& args) {
   return testing::run_command(std::string(MOETRAIN_BINARY) + " cost " + args);
 }
 
-bool one_line(std::string s) {
-  while (!s.empty() && s.back() == '\n') s.pop_back();
-  return !s.empty() && s.find('\n') == std::string::npos;
-}
 }  // namespace
 
 CATCH_TEST_CASE("tiny config: FLOPs and parameters equal the hand count, part by part", "[cost]") {

@@ -15,6 +15,7 @@
 #include "../train/train_fixture.h"
 
 using namespace moetrain;
+using testing::one_line;
 using Catch::Matchers::Contains;
 
 namespace {
@@ -28,16 +29,11 @@ void make_fifo(const std::string& path) {
   CATCH_REQUIRE(::mkfifo(path.c_str(), 0644) == 0);
 }
 
-bool one_line(std::string s) {
-  while (!s.empty() && s.back() == '\n') s.pop_back();
-  return !s.empty() && s.find('\n') == std::string::npos;
-}
-
-// Runs a moetrain command that must fail at once with one line naming `path` as `kind`. The `timeout`
-// only turns a hang (the defect) into a failure before CTest's own limit.
+// Runs a moetrain command that must fail at once with one line naming `path` as `kind`. The hang guard
+// stops a hang (the defect) should CTest not.
 void refuses(const std::string& args, const std::string& path, const std::string& kind) {
   CATCH_INFO("moetrain " << args);
-  const auto r = testing::run_command("{ OMP_NUM_THREADS=1 timeout 600 " + kBinary + " " + args + " 2>&1 >/dev/null; }");
+  const auto r = testing::run_command("{ OMP_NUM_THREADS=1 " + testing::hang_guard() + kBinary + " " + args + " 2>&1 >/dev/null; }");
   CATCH_INFO(r.output);
   CATCH_CHECK(r.exit_code == 1);
   CATCH_CHECK(one_line(r.output));
@@ -116,12 +112,12 @@ CATCH_TEST_CASE("Every command given a FIFO where a file belongs ends at once wi
   // A checkpoint whose weights are a FIFO or a link to /dev/zero: inspect, generate, eval and resume.
   const std::string weights = files::join(step, "model.safetensors");
   make_fifo(weights);
-  const auto inspected = testing::run_command("OMP_NUM_THREADS=1 timeout 600 " + kBinary + " inspect " + dir.str("run"));
+  const auto inspected = testing::run_command("OMP_NUM_THREADS=1 " + testing::hang_guard() + kBinary + " inspect " + dir.str("run"));
   CATCH_CHECK(inspected.exit_code == 1);  // inspect reports on stdout, the damaged file among the rest
   CATCH_CHECK_THAT(inspected.output, Contains(weights) && Contains("is a FIFO, not a regular file"));
   refuses("generate --checkpoint " + dir.str("run") + " --prompt the --max-new-tokens 2", weights, "a FIFO");
   testing::write_config(cfg, dir.str("run.yaml"));
-  const auto resumed = testing::run_command("{ OMP_NUM_THREADS=1 timeout 600 " + kBinary + " train --config " +
+  const auto resumed = testing::run_command("{ OMP_NUM_THREADS=1 " + testing::hang_guard() + kBinary + " train --config " +
                                             dir.str("run.yaml") + " --set train.steps=3 --resume auto 2>&1 >/dev/null; }");
   CATCH_CHECK(resumed.exit_code == 1);
   CATCH_CHECK_THAT(resumed.output, Contains(weights) && Contains("is a FIFO, not a regular file"));

@@ -10,6 +10,7 @@
 #include "dist_fixture.h"
 
 using namespace moetrain;
+using testing::count_of;
 using Catch::Matchers::Contains;
 
 namespace {
@@ -18,12 +19,6 @@ struct SignalCase {
   std::string at;          // MOETRAIN_TEST_SIGNAL_AT
   int64_t saved_step = 0;  // the checkpoint the stop must leave
 };
-
-int count_of(const std::string& text, const std::string& what) {
-  int n = 0;
-  for (size_t at = text.find(what); at != std::string::npos; at = text.find(what, at + 1)) ++n;
-  return n;
-}
 
 }  // namespace
 

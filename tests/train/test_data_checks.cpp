@@ -11,17 +11,12 @@
 #include "train_fixture.h"
 
 using namespace moetrain;
+using testing::count_of;
 using Catch::Matchers::Contains;
 
 namespace {
 
 const std::string kBinary = MOETRAIN_BINARY;
-
-int count_of(const std::string& text, const std::string& what) {
-  int n = 0;
-  for (size_t at = text.find(what); at != std::string::npos; at = text.find(what, at + 1)) ++n;
-  return n;
-}
 
 // Nothing of a run was written: the data was refused before training started.
 void require_untouched(const std::string& out_dir) {

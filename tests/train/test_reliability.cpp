@@ -16,6 +16,7 @@
 #include "train_fixture.h"
 
 using namespace moetrain;
+using testing::one_line;
 using Catch::Matchers::Contains;
 using json = nlohmann::json;
 
@@ -38,11 +39,6 @@ std::vector<json> metrics_of(const std::string& run) {
 }
 
 std::string latest_of(const std::string& run) { return files::read_file(files::join(run, "ckpt/latest")); }
-
-bool one_line(std::string s) {
-  while (!s.empty() && s.back() == '\n') s.pop_back();
-  return !s.empty() && s.find('\n') == std::string::npos;
-}
 
 // Every weight of a step folder, by name, as loaded by a fresh model of the run's config.
 std::map<std::string, torch::Tensor> weights_of(const config::Config& cfg, const std::string& step_dir) {

@@ -14,17 +14,13 @@
 #include "../dist/dist_fixture.h"
 
 using namespace moetrain;
+using testing::one_line;
 using Catch::Matchers::Contains;
 using json = nlohmann::json;
 
 namespace {
 
 const std::string kBinary = MOETRAIN_BINARY;
-
-bool one_line(std::string s) {
-  while (!s.empty() && s.back() == '\n') s.pop_back();
-  return !s.empty() && s.find('\n') == std::string::npos;
-}
 
 // stderr of a command (stdout dropped).
 testing::CommandResult stderr_of(const std::string& command) {
