@@ -737,6 +737,21 @@ void load_weights(const std::string& dir, Family family, model::TransformerImpl&
 LoadedHf load(const std::string& dir) {
   LoadedHf out;
   out.hf = read_config(dir);
+  // The MTP depth of an import is the layers the shards hold. transformers' DeepseekV3Config says
+  // num_nextn_predict_layers 1 by default, also where no layer was saved: a module made up from a seeded
+  // init would be exported as if it had been trained.
+  const int said = out.hf.model.mtp_depth;
+  if (said > 0) {
+    const auto file_of = read_weight_map(dir);
+    int& depth = out.hf.model.mtp_depth;
+    depth = 0;
+    while (depth < said && file_of.count("model.layers." + std::to_string(out.hf.model.n_layers + depth) + ".eh_proj.weight"))
+      ++depth;
+    if (depth < said)
+      log_line("[hf] " + dir + ": " + kConfigFile + " says num_nextn_predict_layers " + std::to_string(said) +
+               ", but the shards hold " + std::to_string(depth) + " MTP layer" + (depth == 1 ? "" : "s") +
+               ": imported with model.mtp_depth " + std::to_string(depth));
+  }
   out.model = model::Transformer(out.hf.model);
   load_weights(dir, out.hf.family, *out.model);
   return out;

@@ -58,7 +58,8 @@ std::map<std::string, std::string> read_weight_map(const std::string& dir);
 // to no parameter is an HfError naming the file and the tensor.
 void load_weights(const std::string& dir, Family family, model::TransformerImpl& model);
 
-// A model built from DIR's config.json with DIR's weights, on the CPU in fp32.
+// A model built from DIR's config.json with DIR's weights, on the CPU in fp32. Its MTP depth is the
+// number of MTP layers the shards hold (at most num_nextn_predict_layers), so none starts untrained.
 struct LoadedHf {
   HfConfig hf;
   model::Transformer model{nullptr};

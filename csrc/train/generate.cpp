@@ -20,6 +20,7 @@ LoadedModel load_for_inference(const std::string& path, const std::string& verif
     loaded.step_dir = hf::hf_dir(path);
     auto hf_model = hf::load(loaded.step_dir);
     hf::apply_architecture(hf_model.hf.model, loaded.cfg.model);
+    loaded.cfg.model.mtp_depth = hf_model.hf.model.mtp_depth;  // the modules the folder held, so convert keeps them
     loaded.cfg.data.seq_len = std::min(loaded.cfg.data.seq_len, loaded.cfg.model.max_seq_len);
     config::validate(loaded.cfg);
     configure_threads(loaded.cfg.run);
