@@ -44,6 +44,21 @@ LoadedModel load_for_inference(const std::string& path, const std::string& verif
   return loaded;
 }
 
+void require_finite_weights(const model::TransformerImpl& model, const std::string& source) {
+  torch::NoGradGuard no_grad;
+  auto check = [&](const std::string& name, const torch::Tensor& t) {
+    if (!t.is_floating_point()) return;
+    const int64_t bad = torch::isfinite(t).logical_not().sum().item<int64_t>();
+    if (bad == 0) return;
+    const int64_t nan = torch::isnan(t).sum().item<int64_t>();
+    throw CheckpointError(source + " holds non-finite weights: tensor '" + name + "' has " + std::to_string(nan) +
+                          " NaN and " + std::to_string(bad - nan) + " inf of " + std::to_string(t.numel()) +
+                          " values; nothing can be sampled from it (use an earlier checkpoint)");
+  };
+  for (const auto& p : model.named_parameters()) check(p.key(), p.value());
+  for (const auto& b : model.named_buffers()) check(b.key(), b.value());
+}
+
 std::vector<int64_t> generate(const model::TransformerImpl& model, const std::vector<int64_t>& prompt,
                               const GenerateOptions& options) {
   torch::NoGradGuard no_grad;
