@@ -975,7 +975,7 @@ void validate(const Config& cfg) {
                       format_number(cfg.optim.lr));
   {
     // The optimizer computes in fp32: past float's range a value would stop the first step with LibTorch's
-    // "cannot be converted to type float without overflow"; one that rounds to 0 would silently be 0.
+    // "cannot be converted to type float without overflow".
     const OptimConfig& o = cfg.optim;
     const double float_max = std::numeric_limits<float>::max();
     const std::pair<const char*, double> float_keys[] = {
@@ -983,11 +983,9 @@ void validate(const Config& cfg) {
         {"optim.beta1", o.beta1}, {"optim.beta2", o.beta2},   {"optim.eps", o.eps},
         {"optim.grad_clip", o.grad_clip}};
     for (const auto& [key, v] : float_keys) {
-      const std::string key_value = std::string(key) + " = " + format_number(v);
       if (std::abs(v) > float_max)
-        throw ConfigError(key_value + " is beyond float32's range (at most 3.4e+38): the optimizer computes in fp32");
-      if (v != 0 && float(v) == 0)
-        throw ConfigError(key_value + " rounds to 0 in float32 (the smallest is 1.4e-45): the optimizer computes in fp32");
+        throw ConfigError(std::string(key) + " = " + format_number(v) +
+                          " is beyond float32's range (at most 3.4e+38): the optimizer computes in fp32");
     }
     // So are the factors a step applies: the decay 1 - lr * weight_decay, and lr / (1 - beta1^t), the
     // step size, largest at the first step.

@@ -66,10 +66,8 @@ CATCH_TEST_CASE("optimizer values float32 cannot hold are config errors naming t
     return "";
   };
   CATCH_CHECK_THAT(error_of({"optim.lr=1e39"}), Contains("optim.lr = 1e+39 is beyond float32's range"));
-  CATCH_CHECK_THAT(error_of({"optim.lr=1e-50", "optim.min_lr=0"}), Contains("optim.lr = 1e-50 rounds to 0 in float32"));
   CATCH_CHECK_THAT(error_of({"optim.weight_decay=1e39"}), Contains("optim.weight_decay = 1e+39 is beyond"));
   CATCH_CHECK_THAT(error_of({"optim.eps=1e39"}), Contains("optim.eps = 1e+39 is beyond"));
-  CATCH_CHECK_THAT(error_of({"optim.eps=1e-50"}), Contains("optim.eps = 1e-50 rounds to 0"));
   CATCH_CHECK_THAT(error_of({"optim.grad_clip=1e39"}), Contains("optim.grad_clip = 1e+39 is beyond"));
   CATCH_CHECK_THAT(error_of({"optim.lr=1e30", "optim.weight_decay=1e10"}), Contains("optim.lr * optim.weight_decay"));
   CATCH_CHECK_THAT(error_of({"optim.lr=1e25", "optim.beta1=0.99999999999999"}), Contains("optim.lr / (1 - optim.beta1)"));
