@@ -1,6 +1,7 @@
 // Checkpoint tools. `moetrain inspect`: a checkpoint's manifest, tensors and checksums.
 // `moetrain convert`: our checkpoints <-> Hugging Face folders. hf:DIR names a Hugging Face folder on
 // either side; the other side is one of our run folders (a weights-only checkpoint at step 0 is written).
+// It writes only into a new or empty folder unless --force, and never into a run's checkpoints.
 #include <cstdio>
 #include <map>
 
@@ -19,6 +20,49 @@
 
 namespace moetrain::cli {
 
+namespace {
+
+// Up to three of a folder's entries, and how many more: what a refusal shows of it.
+std::string some_of(const std::vector<std::string>& names) {
+  std::string text;
+  for (size_t i = 0; i < names.size() && i < 3; ++i) text += (i ? ", " : "") + names[i];
+  if (names.size() > 3) text += " and " + std::to_string(names.size() - 3) + " more";
+  return text;
+}
+
+// The entries of `dir`, or none where it does not exist yet; a file where a folder goes is refused.
+std::vector<std::string> entries_of_target(const std::string& dir, const std::string& shown) {
+  if (!files::exists(dir)) return {};
+  if (!files::is_directory(dir)) throw Error("[convert] --to " + shown + " is a file, not a folder");
+  return files::list_directory(dir);
+}
+
+// Checked before anything is loaded. A folder that holds files is the user's: --force lets an export
+// replace its config.json and weights (a tokenizer beside them stays), and a run be written into a
+// folder that has no checkpoints. A run's checkpoints are never written into, even with --force: the
+// weights-only checkpoint would become its `latest`, and --resume would no longer continue that run.
+void check_target(const std::string& to, bool force) {
+  const bool hf_target = hf::is_hf_path(to);
+  const std::string dir = hf_target ? hf::hf_dir(to) : to;
+  const auto names = entries_of_target(dir, to);
+  if (names.empty()) return;
+  if (!hf_target) {
+    const std::string ckpt_root = files::join(dir, "ckpt");
+    const auto held = files::is_directory(ckpt_root) ? files::list_directory(ckpt_root) : std::vector<std::string>{};
+    if (!held.empty())
+      throw Error("[convert] --to " + to + " holds a run's checkpoints (ckpt/: " + some_of(held) +
+                  "): convert never writes into them, even with --force (that run would no longer resume where "
+                  "it was); choose a new folder");
+  }
+  if (force) return;
+  throw Error("[convert] --to " + to + " is not empty (it holds " + some_of(names) +
+              "): convert writes only into a new or empty folder; choose another, or pass --force to " +
+              (hf_target ? "replace its config.json and model*.safetensors (other files stay)"
+                         : "write the checkpoint into it"));
+}
+
+}  // namespace
+
 int run_convert(const std::vector<std::string>& argv) {
   const Command command{
       "convert",
@@ -27,7 +71,10 @@ int run_convert(const std::vector<std::string>& argv) {
       {{"from", "SRC", "our run/ckpt/step folder, or hf:DIR"},
        {"to", "DST", "a run folder to create, or hf:DIR"},
        {"family", "NAME", "export family: " + hf::family_names() + " (default: from the model's features)"},
-       {"shard-size", "BYTES", "largest exported shard in bytes (default 2000000000)"}}};
+       {"shard-size", "BYTES", "largest exported shard in bytes (default 2000000000)"},
+       {"force", "",
+        "write into a folder that is not empty: an export replaces config.json and the weights, other files "
+        "stay; a run folder gets the checkpoint (never one that holds checkpoints)"}}};
   Args args(command, argv);
   if (args.help()) {
     std::fputs(usage(command).c_str(), stdout);
@@ -37,6 +84,7 @@ int run_convert(const std::vector<std::string>& argv) {
   const uint64_t shard_bytes = args.get_u64("shard-size", 2'000'000'000ull);
   if (shard_bytes == 0) throw UsageError("--shard-size must be positive");
   if (args.has("family") && !hf::is_hf_path(to)) throw UsageError("--family applies to an export (--to hf:DIR)");
+  check_target(to, args.has("force"));
 
   auto loaded = train::load_for_inference(from, "full");
   loaded.model->to(torch::kCPU);
@@ -50,7 +98,20 @@ int run_convert(const std::vector<std::string>& argv) {
     cfg.model.init_from.clear();  // the weights are in the checkpoint now
     ckpt::Progress progress;
     if (!hf::is_hf_path(from)) progress = loaded.manifest.progress;
-    const auto dir = ckpt::save_weights_checkpoint(to, *loaded.model, config::to_yaml(cfg), progress);
+    // A folder this command made goes again if the save fails; one that was there keeps what it held.
+    const bool made = !files::exists(to);
+    const bool made_ckpt = !files::exists(files::join(to, "ckpt"));
+    std::string dir;
+    try {
+      dir = ckpt::save_weights_checkpoint(to, *loaded.model, config::to_yaml(cfg), progress);
+    } catch (const Error&) {
+      try {
+        if (made) files::remove_tree(to);
+        else if (made_ckpt) files::remove_tree(files::join(to, "ckpt"));
+      } catch (const Error&) {
+      }
+      throw;
+    }
     log_line("wrote checkpoint " + dir);
   }
   return 0;

@@ -66,6 +66,7 @@ int run_generate(const std::vector<std::string>& argv) {
   if (args.has("prompt-ids")) prompt = parse_ids(args.get("prompt-ids"));
 
   auto loaded = train::load_for_inference(args.require("checkpoint"));
+  train::require_finite_weights(*loaded.model, loaded.step_dir);
   data::ByteTokenizer tokenizer;
   const bool text = !args.has("print-ids") || args.has("prompt");
   if (text && loaded.cfg.model.vocab_size != tokenizer.vocab_size)

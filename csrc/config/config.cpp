@@ -1018,6 +1018,29 @@ void validate(const Config& cfg) {
   if (cfg.optim.min_lr > cfg.optim.lr)
     throw ConfigError("optim.min_lr = " + format_number(cfg.optim.min_lr) + " must be <= optim.lr = " +
                       format_number(cfg.optim.lr));
+  {
+    // The optimizer computes in fp32: past float's range a value would stop the first step with LibTorch's
+    // "cannot be converted to type float without overflow".
+    const OptimConfig& o = cfg.optim;
+    const double float_max = std::numeric_limits<float>::max();
+    const std::pair<const char*, double> float_keys[] = {
+        {"optim.lr", o.lr},       {"optim.min_lr", o.min_lr}, {"optim.weight_decay", o.weight_decay},
+        {"optim.beta1", o.beta1}, {"optim.beta2", o.beta2},   {"optim.eps", o.eps},
+        {"optim.grad_clip", o.grad_clip}};
+    for (const auto& [key, v] : float_keys) {
+      if (std::abs(v) > float_max)
+        throw ConfigError(std::string(key) + " = " + format_number(v) +
+                          " is beyond float32's range (at most 3.4e+38): the optimizer computes in fp32");
+    }
+    // So are the factors a step applies: the decay 1 - lr * weight_decay, and lr / (1 - beta1^t), the
+    // step size, largest at the first step.
+    if (o.lr * o.weight_decay > float_max)
+      throw ConfigError("optim.lr * optim.weight_decay = " + format_number(o.lr * o.weight_decay) +
+                        " is beyond float32's range: the weight decay is applied in fp32");
+    if (o.lr / (1 - o.beta1) > float_max)
+      throw ConfigError("optim.lr / (1 - optim.beta1) = " + format_number(o.lr / (1 - o.beta1)) +
+                        " (AdamW's first step size) is beyond float32's range");
+  }
   if (cfg.train.grad_accum == 0 && cfg.train.global_batch_size == 0)
     throw ConfigError("train.grad_accum = 0 (derived) needs train.global_batch_size > 0 to derive it from");
   const int pp = cfg.parallel.pipeline_parallel;

@@ -13,6 +13,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <map>
+#include <mutex>
 #include <sstream>
 #include <thread>
 
@@ -91,6 +92,31 @@ std::vector<uint8_t> to_bytes(const torch::Tensor& t) {
   return std::vector<uint8_t>(p, p + c.nbytes());
 }
 
+// c10d logs each failed connection attempt and each failed read of the store (a peer died), with a
+// stack trace of 20 frames, before it throws; moetrain reports the failure itself, in one line, so
+// LibTorch's logging is held to FATAL while the store is made or used. Counted, so that threads in
+// store calls at once (the async saver's, the trainer's) restore the level only when the last leaves.
+class QuietTorchLogging {
+ public:
+  QuietTorchLogging() {
+    const std::lock_guard<std::mutex> lock(mutex_);
+    if (depth_++ == 0) {
+      saved_ = FLAGS_caffe2_log_level;
+      FLAGS_caffe2_log_level = 3;
+    }
+  }
+  ~QuietTorchLogging() {
+    const std::lock_guard<std::mutex> lock(mutex_);
+    if (--depth_ == 0) FLAGS_caffe2_log_level = saved_;
+  }
+  QuietTorchLogging(const QuietTorchLogging&) = delete;
+  QuietTorchLogging& operator=(const QuietTorchLogging&) = delete;
+
+ private:
+  static inline std::mutex mutex_;
+  static inline int depth_ = 0, saved_ = 0;
+};
+
 // The store and its shutdown, shared by the world and its sub-groups. Rank 0 serves the store, so it
 // must not exit while another rank still talks to it: at the end every other rank checks out and
 // rank 0 waits for them (unless a collective failed, when nobody waits on a dead job).
@@ -103,6 +129,7 @@ struct SharedStore {
 
   ~SharedStore() {
     if (broken) return;
+    QuietTorchLogging quiet;  // rank 0 may be gone already
     try {
       if (rank != 0) {
         store->add("exit", 1);
@@ -288,6 +315,7 @@ class StoreCommunicator final : public Communicator {
     std::memcpy(bytes.data(), &n, sizeof n);
     std::memcpy(bytes.data() + sizeof n, sig.data(), sig.size());
     bytes.insert(bytes.end(), payload.begin(), payload.end());
+    QuietTorchLogging quiet;
     try {
       const uint64_t total = bytes.size();
       const size_t first = std::min(kChunk, bytes.size());
@@ -307,6 +335,7 @@ class StoreCommunicator final : public Communicator {
   std::vector<uint8_t> take_bytes(const std::string& key, int readers, int from, const std::string& expected) {
     std::vector<uint8_t> bytes;
     try {
+      QuietTorchLogging quiet;
       auto get = [&](const std::string& k) {
         auto v = store_->get(k);
         if (store_->add(k + "#", 1) == readers) {  // the last reader cleans up
@@ -515,15 +544,6 @@ std::vector<std::string> all_gather_strings(Communicator& group, const std::stri
 }
 
 namespace {
-
-// c10d logs each failed connection attempt, with a stack trace, and retries past its own timeout;
-// moetrain reports a failed rendezvous itself, in one line, so LibTorch's logging is held to FATAL
-// while the store is made.
-struct QuietTorchLogging {
-  QuietTorchLogging() : saved(FLAGS_caffe2_log_level) { FLAGS_caffe2_log_level = 3; }
-  ~QuietTorchLogging() { FLAGS_caffe2_log_level = saved; }
-  int saved;
-};
 
 // Whether something at host:port accepts a TCP connection within `wait` (the connection is closed
 // again at once; the store's server takes that as a client that left).

@@ -738,6 +738,21 @@ void load_weights(const std::string& dir, Family family, model::TransformerImpl&
 LoadedHf load(const std::string& dir) {
   LoadedHf out;
   out.hf = read_config(dir);
+  // The MTP depth of an import is the layers the shards hold. transformers' DeepseekV3Config says
+  // num_nextn_predict_layers 1 by default, also where no layer was saved: a module made up from a seeded
+  // init would be exported as if it had been trained.
+  const int said = out.hf.model.mtp_depth;
+  if (said > 0) {
+    const auto file_of = read_weight_map(dir);
+    int& depth = out.hf.model.mtp_depth;
+    depth = 0;
+    while (depth < said && file_of.count("model.layers." + std::to_string(out.hf.model.n_layers + depth) + ".eh_proj.weight"))
+      ++depth;
+    if (depth < said)
+      log_line("[hf] " + dir + ": " + kConfigFile + " says num_nextn_predict_layers " + std::to_string(said) +
+               ", but the shards hold " + std::to_string(depth) + " MTP layer" + (depth == 1 ? "" : "s") +
+               ": imported with model.mtp_depth " + std::to_string(depth));
+  }
   // Sizes our keys do not allow, or huge dimensions, are refused before anything is allocated: the
   // model is built on this machine's CPU in fp32.
   config::Config cfg;
@@ -890,6 +905,31 @@ Json config_json(const config::ModelConfig& m, Family family) {
   return j;
 }
 
+// A file of DIR that transformers could load weights from: model.safetensors, its shards and index.
+bool is_weight_file(const std::string& name) {
+  const std::string suffix = ".safetensors";
+  return name == kIndexFile || (name.rfind("model", 0) == 0 && name.size() > suffix.size() &&
+                                name.compare(name.size() - suffix.size(), suffix.size(), suffix) == 0);
+}
+
+// Moves a finished export from `staging` into `dir`: the whole folder where `dir` is new, else file by
+// file (into the folder itself, should it be a link), over the previous ones where the caller allowed
+// that (convert --force). Weight files of a previous model that the new one lacks go: transformers
+// would load a stale model.safetensors before the new index. Other files (a tokenizer) stay.
+void move_into_place(const std::string& staging, const std::string& dir, const std::vector<std::string>& written) {
+  if (!files::exists(dir)) {
+    files::rename_path(staging, dir);
+    files::fsync_path(files::parent(dir), true);
+    return;
+  }
+  for (const auto& name : written) files::rename_path(files::join(staging, name), files::join(dir, name));
+  for (const auto& name : files::list_directory(dir))
+    if (is_weight_file(name) && std::find(written.begin(), written.end(), name) == written.end())
+      files::remove_tree(files::join(dir, name));
+  files::fsync_path(dir, true);
+  files::remove_tree(staging);
+}
+
 std::string shard_name(size_t i, size_t n) {
   char buf[64];
   std::snprintf(buf, sizeof buf, "model-%05zu-of-%05zu.safetensors", i + 1, n);
@@ -932,34 +972,53 @@ void export_model(const model::TransformerImpl& model, Family family, const std:
     total_bytes += bytes;
   }
 
-  files::make_directories(dir);
-  Json weight_map = Json::object();
-  for (size_t s = 0; s < shards.size(); ++s) {
-    const std::string file = shard_name(s, shards.size());
-    ckpt::TensorMap tensors;
-    for (size_t i : shards[s]) {
-      const Entry& e = map[i];
-      torch::Tensor t = source(e).to(torch::kCPU).to(torch::kFloat);
-      if (e.layout == Layout::Transposed) t = t.t();
-      if (e.layout == Layout::Row) t = t.view({1, -1});
-      if (e.rope_group > 0) {  // back to DeepSeek's interleaved RoPE rows (rope_interleave: true)
-        auto order = deinterleave_rows(t.size(0), e.rope_group, m.mla.qk_rope_head_dim);
-        t = t.index_select(0, torch::argsort(order));
+  // Everything is written into a sibling folder and moved into DIR at the end: an error (a full disk,
+  // say) leaves DIR as it was, never half an export.
+  std::string target = dir;
+  while (target.size() > 1 && target.back() == '/') target.pop_back();
+  if (files::exists(target) && !files::is_directory(target)) throw HfError(target + " exists and is not a folder");
+  const std::string staging = target + ".partial-export";
+  files::remove_tree(staging);  // left by an export that was killed
+  files::make_directories(staging);
+  try {
+    std::vector<std::string> written;  // in the order they move into DIR: shards, index, config.json last
+    Json weight_map = Json::object();
+    for (size_t s = 0; s < shards.size(); ++s) {
+      const std::string file = shard_name(s, shards.size());
+      ckpt::TensorMap tensors;
+      for (size_t i : shards[s]) {
+        const Entry& e = map[i];
+        torch::Tensor t = source(e).to(torch::kCPU).to(torch::kFloat);
+        if (e.layout == Layout::Transposed) t = t.t();
+        if (e.layout == Layout::Row) t = t.view({1, -1});
+        if (e.rope_group > 0) {  // back to DeepSeek's interleaved RoPE rows (rope_interleave: true)
+          auto order = deinterleave_rows(t.size(0), e.rope_group, m.mla.qk_rope_head_dim);
+          t = t.index_select(0, torch::argsort(order));
+        }
+        tensors.emplace_back(e.hf, t.contiguous());
+        weight_map[e.hf] = file;
       }
-      tensors.emplace_back(e.hf, t.contiguous());
-      weight_map[e.hf] = file;
+      try {
+        ckpt::save_safetensors(files::join(staging, file), tensors, {{"format", "pt"}});
+      } catch (const CheckpointError& err) {
+        throw HfError(std::string(err.what()).substr(7));
+      }
+      written.push_back(file);
     }
+    Json index;
+    index["metadata"] = {{"total_size", total_bytes}};
+    index["weight_map"] = weight_map;
+    files::write_file_synced(files::join(staging, kIndexFile), index.dump(2) + "\n");
+    files::write_file_synced(files::join(staging, kConfigFile), config_json(m, family).dump(2) + "\n");
+    written.insert(written.end(), {kIndexFile, kConfigFile});
+    move_into_place(staging, target, written);
+  } catch (...) {
     try {
-      ckpt::save_safetensors(files::join(dir, file), tensors, {{"format", "pt"}});
-    } catch (const CheckpointError& err) {
-      throw HfError(std::string(err.what()).substr(7));
+      files::remove_tree(staging);
+    } catch (const Error&) {
     }
+    throw;
   }
-  Json index;
-  index["metadata"] = {{"total_size", total_bytes}};
-  index["weight_map"] = weight_map;
-  files::write_file_synced(files::join(dir, kIndexFile), index.dump(2) + "\n");
-  files::write_file_synced(files::join(dir, kConfigFile), config_json(m, family).dump(2) + "\n");
 }
 
 void load_init_from(model::TransformerImpl& model, const std::string& init_from) {

@@ -58,7 +58,8 @@ std::map<std::string, std::string> read_weight_map(const std::string& dir);
 // to no parameter is an HfError naming the file and the tensor.
 void load_weights(const std::string& dir, Family family, model::TransformerImpl& model);
 
-// A model built from DIR's config.json with DIR's weights, on the CPU in fp32.
+// A model built from DIR's config.json with DIR's weights, on the CPU in fp32. Its MTP depth is the
+// number of MTP layers the shards hold (at most num_nextn_predict_layers), so none starts untrained.
 struct LoadedHf {
   HfConfig hf;
   model::Transformer model{nullptr};
@@ -72,6 +73,9 @@ Family infer_family(const config::ModelConfig& model);
 // Writes DIR/config.json (the family's architecture and field names), DIR/model-XXXXX-of-YYYYY.safetensors
 // shards of at most max_shard_bytes each (a larger tensor gets a shard of its own) and
 // DIR/model.safetensors.index.json. Throws HfError if the model has a feature the family lacks.
+// The files are written into DIR.partial-export and moved into DIR once complete, so an error leaves
+// DIR as it was. Into a DIR that holds files, they replace config.json and the model*.safetensors
+// weights (and their index) and keep the rest: whether that is allowed is the caller's call.
 void export_model(const model::TransformerImpl& model, Family family, const std::string& dir,
                   uint64_t max_shard_bytes = 2'000'000'000ull);
 

@@ -20,6 +20,7 @@ LoadedModel load_for_inference(const std::string& path, const std::string& verif
     loaded.step_dir = hf::hf_dir(path);
     auto hf_model = hf::load(loaded.step_dir);
     hf::apply_architecture(hf_model.hf.model, loaded.cfg.model);
+    loaded.cfg.model.mtp_depth = hf_model.hf.model.mtp_depth;  // the modules the folder held, so convert keeps them
     loaded.cfg.data.seq_len = std::min(loaded.cfg.data.seq_len, loaded.cfg.model.max_seq_len);
     config::validate(loaded.cfg);
     configure_threads(loaded.cfg.run);
@@ -41,6 +42,21 @@ LoadedModel load_for_inference(const std::string& path, const std::string& verif
   loaded.model->set_loss_chunk(loaded.cfg.train.loss_chunk_tokens);
   loaded.model->place(resolve_device(loaded.cfg.run), resolve_compute_dtype(loaded.cfg.run));
   return loaded;
+}
+
+void require_finite_weights(const model::TransformerImpl& model, const std::string& source) {
+  torch::NoGradGuard no_grad;
+  auto check = [&](const std::string& name, const torch::Tensor& t) {
+    if (!t.is_floating_point()) return;
+    const int64_t bad = torch::isfinite(t).logical_not().sum().item<int64_t>();
+    if (bad == 0) return;
+    const int64_t nan = torch::isnan(t).sum().item<int64_t>();
+    throw CheckpointError(source + " holds non-finite weights: tensor '" + name + "' has " + std::to_string(nan) +
+                          " NaN and " + std::to_string(bad - nan) + " inf of " + std::to_string(t.numel()) +
+                          " values; nothing can be sampled from it (use an earlier checkpoint)");
+  };
+  for (const auto& p : model.named_parameters()) check(p.key(), p.value());
+  for (const auto& b : model.named_buffers()) check(b.key(), b.value());
 }
 
 std::vector<int64_t> generate(const model::TransformerImpl& model, const std::vector<int64_t>& prompt,

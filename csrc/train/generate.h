@@ -29,6 +29,10 @@ struct LoadedModel {
 // hf:DIR, a Hugging Face folder (step_dir is then DIR and the manifest empty).
 LoadedModel load_for_inference(const std::string& path, const std::string& verify = "full");
 
+// Throws CheckpointError naming the first parameter or buffer holding NaN or inf, and `source` (the
+// checkpoint), before a sampler meets them as an unexplained "probability tensor contains inf, nan".
+void require_finite_weights(const model::TransformerImpl& model, const std::string& source);
+
 // Returns the prompt followed by up to max_new_tokens sampled tokens.
 std::vector<int64_t> generate(const model::TransformerImpl& model, const std::vector<int64_t>& prompt,
                               const GenerateOptions& options);
