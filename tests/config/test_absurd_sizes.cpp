@@ -121,7 +121,7 @@ CATCH_TEST_CASE("plan and cost refuse model.n_layers beyond 100000 in one line, 
   CATCH_CHECK(stderr_of(kBinary + " cost --tokens 14.8e12 --gpu h800 --gpu-hours 2.664e6 --config " + v3).exit_code == 0);
 }
 
-CATCH_TEST_CASE("YAML aliases that expand past 100000 nodes are refused naming the file; modest aliases still work",
+CATCH_TEST_CASE("YAML aliases that expand past 100000 nodes are refused naming the file, modest aliases still work",
                 "[config]") {
   // Ten levels: 10^10 nodes when walked. Through the CLI, with a generous guard against a hang.
   testing::TempDir dir("absurd-laughs");

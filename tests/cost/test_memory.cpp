@@ -22,7 +22,7 @@ testing::CommandResult stderr_of(const std::string& command) {
 }
 }  // namespace
 
-CATCH_TEST_CASE("Memory estimate: fp32 weights, gradients and AdamW moments; experts split over ep", "[cost]") {
+CATCH_TEST_CASE("Memory estimate: fp32 weights, gradients and AdamW moments, experts split over ep", "[cost]") {
   const config::ModelConfig m = testing::tiny_model_config();
   const auto p = cost::param_counts(m);
   const auto one = cost::estimate_memory(m, 1);

@@ -34,7 +34,7 @@ nlohmann::json last_json_line(const std::string& output, const std::string& pref
 
 }  // namespace
 
-CATCH_TEST_CASE("plan: weights, gradients and AdamW by hand; ZeRO-1 divides the moments; fit advice", "[cost]") {
+CATCH_TEST_CASE("plan: weights, gradients and AdamW by hand, ZeRO-1 divides the moments, fit advice", "[cost]") {
   config::Config cfg;
   cfg.model = testing::tiny_model_config();
   cfg.data.seq_len = 16;
@@ -240,7 +240,7 @@ CATCH_TEST_CASE("claims table: every public claim costed, checked against publis
 // the architectures of configs/models/ (what scripts/what_fits.sh plans) have their models' published
 // parameter counts: OLMoE-1B-7B 6.92B (Hugging Face's count), Qwen3-30B-A3B 30.5B, Mixtral-8x7B
 // 46.7B, DeepSeek-V2-Lite 15.7B, within 0.5% (the published figures are rounded).
-CATCH_TEST_CASE("Every shipped config loads; configs/models/ have their published parameter counts", "[cost][config]") {
+CATCH_TEST_CASE("Every shipped config loads, configs/models/ have their published parameter counts", "[cost][config]") {
   const std::string root = std::string(MOETRAIN_SOURCE_DIR) + "/configs";
   int loaded = 0;
   for (const std::string sub : {"", "/models"})  // configs/claims/ add a claim section: the claims test reads them

@@ -151,7 +151,7 @@ CATCH_TEST_CASE("A split in both forms, or in none, is one line naming the folde
   CATCH_CHECK_THROWS_WITH(train.shard(2), Contains(many.str(shard_name("train", 2))) && Contains("rewritten"));
 }
 
-CATCH_TEST_CASE("A blend draws each source with its weight; batches read the chosen source", "[data]") {
+CATCH_TEST_CASE("A blend draws each source with its weight, batches read the chosen source", "[data]") {
   TempDir dir("blend");
   const std::vector<double> weights = {5, 3, 2};
   std::vector<BlendSource> sources;

@@ -193,7 +193,7 @@ CATCH_TEST_CASE("Damaged Megatron and llm.c headers are one line naming the file
   CATCH_CHECK(error_of(llmc) == "no error");
 }
 
-CATCH_TEST_CASE("moetrain inspect-data: format, shards, tokens, documents, vocabulary; damage exits 1 naming it",
+CATCH_TEST_CASE("moetrain inspect-data: format, shards, tokens, documents, vocabulary, damage exits 1 naming it",
                 "[data][python][cli]") {
   TempDir dir("inspect-data");
   const Corpus corpus = make_corpus(25, 5);

@@ -71,7 +71,7 @@ double direct_masked_loss(const model::TransformerImpl& model, const data::Shard
 
 }  // namespace
 
-CATCH_TEST_CASE("loss mask: written beside its shard, read back; no mask file means every token is learned", "[data]") {
+CATCH_TEST_CASE("loss mask: written beside its shard, read back, no mask file means every token is learned", "[data]") {
   TempDir dir("mask-roundtrip");
   const std::string shard_path = dir.str("train.bin");
   data::write_shard(shard_path, hashed_tokens(100, 300), 300);

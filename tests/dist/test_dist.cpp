@@ -719,7 +719,7 @@ CATCH_TEST_CASE("ZeRO-1 in bf16 shards the fp32 master weights, trains as zero 0
   }
 }
 
-CATCH_TEST_CASE("SIGTERM to one rank of two: both finish the step, save, exit 0; the resume continues exactly",
+CATCH_TEST_CASE("SIGTERM to one rank of two: both finish the step, save, exit 0, the resume continues exactly",
                 "[ckpt][dist]") {
   testing::TempDir dir("ckpt-sigterm");
   const auto data_dir = testing::make_corpus(dir);
@@ -844,7 +844,7 @@ CATCH_TEST_CASE("Retention keeps keep_last, the milestones of keep_every, and wh
   CATCH_CHECK(kept == std::vector<std::string>{"step_00000003", "step_00000006", "step_00000007"});
 }
 
-CATCH_TEST_CASE("moetrain inspect: manifest, tensors, counts; exit 1 naming a damaged file", "[ckpt][cli]") {
+CATCH_TEST_CASE("moetrain inspect: manifest, tensors, counts, exit 1 naming a damaged file", "[ckpt][cli]") {
   testing::TempDir dir("ckpt-inspect");
   const auto data_dir = testing::make_corpus(dir);
   auto cfg = equivalence_config(data_dir, dir.str("run"));

@@ -266,7 +266,7 @@ CATCH_TEST_CASE("hf: a missing shard, a wrong shape, an unknown architecture are
   CATCH_CHECK_THAT(r.output, Contains("[hf]") && Contains(shard_name));
 }
 
-CATCH_TEST_CASE("hf: model_type and architectures are checked against each other; messages list what is supported",
+CATCH_TEST_CASE("hf: model_type and architectures are checked against each other, messages list what is supported",
                 "[hf]") {
   testing::TempDir dir("hf-family");
   const std::string hf_dir = dir.str("hf");

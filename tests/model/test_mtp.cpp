@@ -74,7 +74,7 @@ std::vector<double> reference_mtp_losses(const model::TransformerImpl& model, co
 
 }  // namespace
 
-CATCH_TEST_CASE("mtp: each depth's loss equals a direct reference; the main loss is unchanged", "[model][mtp]") {
+CATCH_TEST_CASE("mtp: each depth's loss equals a direct reference, the main loss is unchanged", "[model][mtp]") {
   for (int depth : {1, 2}) {
     for (int64_t chunk : {0, 7}) {
       CATCH_INFO("depth " << depth << ", loss chunk " << chunk);
@@ -202,7 +202,7 @@ CATCH_TEST_CASE("mtp: activation checkpointing (full, selective) gives the same 
   }
 }
 
-CATCH_TEST_CASE("mtp: training logs each depth's loss; checkpoints load with MTP on or off", "[train][mtp][ckpt]") {
+CATCH_TEST_CASE("mtp: training logs each depth's loss, checkpoints load with MTP on or off", "[train][mtp][ckpt]") {
   testing::TempDir dir("mtp-train");
   const auto data_dir = testing::make_corpus(dir);
   auto train = [&](config::Config cfg, const std::string& name, const std::string& extra) {

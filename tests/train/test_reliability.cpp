@@ -59,7 +59,7 @@ void edit_manifest(const std::string& step_dir, const std::function<void(json&)>
 
 }  // namespace
 
-CATCH_TEST_CASE("A fresh run into a folder that holds a run refuses; --overwrite moves it aside", "[train][reliability]") {
+CATCH_TEST_CASE("A fresh run into a folder that holds a run refuses, --overwrite moves it aside", "[train][reliability]") {
   testing::TempDir dir("reliability-clobber");
   const auto data = testing::make_corpus(dir);
   auto cfg = testing::tiny_train_config(data, dir.str("run"));
