@@ -168,6 +168,25 @@ inline void check_resumed_losses(const std::string& run_dir, const Run& straight
   }
 }
 
+// A run stopped by a signal and resumed to step `until` at world 2 (its metrics in `run_dir`) against a
+// straight run of `cfg` to that step in `straight_dir`: the same processes and ops, so bit for bit.
+inline void check_equals_straight_run(const config::Config& cfg, const std::string& run_dir,
+                                      const std::string& straight_dir, int64_t until) {
+  auto straight_cfg = cfg;
+  straight_cfg.run.out_dir = straight_dir;
+  straight_cfg.train.steps = int(until);
+  const std::string yaml = write_config(straight_cfg, files::join(straight_dir, "input.yaml"));
+  auto straight = run_command("OMP_NUM_THREADS=1 " + launch(2, std::string(MOETRAIN_BINARY) + " train --config " + yaml));
+  CATCH_REQUIRE(straight.exit_code == 0);
+  const auto a = metrics_losses(run_dir), b = metrics_losses(straight_dir);
+  CATCH_REQUIRE(a.size() == size_t(until));
+  CATCH_REQUIRE(b.size() == size_t(until));
+  for (size_t i = 0; i < a.size(); ++i) {
+    CATCH_INFO("step " << i + 1);
+    CATCH_CHECK(a[i] == b[i]);
+  }
+}
+
 // Trains `cfg` (written to `yaml`) in two processes and kills rank 1 with SIGKILL once training has
 // started (the first metrics line; on a loaded machine set-up alone can take seconds, and a SIGTERM
 // then ends rank 0 before it can say anything). A long --grace leaves rank 0 to notice by itself.

@@ -753,20 +753,7 @@ CATCH_TEST_CASE("SIGTERM to one rank of two: both finish the step, save, exit 0,
   auto resume = testing::run_command("OMP_NUM_THREADS=1 " + launch(2, rank_command(" --set train.steps=" + std::to_string(until))));
   CATCH_INFO(resume.output.substr(resume.output.size() > 2000 ? resume.output.size() - 2000 : 0));
   CATCH_REQUIRE(resume.exit_code == 0);
-  auto straight_cfg = cfg;
-  straight_cfg.run.out_dir = dir.str("straight");
-  straight_cfg.train.steps = int(until);
-  testing::write_config(straight_cfg, dir.str("straight.yaml"));
-  auto straight = testing::run_command("OMP_NUM_THREADS=1 " + launch(2, std::string(MOETRAIN_BINARY) + " train --config " +
-                                                                        dir.str("straight.yaml")));
-  CATCH_REQUIRE(straight.exit_code == 0);
-  const auto a = metrics_losses(dir.str("run")), b = metrics_losses(dir.str("straight"));
-  CATCH_REQUIRE(a.size() == size_t(until));
-  CATCH_REQUIRE(b.size() == size_t(until));
-  for (size_t i = 0; i < a.size(); ++i) {
-    CATCH_INFO("step " << i + 1);
-    CATCH_CHECK(a[i] == b[i]);  // the same processes, the same ops: bit for bit
-  }
+  testing::check_equals_straight_run(cfg, dir.str("run"), dir.str("straight"), until);
 }
 
 CATCH_TEST_CASE("kill -9 at any moment of a run that saves every step: latest always loads and training goes on",
