@@ -612,7 +612,7 @@ PrepareStats prepare_text(const std::vector<std::string>& text_files, const std:
   std::string text;
   for (size_t i = 0; i < text_files.size(); ++i) {
     const std::string& file = text_files[i];
-    if (files::kind(file) != "a regular file")
+    if (!files::file_size(file))
       throw DataError("text file '" + file + "' is " + files::kind(file) + ", not a regular file");
     std::string contents;
     try {

@@ -83,8 +83,8 @@ struct SignalScope {
 // Keeps the metrics of steps <= last_step (a resumed run rewrites what came after its checkpoint).
 void truncate_metrics(const std::string& path, int64_t last_step) {
   if (!files::exists(path)) return;
-  if (const auto kind = files::kind(path); kind != "a regular file")  // a FIFO would block the stream below
-    throw Error("[train] '" + path + "' is " + kind + ", not a regular file: not a run's metrics");
+  if (!files::file_size(path))  // not a regular file: a FIFO would block the stream below
+    throw Error("[train] '" + path + "' is " + files::kind(path) + ", not a regular file: not a run's metrics");
   std::ifstream in(path);  // streamed: a long run's metrics may be larger than files::read_file allows
   std::string line, kept;
   while (std::getline(in, line)) {
@@ -156,7 +156,7 @@ std::string foreign_files(const std::string& out_dir) {
              "): a run writes its resolved config there, so move that file away or choose another run.out_dir";
   }
   const std::string metrics_path = files::join(out_dir, "metrics.jsonl");
-  if (files::exists(metrics_path) && files::kind(metrics_path) != "a regular file")
+  if (files::exists(metrics_path) && !files::file_size(metrics_path))
     return "run.out_dir '" + out_dir + "' holds a metrics.jsonl that is " + files::kind(metrics_path) +
            ", not a run's metrics file";
   return "";
