@@ -224,6 +224,9 @@ int run_bench_step(const std::vector<std::string>& argv) {
                       {"optimizer_state_bytes", r.optimizer_state_bytes},
                       {"peak_rss_bytes", r.peak_rss_bytes},
                       {"peak_allocated_bytes", r.peak_allocated_bytes},
+                      {"host_syncs_per_step", r.host_syncs_per_step},
+                      {"host_syncs_by_reason", r.host_syncs_by_reason},
+                      {"ops_per_step", r.ops_per_step},
                       {"first_loss", r.first_loss},
                       {"last_loss", r.last_loss}};
   if (args.has("json")) {

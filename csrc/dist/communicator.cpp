@@ -1,6 +1,8 @@
 // Rendezvous, the single and store backends, the factory and the expert-parallel layout.
 #include "dist/communicator.h"
 
+#include "common/host_sync.h"
+
 #include <c10/util/Logging.h>
 #include <netdb.h>
 #include <poll.h>
@@ -263,6 +265,7 @@ class StoreCommunicator final : public Communicator {
   // signature against the tensor it expects.
   void send_recv(const torch::Tensor& send, int dst, torch::Tensor& recv, int src) override {
     op_ = "send/recv";
+    count_host_sync("collective.send/recv");
     auto p2p_signature = [](const torch::Tensor& t) {
       std::ostringstream s;
       s << "p2p " << c10::toString(t.scalar_type()) << " " << t.sizes();
@@ -294,6 +297,7 @@ class StoreCommunicator final : public Communicator {
   // Starts the next numbered round of this group: its key prefix.
   std::string begin(const char* op) {
     op_ = op;
+    count_host_sync(std::string("collective.") + op);
     return prefix_ + std::to_string(round_++) + "/";
   }
 

@@ -8,6 +8,7 @@
 #include <cmath>
 
 #include "common/errors.h"
+#include "common/host_sync.h"
 
 namespace moetrain::dist {
 
@@ -130,7 +131,7 @@ double GradientReducer::finish(const std::function<void()>& before_after_backwar
     pending_[b].reset();
     buckets_[b].complete();
   }
-  const double largest = max_abs_.defined() ? max_abs_.item<double>() : 0.0;
+  const double largest = max_abs_.defined() ? host_double(max_abs_, "step.grad_max") : 0.0;
   max_abs_ = torch::Tensor();
   next_ = 0;
   std::fill(launched_.begin(), launched_.end(), false);
@@ -269,9 +270,10 @@ std::vector<std::pair<double, double>> DataParallel::gather_health(double loss, 
   auto slots = torch::zeros({2, W}, torch::kDouble);
   slots[0][rank()] = loss;
   slots[1][rank()] = grad_max_abs;
+  count_host_sync("step.health_upload");  // pageable host memory to the device
   slots = slots.to(params_.front().device());
   layout_->world->all_reduce_sum(slots);
-  slots = slots.to(torch::kCPU);
+  slots = host_read(slots, "step.health");
   std::vector<std::pair<double, double>> per_rank;
   for (int r = 0; r < W; ++r) per_rank.emplace_back(slots[0][r].item<double>(), slots[1][r].item<double>());
   return per_rank;

@@ -3,6 +3,8 @@
 
 #include <algorithm>
 
+#include "common/host_sync.h"
+
 namespace moetrain::dist {
 
 namespace {
@@ -56,12 +58,13 @@ torch::Tensor ExpertParallel::run(const moe::ExpertsImpl& experts, const torch::
   const int64_t slots_per_row = std::min(handle.top_k, EL);  // copies a row can carry
   const auto dev = x_TD.device();
   const auto on_device = torch::TensorOptions().dtype(torch::kInt64).device(dev);
-  const auto counts_cpu = handle.counts_E.to(torch::kCPU);
+  const auto counts_cpu = host_read(handle.counts_E, "moe.counts");
 
   // 1. The rows this rank sends: the distinct (rank, token) pairs of its copies, ordered by rank, then token.
   const auto expert_R = torch::repeat_interleave(torch::arange(n_experts_, on_device), handle.counts_E, 0, R);
   const auto dest_R = torch::floor_divide(expert_R, EL);
   const int64_t key_base = std::max<int64_t>(T, 1);  // key = rank * T + token
+  count_host_sync("moe.unique");  // its output size is data-dependent: CUDA reads it on the host
   const auto unique = at::_unique(dest_R * key_base + handle.token_ids_R, /*sorted=*/true, /*return_inverse=*/true);
   const auto& pair_U = std::get<0>(unique);
   const auto& row_of_copy_R = std::get<1>(unique);  // the copy's row among all sent rows
@@ -73,9 +76,10 @@ torch::Tensor ExpertParallel::run(const moe::ExpertsImpl& experts, const torch::
   const auto row_in_block_R = row_of_copy_R - first_row_P.index_select(0, dest_R);
 
   // 2. Sizes: to each rank, [rows, copies per local expert]; meta_PC[src] = what rank src sends here.
-  auto send_meta_PC = torch::cat({rows_per_dest.to(torch::kCPU).unsqueeze(1), counts_cpu.view({P, EL})}, 1);
+  auto send_meta_PC = torch::cat({host_read(rows_per_dest, "moe.rows_per_rank").unsqueeze(1), counts_cpu.view({P, EL})}, 1);
   const std::vector<int64_t> one_each(size_t(P), 1);
-  auto recv_meta_PC = ep.all_to_all(send_meta_PC.to(dev), one_each, one_each).to(torch::kCPU);
+  count_host_sync("moe.upload");  // pageable host memory to the device: the host waits for the copy
+  auto recv_meta_PC = host_read(ep.all_to_all(send_meta_PC.to(dev), one_each, one_each), "moe.received_sizes");
   const auto send_rows_P = send_meta_PC.select(1, 0).contiguous();
   const std::vector<int64_t> send_rows(send_rows_P.data_ptr<int64_t>(), send_rows_P.data_ptr<int64_t>() + P);
   const auto recv_rows_P = recv_meta_PC.select(1, 0).contiguous();
@@ -96,6 +100,7 @@ torch::Tensor ExpertParallel::run(const moe::ExpertsImpl& experts, const torch::
   // 4. Regroup the copies by local expert (source ranks in order within each), run the experts, weight
   // and sum each row's copies. The copies arrive in blocks (source, expert); a stable sort of each
   // copy's key expert * P + source regroups them, on the device (sizes are known on the host).
+  for (int upload = 0; upload < 3; ++upload) count_host_sync("moe.upload");  // three below, as above
   const auto copy_source_C = torch::repeat_interleave(torch::arange(P, on_device), torch::tensor(recv_copies).to(dev), 0,
                                                       received_copies);
   const auto first_received_P = (torch::cumsum(recv_rows_P, 0) - recv_rows_P).to(dev);

@@ -19,6 +19,7 @@
 #include <thread>
 
 #include "common/errors.h"
+#include "common/host_sync.h"
 
 namespace moetrain::dist {
 
@@ -254,6 +255,7 @@ class NcclCommunicator final : public Communicator {
   }
 
   void await(const char* op, const std::function<cudaError_t()>& query) {
+    count_host_sync(std::string("collective.") + op);
     const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(timeout_s_);
     while (true) {
       const cudaError_t done = query();

@@ -4,6 +4,7 @@
 #include <cmath>
 
 #include "common/errors.h"
+#include "common/host_sync.h"
 #include "common/tensor.h"
 
 namespace moetrain::dist {
@@ -166,7 +167,7 @@ class ShardedAdamW final : public Optimizer {
     for (const auto& g : groups_)
       if (g.shard_numel > 0 && g.in_norm) squares += g.grad.pow(2).sum();
     if (parallel_.world_size() > 1) parallel_.world().all_reduce_sum(squares);
-    const double norm = std::sqrt(squares.item<double>());
+    const double norm = std::sqrt(host_double(squares, "step.grad_norm"));
     if (max_norm > 0 && norm > max_norm) {
       const double scale = max_norm / (norm + 1e-6);
       for (auto& g : groups_) g.grad.mul_(scale);

@@ -4,6 +4,8 @@
 
 #include <cmath>
 
+#include "common/host_sync.h"
+
 namespace moetrain::moe {
 
 namespace {
@@ -107,6 +109,7 @@ Dispatched sort_copies(const RoutingPlan& plan, int64_t num_tokens, std::optiona
     auto expert_of_R = flat_ids_R.index_select(0, ranked_R);
     auto group_start_E = torch::cumsum(counts_E, 0) - counts_E;
     auto position_R = torch::arange(ranked_R.size(0), ranked_R.options()) - group_start_E.index_select(0, expert_of_R);
+    count_host_sync("moe.capacity");  // masked_select's output size is data-dependent
     order_R = ranked_R.masked_select(position_R < *capacity);
     counts_E = counts_E.clamp_max(*capacity);
     d.dropped = (flat_ids_R.numel() - counts_E.sum()).reshape({});
@@ -145,7 +148,7 @@ torch::Tensor ExpertsImpl::forward_sliced(const torch::Tensor& rows_RD, const to
   // One host read of the counts per layer, then a matmul per non-empty expert. split() and unbind()
   // give per-expert views whose backward is a single cat/stack; indexing w1[e] or narrow() per
   // expert would allocate a full-size zero gradient for every expert in backward.
-  auto counts = counts_E.to(torch::kCPU);
+  auto counts = host_read(counts_E, "experts.counts");
   const int64_t E = w1.size(0);
   std::vector<int64_t> sizes(counts.data_ptr<int64_t>(), counts.data_ptr<int64_t>() + E);
   auto xs = cast(rows_RD, compute_dtype).split_with_sizes(sizes, 0);

@@ -1,6 +1,8 @@
 // AdamW, the warmup + cosine schedule and gradient clipping.
 #include "optim/adamw.h"
 
+#include "common/host_sync.h"
+
 #include <cmath>
 
 namespace moetrain::optim {
@@ -124,7 +126,7 @@ double clip_grad_norm(const std::vector<torch::Tensor>& params, double max_norm,
     over.sum_total(all);
     total = all[0];
   }
-  const double norm = total.sqrt().item<double>();  // the one host synchronisation
+  const double norm = host_double(total.sqrt(), "step.grad_norm");  // the one host synchronisation
   if (max_norm > 0 && norm > max_norm && !all.empty()) at::_foreach_mul_(all, max_norm / (norm + 1e-6));
   return norm;
 }

@@ -2,6 +2,7 @@
 #include <algorithm>
 
 #include "common/errors.h"
+#include "common/host_sync.h"
 #include "common/log.h"
 #include "cost/flops.h"
 #include "cost/hardware.h"
@@ -61,10 +62,13 @@ BenchResult bench_steps(const config::Config& given, int warmup_steps, int steps
   r.pp_layers = cost::pipeline_layers(cfg);
   std::vector<double> step_s;
   int64_t a2a_bytes_at_start = 0, p2p_bytes_at_start = 0;
+  std::optional<OpCounter> ops;  // over the timed steps only
   for (int i = 0; i < warmup_steps + steps; ++i) {
     if (i == warmup_steps) {
       a2a_bytes_at_start = layout->ep->all_to_all_bytes_sent();
       p2p_bytes_at_start = layout->pp->p2p_bytes_sent();
+      reset_host_sync_counts();
+      ops.emplace();
     }
     const double lr = optim::learning_rate(cfg.optim, i, std::max<int64_t>(1, cfg.optim.decay_steps > 0 ? cfg.optim.decay_steps : cfg.train.steps));
     const double start = now_s();
@@ -80,6 +84,11 @@ BenchResult bench_steps(const config::Config& given, int warmup_steps, int steps
              (i < warmup_steps ? " (warm-up)" : "") + " | " + format_double(took * 1e3, 4) + " ms | loss " +
              format_double(outcome.loss, 4));
   }
+  const auto syncs = host_sync_counts();
+  r.ops_per_step = double(ops->count()) / steps;
+  ops.reset();
+  r.host_syncs_per_step = double(syncs.total) / steps;
+  for (const auto& [reason, n] : syncs.by_reason) r.host_syncs_by_reason[reason] = double(n) / steps;
   r.all_to_all_bytes_per_step = double(layout->ep->all_to_all_bytes_sent() - a2a_bytes_at_start) / steps;
   r.p2p_bytes_per_step = double(layout->pp->p2p_bytes_sent() - p2p_bytes_at_start) / steps;
   r.zero = cfg.parallel.zero;

@@ -7,6 +7,7 @@
 #include <thread>
 
 #include "common/errors.h"
+#include "common/host_sync.h"
 #include "common/log.h"
 
 using json = nlohmann::json;
@@ -174,7 +175,7 @@ void pipeline_micro_batches(model::TransformerImpl& model, const dist::DataParal
     out.logits_BSV = torch::Tensor();
     telemetry.add(out);
     if (!layout.last_stage()) return dist::StageForward{out.hidden_BSD, out.balance_loss / n};
-    loss_sum += out.loss.item<double>();
+    loss_sum += host_double(out.loss, "step.loss");
     auto objective = out.loss + out.balance_loss;
     if (out.mtp_loss.defined()) {
       objective = objective + out.mtp_loss;
@@ -241,6 +242,8 @@ StepOutcome train_step(model::TransformerImpl& model, dist::Optimizer& optimizer
   } else {
     for (int micro = 0; micro < cfg.train.grad_accum; ++micro) {
       auto batch = batch_of(micro);
+      count_host_sync("step.batch_upload");  // inputs and targets from pageable memory
+      count_host_sync("step.batch_upload");
       auto out = model.forward_loss(batch.inputs.to(device), batch.targets.to(device), data::kIgnoreTarget);
       out.logits_BSV = torch::Tensor();  // backward needs the log-probabilities, not the logits: free them
       const auto& ce = out.loss;
@@ -251,7 +254,7 @@ StepOutcome train_step(model::TransformerImpl& model, dist::Optimizer& optimizer
       }
       if (micro == cfg.train.grad_accum - 1) optimizer.before_last_backward();
       (loss / cfg.train.grad_accum).backward();
-      loss_sum += ce.item<double>();
+      loss_sum += host_double(ce, "step.loss");
       outcome.telemetry.add(out);
     }
   }
@@ -263,7 +266,7 @@ StepOutcome train_step(model::TransformerImpl& model, dist::Optimizer& optimizer
     auto& world = *parallel.layout().world;
     auto sum = world.backend() == "nccl" ? mtp_sum.to(torch::kCUDA) : mtp_sum.to(torch::kCPU);
     if (world.world_size() > 1) world.all_reduce_sum(sum);
-    sum = sum.to(torch::kCPU) / double(cfg.train.grad_accum * parallel.dp_size());
+    sum = host_read(sum, "step.mtp_loss") / double(cfg.train.grad_accum * parallel.dp_size());
     outcome.mtp_losses.assign(sum.data_ptr<double>(), sum.data_ptr<double>() + depth);
   }
   outcome.grad_norm = optimizer.clip_gradients(cfg.optim.grad_clip);

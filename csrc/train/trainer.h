@@ -72,6 +72,11 @@ struct BenchResult {
   double peak_rss_bytes = 0;             // this process's peak resident memory so far (getrusage)
   double peak_allocated_bytes = 0;       // peak bytes LibTorch's allocator held from the model's build on
                                          // (cost::PeakMemoryMeter): what `moetrain plan` predicts
+  // Where this rank's host waited for the device or a collective (common/host_sync.h), per timed step:
+  // the code path a GPU run takes, counted on any device.
+  double host_syncs_per_step = 0;
+  std::map<std::string, double> host_syncs_by_reason;
+  double ops_per_step = 0;  // ATen operator calls per timed step on this rank (the CPU's proxy for kernel launches)
 };
 // Logs one line per step unless quiet (the --json output keeps stdout to the one object).
 BenchResult bench_steps(const config::Config& cfg, int warmup_steps, int steps, bool quiet = false);
