@@ -107,7 +107,7 @@ const std::vector<KeyDesc>& keys() {
       MOETRAIN_KEY(run.device, "Device to train on.", one_of({"cpu", "cuda"})),
       MOETRAIN_KEY(run.dtype, "Compute dtype of matmuls and activations; weights and optimizer state stay fp32 (bf16 is mixed precision with fp32 master weights). Router math always runs in fp32.",
                    one_of({"fp32", "bf16"})),
-      MOETRAIN_KEY(run.threads, "CPU intra-op threads; 0 = all cores.", at_least(0)),
+      MOETRAIN_KEY(run.threads, "CPU intra-op threads; 0 = OMP_NUM_THREADS if a launcher set it, else cores / ranks on this node.", at_least(0)),
       MOETRAIN_KEY(run.deterministic,
                    "Deterministic kernels only: LibTorch's deterministic mode (an op without a deterministic "
                    "kernel is an error), cuBLAS's fixed workspace, SDPA's math backend on CUDA, and the MoE's "

@@ -16,7 +16,7 @@ struct RunConfig {
   uint64_t seed = 1337;
   std::string device = "cpu";   // cpu | cuda
   std::string dtype = "fp32";   // fp32 | bf16 (parameters and activations; router math is fp32)
-  int threads = 0;              // CPU intra-op threads; 0 = all cores
+  int threads = 0;              // CPU intra-op threads; 0 = OMP_NUM_THREADS if set, else cores / local ranks
   bool deterministic = false;   // deterministic kernels everywhere (bit-exact reruns on a GPU too)
   bool keep_compute_copies = true;  // bf16: one kept copy of each weight per update, not a cast per use
 };

@@ -265,7 +265,6 @@ class StoreCommunicator final : public Communicator {
   // signature against the tensor it expects.
   void send_recv(const torch::Tensor& send, int dst, torch::Tensor& recv, int src) override {
     op_ = "send/recv";
-    count_host_sync("collective.send/recv");
     auto p2p_signature = [](const torch::Tensor& t) {
       std::ostringstream s;
       s << "p2p " << c10::toString(t.scalar_type()) << " " << t.sizes();
@@ -297,7 +296,6 @@ class StoreCommunicator final : public Communicator {
   // Starts the next numbered round of this group: its key prefix.
   std::string begin(const char* op) {
     op_ = op;
-    count_host_sync(std::string("collective.") + op);
     return prefix_ + std::to_string(round_++) + "/";
   }
 
@@ -503,6 +501,12 @@ struct Done final : Pending {
   void wait() override {}
 };
 }  // namespace
+
+std::vector<torch::Tensor> Communicator::all_to_all_group(const std::vector<AllToAllPart>& parts) {
+  std::vector<torch::Tensor> out;
+  for (const auto& part : parts) out.push_back(all_to_all(part.in, part.send_rows, part.recv_rows));
+  return out;
+}
 
 std::unique_ptr<Pending> Communicator::all_reduce_sum_async(torch::Tensor& t) {
   all_reduce_sum(t);

@@ -82,6 +82,14 @@ class Communicator {
   // from each rank r, in rank order. Splits are in rows of dim 0 and may be zero.
   virtual torch::Tensor all_to_all(const torch::Tensor& in, const std::vector<int64_t>& send_rows,
                                    const std::vector<int64_t>& recv_rows) = 0;
+  // Several all_to_alls as one operation (NCCL: one group of sends and receives, one completion to
+  // wait for), each part with its own tensor, dtype and splits; the results in the parts' order. The
+  // base class runs them one after another (the CPU backends).
+  struct AllToAllPart {
+    torch::Tensor in;
+    std::vector<int64_t> send_rows, recv_rows;
+  };
+  virtual std::vector<torch::Tensor> all_to_all_group(const std::vector<AllToAllPart>& parts);
   // The same collectives launched without waiting for them (gradient reduction during backward). The
   // tensors must not be touched until wait(): `t` is reduced in place; `out` (this rank's share, sized
   // by the caller) is written. Every rank launches the same collectives in the same order, as for the

@@ -115,7 +115,7 @@ void GradientReducer::launch(size_t b) {
   launched_[b] = true;
 }
 
-double GradientReducer::finish(const std::function<void()>& before_after_backward) {
+torch::Tensor GradientReducer::finish(const std::function<void()>& before_after_backward) {
   std::lock_guard<std::mutex> lock(mutex_);
   torch::NoGradGuard no_grad;
   armed_ = false;
@@ -131,7 +131,8 @@ double GradientReducer::finish(const std::function<void()>& before_after_backwar
     pending_[b].reset();
     buckets_[b].complete();
   }
-  const double largest = max_abs_.defined() ? host_double(max_abs_, "step.grad_max") : 0.0;
+  const auto largest = max_abs_.defined() ? max_abs_
+                                          : torch::zeros({}, torch::TensorOptions().dtype(torch::kDouble).device(params_.front().device()));
   max_abs_ = torch::Tensor();
   next_ = 0;
   std::fill(launched_.begin(), launched_.end(), false);
@@ -263,21 +264,6 @@ void DataParallel::sum_load(std::vector<torch::Tensor>& load_LE, std::vector<tor
 }
 
 bool DataParallel::any(bool flag) const { return all_sum(*layout_->world, flag ? 1.0 : 0.0) > 0; }
-
-std::vector<std::pair<double, double>> DataParallel::gather_health(double loss, double grad_max_abs) const {
-  const int W = world_size();
-  if (W == 1) return {{loss, grad_max_abs}};
-  auto slots = torch::zeros({2, W}, torch::kDouble);
-  slots[0][rank()] = loss;
-  slots[1][rank()] = grad_max_abs;
-  count_host_sync("step.health_upload");  // pageable host memory to the device
-  slots = slots.to(params_.front().device());
-  layout_->world->all_reduce_sum(slots);
-  slots = host_read(slots, "step.health");
-  std::vector<std::pair<double, double>> per_rank;
-  for (int r = 0; r < W; ++r) per_rank.emplace_back(slots[0][r].item<double>(), slots[1][r].item<double>());
-  return per_rank;
-}
 
 double max_abs(const std::vector<torch::Tensor>& tensors) {
   std::vector<torch::Tensor> defined;

@@ -64,9 +64,10 @@ class GradientReducer {
   void arm();
   // After backward: launches what is left in order, calling `before_after_backward` before the
   // after_backward buckets, and waits for every bucket. Returns the largest |gradient| this rank held
-  // before any reduction (NaN if any was NaN): every bucket is measured just before its launch, so that
-  // a non-finite gradient can be traced to the rank that produced it.
-  double finish(const std::function<void()>& before_after_backward);
+  // before any reduction (NaN if any was NaN), a () fp64 tensor on the device: every bucket is
+  // measured just before its launch, so that a non-finite gradient can be traced to the rank that
+  // produced it.
+  torch::Tensor finish(const std::function<void()>& before_after_backward);
   // Of the last finished step's buckets, how many the hooks launched during backward (the overlap that
   // took place), and how many there are.
   int launched_during_backward() const { return last_overlapped_; }
@@ -141,10 +142,6 @@ class DataParallel {
   void sum_load(std::vector<torch::Tensor>& load_LE, std::vector<torch::Tensor>& dropped_L) const;
   // Whether any rank raised `flag` (a stop signal), so that all act on it after the same step.
   bool any(bool flag) const;
-  // Every rank's (loss, largest |gradient| before averaging), in one collective: a non-finite value
-  // stays in the slot of the rank that produced it, so every rank takes the same decision and an
-  // error can name the rank.
-  std::vector<std::pair<double, double>> gather_health(double loss, double grad_max_abs) const;
 
   const std::vector<torch::Tensor>& params() const { return params_; }
   const Layout& layout() const { return *layout_; }

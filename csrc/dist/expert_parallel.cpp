@@ -28,9 +28,45 @@ struct AllToAllRows : public torch::autograd::Function<AllToAllRows> {
   }
 };
 
-std::vector<int64_t> group_sums(const torch::Tensor& counts_cpu, int64_t groups) {
-  auto sums = counts_cpu.view({groups, -1}).sum(1);
-  return std::vector<int64_t>(sums.data_ptr<int64_t>(), sums.data_ptr<int64_t>() + groups);
+// Rows, each copy's row index and each copy's weight to the experts' owners as one grouped all_to_all
+// (one completion to wait for), and backward the two gradients back the same way. Rows move by
+// (send_rows, recv_rows) splits, indices and weights by the copies' (send_copies, recv_copies).
+struct DispatchRows : public torch::autograd::Function<DispatchRows> {
+  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& rows,
+                                                const torch::Tensor& index, const torch::Tensor& weights,
+                                                Communicator* group, const std::vector<int64_t>& send_rows,
+                                                const std::vector<int64_t>& recv_rows,
+                                                const std::vector<int64_t>& send_copies,
+                                                const std::vector<int64_t>& recv_copies) {
+    ctx->saved_data["group"] = int64_t(reinterpret_cast<intptr_t>(group));
+    ctx->saved_data["send_rows"] = send_rows;
+    ctx->saved_data["recv_rows"] = recv_rows;
+    ctx->saved_data["send_copies"] = send_copies;
+    ctx->saved_data["recv_copies"] = recv_copies;
+    auto out = group->all_to_all_group({{rows.contiguous(), send_rows, recv_rows},
+                                        {index.contiguous(), send_copies, recv_copies},
+                                        {weights.contiguous(), send_copies, recv_copies}});
+    ctx->mark_non_differentiable({out[1]});
+    return out;
+  }
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    auto* group = reinterpret_cast<Communicator*>(intptr_t(ctx->saved_data["group"].toInt()));
+    const auto rows_back = ctx->saved_data["recv_rows"].toIntVector(), rows_to = ctx->saved_data["send_rows"].toIntVector();
+    const auto copies_back = ctx->saved_data["recv_copies"].toIntVector(),
+               copies_to = ctx->saved_data["send_copies"].toIntVector();
+    // Undefined gradients arrive as zeros (materialized): every rank posts both parts, as NCCL needs.
+    auto back = group->all_to_all_group({{grads[0].contiguous(), rows_back, rows_to},
+                                         {grads[2].contiguous(), copies_back, copies_to}});
+    return {back[0], torch::Tensor(), back[1], torch::Tensor(), torch::Tensor(), torch::Tensor(), torch::Tensor(),
+            torch::Tensor()};
+  }
+};
+
+int64_t total(const std::vector<int64_t>& v) {
+  int64_t sum = 0;
+  for (const auto n : v) sum += n;
+  return sum;
 }
 
 }  // namespace
@@ -47,66 +83,82 @@ ExpertParallel::ExpertParallel(std::shared_ptr<const Layout> layout, int n_exper
 }
 
 torch::Tensor ExpertParallel::run(const moe::ExpertsImpl& experts, const torch::Tensor& x_TD,
-                                  const moe::DispatchHandle& handle, const torch::Tensor& weights_R,
+                                  const moe::DispatchHandle& copies, const torch::Tensor& copy_weights_R,
                                   std::optional<torch::ScalarType> compute_dtype) const {
   // Rank p owns experts [p * EL, (p + 1) * EL). A token crosses to each rank once, whatever number of
   // that rank's experts it chose (U rows: one per (token, rank)); its copies (R: one per (token, expert))
   // travel as an index into those rows and a routing weight. The expert's rank sums a row's weighted
   // outputs, so one row per (token, rank) comes back too. P ranks, EL local experts.
+  //
+  // Everything is computed on the device except what NCCL needs on the host as splits: the per-rank
+  // sizes, read once (both directions, one copy) after the size exchange. Backward reads nothing.
   Communicator& ep = *layout_->ep;
-  const int64_t P = layout_->ep_size(), EL = n_experts_ / P, T = handle.num_tokens, R = handle.order_R.size(0);
-  const int64_t slots_per_row = std::min(handle.top_k, EL);  // copies a row can carry
+  const int64_t P = layout_->ep_size(), EL = n_experts_ / P, T = copies.num_tokens, R = copies.order_R.size(0);
+  const int64_t slots_per_row = std::min(copies.top_k, EL);  // copies a row can carry
   const auto dev = x_TD.device();
   const auto on_device = torch::TensorOptions().dtype(torch::kInt64).device(dev);
-  const auto counts_cpu = host_read(handle.counts_E, "moe.counts");
 
-  // 1. The rows this rank sends: the distinct (rank, token) pairs of its copies, ordered by rank, then token.
-  const auto expert_R = torch::repeat_interleave(torch::arange(n_experts_, on_device), handle.counts_E, 0, R);
-  const auto dest_R = torch::floor_divide(expert_R, EL);
-  const int64_t key_base = std::max<int64_t>(T, 1);  // key = rank * T + token
-  count_host_sync("moe.unique");  // its output size is data-dependent: CUDA reads it on the host
-  const auto unique = at::_unique(dest_R * key_base + handle.token_ids_R, /*sorted=*/true, /*return_inverse=*/true);
-  const auto& pair_U = std::get<0>(unique);
-  const auto& row_of_copy_R = std::get<1>(unique);  // the copy's row among all sent rows
-  const int64_t U = pair_U.size(0);
-  const auto dest_U = torch::floor_divide(pair_U, key_base), token_U = pair_U - dest_U * key_base;
-  auto rows_per_dest = torch::zeros({P}, on_device).scatter_add_(0, dest_U, torch::ones_like(dest_U));
-  const auto first_row_P = torch::cumsum(rows_per_dest, 0) - rows_per_dest;
+  // 1. Which (rank, token) pairs send a row: a mask over P x T and its running count give each pair its
+  // row among the sent rows, ordered by rank, then token. With a capacity the dropped copies (after the
+  // kept ones in the handle) mark nothing: a copy is kept when its place is below sum(counts).
+  const auto dest_R = torch::floor_divide(copies.expert_ids_R, EL);
+  const auto pair_R = dest_R * T + copies.token_ids_R;
+  auto marks_R = torch::ones({R}, on_device);
+  if (!copies.all_kept) marks_R = (torch::arange(R, on_device) < copies.counts_E.sum()).to(torch::kInt64);
+  const auto present_PT = torch::zeros({P * T}, on_device).scatter_add_(0, pair_R, marks_R) > 0;
+  const auto rows_per_dest_P = present_PT.view({P, T}).sum(1);
+  const auto row_of_pair = torch::cumsum(present_PT.to(torch::kInt64), 0) - 1;
+  const auto first_row_P = torch::cumsum(rows_per_dest_P, 0) - rows_per_dest_P;
   // Each copy names its row within the block sent to its rank.
-  const auto row_in_block_R = row_of_copy_R - first_row_P.index_select(0, dest_R);
+  const auto row_in_block_R = row_of_pair.index_select(0, pair_R) - first_row_P.index_select(0, dest_R);
 
-  // 2. Sizes: to each rank, [rows, copies per local expert]; meta_PC[src] = what rank src sends here.
-  auto send_meta_PC = torch::cat({host_read(rows_per_dest, "moe.rows_per_rank").unsqueeze(1), counts_cpu.view({P, EL})}, 1);
+  // 2. Sizes: to each rank, [rows, copies per local expert]; recv_PC[src] = what rank src sends here.
+  // The one host read: both tables in one copy.
+  const auto send_PC = torch::cat({rows_per_dest_P.unsqueeze(1), copies.counts_E.view({P, EL})}, 1);
   const std::vector<int64_t> one_each(size_t(P), 1);
-  count_host_sync("moe.upload");  // pageable host memory to the device: the host waits for the copy
-  auto recv_meta_PC = host_read(ep.all_to_all(send_meta_PC.to(dev), one_each, one_each), "moe.received_sizes");
-  const auto send_rows_P = send_meta_PC.select(1, 0).contiguous();
-  const std::vector<int64_t> send_rows(send_rows_P.data_ptr<int64_t>(), send_rows_P.data_ptr<int64_t>() + P);
-  const auto recv_rows_P = recv_meta_PC.select(1, 0).contiguous();
-  const std::vector<int64_t> recv_rows(recv_rows_P.data_ptr<int64_t>(), recv_rows_P.data_ptr<int64_t>() + P);
-  const auto recv_copies_PE = recv_meta_PC.narrow(1, 1, EL).contiguous();
-  const auto send_copies = group_sums(counts_cpu, P), recv_copies = group_sums(recv_copies_PE, P);
-  int64_t received_rows = 0, received_copies = 0;
-  for (int64_t p = 0; p < P; ++p) received_rows += recv_rows[p], received_copies += recv_copies[p];
+  const auto recv_PC = ep.all_to_all(send_PC, one_each, one_each);
+  const auto sizes = host_read(torch::stack({send_PC, recv_PC}), "moe.splits").contiguous();
+  const auto size_of = sizes.accessor<int64_t, 3>();  // [send or receive][rank][rows, copies per expert]
+  const auto ranks = static_cast<size_t>(P), local_experts = static_cast<size_t>(EL);
+  std::vector<int64_t> send_rows(ranks), recv_rows(ranks), send_copies(ranks, 0), recv_copies(ranks, 0),
+      local_counts(local_experts, 0);
+  for (int64_t p = 0; p < P; ++p) {
+    send_rows[size_t(p)] = size_of[0][p][0];
+    recv_rows[size_t(p)] = size_of[1][p][0];
+    for (int64_t e = 0; e < EL; ++e) {
+      send_copies[size_t(p)] += size_of[0][p][1 + e];
+      recv_copies[size_t(p)] += size_of[1][p][1 + e];
+      local_counts[size_t(e)] += size_of[1][p][1 + e];
+    }
+  }
+  const int64_t U = total(send_rows), kept = total(send_copies);
+  const int64_t received_rows = total(recv_rows), received_copies = total(recv_copies);
 
-  // 3. Rows, then each copy's row and weight, to the experts' owners. Rows travel in the compute dtype
-  // both ways (the experts' output is in it), so a rank that receives none and passes them straight
-  // back posts exactly the dtype its peers post, as NCCL requires. The weights keep the router's dtype.
+  // 3. Rows, then each copy's row and weight, to the experts' owners, as one grouped operation. Rows
+  // travel in the compute dtype both ways (the experts' output is in it), so a rank that receives none
+  // and passes them straight back posts exactly the dtype its peers post, as NCCL requires. The
+  // weights keep the router's dtype. nonzero_static lists the present pairs in order without a sync.
+  const auto pair_U = at::nonzero_static(present_PT, U, -1).view({U});
+  const auto dest_U = torch::floor_divide(pair_U, std::max<int64_t>(T, 1)), token_U = pair_U - dest_U * T;
   const auto rows_UD = moe::gather_rows(x_TD, token_U, token_U * P + dest_U, P);
-  auto received_UD = all_to_all_rows(cast(rows_UD, compute_dtype), ep, send_rows, recv_rows);
-  auto received_row_C = ep.all_to_all(row_in_block_R, send_copies, recv_copies).to(dev);
-  auto received_weight_C = all_to_all_rows(weights_R, ep, send_copies, recv_copies);
+  auto received = DispatchRows::apply(cast(rows_UD, compute_dtype), row_in_block_R.narrow(0, 0, kept),
+                                      copy_weights_R.narrow(0, 0, kept), &ep, send_rows, recv_rows, send_copies,
+                                      recv_copies);
+  const auto& received_UD = received[0];
+  const auto& received_row_C = received[1];
+  const auto& received_weight_C = received[2];
 
   // 4. Regroup the copies by local expert (source ranks in order within each), run the experts, weight
   // and sum each row's copies. The copies arrive in blocks (source, expert); a stable sort of each
-  // copy's key expert * P + source regroups them, on the device (sizes are known on the host).
-  for (int upload = 0; upload < 3; ++upload) count_host_sync("moe.upload");  // three below, as above
-  const auto copy_source_C = torch::repeat_interleave(torch::arange(P, on_device), torch::tensor(recv_copies).to(dev), 0,
-                                                      received_copies);
-  const auto first_received_P = (torch::cumsum(recv_rows_P, 0) - recv_rows_P).to(dev);
+  // copy's key expert * P + source regroups them, on the device from the received sizes there.
+  const auto recv_rows_P = recv_PC.select(1, 0);
+  const auto recv_copies_PE = recv_PC.narrow(1, 1, EL);
+  const auto copy_source_C =
+      torch::repeat_interleave(torch::arange(P, on_device), recv_copies_PE.sum(1), 0, received_copies);
+  const auto first_received_P = torch::cumsum(recv_rows_P, 0) - recv_rows_P;
   const auto row_C = received_row_C + first_received_P.index_select(0, copy_source_C);
   const auto block_key = torch::arange(EL, on_device).repeat({P}) * P + torch::arange(P, on_device).repeat_interleave(EL);
-  const auto copy_key = torch::repeat_interleave(block_key, recv_copies_PE.reshape(-1).to(dev), 0, received_copies);
+  const auto copy_key = torch::repeat_interleave(block_key, recv_copies_PE.reshape(-1), 0, received_copies);
   const auto perm_C = std::get<1>(torch::sort(copy_key, /*stable=*/true, /*dim=*/0, /*descending=*/false));
   const auto sorted_row_C = row_C.index_select(0, perm_C);
   // A copy's slot in its row: its place among the row's copies (for the sums free of atomic adds).
@@ -116,13 +168,13 @@ torch::Tensor ExpertParallel::run(const moe::ExpertsImpl& experts, const torch::
   const auto place_C = torch::empty_like(sorted_row_C).index_copy_(
       0, by_row_C, torch::arange(received_copies, on_device) - first_copy_of_row.index_select(0, sorted_row_C.index_select(0, by_row_C)));
   const auto slot_C = sorted_row_C * slots_per_row + place_C;
-  const auto local_counts_E = recv_copies_PE.sum(0).to(dev);
+  const auto local_counts_E = recv_copies_PE.sum(0);
   auto rows_CD = moe::gather_rows(received_UD, sorted_row_C, slot_C, slots_per_row);
   // A rank that receives no rows still passes them through the graph: every all-to-all must run its
   // backward on every rank, or the ranks' collectives would fall out of step; and its experts still
   // get a (zero) gradient, as every rank's do (see ExpertsImpl::forward_sliced).
-  auto y_CD = received_copies == 0 ? rows_CD + experts.forward(rows_CD, local_counts_E, compute_dtype)
-                                   : experts.forward(rows_CD, local_counts_E, compute_dtype);
+  auto y_CD = experts.forward(rows_CD, local_counts_E, compute_dtype, &local_counts);
+  if (received_copies == 0) y_CD = rows_CD + y_CD;
   auto weighted_CD = y_CD * received_weight_C.index_select(0, perm_C).to(y_CD.scalar_type()).unsqueeze(1);
   auto combined_UD = moe::sum_rows(weighted_CD, sorted_row_C, slot_C, received_rows, slots_per_row);
 
@@ -141,7 +193,9 @@ void parallelize(moe::MoEImpl& layer, const std::shared_ptr<const Layout>& layou
               layer.shard().rank, " of ", layer.shard().ranks, " but this rank's layout is shard ", want.rank, " of ",
               want.ranks);
   if (layout->ep_size() > 1) layer.set_dispatcher(std::make_shared<ExpertParallel>(layout, layer.config().n_experts));
-  if (layout->dp_size() > 1) {  // the ranks that run this layer: the stage's data-parallel ranks
+  // The ranks that run this layer are the stage's data-parallel ranks; their summed counts serve the
+  // switch loss only, so without it nothing is summed (the logged aux_loss is then this rank's).
+  if (layout->dp_size() > 1 && layer.config().aux_loss_coef != 0) {
     layer.router->set_global_counts([layout](torch::Tensor& counts_E) {
       layout->dp->all_reduce_sum(counts_E);
       return int64_t(layout->dp->world_size());

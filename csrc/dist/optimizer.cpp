@@ -32,24 +32,33 @@ class ReplicatedAdamW final : public Optimizer {
     if (!parallel_.zero_bucket_gradients()) adamw_.zero_grad();
   }
   void before_last_backward() override { reducer_.arm(); }
-  double reduce_gradients() override { return reducer_.finish([this] { parallel_.sum_tied_gradients(); }); }
+  torch::Tensor reduce_gradients() override { return reducer_.finish([this] { parallel_.sum_tied_gradients(); }); }
   std::pair<int, int> overlapped_buckets() const override {
     return {reducer_.launched_during_backward(), reducer_.bucket_count()};
   }
-  // The expert-sharded part of the squared norm is summed over the ep group; with a pipeline, each
-  // stage's squared norm (a tied embedding's second copy left out) is summed over the stages.
-  double clip_gradients(double max_norm) override {
+  // After averaging, a stage's replicated gradients are equal on its dp ranks and an expert shard's on
+  // its replicas: the first dp rank of each stage counts the replicated ones (a tied embedding's second
+  // copy left out) and the first replica of each expert shard (edp rank 0) counts its experts.
+  torch::Tensor norm_part() override {
+    torch::NoGradGuard no_grad;
     const Layout& layout = parallel_.layout();
-    optim::NormReduction over;
-    if (layout.ep_size() > 1) {
-      over.sharded = parallel_.sharded();
-      over.sum_sharded = [&](torch::Tensor& t) { parallel_.sum_over_expert_group(t); };
+    const bool replicated_here = layout.dp_rank() == 0, experts_here = layout.edp->rank() == 0;
+    std::vector<torch::Tensor> counted;
+    for (size_t i = 0; i < parallel_.params().size(); ++i) {
+      const auto& g = parallel_.params()[i].grad();
+      if (!g.defined() || (layout.pp_size() > 1 && parallel_.duplicate()[i])) continue;
+      if (parallel_.sharded()[i] ? experts_here : replicated_here) counted.push_back(g);
     }
-    if (layout.pp_size() > 1) {
-      over.skip = parallel_.duplicate();
-      over.sum_total = [&](torch::Tensor& t) { layout.pp->all_reduce_sum(t); };
-    }
-    return optim::clip_grad_norm(parallel_.params(), max_norm, over);
+    const auto device = parallel_.params().front().device();
+    return counted.empty() ? torch::zeros({}, torch::TensorOptions().dtype(torch::kDouble).device(device))
+                           : optim::sum_of_squares(counted).to(torch::kDouble);
+  }
+  void scale_gradients(double factor) override {
+    torch::NoGradGuard no_grad;
+    std::vector<torch::Tensor> grads;
+    for (const auto& p : parallel_.params())
+      if (p.grad().defined()) grads.push_back(p.grad());
+    if (!grads.empty()) at::_foreach_mul_(grads, factor);
   }
   void step(double lr) override { adamw_.step(lr); }
   int64_t step_count() const override { return adamw_.step_count(); }
@@ -153,7 +162,7 @@ class ShardedAdamW final : public Optimizer {
   }
 
   void before_last_backward() override { reducer_->arm(); }
-  double reduce_gradients() override { return reducer_->finish([this] { parallel_.sum_tied_gradients(); }); }
+  torch::Tensor reduce_gradients() override { return reducer_->finish([this] { parallel_.sum_tied_gradients(); }); }
   std::pair<int, int> overlapped_buckets() const override {
     return {reducer_->launched_during_backward(), reducer_->bucket_count()};
   }
@@ -161,18 +170,17 @@ class ShardedAdamW final : public Optimizer {
   // Every element of the job's gradient lies in exactly one rank's share (experts: one ep rank's
   // experts, one replica's share of them; a pipeline stage's parameters on that stage; a tied
   // embedding's second copy left out), so the squared norm is one sum over the world.
-  double clip_gradients(double max_norm) override {
+  torch::Tensor norm_part() override {
     torch::NoGradGuard no_grad;
-    auto squares = torch::zeros({1}, fp32());
+    auto squares = torch::zeros({}, fp32());
     for (const auto& g : groups_)
       if (g.shard_numel > 0 && g.in_norm) squares += g.grad.pow(2).sum();
-    if (parallel_.world_size() > 1) parallel_.world().all_reduce_sum(squares);
-    const double norm = std::sqrt(host_double(squares, "step.grad_norm"));
-    if (max_norm > 0 && norm > max_norm) {
-      const double scale = max_norm / (norm + 1e-6);
-      for (auto& g : groups_) g.grad.mul_(scale);
-    }
-    return norm;
+    return squares.to(torch::kDouble);
+  }
+  void scale_gradients(double factor) override {
+    torch::NoGradGuard no_grad;
+    for (auto& g : groups_)
+      if (g.grad.defined()) g.grad.mul_(factor);
   }
 
   // AdamW on this rank's shares (the same element-wise update as zero 0, so each element moves as it

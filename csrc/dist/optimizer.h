@@ -42,13 +42,17 @@ class Optimizer {
   virtual void before_last_backward() = 0;
   // After backward, collective: each gradient summed over the ranks that computed it and divided by
   // the data-parallel size, in the form this rank's update needs (zero 0: whole; zero 1: its shares).
-  // Returns the largest |gradient| this rank held before the reduction (NaN if any was NaN).
-  virtual double reduce_gradients() = 0;
+  // Returns the largest |gradient| this rank held before the reduction (NaN if any was NaN), as a ()
+  // fp64 tensor on the device: nothing is read on the host.
+  virtual torch::Tensor reduce_gradients() = 0;
   // The last step's gradient buckets: how many were launched during backward, and how many there are.
   virtual std::pair<int, int> overlapped_buckets() const = 0;
-  // The L2 norm of the job's whole averaged gradient (the same on every rank); the gradients are
-  // scaled to max_norm when above it (max_norm > 0). Collective.
-  virtual double clip_gradients(double max_norm) = 0;
+  // This rank's part of the squared L2 norm of the job's whole averaged gradient, a () fp64 tensor on
+  // the device: the parts of every rank of the world sum to the whole (each element of the gradient is
+  // counted by exactly one rank), so the step can gather them with its health in one collective.
+  virtual torch::Tensor norm_part() = 0;
+  // Multiplies every gradient this rank updates from by `factor` (clipping).
+  virtual void scale_gradients(double factor) = 0;
   virtual void step(double lr) = 0;  // collective at zero 1 (the all-gather of the weights)
   virtual int64_t step_count() const = 0;
   // What a checkpoint writes, layout-free. Collective at zero 1: the moments (and sharded masters) are gathered to the CPU

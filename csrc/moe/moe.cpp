@@ -89,6 +89,15 @@ int64_t expert_capacity(double capacity_factor, int64_t num_tokens, int top_k, i
   return int64_t(std::ceil(capacity_factor * double(num_tokens) * top_k / n_experts));
 }
 
+DispatchHandle DispatchHandle::kept(int64_t n) const {
+  DispatchHandle h = *this;
+  h.token_ids_R = token_ids_R.narrow(0, 0, n);
+  h.order_R = order_R.narrow(0, 0, n);
+  h.expert_ids_R = expert_ids_R.narrow(0, 0, n);
+  h.all_kept = true;
+  return h;
+}
+
 Dispatched sort_copies(const RoutingPlan& plan, int64_t num_tokens, std::optional<int64_t> capacity) {
   const int64_t K = plan.topk_ids_TK.size(1);
   TORCH_CHECK(plan.topk_ids_TK.size(0) == num_tokens, "[moe] dispatch: plan has ", plan.topk_ids_TK.size(0),
@@ -102,28 +111,45 @@ Dispatched sort_copies(const RoutingPlan& plan, int64_t num_tokens, std::optiona
     d.dropped = torch::zeros({}, flat_ids_R.options());
   } else {
     // Within each expert, copies in order of falling weight (ties: earlier copies first); the first
-    // `capacity` of each expert are kept.
+    // `capacity` of each expert are kept. A stable sort on "dropped" then puts the kept copies first,
+    // in that order, with no data-dependent size (masked_select would read one on the host).
     auto by_weight = std::get<1>(torch::sort(plan.topk_weights_TK.reshape(-1).detach(), stable, 0, /*descending=*/true));
     auto by_expert = std::get<1>(torch::sort(flat_ids_R.index_select(0, by_weight), stable, 0, false));
     auto ranked_R = by_weight.index_select(0, by_expert);
     auto expert_of_R = flat_ids_R.index_select(0, ranked_R);
     auto group_start_E = torch::cumsum(counts_E, 0) - counts_E;
     auto position_R = torch::arange(ranked_R.size(0), ranked_R.options()) - group_start_E.index_select(0, expert_of_R);
-    count_host_sync("moe.capacity");  // masked_select's output size is data-dependent
-    order_R = ranked_R.masked_select(position_R < *capacity);
+    auto kept_first = std::get<1>(torch::sort((position_R >= *capacity).to(torch::kInt), stable, 0, false));
+    order_R = ranked_R.index_select(0, kept_first);
     counts_E = counts_E.clamp_max(*capacity);
     d.dropped = (flat_ids_R.numel() - counts_E.sum()).reshape({});
+    d.handle.all_kept = false;
   }
   d.handle.token_ids_R = torch::floor_divide(order_R, K);
   d.handle.order_R = order_R;
+  d.handle.expert_ids_R = flat_ids_R.index_select(0, order_R);
   d.handle.counts_E = counts_E;
   d.handle.num_tokens = num_tokens;
   d.handle.top_k = K;
   return d;
 }
 
+namespace {
+// The handle of the kept copies, and the counts on the host where reading them was needed for that.
+DispatchHandle kept_copies(const DispatchHandle& handle, std::optional<std::vector<int64_t>>& counts_on_host) {
+  if (handle.all_kept) return handle;
+  const auto counts = host_read(handle.counts_E, "moe.counts");
+  counts_on_host.emplace(counts.data_ptr<int64_t>(), counts.data_ptr<int64_t>() + counts.numel());
+  int64_t kept = 0;
+  for (const auto n : *counts_on_host) kept += n;
+  return handle.kept(kept);
+}
+}  // namespace
+
 Dispatched dispatch(const torch::Tensor& x_TD, const RoutingPlan& plan, std::optional<int64_t> capacity) {
   Dispatched d = sort_copies(plan, x_TD.size(0), capacity);
+  std::optional<std::vector<int64_t>> counts;
+  d.handle = kept_copies(d.handle, counts);
   d.rows_RD = gather_rows(x_TD, d.handle.token_ids_R, d.handle.order_R, d.handle.top_k);
   return d;
 }
@@ -144,13 +170,19 @@ ExpertsImpl::ExpertsImpl(int n_experts, int d_model, int hidden, std::string imp
 }
 
 torch::Tensor ExpertsImpl::forward_sliced(const torch::Tensor& rows_RD, const torch::Tensor& counts_E,
-                                          std::optional<torch::ScalarType> compute_dtype) const {
+                                          std::optional<torch::ScalarType> compute_dtype,
+                                          const std::vector<int64_t>* counts_on_host) const {
   // One host read of the counts per layer, then a matmul per non-empty expert. split() and unbind()
   // give per-expert views whose backward is a single cat/stack; indexing w1[e] or narrow() per
   // expert would allocate a full-size zero gradient for every expert in backward.
-  auto counts = host_read(counts_E, "experts.counts");
   const int64_t E = w1.size(0);
-  std::vector<int64_t> sizes(counts.data_ptr<int64_t>(), counts.data_ptr<int64_t>() + E);
+  std::vector<int64_t> sizes;
+  if (counts_on_host) {
+    sizes = *counts_on_host;
+  } else {
+    const auto counts = host_read(counts_E, "experts.counts");
+    sizes.assign(counts.data_ptr<int64_t>(), counts.data_ptr<int64_t>() + E);
+  }
   auto xs = cast(rows_RD, compute_dtype).split_with_sizes(sizes, 0);
   auto w1s = cast(w1, compute_dtype).unbind(0), w3s = cast(w3, compute_dtype).unbind(0);
   auto w2s = cast(w2, compute_dtype).unbind(0);
@@ -186,7 +218,10 @@ std::string ExpertsImpl::resolved_impl(const torch::Tensor& rows_RD, std::option
 torch::Tensor ExpertsImpl::forward_grouped(const torch::Tensor& rows_RD, const torch::Tensor& counts_E,
                                            std::optional<torch::ScalarType> compute_dtype) const {
   // _grouped_mm's backward rejects zero rows in total; the sliced path handles them.
-  if (rows_RD.size(0) == 0) return forward_sliced(rows_RD, counts_E, compute_dtype);
+  if (rows_RD.size(0) == 0) {  // every count is zero: nothing to read
+    const std::vector<int64_t> none(size_t(w1.size(0)), 0);
+    return forward_sliced(rows_RD, counts_E, compute_dtype, &none);
+  }
   const auto dtype = compute_dtype.value_or(w1.scalar_type());
   auto offsets_E = torch::cumsum(counts_E, 0).to(torch::kInt);  // group ends, on the rows' device
   auto x = rows_RD.to(dtype).contiguous();
@@ -197,7 +232,8 @@ torch::Tensor ExpertsImpl::forward_grouped(const torch::Tensor& rows_RD, const t
 }
 
 torch::Tensor ExpertsImpl::forward(const torch::Tensor& rows_RD, const torch::Tensor& counts_E,
-                                   std::optional<torch::ScalarType> compute_dtype) const {
+                                   std::optional<torch::ScalarType> compute_dtype,
+                                   const std::vector<int64_t>* counts_on_host) const {
   TORCH_CHECK(rows_RD.dim() == 2 && rows_RD.size(1) == w1.size(1), "[moe] experts expect (R, ", w1.size(1),
               ") rows, got ", rows_RD.sizes());
   TORCH_CHECK(counts_E.dim() == 1 && counts_E.size(0) == w1.size(0), "[moe] experts expect (", w1.size(0),
@@ -207,7 +243,7 @@ torch::Tensor ExpertsImpl::forward(const torch::Tensor& rows_RD, const torch::Te
                 "16-byte aligned rows (d_model and expert_hidden times the element size) and, on CUDA, bf16");
     return forward_grouped(rows_RD, counts_E, compute_dtype);
   }
-  return forward_sliced(rows_RD, counts_E, compute_dtype);
+  return forward_sliced(rows_RD, counts_E, compute_dtype, counts_on_host);
 }
 
 MoEImpl::MoEImpl(const config::MoEConfig& cfg, int d_model, ExpertShard shard) : cfg_(cfg), shard_(shard) {
@@ -234,9 +270,12 @@ MoEOutput MoEImpl::forward(const torch::Tensor& x_TD, int64_t seq_len,
   if (dispatcher_) {  // 2-4 across the ranks: rows out, experts, weighted sums back
     out_TD = dispatcher_->run(*experts, x_TD, dispatched.handle, copy_weights(dispatched.handle, plan), compute_dtype);
   } else {
-    dispatched.rows_RD = gather_rows(x_TD, dispatched.handle.token_ids_R, dispatched.handle.order_R, cfg_.top_k);
-    auto y_RD = experts->forward(dispatched.rows_RD, dispatched.handle.counts_E, compute_dtype);  // 3. experts
-    out_TD = combine(y_RD, dispatched.handle, plan);                                            // 4. combine
+    std::optional<std::vector<int64_t>> counts;  // read here only with a capacity
+    const DispatchHandle handle = kept_copies(dispatched.handle, counts);
+    dispatched.rows_RD = gather_rows(x_TD, handle.token_ids_R, handle.order_R, cfg_.top_k);
+    auto y_RD = experts->forward(dispatched.rows_RD, handle.counts_E, compute_dtype,          // 3. experts
+                                 counts ? &*counts : nullptr);
+    out_TD = combine(y_RD, handle, plan);                                                       // 4. combine
   }
   if (shared) out_TD = out_TD + shared->forward(x_TD, compute_dtype);                         // 5. shared experts
 

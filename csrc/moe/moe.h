@@ -34,9 +34,15 @@ TORCH_MODULE(SwiGLU);
 struct DispatchHandle {
   torch::Tensor token_ids_R;  // (R,) int64, the token each sorted row came from
   torch::Tensor order_R;      // (R,) int64, flat (t*K + k) index of each sorted row
+  torch::Tensor expert_ids_R; // (R,) int64, the expert of each sorted row
   torch::Tensor counts_E;     // (E,) int64 on the input's device, rows per expert after capacity
   int64_t num_tokens = 0;
   int64_t top_k = 0;
+  // With a capacity, sort_copies() leaves every copy in the rows above, the kept ones first (grouped by
+  // expert) and the dropped ones after: how many are kept, sum(counts_E), is known on the device only,
+  // and the host learns it where it reads the counts anyway. kept(n) is the handle of the first n.
+  bool all_kept = true;
+  DispatchHandle kept(int64_t n) const;
 };
 
 struct Dispatched {
@@ -50,9 +56,10 @@ int64_t expert_capacity(double capacity_factor, int64_t num_tokens, int top_k, i
 
 // Local (single-rank) dispatcher: groups token copies by expert. Dropless (no capacity) keeps token
 // order within an expert. With a capacity, each expert keeps its `capacity` copies of highest routing
-// weight (ties: earlier tokens first) and drops the rest.
+// weight (ties: earlier tokens first) and drops the rest (one host read of the counts then).
 Dispatched dispatch(const torch::Tensor& x_TD, const RoutingPlan& plan, std::optional<int64_t> capacity = {});
-// dispatch() without gathering the rows (rows_RD stays undefined): the order, counts and drops only.
+// The order, counts and drops without gathering the rows (rows_RD stays undefined), all on the device:
+// with a capacity the handle holds every copy, the kept first (DispatchHandle::all_kept).
 Dispatched sort_copies(const RoutingPlan& plan, int64_t num_tokens, std::optional<int64_t> capacity = {});
 // The combine weights of the kept copies in dispatch order: (R,) fp32, with autograd to the router.
 torch::Tensor copy_weights(const DispatchHandle& handle, const RoutingPlan& plan);
@@ -74,14 +81,19 @@ class ExpertsImpl : public torch::nn::Module {
  public:
   // impl: "auto" | "grouped_mm" | "sliced" (model.moe.experts_impl).
   ExpertsImpl(int n_experts, int d_model, int hidden, std::string impl = "auto");
+  // counts_on_host: the same counts where the caller already read them (the sliced path then reads
+  // nothing).
   torch::Tensor forward(const torch::Tensor& rows_RD, const torch::Tensor& counts_E,
-                        std::optional<torch::ScalarType> compute_dtype) const;
+                        std::optional<torch::ScalarType> compute_dtype,
+                        const std::vector<int64_t>* counts_on_host = nullptr) const;
   // One at::_grouped_mm per projection; offsets stay on the device (no host sync).
   torch::Tensor forward_grouped(const torch::Tensor& rows_RD, const torch::Tensor& counts_E,
                                 std::optional<torch::ScalarType> compute_dtype) const;
-  // A matmul per non-empty expert over its rows (one host read of the counts); any device and dtype.
+  // A matmul per non-empty expert over its rows (one host read of the counts unless given); any device
+  // and dtype.
   torch::Tensor forward_sliced(const torch::Tensor& rows_RD, const torch::Tensor& counts_E,
-                               std::optional<torch::ScalarType> compute_dtype) const;
+                               std::optional<torch::ScalarType> compute_dtype,
+                               const std::vector<int64_t>* counts_on_host = nullptr) const;
   // Whether _grouped_mm's layout rules hold for these rows in this dtype (16-byte aligned strides;
   // bf16 on CUDA).
   bool grouped_supported(const torch::Tensor& rows_RD, std::optional<torch::ScalarType> compute_dtype) const;
@@ -114,8 +126,9 @@ struct ExpertShard {
 
 // How a layer's tokens reach experts it does not hold and come back: the seam expert parallelism
 // (csrc/dist/expert_parallel) plugs into, standing for steps 2-4. run() gets this layer's experts, the
-// tokens x_TD, the kept copies sorted by global expert (handle) and their combine weights weights_R
-// (copy_weights: autograd reaches the router through them), and returns each token's weighted sum of
+// tokens x_TD, the copies sorted by global expert (handle: with a capacity, every copy, the kept ones
+// first) and their combine weights weights_R in the handle's order (copy_weights: autograd reaches the
+// router through them), and returns each token's weighted sum of
 // its experts' outputs, (T, D) in the compute dtype: what combine() gives locally, to fp32 rounding.
 // A layer holding every expert needs none.
 class ExpertDispatcher {

@@ -90,8 +90,6 @@ double learning_rate(const config::OptimConfig& cfg, int64_t step, int64_t total
   return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1.0 + std::cos(M_PI * progress));
 }
 
-namespace {
-
 // The sum of the tensors' squared elements in fp32: one multi-tensor norm over all of them (a few
 // kernels whatever their number, where a norm per tensor would launch two per parameter).
 torch::Tensor sum_of_squares(const std::vector<torch::Tensor>& grads) {
@@ -100,8 +98,6 @@ torch::Tensor sum_of_squares(const std::vector<torch::Tensor>& grads) {
   for (const auto& g : grads) fp32.push_back(g.scalar_type() == torch::kFloat ? g : g.to(torch::kFloat));
   return torch::stack(at::_foreach_norm(fp32, 2)).pow(2).sum();
 }
-
-}  // namespace
 
 double clip_grad_norm(const std::vector<torch::Tensor>& params, double max_norm, const NormReduction& over) {
   torch::NoGradGuard no_grad;

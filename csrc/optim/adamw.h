@@ -83,6 +83,9 @@ struct NormReduction {
   std::vector<bool> skip;
   std::function<void(torch::Tensor&)> sum_total;
 };
+// The sum of the tensors' squared elements, accumulated in fp32 (a () tensor on their device; 0 on the
+// CPU when there are none).
+torch::Tensor sum_of_squares(const std::vector<torch::Tensor>& tensors);
 // Global L2 norm of all gradients (fp32 accumulation); scales them to max_norm when above it (max_norm
 // > 0). Every rank of the job gets the same norm and clips alike.
 double clip_grad_norm(const std::vector<torch::Tensor>& params, double max_norm, const NormReduction& over = {});

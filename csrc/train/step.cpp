@@ -161,7 +161,7 @@ namespace {
 // sum over micro-batches of (loss + balance loss) / grad_accum.
 void pipeline_micro_batches(model::TransformerImpl& model, const dist::DataParallel& parallel, const config::Config& cfg,
                             torch::Device device, const std::function<data::Batch(int micro)>& batch_of,
-                            double& loss_sum, torch::Tensor& mtp_sum, MoETelemetry& telemetry,
+                            torch::Tensor& loss_sum, torch::Tensor& mtp_sum, MoETelemetry& telemetry,
                             dist::Optimizer& optimizer) {
   const int n = cfg.train.grad_accum;
   const dist::Layout& layout = parallel.layout();
@@ -169,13 +169,13 @@ void pipeline_micro_batches(model::TransformerImpl& model, const dist::DataParal
                                   torch::TensorOptions().dtype(torch::kFloat).device(device));
   schedule.train(n, [&](int micro, const torch::Tensor& input) {
     auto batch = batch_of(micro);  // a pure function of the step: every stage draws the same batch
-    const auto tokens = batch.inputs.to(device);  // the last stage's MTP modules look them up too
-    auto out = model.forward_stage(layout.first_stage() ? tokens : input, batch.targets.to(device), data::kIgnoreTarget,
+    const auto tokens = upload(batch.inputs, device);  // the last stage's MTP modules look them up too
+    auto out = model.forward_stage(layout.first_stage() ? tokens : input, upload(batch.targets, device), data::kIgnoreTarget,
                                    /*sum=*/false, /*with_mtp=*/true, tokens);
     out.logits_BSV = torch::Tensor();
     telemetry.add(out);
     if (!layout.last_stage()) return dist::StageForward{out.hidden_BSD, out.balance_loss / n};
-    loss_sum += host_double(out.loss, "step.loss");
+    loss_sum += out.loss.detach().to(torch::kDouble);
     auto objective = out.loss + out.balance_loss;
     if (out.mtp_loss.defined()) {
       objective = objective + out.mtp_loss;
@@ -219,15 +219,22 @@ void MoETelemetry::gather_stages(const dist::Layout& layout, const config::Model
   }
 }
 
+torch::Tensor upload(const torch::Tensor& host, torch::Device device) {
+  if (!device.is_cuda()) return host.to(device);
+  return host.pin_memory().to(device, /*non_blocking=*/true);
+}
+
 StepOutcome train_step(model::TransformerImpl& model, dist::Optimizer& optimizer, dist::DataParallel& parallel,
                        const config::Config& cfg, int64_t step, double lr, torch::Device device,
-                       const std::function<data::Batch(int micro)>& batch_of) {
+                       const std::function<data::Batch(int micro)>& batch_of, const std::function<bool()>& stop_requested) {
   StepOutcome outcome;
   optimizer.zero_grad();
-  double loss_sum = 0;
+  const auto fp64 = torch::TensorOptions().dtype(torch::kDouble).device(device);
   const int depth = cfg.model.mtp_depth;
-  // Each MTP depth's cross-entropy summed over the micro-batches (the last stage's; zeros elsewhere).
-  auto mtp_sum = torch::zeros({depth}, torch::TensorOptions().dtype(torch::kDouble).device(device));
+  // The cross-entropy and each MTP depth's, summed over the micro-batches on the device (the last
+  // stage's; zeros elsewhere): the host reads them once, with the step's health.
+  auto loss_sum = torch::zeros({}, fp64);
+  auto mtp_sum = torch::zeros({depth}, fp64);
   // The gradient fault: a hook makes one element of this rank's first gradient NaN before autograd
   // accumulates it, so that the reduction (during backward or after) meets it as this rank's own.
   std::optional<unsigned> fault_hook;
@@ -242,9 +249,7 @@ StepOutcome train_step(model::TransformerImpl& model, dist::Optimizer& optimizer
   } else {
     for (int micro = 0; micro < cfg.train.grad_accum; ++micro) {
       auto batch = batch_of(micro);
-      count_host_sync("step.batch_upload");  // inputs and targets from pageable memory
-      count_host_sync("step.batch_upload");
-      auto out = model.forward_loss(batch.inputs.to(device), batch.targets.to(device), data::kIgnoreTarget);
+      auto out = model.forward_loss(upload(batch.inputs, device), upload(batch.targets, device), data::kIgnoreTarget);
       out.logits_BSV = torch::Tensor();  // backward needs the log-probabilities, not the logits: free them
       const auto& ce = out.loss;
       auto loss = ce + out.balance_loss;
@@ -254,29 +259,46 @@ StepOutcome train_step(model::TransformerImpl& model, dist::Optimizer& optimizer
       }
       if (micro == cfg.train.grad_accum - 1) optimizer.before_last_backward();
       (loss / cfg.train.grad_accum).backward();
-      loss_sum += host_double(ce, "step.loss");
+      loss_sum += ce.detach().to(torch::kDouble);
       outcome.telemetry.add(out);
     }
   }
   if (fault_hook) parallel.params().front().remove_hook(*fault_hook);
-  if (test_fault("loss", step + 1, parallel.rank())) loss_sum = std::nan("");
-  const double grad_max_abs = optimizer.reduce_gradients();
-  const auto health = parallel.gather_health(loss_sum / cfg.train.grad_accum, grad_max_abs);
-  if (depth > 0) {  // the mean over micro-batches and the last stage's data-parallel ranks, on every rank
-    auto& world = *parallel.layout().world;
-    auto sum = world.backend() == "nccl" ? mtp_sum.to(torch::kCUDA) : mtp_sum.to(torch::kCPU);
-    if (world.world_size() > 1) world.all_reduce_sum(sum);
-    sum = host_read(sum, "step.mtp_loss") / double(cfg.train.grad_accum * parallel.dp_size());
-    outcome.mtp_losses.assign(sum.data_ptr<double>(), sum.data_ptr<double>() + depth);
-  }
-  outcome.grad_norm = optimizer.clip_gradients(cfg.optim.grad_clip);
+  if (test_fault("loss", step + 1, parallel.rank())) loss_sum.fill_(std::nan(""));
+  const auto grad_max_abs = optimizer.reduce_gradients();
+
+  // The step's health, its gradient norm, the stop vote and the MTP losses: one row per rank of
+  // [loss, largest |gradient| before averaging, part of the squared norm, stop flag], then the MTP
+  // sums, filled on the device, summed over the world in one collective and read in one copy. A
+  // non-finite value stays in the slot of the rank that produced it, so every rank takes the same
+  // decision and an error can name the rank.
+  const int W = parallel.world_size(), r = parallel.rank();
+  constexpr int kColumns = 4;
+  auto slots = torch::zeros({W * kColumns + depth}, fp64);
+  const bool stop_here = stop_requested && stop_requested();
+  slots.narrow(0, r * kColumns, kColumns)
+      .copy_(torch::stack({loss_sum / double(cfg.train.grad_accum), grad_max_abs.to(fp64).reshape({}),
+                           optimizer.norm_part().to(fp64).reshape({}),
+                           torch::full({}, stop_here ? 1.0 : 0.0, fp64)}));
+  if (depth > 0) slots.narrow(0, W * kColumns, depth).copy_(mtp_sum);
+  if (W > 1) parallel.world().all_reduce_sum(slots);
+  const auto host = host_read(slots, "step.health").contiguous();
+  const double* h = host.data_ptr<double>();
+
+  if (depth > 0)  // the mean over micro-batches and the last stage's data-parallel ranks, on every rank
+    for (int d = 0; d < depth; ++d)
+      outcome.mtp_losses.push_back(h[W * kColumns + d] / double(cfg.train.grad_accum * parallel.dp_size()));
   std::string bad_loss, bad_grad;
-  double loss_total = 0;
-  for (size_t r = 0; r < health.size(); ++r) {
-    loss_total += health[r].first;
-    if (!std::isfinite(health[r].first)) bad_loss += (bad_loss.empty() ? "" : ", ") + std::to_string(r);
-    if (!std::isfinite(health[r].second)) bad_grad += (bad_grad.empty() ? "" : ", ") + std::to_string(r);
+  double loss_total = 0, squares = 0;
+  for (int q = 0; q < W; ++q) {
+    const double loss = h[q * kColumns], largest = h[q * kColumns + 1];
+    loss_total += loss;
+    squares += h[q * kColumns + 2];
+    outcome.stop = outcome.stop || h[q * kColumns + 3] != 0;
+    if (!std::isfinite(loss)) bad_loss += (bad_loss.empty() ? "" : ", ") + std::to_string(q);
+    if (!std::isfinite(largest)) bad_grad += (bad_grad.empty() ? "" : ", ") + std::to_string(q);
   }
+  outcome.grad_norm = std::sqrt(squares);
   // Only the last pipeline stage computes the loss (the others report 0): the mean over its dp ranks.
   outcome.loss = loss_total / double(parallel.dp_size());
   if (!bad_loss.empty() || !bad_grad.empty() || !std::isfinite(outcome.grad_norm)) {
@@ -290,6 +312,8 @@ StepOutcome train_step(model::TransformerImpl& model, dist::Optimizer& optimizer
     outcome.telemetry.gather_stages(parallel.layout(), cfg.model);
     return outcome;
   }
+  const double max_norm = cfg.optim.grad_clip;
+  if (max_norm > 0 && outcome.grad_norm > max_norm) optimizer.scale_gradients(max_norm / (outcome.grad_norm + 1e-6));
   optimizer.step(lr);
   parallel.sum_load(outcome.telemetry.load_LE, outcome.telemetry.dropped_L);
   model.update_router_bias(outcome.telemetry.load_LE);  // this stage's layers
@@ -304,9 +328,19 @@ model::ComputeDtype resolve_compute_dtype(const config::RunConfig& run) {
   return std::nullopt;
 }
 
+int threads_for(int run_threads, const char* omp_num_threads, unsigned cores, int local_ranks) {
+  if (run_threads > 0) return run_threads;
+  if (omp_num_threads) {
+    char* end = nullptr;
+    const long n = std::strtol(omp_num_threads, &end, 10);
+    if (end != omp_num_threads && *end == '\0' && n > 0 && n <= 1 << 16) return int(n);
+  }
+  return std::max(1, int(std::max(1u, cores)) / std::max(1, local_ranks));
+}
+
 void configure_threads(const config::RunConfig& run) {
-  const int threads = run.threads > 0 ? run.threads : int(std::max(1u, std::thread::hardware_concurrency()));
-  at::set_num_threads(threads);
+  at::set_num_threads(threads_for(run.threads, std::getenv("OMP_NUM_THREADS"), std::thread::hardware_concurrency(),
+                                  dist::read_launch_env().local_world_size));
 }
 
 void configure_determinism(const config::RunConfig& run) {

@@ -55,6 +55,7 @@ struct StepOutcome {
   std::vector<double> mtp_losses;  // model.mtp_depth > 0: each depth's cross-entropy, averaged the same way
   double grad_norm = 0;  // before clipping
   bool applied = true;   // false: a rank's loss or gradients were not finite, and nothing was updated
+  bool stop = false;     // a rank's stop_requested said yes (the job-wide stop vote, taken with the health)
   std::string nonfinite; // what was not finite, and on which ranks ("" when applied)
   MoETelemetry telemetry;
 };
@@ -66,9 +67,15 @@ struct StepOutcome {
 // every rank (the decision is global), and says which rank it came from.
 // With a pipeline (parallel.layout().pp_size() > 1) the micro-batches run through this rank's stage in
 // the 1F1B schedule (dist::PipelineSchedule).
+// The host reads the device once per step: the health, the gradient norm, the losses and the stop vote
+// (each rank's `stop_requested`, asked after backward) travel as one vector in one collective. Clipping
+// scales the gradients by a factor computed on the host from that read.
 StepOutcome train_step(model::TransformerImpl& model, dist::Optimizer& optimizer, dist::DataParallel& parallel,
                        const config::Config& cfg, int64_t step, double lr, torch::Device device,
-                       const std::function<data::Batch(int micro)>& batch_of);
+                       const std::function<data::Batch(int micro)>& batch_of,
+                       const std::function<bool()>& stop_requested = nullptr);
+// A batch's tokens on `device`: to CUDA through pinned memory, without making the host wait.
+torch::Tensor upload(const torch::Tensor& host, torch::Device device);
 
 // Refuses a job whose ranks were started with different configs (another run.seed, a --set given to
 // one rank only): every rank compares its config, less rank-local keys, with rank 0's, and all name the

@@ -362,7 +362,8 @@ TrainResult train(const config::Config& given, const TrainOptions& options) {
     fault_point("step", step + 1, comm->rank());  // the signal tests: a preemption in the middle of a step
     const double lr = optim::learning_rate(cfg.optim, step, decay_steps);
     auto outcome = train_step(*model, optimizer, parallel, cfg, step, lr, device,
-                              [&](int micro) { return sampler.batch(step, micro); });
+                              [&](int micro) { return sampler.batch(step, micro); },
+                              [] { return g_stop_signal != 0; });
     const double grad_norm = outcome.grad_norm;
     const MoETelemetry& moe_telemetry = outcome.telemetry;
     if (step == first_step && layout->dp_size() > 1) {  // this run's first step: what the overlap did
@@ -411,7 +412,7 @@ TrainResult train(const config::Config& given, const TrainOptions& options) {
     }
 
     const bool last = progress.step == total_steps;
-    const bool stop = parallel.any(g_stop_signal != 0);
+    const bool stop = outcome.stop;  // voted in the step, with its health
     fault_point("voted", progress.step, comm->rank());  // a signal just after the vote is the next step's
     const bool do_log = last || stop || !outcome.applied || progress.step % cfg.train.log_every == 0;
     const bool do_eval = !stop && (last || (cfg.train.eval_every > 0 && progress.step % cfg.train.eval_every == 0));

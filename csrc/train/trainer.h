@@ -114,8 +114,13 @@ std::optional<Validation> evaluate(const model::TransformerImpl& model, const da
 torch::Device resolve_device(const config::RunConfig& run);
 // Compute dtype from run.dtype: nullopt for fp32, bf16 otherwise.
 model::ComputeDtype resolve_compute_dtype(const config::RunConfig& run);
-// Sets CPU threads from run.threads (0 = all cores).
+// Sets CPU threads from run.threads: threads_for() of this process's environment.
 void configure_threads(const config::RunConfig& run);
+// The CPU threads a process takes: run.threads when set (> 0); else an OMP_NUM_THREADS a launcher set
+// (a positive integer); else the cores shared out among the ranks on this node (local_ranks, 0 when
+// the launcher does not say: taken as one), at least one. Eight ranks each taking every core would
+// oversubscribe the node eightfold.
+int threads_for(int run_threads, const char* omp_num_threads, unsigned cores, int local_ranks);
 // run.deterministic: LibTorch's deterministic mode (an op with no deterministic kernel throws),
 // deterministic cuDNN, cuBLAS's fixed workspace (CUBLAS_WORKSPACE_CONFIG, unless already set) and
 // only SDPA's math backend; the MoE layer and the loss follow the same mode. Off restores the

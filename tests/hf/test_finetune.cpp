@@ -115,7 +115,8 @@ CATCH_TEST_CASE("finetune: every command builds the checkpoint's architecture fr
   const auto bench = run("bench-step --config " + config + " --set train.global_batch_size=2 --warmup 1 --steps 1 --json");
   CATCH_INFO(bench.output);
   CATCH_REQUIRE(bench.exit_code == 0);
-  const auto j = nlohmann::json::parse(bench.output.substr(bench.output.rfind("{\"")));
+  // The JSON object is the output's last line (it nests objects: host_syncs_by_reason).
+  const auto j = nlohmann::json::parse(bench.output.substr(bench.output.rfind("\n{\"") + 1));
   CATCH_CHECK(j["params_total"].get<int64_t>() == params);
 
   // cost counts the same model.
