@@ -32,7 +32,7 @@ const char* no_env(const char*) { return nullptr; }
 // non-zero ranks start first; rank 0 only once each of them has counted its attempt, so they are all
 // waiting for an id nobody has posted yet. Returns each rank's id.
 std::vector<std::vector<uint8_t>> attempt(uint16_t port, c10d::Store& server, int world, int64_t k, const std::string& made) {
-  std::vector<std::vector<uint8_t>> ids(size_t(world));
+  std::vector<std::vector<uint8_t>> ids(static_cast<size_t>(world));
   std::vector<std::thread> ranks;
   for (int r = world - 1; r >= 0; --r) {
     if (r == 0) {
