@@ -51,11 +51,13 @@ CATCH_TEST_CASE("A rank that stalls: its peer exits non-zero within parallel.tim
   const std::string yaml = testing::write_config(cfg, dir.str("input.yaml"));
   const std::string metrics = files::join(cfg.run.out_dir, "metrics.jsonl");
   const std::string stalled_at = dir.str("stalled_at"), ended_at = dir.str("rank0_ended_at");
-  // Rank 0 notes when step 2 is logged (rank 1 then stalls before step 3) and when it exits itself.
+  // Rank 0 notes when step 2 is logged (rank 1 then stalls before step 3) and when it exits itself;
+  // rank 1 is the CLI itself (exec), so that the launcher's kill ends it.
   const std::string command =
-      "bash -c 'if [ $RANK = 0 ]; then (while [ \"$(wc -l < " + metrics + " 2>/dev/null || echo 0)\" -lt 2 ]; do sleep 0.05; "
-      "done; date +%s.%N > " + stalled_at + ") & fi; " + std::string(MOETRAIN_BINARY) + " train --config " + yaml +
-      "; rc=$?; if [ $RANK = 0 ]; then date +%s.%N > " + ended_at + "; fi; exit $rc'";
+      "bash -c 'if [ $RANK = 0 ]; then (while [ \"$(wc -l < " + metrics + " 2>/dev/null || echo 0)\" -lt 2 ] && [ ! -e " +
+      ended_at + " ]; do sleep 0.05; done; date +%s.%N > " + stalled_at + ") & " + std::string(MOETRAIN_BINARY) +
+      " train --config " + yaml + "; rc=$?; date +%s.%N > " + ended_at + "; exit $rc; else exec " +
+      std::string(MOETRAIN_BINARY) + " train --config " + yaml + "; fi'";
   auto r = testing::run_command("OMP_NUM_THREADS=1 MOETRAIN_TEST_STALL_AT=step@3:1=600 " + testing::hang_guard() +
                                 std::string(MOETRAIN_SOURCE_DIR) + "/scripts/launch.sh --grace 5 --nproc 2 -- " + command);
   CATCH_INFO(r.output);
