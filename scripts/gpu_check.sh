@@ -1,8 +1,18 @@
 #!/usr/bin/env bash
-# The GPU check: one prepared script for the GPU machine (no network; its own torch, nvcc, cmake,
-# ninja), meant to finish in under 8 minutes, build included. It builds the CLI and the tests against
-# that machine's torch with the carried Debian packages, then prints one table of:
+# The GPU check, in two steps so that the build can happen before the GPU machine's clock starts:
+#
+#   scripts/gpu_check.sh build   configures and builds the CLI and the tests into build-gpu/ against
+#                                this machine's torch (python3's, else third_party/venv's) and the
+#                                carried Debian packages where present; build-gpu/ is what to carry
+#   scripts/gpu_check.sh run     on the GPU machine (no network; its own torch): runs the checks below
+#                                with build-gpu/'s binaries, meant to finish in under 8 minutes
+#   scripts/gpu_check.sh         both, one after the other (the build then counts in the time)
+#
+# The binaries find LibTorch through LD_LIBRARY_PATH (the run step's torch), so a build made on
+# another machine runs where the same torch version is installed. The run step prints one table of:
 #   - the hidden [.gpu] test cases, every one of which must run and pass (none may be skipped);
+#   - the [.gpu][multirank] cases apart: expert parallel, ZeRO-1, pipeline and MTP at world 2-4 on
+#     this one GPU (run.device cuda over the store backend) against one process;
 #   - 100 steps of configs/tiny.yaml on CUDA in bf16 and in fp32: the mean of the logged losses and
 #     the final validation losses within 2% of each other, no single logged loss more than 10% off.
 #     Calibrated on the CPU (tiny.yaml at seq 64, 8 sequences a step, 100 steps): 0.47%, 0.23% and
@@ -19,33 +29,58 @@
 #   - where the machine has two GPUs or more: bench-step at world 2 with the gradient reduction
 #     overlapped with backward and not, the step times side by side.
 # Set GPU_CHECK_CTEST=1 to run the whole CPU suite there as well (a few more minutes).
-# Needs third_party/gpu-debs (scripts/stage_gpu_deps.sh) and data/fortunes carried along.
+# Carry along: build-gpu/, data/fortunes, and third_party/gpu-debs (scripts/stage_gpu_deps.sh) where
+# the GPU machine lacks the Debian packages (yaml-cpp ...). The tests that launch the CLI find it by the
+# absolute path of the build: a build carried to another folder gets a link at that path (below).
 set -uo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
+step="${1:-all}"
+case "$step" in build|run|all) ;; *) echo "usage: scripts/gpu_check.sh [build|run]" >&2; exit 2 ;; esac
 out="${OUT:-$root/gpu-check-out}"
 mkdir -p "$out"
 deps="$root/third_party/gpu-debs/root"
-[ -d "$deps/usr/include/yaml-cpp" ] || { echo "[gpu_check] third_party/gpu-debs missing: run scripts/stage_gpu_deps.sh here and carry it" >&2; exit 1; }
-[ -f data/fortunes/train.bin ] || { echo "[gpu_check] data/fortunes missing: carry it" >&2; exit 1; }
-export LD_LIBRARY_PATH="$deps/usr/lib/x86_64-linux-gnu:${LD_LIBRARY_PATH:-}"
+[ -d "$deps/usr/lib/x86_64-linux-gnu" ] && export LD_LIBRARY_PATH="$deps/usr/lib/x86_64-linux-gnu:${LD_LIBRARY_PATH:-}"
 export TORCH_CUDA_ARCH_LIST=9.0
-torch_prefix="$(python3 -c 'import torch; print(torch.utils.cmake_prefix_path)')"
+if ! command -v nvcc >/dev/null 2>&1 && [ -x /usr/local/cuda/bin/nvcc ]; then export PATH="/usr/local/cuda/bin:$PATH"; fi
+python=python3
+python3 -c 'import torch' 2>/dev/null || python="$root/third_party/venv/bin/python3"
+torch_prefix="$("$python" -c 'import torch; print(torch.utils.cmake_prefix_path)')"
+torch_lib="$("$python" -c 'import os, torch; print(os.path.join(os.path.dirname(torch.__file__), "lib"))')"
+export LD_LIBRARY_PATH="$torch_lib:${LD_LIBRARY_PATH:-}"
+
+if [ "$step" != run ]; then
+  t0=$(date +%s)
+  prefix="$torch_prefix"
+  [ -d "$deps/usr/include/yaml-cpp" ] && prefix="$torch_prefix;$deps/usr"
+  cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_PREFIX_PATH="$prefix" \
+    > "$out/configure.log" 2>&1 || { tail -30 "$out/configure.log"; exit 1; }
+  cmake --build build-gpu -j "$(nproc)" --target moetrain moetrain_tests > "$out/build.log" 2>&1 ||
+    { grep -E "error|FAILED" "$out/build.log" | head -30; exit 1; }
+  echo $(( $(date +%s) - t0 )) > build-gpu/build_seconds
+  echo "$root" > build-gpu/built_in
+  echo "[gpu_check] built build-gpu/moetrain and build-gpu/moetrain_tests in $(cat build-gpu/build_seconds)s"
+  [ "$step" = build ] && exit 0
+fi
+
+[ -x build-gpu/moetrain ] && [ -x build-gpu/moetrain_tests ] ||
+  { echo "[gpu_check] build-gpu/ has no binaries: run scripts/gpu_check.sh build first (here, or carried along)" >&2; exit 1; }
+[ -f data/fortunes/train.bin ] || { echo "[gpu_check] data/fortunes missing: carry it" >&2; exit 1; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
+build_s="$(cat build-gpu/build_seconds 2>/dev/null || echo '?')"
+built_in="$(cat build-gpu/built_in 2>/dev/null || echo "$root")"
+if [ "$built_in" != "$root" ] && [ ! -e "$built_in" ]; then  # built elsewhere: its paths must resolve here
+  mkdir -p "$(dirname "$built_in")" 2>/dev/null && ln -s "$root" "$built_in" ||
+    echo "[gpu_check] built in $built_in: cannot link it to $root, the cases that launch the CLI will fail"
+fi
+run_t0=$(date +%s)
 status=0
 fail() { status=1; echo "FAIL: $*"; }
 
-t0=$(date +%s)
-cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_PREFIX_PATH="$torch_prefix;$deps/usr" \
-  > "$out/configure.log" 2>&1 || { tail -30 "$out/configure.log"; exit 1; }
-cmake --build build-gpu -j "$(nproc)" --target moetrain moetrain_tests > "$out/build.log" 2>&1 ||
-  { grep -E "error|FAILED" "$out/build.log" | head -30; exit 1; }
-build_s=$(( $(date +%s) - t0 ))
-
 # ---- the [.gpu] cases: listed, then run; every listed case must run and pass -------------------------
 t0=$(date +%s)
-expected=$(build-gpu/moetrain_tests "[gpu]" --list-test-names-only 2>/dev/null | grep -c . || true)
-build-gpu/moetrain_tests "[gpu]" > "$out/gpu-tests.txt" 2>&1
+expected=$(build-gpu/moetrain_tests "[gpu]~[multirank]" --list-test-names-only 2>/dev/null | grep -c . || true)
+build-gpu/moetrain_tests "[gpu]~[multirank]" > "$out/gpu-tests.txt" 2>&1
 gpu_rc=$?
 summary=$(grep -E "All tests passed|test cases" "$out/gpu-tests.txt" | tail -1)
 ran=$(sed -nE 's/.*\(([0-9]+) assertions? in ([0-9]+) test cases?\).*/\2/p; s/^test cases: *([0-9]+).*/\1/p' \
@@ -54,6 +89,15 @@ gpu_s=$(( $(date +%s) - t0 ))
 gpu_line="${summary:-no summary} (${gpu_s}s)"
 [ "$gpu_rc" = 0 ] || fail "[.gpu] tests exit $gpu_rc (see gpu-tests.txt)"
 [ "${expected:-0}" -gt 0 ] && [ "${ran:-0}" = "$expected" ] || fail "[.gpu] ran ${ran:-0} of ${expected:-0} listed cases"
+# Several ranks on this one GPU over the store backend, against one process (tests/gpu/test_gpu_multirank.cpp).
+t0=$(date +%s)
+mr_expected=$(build-gpu/moetrain_tests "[multirank]" --list-test-names-only 2>/dev/null | grep -c . || true)
+build-gpu/moetrain_tests "[multirank]" > "$out/gpu-multirank.txt" 2>&1
+mr_rc=$?
+mr_summary=$(grep -E "All tests passed|test cases" "$out/gpu-multirank.txt" | tail -1)
+mr_line="${mr_summary:-no summary} ($(( $(date +%s) - t0 ))s), listed ${mr_expected:-0}"
+[ "$mr_rc" = 0 ] || fail "[.gpu][multirank] tests exit $mr_rc (see gpu-multirank.txt)"
+! grep -q "SKIPPED" "$out/gpu-multirank.txt" || fail "[.gpu][multirank] skipped: no CUDA device seen"
 if [ "${GPU_CHECK_CTEST:-0}" = 1 ]; then
   (cd build-gpu && ctest -j "$(nproc)" --timeout 600 > "$out/ctest.log" 2>&1) || fail "ctest (see ctest.log)"
   ctest_line=$(grep -E "tests passed|tests failed" "$out/ctest.log" | tail -1)
@@ -195,8 +239,10 @@ cp runs/gpu-fp32/metrics.jsonl "$out/metrics-fp32.jsonl" 2>/dev/null || true
 
 echo
 echo "== moetrain GPU check ($(cat "$out/gpu.txt")) =="
-printf '%-24s %s\n' "build (from scratch)" "${build_s}s"
+printf '%-24s %s\n' "build" "${build_s}s (scripts/gpu_check.sh build)"
+printf '%-24s %s\n' "run step" "$(( $(date +%s) - run_t0 ))s (aim: under 480 s)"
 printf '%-24s %s\n' "[.gpu] cases" "$gpu_line, listed ${expected:-0}"
+printf '%-24s %s\n' "ranks on one GPU" "$mr_line"
 [ -n "${ctest_line:-}" ] && printf '%-24s %s\n' "ctest (CPU suite)" "$ctest_line"
 printf '%-24s %s\n' "bf16 vs fp32, 100 steps" "$bf16_vs_fp32"
 printf '%-24s %s\n' "run.deterministic" "$det_line"

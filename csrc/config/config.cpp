@@ -341,8 +341,9 @@ const std::vector<KeyDesc>& keys() {
                    "and balance loss.", any()),
 
       MOETRAIN_KEY(parallel.backend,
-                   "Communication backend: nccl (CUDA tensors), store (CPU tensors through the c10d TCPStore; it "
-                   "stands in for gloo, whose headers the torch wheel lacks), single (one process); auto = single "
+                   "Communication backend: nccl (CUDA tensors), store (tensors staged through host memory and the "
+                   "c10d TCPStore; it stands in for gloo, whose headers the torch wheel lacks, and on cuda lets "
+                   "several ranks share one GPU), single (one process); auto = single "
                    "when the launcher started one process, else nccl on cuda and store on cpu.",
                    one_of({"auto", "nccl", "store", "single"})),
       MOETRAIN_KEY(parallel.expert_parallel,

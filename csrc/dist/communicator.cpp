@@ -21,6 +21,7 @@
 
 #include "common/errors.h"
 #include "dist/nccl.h"
+#include "dist/watchdog.h"
 
 namespace moetrain::dist {
 
@@ -254,6 +255,7 @@ class StoreCommunicator final : public Communicator {
   }
 
   void barrier() override {
+    count_host_sync("dist.barrier");  // as NCCL's barrier, which reads its result on the host
     const auto round = begin("barrier");
     put(round + std::to_string(rank_), "barrier", {});
     for (int r = 0; r < world_size(); ++r)
@@ -265,6 +267,7 @@ class StoreCommunicator final : public Communicator {
   // signature against the tensor it expects.
   void send_recv(const torch::Tensor& send, int dst, torch::Tensor& recv, int src) override {
     op_ = "send/recv";
+    current_round_ = p2p_rounds_++;
     auto p2p_signature = [](const torch::Tensor& t) {
       std::ostringstream s;
       s << "p2p " << c10::toString(t.scalar_type()) << " " << t.sizes();
@@ -296,6 +299,7 @@ class StoreCommunicator final : public Communicator {
   // Starts the next numbered round of this group: its key prefix.
   std::string begin(const char* op) {
     op_ = op;
+    current_round_ = round_;
     return prefix_ + std::to_string(round_++) + "/";
   }
 
@@ -368,7 +372,7 @@ class StoreCommunicator final : public Communicator {
     const std::string sig(bytes.begin() + sizeof n, bytes.begin() + long(sizeof n + n));
     if (sig != expected) {
       shared_->contract_broken = true;
-      throw DistError(std::string(op_) + " #" + std::to_string(round_ - 1) + " on " + name_ + ": rank " +
+      throw DistError(std::string(op_) + " #" + std::to_string(current_round_) + " on " + name_ + ": rank " +
                       std::to_string(world_rank_of(from)) + " called '" + sig + "' but rank " +
                       std::to_string(world_rank_of(rank_)) + " called '" + expected +
                       "' (every rank must call the same collective with the same dtype and counts; NCCL would hang)");
@@ -391,13 +395,18 @@ class StoreCommunicator final : public Communicator {
     return out;
   }
 
+  // The watchdog's line (dist/watchdog.h), so that both backends say the same on a timeout.
   [[noreturn]] void fail(const std::string& what, const c10::Error& e) {
     shared_->broken = true;
     std::string cause = e.what_without_backtrace();
     cause = cause.substr(0, cause.find('\n'));
-    throw DistError(std::string(op_) + " #" + std::to_string(round_ - 1) + " on " + name_ + " (rank " +
-                    std::to_string(world_rank_of(rank_)) + "): " + what + " failed: " + cause +
-                    " (a peer died or parallel.timeout_s passed)");
+    const bool timed_out = cause.find("imeout") != std::string::npos || cause.find("timed out") != std::string::npos;
+    const auto timeout_s = std::chrono::duration_cast<std::chrono::seconds>(shared_->timeout).count();
+    throw DistError(describe_collective_failure(
+        CollectiveName{op_, current_round_, name_, world_ranks_, world_rank_of(rank_)},
+        timed_out ? "not finished after parallel.timeout_s = " + std::to_string(timeout_s) + " s (a peer died or is stuck): " +
+                        what
+                  : what + " failed: " + cause + " (a peer died)"));
   }
 
   std::shared_ptr<SharedStore> shared_;
@@ -406,6 +415,7 @@ class StoreCommunicator final : public Communicator {
   int rank_;
   std::vector<int> world_ranks_;
   int64_t round_ = 0;
+  int64_t current_round_ = 0, p2p_rounds_ = 0;  // the round in messages; point-to-point calls by this rank
   const char* op_ = "";
   std::map<int, int64_t> sent_, received_;  // point-to-point messages, per peer
 };
@@ -413,7 +423,7 @@ class StoreCommunicator final : public Communicator {
 }  // namespace
 
 torch::Device select_device(const std::string& run_device, const LaunchEnv& env, int visible_devices,
-                            const char* cuda_visible_devices) {
+                            const char* cuda_visible_devices, const std::string& backend) {
   if (run_device != "cuda") return torch::Device(torch::kCPU);
   const std::string visible = cuda_visible_devices ? cuda_visible_devices : "";
   const std::string shown = cuda_visible_devices ? "CUDA_VISIBLE_DEVICES=" + visible : "CUDA_VISIBLE_DEVICES unset";
@@ -422,12 +432,14 @@ torch::Device select_device(const std::string& run_device, const LaunchEnv& env,
   const bool bound_one = cuda_visible_devices && visible_devices == 1 && visible.find(',') == std::string::npos;
   const int local_ranks = std::max(env.local_world_size, env.local_rank + 1);
   if (bound_one) return torch::Device(torch::kCUDA, 0);  // the scheduler gave this process its own GPU
+  // The store backend stages through host memory: ranks may share a GPU (one GPU runs many ranks).
+  if (backend == "store") return torch::Device(torch::kCUDA, c10::DeviceIndex(env.local_rank % visible_devices));
   if (local_ranks > visible_devices)
     throw DistError("this node runs " + std::string(env.local_world_size > 0 ? "" : "at least ") +
                     std::to_string(local_ranks) + " ranks (local rank " + std::to_string(env.local_rank) + ") but " +
                     std::to_string(visible_devices) + " GPU(s) are visible (" + shown +
-                    "): each rank needs a GPU of its own; launch at most " + std::to_string(visible_devices) +
-                    " ranks per node");
+                    "): with nccl each rank needs a GPU of its own; launch at most " + std::to_string(visible_devices) +
+                    " ranks per node (parallel.backend = store lets ranks share a GPU)");
   return torch::Device(torch::kCUDA, c10::DeviceIndex(env.local_rank));
 }
 
@@ -518,15 +530,20 @@ std::unique_ptr<Pending> Communicator::reduce_scatter_sum_async(const torch::Ten
   return std::make_unique<Done>();
 }
 
+std::unique_ptr<Pending> Communicator::all_gather_async(const torch::Tensor& in, torch::Tensor& out) {
+  out.view({-1}).copy_(all_gather(in.reshape({-1})));
+  return std::make_unique<Done>();
+}
+
 double all_sum(Communicator& group, double value) {
   if (group.world_size() == 1) return value;
   auto t = torch::tensor({value}, torch::kDouble).to(device_of(group));
   group.all_reduce_sum(t);
-  return t.to(torch::kCPU).item<double>();
+  return host_double(t, "dist.all_sum");
 }
 
 Members members_with_color(Communicator& group, int color) {
-  auto colors = group.all_gather(torch::tensor({int64_t(color)}).to(device_of(group))).to(torch::kCPU);
+  auto colors = host_read(group.all_gather(torch::tensor({int64_t(color)}).to(device_of(group))), "dist.split_members");
   Members members;
   for (int r = 0; r < group.world_size(); ++r) {
     if (colors[r].item<int64_t>() != color) continue;
@@ -539,12 +556,12 @@ Members members_with_color(Communicator& group, int color) {
 std::vector<std::string> all_gather_strings(Communicator& group, const std::string& value) {
   if (group.world_size() == 1) return {value};
   const int W = group.world_size();
-  auto lengths = group.all_gather(torch::tensor({int64_t(value.size())}).to(device_of(group))).to(torch::kCPU);
+  auto lengths = host_read(group.all_gather(torch::tensor({int64_t(value.size())}).to(device_of(group))), "dist.string_lengths");
   int64_t longest = 0;
   for (int r = 0; r < W; ++r) longest = std::max(longest, lengths[r].item<int64_t>());
   auto mine = torch::zeros({1, std::max<int64_t>(longest, 1)}, torch::kUInt8);
   std::memcpy(mine.data_ptr(), value.data(), value.size());
-  auto all = group.all_gather(mine.to(device_of(group))).to(torch::kCPU).contiguous();
+  auto all = host_read(group.all_gather(mine.to(device_of(group))), "dist.strings").contiguous();
   std::vector<std::string> out;
   for (int r = 0; r < W; ++r)
     out.emplace_back(reinterpret_cast<const char*>(all[r].data_ptr()), size_t(lengths[r].item<int64_t>()));
@@ -596,8 +613,6 @@ std::unique_ptr<Communicator> make_communicator(const config::ParallelConfig& pa
   }
   if (backend == "nccl" && device != "cuda")
     throw DistError("parallel.backend = \"nccl\" needs run.device = \"cuda\" (use store for the CPU)");
-  if (backend == "store" && device == "cuda")
-    throw DistError("parallel.backend = \"store\" moves CPU tensors only; with run.device = \"cuda\" use nccl");
 
   // Rendezvous: rank 0 serves the store at MASTER_ADDR:MASTER_PORT; every rank connects to it.
   c10d::TCPStoreOptions options;
@@ -638,7 +653,8 @@ std::unique_ptr<Communicator> make_communicator(const config::ParallelConfig& pa
   }
   std::vector<int> ranks(static_cast<size_t>(env.world_size));
   for (int r = 0; r < env.world_size; ++r) ranks[size_t(r)] = r;
-  if (backend == "nccl") return make_nccl(store, env.rank, env.world_size, claim_device(device), parallel.timeout_s);
+  if (backend == "nccl")
+    return make_nccl(store, env.rank, env.world_size, claim_device(device, "nccl"), parallel.timeout_s);
   auto shared = std::make_shared<SharedStore>();
   shared->store = store;
   shared->rank = env.rank;

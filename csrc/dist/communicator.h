@@ -3,9 +3,14 @@
 //
 // Backends:
 //   single  one process; every collective is the identity.
-//   store   CPU tensors; collectives move bytes through LibTorch's c10d TCPStore. It stands in for
-//           c10d's Gloo backend, whose headers the torch wheel does not ship (README: "Backends").
-//   nccl    CUDA tensors on the current CUDA stream; the NCCL unique id travels through the store.
+//   store   collectives move bytes through LibTorch's c10d TCPStore. It stands in for c10d's Gloo
+//           backend, whose headers the torch wheel does not ship (README: "Backends"). CUDA tensors are
+//           staged through host memory and their results land on their device, so several ranks may
+//           share one GPU (the multi-rank CUDA tests on a one-GPU machine).
+//   nccl    CUDA tensors; collectives return once enqueued, a watchdog thread bounds them (nccl.cpp);
+//           the NCCL unique id travels through the store.
+// Both hold the same contract: a collective that does not finish within parallel.timeout_s ends the
+// process non-zero with one line naming the operation, its round, the group and its ranks.
 #pragma once
 #include <torch/torch.h>
 
@@ -42,17 +47,21 @@ LaunchEnv read_launch_env(const std::function<const char*(const char*)>& getenv 
 // what CUDA shows it: cpu, or cuda:<local rank> among the `visible_devices` GPUs (which honour
 // CUDA_VISIBLE_DEVICES, given as `cuda_visible_devices`, may be null). A scheduler that binds one GPU
 // to each process (CUDA_VISIBLE_DEVICES naming a single device) gives cuda:0 to every local rank.
-// More local ranks than visible GPUs, or no GPU at all, is a DistError naming the counts.
+// No GPU at all is a DistError. More local ranks than visible GPUs is a DistError naming the counts for
+// `backend` nccl (NCCL refuses two ranks on one device); the store backend shares them round robin
+// (local rank r on cuda:(r mod visible)).
 torch::Device select_device(const std::string& run_device, const LaunchEnv& env, int visible_devices,
-                            const char* cuda_visible_devices);
+                            const char* cuda_visible_devices, const std::string& backend = "nccl");
 // select_device for this process (its environment, CUDA's device count), made CUDA's current device:
 // called once, before any CUDA allocation; the model, the data, NCCL and every synchronisation use it.
-torch::Device claim_device(const std::string& run_device);
+// The trainer claims its device before the backend is known (as the store backend would: GPUs may be
+// shared); make_communicator claims it again for nccl, which refuses a shared GPU.
+torch::Device claim_device(const std::string& run_device, const std::string& backend = "store");
 
 // A collective in flight, from one of Communicator's *_async calls. wait() returns once the result may
-// be read by whatever the caller does next: the CPU backends have run the collective at launch; NCCL
-// runs it on the process's communication stream and wait() makes the caller's stream wait for it (with
-// parallel.timeout_s and NCCL's error checks, as every NCCL collective here).
+// be read by whatever the caller queues next: the store backend has run the collective at launch; NCCL
+// runs it on the process's communication stream and wait() makes the caller's stream wait on its event,
+// without blocking the host (parallel.timeout_s and NCCL's errors are the watchdog's).
 class Pending {
  public:
   virtual ~Pending() = default;
@@ -96,6 +105,9 @@ class Communicator {
   // blocking ones. The base class runs them at once (the CPU backends).
   virtual std::unique_ptr<Pending> all_reduce_sum_async(torch::Tensor& t);
   virtual std::unique_ptr<Pending> reduce_scatter_sum_async(const torch::Tensor& in, torch::Tensor& out);
+  // Every rank's `in` gathered into `out` (flat, world_size x in's elements, in rank order). `in` may be
+  // a view of `out` at this rank's share (the in-place form NCCL supports).
+  virtual std::unique_ptr<Pending> all_gather_async(const torch::Tensor& in, torch::Tensor& out);
   virtual void barrier() = 0;
   // Point to point (the pipeline's activations and their gradients): sends `send` to rank `dst` and
   // receives into `recv` (whose shape and dtype the receiver knows) from rank `src`, as one operation,

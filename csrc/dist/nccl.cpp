@@ -1,9 +1,17 @@
-// The NCCL backend: direct NCCL calls on the current CUDA stream, the unique id shared through the
-// c10d store. Each collective is awaited with a deadline (parallel.timeout_s) by polling the stream and
-// NCCL's asynchronous error; a timeout or a NCCL error aborts the communicator and throws, so a dead
-// peer ends every rank instead of hanging it. The asynchronous collectives (gradient buckets reduced
-// during backward) run on one communication stream per process, so that they keep the order in which
-// they were launched whatever group they belong to, and overlap the compute stream's work.
+// The NCCL backend: direct NCCL calls, the unique id shared through the c10d store. Every collective
+// returns once it is enqueued; the host never waits on one. Where it runs:
+//   - the collectives whose inputs and outputs the caller's next kernels use (all_reduce_sum, broadcast,
+//     reduce_scatter_sum, all_gather, all_to_all, send_recv) run on the caller's current stream, which
+//     orders them after the work that made their inputs and before the work that reads their outputs,
+//     with no event and no recordStream (the allocator sees one stream);
+//   - the *_async ones (gradient buckets during backward, ZeRO's all-gathers) run on one high-priority
+//     communication stream per process, after an event of the caller's stream, with recordStream for
+//     the allocator; Pending::wait() makes the caller's stream wait on their completion event.
+// Each collective's completion event goes to the process's watchdog (dist/watchdog.h), which enforces
+// parallel.timeout_s and NCCL's asynchronous errors: it aborts every communicator of the process and
+// exits with one line. Communicators are non-blocking (config.blocking = 0), so that initialisation and
+// split have a deadline too; a call that answers ncclInProgress is polled until enqueued. After any
+// error the destructors abort (ncclCommDestroy would wait for work that never finishes).
 #include "dist/nccl.h"
 
 #include <ATen/cuda/CUDAEvent.h>
@@ -13,6 +21,7 @@
 #include <cuda_runtime_api.h>
 #include <nccl.h>
 
+#include <atomic>
 #include <chrono>
 #include <cstdlib>
 #include <cstring>
@@ -20,6 +29,8 @@
 
 #include "common/errors.h"
 #include "common/host_sync.h"
+#include "dist/unique_id.h"
+#include "dist/watchdog.h"
 
 namespace moetrain::dist {
 
@@ -46,12 +57,63 @@ c10::cuda::CUDAStream communication_stream() {
   return stream;
 }
 
+// Set once anything failed in this process: destructors then abort instead of waiting.
+std::atomic<bool> nccl_failed{false};
+
+std::string nccl_error(ncclComm_t comm) {
+  ncclResult_t async = ncclSuccess;
+  if (ncclCommGetAsyncError(comm, &async) != ncclSuccess) return "NCCL error: ncclCommGetAsyncError failed";
+  if (async == ncclSuccess || async == ncclInProgress) return "";
+  return std::string("NCCL error: ") + ncclGetErrorString(async) + " (a peer may have died)";
+}
+
+// Polls a non-blocking communicator until its last call is done (enqueued, or initialised), an error,
+// or the deadline: "" when done, else the cause.
+std::string settle(ncclComm_t comm, int timeout_s) {
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(timeout_s);
+  while (true) {
+    ncclResult_t state = ncclSuccess;
+    const ncclResult_t r = ncclCommGetAsyncError(comm, &state);
+    if (r != ncclSuccess) return std::string("NCCL error: ") + ncclGetErrorString(r);
+    if (state == ncclSuccess) return "";
+    if (state != ncclInProgress) return std::string("NCCL error: ") + ncclGetErrorString(state) + " (a peer may have died)";
+    if (std::chrono::steady_clock::now() > deadline)
+      return "not done after parallel.timeout_s = " + std::to_string(timeout_s) + " s (a peer died or is stuck)";
+    std::this_thread::sleep_for(std::chrono::microseconds(20));
+  }
+}
+
+ncclConfig_t nonblocking_config() {
+  ncclConfig_t config = NCCL_CONFIG_INITIALIZER;
+  config.blocking = 0;
+  return config;
+}
+
 class NcclCommunicator final : public Communicator {
  public:
   NcclCommunicator(ncclComm_t comm, std::string name, int rank, std::vector<int> world_ranks, int timeout_s)
-      : comm_(comm), name_(std::move(name)), rank_(rank), world_ranks_(std::move(world_ranks)), timeout_s_(timeout_s) {}
+      : comm_(comm), name_(std::move(name)), rank_(rank), world_ranks_(std::move(world_ranks)), timeout_s_(timeout_s),
+        device_(c10::cuda::current_device()) {
+    CollectiveName group{"", 0, name_, world_ranks_, world_rank_of(rank_)};
+    watchdog_id_ = process_watchdog().add_communicator(
+        std::move(group),
+        [comm] {
+          nccl_failed = true;
+          ncclCommAbort(comm);
+        },
+        [comm] { return nccl_error(comm); });
+  }
   ~NcclCommunicator() override {
-    if (comm_) ncclCommDestroy(comm_);
+    process_watchdog().remove_communicator(watchdog_id_);
+    if (!comm_) return;
+    if (!nccl_failed) {  // finalize (flushes this communicator's work, bounded), then destroy
+      const ncclResult_t r = ncclCommFinalize(comm_);
+      if ((r == ncclSuccess || r == ncclInProgress) && settle(comm_, timeout_s_).empty()) {
+        ncclCommDestroy(comm_);
+        return;
+      }
+    }
+    ncclCommAbort(comm_);
   }
 
   int rank() const override { return rank_; }
@@ -63,13 +125,13 @@ class NcclCommunicator final : public Communicator {
   void all_reduce_sum(torch::Tensor& t) override {
     check_tensor("all_reduce", t);
     call("all_reduce", ncclAllReduce(t.data_ptr(), t.data_ptr(), size_t(t.numel()), nccl_type(t), ncclSum, comm_, stream()));
-    wait("all_reduce");
+    enqueued("all_reduce", c10::cuda::getCurrentCUDAStream());
   }
 
   void broadcast(torch::Tensor& t, int root) override {
     check_tensor("broadcast", t);
     call("broadcast", ncclBroadcast(t.data_ptr(), t.data_ptr(), size_t(t.numel()), nccl_type(t), root, comm_, stream()));
-    wait("broadcast");
+    enqueued("broadcast", c10::cuda::getCurrentCUDAStream());
   }
 
   torch::Tensor reduce_scatter_sum(const torch::Tensor& in_) override {
@@ -81,7 +143,7 @@ class NcclCommunicator final : public Communicator {
     auto out = torch::empty({in.numel() / world_size()}, in.options());
     call("reduce_scatter", ncclReduceScatter(in.data_ptr(), out.data_ptr(), size_t(out.numel()), nccl_type(in), ncclSum,
                                              comm_, stream()));
-    wait("reduce_scatter");
+    enqueued("reduce_scatter", c10::cuda::getCurrentCUDAStream());
     return out;
   }
 
@@ -92,7 +154,7 @@ class NcclCommunicator final : public Communicator {
     shape[0] *= world_size();
     auto out = torch::empty(shape, in.options());
     call("all_gather", ncclAllGather(in.data_ptr(), out.data_ptr(), size_t(in.numel()), nccl_type(in), comm_, stream()));
-    wait("all_gather");
+    enqueued("all_gather", c10::cuda::getCurrentCUDAStream());
     return out;
   }
 
@@ -137,7 +199,7 @@ class NcclCommunicator final : public Communicator {
       recv_off += recv_rows[r];
     }
     call("all_to_all", ncclGroupEnd());
-    wait("all_to_all");
+    enqueued("all_to_all", c10::cuda::getCurrentCUDAStream());
     return out;
   }
 
@@ -159,7 +221,7 @@ class NcclCommunicator final : public Communicator {
     }
     if (src >= 0) call("recv", ncclRecv(recv.data_ptr(), size_t(recv.numel()), nccl_type(recv), src, comm_, stream()));
     call("send/recv", ncclGroupEnd());
-    wait("send/recv");
+    enqueued("send/recv", c10::cuda::getCurrentCUDAStream());
   }
 
   std::unique_ptr<Pending> all_reduce_sum_async(torch::Tensor& t) override {
@@ -184,20 +246,48 @@ class NcclCommunicator final : public Communicator {
     return end_async("reduce_scatter", side);
   }
 
+  // `in` may be this rank's share of `out` itself (NCCL's in-place all-gather: its address is
+  // out + rank * in's elements).
+  std::unique_ptr<Pending> all_gather_async(const torch::Tensor& in, torch::Tensor& out) override {
+    check_tensor("all_gather", in);
+    check_tensor("all_gather", out);
+    if (out.numel() != in.numel() * world_size() || out.scalar_type() != in.scalar_type())
+      throw DistError("all_gather on " + name_ + ": the output needs " + std::to_string(world_size()) +
+                      " x the input's elements and its dtype, got " + std::to_string(in.numel()) + " and " +
+                      std::to_string(out.numel()));
+    auto side = begin_async({in, out});
+    call("all_gather", ncclAllGather(in.data_ptr(), out.data_ptr(), size_t(in.numel()), nccl_type(in), comm_,
+                                     side.stream()));
+    return end_async("all_gather", side);
+  }
+
+  // The one collective whose point is the host's wait: every rank has reached it.
   void barrier() override {
     auto t = torch::ones({1}, torch::TensorOptions().device(torch::kCUDA, c10::cuda::current_device()));
     all_reduce_sum(t);
+    host_read(t, "dist.barrier");
   }
 
   std::unique_ptr<Communicator> split(int color, const std::string& label) override {
     auto members = members_with_color(*this, color);
     ncclComm_t sub = nullptr;
-    call("split", ncclCommSplit(comm_, color, rank_, &sub, nullptr));
+    auto config = nonblocking_config();
+    call("split", ncclCommSplit(comm_, color, rank_, &sub, &config));
+    if (sub) {
+      const std::string cause = settle(sub, timeout_s_);
+      if (!cause.empty()) {
+        nccl_failed = true;
+        ncclCommAbort(sub);
+        throw DistError(describe_collective_failure(name_of("split"), cause));
+      }
+    }
     return std::make_unique<NcclCommunicator>(sub, label, members.rank, members.world_ranks, timeout_s_);
   }
 
  private:
   static cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
+
+  CollectiveName name_of(const char* op) const { return CollectiveName{op, round_, name_, world_ranks_, world_rank_of(rank_)}; }
 
   void check_tensor(const char* op, const torch::Tensor& t) const {
     if (!t.is_cuda() || !t.is_contiguous())
@@ -208,10 +298,33 @@ class NcclCommunicator final : public Communicator {
                       " but this rank's communicator runs on cuda:" + std::to_string(c10::cuda::current_device()));
   }
 
+  // A NCCL call's result; ncclInProgress (a non-blocking communicator still enqueueing) is polled
+  // until the call is done, so that the next call may follow. That is a wait for the enqueue only.
   void call(const char* op, ncclResult_t result) {
-    if (result != ncclSuccess && result != ncclInProgress)
-      throw DistError(std::string(op) + " on " + name_ + " (rank " + std::to_string(world_rank_of(rank_)) +
-                      "): " + ncclGetErrorString(result));
+    std::string cause;
+    if (result == ncclInProgress)
+      cause = settle(comm_, timeout_s_);
+    else if (result != ncclSuccess)
+      cause = std::string("NCCL error: ") + ncclGetErrorString(result);
+    if (cause.empty()) return;
+    nccl_failed = true;
+    throw DistError(describe_collective_failure(name_of(op), cause));
+  }
+
+  // A collective enqueued on `on`: its completion event goes to the watchdog, and the round advances.
+  std::shared_ptr<at::cuda::CUDAEvent> enqueued(const char* op, const c10::cuda::CUDAStream& on) {
+    auto done = std::make_shared<at::cuda::CUDAEvent>();
+    done->record(on);
+    const int device = device_;
+    process_watchdog().watch(watchdog_id_, name_of(op), std::chrono::seconds(timeout_s_), [done, device] {
+      cudaSetDevice(device);  // the watchdog's thread: never touch (and create a context on) device 0
+      const cudaError_t state = cudaEventQuery(done->event());
+      if (state == cudaSuccess) return Probe{Probe::kDone, ""};
+      if (state == cudaErrorNotReady) return Probe{};
+      return Probe{Probe::kFailed, std::string("CUDA error: ") + cudaGetErrorString(state)};
+    });
+    ++round_;
+    return done;
   }
 
   // An asynchronous collective: the communication stream first waits for what the caller's stream has
@@ -226,59 +339,18 @@ class NcclCommunicator final : public Communicator {
     return side;
   }
 
+  // wait() orders the caller's stream after the collective; the host goes on at once.
   class NcclPending final : public Pending {
    public:
-    NcclPending(NcclCommunicator* owner, const char* op, std::shared_ptr<at::cuda::CUDAEvent> done)
-        : owner_(owner), op_(op), done_(std::move(done)) {}
-    // The host waits (with the deadline and NCCL's error checks) and the caller's stream orders after it.
-    void wait() override {
-      owner_->await(op_, [this] { return cudaEventQuery(done_->event()); });
-      done_->block(c10::cuda::getCurrentCUDAStream());
-    }
+    explicit NcclPending(std::shared_ptr<at::cuda::CUDAEvent> done) : done_(std::move(done)) {}
+    void wait() override { done_->block(c10::cuda::getCurrentCUDAStream()); }
 
    private:
-    NcclCommunicator* owner_;
-    const char* op_;
     std::shared_ptr<at::cuda::CUDAEvent> done_;
   };
 
   std::unique_ptr<Pending> end_async(const char* op, c10::cuda::CUDAStream side) {
-    auto done = std::make_shared<at::cuda::CUDAEvent>();
-    done->record(side);
-    return std::make_unique<NcclPending>(this, op, std::move(done));
-  }
-
-  // Polls until the current stream's work is done, NCCL reports an error, or the deadline passes.
-  void wait(const char* op) {
-    auto s = stream();
-    await(op, [s] { return cudaStreamQuery(s); });
-  }
-
-  void await(const char* op, const std::function<cudaError_t()>& query) {
-    count_host_sync(std::string("collective.") + op);
-    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(timeout_s_);
-    while (true) {
-      const cudaError_t done = query();
-      if (done == cudaSuccess) return;
-      if (done != cudaErrorNotReady)
-        throw DistError(std::string(op) + " on " + name_ + ": CUDA error " + cudaGetErrorString(done));
-      ncclResult_t async = ncclSuccess;
-      ncclCommGetAsyncError(comm_, &async);
-      if (async != ncclSuccess && async != ncclInProgress) {
-        ncclCommAbort(comm_);
-        comm_ = nullptr;
-        throw DistError(std::string(op) + " on " + name_ + " (rank " + std::to_string(world_rank_of(rank_)) +
-                        "): NCCL error " + ncclGetErrorString(async) + " (a peer may have died)");
-      }
-      if (std::chrono::steady_clock::now() > deadline) {
-        ncclCommAbort(comm_);
-        comm_ = nullptr;
-        throw DistError(std::string(op) + " on " + name_ + " (rank " + std::to_string(world_rank_of(rank_)) +
-                        "): not finished after parallel.timeout_s = " + std::to_string(timeout_s_) +
-                        " s (a peer died or is stuck)");
-      }
-      std::this_thread::sleep_for(std::chrono::microseconds(50));
-    }
+    return std::make_unique<NcclPending>(enqueued(op, side));
   }
 
   ncclComm_t comm_;
@@ -286,13 +358,17 @@ class NcclCommunicator final : public Communicator {
   int rank_;
   std::vector<int> world_ranks_;
   int timeout_s_;
+  int device_;
+  int64_t round_ = 0;  // collectives enqueued on this communicator, for messages
+  int64_t watchdog_id_ = -1;
 };
 
 }  // namespace
 
-torch::Device claim_device(const std::string& run_device) {
+torch::Device claim_device(const std::string& run_device, const std::string& backend) {
   const int visible = run_device == "cuda" && torch::cuda::is_available() ? int(c10::cuda::device_count()) : 0;
-  const torch::Device device = select_device(run_device, read_launch_env(), visible, std::getenv("CUDA_VISIBLE_DEVICES"));
+  const torch::Device device =
+      select_device(run_device, read_launch_env(), visible, std::getenv("CUDA_VISIBLE_DEVICES"), backend);
   if (device.is_cuda()) c10::cuda::set_device(device.index());
   return device;
 }
@@ -302,26 +378,30 @@ std::unique_ptr<Communicator> make_nccl(c10::intrusive_ptr<c10d::Store> store, i
   if (!device.is_cuda()) throw DistError("parallel.backend = nccl but this process's device is " + device.str());
   c10::cuda::set_device(device.index());
   ncclUniqueId id;
-  const std::string key = "nccl/unique_id";
   try {
-    if (rank == 0) {
-      if (ncclGetUniqueId(&id) != ncclSuccess) throw DistError("nccl: ncclGetUniqueId failed");
-      store->set(key, std::vector<uint8_t>(reinterpret_cast<uint8_t*>(&id), reinterpret_cast<uint8_t*>(&id) + sizeof id));
-    } else {
-      auto bytes = store->get(key);
-      if (bytes.size() != sizeof id) throw DistError("nccl: the store's unique id has the wrong size");
-      std::memcpy(&id, bytes.data(), sizeof id);
-    }
+    auto bytes = share_unique_id(*store, rank, [] {
+      ncclUniqueId made;
+      if (ncclGetUniqueId(&made) != ncclSuccess) throw DistError("nccl: ncclGetUniqueId failed");
+      return std::vector<uint8_t>(reinterpret_cast<uint8_t*>(&made), reinterpret_cast<uint8_t*>(&made) + sizeof made);
+    });
+    if (bytes.size() != sizeof id) throw DistError("nccl: the store's unique id has the wrong size");
+    std::memcpy(&id, bytes.data(), sizeof id);
   } catch (const c10::Error& e) {
     std::string cause = e.what_without_backtrace();
     throw DistError("nccl: sharing the unique id failed at rank " + std::to_string(rank) + ": " +
                     cause.substr(0, cause.find('\n')));
   }
+  // Non-blocking, so that a peer that never joins costs parallel.timeout_s, not forever.
   ncclComm_t comm = nullptr;
-  const ncclResult_t r = ncclCommInitRank(&comm, world_size, id, rank);
-  if (r != ncclSuccess)
-    throw DistError("nccl: ncclCommInitRank of rank " + std::to_string(rank) + "/" + std::to_string(world_size) +
-                    " failed: " + ncclGetErrorString(r));
+  auto config = nonblocking_config();
+  const ncclResult_t r = ncclCommInitRankConfig(&comm, world_size, id, rank, &config);
+  std::string cause = r == ncclSuccess || r == ncclInProgress ? std::string() : ncclGetErrorString(r);
+  if (cause.empty() && comm) cause = settle(comm, timeout_s);
+  if (!cause.empty()) {
+    if (comm) ncclCommAbort(comm);
+    throw DistError("nccl: ncclCommInitRank of rank " + std::to_string(rank) + " of world size " +
+                    std::to_string(world_size) + " failed: " + cause);
+  }
   std::vector<int> ranks(static_cast<size_t>(world_size));
   for (int i = 0; i < world_size; ++i) ranks[size_t(i)] = i;
   return std::make_unique<NcclCommunicator>(comm, "world", rank, ranks, timeout_s);

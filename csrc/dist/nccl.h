@@ -8,9 +8,9 @@
 
 namespace moetrain::dist {
 
-// Joins the NCCL world of `world_size` ranks (the unique id shared through `store`) on `device`
-// (claim_device's). Collectives run on the current CUDA stream and are awaited with a
-// deadline of timeout_s; a timeout aborts the communicator and throws DistError naming the operation.
+// Joins the NCCL world of `world_size` ranks (the unique id shared through `store`, dist/unique_id.h)
+// on `device` (claim_device's), within timeout_s or a DistError naming the rank and world size.
+// Collectives return once enqueued; the process's watchdog bounds each by timeout_s (nccl.cpp).
 std::unique_ptr<Communicator> make_nccl(c10::intrusive_ptr<c10d::Store> store, int rank, int world_size,
                                         torch::Device device, int timeout_s);
 

@@ -89,7 +89,7 @@ CATCH_TEST_CASE("Launcher environment: torchrun, Slurm, Open MPI, none, and bad 
 }
 
 // Which device each rank computes on: the pure decision, with fake GPU counts, for every launcher.
-CATCH_TEST_CASE("Device per rank: cuda:<local rank>, CUDA_VISIBLE_DEVICES respected, too many ranks refused", "[dist]") {
+CATCH_TEST_CASE("Device per rank: cuda:<local rank>, CUDA_VISIBLE_DEVICES respected, too many ranks refused by nccl, shared by store", "[dist]") {
   using dist::select_device;
   auto torchrun = env_of({{"RANK", "11"}, {"WORLD_SIZE", "16"}, {"LOCAL_RANK", "3"}, {"LOCAL_WORLD_SIZE", "8"},
                           {"MASTER_ADDR", "n0"}, {"MASTER_PORT", "29500"}});
@@ -122,6 +122,20 @@ CATCH_TEST_CASE("Device per rank: cuda:<local rank>, CUDA_VISIBLE_DEVICES respec
   CATCH_CHECK(select_device("cuda", mpi, 4, nullptr) == torch::Device(torch::kCUDA, 2));
   CATCH_CHECK_THROWS_WITH(select_device("cuda", mpi, 2, nullptr), Contains("at least 3 ranks"));
   CATCH_CHECK_THROWS_WITH(select_device("cuda", mpi, 0, nullptr), Contains("sees no CUDA device"));
+  // The store backend stages through host memory: ranks share the GPUs round robin, where nccl refuses.
+  auto four = env_of({{"RANK", "3"}, {"WORLD_SIZE", "4"}, {"LOCAL_RANK", "3"}, {"LOCAL_WORLD_SIZE", "4"},
+                      {"MASTER_ADDR", "h"}, {"MASTER_PORT", "1"}});
+  for (int local = 0; local < 4; ++local) {
+    auto env = four;
+    env.local_rank = local;
+    CATCH_CHECK(select_device("cuda", env, 1, nullptr, "store") == torch::Device(torch::kCUDA, 0));
+    CATCH_CHECK(select_device("cuda", env, 2, "0,1", "store") == torch::Device(torch::kCUDA, local % 2));
+    CATCH_CHECK_THROWS_WITH(select_device("cuda", env, 1, nullptr, "nccl"),
+                            Contains("4 ranks") && Contains("1 GPU(s)") && Contains("parallel.backend = store"));
+  }
+  CATCH_CHECK(select_device("cuda", four, 4, nullptr, "store") == torch::Device(torch::kCUDA, 3));  // enough GPUs: one each
+  CATCH_CHECK_THROWS_WITH(select_device("cuda", four, 0, nullptr, "store"), Contains("sees no CUDA device"));
+  CATCH_CHECK(select_device("cpu", four, 0, nullptr, "store") == torch::Device(torch::kCPU));
   CATCH_CHECK_THROWS_WITH(env_of({{"RANK", "0"}, {"WORLD_SIZE", "2"}, {"LOCAL_RANK", "4"}, {"LOCAL_WORLD_SIZE", "4"},
                                   {"MASTER_ADDR", "h"}, {"MASTER_PORT", "1"}}),
                           Contains("LOCAL_RANK=4 is not below LOCAL_WORLD_SIZE=4"));
