@@ -465,7 +465,7 @@ void TransformerImpl::update_router_bias(const std::vector<torch::Tensor>& load_
 
 void TransformerImpl::place(torch::Device device, ComputeDtype compute_dtype) {
   to(device);
-  rope_ = make_rope(cfg_, device);
+  rope_ = make_rope(cfg_, device).cached_in(compute_dtype.value_or(torch::kFloat));
   compute_dtype_ = compute_dtype;
 }
 

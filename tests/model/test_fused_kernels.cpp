@@ -1,0 +1,143 @@
+// Fewer elementwise kernels in the layers (issue 24, item 8), each against the ops it replaced written
+// out here: RMSNorm through at::rms_norm, RoPE's tables cached in the compute dtype with rotate-half's
+// sign folded in, MLA's value padded to the query/key head dim for flash attention.
+#include <catch2/catch.hpp>
+
+#include <algorithm>
+#include <cmath>
+
+#include "../test_util.h"
+#include "common/tensor.h"
+#include "model/layers.h"
+#include "model/transformer.h"
+
+using namespace moetrain;
+
+namespace {
+
+// The RMSNorm the layers used before at::rms_norm: statistics and scaling in fp32, one rounding to x's dtype.
+torch::Tensor written_out_rms_norm(const torch::Tensor& x, const torch::Tensor& weight, double eps) {
+  auto xf = x.to(torch::promote_types(x.scalar_type(), torch::kFloat));
+  auto normed = xf * torch::rsqrt(xf.pow(2).mean(-1, true) + eps);
+  return (normed * weight.to(normed.scalar_type())).to(x.scalar_type());
+}
+
+// RoPE as the layers applied it before: the fp32 tables cast per call, rotate-half by a cat.
+torch::Tensor written_out_rope(const model::Rope& rope, const torch::Tensor& x, int64_t offset) {
+  const int64_t S = x.size(2), half = x.size(3) / 2;
+  auto cos = rope.cos_SHd.narrow(0, offset, S).to(x.scalar_type());
+  auto sin = rope.sin_SHd.narrow(0, offset, S).to(x.scalar_type());
+  auto rotated = torch::cat({-x.narrow(3, half, half), x.narrow(3, 0, half)}, 3);
+  return x * cos + rotated * sin;
+}
+
+}  // namespace
+
+// On the CPU at::rms_norm decomposes into the same ops in the same order, so the output and both
+// gradients are bit for bit the written-out norm's in fp32, fp64 and bf16 (bf16 goes through fp32, as
+// before). On CUDA the fused kernel reduces in its own order: not checked here (no GPU), expected to
+// agree to fp32 rounding.
+CATCH_TEST_CASE("RMSNorm through at::rms_norm equals the written-out norm bit for bit on the CPU, forward and backward",
+                "[model]") {
+  for (const auto dtype : {torch::kFloat, torch::kBFloat16, torch::kDouble}) {
+    for (const bool recompute : {false, true}) {
+      CATCH_INFO(c10::toString(dtype) << (recompute ? ", recomputed" : ""));
+      model::RMSNorm norm(48, 1e-5);
+      norm->recompute = recompute;
+      torch::manual_seed(3);
+      {
+        torch::NoGradGuard no_grad;
+        norm->weight.copy_(1 + 0.2 * torch::randn({48}));
+      }
+      auto x = (3 * torch::randn({2, 5, 48})).to(dtype).requires_grad_(true);
+      auto w_ref = norm->weight.detach().clone().requires_grad_(true);
+      auto x_ref = x.detach().clone().requires_grad_(true);
+      const auto grad_out = torch::randn({2, 5, 48}).to(dtype);
+      auto got = norm->forward(x);
+      auto want = written_out_rms_norm(x_ref, w_ref, 1e-5);
+      CATCH_CHECK(got.scalar_type() == dtype);
+      CATCH_CHECK(torch::equal(got, want));
+      got.backward(grad_out);
+      want.backward(grad_out);
+      CATCH_CHECK(torch::equal(x.grad(), x_ref.grad()));
+      CATCH_CHECK(torch::equal(norm->weight.grad(), w_ref.grad()));
+    }
+  }
+}
+
+// The cached tables are the per-call casts made once, and x2 * (-sin) is (-x2) * sin exactly, so
+// apply() is bit for bit the cat-based rotation, in fp32 and bf16, at an offset, with YaRN, on
+// contiguous and strided (transposed) inputs; another dtype than the cached one (fp64) still works.
+CATCH_TEST_CASE("RoPE with cached compute-dtype tables equals the per-call cast and cat bit for bit", "[model]") {
+  config::YarnConfig yarn;
+  for (const double factor : {1.0, 4.0}) {
+    yarn.factor = factor;
+    yarn.original_max_seq_len = 8;
+    const auto base = model::Rope::make(32, 16, 10000.0, torch::kCPU, yarn);
+    for (const auto dtype : {torch::kFloat, torch::kBFloat16, torch::kDouble}) {
+      CATCH_INFO("yarn factor " << factor << ", " << c10::toString(dtype));
+      const auto rope = base.cached_in(dtype == torch::kDouble ? torch::kFloat : dtype);
+      torch::manual_seed(5);
+      const auto x_BSHd = torch::randn({2, 9, 3, 16}).to(dtype);
+      const auto x = x_BSHd.transpose(1, 2);  // (B, H, S, Hd), strided as the attention's heads are
+      for (const int64_t offset : {int64_t(0), int64_t(7)}) {
+        CATCH_CHECK(torch::equal(rope.apply(x, offset), written_out_rope(base, x, offset)));
+        CATCH_CHECK(torch::equal(rope.apply(x.contiguous(), offset), written_out_rope(base, x, offset)));
+      }
+    }
+  }
+}
+
+// DeepSeek-V3's shape in small: query/key head dim 24 (16 + 8 RoPE), value head dim 12. The padded
+// value adds zero columns to the attention's output, so the output equals the unpadded attention's
+// up to the kernel's summation order: within 1e-6 on the CPU in fp32 (the input's gradient within 1e-6
+// of its largest element, or absolute below 1).
+CATCH_TEST_CASE("MLA with its value padded to the query/key head dim equals the unpadded attention within 1e-6",
+                "[model]") {
+  for (const int q_lora_rank : {0, 12}) {
+    CATCH_INFO("q_lora_rank " << q_lora_rank);
+    auto cfg = testing::tiny_model_config();
+    cfg.attention = "mla";
+    cfg.d_model = 32;
+    cfg.n_heads = 4;
+    cfg.mla.q_lora_rank = q_lora_rank;
+    cfg.mla.kv_lora_rank = 16;
+    cfg.mla.qk_nope_head_dim = 16;
+    cfg.mla.qk_rope_head_dim = 8;
+    cfg.mla.v_head_dim = 12;
+    model::MLAttention mla(cfg);
+    torch::manual_seed(9);
+    {
+      torch::NoGradGuard no_grad;
+      for (auto& p : mla->parameters()) p.copy_(p.dim() > 1 ? 0.3 * torch::randn(p.sizes()) : 1 + 0.1 * torch::randn(p.sizes()));
+    }
+    const auto rope = model::Rope::make(cfg.max_seq_len, cfg.mla.qk_rope_head_dim, cfg.rope_theta, torch::kCPU);
+    auto x = torch::randn({2, 11, cfg.d_model}).requires_grad_(true);
+    auto x_ref = x.detach().clone().requires_grad_(true);
+    auto got = mla->forward(x, rope, std::nullopt);
+
+    // The unpadded attention, written out from the module's weights.
+    const int64_t B = 2, S = 11, H = cfg.n_heads, N = 16, P = 8, V = 12, R = 16;
+    auto q = q_lora_rank > 0 ? torch::matmul(mla->q_a_norm->forward(torch::matmul(x_ref, mla->wq_a)), mla->wq_b)
+                             : torch::matmul(x_ref, mla->wq);
+    q = q.view({B, S, H, N + P}).transpose(1, 2);
+    auto kv_a = torch::matmul(x_ref, mla->wkv_a);
+    auto k_pe = rope.apply(kv_a.narrow(2, R, P).unsqueeze(1));
+    auto kv = torch::matmul(mla->kv_a_norm->forward(kv_a.narrow(2, 0, R)), mla->wkv_b).view({B, S, H, N + V}).transpose(1, 2);
+    auto query = torch::cat({q.narrow(3, 0, N), rope.apply(q.narrow(3, N, P))}, 3);
+    auto key = torch::cat({kv.narrow(3, 0, N), k_pe.expand({B, H, S, P})}, 3);
+    auto y = at::scaled_dot_product_attention(query, key, kv.narrow(3, N, V), {}, 0.0, /*is_causal=*/true,
+                                              1.0 / std::sqrt(double(N + P)));
+    auto want = torch::matmul(y.transpose(1, 2).reshape({B, S, H * V}), mla->wo);
+
+    CATCH_REQUIRE(got.sizes() == want.sizes());
+    const double out_diff = (got - want).abs().max().item<double>();
+    CATCH_INFO("largest output difference " << out_diff << " of values up to " << want.abs().max().item<double>());
+    CATCH_CHECK(out_diff <= 1e-6);
+    const auto grad_out = torch::randn(want.sizes());
+    got.backward(grad_out);
+    want.backward(grad_out);
+    const double grad_scale = std::max(1.0, x_ref.grad().abs().max().item<double>());
+    CATCH_CHECK((x.grad() - x_ref.grad()).abs().max().item<double>() <= 1e-6 * grad_scale);
+  }
+}
