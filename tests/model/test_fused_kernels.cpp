@@ -1,6 +1,7 @@
 // Fewer elementwise kernels in the layers (issue 24, item 8), each against the ops it replaced written
 // out here: RMSNorm through at::rms_norm, RoPE's tables cached in the compute dtype with rotate-half's
-// sign folded in, MLA's value padded to the query/key head dim for flash attention.
+// sign folded in, MLA's value padded to the query/key head dim for flash attention; and the chunked
+// LM head's gradient summed in fp32 when the head is held in bf16 (ZeRO-1's sharded masters, item 7).
 #include <catch2/catch.hpp>
 
 #include <algorithm>
@@ -141,5 +142,46 @@ CATCH_TEST_CASE("MLA with its value padded to the query/key head dim equals the 
     want.backward(grad_out);
     const double grad_scale = std::max(1.0, x_ref.grad().abs().max().item<double>());
     CATCH_CHECK((x.grad() - x_ref.grad()).abs().max().item<double>() <= 1e-6 * grad_scale);
+  }
+}
+
+// ZeRO-1 under bf16 holds the untied head in bf16 (its fp32 master sharded, Tensor::set_grad_dtype
+// fp32). With train.loss_chunk_tokens > 0 the head's gradient is one bf16 matmul per chunk, as at zero
+// 0; zero 0's fp32 head sums the chunks in fp32, and so must the bf16-held head (it summed them in
+// bf16, a rounding per chunk, 1e-3 apart). Every gradient bit for bit zero 0's.
+CATCH_TEST_CASE("A bf16-held untied head under a chunked loss gets zero 0's fp32-summed gradient, bit for bit",
+                "[model][zero]") {
+  auto cfg = testing::tiny_model_config();
+  cfg.tie_embeddings = false;
+  torch::manual_seed(8);
+  const auto tokens = torch::randint(0, cfg.vocab_size, {3, 16}, torch::kLong);
+  const auto targets = torch::randint(0, cfg.vocab_size, {3, 16}, torch::kLong);
+  for (const bool sum : {false, true}) {
+    CATCH_INFO((sum ? "sum" : "mean"));
+    auto run = [&](bool held_in_bf16) {
+      model::Transformer m(cfg);
+      m->init_weights(4);
+      m->set_compute_dtype(torch::kBFloat16);
+      m->set_loss_chunk(5);  // 10 chunks of 48 tokens, the last short
+      if (held_in_bf16) {  // as ZeRO-1's first step does to every weight its uses cast
+        torch::NoGradGuard no_grad;
+        forget_cached_casts(m->lm_head);
+        m->lm_head.set_data(m->lm_head.detach().to(torch::kBFloat16));
+        m->lm_head.set_grad_dtype(torch::kFloat);
+      }
+      auto out = m->forward_loss(tokens, targets, -100, sum);
+      out.loss.backward();
+      std::vector<torch::Tensor> grads;
+      for (const auto& p : m->named_parameters()) grads.push_back(p.value().grad());
+      return grads;
+    };
+    const auto zero0 = run(false), held = run(true);
+    const auto names = model::Transformer(cfg)->named_parameters().keys();
+    for (size_t i = 0; i < zero0.size(); ++i) {
+      CATCH_INFO(names[i]);
+      CATCH_REQUIRE(held[i].defined());
+      CATCH_CHECK(held[i].scalar_type() == torch::kFloat);
+      CATCH_CHECK(torch::equal(held[i], zero0[i]));
+    }
   }
 }
