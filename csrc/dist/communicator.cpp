@@ -531,7 +531,10 @@ std::unique_ptr<Pending> Communicator::reduce_scatter_sum_async(const torch::Ten
 }
 
 std::unique_ptr<Pending> Communicator::all_gather_async(const torch::Tensor& in, torch::Tensor& out) {
-  out.view({-1}).copy_(all_gather(in.reshape({-1})));
+  TORCH_CHECK(out.is_contiguous() && out.numel() == in.numel() * world_size(), "[dist] all_gather_async on ", name(),
+              ": out holds ", out.numel(), " elements, expected ", world_size(), " x ", in.numel());
+  auto gathered = all_gather(in.reshape(-1));
+  if (gathered.data_ptr() != out.data_ptr()) out.view(-1).copy_(gathered);
   return std::make_unique<Done>();
 }
 
@@ -690,6 +693,8 @@ Layout make_layout(std::shared_ptr<Communicator> world, int expert_parallel, int
   if (pp == 1) {
     layout.ep = world->split(group, "ep" + list(group * expert_parallel, 1, expert_parallel));
     layout.edp = world->split(ep_rank, "edp" + list(ep_rank, expert_parallel, dp / expert_parallel));
+    layout.grad_dp = world->split(0, "grad_dp" + list(0, 1, dp));
+    layout.grad_edp = world->split(ep_rank, "grad_edp" + list(ep_rank, expert_parallel, dp / expert_parallel));
     layout.pp = make_single();
     layout.tie = make_single();
     layout.world = std::move(world);
@@ -701,6 +706,9 @@ Layout make_layout(std::shared_ptr<Communicator> world, int expert_parallel, int
   layout.ep = world->split(stage * dp + group, "ep" + list(base + group * expert_parallel, 1, expert_parallel));
   layout.edp = world->split(stage * dp + ep_rank, "edp" + list(base + ep_rank, expert_parallel, dp / expert_parallel));
   layout.pp = world->split(d, "pp" + list(d, dp, pp));
+  layout.grad_dp = world->split(stage, "grad_dp" + list(base, 1, dp));
+  layout.grad_edp =
+      world->split(stage * dp + ep_rank, "grad_edp" + list(base + ep_rank, expert_parallel, dp / expert_parallel));
   const bool end = stage == 0 || stage == pp - 1;
   auto tie = world->split(end ? d : dp + r, "tie[" + std::to_string(d) + "," + std::to_string((pp - 1) * dp + d) + "]");
   layout.tie = end ? std::move(tie) : make_single();

@@ -105,8 +105,9 @@ class Communicator {
   // blocking ones. The base class runs them at once (the CPU backends).
   virtual std::unique_ptr<Pending> all_reduce_sum_async(torch::Tensor& t);
   virtual std::unique_ptr<Pending> reduce_scatter_sum_async(const torch::Tensor& in, torch::Tensor& out);
-  // Every rank's `in` gathered into `out` (flat, world_size x in's elements, in rank order). `in` may be
-  // a view of `out` at this rank's share (the in-place form NCCL supports).
+  // Every rank's `in` end to end into `out` (flat, world_size x in's elements, in rank order). `in` may
+  // be the view of `out` at this rank's share (the in-place form NCCL supports: ZeRO-1's parameter
+  // buffers); `out` must not be touched until wait().
   virtual std::unique_ptr<Pending> all_gather_async(const torch::Tensor& in, torch::Tensor& out);
   virtual void barrier() = 0;
   // Point to point (the pipeline's activations and their gradients): sends `send` to rank `dst` and
@@ -150,6 +151,11 @@ struct Layout {
   std::shared_ptr<Communicator> edp;  // the replicas of this rank's experts
   std::shared_ptr<Communicator> pp;   // the same dp rank on every stage, in stage order (point to point)
   std::shared_ptr<Communicator> tie;  // first and last stage at pp > 1 (a tied embedding's two copies); else single
+  // The ranks of dp and edp again, split from the world for the gradient buckets only (all-reduce,
+  // reduce-scatter, ZeRO-1's all-gather): NCCL runs each communicator's work in order on its own stream,
+  // so gradient traffic never queues behind, or shares a communicator with, the expert-parallel and
+  // router collectives of another stream. Null in a Layout made by hand: the buckets then use dp/edp.
+  std::shared_ptr<Communicator> grad_dp, grad_edp;
   int ep_size() const { return ep->world_size(); }
   int ep_rank() const { return ep->rank(); }
   int pp_size() const { return pp ? pp->world_size() : 1; }

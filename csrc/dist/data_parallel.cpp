@@ -191,6 +191,12 @@ void DataParallel::sum_tied_gradients() {
   }
 }
 
+Communicator* gradient_group(const Layout& layout, bool experts) {
+  Communicator* group = experts ? (layout.grad_edp ? layout.grad_edp.get() : layout.edp.get())
+                                : (layout.grad_dp ? layout.grad_dp.get() : layout.dp.get());
+  return group ? group : layout.world.get();
+}
+
 std::vector<GradientReducer::Bucket> DataParallel::averaging_buckets(int64_t bucket_bytes) {
   std::vector<GradientReducer::Bucket> buckets;
   grad_buffers_.clear();
@@ -229,8 +235,7 @@ std::vector<GradientReducer::Bucket> DataParallel::averaging_buckets(int64_t buc
   enum Kind { kReplicated, kExpert, kTied };
   auto kind_of = [&](size_t i) { return tied_[i] ? kTied : sharded_[i] ? kExpert : kReplicated; };
   for (const Kind kind : {kReplicated, kExpert, kTied}) {
-    Communicator* group = kind == kExpert ? layout_->edp.get() : layout_->dp.get();
-    if (!group) group = layout_->world.get();
+    Communicator* group = gradient_group(*layout_, kind == kExpert);
     std::vector<size_t> members;
     int64_t bytes = 0;
     for (size_t i = params_.size(); i-- > 0;) {

@@ -163,6 +163,11 @@ class DataParallel {
   std::vector<bool> tied_, duplicate_;
 };
 
+// The group a gradient bucket is reduced over: the replicas of an expert's weights (edp) or of a
+// replicated weight (dp), through the communicators split for gradients alone (Layout::grad_edp,
+// grad_dp) where the layout has them.
+Communicator* gradient_group(const Layout& layout, bool experts);
+
 // The largest |element| over tensors (NaN if any is NaN): one fused pass, one host read.
 double max_abs(const std::vector<torch::Tensor>& tensors);
 

@@ -1,6 +1,8 @@
 // The optimizer step across ranks (see optimizer.h): replicated AdamW (zero 0) and ZeRO stage 1.
 #include "dist/optimizer.h"
 
+#include <torch/csrc/autograd/variable.h>
+
 #include <cmath>
 
 #include "common/errors.h"
@@ -82,7 +84,10 @@ class ReplicatedAdamW final : public Optimizer {
 // parallel.grad_bucket_mb of fp32 elements; each bucket is padded to a multiple of the group size n and split
 // into n equal shares, rank i holding share i (Megatron-Core shards each bucket the same way, so
 // that a bucket's reduce-scatter is one collective of bounded size). This rank's shares of all
-// buckets lie end to end in its shard tensors (gradient, moments).
+// buckets lie end to end in its shard tensors (gradient, moments). Each bucket owns two persistent
+// buffers, made once: its gradients (every member's .grad a view of it, so that backward accumulates
+// in place and the reduce-scatter reads it as it is) and, from the first step, its weights (every
+// member's data a view of it, so that the all-gather writes the parameters in place).
 struct ShardGroup {
   struct Segment {  // where a parameter's elements meet this rank's share of a bucket
     size_t param;         // index into the optimizer's parameters
@@ -97,7 +102,10 @@ struct ShardGroup {
     int64_t share = 0;             // padded / n
     int64_t shard_begin = 0;       // where this rank's share starts in the shard tensors
     std::vector<Segment> segments;
-    torch::Tensor reduced;         // while its reduce-scatter is in flight: this rank's share of the sum
+    torch::Tensor grad_flat;                // (padded) fp32: the members' gradients end to end
+    std::vector<torch::Tensor> grad_views;  // each member's slice of it, shaped like the member
+    torch::Tensor param_flat;               // (padded) in the held dtype: the members' weights end to end
+    std::vector<torch::Tensor> param_views;
   };
   Communicator* comm = nullptr;  // the replicas; its rank 0 writes these moments into checkpoints
   bool in_norm = true;           // false: a tied embedding's second copy, counted on the first stage
@@ -106,7 +114,7 @@ struct ShardGroup {
   bool masters = false;
   std::vector<Bucket> buckets;
   int64_t shard_numel = 0;
-  torch::Tensor grad, exp_avg, exp_avg_sq, master;  // this rank's shares, fp32
+  torch::Tensor grad, exp_avg, exp_avg_sq, master;  // (shard_numel) this rank's shares, fp32
 };
 
 class ShardedAdamW final : public Optimizer {
@@ -136,11 +144,13 @@ class ShardedAdamW final : public Optimizer {
       else
         (master ? replicated_masters : replicated).push_back(i);
     }
-    add_group(replicated, *layout.dp);
-    add_group(replicated_masters, *layout.dp, /*in_norm=*/true, /*masters=*/true);
-    add_group(experts, *layout.edp);
-    add_group(expert_masters, *layout.edp, /*in_norm=*/true, /*masters=*/true);
-    add_group(duplicates, *layout.dp, /*in_norm=*/false);
+    Communicator& replicas = *gradient_group(layout, /*experts=*/false);
+    Communicator& expert_replicas = *gradient_group(layout, /*experts=*/true);
+    add_group(replicated, replicas);
+    add_group(replicated_masters, replicas, /*in_norm=*/true, /*masters=*/true);
+    add_group(experts, expert_replicas);
+    add_group(expert_masters, expert_replicas, /*in_norm=*/true, /*masters=*/true);
+    add_group(duplicates, replicas, /*in_norm=*/false);
     std::vector<GradientReducer::Bucket> buckets;
     for (size_t gi = 0; gi < groups_.size(); ++gi)
       for (size_t bi = 0; bi < groups_[gi].buckets.size(); ++bi) {
@@ -155,10 +165,12 @@ class ShardedAdamW final : public Optimizer {
   }
 
   void zero_grad() override {
-    take_masters();
-    for (auto& p : params_)
-      if (p.grad().defined()) p.mutable_grad() = torch::Tensor();
-    for (auto& g : groups_) g.grad = torch::Tensor();
+    take_buffers();
+    for (auto& g : groups_)
+      for (auto& b : g.buckets) {
+        b.grad_flat.zero_();
+        attach_grads(b, /*copy_stray=*/false);
+      }
   }
 
   void before_last_backward() override { reducer_->arm(); }
@@ -185,35 +197,38 @@ class ShardedAdamW final : public Optimizer {
 
   // AdamW on this rank's shares (the same element-wise update as zero 0, so each element moves as it
   // would there given the same gradient; on CUDA LibTorch's fused kernel over the bucket's segments,
-  // as zero 0 uses it there), then each bucket's updated weights are all-gathered into the parameters.
-  // With masters, the update runs on them in place and the weights travel in the compute dtype: each
-  // parameter becomes its master rounded once, as zero 0's kept copy of it is.
+  // as zero 0 uses it there), in place in the bucket's weight buffer, then every bucket's all-gather
+  // fills the rest of its buffer in place: all launched, then waited on once. With masters, the update
+  // runs on them and the weights travel in the compute dtype: each parameter becomes its master
+  // rounded once, as zero 0's kept copy of it is.
   void step(double lr) override {
     torch::NoGradGuard no_grad;
     ++step_count_;
     const bool fused = params_.front().is_cuda();
+    std::vector<std::unique_ptr<Pending>> gathers;
     for (auto& g : groups_) {
-      for (const auto& b : g.buckets) {
-        auto weights = g.masters ? g.master.narrow(0, b.shard_begin, b.share) : torch::zeros({b.share}, fp32());
+      for (auto& b : g.buckets) {
+        rebind_params(b);
+        auto mine = b.param_flat.narrow(0, g.comm->rank() * b.share, b.share);
+        auto weights = g.masters ? g.master.narrow(0, b.shard_begin, b.share) : mine;
         std::vector<torch::Tensor> w, grads, m, v;
         std::vector<bool> decay;
         for (const auto& s : b.segments) {
           w.push_back(weights.narrow(0, s.shard_begin - b.shard_begin, s.length));
-          if (!g.masters) w.back().copy_(params_[s.param].detach().reshape(-1).narrow(0, s.param_begin, s.length));
           grads.push_back(g.grad.narrow(0, s.shard_begin, s.length));
           m.push_back(g.exp_avg.narrow(0, s.shard_begin, s.length));
           v.push_back(g.exp_avg_sq.narrow(0, s.shard_begin, s.length));
           decay.push_back(decay_[s.param]);
         }
         optim::adamw_step(w, grads, m, v, decay, cfg_, lr, step_count_, fused);
-        const auto sent = g.masters ? weights.to(compute_dtype_) : weights;
-        auto whole = g.comm->world_size() > 1 ? g.comm->all_gather(sent) : sent;
-        for (size_t k = 0; k < b.members.size(); ++k) {
-          auto& p = params_[b.members[k]];
-          p.detach().view(-1).copy_(whole.narrow(0, b.offsets[k], p.numel()));
-        }
+        if (g.masters) mine.copy_(weights);
+        if (g.comm->world_size() > 1) gathers.push_back(g.comm->all_gather_async(mine, b.param_flat));
       }
     }
+    for (auto& pending : gathers) pending->wait();
+    // The parameters were written through their buffers, not through themselves: their version counters
+    // move as a direct write's would (the compute-dtype copies of common/tensor.h check them).
+    for (auto& p : params_) torch::autograd::impl::bump_version(p);
   }
 
   int64_t step_count() const override { return step_count_; }
@@ -263,7 +278,7 @@ class ShardedAdamW final : public Optimizer {
 
   // Before the first step only: the checkpoint's weights went into the parameters, still fp32 then.
   void load_state(const std::function<void(optim::OptimizerState&)>& read) override {
-    if (masters_taken_)
+    if (buffers_taken_)
       throw Error("[dist] internal: ZeRO-1 optimizer state loaded after training began (the master weights are taken)");
     torch::NoGradGuard no_grad;
     optim::OptimizerState whole;
@@ -296,52 +311,81 @@ class ShardedAdamW final : public Optimizer {
  private:
   torch::TensorOptions fp32() const { return params_.front().options().dtype(torch::kFloat); }
 
-  // Each bucket's gradients are summed over the group by one reduce-scatter and scaled by 1/dp size,
-  // exactly as zero 0 averages them (the store backend sums in rank order either way, so each share
-  // equals that slice of zero 0's gradient bit for bit). The parameters' own gradients are released
-  // once copied: from here on the update reads the shares.
+  // Each bucket's gradients are summed over the group by one reduce-scatter of its gradient buffer,
+  // straight into this rank's share of the shard tensor, and scaled by 1/dp size, exactly as zero 0
+  // averages them (the store backend sums in rank order either way, so each share equals that slice of
+  // zero 0's gradient bit for bit).
   std::unique_ptr<Pending> launch_bucket(ShardGroup& g, ShardGroup::Bucket& b) {
-    auto flat = torch::zeros({b.padded}, fp32());
-    for (size_t k = 0; k < b.members.size(); ++k) {
-      auto& p = params_[b.members[k]];
-      flat.narrow(0, b.offsets[k], p.numel()).copy_(p.grad().reshape(-1));
-      p.mutable_grad() = torch::Tensor();
-    }
+    attach_grads(b, /*copy_stray=*/true);
+    auto share = g.grad.narrow(0, b.shard_begin, b.share);
     if (g.comm->world_size() == 1) {
-      b.reduced = flat;
+      share.copy_(b.grad_flat);
       return nullptr;
     }
-    b.reduced = torch::empty({b.share}, fp32());
-    return g.comm->reduce_scatter_sum_async(flat, b.reduced);
+    return g.comm->reduce_scatter_sum_async(b.grad_flat, share);
   }
 
   void complete_bucket(ShardGroup& g, ShardGroup::Bucket& b) {
-    if (!g.grad.defined()) g.grad = torch::zeros({g.shard_numel}, fp32());
-    g.grad.narrow(0, b.shard_begin, b.share).copy_(b.reduced).mul_(1.0 / parallel_.dp_size());
-    b.reduced = torch::Tensor();
+    g.grad.narrow(0, b.shard_begin, b.share).mul_(1.0 / parallel_.dp_size());
   }
 
-  // At the first step, after any checkpoint has been loaded into the (still fp32) parameters: the master
-  // groups keep this rank's shares of the weights in fp32, and their parameters become compute-dtype.
-  void take_masters() {
-    if (masters_taken_) return;
-    masters_taken_ = true;
+  // Points every member's .grad at its slice of the bucket's buffer; a gradient autograd put elsewhere
+  // (none was defined when backward reached it) is copied in first.
+  void attach_grads(ShardGroup::Bucket& b, bool copy_stray) {
+    for (size_t k = 0; k < b.members.size(); ++k) {
+      auto& p = params_[b.members[k]];
+      const auto& view = b.grad_views[k];
+      if (p.grad().defined() && p.grad().data_ptr() == view.data_ptr()) continue;
+      if (copy_stray) {
+        if (p.grad().defined())
+          view.copy_(p.grad());
+        else
+          view.zero_();
+      }
+      p.mutable_grad() = view;
+    }
+  }
+
+  // A parameter whose data was replaced since the buffers were made goes back into its slice.
+  void rebind_params(ShardGroup::Bucket& b) {
+    for (size_t k = 0; k < b.members.size(); ++k) {
+      auto& p = params_[b.members[k]];
+      const auto& view = b.param_views[k];
+      if (p.data_ptr() == view.data_ptr()) continue;
+      view.copy_(p.detach());
+      p.set_data(view);
+    }
+  }
+
+  // At the first step, after any checkpoint has been loaded into the (still fp32) parameters: each
+  // bucket's weights move into its buffer, the parameters becoming views of it. The master groups keep
+  // this rank's shares of the weights in fp32, and their parameters (and buffers) become compute-dtype.
+  void take_buffers() {
+    if (buffers_taken_) return;
+    buffers_taken_ = true;
     torch::NoGradGuard no_grad;
     for (auto& g : groups_) {
-      if (!g.masters) continue;
-      g.master = torch::zeros({g.shard_numel}, fp32());
+      if (g.masters) g.master = torch::zeros({g.shard_numel}, fp32());
       for (auto& b : g.buckets) {
-        for (const auto& s : b.segments)
-          g.master.narrow(0, s.shard_begin, s.length)
-              .copy_(params_[s.param].detach().reshape(-1).narrow(0, s.param_begin, s.length));
-        for (const size_t m : b.members) {
-          auto& p = params_[m];
-          forget_cached_casts(p);
-          p.mutable_grad() = torch::Tensor();
-          p.set_data(p.detach().to(compute_dtype_));
+        if (g.masters)
+          for (const auto& s : b.segments)
+            g.master.narrow(0, s.shard_begin, s.length)
+                .copy_(params_[s.param].detach().reshape(-1).narrow(0, s.param_begin, s.length));
+        const auto held = g.masters ? compute_dtype_ : params_[b.members.front()].scalar_type();
+        b.param_flat = torch::zeros({b.padded}, params_.front().options().dtype(held));
+        for (size_t k = 0; k < b.members.size(); ++k) {
+          auto& p = params_[b.members[k]];
+          auto view = b.param_flat.narrow(0, b.offsets[k], p.numel()).view(p.sizes());
+          view.copy_(p.detach());
+          if (g.masters) {
+            forget_cached_casts(p);
+            p.mutable_grad() = torch::Tensor();
+          }
+          p.set_data(view);
           // Autograd turns each use's gradient to fp32 before summing the uses (as zero 0's cast does) and
-          // accumulates the micro-batches in an fp32 .grad, which launch_bucket gathers and frees.
-          p.set_grad_dtype(torch::kFloat);
+          // accumulates the micro-batches into the fp32 gradient buffer, which the reduce-scatter reads.
+          if (g.masters) p.set_grad_dtype(torch::kFloat);
+          b.param_views.push_back(view);
         }
       }
     }
@@ -382,6 +426,14 @@ class ShardedAdamW final : public Optimizer {
       length += numel;
     }
     close(bucket, length);
+    for (auto& b : g.buckets) {
+      b.grad_flat = torch::zeros({b.padded}, fp32());
+      for (size_t k = 0; k < b.members.size(); ++k) {
+        const auto& p = params_[b.members[k]];
+        b.grad_views.push_back(b.grad_flat.narrow(0, b.offsets[k], p.numel()).view(p.sizes()));
+      }
+    }
+    g.grad = torch::zeros({g.shard_numel}, fp32());
     g.exp_avg = torch::zeros({g.shard_numel}, fp32());
     g.exp_avg_sq = torch::zeros({g.shard_numel}, fp32());
     groups_.push_back(std::move(g));
@@ -397,7 +449,7 @@ class ShardedAdamW final : public Optimizer {
   std::vector<ShardGroup> groups_;
   int64_t step_count_ = 0;
   torch::ScalarType compute_dtype_;
-  bool masters_taken_ = false;
+  bool buffers_taken_ = false;
 };
 
 }  // namespace

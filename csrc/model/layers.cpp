@@ -12,10 +12,13 @@ RMSNormImpl::RMSNormImpl(int dim, double eps) : eps_(eps) {
 }
 
 namespace {
+// LibTorch's rms_norm: one fused kernel on CUDA. A narrower x (bf16) is normalized and scaled in fp32
+// and rounded once, as the weight is fp32: on the CPU the same ops as x * rsqrt(mean(x^2) + eps) * w
+// written out, bit for bit (tests/model/test_fused_kernels.cpp).
 torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, double eps) {
-  auto xf = x.to(torch::promote_types(x.scalar_type(), torch::kFloat));  // fp32, or fp64 in gradient checks
-  auto normed = xf * torch::rsqrt(xf.pow(2).mean(-1, true) + eps);
-  return (normed * weight.to(normed.scalar_type())).to(x.scalar_type());
+  const auto wide = torch::promote_types(x.scalar_type(), torch::kFloat);  // fp32, or fp64 in gradient checks
+  auto normed = at::rms_norm(x.to(wide), {x.size(-1)}, weight.to(wide), eps);
+  return normed.to(x.scalar_type());
 }
 
 struct RecomputedNorm : torch::autograd::Function<RecomputedNorm> {
@@ -67,18 +70,32 @@ Rope Rope::make(int max_seq_len, int head_dim, double theta, torch::Device devic
   }
   auto angles = torch::outer(torch::arange(max_seq_len, torch::kDouble), inv_freq);  // (S, Hd/2)
   auto full = torch::cat({angles, angles}, 1);                                       // (S, Hd)
-  return {(full.cos() * cos_sin_scale).to(torch::kFloat).to(device),
-          (full.sin() * cos_sin_scale).to(torch::kFloat).to(device)};
+  Rope rope{(full.cos() * cos_sin_scale).to(torch::kFloat).to(device),
+            (full.sin() * cos_sin_scale).to(torch::kFloat).to(device)};
+  return rope.cached_in(torch::kFloat);
+}
+
+Rope Rope::cached_in(torch::ScalarType dtype) const {
+  Rope rope{cos_SHd, sin_SHd};
+  const int64_t half = sin_SHd.size(1) / 2;
+  rope.cos_cached = cos_SHd.to(dtype);
+  // rotate-half's sign on the first half: x * cos + (-x2, x1) * sin == x * cos + (x2, x1) * signed_sin
+  rope.signed_sin_cached = torch::cat({-sin_SHd.narrow(1, 0, half), sin_SHd.narrow(1, half, half)}, 1).to(dtype);
+  return rope;
 }
 
 torch::Tensor Rope::apply(const torch::Tensor& x, int64_t offset) const {
   const int64_t S = x.size(2), half = x.size(3) / 2;
   TORCH_CHECK(offset + S <= cos_SHd.size(0), "[model] sequence of ", offset + S,
               " positions exceeds model.max_seq_len = ", cos_SHd.size(0));
-  auto cos = cos_SHd.narrow(0, offset, S).to(x.scalar_type());
-  auto sin = sin_SHd.narrow(0, offset, S).to(x.scalar_type());
-  auto rotated = torch::cat({-x.narrow(3, half, half), x.narrow(3, 0, half)}, 3);
-  return x * cos + rotated * sin;
+  // The tables of x's dtype, cast once when the model was placed (another dtype, fp64 in gradient
+  // checks, is cast here).
+  const bool cached = cos_cached.defined() && cos_cached.scalar_type() == x.scalar_type();
+  auto cos = (cached ? cos_cached : cos_SHd.to(x.scalar_type())).narrow(0, offset, S);
+  auto sin = (cached ? signed_sin_cached : cached_in(x.scalar_type()).signed_sin_cached).narrow(0, offset, S);
+  // (x2, x1): the two halves swapped by one flip of a (2, Hd/2) view, where a cat of -x2 and x1 takes two kernels.
+  auto swapped = x.unflatten(3, {2, half}).flip(3).flatten(3);
+  return x * cos + swapped * sin;
 }
 
 AttentionImpl::AttentionImpl(const config::ModelConfig& cfg)
@@ -165,8 +182,13 @@ torch::Tensor MLAttentionImpl::forward(const torch::Tensor& x_BSD, const Rope& r
   auto query = torch::cat({q.narrow(3, 0, nope_dim_), q_pe}, 3);
   auto key = torch::cat({kv.narrow(3, 0, nope_dim_), k_pe.expand({B, H, S, rope_dim_})}, 3);
   auto value = kv.narrow(3, nope_dim_, v_dim_);
+  // Flash attention wants one head dim for q, k and v: the value is padded with zeros to the query's
+  // (DeepSeek-V3: 128 to 192), which adds zero columns to the output, sliced off again.
+  const int64_t qk_dim = nope_dim_ + rope_dim_;
+  if (v_dim_ < qk_dim) value = torch::constant_pad_nd(value, {0, qk_dim - v_dim_});
   auto y = at::scaled_dot_product_attention(query, key, value, /*attn_mask=*/{}, /*dropout_p=*/0.0, /*is_causal=*/true,
                                             softmax_scale_);
+  if (v_dim_ < qk_dim) y = y.narrow(3, 0, v_dim_);
   y = y.transpose(1, 2).reshape({B, S, H * v_dim_});
   return mm(y, wo);
 }

@@ -33,8 +33,13 @@ TORCH_MODULE(RMSNorm);
 struct Rope {
   torch::Tensor cos_SHd;  // (max_seq_len, Hd) fp32
   torch::Tensor sin_SHd;  // (max_seq_len, Hd) fp32
+  // The tables as apply() reads them, in one dtype (the compute dtype): cos, and sin with rotate-half's
+  // sign folded into its first half.
+  torch::Tensor cos_cached, signed_sin_cached;  // (max_seq_len, Hd)
   static Rope make(int max_seq_len, int head_dim, double theta, torch::Device device,
                    const config::YarnConfig& yarn = {});
+  // The same tables, cached in `dtype`.
+  Rope cached_in(torch::ScalarType dtype) const;
   // x: (B, H, S, Hd), positions [offset, offset + S).
   torch::Tensor apply(const torch::Tensor& x, int64_t offset = 0) const;
 };

@@ -267,7 +267,10 @@ struct ChunkedHeadLoss : torch::autograd::Function<ChunkedHeadLoss> {
       auto loss = chunk_loss_sum(hidden_cD, head_VD, targets_N.narrow(0, start, n), ignore_index, compute_dtype);
       auto g = torch::autograd::grad({loss}, {hidden_cD, head_VD}, {grads[0]});
       grad_hidden.narrow(0, start, n).copy_(g[0]);
-      grad_head = grad_head.defined() ? grad_head + g[1] : g[1];
+      // Summed in fp32 whatever dtype the head is held in: a head kept in bf16 (ZeRO-1's sharded masters)
+      // gets each chunk's bf16 gradient added as zero 0's fp32 head does, not rounded to bf16 per chunk.
+      auto chunk_grad = g[1].to(torch::promote_types(g[1].scalar_type(), torch::kFloat));
+      grad_head = grad_head.defined() ? grad_head + chunk_grad : chunk_grad;
     }
     return {grad_hidden, grad_head, torch::Tensor(), torch::Tensor(), torch::Tensor(), torch::Tensor()};
   }
@@ -465,7 +468,7 @@ void TransformerImpl::update_router_bias(const std::vector<torch::Tensor>& load_
 
 void TransformerImpl::place(torch::Device device, ComputeDtype compute_dtype) {
   to(device);
-  rope_ = make_rope(cfg_, device);
+  rope_ = make_rope(cfg_, device).cached_in(compute_dtype.value_or(torch::kFloat));
   compute_dtype_ = compute_dtype;
 }
 

@@ -157,7 +157,10 @@ class TransformerImpl : public torch::nn::Module {
   int64_t local_experts() const;
   const config::ModelConfig& config() const { return cfg_; }
   ComputeDtype compute_dtype() const { return compute_dtype_; }
-  void set_compute_dtype(ComputeDtype dtype) { compute_dtype_ = dtype; }
+  void set_compute_dtype(ComputeDtype dtype) {
+    compute_dtype_ = dtype;
+    rope_ = rope_.cached_in(dtype.value_or(torch::kFloat));
+  }
 
   torch::Tensor embed;    // (V, D); undefined on a pipeline stage that neither looks up, ties the head nor runs MTP
   torch::Tensor lm_head;  // (V, D); undefined when tied to embed, or off the last stage
