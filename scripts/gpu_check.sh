@@ -26,6 +26,8 @@
 #   - an OLMoE-1B-7B-shaped stack (4 layers, seq 4096, bf16): bench-step's tokens/s and MFU against
 #     transformers' OlmoeForCausalLM trained the same way on the same GPU (scripts/bench_step_hf.py),
 #     and the measured peak against plan's;
+#   - host syncs per step of tiny-deepseek in bf16 as counted (common/host_sync.h) beside the
+#     synchronising calls CUDA itself saw (c10's sync debug mode in warn);
 #   - where the machine has two GPUs or more: bench-step at world 2 with the gradient reduction
 #     overlapped with backward and not, the step times side by side.
 # Set GPU_CHECK_CTEST=1 to run the whole CPU suite there as well (a few more minutes).
@@ -213,6 +215,20 @@ print("step %.1f ms cast per use, %.1f ms kept (%.3fx), peak %.2f / %.2f GiB, sa
     per_use["peak_allocated_bytes"] / 2**30, kept["peak_allocated_bytes"] / 2**30, kept["last_loss"] == per_use["last_loss"]))
 PY
 )
+# Host syncs: what the step's code path counts (host_syncs_per_step) beside the synchronising calls
+# CUDA itself saw in the timed steps (c10's sync debug mode, one warning each).
+MOETRAIN_CUDA_SYNC_DEBUG=1 build-gpu/moetrain bench-step --config configs/tiny-deepseek.yaml --set run.device=cuda \
+  --set run.dtype=bf16 --set cost.gpu=h200 --set train.grad_accum=2 --warmup 2 --steps 3 --json \
+  > "$out/bench-syncs.json" 2> "$out/bench-syncs.log" || fail "bench sync debug"
+cuda_syncs=$(grep -c "synchronizing CUDA operation" "$out/bench-syncs.log" || true)
+syncs_line=$(python3 - "$out/bench-syncs.json" "$cuda_syncs" <<'PY' 2>/dev/null || echo "FAIL (see bench-syncs.log)"
+import json, sys
+j = json.loads([l for l in open(sys.argv[1]) if l.startswith("{")][-1])
+steps = j["steps"]
+print("host syncs per step %.1f counted (%s), CUDA saw %.1f per step; ops per step %.0f" % (
+    j["host_syncs_per_step"], json.dumps(j["host_syncs_by_reason"]), int(sys.argv[2]) / steps, j["ops_per_step"]))
+PY
+)
 # Gradient reduction overlapped with backward needs two data-parallel ranks, so two GPUs: bench-step
 # of tiny-deepseek at world 2 with overlap on and off, side by side, where the machine has them.
 gpus=$(nvidia-smi --query-gpu=name --format=csv,noheader | wc -l)
@@ -253,6 +269,7 @@ printf '%-24s %s\n' "bench DeepSeek-V3 2L" "$bench_line"
 printf '%-24s %s\n' "plan vs measured peak" "$plan_line"
 printf '%-24s %s\n' "OLMoE-shaped, 4 layers" "$olmoe_line"
 printf '%-24s %s\n' "bf16 copies kept" "$copies_line"
+printf '%-24s %s\n' "host syncs, tiny-ds" "$syncs_line"
 printf '%-24s %s\n' "overlap, world 2" "$overlap_line"
 echo "status: $([ $status = 0 ] && echo PASS || echo FAIL)"
 exit $status

@@ -14,7 +14,6 @@ namespace moetrain::cost {
 
 namespace {
 
-constexpr double kBucketBytes = 32.0 * 1024 * 1024;  // dist::DataParallel's and ZeRO-1's gradient buckets
 
 // Bytes autograd keeps per token for one block, and for the final norm. `cb` is the compute dtype's
 // size (4 fp32, 2 bf16). Matmuls keep their input; RMSNorm keeps its fp32 input and normalized output
@@ -170,14 +169,13 @@ MemoryPlan plan_stage(const config::Config& cfg, int world_size, int stage, int 
   else
     p.loss = 3 * 4 * chunk * m.vocab_size + (chunk < T ? 2 * 4 * double(m.vocab_size) * m.d_model : 0);
 
-  const double replicas_min = double(dp) / ep;  // experts have the fewest replicas
-  // zero 0 over several ranks keeps the gradients in its bucket buffers for the whole run and reduces
-  // them there, in place; zero 1 gathers each bucket for its reduce-scatter and frees the gradients.
-  const double resident_gradients = dp > 1 && !sharded ? p.gradients : 0;
-  if (sharded)
-    p.communication = p.optimizer / 2 + std::min(kBucketBytes, p.gradients) * (1 + 1 / replicas_min);
-  else
-    p.communication = 0;
+  // Over several ranks both stages keep the gradients in their bucket buffers for the whole run and
+  // reduce them there, in place; zero 1's reduce-scatter writes this rank's share into the shard
+  // gradient it keeps too (fp32, the size of one moment), and its all-gather writes the weight
+  // buffers in place: no bucket is copied for either collective.
+  const double gradient_buffers = dp > 1 ? p.gradients : 0;
+  const double resident_gradients = gradient_buffers + (sharded ? p.optimizer / 2 : 0);
+  p.communication = 0;
   if (pp > 1) p.communication += 2 * 4 * T * m.d_model;  // the received activation and its gradient
 
   // 1F1B on this stage: before its k-th backward the forwards of in_flight(k) micro-batches are
@@ -187,7 +185,7 @@ MemoryPlan plan_stage(const config::Config& cfg, int world_size, int stage, int 
   const int micro = std::max(1, p.grad_accum);
   const int warmup = std::min(pp - stage - 1, micro), steady = micro - warmup;
   auto in_flight = [&](int k) { return k < steady ? warmup + 1 : micro - k; };
-  const double gradients = p.gradients - resident_gradients;  // when they come and go
+  const double gradients = p.gradients - gradient_buffers;  // when they come and go
   const double kept = p.activations * in_flight(0);
   const double kept_beside_gradients = micro > 1 ? p.activations * in_flight(1) + gradients : 0;
   const double resident = p.weights + p.master_weights + (kept_copies ? p.compute_copy : 0) + p.optimizer +
@@ -195,9 +193,7 @@ MemoryPlan plan_stage(const config::Config& cfg, int world_size, int stage, int 
   const double copies = kept_copies ? 0 : p.compute_copy;  // when they live in forward and backward only
   const double backward = resident + copies + std::max(kept, kept_beside_gradients) + p.loss;
   const double recompute = checkpointing ? resident + copies + gradients + kept + T * largest_block : 0;
-  // zero 1 has freed the whole gradients by then (each bucket once copied for its reduce-scatter): the
-  // shares are in p.communication.
-  const double optimizer_step = resident + (sharded ? 0 : gradients) + p.communication +
+  const double optimizer_step = resident + gradients + p.communication +
                                 2 * largest_param_bytes(m, ep);
   p.peak = backward, p.peak_moment = "backward";
   if (recompute > p.peak) p.peak = recompute, p.peak_moment = "recompute";

@@ -6,8 +6,9 @@
 //   compute copy   in bf16, the bf16 copy of every weight, kept from one update to the next; with
 //                  run.keep_compute_copies false the casts autograd keeps for backward (with full
 //                  checkpointing one block's, beside the embedding and head)
-//   gradients      fp32, the size of the weights; at zero 0 over several ranks held for the whole run
-//                  in the gradient buckets' buffers, else from the first backward to the update
+//   gradients      fp32, the size of the weights; over several ranks held for the whole run in the
+//                  gradient buckets' buffers (zero 1 keeps its reduced share beside them, the size of
+//                  one moment, in the peak), else from the first backward to the update
 //   optimizer      AdamW's two fp32 moments, divided over each parameter's replicas at parallel.zero 1
 //   activations    what autograd saves for one micro-batch: per token and layer, the tensors each op
 //                  keeps (norms, projections, RoPE, attention inputs and output, the routed rows and
@@ -17,9 +18,8 @@
 //   loss           the log-probabilities, their gradient and the logits' gradient at the start of
 //                  backward (3 x tokens x vocab fp32), or the same over loss_chunk_tokens rows and
 //                  the head's gradient accumulated over the chunks
-//   communication  at zero 1 a gradient bucket gathered for its reduce-scatter (32 MiB) and this
-//                  rank's gradient shares (zero 0 reduces in place, in the buckets' buffers); with
-//                  a pipeline, the received activation and gradient of one micro-batch
+//   communication  with a pipeline, the received activation and gradient of one micro-batch (the
+//                  gradient collectives read and write the buckets' buffers in place)
 // With a pipeline (parallel.pipeline_parallel) each stage is planned apart: its blocks' weights and
 // their state (the embedding on the first stage, the final norm and head on the last, a tied
 // embedding on both), the activations of the micro-batches 1F1B keeps in flight on it, and the loss

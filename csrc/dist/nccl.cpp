@@ -158,49 +158,26 @@ class NcclCommunicator final : public Communicator {
     return out;
   }
 
-  torch::Tensor all_to_all(const torch::Tensor& in_, const std::vector<int64_t>& send_rows,
+  torch::Tensor all_to_all(const torch::Tensor& in, const std::vector<int64_t>& send_rows,
                            const std::vector<int64_t>& recv_rows) override {
-    auto in = in_.contiguous();
-    check_tensor("all_to_all", in);
-    const int W = world_size();
-    if (int(send_rows.size()) != W || int(recv_rows.size()) != W)
-      throw DistError("all_to_all on " + name_ + ": splits need " + std::to_string(W) + " entries, got " +
-                      std::to_string(send_rows.size()) + " and " + std::to_string(recv_rows.size()));
-    int64_t total_send = 0;
-    for (int r = 0; r < W; ++r) {
-      if (send_rows[r] < 0 || recv_rows[r] < 0)
-        throw DistError("all_to_all on " + name_ + ": negative split for rank " + std::to_string(r));
-      total_send += send_rows[r];
+    return all_to_all_group({{in, send_rows, recv_rows}}).front();
+  }
+
+  // Every part's sends and receives in one NCCL group: one operation, one completion event.
+  std::vector<torch::Tensor> all_to_all_group(const std::vector<AllToAllPart>& parts) override {
+    std::vector<torch::Tensor> ins, outs;
+    for (const auto& part : parts) {
+      ins.push_back(checked_all_to_all_input(part));
+      auto shape = ins.back().sizes().vec();
+      shape[0] = 0;
+      for (auto n : part.recv_rows) shape[0] += n;
+      outs.push_back(torch::empty(shape, ins.back().options()));
     }
-    // NCCL trusts the counts: a wrong sum would read past the input or leave peers waiting forever.
-    if (in.dim() < 1 || total_send != in.size(0))
-      throw DistError("all_to_all on " + name_ + ": send splits sum to " + std::to_string(total_send) +
-                      " rows, the input has " + (in.dim() < 1 ? std::string("no rows (a scalar)") : std::to_string(in.size(0))));
-    int64_t per_row = 1;  // elements per row of dim 0
-    for (int64_t d = 1; d < in.dim(); ++d) per_row *= in.size(d);
-    int64_t total_recv = 0;
-    for (auto n : recv_rows) total_recv += n;
-    auto shape = in.sizes().vec();
-    shape[0] = total_recv;
-    auto out = torch::empty(shape, in.options());
-    const auto type = nccl_type(in);
-    const size_t item = in.element_size();
-    auto* src = static_cast<char*>(in.data_ptr());
-    auto* dst = static_cast<char*>(out.data_ptr());
     call("all_to_all", ncclGroupStart());
-    int64_t send_off = 0, recv_off = 0;
-    for (int r = 0; r < W; ++r) {
-      if (send_rows[r] > 0 && r != rank_) all_to_all_bytes_sent_ += send_rows[r] * per_row * int64_t(item);
-      if (send_rows[r] > 0)
-        call("all_to_all", ncclSend(src + send_off * per_row * item, size_t(send_rows[r] * per_row), type, r, comm_, stream()));
-      if (recv_rows[r] > 0)
-        call("all_to_all", ncclRecv(dst + recv_off * per_row * item, size_t(recv_rows[r] * per_row), type, r, comm_, stream()));
-      send_off += send_rows[r];
-      recv_off += recv_rows[r];
-    }
+    for (size_t i = 0; i < parts.size(); ++i) post_all_to_all(ins[i], parts[i].send_rows, parts[i].recv_rows, outs[i]);
     call("all_to_all", ncclGroupEnd());
     enqueued("all_to_all", c10::cuda::getCurrentCUDAStream());
-    return out;
+    return outs;
   }
 
   void send_recv(const torch::Tensor& send_, int dst, torch::Tensor& recv, int src) override {
@@ -285,6 +262,48 @@ class NcclCommunicator final : public Communicator {
   }
 
  private:
+  // An all_to_all part's input, contiguous, after the checks NCCL itself does not make: it trusts the
+  // counts, and a wrong sum would read past the input or leave peers waiting forever.
+  torch::Tensor checked_all_to_all_input(const AllToAllPart& part) const {
+    auto in = part.in.contiguous();
+    check_tensor("all_to_all", in);
+    const int W = world_size();
+    if (int(part.send_rows.size()) != W || int(part.recv_rows.size()) != W)
+      throw DistError("all_to_all on " + name_ + ": splits need " + std::to_string(W) + " entries, got " +
+                      std::to_string(part.send_rows.size()) + " and " + std::to_string(part.recv_rows.size()));
+    int64_t total_send = 0;
+    for (int r = 0; r < W; ++r) {
+      if (part.send_rows[r] < 0 || part.recv_rows[r] < 0)
+        throw DistError("all_to_all on " + name_ + ": negative split for rank " + std::to_string(r));
+      total_send += part.send_rows[r];
+    }
+    if (in.dim() < 1 || total_send != in.size(0))
+      throw DistError("all_to_all on " + name_ + ": send splits sum to " + std::to_string(total_send) +
+                      " rows, the input has " + (in.dim() < 1 ? std::string("no rows (a scalar)") : std::to_string(in.size(0))));
+    return in;
+  }
+
+  // The sends and receives of one all_to_all, inside the caller's NCCL group.
+  void post_all_to_all(const torch::Tensor& in, const std::vector<int64_t>& send_rows,
+                       const std::vector<int64_t>& recv_rows, torch::Tensor& out) {
+    int64_t per_row = 1;  // elements per row of dim 0
+    for (int64_t d = 1; d < in.dim(); ++d) per_row *= in.size(d);
+    const auto type = nccl_type(in);
+    const size_t item = in.element_size();
+    auto* src = static_cast<char*>(in.data_ptr());
+    auto* dst = static_cast<char*>(out.data_ptr());
+    int64_t send_off = 0, recv_off = 0;
+    for (int r = 0; r < world_size(); ++r) {
+      if (send_rows[r] > 0 && r != rank_) all_to_all_bytes_sent_ += send_rows[r] * per_row * int64_t(item);
+      if (send_rows[r] > 0)
+        call("all_to_all", ncclSend(src + send_off * per_row * item, size_t(send_rows[r] * per_row), type, r, comm_, stream()));
+      if (recv_rows[r] > 0)
+        call("all_to_all", ncclRecv(dst + recv_off * per_row * item, size_t(recv_rows[r] * per_row), type, r, comm_, stream()));
+      send_off += send_rows[r];
+      recv_off += recv_rows[r];
+    }
+  }
+
   static cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 
   CollectiveName name_of(const char* op) const { return CollectiveName{op, round_, name_, world_ranks_, world_rank_of(rank_)}; }

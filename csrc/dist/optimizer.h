@@ -1,6 +1,6 @@
 // The optimizer step across the job's ranks, one object the step calls in order:
 //   zero_grad, (forward and backward, before_last_backward before the last micro-batch's),
-//   reduce_gradients, clip_gradients, step.
+//   reduce_gradients, norm_part (with the step's health), scale_gradients (clipping), step.
 // Both stages reduce the gradients in buckets through a GradientReducer (dist/data_parallel.h): with
 // parallel.overlap_grad_reduce, during the last backward as each bucket completes.
 // parallel.zero chooses how the work and the state are split over a parameter's replicas (the world

@@ -9,7 +9,10 @@
 #include "cost/memory.h"
 #include "train/step.h"
 
+#include <c10/cuda/CUDAFunctions.h>
 #include <sys/resource.h>
+
+#include <cstdlib>
 
 namespace moetrain::train {
 
@@ -69,6 +72,10 @@ BenchResult bench_steps(const config::Config& given, int warmup_steps, int steps
       p2p_bytes_at_start = layout->pp->p2p_bytes_sent();
       reset_host_sync_counts();
       ops.emplace();
+      // What CUDA itself sees (scripts/gpu_check.sh): a warning at every synchronising CUDA call of the
+      // timed steps, to set beside host_syncs_per_step.
+      if (device.is_cuda() && std::getenv("MOETRAIN_CUDA_SYNC_DEBUG"))
+        c10::cuda::warning_state().set_sync_debug_mode(c10::cuda::SyncDebugMode::L_WARN);
     }
     const double lr = optim::learning_rate(cfg.optim, i, std::max<int64_t>(1, cfg.optim.decay_steps > 0 ? cfg.optim.decay_steps : cfg.train.steps));
     const double start = now_s();
@@ -84,6 +91,7 @@ BenchResult bench_steps(const config::Config& given, int warmup_steps, int steps
              (i < warmup_steps ? " (warm-up)" : "") + " | " + format_double(took * 1e3, 4) + " ms | loss " +
              format_double(outcome.loss, 4));
   }
+  if (device.is_cuda()) c10::cuda::warning_state().set_sync_debug_mode(c10::cuda::SyncDebugMode::L_DISABLED);
   const auto syncs = host_sync_counts();
   r.ops_per_step = double(ops->count()) / steps;
   ops.reset();

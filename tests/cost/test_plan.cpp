@@ -62,7 +62,7 @@ CATCH_TEST_CASE("plan: weights, gradients and AdamW by hand, ZeRO-1 divides the 
   const auto z = cost::plan_memory(cfg, 4);
   CATCH_CHECK(z.optimizer == Approx(cost::estimate_memory(cfg.model, 2, 4, 1).optimizer_bytes));
   CATCH_CHECK(z.optimizer < cost::estimate_memory(cfg.model, 2, 4, 0).optimizer_bytes / 2);
-  CATCH_CHECK(z.communication > 0);
+  CATCH_CHECK(z.communication == 0);  // the collectives read and write the bucket buffers in place
 
   // Fit advice: a capacity just above the peak at micro-batch 4 allows 4 (and not 8).
   cfg.parallel = {};
