@@ -254,10 +254,6 @@ std::vector<GradientReducer::Bucket> DataParallel::averaging_buckets(int64_t buc
   return buckets;
 }
 
-void DataParallel::sum_over_expert_group(torch::Tensor& t) const {
-  if (layout_->ep_size() > 1) layout_->ep->all_reduce_sum(t);
-}
-
 void DataParallel::sum_load(std::vector<torch::Tensor>& load_LE, std::vector<torch::Tensor>& dropped_L) const {
   if (dp_size() == 1 || load_LE.empty()) return;
   auto all = torch::cat({torch::stack(load_LE), torch::stack(dropped_L).unsqueeze(1)}, 1);  // (L, E + 1)
@@ -277,7 +273,7 @@ double max_abs(const std::vector<torch::Tensor>& tensors) {
   if (defined.empty()) return 0;
   std::vector<torch::Tensor> maxima;
   for (const auto& m : at::_foreach_norm(defined, INFINITY)) maxima.push_back(m.to(torch::kDouble));
-  return torch::stack(maxima).max().item<double>();  // max propagates NaN
+  return host_double(torch::stack(maxima).max(), "dist.max_abs");  // max propagates NaN
 }
 
 }  // namespace moetrain::dist

@@ -133,10 +133,8 @@ class DataParallel {
   std::vector<std::string> names() const { return names_; }
   // Which parameters are a second copy (model::RoledParam::duplicate), parallel to params().
   const std::vector<bool>& duplicate() const { return duplicate_; }
-  // Which parameters are sharded over the ep group (expert role at ep > 1), parallel to params(), and
-  // the sum of a per-rank partial over that group: what a global gradient norm needs.
+  // Which parameters are sharded over the ep group (expert role at ep > 1), parallel to params().
   const std::vector<bool>& sharded() const { return sharded_; }
-  void sum_over_expert_group(torch::Tensor& t) const;
   // The step's expert load and drops summed over the stage's dp ranks (those holding the same
   // layers), so every rank moves its routers' balancing biases alike.
   void sum_load(std::vector<torch::Tensor>& load_LE, std::vector<torch::Tensor>& dropped_L) const;

@@ -99,31 +99,14 @@ torch::Tensor sum_of_squares(const std::vector<torch::Tensor>& grads) {
   return torch::stack(at::_foreach_norm(fp32, 2)).pow(2).sum();
 }
 
-double clip_grad_norm(const std::vector<torch::Tensor>& params, double max_norm, const NormReduction& over) {
+double clip_grad_norm(const std::vector<torch::Tensor>& params, double max_norm) {
   torch::NoGradGuard no_grad;
-  std::vector<torch::Tensor> plain, sharded, all;
-  for (size_t i = 0; i < params.size(); ++i) {
-    const auto& g = params[i].grad();
-    if (!g.defined()) continue;
-    all.push_back(g);
-    if (i < over.skip.size() && over.skip[i]) continue;
-    (i < over.sharded.size() && over.sharded[i] ? sharded : plain).push_back(g);
-  }
-  if (plain.empty() && sharded.empty() && !over.sum_sharded && !over.sum_total) return 0.0;
-  auto total = sum_of_squares(plain);
-  if (over.sum_sharded) {
-    auto part = sum_of_squares(sharded);
-    part = part.to(total.device()).reshape({1}).contiguous();
-    over.sum_sharded(part);
-    total = total.to(part.device()) + part[0];
-  }
-  if (over.sum_total) {
-    auto all = total.reshape({1}).contiguous();
-    over.sum_total(all);
-    total = all[0];
-  }
-  const double norm = host_double(total.sqrt(), "step.grad_norm");  // the one host synchronisation
-  if (max_norm > 0 && norm > max_norm && !all.empty()) at::_foreach_mul_(all, max_norm / (norm + 1e-6));
+  std::vector<torch::Tensor> grads;
+  for (const auto& p : params)
+    if (p.grad().defined()) grads.push_back(p.grad());
+  if (grads.empty()) return 0.0;
+  const double norm = std::sqrt(host_double(sum_of_squares(grads), "step.grad_norm"));
+  if (max_norm > 0 && norm > max_norm) at::_foreach_mul_(grads, max_norm / (norm + 1e-6));
   return norm;
 }
 

@@ -73,21 +73,11 @@ void adamw_step(const std::vector<torch::Tensor>& params, const std::vector<torc
 // Linear warmup to optim.lr over warmup_steps, then cosine decay to min_lr at total_steps (or constant).
 double learning_rate(const config::OptimConfig& cfg, int64_t step, int64_t total_steps);
 
-// How a gradient norm spans ranks: params marked in `sharded` (experts under expert parallelism) differ
-// across ranks, so their squared sum goes through `sum_sharded` (a sum over the ranks that share
-// them); params marked in `skip` (a second copy of a tied weight) are left out; and the total squared
-// sum then goes through `sum_total` (a sum over pipeline stages, each holding other parameters).
-struct NormReduction {
-  std::vector<bool> sharded;
-  std::function<void(torch::Tensor&)> sum_sharded;
-  std::vector<bool> skip;
-  std::function<void(torch::Tensor&)> sum_total;
-};
 // The sum of the tensors' squared elements, accumulated in fp32 (a () tensor on their device; 0 on the
 // CPU when there are none).
 torch::Tensor sum_of_squares(const std::vector<torch::Tensor>& tensors);
-// Global L2 norm of all gradients (fp32 accumulation); scales them to max_norm when above it (max_norm
-// > 0). Every rank of the job gets the same norm and clips alike.
-double clip_grad_norm(const std::vector<torch::Tensor>& params, double max_norm, const NormReduction& over = {});
+// L2 norm of one process's gradients (fp32 accumulation); scales them to max_norm when above it
+// (max_norm > 0). Across ranks the step gathers dist::Optimizer::norm_part with its health instead.
+double clip_grad_norm(const std::vector<torch::Tensor>& params, double max_norm);
 
 }  // namespace moetrain::optim
