@@ -114,12 +114,14 @@ CATCH_TEST_CASE("prepare_data.py: prompt/response jsonl masks exactly the respon
   const int64_t eos = ids.back()[0];
   std::vector<int64_t> train_tokens, val_tokens;
   std::vector<uint8_t> train_mask, val_mask;
+  std::vector<uint64_t> train_starts;  // each record is a document of the version-2 shard
   for (size_t k = 0; k < pairs.size(); ++k) {
     auto& tokens = k < 4 ? train_tokens : val_tokens;
     auto& mask = k < 4 ? train_mask : val_mask;
     const auto& prompt = ids[2 * k];
     const auto& response = ids[2 * k + 1];
     CATCH_REQUIRE(!response.empty());
+    if (k < 4) train_starts.push_back(tokens.size());
     tokens.insert(tokens.end(), prompt.begin(), prompt.end());
     tokens.insert(tokens.end(), response.begin(), response.end());
     tokens.push_back(eos);
@@ -136,7 +138,7 @@ CATCH_TEST_CASE("prepare_data.py: prompt/response jsonl masks exactly the respon
 
   // The mask file is byte for byte what the C++ writer writes for the same entries.
   files::make_directories(dir.str("cpp"));
-  data::write_shard(dir.str("cpp/train.bin"), train_tokens, train.vocab_size());
+  data::write_shard(dir.str("cpp/train.bin"), train_tokens, train.vocab_size(), train_starts);
   data::write_mask(dir.str("cpp/train.bin"), train_mask);
   CATCH_CHECK(files::read_file(dir.str("cpp/train.bin")) == files::read_file(dir.str("out/train.bin")));
   CATCH_CHECK(files::read_file(dir.str("cpp/train.mask.bin")) == files::read_file(dir.str("out/train.mask.bin")));
@@ -255,7 +257,7 @@ CATCH_TEST_CASE("prepare_data.py: a vocabulary past 65536 gives uint32 tokens, t
   CATCH_CHECK(tokens_of(train) == expected);
   CATCH_CHECK(tokens_of(val) == std::vector<int64_t>{65535, 0, 70001});
   files::make_directories(dir.str("cpp"));
-  data::write_shard(dir.str("cpp/train.bin"), expected, 70002);
+  data::write_shard(dir.str("cpp/train.bin"), expected, 70002, {0});  // one record, one document
   CATCH_CHECK(files::read_file(dir.str("cpp/train.bin")) == files::read_file(dir.str("out/train.bin")));
 }
 
