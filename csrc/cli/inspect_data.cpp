@@ -58,7 +58,7 @@ int run_inspect_data(const std::vector<std::string>& argv) {
       s.smallest_shard = std::min<uint64_t>(s.smallest_shard, shard.size());
       s.vocab_bound = std::max(s.vocab_bound, shard.vocab_size());
       s.vocab_from_header = s.vocab_from_header && shard.vocab_in_header();
-      if (shard.format() == data::ShardFormat::megatron) s.documents += shard.documents();
+      if (shard.has_documents()) s.documents += shard.documents();
       else s.documents_known = false;
     }
     if (s.shards > 0) splits.push_back(s);

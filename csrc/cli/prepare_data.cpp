@@ -14,6 +14,9 @@ int run_prepare_data(const std::vector<std::string>& argv) {
                         {{"text", "FILE", "input text file (repeatable; concatenated in order)", true},
                          {"out", "DIR", "output folder"},
                          {"val-fraction", "F", "share of the text (its end) kept for validation (default 0.05)"},
+                         {"document-separator", "LINE",
+                          "a line that is exactly LINE ends a document (default: each file is one document); "
+                          "data.packing: documents packs whole documents"},
                          {"overwrite", "", "replace the shards (and loss masks) already in the --out folder"}}};
   Args args(command, argv);
   if (args.help()) {
@@ -24,9 +27,11 @@ int run_prepare_data(const std::vector<std::string>& argv) {
   const double val_fraction = args.get_double("val-fraction", 0.05);
   if (!(val_fraction > 0 && val_fraction < 1)) throw UsageError("--val-fraction must be in (0, 1)");
   const std::string out = args.require("out");
-  const auto stats = data::prepare_text(args.all("text"), out, val_fraction, args.has("overwrite"));
-  log_line("wrote " + out + "/train.bin (" + format_count(double(stats.train_tokens)) + " tokens) and " + out +
-           "/val.bin (" + format_count(double(stats.val_tokens)) + " tokens)");
+  const auto stats = data::prepare_text(args.all("text"), out, val_fraction, args.has("overwrite"),
+                                        args.get("document-separator", ""));
+  log_line("wrote " + out + "/train.bin (" + format_count(double(stats.train_tokens)) + " tokens, " +
+           std::to_string(stats.train_documents) + " documents) and " + out + "/val.bin (" +
+           format_count(double(stats.val_tokens)) + " tokens, " + std::to_string(stats.val_documents) + " documents)");
   return 0;
 }
 

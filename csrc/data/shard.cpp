@@ -32,6 +32,8 @@ constexpr int32_t kLlmcGpt2Magic = 20240520, kLlmcLlama3Magic = 20240801;
 constexpr uint64_t kLlmcHeaderBytes = 256 * 4;
 constexpr char kMegatronMagic[9] = {'M', 'M', 'I', 'D', 'I', 'D', 'X', '\0', '\0'};
 constexpr uint64_t kMegatronHeaderBytes = 9 + 8 + 1 + 8 + 8;
+constexpr char kDocsMagic[8] = {'M', 'O', 'E', 'D', 'O', 'C', 'S', '\0'};
+constexpr uint64_t kDocsHeaderBytes = 16;  // the magic and the document count
 constexpr char kMaskMagic[8] = {'M', 'O', 'E', 'M', 'A', 'S', 'K', '\0'};
 constexpr size_t kMaskHeaderBytes = 64;
 constexpr size_t kMaskNameOffset = 24, kMaskNameBytes = kMaskHeaderBytes - kMaskNameOffset;
@@ -143,7 +145,15 @@ constexpr uint64_t kMaxTextBytes = uint64_t(64) << 30;
 
 }  // namespace
 
-void write_shard(const std::string& path, const std::vector<int64_t>& tokens, uint64_t vocab_size) {
+void write_shard(const std::string& path, const std::vector<int64_t>& tokens, uint64_t vocab_size,
+                 const std::vector<uint64_t>& document_starts) {
+  for (size_t i = 0; i < document_starts.size(); ++i) {
+    const uint64_t at = document_starts[i];
+    if ((i == 0 && at != 0) || (i > 0 && at <= document_starts[i - 1]) || at >= tokens.size())
+      throw DataError(path + ": document " + std::to_string(i) + " starts at token " + std::to_string(at) +
+                      "; documents must start at 0, then at increasing offsets below the token count " +
+                      std::to_string(tokens.size()));
+  }
   if (vocab_size == 0 || vocab_size > (uint64_t(1) << 32)) {
     throw DataError(path + ": vocab_size " + std::to_string(vocab_size) + " must be in [1, 2^32]");
   }
@@ -155,7 +165,8 @@ void write_shard(const std::string& path, const std::vector<int64_t>& tokens, ui
   }
   const int bytes = bytes_for_vocab(vocab_size);
   uint8_t header[kHeaderBytes] = {};
-  const uint32_t version = kShardVersion, dtype_code = uint32_t(bytes);
+  const uint32_t version = document_starts.empty() ? kShardVersion : kShardVersionDocuments,
+                 dtype_code = uint32_t(bytes);
   const uint64_t count = tokens.size();
   std::memcpy(header, kMagic, 8);
   std::memcpy(header + 8, &version, 4);
@@ -176,6 +187,13 @@ void write_shard(const std::string& path, const std::vector<int64_t>& tokens, ui
       }
       files::write_all(fd, chunk.data(), chunk.size(), tmp_path);
     }
+    if (document_starts.empty()) return;
+    uint8_t table[kDocsHeaderBytes];
+    const uint64_t n_documents = document_starts.size();
+    std::memcpy(table, kDocsMagic, 8);
+    std::memcpy(table + 8, &n_documents, 8);
+    files::write_all(fd, table, kDocsHeaderBytes, tmp_path);
+    files::write_all(fd, document_starts.data(), 8 * document_starts.size(), tmp_path);
   });
 }
 
@@ -274,9 +292,10 @@ void Shard::open_moetrain(uint64_t file_size) {
   std::memcpy(&dtype_code, header + 12, 4);
   std::memcpy(&count_, header + 16, 8);
   std::memcpy(&vocab_, header + 24, 8);
-  if (version != kShardVersion) {
+  if (version != kShardVersion && version != kShardVersionDocuments) {
     throw DataError(path + ": header field 'version' is " + std::to_string(version) + ", expected " +
-                    std::to_string(kShardVersion));
+                    std::to_string(kShardVersion) + " (tokens) or " + std::to_string(kShardVersionDocuments) +
+                    " (tokens and document boundaries)");
   }
   if (dtype_code != 1 && dtype_code != 2 && dtype_code != 4) {
     throw DataError(path + ": header field 'dtype' is " + std::to_string(dtype_code) +
@@ -285,12 +304,96 @@ void Shard::open_moetrain(uint64_t file_size) {
   bytes_ = int(dtype_code);
   data_offset_ = kHeaderBytes;
   uint64_t data_bytes = 0;
-  if (__builtin_mul_overflow(count_, uint64_t(bytes_), &data_bytes) || data_bytes != file_size - kHeaderBytes) {
+  const bool with_documents = version == kShardVersionDocuments;
+  const uint64_t after_header = file_size - kHeaderBytes;
+  if (__builtin_mul_overflow(count_, uint64_t(bytes_), &data_bytes) ||
+      (with_documents ? data_bytes > after_header : data_bytes != after_header)) {
     throw DataError(path + ": header field 'count' says " + std::to_string(count_) + " tokens of " +
-                    std::to_string(bytes_) + " bytes but the file holds " + std::to_string(file_size - kHeaderBytes) +
+                    std::to_string(bytes_) + " bytes but the file holds " + std::to_string(after_header) +
                     " bytes after the header");
   }
   if (vocab_ == 0) throw DataError(path + ": header field 'vocab_size' is 0");
+  if (!with_documents) return;
+  // The document table after the tokens: its magic and count now, the offsets when asked for.
+  const uint64_t table_at = kHeaderBytes + data_bytes;
+  uint8_t table[kDocsHeaderBytes];
+  if (file_size - table_at < kDocsHeaderBytes || pread_full(fd_, table, kDocsHeaderBytes, table_at, path) != kDocsHeaderBytes)
+    throw DataError(path + ": version 2 promises a document table after its " + std::to_string(count_) +
+                    " tokens (at byte " + std::to_string(table_at) + "), but the file ends at byte " +
+                    std::to_string(file_size));
+  if (std::memcmp(table, kDocsMagic, 8) != 0)
+    throw DataError(path + ": bad document-table magic at byte " + std::to_string(table_at) +
+                    ": expected \"MOEDOCS\" after the tokens of a version-2 shard");
+  std::memcpy(&documents_, table + 8, 8);
+  documents_at_ = table_at + kDocsHeaderBytes;
+  const uint64_t left = file_size - documents_at_;
+  if (documents_ == 0 || documents_ > count_ || left != 8 * documents_)
+    throw DataError(path + ": the document table says " + std::to_string(documents_) + " documents, but " +
+                    std::to_string(left) + " bytes follow it (8 per document) for " + std::to_string(count_) +
+                    " tokens (expected 1 to that many documents)");
+}
+
+std::vector<uint64_t> Shard::document_starts() const {
+  if (format_ == ShardFormat::megatron) return megatron_document_starts();
+  if (documents_ == 0)
+    throw DataError(path_ + " marks no document boundaries (" +
+                    (format_ == ShardFormat::llmc ? std::string("an llm.c shard keeps none")
+                                                  : std::string("a version-1 shard")) +
+                    "): data.packing: documents needs them; write the data again with scripts/prepare_data.py from "
+                    "a .jsonl, or with moetrain prepare-data");
+  std::vector<uint64_t> starts(documents_);
+  const uint64_t want = 8 * documents_;
+  const uint64_t got = pread_full(fd_, starts.data(), want, documents_at_, path_);
+  if (got != want) throw_shrunk(path_, documents_at_, want, got, documents_at_ + want);
+  for (uint64_t i = 0; i < starts.size(); ++i)
+    if ((i == 0 && starts[i] != 0) || (i > 0 && starts[i] <= starts[i - 1]) || starts[i] >= count_)
+      throw DataError(path_ + ": document " + std::to_string(i) + " starts at token " + std::to_string(starts[i]) +
+                      " (the table must start at 0 and increase below the token count " + std::to_string(count_) +
+                      "): the document table is damaged");
+  return starts;
+}
+
+// Every sequence's size and each document's first sequence: token offsets of the documents. Empty
+// documents (a document index repeated, or sequences of no tokens) are left out.
+std::vector<uint64_t> Shard::megatron_document_starts() const {
+  const std::string& idx = index_path_;
+  const auto [idx_fd, idx_size] = open_file(idx, "Megatron index", kMegatronHeaderBytes);
+  struct Closer {
+    int fd;
+    ~Closer() { ::close(fd); }
+  } closer{idx_fd};
+  uint8_t header[kMegatronHeaderBytes];
+  if (pread_full(idx_fd, header, kMegatronHeaderBytes, 0, idx) != kMegatronHeaderBytes)
+    throw_shrunk(idx, 0, kMegatronHeaderBytes, 0, idx_size);
+  uint64_t n_sequences = 0, n_doc_indices = 0;
+  std::memcpy(&n_sequences, header + 18, 8);
+  std::memcpy(&n_doc_indices, header + 26, 8);
+  if (n_doc_indices != documents_ + 1)
+    throw DataError(idx + ": now holds " + std::to_string(n_doc_indices) + " document indices, " +
+                    std::to_string(documents_ + 1) + " when it was opened: it was rewritten while this run read it");
+  std::vector<int32_t> sizes(n_sequences);
+  std::vector<int64_t> docs(n_doc_indices);
+  const uint64_t sizes_at = kMegatronHeaderBytes, docs_at = sizes_at + 12 * n_sequences;
+  if (pread_full(idx_fd, sizes.data(), 4 * n_sequences, sizes_at, idx) != 4 * n_sequences ||
+      pread_full(idx_fd, docs.data(), 8 * n_doc_indices, docs_at, idx) != 8 * n_doc_indices)
+    throw_shrunk(idx, sizes_at, docs_at + 8 * n_doc_indices - sizes_at, 0, idx_size);
+  std::vector<uint64_t> sequence_start(n_sequences + 1, 0);
+  for (uint64_t i = 0; i < n_sequences; ++i) {
+    if (sizes[i] < 0) throw DataError(idx + ": sequence " + std::to_string(i) + " has a negative size");
+    sequence_start[i + 1] = sequence_start[i] + uint64_t(sizes[i]);
+  }
+  if (sequence_start.back() != count_)
+    throw DataError(idx + ": its sequences hold " + std::to_string(sequence_start.back()) + " tokens, " + path_ +
+                    " holds " + std::to_string(count_));
+  std::vector<uint64_t> starts;
+  for (uint64_t j = 0; j + 1 < n_doc_indices; ++j) {
+    if (docs[j] < 0 || docs[j + 1] < docs[j] || uint64_t(docs[j + 1]) > n_sequences)
+      throw DataError(idx + ": document index " + std::to_string(j) + " is " + std::to_string(docs[j]) +
+                      ", not a sequence index at or below the next one and the sequence count");
+    const uint64_t begin = sequence_start[uint64_t(docs[j])], end = sequence_start[uint64_t(docs[j + 1])];
+    if (end > begin) starts.push_back(begin);
+  }
+  return starts;
 }
 
 void Shard::open_llmc(uint64_t file_size) {
@@ -596,7 +699,7 @@ void require_window(const Shard& shard, int seq_len) {
 }
 
 PrepareStats prepare_text(const std::vector<std::string>& text_files, const std::string& out_dir,
-                          double val_fraction, bool overwrite) {
+                          double val_fraction, bool overwrite, const std::string& document_separator) {
   if (text_files.empty()) throw DataError("prepare_text: no text files given");
   if (!overwrite) {  // before any work: another corpus's shards are someone's data
     std::string present;
@@ -610,6 +713,7 @@ PrepareStats prepare_text(const std::vector<std::string>& text_files, const std:
     throw DataError("prepare_text: val_fraction " + std::to_string(val_fraction) + " must be in (0, 1)");
   }
   std::string text;
+  std::vector<uint64_t> starts;  // of the documents, in bytes (= tokens) of the joined text
   for (size_t i = 0; i < text_files.size(); ++i) {
     const std::string& file = text_files[i];
     if (!files::file_size(file))
@@ -621,7 +725,20 @@ PrepareStats prepare_text(const std::vector<std::string>& text_files, const std:
       throw DataError(std::string("text file: ") + e.what());
     }
     if (i > 0) text += '\n';
+    starts.push_back(text.size());
     text += contents;
+  }
+  // A line that is exactly the separator ends its document (and stays in it: the token stream is the
+  // same with or without separators; only the boundaries differ).
+  if (!document_separator.empty()) {
+    const std::string line = document_separator + "\n";
+    const std::vector<uint64_t> file_starts = starts;
+    for (size_t at = 0; (at = text.find(line, at)) != std::string::npos; at += line.size()) {
+      const uint64_t next = at + line.size();  // a file's last line: the next file starts after the join
+      const bool ends_file = std::binary_search(file_starts.begin(), file_starts.end(), next + 1);
+      if ((at == 0 || text[at - 1] == '\n') && !ends_file) starts.push_back(next);
+    }
+    std::sort(starts.begin(), starts.end());
   }
 
   // Split right after the last newline at or before the target point (else the first one after it).
@@ -660,9 +777,15 @@ PrepareStats prepare_text(const std::vector<std::string>& text_files, const std:
     if (files::exists(mask) && ::unlink(mask.c_str()) != 0)  // a stale mask would mask this text
       throw DataError("cannot remove the old loss mask " + mask + ": " + errno_text());
   }
-  write_shard(files::join(out_dir, "train.bin"), train, ByteTokenizer::vocab_size);
-  write_shard(files::join(out_dir, "val.bin"), val, ByteTokenizer::vocab_size);
-  return PrepareStats{train.size(), val.size()};
+  // Each split's documents: the boundaries inside it, and its own start (the split cuts one in two).
+  std::vector<uint64_t> train_starts{0}, val_starts{0};
+  for (uint64_t at : starts) {
+    if (at > 0 && at < split && at > train_starts.back()) train_starts.push_back(at);
+    if (at > split && at < text.size() && at - split > val_starts.back()) val_starts.push_back(at - split);
+  }
+  write_shard(files::join(out_dir, "train.bin"), train, ByteTokenizer::vocab_size, train_starts);
+  write_shard(files::join(out_dir, "val.bin"), val, ByteTokenizer::vocab_size, val_starts);
+  return PrepareStats{train.size(), val.size(), train_starts.size(), val_starts.size()};
 }
 
 }  // namespace moetrain::data

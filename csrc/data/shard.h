@@ -5,6 +5,11 @@
 //   bytes 12..15 token dtype code (uint32): 1 = uint8, 2 = uint16, 4 = uint32 (bytes per token)
 //   bytes 16..23 token count (uint64)
 //   bytes 24..31 vocabulary size (uint64); every token is < this
+// Version 2 adds document boundaries after the tokens (data.packing: documents packs whole documents):
+//   8 bytes "MOEDOCS\0", a document count D (uint64), then D uint64 token offsets where each document
+//   starts: the first 0, strictly increasing, each below the token count (document i is [start_i,
+//   start_{i+1}), start_D = the token count). The file is 32 + count * bytes + 16 + 8 * D bytes.
+//   A shard without boundaries is written as version 1, byte for byte what it always was.
 // A header that does not match the file (bad magic, unknown version or dtype, a size that does not
 // equal 32 + count * bytes) throws DataError naming the file and the field; so does a token at or past
 // the header's vocabulary (found by one scan at open, naming its position).
@@ -21,7 +26,8 @@
 //     (int32, tokens per sequence), S pointers (int64, byte offset of each sequence in X.bin), D document
 //     indices (int64, the sequence index each document starts at, ending with S; D - 1 documents), and
 //     for multimodal sets S modes (int8). The sequences must lie back to back from byte 0 (as the writer
-//     lays them), so X.bin is one token stream.
+//     lays them), so X.bin is one token stream. Its documents are the index's: document j starts at the
+//     first token of sequence document_indices[j].
 // Neither foreign header states a vocabulary: a full scan at open gives the bound (largest token + 1),
 // and every read checks tokens against ShardOptions::vocab_bound (the model's vocabulary).
 //
@@ -43,10 +49,14 @@
 
 namespace moetrain::data {
 
-constexpr uint32_t kShardVersion = 1;
+constexpr uint32_t kShardVersion = 1;           // tokens only
+constexpr uint32_t kShardVersionDocuments = 2;  // tokens and document boundaries
 constexpr uint32_t kMaskVersion = 1;
 
-void write_shard(const std::string& path, const std::vector<int64_t>& tokens, uint64_t vocab_size);
+// Version 1 without document_starts, else version 2 with them (each checked: 0 first, increasing,
+// below the token count).
+void write_shard(const std::string& path, const std::vector<int64_t>& tokens, uint64_t vocab_size,
+                 const std::vector<uint64_t>& document_starts = {});
 
 // "dir/train.bin" -> "dir/train.mask.bin" (any other name gets ".mask.bin" appended).
 std::string mask_path_for(const std::string& shard_path);
@@ -87,8 +97,13 @@ class Shard {
   bool scanned() const { return scanned_; }
   int bytes_per_token() const { return bytes_; }
   ShardFormat format() const { return format_; }
-  // Megatron: documents in the .idx (and the index's path); 0 for the other formats, which keep none.
+  // Documents the file marks: a version-2 shard's table, or a Megatron .idx's document index; 0 for
+  // the formats that keep none (version 1, llm.c).
   uint64_t documents() const { return documents_; }
+  bool has_documents() const { return documents_ > 0; }
+  // Where each document starts (token offsets, the first 0, increasing), read from the file now and
+  // checked; throws DataError naming the file (and the index) when it has none or they are damaged.
+  std::vector<uint64_t> document_starts() const;
   const std::string& index_path() const { return index_path_; }
   int64_t at(uint64_t i) const;                      // one token, as read()
   // Copies tokens [begin, begin + n) into out (int64); throws DataError if out of range, or if the
@@ -107,6 +122,7 @@ class Shard {
   void open_llmc(uint64_t file_size);
   void open_megatron(uint64_t file_size);
   void load_mask();
+  std::vector<uint64_t> megatron_document_starts() const;
   uint64_t scan_tokens() const;  // the largest token
   std::string vocabulary_text() const;  // "the header's vocabulary [0, V)" or what bounds the tokens instead
   void close_files();
@@ -118,6 +134,7 @@ class Shard {
   ShardOptions options_;
   bool scanned_ = false;
   uint64_t data_offset_ = 0;  // byte where the tokens start
+  uint64_t documents_at_ = 0; // version 2: byte where the document offsets start
   uint64_t count_ = 0, vocab_ = 0, learned_ = 0, documents_ = 0;
   int bytes_ = 0;
 };
@@ -130,11 +147,15 @@ void require_window(const Shard& shard, int seq_len);
 
 struct PrepareStats {
   uint64_t train_tokens = 0, val_tokens = 0;
+  uint64_t train_documents = 0, val_documents = 0;
 };
 // Tokenizes text files with the byte tokenizer and writes <out_dir>/train.bin and <out_dir>/val.bin;
 // the last val_fraction of the text (split at a line boundary) is the validation set. A folder that
 // already holds shards or masks is refused (a run may be training on them) unless overwrite is set.
+// The shards mark documents (version 2): each file is one, and with a document_separator, a line that
+// is exactly it ends one (fortune files: "%"); the validation split's first document is the rest of
+// the one the split cut.
 PrepareStats prepare_text(const std::vector<std::string>& text_files, const std::string& out_dir,
-                          double val_fraction = 0.05, bool overwrite = false);
+                          double val_fraction = 0.05, bool overwrite = false, const std::string& document_separator = "");
 
 }  // namespace moetrain::data

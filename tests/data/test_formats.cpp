@@ -98,6 +98,11 @@ CATCH_TEST_CASE("Megatron .bin/.idx and llm.c shards read the same tokens as our
   CATCH_CHECK(m32.bytes_per_token() == 4);
   CATCH_CHECK(llmc.bytes_per_token() == 2);
   CATCH_CHECK(m16.documents() == 40);
+  std::vector<uint64_t> starts{0};  // the .idx's documents as token offsets (data.packing: documents)
+  for (size_t d = 0; d + 1 < corpus.doc_lengths.size(); ++d) starts.push_back(starts.back() + uint64_t(corpus.doc_lengths[d]));
+  CATCH_CHECK(m16.document_starts() == starts);
+  CATCH_CHECK(m32.document_starts() == starts);
+  CATCH_CHECK_THROWS_WITH(llmc.document_starts(), Catch::Matchers::Contains("an llm.c shard keeps none"));
   CATCH_CHECK(m16.index_path() == files::join(f.megatron16, "train.idx"));
   CATCH_CHECK(tokens_of(ours) == corpus.tokens);
   for (const data::Shard* shard : {&m16, &m32, &llmc}) {
