@@ -281,6 +281,17 @@ const std::vector<KeyDesc>& keys() {
                    "train split, its val split (if any) is evaluated on its own. metrics.jsonl logs tokens/<name> "
                    "and val_loss/<name>. Weights must be > 0.",
                    any()),
+      MOETRAIN_KEY(data.packing,
+                   "How training and validation sequences are cut. stream: windows of data.seq_len + 1 tokens at "
+                   "hashed offsets of the token stream, across document boundaries. documents: whole documents "
+                   "(the boundaries prepare_data writes) packed first-fit into sequences of data.seq_len tokens, "
+                   "each attending only to itself with RoPE positions from 0, read once per epoch in a seeded order "
+                   "(with one source); a document with no learned target is left out.",
+                   one_of({"stream", "documents"})),
+      MOETRAIN_KEY(data.truncate,
+                   "With data.packing: documents, a document longer than data.seq_len keeps its first seq_len "
+                   "tokens (true; the count is logged) or stops the run with an error naming it (false).",
+                   any()),
 
       MOETRAIN_KEY(optim.lr, "Peak learning rate, reached at the end of warmup.", above(0)),
       MOETRAIN_KEY(optim.min_lr, "Floor of the cosine decay; at most optim.lr.", at_least(0)),

@@ -108,6 +108,8 @@ struct DataConfig {
   std::string dir = "data/fortunes";  // holds train.bin and val.bin (moetrain prepare-data)
   int seq_len = 256;                  // tokens per training sequence; <= model.max_seq_len
   std::vector<DataSource> sources;    // a blend; when non-empty it replaces data.dir
+  std::string packing = "stream";     // stream (windows of the token stream) | documents (whole, packed)
+  bool truncate = true;               // documents: a document longer than seq_len is cut (or an error)
 };
 
 struct OptimConfig {

@@ -8,6 +8,7 @@
 
 #include "common/errors.h"
 #include "common/files.h"
+#include "common/log.h"
 #include "data/sampler.h"
 
 namespace moetrain::data {
@@ -21,15 +22,23 @@ std::string without_tag(const DataError& e) {
   return m.rfind("[data] ", 0) == 0 ? m.substr(7) : m;
 }
 
-// The checks of one split before training: vocabulary and one window.
-void check_split(const Dataset& split, int64_t model_vocab_size, int seq_len) {
+PackingOptions packing_of(const config::DataConfig& data) { return {data.packing == "documents", data.truncate}; }
+
+// The checks of one split before training: vocabulary and one window, or with documents the packing
+// (made now, kept by the split, and summarised in the log).
+void check_split(const Dataset& split, int64_t model_vocab_size, const config::DataConfig& data) {
   if (split.n_shards() == 1) require_vocabulary(*split.shard(0), model_vocab_size);
-  WindowIndex(split, seq_len);  // throws when no shard holds a window
+  if (data.packing != "documents") {
+    WindowIndex(split, data.seq_len);  // throws when no shard holds a window
+    return;
+  }
+  log_line("[data] " + split.name() + ": " + split.packing(data.seq_len, data.truncate).describe());
 }
 
 }  // namespace
 
-Blend::Blend(std::vector<BlendSource> sources) : sources_(std::move(sources)) {
+Blend::Blend(std::vector<BlendSource> sources, PackingOptions packing)
+    : sources_(std::move(sources)), packing_(packing) {
   if (sources_.empty()) throw DataError("a blend needs at least one source");
   double largest = 0;
   for (const auto& s : sources_) {
@@ -68,8 +77,8 @@ Blend open_blend(const config::DataConfig& data, int64_t model_vocab_size) {
   if (data.sources.empty()) {  // one folder: train and val both required, checked as before
     Dataset train = Dataset::open(data.dir, "train", options);
     Dataset val = Dataset::open(data.dir, "val", options);
-    for (const Dataset* split : {&train, &val}) check_split(*split, model_vocab_size, data.seq_len);
-    return Blend({BlendSource{"data", 1.0, train, val}});
+    for (const Dataset* split : {&train, &val}) check_split(*split, model_vocab_size, data);
+    return Blend({BlendSource{"data", 1.0, train, val}}, packing_of(data));
   }
   std::vector<BlendSource> sources;
   std::set<std::string> names;
@@ -91,10 +100,10 @@ Blend open_blend(const config::DataConfig& data, int64_t model_vocab_size) {
         throw DataError(entry.dir + " holds no train.bin or train-*.bin");
       BlendSource source{name, entry.weight, Dataset::open(entry.dir, "train", options), std::nullopt};
       if (source.train.size() == 0) throw DataError(source.train.name() + " holds no tokens: an empty source");
-      check_split(source.train, model_vocab_size, data.seq_len);
+      check_split(source.train, model_vocab_size, data);
       if (!Dataset::shard_paths(entry.dir, "val").empty()) {
         source.val = Dataset::open(entry.dir, "val", options);
-        check_split(*source.val, model_vocab_size, data.seq_len);
+        check_split(*source.val, model_vocab_size, data);
       }
       sources.push_back(std::move(source));
     } catch (const DataError& e) {
@@ -103,7 +112,7 @@ Blend open_blend(const config::DataConfig& data, int64_t model_vocab_size) {
   }
   if (std::none_of(sources.begin(), sources.end(), [](const BlendSource& s) { return s.val.has_value(); }))
     throw DataError("no folder of data.sources holds a val split (val.bin or val-*.bin): nothing to validate on");
-  return Blend(std::move(sources));
+  return Blend(std::move(sources), packing_of(data));
 }
 
 }  // namespace moetrain::data

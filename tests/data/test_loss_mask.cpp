@@ -263,3 +263,24 @@ CATCH_TEST_CASE("loss mask: the trainer's step and validation losses are the mea
   const double val_two = train::evaluate(*model, val_shard, 2, 2, 16, torch::kCPU);
   CATCH_CHECK(std::abs(val_two - val_expected) < 1e-5 * val_expected);
 }
+
+CATCH_TEST_CASE("loss mask: a micro-batch of one sequence keeps its inputs when targets are masked", "[data]") {
+  // One row: inputs and targets were once two contiguous views of one buffer, so masking a target
+  // wrote -100 over the next input token (an embedding lookup out of range at micro_batch_size 1).
+  TempDir dir("mask-one-row");
+  const std::string shard_path = dir.str("train.bin");
+  const auto tokens = hashed_tokens(400, 300);
+  data::write_shard(shard_path, tokens, 300);
+  data::write_mask(shard_path, striped_mask(400));
+  const data::Shard shard(shard_path);
+  const int seq_len = 16;
+  const data::Sampler sampler(shard, {7, seq_len, 1, 1, 0, 1});
+  for (int64_t step = 0; step < 4; ++step) {
+    const auto batch = sampler.batch(step, 0);
+    const uint64_t start = sampler.window_start(sampler.global_sequence(step, 0, 0));
+    for (int s = 0; s < seq_len; ++s) CATCH_CHECK(batch.inputs[0][s].item<int64_t>() == tokens[start + size_t(s)]);
+    CATCH_CHECK(batch.targets.eq(data::kIgnoreTarget).any().item<bool>());
+  }
+  const auto eval = data::eval_batch(shard, 0, 2, 1, seq_len);
+  CATCH_CHECK(eval.inputs.min().item<int64_t>() >= 0);
+}
