@@ -98,6 +98,125 @@ torch::Tensor Rope::apply(const torch::Tensor& x, int64_t offset) const {
   return x * cos + swapped * sin;
 }
 
+torch::Tensor Rope::apply(const torch::Tensor& x, const TokenLayout& layout) const {
+  if (!layout.is_packed()) return apply(x);
+  const int64_t B = x.size(0), S = x.size(2), Hd = x.size(3), half = Hd / 2;
+  const auto& positions = layout.positions_BS;
+  TORCH_CHECK(positions.dim() == 2 && positions.size(0) == B && positions.size(1) == S, "[model] positions ",
+              positions.sizes(), " do not match the batch's (", B, ", ", S, ")");
+  const bool cached = cos_cached.defined() && cos_cached.scalar_type() == x.scalar_type();
+  const auto cos_table = cached ? cos_cached : cos_SHd.to(x.scalar_type());
+  const auto sin_table = cached ? signed_sin_cached : cached_in(x.scalar_type()).signed_sin_cached;
+  // Each token's row of the tables: (B, 1, S, Hd), broadcast over the heads.
+  const auto flat = positions.reshape(-1);
+  auto cos = cos_table.index_select(0, flat).view({B, 1, S, Hd});
+  auto sin = sin_table.index_select(0, flat).view({B, 1, S, Hd});
+  auto swapped = x.unflatten(3, {2, half}).flip(3).flatten(3);
+  return x * cos + swapped * sin;
+}
+
+namespace {
+
+// The block-diagonal causal mask of packed positions: token i's document starts at i - position_i,
+// and i attends to j <= i with the same start.
+torch::Tensor document_mask(const torch::Tensor& positions_BS) {
+  const int64_t S = positions_BS.size(1);
+  const auto start_BS = torch::arange(S, positions_BS.options()).unsqueeze(0) - positions_BS;
+  const auto same_BSS = start_BS.unsqueeze(2) == start_BS.unsqueeze(1);
+  const auto causal_SS = torch::ones({S, S}, positions_BS.options().dtype(torch::kBool)).tril();
+  return (same_BSS & causal_SS).unsqueeze(1);
+}
+
+// Flash attention over variable-length sequences laid end to end: q (T, H, D), k and v (T, G, D) with
+// T = B * S, each document causal within itself (cu_seqlens). Backward is the kernel's own, from the
+// output and the log-sum-exp it saved.
+struct VarlenFlash : torch::autograd::Function<VarlenFlash> {
+  static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& q, const torch::Tensor& k,
+                               const torch::Tensor& v, const torch::Tensor& cu_seqlens, int64_t max_length,
+                               double scale) {
+    auto [out, logsumexp, rng_state, unused, debug] =
+        at::_flash_attention_forward(q, k, v, cu_seqlens, cu_seqlens, max_length, max_length, /*dropout_p=*/0.0,
+                                     /*is_causal=*/true, /*return_debug_mask=*/false, scale);
+    ctx->save_for_backward({q, k, v, out, logsumexp, cu_seqlens, rng_state, unused});
+    ctx->saved_data["max_length"] = max_length;
+    ctx->saved_data["scale"] = scale;
+    return out;
+  }
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto s = ctx->get_saved_variables();
+    const int64_t max_length = ctx->saved_data["max_length"].toInt();
+    auto [dq, dk, dv] = at::_flash_attention_backward(grads[0].contiguous(), s[0], s[1], s[2], s[3], s[4], s[5], s[5],
+                                                      max_length, max_length, /*dropout_p=*/0.0, /*is_causal=*/true,
+                                                      s[6], s[7], ctx->saved_data["scale"].toDouble());
+    return {dq, dk, dv, torch::Tensor(), torch::Tensor(), torch::Tensor()};
+  }
+};
+
+}  // namespace
+
+bool varlen_flash_applies(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v) {
+  const auto dtype = q.scalar_type();
+  const int64_t D = q.size(-1);
+  return q.is_cuda() && (dtype == torch::kBFloat16 || dtype == torch::kHalf) && k.scalar_type() == dtype &&
+         v.scalar_type() == dtype && k.size(-1) == D && v.size(-1) == D && D % 8 == 0 && D <= 256 &&
+         q.size(1) % k.size(1) == 0 && at::globalContext().userEnabledFlashSDP();
+}
+
+TokenLayout TokenLayout::packed(const torch::Tensor& positions_BS, torch::Device device, bool varlen) {
+  if (!positions_BS.defined()) return {};
+  TORCH_CHECK(positions_BS.dim() == 2 && positions_BS.scalar_type() == torch::kLong, "[model] positions must be (B, S) "
+              "int64, got ", positions_BS.sizes(), " ", positions_BS.scalar_type());
+  TokenLayout layout;
+  const bool from_host = positions_BS.device().is_cpu() && device.is_cuda();
+  layout.positions_BS = from_host ? positions_BS.pin_memory().to(device, /*non_blocking=*/true) : positions_BS.to(device);
+  if (!(varlen && device.is_cuda() && positions_BS.device().is_cpu())) {
+    layout.mask_B1SS = document_mask(layout.positions_BS);
+    return layout;
+  }
+  // Each document's start among the flattened tokens (a position 0 starts one; padding is one token
+  // each), the end, and the longest, read on the host where the batch was drawn.
+  const auto flat = positions_BS.contiguous().view(-1);
+  const int64_t* p = flat.data_ptr<int64_t>();
+  std::vector<int32_t> starts;
+  int64_t longest = 0;
+  for (int64_t i = 0; i < flat.numel(); ++i) {
+    if (p[i] == 0) starts.push_back(int32_t(i));
+    longest = std::max(longest, p[i] + 1);
+  }
+  starts.push_back(int32_t(flat.numel()));
+  layout.cu_seqlens = torch::tensor(starts, torch::kInt).pin_memory().to(device, /*non_blocking=*/true);
+  layout.max_length = longest;
+  return layout;
+}
+
+TokenLayout TokenLayout::first(int64_t n) const {
+  if (!is_packed()) return {};
+  TokenLayout window;
+  window.positions_BS = positions_BS.narrow(1, 0, n);
+  window.mask_B1SS = mask().narrow(2, 0, n).narrow(3, 0, n);
+  return window;
+}
+
+torch::Tensor TokenLayout::mask() const { return mask_B1SS.defined() ? mask_B1SS : document_mask(positions_BS); }
+
+torch::Tensor TokenLayout::attend(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                                  std::optional<double> scale, bool enable_gqa) const {
+  if (!is_packed())  // is_causal lets CUDA take flash attention
+    return at::scaled_dot_product_attention(q, k, v, /*attn_mask=*/{}, /*dropout_p=*/0.0, /*is_causal=*/true, scale,
+                                            enable_gqa);
+  if (cu_seqlens.defined() && varlen_flash_applies(q, k, v)) {
+    // (B, n, S, D) -> (B * S, n, D): the documents end to end, as the kernel reads them.
+    const int64_t B = q.size(0), H = q.size(1), S = q.size(2), D = q.size(3);
+    auto flat = [&](const torch::Tensor& x) { return x.transpose(1, 2).reshape({B * S, x.size(1), D}).contiguous(); };
+    const double s = scale.value_or(1.0 / std::sqrt(double(D)));
+    auto y = VarlenFlash::apply(flat(q), flat(k), flat(v), cu_seqlens, max_length, s);
+    return y.view({B, S, H, D}).transpose(1, 2);
+  }
+  // SDPA's memory-efficient kernel on CUDA (flash takes no mask), its CPU kernel here.
+  return at::scaled_dot_product_attention(q, k, v, mask(), /*dropout_p=*/0.0, /*is_causal=*/false, scale, enable_gqa);
+}
+
 AttentionImpl::AttentionImpl(const config::ModelConfig& cfg)
     : n_heads_(cfg.n_heads), n_kv_heads_(cfg.n_kv_heads), head_dim_(config::head_dim(cfg)), qk_norm_(cfg.qk_norm) {
   wq = register_parameter("wq", torch::empty({cfg.d_model, n_heads_ * head_dim_}));
@@ -118,7 +237,8 @@ AttentionImpl::AttentionImpl(const config::ModelConfig& cfg)
   }
 }
 
-torch::Tensor AttentionImpl::forward(const torch::Tensor& x_BSD, const Rope& rope, ComputeDtype compute_dtype) const {
+torch::Tensor AttentionImpl::forward(const torch::Tensor& x_BSD, const Rope& rope, ComputeDtype compute_dtype,
+                                     const TokenLayout& layout) const {
   const int64_t B = x_BSD.size(0), S = x_BSD.size(1);
   auto x = cast(x_BSD, compute_dtype);
   // (B, n, S, Hd): projection, optional bias, optional q/k norm (over the projection or per head).
@@ -130,13 +250,12 @@ torch::Tensor AttentionImpl::forward(const torch::Tensor& x_BSD, const Rope& rop
     if (norm && qk_norm_ == "head") y = norm->forward(y);
     return y.transpose(1, 2);
   };
-  auto q = rope.apply(heads(wq, q_bias, n_heads_, q_norm));
-  auto k = rope.apply(heads(wk, k_bias, n_kv_heads_, k_norm));
+  auto q = rope.apply(heads(wq, q_bias, n_heads_, q_norm), layout);
+  auto k = rope.apply(heads(wk, k_bias, n_kv_heads_, k_norm), layout);
   auto v = heads(wv, v_bias, n_kv_heads_, RMSNorm(nullptr));
   // Each key/value head serves n_heads / n_kv_heads consecutive query heads: SDPA's enable_gqa reads
   // them in place (flash attention on CUDA and on the CPU) instead of a repeated copy of K and V.
-  auto y = at::scaled_dot_product_attention(q, k, v, /*attn_mask=*/{}, /*dropout_p=*/0.0, /*is_causal=*/true,
-                                            /*scale=*/std::nullopt, /*enable_gqa=*/n_kv_heads_ != n_heads_);
+  auto y = layout.attend(q, k, v, /*scale=*/std::nullopt, /*enable_gqa=*/n_kv_heads_ != n_heads_);
   y = y.transpose(1, 2).reshape({B, S, n_heads_ * head_dim_});
   return torch::matmul(y, cast(wo, compute_dtype));
 }
@@ -168,15 +287,16 @@ MLAttentionImpl::MLAttentionImpl(const config::ModelConfig& cfg)
   softmax_scale_ = m * m / std::sqrt(double(qk_dim));
 }
 
-torch::Tensor MLAttentionImpl::forward(const torch::Tensor& x_BSD, const Rope& rope, ComputeDtype compute_dtype) const {
+torch::Tensor MLAttentionImpl::forward(const torch::Tensor& x_BSD, const Rope& rope, ComputeDtype compute_dtype,
+                                       const TokenLayout& layout) const {
   const int64_t B = x_BSD.size(0), S = x_BSD.size(1), H = n_heads_;
   auto x = cast(x_BSD, compute_dtype);
   auto mm = [&](const torch::Tensor& a, const torch::Tensor& w) { return torch::matmul(a, cast(w, compute_dtype)); };
   auto q = wq.defined() ? mm(x, wq) : mm(q_a_norm->forward(mm(x, wq_a)), wq_b);
   q = q.view({B, S, H, nope_dim_ + rope_dim_}).transpose(1, 2);  // (B, H, S, N+P)
-  auto q_pe = rope.apply(q.narrow(3, nope_dim_, rope_dim_));
+  auto q_pe = rope.apply(q.narrow(3, nope_dim_, rope_dim_), layout);
   auto kv_a = mm(x, wkv_a);                                                            // (B, S, Rkv+P)
-  auto k_pe = rope.apply(kv_a.narrow(2, kv_rank_, rope_dim_).unsqueeze(1));            // (B, 1, S, P)
+  auto k_pe = rope.apply(kv_a.narrow(2, kv_rank_, rope_dim_).unsqueeze(1), layout);    // (B, 1, S, P)
   auto kv = mm(kv_a_norm->forward(kv_a.narrow(2, 0, kv_rank_)), wkv_b);                // (B, S, H*(N+Vd))
   kv = kv.view({B, S, H, nope_dim_ + v_dim_}).transpose(1, 2);                         // (B, H, S, N+Vd)
   auto query = torch::cat({q.narrow(3, 0, nope_dim_), q_pe}, 3);
@@ -186,8 +306,7 @@ torch::Tensor MLAttentionImpl::forward(const torch::Tensor& x_BSD, const Rope& r
   // (DeepSeek-V3: 128 to 192), which adds zero columns to the output, sliced off again.
   const int64_t qk_dim = nope_dim_ + rope_dim_;
   if (v_dim_ < qk_dim) value = torch::constant_pad_nd(value, {0, qk_dim - v_dim_});
-  auto y = at::scaled_dot_product_attention(query, key, value, /*attn_mask=*/{}, /*dropout_p=*/0.0, /*is_causal=*/true,
-                                            softmax_scale_);
+  auto y = layout.attend(query, key, value, softmax_scale_);
   if (v_dim_ < qk_dim) y = y.narrow(3, 0, v_dim_);
   y = y.transpose(1, 2).reshape({B, S, H * v_dim_});
   return mm(y, wo);

@@ -14,6 +14,7 @@
 namespace moetrain::model {
 
 using ComputeDtype = std::optional<torch::ScalarType>;
+struct TokenLayout;
 
 class RMSNormImpl : public torch::nn::Module {
  public:
@@ -42,12 +43,51 @@ struct Rope {
   Rope cached_in(torch::ScalarType dtype) const;
   // x: (B, H, S, Hd), positions [offset, offset + S).
   torch::Tensor apply(const torch::Tensor& x, int64_t offset = 0) const;
+  // x: (B, H, S, Hd) at the positions of `layout` (its packed documents' own, or [0, S)).
+  torch::Tensor apply(const torch::Tensor& x, const TokenLayout& layout) const;
 };
+
+// Where the tokens of a batch sit. By default each row is one sequence: positions 0..S-1, each token
+// attending to every earlier one. Packed documents (data.packing: documents) give each token its
+// position in its own document: RoPE takes its angle from it, and a token attends only to the earlier
+// tokens of its document. Two tokens i > j of a row share a document exactly when their positions
+// differ by i - j (positions restart at 0 and count up by one), so the positions alone say it.
+// Attention over packed documents: on CUDA in bf16 or fp16, flash attention's variable-length kernel
+// (the wheel's _flash_attention_forward/backward) over the documents as one flattened batch, which
+// never builds a mask; elsewhere (the CPU, fp32, a head dim flash cannot take, deterministic mode)
+// SDPA with the block-diagonal causal mask.
+struct TokenLayout {
+  torch::Tensor positions_BS;  // int64 on the model's device; undefined: one sequence per row
+  torch::Tensor mask_B1SS;     // bool, true where row token i may attend to token j (the mask path)
+  // The variable-length path: where each document starts among the B * S flattened tokens, and the
+  // end (int32, documents + 1, on the device), and the longest document. Undefined elsewhere.
+  torch::Tensor cu_seqlens;
+  int64_t max_length = 0;
+
+  // positions_BS (host or device) for a model on `device`: undefined gives the default layout. With
+  // varlen (CUDA, a 16-bit compute dtype) and host positions, the document table is made on the host
+  // and copied without a wait, and the mask is made only if an attention cannot take the table.
+  static TokenLayout packed(const torch::Tensor& positions_BS, torch::Device device = torch::kCPU, bool varlen = false);
+  bool is_packed() const { return positions_BS.defined(); }
+  // The first n tokens of each row (an MTP depth's window): always the mask path.
+  TokenLayout first(int64_t n) const;
+  // The mask, made from the positions when the layout was made without it.
+  torch::Tensor mask() const;
+  // Attention over (q, k, v) (B, heads, S, Hd): causal, or within documents. GQA's grouped heads are
+  // read in place (enable_gqa); scale as SDPA takes it (unset: 1 / sqrt(Hd)).
+  torch::Tensor attend(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                       std::optional<double> scale = std::nullopt, bool enable_gqa = false) const;
+};
+
+// Whether flash attention's variable-length kernel takes (q, k, v) here: CUDA, bf16 or fp16, one head
+// dim for all three, a multiple of 8 up to 256, and flash enabled (run.deterministic turns it off).
+bool varlen_flash_applies(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v);
 
 class AttentionImpl : public torch::nn::Module {
  public:
   explicit AttentionImpl(const config::ModelConfig& cfg);
-  torch::Tensor forward(const torch::Tensor& x_BSD, const Rope& rope, ComputeDtype compute_dtype) const;
+  torch::Tensor forward(const torch::Tensor& x_BSD, const Rope& rope, ComputeDtype compute_dtype,
+                        const TokenLayout& layout = {}) const;
 
   torch::Tensor wq;  // (D, H*Hd)
   torch::Tensor wk;  // (D, G*Hd)
@@ -74,7 +114,8 @@ class MLAttentionImpl : public torch::nn::Module {
  public:
   explicit MLAttentionImpl(const config::ModelConfig& cfg);
   // `rope` has P dims.
-  torch::Tensor forward(const torch::Tensor& x_BSD, const Rope& rope, ComputeDtype compute_dtype) const;
+  torch::Tensor forward(const torch::Tensor& x_BSD, const Rope& rope, ComputeDtype compute_dtype,
+                        const TokenLayout& layout = {}) const;
 
   torch::Tensor wq;                   // (D, H*(N+P)); defined when model.mla.q_lora_rank = 0
   torch::Tensor wq_a;                 // (D, Rq)

@@ -37,9 +37,10 @@ BlockImpl::BlockImpl(const config::ModelConfig& cfg, bool is_moe, moe::ExpertSha
     mlp = register_module("mlp", moe::SwiGLU(cfg.d_model, cfg.dense_hidden));
 }
 
-BlockOutput BlockImpl::forward(const torch::Tensor& x_BSD, const Rope& rope, ComputeDtype compute_dtype) const {
+BlockOutput BlockImpl::forward(const torch::Tensor& x_BSD, const Rope& rope, ComputeDtype compute_dtype,
+                               const TokenLayout& layout) const {
   auto normed = attn_norm->forward(x_BSD);
-  auto a = attn ? attn->forward(normed, rope, compute_dtype) : mla->forward(normed, rope, compute_dtype);
+  auto a = attn ? attn->forward(normed, rope, compute_dtype, layout) : mla->forward(normed, rope, compute_dtype, layout);
   auto x = x_BSD + a.to(x_BSD.scalar_type());
   auto h = ffn_norm->forward(x);
   if (!moe) return {x + mlp->forward(h, compute_dtype).to(x.scalar_type()), std::nullopt};
@@ -108,18 +109,25 @@ ComputeDtype dtype_of(int64_t code) { return code < 0 ? ComputeDtype{} : Compute
 // same ops on the same values give the same routing and, with a capacity, the same drops; under
 // expert parallelism every rank recomputes the same blocks in the same order, so the recomputation
 // posts the same collectives on every rank. Outputs: the block's output, its MoE balance loss, and the
-// router's statistics (not differentiable).
+// router's statistics (not differentiable). Packed documents' positions and mask are kept with the
+// input (the layout the forward was given is gone by backward).
 struct CheckpointedBlock : torch::autograd::Function<CheckpointedBlock> {
   static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& x_BSD,
                                                 at::TensorList params, const BlockImpl* block, const Rope* rope,
-                                                int64_t compute_dtype) {
+                                                int64_t compute_dtype, const TokenLayout& layout) {
     ctx->save_for_backward({x_BSD});
     ctx->saved_data["block"] = int64_t(reinterpret_cast<intptr_t>(block));
     ctx->saved_data["rope"] = int64_t(reinterpret_cast<intptr_t>(rope));
     ctx->saved_data["dtype"] = compute_dtype;
     ctx->saved_data["params"] = int64_t(params.size());
+    if (layout.is_packed()) {
+      ctx->saved_data["positions"] = layout.positions_BS;
+      if (layout.mask_B1SS.defined()) ctx->saved_data["mask"] = layout.mask_B1SS;
+      if (layout.cu_seqlens.defined()) ctx->saved_data["cu_seqlens"] = layout.cu_seqlens;
+      ctx->saved_data["max_length"] = layout.max_length;
+    }
     torch::NoGradGuard no_grad;
-    auto out = block->forward(x_BSD, *rope, dtype_of(compute_dtype));
+    auto out = block->forward(x_BSD, *rope, dtype_of(compute_dtype), layout);
     if (!out.moe) {
       auto none = torch::zeros({}, x_BSD.options().dtype(torch::kFloat));
       ctx->mark_non_differentiable({none});
@@ -142,8 +150,15 @@ struct CheckpointedBlock : torch::autograd::Function<CheckpointedBlock> {
     const int64_t n_params = ctx->saved_data["params"].toInt();
     auto x = ctx->get_saved_variables()[0].detach().requires_grad_(true);
     const auto params = block->parameters();
+    TokenLayout layout;
+    if (ctx->saved_data.count("positions")) {
+      layout.positions_BS = ctx->saved_data["positions"].toTensor();
+      if (ctx->saved_data.count("mask")) layout.mask_B1SS = ctx->saved_data["mask"].toTensor();
+      if (ctx->saved_data.count("cu_seqlens")) layout.cu_seqlens = ctx->saved_data["cu_seqlens"].toTensor();
+      layout.max_length = ctx->saved_data["max_length"].toInt();
+    }
     torch::AutoGradMode enable(true);
-    auto out = block->forward(x, *rope, dtype_of(ctx->saved_data["dtype"].toInt()));
+    auto out = block->forward(x, *rope, dtype_of(ctx->saved_data["dtype"].toInt()), layout);
     torch::autograd::variable_list outputs = {out.x_BSD}, upstream = {grads[0]};
     if (out.moe && grads[1].defined()) outputs.push_back(out.moe->balance_loss), upstream.push_back(grads[1]);
     torch::autograd::variable_list inputs = {x};
@@ -151,7 +166,7 @@ struct CheckpointedBlock : torch::autograd::Function<CheckpointedBlock> {
     auto got = torch::autograd::grad(outputs, inputs, upstream, /*retain_graph=*/false, /*create_graph=*/false,
                                      /*allow_unused=*/true);
     TORCH_CHECK(int64_t(got.size()) == 1 + n_params, "[model] activation checkpointing: the block's parameters changed");
-    got.resize(got.size() + 3);  // the block, rope and dtype arguments take no gradient
+    got.resize(got.size() + 4);  // the block, rope, dtype and layout arguments take no gradient
     return got;
   }
 };
@@ -159,10 +174,10 @@ struct CheckpointedBlock : torch::autograd::Function<CheckpointedBlock> {
 }  // namespace
 
 BlockOutput TransformerImpl::checkpointed(const BlockImpl& block, const torch::Tensor& x_BSD, const Rope& rope,
-                                          ComputeDtype compute_dtype) const {
+                                          ComputeDtype compute_dtype, const TokenLayout& layout) const {
   const auto params = block.parameters();
   const auto r = CheckpointedBlock::apply(x_BSD, at::TensorList(params), &block, &rope,
-                                          dtype_code(compute_dtype));
+                                          dtype_code(compute_dtype), layout);
   BlockOutput out{r[0], std::nullopt};
   if (block.moe) {
     moe::MoEOutput m;
@@ -178,8 +193,8 @@ BlockOutput TransformerImpl::checkpointed(const BlockImpl& block, const torch::T
   return out;
 }
 
-ForwardOutput TransformerImpl::forward(const torch::Tensor& tokens_BS) const {
-  ForwardOutput out = forward_hidden(tokens_BS);
+ForwardOutput TransformerImpl::forward(const torch::Tensor& tokens_BS, const torch::Tensor& positions_BS) const {
+  ForwardOutput out = forward_hidden(tokens_BS, positions_BS);
   auto head = lm_head.defined() ? lm_head : embed;
   auto logits = torch::matmul(cast(out.hidden_BSD, compute_dtype_), cast(head, compute_dtype_).t());
   out.logits_BSV = logits.to(torch::promote_types(logits.scalar_type(), torch::kFloat));
@@ -187,12 +202,17 @@ ForwardOutput TransformerImpl::forward(const torch::Tensor& tokens_BS) const {
   return out;
 }
 
-ForwardOutput TransformerImpl::forward_hidden(const torch::Tensor& tokens_BS) const {
+ForwardOutput TransformerImpl::forward_hidden(const torch::Tensor& tokens_BS, const torch::Tensor& positions_BS) const {
   TORCH_CHECK(first_stage() && last_stage(), "[model] forward of the whole model on pipeline stage of blocks [",
               range_.first, ", ", range_.end, "): use forward_stage");
   ForwardOutput out;
-  out.hidden_BSD = final_norm->forward(run_blocks(embed_tokens(tokens_BS), out));
+  out.hidden_BSD = final_norm->forward(run_blocks(embed_tokens(tokens_BS), layout_of(positions_BS, tokens_BS.device()), out));
   return out;
+}
+
+TokenLayout TransformerImpl::layout_of(const torch::Tensor& positions_BS, torch::Device device) const {
+  const bool half = compute_dtype_ && (*compute_dtype_ == torch::kBFloat16 || *compute_dtype_ == torch::kHalf);
+  return TokenLayout::packed(positions_BS, device, /*varlen=*/half);
 }
 
 torch::Tensor TransformerImpl::embed_tokens(const torch::Tensor& tokens_BS) const {
@@ -201,12 +221,13 @@ torch::Tensor TransformerImpl::embed_tokens(const torch::Tensor& tokens_BS) cons
   return embed.index_select(0, tokens_BS.reshape(-1)).view({tokens_BS.size(0), tokens_BS.size(1), cfg_.d_model});
 }
 
-torch::Tensor TransformerImpl::run_blocks(torch::Tensor x, ForwardOutput& out) const {
+torch::Tensor TransformerImpl::run_blocks(torch::Tensor x, const TokenLayout& layout, ForwardOutput& out) const {
   out.balance_loss = torch::zeros({}, x.options().dtype(torch::promote_types(x.scalar_type(), torch::kFloat)));
   const bool recompute = activation_checkpointing_ && torch::GradMode::is_enabled();
   for (size_t i = 0; i < blocks.size(); ++i) {
     const auto& layer = *blocks[i];
-    auto block = recompute ? checkpointed(layer, x, rope_, compute_dtype_) : layer.forward(x, rope_, compute_dtype_);
+    auto block = recompute ? checkpointed(layer, x, rope_, compute_dtype_, layout)
+                           : layer.forward(x, rope_, compute_dtype_, layout);
     x = block.x_BSD;
     add_moe(block, range_.first + int(i), out);
   }
@@ -279,17 +300,19 @@ struct ChunkedHeadLoss : torch::autograd::Function<ChunkedHeadLoss> {
 }  // namespace
 
 ForwardOutput TransformerImpl::forward_loss(const torch::Tensor& tokens_BS, const torch::Tensor& targets_BS,
-                                            int64_t ignore_index, bool sum, bool with_mtp) const {
+                                            int64_t ignore_index, bool sum, bool with_mtp,
+                                            const torch::Tensor& positions_BS) const {
   TORCH_CHECK(first_stage() && last_stage(), "[model] forward_loss of the whole model on pipeline stage of blocks [",
               range_.first, ", ", range_.end, "): use forward_stage");
-  return forward_stage(tokens_BS, targets_BS, ignore_index, sum, with_mtp);
+  return forward_stage(tokens_BS, targets_BS, ignore_index, sum, with_mtp, /*tokens_BS=*/{}, positions_BS);
 }
 
 ForwardOutput TransformerImpl::forward_stage(const torch::Tensor& input, const torch::Tensor& targets_BS,
                                              int64_t ignore_index, bool sum, bool with_mtp,
-                                             const torch::Tensor& tokens_BS) const {
+                                             const torch::Tensor& tokens_BS, const torch::Tensor& positions_BS) const {
   ForwardOutput out;
-  auto x = run_blocks(first_stage() ? embed_tokens(input) : input, out);
+  const auto layout = layout_of(positions_BS, input.device());
+  auto x = run_blocks(first_stage() ? embed_tokens(input) : input, layout, out);
   if (!last_stage()) {
     out.hidden_BSD = x;
     return out;
@@ -298,7 +321,7 @@ ForwardOutput TransformerImpl::forward_stage(const torch::Tensor& input, const t
   if (with_mtp && !mtp_modules.empty()) {
     const auto& tokens = first_stage() ? input : tokens_BS;
     TORCH_CHECK(tokens.defined(), "[model] the last pipeline stage runs the MTP modules: forward_stage needs tokens_BS");
-    mtp_losses(x, tokens, targets_BS, ignore_index, sum, out);
+    mtp_losses(x, tokens, targets_BS, ignore_index, sum, layout, out);
   }
   return out;
 }
@@ -312,7 +335,7 @@ torch::Tensor TransformerImpl::head_loss_sum(const torch::Tensor& hidden_ND, con
 
 void TransformerImpl::mtp_losses(const torch::Tensor& x_BSD, const torch::Tensor& tokens_BS,
                                  const torch::Tensor& targets_BS, int64_t ignore_index, bool sum,
-                                 ForwardOutput& out) const {
+                                 const TokenLayout& layout, ForwardOutput& out) const {
   const int64_t S = x_BSD.size(1);
   TORCH_CHECK(tokens_BS.sizes() == targets_BS.reshape(tokens_BS.sizes()).sizes() && tokens_BS.size(1) == S,
               "[model] MTP: tokens ", tokens_BS.sizes(), " and targets must be (B, S) with S = ", S);
@@ -326,10 +349,20 @@ void TransformerImpl::mtp_losses(const torch::Tensor& x_BSD, const torch::Tensor
     auto emb = embed_tokens(tokens_BS.narrow(1, k, n).contiguous());
     auto joined = torch::cat({m.enorm->forward(emb), m.hnorm->forward(h.narrow(1, 0, n))}, -1);
     auto x = torch::matmul(cast(joined, compute_dtype_), cast(m.eh_proj, compute_dtype_)).to(h.scalar_type());
-    auto block = recompute ? checkpointed(*m.block, x, rope_, compute_dtype_) : m.block->forward(x, rope_, compute_dtype_);
+    // Packed documents: the window's first n tokens keep their documents; token i+k+1 is predicted
+    // only where token i+k is in token i's document (positions k apart), so no depth reads across one.
+    const auto window = layout.first(n);
+    auto block = recompute ? checkpointed(*m.block, x, rope_, compute_dtype_, window)
+                           : m.block->forward(x, rope_, compute_dtype_, window);
     add_moe(block, cfg_.n_layers + int(d), out);
     h = block.x_BSD;
-    const auto targets_N = targets.narrow(1, k, n).reshape(-1);
+    auto targets_Bn = targets.narrow(1, k, n);
+    if (layout.is_packed()) {
+      const auto& positions = layout.positions_BS;
+      const auto same_document = positions.narrow(1, k, n) == positions.narrow(1, 0, n) + k;
+      targets_Bn = targets_Bn.masked_fill(same_document.logical_not(), ignore_index);
+    }
+    const auto targets_N = targets_Bn.reshape(-1);
     auto loss = head_loss_sum(m.norm->forward(h).reshape({-1, cfg_.d_model}), targets_N, ignore_index);
     // A depth whose window holds no learned target adds nothing (not 0/0).
     if (!sum) loss = loss / targets_N.ne(ignore_index).sum().clamp_min(1);

@@ -20,7 +20,8 @@ struct BlockOutput {
 class BlockImpl : public torch::nn::Module {
  public:
   BlockImpl(const config::ModelConfig& cfg, bool is_moe, moe::ExpertShard shard = {});
-  BlockOutput forward(const torch::Tensor& x_BSD, const Rope& rope, ComputeDtype compute_dtype) const;
+  BlockOutput forward(const torch::Tensor& x_BSD, const Rope& rope, ComputeDtype compute_dtype,
+                      const TokenLayout& layout = {}) const;
 
   RMSNorm attn_norm{nullptr}, ffn_norm{nullptr};
   Attention attn{nullptr};   // model.attention = gqa
@@ -100,24 +101,31 @@ class TransformerImpl : public torch::nn::Module {
   // A pipeline stage holds only the blocks of `range` (with their global names, "layers.<i>.") and
   // the ends that belong to it.
   explicit TransformerImpl(const config::ModelConfig& cfg, moe::ExpertShard shard = {}, LayerRange range = {});
-  ForwardOutput forward(const torch::Tensor& tokens_BS) const;
+  // positions_BS (optional, (B, S) int64, on the host or the model's device): each token's position in
+  // its packed document (data.packing: documents; see TokenLayout): RoPE restarts and attention stays
+  // within each document. On CUDA, host positions let the flash path's document table be made without
+  // a wait.
+  ForwardOutput forward(const torch::Tensor& tokens_BS, const torch::Tensor& positions_BS = {}) const;
   // The same up to the final norm: hidden_BSD instead of logits, for a loss that never holds them all.
-  ForwardOutput forward_hidden(const torch::Tensor& tokens_BS) const;
+  ForwardOutput forward_hidden(const torch::Tensor& tokens_BS, const torch::Tensor& positions_BS = {}) const;
   // forward() and the next-token loss against targets_BS (token_cross_entropy: the mean over the
   // targets that are not ignore_index, or with sum their sum). With a loss chunk set, the LM head and
   // the loss run over that many tokens at a time (chunked_loss) and logits_BSV stays undefined.
   // With MTP modules (model.mtp_depth) and with_mtp, also their losses (mtp_loss, mtp_losses); evaluation
-  // and generation leave them out.
+  // and generation leave them out. With packed documents (positions_BS), MTP depth k predicts token
+  // i+k+1 only where it is in token i's document.
   ForwardOutput forward_loss(const torch::Tensor& tokens_BS, const torch::Tensor& targets_BS, int64_t ignore_index,
-                             bool sum = false, bool with_mtp = true) const;
+                             bool sum = false, bool with_mtp = true, const torch::Tensor& positions_BS = {}) const;
   // One pipeline stage's share of forward_loss: from the tokens (the first stage) or the previous
   // stage's activations x_BSD, through this stage's blocks; the last stage then takes the final norm,
   // the head and the loss against targets_BS (as forward_loss, logits never kept), the others return
   // their output activations in hidden_BSD. The whole model as one stage is forward_loss.
   // The MTP modules live on the last stage and need the tokens there: tokens_BS (the first stage's
   // input is the tokens already).
+  // Every stage takes the batch's positions_BS (packed documents), as forward_loss.
   ForwardOutput forward_stage(const torch::Tensor& input, const torch::Tensor& targets_BS, int64_t ignore_index,
-                              bool sum = false, bool with_mtp = true, const torch::Tensor& tokens_BS = {}) const;
+                              bool sum = false, bool with_mtp = true, const torch::Tensor& tokens_BS = {},
+                              const torch::Tensor& positions_BS = {}) const;
   bool first_stage() const { return range_.first == 0; }
   bool last_stage() const { return range_.end == cfg_.n_layers; }
   LayerRange layer_range() const { return range_; }
@@ -180,19 +188,21 @@ class TransformerImpl : public torch::nn::Module {
   bool activation_checkpointing_ = false;
   LayerRange range_;
   torch::Tensor embed_tokens(const torch::Tensor& tokens_BS) const;
+  // The batch's TokenLayout on `device`: the variable-length flash path under a 16-bit compute dtype.
+  TokenLayout layout_of(const torch::Tensor& positions_BS, torch::Device device) const;
   // The blocks from x_BSD on, their balance losses and router statistics added to `out`.
-  torch::Tensor run_blocks(torch::Tensor x_BSD, ForwardOutput& out) const;
+  torch::Tensor run_blocks(torch::Tensor x_BSD, const TokenLayout& layout, ForwardOutput& out) const;
   // The final norm, the head and the loss (chunked or over full logits) of the last stage.
   void head_and_loss(const torch::Tensor& x_BSD, const torch::Tensor& targets_BS, int64_t ignore_index, bool sum,
                      ForwardOutput& out) const;
   // The MTP modules from the last block's output x_BSD: their losses, balance losses and statistics.
   void mtp_losses(const torch::Tensor& x_BSD, const torch::Tensor& tokens_BS, const torch::Tensor& targets_BS,
-                  int64_t ignore_index, bool sum, ForwardOutput& out) const;
+                  int64_t ignore_index, bool sum, const TokenLayout& layout, ForwardOutput& out) const;
   // The LM head's summed cross-entropy over normed hidden_ND against targets_N (chunked or not).
   torch::Tensor head_loss_sum(const torch::Tensor& hidden_ND, const torch::Tensor& targets_N, int64_t ignore_index) const;
   void add_moe(const BlockOutput& block, int layer, ForwardOutput& out) const;
   BlockOutput checkpointed(const BlockImpl& block, const torch::Tensor& x_BSD, const Rope& rope,
-                           ComputeDtype compute_dtype) const;
+                           ComputeDtype compute_dtype, const TokenLayout& layout) const;
 };
 TORCH_MODULE(Transformer);
 
