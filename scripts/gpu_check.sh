@@ -215,6 +215,24 @@ print("step %.1f ms cast per use, %.1f ms kept (%.3fx), peak %.2f / %.2f GiB, sa
     per_use["peak_allocated_bytes"] / 2**30, kept["peak_allocated_bytes"] / 2**30, kept["last_loss"] == per_use["last_loss"]))
 PY
 )
+# Packed documents (data.packing: documents; rows of documents of seq_len/8 to seq_len/2 tokens): the
+# variable-length flash path against the causal stream, and the mask path (deterministic mode turns
+# flash off) against the same, on OLMoE's shape.
+for packing in stream documents; do
+  for det in false true; do
+    build-gpu/moetrain bench-step "${olmoe[@]}" --set cost.gpu=h200 --set run.dtype=bf16 --set data.packing=$packing \
+      --set run.deterministic=$det --warmup 2 --steps 5 --json > "$out/bench-packing-$packing-$det.json" \
+      2> "$out/bench-packing-$packing-$det.log" || fail "bench packing=$packing deterministic=$det"
+  done
+done
+packing_line=$(python3 - "$out"/bench-packing-{stream,documents}-{false,true}.json <<'PY' 2>/dev/null || echo "FAIL (see bench-packing-*.log)"
+import json, sys
+s, sd, d, dd = (json.loads([l for l in open(f) if l.startswith("{")][-1]) for f in sys.argv[1:5])
+print("varlen flash %.0f vs causal %.0f tok/s (%.3fx); masked %.0f vs causal %.0f tok/s in deterministic mode (%.3fx)" % (
+    d["tokens_per_s"], s["tokens_per_s"], d["tokens_per_s"] / s["tokens_per_s"],
+    dd["tokens_per_s"], sd["tokens_per_s"], dd["tokens_per_s"] / sd["tokens_per_s"]))
+PY
+)
 # Host syncs: what the step's code path counts (host_syncs_per_step) beside the synchronising calls
 # CUDA itself saw in the timed steps (c10's sync debug mode, one warning each).
 MOETRAIN_CUDA_SYNC_DEBUG=1 build-gpu/moetrain bench-step --config configs/tiny-deepseek.yaml --set run.device=cuda \
@@ -258,6 +276,7 @@ echo "== moetrain GPU check ($(cat "$out/gpu.txt")) =="
 printf '%-24s %s\n' "build" "${build_s}s (scripts/gpu_check.sh build)"
 printf '%-24s %s\n' "run step" "$(( $(date +%s) - run_t0 ))s (aim: under 480 s)"
 printf '%-24s %s\n' "[.gpu] cases" "$gpu_line, listed ${expected:-0}"
+printf '%-24s %s\n' "packed documents" "$packing_line"
 printf '%-24s %s\n' "ranks on one GPU" "$mr_line"
 [ -n "${ctest_line:-}" ] && printf '%-24s %s\n' "ctest (CPU suite)" "$ctest_line"
 printf '%-24s %s\n' "bf16 vs fp32, 100 steps" "$bf16_vs_fp32"

@@ -1,6 +1,8 @@
 // `moetrain eval`: mean next-token loss and perplexity of a checkpoint (ours or hf:DIR) over a whole
 // token shard (or every shard of a folder's val split, or several such sources), in windows of --seq-len
-// tokens, so that a checkpoint can be compared before and after fine-tuning. With a loss mask beside the shard (val.mask.bin, see data/shard.h) only learned tokens
+// tokens (or with --packing documents, each document whole, as data.packing: documents trains them),
+// so that a checkpoint can be compared before and after fine-tuning. With a loss mask beside the shard
+// (val.mask.bin, see data/shard.h) only learned tokens
 // count: the response loss of prompt/response data. With --mtp, each multi-token-prediction depth's
 // loss too, per token as the main loss, over the predictions that fall inside each window.
 #include <cmath>
@@ -89,6 +91,36 @@ Measured measure(const train::LoadedModel& loaded, const data::Dataset& split, i
   return m;
 }
 
+// --packing documents: every packed sequence of the split once (each document whole, its own positions),
+// as training with data.packing: documents reads them; depth k's predictions stay inside documents.
+Measured measure_packed(const train::LoadedModel& loaded, const data::Dataset& split, int seq_len, int batch_size,
+                        bool mtp) {
+  torch::NoGradGuard no_grad;
+  const auto device = loaded.model->embed.device();
+  const int depths = mtp ? loaded.cfg.model.mtp_depth : 0;
+  const data::Packing& plan = split.packing(seq_len, /*truncate=*/true);
+  log_line("[eval] " + split.name() + ": " + plan.describe());
+  Measured m;
+  m.mtp_loss_sum.assign(size_t(depths), 0.0);
+  m.mtp_learned.assign(size_t(depths), 0);
+  for (uint64_t first = 0; first < plan.size(); first += uint64_t(batch_size)) {
+    const auto batch = data::packed_batch(split, plan, first, std::min<uint64_t>(batch_size, plan.size() - first));
+    m.learned += uint64_t(batch.targets.ne(data::kIgnoreTarget).sum().item<int64_t>());
+    const bool with_mtp = depths > 0 && seq_len > depths;
+    const auto out = loaded.model->forward_loss(batch.inputs.to(device), batch.targets.to(device), data::kIgnoreTarget,
+                                                /*sum=*/true, with_mtp, batch.positions);
+    m.loss_sum += out.loss.item<double>();
+    for (int d = 0; with_mtp && d < depths; ++d) {
+      const int64_t k = d + 1, n = seq_len - k;
+      const auto same_document = batch.positions.narrow(1, k, n) == batch.positions.narrow(1, 0, n) + k;
+      m.mtp_loss_sum[size_t(d)] += out.mtp_losses[size_t(d)].item<double>();
+      m.mtp_learned[size_t(d)] +=
+          uint64_t((batch.targets.narrow(1, k, n).ne(data::kIgnoreTarget) & same_document).sum().item<int64_t>());
+    }
+  }
+  return m;
+}
+
 }  // namespace
 
 int run_eval(const std::vector<std::string>& argv) {
@@ -103,6 +135,8 @@ int run_eval(const std::vector<std::string>& argv) {
         true},
        {"seq-len", "N", "tokens per window (default: the checkpoint's data.seq_len)"},
        {"batch-size", "B", "windows per forward pass (default 8)"},
+       {"packing", "MODE", "stream (default): windows of the token stream; documents: each document whole, packed "
+                           "into sequences of --seq-len as data.packing: documents trains them (a longer one cut)"},
        {"mtp", "", "also each multi-token-prediction depth's loss (model.mtp_depth > 0): depth k's cross-entropy of "
                    "token i+k+1, per token, over the predictions inside each window"},
        {"json", "", "print one JSON object instead of a line"}}};
@@ -141,6 +175,9 @@ int run_eval(const std::vector<std::string>& argv) {
     throw UsageError("--seq-len " + std::to_string(seq_len) + " must be in [1, " + std::to_string(model_cfg.max_seq_len) +
                      "] (the model's context)");
   if (batch_size < 1) throw UsageError("--batch-size must be >= 1");
+  const std::string packing = args.get("packing", "stream");
+  if (packing != "stream" && packing != "documents")
+    throw UsageError("--packing " + packing + " must be stream or documents");
   for (auto& [given, split] : sources) {
     if (split.n_shards() == 1) data::require_vocabulary(*split.shard(0), model_cfg.vocab_size);  // the checkpoint's
     else split = data::Dataset::open(given, "val", {64, uint64_t(model_cfg.vocab_size)});  // reads check the bound
@@ -150,7 +187,8 @@ int run_eval(const std::vector<std::string>& argv) {
   Measured all;
   std::vector<Measured> per_source;
   for (const auto& [given, split] : sources) {
-    per_source.push_back(measure(loaded, split, seq_len, batch_size, mtp));
+    per_source.push_back(packing == "documents" ? measure_packed(loaded, split, seq_len, batch_size, mtp)
+                                                : measure(loaded, split, seq_len, batch_size, mtp));
     if (per_source.back().learned == 0)
       throw DataError("the loss masks of " + split.name() + " mark no token as learned: no loss");
     all.add(per_source.back());
@@ -180,7 +218,8 @@ int run_eval(const std::vector<std::string>& argv) {
     return shard && shard->has_mask() ? shard->mask_path() : std::string();
   };
   if (args.has("json")) {
-    nlohmann::json j = {{"loss", loss}, {"perplexity", std::exp(loss)}, {"tokens", all.learned}, {"seq_len", seq_len}};
+    nlohmann::json j = {{"loss", loss}, {"perplexity", std::exp(loss)}, {"tokens", all.learned}, {"seq_len", seq_len},
+                        {"packing", packing}};
     if (mtp) {
       j["mtp_loss"] = mtp_json(all);  // depth 1 first
       j["mtp_tokens"] = all.mtp_learned;
@@ -205,9 +244,10 @@ int run_eval(const std::vector<std::string>& argv) {
     const double l = per_source[i].loss_sum / double(per_source[i].learned);
     const std::string mask = mask_of(sources[i].second);
     const std::string counted = mask.empty() ? "" : " learned (masked by " + mask + ")";
-    std::printf("loss %s | perplexity %s | %llu%s predicted tokens in windows of %d%s | %s\n",
+    std::printf("loss %s | perplexity %s | %llu%s predicted tokens in %s of %d%s | %s\n",
                 format_double(l, 5).c_str(), format_double(std::exp(l), 5).c_str(),
-                static_cast<unsigned long long>(per_source[i].learned), counted.c_str(), seq_len,
+                static_cast<unsigned long long>(per_source[i].learned), counted.c_str(),
+                packing == "documents" ? "whole documents packed into sequences" : "windows", seq_len,
                 mtp ? mtp_text(per_source[i]).c_str() : "", sources[i].second.name().c_str());
   }
   if (sources.size() > 1)

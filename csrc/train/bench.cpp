@@ -41,7 +41,26 @@ BenchResult bench_steps(const config::Config& given, int warmup_steps, int steps
     const uint64_t base = data::mix64(cfg.run.seed ^ data::mix64(uint64_t(step) * 1000003u + uint64_t(micro) * 7919u +
                                                                   uint64_t(layout->dp_rank()) * 104729u));
     for (int64_t i = 0; i < tokens.numel(); ++i) t[i] = int64_t(data::mix64(base + uint64_t(i)) % uint64_t(cfg.model.vocab_size));
-    return data::Batch{tokens.narrow(1, 0, S).contiguous(), tokens.narrow(1, 1, S).contiguous()};
+    // Separate buffers (with one row, contiguous() of either would be a view of `tokens`).
+    data::Batch batch{tokens.narrow(1, 0, S).clone(), tokens.narrow(1, 1, S).clone(), {}};
+    if (cfg.data.packing != "documents") return batch;
+    // data.packing: documents: each row packed with documents of S/8 to S/2 tokens (hashed lengths),
+    // positions restarting at each, so the step pays for the block-diagonal attention.
+    batch.positions = torch::empty({B, S}, torch::kInt64);
+    auto* p = batch.positions.data_ptr<int64_t>();
+    auto* target = batch.targets.data_ptr<int64_t>();
+    for (int64_t b = 0; b < B; ++b) {
+      int64_t position = 0, length = 0, k = 0;
+      for (int64_t i = 0; i < S; ++i) {
+        if (position == length) {  // a new document
+          position = 0;
+          length = std::max(1, S / 8) + int64_t(data::mix64(base ^ uint64_t(b * S + k++)) % uint64_t(std::max(1, 3 * S / 8)));
+        }
+        p[b * S + i] = position++;
+        if (position == length) target[b * S + i] = data::kIgnoreTarget;  // its last token predicts nothing
+      }
+    }
+    return batch;
   };
 
   BenchResult r;

@@ -28,17 +28,20 @@ std::optional<Validation> evaluate(const model::TransformerImpl& model, const da
     for (int i = 0; i < n_batches; ++i) {
       if (stop && stop()) return std::nullopt;  // a preemption does not wait for the rest of the batches
       // Evaluation batch i holds batch_size * W sequences whatever the layout; rank r takes its share.
-      auto batch = data::eval_batch(*source.val, i, n_batches, batch_size * W, seq_len);
+      auto batch = data::eval_batch(*source.val, i, n_batches, batch_size * W, seq_len, blend.packing());
       auto inputs = batch.inputs.narrow(0, int64_t(r) * batch_size, batch_size).to(device);
+      torch::Tensor positions;  // packed documents only; the model copies them (see forward_loss)
+      if (batch.positions.defined()) positions = batch.positions.narrow(0, int64_t(r) * batch_size, batch_size);
       auto targets = batch.targets.narrow(0, int64_t(r) * batch_size, batch_size).reshape(-1).to(device);
       if (last) source_learned += double(targets.ne(data::kIgnoreTarget).sum().item<int64_t>());
       if (!pipeline) {
-        source_loss += model.forward_loss(inputs, targets, data::kIgnoreTarget, /*sum=*/true, /*with_mtp=*/false).loss.item<double>();
+        source_loss += model.forward_loss(inputs, targets, data::kIgnoreTarget, /*sum=*/true, /*with_mtp=*/false, positions)
+                           .loss.item<double>();
         continue;
       }
       stages->forward_only(1, [&](int, const torch::Tensor& input) {
         auto out = model.forward_stage(model.first_stage() ? inputs : input, targets, data::kIgnoreTarget, /*sum=*/true,
-                                       /*with_mtp=*/false);
+                                       /*with_mtp=*/false, /*tokens_BS=*/{}, positions);
         if (!model.last_stage()) return dist::StageForward{out.hidden_BSD, {}};
         source_loss += out.loss.item<double>();
         return dist::StageForward{};

@@ -156,13 +156,14 @@ std::string number_text(double x) { return std::isnan(x) ? "nan" : format_double
 namespace {
 
 // Forward and backward of the step's micro-batches through this rank's pipeline stage, in the 1F1B
-// order; the last stage's cross-entropy summed into loss_sum. Each stage's backward starts from its
-// output's gradient and its own balance loss, so the gradients are those of one process's
-// sum over micro-batches of (loss + balance loss) / grad_accum.
+// order; the last stage's share of the step's cross-entropy (share_of, see train_step) summed into
+// loss_sum. Each stage's backward starts from its output's gradient and its own balance loss, so the
+// gradients are those of one process's cross-entropy over the step's learned targets plus its
+// (balance + MTP loss) / grad_accum.
 void pipeline_micro_batches(model::TransformerImpl& model, const dist::DataParallel& parallel, const config::Config& cfg,
                             torch::Device device, const std::function<data::Batch(int micro)>& batch_of,
-                            torch::Tensor& loss_sum, torch::Tensor& mtp_sum, MoETelemetry& telemetry,
-                            dist::Optimizer& optimizer) {
+                            const std::vector<torch::Tensor>& share_of, torch::Tensor& loss_sum,
+                            torch::Tensor& mtp_sum, MoETelemetry& telemetry, dist::Optimizer& optimizer) {
   const int n = cfg.train.grad_accum;
   const dist::Layout& layout = parallel.layout();
   dist::PipelineSchedule schedule(parallel.shared_layout(), {cfg.train.micro_batch_size, cfg.data.seq_len, cfg.model.d_model},
@@ -171,17 +172,20 @@ void pipeline_micro_batches(model::TransformerImpl& model, const dist::DataParal
     auto batch = batch_of(micro);  // a pure function of the step: every stage draws the same batch
     const auto tokens = upload(batch.inputs, device);  // the last stage's MTP modules look them up too
     auto out = model.forward_stage(layout.first_stage() ? tokens : input, upload(batch.targets, device), data::kIgnoreTarget,
-                                   /*sum=*/false, /*with_mtp=*/true, tokens);
+                                   /*sum=*/false, /*with_mtp=*/true, tokens, batch.positions);
     out.logits_BSV = torch::Tensor();
     telemetry.add(out);
     if (!layout.last_stage()) return dist::StageForward{out.hidden_BSD, out.balance_loss / n};
-    loss_sum += out.loss.detach().to(torch::kDouble);
-    auto objective = out.loss + out.balance_loss;
+    // A micro-batch without a learned target (its mean 0/0) has no share (undefined).
+    const auto& share = share_of[size_t(micro)];
+    const auto ce = share.defined() ? out.loss * share.to(out.loss.scalar_type()) : torch::zeros_like(out.loss);
+    loss_sum += ce.detach().to(torch::kDouble);
+    auto rest = out.balance_loss;
     if (out.mtp_loss.defined()) {
-      objective = objective + out.mtp_loss;
+      rest = rest + out.mtp_loss;
       mtp_sum += torch::stack(out.mtp_losses).detach().to(mtp_sum.device(), torch::kDouble);
     }
-    return dist::StageForward{torch::Tensor(), objective / n};
+    return dist::StageForward{torch::Tensor(), ce + rest / n};
   }, [&](int micro) {
     if (micro == n - 1) optimizer.before_last_backward();
   });
@@ -244,21 +248,45 @@ StepOutcome train_step(model::TransformerImpl& model, dist::Optimizer& optimizer
       bad.view(-1)[0] = std::nan("");
       return bad;
     });
+  // The step's loss is the mean over every learned target of the step, on every micro-batch and
+  // data-parallel rank: micro-batch m's mean weighs (its targets x dp) / (the step's targets), and the
+  // ranks' gradient average takes the dp back out. Packed documents and loss masks give micro-batches
+  // different counts, and a mean of their means would weigh a target by the company it keeps (and
+  // differ between layouts). The counts are the host's (the batches are drawn there); their sum over
+  // the ranks is one collective on the device, never read back.
+  std::vector<data::Batch> batches;
+  std::vector<double> learned;
+  double local = 0;
+  for (int micro = 0; micro < cfg.train.grad_accum; ++micro) {
+    batches.push_back(batch_of(micro));
+    learned.push_back(double(batches.back().targets.ne(data::kIgnoreTarget).sum().item<int64_t>()));
+    local += learned.back();
+  }
+  auto targets = torch::full({}, local, fp64);
+  if (parallel.world_size() > 1) parallel.world().all_reduce_sum(targets);  // every stage holds its dp rank's batch
+  targets = targets / double(parallel.layout().pp_size());
+  std::vector<torch::Tensor> share_of;
+  for (double n : learned) share_of.push_back(n > 0 ? n * double(parallel.dp_size()) / targets : torch::Tensor());
+  const auto drawn = [&](int micro) { return batches.at(size_t(micro)); };
   if (parallel.layout().pp_size() > 1) {
-    pipeline_micro_batches(model, parallel, cfg, device, batch_of, loss_sum, mtp_sum, outcome.telemetry, optimizer);
+    pipeline_micro_batches(model, parallel, cfg, device, drawn, share_of, loss_sum, mtp_sum, outcome.telemetry,
+                           optimizer);
   } else {
     for (int micro = 0; micro < cfg.train.grad_accum; ++micro) {
-      auto batch = batch_of(micro);
-      auto out = model.forward_loss(upload(batch.inputs, device), upload(batch.targets, device), data::kIgnoreTarget);
+      const auto& batch = batches[size_t(micro)];
+      auto out = model.forward_loss(upload(batch.inputs, device), upload(batch.targets, device), data::kIgnoreTarget,
+                                    /*sum=*/false, /*with_mtp=*/true, batch.positions);
       out.logits_BSV = torch::Tensor();  // backward needs the log-probabilities, not the logits: free them
-      const auto& ce = out.loss;
-      auto loss = ce + out.balance_loss;
+      // A micro-batch without a learned target (its mean 0/0) has no share (undefined).
+      const auto& share = share_of[size_t(micro)];
+      const auto ce = share.defined() ? out.loss * share.to(out.loss.scalar_type()) : torch::zeros_like(out.loss);
+      auto rest = out.balance_loss;
       if (out.mtp_loss.defined()) {
-        loss = loss + out.mtp_loss;
+        rest = rest + out.mtp_loss;
         mtp_sum += torch::stack(out.mtp_losses).detach().to(torch::kDouble);
       }
       if (micro == cfg.train.grad_accum - 1) optimizer.before_last_backward();
-      (loss / cfg.train.grad_accum).backward();
+      (ce + rest / cfg.train.grad_accum).backward();
       loss_sum += ce.detach().to(torch::kDouble);
       outcome.telemetry.add(out);
     }
@@ -277,7 +305,7 @@ StepOutcome train_step(model::TransformerImpl& model, dist::Optimizer& optimizer
   auto slots = torch::zeros({W * kColumns + depth}, fp64);
   const bool stop_here = stop_requested && stop_requested();
   slots.narrow(0, r * kColumns, kColumns)
-      .copy_(torch::stack({loss_sum / double(cfg.train.grad_accum), grad_max_abs.to(fp64).reshape({}),
+      .copy_(torch::stack({loss_sum, grad_max_abs.to(fp64).reshape({}),
                            optimizer.norm_part().to(fp64).reshape({}),
                            torch::full({}, stop_here ? 1.0 : 0.0, fp64)}));
   if (depth > 0) slots.narrow(0, W * kColumns, depth).copy_(mtp_sum);

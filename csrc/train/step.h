@@ -60,8 +60,10 @@ struct StepOutcome {
   MoETelemetry telemetry;
 };
 
-// One optimizer step: forward and backward of every micro-batch (gradients accumulated, each loss
-// scaled by 1/grad_accum), gradients averaged over the ranks, clip, AdamW, then the routers' bias
+// One optimizer step: forward and backward of every micro-batch (gradients accumulated; the loss is
+// the mean over every learned target of the step, on every micro-batch and rank, and the balance and
+// MTP losses are each micro-batch's scaled by 1/grad_accum), gradients averaged over the ranks, clip,
+// AdamW, then the routers' bias
 // update from the step's expert load. The trainer and bench-step both run exactly this. A non-finite
 // loss or gradient on any rank leaves the weights, the optimizer and the routers' biases untouched on
 // every rank (the decision is global), and says which rank it came from.

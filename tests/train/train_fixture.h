@@ -25,6 +25,28 @@ inline std::string make_corpus(const TempDir& dir) {
   return dir.str("data");
 }
 
+// The same text as make_corpus, one document per line (version-2 byte shards, data.packing: documents),
+// in dir/docs/{train,val}.bin: the last tenth of the lines is validation.
+inline std::string make_document_corpus(const TempDir& dir) {
+  make_corpus(dir);
+  std::ifstream in(dir.str("corpus.txt"));
+  std::vector<std::string> lines;
+  for (std::string line; std::getline(in, line);) lines.push_back(line + "\n");
+  const size_t n_val = lines.size() / 10;
+  files::make_directories(dir.str("docs"));
+  for (const char* split : {"train", "val"}) {
+    const bool val = std::string(split) == "val";
+    std::vector<int64_t> tokens;
+    std::vector<uint64_t> starts;
+    for (size_t i = val ? lines.size() - n_val : 0; i < (val ? lines.size() : lines.size() - n_val); ++i) {
+      starts.push_back(tokens.size());
+      for (unsigned char c : lines[i]) tokens.push_back(c);
+    }
+    data::write_shard(dir.str(std::string("docs/") + split + ".bin"), tokens, 256, starts);
+  }
+  return dir.str("docs");
+}
+
 inline config::Config tiny_train_config(const std::string& data_dir, const std::string& out_dir) {
   config::Config cfg;
   cfg.model = tiny_model_config();
