@@ -113,6 +113,23 @@ uint64_t pread_full(int fd, void* out, uint64_t n, uint64_t offset, const std::s
                   "resume from the last checkpoint");
 }
 
+// A Megatron .idx, open, with its fixed header read (kMegatronHeaderBytes); closed with the object.
+struct IndexFile {
+  int fd = -1;
+  uint64_t size = 0;
+  uint8_t header[kMegatronHeaderBytes] = {};
+  explicit IndexFile(const std::string& idx) {
+    std::tie(fd, size) = open_file(idx, "Megatron index", kMegatronHeaderBytes);
+    if (pread_full(fd, header, kMegatronHeaderBytes, 0, idx) != kMegatronHeaderBytes) {
+      ::close(fd);
+      throw_shrunk(idx, 0, kMegatronHeaderBytes, 0, size);
+    }
+  }
+  ~IndexFile() { ::close(fd); }
+  IndexFile(const IndexFile&) = delete;
+  IndexFile& operator=(const IndexFile&) = delete;
+};
+
 // Chunks of the once-at-open scans: big enough to stream, small enough to stay in cache.
 constexpr uint64_t kScanChunkBytes = uint64_t(1) << 20;
 
@@ -357,14 +374,10 @@ std::vector<uint64_t> Shard::document_starts() const {
 // documents (a document index repeated, or sequences of no tokens) are left out.
 std::vector<uint64_t> Shard::megatron_document_starts() const {
   const std::string& idx = index_path_;
-  const auto [idx_fd, idx_size] = open_file(idx, "Megatron index", kMegatronHeaderBytes);
-  struct Closer {
-    int fd;
-    ~Closer() { ::close(fd); }
-  } closer{idx_fd};
-  uint8_t header[kMegatronHeaderBytes];
-  if (pread_full(idx_fd, header, kMegatronHeaderBytes, 0, idx) != kMegatronHeaderBytes)
-    throw_shrunk(idx, 0, kMegatronHeaderBytes, 0, idx_size);
+  const IndexFile index(idx);
+  const int idx_fd = index.fd;
+  const uint64_t idx_size = index.size;
+  const uint8_t* header = index.header;
   uint64_t n_sequences = 0, n_doc_indices = 0;
   std::memcpy(&n_sequences, header + 18, 8);
   std::memcpy(&n_doc_indices, header + 26, 8);
@@ -426,16 +439,10 @@ void Shard::open_megatron(uint64_t file_size) {
   const std::string& idx = index_path_;
   // Plain variables, not a structured binding: the lambda below captures them, which clang before 16
   // (the fuzz build's) refuses for bindings.
-  const auto opened = open_file(idx, "Megatron index", kMegatronHeaderBytes);
-  const int idx_fd = opened.first;
-  const uint64_t idx_size = opened.second;
-  struct Closer {
-    int fd;
-    ~Closer() { ::close(fd); }
-  } closer{idx_fd};
-  uint8_t header[kMegatronHeaderBytes];
-  if (pread_full(idx_fd, header, kMegatronHeaderBytes, 0, idx) != kMegatronHeaderBytes)
-    throw_shrunk(idx, 0, kMegatronHeaderBytes, 0, idx_size);
+  const IndexFile index(idx);
+  const int idx_fd = index.fd;
+  const uint64_t idx_size = index.size;
+  const uint8_t* header = index.header;
   if (std::memcmp(header, kMegatronMagic, 9) != 0)
     throw DataError(idx + ": bad magic (bytes 0..8): not a Megatron index (\"MMIDIDX\\x00\\x00\"), beside " + path_);
   uint64_t version = 0, n_sequences = 0, n_doc_indices = 0;
