@@ -1,6 +1,7 @@
 // Training on packed documents (data.packing: documents) through the CLI: the plan in the log, a
-// validation loss, a too-long document refused with data.truncate: false, and expert parallelism at
-// (world 2, ep 2) equal to one process, as every layout is in stream mode.
+// validation loss, a too-long document refused with data.truncate: false, eval of whole documents, and
+// expert parallelism at (world 2, ep 2) and a two-stage pipeline equal to one process, as every layout
+// is in stream mode.
 #include <catch2/catch.hpp>
 
 #include "../dist/dist_fixture.h"
@@ -67,7 +68,8 @@ CATCH_TEST_CASE("Packed documents train through the CLI: the plan is logged and 
   CATCH_CHECK_THAT(refused.output, Contains("train.bin: document") && Contains("more than data.seq_len = 24"));
 }
 
-CATCH_TEST_CASE("Packed documents at (world 2, ep 2) train as one process", "[dist][train][packing]") {
+CATCH_TEST_CASE("Packed documents at (world 2, ep 2) and with two pipeline stages train as one process",
+                "[dist][train][packing]") {
   testing::TempDir dir("packed-dist");
   const auto data_dir = testing::make_document_corpus(dir);
   const auto one = train_at(packed_config(data_dir, dir.str("w1")), 1, 1);
@@ -75,4 +77,8 @@ CATCH_TEST_CASE("Packed documents at (world 2, ep 2) train as one process", "[di
   CATCH_REQUIRE(one.exit_code == 0);
   testing::check_same_run(train_at(packed_config(data_dir, dir.str("w2ep2")), 2, 2), one, "w2ep2",
                           "step_00000008");
+  // Two pipeline stages: every stage takes the batch's positions, the last its MTP-free loss.
+  auto staged = packed_config(data_dir, dir.str("pp2"));
+  staged.parallel.pipeline_parallel = 2;
+  testing::check_same_run(train_at(staged, 2, 1), one, "pp2", "step_00000008");
 }
