@@ -258,3 +258,25 @@ CATCH_TEST_CASE("LoRA dropout applies while gradients are recorded and never in 
   }
   CATCH_CHECK(!torch::equal(plain, mlp->forward(x, std::nullopt).detach()));
 }
+
+CATCH_TEST_CASE("LoRA adapts the MTP modules' blocks too: B = 0 keeps their losses, and their adapters learn",
+                "[model][lora]") {
+  auto m = testing::tiny_model_config();
+  m.mtp_depth = 1;
+  model::Transformer base(m), adapted(m);
+  base->init_weights(13);
+  adapted->init_weights(13);
+  adapted->add_lora(lora_config(2, 4), 13);
+  const auto tokens = torch::randint(0, m.vocab_size, {2, 10}, torch::kLong);
+  const auto targets = torch::randint(0, m.vocab_size, {2, 10}, torch::kLong);
+  const auto want = base->forward_loss(tokens, targets, -100), got = adapted->forward_loss(tokens, targets, -100);
+  CATCH_CHECK(torch::equal(want.loss, got.loss));
+  CATCH_CHECK(torch::equal(want.mtp_loss, got.mtp_loss));
+  (got.loss + got.mtp_loss).backward();
+  auto params = adapted->named_parameters();
+  CATCH_REQUIRE(params.contains("mtp.0.block.attn.wq_lora_b"));
+  CATCH_REQUIRE(params.contains("mtp.0.block.moe.experts.w1_lora_b"));
+  CATCH_CHECK(params["mtp.0.block.attn.wq_lora_b"].grad().abs().max().item<double>() > 0);
+  CATCH_CHECK(!params["mtp.0.eh_proj"].requires_grad());
+  CATCH_CHECK(!params["mtp.0.eh_proj"].grad().defined());
+}
