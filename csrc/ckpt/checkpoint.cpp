@@ -3,6 +3,7 @@
 
 #include <ATen/CPUGeneratorImpl.h>
 #include <sys/statvfs.h>
+#include <unistd.h>
 
 #include <csignal>
 #include <cstdio>
@@ -180,6 +181,8 @@ struct SaveJob {
   std::vector<PendingFile> files;
   std::string entries;  // JSON array of this rank's {name, size, sha256}, filled by write()
   uint64_t bytes = 0;
+  std::optional<LoraBase> lora_base;  // rank 0 of a LoRA run: the manifest's "lora"
+  config::LoraConfig lora;
 
   void barrier() const {
     if (world) world->barrier();
@@ -239,7 +242,14 @@ SaveJob plan(const std::string& out_dir, const model::TransformerImpl& model, co
   if (optimizer)
     for (const auto& s : optimizer->states)
       if (s.master.defined()) masters[s.name] = s.master;
+  // A LoRA run writes its adapters only: the frozen base is model.init_from's (or the seed's), named by
+  // the manifest.
+  if (model.lora_enabled()) {
+    job.lora = model.lora_config();
+    if (rank == 0) job.lora_base = lora_base_of(model);
+  }
   for (const auto& p : model.named_parameters()) {
+    if (model.lora_enabled() && !p.value().requires_grad()) continue;
     const auto master = masters.find(p.key());
     add(main, experts, p.key(), "", master != masters.end() ? master->second : p.value());
   }
@@ -318,6 +328,11 @@ std::string commit(SaveJob& job) {
     // The sampler is a pure function of (seed, step, micro-batch, rank): the step is the data cursor.
     manifest["data_cursor"] = {{"step", progress.step}, {"tokens", progress.tokens}};
     manifest["config"] = job.config_yaml;
+    if (job.lora_base)
+      manifest["lora"] = {{"rank", job.lora.rank},
+                          {"alpha", job.lora.alpha},
+                          {"targets", job.lora.targets},
+                          {"base", {{"init_from", job.lora_base->init_from}, {"fingerprint", job.lora_base->fingerprint}}}};
     manifest["files"] = json::array();
     for (const auto& text : all_entries)
       for (const auto& e : json::parse(text)) manifest["files"].push_back(e);
@@ -347,6 +362,50 @@ std::set<std::string> expert_names(const model::TransformerImpl& model) {
   for (const auto& p : model.roled_parameters())
     if (p.role == model::ParamRole::expert) names.insert(p.name);
   return names;
+}
+
+LoraBase lora_base_of(const model::TransformerImpl& model) {
+  const std::string& init_from = model.config().init_from;
+  if (init_from.empty()) return {"", "seed " + std::to_string(model.lora_seed())};
+  const std::string dir = init_from.rfind("hf:", 0) == 0 ? init_from.substr(3) : init_from;
+  const std::string index_path = files::join(dir, "model.safetensors.index.json");
+  Sha256 digest;
+  std::set<std::string> weight_files;
+  if (files::exists(index_path)) {
+    const std::string index = files::read_file(index_path);
+    digest.update(index.data(), index.size());
+    try {
+      for (const auto& entry : json::parse(index).at("weight_map").items()) weight_files.insert(entry.value().get<std::string>());
+    } catch (const json::exception& e) {
+      throw CheckpointError(index_path + ": not a safetensors index (" + e.what() + ")");
+    }
+  } else {
+    weight_files.insert("model.safetensors");
+  }
+  constexpr uint64_t kSample = uint64_t(1) << 20;
+  std::vector<char> buffer(kSample);
+  for (const auto& name : weight_files) {
+    const std::string path = files::join(dir, name);
+    const int fd = files::open_regular<CheckpointError>(path);
+    const uint64_t size = files::file_size(path).value_or(0);
+    const std::string head = name + "\n" + std::to_string(size) + "\n";
+    digest.update(head.data(), head.size());
+    for (const uint64_t at : {uint64_t(0), size > kSample ? size - kSample : uint64_t(0)}) {
+      const uint64_t n = std::min(kSample, size);
+      uint64_t done = 0;
+      while (done < n) {
+        const ssize_t got = ::pread(fd, buffer.data() + done, n - done, off_t(at + done));
+        if (got <= 0) {
+          ::close(fd);
+          throw CheckpointError("cannot read '" + path + "' to fingerprint the LoRA base");
+        }
+        done += uint64_t(got);
+      }
+      digest.update(buffer.data(), n);
+    }
+    ::close(fd);
+  }
+  return {init_from, "sha256:" + digest.hex_digest()};
 }
 
 std::string step_dir_name(int64_t step) {
@@ -538,6 +597,11 @@ Manifest read_manifest(const std::string& step_dir) {
                                           std::to_string(m.pipeline_parallel) + " does not divide layout.world_size = " +
                                           std::to_string(m.world_size));
   }
+  if (j.contains("lora")) {
+    const json& base = r.at(j["lora"], "base", "lora.base");
+    m.lora_base = LoraBase{r.text(r.at(base, "init_from", "lora.base.init_from"), "lora.base.init_from"),
+                           r.text(r.at(base, "fingerprint", "lora.base.fingerprint"), "lora.base.fingerprint")};
+  }
   m.config_yaml = r.text(r.at(j, "config", "config"), "config");
   try {  // resume, inspect and generate build from it: a damaged config is a damaged checkpoint
     (void)config::parse_config(m.config_yaml, manifest_path + " (field 'config')");
@@ -617,6 +681,29 @@ void load_model(const std::string& step_dir, model::TransformerImpl& model) {
   const WholeFiles whole(step_dir, manifest, kModelFile, kModelStagePrefix);
   auto params = model.named_parameters();
   auto buffers = model.named_buffers();
+  if (model.lora_enabled()) {  // the adapters (and buffers); the frozen base came from model.init_from
+    if (!manifest.lora_base)
+      throw CheckpointError(step_dir + " holds a whole model, not LoRA adapters, but train.lora.rank = " +
+                            std::to_string(model.lora_config().rank) + ": resume it without train.lora, or start the "
+                            "LoRA run from it as its base");
+    const LoraBase here = lora_base_of(model);
+    if (*manifest.lora_base != here) {
+      auto text = [](const LoraBase& b) {
+        return (b.init_from.empty() ? std::string("the seeded init") : b.init_from) + " (" + b.fingerprint + ")";
+      };
+      throw CheckpointError("the LoRA checkpoint " + step_dir + " was trained on base " + text(*manifest.lora_base) +
+                            ", not on this run's base " + text(here));
+    }
+    torch::OrderedDict<std::string, torch::Tensor> adapters;
+    for (const auto& p : params)
+      if (p.value().requires_grad()) adapters.insert(p.key(), p.value());
+    params = std::move(adapters);
+  } else if (manifest.lora_base) {
+    throw CheckpointError(step_dir + " holds LoRA adapters (trained on " +
+                          (manifest.lora_base->init_from.empty() ? std::string("the seeded init") : manifest.lora_base->init_from) +
+                          "), not a whole model: set train.lora as that run did, or merge them first (moetrain convert "
+                          "--merge-lora)");
+  }
   // MTP modules are optional both ways: those the checkpoint lacks keep their seeded init, and those
   // the model lacks (model.mtp_depth lowered) are left out; each case says so once.
   std::set<int> dropped_mtp, fresh_mtp;

@@ -46,6 +46,13 @@ struct FileEntry {
   std::string sha256;
 };
 
+// What a LoRA checkpoint's adapters were trained on (manifest.json's "lora").
+struct LoraBase {
+  std::string init_from;    // model.init_from; "" = the seeded initialization
+  std::string fingerprint;  // lora_base_of's: a sha256 of the base's weight files, or "seed <run.seed>"
+  bool operator==(const LoraBase&) const = default;
+};
+
 struct Manifest {
   int format_version = 2;
   Progress progress;
@@ -54,7 +61,15 @@ struct Manifest {
   int world_size = 1;       // the layout that wrote it
   int expert_parallel = 1;
   int pipeline_parallel = 1;
+  std::optional<LoraBase> lora_base;  // a LoRA run's checkpoint (adapters only)
 };
+
+// The base of a model with LoRA adapters. For model.init_from = hf:DIR, the fingerprint is a sha256 over
+// its model.safetensors.index.json (when it has one) and, for each weight file in name order, its name,
+// size, first MiB (the safetensors header and the first weights) and last MiB: two fine-tunes of one
+// architecture share their index but not their weights, and nothing is read whole. Without init_from
+// the base is init_weights(run.seed): "seed <seed>".
+LoraBase lora_base_of(const model::TransformerImpl& model);
 
 // The model's routed experts' stacked weights (model::ParamRole::expert): filed by global expert id.
 std::set<std::string> expert_names(const model::TransformerImpl& model);
@@ -118,7 +133,9 @@ Manifest read_manifest(const std::string& step_dir);
 
 // Loads the weights this rank holds (its experts by global id, model.expert_offset() onwards; its
 // pipeline stage's blocks and ends, from whichever stage's file holds them), requiring exactly the
-// model's names, shapes and dtypes; a mismatch names the tensor and both shapes.
+// model's names, shapes and dtypes; a mismatch names the tensor and both shapes. A model with LoRA
+// adapters loads its adapters and buffers only (its base comes from model.init_from), from a LoRA
+// checkpoint taken on the same base (lora_base_of): another base is a one-line error naming both.
 void load_model(const std::string& step_dir, model::TransformerImpl& model);
 // Loads moments, step count and this rank's CPU RNG state into `optimizer` over the same parameters.
 // A weights-only checkpoint leaves the optimizer as it is.

@@ -72,6 +72,9 @@ int run_convert(const std::vector<std::string>& argv) {
        {"to", "DST", "a run folder to create, or hf:DIR"},
        {"family", "NAME", "export family: " + hf::family_names() + " (default: from the model's features)"},
        {"shard-size", "BYTES", "largest exported shard in bytes (default 2000000000)"},
+       {"merge-lora", "",
+        "a LoRA checkpoint (train.lora): write its base with the adapters folded in, W + (alpha / rank) A B, as "
+        "plain weights (needs the base, model.init_from, where the run read it)"},
        {"force", "",
         "write into a folder that is not empty: an export replaces config.json and the weights, other files "
         "stay; a run folder gets the checkpoint (never one that holds checkpoints)"}}};
@@ -88,6 +91,18 @@ int run_convert(const std::vector<std::string>& argv) {
 
   auto loaded = train::load_for_inference(from, "full");
   loaded.model->to(torch::kCPU);
+  if (loaded.model->lora_enabled() && !args.has("merge-lora"))
+    throw UsageError("[convert] " + from + " holds LoRA adapters, not whole weights: pass --merge-lora to write its "
+                     "base with the adapters merged in");
+  if (args.has("merge-lora")) {
+    if (!loaded.model->lora_enabled()) throw UsageError("[convert] --merge-lora: " + from + " holds no LoRA adapters");
+    model::Transformer merged(loaded.cfg.model);
+    model::merge_lora(*loaded.model, *merged);
+    loaded.model = merged;
+    log_line("[convert] merged LoRA adapters of rank " + std::to_string(loaded.cfg.train.lora.rank) + " into " +
+             (loaded.cfg.model.init_from.empty() ? std::string("the seeded base") : loaded.cfg.model.init_from));
+    loaded.cfg.train.lora = config::LoraConfig{};  // the written config trains every weight again
+  }
   if (hf::is_hf_path(to)) {
     const auto family = args.has("family") ? hf::family_from_name(args.get("family")) : hf::infer_family(loaded.cfg.model);
     hf::export_model(*loaded.model, family, hf::hf_dir(to), shard_bytes);
@@ -197,6 +212,7 @@ int run_inspect(const std::vector<std::string>& argv) {
     } else {
       try {
         model::Transformer expected(cfg.model);
+        if (m.lora_base) expected->add_lora(cfg.train.lora, cfg.run.seed);  // adapters only (and the base's reference)
         ckpt::load_model(*step_dir, *expected);
         std::printf("tensors     every weight has the name, shape and dtype the manifest's config implies\n");
       } catch (const Error& e) {

@@ -319,9 +319,13 @@ int run_plan(const std::vector<std::string>& argv) {
                 p.in_flight);
   }
   std::printf("per rank (GiB)\n");
-  const bool masters = p.master_weights > 0;
+  const bool masters = p.master_weights > 0, lora = cfg.train.lora.rank > 0;
+  if (lora)
+    std::printf("lora             rank %d on %zu target(s): the base frozen in %s, adapters fp32 with their gradients "
+                "and moments\n", cfg.train.lora.rank, cfg.train.lora.targets.size(), cfg.run.dtype.c_str());
   const std::pair<const char*, double> rows[] = {
-      {masters ? "weights (bf16 matmul, fp32 rest)" : "weights (fp32 master)", p.weights},
+      {lora ? "weights (frozen base, adapters)" : masters ? "weights (bf16 matmul, fp32 rest)" : "weights (fp32 master)",
+       p.weights},
       {"fp32 master shares (ZeRO-1)", p.master_weights}, {"compute copies (bf16)", p.compute_copy},
       {"gradients (fp32)", p.gradients},    {"AdamW moments", p.optimizer},
       {"activations (1 micro-batch)", p.activations}, {"loss (logits' gradients)", p.loss},

@@ -37,8 +37,8 @@ constexpr int kMaxLayers = 100000;
 // Accessors return a reference to the field; the variant alternative is the key's value type.
 using Field = std::variant<int& (*)(Config&), uint64_t& (*)(Config&), double& (*)(Config&),
                            bool& (*)(Config&), std::string& (*)(Config&), std::optional<double>& (*)(Config&),
-                           std::vector<DataSource>& (*)(Config&)>;
-enum FieldKind { kInt = 0, kUInt64, kDouble, kBool, kString, kOptDouble, kSources };
+                           std::vector<DataSource>& (*)(Config&), std::vector<std::string>& (*)(Config&)>;
+enum FieldKind { kInt = 0, kUInt64, kDouble, kBool, kString, kOptDouble, kSources, kStrings };
 
 // What a single value may be, independent of other keys (relations live in validate()).
 struct Allowed {
@@ -80,6 +80,8 @@ Allowed one_of(std::vector<std::string> values) {
   a.one_of = std::move(values);
   return a;
 }
+// A list whose every item is one of `values` (kStrings keys).
+Allowed each_of(std::vector<std::string> values) { return one_of(std::move(values)); }
 Allowed non_empty() {
   Allowed a;
   a.non_empty = true;
@@ -344,6 +346,24 @@ const std::vector<KeyDesc>& keys() {
                    "With train.nonfinite = skip: consecutive skipped steps tolerated; one more stops the run "
                    "with an error naming the last good checkpoint.",
                    at_least(0)),
+      MOETRAIN_KEY(train.lora.rank,
+                   "LoRA: rank of the low-rank adapters trained on a frozen base (y = x W + dropout(x) A B * "
+                   "alpha / rank, B starting at zero); 0 = off, every weight trains. With LoRA the base weights "
+                   "take no gradient and no optimizer state and are held in the compute dtype (the matmul "
+                   "weights; norms, routers and the embedding stay fp32); the adapters train in fp32, and "
+                   "checkpoints hold only the adapters, their optimizer state and a reference to the base.",
+                   at_least(0)),
+      MOETRAIN_KEY(train.lora.alpha, "LoRA: the adapters' output is scaled by alpha / rank.", above(0)),
+      MOETRAIN_KEY(train.lora.dropout,
+                   "LoRA: dropout probability on the adapters' input while training (not with "
+                   "train.activation_checkpointing = full).",
+                   in_half_open(0, 1)),
+      MOETRAIN_KEY(train.lora.targets,
+                   "LoRA: the weights that get adapters. q, k, v, o: GQA's wq, wk, wv, wo (kv = k and v); with "
+                   "model.attention = mla, q (wq, or wq_a and wq_b with a q latent), kv (wkv_a and wkv_b) and o "
+                   "(wo); experts: each routed expert's w1, w3, w2 (stacked per expert, sharded with them); "
+                   "shared_experts: the shared experts' w1, w3, w2; dense_mlp: the dense blocks' w1, w3, w2.",
+                   each_of({"q", "k", "v", "kv", "o", "experts", "shared_experts", "dense_mlp"})),
 
       MOETRAIN_KEY(logging.tensorboard,
                    "Also write TensorBoard event files under <out_dir>/tb/ (rank 0, flushed at every log step): "
@@ -472,6 +492,8 @@ std::string sources_text(const std::vector<DataSource>& sources) {
   return out + "]";
 }
 
+std::string join(const std::vector<std::string>& items, const std::string& sep);
+
 std::string value_text(const KeyDesc& k, const Config& cfg) {
   Config& c = const_cast<Config&>(cfg);  // accessors are shared with the setters; only read here
   return std::visit(
@@ -488,6 +510,8 @@ std::string value_text(const KeyDesc& k, const Config& cfg) {
           return v ? format_number(*v) : "null";
         else if constexpr (std::is_same_v<T, std::vector<DataSource>>)
           return sources_text(v);
+        else if constexpr (std::is_same_v<T, std::vector<std::string>>)
+          return "[" + join(v, ", ") + "]";
         else
           return std::to_string(v);
       },
@@ -514,7 +538,8 @@ std::string join(const std::vector<std::string>& items, const std::string& sep) 
 
 std::string type_text(const KeyDesc& k) {
   static const char* names[] = {"int", "uint64", "double", "bool", "string", "double or null",
-                                "list of {dir, weight, name}"};
+                                "list of {dir, weight, name}", "list of strings"};
+  if (k.field.index() == kStrings) return "list of (" + join(k.allowed.one_of, ", ") + ")";
   if (!k.allowed.one_of.empty()) return "enum (" + join(k.allowed.one_of, ", ") + ")";
   std::string t = names[k.field.index()];
   if (k.allowed.non_empty) t += ", non-empty";
@@ -565,6 +590,7 @@ const char* expected_text(const KeyDesc& k) {
     case kBool: return "true or false";
     case kOptDouble: return "a number or null";
     case kSources: return "a list of {dir, weight, name} mappings";
+    case kStrings: return "a list of names";
     default: return "a string";
   }
 }
@@ -623,6 +649,19 @@ void set_from_node(const KeyDesc& k, const YAML::Node& node, Config& cfg, const 
     set_sources(k.path, node, std::get<kSources>(k.field)(cfg), where);
     return;
   }
+  if (k.field.index() == kStrings) {  // a sequence of scalars (null = empty)
+    auto& out = std::get<kStrings>(k.field)(cfg);
+    out.clear();
+    if (node.IsNull()) return;
+    if (!node.IsSequence()) fail();
+    for (size_t i = 0; i < node.size(); ++i) {
+      if (!node[i].IsScalar())
+        throw ConfigError(where + ": " + k.path + "[" + std::to_string(i) + "]: expected a name, got " +
+                          node_kind_text(node[i]));
+      out.push_back(node[i].Scalar());
+    }
+    return;
+  }
   if (!node.IsScalar()) fail();
   const std::string& text = node.Scalar();
   std::visit(
@@ -644,8 +683,9 @@ void set_from_node(const KeyDesc& k, const YAML::Node& node, Config& cfg, const 
           double v = 0;
           if (!parse_double(text, v)) fail();
           field = v;
-        } else if constexpr (std::is_same_v<T, std::vector<DataSource>>) {
-          fail();  // handled by set_sources above
+        } else if constexpr (std::is_same_v<T, std::vector<DataSource>> ||
+                             std::is_same_v<T, std::vector<std::string>>) {
+          fail();  // handled above
         } else {
           T v{};
           if (!parse_integer(text, v)) {
@@ -921,6 +961,15 @@ void validate(const Config& cfg) {
   for (const auto& k : keys()) {
     const Allowed& a = k.allowed;
     std::string text = value_text(k, cfg);
+    if (k.field.index() == kStrings) {
+      std::set<std::string> seen;
+      for (const auto& item : std::get<kStrings>(k.field)(const_cast<Config&>(cfg))) {
+        if (std::find(a.one_of.begin(), a.one_of.end(), item) == a.one_of.end())
+          throw ConfigError(k.path + " holds " + in_quotes(item) + ": each item must be one of: " + join(a.one_of, ", "));
+        if (!seen.insert(item).second) throw ConfigError(k.path + " holds " + in_quotes(item) + " twice");
+      }
+      continue;
+    }
     if (k.field.index() == kString) {
       if (!a.one_of.empty() && std::find(a.one_of.begin(), a.one_of.end(), text) == a.one_of.end())
         throw ConfigError(k.path + " = " + in_quotes(text) + " must be one of: " + join(a.one_of, ", "));
@@ -1064,6 +1113,20 @@ void validate(const Config& cfg) {
                       kv("parallel.pipeline_parallel", pp) +
                       " (the 1F1B schedule fills the pipeline with the step's micro-batches)");
   explicit_pp_layers(cfg);  // throws on a malformed list
+  const LoraConfig& lora = cfg.train.lora;
+  if (lora.rank > 0) {
+    if (lora.targets.empty())
+      throw ConfigError(kv("train.lora.rank", lora.rank) + " needs train.lora.targets: at least one of q, k, v, kv, o, "
+                        "experts, shared_experts, dense_mlp");
+    for (const auto& t : lora.targets)
+      if (m.attention == "mla" && (t == "k" || t == "v"))
+        throw ConfigError("train.lora.targets holds \"" + t + "\": with model.attention = mla keys and values come from "
+                          "one latent; use kv (wkv_a and wkv_b), q and o");
+    if (lora.dropout > 0 && cfg.train.activation_checkpointing == "full")
+      throw ConfigError("train.lora.dropout = " + format_number(lora.dropout) +
+                        " needs train.activation_checkpointing none or selective (a recomputed block would draw "
+                        "other dropout masks than its forward)");
+  }
 }
 
 std::vector<int> explicit_pp_layers(const Config& cfg) {
@@ -1151,6 +1214,10 @@ std::string to_yaml(const Config& cfg) {
         out << YAML::BeginMap << YAML::Key << "dir" << YAML::Value << YAML::DoubleQuoted << source.dir
             << YAML::Key << "weight" << YAML::Value << format_number(source.weight) << YAML::Key << "name"
             << YAML::Value << YAML::DoubleQuoted << source.name << YAML::EndMap;
+      out << YAML::EndSeq;
+    } else if (k.field.index() == kStrings) {
+      out << YAML::Flow << YAML::BeginSeq;
+      for (const auto& item : std::get<kStrings>(k.field)(const_cast<Config&>(cfg))) out << item;
       out << YAML::EndSeq;
     } else if (k.field.index() == kString)
       out << YAML::DoubleQuoted << value_text(k, cfg);  // quoted so "123", "~" or "true" stay strings

@@ -126,6 +126,17 @@ struct OptimConfig {
   double grad_clip = 1.0;       // max global grad norm; 0 = off
 };
 
+// train.lora: low-rank adapters (Hu et al. 2021) on a frozen base, y = x W + dropout(x) A B * alpha / rank.
+// Targets: q, k, v, o (GQA's wq, wk, wv, wo; "kv" is k and v together); with MLA, q (wq, or wq_a and
+// wq_b), kv (wkv_a and wkv_b) and o (wo); experts (each routed expert's w1, w3, w2), shared_experts
+// (the shared experts' w1, w3, w2), dense_mlp (the dense blocks' w1, w3, w2).
+struct LoraConfig {
+  int rank = 0;                 // 0 = off: every weight trains
+  double alpha = 16;            // the adapters' scale is alpha / rank
+  double dropout = 0;           // on the adapters' input, while training
+  std::vector<std::string> targets = {"q", "kv", "o", "experts", "shared_experts", "dense_mlp"};
+};
+
 struct TrainConfig {
   int steps = 1000;
   int micro_batch_size = 16;    // sequences per micro-batch per rank
@@ -138,6 +149,7 @@ struct TrainConfig {
   int eval_batches = 8;         // validation micro-batches per evaluation
   std::string nonfinite = "skip";  // a step with a non-finite loss or gradient: skip its update | stop the run
   int max_skipped_steps = 3;    // with skip: consecutive skipped steps tolerated before the run stops
+  LoraConfig lora;
 };
 
 struct LoggingConfig {

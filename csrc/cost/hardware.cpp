@@ -1,6 +1,8 @@
 // Datasheet peaks (dense, i.e. half the "with sparsity" figures NVIDIA prints) and the CPU probe.
 #include "cost/hardware.h"
 
+#include <ATen/CPUGeneratorImpl.h>
+
 #include <torch/torch.h>
 
 #include <algorithm>
@@ -62,8 +64,11 @@ double measure_cpu_tflops() {
   using clock = std::chrono::steady_clock;
   auto seconds_since = [](clock::time_point t) { return std::chrono::duration<double>(clock::now() - t).count(); };
   double best_flops_per_s = 0;
+  // Its operands come from a generator of its own: the global one (LoRA's dropout masks) must not move
+  // with whether this process has probed yet.
+  auto generator = at::make_generator<at::CPUGeneratorImpl>(0x5eed);
   for (int64_t n : {256, 512, 1024}) {
-    const auto a = torch::randn({n, n}, torch::kFloat), b = torch::randn({n, n}, torch::kFloat);
+    const auto a = torch::randn({n, n}, generator, torch::kFloat), b = torch::randn({n, n}, generator, torch::kFloat);
     auto c = torch::empty({n, n}, torch::kFloat);
     for (auto start = clock::now(); seconds_since(start) < 0.03;) torch::mm_out(c, a, b);  // threads, caches, clock
     const auto start = clock::now();

@@ -105,6 +105,50 @@ StageParams stage_params(const config::ModelConfig& m, int first, int end) {
   return s;
 }
 
+// train.lora: the adapters of blocks [first, end), replicated ones and routed experts' (all of them,
+// before expert parallelism); MTP blocks' are left out. An adapter of an (in, out) weight has r (in + out).
+struct LoraParams {
+  double replicated = 0, experts = 0;
+};
+LoraParams lora_params(const config::Config& cfg, int first, int end) {
+  const auto& m = cfg.model;
+  const auto& lora = cfg.train.lora;
+  LoraParams out;
+  if (lora.rank <= 0) return out;
+  auto has = [&](const char* t) { return std::find(lora.targets.begin(), lora.targets.end(), t) != lora.targets.end(); };
+  const double r = lora.rank, D = m.d_model, H = m.n_heads;
+  auto adapter = [&](double in, double out_dim) { return r * (in + out_dim); };
+  double attention = 0;
+  if (m.attention == "mla") {
+    const auto& a = m.mla;
+    const double qk = a.qk_nope_head_dim + a.qk_rope_head_dim;
+    if (has("q"))
+      attention += a.q_lora_rank > 0 ? adapter(D, a.q_lora_rank) + adapter(a.q_lora_rank, H * qk) : adapter(D, H * qk);
+    if (has("kv"))
+      attention += adapter(D, a.kv_lora_rank + a.qk_rope_head_dim) +
+                   adapter(a.kv_lora_rank, H * (a.qk_nope_head_dim + a.v_head_dim));
+    if (has("o")) attention += adapter(H * a.v_head_dim, D);
+  } else {
+    const double hd = config::head_dim(m), G = m.n_kv_heads;
+    if (has("q")) attention += adapter(D, H * hd);
+    if (has("k") || has("kv")) attention += adapter(D, G * hd);
+    if (has("v") || has("kv")) attention += adapter(D, G * hd);
+    if (has("o")) attention += adapter(H * hd, D);
+  }
+  const auto& e = m.moe;
+  const double shared_hidden = e.n_shared_experts * double(e.shared_hidden > 0 ? e.shared_hidden : e.expert_hidden);
+  for (int l = first; l < end; ++l) {
+    out.replicated += attention;
+    if (l < m.dense_layers) {
+      if (has("dense_mlp")) out.replicated += 3 * adapter(D, m.dense_hidden);
+      continue;
+    }
+    if (has("experts")) out.experts += double(e.n_experts) * 3 * adapter(D, e.expert_hidden);
+    if (has("shared_experts") && e.n_shared_experts > 0) out.replicated += 3 * adapter(D, shared_hidden);
+  }
+  return out;
+}
+
 MemoryPlan plan_stage(const config::Config& cfg, int world_size, int stage, int first, int end) {
   const auto& m = cfg.model;
   const int ep = cfg.parallel.expert_parallel, pp = cfg.parallel.pipeline_parallel;
@@ -140,6 +184,7 @@ MemoryPlan plan_stage(const config::Config& cfg, int world_size, int stage, int 
   p.gradients = 4 * p.params_per_rank;
   p.optimizer = 2 * 4 * (sharded ? share(params.replicated, experts) : p.params_per_rank);
   const bool checkpointing = cfg.train.activation_checkpointing == "full";
+  const bool lora = cfg.train.lora.rank > 0;
   // The bf16 copies of the weights: kept from one optimizer step to the next (common/tensor.h), or
   // (run.keep_compute_copies false) alive from a micro-batch's forward to its backward, with
   // checkpointing only the recomputed block's, beside the embedding and head.
@@ -150,6 +195,20 @@ MemoryPlan plan_stage(const config::Config& cfg, int world_size, int stage, int 
     p.compute_copy = m.tie_embeddings && last_stage ? 2.0 * m.vocab_size * m.d_model : 0;
   else if (bf16)
     p.compute_copy = 2 * (kept_copies || !checkpointing ? p.params_per_rank : outer_params + block_params);
+  if (lora) {
+    // train.lora: the frozen base is held in the compute dtype (the weights read in fp32 stay fp32) with no
+    // gradient, moments or compute copy; the adapters are fp32 weights (bf16 with sharded fp32 masters at
+    // ZeRO-1 under bf16) with fp32 gradients and moments, and their bf16 copies under bf16.
+    const auto adapters = lora_params(cfg, first, end);
+    const double adapter_experts = adapters.experts / ep, adapters_here = adapters.replicated + adapter_experts;
+    const double base = p.params_per_rank;
+    p.params_per_rank = base + adapters_here;
+    p.weights = cb * (base - params.read_in_fp32) + 4 * params.read_in_fp32 + (masters ? 2 : 4) * adapters_here;
+    p.master_weights = masters ? 4 * share(adapters.replicated, adapter_experts) : 0;
+    p.gradients = 4 * adapters_here;
+    p.optimizer = 2 * 4 * (sharded ? share(adapters.replicated, adapter_experts) : adapters_here);
+    p.compute_copy = bf16 && !masters ? 2 * adapters_here : 0;
+  }
 
   const Activations act{m, cb, cfg.train.activation_checkpointing == "selective"};
   double per_token = last_stage ? act.norm(m.d_model) : 0, largest_block = 0;  // the final norm

@@ -2,6 +2,7 @@
 // scaled_dot_product_attention.
 #include "model/layers.h"
 
+#include <algorithm>
 #include <cmath>
 #include <numbers>
 
@@ -237,27 +238,41 @@ AttentionImpl::AttentionImpl(const config::ModelConfig& cfg)
   }
 }
 
+namespace {
+bool targets(const config::LoraConfig& cfg, const std::string& target) {
+  return std::find(cfg.targets.begin(), cfg.targets.end(), target) != cfg.targets.end();
+}
+}  // namespace
+
+void AttentionImpl::add_lora(const config::LoraConfig& cfg) {
+  if (targets(cfg, "q")) wq_lora = moe::add_lora(*this, "wq", wq, cfg);
+  if (targets(cfg, "k") || targets(cfg, "kv")) wk_lora = moe::add_lora(*this, "wk", wk, cfg);
+  if (targets(cfg, "v") || targets(cfg, "kv")) wv_lora = moe::add_lora(*this, "wv", wv, cfg);
+  if (targets(cfg, "o")) wo_lora = moe::add_lora(*this, "wo", wo, cfg);
+}
+
 torch::Tensor AttentionImpl::forward(const torch::Tensor& x_BSD, const Rope& rope, ComputeDtype compute_dtype,
                                      const TokenLayout& layout) const {
   const int64_t B = x_BSD.size(0), S = x_BSD.size(1);
   auto x = cast(x_BSD, compute_dtype);
   // (B, n, S, Hd): projection, optional bias, optional q/k norm (over the projection or per head).
-  auto heads = [&](const torch::Tensor& w, const torch::Tensor& bias, int n, const RMSNorm& norm) {
-    auto y = torch::matmul(x, cast(w, compute_dtype));
+  auto heads = [&](const torch::Tensor& w, const moe::LoraAdapter& lora, const torch::Tensor& bias, int n,
+                   const RMSNorm& norm) {
+    auto y = moe::lora_matmul(x, w, lora, compute_dtype);
     if (bias.defined()) y = y + cast(bias, compute_dtype);
     if (norm && qk_norm_ == "full") y = norm->forward(y);
     y = y.view({B, S, n, head_dim_});
     if (norm && qk_norm_ == "head") y = norm->forward(y);
     return y.transpose(1, 2);
   };
-  auto q = rope.apply(heads(wq, q_bias, n_heads_, q_norm), layout);
-  auto k = rope.apply(heads(wk, k_bias, n_kv_heads_, k_norm), layout);
-  auto v = heads(wv, v_bias, n_kv_heads_, RMSNorm(nullptr));
+  auto q = rope.apply(heads(wq, wq_lora, q_bias, n_heads_, q_norm), layout);
+  auto k = rope.apply(heads(wk, wk_lora, k_bias, n_kv_heads_, k_norm), layout);
+  auto v = heads(wv, wv_lora, v_bias, n_kv_heads_, RMSNorm(nullptr));
   // Each key/value head serves n_heads / n_kv_heads consecutive query heads: SDPA's enable_gqa reads
   // them in place (flash attention on CUDA and on the CPU) instead of a repeated copy of K and V.
   auto y = layout.attend(q, k, v, /*scale=*/std::nullopt, /*enable_gqa=*/n_kv_heads_ != n_heads_);
   y = y.transpose(1, 2).reshape({B, S, n_heads_ * head_dim_});
-  return torch::matmul(y, cast(wo, compute_dtype));
+  return moe::lora_matmul(y, wo, wo_lora, compute_dtype);
 }
 
 namespace {
@@ -287,17 +302,32 @@ MLAttentionImpl::MLAttentionImpl(const config::ModelConfig& cfg)
   softmax_scale_ = m * m / std::sqrt(double(qk_dim));
 }
 
+void MLAttentionImpl::add_lora(const config::LoraConfig& cfg) {
+  if (targets(cfg, "q")) {
+    if (wq.defined()) wq_lora = moe::add_lora(*this, "wq", wq, cfg);
+    if (wq_a.defined()) wq_a_lora = moe::add_lora(*this, "wq_a", wq_a, cfg);
+    if (wq_b.defined()) wq_b_lora = moe::add_lora(*this, "wq_b", wq_b, cfg);
+  }
+  if (targets(cfg, "kv")) {
+    wkv_a_lora = moe::add_lora(*this, "wkv_a", wkv_a, cfg);
+    wkv_b_lora = moe::add_lora(*this, "wkv_b", wkv_b, cfg);
+  }
+  if (targets(cfg, "o")) wo_lora = moe::add_lora(*this, "wo", wo, cfg);
+}
+
 torch::Tensor MLAttentionImpl::forward(const torch::Tensor& x_BSD, const Rope& rope, ComputeDtype compute_dtype,
                                        const TokenLayout& layout) const {
   const int64_t B = x_BSD.size(0), S = x_BSD.size(1), H = n_heads_;
   auto x = cast(x_BSD, compute_dtype);
-  auto mm = [&](const torch::Tensor& a, const torch::Tensor& w) { return torch::matmul(a, cast(w, compute_dtype)); };
-  auto q = wq.defined() ? mm(x, wq) : mm(q_a_norm->forward(mm(x, wq_a)), wq_b);
+  auto mm = [&](const torch::Tensor& a, const torch::Tensor& w, const moe::LoraAdapter& lora) {
+    return moe::lora_matmul(a, w, lora, compute_dtype);
+  };
+  auto q = wq.defined() ? mm(x, wq, wq_lora) : mm(q_a_norm->forward(mm(x, wq_a, wq_a_lora)), wq_b, wq_b_lora);
   q = q.view({B, S, H, nope_dim_ + rope_dim_}).transpose(1, 2);  // (B, H, S, N+P)
   auto q_pe = rope.apply(q.narrow(3, nope_dim_, rope_dim_), layout);
-  auto kv_a = mm(x, wkv_a);                                                            // (B, S, Rkv+P)
+  auto kv_a = mm(x, wkv_a, wkv_a_lora);                                                 // (B, S, Rkv+P)
   auto k_pe = rope.apply(kv_a.narrow(2, kv_rank_, rope_dim_).unsqueeze(1), layout);    // (B, 1, S, P)
-  auto kv = mm(kv_a_norm->forward(kv_a.narrow(2, 0, kv_rank_)), wkv_b);                // (B, S, H*(N+Vd))
+  auto kv = mm(kv_a_norm->forward(kv_a.narrow(2, 0, kv_rank_)), wkv_b, wkv_b_lora);    // (B, S, H*(N+Vd))
   kv = kv.view({B, S, H, nope_dim_ + v_dim_}).transpose(1, 2);                         // (B, H, S, N+Vd)
   auto query = torch::cat({q.narrow(3, 0, nope_dim_), q_pe}, 3);
   auto key = torch::cat({kv.narrow(3, 0, nope_dim_), k_pe.expand({B, H, S, rope_dim_})}, 3);
@@ -309,7 +339,7 @@ torch::Tensor MLAttentionImpl::forward(const torch::Tensor& x_BSD, const Rope& r
   auto y = layout.attend(query, key, value, softmax_scale_);
   if (v_dim_ < qk_dim) y = y.narrow(3, 0, v_dim_);
   y = y.transpose(1, 2).reshape({B, S, H * v_dim_});
-  return mm(y, wo);
+  return mm(y, wo, wo_lora);
 }
 
 }  // namespace moetrain::model

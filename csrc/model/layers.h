@@ -10,6 +10,7 @@
 
 #include "common/tensor.h"
 #include "config/config.h"
+#include "moe/lora.h"
 
 namespace moetrain::model {
 
@@ -97,6 +98,10 @@ class AttentionImpl : public torch::nn::Module {
   // model.qk_norm: "head" normalizes each head over Hd (weights (Hd)); "full" the whole projection
   // (weights (H*Hd) and (G*Hd)); both before RoPE. Null with "none".
   RMSNorm q_norm{nullptr}, k_norm{nullptr};
+  // train.lora: adapters of wq, wk, wv, wo (undefined where not targeted; moe/lora.h). Targets q, k, v
+  // (kv: both), o.
+  moe::LoraAdapter wq_lora, wk_lora, wv_lora, wo_lora;
+  void add_lora(const config::LoraConfig& cfg);
 
  private:
   int n_heads_, n_kv_heads_, head_dim_;
@@ -125,6 +130,9 @@ class MLAttentionImpl : public torch::nn::Module {
   RMSNorm kv_a_norm{nullptr};         // (Rkv)
   torch::Tensor wkv_b;                // (Rkv, H*(N+Vd))
   torch::Tensor wo;                   // (H*Vd, D)
+  // train.lora: adapters of the projections. Targets q (wq, or wq_a and wq_b), kv (wkv_a, wkv_b), o (wo).
+  moe::LoraAdapter wq_lora, wq_a_lora, wq_b_lora, wkv_a_lora, wkv_b_lora, wo_lora;
+  void add_lora(const config::LoraConfig& cfg);
 
  private:
   int n_heads_, nope_dim_, rope_dim_, v_dim_, kv_rank_;

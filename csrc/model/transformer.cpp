@@ -1,7 +1,9 @@
 // The MoE transformer, its seeded name-keyed initialization and its parameter counts.
 #include "model/transformer.h"
 
+#include <algorithm>
 #include <charconv>
+#include <cmath>
 #include <set>
 
 #include "common/errors.h"
@@ -100,6 +102,14 @@ TransformerImpl::TransformerImpl(const config::ModelConfig& cfg, moe::ExpertShar
 
 namespace {
 
+// The block's parameters that take gradients (a LoRA run's base is frozen).
+std::vector<torch::Tensor> trainable(const BlockImpl& block) {
+  std::vector<torch::Tensor> out;
+  for (const auto& p : block.parameters())
+    if (p.requires_grad()) out.push_back(p);
+  return out;
+}
+
 // A compute dtype as an autograd context stores it (an int64; -1 for fp32) and back.
 int64_t dtype_code(ComputeDtype dtype) { return dtype ? int64_t(*dtype) : int64_t(-1); }
 ComputeDtype dtype_of(int64_t code) { return code < 0 ? ComputeDtype{} : ComputeDtype{torch::ScalarType(code)}; }
@@ -149,7 +159,7 @@ struct CheckpointedBlock : torch::autograd::Function<CheckpointedBlock> {
     const auto* rope = reinterpret_cast<const Rope*>(intptr_t(ctx->saved_data["rope"].toInt()));
     const int64_t n_params = ctx->saved_data["params"].toInt();
     auto x = ctx->get_saved_variables()[0].detach().requires_grad_(true);
-    const auto params = block->parameters();
+    const auto params = trainable(*block);
     TokenLayout layout;
     if (ctx->saved_data.count("positions")) {
       layout.positions_BS = ctx->saved_data["positions"].toTensor();
@@ -175,7 +185,7 @@ struct CheckpointedBlock : torch::autograd::Function<CheckpointedBlock> {
 
 BlockOutput TransformerImpl::checkpointed(const BlockImpl& block, const torch::Tensor& x_BSD, const Rope& rope,
                                           ComputeDtype compute_dtype, const TokenLayout& layout) const {
-  const auto params = block.parameters();
+  const auto params = trainable(block);
   const auto r = CheckpointedBlock::apply(x_BSD, at::TensorList(params), &block, &rope,
                                           dtype_code(compute_dtype), layout);
   BlockOutput out{r[0], std::nullopt};
@@ -278,7 +288,8 @@ struct ChunkedHeadLoss : torch::autograd::Function<ChunkedHeadLoss> {
     const auto& targets_N = saved[2];
     const int64_t ignore_index = ctx->saved_data["ignore_index"].toInt(), chunk = ctx->saved_data["chunk"].toInt();
     const ComputeDtype compute_dtype = dtype_of(ctx->saved_data["dtype"].toInt());
-    auto head_VD = saved[1].detach().requires_grad_(true);
+    const bool head_grad = ctx->needs_input_grad(1);  // not for a LoRA run's frozen head
+    auto head_VD = saved[1].detach().requires_grad_(head_grad);
     auto grad_hidden = torch::empty_like(hidden_ND);
     torch::Tensor grad_head;
     torch::AutoGradMode enable(true);
@@ -286,8 +297,10 @@ struct ChunkedHeadLoss : torch::autograd::Function<ChunkedHeadLoss> {
       const int64_t n = std::min(chunk, hidden_ND.size(0) - start);
       auto hidden_cD = hidden_ND.narrow(0, start, n).detach().requires_grad_(true);
       auto loss = chunk_loss_sum(hidden_cD, head_VD, targets_N.narrow(0, start, n), ignore_index, compute_dtype);
-      auto g = torch::autograd::grad({loss}, {hidden_cD, head_VD}, {grads[0]});
+      auto g = head_grad ? torch::autograd::grad({loss}, {hidden_cD, head_VD}, {grads[0]})
+                         : torch::autograd::grad({loss}, {hidden_cD}, {grads[0]});
       grad_hidden.narrow(0, start, n).copy_(g[0]);
+      if (!head_grad) continue;
       // Summed in fp32 whatever dtype the head is held in: a head kept in bf16 (ZeRO-1's sharded masters)
       // gets each chunk's bf16 gradient added as zero 0's fp32 head does, not rounded to bf16 per chunk.
       auto chunk_grad = g[1].to(torch::promote_types(g[1].scalar_type(), torch::kFloat));
@@ -428,6 +441,10 @@ torch::Tensor seeded_normal(at::IntArrayRef shape, double std, uint64_t seed, co
   auto gen = at::make_generator<at::CPUGeneratorImpl>(splitmix(seed ^ fnv1a(key)));
   return torch::empty(shape, torch::kFloat).normal_(0.0, std, gen);
 }
+torch::Tensor seeded_uniform(at::IntArrayRef shape, double bound, uint64_t seed, const std::string& key) {
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(splitmix(seed ^ fnv1a(key)));
+  return torch::empty(shape, torch::kFloat).uniform_(-bound, bound, gen);
+}
 bool ends_with(const std::string& s, const std::string& suffix) {
   return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
 }
@@ -465,6 +482,7 @@ void TransformerImpl::init_weights(uint64_t seed) {
   for (auto& p : roled_parameters()) {
     const std::string& name = p.name;
     auto& w = p.tensor;
+    if (moe::is_lora_name(name)) continue;  // init_lora below
     torch::Tensor value;
     if (name.find("norm") != std::string::npos) {
       value = torch::ones(w.sizes(), torch::kFloat);
@@ -485,6 +503,66 @@ void TransformerImpl::init_weights(uint64_t seed) {
     }
     w.copy_(value);
   }
+  if (lora_enabled()) init_lora(seed);
+}
+
+void TransformerImpl::add_lora(const config::LoraConfig& cfg, uint64_t seed) {
+  TORCH_CHECK(!lora_enabled(), "[model] add_lora: the model has adapters already");
+  if (cfg.rank <= 0) return;
+  auto has = [&](const char* target) { return std::find(cfg.targets.begin(), cfg.targets.end(), target) != cfg.targets.end(); };
+  std::vector<BlockImpl*> all;
+  for (auto& block : blocks) all.push_back(block.get());
+  for (auto& m : mtp_modules) all.push_back(m->block.get());
+  for (auto* block : all) {
+    if (block->attn) block->attn->add_lora(cfg);
+    if (block->mla) block->mla->add_lora(cfg);
+    if (block->mlp && has("dense_mlp")) block->mlp->add_lora(cfg);
+    if (block->moe && has("experts")) block->moe->experts->add_lora(cfg);
+    if (block->moe && block->moe->shared && has("shared_experts")) block->moe->shared->add_lora(cfg);
+    if (block->gated_shared && has("shared_experts")) block->gated_shared->add_lora(cfg);
+  }
+  lora_ = cfg;
+  lora_seed_ = seed;
+  int64_t adapters = 0;
+  for (auto& p : named_parameters()) {
+    const bool adapter = moe::is_lora_name(p.key());
+    adapters += adapter;
+    p.value().requires_grad_(adapter);
+  }
+  if (adapters == 0) {
+    std::string list;
+    for (const auto& t : cfg.targets) list += (list.empty() ? "" : ", ") + t;
+    throw ConfigError("train.lora.targets [" + list + "] match no weight of this model" +
+                      (first_stage() && last_stage() ? std::string() : " stage") +
+                      " (attention " + cfg_.attention + ", " + std::to_string(cfg_.dense_layers) + " dense and " +
+                      std::to_string(cfg_.n_layers - cfg_.dense_layers) + " MoE blocks)");
+  }
+  init_lora(seed);
+}
+
+void TransformerImpl::init_lora(uint64_t seed) {
+  torch::NoGradGuard no_grad;
+  for (auto& p : roled_parameters()) {
+    if (!moe::is_lora_name(p.name)) continue;
+    auto& w = p.tensor;
+    if (ends_with(p.name, "_lora_b")) {  // zero: the adapted model starts as its base
+      w.zero_();
+      continue;
+    }
+    const bool expert = p.role == ParamRole::expert;
+    const double bound = 1.0 / std::sqrt(double(w.size(expert ? 1 : 0)));
+    torch::Tensor value;
+    if (expert) {  // one draw per global expert id, as init_weights
+      std::vector<torch::Tensor> slices;
+      for (int64_t e = 0; e < w.size(0); ++e)
+        slices.push_back(
+            seeded_uniform(w.sizes().slice(1), bound, seed, p.name + "[" + std::to_string(expert_offset_ + e) + "]"));
+      value = torch::stack(slices);
+    } else {
+      value = seeded_uniform(w.sizes(), bound, seed, p.name);
+    }
+    w.copy_(value);
+  }
 }
 
 void TransformerImpl::update_router_bias(const std::vector<torch::Tensor>& load_LE) {
@@ -501,6 +579,12 @@ void TransformerImpl::update_router_bias(const std::vector<torch::Tensor>& load_
 
 void TransformerImpl::place(torch::Device device, ComputeDtype compute_dtype) {
   to(device);
+  // A LoRA run's frozen matmul weights are held in the compute dtype: no fp32 copy of the base exists.
+  if (lora_enabled() && compute_dtype) {
+    torch::NoGradGuard no_grad;
+    for (auto& p : roled_parameters())
+      if (!p.tensor.requires_grad() && p.compute_dtype_only) p.tensor.set_data(p.tensor.to(*compute_dtype));
+  }
   rope_ = make_rope(cfg_, device).cached_in(compute_dtype.value_or(torch::kFloat));
   compute_dtype_ = compute_dtype;
 }
@@ -548,6 +632,31 @@ std::vector<RoledParam> TransformerImpl::roled_parameters() const {
     }
     out.push_back(std::move(r));
   }
+  return out;
+}
+
+void merge_lora(const TransformerImpl& adapted, TransformerImpl& merged) {
+  torch::NoGradGuard no_grad;
+  TORCH_CHECK(adapted.lora_enabled() && !merged.lora_enabled(), "[model] merge_lora: from a model with adapters into one without");
+  const double scale = adapted.lora_config().alpha / double(adapted.lora_config().rank);
+  auto source = adapted.named_parameters();
+  for (auto& p : merged.named_parameters()) {
+    TORCH_CHECK(source.contains(p.key()), "[model] merge_lora: the adapted model has no '", p.key(), "'");
+    auto value = source[p.key()].to(torch::kFloat);
+    if (source.contains(p.key() + "_lora_a")) {
+      const auto a = source[p.key() + "_lora_a"].to(torch::kFloat), b = source[p.key() + "_lora_b"].to(torch::kFloat);
+      value = value + scale * torch::matmul(a, b);  // batched over experts for (E, in, r) x (E, r, out)
+    }
+    p.value().copy_(value);
+  }
+  auto buffers = adapted.named_buffers();
+  for (auto& b : merged.named_buffers()) b.value().copy_(buffers[b.key()]);
+}
+
+std::vector<RoledParam> TransformerImpl::trainable_parameters() const {
+  std::vector<RoledParam> out;
+  for (auto& p : roled_parameters())
+    if (p.tensor.requires_grad()) out.push_back(std::move(p));
   return out;
 }
 

@@ -160,6 +160,20 @@ class TransformerImpl : public torch::nn::Module {
   // (those of every MoE layer's `experts` module) are ParamRole::expert, the rest replicated. The
   // structure says so, not the names.
   std::vector<RoledParam> roled_parameters() const;
+  // The same, less the frozen ones (requires_grad false: a LoRA run's base): what the gradient
+  // reduction, the optimizer, the gradient norm and the checkpoints see.
+  std::vector<RoledParam> trainable_parameters() const;
+  // train.lora (rank > 0): adds adapters to the weights of cfg.targets in every block (and MTP block)
+  // this rank holds, seeded as init_weights seeds (init_lora), and freezes every other parameter. After
+  // init_weights and any init_from load, before place(), which then holds the frozen matmul weights in
+  // the compute dtype. Throws when the targets match no weight here.
+  void add_lora(const config::LoraConfig& cfg, uint64_t seed);
+  // The adapters' initial values as a function of (seed, name, global expert id): A uniform in
+  // +-1/sqrt(in) (PEFT's Kaiming default), B zero, so that the adapted model starts as its base.
+  void init_lora(uint64_t seed);
+  bool lora_enabled() const { return lora_.rank > 0; }
+  uint64_t lora_seed() const { return lora_seed_; }  // add_lora's seed (the base's too without init_from)
+  const config::LoraConfig& lora_config() const { return lora_; }
   // Global id of this rank's first routed expert and how many it holds (all of them without EP).
   int64_t expert_offset() const { return expert_offset_; }
   int64_t local_experts() const;
@@ -187,6 +201,8 @@ class TransformerImpl : public torch::nn::Module {
   int64_t loss_chunk_ = 0;
   bool activation_checkpointing_ = false;
   LayerRange range_;
+  config::LoraConfig lora_;  // rank 0 until add_lora
+  uint64_t lora_seed_ = 0;
   torch::Tensor embed_tokens(const torch::Tensor& tokens_BS) const;
   // The batch's TokenLayout on `device`: the variable-length flash path under a 16-bit compute dtype.
   TokenLayout layout_of(const torch::Tensor& positions_BS, torch::Device device) const;
@@ -205,6 +221,11 @@ class TransformerImpl : public torch::nn::Module {
                            ComputeDtype compute_dtype, const TokenLayout& layout) const;
 };
 TORCH_MODULE(Transformer);
+
+// Writes into `merged`, a model of the same config and shard without adapters, the weights of `adapted`
+// with each adapter folded in, W + (alpha / rank) A B (per expert for stacked experts), computed in fp32,
+// and its buffers: a plain model that computes what the adapted one does (convert --merge-lora).
+void merge_lora(const TransformerImpl& adapted, TransformerImpl& merged);
 
 // The MTP module (0-based: depth k is k - 1) a parameter name belongs to ("mtp.<k-1>."), or -1.
 int mtp_module_of(const std::string& param_name);

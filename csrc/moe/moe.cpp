@@ -78,11 +78,17 @@ SwiGLUImpl::SwiGLUImpl(int d_model, int hidden) {
   w2 = register_parameter("w2", torch::empty({hidden, d_model}));
 }
 
+void SwiGLUImpl::add_lora(const config::LoraConfig& cfg) {
+  w1_lora = moe::add_lora(*this, "w1", w1, cfg);
+  w3_lora = moe::add_lora(*this, "w3", w3, cfg);
+  w2_lora = moe::add_lora(*this, "w2", w2, cfg);
+}
+
 torch::Tensor SwiGLUImpl::forward(const torch::Tensor& x_TD, std::optional<torch::ScalarType> compute_dtype) const {
   auto x = cast(x_TD, compute_dtype);
-  auto h = gated_product(torch::matmul(x, cast(w1, compute_dtype)), torch::matmul(x, cast(w3, compute_dtype)),
+  auto h = gated_product(lora_matmul(x, w1, w1_lora, compute_dtype), lora_matmul(x, w3, w3_lora, compute_dtype),
                          recompute_elementwise);
-  return torch::matmul(h, cast(w2, compute_dtype));
+  return lora_matmul(h, w2, w2_lora, compute_dtype);
 }
 
 int64_t expert_capacity(double capacity_factor, int64_t num_tokens, int top_k, int n_experts) {
@@ -169,6 +175,12 @@ ExpertsImpl::ExpertsImpl(int n_experts, int d_model, int hidden, std::string imp
   w2 = register_parameter("w2", torch::empty({n_experts, hidden, d_model}));
 }
 
+void ExpertsImpl::add_lora(const config::LoraConfig& cfg) {
+  w1_lora = moe::add_lora(*this, "w1", w1, cfg);
+  w3_lora = moe::add_lora(*this, "w3", w3, cfg);
+  w2_lora = moe::add_lora(*this, "w2", w2, cfg);
+}
+
 torch::Tensor ExpertsImpl::forward_sliced(const torch::Tensor& rows_RD, const torch::Tensor& counts_E,
                                           std::optional<torch::ScalarType> compute_dtype,
                                           const std::vector<int64_t>* counts_on_host) const {
@@ -186,17 +198,34 @@ torch::Tensor ExpertsImpl::forward_sliced(const torch::Tensor& rows_RD, const to
   auto xs = cast(rows_RD, compute_dtype).split_with_sizes(sizes, 0);
   auto w1s = cast(w1, compute_dtype).unbind(0), w3s = cast(w3, compute_dtype).unbind(0);
   auto w2s = cast(w2, compute_dtype).unbind(0);
+  // The adapters' per-expert views, taken the same way; x_e A_e * scale B_e is added to each product.
+  struct Views {
+    std::vector<torch::Tensor> a, b;
+  };
+  auto views = [&](const LoraAdapter& lora) {
+    return lora.defined() ? Views{cast(lora.a, compute_dtype).unbind(0), cast(lora.b, compute_dtype).unbind(0)} : Views{};
+  };
+  const Views l1 = views(w1_lora), l3 = views(w3_lora), l2 = views(w2_lora);
+  auto product = [&](const torch::Tensor& x, const torch::Tensor& w, const LoraAdapter& lora, const Views& v, int64_t e) {
+    auto y = x.mm(w);
+    if (!lora.defined()) return y;
+    return y + (lora_input(x, lora).mm(v.a[size_t(e)]) * lora.scale).mm(v.b[size_t(e)]);
+  };
   std::vector<torch::Tensor> outputs;
   for (int64_t e = 0; e < E; ++e) {
     if (sizes[e] == 0) continue;
-    auto h = gated_product(xs[e].mm(w1s[e]), xs[e].mm(w3s[e]), recompute_elementwise);
-    outputs.push_back(h.mm(w2s[e]));
+    auto h = gated_product(product(xs[e], w1s[e], w1_lora, l1, e), product(xs[e], w3s[e], w3_lora, l3, e),
+                           recompute_elementwise);
+    outputs.push_back(product(h, w2s[e], w2_lora, l2, e));
   }
   if (outputs.empty()) {
     // No rows at all: an empty result that still depends on the weights, so that they get a (zero)
     // gradient as on a rank whose experts saw tokens. Every rank's backward then reaches the same
     // parameters, which the gradient buckets reduced during backward rely on (dist::GradientReducer).
-    const auto touch = (w1.sum() + w3.sum() + w2.sum()).mul(0).to(w2s[0].scalar_type());
+    auto touched = w1.sum() + w3.sum() + w2.sum();
+    for (const auto* lora : {&w1_lora, &w3_lora, &w2_lora})
+      if (lora->defined()) touched = touched + lora->a.sum() + lora->b.sum();
+    const auto touch = touched.mul(0).to(w2s[0].scalar_type());
     return torch::zeros({0, w2.size(2)}, rows_RD.options().dtype(w2s[0].scalar_type())) + touch;
   }
   return torch::cat(outputs, 0);
@@ -227,8 +256,12 @@ torch::Tensor ExpertsImpl::forward_grouped(const torch::Tensor& rows_RD, const t
   auto x = rows_RD.to(dtype).contiguous();
   auto gate = at::_grouped_mm(x, cast(w1, dtype), offsets_E);
   auto up = at::_grouped_mm(x, cast(w3, dtype), offsets_E);
+  if (w1_lora.defined()) gate = gate + lora_grouped_term(x, offsets_E, w1_lora, dtype);
+  if (w3_lora.defined()) up = up + lora_grouped_term(x, offsets_E, w3_lora, dtype);
   auto h = gated_product(gate, up, recompute_elementwise).contiguous();
-  return at::_grouped_mm(h, cast(w2, dtype), offsets_E);
+  auto y = at::_grouped_mm(h, cast(w2, dtype), offsets_E);
+  if (w2_lora.defined()) y = y + lora_grouped_term(h, offsets_E, w2_lora, dtype);
+  return y;
 }
 
 torch::Tensor ExpertsImpl::forward(const torch::Tensor& rows_RD, const torch::Tensor& counts_E,

@@ -8,6 +8,7 @@
 
 #include "common/tensor.h"
 #include "config/config.h"
+#include "moe/lora.h"
 #include "moe/router.h"
 
 namespace moetrain::moe {
@@ -27,6 +28,9 @@ class SwiGLUImpl : public torch::nn::Module {
   torch::Tensor w3;  // (D, F)
   torch::Tensor w2;  // (F, D)
   bool recompute_elementwise = false;  // see gated_product
+  // train.lora: adapters of w1, w3, w2 (moe/lora.h).
+  LoraAdapter w1_lora, w3_lora, w2_lora;
+  void add_lora(const config::LoraConfig& cfg);
 };
 TORCH_MODULE(SwiGLU);
 
@@ -105,6 +109,11 @@ class ExpertsImpl : public torch::nn::Module {
   torch::Tensor w3;  // (E, D, F)
   torch::Tensor w2;  // (E, F, D)
   bool recompute_elementwise = false;  // see gated_product
+  // train.lora: stacked adapters of w1, w3, w2: A (E, D, r) and B (E, r, F) for w1 and w3, A (E, F, r) and
+  // B (E, r, D) for w2. They run in the same path as the weights (one grouped GEMM per factor, or the
+  // sliced path's per-expert matmuls) and are sharded with them (model::ParamRole::expert).
+  LoraAdapter w1_lora, w3_lora, w2_lora;
+  void add_lora(const config::LoraConfig& cfg);
 
  private:
   std::string impl_;

@@ -38,6 +38,11 @@ LoadedModel load_for_inference(const std::string& path, const std::string& verif
   configure_determinism(loaded.cfg.run);
   set_cached_casts(loaded.cfg.run.keep_compute_copies);
   loaded.model = model::Transformer(loaded.cfg.model);
+  if (loaded.manifest.lora_base) {  // LoRA adapters: on their base, built as the run built it
+    loaded.model->init_weights(loaded.cfg.run.seed);
+    if (!loaded.cfg.model.init_from.empty()) hf::load_init_from(*loaded.model, loaded.cfg.model.init_from);
+    loaded.model->add_lora(loaded.cfg.train.lora, loaded.cfg.run.seed);
+  }
   ckpt::load_model(*step_dir, *loaded.model);
   loaded.model->set_loss_chunk(loaded.cfg.train.loss_chunk_tokens);
   loaded.model->place(resolve_device(loaded.cfg.run), resolve_compute_dtype(loaded.cfg.run));

@@ -120,8 +120,8 @@ struct Process {
 struct Trainable {
   explicit Trainable(const Process& p)
       : model(build(p)),
-        parallel(p.layout, model->roled_parameters()),
-        optimizer(dist::make_optimizer(parallel, model->roled_parameters(), p.cfg.optim, p.cfg.parallel,
+        parallel(p.layout, model->trainable_parameters()),
+        optimizer(dist::make_optimizer(parallel, model->trainable_parameters(), p.cfg.optim, p.cfg.parallel,
                                             p.compute_dtype)) {}
   model::Transformer model;
   dist::DataParallel parallel;
@@ -136,6 +136,11 @@ struct Trainable {
                          model::LayerRange{bounds[size_t(stage)], bounds[size_t(stage) + 1]});
     m->init_weights(p.cfg.run.seed);
     if (!p.cfg.model.init_from.empty()) hf::load_init_from(*m, p.cfg.model.init_from);  // fine-tuning
+    m->add_lora(p.cfg.train.lora, p.cfg.run.seed);  // train.lora: adapters on the frozen base
+    // The adapters' dropout draws its masks from the default generators: seeded from (run.seed, rank) so
+    // that a run repeats; a resume then restores the CPU generator from its checkpoint.
+    if (p.cfg.train.lora.rank > 0 && p.cfg.train.lora.dropout > 0)
+      torch::manual_seed(p.cfg.run.seed ^ (0x9e3779b97f4a7c15ull * uint64_t(p.layout->world->rank() + 1)));
     require_equal_replicas(*p.layout, m->roled_parameters());
     m->place(p.device, p.compute_dtype);
     m->set_loss_chunk(p.cfg.train.loss_chunk_tokens);
