@@ -48,7 +48,7 @@ def cmd_data(args):
     rng = random.Random(args.seed)
     numbers = list(range(1, 1000))
     rng.shuffle(numbers)
-    # Held-out numbers never occur in a training conversion, in any phrasing or unit.
+    # Held-out numbers never occur in a training chat, of either task, in any phrasing or unit.
     held_numbers = set(numbers[:args.heldout_numbers])
     train_numbers = numbers[args.heldout_numbers:]
     conversions = []
@@ -73,6 +73,8 @@ def cmd_data(args):
     base = []
     for _ in range(args.n_base):
         n, unit = rng.randint(1, 999999), rng.choice(UNITS)
+        while n in held_numbers:
+            n = rng.randint(1, 999999)
         phrasing = rng.choice(REPEAT_PHRASINGS + CONVERSION_PHRASINGS)
         base.append(chat(phrasing.format(n=n, frm=unit, to=unit), str(n)))
     os.makedirs(args.out, exist_ok=True)
@@ -83,7 +85,7 @@ def cmd_data(args):
     write_jsonl(os.path.join(args.out, "heldout.jsonl"), questions(held))
     # The base task's validation split as prepare_data cuts it (the last 5%), to show the base learned it.
     write_jsonl(os.path.join(args.out, "base-heldout.jsonl"), questions(base[-max(1, round(0.05 * len(base))):]))
-    print(f"[data] {len(base)} repeat chats (base task); {len(train)} training and {len(held)} held-out "
+    print(f"[data] {len(base)} base-task chats (answer with the question's number); {len(train)} training and {len(held)} held-out "
           f"conversion chats (target task, {len(held_numbers)} numbers kept out of training); "
           f"e.g. {held[0]['messages'][0]['content']!r} -> {held[0]['messages'][1]['content']!r}")
 
@@ -134,13 +136,13 @@ def load(model_dir, tokenizer_dir):
     import transformers
     tok = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
     model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype="float32").eval()
+    model.generation_config.eos_token_id = None  # moetrain generate does not stop at <|im_end|> either
     return tok, model
 
 
 def prompt_ids(tok, question):
-    ids = tok.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
-                                  tokenize=True)
-    return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+    return list(tok.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
+                                        tokenize=True, return_dict=True)["input_ids"])
 
 
 def greedy(model, batch, n_new):
@@ -149,7 +151,7 @@ def greedy(model, batch, n_new):
     import torch
     with torch.no_grad():
         out = model.generate(torch.tensor(batch), do_sample=False, max_new_tokens=n_new,
-                             min_new_tokens=0, eos_token_id=None, pad_token_id=0)
+                             pad_token_id=0)
     return out[:, len(batch[0]):].tolist()
 
 
@@ -222,6 +224,8 @@ def write_result(path, values):
 
 
 def cmd_table(args):
+    """The summary; exits 1 where transformers and moetrain disagreed on a prompt."""
+    disagree = []
     print("| model | held-out loss | exact match | tokens agree (moetrain vs transformers) |")
     print("|---|---|---|---|")
     for spec in args.rows:
@@ -234,7 +238,11 @@ def cmd_table(args):
         loss = f"{r['loss']:.3f}" if "loss" in r else "-"
         exact = f"{100 * r['exact_match']:.1f}% ({r['correct']}/{r['total']})" if "exact_match" in r else "-"
         agree = f"{r['agree']}/{r['prompts']}" if "agree" in r else "-"
+        if r.get("agree", 0) != r.get("prompts", 0):
+            disagree.append(name)
         print(f"| {name} | {loss} | {exact} | {agree} |")
+    if disagree:
+        fail(f"transformers' greedy tokens differ from moetrain generate's for: {', '.join(disagree)}")
 
 
 def cmd_eval_result(args):
