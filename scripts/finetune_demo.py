@@ -246,12 +246,13 @@ def cmd_table(args):
 
 
 def cmd_eval_result(args):
-    """Keeps the held-out loss from `moetrain eval --json` (read on stdin)."""
-    text = sys.stdin.read()
+    """Keeps the held-out loss from the output of `moetrain eval --json`."""
+    with open(args.log) as f:
+        text = f.read()
     try:
         loss = json.loads(text.strip().splitlines()[-1])["loss"]
     except (ValueError, KeyError, IndexError):
-        fail(f"moetrain eval printed no JSON loss: {text.strip()[-200:]!r}")
+        fail(f"{args.log}: moetrain eval printed no JSON loss on its last line")
     write_result(args.result, {"loss": loss})
     print(f"[eval] {args.name}: held-out assistant loss {loss:.4f} nats per token")
 
@@ -291,6 +292,7 @@ def main():
     e = sub.add_parser("eval-result")
     e.add_argument("--name", required=True)
     e.add_argument("--result", required=True)
+    e.add_argument("--log", required=True, help="what moetrain eval --json printed")
     t = sub.add_parser("table")
     t.add_argument("rows", nargs="+", help="NAME=RESULT.json")
     args = p.parse_args()
