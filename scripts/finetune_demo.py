@@ -137,6 +137,7 @@ def load(model_dir, tokenizer_dir):
     tok = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
     model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype="float32").eval()
     model.generation_config.eos_token_id = None  # moetrain generate does not stop at <|im_end|> either
+    model.generation_config.pad_token_id = tok.pad_token_id
     return tok, model
 
 
@@ -150,8 +151,7 @@ def greedy(model, batch, n_new):
     and no stop at <|im_end|>, so that every token can be compared)."""
     import torch
     with torch.no_grad():
-        out = model.generate(torch.tensor(batch), do_sample=False, max_new_tokens=n_new,
-                             pad_token_id=0)
+        out = model.generate(torch.tensor(batch), do_sample=False, max_new_tokens=n_new)
     return out[:, len(batch[0]):].tolist()
 
 
