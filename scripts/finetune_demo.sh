@@ -126,6 +126,8 @@ if lora_check=$($bin config --config "$out/configs/full.yaml" --set train.lora.r
   write_config lora "$out/models/base" "$out/data/target" $steps 1.0e-2 1.0e-3 $lora_rank
   train lora
   models="base full lora"
+  echo "  checkpoints: full $(du -sh "$out/runs/full/ckpt" | cut -f1), LoRA $(du -sh "$out/runs/lora/ckpt" | cut -f1)" \
+    "(the adapters and their optimizer state, over the base they name)"
 elif [[ $lora_check == *"unknown key 'train.lora"* ]]; then
   echo "  [lora] skipped: this $bin has no LoRA ($lora_check)"
 else
