@@ -11,10 +11,13 @@
 #include <nlohmann/json.hpp>
 
 #include "../test_util.h"
+#include "shard_contents.h"
 #include "data/shard.h"
 
 using Catch::Matchers::Contains;
 using namespace moetrain;
+using moetrain::testing::mask_of;
+using moetrain::testing::tokens_of;
 using moetrain::testing::TempDir;
 using nlohmann::json;
 
@@ -53,17 +56,6 @@ json read_shard(const TempDir& dir, const std::string& shard, const std::string&
   const std::string out = dir.str("shard.json");
   fixture("chat_fixture.py", "read-shard " + dir.str(tokenizer) + " " + shard + " " + out);
   return json::parse(files::read_file(out));
-}
-
-std::vector<int64_t> tokens_of(const data::Shard& shard) {
-  std::vector<int64_t> tokens(shard.size());
-  shard.read(0, shard.size(), tokens.data());
-  return tokens;
-}
-std::vector<uint8_t> mask_of(const data::Shard& shard) {
-  std::vector<uint8_t> mask(shard.size());
-  shard.read_mask(0, shard.size(), mask.data());
-  return mask;
 }
 
 // OUT/train.bin and OUT/val.bin hold what the reference says, read both ways, documents included.

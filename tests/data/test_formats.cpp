@@ -15,9 +15,12 @@
 #include "data/sampler.h"
 #include "data/shard.h"
 #include "../test_util.h"
+#include "shard_contents.h"
 
 using Catch::Matchers::Contains;
 using namespace moetrain;
+using moetrain::testing::mask_of;
+using moetrain::testing::tokens_of;
 using moetrain::testing::TempDir;
 
 namespace {
@@ -35,12 +38,6 @@ void writer(const std::string& args) {
   const auto r = testing::run_command(kPython + kSource + "/tests/data/foreign_shards.py " + args);
   CATCH_INFO(r.output);
   CATCH_REQUIRE(r.exit_code == 0);
-}
-
-std::vector<int64_t> tokens_of(const data::Shard& shard) {
-  std::vector<int64_t> tokens(shard.size());
-  shard.read(0, shard.size(), tokens.data());
-  return tokens;
 }
 
 // GPT-2-sized token ids in documents of uneven lengths.

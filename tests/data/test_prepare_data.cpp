@@ -8,10 +8,13 @@
 #include <nlohmann/json.hpp>
 
 #include "../test_util.h"
+#include "shard_contents.h"
 #include "data/shard.h"
 
 using Catch::Matchers::Contains;
 using namespace moetrain;
+using moetrain::testing::mask_of;
+using moetrain::testing::tokens_of;
 using moetrain::testing::TempDir;
 
 namespace {
@@ -37,17 +40,6 @@ std::vector<std::vector<int64_t>> encode(const TempDir& dir, const std::string& 
   testing::write_bytes(dir.str("encode_in.json"), in.dump());
   fixture("encode " + tokenizer_dir + " " + dir.str("encode_in.json") + " " + dir.str("encode_out.json"));
   return nlohmann::json::parse(files::read_file(dir.str("encode_out.json"))).get<std::vector<std::vector<int64_t>>>();
-}
-
-std::vector<int64_t> tokens_of(const data::Shard& shard) {
-  std::vector<int64_t> tokens(shard.size());
-  shard.read(0, shard.size(), tokens.data());
-  return tokens;
-}
-std::vector<uint8_t> mask_of(const data::Shard& shard) {
-  std::vector<uint8_t> mask(shard.size());
-  shard.read_mask(0, shard.size(), mask.data());
-  return mask;
 }
 
 std::vector<int64_t> concat(std::initializer_list<std::vector<int64_t>> parts) {
