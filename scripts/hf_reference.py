@@ -7,6 +7,9 @@ models with transformers, and computes logits and greedy continuations with tran
                                          whose MTP layer transformers does not model: written apart)
   hf_reference.py logits HF_DIR TOKENS_FILE OUT_FILE
                                          loads HF_DIR with transformers; logits on TOKENS_FILE's tokens
+  hf_reference.py peft_logits HF_DIR PEFT_DIR TOKENS_FILE OUT_FILE
+                                         the same with PEFT_DIR's LoRA adapters loaded by peft onto it
+                                         ("logits"), and the base's alone ("base")
 
 Run with third_party/venv/bin/python. Everything is fp32 on the CPU with fixed seeds.
 """
@@ -143,11 +146,28 @@ def logits(hf_dir, tokens_file, out_file):
     save_file({"logits": logits_of(model, tokens)}, out_file)
 
 
+def peft_logits(hf_dir, peft_dir, tokens_file, out_file):
+    import warnings
+    import peft
+    model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    tokens = load_file(tokens_file)["tokens"]
+    base = logits_of(model, tokens)
+    with warnings.catch_warnings(record=True) as caught:  # a key peft could not place is a failure, not a warning
+        warnings.simplefilter("always")
+        adapted = peft.PeftModel.from_pretrained(model, peft_dir).eval()
+    for w in caught:
+        if "missing" in str(w.message).lower() or "unexpected" in str(w.message).lower():
+            raise SystemExit(f"peft: {w.message}")
+    save_file({"logits": logits_of(adapted, tokens), "base": base}, out_file)
+
+
 if __name__ == "__main__":
     torch.set_num_threads(1)
     if len(sys.argv) == 4 and sys.argv[1] == "make":
         make(sys.argv[2], sys.argv[3])
     elif len(sys.argv) == 5 and sys.argv[1] == "logits":
         logits(sys.argv[2], sys.argv[3], sys.argv[4])
+    elif len(sys.argv) == 6 and sys.argv[1] == "peft_logits":
+        peft_logits(sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5])
     else:
         raise SystemExit(__doc__)

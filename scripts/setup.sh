@@ -48,9 +48,10 @@ else
 fi
 # numpy and safetensors for the tools and tests; transformers (the Hugging Face reference in
 # scripts/bench_moe_hf.py), tokenizers (scripts/prepare_data.py), matplotlib (scripts/plot_run.py) and
-# tensorboard (reads the event files back in the tests, and shows them).
-py_packages=(numpy safetensors transformers tokenizers matplotlib tensorboard)
-if ! "$venv/bin/python" -c 'import numpy, safetensors, transformers, tokenizers, matplotlib, tensorboard' 2>/dev/null; then
+# tensorboard (reads the event files back in the tests, and shows them), peft (loads the LoRA adapters
+# that `convert --to peft:DIR` writes, in the tests; 0.21 adapts transformers 5's stacked experts).
+py_packages=(numpy safetensors transformers tokenizers matplotlib tensorboard "peft>=0.21")
+if ! "$venv/bin/python" -c 'import numpy, safetensors, transformers, tokenizers, matplotlib, tensorboard, peft' 2>/dev/null; then
   log "installing ${py_packages[*]}"
   "$venv/bin/pip" install -q --disable-pip-version-check "${py_packages[@]}"
 fi

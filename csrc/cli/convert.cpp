@@ -42,8 +42,9 @@ std::vector<std::string> entries_of_target(const std::string& dir, const std::st
 // folder that has no checkpoints. A run's checkpoints are never written into, even with --force: the
 // weights-only checkpoint would become its `latest`, and --resume would no longer continue that run.
 void check_target(const std::string& to, bool force) {
-  const bool hf_target = hf::is_hf_path(to);
-  const std::string dir = hf_target ? hf::hf_dir(to) : to;
+  const bool peft_target = hf::is_peft_path(to);
+  const bool hf_target = hf::is_hf_path(to) || peft_target;
+  const std::string dir = peft_target ? hf::peft_dir(to) : hf::hf_dir(to);
   const auto names = entries_of_target(dir, to);
   if (names.empty()) return;
   if (!hf_target) {
@@ -57,8 +58,9 @@ void check_target(const std::string& to, bool force) {
   if (force) return;
   throw Error("[convert] --to " + to + " is not empty (it holds " + some_of(names) +
               "): convert writes only into a new or empty folder; choose another, or pass --force to " +
-              (hf_target ? "replace its config.json and model*.safetensors (other files stay)"
-                         : "write the checkpoint into it"));
+              (peft_target ? "replace its adapter_config.json and adapter_model.safetensors (other files stay)"
+               : hf_target ? "replace its config.json and model*.safetensors (other files stay)"
+                           : "write the checkpoint into it"));
 }
 
 }  // namespace
@@ -67,9 +69,10 @@ int run_convert(const std::vector<std::string>& argv) {
   const Command command{
       "convert",
       "Convert a checkpoint: --from hf:DIR --to OUT writes one of our run folders (loadable by generate, eval "
-      "and train --resume); --from CKPT --to hf:DIR writes config.json, safetensors shards and their index.",
+      "and train --resume); --from CKPT --to hf:DIR writes config.json, safetensors shards and their index; "
+      "--from LORA-CKPT --to peft:DIR writes its adapters as a PEFT folder for the base's transformers model.",
       {{"from", "SRC", "our run/ckpt/step folder, or hf:DIR"},
-       {"to", "DST", "a run folder to create, or hf:DIR"},
+       {"to", "DST", "a run folder to create, hf:DIR, or peft:DIR (a LoRA checkpoint's adapters)"},
        {"family", "NAME", "export family: " + hf::family_names() + " (default: from the model's features)"},
        {"shard-size", "BYTES", "largest exported shard in bytes (default 2000000000)"},
        {"merge-lora", "",
@@ -86,14 +89,30 @@ int run_convert(const std::vector<std::string>& argv) {
   const std::string from = args.require("from"), to = args.require("to");
   const uint64_t shard_bytes = args.get_u64("shard-size", 2'000'000'000ull);
   if (shard_bytes == 0) throw UsageError("--shard-size must be positive");
-  if (args.has("family") && !hf::is_hf_path(to)) throw UsageError("--family applies to an export (--to hf:DIR)");
+  const bool peft = hf::is_peft_path(to);
+  if (args.has("family") && !hf::is_hf_path(to) && !peft)
+    throw UsageError("--family applies to an export (--to hf:DIR or peft:DIR)");
+  if (peft && args.has("merge-lora"))
+    throw UsageError("--merge-lora writes whole weights (--to hf:DIR or a run folder); --to peft:DIR writes the adapters");
+  if (peft && hf::is_hf_path(from)) throw UsageError("--to peft:DIR exports a LoRA checkpoint's adapters, not a Hugging Face folder");
   check_target(to, args.has("force"));
 
   auto loaded = train::load_for_inference(from, "full");
   loaded.model->to(torch::kCPU);
+  if (peft) {
+    if (!loaded.model->lora_enabled())
+      throw UsageError("[convert] --to " + to + ": " + from + " holds whole weights, not LoRA adapters (train.lora.rank 0); "
+                       "export it with --to hf:DIR");
+    const auto family = args.has("family") ? hf::family_from_name(args.get("family")) : hf::infer_family(loaded.cfg.model);
+    hf::export_peft(*loaded.model, family, hf::peft_dir(to), loaded.cfg.model.init_from.empty()
+                                                                  ? std::string()
+                                                                  : hf::hf_dir(loaded.cfg.model.init_from));
+    log_line("wrote PEFT adapters for " + hf::family_name(family) + " into " + hf::peft_dir(to));
+    return 0;
+  }
   if (loaded.model->lora_enabled() && !args.has("merge-lora"))
     throw UsageError("[convert] " + from + " holds LoRA adapters, not whole weights: pass --merge-lora to write its "
-                     "base with the adapters merged in");
+                     "base with the adapters merged in, or --to peft:DIR to write the adapters for peft");
   if (args.has("merge-lora")) {
     if (!loaded.model->lora_enabled()) throw UsageError("[convert] --merge-lora: " + from + " holds no LoRA adapters");
     model::Transformer merged(loaded.cfg.model);

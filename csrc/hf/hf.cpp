@@ -1026,4 +1026,137 @@ void load_init_from(model::TransformerImpl& model, const std::string& init_from)
   load_weights(dir, read_config(dir).family, model);
 }
 
+
+bool is_peft_path(const std::string& path) { return path.rfind("peft:", 0) == 0; }
+std::string peft_dir(const std::string& path) { return is_peft_path(path) ? path.substr(5) : path; }
+
+// PEFT's LoRA (peft 0.21's LoraConfig and its saved state dict): a Linear's adapter is lora_A (r, in) and
+// lora_B (out, r) with delta W = (lora_alpha / r) lora_B lora_A; ours is A (in, r), B (r, out) on the
+// transposed weight, so lora_A = A^T and lora_B = B^T, with the HF weight's row order (DeepSeek's
+// interleaved RoPE rows). transformers 5 holds a MoE layer's routed experts as two 3-D parameters,
+// experts.gate_up_proj (E, 2F, D; gate rows then up rows) and experts.down_proj (E, D, F), which peft
+// adapts through `target_parameters`: one wrapper per parameter with lora_A (E r, in) and lora_B
+// (out, r E), expert e's factors being rows [e r, (e+1) r) of lora_A and columns e, e + E, e + 2E, ...
+// of lora_B. Our gate (w1) and up (w3) adapters are two rank-r products; side by side on gate_up_proj
+// they are one adapter of rank 2r, A = [A1^T; A3^T] and B = [[B1^T, 0], [0, B3^T]], exactly, which the
+// config's rank_pattern and alpha_pattern (rank 2r, alpha 2 alpha: the same scale) declare. The stacked
+// experts are `mlp.experts` in every family's transformers 5 model (Mixtral's checkpoints say
+// block_sparse_moe; its model does not).
+// On transformers 5, peft 0.21 rewrites a loaded config's target_modules named gate_proj, up_proj or
+// down_proj (w1, w2, w3 for Mixtral) into the stacked experts' parameters, taking them for the per-expert
+// Linears of transformers 4 adapters, whatever module they name. So the dense MLPs' and shared experts'
+// projections are targeted by their weight, as target_parameters (a 2-D parameter's lora_A and lora_B are
+// a Linear's, under the same names), which it leaves alone.
+void export_peft(const model::TransformerImpl& model, Family family, const std::string& dir, const std::string& base) {
+  torch::NoGradGuard no_grad;
+  const auto& m = model.config();
+  const auto& lora = model.lora_config();
+  if (!model.lora_enabled()) throw HfError("--to peft: the model holds no LoRA adapters");
+  check_exportable(m, family);
+  const FamilyTraits& t = traits_of(family);
+  const auto map = name_map(m, family);
+  auto params = model.named_parameters();
+  const std::string prefix = "base_model.model.";
+  auto fp32 = [](const torch::Tensor& x) { return x.detach().to(torch::kCPU).to(torch::kFloat); };
+
+  ckpt::TensorMap tensors;
+  std::vector<std::string> modules;     // target_modules: full module names, so that only these match
+  std::vector<std::string> parameters;  // target_parameters: the dense MLPs', shared experts' and routed experts'
+  bool experts = false;
+  int skipped_mtp = 0;
+  for (const auto& e : map) {
+    if (e.expert >= 0 || e.shared_copy || !params.contains(e.ours + "_lora_a")) continue;
+    if (e.mtp >= 0) {  // transformers builds no MTP layers: nothing there to adapt
+      ++skipped_mtp;
+      continue;
+    }
+    const std::string module = e.hf.substr(0, e.hf.size() - std::string(".weight").size());
+    auto a = fp32(params[e.ours + "_lora_a"]).t().contiguous();  // (r, in)
+    auto b = fp32(params[e.ours + "_lora_b"]).t().contiguous();  // (out, r)
+    if (e.rope_group > 0) {
+      const auto order = deinterleave_rows(b.size(0), e.rope_group, m.mla.qk_rope_head_dim);
+      b = b.index_select(0, torch::argsort(order)).contiguous();
+    }
+    tensors.emplace_back(prefix + module + ".lora_A.weight", a);
+    tensors.emplace_back(prefix + module + ".lora_B.weight", b);
+    const std::string leaf = module.substr(module.rfind('.') + 1);
+    if (leaf == "gate_proj" || leaf == "up_proj" || leaf == "down_proj")
+      parameters.push_back(e.hf);
+    else
+      modules.push_back(module);
+  }
+  for (int i = 0; i < m.n_layers; ++i) {
+    const std::string ours = "layers." + std::to_string(i) + ".moe.experts.";
+    if (!params.contains(ours + "w1_lora_a")) continue;
+    experts = true;
+    const std::string module = prefix + "model.layers." + std::to_string(i) + ".mlp.experts.";
+    const int64_t E = m.moe.n_experts, r = lora.rank;
+    // lora_B (out, r E) from per-expert (E, out, r): column k E + e holds expert e's column k.
+    auto interleave = [](const torch::Tensor& b_EOR) { return b_EOR.permute({1, 2, 0}).reshape({b_EOR.size(1), -1}).contiguous(); };
+    const auto a1 = fp32(params[ours + "w1_lora_a"]), b1 = fp32(params[ours + "w1_lora_b"]);  // (E, D, r), (E, r, F)
+    const auto a3 = fp32(params[ours + "w3_lora_a"]), b3 = fp32(params[ours + "w3_lora_b"]);
+    const auto a2 = fp32(params[ours + "w2_lora_a"]), b2 = fp32(params[ours + "w2_lora_b"]);  // (E, F, r), (E, r, D)
+    const int64_t F = b1.size(2);
+    auto gate_up_a = torch::cat({a1.transpose(1, 2), a3.transpose(1, 2)}, 1).reshape({E * 2 * r, -1});  // (E 2r, D)
+    auto gate_up_b = torch::zeros({E, 2 * F, 2 * r});
+    gate_up_b.slice(1, 0, F).slice(2, 0, r).copy_(b1.transpose(1, 2));
+    gate_up_b.slice(1, F, 2 * F).slice(2, r, 2 * r).copy_(b3.transpose(1, 2));
+    // Nested wrappers, in target_parameters' order: the first (gate_up_proj) is the inner base_layer.
+    tensors.emplace_back(module + "base_layer.lora_A.weight", gate_up_a.contiguous());
+    tensors.emplace_back(module + "base_layer.lora_B.weight", interleave(gate_up_b));
+    tensors.emplace_back(module + "lora_A.weight", a2.transpose(1, 2).reshape({E * r, -1}).contiguous());
+    tensors.emplace_back(module + "lora_B.weight", interleave(b2.transpose(1, 2)));
+  }
+  if (tensors.empty()) throw HfError("--to peft: the model's adapters map to no " + std::string(t.model_type) + " module");
+  if (skipped_mtp > 0)
+    log_line("[convert] the adapters of " + std::to_string(skipped_mtp) +
+             " multi-token prediction projections are not exported: transformers builds no MTP layers");
+
+  Json config = Json::object();
+  config["peft_type"] = "LORA";
+  config["task_type"] = "CAUSAL_LM";
+  config["base_model_name_or_path"] = base.empty() ? Json(nullptr) : Json(base);
+  config["r"] = lora.rank;
+  config["lora_alpha"] = lora.alpha;
+  if (experts) parameters.insert(parameters.end(), {"mlp.experts.gate_up_proj", "mlp.experts.down_proj"});
+  // peft's adapters on parameters take no dropout (it cannot be factored out of the product).
+  config["lora_dropout"] = parameters.empty() ? lora.dropout : 0.0;
+  if (!parameters.empty() && lora.dropout > 0)
+    log_line("[convert] peft's adapters on parameters (target_parameters: the MLPs' and experts') take no dropout: "
+             "lora_dropout written as 0, not train.lora.dropout " + format_double(lora.dropout));
+  config["target_modules"] = modules;
+  config["target_parameters"] = parameters.empty() ? Json(nullptr) : Json(parameters);
+  config["rank_pattern"] = experts ? Json{{"gate_up_proj", 2 * lora.rank}} : Json::object();
+  config["alpha_pattern"] = experts ? Json{{"gate_up_proj", 2 * lora.alpha}} : Json::object();
+  config["bias"] = "none";
+  config["fan_in_fan_out"] = false;
+  config["use_rslora"] = false;
+  config["use_dora"] = false;
+  config["init_lora_weights"] = true;
+  config["inference_mode"] = true;
+  config["modules_to_save"] = nullptr;
+
+  std::string target = dir;
+  while (target.size() > 1 && target.back() == '/') target.pop_back();
+  if (files::exists(target) && !files::is_directory(target)) throw HfError(target + " exists and is not a folder");
+  const std::string staging = target + ".partial-export";
+  files::remove_tree(staging);
+  files::make_directories(staging);
+  try {
+    try {
+      ckpt::save_safetensors(files::join(staging, "adapter_model.safetensors"), tensors, {{"format", "pt"}});
+    } catch (const CheckpointError& err) {
+      throw HfError(std::string(err.what()).substr(7));
+    }
+    files::write_file_synced(files::join(staging, "adapter_config.json"), config.dump(2) + "\n");
+    move_into_place(staging, target, {"adapter_model.safetensors", "adapter_config.json"});
+  } catch (...) {
+    try {
+      files::remove_tree(staging);
+    } catch (const Error&) {
+    }
+    throw;
+  }
+}
+
 }  // namespace moetrain::hf

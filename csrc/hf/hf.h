@@ -79,6 +79,19 @@ Family infer_family(const config::ModelConfig& model);
 void export_model(const model::TransformerImpl& model, Family family, const std::string& dir,
                   uint64_t max_shard_bytes = 2'000'000'000ull);
 
+// "peft:DIR" -> true; peft_dir("peft:DIR") = "DIR".
+bool is_peft_path(const std::string& path);
+std::string peft_dir(const std::string& path);
+
+// Writes a LoRA model's adapters as a PEFT adapter folder for `family`'s transformers model:
+// DIR/adapter_config.json and DIR/adapter_model.safetensors (fp32), which peft loads onto the base
+// (`base`, written as base_model_name_or_path). Attention adapters target their Linear modules by full
+// name; the dense MLPs' and shared experts' target their Linears' weights, and routed experts'
+// transformers 5's stacked experts.gate_up_proj and experts.down_proj, as peft's target_parameters
+// (gate and up together as one adapter of twice the rank). Adapters of MTP layers, which transformers does not build,
+// are left out (logged). Staged like export_model: an error leaves DIR as it was.
+void export_peft(const model::TransformerImpl& model, Family family, const std::string& dir, const std::string& base);
+
 // `model.init_from: hf:DIR`: streams DIR's weights into `model` (built from the config that
 // resolve_init_from gave), over its seeded initial weights.
 void load_init_from(model::TransformerImpl& model, const std::string& init_from);
