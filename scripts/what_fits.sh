@@ -34,6 +34,8 @@ MODELS = [  # (name in the table, architecture and training keys, the fine-tunin
     ("DeepSeek-V2-Lite", "configs/models/deepseek-v2-lite.yaml", None),
 ]
 GPUS = ("h100", "h200")
+LORA_RANK = 16
+LORA_ARGS = ["--set", f"train.lora.rank={LORA_RANK}"]
 CHECKPOINTING = ("none", "selective", "full")
 GLOBAL_BATCH = 32     # train.global_batch_size of configs/models/*.yaml
 MAX_GPUS = 4096
@@ -71,26 +73,26 @@ def total_params(config):
     return run_json(["cost", "--config", config, "--tokens", "1e12", "--mfu", "0.5"])["params_total"]
 
 
-def plan(config, gpu, n_gpus, ep, zero, ac, mb, global_batch, keep):
-    return run_json(["plan", "--config", config, "--gpu", gpu, "--gpus", str(n_gpus),
+def plan(config, gpu, n_gpus, ep, zero, ac, mb, global_batch, keep, extra=()):
+    return run_json(["plan", "--config", config, "--gpu", gpu, "--gpus", str(n_gpus), *extra,
                      "--set", f"run.keep_compute_copies={'true' if keep else 'false'}",
                      "--set", f"parallel.expert_parallel={ep}", "--set", f"parallel.zero={zero}",
                      "--set", f"train.activation_checkpointing={ac}", "--set", f"train.micro_batch_size={mb}",
                      "--set", f"train.global_batch_size={global_batch}", "--set", "train.grad_accum=0"])
 
 
-def recommend(config, gpu, n_gpus, n_experts, max_ep):
+def recommend(config, gpu, n_gpus, n_experts, max_ep, extra=(), max_mb=4):
     """The first setting in the rule's order that fits at micro-batch 1, with its largest micro-batch."""
     global_batch = max(GLOBAL_BATCH, n_gpus)
     eps = [ep for ep in range(1, min(max_ep, n_experts) + 1) if n_experts % ep == 0 and n_gpus % ep == 0]
-    micro_batches = [mb for mb in range(1, global_batch // n_gpus + 1) if global_batch % (n_gpus * mb) == 0]
+    micro_batches = [mb for mb in range(1, min(max_mb, global_batch // n_gpus) + 1) if global_batch % (n_gpus * mb) == 0]
     for ac in CHECKPOINTING:
         for ep in eps:
             for zero in (0, 1):
                 for keep in (True, False):
                     best = None
                     for mb in micro_batches:
-                        p = plan(config, gpu, n_gpus, ep, zero, ac, mb, global_batch, keep)
+                        p = plan(config, gpu, n_gpus, ep, zero, ac, mb, global_batch, keep, extra)
                         if not p["fits"]:
                             break
                         best = p
@@ -153,6 +155,25 @@ for name, config, template in MODELS:
                                                          if found else f"nor on {MAX_GPUS} GPUs"))
     if template:
         templates[template] = "\n".join(block) + "\n"
+
+# LoRA (train.lora rank 16 on every target): the frozen base in bf16 with no master, gradient or
+# moments, the adapters in fp32 with theirs. The same rule, from one GPU up: the fewest GPUs that fit.
+for name, config, _ in MODELS:
+    keys = resolved(config)
+    params = f"{total_params(config) / 1e9:.2f}B"
+    for gpu in GPUS:
+        n, found = 1, None
+        while n <= 8 and not found:
+            print(f"[what_fits] {name}, LoRA r{LORA_RANK}, on {n} x {gpu} ...", file=sys.stderr)
+            found = recommend(config, gpu, n, keys["n_experts"], n, LORA_ARGS, max_mb=GLOBAL_BATCH)
+            n = n * 2 if not found else n
+        if found:
+            rows.append(f"| {name}, LoRA r{LORA_RANK} | {n} x {gpu} | {params} | {found['ep']} | "
+                        f"{found['zero']} | {found['ac']}{'' if found['keep'] else ' (bf16 cast per use)'} | {found['mb']} | "
+                        f"{gib(found)}{tight(found)} |")
+        else:
+            rows.append(f"| {name}, LoRA r{LORA_RANK} | 8 x {gpu} | {params} | - | - | - | - | "
+                        "does not fit on 8 GPUs |")
 
 print("[what_fits] DeepSeek-V3, the published layout ...", file=sys.stderr)
 v3 = run_json(["plan"] + V3_ARGS)
