@@ -7,6 +7,9 @@ models with transformers, and computes logits and greedy continuations with tran
                                          whose MTP layer transformers does not model: written apart)
   hf_reference.py logits HF_DIR TOKENS_FILE OUT_FILE
                                          loads HF_DIR with transformers; logits on TOKENS_FILE's tokens
+  hf_reference.py repack HF_DIR OUT_DIR  loads HF_DIR and saves it in transformers 5's own layout
+                                         (save_original_format=False: stacked experts), with its
+                                         reference.safetensors
   hf_reference.py peft_logits HF_DIR PEFT_DIR TOKENS_FILE OUT_FILE
                                          the same with PEFT_DIR's LoRA adapters loaded by peft onto it
                                          ("logits"), and the base's alone ("base")
@@ -146,6 +149,13 @@ def logits(hf_dir, tokens_file, out_file):
     save_file({"logits": logits_of(model, tokens)}, out_file)
 
 
+def repack(hf_dir, out_dir):
+    import shutil
+    model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+    model.save_pretrained(out_dir, save_original_format=False, max_shard_size="40KB")
+    shutil.copy(f"{hf_dir}/reference.safetensors", f"{out_dir}/reference.safetensors")
+
+
 def peft_logits(hf_dir, peft_dir, tokens_file, out_file):
     import warnings
     import peft
@@ -167,6 +177,8 @@ if __name__ == "__main__":
         make(sys.argv[2], sys.argv[3])
     elif len(sys.argv) == 5 and sys.argv[1] == "logits":
         logits(sys.argv[2], sys.argv[3], sys.argv[4])
+    elif len(sys.argv) == 4 and sys.argv[1] == "repack":
+        repack(sys.argv[2], sys.argv[3])
     elif len(sys.argv) == 6 and sys.argv[1] == "peft_logits":
         peft_logits(sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5])
     else:

@@ -75,6 +75,9 @@ int run_convert(const std::vector<std::string>& argv) {
        {"to", "DST", "a run folder to create, hf:DIR, or peft:DIR (a LoRA checkpoint's adapters)"},
        {"family", "NAME", "export family: " + hf::family_names() + " (default: from the model's features)"},
        {"shard-size", "BYTES", "largest exported shard in bytes (default 2000000000)"},
+       {"expert-layout", "LAYOUT",
+        "how an export stores routed experts: per-expert (default; the families' published checkpoints) or packed "
+        "(transformers 5's stacked mlp.experts.gate_up_proj and down_proj)"},
        {"merge-lora", "",
         "a LoRA checkpoint (train.lora): write its base with the adapters folded in, W + (alpha / rank) A B, as "
         "plain weights (needs the base, model.init_from, where the run read it)"},
@@ -92,6 +95,8 @@ int run_convert(const std::vector<std::string>& argv) {
   const bool peft = hf::is_peft_path(to);
   if (args.has("family") && !hf::is_hf_path(to) && !peft)
     throw UsageError("--family applies to an export (--to hf:DIR or peft:DIR)");
+  if (args.has("expert-layout") && !hf::is_hf_path(to)) throw UsageError("--expert-layout applies to --to hf:DIR");
+  const auto expert_layout = hf::expert_layout_from_name(args.get("expert-layout", "per-expert"));
   if (peft && args.has("merge-lora"))
     throw UsageError("--merge-lora writes whole weights (--to hf:DIR or a run folder); --to peft:DIR writes the adapters");
   if (peft && hf::is_hf_path(from)) throw UsageError("--to peft:DIR exports a LoRA checkpoint's adapters, not a Hugging Face folder");
@@ -124,7 +129,7 @@ int run_convert(const std::vector<std::string>& argv) {
   }
   if (hf::is_hf_path(to)) {
     const auto family = args.has("family") ? hf::family_from_name(args.get("family")) : hf::infer_family(loaded.cfg.model);
-    hf::export_model(*loaded.model, family, hf::hf_dir(to), shard_bytes);
+    hf::export_model(*loaded.model, family, hf::hf_dir(to), shard_bytes, expert_layout);
     log_line("wrote " + hf::family_name(family) + " folder " + hf::hf_dir(to));
   } else {
     config::Config cfg = loaded.cfg;

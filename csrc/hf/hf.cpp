@@ -463,6 +463,9 @@ struct Entry {
   int rope_group = 0;
   int mtp = -1;              // >= 0: a tensor of that MTP module (its HF layer num_hidden_layers + mtp)
   bool shared_copy = false;  // an MTP layer's copy of the embedding or head: written on export, checked on import
+  // Export in transformers 5's layout: 1 = the layer's stacked experts.gate_up_proj (E, 2F, D) from our
+  // w1 and w3, 2 = its experts.down_proj (E, D, F) from w2 (`ours` names w1 or w2).
+  int packed = 0;
 };
 
 std::vector<Entry> name_map(const config::ModelConfig& m, Family family) {
@@ -656,6 +659,49 @@ bool read_rope_interleave(const std::string& dir) {
 
 std::map<std::string, std::string> read_weight_map(const std::string& dir) { return ShardIndex(dir).file_of; }
 
+namespace {
+
+// transformers 5's own layout, which save_pretrained(save_original_format=False) writes and newer
+// checkpoints ship: a MoE layer's routed experts as two stacked tensors, `experts.gate_up_proj`
+// (E, 2F, D: each expert's gate rows, then its up rows) and `experts.down_proj` (E, D, F), under the
+// module's name in the model, `mlp.` (Mixtral's checkpoints say block_sparse_moe, its model mlp, so its
+// router is mlp.gate there too). Expert e's slice of them is its per-expert (out, in) weight.
+struct PackedExpert {
+  std::string tensor;        // the stacked tensor's name
+  int64_t row_begin = 0;     // rows [row_begin, row_begin + rows) of expert e's (2F, D) or (D, F) slice
+  int64_t rows = -1;         // -1: all of them
+  bool gate_up = false;
+};
+
+// The module name transformers 5 gives a checkpoint's MoE block: Mixtral's block_sparse_moe is mlp.
+std::string v5_name(const std::string& name) {
+  const std::string old = ".block_sparse_moe.";
+  const auto at = name.find(old);
+  return at == std::string::npos ? name : name.substr(0, at) + ".mlp." + name.substr(at + old.size());
+}
+
+// Where a per-expert entry's weight lies in the stacked layout, if `hf` names a routed expert's
+// projection: "<block>experts.<e>.<proj>.weight".
+std::optional<PackedExpert> packed_expert(const Entry& entry, const FamilyTraits& t) {
+  if (entry.expert < 0) return std::nullopt;
+  const std::string marker = "experts." + std::to_string(entry.expert) + ".";
+  const auto at = entry.hf.rfind(marker);
+  if (at == std::string::npos) return std::nullopt;
+  const std::string block = v5_name(entry.hf.substr(0, at));  // "model.layers.L.mlp."
+  const std::string proj = entry.hf.substr(at + marker.size(), entry.hf.size() - at - marker.size() - 7);  // no ".weight"
+  PackedExpert out;
+  if (proj == t.expert_proj[2]) {
+    out.tensor = block + "experts.down_proj";
+    return out;
+  }
+  out.tensor = block + "experts.gate_up_proj";
+  out.gate_up = true;
+  out.row_begin = proj == t.expert_proj[0] ? 0 : 1;  // in halves; resolved once F is known
+  return out;
+}
+
+}  // namespace
+
 void load_weights(const std::string& dir, Family family, model::TransformerImpl& model) {
   torch::NoGradGuard no_grad;
   const auto map = name_map(model.config(), family);
@@ -664,6 +710,7 @@ void load_weights(const std::string& dir, Family family, model::TransformerImpl&
   auto buffers = model.named_buffers();
   const bool interleaved = traits_of(family).interleaved_rope && read_rope_interleave(dir);
   std::set<std::string> used, written;
+  std::map<std::string, torch::Tensor> packed_cache;  // one layer's stacked gate_up_proj and down_proj, once read
   // Under expert parallelism this rank holds experts [first, first + count) and reads only those.
   const int64_t first = model.expert_offset(), count = model.local_experts();
   // An MTP module the folder lacks (its layer has no eh_proj) keeps the seeded init.
@@ -675,8 +722,13 @@ void load_weights(const std::string& dir, Family family, model::TransformerImpl&
                std::to_string(k) + " keeps its seeded init");
     }
   for (const auto& entry : map) {
+    // A tensor another stage or rank reads, in either layout.
+    auto read_elsewhere = [&] {
+      used.insert({entry.hf, v5_name(entry.hf)});
+      if (auto p = packed_expert(entry, traits_of(family))) used.insert(p->tensor);
+    };
     if (model.held_by_another_stage(entry.ours)) {  // another pipeline stage loads it
-      used.insert(entry.hf);
+      read_elsewhere();
       continue;
     }
     if (entry.mtp >= 0 && absent_mtp.count(entry.mtp)) continue;
@@ -686,28 +738,56 @@ void load_weights(const std::string& dir, Family family, model::TransformerImpl&
     torch::Tensor target = params.contains(entry.ours) ? params[entry.ours] : buffers[entry.ours];
     if (entry.expert >= 0) {
       if (entry.expert < first || entry.expert >= first + count) {  // another rank's expert
-        used.insert(entry.hf);
+        read_elsewhere();
         continue;
       }
       target = target.select(0, entry.expert - first);
     }
-    const auto it = index.file_of.find(entry.hf);
+    // The entry's tensor, else its place in transformers 5's layout (stacked experts, Mixtral's mlp.).
+    std::string name = entry.hf;
+    auto expected = hf_shape(target, entry.layout);
+    std::optional<PackedExpert> packed;
+    if (!index.file_of.count(name)) {
+      if (auto p = packed_expert(entry, traits_of(family)); p && index.file_of.count(p->tensor)) {
+        packed = p;
+        name = p->tensor;
+        const int64_t out = expected[0], n_experts = model.config().moe.n_experts;
+        expected = {n_experts, p->gate_up ? 2 * out : out, expected[1]};
+        if (p->gate_up) {
+          packed->row_begin *= out;
+          packed->rows = out;
+        }
+      } else if (index.file_of.count(v5_name(name))) {
+        name = v5_name(name);
+      }
+    }
+    const auto it = index.file_of.find(name);
     if (it == index.file_of.end())
       throw HfError(index.source + ": tensor '" + entry.hf + "' is missing (expected shape " +
                     shape_text(hf_shape(target, entry.layout)) + " for " + family_name(family) + ")");
     const auto& shard = index.shard(it->second);
-    if (!shard.contains(entry.hf))
-      throw HfError(shard.path() + ": tensor '" + entry.hf + "' is missing, though " + index.source + " lists it there");
-    const auto& info = shard.info(entry.hf);
-    const auto expected = hf_shape(target, entry.layout);
+    if (!shard.contains(name))
+      throw HfError(shard.path() + ": tensor '" + name + "' is missing, though " + index.source + " lists it there");
+    const auto& info = shard.info(name);
     if (info.shape != expected)
-      throw HfError(shard.path() + ": tensor '" + entry.hf + "' has shape " + shape_text(info.shape) + ", expected " +
+      throw HfError(shard.path() + ": tensor '" + name + "' has shape " + shape_text(info.shape) + ", expected " +
                     shape_text(expected) + " from " + kConfigFile);
     if (info.dtype != torch::kFloat && info.dtype != torch::kBFloat16 && info.dtype != torch::kHalf)
-      throw HfError(shard.path() + ": tensor '" + entry.hf + "' has dtype " + std::string(c10::toString(info.dtype)) +
+      throw HfError(shard.path() + ": tensor '" + name + "' has dtype " + std::string(c10::toString(info.dtype)) +
                     "; expected F32, BF16 or F16");
-    // One HF tensor in memory at a time, converted into the parameter (or expert slice) in place.
-    torch::Tensor value = shard.load(entry.hf);
+    // One HF tensor in memory at a time, converted into the parameter (or expert slice) in place; a
+    // stacked experts tensor is read once for all its experts' entries.
+    torch::Tensor value;
+    if (packed) {
+      if (!packed_cache.count(name)) {
+        if (packed_cache.size() >= 2) packed_cache.clear();  // the previous layer's pair
+        packed_cache[name] = shard.load(name);
+      }
+      value = packed_cache[name].select(0, entry.expert);
+      if (packed->rows >= 0) value = value.slice(0, packed->row_begin, packed->row_begin + packed->rows);
+    } else {
+      value = shard.load(name);
+    }
     if (entry.shared_copy) {  // the main model's tensor, loaded before: a copy that differs is not ours to keep
       if (!torch::equal(value.to(target.device(), target.scalar_type()), target))
         log_line("[hf] warning: " + shard.path() + ": '" + entry.hf + "' differs from the main model's '" + entry.ours +
@@ -720,7 +800,7 @@ void load_weights(const std::string& dir, Family family, model::TransformerImpl&
     if (entry.layout == Layout::Transposed) value = value.t();
     if (entry.layout == Layout::Row) value = value.view({-1});
     target.copy_(value);
-    used.insert(entry.hf);
+    used.insert(name);
     written.insert(entry.ours);
   }
   // The model was built uninitialized: every parameter must have come from the folder.
@@ -938,11 +1018,29 @@ std::string shard_name(size_t i, size_t n) {
 
 }  // namespace
 
-void export_model(const model::TransformerImpl& model, Family family, const std::string& dir, uint64_t max_shard_bytes) {
+void export_model(const model::TransformerImpl& model, Family family, const std::string& dir, uint64_t max_shard_bytes,
+                  ExpertLayout expert_layout) {
   torch::NoGradGuard no_grad;
   const auto& m = model.config();
   check_exportable(m, family);
-  const auto map = name_map(m, family);
+  std::vector<Entry> map;
+  for (auto& e : name_map(m, family)) {
+    if (expert_layout == ExpertLayout::Packed) {
+      if (auto p = packed_expert(e, traits_of(family))) {  // one entry per layer's stacked tensor, at expert 0
+        const std::string w = e.ours.substr(e.ours.size() - 2);
+        if (e.expert != 0 || w == "w3") continue;
+        Entry stacked = e;
+        stacked.hf = p->tensor;
+        stacked.expert = -1;
+        stacked.layout = Layout::Same;  // built in HF's orientation
+        stacked.packed = w == "w1" ? 1 : 2;
+        map.push_back(stacked);
+        continue;
+      }
+      e.hf = v5_name(e.hf);
+    }
+    map.push_back(e);
+  }
   auto params = model.named_parameters();
   auto buffers = model.named_buffers();
   const int64_t n_experts = m.moe.n_experts;
@@ -954,6 +1052,9 @@ void export_model(const model::TransformerImpl& model, Family family, const std:
       t = buffers[e.ours].detach();
     else  // a DeepSeek router without its selection bias exports a zero bias
       t = torch::zeros({n_experts});
+    if (e.packed == 1)  // (E, D, F) w1 and w3 -> (E, 2F, D): each expert's gate rows, then its up rows
+      return torch::cat({t.transpose(1, 2), params[e.ours.substr(0, e.ours.size() - 2) + "w3"].detach().transpose(1, 2)}, 1);
+    if (e.packed == 2) return t.transpose(1, 2);  // (E, F, D) w2 -> (E, D, F)
     return e.expert >= 0 ? t.select(0, e.expert) : t;
   };
 
@@ -1026,6 +1127,12 @@ void load_init_from(model::TransformerImpl& model, const std::string& init_from)
   load_weights(dir, read_config(dir).family, model);
 }
 
+
+ExpertLayout expert_layout_from_name(const std::string& name) {
+  if (name == "per-expert") return ExpertLayout::PerExpert;
+  if (name == "packed") return ExpertLayout::Packed;
+  throw UsageError("--expert-layout must be per-expert or packed, got '" + name + "'");
+}
 
 bool is_peft_path(const std::string& path) { return path.rfind("peft:", 0) == 0; }
 std::string peft_dir(const std::string& path) { return is_peft_path(path) ? path.substr(5) : path; }

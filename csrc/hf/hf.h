@@ -53,7 +53,8 @@ config::Config resolve_init_from(const config::Config& cfg);
 std::map<std::string, std::string> read_weight_map(const std::string& dir);
 
 // Streams the weights of DIR (model.safetensors.index.json and its shards, or model.safetensors)
-// into `model`, whose config must be the one read_config(DIR) gave. bf16, fp16 and fp32 inputs are
+// into `model`, whose config must be the one read_config(DIR) gave. Routed experts may be stored per
+// expert or stacked, as transformers 5 holds them (see ExpertLayout), layer by layer. bf16, fp16 and fp32 inputs are
 // converted to the parameters' dtype. A missing shard or tensor, a wrong shape or a tensor that maps
 // to no parameter is an HfError naming the file and the tensor.
 void load_weights(const std::string& dir, Family family, model::TransformerImpl& model);
@@ -76,8 +77,15 @@ Family infer_family(const config::ModelConfig& model);
 // The files are written into DIR.partial-export and moved into DIR once complete, so an error leaves
 // DIR as it was. Into a DIR that holds files, they replace config.json and the model*.safetensors
 // weights (and their index) and keep the rest: whether that is allowed is the caller's call.
+// How an export stores routed experts: one tensor per expert and projection, as every family's published
+// checkpoints do (experts.<e>.gate_proj.weight ...), or transformers 5's stacked layout
+// (mlp.experts.gate_up_proj (E, 2F, D) and mlp.experts.down_proj (E, D, F); Mixtral's block_sparse_moe
+// becomes mlp), which save_pretrained(save_original_format=False) writes. load_weights reads both.
+enum class ExpertLayout { PerExpert, Packed };
+ExpertLayout expert_layout_from_name(const std::string& name);  // per-expert | packed; UsageError otherwise
+
 void export_model(const model::TransformerImpl& model, Family family, const std::string& dir,
-                  uint64_t max_shard_bytes = 2'000'000'000ull);
+                  uint64_t max_shard_bytes = 2'000'000'000ull, ExpertLayout expert_layout = ExpertLayout::PerExpert);
 
 // "peft:DIR" -> true; peft_dir("peft:DIR") = "DIR".
 bool is_peft_path(const std::string& path);
