@@ -59,6 +59,22 @@ def tiny_config(family):
                              "original_max_position_embeddings": 16, "beta_fast": 32, "beta_slow": 1,
                              "mscale": 1.0, "mscale_all_dim": 1.0},
             num_nextn_predict_layers=1 if family == "deepseek_v3_mtp" else 0)
+    if family in ("deepseek_v2", "deepseek_v2_greedy"):
+        # MLA (with the query low-rank, and without it as V2-Lite), YaRN, softmax routing: group-limited by
+        # each group's best expert, or plain top-k; raw top-k weights times the routed scaling; a shared
+        # expert and one dense first layer.
+        grouped = family == "deepseek_v2"
+        return transformers.DeepseekV2Config(
+            vocab_size=VOCAB, hidden_size=32, num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64,
+            rms_norm_eps=1e-6, num_experts_per_tok=2, num_hidden_layers=3, intermediate_size=40,
+            moe_intermediate_size=16, n_routed_experts=8, n_shared_experts=2, first_k_dense_replace=1,
+            topk_method="group_limited_greedy" if grouped else "greedy", n_group=4 if grouped else None,
+            topk_group=2 if grouped else None, routed_scaling_factor=16.0 if grouped else 1.0,
+            q_lora_rank=24 if grouped else None, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8,
+            v_head_dim=12, tie_word_embeddings=False,
+            rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                             "original_max_position_embeddings": 16, "beta_fast": 32, "beta_slow": 1,
+                             "mscale": 0.707, "mscale_all_dim": 0.707})
     raise SystemExit(f"unknown family {family}")
 
 
@@ -67,7 +83,9 @@ def model_class(family):
             "qwen3_moe": transformers.Qwen3MoeForCausalLM, "olmoe": transformers.OlmoeForCausalLM,
             "deepseek_v3": transformers.DeepseekV3ForCausalLM,
             "deepseek_v2_lite": transformers.DeepseekV3ForCausalLM,
-            "deepseek_v3_mtp": transformers.DeepseekV3ForCausalLM}[family]
+            "deepseek_v3_mtp": transformers.DeepseekV3ForCausalLM,
+            "deepseek_v2": transformers.DeepseekV2ForCausalLM,
+            "deepseek_v2_greedy": transformers.DeepseekV2ForCausalLM}[family]
 
 
 def fixed_tokens():

@@ -30,8 +30,7 @@ MODELS = [  # (name in the table, architecture and training keys, the fine-tunin
     ("OLMoE-1B-7B", "configs/models/olmoe-1b-7b.yaml", "configs/finetune-olmoe.yaml"),
     ("Qwen3-30B-A3B", "configs/models/qwen3-30b-a3b.yaml", "configs/finetune-qwen3-moe.yaml"),
     ("Mixtral-8x7B", "configs/models/mixtral-8x7b.yaml", "configs/finetune-mixtral.yaml"),
-    # No template: csrc/hf cannot import deepseek_v2 folders yet, so there is nothing to fine-tune from.
-    ("DeepSeek-V2-Lite", "configs/models/deepseek-v2-lite.yaml", None),
+    ("DeepSeek-V2-Lite", "configs/models/deepseek-v2-lite.yaml", "configs/finetune-deepseek-v2-lite.yaml"),
 ]
 GPUS = ("h100", "h200")
 LORA_RANK = 16

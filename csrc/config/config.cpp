@@ -252,9 +252,13 @@ const std::vector<KeyDesc>& keys() {
                    "model.moe.n_experts.",
                    at_least(1)),
       MOETRAIN_KEY(model.moe.router.topk_groups,
-                   "With groups: a group's score is the sum of its two best expert scores and only the best "
-                   "topk_groups groups are eligible for a token's top-k.",
+                   "With groups: only the best topk_groups groups (by model.moe.router.group_score) are eligible "
+                   "for a token's top-k.",
                    at_least(1)),
+      MOETRAIN_KEY(model.moe.router.group_score,
+                   "With groups: a group's score is the sum of its two best expert scores (top2_sum, DeepSeek-V3's "
+                   "selection scores with the bias) or its best one (max, DeepSeek-V2's group_limited_greedy).",
+                   one_of({"top2_sum", "max"})),
       MOETRAIN_KEY(model.moe.router.bias_update_rate,
                    "Aux-loss-free balancing (DeepSeek-V3): a per-expert bias added to the scores for choosing "
                    "experts only (not for the weights), moved after each optimizer step by "

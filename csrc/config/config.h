@@ -28,6 +28,7 @@ struct RouterConfig {
   double routed_scaling = 1.0;          // multiplies the routed output (DeepSeek-V3: 2.5)
   int n_groups = 1;                     // group-limited routing: experts split into n_groups groups
   int topk_groups = 1;                  // ... of which the best topk_groups are eligible per token
+  std::string group_score = "top2_sum"; // a group's score: top2_sum (DeepSeek-V3) | max (DeepSeek-V2)
   double bias_update_rate = 0.0;        // aux-loss-free balancing bias step; 0 = off
   bool selection_bias = false;          // keep the selection bias even when it is not updated (imports)
   int max_groups_per_token = 0;         // node-limited routing: a token's top-k on at most this many expert

@@ -178,7 +178,12 @@ struct FamilyTraits {
   bool group_limited = false;          // n_group, topk_group
   bool routed_scaling = false;         // routed_scaling_factor
   bool yarn = false;                   // YaRN RoPE scaling
-  bool interleaved_rope = false;       // rope_interleave: MLA's RoPE rows stored as pairs
+  bool interleaved_rope = false;       // MLA's RoPE rows stored as pairs
+  bool rope_interleave_field = false;  // ... unless config.json's rope_interleave says false
+  // topk_method greedy (plain top-k) | group_limited_greedy (n_group, topk_group), groups scored by their
+  // best expert (model.moe.router.group_score max), as DeepSeek-V2 routes; false: group_limited's
+  // groups are scored by their two best (top2_sum).
+  bool greedy_topk_methods = false;
   bool mtp_layers = false;             // num_nextn_predict_layers MTP layers past num_hidden_layers
 };
 
@@ -220,7 +225,20 @@ const std::vector<FamilyTraits> kFamilies = {
                {"attention_bias", false, "no attention biases"}},
      .attention = "mla", .dense_layers = DenseLayers::FirstKDense, .shared = SharedExperts::Ungated,
      .score_func = "sigmoid", .group_limited = true, .routed_scaling = true, .yarn = true, .interleaved_rope = true,
-     .mtp_layers = true},
+     .rope_interleave_field = true, .mtp_layers = true},
+    // transformers' DeepseekV2 never renormalizes the top-k weights (it reads no norm_topk_prob) and always
+    // stores RoPE rows as pairs (it reads no rope_interleave).
+    {.family = Family::DeepseekV2, .model_type = "deepseek_v2", .architecture = "DeepseekV2ForCausalLM", .display = "DeepSeek-V2",
+     .moe_prefix = "mlp.", .expert_proj = {"gate_proj", "up_proj", "down_proj"}, .shared_prefix = "shared_experts.",
+     .expert_hidden_field = "moe_intermediate_size", .dense_hidden_field = "intermediate_size",
+     .n_experts_field = "n_routed_experts", .normalize_topk = false,
+     .fixed = {{"scoring_func", "softmax", "DeepSeek-V2 routes by softmax scores"},
+               {"norm_topk_prob", false, "transformers' DeepSeek-V2 never renormalizes the top-k weights: false"},
+               {"attention_bias", false, "no attention biases"},
+               {"mlp_bias", false, "no MLP biases"}},
+     .attention = "mla", .dense_layers = DenseLayers::FirstKDense, .shared = SharedExperts::Ungated,
+     .group_limited = true, .routed_scaling = true, .yarn = true, .interleaved_rope = true,
+     .greedy_topk_methods = true},
 };
 
 const FamilyTraits& traits_of(Family f) {
@@ -384,9 +402,19 @@ HfConfig read_config(const std::string& dir) {
   }
   m.moe.router.score_func = t.score_func;
   m.moe.router.selection_bias = t.router_bias != nullptr;  // e_score_correction_bias
-  m.moe.router.normalize_topk = t.norm_topk_field ? r.boolean(t.norm_topk_field, t.normalize_topk) : true;
+  m.moe.router.normalize_topk = t.norm_topk_field ? r.boolean(t.norm_topk_field, t.normalize_topk) : t.normalize_topk;
   if (t.routed_scaling) m.moe.router.routed_scaling = r.number("routed_scaling_factor", 1.0);
-  if (t.group_limited) {
+  bool grouped = t.group_limited;
+  if (t.greedy_topk_methods) {
+    const Json* method = r.find("topk_method");
+    const std::string name = !method || method->is_null() ? "greedy" : method->is_string() ? method->get<std::string>() : "";
+    if (name != "greedy" && name != "group_limited_greedy")
+      r.fail("topk_method", "= " + (method ? brief(*method) : std::string("null")) +
+                                " is not supported (\"greedy\" or \"group_limited_greedy\")");
+    grouped = name == "group_limited_greedy";
+    m.moe.router.group_score = "max";
+  }
+  if (grouped) {
     m.moe.router.n_groups = r.positive_int("n_group", 1);
     m.moe.router.topk_groups = r.positive_int("topk_group", 1);
   }
@@ -409,7 +437,7 @@ HfConfig read_config(const std::string& dir) {
   if (m.qk_norm == "full" && int64_t(m.n_heads) * m.head_dim != m.d_model)
     r.fail("head_dim", "= " + std::to_string(m.head_dim) + ": " + t.display +
                            "'s q_norm spans hidden_size, so heads * head_dim must equal it");
-  if (t.group_limited && m.moe.n_experts % m.moe.router.n_groups != 0)
+  if (grouped && m.moe.n_experts % m.moe.router.n_groups != 0)
     r.fail("n_group", "= " + std::to_string(m.moe.router.n_groups) + " must divide the number of routed experts");
   if (t.mtp_layers) m.mtp_depth = r.non_negative_int("num_nextn_predict_layers", 0);
   return out;
@@ -708,7 +736,8 @@ void load_weights(const std::string& dir, Family family, model::TransformerImpl&
   ShardIndex index(dir);
   auto params = model.named_parameters();
   auto buffers = model.named_buffers();
-  const bool interleaved = traits_of(family).interleaved_rope && read_rope_interleave(dir);
+  const bool interleaved =
+      traits_of(family).interleaved_rope && (!traits_of(family).rope_interleave_field || read_rope_interleave(dir));
   std::set<std::string> used, written;
   std::map<std::string, torch::Tensor> packed_cache;  // one layer's stacked gate_up_proj and down_proj, once read
   // Under expert parallelism this rank holds experts [first, first + count) and reads only those.
@@ -859,7 +888,10 @@ Family infer_family(const config::ModelConfig& m) {
     return nullptr;
   };
   const FamilyTraits* t = nullptr;
-  if (m.attention != "gqa") t = first_with([&](const FamilyTraits& f) { return m.attention == f.attention; });
+  if (m.attention != "gqa") {  // the MLA family that routes by the model's scores (V3: sigmoid, V2: softmax)
+    t = first_with([&](const FamilyTraits& f) { return m.attention == f.attention && m.moe.router.score_func == f.score_func; });
+    if (!t) t = first_with([&](const FamilyTraits& f) { return m.attention == f.attention; });
+  }
   if (!t && m.qk_norm != "none") t = first_with([&](const FamilyTraits& f) { return m.qk_norm == f.qk_norm; });
   if (!t && m.qkv_bias) t = first_with([](const FamilyTraits& f) { return f.qkv_bias; });
   if (!t && m.moe.shared_gate) t = first_with([](const FamilyTraits& f) { return f.shared == SharedExperts::OneGated; });
@@ -887,6 +919,10 @@ void check_exportable(const config::ModelConfig& m, Family family) {
            std::string(t.score_func) == "sigmoid" ? display + " routes by sigmoid" : "the family routes by softmax");
   if (!t.routed_scaling && r.routed_scaling != 1.0) refuse("model.moe.router.routed_scaling != 1", "the family has no routed scaling");
   if (!t.group_limited && r.n_groups != 1) refuse("model.moe.router.n_groups != 1", "the family has no group-limited routing");
+  const std::string group_score = t.greedy_topk_methods ? "max" : "top2_sum";
+  if (r.n_groups != 1 && r.group_score != group_score)
+    refuse("model.moe.router.group_score = " + r.group_score, display + " scores a group by " +
+                                                                  (group_score == "max" ? "its best expert" : "its two best experts"));
   if (!t.router_bias && r.bias_update_rate > 0) refuse("model.moe.router.bias_update_rate > 0", "the family has no selection bias");
   if (t.dense_layers == DenseLayers::None && m.dense_layers > 0)
     refuse("model.dense_layers = " + std::to_string(m.dense_layers), "every layer is MoE");
@@ -901,8 +937,9 @@ void check_exportable(const config::ModelConfig& m, Family family) {
     refuse("model.moe.n_shared_experts = 0", display + " always has a gated shared expert");
   if (t.shared == SharedExperts::Ungated && m.moe.shared_gate)
     refuse("model.moe.shared_gate = true", display + "'s shared experts are not gated");
-  if (!t.norm_topk_field && !r.normalize_topk)
-    refuse("model.moe.router.normalize_topk = false", display + " renormalizes the top-k weights");
+  if (!t.norm_topk_field && r.normalize_topk != t.normalize_topk)
+    refuse(std::string("model.moe.router.normalize_topk = ") + (r.normalize_topk ? "true" : "false"),
+           display + (t.normalize_topk ? " renormalizes the top-k weights" : " never renormalizes the top-k weights"));
   if (m.qk_norm != t.qk_norm)
     refuse("model.qk_norm = " + m.qk_norm, mla ? "no q/k norms" : "the family has " + std::string(t.qk_norm));
   if (std::string(t.qk_norm) == "full" && m.n_heads * config::head_dim(m) != m.d_model)
@@ -938,7 +975,7 @@ Json config_json(const config::ModelConfig& m, Family family) {
     j["qk_nope_head_dim"] = m.mla.qk_nope_head_dim;
     j["qk_rope_head_dim"] = m.mla.qk_rope_head_dim;
     j["v_head_dim"] = m.mla.v_head_dim;
-    j["rope_interleave"] = true;
+    if (t.rope_interleave_field) j["rope_interleave"] = true;
   }
   if (t.dense_hidden_field) j[t.dense_hidden_field] = m.dense_hidden;
   j[t.expert_hidden_field] = m.moe.expert_hidden;
@@ -952,6 +989,7 @@ Json config_json(const config::ModelConfig& m, Family family) {
     j["n_group"] = m.moe.router.n_groups;
     j["topk_group"] = m.moe.router.topk_groups;
   }
+  if (t.greedy_topk_methods) j["topk_method"] = m.moe.router.n_groups > 1 ? "group_limited_greedy" : "greedy";
   if (t.routed_scaling) j["routed_scaling_factor"] = m.moe.router.routed_scaling;
   if (t.norm_topk_field) j[t.norm_topk_field] = m.moe.router.normalize_topk;
   if (t.dense_layers == DenseLayers::MlpOnlyLayers) {
@@ -1127,6 +1165,27 @@ void load_init_from(model::TransformerImpl& model, const std::string& init_from)
   load_weights(dir, read_config(dir).family, model);
 }
 
+
+torch::Tensor dequantize_mxfp4(const torch::Tensor& blocks, const torch::Tensor& scales, const std::string& what) {
+  if (blocks.scalar_type() != torch::kByte || scales.scalar_type() != torch::kByte)
+    throw HfError(what + ": MXFP4 blocks and scales must be U8, got " + std::string(c10::toString(blocks.scalar_type())) +
+                  " and " + std::string(c10::toString(scales.scalar_type())));
+  if (blocks.dim() < 2 || blocks.sizes().slice(0, blocks.dim() - 1) != scales.sizes())
+    throw HfError(what + ": MXFP4 blocks " + shape_text(blocks.sizes()) + " and scales " + shape_text(scales.sizes()) +
+                  " disagree (blocks must be the scales' shape plus the bytes of a block)");
+  if (scales.numel() > 0 && scales.eq(255).any().item<bool>())
+    throw HfError(what + ": an MXFP4 scale is 255, which the format reserves for NaN");
+  // E2M1: sign, two exponent bits, one mantissa bit: 0, 0.5, 1, 1.5, 2, 3, 4, 6 and their negatives.
+  static const float kE2M1[16] = {0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f,
+                                  -0.0f, -0.5f, -1.0f, -1.5f, -2.0f, -3.0f, -4.0f, -6.0f};
+  const auto table = torch::from_blob(const_cast<float*>(kE2M1), {16}, torch::kFloat).to(blocks.device());
+  const auto bytes = blocks.to(torch::kLong);
+  const auto low = table.index({bytes.bitwise_and(15)}), high = table.index({bytes.bitwise_right_shift(4)});
+  auto values = torch::stack({low, high}, -1).flatten(-2);  // (..., G, 2B): low nibble first
+  const auto exponent = (scales.to(torch::kInt) - 127).unsqueeze(-1);
+  values = torch::ldexp(values, exponent);
+  return values.flatten(-2);
+}
 
 ExpertLayout expert_layout_from_name(const std::string& name) {
   if (name == "per-expert") return ExpertLayout::PerExpert;

@@ -1,8 +1,8 @@
 // Hugging Face checkpoints in and out: config.json <-> our ModelConfig per family, and the family's
 // tensor names <-> our parameter names. Import streams tensor by tensor from the safetensors shards
 // into the model (never a second copy of the model); export writes shards of a bounded size.
-// Families: Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, DeepSeek-V3 (MLA, also without the query low-rank as
-// in V2-Lite's shape).
+// Families: Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, DeepSeek-V3 (MLA, also without the query low-rank),
+// DeepSeek-V2 and V2-Lite (MLA, softmax routing, greedy or group-limited by each group's best expert).
 #pragma once
 #include <cstdint>
 #include <map>
@@ -18,9 +18,9 @@ struct HfError : Error {
   explicit HfError(const std::string& m) : Error("[hf] " + m) {}
 };
 
-enum class Family { Mixtral, Qwen2Moe, Qwen3Moe, Olmoe, DeepseekV3 };
+enum class Family { Mixtral, Qwen2Moe, Qwen3Moe, Olmoe, DeepseekV3, DeepseekV2 };
 
-std::string family_name(Family family);  // mixtral | qwen2_moe | qwen3_moe | olmoe | deepseek_v3 (HF's model_type)
+std::string family_name(Family family);  // mixtral | qwen2_moe | qwen3_moe | olmoe | deepseek_v3 | deepseek_v2 (HF's model_type)
 // The model_type of every family, comma-separated: what --family and error messages list.
 std::string family_names();
 Family family_from_name(const std::string& name);  // throws HfError listing the names
@@ -86,6 +86,13 @@ ExpertLayout expert_layout_from_name(const std::string& name);  // per-expert | 
 
 void export_model(const model::TransformerImpl& model, Family family, const std::string& dir,
                   uint64_t max_shard_bytes = 2'000'000'000ull, ExpertLayout expert_layout = ExpertLayout::PerExpert);
+
+// MXFP4 (OCP Microscaling, as gpt-oss publishes its experts): `blocks` (..., G, B) uint8 holds G
+// blocks of 2B four-bit E2M1 values per row, two a byte, low nibble first; `scales` (..., G) uint8 one
+// E8M0 exponent per block (2^(s - 127)). Returns the values as fp32, (..., G * 2B): exact, as every
+// E2M1 value times a power of two in fp32's range is. A shape mismatch, or the scale 255 (NaN in the
+// format), is an HfError naming `what`.
+torch::Tensor dequantize_mxfp4(const torch::Tensor& blocks, const torch::Tensor& scales, const std::string& what);
 
 // "peft:DIR" -> true; peft_dir("peft:DIR") = "DIR".
 bool is_peft_path(const std::string& path);

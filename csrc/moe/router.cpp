@@ -50,7 +50,8 @@ RoutingPlan RouterImpl::route(const torch::Tensor& x_TD, int64_t seq_len) const 
   if (rc.n_groups > 1) {
     const int64_t per_group = E / rc.n_groups;
     auto grouped = choice_TE.view({T, rc.n_groups, per_group});
-    auto group_score_TG = std::get<0>(grouped.topk(std::min<int64_t>(2, per_group), -1)).sum(-1);
+    const int64_t best = rc.group_score == "max" ? 1 : std::min<int64_t>(2, per_group);
+    auto group_score_TG = std::get<0>(grouped.topk(best, -1)).sum(-1);
     auto best_groups = std::get<1>(group_score_TG.topk(rc.topk_groups, -1));
     auto eligible_TG = torch::zeros({T, rc.n_groups}, choice_TE.options().dtype(torch::kBool))
                            .scatter_(1, best_groups, true);

@@ -43,6 +43,15 @@ void write_tiny_family(hf::Family family, const std::string& dir, int vocab_size
       m.moe.n_shared_experts = 1;
       m.moe.shared_gate = true;
       break;
+    case hf::Family::DeepseekV2:  // softmax, greedy: V2-Lite's routing
+      m.attention = "mla";
+      m.mla.q_lora_rank = 0;
+      m.mla.kv_lora_rank = 8;
+      m.mla.qk_nope_head_dim = 4;
+      m.mla.qk_rope_head_dim = 4;
+      m.mla.v_head_dim = 4;
+      m.moe.router.normalize_topk = false;
+      break;
     case hf::Family::DeepseekV3:
       m.attention = "mla";
       m.mla.q_lora_rank = 0;
@@ -67,7 +76,7 @@ CATCH_TEST_CASE("finetune configs: each example loads, and resolves against a ti
   const std::vector<std::pair<std::string, hf::Family>> examples = {
       {"olmoe", hf::Family::Olmoe},         {"mixtral", hf::Family::Mixtral},
       {"qwen2-moe", hf::Family::Qwen2Moe},  {"qwen3-moe", hf::Family::Qwen3Moe},
-      {"deepseek-v3", hf::Family::DeepseekV3}};
+      {"deepseek-v3", hf::Family::DeepseekV3}, {"deepseek-v2-lite", hf::Family::DeepseekV2}};
   for (const auto& [name, family] : examples) {
     CATCH_INFO(name);
     const std::string file = kSource + "/configs/finetune-" + name + ".yaml";

@@ -6,6 +6,7 @@
 
 #include <cstdio>
 #include <fstream>
+#include <tuple>
 #include <nlohmann/json.hpp>
 
 #include "../test_util.h"
@@ -198,6 +199,44 @@ CATCH_TEST_CASE("hf: DeepSeek-V2-Lite shape (MLA without query low-rank) round t
   check_family("deepseek_v2_lite", "deepseek_v3");
 }
 
+CATCH_TEST_CASE("hf: DeepSeek-V2 (MLA with query low-rank, YaRN with mscale 0.707, softmax routing limited to the "
+                "groups of the best experts, raw weights times 16, shared and dense layers) round trip", "[hf]") {
+  check_family("deepseek_v2");
+  // What transformers' DeepseekV2 cannot mean is refused, naming the field; an MLA model with softmax
+  // routing exports to it, one with sigmoid routing to DeepSeek-V3.
+  testing::TempDir dir("hf-deepseek-v2-fields");
+  reference("make deepseek_v2 " + dir.str("hf"));
+  const std::string config_path = dir.str("hf/config.json");
+  const auto original = nlohmann::json::parse(files::read_file(config_path));
+  for (const auto& [field, value, expected] :
+       std::vector<std::tuple<std::string, nlohmann::json, std::string>>{{"topk_method", "noaux_tc", "group_limited_greedy"},
+                                                                         {"norm_topk_prob", true, "never renormalizes"},
+                                                                         {"scoring_func", "sigmoid", "softmax"}}) {
+    auto config = original;
+    config[field] = value;
+    testing::write_bytes(config_path, config.dump());
+    const auto msg = error_of([&] { hf::read_config(dir.str("hf")); });
+    CATCH_CHECK_THAT(msg, Contains("config.json") && Contains(field) && Contains(expected));
+  }
+  testing::write_bytes(config_path, original.dump());
+  const auto m = hf::read_config(dir.str("hf")).model;
+  CATCH_CHECK(m.moe.router.group_score == "max");
+  CATCH_CHECK(!m.moe.router.normalize_topk);
+  CATCH_CHECK(hf::infer_family(m) == hf::Family::DeepseekV2);
+  auto sigmoid = m;
+  sigmoid.moe.router.score_func = "sigmoid";
+  CATCH_CHECK(hf::infer_family(sigmoid) == hf::Family::DeepseekV3);
+  auto top2 = m;
+  top2.moe.router.group_score = "top2_sum";
+  model::Transformer v3_groups(top2);
+  CATCH_CHECK_THROWS_WITH(hf::export_model(*v3_groups, hf::Family::DeepseekV2, dir.str("out")),
+                          Contains("model.moe.router.group_score = top2_sum") && Contains("its best expert"));
+}
+CATCH_TEST_CASE("hf: DeepSeek-V2-Lite (transformers' DeepseekV2: MLA without query low-rank, greedy softmax top-k) "
+                "round trip", "[hf]") {
+  check_family("deepseek_v2_greedy", "deepseek_v2");
+}
+
 CATCH_TEST_CASE("hf: bf16 and fp16 shards import as their fp32 values", "[hf]") {
   testing::TempDir dir("hf-dtypes");
   write_tiny_mixtral(dir.str("hf"), /*shard_bytes=*/1'000'000);
@@ -305,7 +344,7 @@ CATCH_TEST_CASE("hf: model_type and architectures are checked against each other
   // `convert --help` offers every family export knows, DeepSeek-V3 included.
   const auto help = testing::run_command(kBinary + " convert --help");
   CATCH_CHECK(help.exit_code == 0);
-  for (const char* family : {"mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3"})
+  for (const char* family : {"mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "deepseek_v2"})
     CATCH_CHECK_THAT(help.output, Contains(family));
 }
 
