@@ -92,3 +92,30 @@ CATCH_TEST_CASE("A checkpoint of one optimizer does not resume with the other: o
   files::write_file_atomic(manifest_path, manifest.dump());
   CATCH_CHECK(ckpt::read_manifest(dir.str("adamw/ckpt/step_00000002")).optimizer == "adamw");
 }
+
+// LoRA's adapters stay on AdamW (README, Muon): with the base frozen nothing is a hidden matrix, so a
+// LoRA run with optim.name muon is the AdamW run, bit for bit, and its checkpoint holds AdamW moments.
+CATCH_TEST_CASE("With LoRA and optim.name muon the adapters stay on AdamW: the same run bit for bit", "[train][optim][lora]") {
+  testing::TempDir dir("muon-lora");
+  const auto data_dir = testing::make_corpus(dir);
+  std::vector<double> losses[2];
+  for (const int muon : {0, 1}) {
+    auto cfg = testing::tiny_train_config(data_dir, dir.str(muon ? "muon" : "adamw"));
+    cfg.train.lora.rank = 4;
+    cfg.train.lora.alpha = 8;
+    cfg.train.steps = 3;
+    cfg.optim.lr = 1e-2;
+    cfg.optim.name = muon ? "muon" : "adamw";
+    losses[muon] = train::train(cfg, {}).losses;
+  }
+  CATCH_REQUIRE(losses[0].size() == 3);
+  CATCH_CHECK(losses[1] == losses[0]);
+  ckpt::SafetensorsFile optim_file(dir.str("muon/ckpt/step_00000003/optim.safetensors"));
+  bool any_adapter = false, any_momentum = false;
+  for (const auto& info : optim_file.tensors()) {
+    any_adapter = any_adapter || info.name.find("_lora_a.exp_avg") != std::string::npos;
+    any_momentum = any_momentum || info.name.find(".momentum") != std::string::npos;
+  }
+  CATCH_CHECK(any_adapter);
+  CATCH_CHECK(!any_momentum);
+}
