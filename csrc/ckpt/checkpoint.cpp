@@ -183,6 +183,7 @@ struct SaveJob {
   uint64_t bytes = 0;
   std::optional<LoraBase> lora_base;  // rank 0 of a LoRA run: the manifest's "lora"
   config::LoraConfig lora;
+  std::string optimizer;  // optim.name of the state written; empty for weights only
 
   void barrier() const {
     if (world) world->barrier();
@@ -258,7 +259,12 @@ SaveJob plan(const std::string& out_dir, const model::TransformerImpl& model, co
   if (stage_writer) job.files.push_back(std::move(main));
   if (!experts.tensors.empty()) job.files.push_back(std::move(experts));
   if (optimizer) {
+    job.optimizer = optimizer->optimizer;
     for (const auto& s : optimizer->states) {
+      if (s.muon) {
+        add(optim, optim_experts, s.name, ".momentum", s.momentum);
+        continue;
+      }
       add(optim, optim_experts, s.name, ".exp_avg", s.exp_avg);
       add(optim, optim_experts, s.name, ".exp_avg_sq", s.exp_avg_sq);
     }
@@ -328,6 +334,7 @@ std::string commit(SaveJob& job) {
     // The sampler is a pure function of (seed, step, micro-batch, rank): the step is the data cursor.
     manifest["data_cursor"] = {{"step", progress.step}, {"tokens", progress.tokens}};
     manifest["config"] = job.config_yaml;
+    if (!job.optimizer.empty()) manifest["optimizer"] = job.optimizer;
     if (job.lora_base)
       manifest["lora"] = {{"rank", job.lora.rank},
                           {"alpha", job.lora.alpha},
@@ -602,6 +609,10 @@ Manifest read_manifest(const std::string& step_dir) {
     m.lora_base = LoraBase{r.text(r.at(base, "init_from", "lora.base.init_from"), "lora.base.init_from"),
                            r.text(r.at(base, "fingerprint", "lora.base.fingerprint"), "lora.base.fingerprint")};
   }
+  if (j.contains("optimizer")) {  // absent before optim.name: AdamW
+    m.optimizer = r.text(j["optimizer"], "optimizer");
+    if (m.optimizer != "adamw" && m.optimizer != "muon") r.bad("optimizer", "= '" + m.optimizer.substr(0, 40) + "' is not adamw or muon");
+  }
   m.config_yaml = r.text(r.at(j, "config", "config"), "config");
   try {  // resume, inspect and generate build from it: a damaged config is a damaged checkpoint
     (void)config::parse_config(m.config_yaml, manifest_path + " (field 'config')");
@@ -744,6 +755,9 @@ void load_optimizer(const std::string& step_dir, optim::OptimizerState& optimize
   torch::NoGradGuard no_grad;
   if (!files::exists(files::join(step_dir, kOptimFile))) return;  // weights only (moetrain convert)
   const Manifest manifest = read_manifest(step_dir);
+  if (manifest.optimizer != optimizer.optimizer)
+    throw CheckpointError(step_dir + " holds the state of optim.name = " + manifest.optimizer + ", this run has optim.name = " +
+                          optimizer.optimizer + ": resume with optim.name: " + manifest.optimizer + ", or start a new run");
   const WholeFiles whole(step_dir, manifest, kOptimFile, kOptimStagePrefix);
   const SafetensorsFile& file = whole.first();  // stage 0's: the step count
   const int64_t offset = model.expert_offset(), E = total_experts(model);
@@ -753,9 +767,12 @@ void load_optimizer(const std::string& step_dir, optim::OptimizerState& optimize
   for (auto& s : optimizer.states) {
     // An MTP module the checkpoint lacks (see load_model) starts with fresh moments.
     if (const int k = model::mtp_module_of(s.name);
-        k >= 0 && !whole.tensors().count("mtp." + std::to_string(k) + ".eh_proj.exp_avg"))
+        k >= 0 && !whole.tensors().count("mtp." + std::to_string(k) + (optimizer.optimizer == "muon" ? ".eh_proj.momentum" : ".eh_proj.exp_avg")))
       continue;
-    for (auto [suffix, moment] : {std::pair<const char*, torch::Tensor*>{".exp_avg", &s.exp_avg}, {".exp_avg_sq", &s.exp_avg_sq}}) {
+    using Moment = std::pair<const char*, torch::Tensor*>;
+    const auto moments = s.muon ? std::vector<Moment>{{".momentum", &s.momentum}}
+                                : std::vector<Moment>{{".exp_avg", &s.exp_avg}, {".exp_avg_sq", &s.exp_avg_sq}};
+    for (auto [suffix, moment] : moments) {
       const auto& holding = whole.holding(s.name + suffix);
       if (!experts_by_name.count(s.name))
         moment->copy_(read_matching(holding, s.name + suffix, *moment));

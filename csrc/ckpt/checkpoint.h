@@ -1,6 +1,7 @@
 // Checkpoints: <out_dir>/ckpt/step_XXXXXXXX/ holds
 //   model.safetensors                     replicated weights and buffers (rank 0)
-//   optim.safetensors                     their AdamW moments and the step count (rank 0)
+//   optim.safetensors                     their AdamW moments (optim.name muon: a hidden matrix's
+//                                         momentum instead) and the step count (rank 0)
 //   experts-PPPPP-of-NNNNN.safetensors    routed experts of ep rank P, one tensor per GLOBAL expert id,
 //   optim-experts-PPPPP-of-NNNNN...       named "<param>[<id>]" (and their moments); written by the first
 //                                         replica of each ep rank
@@ -62,6 +63,7 @@ struct Manifest {
   int expert_parallel = 1;
   int pipeline_parallel = 1;
   std::optional<LoraBase> lora_base;  // a LoRA run's checkpoint (adapters only)
+  std::string optimizer = "adamw";    // optim.name of its optimizer state ("optimizer"; absent: adamw)
 };
 
 // The base of a model with LoRA adapters. For model.init_from = hf:DIR, the fingerprint is a sha256 over

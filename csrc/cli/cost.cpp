@@ -123,6 +123,11 @@ int run_cost(const std::vector<std::string>& argv) {
                         {"pipeline_parallel", pp},
                         {"pipeline_bubble", bubble},
                         {"mfu_while_busy", r.mfu / (1 - bubble)}};
+    if (cfg.optim.name == "muon") {
+      const auto muon = cost::muon_cost(cfg.model);
+      j["muon_newton_schulz_flops_per_step"] = muon.replicated_flops + muon.expert_flops;
+      j["muon_matrix_params"] = muon.replicated_params + muon.expert_params;
+    }
     std::printf("%s\n", j.dump().c_str());
     return 0;
   }
@@ -144,6 +149,14 @@ int run_cost(const std::vector<std::string>& argv) {
   row("total causal", f.total_causal);
   row("MTP apart (causal)", f.mtp_causal);
   row("6N (N active, no emb)", cost::six_n_flops_per_token(cfg.model));
+  if (cfg.optim.name == "muon") {
+    // Per optimizer step, not per token: every replica orthogonalises the matrices it holds (zero 0).
+    const auto muon = cost::muon_cost(cfg.model);
+    std::printf("Muon Newton-Schulz per optimizer step: %.4g GFLOP over the %.4gB hidden-matrix parameters "
+                "(a rank holding 1/expert_parallel of the experts does %.4g GFLOP of the experts' part)\n",
+                (muon.replicated_flops + muon.expert_flops) / 1e9, (muon.replicated_params + muon.expert_params) / 1e9,
+                muon.expert_flops / cfg.parallel.expert_parallel / 1e9);
+  }
   std::printf("tokens            %.4g\n", r.tokens);
   std::printf("total FLOPs       %.4g (causal)\n", r.total_flops);
   std::printf("hardware          %s: %.1f TFLOP/s dense bf16 (%s)\n", hardware.name.c_str(), hardware.bf16_tflops,
@@ -327,7 +340,8 @@ int run_plan(const std::vector<std::string>& argv) {
       {lora ? "weights (frozen base, adapters)" : masters ? "weights (bf16 matmul, fp32 rest)" : "weights (fp32 master)",
        p.weights},
       {"fp32 master shares (ZeRO-1)", p.master_weights}, {"compute copies (bf16)", p.compute_copy},
-      {"gradients (fp32)", p.gradients},    {"AdamW moments", p.optimizer},
+      {"gradients (fp32)", p.gradients},
+      {cfg.optim.name == "muon" && !lora ? "Muon momenta, AdamW moments" : "AdamW moments", p.optimizer},
       {"activations (1 micro-batch)", p.activations}, {"loss (logits' gradients)", p.loss},
       {"communication buffers", p.communication}};
   for (const auto& [name, bytes] : rows) std::printf("  %-30s %10.3f\n", name, bytes / GiB);

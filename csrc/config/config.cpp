@@ -299,6 +299,14 @@ const std::vector<KeyDesc>& keys() {
                    "tokens (true; the count is logged) or stops the run with an error naming it (false).",
                    any()),
 
+      MOETRAIN_KEY(optim.name,
+                   "The optimizer. adamw: AdamW for every weight. muon: Muon (Nesterov momentum, 5 Newton-Schulz "
+                   "iterations, the update scaled to AdamW's RMS by 0.2 * sqrt(max(rows, cols)), decoupled weight "
+                   "decay) for the hidden matrices (attention and MLP projections, each routed expert on its own, "
+                   "MLA's wkv_a and wkv_b split per logical matrix) and AdamW with the optim.* settings for the "
+                   "rest (embedding, LM head, norms, biases, routers, LoRA adapters). Under parallel.zero 1 each "
+                   "matrix is orthogonalised by one owner replica on the reduced gradient, the owners balanced by size.",
+                   one_of({"adamw", "muon"})),
       MOETRAIN_KEY(optim.lr, "Peak learning rate, reached at the end of warmup.", above(0)),
       MOETRAIN_KEY(optim.min_lr, "Floor of the cosine decay; at most optim.lr.", at_least(0)),
       MOETRAIN_KEY(optim.warmup_steps, "Steps of linear learning-rate warmup.", at_least(0)),
@@ -314,6 +322,8 @@ const std::vector<KeyDesc>& keys() {
       MOETRAIN_KEY(optim.beta2, "AdamW decay rate of the second moment.", in_half_open(0, 1)),
       MOETRAIN_KEY(optim.eps, "AdamW epsilon added to the denominator.", above(0)),
       MOETRAIN_KEY(optim.grad_clip, "Maximum global gradient norm; 0 = no clipping.", at_least(0)),
+      MOETRAIN_KEY(optim.momentum, "Muon's Nesterov momentum (optim.name muon); AdamW uses optim.beta1.",
+                   in_half_open(0, 1)),
 
       MOETRAIN_KEY(train.steps, "Optimizer steps to run.", at_least(1)),
       MOETRAIN_KEY(train.micro_batch_size, "Sequences per micro-batch per rank.", at_least(1)),

@@ -114,6 +114,7 @@ struct DataConfig {
 };
 
 struct OptimConfig {
+  std::string name = "adamw";   // adamw | muon (optim/muon.h: hidden matrices on Muon, the rest on AdamW)
   double lr = 1e-3;             // peak learning rate
   double min_lr = 1e-4;         // floor of the cosine decay
   int warmup_steps = 50;
@@ -125,6 +126,7 @@ struct OptimConfig {
   double beta2 = 0.95;
   double eps = 1e-8;
   double grad_clip = 1.0;       // max global grad norm; 0 = off
+  double momentum = 0.95;       // Muon's Nesterov momentum
 };
 
 // train.lora: low-rank adapters (Hu et al. 2021) on a frozen base, y = x W + dropout(x) A B * alpha / rank.

@@ -1,7 +1,10 @@
 // Training FLOPs and parameter counts from the config, part by part (see flops.h for the conventions).
 #include "cost/flops.h"
 
+#include <algorithm>
 #include <cstdio>
+#include <utility>
+#include <vector>
 
 #include "common/errors.h"
 
@@ -155,6 +158,84 @@ BasicParamCounts<double> param_counts_approx(const config::ModelConfig& m) { ret
 
 double six_n_flops_per_token(const config::ModelConfig& m) {
   return 6.0 * double(param_counts(m).active_non_embedding);
+}
+
+}  // namespace moetrain::cost
+
+namespace moetrain::cost {
+
+namespace {
+
+// One (rows x cols) matrix's Newton-Schulz FLOPs: 5 iterations of X X^T, A A and B X with m <= n.
+double newton_schulz_flops(double rows, double cols) {
+  const double m = std::min(rows, cols), n = std::max(rows, cols);
+  return 5 * (4 * m * m * n + 2 * m * m * m);
+}
+
+// The hidden matrices of one block (and their count of each), as model::RoledParam::hidden_matrix
+// and column_widths split them.
+struct Matrices {
+  std::vector<std::pair<double, double>> replicated, expert;  // (rows, cols); experts once, for all E
+};
+Matrices block_matrices(const config::ModelConfig& m, bool moe) {
+  Matrices out;
+  auto& r = out.replicated;
+  const double D = m.d_model, H = m.n_heads;
+  if (m.attention == "mla") {
+    const auto& a = m.mla;
+    const double qk = double(a.qk_nope_head_dim) + a.qk_rope_head_dim;
+    if (a.q_lora_rank > 0) {
+      r.push_back({D, a.q_lora_rank});
+      r.push_back({a.q_lora_rank, H * qk});
+    } else {
+      r.push_back({D, H * qk});
+    }
+    r.push_back({D, a.kv_lora_rank});                      // wkv_a: the latent
+    r.push_back({D, a.qk_rope_head_dim});                  //        the shared RoPE key
+    r.push_back({a.kv_lora_rank, H * a.qk_nope_head_dim});  // wkv_b: the keys
+    r.push_back({a.kv_lora_rank, H * a.v_head_dim});       //        the values
+    r.push_back({H * a.v_head_dim, D});
+  } else {
+    const double hd = config::head_dim(m), G = m.n_kv_heads;
+    r.insert(r.end(), {{D, H * hd}, {D, G * hd}, {D, G * hd}, {H * hd, D}});
+  }
+  auto swiglu = [&](std::vector<std::pair<double, double>>& into, double hidden) {
+    into.insert(into.end(), {{D, hidden}, {D, hidden}, {hidden, D}});
+  };
+  if (!moe) {
+    swiglu(r, m.dense_hidden);
+    return out;
+  }
+  swiglu(out.expert, m.moe.expert_hidden);
+  if (m.moe.n_shared_experts > 0) swiglu(r, double(m.moe.n_shared_experts) * config::shared_hidden(m.moe));
+  return out;
+}
+
+void add(MuonCost& cost, const Matrices& matrices, double n_experts) {
+  for (const auto& [rows, cols] : matrices.replicated) {
+    cost.replicated_params += rows * cols;
+    cost.replicated_flops += newton_schulz_flops(rows, cols);
+  }
+  for (const auto& [rows, cols] : matrices.expert) {
+    cost.expert_params += n_experts * rows * cols;
+    cost.expert_flops += n_experts * newton_schulz_flops(rows, cols);
+  }
+}
+
+}  // namespace
+
+MuonCost muon_cost(const config::ModelConfig& m, int first, int end) {
+  const bool whole_model = end < 0;
+  if (whole_model) end = m.n_layers;
+  MuonCost cost;
+  for (int l = first; l < end; ++l) add(cost, block_matrices(m, l >= m.dense_layers), m.moe.n_experts);
+  if (whole_model)
+    for (int k = 0; k < m.mtp_depth; ++k) {
+      auto mtp = block_matrices(m, has_moe_layers(m));
+      mtp.replicated.push_back({2.0 * m.d_model, double(m.d_model)});  // eh_proj
+      add(cost, mtp, m.moe.n_experts);
+    }
+  return cost;
 }
 
 }  // namespace moetrain::cost

@@ -81,6 +81,18 @@ ParamCounts param_counts(const config::ModelConfig& m);
 // checked before anything is built.
 BasicParamCounts<double> param_counts_approx(const config::ModelConfig& m);
 
+// optim.name muon: the hidden matrices' parameters (one fp32 momentum each, where AdamW keeps two
+// moments) and the FLOPs of their Newton-Schulz orthogonalisation per optimizer step: 5 iterations
+// of A = X X^T, A A and (bA + cA A) X on each logical matrix of m <= n (after the transpose), so
+// 5 (4 m^2 n + 2 m^3); routed experts each on their own, MLA's wkv_a and wkv_b as two matrices each
+// (optim/muon.h). The whole model with its MTP modules (end -1), or blocks [first, end) alone (a
+// pipeline stage as `plan` counts it); `expert_*` for all routed experts (a rank holds 1/expert_parallel).
+struct MuonCost {
+  double replicated_params = 0, expert_params = 0;
+  double replicated_flops = 0, expert_flops = 0;
+};
+MuonCost muon_cost(const config::ModelConfig& m, int first = 0, int end = -1);
+
 // The usual estimate 6 * N: N = active non-embedding parameters (MTP excluded). It leaves out attention
 // scores, so it sits below training_flops_per_token(...).total_causal.
 double six_n_flops_per_token(const config::ModelConfig& m);

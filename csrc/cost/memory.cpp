@@ -34,7 +34,8 @@ std::string gib(double bytes) {
 
 }  // namespace
 
-MemoryEstimate estimate_memory(const config::ModelConfig& model, int expert_parallel, int world_size, int zero) {
+MemoryEstimate estimate_memory(const config::ModelConfig& model, int expert_parallel, int world_size, int zero,
+                               bool muon) {
   const auto counts = param_counts_approx(model);
   const double ep = expert_parallel > 0 ? expert_parallel : 1;
   const double world = std::max(ep, double(world_size));
@@ -45,6 +46,12 @@ MemoryEstimate estimate_memory(const config::ModelConfig& model, int expert_para
   e.gradient_bytes = e.weight_bytes;
   // AdamW's first and second moments, of a 1/replicas share of each parameter at zero 1.
   e.optimizer_bytes = 2 * kFp32Bytes * (zero >= 1 ? replicated / world + experts / (world / ep) : e.params_per_rank);
+  if (muon) {  // one momentum per hidden matrix element instead of two moments, held by its owner at zero 1
+    const auto matrices = muon_cost(model);
+    const double replicated_matrices = matrices.replicated_params, expert_matrices = matrices.expert_params / ep;
+    e.optimizer_bytes -= kFp32Bytes * (zero >= 1 ? replicated_matrices / world + expert_matrices / (world / ep)
+                                                 : replicated_matrices + expert_matrices);
+  }
   return e;
 }
 
@@ -128,7 +135,7 @@ void require_working_memory(const config::Config& cfg, bool training, double sta
 
 void require_memory(const config::Config& cfg, int expert_parallel, bool training, double available_bytes,
                     const std::string& device, int world_size) {
-  const MemoryEstimate e = estimate_memory(cfg.model, expert_parallel, world_size, cfg.parallel.zero);
+  const MemoryEstimate e = estimate_memory(cfg.model, expert_parallel, world_size, cfg.parallel.zero, cfg.optim.name == "muon");
   const double need = e.bytes(training);
   if (available_bytes <= 0) return;  // unknown
   if (need <= available_bytes) return require_working_memory(cfg, training, need, available_bytes, device);

@@ -23,7 +23,9 @@ struct MemoryEstimate {
   double optimizer_bytes = 0;
   double bytes(bool training) const { return training ? weight_bytes + gradient_bytes + optimizer_bytes : weight_bytes; }
 };
-MemoryEstimate estimate_memory(const config::ModelConfig& model, int expert_parallel, int world_size = 0, int zero = 0);
+// `muon`: optim.name muon, one fp32 momentum for each hidden matrix's element (cost::muon_cost).
+MemoryEstimate estimate_memory(const config::ModelConfig& model, int expert_parallel, int world_size = 0, int zero = 0,
+                               bool muon = false);
 
 // What building and running the model needs beside its parameters, at least: the RoPE tables (cos
 // and sin in fp32 over model.max_seq_len positions, and the fp64 angles they are computed from) and,

@@ -183,6 +183,11 @@ MemoryPlan plan_stage(const config::Config& cfg, int world_size, int stage, int 
   if (masters) p.master_weights = 4 * share(params.replicated - params.read_in_fp32, experts);
   p.gradients = 4 * p.params_per_rank;
   p.optimizer = 2 * 4 * (sharded ? share(params.replicated, experts) : p.params_per_rank);
+  if (cfg.optim.name == "muon") {  // one fp32 momentum per hidden matrix element, not two moments
+    const auto matrices = muon_cost(m, first, end);
+    const double replicated_matrices = matrices.replicated_params, expert_matrices = matrices.expert_params / ep;
+    p.optimizer -= 4 * (sharded ? share(replicated_matrices, expert_matrices) : replicated_matrices + expert_matrices);
+  }
   const bool checkpointing = cfg.train.activation_checkpointing == "full";
   const bool lora = cfg.train.lora.rank > 0;
   // The bf16 copies of the weights: kept from one optimizer step to the next (common/tensor.h), or

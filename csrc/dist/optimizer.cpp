@@ -1,13 +1,15 @@
-// The optimizer step across ranks (see optimizer.h): replicated AdamW (zero 0) and ZeRO stage 1.
+// The optimizer step across ranks (see optimizer.h): replicated AdamW or Muon (zero 0) and ZeRO stage 1.
 #include "dist/optimizer.h"
 
 #include <torch/csrc/autograd/variable.h>
 
+#include <algorithm>
 #include <cmath>
 
 #include "common/errors.h"
 #include "common/host_sync.h"
 #include "common/tensor.h"
+#include "optim/muon.h"
 
 namespace moetrain::dist {
 
@@ -21,17 +23,20 @@ std::vector<std::pair<std::string, torch::Tensor>> named(const std::vector<model
 
 // ---- zero 0: every replica updates the whole parameter -----------------------------------------
 
-class ReplicatedAdamW final : public Optimizer {
+// optim::AdamW or optim::Muon. Muon needs no communication here: every replica orthogonalises the whole
+// averaged gradient of each matrix it holds, an expert shard's matrices where they live, a pipeline
+// stage its own.
+template <typename Local>
+class Replicated final : public Optimizer {
  public:
-  ReplicatedAdamW(DataParallel& parallel, const std::vector<model::RoledParam>& params, const config::OptimConfig& cfg,
-                  const ReductionSettings& reduction)
+  Replicated(DataParallel& parallel, Local local, const ReductionSettings& reduction)
       : parallel_(parallel),
-        adamw_(named(params), cfg, model::is_no_decay),
+        local_(std::move(local)),
         reducer_(parallel.params(), parallel.names(), parallel.averaging_buckets(reduction.bucket_bytes),
                  reduction.overlap && parallel.dp_size() > 1) {}
 
   void zero_grad() override {
-    if (!parallel_.zero_bucket_gradients()) adamw_.zero_grad();
+    if (!parallel_.zero_bucket_gradients()) local_.zero_grad();
   }
   void before_last_backward() override { reducer_.arm(); }
   torch::Tensor reduce_gradients() override { return reducer_.finish([this] { parallel_.sum_tied_gradients(); }); }
@@ -62,19 +67,21 @@ class ReplicatedAdamW final : public Optimizer {
       if (p.grad().defined()) grads.push_back(p.grad());
     if (!grads.empty()) at::_foreach_mul_(grads, factor);
   }
-  void step(double lr) override { adamw_.step(lr); }
-  int64_t step_count() const override { return adamw_.step_count(); }
-  optim::OptimizerState checkpoint_state() override { return adamw_.state(); }
-  void load_state(const std::function<void(optim::OptimizerState&)>& read) override { read(adamw_.state()); }
+  void step(double lr) override { local_.step(lr); }
+  int64_t step_count() const override { return local_.step_count(); }
+  optim::OptimizerState checkpoint_state() override { return local_.state(); }
+  void load_state(const std::function<void(optim::OptimizerState&)>& read) override { read(local_.state()); }
   std::vector<torch::Tensor> state_tensors() const override {
     std::vector<torch::Tensor> out;
-    for (const auto& s : adamw_.states()) out.insert(out.end(), {s.exp_avg, s.exp_avg_sq});
+    for (const auto& s : local_.states())
+      for (const auto& t : {s.exp_avg, s.exp_avg_sq, s.momentum})
+        if (t.defined()) out.push_back(t);
     return out;
   }
 
  private:
   DataParallel& parallel_;
-  optim::AdamW adamw_;
+  Local local_;
   GradientReducer reducer_;
 };
 
@@ -112,14 +119,20 @@ struct ShardGroup {
   // The parameters are held in the compute dtype (their gradients in fp32) and `master` is this rank's
   // shares of their fp32 weights.
   bool masters = false;
+  // optim.name muon's hidden matrices (Moonlight's distributed Muon): each member lies whole in one
+  // owner rank's share, the members of a bucket given out largest first to the least loaded rank, and
+  // a share is the largest owner's load (the rest padding). The reduce-scatter hands each owner the
+  // fully reduced gradient of its matrices, which it orthogonalises with the momentum it alone keeps
+  // (in exp_avg; no exp_avg_sq), and the all-gather brings the updated matrices to the other replicas.
+  bool owned = false;
   std::vector<Bucket> buckets;
   int64_t shard_numel = 0;
   torch::Tensor grad, exp_avg, exp_avg_sq, master;  // (shard_numel) this rank's shares, fp32
 };
 
-class ShardedAdamW final : public Optimizer {
+class ShardedOptimizer final : public Optimizer {
  public:
-  ShardedAdamW(DataParallel& parallel, const std::vector<model::RoledParam>& params, const config::OptimConfig& cfg,
+  ShardedOptimizer(DataParallel& parallel, const std::vector<model::RoledParam>& params, const config::OptimConfig& cfg,
                const ReductionSettings& reduction, std::optional<torch::ScalarType> compute_dtype)
       : parallel_(parallel),
         cfg_(cfg),
@@ -129,18 +142,25 @@ class ShardedAdamW final : public Optimizer {
       params_.push_back(p.tensor);
       names_.push_back(p.name);
       decay_.push_back(!model::is_no_decay(p.name));
+      muon_.push_back(cfg.name == "muon" && p.hidden_matrix);
+      columns_.emplace_back(p.column_heads, p.column_widths);
     }
     // Under a narrower compute dtype, the weights every use casts to it are held in that dtype, their
     // fp32 masters sharded here; the rest (norms, routers, the embedding: read in fp32) stay fp32.
     const bool narrow = compute_dtype_ != torch::kFloat && params_.front().scalar_type() == torch::kFloat;
     const Layout& layout = parallel.layout();
     std::vector<size_t> replicated, experts, duplicates, replicated_masters, expert_masters;
+    std::vector<size_t> replicated_matrices, expert_matrices, replicated_matrix_masters, expert_matrix_masters;
     for (size_t i = 0; i < params_.size(); ++i) {
       const bool master = narrow && params[i].compute_dtype_only;
       if (parallel.duplicate()[i])
         duplicates.push_back(i);
+      else if (parallel.sharded()[i] && muon_[i])
+        (master ? expert_matrix_masters : expert_matrices).push_back(i);
       else if (parallel.sharded()[i])
         (master ? expert_masters : experts).push_back(i);
+      else if (muon_[i])
+        (master ? replicated_matrix_masters : replicated_matrices).push_back(i);
       else
         (master ? replicated_masters : replicated).push_back(i);
     }
@@ -151,6 +171,10 @@ class ShardedAdamW final : public Optimizer {
     add_group(experts, expert_replicas);
     add_group(expert_masters, expert_replicas, /*in_norm=*/true, /*masters=*/true);
     add_group(duplicates, replicas, /*in_norm=*/false);
+    add_group(replicated_matrices, replicas, true, false, /*owned=*/true);
+    add_group(replicated_matrix_masters, replicas, true, /*masters=*/true, /*owned=*/true);
+    add_group(expert_matrices, expert_replicas, true, false, /*owned=*/true);
+    add_group(expert_matrix_masters, expert_replicas, true, /*masters=*/true, /*owned=*/true);
     std::vector<GradientReducer::Bucket> buckets;
     for (size_t gi = 0; gi < groups_.size(); ++gi)
       for (size_t bi = 0; bi < groups_[gi].buckets.size(); ++bi) {
@@ -211,6 +235,18 @@ class ShardedAdamW final : public Optimizer {
         rebind_params(b);
         auto mine = b.param_flat.narrow(0, g.comm->rank() * b.share, b.share);
         auto weights = g.masters ? g.master.narrow(0, b.shard_begin, b.share) : mine;
+        if (g.owned) {  // the matrices this rank owns, each whole
+          for (const auto& s : b.segments) {
+            const auto shape = params_[s.param].sizes();
+            optim::muon_update(weights.narrow(0, s.shard_begin - b.shard_begin, s.length).view(shape),
+                               g.grad.narrow(0, s.shard_begin, s.length).view(shape),
+                               g.exp_avg.narrow(0, s.shard_begin, s.length).view(shape), cfg_, lr, decay_[s.param],
+                               columns_[s.param].first, columns_[s.param].second);
+          }
+          if (g.masters) mine.copy_(weights);
+          if (g.comm->world_size() > 1) gathers.push_back(g.comm->all_gather_async(mine, b.param_flat));
+          continue;
+        }
         std::vector<torch::Tensor> w, grads, m, v;
         std::vector<bool> decay;
         for (const auto& s : b.segments) {
@@ -253,12 +289,17 @@ class ShardedAdamW final : public Optimizer {
     torch::NoGradGuard no_grad;
     optim::OptimizerState state;
     state.step_count = step_count_;
-    for (size_t i = 0; i < params_.size(); ++i) state.states.push_back({names_[i], params_[i], {}, {}, decay_[i], {}});
+    state.optimizer = cfg_.name;
+    for (size_t i = 0; i < params_.size(); ++i) {
+      state.states.push_back({names_[i], params_[i], {}, {}, decay_[i], {}});
+      state.states.back().muon = muon_[i];
+    }
     for (auto& g : groups_) {
       const bool writes = g.comm->rank() == 0;  // ckpt: a stage's dp rank 0, or an expert shard's first replica
       for (const auto& b : g.buckets) {
-        for (const int which : {0, 1, 2}) {  // exp_avg, exp_avg_sq, the master weights
+        for (const int which : {0, 1, 2}) {  // exp_avg (an owned group's momentum), exp_avg_sq, the master weights
           if (which == 2 && !(g.masters && g.master.defined())) continue;
+          if (which == 1 && g.owned) continue;
           const auto& shards = which == 0 ? g.exp_avg : which == 1 ? g.exp_avg_sq : g.master;
           auto mine = shards.narrow(0, b.shard_begin, b.share).contiguous();
           auto whole = g.comm->world_size() > 1 ? g.comm->all_gather(mine) : mine;
@@ -267,7 +308,7 @@ class ShardedAdamW final : public Optimizer {
           for (size_t k = 0; k < b.members.size(); ++k) {
             const auto& p = params_[b.members[k]];
             auto& s = state.states[b.members[k]];
-            (which == 0 ? s.exp_avg : which == 1 ? s.exp_avg_sq : s.master) =
+            (which == 0 ? (g.owned ? s.momentum : s.exp_avg) : which == 1 ? s.exp_avg_sq : s.master) =
                 whole.narrow(0, b.offsets[k], p.numel()).view(p.sizes()).clone();
           }
         }
@@ -282,10 +323,18 @@ class ShardedAdamW final : public Optimizer {
       throw Error("[dist] internal: ZeRO-1 optimizer state loaded after training began (the master weights are taken)");
     torch::NoGradGuard no_grad;
     optim::OptimizerState whole;
+    whole.optimizer = cfg_.name;
     const auto cpu = torch::TensorOptions().dtype(torch::kFloat);
-    for (size_t i = 0; i < params_.size(); ++i)
+    for (size_t i = 0; i < params_.size(); ++i) {
+      if (muon_[i]) {
+        whole.states.push_back({names_[i], params_[i], {}, {}, decay_[i], {}});
+        whole.states.back().muon = true;
+        whole.states.back().momentum = torch::zeros(params_[i].sizes(), cpu);
+        continue;
+      }
       whole.states.push_back({names_[i], params_[i], torch::zeros(params_[i].sizes(), cpu),
                               torch::zeros(params_[i].sizes(), cpu), decay_[i], {}});
+    }
     whole.step_count = step_count_;
     read(whole);
     step_count_ = whole.step_count;
@@ -293,6 +342,10 @@ class ShardedAdamW final : public Optimizer {
       for (const auto& b : g.buckets)
         for (const auto& s : b.segments) {
           const auto& ps = whole.states[s.param];
+          if (g.owned) {
+            g.exp_avg.narrow(0, s.shard_begin, s.length).copy_(ps.momentum.reshape(-1).narrow(0, s.param_begin, s.length));
+            continue;
+          }
           g.exp_avg.narrow(0, s.shard_begin, s.length).copy_(ps.exp_avg.reshape(-1).narrow(0, s.param_begin, s.length));
           g.exp_avg_sq.narrow(0, s.shard_begin, s.length)
               .copy_(ps.exp_avg_sq.reshape(-1).narrow(0, s.param_begin, s.length));
@@ -301,10 +354,9 @@ class ShardedAdamW final : public Optimizer {
 
   std::vector<torch::Tensor> state_tensors() const override {
     std::vector<torch::Tensor> out;
-    for (const auto& g : groups_) {
-      out.insert(out.end(), {g.exp_avg, g.exp_avg_sq});
-      if (g.master.defined()) out.push_back(g.master);
-    }
+    for (const auto& g : groups_)
+      for (const auto& t : {g.exp_avg, g.exp_avg_sq, g.master})
+        if (t.defined()) out.push_back(t);
     return out;
   }
 
@@ -391,16 +443,45 @@ class ShardedAdamW final : public Optimizer {
     }
   }
 
-  void add_group(const std::vector<size_t>& members, Communicator& comm, bool in_norm = true, bool masters = false) {
+  void add_group(const std::vector<size_t>& members, Communicator& comm, bool in_norm = true, bool masters = false,
+                 bool owned = false) {
     if (members.empty()) return;
     ShardGroup g;
     g.comm = &comm;
     g.in_norm = in_norm;
     g.masters = masters;
+    g.owned = owned;
     const int64_t n = comm.world_size(), rank = comm.rank();
+    std::vector<int64_t> group_load(n, 0);  // elements owned so far over the group's buckets
     auto close = [&](ShardGroup::Bucket& b, int64_t length) {
-      b.padded = (length + n - 1) / n * n;
-      b.share = b.padded / n;
+      if (owned) {
+        // Largest first, each to the rank with the least of this bucket (then of the group): the same on
+        // every replica, as it depends on the sizes alone.
+        std::vector<size_t> order(b.members.size());
+        for (size_t k = 0; k < order.size(); ++k) order[k] = k;
+        std::stable_sort(order.begin(), order.end(), [&](size_t x, size_t y) {
+          return params_[b.members[x]].numel() > params_[b.members[y]].numel();
+        });
+        std::vector<int64_t> load(n, 0), owner(b.members.size(), 0);
+        for (const size_t k : order) {
+          int64_t best = 0;
+          for (int64_t r = 1; r < n; ++r)
+            if (load[r] < load[best] || (load[r] == load[best] && group_load[r] < group_load[best])) best = r;
+          owner[k] = best;
+          load[best] += params_[b.members[k]].numel();
+          group_load[best] += params_[b.members[k]].numel();
+        }
+        b.share = std::max<int64_t>(1, *std::max_element(load.begin(), load.end()));
+        b.padded = b.share * n;
+        std::vector<int64_t> filled(n, 0);
+        for (size_t k = 0; k < b.members.size(); ++k) {
+          b.offsets[k] = owner[k] * b.share + filled[owner[k]];
+          filled[owner[k]] += params_[b.members[k]].numel();
+        }
+      } else {
+        b.padded = (length + n - 1) / n * n;
+        b.share = b.padded / n;
+      }
       b.shard_begin = g.shard_numel;
       const int64_t lo = rank * b.share, hi = lo + b.share;
       for (size_t k = 0; k < b.members.size(); ++k) {
@@ -435,7 +516,7 @@ class ShardedAdamW final : public Optimizer {
     }
     g.grad = torch::zeros({g.shard_numel}, fp32());
     g.exp_avg = torch::zeros({g.shard_numel}, fp32());
-    g.exp_avg_sq = torch::zeros({g.shard_numel}, fp32());
+    if (!owned) g.exp_avg_sq = torch::zeros({g.shard_numel}, fp32());
     groups_.push_back(std::move(g));
   }
 
@@ -446,6 +527,8 @@ class ShardedAdamW final : public Optimizer {
   std::vector<torch::Tensor> params_;
   std::vector<std::string> names_;
   std::vector<bool> decay_;
+  std::vector<bool> muon_;  // optim.name muon and a hidden matrix: in an owned group
+  std::vector<std::pair<int64_t, std::vector<int64_t>>> columns_;  // model::RoledParam's column_heads, column_widths
   std::vector<ShardGroup> groups_;
   int64_t step_count_ = 0;
   torch::ScalarType compute_dtype_;
@@ -459,8 +542,10 @@ std::unique_ptr<Optimizer> make_optimizer(DataParallel& parallel, const std::vec
                                           std::optional<torch::ScalarType> compute_dtype) {
   const auto reduction = reduction_settings(layout);
   if (layout.zero == 1 && parallel.dp_size() > 1)
-    return std::make_unique<ShardedAdamW>(parallel, params, cfg, reduction, compute_dtype);
-  return std::make_unique<ReplicatedAdamW>(parallel, params, cfg, reduction);
+    return std::make_unique<ShardedOptimizer>(parallel, params, cfg, reduction, compute_dtype);
+  if (cfg.name == "muon")
+    return std::make_unique<Replicated<optim::Muon>>(parallel, optim::Muon(params, cfg, model::is_no_decay), reduction);
+  return std::make_unique<Replicated<optim::AdamW>>(parallel, optim::AdamW(named(params), cfg, model::is_no_decay), reduction);
 }
 
 }  // namespace moetrain::dist

@@ -14,6 +14,11 @@
 //      first step, each weight every use casts to bf16 (model::RoledParam::compute_dtype_only) is
 //      held in bf16 with an fp32 gradient (Tensor::set_grad_dtype), its master is 1/R on each
 //      replica, and the all-gather carries bf16. In fp32 the parameters are the masters.
+// optim.name muon (optim/muon.h) at zero 0: every replica orthogonalises the averaged gradient of each
+// hidden matrix it holds (an expert-parallel rank its own experts, a pipeline stage its own weights),
+// with no communication beyond the gradients'. At zero 1 (Moonlight's distributed Muon) each hidden
+// matrix lies whole in one replica's share, the owners balanced by size: it orthogonalises the fully
+// reduced gradient with the momentum it alone keeps, and the all-gather brings the result to the rest.
 // Checkpoints stay layout-free at either stage: checkpoint_state() gives every parameter's whole
 // moments, so a zero 1 checkpoint resumes at zero 0 and at any world size, and the other way round.
 #pragma once

@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <charconv>
 #include <cmath>
+#include <map>
 #include <set>
 
 #include "common/errors.h"
@@ -622,10 +623,28 @@ std::vector<RoledParam> TransformerImpl::roled_parameters() const {
     if (dynamic_cast<const RMSNormImpl*>(m.get()) || dynamic_cast<const moe::RouterImpl*>(m.get()))
       for (const auto& p : m->parameters(/*recurse=*/false)) fp32_uses.insert(p.unsafeGetTensorImpl());
   if (embed.defined()) fp32_uses.insert(embed.unsafeGetTensorImpl());
+  // MLA's kv projections each hold two logical matrices, orthogonalised apart under Muon (as q, k and v
+  // are with GQA): wkv_a the kv latent and the shared RoPE key, wkv_b each head's key and value.
+  std::map<const c10::TensorImpl*, std::pair<int64_t, std::vector<int64_t>>> column_parts;
+  auto add_mla = [&](const Block& block) {
+    if (!block->mla) return;
+    const auto& a = cfg_.mla;
+    column_parts[block->mla->wkv_a.unsafeGetTensorImpl()] = {1, {a.kv_lora_rank, a.qk_rope_head_dim}};
+    column_parts[block->mla->wkv_b.unsafeGetTensorImpl()] = {cfg_.n_heads, {a.qk_nope_head_dim, a.v_head_dim}};
+  };
+  for (const auto& block : blocks) add_mla(block);
+  for (const auto& m : mtp_modules) add_mla(m->block);
   std::vector<RoledParam> out;
   for (const auto& p : named_parameters()) {
     RoledParam r{p.key(), p.value(), experts.count(p.value().unsafeGetTensorImpl()) ? ParamRole::expert : ParamRole::replicated};
     r.compute_dtype_only = !fp32_uses.count(p.value().unsafeGetTensorImpl());
+    // The embedding, norms and routers are read in fp32; the head and the adapters are not hidden matrices.
+    r.hidden_matrix = p.value().dim() == (r.role == ParamRole::expert ? 3 : 2) && r.compute_dtype_only &&
+                      p.key() != "lm_head" && !moe::is_lora_name(p.key());
+    if (const auto parts = column_parts.find(p.value().unsafeGetTensorImpl()); parts != column_parts.end()) {
+      r.column_heads = parts->second.first;
+      r.column_widths = parts->second.second;
+    }
     if (tied && p.value().unsafeGetTensorImpl() == embed.unsafeGetTensorImpl()) {
       r.tied_across_stages = true;
       r.duplicate = !first_stage();

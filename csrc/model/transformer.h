@@ -80,6 +80,15 @@ struct RoledParam {
   // is fp32) and the embedding (looked up in fp32) are not: under bf16 only these may be held in bf16,
   // their fp32 master weights kept by the optimizer (ZeRO-1, dist/optimizer.h).
   bool compute_dtype_only = true;
+  // A hidden layer's weight matrix (attention and MLP projections, MTP's projection; routed experts'
+  // stacked (E, in, out), each expert a matrix): optim.name muon orthogonalises its update. Not the
+  // embedding, LM head, norms, biases, routers, gates or LoRA adapters (AdamW's, optim/muon.h).
+  bool hidden_matrix = false;
+  // Where a weight's columns hold several logical matrices: `column_heads` repeats of blocks of these
+  // widths, matrix p gathering block p of every head (MLA's wkv_b, (kv_rank, H * (nope + v)): heads H,
+  // widths {nope, v}). Empty: one matrix.
+  std::vector<int64_t> column_widths;
+  int64_t column_heads = 1;
 };
 
 // The blocks one pipeline stage holds, [first, end) of model.n_layers (end -1: all of them). The first

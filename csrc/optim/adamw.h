@@ -22,6 +22,10 @@ struct ParamState {
   // The fp32 weights, when the optimizer keeps them apart from `param` (ZeRO-1 with the parameter
   // held in bf16): checkpoints write these in its place.
   torch::Tensor master;
+  // optim.name muon, a hidden matrix (optim/muon.h): `momentum` is its state, written to checkpoints as
+  // "<name>.momentum"; exp_avg and exp_avg_sq are not used.
+  bool muon = false;
+  torch::Tensor momentum;  // fp32, shape of param
 };
 
 // What a checkpoint holds of an optimizer, whatever the layout: every parameter's moments in the
@@ -30,6 +34,7 @@ struct ParamState {
 struct OptimizerState {
   std::vector<ParamState> states;
   int64_t step_count = 0;
+  std::string optimizer = "adamw";  // optim.name: checkpoints record it, a resume checks it
 };
 
 class AdamW {

@@ -79,7 +79,7 @@ CATCH_TEST_CASE("every key appears once in flatten and reference, in declaration
   auto rows = flatten(Config{});
   auto docs = reference();
   CATCH_REQUIRE(rows.size() == docs.size());
-  CATCH_REQUIRE(rows.size() == 105);  // every field of the structs in config.h but the derived router.expert_groups
+  CATCH_REQUIRE(rows.size() == 107);  // every field of the structs in config.h but the derived router.expert_groups
   CATCH_CHECK(rows.front().first == "run.name");
   CATCH_CHECK(rows.back().first == "cost.price_per_gpu_hour");
   for (size_t i = 0; i < rows.size(); ++i) {
@@ -281,6 +281,10 @@ CATCH_TEST_CASE("relations between keys are checked at load", "[config]") {
               "[config] model.moe.n_experts = 8 must be divisible by parallel.expert_parallel = 3");
   CATCH_CHECK(error_of("", {"optim.min_lr=0.01"}) == "[config] optim.min_lr = 0.01 must be <= optim.lr = 0.001");
   CATCH_CHECK_THAT(error_of("", {"parallel.zero=2"}), Contains("parallel.zero") && Contains("[0, 1]"));
+  CATCH_CHECK_NOTHROW(parse("", {"optim.name=muon"}));
+  CATCH_CHECK_THAT(error_of("", {"optim.name=sgd"}), Contains("optim.name") && Contains("adamw, muon"));
+  CATCH_CHECK_THAT(error_of("", {"optim.momentum=1"}), Contains("optim.momentum = 1 must be in [0, 1)"));
+  CATCH_CHECK_NOTHROW(parse("", {"optim.name=muon", "parallel.zero=1"}));
 
   // validate() on a struct built in code gives the same messages.
   Config cfg;
