@@ -137,7 +137,11 @@ int run_generate(const std::vector<std::string>& argv) {
     throw UsageError("--top-p " + args.get("top-p") + " must be in (0, 1] (1 = every token)");
   options.use_cache = !args.has("no-cache");
   if (args.has("stop")) options.stop_ids = parse_ids(args.get("stop"), "--stop");
-  if (args.has("eos-id")) options.stop_ids.push_back(parse_ids(args.get("eos-id"), "--eos-id").at(0));
+  if (args.has("eos-id")) {
+    const auto eos = parse_ids(args.get("eos-id"), "--eos-id");
+    if (eos.size() != 1) throw UsageError("--eos-id takes one token id, got '" + args.get("eos-id") + "' (use --stop for several)");
+    options.stop_ids.push_back(eos[0]);
+  }
 
   const int sources = int(args.has("prompt")) + int(args.has("prompt-ids")) + int(args.has("prompts"));
   if (sources != 1) throw UsageError("give exactly one of --prompt, --prompt-ids and --prompts");
