@@ -251,23 +251,59 @@ void AttentionImpl::add_lora(const config::LoraConfig& cfg) {
   if (targets(cfg, "o")) wo_lora = moe::add_lora(*this, "wo", wo, cfg);
 }
 
+torch::Tensor AttentionImpl::heads(const torch::Tensor& x, const torch::Tensor& w, const moe::LoraAdapter& lora,
+                                   const torch::Tensor& bias, int n, const RMSNorm& norm,
+                                   ComputeDtype compute_dtype) const {
+  auto y = moe::lora_matmul(x, w, lora, compute_dtype);
+  if (bias.defined()) y = y + cast(bias, compute_dtype);
+  if (norm && qk_norm_ == "full") y = norm->forward(y);
+  y = y.view({x.size(0), x.size(1), n, head_dim_});
+  if (norm && qk_norm_ == "head") y = norm->forward(y);
+  return y.transpose(1, 2);
+}
+
+namespace {
+// Writes the S new entries new_BnSX (slots along dim `dim` of the cache) at slot `start` of `cache`,
+// allocating it first with `capacity` slots, and returns the filled slots [0, start + S).
+torch::Tensor append(torch::Tensor& cache, const torch::Tensor& new_entries, int64_t dim, int64_t start,
+                     int64_t capacity) {
+  const int64_t S = new_entries.size(dim);
+  if (!cache.defined()) {
+    auto shape = new_entries.sizes().vec();
+    shape[dim] = capacity;
+    cache = torch::zeros(shape, new_entries.options());
+  }
+  TORCH_CHECK(start + S <= cache.size(dim), "[model] KV cache of ", cache.size(dim), " slots cannot take tokens ",
+              start, "..", start + S - 1);
+  cache.narrow(dim, start, S).copy_(new_entries);
+  return cache.narrow(dim, 0, start + S);
+}
+}  // namespace
+
+torch::Tensor AttentionImpl::decode(const torch::Tensor& x_BSD, const Rope& rope, ComputeDtype compute_dtype,
+                                    const DecodeStep& step, LayerCache& cache) const {
+  const int64_t B = x_BSD.size(0), S = x_BSD.size(1);
+  auto x = cast(x_BSD, compute_dtype);
+  TokenLayout layout;  // positions only: RoPE reads them, attention takes the step's mask
+  layout.positions_BS = step.positions_BS;
+  auto q = rope.apply(heads(x, wq, wq_lora, q_bias, n_heads_, q_norm, compute_dtype), layout);
+  auto k = rope.apply(heads(x, wk, wk_lora, k_bias, n_kv_heads_, k_norm, compute_dtype), layout);
+  auto v = heads(x, wv, wv_lora, v_bias, n_kv_heads_, RMSNorm(nullptr), compute_dtype);
+  auto keys = append(cache.k_BGCHd, k, 2, step.start, step.capacity);
+  auto values = append(cache.v_BGCHd, v, 2, step.start, step.capacity);
+  auto y = at::scaled_dot_product_attention(q, keys, values, step.mask_B1SL, /*dropout_p=*/0.0, /*is_causal=*/false,
+                                            /*scale=*/std::nullopt, /*enable_gqa=*/n_kv_heads_ != n_heads_);
+  y = y.transpose(1, 2).reshape({B, S, n_heads_ * head_dim_});
+  return moe::lora_matmul(y, wo, wo_lora, compute_dtype);
+}
+
 torch::Tensor AttentionImpl::forward(const torch::Tensor& x_BSD, const Rope& rope, ComputeDtype compute_dtype,
                                      const TokenLayout& layout) const {
   const int64_t B = x_BSD.size(0), S = x_BSD.size(1);
   auto x = cast(x_BSD, compute_dtype);
-  // (B, n, S, Hd): projection, optional bias, optional q/k norm (over the projection or per head).
-  auto heads = [&](const torch::Tensor& w, const moe::LoraAdapter& lora, const torch::Tensor& bias, int n,
-                   const RMSNorm& norm) {
-    auto y = moe::lora_matmul(x, w, lora, compute_dtype);
-    if (bias.defined()) y = y + cast(bias, compute_dtype);
-    if (norm && qk_norm_ == "full") y = norm->forward(y);
-    y = y.view({B, S, n, head_dim_});
-    if (norm && qk_norm_ == "head") y = norm->forward(y);
-    return y.transpose(1, 2);
-  };
-  auto q = rope.apply(heads(wq, wq_lora, q_bias, n_heads_, q_norm), layout);
-  auto k = rope.apply(heads(wk, wk_lora, k_bias, n_kv_heads_, k_norm), layout);
-  auto v = heads(wv, wv_lora, v_bias, n_kv_heads_, RMSNorm(nullptr));
+  auto q = rope.apply(heads(x, wq, wq_lora, q_bias, n_heads_, q_norm, compute_dtype), layout);
+  auto k = rope.apply(heads(x, wk, wk_lora, k_bias, n_kv_heads_, k_norm, compute_dtype), layout);
+  auto v = heads(x, wv, wv_lora, v_bias, n_kv_heads_, RMSNorm(nullptr), compute_dtype);
   // Each key/value head serves n_heads / n_kv_heads consecutive query heads: SDPA's enable_gqa reads
   // them in place (flash attention on CUDA and on the CPU) instead of a repeated copy of K and V.
   auto y = layout.attend(q, k, v, /*scale=*/std::nullopt, /*enable_gqa=*/n_kv_heads_ != n_heads_);
@@ -337,6 +373,37 @@ torch::Tensor MLAttentionImpl::forward(const torch::Tensor& x_BSD, const Rope& r
   const int64_t qk_dim = nope_dim_ + rope_dim_;
   if (v_dim_ < qk_dim) value = torch::constant_pad_nd(value, {0, qk_dim - v_dim_});
   auto y = layout.attend(query, key, value, softmax_scale_);
+  if (v_dim_ < qk_dim) y = y.narrow(3, 0, v_dim_);
+  y = y.transpose(1, 2).reshape({B, S, H * v_dim_});
+  return mm(y, wo, wo_lora);
+}
+
+torch::Tensor MLAttentionImpl::decode(const torch::Tensor& x_BSD, const Rope& rope, ComputeDtype compute_dtype,
+                                      const DecodeStep& step, LayerCache& cache) const {
+  const int64_t B = x_BSD.size(0), S = x_BSD.size(1), H = n_heads_, L = step.start + S;
+  auto x = cast(x_BSD, compute_dtype);
+  auto mm = [&](const torch::Tensor& a, const torch::Tensor& w, const moe::LoraAdapter& lora) {
+    return moe::lora_matmul(a, w, lora, compute_dtype);
+  };
+  TokenLayout layout;  // positions only: RoPE reads them, attention takes the step's mask
+  layout.positions_BS = step.positions_BS;
+  auto q = wq.defined() ? mm(x, wq, wq_lora) : mm(q_a_norm->forward(mm(x, wq_a, wq_a_lora)), wq_b, wq_b_lora);
+  q = q.view({B, S, H, nope_dim_ + rope_dim_}).transpose(1, 2);  // (B, H, S, N+P)
+  auto q_pe = rope.apply(q.narrow(3, nope_dim_, rope_dim_), layout);
+  auto kv_a = mm(x, wkv_a, wkv_a_lora);                                                     // (B, S, Rkv+P)
+  auto k_pe = rope.apply(kv_a.narrow(2, kv_rank_, rope_dim_).unsqueeze(1), layout).squeeze(1);  // (B, S, P)
+  auto latent = kv_a_norm->forward(kv_a.narrow(2, 0, kv_rank_));                           // (B, S, Rkv)
+  auto latent_BLR = append(cache.latent_BCR, latent, 1, step.start, step.capacity);
+  auto k_pe_BLP = append(cache.k_pe_BCP, k_pe, 1, step.start, step.capacity);
+  // Every cached latent expanded to its keys' no-RoPE part and its values (B, H, L, N+Vd).
+  auto kv = mm(latent_BLR, wkv_b, wkv_b_lora).view({B, L, H, nope_dim_ + v_dim_}).transpose(1, 2);
+  auto query = torch::cat({q.narrow(3, 0, nope_dim_), q_pe}, 3);
+  auto key = torch::cat({kv.narrow(3, 0, nope_dim_), k_pe_BLP.unsqueeze(1).expand({B, H, L, rope_dim_})}, 3);
+  auto value = kv.narrow(3, nope_dim_, v_dim_);
+  const int64_t qk_dim = nope_dim_ + rope_dim_;  // one head dim for SDPA's kernels, as forward() pads
+  if (v_dim_ < qk_dim) value = torch::constant_pad_nd(value, {0, qk_dim - v_dim_});
+  auto y = at::scaled_dot_product_attention(query, key, value, step.mask_B1SL, /*dropout_p=*/0.0,
+                                            /*is_causal=*/false, softmax_scale_);
   if (v_dim_ < qk_dim) y = y.narrow(3, 0, v_dim_);
   y = y.transpose(1, 2).reshape({B, S, H * v_dim_});
   return mm(y, wo, wo_lora);

@@ -80,6 +80,23 @@ struct TokenLayout {
                        std::optional<double> scale = std::nullopt, bool enable_gqa = false) const;
 };
 
+// One attention layer's share of a KV cache (incremental decoding, model/transformer.h KVCache),
+// allocated by the layer on its first decode call for `DecodeStep::capacity` slots per row.
+struct LayerCache {
+  torch::Tensor k_BGCHd, v_BGCHd;  // GQA: (B, G, capacity, Hd), keys after q/k norm and RoPE
+  torch::Tensor latent_BCR;        // MLA: (B, capacity, Rkv), the compressed latent after its norm
+  torch::Tensor k_pe_BCP;          // MLA: (B, capacity, P), the shared RoPE key after RoPE
+};
+
+// Where one decode call's S new tokens go: cache slots [start, start + S) of every row, at RoPE
+// positions positions_BS, each attending to the slots mask_B1SL allows (L = start + S).
+struct DecodeStep {
+  int64_t start = 0;
+  int64_t capacity = 0;        // slots per row the cache is allocated with
+  torch::Tensor positions_BS;  // int64
+  torch::Tensor mask_B1SL;     // bool, true where the new token may attend to the slot
+};
+
 // Whether flash attention's variable-length kernel takes (q, k, v) here: CUDA, bf16 or fp16, one head
 // dim for all three, a multiple of 8 up to 256, and flash enabled (run.deterministic turns it off).
 bool varlen_flash_applies(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v);
@@ -89,6 +106,10 @@ class AttentionImpl : public torch::nn::Module {
   explicit AttentionImpl(const config::ModelConfig& cfg);
   torch::Tensor forward(const torch::Tensor& x_BSD, const Rope& rope, ComputeDtype compute_dtype,
                         const TokenLayout& layout = {}) const;
+  // The same for the new tokens of `step`, their keys and values written into `cache`, attending to
+  // the cached ones: what forward() gives these tokens over the whole sequence, to fp32 rounding.
+  torch::Tensor decode(const torch::Tensor& x_BSD, const Rope& rope, ComputeDtype compute_dtype,
+                       const DecodeStep& step, LayerCache& cache) const;
 
   torch::Tensor wq;  // (D, H*Hd)
   torch::Tensor wk;  // (D, G*Hd)
@@ -106,6 +127,9 @@ class AttentionImpl : public torch::nn::Module {
  private:
   int n_heads_, n_kv_heads_, head_dim_;
   std::string qk_norm_;
+  // x (B, S, D) in the compute dtype -> (B, n, S, Hd): projection, optional bias, optional q/k norm.
+  torch::Tensor heads(const torch::Tensor& x, const torch::Tensor& w, const moe::LoraAdapter& lora,
+                      const torch::Tensor& bias, int n, const RMSNorm& norm, ComputeDtype compute_dtype) const;
 };
 TORCH_MODULE(Attention);
 
@@ -121,6 +145,10 @@ class MLAttentionImpl : public torch::nn::Module {
   // `rope` has P dims.
   torch::Tensor forward(const torch::Tensor& x_BSD, const Rope& rope, ComputeDtype compute_dtype,
                         const TokenLayout& layout = {}) const;
+  // The new tokens of `step`: their latent and RoPE key are cached (not the full keys and values, as
+  // DeepSeek's inference does); wkv_b expands the cached latents at attention time (not absorbed).
+  torch::Tensor decode(const torch::Tensor& x_BSD, const Rope& rope, ComputeDtype compute_dtype,
+                       const DecodeStep& step, LayerCache& cache) const;
 
   torch::Tensor wq;                   // (D, H*(N+P)); defined when model.mla.q_lora_rank = 0
   torch::Tensor wq_a;                 // (D, Rq)

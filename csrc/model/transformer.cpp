@@ -44,7 +44,18 @@ BlockOutput BlockImpl::forward(const torch::Tensor& x_BSD, const Rope& rope, Com
                                const TokenLayout& layout) const {
   auto normed = attn_norm->forward(x_BSD);
   auto a = attn ? attn->forward(normed, rope, compute_dtype, layout) : mla->forward(normed, rope, compute_dtype, layout);
-  auto x = x_BSD + a.to(x_BSD.scalar_type());
+  return feed_forward(x_BSD + a.to(x_BSD.scalar_type()), compute_dtype);
+}
+
+torch::Tensor BlockImpl::decode(const torch::Tensor& x_BSD, const Rope& rope, ComputeDtype compute_dtype,
+                                const DecodeStep& step, LayerCache& cache) const {
+  auto normed = attn_norm->forward(x_BSD);
+  auto a = attn ? attn->decode(normed, rope, compute_dtype, step, cache)
+                : mla->decode(normed, rope, compute_dtype, step, cache);
+  return feed_forward(x_BSD + a.to(x_BSD.scalar_type()), compute_dtype).x_BSD;
+}
+
+BlockOutput BlockImpl::feed_forward(const torch::Tensor& x, ComputeDtype compute_dtype) const {
   auto h = ffn_norm->forward(x);
   if (!moe) return {x + mlp->forward(h, compute_dtype).to(x.scalar_type()), std::nullopt};
   const auto B = h.size(0), S = h.size(1), D = h.size(2);
@@ -219,6 +230,51 @@ ForwardOutput TransformerImpl::forward_hidden(const torch::Tensor& tokens_BS, co
   ForwardOutput out;
   out.hidden_BSD = final_norm->forward(run_blocks(embed_tokens(tokens_BS), layout_of(positions_BS, tokens_BS.device()), out));
   return out;
+}
+
+KVCache TransformerImpl::new_cache(int64_t batch, int64_t capacity, const std::vector<int64_t>& start_B) const {
+  TORCH_CHECK(first_stage() && last_stage(), "[model] decoding needs the whole model, not pipeline stage of blocks [",
+              range_.first, ", ", range_.end, ")");
+  if (capacity < 1 || capacity > cfg_.max_seq_len)
+    throw Error("[model] a KV cache of " + std::to_string(capacity) + " positions: it must hold 1 to model.max_seq_len = " +
+                     std::to_string(cfg_.max_seq_len) + " positions (prompt plus new tokens)");
+  if (!start_B.empty() && int64_t(start_B.size()) != batch)
+    throw Error("[model] a KV cache of " + std::to_string(batch) + " rows given " + std::to_string(start_B.size()) +
+                     " padding lengths");
+  KVCache cache;
+  cache.layers.resize(blocks.size());
+  cache.capacity = capacity;
+  auto starts = start_B.empty() ? torch::zeros({batch}, torch::kLong) : torch::tensor(start_B, torch::kLong);
+  cache.start_B = starts.to(embed.device());
+  return cache;
+}
+
+torch::Tensor TransformerImpl::decode(const torch::Tensor& tokens_BS, KVCache& cache) const {
+  const int64_t B = tokens_BS.size(0), S = tokens_BS.size(1), L = cache.length + S;
+  TORCH_CHECK(cache.start_B.defined() && cache.start_B.size(0) == B, "[model] decode: ", B,
+              " rows of tokens for a cache of ", cache.start_B.defined() ? cache.start_B.size(0) : 0, " rows");
+  if (L > cache.capacity)
+    throw Error("[model] the KV cache holds " + std::to_string(cache.capacity) + " positions; " + std::to_string(L) +
+                     " were asked for");
+  const auto device = embed.device();
+  DecodeStep step;
+  step.start = cache.length;
+  step.capacity = cache.capacity;
+  // Slot i of row b holds position i - start_b; new token i attends to slots j <= i of its own tokens,
+  // a padding slot to itself alone.
+  const auto opts = torch::TensorOptions().dtype(torch::kLong).device(device);
+  const auto slot_S = torch::arange(cache.length, L, opts), slot_L = torch::arange(L, opts);
+  const auto start_B11 = cache.start_B.view({B, 1, 1});
+  step.positions_BS = (slot_S.unsqueeze(0) - cache.start_B.unsqueeze(1)).clamp_min(0);
+  const auto i_11S1 = slot_S.view({1, 1, S, 1}), j_111L = slot_L.view({1, 1, 1, L});
+  step.mask_B1SL = ((j_111L <= i_11S1) & (j_111L >= start_B11.unsqueeze(3))) | (j_111L == i_11S1);
+  auto x = embed_tokens(tokens_BS.to(device));
+  for (size_t i = 0; i < blocks.size(); ++i) x = blocks[i]->decode(x, rope_, compute_dtype_, step, cache.layers[i]);
+  cache.length = L;
+  auto hidden_BD = final_norm->forward(x.select(1, S - 1));
+  const auto& head = lm_head.defined() ? lm_head : embed;
+  auto logits = torch::matmul(cast(hidden_BD, compute_dtype_), cast(head, compute_dtype_).t());
+  return logits.to(torch::promote_types(logits.scalar_type(), torch::kFloat));
 }
 
 TokenLayout TransformerImpl::layout_of(const torch::Tensor& positions_BS, torch::Device device) const {

@@ -22,6 +22,9 @@ class BlockImpl : public torch::nn::Module {
   BlockImpl(const config::ModelConfig& cfg, bool is_moe, moe::ExpertShard shard = {});
   BlockOutput forward(const torch::Tensor& x_BSD, const Rope& rope, ComputeDtype compute_dtype,
                       const TokenLayout& layout = {}) const;
+  // The new tokens of `step` through the block, attention reading and extending `cache` (generation).
+  torch::Tensor decode(const torch::Tensor& x_BSD, const Rope& rope, ComputeDtype compute_dtype,
+                       const DecodeStep& step, LayerCache& cache) const;
 
   RMSNorm attn_norm{nullptr}, ffn_norm{nullptr};
   Attention attn{nullptr};   // model.attention = gqa
@@ -32,6 +35,10 @@ class BlockImpl : public torch::nn::Module {
   // sigmoid(h . shared_gate); both are registered under `moe` so names match the ungated layout.
   moe::SwiGLU gated_shared{nullptr};
   torch::Tensor shared_gate;  // (D)
+
+ private:
+  // The residual attention output x_BSD through ffn_norm and the MLP or MoE, added back.
+  BlockOutput feed_forward(const torch::Tensor& x_BSD, ComputeDtype compute_dtype) const;
 };
 TORCH_MODULE(Block);
 
@@ -60,6 +67,17 @@ struct ForwardOutput {
   // model.mtp_depth > 0, the last stage, and forward_loss/forward_stage asked for it:
   torch::Tensor mtp_loss;                      // () fp32 model.mtp_loss_weight * mean over depths of mtp_losses
   std::vector<torch::Tensor> mtp_losses;       // () fp32 per depth: cross-entropy of token i+k+1 (mean or sum)
+};
+
+// The keys and values of every block for incremental decoding (train::generate): `capacity` slots per
+// row, each block's share allocated on the first decode() call. Rows may be left-padded: row b's
+// tokens start at slot start_B[b], its positions count from 0 there, and its padding is never attended
+// to (a pad slot attends only to itself, so that no row is all masked).
+struct KVCache {
+  std::vector<LayerCache> layers;  // one per block
+  int64_t capacity = 0;
+  int64_t length = 0;              // slots filled in every row
+  torch::Tensor start_B;           // int64 on the model's device
 };
 
 // What a parameter is to a parallel layout (csrc/dist reads it; the model only says it).
@@ -117,6 +135,13 @@ class TransformerImpl : public torch::nn::Module {
   ForwardOutput forward(const torch::Tensor& tokens_BS, const torch::Tensor& positions_BS = {}) const;
   // The same up to the final norm: hidden_BSD instead of logits, for a loss that never holds them all.
   ForwardOutput forward_hidden(const torch::Tensor& tokens_BS, const torch::Tensor& positions_BS = {}) const;
+  // An empty cache for `batch` rows of up to `capacity` tokens (at most model.max_seq_len), row b's
+  // first start_B[b] slots being left padding (undefined: none).
+  KVCache new_cache(int64_t batch, int64_t capacity, const std::vector<int64_t>& start_B = {}) const;
+  // Incremental decoding: tokens_BS go into the cache's next S slots (the prompt, then one token at a
+  // time), and the fp32 logits (B, V) of each row's last token come back, as forward() gives them for
+  // the whole sequence so far. MTP modules take no part; MoE layers route the new tokens as forward does.
+  torch::Tensor decode(const torch::Tensor& tokens_BS, KVCache& cache) const;
   // forward() and the next-token loss against targets_BS (token_cross_entropy: the mean over the
   // targets that are not ignore_index, or with sum their sum). With a loss chunk set, the LM head and
   // the loss run over that many tokens at a time (chunked_loss) and logits_BSV stays undefined.

@@ -1,10 +1,12 @@
-// Checkpoint loading for inference and autoregressive sampling (full recompute per token: the
-// models this targets are small; a KV cache arrives with the GPU work).
+// Checkpoint loading for inference and autoregressive sampling: by default on the model's KV cache
+// (model::KVCache), or recomputing the whole context for every token (the reference).
 #include "train/generate.h"
 
 #include <ATen/CPUGeneratorImpl.h>
 
+#include <algorithm>
 #include <cmath>
+#include <limits>
 
 #include "common/errors.h"
 #include "common/tensor.h"
@@ -64,38 +66,123 @@ void require_finite_weights(const model::TransformerImpl& model, const std::stri
   for (const auto& b : model.named_buffers()) check(b.key(), b.value());
 }
 
-std::vector<int64_t> generate(const model::TransformerImpl& model, const std::vector<int64_t>& prompt,
-                              const GenerateOptions& options) {
-  torch::NoGradGuard no_grad;
-  const auto& cfg = model.config();
-  if (prompt.empty()) throw UsageError("the prompt is empty: give at least one token");
+namespace {
+
+void check_options(const GenerateOptions& options) {
   if (!std::isfinite(options.temperature) || options.temperature < 0)
     throw UsageError("temperature " + std::to_string(options.temperature) + " must be a finite number >= 0 (0 = greedy)");
+  if (!(options.top_p > 0 && options.top_p <= 1))  // NaN fails too
+    throw UsageError("top-p " + std::to_string(options.top_p) + " must be in (0, 1] (1 = every token)");
+  if (options.top_k < 0) throw UsageError("top-k " + std::to_string(options.top_k) + " must be >= 0 (0 = every token)");
+  if (options.max_new_tokens < 0) throw UsageError("max-new-tokens must be >= 0");
+}
+
+void check_prompt(const std::vector<int64_t>& prompt, int64_t vocab_size, const std::string& which) {
+  if (prompt.empty()) throw UsageError(which + " is empty: give at least one token");
   for (auto id : prompt)
-    if (id < 0 || id >= cfg.vocab_size)
-      throw UsageError("prompt token " + std::to_string(id) + " is outside the vocabulary [0, " +
-                       std::to_string(cfg.vocab_size) + ")");
+    if (id < 0 || id >= vocab_size)
+      throw UsageError(which + " token " + std::to_string(id) + " is outside the vocabulary [0, " +
+                       std::to_string(vocab_size) + ")");
+}
+
+bool is_stop(const GenerateOptions& options, int64_t id) {
+  return std::find(options.stop_ids.begin(), options.stop_ids.end(), id) != options.stop_ids.end();
+}
+
+// Appends up to n tokens to `tokens`, each from a forward over the last max_seq_len tokens (the
+// recompute path); steps are numbered from first_step for on_logits.
+void recompute(const model::TransformerImpl& model, std::vector<int64_t>& tokens, int n, const GenerateOptions& options,
+               at::Generator& gen, int first_step) {
+  const auto& cfg = model.config();
   const auto device = model.embed.device();
-  auto gen = at::make_generator<at::CPUGeneratorImpl>(options.seed);
-  std::vector<int64_t> tokens = prompt;
-  for (int i = 0; i < options.max_new_tokens; ++i) {
+  for (int i = 0; i < n; ++i) {
     const size_t context = std::min<size_t>(tokens.size(), size_t(cfg.max_seq_len));
     std::vector<int64_t> window(tokens.end() - int64_t(context), tokens.end());
     auto input = torch::tensor(window, torch::kLong).view({1, int64_t(context)}).to(device);
-    auto logits_V = model.forward(input).logits_BSV[0][int64_t(context) - 1].to(torch::kCPU).to(torch::kDouble);
-    int64_t next;
-    if (options.temperature <= 0) {
-      next = logits_V.argmax().item<int64_t>();
-    } else {
-      auto scaled = logits_V / options.temperature;
-      if (options.top_k > 0 && options.top_k < scaled.size(0)) {
-        auto kth = std::get<0>(torch::topk(scaled, options.top_k)).min();
-        scaled = scaled.masked_fill(scaled < kth, -std::numeric_limits<double>::infinity());
-      }
-      next = torch::multinomial(torch::softmax(scaled, 0), 1, /*replacement=*/false, gen).item<int64_t>();
-    }
+    auto logits_V = model.forward(input).logits_BSV[0][int64_t(context) - 1];
+    if (options.on_logits) options.on_logits(first_step + i, logits_V.unsqueeze(0));
+    const int64_t next = sample_token(logits_V, options, gen);
     tokens.push_back(next);
+    if (is_stop(options, next)) return;
   }
+}
+
+}  // namespace
+
+int64_t sample_token(const torch::Tensor& logits, const GenerateOptions& options, at::Generator& gen) {
+  auto logits_V = logits.to(torch::kCPU).to(torch::kDouble);
+  if (options.temperature <= 0) return logits_V.argmax().item<int64_t>();
+  const double minus_inf = -std::numeric_limits<double>::infinity();
+  auto scaled = logits_V / options.temperature;
+  if (options.top_k > 0 && options.top_k < scaled.size(0)) {
+    auto kth = std::get<0>(torch::topk(scaled, options.top_k)).min();
+    scaled = scaled.masked_fill(scaled < kth, minus_inf);
+  }
+  if (options.top_p < 1) {
+    // Keep a token while the tokens more likely than it hold less than top_p (the most likely always).
+    auto [sorted, order] = torch::sort(torch::softmax(scaled, 0), /*stable=*/true, /*dim=*/0, /*descending=*/true);
+    auto drop_sorted = (sorted.cumsum(0) - sorted) >= options.top_p;
+    auto drop = torch::zeros_like(drop_sorted).scatter(0, order, drop_sorted);
+    scaled = scaled.masked_fill(drop, minus_inf);
+  }
+  return torch::multinomial(torch::softmax(scaled, 0), 1, /*replacement=*/false, gen).item<int64_t>();
+}
+
+std::vector<int64_t> generate(const model::TransformerImpl& model, const std::vector<int64_t>& prompt,
+                              const GenerateOptions& options) {
+  check_prompt(prompt, model.config().vocab_size, "the prompt");
+  return generate_batch(model, {prompt}, options)[0];
+}
+
+std::vector<std::vector<int64_t>> generate_batch(const model::TransformerImpl& model,
+                                                 const std::vector<std::vector<int64_t>>& prompts,
+                                                 const GenerateOptions& options) {
+  torch::NoGradGuard no_grad;
+  check_options(options);
+  const auto& cfg = model.config();
+  if (prompts.empty()) throw UsageError("no prompts to continue");
+  int64_t longest = 0;
+  for (size_t b = 0; b < prompts.size(); ++b) {
+    check_prompt(prompts[b], cfg.vocab_size, "prompt " + std::to_string(b + 1));
+    longest = std::max<int64_t>(longest, int64_t(prompts[b].size()));
+  }
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(options.seed);
+  std::vector<std::vector<int64_t>> tokens = prompts;
+  // Steps whose whole context fits in max_seq_len positions run on the cache; any later ones recompute
+  // a sliding window, as the recompute path does.
+  const int cached_steps =
+      options.use_cache ? int(std::clamp<int64_t>(cfg.max_seq_len - longest + 1, 0, options.max_new_tokens)) : 0;
+  std::vector<bool> done(prompts.size(), false);
+  if (cached_steps > 0) {
+    const int64_t B = int64_t(prompts.size());
+    std::vector<int64_t> starts(B), padded(B * longest, 0);
+    for (int64_t b = 0; b < B; ++b) {
+      starts[b] = longest - int64_t(prompts[b].size());
+      std::copy(prompts[b].begin(), prompts[b].end(), padded.begin() + b * longest + starts[b]);
+    }
+    auto cache = model.new_cache(B, longest + cached_steps - 1, starts);
+    auto logits_BV = model.decode(torch::tensor(padded, torch::kLong).view({B, longest}), cache);
+    for (int step = 0; step < cached_steps; ++step) {
+      if (step > 0) {
+        std::vector<int64_t> last(B);
+        for (int64_t b = 0; b < B; ++b) last[b] = tokens[b].back();
+        logits_BV = model.decode(torch::tensor(last, torch::kLong).view({B, 1}), cache);
+      }
+      if (options.on_logits) options.on_logits(step, logits_BV);
+      const auto host_BV = logits_BV.to(torch::kCPU);
+      bool all_done = true;
+      for (int64_t b = 0; b < B; ++b) {
+        if (done[b]) continue;
+        const int64_t next = sample_token(host_BV[b], options, gen);
+        tokens[b].push_back(next);
+        done[b] = is_stop(options, next);
+        all_done = all_done && done[b];
+      }
+      if (all_done) break;
+    }
+  }
+  for (size_t b = 0; b < prompts.size(); ++b)
+    if (!done[b]) recompute(model, tokens[b], options.max_new_tokens - cached_steps, options, gen, cached_steps);
   return tokens;
 }
 
