@@ -1,5 +1,6 @@
 // `moetrain cost`: training FLOPs, GPU-hours, days and price of a token budget for a config, from one
 // of MFU, per-GPU throughput or GPU-hours. Needs no data and builds no model, so any size can be costed.
+#include <cmath>
 #include <cstdio>
 #include <optional>
 #include <nlohmann/json.hpp>
@@ -16,6 +17,127 @@
 #include "train/trainer.h"
 
 namespace moetrain::cli {
+
+namespace {
+
+// `moetrain cost --rl`: the FLOPs of rollouts (prefill and decode), old-policy and reference scoring and
+// the updates, and GPU-hours both compute-bound and with decoding bound by memory bandwidth.
+int run_rl_cost(const Args& args, const config::Config& cfg) {
+  for (const char* pretraining_only : {"tokens", "tokens-per-s-per-gpu", "bench", "seq-len"})
+    if (args.has(pretraining_only))
+      throw UsageError(std::string("--") + pretraining_only +
+                       " does not apply with --rl (tokens follow from the prompts, group size, lengths and steps)");
+  auto count = [&](const char* name) {
+    const double v = cost::parse_count(args.require(name), std::string("--") + name);
+    if (!(v > 0)) throw UsageError(std::string("--") + name + " must be > 0, got '" + args.get(name) + "'");
+    return v;
+  };
+  cost::RlSettings rl;
+  rl.prompts_per_step = count("prompts-per-step");
+  rl.group_size = count("group-size");
+  rl.prompt_len = cost::parse_count(args.require("prompt-len"), "--prompt-len");
+  rl.response_len = count("response-len");
+  rl.steps = count("steps");
+  rl.updates_per_batch = args.has("updates-per-batch") ? count("updates-per-batch") : 1;
+  rl.epochs = args.has("epochs") ? count("epochs") : rl.updates_per_batch;
+  const std::string reference = args.get("reference", "off");
+  if (reference != "on" && reference != "off")
+    throw UsageError("--reference expects on or off, got '" + reference + "'");
+  rl.reference = reference == "on";
+  rl.decode_batch = args.has("decode-batch") ? count("decode-batch") : 0;
+  rl.weight_bytes = args.has("weight-bytes") ? count("weight-bytes") : 2;
+  rl.softmax_layers = args.get_int("softmax-layers", 0);
+
+  int given_count = 0;
+  cost::Given given = cost::Given::mfu;
+  double given_value = 0;
+  if (args.has("mfu")) {
+    ++given_count, given_value = args.get_double("mfu", 0);
+    if (!(given_value > 0 && given_value <= 1)) throw UsageError("--mfu must be in (0, 1], got '" + args.get("mfu") + "'");
+  }
+  if (args.has("gpu-hours")) {
+    ++given_count, given = cost::Given::gpu_hours, given_value = count("gpu-hours");
+  }
+  if (given_count != 1)
+    throw UsageError("moetrain cost --rl needs exactly one of --mfu, --gpu-hours (got " + std::to_string(given_count) + ")");
+  const int gpus = args.get_int("gpus", 1);
+  if (gpus < 1) throw UsageError("--gpus must be >= 1, got " + std::to_string(gpus));
+  const double price = args.get_double("price", cfg.cost.price_per_gpu_hour);
+  if (!(price >= 0)) throw UsageError("--price must be >= 0, got '" + args.get("price") + "'");
+  auto hardware = cost::lookup_hardware(args.get("gpu", cfg.cost.gpu));
+  if (hardware.name == "cpu")
+    hardware.hbm_tb_s = cost::measure_cpu_bandwidth(), hardware.hbm_source = "measured: best 64 MiB fp32 copy";
+
+  const auto r = cost::estimate_rl(cfg.model, rl, hardware.bf16_tflops, hardware.hbm_tb_s, gpus, price, given, given_value);
+  if (args.has("json")) {
+    nlohmann::json j = {{"completions", r.completions},
+                        {"generated_tokens", r.generated_tokens},
+                        {"trained_tokens", r.trained_tokens},
+                        {"prefill_flops", r.prefill_flops},
+                        {"decode_flops", r.decode_flops},
+                        {"old_logprob_flops", r.old_logprob_flops},
+                        {"reference_flops", r.reference_flops},
+                        {"train_flops", r.train_flops},
+                        {"total_flops", r.total_flops},
+                        {"kv_bytes_per_token", r.kv_bytes_per_token},
+                        {"decode_batch", r.decode_batch},
+                        {"experts_touched", r.experts_touched},
+                        {"weight_bytes_per_decode_step", r.weight_bytes_per_step},
+                        {"decode_weight_bytes", r.decode_weight_bytes},
+                        {"decode_kv_bytes", r.decode_kv_bytes},
+                        {"peak_tflops", r.peak_tflops},
+                        {"hbm_tb_s", r.hbm_tb_s},
+                        {"mfu", r.mfu},
+                        {"decode_compute_gpu_hours", r.decode_compute_gpu_hours},
+                        {"decode_bandwidth_gpu_hours", r.decode_bandwidth_gpu_hours},
+                        {"other_gpu_hours", r.other_gpu_hours},
+                        {"compute_bound_gpu_hours", r.compute_bound_gpu_hours},
+                        {"gpu_hours", r.gpu_hours},
+                        {"days", r.days},
+                        {"cost_usd", r.cost_usd}};
+    if (given == cost::Given::gpu_hours)
+      j["rest_mfu_at_decode_floor"] = std::isfinite(r.rest_mfu_at_floor) ? nlohmann::json(r.rest_mfu_at_floor) : nlohmann::json(nullptr);
+    std::printf("%s\n", j.dump().c_str());
+    return 0;
+  }
+  const auto p = cost::param_counts(cfg.model);
+  std::printf("model             %s: %.3fB params, %.3fB active\n", cfg.run.name.c_str(), p.total / 1e9, p.active / 1e9);
+  std::printf("RL run            %.4g rollout batches of %.4g prompts x %.4g completions; prompt %.4g, response %.4g "
+              "tokens (mean); %.4g updates and %.4g passes per batch; reference %s\n",
+              rl.steps, rl.prompts_per_step, rl.group_size, rl.prompt_len, rl.response_len, rl.updates_per_batch,
+              rl.epochs, rl.reference ? "on" : "off");
+  std::printf("tokens            %.4g completions, %.4g generated, %.4g trained per pass\n", r.completions,
+              r.generated_tokens, r.trained_tokens);
+  std::printf("FLOPs (matmuls, causal attention, training = 3x forward):\n");
+  auto row = [&](const char* name, double v) { std::printf("  %-26s %10.4g  (%4.1f%%)\n", name, v, 100 * v / r.total_flops); };
+  row("rollout prefill", r.prefill_flops);
+  row("rollout decode", r.decode_flops);
+  row("old-policy log-probs", r.old_logprob_flops);
+  row("reference log-probs", r.reference_flops);
+  row("policy updates", r.train_flops);
+  std::printf("  %-26s %10.4g\n", "total", r.total_flops);
+  std::printf("decode memory     KV cache %.4g KiB per token (%d layers); a decode step of %.4g completions reads "
+              "%.4g GB of weights (%.4g of %d experts per MoE layer); over the run %.4g TB of weights, %.4g TB of KV\n",
+              r.kv_bytes_per_token / 1024, rl.softmax_layers > 0 ? rl.softmax_layers : cfg.model.n_layers, r.decode_batch, r.weight_bytes_per_step / 1e9, r.experts_touched,
+              cfg.model.moe.n_experts, r.decode_weight_bytes / 1e12, r.decode_kv_bytes / 1e12);
+  std::printf("hardware          %s: %.1f TFLOP/s dense bf16 (%s); %.4g TB/s (%s)\n", hardware.name.c_str(),
+              hardware.bf16_tflops, hardware.source.c_str(), hardware.hbm_tb_s, hardware.hbm_source.c_str());
+  std::printf("MFU               %.4f%s\n", r.mfu,
+              given == cost::Given::mfu ? " [given]" : " (all the run's FLOPs over the given GPU-hours)");
+  std::printf("GPU-hours         compute-bound %.4g (decode %.4g of it); decoding at the memory-bandwidth floor %.4g\n",
+              r.compute_bound_gpu_hours, r.decode_compute_gpu_hours, r.decode_bandwidth_gpu_hours);
+  if (given == cost::Given::gpu_hours) {
+    std::printf("GPU-hours         %.4g [given]: decoding's bandwidth floor is %.1f%% of them; the rest then needs MFU %.4f\n",
+                r.gpu_hours, 100 * r.decode_bandwidth_gpu_hours / r.gpu_hours, r.rest_mfu_at_floor);
+  } else {
+    std::printf("GPU-hours         %.4g (the rest at the MFU + decoding at the larger of its two)\n", r.gpu_hours);
+  }
+  std::printf("days              %.2f on %d GPU%s\n", r.days, r.gpus, r.gpus == 1 ? "" : "s");
+  std::printf("cost              $%.4g at $%.2f per GPU-hour\n", r.cost_usd, price);
+  return 0;
+}
+
+}  // namespace
 
 int run_cost(const std::vector<std::string>& argv) {
   const Command command{
@@ -34,7 +156,19 @@ int run_cost(const std::vector<std::string>& argv) {
        {"tokens-per-s-per-gpu", "Y", "training throughput per GPU"},
        {"gpu-hours", "H", "GPU-hours of the whole run, e.g. 2.664e6 or 2.664M"},
        {"bench", "FILE", "JSON written by `moetrain bench-step --json`: its measured MFU and hardware carry over"},
-       {"json", "", "print one JSON object instead of text"}}};
+       {"json", "", "print one JSON object instead of text"},
+       {"rl", "", "cost a reinforcement-learning run (GRPO) instead: rollouts, reference and updates (the options below)"},
+       {"prompts-per-step", "N", "--rl: prompts per rollout batch (required)"},
+       {"group-size", "G", "--rl: completions per prompt (required)"},
+       {"prompt-len", "P", "--rl: mean prompt tokens (required)"},
+       {"response-len", "R", "--rl: mean response tokens (required)"},
+       {"steps", "N", "--rl: rollout batches (required)"},
+       {"updates-per-batch", "U", "--rl: optimizer steps per rollout batch (default 1; > 1 adds the old policy's scoring)"},
+       {"epochs", "E", "--rl: training passes over each completion per rollout batch (default: --updates-per-batch)"},
+       {"reference", "on|off", "--rl: a frozen reference model for the KL penalty scores every completion (default off)"},
+       {"decode-batch", "B", "--rl: completions one inference replica decodes together (default: a whole rollout batch)"},
+       {"weight-bytes", "N", "--rl: bytes per weight read while decoding (default 2, bf16; 1 for fp8)"},
+       {"softmax-layers", "N", "--rl: hybrid models: the layers with softmax attention and a KV cache (default all)"}}};
   Args args(command, argv);
   if (args.help()) {
     std::fputs(usage(command).c_str(), stdout);
@@ -42,6 +176,11 @@ int run_cost(const std::vector<std::string>& argv) {
   }
   args.require("config");
   const auto cfg = load_command_config(args);
+  if (args.has("rl")) return run_rl_cost(args, cfg);
+  for (const char* rl_only : {"prompts-per-step", "group-size", "prompt-len", "response-len", "steps",
+                              "updates-per-batch", "epochs", "reference", "decode-batch", "weight-bytes",
+                              "softmax-layers"})
+    if (args.has(rl_only)) throw UsageError(std::string("--") + rl_only + " costs an RL run: add --rl");
   const double tokens = cost::parse_count(args.require("tokens"), "--tokens");
   if (!(tokens > 0)) throw UsageError("--tokens must be > 0, got '" + args.get("tokens") + "'");
 

@@ -1,7 +1,9 @@
 // Converting between MFU, per-GPU throughput and GPU-hours for a token budget.
 #include "cost/estimate.h"
 
+#include <algorithm>
 #include <cmath>
+#include <limits>
 #include <stdexcept>
 
 #include "common/errors.h"
@@ -41,6 +43,104 @@ RunEstimate estimate_run(const config::ModelConfig& model, int seq_len, double t
       r.mfu = r.tokens_per_s_per_gpu * r.flops_per_token_causal / peak_flops;
       break;
   }
+  r.days = r.gpu_hours / gpus / 24.0;
+  r.cost_usd = r.gpu_hours * price_per_gpu_hour;
+  return r;
+}
+
+double expected_experts_touched(int n_experts, int top_k, double tokens) {
+  const double E = n_experts, k = std::min(top_k, n_experts);
+  return E * (1.0 - std::pow(1.0 - k / E, tokens));
+}
+
+double kv_cache_bytes_per_token(const config::ModelConfig& m, double bytes_per_element) {
+  const double per_layer = m.attention == "mla" ? double(m.mla.kv_lora_rank) + m.mla.qk_rope_head_dim
+                                                : 2.0 * m.n_kv_heads * config::head_dim(m);
+  return m.n_layers * per_layer * bytes_per_element;
+}
+
+double forward_flops_per_token(const config::ModelConfig& m, double keys, int attention_layers) {
+  const double matmuls = training_flops_per_token(m, 0).total_causal / 3.0;  // no attention scores at 0 keys
+  const double layers = attention_layers < 0 ? m.n_layers : attention_layers;
+  return matmuls + layers * attention_scores_forward(m, 1, /*causal=*/false) * keys;
+}
+
+RlEstimate estimate_rl(const config::ModelConfig& model, const RlSettings& rl, double peak_tflops, double hbm_tb_s,
+                       int gpus, double price_per_gpu_hour, Given given, double given_value) {
+  auto positive = [](double v, const char* what) {
+    if (!(v > 0 && std::isfinite(v))) throw UsageError(std::string(what) + " must be a positive number");
+  };
+  positive(rl.prompts_per_step, "--prompts-per-step");
+  positive(rl.group_size, "--group-size");
+  positive(rl.response_len, "--response-len");
+  positive(rl.updates_per_batch, "--updates-per-batch");
+  positive(rl.epochs, "--epochs");
+  positive(rl.steps, "--steps");
+  positive(hbm_tb_s, "the GPU's memory bandwidth");
+  if (!(rl.prompt_len >= 0 && std::isfinite(rl.prompt_len))) throw UsageError("--prompt-len must be >= 0");
+  if (!(rl.decode_batch >= 0 && std::isfinite(rl.decode_batch))) throw UsageError("--decode-batch must be >= 0");
+  if (rl.softmax_layers < 0 || rl.softmax_layers > model.n_layers)
+    throw UsageError("--softmax-layers must be in [0, model.n_layers = " + std::to_string(model.n_layers) + "], got " +
+                     std::to_string(rl.softmax_layers));
+  const int attention_layers = rl.softmax_layers > 0 ? rl.softmax_layers : model.n_layers;
+
+  RlEstimate r;
+  const double P = rl.prompt_len, R = rl.response_len, L = P + R;
+  const double per_batch = rl.prompts_per_step * rl.group_size;
+  r.completions = per_batch * rl.steps;
+  r.generated_tokens = r.completions * R;
+  r.trained_tokens = r.completions * L;
+  // Mean keys: prompt positions 0..P-1 attend (P + 1) / 2 on average, response positions P..L-1
+  // attend P + (R + 1) / 2, a whole completion (L + 1) / 2. Forward FLOPs are linear in the keys, so
+  // the mean position gives the exact sum.
+  const double forward_prompt = forward_flops_per_token(model, (P + 1) / 2, attention_layers);
+  const double forward_response = forward_flops_per_token(model, P + (R + 1) / 2, attention_layers);
+  const double forward_whole = forward_flops_per_token(model, (L + 1) / 2, attention_layers);
+  r.prefill_flops = r.completions * P * forward_prompt;
+  r.decode_flops = r.generated_tokens * forward_response;
+  const double scoring = r.trained_tokens * forward_whole;
+  r.old_logprob_flops = rl.updates_per_batch > 1 ? scoring : 0;
+  r.reference_flops = rl.reference ? scoring : 0;
+  r.train_flops = rl.epochs * 3.0 * scoring;
+  r.total_flops = r.prefill_flops + r.decode_flops + r.old_logprob_flops + r.reference_flops + r.train_flops;
+
+  // Decoding's bytes: a replica decodes its B completions R steps together, per_batch / B times a batch.
+  const auto params = param_counts_approx(model);
+  const double B = rl.decode_batch > 0 ? std::min(rl.decode_batch, per_batch) : per_batch;
+  r.decode_batch = B;
+  const bool moe = model.dense_layers < model.n_layers;
+  r.experts_touched = moe ? expected_experts_touched(model.moe.n_experts, model.moe.top_k, B) : 0;
+  // An untied embedding is looked up, not read whole; a tied one is the LM head, which is.
+  const double dense_weights = params.total - params.routed_experts - (model.tie_embeddings ? 0 : params.embedding);
+  const double expert_weights = moe ? params.routed_experts * r.experts_touched / model.moe.n_experts : 0;
+  r.weight_bytes_per_step = (dense_weights + expert_weights) * rl.weight_bytes;
+  r.kv_bytes_per_token = kv_cache_bytes_per_token(model, rl.kv_bytes) * attention_layers / model.n_layers;
+  const double decode_steps = rl.steps * (per_batch / B) * R;
+  r.decode_weight_bytes = decode_steps * r.weight_bytes_per_step;
+  r.decode_kv_bytes = r.generated_tokens * (P + (R + 1) / 2) * r.kv_bytes_per_token;
+
+  r.peak_tflops = peak_tflops;
+  r.hbm_tb_s = hbm_tb_s;
+  r.gpus = gpus;
+  const double peak = peak_tflops * 1e12, seconds_per_hour = 3600.0;
+  r.decode_bandwidth_gpu_hours = (r.decode_weight_bytes + r.decode_kv_bytes) / (hbm_tb_s * 1e12) / seconds_per_hour;
+  if (given == Given::mfu) {
+    r.mfu = given_value;
+  } else if (given == Given::gpu_hours) {
+    r.mfu = r.total_flops / (given_value * seconds_per_hour * peak);
+    const double rest_hours = given_value - r.decode_bandwidth_gpu_hours;
+    r.rest_mfu_at_floor = rest_hours > 0 ? (r.total_flops - r.decode_flops) / (rest_hours * seconds_per_hour * peak)
+                                         : std::numeric_limits<double>::infinity();
+  } else {
+    throw UsageError("an RL estimate takes --mfu or --gpu-hours, not a token throughput");
+  }
+  const double at_mfu = r.mfu * peak * seconds_per_hour;
+  r.decode_compute_gpu_hours = r.decode_flops / at_mfu;
+  r.other_gpu_hours = (r.total_flops - r.decode_flops) / at_mfu;
+  r.compute_bound_gpu_hours = r.total_flops / at_mfu;
+  r.gpu_hours = given == Given::gpu_hours
+                    ? given_value
+                    : r.other_gpu_hours + std::max(r.decode_compute_gpu_hours, r.decode_bandwidth_gpu_hours);
   r.days = r.gpu_hours / gpus / 24.0;
   r.cost_usd = r.gpu_hours * price_per_gpu_hour;
   return r;

@@ -21,20 +21,30 @@ const std::vector<Hardware>& gpu_table() {
   static const std::vector<Hardware> table = {
       // NVIDIA H100 Tensor Core GPU datasheet, H100 SXM column (https://www.nvidia.com/en-us/data-center/h100/):
       // BF16 1,979 and FP8 3,958 TFLOPS "with sparsity"; dense is half.
-      {"h100", 989.4, 1978.9, "NVIDIA H100 datasheet (SXM), dense = half the sparsity figure"},
+      // GPU memory bandwidth, H100 SXM: 3.35 TB/s (HBM3, 80 GB).
+      {"h100", 989.4, 1978.9, "NVIDIA H100 datasheet (SXM), dense = half the sparsity figure", 3.35,
+       "NVIDIA H100 datasheet (SXM): 3.35 TB/s"},
       // NVIDIA H200 Tensor Core GPU datasheet, H200 SXM column (https://www.nvidia.com/en-us/data-center/h200/):
       // same GH100 compute as H100 SXM (BF16 1,979 / FP8 3,958 with sparsity).
-      {"h200", 989.4, 1978.9, "NVIDIA H200 datasheet (SXM), dense = half the sparsity figure"},
+      // GPU memory bandwidth, H200 SXM: 4.8 TB/s (HBM3e, 141 GB).
+      {"h200", 989.4, 1978.9, "NVIDIA H200 datasheet (SXM), dense = half the sparsity figure", 4.8,
+       "NVIDIA H200 datasheet (SXM): 4.8 TB/s"},
       // NVIDIA H800 SXM5, the export variant of H100 SXM: its NVLink was cut, not its tensor cores. No
       // public H800 datasheet was found to cite; the H100 SXM figure is assumed, and DeepSeek's own
       // numbers imply it (250 GFLOPs/token * 1,542 tokens/s / 38.94% MFU = 990 TFLOP/s).
-      {"h800", 989.4, 1978.9, "assumed equal to H100 SXM (no public H800 datasheet), dense"},
+      // Its memory is the H100 SXM's 80 GB of HBM3; the same bandwidth is assumed.
+      {"h800", 989.4, 1978.9, "assumed equal to H100 SXM (no public H800 datasheet), dense", 3.35,
+       "assumed equal to H100 SXM: 3.35 TB/s"},
       // NVIDIA A100 Tensor Core GPU datasheet (https://www.nvidia.com/en-us/data-center/a100/): BF16 312
       // TFLOPS dense (624 with sparsity); no fp8 tensor cores.
-      {"a100", 312.0, std::nullopt, "NVIDIA A100 datasheet (SXM), dense; no fp8"},
+      // GPU memory bandwidth, A100 80GB SXM: 2,039 GB/s (HBM2e).
+      {"a100", 312.0, std::nullopt, "NVIDIA A100 datasheet (SXM), dense; no fp8", 2.039,
+       "NVIDIA A100 datasheet (80GB SXM): 2,039 GB/s"},
       // NVIDIA HGX B200 specifications (https://www.nvidia.com/en-us/data-center/hgx/), per GPU at 1,000 W:
       // FP16/BF16 4.5 PFLOPS and FP8 9 PFLOPS with sparsity; dense is half.
-      {"b200", 2250.0, 4500.0, "NVIDIA HGX B200 specifications, per GPU, dense = half the sparsity figure"},
+      // Memory bandwidth: 64 TB/s for the 8 GPUs of an HGX B200, 8 TB/s each (HBM3e).
+      {"b200", 2250.0, 4500.0, "NVIDIA HGX B200 specifications, per GPU, dense = half the sparsity figure", 8.0,
+       "NVIDIA HGX B200 specifications: 64 TB/s over 8 GPUs"},
   };
   return table;
 }
@@ -79,6 +89,30 @@ double measure_cpu_tflops() {
     }
   }
   return measured[threads] = best_flops_per_s / 1e12;
+}
+
+double measure_cpu_bandwidth() {
+  static std::mutex mutex;
+  static std::map<int, double> measured;
+  const std::lock_guard<std::mutex> lock(mutex);
+  const int threads = at::get_num_threads();
+  if (auto it = measured.find(threads); it != measured.end()) return it->second;
+
+  torch::NoGradGuard no_grad;
+  using clock = std::chrono::steady_clock;
+  auto seconds_since = [](clock::time_point t) { return std::chrono::duration<double>(clock::now() - t).count(); };
+  const int64_t n = int64_t(16) << 20;  // 64 MiB of fp32: far past the caches
+  const auto src = torch::ones({n}, torch::kFloat);
+  auto dst = torch::empty({n}, torch::kFloat);
+  for (auto start = clock::now(); seconds_since(start) < 0.03;) dst.copy_(src);
+  double best = 0;
+  const auto start = clock::now();
+  for (int reps = 0; reps < 3 || seconds_since(start) < 0.12; ++reps) {
+    const auto t = clock::now();
+    dst.copy_(src);
+    best = std::max(best, 2.0 * 4.0 * double(n) / seconds_since(t));  // bytes read + bytes written
+  }
+  return measured[threads] = best / 1e12;
 }
 
 std::string mfu_warning(double mfu, const Hardware& hardware) {

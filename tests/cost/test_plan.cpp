@@ -212,8 +212,8 @@ CATCH_TEST_CASE("plan: the predicted peak is within 15% of bench-step's measured
 
 // scripts/claims_table.py over configs/claims/: one row per claim, DeepSeek-V3's implied MFU as its own
 // accounting gives it (38.94%; ours 39.06%, the MTP module apart), Llama 3.1 405B's total FLOPs against
-// the Llama 3 paper's 3.8e25 (ours counts attention at seq 8192: 1.04x), and a damaged claim file is
-// one line naming the file and the key.
+// the Llama 3 paper's 3.8e25 (ours counts attention at seq 8192: 1.04x), the RL claims (DeepSeek-R1,
+// MiniMax-M1) in their own table, and a damaged claim file is one line naming the file and the key.
 CATCH_TEST_CASE("claims table: every public claim costed, checked against published figures", "[cost][python]") {
   const std::string source = MOETRAIN_SOURCE_DIR;
   const std::string python = source + "/third_party/venv/bin/python " + source + "/scripts/claims_table.py " + kBinary;
@@ -222,8 +222,13 @@ CATCH_TEST_CASE("claims table: every public claim costed, checked against publis
   CATCH_REQUIRE(r.exit_code == 0);
   int rows = 0;
   std::istringstream lines(r.output);
-  for (std::string line; std::getline(lines, line);) rows += line.rfind("| ", 0) == 0 && line.rfind("| claim", 0) != 0;
-  CATCH_CHECK(rows == 4);
+  for (std::string line; std::getline(lines, line);)
+    rows += line.rfind("| ", 0) == 0 && line.rfind("| claim", 0) != 0 && line.rfind("| RL claim", 0) != 0;
+  CATCH_CHECK(rows == 4 + 2);  // pre-training claims, then the RL claims' table
+  CATCH_CHECK_THAT(r.output, Contains("| DeepSeek-R1 RL (R1-Zero + R1 stages) | 142K H800 |") &&
+                                 Contains("stage R1-Zero: 101K GPU-hours, implied MFU 6.9%") &&
+                                 Contains("$284.0K claimed = $2.00 per GPU-hour") &&
+                                 Contains("| MiniMax-M1 RL (456B MoE, 45.9B active) | 258K H800 |"));
   CATCH_CHECK_THAT(r.output, Contains("| DeepSeek-V3 (671B MoE, 37B active) | 14.8T | 2.664M H800 | 250.4 |") &&
                                  Contains("| 1543 | 39.1% | plausible |") && Contains("(ratio 1.04)") &&
                                  Contains("below the reported 38%-43%"));
@@ -234,6 +239,14 @@ CATCH_TEST_CASE("claims table: every public claim costed, checked against publis
   auto bad = testing::run_command(python + " " + dir.str() + " 2>&1");
   CATCH_CHECK(bad.exit_code != 0);
   CATCH_CHECK_THAT(bad.output, Contains("bad.yaml: claim.gpu_hours is missing"));
+
+  testing::TempDir rl_dir("rl-claims");
+  testing::run_command("cp " + source + "/configs/claims/minimax-m1-rl.yaml " + rl_dir.str("bad-rl.yaml"));
+  testing::run_command("sed -i '/response_len/d' " + rl_dir.str("bad-rl.yaml"));
+  auto bad_rl = testing::run_command(python + " " + rl_dir.str() + " 2>&1");
+  CATCH_CHECK(bad_rl.exit_code != 0);
+  CATCH_CHECK(testing::one_line(bad_rl.output));
+  CATCH_CHECK_THAT(bad_rl.output, Contains("bad-rl.yaml: rl.stages[0].response_len is missing"));
 }
 
 // Every config the repository ships loads and validates (templates without their model folders), and
