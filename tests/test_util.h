@@ -48,6 +48,18 @@ inline config::ModelConfig tiny_model_config() {
   return m;
 }
 
+// `m` with multi-head latent attention of these ranks and per-head dims (q_lora_rank 0: a full wq).
+inline config::ModelConfig with_mla(config::ModelConfig m, int q_lora_rank, int kv_lora_rank, int qk_nope_head_dim,
+                                    int qk_rope_head_dim, int v_head_dim) {
+  m.attention = "mla";
+  m.mla.q_lora_rank = q_lora_rank;
+  m.mla.kv_lora_rank = kv_lora_rank;
+  m.mla.qk_nope_head_dim = qk_nope_head_dim;
+  m.mla.qk_rope_head_dim = qk_rope_head_dim;
+  m.mla.v_head_dim = v_head_dim;
+  return m;
+}
+
 // Sets LibTorch's deterministic mode (run.deterministic) for a scope and restores it as it was.
 struct DeterministicMode {
   explicit DeterministicMode(bool on) : was(at::globalContext().deterministicAlgorithms()) {

@@ -13,16 +13,6 @@ using namespace moetrain;
 
 namespace {
 
-config::ModelConfig with_mla(config::ModelConfig m) {
-  m.attention = "mla";
-  m.mla.q_lora_rank = 8;
-  m.mla.kv_lora_rank = 8;
-  m.mla.qk_nope_head_dim = 4;
-  m.mla.qk_rope_head_dim = 2;
-  m.mla.v_head_dim = 4;
-  return m;
-}
-
 // The model's hidden matrices, each logical matrix (and each expert) apart: elements and FLOPs.
 std::pair<double, double> counted_from_model(const config::ModelConfig& m) {
   model::Transformer model(m);
@@ -50,7 +40,7 @@ CATCH_TEST_CASE("muon_cost counts the hidden matrices and their Newton-Schulz FL
   for (const bool mla : {false, true})
     for (const int mtp : {0, 1}) {
       auto m = testing::tiny_model_config();
-      if (mla) m = with_mla(m);
+      if (mla) m = testing::with_mla(m, 8, 8, 4, 2, 4);
       m.mtp_depth = mtp;
       CATCH_INFO((mla ? "MLA" : "GQA") << ", mtp_depth " << mtp);
       const auto [params, flops] = counted_from_model(m);

@@ -21,16 +21,6 @@ namespace {
 
 const std::string kBinary = MOETRAIN_BINARY;
 
-config::ModelConfig with_mla(config::ModelConfig m) {
-  m.attention = "mla";
-  m.mla.q_lora_rank = 8;
-  m.mla.kv_lora_rank = 8;
-  m.mla.qk_nope_head_dim = 4;
-  m.mla.qk_rope_head_dim = 2;
-  m.mla.v_head_dim = 4;
-  return m;
-}
-
 // Forward matmul FLOPs of one token, from the model's tensors: 2 per weight of every matrix a token
 // multiplies by (a routed expert's share top_k / n_experts; the embedding only when it is the head).
 double matmul_flops_from_model(const config::ModelConfig& m) {
@@ -66,7 +56,7 @@ CATCH_TEST_CASE("RL cost: FLOPs equal a token-by-token count over the model's te
   for (const bool mla : {false, true})
     for (const bool tied : {true, false}) {
       auto m = testing::tiny_model_config();
-      if (mla) m = with_mla(m);
+      if (mla) m = testing::with_mla(m, 8, 8, 4, 2, 4);
       m.tie_embeddings = tied;
       CATCH_INFO((mla ? "MLA" : "GQA") << (tied ? ", tied" : ", untied"));
       const double matmuls = matmul_flops_from_model(m);
@@ -144,7 +134,7 @@ CATCH_TEST_CASE("RL cost: KV bytes per token equal the model's own cache", "[cos
   torch::NoGradGuard no_grad;
   for (const bool mla : {false, true}) {
     auto m = testing::tiny_model_config();
-    if (mla) m = with_mla(m);
+    if (mla) m = testing::with_mla(m, 8, 8, 4, 2, 4);
     CATCH_INFO((mla ? "MLA" : "GQA"));
     model::Transformer model(m);
     model->eval();

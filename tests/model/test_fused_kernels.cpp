@@ -99,15 +99,9 @@ CATCH_TEST_CASE("MLA with its value padded to the query/key head dim equals the 
                 "[model]") {
   for (const int q_lora_rank : {0, 12}) {
     CATCH_INFO("q_lora_rank " << q_lora_rank);
-    auto cfg = testing::tiny_model_config();
-    cfg.attention = "mla";
+    auto cfg = testing::with_mla(testing::tiny_model_config(), q_lora_rank, 16, 16, 8, 12);
     cfg.d_model = 32;
     cfg.n_heads = 4;
-    cfg.mla.q_lora_rank = q_lora_rank;
-    cfg.mla.kv_lora_rank = 16;
-    cfg.mla.qk_nope_head_dim = 16;
-    cfg.mla.qk_rope_head_dim = 8;
-    cfg.mla.v_head_dim = 12;
     model::MLAttention mla(cfg);
     torch::manual_seed(9);
     {

@@ -62,14 +62,7 @@ model::Transformer make_model(const config::ModelConfig& cfg, uint64_t seed = 7)
 }
 
 config::ModelConfig mla_config(int q_lora_rank) {
-  auto m = testing::tiny_model_config();
-  m.attention = "mla";
-  m.mla.q_lora_rank = q_lora_rank;
-  m.mla.kv_lora_rank = 12;
-  m.mla.qk_nope_head_dim = 8;
-  m.mla.qk_rope_head_dim = 4;
-  m.mla.v_head_dim = 6;
-  return m;
+  return testing::with_mla(testing::tiny_model_config(), q_lora_rank, 12, 8, 4, 6);
 }
 
 void with_yarn(config::ModelConfig& m) {

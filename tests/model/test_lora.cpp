@@ -20,14 +20,8 @@ config::LoraConfig lora_config(int rank, double alpha) {
 }
 
 config::ModelConfig mla_config(int q_lora_rank) {
-  auto m = testing::tiny_model_config();
-  m.attention = "mla";
+  auto m = testing::with_mla(testing::tiny_model_config(), q_lora_rank, 16, 16, 8, 12);
   m.d_model = 32;
-  m.mla.q_lora_rank = q_lora_rank;
-  m.mla.kv_lora_rank = 16;
-  m.mla.qk_nope_head_dim = 16;
-  m.mla.qk_rope_head_dim = 8;
-  m.mla.v_head_dim = 12;
   return m;
 }
 

@@ -130,13 +130,7 @@ config::ModelConfig gqa_config() {
 }
 
 config::ModelConfig mla_config() {
-  auto m = gqa_config();
-  m.attention = "mla";
-  m.mla.q_lora_rank = 8;
-  m.mla.kv_lora_rank = 12;
-  m.mla.qk_nope_head_dim = 8;
-  m.mla.qk_rope_head_dim = 4;
-  m.mla.v_head_dim = 6;
+  auto m = testing::with_mla(gqa_config(), 8, 12, 8, 4, 6);
   m.yarn.factor = 4;
   m.yarn.original_max_seq_len = 8;
   m.yarn.mscale = 1;
