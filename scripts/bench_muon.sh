@@ -4,9 +4,11 @@
 # both), evaluating every --eval-every steps, and keeps its best learning rate (the lowest final
 # validation loss). The target is the best AdamW run's final validation loss; the figure is the tokens
 # each best run needed to first reach it (at an evaluation), and their ratio AdamW / Muon. The step
-# time is the median over a run's logged steps of elapsed_s differences per step, so the ratio Muon / AdamW
-# shows what Newton-Schulz costs per step on this machine. Both best runs' loss curves go to
-# runs/bench-muon/<config>.png (matplotlib, when installed).
+# time is the median over a run's steps (each logged) of elapsed_s differences, so the ratio Muon / AdamW
+# shows what Newton-Schulz costs per step on this machine. Warmup takes the configs' fraction (30 of 400
+# steps) of --steps. Both best runs' loss curves go to
+# runs/bench-muon/<config>.png (matplotlib, when installed). MOETRAIN_BIN names another binary than
+# build/moetrain (a copy, so that a rebuild during the bench does not change the binary under it).
 # Usage: scripts/bench_muon.sh [--steps N] [--eval-every N] [--configs "tiny tiny-deepseek"]
 #                              [--adamw-lrs "1e-3 3e-3 1e-2"] [--muon-lrs "1e-3 3e-3 1e-2"] [--set KEY=VALUE]...
 set -euo pipefail
@@ -29,10 +31,11 @@ if [[ $(wc -w <<< "$adamw_lrs") != $(wc -w <<< "$muon_lrs") ]]; then
   echo "bench_muon: --adamw-lrs and --muon-lrs must hold as many values (the same budget for both)" >&2
   exit 2
 fi
-[[ -x build/moetrain ]] || bash scripts/build.sh --target moetrain
+bin="${MOETRAIN_BIN:-build/moetrain}"
+[[ -x "$bin" ]] || bash scripts/build.sh --target moetrain
 if [[ ! -f data/fortunes/train.bin || ! -f data/fortunes/val.bin ]]; then
   python3 scripts/make_fortunes_corpus.py data/fortunes/corpus.txt
-  build/moetrain prepare-data --text data/fortunes/corpus.txt --out data/fortunes
+  "$bin" prepare-data --text data/fortunes/corpus.txt --out data/fortunes
 fi
 out=runs/bench-muon
 rm -rf "$out"
@@ -45,9 +48,11 @@ for config in $configs; do
       name="$config-$optimizer-$lr"
       echo "bench_muon: $config, $optimizer, lr $lr, $steps steps ..." >&2
       min_lr=$(python3 -c "print($lr / 10)")
-      build/moetrain train --config "configs/$config.yaml" --set optim.name="$optimizer" --set optim.lr="$lr" \
+      # The configs warm up over 30 of their 400 steps: the same fraction of a shorter run (at least 1).
+      warmup=$(( steps * 3 / 40 > 0 ? steps * 3 / 40 : 1 ))
+      "$bin" train --config "configs/$config.yaml" --set optim.name="$optimizer" --set optim.lr="$lr" \
         --set optim.min_lr="$min_lr" --set train.steps="$steps" --set optim.decay_steps="$steps" \
-        --set train.eval_every="$eval_every" --set checkpoint.every=0 --set run.out_dir="$out/$name" \
+        --set optim.warmup_steps="$warmup" --set train.log_every=1 --set train.eval_every="$eval_every" --set checkpoint.every=0 --set run.out_dir="$out/$name" \
         "${extra[@]}" > "$out/$name.log" 2>&1 || { tail -20 "$out/$name.log" >&2; exit 1; }
     done
   done

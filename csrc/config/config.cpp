@@ -324,6 +324,13 @@ const std::vector<KeyDesc>& keys() {
       MOETRAIN_KEY(optim.grad_clip, "Maximum global gradient norm; 0 = no clipping.", at_least(0)),
       MOETRAIN_KEY(optim.momentum, "Muon's Nesterov momentum (optim.name muon); AdamW uses optim.beta1.",
                    in_half_open(0, 1)),
+      MOETRAIN_KEY(optim.qk_clip_tau,
+                   "MuonClip's QK-clip (Kimi K2; K2 used 100): after each step, a head whose largest pre-softmax "
+                   "logit in the step's training forwards exceeded tau has its query and key weights rescaled to "
+                   "bring it to tau (MHA and MLA's head-specific parts as K2; with GQA the query head alone takes "
+                   "the factor). With optim.name adamw or muon. Not with train.lora, model.qk_norm or parallel.zero 1 "
+                   "under run.dtype bf16. 0 = off (no tracking).",
+                   at_least(0)),
 
       MOETRAIN_KEY(train.steps, "Optimizer steps to run.", at_least(1)),
       MOETRAIN_KEY(train.micro_batch_size, "Sequences per micro-batch per rank.", at_least(1)),
@@ -1101,7 +1108,7 @@ void validate(const Config& cfg) {
     const std::pair<const char*, double> float_keys[] = {
         {"optim.lr", o.lr},       {"optim.min_lr", o.min_lr}, {"optim.weight_decay", o.weight_decay},
         {"optim.beta1", o.beta1}, {"optim.beta2", o.beta2},   {"optim.eps", o.eps},
-        {"optim.grad_clip", o.grad_clip}};
+        {"optim.grad_clip", o.grad_clip}, {"optim.qk_clip_tau", o.qk_clip_tau}};
     for (const auto& [key, v] : float_keys) {
       if (std::abs(v) > float_max)
         throw ConfigError(std::string(key) + " = " + format_number(v) +
@@ -1127,6 +1134,18 @@ void validate(const Config& cfg) {
                       kv("parallel.pipeline_parallel", pp) +
                       " (the 1F1B schedule fills the pipeline with the step's micro-batches)");
   explicit_pp_layers(cfg);  // throws on a malformed list
+  if (const double tau = cfg.optim.qk_clip_tau; tau > 0) {
+    const std::string clip = "optim.qk_clip_tau = " + format_number(tau);
+    if (cfg.train.lora.rank > 0)
+      throw ConfigError(clip + " cannot run with " + kv("train.lora.rank", cfg.train.lora.rank) +
+                        " (the clip would rescale the frozen base); set optim.qk_clip_tau 0");
+    if (m.attention == "gqa" && m.qk_norm != "none")
+      throw ConfigError(clip + " cannot run with model.qk_norm = " + m.qk_norm +
+                        " (the norm undoes a rescaled projection, and bounds the logits already); set one of them off");
+    if (cfg.parallel.zero == 1 && cfg.run.dtype == "bf16")
+      throw ConfigError(clip + " cannot run with parallel.zero = 1 under run.dtype = bf16 (the sharded fp32 masters "
+                        "are not rescaled); use parallel.zero 0 or run.dtype fp32");
+  }
   const LoraConfig& lora = cfg.train.lora;
   if (lora.rank > 0) {
     if (lora.targets.empty())

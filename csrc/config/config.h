@@ -127,6 +127,7 @@ struct OptimConfig {
   double eps = 1e-8;
   double grad_clip = 1.0;       // max global grad norm; 0 = off
   double momentum = 0.95;       // Muon's Nesterov momentum
+  double qk_clip_tau = 0;       // MuonClip's QK-clip: the largest pre-softmax logit a head keeps; 0 = off (optim/qk_clip.h)
 };
 
 // train.lora: low-rank adapters (Hu et al. 2021) on a frozen base, y = x W + dropout(x) A B * alpha / rank.

@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <numbers>
 
 namespace moetrain::model {
@@ -218,6 +219,44 @@ torch::Tensor TokenLayout::attend(const torch::Tensor& q, const torch::Tensor& k
   return at::scaled_dot_product_attention(q, k, v, mask(), /*dropout_p=*/0.0, /*is_causal=*/false, scale, enable_gqa);
 }
 
+torch::Tensor max_logits(const torch::Tensor& q, const torch::Tensor& k, double scale, const TokenLayout& layout) {
+  torch::NoGradGuard no_grad;
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && q.size(0) == k.size(0) && q.size(2) == k.size(2) &&
+                  q.size(3) == k.size(3) && k.size(1) > 0 && q.size(1) % k.size(1) == 0,
+              "[model] max_logits: q (B, H, S, D) and k (B, G, S, D) with H a multiple of G, got ", q.sizes(), " and ",
+              k.sizes());
+  const int64_t B = q.size(0), H = q.size(1), S = q.size(2), D = q.size(3), G = k.size(1);
+  const auto q_BGRSD = q.detach().to(torch::kFloat).reshape({B, G, H / G, S, D});
+  const auto kT_BG1DS = k.detach().to(torch::kFloat).unsqueeze(2).transpose(-2, -1);
+  const auto columns = torch::arange(S, torch::TensorOptions().dtype(torch::kLong).device(q.device()));
+  // A packed token's document starts at (its index - its position): two tokens share one exactly when
+  // these agree (document_mask's rule).
+  const auto start_BS = layout.is_packed() ? columns.unsqueeze(0) - layout.positions_BS : torch::Tensor();
+  const int64_t chunk = std::max<int64_t>(1, (int64_t(1) << 22) / std::max<int64_t>(1, B * H * S));
+  auto out = torch::full({G, H / G}, -std::numeric_limits<float>::infinity(), q_BGRSD.options());
+  for (int64_t row = 0; row < S; row += chunk) {
+    const int64_t n = std::min(chunk, S - row);
+    auto logits = torch::matmul(q_BGRSD.narrow(3, row, n), kT_BG1DS).mul_(scale);  // (B, G, R, n, S)
+    auto allowed = columns.unsqueeze(0) <= columns.narrow(0, row, n).unsqueeze(1);  // (n, S) causal
+    if (start_BS.defined())
+      allowed = (allowed.unsqueeze(0) & (start_BS.narrow(1, row, n).unsqueeze(2) == start_BS.unsqueeze(1)))
+                    .view({B, 1, 1, n, S});
+    logits.masked_fill_(allowed.logical_not(), -std::numeric_limits<float>::infinity());
+    out = torch::maximum(out, logits.amax({0, 3, 4}));
+  }
+  return out.reshape({H});
+}
+
+namespace {
+// optim.qk_clip_tau: folds this forward's maxima into the layer's, in training forwards only.
+void track(bool on, torch::Tensor& max_logit_H, const torch::Tensor& q, const torch::Tensor& k, double scale,
+           const TokenLayout& layout) {
+  if (!on || !torch::GradMode::is_enabled()) return;
+  const auto m = max_logits(q, k, scale, layout);
+  max_logit_H = max_logit_H.defined() ? torch::maximum(max_logit_H, m) : m;
+}
+}  // namespace
+
 AttentionImpl::AttentionImpl(const config::ModelConfig& cfg)
     : n_heads_(cfg.n_heads), n_kv_heads_(cfg.n_kv_heads), head_dim_(config::head_dim(cfg)), qk_norm_(cfg.qk_norm) {
   wq = register_parameter("wq", torch::empty({cfg.d_model, n_heads_ * head_dim_}));
@@ -304,6 +343,7 @@ torch::Tensor AttentionImpl::forward(const torch::Tensor& x_BSD, const Rope& rop
   auto q = rope.apply(heads(x, wq, wq_lora, q_bias, n_heads_, q_norm, compute_dtype), layout);
   auto k = rope.apply(heads(x, wk, wk_lora, k_bias, n_kv_heads_, k_norm, compute_dtype), layout);
   auto v = heads(x, wv, wv_lora, v_bias, n_kv_heads_, RMSNorm(nullptr), compute_dtype);
+  track(track_max_logits, max_logit_H, q, k, 1.0 / std::sqrt(double(head_dim_)), layout);
   // Each key/value head serves n_heads / n_kv_heads consecutive query heads: SDPA's enable_gqa reads
   // them in place (flash attention on CUDA and on the CPU) instead of a repeated copy of K and V.
   auto y = layout.attend(q, k, v, /*scale=*/std::nullopt, /*enable_gqa=*/n_kv_heads_ != n_heads_);
@@ -368,6 +408,7 @@ torch::Tensor MLAttentionImpl::forward(const torch::Tensor& x_BSD, const Rope& r
   auto query = torch::cat({q.narrow(3, 0, nope_dim_), q_pe}, 3);
   auto key = torch::cat({kv.narrow(3, 0, nope_dim_), k_pe.expand({B, H, S, rope_dim_})}, 3);
   auto value = kv.narrow(3, nope_dim_, v_dim_);
+  track(track_max_logits, max_logit_H, query, key, softmax_scale_, layout);
   // Flash attention wants one head dim for q, k and v: the value is padded with zeros to the query's
   // (DeepSeek-V3: 128 to 192), which adds zero columns to the output, sliced off again.
   const int64_t qk_dim = nope_dim_ + rope_dim_;

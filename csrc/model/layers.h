@@ -101,6 +101,12 @@ struct DecodeStep {
 // dim for all three, a multiple of 8 up to 256, and flash enabled (run.deterministic turns it off).
 bool varlen_flash_applies(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v);
 
+// The largest pre-softmax logit of each query head, (H) fp32: q (B, H, S, Dq) against k (B, G, S, Dq)
+// (H a multiple of G, consecutive query heads sharing a key head) times `scale`, over the pairs `layout`
+// lets attend (causal; within their documents when packed). No autograd; chunks of query rows keep the
+// memory at O(B H chunk S). optim.qk_clip_tau (optim/qk_clip.h) tracks it in the training forward.
+torch::Tensor max_logits(const torch::Tensor& q, const torch::Tensor& k, double scale, const TokenLayout& layout = {});
+
 class AttentionImpl : public torch::nn::Module {
  public:
   explicit AttentionImpl(const config::ModelConfig& cfg);
@@ -123,6 +129,13 @@ class AttentionImpl : public torch::nn::Module {
   // (kv: both), o.
   moe::LoraAdapter wq_lora, wk_lora, wv_lora, wo_lora;
   void add_lora(const config::LoraConfig& cfg);
+  int n_heads() const { return n_heads_; }
+  int n_kv_heads() const { return n_kv_heads_; }
+  int head_dim() const { return head_dim_; }
+  // optim.qk_clip_tau > 0: each forward with grad mode on (training, not evaluation) folds its heads'
+  // max_logits into max_logit_H, (H) fp32 on the device, until optim::take_max_logits takes it.
+  bool track_max_logits = false;
+  mutable torch::Tensor max_logit_H;
 
  private:
   int n_heads_, n_kv_heads_, head_dim_;
@@ -161,6 +174,14 @@ class MLAttentionImpl : public torch::nn::Module {
   // train.lora: adapters of the projections. Targets q (wq, or wq_a and wq_b), kv (wkv_a, wkv_b), o (wo).
   moe::LoraAdapter wq_lora, wq_a_lora, wq_b_lora, wkv_a_lora, wkv_b_lora, wo_lora;
   void add_lora(const config::LoraConfig& cfg);
+  int n_heads() const { return n_heads_; }
+  int nope_dim() const { return nope_dim_; }
+  int rope_dim() const { return rope_dim_; }
+  int v_dim() const { return v_dim_; }
+  double softmax_scale() const { return softmax_scale_; }
+  // As AttentionImpl's: the logits of the whole query and key (nope and rope parts) with the softmax scale.
+  bool track_max_logits = false;
+  mutable torch::Tensor max_logit_H;
 
  private:
   int n_heads_, nope_dim_, rope_dim_, v_dim_, kv_rank_;

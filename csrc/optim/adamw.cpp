@@ -8,14 +8,26 @@
 namespace moetrain::optim {
 
 AdamW::AdamW(const std::vector<std::pair<std::string, torch::Tensor>>& named_params, const config::OptimConfig& cfg,
-             const std::function<bool(const std::string&)>& no_decay, std::optional<bool> fused)
+             const std::function<bool(const std::string&)>& no_decay, std::optional<bool> fused,
+             const std::vector<bool>& muon)
     : cfg_(cfg) {
+  TORCH_CHECK(muon.empty() || muon.size() == named_params.size(), "[optim] AdamW: ", muon.size(), " Muon flags for ",
+              named_params.size(), " parameters");
   bool all_cuda = !named_params.empty();
   for (const auto& np : named_params) all_cuda = all_cuda && np.second.is_cuda();
   fused_ = fused.value_or(all_cuda);
-  for (const auto& [name, p] : named_params) {
-    auto opts = p.options().dtype(torch::kFloat);
-    state_.states.push_back({name, p, torch::zeros(p.sizes(), opts), torch::zeros(p.sizes(), opts), !no_decay(name), {}});
+  for (size_t i = 0; i < named_params.size(); ++i) {
+    const auto& [name, p] = named_params[i];
+    const auto opts = p.options().dtype(torch::kFloat);
+    ParamState s{name, p, {}, {}, !no_decay(name), {}, false, {}};
+    if (!muon.empty() && muon[i]) {
+      s.muon = true;
+      s.momentum = torch::zeros(p.sizes(), opts);
+    } else {
+      s.exp_avg = torch::zeros(p.sizes(), opts);
+      s.exp_avg_sq = torch::zeros(p.sizes(), opts);
+    }
+    state_.states.push_back(std::move(s));
   }
 }
 
@@ -30,7 +42,7 @@ void AdamW::step(double lr) {
   std::vector<torch::Tensor> params, grads, exp_avgs, exp_avg_sqs;
   std::vector<bool> decay;
   for (auto& s : state_.states) {
-    if (!s.param.grad().defined()) continue;
+    if (s.muon || !s.param.grad().defined()) continue;  // Muon's hidden matrices: optim::Muon updates them
     params.push_back(s.param.detach());
     grads.push_back(s.param.grad());
     exp_avgs.push_back(s.exp_avg);

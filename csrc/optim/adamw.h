@@ -43,8 +43,11 @@ class AdamW {
   // kernel (at::_fused_adamw_, one launch per decay group) instead of the per-tensor ops; by default
   // where every parameter is on CUDA. The CPU keeps the per-tensor ops by default so that its runs
   // (and the golden curve) stay the same to the last bit; both agree to fp32 rounding (tested).
+  // `muon[i]` (optim::Muon, which holds an AdamW for all its parameters): parameter i is a hidden matrix
+  // whose state is a Muon momentum instead of the two moments, and which step() leaves to Muon.
   AdamW(const std::vector<std::pair<std::string, torch::Tensor>>& named_params, const config::OptimConfig& cfg,
-        const std::function<bool(const std::string&)>& no_decay, std::optional<bool> fused = std::nullopt);
+        const std::function<bool(const std::string&)>& no_decay, std::optional<bool> fused = std::nullopt,
+        const std::vector<bool>& muon = {});
   bool fused() const { return fused_; }
   void step(double lr);
   void zero_grad();

@@ -76,53 +76,39 @@ void muon_update(torch::Tensor param, const torch::Tensor& grad, torch::Tensor m
   param.add_(direction.to(param.scalar_type()), -lr);
 }
 
-Muon::Muon(const std::vector<model::RoledParam>& params, const config::OptimConfig& cfg,
-           const std::function<bool(const std::string&)>& no_decay, std::optional<bool> fused)
-    : cfg_(cfg) {
-  state_.optimizer = "muon";
-  bool all_cuda = !params.empty();
-  for (const auto& p : params) all_cuda = all_cuda && p.tensor.is_cuda();
-  fused_ = fused.value_or(all_cuda);
-  for (const auto& p : params) {
-    auto opts = p.tensor.options().dtype(torch::kFloat);
-    ParamState s{p.name, p.tensor, {}, {}, !no_decay(p.name), {}};
-    if (p.hidden_matrix) {
-      s.muon = true;
-      s.momentum = torch::zeros(p.tensor.sizes(), opts);
-    } else {
-      s.exp_avg = torch::zeros(p.tensor.sizes(), opts);
-      s.exp_avg_sq = torch::zeros(p.tensor.sizes(), opts);
-    }
-    state_.states.push_back(std::move(s));
-    columns_.push_back({p.column_heads, p.column_widths});
-  }
+namespace {
+
+std::vector<std::pair<std::string, torch::Tensor>> named(const std::vector<model::RoledParam>& params) {
+  std::vector<std::pair<std::string, torch::Tensor>> out;
+  for (const auto& p : params) out.emplace_back(p.name, p.tensor);
+  return out;
 }
 
-void Muon::zero_grad() {
-  for (auto& s : state_.states)
-    if (s.param.grad().defined()) s.param.mutable_grad() = torch::Tensor();
+std::vector<bool> hidden_matrices(const std::vector<model::RoledParam>& params) {
+  std::vector<bool> out;
+  for (const auto& p : params) out.push_back(p.hidden_matrix);
+  return out;
+}
+
+}  // namespace
+
+Muon::Muon(const std::vector<model::RoledParam>& params, const config::OptimConfig& cfg,
+           const std::function<bool(const std::string&)>& no_decay, std::optional<bool> fused)
+    : cfg_(cfg), adamw_(named(params), cfg, no_decay, fused, hidden_matrices(params)) {
+  adamw_.state().optimizer = "muon";
+  for (const auto& p : params) columns_.push_back({p.column_heads, p.column_widths});
 }
 
 void Muon::step(double lr) {
   torch::NoGradGuard no_grad;
-  ++state_.step_count;
-  std::vector<torch::Tensor> params, grads, exp_avgs, exp_avg_sqs;
-  std::vector<bool> decay;
-  for (size_t i = 0; i < state_.states.size(); ++i) {
-    auto& s = state_.states[i];
-    if (!s.param.grad().defined()) continue;
-    if (s.muon) {
+  auto& states = adamw_.states();
+  for (size_t i = 0; i < states.size(); ++i) {
+    auto& s = states[i];
+    if (s.muon && s.param.grad().defined())
       muon_update(s.param.detach(), s.param.grad(), s.momentum, cfg_, lr, s.decay, columns_[i].heads,
                   columns_[i].widths);
-      continue;
-    }
-    params.push_back(s.param.detach());
-    grads.push_back(s.param.grad());
-    exp_avgs.push_back(s.exp_avg);
-    exp_avg_sqs.push_back(s.exp_avg_sq);
-    decay.push_back(s.decay);
   }
-  adamw_step(params, grads, exp_avgs, exp_avg_sqs, decay, cfg_, lr, state_.step_count, fused_);
+  adamw_.step(lr);  // the rest, and the step count
 }
 
 }  // namespace moetrain::optim

@@ -52,12 +52,12 @@ class Muon {
   Muon(const std::vector<model::RoledParam>& params, const config::OptimConfig& cfg,
        const std::function<bool(const std::string&)>& no_decay, std::optional<bool> fused = std::nullopt);
   void step(double lr);
-  void zero_grad();
-  int64_t step_count() const { return state_.step_count; }
-  std::vector<ParamState>& states() { return state_.states; }
-  const std::vector<ParamState>& states() const { return state_.states; }
-  OptimizerState& state() { return state_; }
-  const OptimizerState& state() const { return state_; }
+  void zero_grad() { adamw_.zero_grad(); }
+  int64_t step_count() const { return adamw_.step_count(); }
+  std::vector<ParamState>& states() { return adamw_.states(); }
+  const std::vector<ParamState>& states() const { return adamw_.states(); }
+  OptimizerState& state() { return adamw_.state(); }
+  const OptimizerState& state() const { return adamw_.state(); }
 
  private:
   struct Columns {
@@ -65,9 +65,10 @@ class Muon {
     std::vector<int64_t> widths;
   };
   config::OptimConfig cfg_;
-  OptimizerState state_;
+  // Every parameter's state and the step count: the hidden matrices' momenta, and AdamW, which updates
+  // the rest.
+  AdamW adamw_;
   std::vector<Columns> columns_;  // per state
-  bool fused_ = false;
 };
 
 }  // namespace moetrain::optim

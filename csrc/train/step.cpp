@@ -4,11 +4,13 @@
 #include <chrono>
 #include <cmath>
 #include <cstdlib>
+#include <limits>
 #include <thread>
 
 #include "common/errors.h"
 #include "common/host_sync.h"
 #include "common/log.h"
+#include "optim/qk_clip.h"
 
 using json = nlohmann::json;
 
@@ -223,6 +225,30 @@ void MoETelemetry::gather_stages(const dist::Layout& layout, const config::Model
   }
 }
 
+namespace {
+
+// MuonClip's QK-clip after the update (optim/qk_clip.h). Each head's maximum is taken over the step's
+// micro-batches and this stage's data-parallel ranks (every one holds the attention whole) by an
+// all-gather and a max: the Communicator has no max reduction, and this is one float per head. Every
+// replica then rescales the same weights by the same factors and stays bit-identical; each pipeline
+// stage clips its own layers. Returns [largest logit, heads clipped] of the whole model.
+torch::Tensor clip_attention(model::TransformerImpl& model, const dist::Layout& layout, double tau) {
+  auto maxima = optim::take_max_logits(model);
+  dist::Communicator& replicas = layout.dp ? *layout.dp : *layout.world;
+  if (maxima.defined() && replicas.world_size() > 1)
+    maxima = std::get<0>(replicas.all_gather(maxima).view({replicas.world_size(), -1}).max(0));
+  auto stats = maxima.defined()
+                   ? optim::qk_clip(model, maxima, tau)
+                   : torch::tensor({-std::numeric_limits<float>::infinity(), 0.0f});
+  if (layout.pp_size() > 1) {  // the stages' pairs: the largest logit, the clipped heads summed
+    const auto all = layout.pp->all_gather(stats).view({layout.pp_size(), 2});
+    stats = torch::stack({all.select(1, 0).max(), all.select(1, 1).sum()});
+  }
+  return stats;
+}
+
+}  // namespace
+
 torch::Tensor upload(const torch::Tensor& host, torch::Device device) {
   if (!device.is_cuda()) return host.to(device);
   return host.pin_memory().to(device, /*non_blocking=*/true);
@@ -233,6 +259,11 @@ StepOutcome train_step(model::TransformerImpl& model, dist::Optimizer& optimizer
                        const std::function<data::Batch(int micro)>& batch_of, const std::function<bool()>& stop_requested) {
   StepOutcome outcome;
   optimizer.zero_grad();
+  const double qk_tau = cfg.optim.qk_clip_tau;
+  if (qk_tau > 0) {  // MuonClip: the attention layers track this step's logits (a skipped step's are dropped)
+    optim::track_max_logits(model, true);
+    optim::take_max_logits(model);
+  }
   const auto fp64 = torch::TensorOptions().dtype(torch::kDouble).device(device);
   const int depth = cfg.model.mtp_depth;
   // The cross-entropy and each MTP depth's, summed over the micro-batches on the device (the last
@@ -343,6 +374,7 @@ StepOutcome train_step(model::TransformerImpl& model, dist::Optimizer& optimizer
   const double max_norm = cfg.optim.grad_clip;
   if (max_norm > 0 && outcome.grad_norm > max_norm) optimizer.scale_gradients(max_norm / (outcome.grad_norm + 1e-6));
   optimizer.step(lr);
+  if (qk_tau > 0) outcome.qk_clip = clip_attention(model, parallel.layout(), qk_tau);
   parallel.sum_load(outcome.telemetry.load_LE, outcome.telemetry.dropped_L);
   model.update_router_bias(outcome.telemetry.load_LE);  // this stage's layers
   outcome.telemetry.gather_stages(parallel.layout(), cfg.model);

@@ -57,6 +57,9 @@ struct StepOutcome {
   bool applied = true;   // false: a rank's loss or gradients were not finite, and nothing was updated
   bool stop = false;     // a rank's stop_requested said yes (the job-wide stop vote, taken with the health)
   std::string nonfinite; // what was not finite, and on which ranks ("" when applied)
+  // optim.qk_clip_tau > 0: the step's largest pre-softmax logit over every head of the model and the
+  // number of heads clipped, (2) fp32 on the device (read only when logged); undefined otherwise.
+  torch::Tensor qk_clip;
   MoETelemetry telemetry;
 };
 

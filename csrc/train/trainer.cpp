@@ -20,6 +20,7 @@
 #include "common/errors.h"
 #include "common/fault.h"
 #include "common/files.h"
+#include "common/host_sync.h"
 #include "common/log.h"
 #include "cost/flops.h"
 #include "cost/hardware.h"
@@ -465,6 +466,11 @@ TrainResult train(const config::Config& given, const TrainOptions& options) {
         rec["skipped"] = true;
         rec["nonfinite"] = outcome.nonfinite;
       }
+      if (outcome.qk_clip.defined()) {  // optim.qk_clip_tau: the logged step's largest logit, its clipped heads
+        const auto qk = host_read(outcome.qk_clip.to(torch::kDouble), "step.qk_clip");
+        rec["qk_max_logit"] = qk[0].item<double>();
+        rec["qk_clipped_heads"] = int64_t(qk[1].item<double>());
+      }
       moe_telemetry.write(rec);
       metrics << rec.dump() << "\n" << std::flush;
       if (tensorboard) tensorboard->scalars(progress.step, tensorboard_scalars(rec));
@@ -479,6 +485,9 @@ TrainResult train(const config::Config& given, const TrainOptions& options) {
       }
       if (rec.contains("load_max_over_mean"))
         line += " | load max/mean " + format_double(rec["load_max_over_mean"].get<double>(), 3);
+      if (rec.contains("qk_max_logit"))
+        line += " | qk max " + format_double(rec["qk_max_logit"].get<double>(), 4) + " clipped " +
+                std::to_string(rec["qk_clipped_heads"].get<int64_t>());
       if (val_loss >= 0) line += " | val_loss " + format_double(val_loss, 4);
       log_line(line);
       window_tokens = 0;

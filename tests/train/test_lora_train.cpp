@@ -116,39 +116,25 @@ CATCH_TEST_CASE("A LoRA checkpoint holds the adapters and a reference to the bas
   const auto full = train::train(straight, {});
   CATCH_REQUIRE(full.losses.size() == 6);
 
-  auto first = straight;
-  first.run.out_dir = dir.str("resumed");
-  first.train.steps = 3;
-  first.optim.decay_steps = 6;
-  const auto a = train::train(first, {});
-  // The checkpoint: adapters (and buffers) only, their moments only, and the base named with its fingerprint.
-  const std::string step_dir = dir.str("resumed/ckpt/step_00000003");
-  const auto manifest = ckpt::read_manifest(step_dir);
-  CATCH_REQUIRE(manifest.lora_base);
-  CATCH_CHECK(manifest.lora_base->init_from == straight.model.init_from);
-  CATCH_CHECK(manifest.lora_base->fingerprint.rfind("sha256:", 0) == 0);
-  for (const auto& f : manifest.files) {
-    if (f.name.rfind("rng-", 0) == 0) continue;
-    ckpt::SafetensorsFile file(files::join(step_dir, f.name));
-    for (const auto& info : file.tensors()) {
-      CATCH_INFO(f.name << ": " << info.name);
-      CATCH_CHECK((info.name.find("_lora_") != std::string::npos || info.name.find("bias") != std::string::npos));
+  const auto resumed = testing::check_resume_joins(straight, full, dir.str("resumed"), 3, [&] {
+    // The checkpoint: adapters (and buffers) only, their moments only, and the base named with its fingerprint.
+    const std::string step_dir = dir.str("resumed/ckpt/step_00000003");
+    const auto manifest = ckpt::read_manifest(step_dir);
+    CATCH_REQUIRE(manifest.lora_base);
+    CATCH_CHECK(manifest.lora_base->init_from == straight.model.init_from);
+    CATCH_CHECK(manifest.lora_base->fingerprint.rfind("sha256:", 0) == 0);
+    for (const auto& f : manifest.files) {
+      if (f.name.rfind("rng-", 0) == 0) continue;
+      ckpt::SafetensorsFile file(files::join(step_dir, f.name));
+      for (const auto& info : file.tensors()) {
+        CATCH_INFO(f.name << ": " << info.name);
+        CATCH_CHECK((info.name.find("_lora_") != std::string::npos || info.name.find("bias") != std::string::npos));
+      }
     }
-  }
-  auto second = first;
-  second.train.steps = 6;
-  const auto b = train::train(second, {"auto"});
-  CATCH_CHECK(b.first_step == 3);
-  std::vector<double> joined = a.losses;
-  joined.insert(joined.end(), b.losses.begin(), b.losses.end());
-  CATCH_REQUIRE(joined.size() == 6);
-  for (size_t i = 0; i < 6; ++i) {
-    CATCH_INFO("step " << i + 1);
-    CATCH_CHECK(joined[i] == full.losses[i]);
-  }
+  });
 
   // The same run folder resumed on another base (another seed's weights, the same architecture): refused.
-  auto other = second;
+  auto other = resumed.second_cfg;
   other.train.steps = 8;
   other.model.init_from = make_base(straight.model, 78, dir.str("other-base"));
   try {

@@ -25,38 +25,23 @@ CATCH_TEST_CASE("Muon trains the tiny model: the loss falls, the checkpoint hold
   CATCH_REQUIRE(full.losses.size() == 6);
   CATCH_CHECK(full.losses.back() < full.losses.front());
 
-  auto first = straight;
-  first.run.out_dir = dir.str("resumed");
-  first.train.steps = 3;
-  first.optim.decay_steps = 6;
-  const auto a = train::train(first, {});
-  const std::string step_dir = dir.str("resumed/ckpt/step_00000003");
-  CATCH_CHECK(ckpt::read_manifest(step_dir).optimizer == "muon");
-  ckpt::SafetensorsFile optim_file(files::join(step_dir, "optim.safetensors"));
-  CATCH_CHECK(optim_file.contains("layers.0.attn.wq.momentum"));
-  CATCH_CHECK(!optim_file.contains("layers.0.attn.wq.exp_avg"));
-  CATCH_CHECK(optim_file.contains("layers.0.attn_norm.weight.exp_avg"));
-  CATCH_CHECK(optim_file.contains("layers.0.attn_norm.weight.exp_avg_sq"));
-  CATCH_CHECK(optim_file.contains("embed.exp_avg"));
-  CATCH_CHECK(optim_file.load("layers.0.attn.wq.momentum").abs().sum().item<double>() > 0);
-  bool expert_momentum = false;  // the routed experts' momenta, one tensor per global expert id
-  for (const auto& name : files::list_directory(step_dir))
-    if (name.rfind("optim-experts", 0) == 0)
-      for (const auto& info : ckpt::SafetensorsFile(files::join(step_dir, name)).tensors())
-        expert_momentum = expert_momentum || info.name.find("experts.w1[0].momentum") != std::string::npos;
-  CATCH_CHECK(expert_momentum);
-
-  auto second = first;
-  second.train.steps = 6;
-  const auto b = train::train(second, {"auto"});
-  CATCH_CHECK(b.first_step == 3);
-  std::vector<double> joined = a.losses;
-  joined.insert(joined.end(), b.losses.begin(), b.losses.end());
-  CATCH_REQUIRE(joined.size() == 6);
-  for (size_t i = 0; i < 6; ++i) {
-    CATCH_INFO("step " << i + 1);
-    CATCH_CHECK(joined[i] == full.losses[i]);  // bitwise: same ops on the same bits
-  }
+  testing::check_resume_joins(straight, full, dir.str("resumed"), 3, [&] {
+    const std::string step_dir = dir.str("resumed/ckpt/step_00000003");
+    CATCH_CHECK(ckpt::read_manifest(step_dir).optimizer == "muon");
+    ckpt::SafetensorsFile optim_file(files::join(step_dir, "optim.safetensors"));
+    CATCH_CHECK(optim_file.contains("layers.0.attn.wq.momentum"));
+    CATCH_CHECK(!optim_file.contains("layers.0.attn.wq.exp_avg"));
+    CATCH_CHECK(optim_file.contains("layers.0.attn_norm.weight.exp_avg"));
+    CATCH_CHECK(optim_file.contains("layers.0.attn_norm.weight.exp_avg_sq"));
+    CATCH_CHECK(optim_file.contains("embed.exp_avg"));
+    CATCH_CHECK(optim_file.load("layers.0.attn.wq.momentum").abs().sum().item<double>() > 0);
+    bool expert_momentum = false;  // the routed experts' momenta, one tensor per global expert id
+    for (const auto& name : files::list_directory(step_dir))
+      if (name.rfind("optim-experts", 0) == 0)
+        for (const auto& info : ckpt::SafetensorsFile(files::join(step_dir, name)).tensors())
+          expert_momentum = expert_momentum || info.name.find("experts.w1[0].momentum") != std::string::npos;
+    CATCH_CHECK(expert_momentum);
+  });
 }
 
 CATCH_TEST_CASE("A checkpoint of one optimizer does not resume with the other: one line naming it and both",

@@ -22,21 +22,7 @@ CATCH_TEST_CASE("Resumed training equals uninterrupted training bit for bit", "[
 
   // The first half stops at step 3 (train.steps=3 with the schedule horizon kept at 6 steps, as
   // train.steps=6 gives it), the second resumes to 6.
-  auto first = testing::tiny_train_config(data_dir, dir.str("resumed"));
-  first.train.steps = 3;
-  first.optim.decay_steps = 6;
-  const auto a = train::train(first, {});
-  auto second = first;
-  second.train.steps = 6;
-  const auto b = train::train(second, {"auto"});
-  CATCH_CHECK(b.first_step == 3);
-  std::vector<double> joined = a.losses;
-  joined.insert(joined.end(), b.losses.begin(), b.losses.end());
-  CATCH_REQUIRE(joined.size() == 6);
-  for (size_t i = 0; i < 6; ++i) {
-    CATCH_INFO("step " << i + 1);
-    CATCH_CHECK(joined[i] == full.losses[i]);  // bitwise: same ops on the same bits
-  }
+  testing::check_resume_joins(straight, full, dir.str("resumed"));
   // metrics.jsonl of the resumed run holds each step once, in order.
   std::ifstream metrics(dir.str("resumed/metrics.jsonl"));
   std::string line;
@@ -96,18 +82,7 @@ CATCH_TEST_CASE("run.deterministic trains the default run's model and resumes bi
     CATCH_CHECK(a.losses[i] == Approx(plain.losses[i]).epsilon(1e-4));
   }
   // Resume from step 3 under the mode: the same losses bit for bit.
-  auto first = det;
-  first.run.out_dir = dir.str("resumed");
-  first.train.steps = 3;
-  first.optim.decay_steps = 6;
-  const auto r1 = train::train(first, {});
-  auto second = first;
-  second.train.steps = 6;
-  const auto r2 = train::train(second, {"auto"});
-  std::vector<double> joined = r1.losses;
-  joined.insert(joined.end(), r2.losses.begin(), r2.losses.end());
-  CATCH_REQUIRE(joined.size() == a.losses.size());
-  for (size_t i = 0; i < joined.size(); ++i) CATCH_CHECK(joined[i] == a.losses[i]);
+  testing::check_resume_joins(det, a, dir.str("resumed"));
 
   train::train(base, {"auto"});  // a run without the key turns the mode off again
   CATCH_CHECK(!at::globalContext().deterministicAlgorithms());

@@ -1,11 +1,15 @@
 // A small corpus and config for tests that train: pseudo-English sentences, byte shards, a model that
 // runs a step in milliseconds.
 #pragma once
+#include <catch2/catch.hpp>
+
 #include <fstream>
+#include <functional>
 #include <random>
 
 #include "../test_util.h"
 #include "data/shard.h"
+#include "train/trainer.h"
 
 namespace moetrain::testing {
 
@@ -64,6 +68,41 @@ inline config::Config tiny_train_config(const std::string& data_dir, const std::
   cfg.optim.warmup_steps = 2;
   cfg.optim.lr = 3e-3;
   return cfg;
+}
+
+// The two halves of a run resumed from a checkpoint (check_resume_joins).
+struct ResumedRun {
+  config::Config first_cfg, second_cfg;
+  train::TrainResult first, second;
+};
+
+// Trains `straight` (train.steps N, run already as `full`) again into `out_dir` in two runs: to step
+// `split` with the schedule's horizon kept at N (as train.steps = N gives it), then resumed ("auto") to N.
+// Checks that the second run starts at `split` and that the joined losses equal the straight run's bit
+// for bit (the same ops on the same bits). `after_first` looks at the first run's folder before the resume.
+inline ResumedRun check_resume_joins(const config::Config& straight, const train::TrainResult& full,
+                                     const std::string& out_dir, int64_t split = 3,
+                                     const std::function<void()>& after_first = {}) {
+  const int64_t steps = straight.train.steps;
+  ResumedRun run;
+  run.first_cfg = straight;
+  run.first_cfg.run.out_dir = out_dir;
+  run.first_cfg.train.steps = int(split);
+  run.first_cfg.optim.decay_steps = int(steps);
+  run.first = train::train(run.first_cfg, {});
+  if (after_first) after_first();
+  run.second_cfg = run.first_cfg;
+  run.second_cfg.train.steps = int(steps);
+  run.second = train::train(run.second_cfg, {"auto"});
+  CATCH_CHECK(run.second.first_step == split);
+  std::vector<double> joined = run.first.losses;
+  joined.insert(joined.end(), run.second.losses.begin(), run.second.losses.end());
+  CATCH_REQUIRE(joined.size() == full.losses.size());
+  for (size_t i = 0; i < joined.size(); ++i) {
+    CATCH_INFO("step " << i + 1);
+    CATCH_CHECK(joined[i] == full.losses[i]);
+  }
+  return run;
 }
 
 }  // namespace moetrain::testing
