@@ -12,7 +12,7 @@ py=third_party/venv/bin/python
 bin=build/moetrain
 data=data/rl-demo
 out=runs/rl-demo
-sft_steps=${SFT_STEPS:-300}
+sft_steps=${SFT_STEPS:-1500}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 
 die() { echo "[rl_demo] $*" >&2; exit 1; }

@@ -171,7 +171,9 @@ const std::vector<KeyDesc>& keys() {
       MOETRAIN_KEY(model.init_from,
                    "Initial weights: \"\" = the seeded random init; hf:DIR = a Hugging Face folder (config.json "
                    "and safetensors of Mixtral, Qwen2-MoE, Qwen3-MoE or OLMoE), whose config.json then sets the "
-                   "architecture keys of model.* (training keys such as the balancing coefficients stay).",
+                   "architecture keys of model.* (training keys such as the balancing coefficients stay); "
+                   "ckpt:DIR = the weights of a moetrain run or checkpoint of this same architecture (an SFT run "
+                   "before `moetrain rl`).",
                    any()),
 
       MOETRAIN_KEY(model.mla.q_lora_rank,
