@@ -93,6 +93,7 @@ config::Config tiny_rl_config(const TempDir& dir) {
   cfg.model = tiny_model_config();
   cfg.model.vocab_size = 256;
   cfg.model.max_seq_len = 32;
+  cfg.data.seq_len = 32;
   cfg.run.out_dir = dir.str("run");
   cfg.run.threads = 1;
   cfg.train.steps = 3;
@@ -335,6 +336,7 @@ CATCH_TEST_CASE("moetrain rl resumes at a rollout-batch boundary exactly", "[rl]
   cfg.rl.reward_command = "python3 -c 'import sys,json\nfor l in sys.stdin: d=json.loads(l); print(len(d[\"completion\"]) / 5)'";
   cfg.train.steps = 4;
   cfg.checkpoint.every = 1;
+  config::validate(cfg);
   rl::run(cfg, {});
   const auto straight = read_metrics(dir.str("run/metrics.jsonl"));
   cfg.run.out_dir = dir.str("split");
