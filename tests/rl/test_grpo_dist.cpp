@@ -49,6 +49,7 @@ CATCH_TEST_CASE("GRPO at (world, ep) = (2,1) and (2,2) on the store backend equa
     cfg.model = tiny_model_config();
     cfg.model.vocab_size = 256;
     cfg.model.max_seq_len = 32;
+    cfg.data.seq_len = 32;
     cfg.model.dense_layers = 0;
     // The balancing losses count every token of a rank's batch, its right padding too, and the padding
     // differs between layouts: off, so that the gradients are the same.
