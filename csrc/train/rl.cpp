@@ -19,6 +19,7 @@
 
 #include "ckpt/checkpoint.h"
 #include "common/errors.h"
+#include "common/fault.h"
 #include "common/files.h"
 #include "common/log.h"
 #include "data/tokenizer.h"
@@ -539,6 +540,7 @@ RLResult run(const config::Config& given, const TrainOptions& options) {
   for (int64_t step = progress.step; step < total_steps; ++step) {
     // ---- rollout: G completions of each of this rank's prompts ---------------------------------------
     const double rollout_start = now_s();
+    fault_point("step", step + 1, comm->rank());  // the signal tests: a preemption during a rollout batch
     const auto ids = batch_prompts(cfg.run.seed, step, rl.prompts_per_step, int64_t(prompts.size()));
     std::vector<std::vector<int64_t>> rows;
     std::vector<const Prompt*> row_prompt;

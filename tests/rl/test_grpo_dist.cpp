@@ -95,3 +95,39 @@ CATCH_TEST_CASE("GRPO at (world, ep) = (2,1) and (2,2) on the store backend equa
     CATCH_CHECK(max_relative_difference(got, one, "model", "step_00000003") <= 1e-5);
   }
 }
+
+CATCH_TEST_CASE("SIGTERM to one rank of a two-rank GRPO run saves at the batch boundary, and the run resumes", "[rl][dist][multiproc]") {
+  TempDir dir("rl-signal");
+  {
+    std::ofstream out(dir.str("prompts.jsonl"));
+    for (int i = 0; i < 8; ++i) out << nlohmann::json{{"prompt", std::to_string(i) + "="}, {"answer", std::to_string(i)}}.dump() << "\n";
+  }
+  config::Config cfg;
+  cfg.model = tiny_model_config();
+  cfg.model.vocab_size = 256;
+  cfg.model.max_seq_len = 32;
+  cfg.data.seq_len = 32;
+  cfg.run.out_dir = dir.str("run");
+  cfg.train.steps = 5;
+  cfg.train.log_every = 1;
+  cfg.train.eval_every = 0;
+  cfg.optim.warmup_steps = 0;
+  cfg.rl.prompts = dir.str("prompts.jsonl");
+  cfg.rl.prompts_per_step = 2;
+  cfg.rl.group_size = 2;
+  cfg.rl.max_new_tokens = 3;
+  cfg.parallel.timeout_s = 60;
+  const std::string yaml = write_config(cfg, dir.str("run/input.yaml"));
+  const std::string command = std::string(MOETRAIN_BINARY) + " rl --config " + yaml;
+  const auto r = run_command("OMP_NUM_THREADS=1 MOETRAIN_TEST_SIGNAL_AT=step@3:1 " + launch(2, command));
+  CATCH_INFO(r.output);
+  CATCH_CHECK(r.exit_code == 0);
+  CATCH_CHECK_THAT(r.output, Catch::Matchers::Contains("received") && Catch::Matchers::Contains(": saved"));
+  CATCH_CHECK(files::read_file(dir.str("run/ckpt/latest")) == "step_00000003\n");
+  const auto resumed = run_command("OMP_NUM_THREADS=1 " + launch(2, command + " --resume auto"));
+  CATCH_INFO(resumed.output);
+  CATCH_CHECK(resumed.exit_code == 0);
+  CATCH_CHECK_THAT(resumed.output, Catch::Matchers::Contains("resumed from") && Catch::Matchers::Contains("step_00000003"));
+  CATCH_CHECK(files::read_file(dir.str("run/ckpt/latest")) == "step_00000005\n");
+  CATCH_CHECK(rl_rows(dir.str("run")).size() == 5);
+}
