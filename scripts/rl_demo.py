@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """The GRPO demo's task data and its reward curve (scripts/rl_demo.sh).
 
-data OUT: two-digit additions "a+b=" -> "c", split three ways with no sum shared between the splits'
-problems: sft.txt (a share of the training problems written out, "a+b=c" per line, for a brief SFT),
+data OUT: two-digit additions "a+b=" -> "c", split so that no held-out pair (a, b) is trained on:
+sft.txt (a share of the training problems written out, "a+b=c" per line, for a brief SFT),
 rl_train.jsonl (the RL prompts: all training problems) and heldout.jsonl (problems in neither).
 plot METRICS PNG: reward_mean and accuracy per rollout batch, held-out accuracy where measured.
 """
