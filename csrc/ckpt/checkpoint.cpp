@@ -374,11 +374,20 @@ std::set<std::string> expert_names(const model::TransformerImpl& model) {
 LoraBase lora_base_of(const model::TransformerImpl& model) {
   const std::string& init_from = model.config().init_from;
   if (init_from.empty()) return {"", "seed " + std::to_string(model.lora_seed())};
-  const std::string dir = init_from.rfind("hf:", 0) == 0 ? init_from.substr(3) : init_from;
+  // ckpt:DIR, one of our runs (an SFT run before `moetrain rl`): its manifest holds every file's sha256.
+  const bool ours = init_from.rfind("ckpt:", 0) == 0;
+  std::string dir = init_from.rfind("hf:", 0) == 0 ? init_from.substr(3) : init_from;
+  if (ours) {
+    const auto step_dir = find_checkpoint(init_from.substr(5));
+    if (!step_dir) throw CheckpointError("model.init_from = " + init_from + " holds no checkpoint");
+    dir = *step_dir;
+  }
   const std::string index_path = files::join(dir, "model.safetensors.index.json");
   Sha256 digest;
   std::set<std::string> weight_files;
-  if (files::exists(index_path)) {
+  if (ours) {
+    weight_files.insert("manifest.json");
+  } else if (files::exists(index_path)) {
     const std::string index = files::read_file(index_path);
     digest.update(index.data(), index.size());
     try {

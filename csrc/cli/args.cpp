@@ -127,7 +127,7 @@ std::string usage(const Command& command) {
 config::Config load_command_config(const Args& args, InitFrom mode) {
   const auto cfg = args.has("config") ? config::load_config(args.get("config"), args.all("set"))
                                       : config::parse_config("{}", "<defaults>", args.all("set"));
-  if (mode == InitFrom::if_present && !cfg.model.init_from.empty() &&
+  if (mode == InitFrom::if_present && hf::is_hf_path(cfg.model.init_from) &&
       !files::exists(files::join(hf::hf_dir(cfg.model.init_from), "config.json"))) {
     std::fprintf(stderr, "note: model.init_from = %s has no config.json yet: the model keys printed are the file's "
                  "placeholders, not the checkpoint's architecture\n", cfg.model.init_from.c_str());

@@ -60,6 +60,7 @@ int run_reporting_errors(const char* program, const std::function<int()>& body);
 
 // Subcommands: each returns the process exit code.
 int run_train(const std::vector<std::string>& argv);
+int run_rl(const std::vector<std::string>& argv);
 int run_generate(const std::vector<std::string>& argv);
 int run_prepare_data(const std::vector<std::string>& argv);
 int run_config(const std::vector<std::string>& argv);

@@ -18,6 +18,7 @@ struct Subcommand {
 
 const Subcommand kSubcommands[] = {
     {"train", "train a model from a YAML config (checkpoints, metrics, resume)", moetrain::cli::run_train},
+    {"rl", "reinforcement learning with GRPO from a YAML config (rollouts, verifiable rewards, rl.*)", moetrain::cli::run_rl},
     {"generate", "sample text (or token ids) from a checkpoint or a Hugging Face folder", moetrain::cli::run_generate},
     {"eval", "mean next-token loss and perplexity of a checkpoint over a token shard", moetrain::cli::run_eval},
     {"inspect", "a checkpoint's manifest, tensors and parameter counts; verifies its checksums", moetrain::cli::run_inspect},

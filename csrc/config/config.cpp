@@ -171,7 +171,9 @@ const std::vector<KeyDesc>& keys() {
       MOETRAIN_KEY(model.init_from,
                    "Initial weights: \"\" = the seeded random init; hf:DIR = a Hugging Face folder (config.json "
                    "and safetensors of Mixtral, Qwen2-MoE, Qwen3-MoE or OLMoE), whose config.json then sets the "
-                   "architecture keys of model.* (training keys such as the balancing coefficients stay).",
+                   "architecture keys of model.* (training keys such as the balancing coefficients stay); "
+                   "ckpt:DIR = the weights of a moetrain run or checkpoint of this same architecture (an SFT run "
+                   "before `moetrain rl`).",
                    any()),
 
       MOETRAIN_KEY(model.mla.q_lora_rank,
@@ -456,6 +458,59 @@ const std::vector<KeyDesc>& keys() {
                    "b200; cpu = this CPU's fp32 matmul rate, measured at start).",
                    one_of({"cpu", "h100", "h200", "h800", "a100", "b200"})),
       MOETRAIN_KEY(cost.price_per_gpu_hour, "Price of one GPU hour, for the cost estimate.", at_least(0)),
+
+      MOETRAIN_KEY(rl.prompts,
+                   "`moetrain rl`: a .jsonl file of prompts, one object per line with \"prompt\" and \"answer\" "
+                   "(text, byte-tokenized); sampled without replacement in a seeded order, epoch after epoch.", any()),
+      MOETRAIN_KEY(rl.eval_prompts,
+                   "Held-out prompts (.jsonl, as rl.prompts): greedy exact-match accuracy before the first rollout, "
+                   "every train.eval_every rollout batches and at the end (eval_accuracy in metrics.jsonl); \"\" = none.",
+                   any()),
+      MOETRAIN_KEY(rl.eval_limit, "Evaluate at most this many of rl.eval_prompts (the first ones); 0 = all.", at_least(0)),
+      MOETRAIN_KEY(rl.prompts_per_step,
+                   "Prompts per rollout batch over all data-parallel ranks (each rank samples its share); must be a "
+                   "multiple of the data-parallel world size.", at_least(1)),
+      MOETRAIN_KEY(rl.group_size, "G: completions sampled per prompt; advantages are normalised within each group.",
+                   at_least(2)),
+      MOETRAIN_KEY(rl.max_new_tokens, "Most tokens of a completion.", at_least(1)),
+      MOETRAIN_KEY(rl.temperature, "Sampling temperature of the rollouts.", above(0)),
+      MOETRAIN_KEY(rl.stop, "Characters (bytes) any of which ends a completion (kept in it); \"\" = none.", any()),
+      MOETRAIN_KEY(rl.advantage,
+                   "group_norm: (r - mean) / (std + 1e-4) within each group (GRPO); mean_only: r - mean (Dr. GRPO).",
+                   one_of({"group_norm", "mean_only"})),
+      MOETRAIN_KEY(rl.clip_eps, "PPO clip: the ratio is clipped to [1 - clip_eps, 1 + clip_eps_high].", above_to(0, 1)),
+      MOETRAIN_KEY(rl.clip_eps_high, "The upper clip (DAPO's clip-higher); 0 = rl.clip_eps.", at_least(0)),
+      MOETRAIN_KEY(rl.loss_aggregation,
+                   "token: the surrogate averaged over every response token of the batch (DAPO); sequence: over each "
+                   "response's tokens, then over responses (GRPO).", one_of({"token", "sequence"})),
+      MOETRAIN_KEY(rl.ratio,
+                   "token: one importance ratio per token (GRPO); sequence: the geometric mean of a response's token "
+                   "ratios, clipped per response (GSPO).", one_of({"token", "sequence"})),
+      MOETRAIN_KEY(rl.kl_coef,
+                   "Weight of the k3 KL estimate to a frozen reference (the initial weights: model.init_from or the "
+                   "seeded init); 0 = no penalty and no reference is built.", at_least(0)),
+      MOETRAIN_KEY(rl.updates_per_batch,
+                   "Optimizer steps per rollout batch, each over the whole batch against the old-policy "
+                   "log-probs taken at rollout time.", at_least(1)),
+      MOETRAIN_KEY(rl.reward,
+                   "exact_answer: 1 when the answer extracted from the completion (rl.answer_from) equals the prompt's "
+                   "answer (whitespace trimmed), else 0; command: rl.reward_command.", one_of({"exact_answer", "command"})),
+      MOETRAIN_KEY(rl.answer_from,
+                   "Where exact_answer finds the answer: tag = the text of the last <T>...</T> with T = "
+                   "rl.answer_tag; boxed = the last \\boxed{...}; whole = the completion less its stop character.",
+                   one_of({"tag", "boxed", "whole"})),
+      MOETRAIN_KEY(rl.answer_tag, "The tag of rl.answer_from = tag.", non_empty()),
+      MOETRAIN_KEY(rl.format_reward,
+                   "Added to the reward of a completion that follows DeepSeek-R1's template "
+                   "<think>...</think><answer>...</answer> (surrounding whitespace allowed); 0 = off.", at_least(0)),
+      MOETRAIN_KEY(rl.reward_command,
+                   "rl.reward = command: a shell command that reads one JSON object per completion on stdin "
+                   "({\"prompt\", \"completion\", \"answer\"}) and writes one number per line on stdout.", any()),
+      MOETRAIN_KEY(rl.reward_timeout_s, "Seconds the reward command may take for one rollout batch.", above(0)),
+      MOETRAIN_KEY(rl.routing_replay,
+                   "Record each token's experts during the rollout and route the update's forward passes through "
+                   "them (routing_mismatch in metrics.jsonl: the fraction of token-expert choices that differ).",
+                   any()),
   };
   return table;
 }
@@ -1029,8 +1084,9 @@ void validate(const Config& cfg) {
   if (m.mla.qk_rope_head_dim % 2 != 0)
     throw ConfigError(kv("model.mla.qk_rope_head_dim", m.mla.qk_rope_head_dim) +
                       " must be even (RoPE rotates pairs of dimensions)");
-  if (!m.init_from.empty() && m.init_from.rfind("hf:", 0) != 0)
-    throw ConfigError("model.init_from = \"" + m.init_from + "\" must be \"\" or hf:DIR (a Hugging Face folder)");
+  if (!m.init_from.empty() && m.init_from.rfind("hf:", 0) != 0 && m.init_from.rfind("ckpt:", 0) != 0)
+    throw ConfigError("model.init_from = \"" + m.init_from +
+                      "\" must be \"\", hf:DIR (a Hugging Face folder) or ckpt:DIR (a moetrain run or checkpoint of this architecture)");
   if (m.dense_layers > m.n_layers)
     throw ConfigError(kv("model.dense_layers", m.dense_layers) + " must be in [0, " +
                       kv("model.n_layers", m.n_layers) + "]");
@@ -1160,6 +1216,14 @@ void validate(const Config& cfg) {
                         " needs train.activation_checkpointing none or selective (a recomputed block would draw "
                         "other dropout masks than its forward)");
   }
+  const RLConfig& rl = cfg.rl;
+  if (rl.reward == "command" && rl.reward_command.empty())
+    throw ConfigError("rl.reward = command needs rl.reward_command: the program that scores the completions");
+  if (rl.reward != "command" && !rl.reward_command.empty())
+    throw ConfigError("rl.reward_command is set but rl.reward = " + rl.reward + " does not use it (set rl.reward: command)");
+  if (rl.clip_eps_high > 0 && rl.clip_eps_high < rl.clip_eps)
+    throw ConfigError("rl.clip_eps_high (" + format_number(rl.clip_eps_high) + ") must be at least rl.clip_eps (" +
+                      format_number(rl.clip_eps) + ") or 0 (= rl.clip_eps)");
 }
 
 std::vector<int> explicit_pp_layers(const Config& cfg) {

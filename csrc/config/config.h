@@ -185,6 +185,34 @@ struct CostConfig {
   double price_per_gpu_hour = 2.0;
 };
 
+// rl: GRPO (`moetrain rl`, DeepSeekMath / DeepSeek-R1). For each prompt, group_size completions are
+// sampled and rewarded; advantages are normalised within the group; the policy takes a clipped surrogate
+// step. train.steps counts rollout batches; each runs updates_per_batch optimizer steps.
+struct RLConfig {
+  std::string prompts;               // .jsonl of {"prompt": text, "answer": text}, byte-tokenized
+  std::string eval_prompts;          // held-out .jsonl: greedy exact-match accuracy at start, eval_every, end; "" = none
+  int eval_limit = 0;                // evaluate at most this many held-out prompts; 0 = all
+  int prompts_per_step = 8;          // prompts per rollout batch over all data-parallel ranks
+  int group_size = 8;                // G: completions sampled per prompt
+  int max_new_tokens = 32;           // completion length limit
+  double temperature = 1.0;          // rollout sampling temperature (> 0)
+  std::string stop;                  // characters (bytes) that end a completion, kept in it; "" = none
+  std::string advantage = "group_norm";       // group_norm: (r - mean) / (std + eps) | mean_only: r - mean (Dr. GRPO)
+  double clip_eps = 0.2;             // ratio clipped to [1 - clip_eps, 1 + clip_eps_high]
+  double clip_eps_high = 0.0;        // the upper clip (DAPO); 0 = clip_eps
+  std::string loss_aggregation = "token";     // token: mean over all response tokens | sequence: mean of per-sequence means
+  std::string ratio = "token";       // token | sequence (GSPO: geometric mean of the token ratios, clipped per sequence)
+  double kl_coef = 0.0;              // k3 KL penalty to the frozen initial model; 0 = no reference is loaded
+  int updates_per_batch = 1;         // optimizer steps per rollout batch (old log-probs from the rollout)
+  std::string reward = "exact_answer";        // exact_answer | command (reward_command)
+  std::string answer_from = "tag";   // where exact_answer finds the answer: tag (<answer_tag>...</answer_tag>) | boxed (\boxed{...}) | whole (the completion less the stop)
+  std::string answer_tag = "answer";
+  double format_reward = 0.0;        // added for the R1 template <think>...</think><answer>...</answer>; 0 = off
+  std::string reward_command;        // a program: JSON lines {prompt, completion, answer} in, one number per line out
+  double reward_timeout_s = 60;      // the reward command's time limit per rollout batch
+  bool routing_replay = false;       // the update's forward uses the experts each token was routed to in the rollout
+};
+
 struct Config {
   RunConfig run;
   ModelConfig model;
@@ -195,6 +223,7 @@ struct Config {
   ParallelConfig parallel;
   CheckpointConfig checkpoint;
   CostConfig cost;
+  RLConfig rl;
 };
 
 // Reads a YAML file, applies `key.path=value` overrides, validates. Throws ConfigError naming the

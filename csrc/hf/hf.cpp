@@ -13,6 +13,7 @@
 #include <optional>
 #include <set>
 
+#include "ckpt/checkpoint.h"
 #include "ckpt/safetensors.h"
 #include "common/files.h"
 #include "common/json_brief.h"
@@ -462,7 +463,7 @@ void apply_architecture(const config::ModelConfig& hf, config::ModelConfig& m) {
 }
 
 config::Config resolve_init_from(const config::Config& cfg) {
-  if (cfg.model.init_from.empty()) return cfg;
+  if (!is_hf_path(cfg.model.init_from)) return cfg;  // "" or ckpt:DIR, whose architecture is the config's own
   config::Config out = cfg;
   apply_architecture(read_config(hf_dir(cfg.model.init_from)).model, out.model);
   out.data.seq_len = std::min(out.data.seq_len, out.model.max_seq_len);
@@ -1161,6 +1162,13 @@ void export_model(const model::TransformerImpl& model, Family family, const std:
 }
 
 void load_init_from(model::TransformerImpl& model, const std::string& init_from) {
+  if (init_from.rfind("ckpt:", 0) == 0) {  // one of our checkpoints (an SFT run before `moetrain rl`)
+    const std::string where = init_from.substr(5);
+    const auto step_dir = ckpt::find_checkpoint(where);
+    if (!step_dir) throw CheckpointError("model.init_from = " + init_from + ": '" + where + "' holds no checkpoint");
+    ckpt::load_model(*step_dir, model);
+    return;
+  }
   const std::string dir = hf_dir(init_from);
   load_weights(dir, read_config(dir).family, model);
 }

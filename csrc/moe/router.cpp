@@ -72,6 +72,13 @@ RoutingPlan RouterImpl::route(const torch::Tensor& x_TD, int64_t seq_len) const 
   }
   RoutingPlan plan;
   plan.topk_ids_TK = std::get<1>(choice_TE.topk(K, 1, /*largest=*/true, /*sorted=*/true));
+  if (replay_) {  // rl.routing_replay: the experts recorded for these tokens, where there are any
+    auto forced_TK = replay_(plan.topk_ids_TK).to(plan.topk_ids_TK.device());
+    TORCH_CHECK(forced_TK.sizes() == plan.topk_ids_TK.sizes(), "[moe] routing replay gave ", forced_TK.sizes(),
+                " expert ids for a call routing ", plan.topk_ids_TK.sizes());
+    auto keep_T1 = (forced_TK < 0).any(1, /*keepdim=*/true);
+    plan.topk_ids_TK = torch::where(keep_T1, plan.topk_ids_TK, forced_TK.clamp(0, E - 1));
+  }
   auto weights_TK = scores_TE.gather(1, plan.topk_ids_TK);
   if (rc.normalize_topk) weights_TK = weights_TK / (weights_TK.sum(1, true) + 1e-20);
   plan.topk_weights_TK = weights_TK * rc.routed_scaling;

@@ -40,6 +40,11 @@ class RouterImpl : public torch::nn::Module {
   // those of the global batch, so that the ranks' averaged gradients equal one process's.
   using GlobalCounts = std::function<int64_t(torch::Tensor& counts_E)>;
   void set_global_counts(GlobalCounts hook) { global_counts_ = std::move(hook); }
+  // Routing replay (rl.routing_replay): sees each call's chosen experts (T, K) int64 and returns those the
+  // tokens use (same shape; a row holding a negative id keeps the router's own choice). Their combine
+  // weights are the scores there, normalised as configured. Unset: the router's own choice.
+  using Replay = std::function<torch::Tensor(const torch::Tensor& topk_ids_TK)>;
+  void set_replay(Replay hook) { replay_ = std::move(hook); }
 
   torch::Tensor weight;       // (E, D)
   torch::Tensor expert_bias;  // (E,) fp32 buffer, selection only; defined when bias_update_rate > 0 or selection_bias
@@ -47,6 +52,7 @@ class RouterImpl : public torch::nn::Module {
  private:
   config::MoEConfig cfg_;
   GlobalCounts global_counts_;
+  Replay replay_;
 };
 TORCH_MODULE(Router);
 

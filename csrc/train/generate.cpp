@@ -178,7 +178,7 @@ std::vector<std::vector<int64_t>> generate_batch(const model::TransformerImpl& m
         done[b] = is_stop(options, next);
         all_done = all_done && done[b];
       }
-      if (all_done) break;
+      if (all_done && !options.lockstep) break;
     }
   }
   for (size_t b = 0; b < prompts.size(); ++b)

@@ -22,6 +22,9 @@ struct GenerateOptions {
   // context for every token (the reference the cache is tested against).
   bool use_cache = true;
   std::vector<int64_t> stop_ids;  // a row ends after sampling one of these (EOS, --stop); kept in its output
+  // Decode all max_new_tokens steps even after every row has stopped (expert parallelism: the ranks of
+  // a group must run the same forward passes); the stopped rows still end at their stop id.
+  bool lockstep = false;
   // Called with each step's logits (B, V) fp32, before sampling (tests compare the two paths by it).
   std::function<void(int step, const torch::Tensor& logits_BV)> on_logits;
 };

@@ -10,6 +10,7 @@
 #include <string>
 #include <vector>
 
+#include "ckpt/checkpoint.h"
 #include "common/errors.h"
 #include "common/log.h"
 #include "common/tensor.h"
@@ -89,6 +90,26 @@ void require_same_config(dist::Communicator& world, const config::Config& cfg);
 // Refuses replicas whose weights differ (an init_from folder that differs between nodes): each rank's
 // fingerprint of what it holds is compared with its replicas'. Collective over the layout's groups.
 void require_equal_replicas(const dist::Layout& layout, const std::vector<model::RoledParam>& params);
+
+// SIGTERM and SIGINT as a run handles them (trainer.cpp): while a StopSignals lives, a signal is only
+// recorded (stop_signal() says which, 0 = none) and the loop saves and exits after its next vote; a
+// repeat after two seconds ends the process at once.
+class StopSignals {
+ public:
+  StopSignals();
+ private:
+  std::shared_ptr<void> scope_;
+};
+int stop_signal();
+// A fresh run never writes over an earlier one in run.out_dir: it refuses, or (options.overwrite)
+// moves it aside. Collective over `world` (rank 0 decides).
+void claim_run_folder(const std::string& out_dir, const TrainOptions& options, dist::Communicator& world);
+// options.resume: loads the checkpoint it names (auto: run.out_dir's newest, or none yet) into the model and
+// the optimizer and returns its progress; a fresh run's progress is step 0.
+ckpt::Progress resume_run(const TrainOptions& options, const config::Config& cfg, model::TransformerImpl& model,
+                          dist::Optimizer& optimizer, int rank);
+// Keeps the metrics.jsonl rows of steps <= last_step (a resumed run rewrites what came after).
+void truncate_metrics(const std::string& path, int64_t last_step);
 
 // What train and bench-step both set up first: this process's place in the job, the config resolved
 // for the world size, the device and the compute dtype.

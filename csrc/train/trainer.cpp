@@ -81,6 +81,8 @@ struct SignalScope {
   void (*prev_pipe_)(int);
 };
 
+}  // namespace
+
 // Keeps the metrics of steps <= last_step (a resumed run rewrites what came after its checkpoint).
 void truncate_metrics(const std::string& path, int64_t last_step) {
   if (!files::exists(path)) return;
@@ -96,6 +98,8 @@ void truncate_metrics(const std::string& path, int64_t last_step) {
   }
   files::write_file_atomic(path, kept);
 }
+
+namespace {
 
 std::string progress_line(int64_t step, int64_t total, double loss, double lr, double grad_norm, double tok_s,
                           double eta_s) {
@@ -163,6 +167,8 @@ std::string foreign_files(const std::string& out_dir) {
   return "";
 }
 
+}  // namespace
+
 // A fresh run never writes over an earlier one: it refuses, or (--overwrite) moves that run aside to
 // <out_dir>.replaced-N first. Rank 0 decides and every rank gets the same answer.
 void claim_run_folder(const std::string& out_dir, const TrainOptions& options, dist::Communicator& world) {
@@ -187,6 +193,8 @@ void claim_run_folder(const std::string& out_dir, const TrainOptions& options, d
   if (dist::all_sum(world, refusal.empty() ? 0.0 : 1.0) > 0)
     throw Error("[train] " + (refusal.empty() ? "rank 0 refused run.out_dir '" + out_dir + "' (its message says why)" : refusal));
 }
+
+namespace {
 
 // Where to go on from after a divergence: the newest checkpoint of `out_dir` that verifies. None is
 // written at a skipped step or while a streak of them is open, so it predates the trouble.
@@ -225,6 +233,43 @@ std::string stage_list(const std::vector<int>& layers) {
 }
 
 }  // namespace
+
+ckpt::Progress resume_run(const TrainOptions& options, const config::Config& cfg, model::TransformerImpl& model,
+                          dist::Optimizer& optimizer, int rank) {
+  ckpt::Progress progress;
+  const std::string& out_dir = cfg.run.out_dir;
+  if (!options.resume.empty()) {
+    const bool automatic = options.resume == "auto";
+    const std::string where = automatic ? cfg.run.out_dir : options.resume;
+    const bool fresh_run = automatic && !files::exists(where);
+    auto step_dir = fresh_run ? std::nullopt : ckpt::find_checkpoint(where, cfg.checkpoint.verify);
+    if (!step_dir && !automatic)
+      throw CheckpointError("'" + options.resume + "' holds no checkpoint to resume from");
+    if (step_dir) {
+      ckpt::Manifest manifest;
+      try {
+        manifest = ckpt::open_checkpoint(*step_dir, cfg.checkpoint.verify);
+      } catch (const CheckpointError& e) {
+        // Name the checkpoint that would load, so that the way on is one command.
+        const auto older = ckpt::newest_verified_checkpoint(files::parent(*step_dir), cfg.checkpoint.verify, *step_dir);
+        throw Error(std::string(e.what()) + (older ? "; the newest checkpoint that verifies is " + *older +
+                                                         " (--resume " + *older + " continues from it)"
+                                                   : "; no other checkpoint of this run verifies"));
+      }
+      ckpt::load_model(*step_dir, model);
+      optimizer.load_state([&](optim::OptimizerState& state) { ckpt::load_optimizer(*step_dir, state, model, rank); });
+      progress = manifest.progress;
+      log_line("resumed from " + *step_dir + " at step " + std::to_string(progress.step));
+      log_config_changes(manifest.config_yaml, *step_dir, cfg);
+    } else {
+      log_line("no checkpoint in " + files::join(out_dir, "ckpt") + " yet: starting from step 0");
+    }
+  }
+  return progress;
+}
+
+StopSignals::StopSignals() : scope_(std::make_shared<SignalScope>()) {}
+int stop_signal() { return g_stop_signal; }
 
 TrainResult train(const config::Config& given, const TrainOptions& options) {
   // ---- set-up ------------------------------------------------------------------------------------
@@ -269,35 +314,8 @@ TrainResult train(const config::Config& given, const TrainOptions& options) {
   auto& parallel = trainable.parallel;
 
   claim_run_folder(out_dir, options, *comm);
-  ckpt::Progress progress;
   TrainResult result;
-  if (!options.resume.empty()) {
-    const bool automatic = options.resume == "auto";
-    const std::string where = automatic ? cfg.run.out_dir : options.resume;
-    const bool fresh_run = automatic && !files::exists(where);
-    auto step_dir = fresh_run ? std::nullopt : ckpt::find_checkpoint(where, cfg.checkpoint.verify);
-    if (!step_dir && !automatic)
-      throw CheckpointError("'" + options.resume + "' holds no checkpoint to resume from");
-    if (step_dir) {
-      ckpt::Manifest manifest;
-      try {
-        manifest = ckpt::open_checkpoint(*step_dir, cfg.checkpoint.verify);
-      } catch (const CheckpointError& e) {
-        // Name the checkpoint that would load, so that the way on is one command.
-        const auto older = ckpt::newest_verified_checkpoint(files::parent(*step_dir), cfg.checkpoint.verify, *step_dir);
-        throw Error(std::string(e.what()) + (older ? "; the newest checkpoint that verifies is " + *older +
-                                                         " (--resume " + *older + " continues from it)"
-                                                   : "; no other checkpoint of this run verifies"));
-      }
-      ckpt::load_model(*step_dir, *model);
-      optimizer.load_state([&](optim::OptimizerState& state) { ckpt::load_optimizer(*step_dir, state, *model, comm->rank()); });
-      progress = manifest.progress;
-      log_line("resumed from " + *step_dir + " at step " + std::to_string(progress.step));
-      log_config_changes(manifest.config_yaml, *step_dir, cfg);
-    } else {
-      log_line("no checkpoint in " + files::join(out_dir, "ckpt") + " yet: starting from step 0");
-    }
-  }
+  ckpt::Progress progress = resume_run(options, cfg, *model, optimizer, comm->rank());
   result.first_step = progress.step;
   if (per_source)  // a pure function of the step, so a resumed run counts from step 0 again
     sequences_by_source = blend.count_sources(cfg.run.seed, 0, uint64_t(progress.step) * sampler.sequences_per_step());
