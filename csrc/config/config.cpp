@@ -219,6 +219,10 @@ const std::vector<KeyDesc>& keys() {
                    "Routed experts per MoE layer; must be divisible by parallel.expert_parallel.", at_least(1)),
       MOETRAIN_KEY(model.moe.top_k, "Experts chosen per token; at most model.moe.n_experts.", at_least(1)),
       MOETRAIN_KEY(model.moe.expert_hidden, "SwiGLU hidden size of each routed expert.", at_least(1)),
+      MOETRAIN_KEY(model.moe.activation,
+                   "The routed experts' gated product: swiglu = silu(gate) * up; swiglu_clamped (gpt-oss) = "
+                   "g * sigmoid(1.702 g) * (u + 1) with g = min(gate, 7) and u = up clamped to [-7, 7].",
+                   one_of({"swiglu", "swiglu_clamped"})),
       MOETRAIN_KEY(model.moe.n_shared_experts,
                    "Always-on shared experts per MoE layer, summed with the routed output; 0 = none.",
                    at_least(0)),

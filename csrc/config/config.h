@@ -42,6 +42,9 @@ struct MoEConfig {
   int n_experts = 8;            // routed experts per MoE layer
   int top_k = 2;                // experts chosen per token
   int expert_hidden = 512;      // SwiGLU hidden size of each routed expert
+  // The routed experts' gated product: swiglu silu(gate) * up; swiglu_clamped (gpt-oss) clamps gate to
+  // <= 7 and up to [-7, 7], then gate * sigmoid(1.702 gate) * (up + 1).
+  std::string activation = "swiglu";
   int n_shared_experts = 1;     // always-on experts, summed with the routed output
   int shared_hidden = 0;        // hidden size of each shared expert; 0 = expert_hidden
   bool shared_gate = false;     // scale the shared experts' output by sigmoid(x . w_gate) (Qwen2-MoE)

@@ -978,6 +978,7 @@ void check_exportable(const config::ModelConfig& m, Family family) {
     refuse("model.dense_layers = " + std::to_string(m.dense_layers), "every layer is MoE");
   if (t.shared == SharedExperts::None && m.moe.n_shared_experts > 0) refuse("model.moe.n_shared_experts > 0", "no shared experts");
   if (m.attn_bias == "all") refuse("model.attn_bias = all", display + " has no output projection bias");
+  if (m.moe.activation != "swiglu") refuse("model.moe.activation = " + m.moe.activation, display + "'s experts are SwiGLU");
   if (!t.qkv_bias_field && m.attn_bias != "none") refuse("model.attn_bias = " + m.attn_bias, "no attention biases");
   if (!t.partial_rotary && config::rotary_dim(m) != config::head_dim(m) && !mla)
     refuse("model.rotary_dim = " + std::to_string(m.rotary_dim), display + " rotates whole heads");

@@ -310,6 +310,11 @@ CATCH_TEST_CASE("hf: GLM-4.5's config.json fields map to our keys, and what they
   model::Transformer o_bias(with_o_bias);
   CATCH_CHECK_THROWS_WITH(hf::export_model(*o_bias, hf::Family::Glm4Moe, dir.str("out")),
                           Contains("model.attn_bias = all") && Contains("output projection"));
+  auto clamped = m;  // gpt-oss's expert activation
+  clamped.moe.activation = "swiglu_clamped";
+  model::Transformer clamped_model(clamped);
+  CATCH_CHECK_THROWS_WITH(hf::export_model(*clamped_model, hf::Family::Glm4Moe, dir.str("out")),
+                          Contains("model.moe.activation = swiglu_clamped"));
   auto softmax = m;
   softmax.moe.router.score_func = "softmax";
   softmax.moe.router.selection_bias = false;
