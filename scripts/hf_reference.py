@@ -3,7 +3,7 @@ models with transformers, and computes logits and greedy continuations with tran
 
   hf_reference.py make FAMILY OUT_DIR    tiny model saved to OUT_DIR (sharded, with an index) plus
                                          OUT_DIR/reference.safetensors: tokens, logits, greedy
-                                         (deepseek_v3_mtp: DeepSeek-V3 with num_nextn_predict_layers 1,
+                                         (deepseek_v3_mtp, glm4_moe_mtp: num_nextn_predict_layers 1,
                                          whose MTP layer transformers does not model: written apart)
   hf_reference.py logits HF_DIR TOKENS_FILE OUT_FILE
                                          loads HF_DIR with transformers; logits on TOKENS_FILE's tokens
@@ -75,6 +75,20 @@ def tiny_config(family):
             rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
                              "original_max_position_embeddings": 16, "beta_fast": 32, "beta_slow": 1,
                              "mscale": 0.707, "mscale_all_dim": 0.707})
+    if family in ("glm4_moe", "glm4_moe_mtp", "glm4_moe_qk_norm"):
+        # GQA with partial RoPE (half the head; a quarter with q/k norms) on a head_dim apart from
+        # hidden/heads; q/k/v biases (none with q/k norms); sigmoid routing with the correction bias, a
+        # shared expert, one dense first layer (none with q/k norms, where the groups are 4 and the
+        # top-k weights raw times 2.5).
+        qk_norm = family == "glm4_moe_qk_norm"
+        return transformers.Glm4MoeConfig(
+            **common, head_dim=16, intermediate_size=40, moe_intermediate_size=16, num_hidden_layers=3,
+            n_routed_experts=8, n_shared_experts=1, first_k_dense_replace=0 if qk_norm else 1,
+            n_group=4 if qk_norm else 1, topk_group=2 if qk_norm else 1, norm_topk_prob=not qk_norm,
+            routed_scaling_factor=2.5 if qk_norm else 1.0, attention_bias=not qk_norm, use_qk_norm=qk_norm,
+            tie_word_embeddings=False, num_nextn_predict_layers=1 if family == "glm4_moe_mtp" else 0,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                             "partial_rotary_factor": 0.25 if qk_norm else 0.5})
     raise SystemExit(f"unknown family {family}")
 
 
@@ -85,7 +99,9 @@ def model_class(family):
             "deepseek_v2_lite": transformers.DeepseekV3ForCausalLM,
             "deepseek_v3_mtp": transformers.DeepseekV3ForCausalLM,
             "deepseek_v2": transformers.DeepseekV2ForCausalLM,
-            "deepseek_v2_greedy": transformers.DeepseekV2ForCausalLM}[family]
+            "deepseek_v2_greedy": transformers.DeepseekV2ForCausalLM,
+            "glm4_moe": transformers.Glm4MoeForCausalLM, "glm4_moe_mtp": transformers.Glm4MoeForCausalLM,
+            "glm4_moe_qk_norm": transformers.Glm4MoeForCausalLM}[family]
 
 
 def fixed_tokens():
@@ -115,13 +131,13 @@ def randomize(model):
 def add_mtp_layer(model, out_dir):
     """DeepSeek-V3's MTP module as its checkpoints store it (layer num_hidden_layers: embed_tokens, enorm,
     hnorm, eh_proj, a decoder layer, shared_head.norm and shared_head.head; README_WEIGHTS.md of
-    deepseek-ai/DeepSeek-V3), in a shard of its own added to the index."""
+    deepseek-ai/DeepSeek-V3; GLM-4.5 stores its MTP layer the same way), in a shard of its own added to
+    the index."""
     import json
     import tempfile
     cfg = model.config
     layer = cfg.num_hidden_layers
-    deeper = transformers.DeepseekV3ForCausalLM(
-        transformers.DeepseekV3Config(**{**cfg.to_dict(), "num_hidden_layers": layer + 1}))
+    deeper = type(model)(type(cfg)(**{**cfg.to_dict(), "num_hidden_layers": layer + 1}))
     randomize(deeper)
     prefix = f"model.layers.{layer}."
     with tempfile.TemporaryDirectory() as tmp:  # the block as transformers writes it (one tensor per expert)
@@ -149,7 +165,7 @@ def make(family, out_dir):
     model = model_class(family)(tiny_config(family)).eval()
     randomize(model)
     model.save_pretrained(out_dir, max_shard_size="40KB")
-    if family == "deepseek_v3_mtp":
+    if family in ("deepseek_v3_mtp", "glm4_moe_mtp"):
         add_mtp_layer(model, out_dir)
     tokens = fixed_tokens()
     prompt = tokens[:1, :PROMPT_LEN]

@@ -140,11 +140,19 @@ const std::vector<KeyDesc>& keys() {
                    "Attention: gqa (grouped-query, model.n_kv_heads) or mla (DeepSeek's multi-head latent "
                    "attention, model.mla.*; model.n_kv_heads and model.head_dim are then unused).",
                    one_of({"gqa", "mla"})),
-      MOETRAIN_KEY(model.qkv_bias, "The q, k and v projections have biases (Qwen2-MoE).", any()),
+      MOETRAIN_KEY(model.attn_bias,
+                   "Biases of the GQA projections: none; qkv = on the q, k and v projections (Qwen2-MoE, GLM-4.5); "
+                   "all = on the output projection too.",
+                   one_of({"none", "qkv", "all"})),
       MOETRAIN_KEY(model.qk_norm,
                    "RMSNorm on queries and keys before RoPE: none; head = over each head's dimensions "
                    "(Qwen3-MoE); full = over the whole q and k projections (OLMoE).",
                    one_of({"none", "head", "full"})),
+      MOETRAIN_KEY(model.rotary_dim,
+                   "GQA's partial RoPE: only the first rotary_dim dims of each query and key head are rotated "
+                   "(rotate-half within them; GLM-4.5: half the head), the rest pass unrotated; 0 = the whole "
+                   "head. Even, at most the head dim.",
+                   at_least(0)),
       MOETRAIN_KEY(model.max_seq_len, "Longest context: the length of the RoPE table.", at_least(1)),
       MOETRAIN_KEY(model.dense_layers,
                    "The first dense_layers blocks use a dense SwiGLU MLP, the rest MoE; at most model.n_layers.",
@@ -213,6 +221,10 @@ const std::vector<KeyDesc>& keys() {
                    "Routed experts per MoE layer; must be divisible by parallel.expert_parallel.", at_least(1)),
       MOETRAIN_KEY(model.moe.top_k, "Experts chosen per token; at most model.moe.n_experts.", at_least(1)),
       MOETRAIN_KEY(model.moe.expert_hidden, "SwiGLU hidden size of each routed expert.", at_least(1)),
+      MOETRAIN_KEY(model.moe.activation,
+                   "The routed experts' gated product: swiglu = silu(gate) * up; swiglu_clamped (gpt-oss) = "
+                   "g * sigmoid(1.702 g) * (u + 1) with g = min(gate, 7) and u = up clamped to [-7, 7].",
+                   one_of({"swiglu", "swiglu_clamped"})),
       MOETRAIN_KEY(model.moe.n_shared_experts,
                    "Always-on shared experts per MoE layer, summed with the routed output; 0 = none.",
                    at_least(0)),
@@ -1081,6 +1093,17 @@ void validate(const Config& cfg) {
     throw ConfigError("head dim model.d_model / model.n_heads = " + std::to_string(m.d_model) + " / " +
                       std::to_string(m.n_heads) + " = " + std::to_string(m.d_model / m.n_heads) +
                       " must be even (RoPE rotates pairs of dimensions); change model.d_model or set model.head_dim");
+  if (m.rotary_dim % 2 != 0)
+    throw ConfigError(kv("model.rotary_dim", m.rotary_dim) + " must be even (RoPE rotates pairs of dimensions)");
+  if (m.attention == "gqa" && m.rotary_dim > head_dim(m))
+    throw ConfigError(kv("model.rotary_dim", m.rotary_dim) + " must be at most the head dim (" +
+                      std::to_string(head_dim(m)) + ")");
+  if (m.attention == "mla" && m.rotary_dim != 0)
+    throw ConfigError(kv("model.rotary_dim", m.rotary_dim) + " must be 0 with model.attention = mla (MLA rotates "
+                      "model.mla.qk_rope_head_dim dims)");
+  if (m.attention == "mla" && m.attn_bias != "none")
+    throw ConfigError("model.attn_bias = " + m.attn_bias + " must be none with model.attention = mla (MLA's "
+                      "projections have no biases)");
   if (m.mla.qk_rope_head_dim % 2 != 0)
     throw ConfigError(kv("model.mla.qk_rope_head_dim", m.mla.qk_rope_head_dim) +
                       " must be even (RoPE rotates pairs of dimensions)");

@@ -42,6 +42,9 @@ struct MoEConfig {
   int n_experts = 8;            // routed experts per MoE layer
   int top_k = 2;                // experts chosen per token
   int expert_hidden = 512;      // SwiGLU hidden size of each routed expert
+  // The routed experts' gated product: swiglu silu(gate) * up; swiglu_clamped (gpt-oss) clamps gate to
+  // <= 7 and up to [-7, 7], then gate * sigmoid(1.702 gate) * (up + 1).
+  std::string activation = "swiglu";
   int n_shared_experts = 1;     // always-on experts, summed with the routed output
   int shared_hidden = 0;        // hidden size of each shared expert; 0 = expert_hidden
   bool shared_gate = false;     // scale the shared experts' output by sigmoid(x . w_gate) (Qwen2-MoE)
@@ -81,8 +84,9 @@ struct ModelConfig {
   int n_kv_heads = 4;           // grouped-query attention; must divide n_heads
   int head_dim = 0;             // 0 = d_model / n_heads
   std::string attention = "gqa"; // gqa | mla (model.mla.*)
-  bool qkv_bias = false;        // biases on the q, k and v projections (Qwen2-MoE)
+  std::string attn_bias = "none"; // none | qkv (q, k, v biases: Qwen2-MoE, GLM-4.5) | all (also o)
   std::string qk_norm = "none"; // none | head (RMSNorm per head, Qwen3-MoE) | full (whole projection, OLMoE)
+  int rotary_dim = 0;           // GQA: RoPE on the first rotary_dim dims of each q/k head (GLM-4.5: half); 0 = all
   int max_seq_len = 256;        // RoPE table length; longest context
   int dense_layers = 1;         // the first dense_layers blocks use a dense SwiGLU MLP, the rest MoE
   int dense_hidden = 1024;      // hidden size of the dense MLP
@@ -261,6 +265,10 @@ int expert_groups(const Config& cfg);
 
 // Derived values used throughout.
 inline int head_dim(const ModelConfig& m) { return m.head_dim > 0 ? m.head_dim : m.d_model / m.n_heads; }
+// The dims of each q/k head RoPE rotates: MLA's qk_rope_head_dim, else model.rotary_dim or the whole head.
+inline int rotary_dim(const ModelConfig& m) {
+  return m.attention == "mla" ? m.mla.qk_rope_head_dim : m.rotary_dim > 0 ? m.rotary_dim : head_dim(m);
+}
 inline int shared_hidden(const MoEConfig& m) { return m.shared_hidden > 0 ? m.shared_hidden : m.expert_hidden; }
 
 }  // namespace moetrain::config

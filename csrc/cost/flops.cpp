@@ -37,10 +37,22 @@ T attention_weights(const config::ModelConfig& m) {
   return q + kv + o;
 }
 
-// MLA's norms on the query and key/value latents.
+// GQA's biases (model.attn_bias): q, k and v (qkv), and o (all). Added, not multiplied: no matmul FLOPs.
+template <typename T>
+T attention_bias_weights(const config::ModelConfig& m) {
+  if (is_mla(m) || m.attn_bias == "none") return 0;
+  const T hd = config::head_dim(m), H = m.n_heads, G = m.n_kv_heads;
+  return H * hd + 2 * G * hd + (m.attn_bias == "all" ? T(m.d_model) : T(0));
+}
+
+// MLA's norms on the query and key/value latents; GQA's q/k norms (per head, or over the projection).
 template <typename T>
 T attention_norm_weights(const config::ModelConfig& m) {
-  return is_mla(m) ? T(m.mla.q_lora_rank) + m.mla.kv_lora_rank : 0;
+  if (is_mla(m)) return T(m.mla.q_lora_rank) + m.mla.kv_lora_rank;
+  const T hd = config::head_dim(m);
+  if (m.qk_norm == "head") return 2 * hd;
+  if (m.qk_norm == "full") return (T(m.n_heads) + m.n_kv_heads) * hd;
+  return 0;
 }
 
 template <typename T>
@@ -51,7 +63,7 @@ T swiglu_weights(T d_model, T hidden) { return 3 * d_model * hidden; }
 template <typename T>
 T mtp_module_weights(const config::ModelConfig& m, bool active_only) {
   const T D = m.d_model;
-  T block = attention_weights<T>(m) + attention_norm_weights<T>(m) + 2 * D;
+  T block = attention_weights<T>(m) + attention_bias_weights<T>(m) + attention_norm_weights<T>(m) + 2 * D;
   if (has_moe_layers(m)) {
     const T experts = active_only ? m.moe.top_k : m.moe.n_experts;
     block += experts * swiglu_weights<T>(D, m.moe.expert_hidden) +
@@ -68,7 +80,7 @@ BasicParamCounts<T> count_params(const config::ModelConfig& m) {
   BasicParamCounts<T> p;
   p.embedding = V * D;
   p.lm_head = m.tie_embeddings ? 0 : V * D;
-  p.attention = L * attention_weights<T>(m);
+  p.attention = L * (attention_weights<T>(m) + attention_bias_weights<T>(m));
   p.norms = L * (2 * D + attention_norm_weights<T>(m)) + D;
   p.dense_mlp = T(m.dense_layers) * swiglu_weights<T>(D, m.dense_hidden);
   p.routed_experts = moe * m.moe.n_experts * swiglu_weights<T>(D, m.moe.expert_hidden);

@@ -61,7 +61,7 @@ struct BasicParamCounts {
   Count embedding = 0;
   Count lm_head = 0;  // 0 when tied to the embedding
   Count attention = 0;
-  Count norms = 0;  // per-layer norms, the final norm and MLA's latent norms
+  Count norms = 0;  // per-layer norms, the final norm, MLA's latent norms and GQA's q/k norms
   Count dense_mlp = 0;
   Count routed_experts = 0;         // all experts
   Count routed_experts_active = 0;  // top_k of them per token

@@ -58,7 +58,7 @@ MemoryEstimate estimate_memory(const config::ModelConfig& model, int expert_para
 WorkingMemory estimate_working_memory(const config::Config& cfg, bool training) {
   const auto& m = cfg.model;
   WorkingMemory w;
-  const double rotated = m.attention == "mla" ? m.mla.qk_rope_head_dim : config::head_dim(m);
+  const double rotated = config::rotary_dim(m);  // the RoPE tables' width
   const double angle_bytes = cfg.run.device == "cpu" ? 8 : 0;  // on the CPU only: the tables are moved to a GPU
   w.rope_bytes = double(m.max_seq_len) * rotated * (2 * kFp32Bytes + angle_bytes);
   if (!training) return w;

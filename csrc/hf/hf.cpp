@@ -122,6 +122,32 @@ void read_mla(const ConfigReader& r, config::ModelConfig& m) {
   m.head_dim = m.mla.qk_rope_head_dim;  // unused by MLA; even, as validation wants
 }
 
+// Partial RoPE (GLM-4.5): partial_rotary_factor in rope_parameters (transformers 5) or at the top level,
+// 0.5 where absent as transformers' Glm4MoeConfig sets it. transformers rotates int(head_dim * factor)
+// dims; we return 0 for the whole head (model.rotary_dim's default).
+int read_rotary_dim(const ConfigReader& r, int head_dim) {
+  const Json* parameters = r.find("rope_parameters");
+  const bool nested = parameters && parameters->is_object() && parameters->contains("partial_rotary_factor") &&
+                      !(*parameters)["partial_rotary_factor"].is_null();
+  const std::string field = nested ? "rope_parameters.partial_rotary_factor" : "partial_rotary_factor";
+  const Json* value = nested ? &(*parameters)["partial_rotary_factor"] : r.find(field);
+  if (value && !value->is_number()) r.fail(field, "= " + brief(*value) + " must be a number");
+  const double factor = value ? value->get<double>() : 0.5;
+  const double dims = std::floor(head_dim * factor);
+  if (!(factor > 0 && factor <= 1) || dims < 2 || int(dims) % 2 != 0)
+    r.fail(field, "= " + (value ? brief(*value) : std::string("0.5 (the default)")) + " is not supported (head_dim " +
+                      std::to_string(head_dim) + " times it must be an even number of dims in [2, head_dim])");
+  return int(dims) == head_dim ? 0 : int(dims);
+}
+
+// The factor config.json says for `rotary` of `head_dim` dims: the nearest double whose product with
+// head_dim truncates back to `rotary`, as Python's int() does.
+double partial_rotary_factor(int rotary, int head_dim) {
+  double factor = double(rotary) / head_dim;
+  while (std::floor(head_dim * factor) < rotary) factor = std::nextafter(factor, 2.0);
+  return factor;
+}
+
 // ---------------------------------------------------------------------------------------------
 // Each family described once: its names (config.json fields, tensor names) and the features it can
 // express. read_config, name_map, check_exportable, infer_family and config_json consult this table.
@@ -171,7 +197,10 @@ struct FamilyTraits {
   // Features.
   const char* attention = "gqa";  // gqa | mla
   const char* qk_norm = "none";   // none | head (per head) | full (over the whole projection)
-  bool qkv_bias = false;          // optional q/k/v biases (qkv_bias, default true)
+  const char* qk_norm_field = nullptr;  // a boolean field that turns the q/k norms on (default off); nullptr: always
+  const char* qkv_bias_field = nullptr; // a boolean field for optional q/k/v biases; nullptr: none
+  bool qkv_bias_default = false;        // ... its default
+  bool partial_rotary = false;          // partial_rotary_factor (default 0.5): RoPE on the heads' first dims
   bool sliding_window = false;    // sliding_window: null or at least the context (full attention)
   DenseLayers dense_layers = DenseLayers::None;
   SharedExperts shared = SharedExperts::None;
@@ -186,6 +215,9 @@ struct FamilyTraits {
   // groups are scored by their two best (top2_sum).
   bool greedy_topk_methods = false;
   bool mtp_layers = false;             // num_nextn_predict_layers MTP layers past num_hidden_layers
+  // Defaults of config.json fields where transformers' config class has its own.
+  int first_k_dense_default = 0;       // first_k_dense_replace
+  int n_shared_default = 0;            // n_shared_experts
 };
 
 // One line per aspect: names; tensor names; config.json fields; fixed fields; features.
@@ -201,7 +233,8 @@ const std::vector<FamilyTraits> kFamilies = {
      .expert_hidden_field = "moe_intermediate_size", .dense_hidden_field = "intermediate_size",
      .n_experts_field = "num_experts", .norm_topk_field = "norm_topk_prob", .normalize_topk = false,
      .fixed = {{"use_sliding_window", false, "full causal attention: false"}},
-     .qkv_bias = true, .dense_layers = DenseLayers::MlpOnlyLayers, .shared = SharedExperts::OneGated},
+     .qkv_bias_field = "qkv_bias", .qkv_bias_default = true, .dense_layers = DenseLayers::MlpOnlyLayers,
+     .shared = SharedExperts::OneGated},
     {.family = Family::Qwen3Moe, .model_type = "qwen3_moe", .architecture = "Qwen3MoeForCausalLM", .display = "Qwen3-MoE",
      .moe_prefix = "mlp.", .expert_proj = {"gate_proj", "up_proj", "down_proj"},
      .expert_hidden_field = "moe_intermediate_size", .dense_hidden_field = "intermediate_size",
@@ -240,6 +273,17 @@ const std::vector<FamilyTraits> kFamilies = {
      .attention = "mla", .dense_layers = DenseLayers::FirstKDense, .shared = SharedExperts::Ungated,
      .group_limited = true, .routed_scaling = true, .yarn = true, .interleaved_rope = true,
      .greedy_topk_methods = true},
+    // GLM-4.5: grouped-query attention with partial RoPE (rotate-half within the rotated dims), optional
+    // q/k/v biases and per-head q/k norms; DeepSeek-V3's sigmoid routing, shared experts and MTP layers.
+    {.family = Family::Glm4Moe, .model_type = "glm4_moe", .architecture = "Glm4MoeForCausalLM", .display = "GLM-4.5",
+     .moe_prefix = "mlp.", .expert_proj = {"gate_proj", "up_proj", "down_proj"}, .shared_prefix = "shared_experts.",
+     .router_bias = "gate.e_score_correction_bias",
+     .expert_hidden_field = "moe_intermediate_size", .dense_hidden_field = "intermediate_size",
+     .n_experts_field = "n_routed_experts", .norm_topk_field = "norm_topk_prob", .normalize_topk = true,
+     .qk_norm = "head", .qk_norm_field = "use_qk_norm", .qkv_bias_field = "attention_bias", .partial_rotary = true,
+     .dense_layers = DenseLayers::FirstKDense, .shared = SharedExperts::Ungated, .score_func = "sigmoid",
+     .group_limited = true, .routed_scaling = true, .mtp_layers = true, .first_k_dense_default = 1,
+     .n_shared_default = 1},
 };
 
 const FamilyTraits& traits_of(Family f) {
@@ -383,7 +427,8 @@ HfConfig read_config(const std::string& dir) {
   m.moe.n_shared_experts = 0;
   m.moe.shared_hidden = 0;
   m.moe.shared_gate = false;
-  m.qkv_bias = false;
+  m.attn_bias = "none";
+  m.rotary_dim = 0;
   m.qk_norm = "none";
   m.dense_layers = 0;
   if (m.head_dim % 2 != 0) r.fail("head_dim", "= " + std::to_string(m.head_dim) + " must be even (RoPE)");
@@ -394,11 +439,11 @@ HfConfig read_config(const std::string& dir) {
   if (t.dense_hidden_field) m.dense_hidden = r.positive_int(t.dense_hidden_field);
   if (t.dense_layers == DenseLayers::MlpOnlyLayers) m.dense_layers = mlp_only_dense_layers(r, m.n_layers);
   if (t.dense_layers == DenseLayers::FirstKDense) {
-    m.dense_layers = std::min(r.non_negative_int("first_k_dense_replace", 0), m.n_layers);
+    m.dense_layers = std::min(r.non_negative_int("first_k_dense_replace", t.first_k_dense_default), m.n_layers);
     if (r.integer("moe_layer_freq", 1) != 1) r.fail("moe_layer_freq", "is not supported (every layer after the dense ones is MoE: 1)");
   }
   if (t.shared == SharedExperts::Ungated) {
-    m.moe.n_shared_experts = r.non_negative_int("n_shared_experts", 0);
+    m.moe.n_shared_experts = r.non_negative_int("n_shared_experts", t.n_shared_default);
     m.moe.shared_hidden = m.moe.expert_hidden;
   }
   m.moe.router.score_func = t.score_func;
@@ -425,7 +470,7 @@ HfConfig read_config(const std::string& dir) {
     if (const Json* window = r.find("sliding_window");
         window && (!window->is_number_integer() || window->get<int64_t>() < m.max_seq_len))
       r.fail("sliding_window", "= " + brief(*window) + " is not supported (full causal attention: null)");
-  if (t.qkv_bias) m.qkv_bias = r.boolean("qkv_bias", true);
+  if (t.qkv_bias_field) m.attn_bias = r.boolean(t.qkv_bias_field, t.qkv_bias_default) ? "qkv" : "none";
   if (t.shared == SharedExperts::OneGated) {
     const int shared = r.non_negative_int("shared_expert_intermediate_size", 0);
     if (shared > 0) {
@@ -434,7 +479,8 @@ HfConfig read_config(const std::string& dir) {
       m.moe.shared_gate = true;
     }
   }
-  m.qk_norm = t.qk_norm;
+  m.qk_norm = !t.qk_norm_field || r.boolean(t.qk_norm_field, false) ? t.qk_norm : "none";
+  if (t.partial_rotary) m.rotary_dim = read_rotary_dim(r, m.head_dim);
   if (m.qk_norm == "full" && int64_t(m.n_heads) * m.head_dim != m.d_model)
     r.fail("head_dim", "= " + std::to_string(m.head_dim) + ": " + t.display +
                            "'s q_norm spans hidden_size, so heads * head_dim must equal it");
@@ -527,7 +573,7 @@ std::vector<Entry> name_map(const config::ModelConfig& m, Family family) {
       for (const char* p : {"q", "k", "v", "o"})
         add(ours + "attn.w" + p, hf + "self_attn." + p + "_proj.weight", Layout::Transposed);
     }
-    if (m.qkv_bias)
+    if (m.attn_bias != "none")
       for (const char* p : {"q", "k", "v"}) add(ours + "attn." + p + "_bias", hf + "self_attn." + p + "_proj.bias", Layout::Same);
     if (m.qk_norm != "none") {
       add(ours + "attn.q_norm.weight", hf + "self_attn.q_norm.weight", Layout::Same);
@@ -893,8 +939,12 @@ Family infer_family(const config::ModelConfig& m) {
     t = first_with([&](const FamilyTraits& f) { return m.attention == f.attention && m.moe.router.score_func == f.score_func; });
     if (!t) t = first_with([&](const FamilyTraits& f) { return m.attention == f.attention; });
   }
-  if (!t && m.qk_norm != "none") t = first_with([&](const FamilyTraits& f) { return m.qk_norm == f.qk_norm; });
-  if (!t && m.qkv_bias) t = first_with([](const FamilyTraits& f) { return f.qkv_bias; });
+  // GQA with partial RoPE, or with DeepSeek's sigmoid routing: GLM-4.5.
+  if (!t && (config::rotary_dim(m) != config::head_dim(m) || m.moe.router.score_func == "sigmoid"))
+    t = first_with([](const FamilyTraits& f) { return f.partial_rotary; });
+  if (!t && m.qk_norm != "none")
+    t = first_with([&](const FamilyTraits& f) { return m.qk_norm == f.qk_norm && !f.qk_norm_field; });
+  if (!t && m.attn_bias != "none") t = first_with([](const FamilyTraits& f) { return f.qkv_bias_field != nullptr; });
   if (!t && m.moe.shared_gate) t = first_with([](const FamilyTraits& f) { return f.shared == SharedExperts::OneGated; });
   return t ? t->family : kFamilies.front().family;
 }
@@ -928,7 +978,11 @@ void check_exportable(const config::ModelConfig& m, Family family) {
   if (t.dense_layers == DenseLayers::None && m.dense_layers > 0)
     refuse("model.dense_layers = " + std::to_string(m.dense_layers), "every layer is MoE");
   if (t.shared == SharedExperts::None && m.moe.n_shared_experts > 0) refuse("model.moe.n_shared_experts > 0", "no shared experts");
-  if (!t.qkv_bias && m.qkv_bias) refuse("model.qkv_bias = true", "no attention biases");
+  if (m.attn_bias == "all") refuse("model.attn_bias = all", display + " has no output projection bias");
+  if (m.moe.activation != "swiglu") refuse("model.moe.activation = " + m.moe.activation, display + "'s experts are SwiGLU");
+  if (!t.qkv_bias_field && m.attn_bias != "none") refuse("model.attn_bias = " + m.attn_bias, "no attention biases");
+  if (!t.partial_rotary && config::rotary_dim(m) != config::head_dim(m) && !mla)
+    refuse("model.rotary_dim = " + std::to_string(m.rotary_dim), display + " rotates whole heads");
   if (!t.mtp_layers && m.mtp_depth > 0)
     refuse("model.mtp_depth = " + std::to_string(m.mtp_depth),
            "multi-token prediction layers are exported for " + model_types_with([](const FamilyTraits& f) { return f.mtp_layers; }) + " only");
@@ -941,7 +995,7 @@ void check_exportable(const config::ModelConfig& m, Family family) {
   if (!t.norm_topk_field && r.normalize_topk != t.normalize_topk)
     refuse(std::string("model.moe.router.normalize_topk = ") + (r.normalize_topk ? "true" : "false"),
            display + (t.normalize_topk ? " renormalizes the top-k weights" : " never renormalizes the top-k weights"));
-  if (m.qk_norm != t.qk_norm)
+  if (m.qk_norm != t.qk_norm && !(t.qk_norm_field && m.qk_norm == "none"))
     refuse("model.qk_norm = " + m.qk_norm, mla ? "no q/k norms" : "the family has " + std::string(t.qk_norm));
   if (std::string(t.qk_norm) == "full" && m.n_heads * config::head_dim(m) != m.d_model)
     refuse("model.n_heads * head_dim != model.d_model", display + "'s q_norm spans hidden_size");
@@ -1001,7 +1055,12 @@ Json config_json(const config::ModelConfig& m, Family family) {
   }
   for (const auto& f : t.fixed) j[f.name] = f.value;
   if (t.mtp_layers) j["num_nextn_predict_layers"] = m.mtp_depth;
-  if (t.qkv_bias) j["qkv_bias"] = m.qkv_bias;
+  if (t.qkv_bias_field) j[t.qkv_bias_field] = m.attn_bias == "qkv";
+  if (t.qk_norm_field) j[t.qk_norm_field] = m.qk_norm != "none";
+  if (t.partial_rotary) {
+    j["partial_rotary_factor"] = partial_rotary_factor(config::rotary_dim(m), config::head_dim(m));
+    j["rope_parameters"]["partial_rotary_factor"] = j["partial_rotary_factor"];
+  }
   if (t.shared == SharedExperts::OneGated)
     j["shared_expert_intermediate_size"] = m.moe.n_shared_experts * config::shared_hidden(m.moe);
   if (t.yarn && m.yarn.factor > 1) {

@@ -2,7 +2,8 @@
 // tensor names <-> our parameter names. Import streams tensor by tensor from the safetensors shards
 // into the model (never a second copy of the model); export writes shards of a bounded size.
 // Families: Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, DeepSeek-V3 (MLA, also without the query low-rank),
-// DeepSeek-V2 and V2-Lite (MLA, softmax routing, greedy or group-limited by each group's best expert).
+// DeepSeek-V2 and V2-Lite (MLA, softmax routing, greedy or group-limited by each group's best expert),
+// GLM-4.5 and GLM-4.5-Air (GQA with partial RoPE and q/k/v biases, DeepSeek-V3's routing, MTP layers).
 #pragma once
 #include <cstdint>
 #include <map>
@@ -18,9 +19,10 @@ struct HfError : Error {
   explicit HfError(const std::string& m) : Error("[hf] " + m) {}
 };
 
-enum class Family { Mixtral, Qwen2Moe, Qwen3Moe, Olmoe, DeepseekV3, DeepseekV2 };
+enum class Family { Mixtral, Qwen2Moe, Qwen3Moe, Olmoe, DeepseekV3, DeepseekV2, Glm4Moe };
 
-std::string family_name(Family family);  // mixtral | qwen2_moe | qwen3_moe | olmoe | deepseek_v3 | deepseek_v2 (HF's model_type)
+// mixtral | qwen2_moe | qwen3_moe | olmoe | deepseek_v3 | deepseek_v2 | glm4_moe (HF's model_type)
+std::string family_name(Family family);
 // The model_type of every family, comma-separated: what --family and error messages list.
 std::string family_names();
 Family family_from_name(const std::string& name);  // throws HfError listing the names
@@ -67,8 +69,9 @@ struct LoadedHf {
 };
 LoadedHf load(const std::string& dir);
 
-// The family a model of this config exports to: mla -> deepseek_v3, qk_norm head -> qwen3_moe,
-// full -> olmoe, attention biases or a gated shared expert -> qwen2_moe, otherwise mixtral.
+// The family a model of this config exports to: mla -> deepseek_v3 (softmax: deepseek_v2), partial
+// RoPE or sigmoid routing -> glm4_moe, qk_norm head -> qwen3_moe, full -> olmoe, attention biases or a
+// gated shared expert -> qwen2_moe, otherwise mixtral.
 Family infer_family(const config::ModelConfig& model);
 
 // Writes DIR/config.json (the family's architecture and field names), DIR/model-XXXXX-of-YYYYY.safetensors

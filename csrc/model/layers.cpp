@@ -86,7 +86,17 @@ Rope Rope::cached_in(torch::ScalarType dtype) const {
   return rope;
 }
 
+namespace {
+// Partial RoPE: the first `rotated` dims of each head turn, the rest are passed through.
+template <class Rotate>
+torch::Tensor rotate_leading(const torch::Tensor& x, int64_t rotated, Rotate rotate) {
+  return torch::cat({rotate(x.narrow(3, 0, rotated)), x.narrow(3, rotated, x.size(3) - rotated)}, 3);
+}
+}  // namespace
+
 torch::Tensor Rope::apply(const torch::Tensor& x, int64_t offset) const {
+  if (x.size(3) != cos_SHd.size(1))
+    return rotate_leading(x, cos_SHd.size(1), [&](const torch::Tensor& part) { return apply(part, offset); });
   const int64_t S = x.size(2), half = x.size(3) / 2;
   TORCH_CHECK(offset + S <= cos_SHd.size(0), "[model] sequence of ", offset + S,
               " positions exceeds model.max_seq_len = ", cos_SHd.size(0));
@@ -102,6 +112,8 @@ torch::Tensor Rope::apply(const torch::Tensor& x, int64_t offset) const {
 
 torch::Tensor Rope::apply(const torch::Tensor& x, const TokenLayout& layout) const {
   if (!layout.is_packed()) return apply(x);
+  if (x.size(3) != cos_SHd.size(1))
+    return rotate_leading(x, cos_SHd.size(1), [&](const torch::Tensor& part) { return apply(part, layout); });
   const int64_t B = x.size(0), S = x.size(2), Hd = x.size(3), half = Hd / 2;
   const auto& positions = layout.positions_BS;
   TORCH_CHECK(positions.dim() == 2 && positions.size(0) == B && positions.size(1) == S, "[model] positions ",
@@ -263,11 +275,12 @@ AttentionImpl::AttentionImpl(const config::ModelConfig& cfg)
   wk = register_parameter("wk", torch::empty({cfg.d_model, n_kv_heads_ * head_dim_}));
   wv = register_parameter("wv", torch::empty({cfg.d_model, n_kv_heads_ * head_dim_}));
   wo = register_parameter("wo", torch::empty({n_heads_ * head_dim_, cfg.d_model}));
-  if (cfg.qkv_bias) {
+  if (cfg.attn_bias != "none") {
     q_bias = register_parameter("q_bias", torch::zeros({n_heads_ * head_dim_}));
     k_bias = register_parameter("k_bias", torch::zeros({n_kv_heads_ * head_dim_}));
     v_bias = register_parameter("v_bias", torch::zeros({n_kv_heads_ * head_dim_}));
   }
+  if (cfg.attn_bias == "all") o_bias = register_parameter("o_bias", torch::zeros({cfg.d_model}));
   if (qk_norm_ == "head") {
     q_norm = register_module("q_norm", RMSNorm(head_dim_, cfg.norm_eps));
     k_norm = register_module("k_norm", RMSNorm(head_dim_, cfg.norm_eps));
@@ -299,6 +312,11 @@ torch::Tensor AttentionImpl::heads(const torch::Tensor& x, const torch::Tensor& 
   y = y.view({x.size(0), x.size(1), n, head_dim_});
   if (norm && qk_norm_ == "head") y = norm->forward(y);
   return y.transpose(1, 2);
+}
+
+torch::Tensor AttentionImpl::output(const torch::Tensor& y, ComputeDtype compute_dtype) const {
+  auto out = moe::lora_matmul(y, wo, wo_lora, compute_dtype);
+  return o_bias.defined() ? out + cast(o_bias, compute_dtype) : out;
 }
 
 namespace {
@@ -333,7 +351,7 @@ torch::Tensor AttentionImpl::decode(const torch::Tensor& x_BSD, const Rope& rope
   auto y = at::scaled_dot_product_attention(q, keys, values, step.mask_B1SL, /*dropout_p=*/0.0, /*is_causal=*/false,
                                             /*scale=*/std::nullopt, /*enable_gqa=*/n_kv_heads_ != n_heads_);
   y = y.transpose(1, 2).reshape({B, S, n_heads_ * head_dim_});
-  return moe::lora_matmul(y, wo, wo_lora, compute_dtype);
+  return output(y, compute_dtype);
 }
 
 torch::Tensor AttentionImpl::forward(const torch::Tensor& x_BSD, const Rope& rope, ComputeDtype compute_dtype,
@@ -348,7 +366,7 @@ torch::Tensor AttentionImpl::forward(const torch::Tensor& x_BSD, const Rope& rop
   // them in place (flash attention on CUDA and on the CPU) instead of a repeated copy of K and V.
   auto y = layout.attend(q, k, v, /*scale=*/std::nullopt, /*enable_gqa=*/n_kv_heads_ != n_heads_);
   y = y.transpose(1, 2).reshape({B, S, n_heads_ * head_dim_});
-  return moe::lora_matmul(y, wo, wo_lora, compute_dtype);
+  return output(y, compute_dtype);
 }
 
 namespace {

@@ -31,7 +31,8 @@ class RMSNormImpl : public torch::nn::Module {
 TORCH_MODULE(RMSNorm);
 
 // Rotary tables for positions [0, max_seq_len), rotate-half convention (as in Llama/Mixtral), with
-// YaRN's frequency interpolation and cos/sin scaling when yarn.factor > 1.
+// YaRN's frequency interpolation and cos/sin scaling when yarn.factor > 1. The tables may be narrower
+// than the heads they rotate (partial RoPE, model.rotary_dim): the first Hd of each head turn, the rest pass.
 struct Rope {
   torch::Tensor cos_SHd;  // (max_seq_len, Hd) fp32
   torch::Tensor sin_SHd;  // (max_seq_len, Hd) fp32
@@ -121,7 +122,8 @@ class AttentionImpl : public torch::nn::Module {
   torch::Tensor wk;  // (D, G*Hd)
   torch::Tensor wv;  // (D, G*Hd)
   torch::Tensor wo;  // (H*Hd, D)
-  torch::Tensor q_bias, k_bias, v_bias;  // (H*Hd), (G*Hd), (G*Hd); defined with model.qkv_bias
+  torch::Tensor q_bias, k_bias, v_bias;  // (H*Hd), (G*Hd), (G*Hd); defined with model.attn_bias qkv or all
+  torch::Tensor o_bias;                  // (D); defined with model.attn_bias all
   // model.qk_norm: "head" normalizes each head over Hd (weights (Hd)); "full" the whole projection
   // (weights (H*Hd) and (G*Hd)); both before RoPE. Null with "none".
   RMSNorm q_norm{nullptr}, k_norm{nullptr};
@@ -143,6 +145,8 @@ class AttentionImpl : public torch::nn::Module {
   // x (B, S, D) in the compute dtype -> (B, n, S, Hd): projection, optional bias, optional q/k norm.
   torch::Tensor heads(const torch::Tensor& x, const torch::Tensor& w, const moe::LoraAdapter& lora,
                       const torch::Tensor& bias, int n, const RMSNorm& norm, ComputeDtype compute_dtype) const;
+  // The heads' output y (B, S, H*Hd) through wo (and o_bias) -> (B, S, D).
+  torch::Tensor output(const torch::Tensor& y, ComputeDtype compute_dtype) const;
 };
 TORCH_MODULE(Attention);
 

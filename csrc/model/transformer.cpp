@@ -13,10 +13,9 @@ namespace moetrain::model {
 
 namespace {
 
-// MLA rotates only its qk_rope_head_dim dimensions; GQA the whole head.
+// MLA rotates only its qk_rope_head_dim dimensions; GQA the whole head or its first model.rotary_dim.
 Rope make_rope(const config::ModelConfig& cfg, torch::Device device) {
-  const int dim = cfg.attention == "mla" ? cfg.mla.qk_rope_head_dim : config::head_dim(cfg);
-  return Rope::make(cfg.max_seq_len, dim, cfg.rope_theta, device, cfg.yarn);
+  return Rope::make(cfg.max_seq_len, config::rotary_dim(cfg), cfg.rope_theta, device, cfg.yarn);
 }
 }  // namespace
 

@@ -50,26 +50,38 @@ torch::Tensor sum_rows(const torch::Tensor& v_ID, const torch::Tensor& row_I, co
 }
 
 namespace {
+// gpt-oss's constants: the sigmoid's slope and the clamp (its reference torch/model.py).
+constexpr double kClampedAlpha = 1.702, kClampedLimit = 7.0;
+
+torch::Tensor product_of(const torch::Tensor& gate, const torch::Tensor& up, bool clamped) {
+  if (!clamped) return torch::silu(gate) * up;
+  const auto g = gate.clamp_max(kClampedLimit);
+  return g * torch::sigmoid(kClampedAlpha * g) * (up.clamp(-kClampedLimit, kClampedLimit) + 1);
+}
+
 struct RecomputedGatedProduct : torch::autograd::Function<RecomputedGatedProduct> {
-  static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& gate, const torch::Tensor& up) {
+  static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& gate, const torch::Tensor& up,
+                               bool clamped) {
     ctx->save_for_backward({gate, up});
-    return torch::silu(gate) * up;
+    ctx->saved_data["clamped"] = clamped;
+    return product_of(gate, up, clamped);
   }
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
     const auto saved = ctx->get_saved_variables();
     auto gate = saved[0].detach().requires_grad_(true), up = saved[1].detach().requires_grad_(true);
     torch::AutoGradMode enable(true);
-    auto out = torch::silu(gate) * up;
-    return torch::autograd::grad({out}, {gate, up}, {grads[0]});
+    auto out = product_of(gate, up, ctx->saved_data["clamped"].toBool());
+    auto g = torch::autograd::grad({out}, {gate, up}, {grads[0]});
+    return {g[0], g[1], torch::Tensor()};
   }
 };
 }  // namespace
 
-torch::Tensor gated_product(const torch::Tensor& gate, const torch::Tensor& up, bool recompute) {
+torch::Tensor gated_product(const torch::Tensor& gate, const torch::Tensor& up, bool recompute, bool clamped) {
   if (recompute && torch::GradMode::is_enabled() && (gate.requires_grad() || up.requires_grad()))
-    return RecomputedGatedProduct::apply(gate, up);
-  return torch::silu(gate) * up;
+    return RecomputedGatedProduct::apply(gate, up, clamped);
+  return product_of(gate, up, clamped);
 }
 
 SwiGLUImpl::SwiGLUImpl(int d_model, int hidden) {
@@ -169,7 +181,10 @@ torch::Tensor combine(const torch::Tensor& y_RD, const DispatchHandle& handle, c
   return sum_rows(weighted_RD, handle.token_ids_R, handle.order_R, handle.num_tokens, handle.top_k);
 }
 
-ExpertsImpl::ExpertsImpl(int n_experts, int d_model, int hidden, std::string impl) : impl_(std::move(impl)) {
+ExpertsImpl::ExpertsImpl(int n_experts, int d_model, int hidden, std::string impl, const std::string& activation)
+    : clamped_activation(activation == "swiglu_clamped"), impl_(std::move(impl)) {
+  TORCH_CHECK(activation == "swiglu" || activation == "swiglu_clamped", "[moe] model.moe.activation = ", activation,
+              " must be swiglu or swiglu_clamped");
   w1 = register_parameter("w1", torch::empty({n_experts, d_model, hidden}));
   w3 = register_parameter("w3", torch::empty({n_experts, d_model, hidden}));
   w2 = register_parameter("w2", torch::empty({n_experts, hidden, d_model}));
@@ -215,7 +230,7 @@ torch::Tensor ExpertsImpl::forward_sliced(const torch::Tensor& rows_RD, const to
   for (int64_t e = 0; e < E; ++e) {
     if (sizes[e] == 0) continue;
     auto h = gated_product(product(xs[e], w1s[e], w1_lora, l1, e), product(xs[e], w3s[e], w3_lora, l3, e),
-                           recompute_elementwise);
+                           recompute_elementwise, clamped_activation);
     outputs.push_back(product(h, w2s[e], w2_lora, l2, e));
   }
   if (outputs.empty()) {
@@ -258,7 +273,7 @@ torch::Tensor ExpertsImpl::forward_grouped(const torch::Tensor& rows_RD, const t
   auto up = at::_grouped_mm(x, cast(w3, dtype), offsets_E);
   if (w1_lora.defined()) gate = gate + lora_grouped_term(x, offsets_E, w1_lora, dtype);
   if (w3_lora.defined()) up = up + lora_grouped_term(x, offsets_E, w3_lora, dtype);
-  auto h = gated_product(gate, up, recompute_elementwise).contiguous();
+  auto h = gated_product(gate, up, recompute_elementwise, clamped_activation).contiguous();
   auto y = at::_grouped_mm(h, cast(w2, dtype), offsets_E);
   if (w2_lora.defined()) y = y + lora_grouped_term(h, offsets_E, w2_lora, dtype);
   return y;
@@ -285,7 +300,8 @@ MoEImpl::MoEImpl(const config::MoEConfig& cfg, int d_model, ExpertShard shard) :
   TORCH_CHECK(cfg.n_experts % shard_.ranks == 0, "[moe] model.moe.n_experts = ", cfg.n_experts,
               " is not divisible by parallel.expert_parallel = ", shard_.ranks);
   router = register_module("router", Router(cfg, d_model));
-  experts = register_module("experts", Experts(cfg.n_experts / shard_.ranks, d_model, cfg.expert_hidden, cfg.experts_impl));
+  experts = register_module(
+      "experts", Experts(cfg.n_experts / shard_.ranks, d_model, cfg.expert_hidden, cfg.experts_impl, cfg.activation));
   if (cfg.n_shared_experts > 0)
     shared = register_module("shared", SwiGLU(d_model, cfg.n_shared_experts * config::shared_hidden(cfg)));
 }

@@ -16,7 +16,9 @@ namespace moetrain::moe {
 // silu(gate) * up, SwiGLU's element-wise part. With `recompute` (train.activation_checkpointing:
 // selective) backward keeps only gate and up and recomputes the product from them, where autograd
 // would also keep silu(gate); the same ops run again, so the gradients are the same bit for bit.
-torch::Tensor gated_product(const torch::Tensor& gate, const torch::Tensor& up, bool recompute);
+// `clamped`: gpt-oss's form (model.moe.activation swiglu_clamped), g * sigmoid(1.702 g) * (u + 1) with
+// g = min(gate, 7), u = clamp(up, -7, 7).
+torch::Tensor gated_product(const torch::Tensor& gate, const torch::Tensor& up, bool recompute, bool clamped = false);
 
 // SwiGLU: w2( silu(x w1) * (x w3) ). Dense MLP and (concatenated) shared experts.
 class SwiGLUImpl : public torch::nn::Module {
@@ -83,8 +85,8 @@ torch::Tensor sum_rows(const torch::Tensor& v_ID, const torch::Tensor& row_I, co
 // Routed experts stored stacked, computed as one grouped GEMM per projection over sorted rows.
 class ExpertsImpl : public torch::nn::Module {
  public:
-  // impl: "auto" | "grouped_mm" | "sliced" (model.moe.experts_impl).
-  ExpertsImpl(int n_experts, int d_model, int hidden, std::string impl = "auto");
+  // impl: "auto" | "grouped_mm" | "sliced" (model.moe.experts_impl); activation: model.moe.activation.
+  ExpertsImpl(int n_experts, int d_model, int hidden, std::string impl = "auto", const std::string& activation = "swiglu");
   // counts_on_host: the same counts where the caller already read them (the sliced path then reads
   // nothing).
   torch::Tensor forward(const torch::Tensor& rows_RD, const torch::Tensor& counts_E,
@@ -109,6 +111,7 @@ class ExpertsImpl : public torch::nn::Module {
   torch::Tensor w3;  // (E, D, F)
   torch::Tensor w2;  // (E, F, D)
   bool recompute_elementwise = false;  // see gated_product
+  bool clamped_activation = false;     // model.moe.activation swiglu_clamped (see gated_product)
   // train.lora: stacked adapters of w1, w3, w2: A (E, D, r) and B (E, r, F) for w1 and w3, A (E, F, r) and
   // B (E, r, D) for w2. They run in the same path as the weights (one grouped GEMM per factor, or the
   // sliced path's per-expert matmuls) and are sharded with them (model::ParamRole::expert).

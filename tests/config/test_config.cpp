@@ -79,7 +79,7 @@ CATCH_TEST_CASE("every key appears once in flatten and reference, in declaration
   auto rows = flatten(Config{});
   auto docs = reference();
   CATCH_REQUIRE(rows.size() == docs.size());
-  CATCH_REQUIRE(rows.size() == 130);  // every field of the structs in config.h but the derived router.expert_groups
+  CATCH_REQUIRE(rows.size() == 132);  // every field of the structs in config.h but the derived router.expert_groups
   CATCH_CHECK(rows.front().first == "run.name");
   CATCH_CHECK(rows.back().first == "rl.routing_replay");
   for (size_t i = 0; i < rows.size(); ++i) {
@@ -272,6 +272,17 @@ CATCH_TEST_CASE("relations between keys are checked at load", "[config]") {
   CATCH_CHECK_NOTHROW(parse("", {"model.d_model=100", "model.head_dim=16"}));  // explicit head_dim
   CATCH_CHECK_THAT(error_of("", {"model.head_dim=7"}), Contains("model.head_dim = 7 must be even"));
   CATCH_CHECK_THAT(error_of("", {"model.d_model=24"}), Contains("= 3 must be even"));
+  // Partial RoPE (GLM-4.5) and attention biases.
+  CATCH_CHECK_NOTHROW(parse("", {"model.rotary_dim=16", "model.attn_bias=qkv"}));
+  CATCH_CHECK_NOTHROW(parse("", {"model.rotary_dim=32", "model.attn_bias=all"}));
+  CATCH_CHECK(error_of("", {"model.rotary_dim=5"}) ==
+              "[config] model.rotary_dim = 5 must be even (RoPE rotates pairs of dimensions)");
+  CATCH_CHECK(error_of("", {"model.rotary_dim=34"}) == "[config] model.rotary_dim = 34 must be at most the head dim (32)");
+  CATCH_CHECK_THAT(error_of("", {"model.attention=mla", "model.rotary_dim=16"}),
+                   Contains("model.rotary_dim = 16 must be 0 with model.attention = mla"));
+  CATCH_CHECK_THAT(error_of("", {"model.attention=mla", "model.attn_bias=qkv"}),
+                   Contains("model.attn_bias = qkv must be none with model.attention = mla"));
+  CATCH_CHECK_THAT(error_of("", {"model.attn_bias=qkvo"}), Contains("model.attn_bias") && Contains("none, qkv, all"));
   CATCH_CHECK(error_of("", {"model.dense_layers=5"}) ==
               "[config] model.dense_layers = 5 must be in [0, model.n_layers = 4]");
   CATCH_CHECK_NOTHROW(parse("", {"model.dense_layers=4"}));

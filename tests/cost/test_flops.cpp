@@ -100,6 +100,40 @@ CATCH_TEST_CASE("tiny MLA and MTP: FLOPs equal the hand count", "[cost]") {
   CATCH_CHECK(cost::param_counts(t).total == 5264);  // MTP apart
 }
 
+// GLM-4.5's attention: q/k/v biases (and o's, model.attn_bias all), per-head q/k norms, RoPE on part of
+// each head. The biases and norms are parameters but no matmul FLOPs; cost counts what the model builds.
+CATCH_TEST_CASE("GQA biases, q/k norms and partial RoPE: counted as the built model has them", "[cost]") {
+  auto m = testing::tiny_model_config();
+  const double projections = cost::attention_projection_forward(m);
+  const auto plain = cost::param_counts(m);
+  m.rotary_dim = 2;
+  m.moe.router.score_func = "sigmoid";
+  m.moe.router.selection_bias = true;
+  for (const std::string bias : {"none", "qkv", "all"})
+    for (const std::string qk_norm : {"none", "head", "full"}) {
+      CATCH_INFO(bias << " " << qk_norm);
+      m.attn_bias = bias;
+      m.qk_norm = qk_norm;
+      m.mtp_depth = 0;
+      model::Transformer built(m);
+      CATCH_CHECK(cost::param_counts(m).total == built->param_counts().total);
+      CATCH_CHECK(cost::param_counts(m).active == built->param_counts().active);
+      CATCH_CHECK(cost::attention_projection_forward(m) == projections);
+      // Per layer: q 16 + k 8 + v 8 (+ o 16); q/k norms 4 + 4 per head, or 16 + 8 over the projection.
+      const int64_t biases = bias == "none" ? 0 : bias == "qkv" ? 32 : 48;
+      const int64_t norms = qk_norm == "none" ? 0 : qk_norm == "head" ? 8 : 24;
+      CATCH_CHECK(cost::param_counts(m).attention == plain.attention + 2 * biases);
+      CATCH_CHECK(cost::param_counts(m).norms == plain.norms + 2 * norms);
+      // An MTP module's own parameters, biases and norms included.
+      m.mtp_depth = 1;
+      model::Transformer with_mtp(m);
+      int64_t mtp = 0;
+      for (const auto& p : with_mtp->named_parameters())
+        if (p.key().rfind("mtp.", 0) == 0) mtp += p.value().numel();
+      CATCH_CHECK(cost::param_counts(m).mtp == mtp);
+    }
+}
+
 CATCH_TEST_CASE("dense config: training FLOPs are 6N plus attention scores", "[cost]") {
   config::ModelConfig m;
   m.vocab_size = 32000;

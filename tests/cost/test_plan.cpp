@@ -252,7 +252,9 @@ CATCH_TEST_CASE("claims table: every public claim costed, checked against publis
 // Every config the repository ships loads and validates (templates without their model folders), and
 // the architectures of configs/models/ (what scripts/what_fits.sh plans) have their models' published
 // parameter counts: OLMoE-1B-7B 6.92B (Hugging Face's count), Qwen3-30B-A3B 30.5B, Mixtral-8x7B
-// 46.7B, DeepSeek-V2-Lite 15.7B, within 0.5% (the published figures are rounded).
+// 46.7B, DeepSeek-V2-Lite 15.7B, within 0.5% (the published figures are rounded); GLM-4.5-Air's "106B
+// total, 12B active" are truncated: 106-107B in all (its MTP layer apart) and 12-13B active past the
+// embedding.
 CATCH_TEST_CASE("Every shipped config loads, configs/models/ have their published parameter counts", "[cost][config]") {
   const std::string root = std::string(MOETRAIN_SOURCE_DIR) + "/configs";
   int loaded = 0;
@@ -272,4 +274,10 @@ CATCH_TEST_CASE("Every shipped config loads, configs/models/ have their publishe
     const double total = double(cost::param_counts(cfg.model).total);
     CATCH_CHECK(std::abs(total - count) <= 0.005 * count);
   }
+  const auto glm = cost::param_counts(config::load_config(root + "/models/glm-4.5-air.yaml", {}).model);
+  CATCH_CHECK(glm.total >= 106e9);
+  CATCH_CHECK(glm.total < 107e9);
+  CATCH_CHECK(glm.active_non_embedding >= 12e9);
+  CATCH_CHECK(glm.active_non_embedding < 13e9);
+  CATCH_CHECK(glm.mtp > 0);
 }

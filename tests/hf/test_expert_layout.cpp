@@ -44,7 +44,7 @@ void check_same_weights(model::TransformerImpl& got, model::TransformerImpl& wan
 }  // namespace
 
 CATCH_TEST_CASE("hf: stacked experts (transformers 5's layout) import and export, every family", "[hf]") {
-  for (const std::string family : {"mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "deepseek_v2"}) {
+  for (const std::string family : {"mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "deepseek_v2", "glm4_moe"}) {
     CATCH_INFO(family);
     testing::TempDir dir("expert-layout-" + family);
     reference("make " + family + " " + dir.str("per-expert"));

@@ -39,7 +39,7 @@ void write_tiny_family(hf::Family family, const std::string& dir, int vocab_size
       m.qk_norm = "head";
       break;
     case hf::Family::Qwen2Moe:
-      m.qkv_bias = true;
+      m.attn_bias = "qkv";
       m.moe.n_shared_experts = 1;
       m.moe.shared_gate = true;
       break;
@@ -51,6 +51,14 @@ void write_tiny_family(hf::Family family, const std::string& dir, int vocab_size
       m.mla.qk_rope_head_dim = 4;
       m.mla.v_head_dim = 4;
       m.moe.router.normalize_topk = false;
+      break;
+    case hf::Family::Glm4Moe:  // partial RoPE, q/k/v biases, sigmoid routing with its bias, a shared expert
+      m.rotary_dim = 2;
+      m.attn_bias = "qkv";
+      m.moe.router.score_func = "sigmoid";
+      m.moe.router.selection_bias = true;
+      m.moe.n_shared_experts = 1;
+      m.dense_layers = 1;
       break;
     case hf::Family::DeepseekV3:
       m.attention = "mla";
@@ -76,7 +84,8 @@ CATCH_TEST_CASE("finetune configs: each example loads, and resolves against a ti
   const std::vector<std::pair<std::string, hf::Family>> examples = {
       {"olmoe", hf::Family::Olmoe},         {"mixtral", hf::Family::Mixtral},
       {"qwen2-moe", hf::Family::Qwen2Moe},  {"qwen3-moe", hf::Family::Qwen3Moe},
-      {"deepseek-v3", hf::Family::DeepseekV3}, {"deepseek-v2-lite", hf::Family::DeepseekV2}};
+      {"deepseek-v3", hf::Family::DeepseekV3}, {"deepseek-v2-lite", hf::Family::DeepseekV2},
+      {"glm-4.5-air", hf::Family::Glm4Moe}};
   for (const auto& [name, family] : examples) {
     CATCH_INFO(name);
     const std::string file = kSource + "/configs/finetune-" + name + ".yaml";

@@ -237,6 +237,106 @@ CATCH_TEST_CASE("hf: DeepSeek-V2-Lite (transformers' DeepseekV2: MLA without que
   check_family("deepseek_v2_greedy", "deepseek_v2");
 }
 
+// GLM-4.5 (transformers' Glm4Moe): grouped-query attention that rotates only the first half of each q/k
+// head (rotate-half within those dims), q/k/v biases but none on o_proj, optional per-head q/k norms,
+// DeepSeek-V3's sigmoid routing with the correction bias, groups, scaling and shared experts.
+CATCH_TEST_CASE("hf: GLM-4.5 (partial RoPE, q/k/v biases, sigmoid routing with the correction bias, a shared expert, "
+                "one dense layer) round trip", "[hf]") {
+  check_family("glm4_moe", "", /*bitwise=*/true);
+}
+CATCH_TEST_CASE("hf: GLM-4.5 with per-head q/k norms, RoPE on a quarter of the head, no dense layer, 4 groups, raw "
+                "top-k weights times 2.5, round trip", "[hf]") {
+  check_family("glm4_moe_qk_norm", "glm4_moe", /*bitwise=*/true);
+}
+CATCH_TEST_CASE("hf: GLM-4.5 with its MTP layer (num_nextn_predict_layers 1) round trip bit for bit", "[hf][mtp]") {
+  check_family("glm4_moe_mtp", "glm4_moe", /*bitwise=*/true);
+}
+
+CATCH_TEST_CASE("hf: GLM-4.5's config.json fields map to our keys, and what they cannot mean is refused", "[hf]") {
+  testing::TempDir dir("hf-glm4-moe-fields");
+  reference("make glm4_moe_mtp " + dir.str("hf"));
+  const std::string config_path = dir.str("hf/config.json");
+  const auto original = nlohmann::json::parse(files::read_file(config_path));
+  const auto m = hf::read_config(dir.str("hf")).model;
+  CATCH_CHECK(m.head_dim == 16);
+  CATCH_CHECK(m.rotary_dim == 8);  // partial_rotary_factor 0.5
+  CATCH_CHECK(m.attn_bias == "qkv");
+  CATCH_CHECK(m.qk_norm == "none");
+  CATCH_CHECK(m.dense_layers == 1);
+  CATCH_CHECK(m.mtp_depth == 1);
+  CATCH_CHECK(m.moe.n_shared_experts == 1);
+  CATCH_CHECK(m.moe.router.score_func == "sigmoid");
+  CATCH_CHECK(m.moe.router.selection_bias);
+  CATCH_CHECK(m.moe.router.normalize_topk);
+  CATCH_CHECK(hf::infer_family(m) == hf::Family::Glm4Moe);
+  // The factor at the top level (older configs), and absent: transformers' default 0.5.
+  for (const auto& [factor, rotary] : std::vector<std::pair<nlohmann::json, int>>{{0.25, 4}, {nullptr, 8}, {1.0, 0}}) {
+    CATCH_INFO(factor.dump());
+    auto config = original;
+    config["rope_parameters"].erase("partial_rotary_factor");
+    if (!factor.is_null()) config["partial_rotary_factor"] = factor;
+    testing::write_bytes(config_path, config.dump());
+    CATCH_CHECK(hf::read_config(dir.str("hf")).model.rotary_dim == rotary);
+  }
+  {  // transformers' Glm4MoeConfig defaults: one dense first layer, one shared expert
+    auto config = original;
+    config.erase("first_k_dense_replace");
+    config.erase("n_shared_experts");
+    testing::write_bytes(config_path, config.dump());
+    const auto defaults = hf::read_config(dir.str("hf")).model;
+    CATCH_CHECK(defaults.dense_layers == 1);
+    CATCH_CHECK(defaults.moe.n_shared_experts == 1);
+  }
+  for (const auto& [field, value, expected] : std::vector<std::tuple<std::string, nlohmann::json, std::string>>{
+           {"partial_rotary_factor", 0.3125, "even number of dims"},
+           {"partial_rotary_factor", "half", "must be a number"},
+           {"attention_bias", "yes", "true or false"},
+           {"use_qk_norm", 1, "true or false"},
+           {"hidden_act", "gelu", "silu"}}) {
+    CATCH_INFO(field);
+    auto config = original;
+    config["rope_parameters"].erase("partial_rotary_factor");
+    config[field] = value;
+    testing::write_bytes(config_path, config.dump());
+    const auto msg = error_of([&] { hf::read_config(dir.str("hf")); });
+    CATCH_CHECK_THAT(msg, Contains("config.json") && Contains(field) && Contains(expected));
+    CATCH_CHECK(msg.find('\n') == std::string::npos);
+  }
+  testing::write_bytes(config_path, original.dump());
+
+  // What GLM-4.5 cannot hold is refused naming our key; partial RoPE no other family can hold.
+  auto with_o_bias = m;
+  with_o_bias.attn_bias = "all";
+  model::Transformer o_bias(with_o_bias);
+  CATCH_CHECK_THROWS_WITH(hf::export_model(*o_bias, hf::Family::Glm4Moe, dir.str("out")),
+                          Contains("model.attn_bias = all") && Contains("output projection"));
+  auto clamped = m;  // gpt-oss's expert activation
+  clamped.moe.activation = "swiglu_clamped";
+  model::Transformer clamped_model(clamped);
+  CATCH_CHECK_THROWS_WITH(hf::export_model(*clamped_model, hf::Family::Glm4Moe, dir.str("out")),
+                          Contains("model.moe.activation = swiglu_clamped"));
+  auto softmax = m;
+  softmax.moe.router.score_func = "softmax";
+  softmax.moe.router.selection_bias = false;
+  model::Transformer softmax_model(softmax);
+  CATCH_CHECK_THROWS_WITH(hf::export_model(*softmax_model, hf::Family::Glm4Moe, dir.str("out")),
+                          Contains("model.moe.router.score_func = softmax"));
+  CATCH_CHECK(hf::infer_family(softmax) == hf::Family::Glm4Moe);  // by its partial RoPE
+  auto full_norm = m;
+  full_norm.qk_norm = "full";
+  model::Transformer full_norm_model(full_norm);
+  CATCH_CHECK_THROWS_WITH(hf::export_model(*full_norm_model, hf::Family::Glm4Moe, dir.str("out")),
+                          Contains("model.qk_norm = full"));
+  auto qwen = testing::tiny_model_config();
+  qwen.rotary_dim = 2;
+  qwen.dense_layers = 0;
+  qwen.moe.n_shared_experts = 0;
+  model::Transformer partial(qwen);
+  CATCH_CHECK_THROWS_WITH(hf::export_model(*partial, hf::Family::Qwen3Moe, dir.str("out")),
+                          Contains("model.rotary_dim = 2") && Contains("whole heads"));
+  CATCH_CHECK(!files::exists(dir.str("out")));
+}
+
 CATCH_TEST_CASE("hf: bf16 and fp16 shards import as their fp32 values", "[hf]") {
   testing::TempDir dir("hf-dtypes");
   write_tiny_mixtral(dir.str("hf"), /*shard_bytes=*/1'000'000);
@@ -344,7 +444,7 @@ CATCH_TEST_CASE("hf: model_type and architectures are checked against each other
   // `convert --help` offers every family export knows, DeepSeek-V3 included.
   const auto help = testing::run_command(kBinary + " convert --help");
   CATCH_CHECK(help.exit_code == 0);
-  for (const char* family : {"mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "deepseek_v2"})
+  for (const char* family : {"mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "deepseek_v2", "glm4_moe"})
     CATCH_CHECK_THAT(help.output, Contains(family));
 }
 

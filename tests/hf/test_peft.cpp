@@ -64,7 +64,7 @@ config::Config write_lora_checkpoint(const testing::TempDir& dir, const std::str
 
 CATCH_TEST_CASE("convert --to peft:DIR writes adapters that peft loads onto transformers' model with our logits",
                 "[hf][lora]") {
-  for (const std::string family : {"mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "deepseek_v2_lite", "deepseek_v2"}) {
+  for (const std::string family : {"mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "deepseek_v2_lite", "deepseek_v2", "glm4_moe"}) {
     CATCH_INFO(family);
     testing::TempDir dir("peft-" + family);
     reference("make " + family + " " + dir.str("hf"));

@@ -82,7 +82,7 @@ CATCH_TEST_CASE("KV cache: greedy equals the recompute path with the same logits
   configs["gqa dense+moe"] = testing::tiny_model_config();
   auto head = testing::tiny_model_config();
   head.qk_norm = "head";
-  head.qkv_bias = true;
+  head.attn_bias = "qkv";
   configs["gqa qk_norm head, qkv bias"] = head;
   auto full = testing::tiny_model_config();
   full.qk_norm = "full";
@@ -95,6 +95,11 @@ CATCH_TEST_CASE("KV cache: greedy equals the recompute path with the same logits
   with_yarn(yarn);
   yarn.moe.shared_gate = true;  // Qwen2-MoE's gated shared expert
   configs["gqa yarn, gated shared expert"] = yarn;
+  auto partial = testing::tiny_model_config();  // GLM-4.5: RoPE on half of each head, q/k/v (and o) biases
+  partial.rotary_dim = 2;
+  partial.attn_bias = "all";
+  partial.moe.router.score_func = "sigmoid";
+  configs["gqa partial rope, all biases"] = partial;
   for (const auto& [name, cfg] : configs) {
     CATCH_INFO(name);
     auto model = make_model(cfg);

@@ -152,7 +152,7 @@ CATCH_TEST_CASE("LoRA on GQA attention equals x (W + s A B) in fp64, values and 
                 "[model][lora]") {
   torch::manual_seed(3);
   auto cfg = testing::tiny_model_config();
-  cfg.qkv_bias = true;
+  cfg.attn_bias = "qkv";
   config::LoraConfig lora = lora_config(3, 6);  // scale 2
   lora.targets = {"q", "k", "v", "o"};
   model::Attention adapted(cfg), reference(cfg);

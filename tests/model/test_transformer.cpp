@@ -2,6 +2,7 @@
 #include <catch2/catch.hpp>
 
 #include "../test_util.h"
+#include "model/layers.h"
 #include "model/transformer.h"
 
 using namespace moetrain;
@@ -52,6 +53,8 @@ CATCH_TEST_CASE("Gradients match central finite differences in double precision"
   cfg.tie_embeddings = false;
   cfg.moe.seq_aux_loss_coef = 0.01;  // every differentiable balancing loss on, besides the switch loss
   cfg.moe.z_loss_coef = 0.001;
+  cfg.rotary_dim = 2;     // GLM-4.5's partial RoPE and biases (o's too)
+  cfg.attn_bias = "all";
   model::Transformer m(cfg);
   m->init_weights(3);
   {
@@ -97,6 +100,53 @@ CATCH_TEST_CASE("Gradients match central finite differences in double precision"
     }
   }
   CATCH_CHECK(checked > 60);
+}
+
+// GLM-4.5's partial RoPE against the formula: with R = model.rotary_dim, dims i and i + R/2 (i < R/2) of
+// each head turn by position * theta^(-2i/R), rotate-half style; dims R.. pass unchanged.
+CATCH_TEST_CASE("Partial RoPE turns the first rotary_dim dims of each head and passes the rest", "[model]") {
+  torch::manual_seed(3);
+  const int R = 4, Hd = 10, S = 5, offset = 2;
+  const auto rope = model::Rope::make(16, R, 10000.0, torch::kCPU);
+  const auto x = torch::randn({2, 3, S, Hd}).to(torch::kDouble);  // fp32 values, exact in fp64
+  auto expected = x.clone();
+  for (int s = 0; s < S; ++s)
+    for (int i = 0; i < R / 2; ++i) {
+      const double angle = (offset + s) * std::pow(10000.0, -2.0 * i / R);
+      auto a = x.select(2, s).select(2, i), b = x.select(2, s).select(2, i + R / 2);
+      expected.select(2, s).select(2, i).copy_(a * std::cos(angle) - b * std::sin(angle));
+      expected.select(2, s).select(2, i + R / 2).copy_(b * std::cos(angle) + a * std::sin(angle));
+    }
+  const auto y = rope.apply(x.to(torch::kFloat), offset).to(torch::kDouble);
+  CATCH_CHECK((y - expected).abs().max().item<double>() < 1e-6);
+  CATCH_CHECK(torch::equal(y.narrow(3, R, Hd - R), x.narrow(3, R, Hd - R)));
+  // The same at packed positions (a document starting at `offset`).
+  const auto layout = model::TokenLayout::packed(torch::arange(offset, offset + S).repeat({2, 1}));
+  CATCH_CHECK(torch::equal(rope.apply(x.to(torch::kFloat), layout), rope.apply(x.to(torch::kFloat), offset)));
+}
+
+CATCH_TEST_CASE("model.attn_bias: qkv adds q, k and v biases, all an output bias too", "[model]") {
+  auto cfg = testing::tiny_model_config();
+  for (const std::string bias : {"none", "qkv", "all"}) {
+    CATCH_INFO(bias);
+    cfg.attn_bias = bias;
+    model::Attention attn(cfg);
+    const auto names = attn->named_parameters();
+    CATCH_CHECK(names.contains("q_bias") == (bias != "none"));
+    CATCH_CHECK(names.contains("v_bias") == (bias != "none"));
+    CATCH_CHECK(names.contains("o_bias") == (bias == "all"));
+  }
+  // The output bias is added to the output projection's result, at every position.
+  torch::NoGradGuard no_grad;
+  torch::manual_seed(5);
+  model::Attention attn(cfg);
+  for (auto& p : attn->parameters()) p.copy_(0.3 * torch::randn_like(p));
+  const auto rope = model::Rope::make(cfg.max_seq_len, 4, cfg.rope_theta, torch::kCPU);
+  const auto x = torch::randn({2, 6, cfg.d_model});
+  const auto with = attn->forward(x, rope, std::nullopt);
+  const auto o_bias = attn->o_bias.clone();
+  attn->o_bias.zero_();
+  CATCH_CHECK(torch::allclose(with - attn->forward(x, rope, std::nullopt), o_bias.expand({2, 6, cfg.d_model}), 1e-6, 1e-6));
 }
 
 CATCH_TEST_CASE("The weight-decay rule excludes norms, biases and embeddings", "[model]") {

@@ -8,10 +8,15 @@ using namespace moetrain;
 
 namespace {
 
+// clamped: gpt-oss's experts (its torch/model.py swiglu): a clamped to <= 7, b to [-7, 7], then
+// a * sigmoid(1.702 a) * (b + 1).
 torch::Tensor swiglu_ref(const torch::Tensor& x_D, const torch::Tensor& w1, const torch::Tensor& w3,
-                         const torch::Tensor& w2) {
+                         const torch::Tensor& w2, bool clamped = false) {
   auto a = torch::matmul(x_D, w1), b = torch::matmul(x_D, w3);
-  return torch::matmul(a * torch::sigmoid(a) * b, w2);
+  if (!clamped) return torch::matmul(a * torch::sigmoid(a) * b, w2);
+  a = torch::minimum(a, torch::full_like(a, 7.0));
+  b = torch::maximum(torch::minimum(b, torch::full_like(b, 7.0)), torch::full_like(b, -7.0));
+  return torch::matmul(a * torch::sigmoid(1.702 * a) * (b + 1), w2);
 }
 
 // Token by token: softmax over experts, the k largest, renormalized, weighted sum of expert outputs.
@@ -28,7 +33,8 @@ torch::Tensor naive_moe(const moe::MoEImpl& layer, const config::MoEConfig& cfg,
     for (int k = 0; k < cfg.top_k; ++k) {
       const int64_t e = ranked[k].second;
       const double w = cfg.router.normalize_topk ? ranked[k].first / norm : ranked[k].first;
-      out[t] += w * swiglu_ref(x, layer.experts->w1[e], layer.experts->w3[e], layer.experts->w2[e]);
+      out[t] += w * swiglu_ref(x, layer.experts->w1[e], layer.experts->w3[e], layer.experts->w2[e],
+                               cfg.activation == "swiglu_clamped");
     }
     if (layer.shared) out[t] += swiglu_ref(x, layer.shared->w1, layer.shared->w3, layer.shared->w2);
   }
@@ -64,6 +70,44 @@ CATCH_TEST_CASE("MoE layer equals a naive per-token reference", "[moe]") {
       CATCH_CHECK(got.stats.tokens_per_expert_E.sum().item<int64_t>() == 37 * 2);
     }
   }
+}
+
+CATCH_TEST_CASE("model.moe.activation swiglu_clamped is gpt-oss's clamped form in both expert paths and under recompute",
+                "[moe]") {
+  config::MoEConfig cfg;
+  cfg.n_experts = 6;
+  cfg.top_k = 2;
+  cfg.expert_hidden = 12;
+  cfg.n_shared_experts = 1;  // the shared expert stays plain SwiGLU
+  cfg.shared_hidden = 8;
+  cfg.activation = "swiglu_clamped";
+  for (const std::string impl : {"sliced", "grouped_mm"}) {
+    CATCH_INFO(impl);
+    cfg.experts_impl = impl;
+    auto layer = make_layer(cfg, 16, 5);
+    CATCH_CHECK(layer->experts->clamped_activation);
+    auto x = 5 * torch::randn({29, 16});  // large enough that both clamps bite
+    CATCH_REQUIRE(torch::matmul(x, layer->experts->w1).max().item<double>() > 7);
+    CATCH_REQUIRE(torch::matmul(x, layer->experts->w3).min().item<double>() < -7);
+    auto got = layer->forward(x, x.size(0), std::nullopt);
+    const auto want = naive_moe(*layer, cfg, x);
+    CATCH_CHECK(torch::allclose(got.out_TD, want, 1e-4, 1e-4));
+    auto plain = cfg;
+    plain.activation = "swiglu";
+    CATCH_CHECK(!torch::allclose(got.out_TD, naive_moe(*layer, plain, x), 1e-2, 1e-2));
+  }
+  // Selective recompute gives the same values and gradients, bit for bit.
+  torch::manual_seed(2);
+  const auto gate0 = 6 * torch::randn({9, 12}), up0 = 6 * torch::randn({9, 12}), grad = torch::randn({9, 12});
+  std::vector<torch::Tensor> results;
+  for (bool recompute : {false, true}) {
+    auto gate = gate0.clone().requires_grad_(true), up = up0.clone().requires_grad_(true);
+    auto out = moe::gated_product(gate, up, recompute, /*clamped=*/true);
+    out.backward(grad);
+    results.insert(results.end(), {out.detach(), gate.grad(), up.grad()});
+  }
+  for (int i = 0; i < 3; ++i) CATCH_CHECK(torch::equal(results[size_t(i)], results[size_t(i + 3)]));
+  CATCH_CHECK((results[2] == 0).any().item<bool>());  // the clamp passes no gradient beyond 7
 }
 
 CATCH_TEST_CASE("MoE layer handles experts that receive no tokens, and zero tokens", "[moe]") {
