@@ -32,15 +32,17 @@ int run_rl_cost(const Args& args, const config::Config& cfg) {
     if (!(v > 0)) throw UsageError(std::string("--") + name + " must be > 0, got '" + args.get(name) + "'");
     return v;
   };
+  // What `moetrain rl` would run with this config, unless given: its rollout shape and updates.
+  auto count_or = [&](const char* name, double fallback) { return args.has(name) ? count(name) : fallback; };
   cost::RlSettings rl;
-  rl.prompts_per_step = count("prompts-per-step");
-  rl.group_size = count("group-size");
+  rl.prompts_per_step = count_or("prompts-per-step", cfg.rl.prompts_per_step);
+  rl.group_size = count_or("group-size", cfg.rl.group_size);
   rl.prompt_len = cost::parse_count(args.require("prompt-len"), "--prompt-len");
   rl.response_len = count("response-len");
-  rl.steps = count("steps");
-  rl.updates_per_batch = args.has("updates-per-batch") ? count("updates-per-batch") : 1;
-  rl.epochs = args.has("epochs") ? count("epochs") : rl.updates_per_batch;
-  const std::string reference = args.get("reference", "off");
+  rl.steps = count_or("steps", cfg.train.steps);
+  rl.updates_per_batch = count_or("updates-per-batch", cfg.rl.updates_per_batch);
+  rl.epochs = count_or("epochs", rl.updates_per_batch);
+  const std::string reference = args.get("reference", cfg.rl.kl_coef > 0 ? "on" : "off");
   if (reference != "on" && reference != "off")
     throw UsageError("--reference expects on or off, got '" + reference + "'");
   rl.reference = reference == "on";
@@ -158,14 +160,14 @@ int run_cost(const std::vector<std::string>& argv) {
        {"bench", "FILE", "JSON written by `moetrain bench-step --json`: its measured MFU and hardware carry over"},
        {"json", "", "print one JSON object instead of text"},
        {"rl", "", "cost a reinforcement-learning run (GRPO) instead: rollouts, reference and updates (the options below)"},
-       {"prompts-per-step", "N", "--rl: prompts per rollout batch (required)"},
-       {"group-size", "G", "--rl: completions per prompt (required)"},
+       {"prompts-per-step", "N", "--rl: prompts per rollout batch (default rl.prompts_per_step)"},
+       {"group-size", "G", "--rl: completions per prompt (default rl.group_size)"},
        {"prompt-len", "P", "--rl: mean prompt tokens (required)"},
-       {"response-len", "R", "--rl: mean response tokens (required)"},
-       {"steps", "N", "--rl: rollout batches (required)"},
-       {"updates-per-batch", "U", "--rl: optimizer steps per rollout batch (default 1; > 1 adds the old policy's scoring)"},
-       {"epochs", "E", "--rl: training passes over each completion per rollout batch (default: --updates-per-batch)"},
-       {"reference", "on|off", "--rl: a frozen reference model for the KL penalty scores every completion (default off)"},
+       {"response-len", "R", "--rl: mean response tokens (required; rl.max_new_tokens is only their limit)"},
+       {"steps", "N", "--rl: rollout batches (default train.steps)"},
+       {"updates-per-batch", "U", "--rl: optimizer steps per rollout batch (default rl.updates_per_batch; > 1 adds the old policy's scoring)"},
+       {"epochs", "E", "--rl: training passes over each completion per rollout batch (default: --updates-per-batch, as `moetrain rl` runs)"},
+       {"reference", "on|off", "--rl: a frozen reference model for the KL penalty scores every completion (default: on when rl.kl_coef > 0)"},
        {"decode-batch", "B", "--rl: completions one inference replica decodes together (default: a whole rollout batch)"},
        {"weight-bytes", "N", "--rl: bytes per weight read while decoding (default 2, bf16; 1 for fp8)"},
        {"softmax-layers", "N", "--rl: hybrid models: the layers with softmax attention and a KV cache (default all)"}}};

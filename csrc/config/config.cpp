@@ -868,6 +868,14 @@ void apply_mapping(const YAML::Node& map, const std::string& prefix, Config& cfg
         throw ConfigError(location(source, value.Mark()) + ": " + path + ": expected a mapping (a section), got " +
                           node_kind_text(value));
       apply_mapping(value, path, cfg, source);
+    } else if (path == "model.qkv_bias") {
+      // Replaced by model.attn_bias; every run folder and checkpoint written before holds it, so it is
+      // still read (true = qkv, false = none) and a resume or an inference from them keeps working.
+      bool on = false;
+      if (!value.IsScalar() || !YAML::convert<bool>::decode(value, on))
+        throw ConfigError(location(source, value.Mark()) + ": model.qkv_bias (now model.attn_bias: none | qkv | "
+                          "all) expects true or false, got " + node_kind_text(value));
+      cfg.model.attn_bias = on ? "qkv" : "none";
     } else {
       unknown_key(source, path);
     }

@@ -407,3 +407,12 @@ CATCH_TEST_CASE("The README's config reference matches reference()", "[config]")
   CATCH_INFO("regenerate with scripts/update_config_reference.sh if a key changed");
   CATCH_CHECK(block == md);
 }
+
+// model.qkv_bias, which model.attn_bias replaced, is in every run folder and checkpoint config written
+// before: it still loads (a resume or `generate` from them keeps working), and a non-boolean is refused.
+CATCH_TEST_CASE("The replaced model.qkv_bias still loads as model.attn_bias", "[config]") {
+  CATCH_CHECK(parse("model:\n  qkv_bias: true\n").model.attn_bias == "qkv");
+  CATCH_CHECK(parse("model:\n  qkv_bias: false\n").model.attn_bias == "none");
+  CATCH_CHECK_THROWS_WITH(parse("model:\n  qkv_bias: 3\n"),
+                          Catch::Matchers::Contains("model.qkv_bias (now model.attn_bias: none | qkv | all) expects true or false"));
+}

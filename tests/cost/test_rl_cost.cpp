@@ -205,6 +205,18 @@ CATCH_TEST_CASE("moetrain cost --rl: JSON, text and one-line errors", "[cost][rl
   CATCH_CHECK(j["reference_flops"].get<double>() == j["old_logprob_flops"].get<double>());
   CATCH_CHECK(j["train_flops"].get<double>() == Approx(4 * 3 * j["reference_flops"].get<double>()).epsilon(1e-12));
 
+  // Unless given, the rollout shape is what `moetrain rl` runs with the config: rl.prompts_per_step,
+  // rl.group_size, train.steps, rl.updates_per_batch, and a reference when rl.kl_coef > 0.
+  auto defaults = testing::run_command(kBinary + " cost --config " + config + " --rl --prompt-len 10 --response-len 20 "
+                                       "--mfu 0.3 --json --set rl.prompts_per_step=3 --set rl.group_size=5 "
+                                       "--set train.steps=7 --set rl.updates_per_batch=2 --set rl.kl_coef=0.01");
+  CATCH_INFO(defaults.output);
+  CATCH_REQUIRE(defaults.exit_code == 0);
+  const auto d = last_json(defaults.output);
+  CATCH_CHECK(d["completions"].get<double>() == 3 * 5 * 7);
+  CATCH_CHECK(d["reference_flops"].get<double>() > 0);
+  CATCH_CHECK(d["train_flops"].get<double>() == Approx(2 * 3 * d["reference_flops"].get<double>()).epsilon(1e-12));
+
   auto text = testing::run_command(base + " --gpu-hours 100");
   CATCH_INFO(text.output);
   CATCH_CHECK(text.exit_code == 0);
@@ -212,7 +224,7 @@ CATCH_TEST_CASE("moetrain cost --rl: JSON, text and one-line errors", "[cost][rl
                                     Contains("[given]") && Contains("3.35 TB/s"));
 
   const std::vector<std::pair<std::string, std::string>> bad = {
-      {" --rl --prompts-per-step 4 --group-size 4 --prompt-len 8 --response-len 8 --mfu 0.3", "--steps"},
+      {" --rl --prompts-per-step 4 --group-size 4 --prompt-len 8 --mfu 0.3", "--response-len"},
       {" --rl --prompts-per-step 4 --group-size 0 --prompt-len 8 --response-len 8 --steps 2 --mfu 0.3",
        "--group-size must be > 0"},
       {" --rl --prompts-per-step 4 --group-size 4 --prompt-len 8 --response-len 8 --steps 2", "exactly one of --mfu"},

@@ -182,7 +182,7 @@ CATCH_TEST_CASE("After the clip a clipped head's max logit is tau and the others
   for (const int kv_heads : {2, 4}) {
     CATCH_INFO("GQA, kv heads " << kv_heads);
     auto cfg = gqa_config(kv_heads);
-    cfg.qkv_bias = true;
+    cfg.attn_bias = "qkv";
     model::Attention a(cfg);
     randomize(*a, 6);
     const auto rope = model::Rope::make(cfg.max_seq_len, a->head_dim(), cfg.rope_theta, torch::kCPU);
