@@ -31,6 +31,7 @@ MODELS = [  # (name in the table, architecture and training keys, the fine-tunin
     ("Qwen3-30B-A3B", "configs/models/qwen3-30b-a3b.yaml", "configs/finetune-qwen3-moe.yaml"),
     ("Mixtral-8x7B", "configs/models/mixtral-8x7b.yaml", "configs/finetune-mixtral.yaml"),
     ("DeepSeek-V2-Lite", "configs/models/deepseek-v2-lite.yaml", "configs/finetune-deepseek-v2-lite.yaml"),
+    ("GLM-4.5-Air", "configs/models/glm-4.5-air.yaml", "configs/finetune-glm-4.5-air.yaml"),
 ]
 GPUS = ("h100", "h200")
 LORA_RANK = 16
