@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
+#include <functional>
 #include <map>
 #include <mutex>
 
@@ -58,61 +59,66 @@ std::vector<std::string> hardware_names() {
   return names;
 }
 
-double measure_cpu_tflops() {
-  // The peak a CPU run is measured against is the best fp32 matmul rate this process reaches with the
-  // threads it trains with. One size or a few repetitions is not that: on a small shared machine a
-  // 1024^3 product runs at half the rate of a 512^3 one that fits in cache (which is what a small
-  // model's matmuls do), and single timings swing by 30%. So: several sizes, each warmed up and then
-  // repeated for a fixed time, the best rate of all; cached per thread count, so the probe runs once.
-  static std::mutex mutex;
-  static std::map<int, double> measured;
+namespace {
+
+using Clock = std::chrono::steady_clock;
+double seconds_since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
+
+// The best rate of `run`, which does `work` units a call: warmed up for 0.03 s (threads, caches,
+// clock), then repeated for 0.12 s and at least 3 times; single timings on a shared machine swing by 30%.
+double best_rate(const std::function<void()>& run, double work) {
+  for (auto start = Clock::now(); seconds_since(start) < 0.03;) run();
+  double best = 0;
+  const auto start = Clock::now();
+  for (int reps = 0; reps < 3 || seconds_since(start) < 0.12; ++reps) {
+    const auto t = Clock::now();
+    run();
+    best = std::max(best, work / seconds_since(t));
+  }
+  return best;
+}
+
+// `probe()` once per thread count and process, remembered in `measured` (guarded by `mutex`).
+double once_per_thread_count(std::mutex& mutex, std::map<int, double>& measured, const std::function<double()>& probe) {
   const std::lock_guard<std::mutex> lock(mutex);
   const int threads = at::get_num_threads();
   if (auto it = measured.find(threads); it != measured.end()) return it->second;
-
   torch::NoGradGuard no_grad;
-  using clock = std::chrono::steady_clock;
-  auto seconds_since = [](clock::time_point t) { return std::chrono::duration<double>(clock::now() - t).count(); };
-  double best_flops_per_s = 0;
-  // Its operands come from a generator of its own: the global one (LoRA's dropout masks) must not move
-  // with whether this process has probed yet.
-  auto generator = at::make_generator<at::CPUGeneratorImpl>(0x5eed);
-  for (int64_t n : {256, 512, 1024}) {
-    const auto a = torch::randn({n, n}, generator, torch::kFloat), b = torch::randn({n, n}, generator, torch::kFloat);
-    auto c = torch::empty({n, n}, torch::kFloat);
-    for (auto start = clock::now(); seconds_since(start) < 0.03;) torch::mm_out(c, a, b);  // threads, caches, clock
-    const auto start = clock::now();
-    for (int reps = 0; reps < 3 || seconds_since(start) < 0.12; ++reps) {
-      const auto t = clock::now();
-      torch::mm_out(c, a, b);
-      best_flops_per_s = std::max(best_flops_per_s, 2.0 * double(n) * n * n / seconds_since(t));
+  return measured[threads] = probe();
+}
+
+}  // namespace
+
+double measure_cpu_tflops() {
+  // The peak a CPU run is measured against is the best fp32 matmul rate this process reaches with the
+  // threads it trains with. One size is not that: on a small shared machine a 1024^3 product runs at
+  // half the rate of a 512^3 one that fits in cache (which is what a small model's matmuls do). So:
+  // several sizes, the best rate of all.
+  static std::mutex mutex;
+  static std::map<int, double> measured;
+  return once_per_thread_count(mutex, measured, [] {
+    // Its operands come from a generator of its own: the global one (LoRA's dropout masks) must not move
+    // with whether this process has probed yet.
+    auto generator = at::make_generator<at::CPUGeneratorImpl>(0x5eed);
+    double best_flops_per_s = 0;
+    for (int64_t n : {256, 512, 1024}) {
+      const auto a = torch::randn({n, n}, generator, torch::kFloat), b = torch::randn({n, n}, generator, torch::kFloat);
+      auto c = torch::empty({n, n}, torch::kFloat);
+      best_flops_per_s = std::max(best_flops_per_s, best_rate([&] { torch::mm_out(c, a, b); }, 2.0 * double(n) * n * n));
     }
-  }
-  return measured[threads] = best_flops_per_s / 1e12;
+    return best_flops_per_s / 1e12;
+  });
 }
 
 double measure_cpu_bandwidth() {
   static std::mutex mutex;
   static std::map<int, double> measured;
-  const std::lock_guard<std::mutex> lock(mutex);
-  const int threads = at::get_num_threads();
-  if (auto it = measured.find(threads); it != measured.end()) return it->second;
-
-  torch::NoGradGuard no_grad;
-  using clock = std::chrono::steady_clock;
-  auto seconds_since = [](clock::time_point t) { return std::chrono::duration<double>(clock::now() - t).count(); };
-  const int64_t n = int64_t(16) << 20;  // 64 MiB of fp32: far past the caches
-  const auto src = torch::ones({n}, torch::kFloat);
-  auto dst = torch::empty({n}, torch::kFloat);
-  for (auto start = clock::now(); seconds_since(start) < 0.03;) dst.copy_(src);
-  double best = 0;
-  const auto start = clock::now();
-  for (int reps = 0; reps < 3 || seconds_since(start) < 0.12; ++reps) {
-    const auto t = clock::now();
-    dst.copy_(src);
-    best = std::max(best, 2.0 * 4.0 * double(n) / seconds_since(t));  // bytes read + bytes written
-  }
-  return measured[threads] = best / 1e12;
+  return once_per_thread_count(mutex, measured, [] {
+    const int64_t n = int64_t(16) << 20;  // 64 MiB of fp32: far past the caches
+    const auto src = torch::ones({n}, torch::kFloat);
+    auto dst = torch::empty({n}, torch::kFloat);
+    return best_rate([&] { dst.copy_(src); }, 2.0 * 4.0 * double(n)) / 1e12;  // bytes read + bytes written
+  });
 }
 
 std::string mfu_warning(double mfu, const Hardware& hardware) {
