@@ -9,6 +9,7 @@
 #include <nlohmann/json.hpp>
 
 #include "../test_util.h"
+#include "rl_fixture.h"
 #include "common/errors.h"
 #include "train/generate.h"
 #include "train/rl.h"
@@ -89,17 +90,9 @@ void write_prompts(const std::string& path, int n, int offset) {
 }
 
 config::Config tiny_rl_config(const TempDir& dir) {
-  config::Config cfg;
-  cfg.model = tiny_model_config();
-  cfg.model.vocab_size = 256;
-  cfg.model.max_seq_len = 32;
-  cfg.data.seq_len = 32;
-  cfg.run.out_dir = dir.str("run");
+  config::Config cfg = tiny_rl_base(dir);
   cfg.run.threads = 1;
   cfg.train.steps = 3;
-  cfg.train.log_every = 1;
-  cfg.train.eval_every = 0;
-  cfg.optim.warmup_steps = 0;
   cfg.optim.lr = 1e-2;
   cfg.optim.schedule = "constant";
   write_prompts(dir.str("train.jsonl"), 12, 0);

@@ -7,6 +7,7 @@
 #include <nlohmann/json.hpp>
 
 #include "../dist/dist_fixture.h"
+#include "rl_fixture.h"
 
 using namespace moetrain;
 using namespace moetrain::testing;
@@ -102,16 +103,8 @@ CATCH_TEST_CASE("SIGTERM to one rank of a two-rank GRPO run saves at the batch b
     std::ofstream out(dir.str("prompts.jsonl"));
     for (int i = 0; i < 8; ++i) out << nlohmann::json{{"prompt", std::to_string(i) + "="}, {"answer", std::to_string(i)}}.dump() << "\n";
   }
-  config::Config cfg;
-  cfg.model = tiny_model_config();
-  cfg.model.vocab_size = 256;
-  cfg.model.max_seq_len = 32;
-  cfg.data.seq_len = 32;
-  cfg.run.out_dir = dir.str("run");
+  config::Config cfg = tiny_rl_base(dir);
   cfg.train.steps = 5;
-  cfg.train.log_every = 1;
-  cfg.train.eval_every = 0;
-  cfg.optim.warmup_steps = 0;
   cfg.rl.prompts = dir.str("prompts.jsonl");
   cfg.rl.prompts_per_step = 2;
   cfg.rl.group_size = 2;
