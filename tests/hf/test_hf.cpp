@@ -84,6 +84,19 @@ void check_family(const std::string& family, const std::string& model_type = "",
   CATCH_CHECK(import_diff < kTolerance);
   CATCH_CHECK(export_diff < kTolerance);
 
+  // The loss `eval` reports (the summed token cross-entropy of forward_loss, as train/evaluate.cpp takes
+  // it, over the tokens) against transformers' labels= loss on the same tokens: within 1e-5 relative, a
+  // few fp32 roundings of a mean over 22 tokens.
+  {
+    torch::NoGradGuard no_grad;
+    const int64_t n = tokens.size(1) - 1;
+    const double ours = loaded.model->forward_loss(tokens.narrow(1, 0, n), tokens.narrow(1, 1, n), -100, /*sum=*/true,
+                                                   /*with_mtp=*/false).loss.item<double>() / double(tokens.size(0) * n);
+    const double theirs = load_tensor(ref, "loss").item<double>();
+    CATCH_INFO("eval loss: ours " << ours << ", transformers " << theirs);
+    CATCH_CHECK(std::abs(ours - theirs) <= 1e-5 * std::abs(theirs));
+  }
+
   // Greedy continuation of the reference prompt, token for token.
   const auto greedy = to_vector(load_tensor(ref, "greedy"));
   const size_t prompt_len = 5;
