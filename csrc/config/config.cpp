@@ -178,7 +178,7 @@ const std::vector<KeyDesc>& keys() {
                    at_least(0)),
       MOETRAIN_KEY(model.init_from,
                    "Initial weights: \"\" = the seeded random init; hf:DIR = a Hugging Face folder (config.json "
-                   "and safetensors of Mixtral, Qwen2-MoE, Qwen3-MoE or OLMoE), whose config.json then sets the "
+                   "and safetensors of a family `moetrain convert --help` lists), whose config.json then sets the "
                    "architecture keys of model.* (training keys such as the balancing coefficients stay); "
                    "ckpt:DIR = the weights of a moetrain run or checkpoint of this same architecture (an SFT run "
                    "before `moetrain rl`).",
