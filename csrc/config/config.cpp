@@ -45,6 +45,7 @@ struct Allowed {
   std::optional<double> lo, hi;
   bool lo_open = false, hi_open = false;
   std::vector<std::string> one_of;  // non-empty: an enum string
+  bool repeats = false;             // lists only: an item may appear more than once
   bool non_empty = false;           // strings only
 };
 
@@ -82,6 +83,12 @@ Allowed one_of(std::vector<std::string> values) {
 }
 // A list whose every item is one of `values` (kStrings keys).
 Allowed each_of(std::vector<std::string> values) { return one_of(std::move(values)); }
+// The same where an item may repeat (a per-layer pattern).
+Allowed each_of_repeating(std::vector<std::string> values) {
+  Allowed a = one_of(std::move(values));
+  a.repeats = true;
+  return a;
+}
 Allowed non_empty() {
   Allowed a;
   a.non_empty = true;
@@ -153,6 +160,20 @@ const std::vector<KeyDesc>& keys() {
                    "(rotate-half within them; GLM-4.5: half the head), the rest pass unrotated; 0 = the whole "
                    "head. Even, at most the head dim.",
                    at_least(0)),
+      MOETRAIN_KEY(model.attention_sinks,
+                   "GQA attention sinks (gpt-oss): a learned logit per query head (parameter layers.N.attn.sinks, "
+                   "initialized to 0) joins each query's softmax denominator with no value, so a head may attend "
+                   "to nothing. Not with model.attention = mla.",
+                   any()),
+      MOETRAIN_KEY(model.sliding_window,
+                   "GQA sliding-window attention: in a sliding layer (model.layer_types) query i attends to keys j "
+                   "with i - sliding_window < j <= i (within its document when packed); 0 = every layer full.",
+                   at_least(0)),
+      MOETRAIN_KEY(model.layer_types,
+                   "Attention of each block, cycled over model.n_layers when shorter (gpt-oss: [sliding, full]; "
+                   "MTP depth k is block n_layers + k - 1); its length must divide model.n_layers. Empty = every "
+                   "block sliding when model.sliding_window > 0.",
+                   each_of_repeating({"sliding", "full"})),
       MOETRAIN_KEY(model.max_seq_len, "Longest context: the length of the RoPE table.", at_least(1)),
       MOETRAIN_KEY(model.dense_layers,
                    "The first dense_layers blocks use a dense SwiGLU MLP, the rest MoE; at most model.n_layers.",
@@ -1062,7 +1083,7 @@ void validate(const Config& cfg) {
       for (const auto& item : std::get<kStrings>(k.field)(const_cast<Config&>(cfg))) {
         if (std::find(a.one_of.begin(), a.one_of.end(), item) == a.one_of.end())
           throw ConfigError(k.path + " holds " + in_quotes(item) + ": each item must be one of: " + join(a.one_of, ", "));
-        if (!seen.insert(item).second) throw ConfigError(k.path + " holds " + in_quotes(item) + " twice");
+        if (!a.repeats && !seen.insert(item).second) throw ConfigError(k.path + " holds " + in_quotes(item) + " twice");
       }
       continue;
     }
@@ -1112,6 +1133,17 @@ void validate(const Config& cfg) {
   if (m.attention == "mla" && m.attn_bias != "none")
     throw ConfigError("model.attn_bias = " + m.attn_bias + " must be none with model.attention = mla (MLA's "
                       "projections have no biases)");
+  if (m.attention == "mla" && m.attention_sinks)
+    throw ConfigError("model.attention_sinks = true must be false with model.attention = mla (sinks are GQA's)");
+  if (m.attention == "mla" && m.sliding_window > 0)
+    throw ConfigError(kv("model.sliding_window", m.sliding_window) + " must be 0 with model.attention = mla "
+                      "(sliding windows are GQA's)");
+  if (!m.layer_types.empty() && m.sliding_window == 0)
+    throw ConfigError("model.layer_types [" + join(m.layer_types, ", ") + "] needs model.sliding_window > 0 "
+                      "(the window of its sliding layers)");
+  if (!m.layer_types.empty() && m.n_layers % int(m.layer_types.size()) != 0)
+    throw ConfigError("model.layer_types has " + std::to_string(m.layer_types.size()) + " entries, which must divide " +
+                      kv("model.n_layers", m.n_layers) + " (the pattern is cycled over the blocks)");
   if (m.mla.qk_rope_head_dim % 2 != 0)
     throw ConfigError(kv("model.mla.qk_rope_head_dim", m.mla.qk_rope_head_dim) +
                       " must be even (RoPE rotates pairs of dimensions)");
