@@ -33,28 +33,6 @@ using json = nlohmann::json;
 
 namespace moetrain::train::rl {
 
-std::vector<Prompt> read_prompts(const std::string& path) {
-  if (!files::exists(path)) throw DataError("[rl] prompts file '" + path + "' does not exist");
-  std::ifstream in(path);
-  if (!in) throw DataError("[rl] cannot read prompts file '" + path + "'");
-  std::vector<Prompt> out;
-  std::string line;
-  for (int n = 1; std::getline(in, line); ++n) {
-    if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
-    const auto where = path + ":" + std::to_string(n);
-    auto j = json::parse(line, nullptr, /*allow_exceptions=*/false);
-    if (!j.is_object() || !j.contains("prompt") || !j["prompt"].is_string() || !j.contains("answer"))
-      throw DataError("[rl] " + where + ": expected a JSON object with a string \"prompt\" and an \"answer\"");
-    Prompt p;
-    p.prompt = j["prompt"].get<std::string>();
-    p.answer = j["answer"].is_string() ? j["answer"].get<std::string>() : j["answer"].dump();
-    if (p.prompt.empty()) throw DataError("[rl] " + where + ": the prompt is empty");
-    out.push_back(std::move(p));
-  }
-  if (out.empty()) throw DataError("[rl] prompts file '" + path + "' holds no prompt");
-  return out;
-}
-
 torch::Tensor group_advantages(const torch::Tensor& rewards_PG, const std::string& mode) {
   TORCH_CHECK(rewards_PG.dim() == 2, "[rl] rewards must be (prompts, group), got ", rewards_PG.sizes());
   const auto r = rewards_PG.to(torch::kDouble);
@@ -434,7 +412,7 @@ double held_out_accuracy(const model::TransformerImpl& model, const std::vector<
   for (size_t first = 0; first < mine.size(); first += kChunk) {
     std::vector<std::vector<int64_t>> batch;
     for (size_t i = first; i < std::min(mine.size(), first + kChunk); ++i)
-      batch.push_back(tok.encode(prompts[size_t(mine[i])].prompt));
+      batch.push_back(prompts[size_t(mine[i])].tokens);
     const auto out = generate_batch(model, batch, options);
     for (size_t i = 0; i < out.size(); ++i) {
       const auto& p = prompts[size_t(mine[first + i])];
@@ -447,8 +425,8 @@ double held_out_accuracy(const model::TransformerImpl& model, const std::vector<
 
 void check_lengths(const std::vector<Prompt>& prompts, const std::string& key, const config::Config& cfg) {
   for (size_t i = 0; i < prompts.size(); ++i)
-    if (int64_t(prompts[i].prompt.size()) + cfg.rl.max_new_tokens > cfg.model.max_seq_len)
-      throw ConfigError(key + " prompt " + std::to_string(i + 1) + " has " + std::to_string(prompts[i].prompt.size()) +
+    if (int64_t(prompts[i].tokens.size()) + cfg.rl.max_new_tokens > cfg.model.max_seq_len)
+      throw ConfigError(key + " prompt " + std::to_string(i + 1) + " has " + std::to_string(prompts[i].tokens.size()) +
                         " tokens: with rl.max_new_tokens = " + std::to_string(cfg.rl.max_new_tokens) +
                         " it does not fit model.max_seq_len = " + std::to_string(cfg.model.max_seq_len));
 }
@@ -465,6 +443,26 @@ model::Transformer build_reference(const Process& p) {
   return m;
 }
 
+// Marks the update batch's right padding for every MoE router of `model` while it lives (the update's
+// forwards): padding must not count in the balancing losses, where it would pull the router and make
+// data-parallel layouts differ (each rank pads its rows to its own longest).
+class BalanceMask {
+ public:
+  BalanceMask(model::TransformerImpl& model, const torch::Tensor& counted_BL) {
+    for (auto& block : model.blocks)
+      if (!block->moe.is_empty()) routers_.push_back(block->moe->router.get());
+    for (auto* router : routers_) router->set_balance_mask(counted_BL.reshape(-1));
+  }
+  ~BalanceMask() {
+    for (auto* router : routers_) router->set_balance_mask({});
+  }
+  BalanceMask(const BalanceMask&) = delete;
+  BalanceMask& operator=(const BalanceMask&) = delete;
+
+ private:
+  std::vector<moe::RouterImpl*> routers_;
+};
+
 }  // namespace
 
 RLResult run(const config::Config& given, const TrainOptions& options) {
@@ -478,7 +476,8 @@ RLResult run(const config::Config& given, const TrainOptions& options) {
   const torch::Device device = process.device;
   const std::string& out_dir = cfg.run.out_dir;
   const std::string config_yaml = config::to_yaml(cfg);
-  if (rl.prompts.empty()) throw ConfigError("rl.prompts is empty: moetrain rl needs a .jsonl file of prompts and answers");
+  if (rl.prompts.empty())
+    throw ConfigError("rl.prompts is empty: moetrain rl needs a .jsonl file of prompts and answers, or a set moetrain prepare-data --rl wrote");
   if (layout->pp_size() > 1) throw ConfigError("parallel.pipeline_parallel must be 1 for moetrain rl (pipelined rollouts are not built)");
   if (cfg.model.vocab_size < data::ByteTokenizer::vocab_size)
     throw ConfigError("model.vocab_size = " + std::to_string(cfg.model.vocab_size) +
@@ -547,7 +546,7 @@ RLResult run(const config::Config& given, const TrainOptions& options) {
     for (int64_t i = 0; i < per_rank; ++i) {
       const Prompt& p = prompts[size_t(ids[size_t(layout->dp_rank() * per_rank + i)])];
       for (int64_t g = 0; g < G; ++g) {
-        rows.push_back(tok.encode(p.prompt));
+        rows.push_back(p.tokens);
         row_prompt.push_back(&p);
       }
     }
@@ -605,16 +604,20 @@ RLResult run(const config::Config& given, const TrainOptions& options) {
 
     // The batch for the updates: right-padded rows, a mask on the response tokens.
     auto tokens_BL = torch::zeros({B, width}, torch::kLong);
+    auto counted_BL = torch::zeros({B, width}, torch::kBool);  // false on the right padding
     auto mask_BN = torch::zeros({B, width - 1}, torch::kFloat);
     double response_tokens = 0;
     for (int64_t b = 0; b < B; ++b) {
       const auto& seq = sequences[size_t(b)];
       tokens_BL[b].narrow(0, 0, int64_t(seq.size())).copy_(torch::tensor(seq, torch::kLong));
+      counted_BL[b].narrow(0, 0, int64_t(seq.size())).fill_(true);
       const int64_t first = int64_t(rows[size_t(b)].size()) - 1, n = int64_t(seq.size()) - int64_t(rows[size_t(b)].size());
       if (n > 0) mask_BN[b].narrow(0, first, n).fill_(1);
       response_tokens += double(n);
     }
     tokens_BL = upload(tokens_BL, device);
+    std::optional<BalanceMask> balance_mask;  // for the old-policy and update forwards, not the evaluation's
+    balance_mask.emplace(*model, upload(counted_BL, device));
     mask_BN = upload(mask_BN, device);
     const auto advantage_B = upload(advantages_PG.reshape({B}), device);
     // Old-policy log-probs, taken before any update (through the recorded experts under replay), and the reference's.
@@ -675,6 +678,7 @@ RLResult run(const config::Config& given, const TrainOptions& options) {
       clip_sum += h[3] / std::max(1.0, global_tokens);
       if (u == 0) entropy_sum = h[4] / std::max(1.0, global_tokens);
     }
+    balance_mask.reset();
     const double update_s = now_s() - update_start;
 
     // ---- bookkeeping -------------------------------------------------------------------------------
