@@ -375,7 +375,7 @@ const std::vector<KeyDesc>& keys() {
       MOETRAIN_KEY(train.nonfinite,
                    "A step whose loss or gradient is not finite on any rank never updates the model: skip = "
                    "log it (\"skipped\": true in metrics.jsonl) and go on; stop = exit 1 at once. Nothing is "
-                   "saved from such a step.",
+                   "saved from such a step. Under `moetrain rl` a step is one optimizer update.",
                    one_of({"skip", "stop"})),
       MOETRAIN_KEY(train.max_skipped_steps,
                    "With train.nonfinite = skip: consecutive skipped steps tolerated; one more stops the run "

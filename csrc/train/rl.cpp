@@ -28,6 +28,7 @@
 #include "optim/adamw.h"
 #include "train/generate.h"
 #include "train/step.h"
+#include "train/tensorboard.h"
 
 using json = nlohmann::json;
 
@@ -518,6 +519,11 @@ RLResult run(const config::Config& given, const TrainOptions& options) {
   }
   std::ofstream metrics;
   if (comm->rank() == 0) metrics.open(files::join(out_dir, "metrics.jsonl"), std::ios::app);
+  // logging.tensorboard: the same records as scalars, in a new event file per process start.
+  std::unique_ptr<TensorBoardWriter> tensorboard;
+  if (cfg.logging.tensorboard && comm->rank() == 0)
+    tensorboard = std::make_unique<TensorBoardWriter>(files::join(out_dir, "tb"));
+  int64_t skipped_in_a_row = 0;  // non-finite updates since the last applied one (train.max_skipped_steps)
 
   const data::ByteTokenizer tok;
   const int64_t total_steps = cfg.train.steps;
@@ -651,8 +657,10 @@ RLResult run(const config::Config& given, const TrainOptions& options) {
       if (moe) routing.end_update();
       if (moe && u == 0) mismatch = routing.take_mismatch(&router_mismatch);
       const auto terms = grpo_loss({logp_BN, old_logp_BN, ref_logp_BN, advantage_B, mask_BN, denominator}, rl);
+      auto loss = terms.loss + balance;
+      if (test_fault("loss", step + 1, comm->rank())) loss = loss * std::nan("");  // the divergence tests
       optimizer.before_last_backward();
-      (terms.loss + balance).backward();
+      loss.backward();
       (void)optimizer.reduce_gradients();
       // One read per update: the loss and the statistics with the gradient norm's parts, summed over the world.
       auto slots = torch::stack({terms.loss.detach().to(torch::kDouble), optimizer.norm_part().to(fp64).reshape({}),
@@ -663,13 +671,28 @@ RLResult run(const config::Config& given, const TrainOptions& options) {
       const auto host = slots.to(torch::kCPU);
       const double* h = host.data_ptr<double>();
       const double norm = std::sqrt(h[1]);
+      // A non-finite update changes nothing; train.nonfinite says whether the run goes on, as in train.
+      // The values are summed over the world, so every rank decides the same. A run that stops does not
+      // save: the last checkpoint is the last good state.
       if (!std::isfinite(h[0]) || !std::isfinite(norm)) {
         ++skipped;
+        ++skipped_in_a_row;
         optimizer.zero_grad();
-        log_line("warning: rollout batch " + std::to_string(step + 1) + " update " + std::to_string(u + 1) +
-                 ": non-finite loss or gradient, update skipped");
+        auto text = [](double x) { return std::isnan(x) ? std::string("nan") : format_double(x); };  // not "-nan"
+        const std::string what = "rollout batch " + std::to_string(step + 1) + " update " + std::to_string(u + 1) +
+                                 ": loss " + text(h[0]) + ", grad norm " + text(norm);
+        if (cfg.train.nonfinite == "stop" || skipped_in_a_row > cfg.train.max_skipped_steps)
+          throw Error("[rl] " + what + "; the update was not applied and nothing was saved" +
+                      (cfg.train.nonfinite == "stop" ? std::string(" (train.nonfinite = stop)")
+                                                     : " (" + std::to_string(skipped_in_a_row) +
+                                                           " updates in a row, more than train.max_skipped_steps = " +
+                                                           std::to_string(cfg.train.max_skipped_steps) + ")") +
+                      "; " + last_good_checkpoint(out_dir, cfg));
+        log_line("warning: " + what + ": update skipped (" + std::to_string(skipped_in_a_row) + " in a row, at most " +
+                 std::to_string(cfg.train.max_skipped_steps) + ")");
         continue;
       }
+      skipped_in_a_row = 0;
       if (cfg.optim.grad_clip > 0 && norm > cfg.optim.grad_clip) optimizer.scale_gradients(cfg.optim.grad_clip / (norm + 1e-6));
       optimizer.step(lr);
       loss_sum += h[0] / double(layout->dp_size());
@@ -731,6 +754,7 @@ RLResult run(const config::Config& given, const TrainOptions& options) {
       if (eval_accuracy) rec["eval_accuracy"] = *eval_accuracy;
       if (step == result.first_step && result.first_eval_accuracy) rec["eval_accuracy_start"] = *result.first_eval_accuracy;
       metrics << rec.dump() << "\n" << std::flush;
+      if (tensorboard) tensorboard->scalars(progress.step, tensorboard_scalars(rec));
       if (last || stop || progress.step % cfg.train.log_every == 0 || eval_accuracy) {
         char buf[320];
         std::snprintf(buf, sizeof buf,

@@ -1,18 +1,22 @@
 // `moetrain rl` under the modes `train` has: bf16 compute and LoRA (ZeRO-1 is in test_grpo_dist.cpp), each
 // a few rollout batches with finite metrics and an exact resume at a batch boundary, LoRA changing only the
-// adapters.
+// adapters; train.nonfinite's skip and stop; logging.tensorboard.
 #include <torch/torch.h>
 
 #include <catch2/catch.hpp>
 
 #include <cmath>
+#include <cstdlib>
+#include <optional>
 
 #include "ckpt/checkpoint.h"
+#include "common/errors.h"
 #include "ckpt/safetensors.h"
 #include "hf/hf.h"
 #include "model/transformer.h"
 #include "rl_fixture.h"
 #include "train/rl.h"
+#include "train/tensorboard.h"
 
 using namespace moetrain;
 using namespace moetrain::testing;
@@ -115,4 +119,80 @@ CATCH_TEST_CASE("moetrain rl with LoRA trains only the adapters, keeps the base 
   CATCH_CHECK(moved > 0);
   // KL to the base: zero before the first update (B = 0), positive once the adapters moved.
   CATCH_CHECK(rows.back()["kl"].get<double>() > 0);
+}
+
+CATCH_TEST_CASE("train.nonfinite under rl: skip goes on and counts, stop and a long streak end with one line", "[rl]") {
+  TempDir dir("rl-nonfinite");
+  auto cfg = tiny_rl_config(dir);
+  varied_rewards(cfg);
+  cfg.train.steps = 4;
+  cfg.checkpoint.every = 1;
+  struct FaultAt {  // MOETRAIN_TEST_NONFINITE for one run
+    explicit FaultAt(const char* spec) { ::setenv("MOETRAIN_TEST_NONFINITE", spec, 1); }
+    ~FaultAt() { ::unsetenv("MOETRAIN_TEST_NONFINITE"); }
+  };
+  {
+    FaultAt fault("loss@2");
+    config::validate(cfg);
+    rl::run(cfg, {});
+  }
+  const auto rows = read_metrics(dir.str("run/metrics.jsonl"));
+  CATCH_REQUIRE(rows.size() == 4);
+  CATCH_CHECK(rows[1]["skipped_updates"] == 1);
+  CATCH_CHECK(!rows[0].contains("skipped_updates"));
+  CATCH_CHECK(!rows[2].contains("skipped_updates"));
+
+  auto expect_stop = [&](const std::string& name, const char* spec, const std::string& says) {
+    cfg.run.out_dir = dir.str(name);
+    FaultAt fault(spec);
+    try {
+      rl::run(cfg, {});
+      CATCH_FAIL(name << ": the run did not stop");
+    } catch (const Error& e) {
+      const std::string what = e.what();
+      CATCH_CHECK(testing::one_line(what));
+      CATCH_CHECK_THAT(what, Catch::Matchers::Contains("[rl] rollout batch 3 update") && Catch::Matchers::Contains(says) &&
+                                 Catch::Matchers::Contains("step_00000002"));  // the last good checkpoint
+    }
+    CATCH_CHECK(read_metrics(dir.str(name + "/metrics.jsonl")).size() == 2);
+    CATCH_CHECK(files::read_file(dir.str(name + "/ckpt/latest")) == "step_00000002\n");
+  };
+  cfg.train.nonfinite = "stop";
+  expect_stop("stop", "loss@3", "train.nonfinite = stop");
+  cfg.train.nonfinite = "skip";
+  cfg.train.max_skipped_steps = 1;
+  cfg.rl.updates_per_batch = 2;  // both updates of batch 3 fail: two in a row
+  expect_stop("streak", "loss@3", "more than train.max_skipped_steps = 1");
+}
+
+CATCH_TEST_CASE("logging.tensorboard under rl: each metrics.jsonl number at its rollout batch", "[rl][python]") {
+  if (!train::TensorBoardWriter::available()) {
+    CATCH_WARN("built without protobuf: logging.tensorboard is refused, nothing to read back");
+    return;
+  }
+  TempDir dir("rl-tensorboard");
+  auto cfg = tiny_rl_config(dir);
+  cfg.logging.tensorboard = true;
+  config::validate(cfg);
+  rl::run(cfg, {});
+  const std::string source = MOETRAIN_SOURCE_DIR;
+  const auto r = run_command(source + "/third_party/venv/bin/python " + source + "/tests/train/read_tensorboard.py " +
+                             dir.str("run/tb") + " 2>/dev/null");
+  CATCH_INFO(r.output);
+  CATCH_REQUIRE(r.exit_code == 0);
+  const auto scalars = nlohmann::json::parse(r.output);
+  int checked = 0;
+  for (const auto& rec : read_metrics(dir.str("run/metrics.jsonl")))
+    for (const auto& [tag, value] : train::tensorboard_scalars(rec)) {
+      CATCH_INFO("step " << rec["step"] << " tag " << tag);
+      CATCH_REQUIRE(scalars.contains(tag));
+      std::optional<double> got;
+      for (const auto& point : scalars[tag])
+        if (point[0] == rec["step"]) got = point[1].get<double>();
+      CATCH_REQUIRE(got.has_value());
+      CATCH_CHECK(*got == double(float(value)));  // fp32, exactly the record's value rounded
+      ++checked;
+    }
+  CATCH_CHECK(checked > 3 * 10);
+  for (const char* tag : {"reward_mean", "accuracy", "kl", "entropy", "eval_accuracy"}) CATCH_CHECK(scalars.contains(tag));
 }
