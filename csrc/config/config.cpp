@@ -396,7 +396,7 @@ const std::vector<KeyDesc>& keys() {
       MOETRAIN_KEY(train.nonfinite,
                    "A step whose loss or gradient is not finite on any rank never updates the model: skip = "
                    "log it (\"skipped\": true in metrics.jsonl) and go on; stop = exit 1 at once. Nothing is "
-                   "saved from such a step.",
+                   "saved from such a step. Under `moetrain rl` a step is one optimizer update.",
                    one_of({"skip", "stop"})),
       MOETRAIN_KEY(train.max_skipped_steps,
                    "With train.nonfinite = skip: consecutive skipped steps tolerated; one more stops the run "
@@ -494,9 +494,10 @@ const std::vector<KeyDesc>& keys() {
 
       MOETRAIN_KEY(rl.prompts,
                    "`moetrain rl`: a .jsonl file of prompts, one object per line with \"prompt\" and \"answer\" "
-                   "(text, byte-tokenized); sampled without replacement in a seeded order, epoch after epoch.", any()),
+                   "(text, byte-tokenized), or a prompt set `moetrain prepare-data --rl` wrote (its folder or its prompts.bin); "
+                   "sampled without replacement in a seeded order, epoch after epoch.", any()),
       MOETRAIN_KEY(rl.eval_prompts,
-                   "Held-out prompts (.jsonl, as rl.prompts): greedy exact-match accuracy before the first rollout, "
+                   "Held-out prompts (a .jsonl or a prepared set, as rl.prompts): greedy exact-match accuracy before the first rollout, "
                    "every train.eval_every rollout batches and at the end (eval_accuracy in metrics.jsonl); \"\" = none.",
                    any()),
       MOETRAIN_KEY(rl.eval_limit, "Evaluate at most this many of rl.eval_prompts (the first ones); 0 = all.", at_least(0)),

@@ -196,8 +196,8 @@ struct CostConfig {
 // sampled and rewarded; advantages are normalised within the group; the policy takes a clipped surrogate
 // step. train.steps counts rollout batches; each runs updates_per_batch optimizer steps.
 struct RLConfig {
-  std::string prompts;               // .jsonl of {"prompt": text, "answer": text}, byte-tokenized
-  std::string eval_prompts;          // held-out .jsonl: greedy exact-match accuracy at start, eval_every, end; "" = none
+  std::string prompts;               // .jsonl of {"prompt": text, "answer": text}, or a prepare-data --rl folder (or its .bin)
+  std::string eval_prompts;          // held-out prompts, either form: greedy exact-match accuracy at start, eval_every, end; "" = none
   int eval_limit = 0;                // evaluate at most this many held-out prompts; 0 = all
   int prompts_per_step = 8;          // prompts per rollout batch over all data-parallel ranks
   int group_size = 8;                // G: completions sampled per prompt
