@@ -65,6 +65,21 @@ double forward_flops_per_token(const config::ModelConfig& m, double keys, int at
   return matmuls + layers * attention_scores_forward(m, 1, /*causal=*/false) * keys;
 }
 
+double forward_flops_per_position(const config::ModelConfig& m, double first, double count, int attention_layers) {
+  const int layers = attention_layers < 0 ? m.n_layers : attention_layers;
+  double keys = 0;  // summed over the layers: each sees its own window's keys at most
+  for (int layer = 0; layer < layers; ++layer) keys += mean_keys_seen(first, count, config::attention_window(m, layer));
+  return forward_flops_per_token(m, 0) + attention_scores_forward(m, 1, /*causal=*/false) * keys;
+}
+
+double kv_bytes_read_per_position(const config::ModelConfig& m, double bytes_per_element, double first, double count,
+                                  int attention_layers) {
+  const int layers = attention_layers < 0 ? m.n_layers : attention_layers;
+  double positions = 0;
+  for (int layer = 0; layer < layers; ++layer) positions += mean_keys_seen(first, count, config::attention_window(m, layer));
+  return positions * kv_cache_bytes_per_token(m, bytes_per_element) / m.n_layers;
+}
+
 RlEstimate estimate_rl(const config::ModelConfig& model, const RlSettings& rl, double peak_tflops, double hbm_tb_s,
                        int gpus, double price_per_gpu_hour, Given given, double given_value) {
   auto positive = [](double v, const char* what) {
@@ -91,11 +106,11 @@ RlEstimate estimate_rl(const config::ModelConfig& model, const RlSettings& rl, d
   r.generated_tokens = r.completions * R;
   r.trained_tokens = r.completions * L;
   // Mean keys: prompt positions 0..P-1 attend (P + 1) / 2 on average, response positions P..L-1
-  // attend P + (R + 1) / 2, a whole completion (L + 1) / 2. Forward FLOPs are linear in the keys, so
-  // the mean position gives the exact sum.
-  const double forward_prompt = forward_flops_per_token(model, (P + 1) / 2, attention_layers);
-  const double forward_response = forward_flops_per_token(model, P + (R + 1) / 2, attention_layers);
-  const double forward_whole = forward_flops_per_token(model, (L + 1) / 2, attention_layers);
+  // attend P + (R + 1) / 2, a whole completion (L + 1) / 2; a sliding layer at most its window.
+  // Forward FLOPs are linear in the keys, so the mean gives the exact sum.
+  const double forward_prompt = forward_flops_per_position(model, 0, P, attention_layers);
+  const double forward_response = forward_flops_per_position(model, P, R, attention_layers);
+  const double forward_whole = forward_flops_per_position(model, 0, L, attention_layers);
   r.prefill_flops = r.completions * P * forward_prompt;
   r.decode_flops = r.generated_tokens * forward_response;
   const double scoring = r.trained_tokens * forward_whole;
@@ -117,7 +132,9 @@ RlEstimate estimate_rl(const config::ModelConfig& model, const RlSettings& rl, d
   r.kv_bytes_per_token = kv_cache_bytes_per_token(model, rl.kv_bytes) * attention_layers / model.n_layers;
   const double decode_steps = rl.steps * (per_batch / B) * R;
   r.decode_weight_bytes = decode_steps * r.weight_bytes_per_step;
-  r.decode_kv_bytes = r.generated_tokens * (P + (R + 1) / 2) * r.kv_bytes_per_token;
+  // Each response token reads the cache of the positions it attends to: a sliding layer only its window's
+  // (what a windowed cache reads; ours keeps every position and masks, model/layers.h).
+  r.decode_kv_bytes = r.generated_tokens * kv_bytes_read_per_position(model, rl.kv_bytes, P, R, attention_layers);
 
   r.peak_tflops = peak_tflops;
   r.hbm_tb_s = hbm_tb_s;

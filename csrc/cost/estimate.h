@@ -102,6 +102,13 @@ double kv_cache_bytes_per_token(const config::ModelConfig& m, double bytes_per_e
 // Forward FLOPs of one token attending `keys` keys in `attention_layers` layers (-1: all of them), the
 // matmuls of projections, MLPs, experts, router and head in every layer.
 double forward_flops_per_token(const config::ModelConfig& m, double keys, int attention_layers = -1);
+// The mean forward FLOPs per token over the query positions [first, first + count) of one sequence, each
+// of the first `attention_layers` layers (-1: all) attending the keys before it, a sliding layer only
+// those in its window (model.sliding_window, model.layer_types).
+double forward_flops_per_position(const config::ModelConfig& m, double first, double count, int attention_layers = -1);
+// The mean KV-cache bytes one token at those positions reads in those layers: the positions it attends to.
+double kv_bytes_read_per_position(const config::ModelConfig& m, double bytes_per_element, double first, double count,
+                                  int attention_layers = -1);
 // Throws UsageError naming the setting for non-positive counts. `given`: mfu or gpu_hours; hbm_tb_s > 0.
 RlEstimate estimate_rl(const config::ModelConfig& model, const RlSettings& rl, double peak_tflops, double hbm_tb_s,
                        int gpus, double price_per_gpu_hour, Given given, double given_value);

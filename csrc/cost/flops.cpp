@@ -37,12 +37,15 @@ T attention_weights(const config::ModelConfig& m) {
   return q + kv + o;
 }
 
-// GQA's biases (model.attn_bias): q, k and v (qkv), and o (all). Added, not multiplied: no matmul FLOPs.
+// GQA's biases (model.attn_bias): q, k and v (qkv), and o (all); and its sinks (model.attention_sinks),
+// one logit per query head. Added, not multiplied: no matmul FLOPs.
 template <typename T>
 T attention_bias_weights(const config::ModelConfig& m) {
-  if (is_mla(m) || m.attn_bias == "none") return 0;
+  if (is_mla(m)) return 0;
   const T hd = config::head_dim(m), H = m.n_heads, G = m.n_kv_heads;
-  return H * hd + 2 * G * hd + (m.attn_bias == "all" ? T(m.d_model) : T(0));
+  const T sinks = m.attention_sinks ? H : T(0);
+  if (m.attn_bias == "none") return sinks;
+  return sinks + H * hd + 2 * G * hd + (m.attn_bias == "all" ? T(m.d_model) : T(0));
 }
 
 // MLA's norms on the query and key/value latents; GQA's q/k norms (per head, or over the projection).
@@ -100,12 +103,32 @@ BasicParamCounts<T> count_params(const config::ModelConfig& m) {
 
 double attention_projection_forward(const config::ModelConfig& m) { return 2.0 * attention_weights<double>(m); }
 
-double attention_scores_forward(const config::ModelConfig& m, int seq_len, bool causal) {
+double attention_scores_forward(const config::ModelConfig& m, int seq_len, bool causal, int window) {
   const double S = seq_len, H = m.n_heads;
   const double qk_dim = is_mla(m) ? m.mla.qk_nope_head_dim + m.mla.qk_rope_head_dim : config::head_dim(m);
   const double v_dim = is_mla(m) ? m.mla.v_head_dim : config::head_dim(m);
-  const double full = 2.0 * S * H * qk_dim + 2.0 * S * H * v_dim;
-  return causal ? full / 2.0 : full;
+  const double per_key = 2.0 * H * qk_dim + 2.0 * H * v_dim;
+  if (window <= 0 || window >= seq_len) return per_key * (causal ? S / 2.0 : S);
+  // A query at position x in [0, S) of the continuous convention sees min(x, W) keys: their mean over
+  // the sequence is (W^2 / 2 + W (S - W)) / S, which meets S / 2 at W = S.
+  const double W = window;
+  return per_key * (causal ? W - W * W / (2.0 * S) : W);
+}
+
+double attention_scores_forward_layers(const config::ModelConfig& m, int seq_len, bool causal, int first, int end) {
+  double sum = 0;
+  for (int layer = first; layer < end; ++layer)
+    sum += attention_scores_forward(m, seq_len, causal, config::attention_window(m, layer));
+  return sum;
+}
+
+double mean_keys_seen(double first, double count, int window) {
+  if (!(count > 0)) return 0;
+  const double last = first + count;  // queries at positions first .. last - 1 see position + 1 keys
+  if (window <= 0) return first + (count + 1) / 2;
+  const double W = window, ramp_end = std::clamp(W, first, last);  // positions below W - 1 see all theirs
+  const double ramp = (ramp_end * (ramp_end + 1) - first * (first + 1)) / 2;
+  return (ramp + W * (last - ramp_end)) / count;
 }
 
 double dense_mlp_forward(const config::ModelConfig& m) { return 2.0 * swiglu_weights<double>(m.d_model, m.dense_hidden); }
@@ -122,9 +145,10 @@ double router_forward(const config::ModelConfig& m) { return 2.0 * m.d_model * d
 
 double lm_head_forward(const config::ModelConfig& m) { return 2.0 * m.d_model * double(m.vocab_size); }
 
-double mtp_module_forward(const config::ModelConfig& m, int seq_len, bool causal) {
+double mtp_module_forward(const config::ModelConfig& m, int seq_len, bool causal, int depth) {
   const double projection = 2.0 * (2.0 * m.d_model) * m.d_model;
-  double block = attention_projection_forward(m) + attention_scores_forward(m, seq_len, causal);
+  double block = attention_projection_forward(m) +
+                 attention_scores_forward(m, seq_len, causal, config::attention_window(m, m.n_layers + depth - 1));
   if (has_moe_layers(m))
     block += routed_experts_forward(m) + shared_experts_forward(m) + router_forward(m);
   else
@@ -136,15 +160,17 @@ FlopsPerToken training_flops_per_token(const config::ModelConfig& m, int seq_len
   const double k = kTrainingFactor, L = m.n_layers, dense = m.dense_layers, moe = n_moe_layers(m);
   FlopsPerToken f;
   f.attention_projections = k * L * attention_projection_forward(m);
-  f.attention_scores = k * L * attention_scores_forward(m, seq_len, /*causal=*/false);
-  f.attention_scores_causal = k * L * attention_scores_forward(m, seq_len, /*causal=*/true);
+  f.attention_scores = k * attention_scores_forward_layers(m, seq_len, /*causal=*/false, 0, m.n_layers);
+  f.attention_scores_causal = k * attention_scores_forward_layers(m, seq_len, /*causal=*/true, 0, m.n_layers);
   f.dense_mlp = k * dense * dense_mlp_forward(m);
   f.routed_experts = k * moe * routed_experts_forward(m);
   f.shared_experts = k * moe * shared_experts_forward(m);
   f.router = k * moe * router_forward(m);
   f.lm_head = k * lm_head_forward(m);
-  f.mtp = k * m.mtp_depth * mtp_module_forward(m, seq_len, /*causal=*/false);
-  f.mtp_causal = k * m.mtp_depth * mtp_module_forward(m, seq_len, /*causal=*/true);
+  for (int depth = 1; depth <= m.mtp_depth; ++depth) {
+    f.mtp += k * mtp_module_forward(m, seq_len, /*causal=*/false, depth);
+    f.mtp_causal += k * mtp_module_forward(m, seq_len, /*causal=*/true, depth);
+  }
   const double common = f.attention_projections + f.dense_mlp + f.routed_experts + f.shared_experts + f.router + f.lm_head;
   f.total = common + f.attention_scores;
   f.total_causal = common + f.attention_scores_causal;

@@ -19,7 +19,14 @@ double attention_projection_forward(const config::ModelConfig& m);
 // Scores and weighted values against seq_len keys: 2*S*H*qk_dim (q.k) + 2*S*H*v_dim (p.v), with
 // qk_dim = v_dim = head_dim for GQA and qk_dim = nope + rope, v_dim = v_head_dim for MLA. `causal`
 // counts half (the average token attends to S/2 keys), the convention MFU figures usually use.
-double attention_scores_forward(const config::ModelConfig& m, int seq_len, bool causal);
+// A sliding layer's `window` W < S (config::attention_window; 0 = full) counts only the keys in it: W
+// per query, or causal the mean of min(x, W) over positions x in [0, S), W - W^2 / (2S).
+double attention_scores_forward(const config::ModelConfig& m, int seq_len, bool causal, int window = 0);
+// The same summed over blocks [first, end), each with its own window (model.layer_types).
+double attention_scores_forward_layers(const config::ModelConfig& m, int seq_len, bool causal, int first, int end);
+// The mean over the query positions [first, first + count) of the keys each sees, position + 1, at most
+// `window` (0: no limit): what one decoded or scored token of a sequence reads, counted exactly.
+double mean_keys_seen(double first, double count, int window);
 // Dense SwiGLU MLP: w1 and w3 (D x F), w2 (F x D): 6*D*F.
 double dense_mlp_forward(const config::ModelConfig& m);
 // Routed experts: top_k SwiGLU experts of hidden expert_hidden each: top_k * 6*D*F_e.
@@ -33,7 +40,8 @@ double lm_head_forward(const config::ModelConfig& m);
 // One multi-token-prediction module (DeepSeek-V3): the projection of [norm(h); norm(emb)] (2D x D),
 // one transformer block (a MoE block when the model has MoE layers, else dense) and the shared LM
 // head, which is computed again for each depth. The embedding is shared and costs no matmul.
-double mtp_module_forward(const config::ModelConfig& m, int seq_len, bool causal);
+// `depth` (1-based) picks the block's attention window: MTP depth k is block n_layers + k - 1.
+double mtp_module_forward(const config::ModelConfig& m, int seq_len, bool causal, int depth = 1);
 
 // ---------------------------------------------------------------------------------------------
 

@@ -285,11 +285,13 @@ std::vector<int> pipeline_layers(const config::Config& cfg) {
   }
   // Forward FLOPs per token of each block (the training factor 3 is common to all and drops out).
   const auto& m = cfg.model;
-  const double attention = attention_projection_forward(m) + attention_scores_forward(m, cfg.data.seq_len, /*causal=*/true);
-  const double dense = attention + dense_mlp_forward(m);
-  const double moe = attention + routed_experts_forward(m) + shared_experts_forward(m) + router_forward(m);
+  // A sliding-window block's scores count only its window (model.layer_types).
+  const double dense = attention_projection_forward(m) + dense_mlp_forward(m);
+  const double moe = attention_projection_forward(m) + routed_experts_forward(m) + shared_experts_forward(m) + router_forward(m);
   std::vector<double> prefix(size_t(L) + 1, 0.0);
-  for (int i = 0; i < L; ++i) prefix[size_t(i) + 1] = prefix[size_t(i)] + (i < m.dense_layers ? dense : moe);
+  for (int i = 0; i < L; ++i)
+    prefix[size_t(i) + 1] = prefix[size_t(i)] + (i < m.dense_layers ? dense : moe) +
+                            attention_scores_forward(m, cfg.data.seq_len, /*causal=*/true, config::attention_window(m, i));
   const double head = lm_head_forward(m);
   auto stage_cost = [&](int first, int end, bool last) { return prefix[size_t(end)] - prefix[size_t(first)] + (last ? head : 0); };
   // best[p][i]: the smallest possible largest stage cost placing the first i blocks on p stages.

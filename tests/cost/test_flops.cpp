@@ -100,9 +100,10 @@ CATCH_TEST_CASE("tiny MLA and MTP: FLOPs equal the hand count", "[cost]") {
   CATCH_CHECK(cost::param_counts(t).total == 5264);  // MTP apart
 }
 
-// GLM-4.5's attention: q/k/v biases (and o's, model.attn_bias all), per-head q/k norms, RoPE on part of
-// each head. The biases and norms are parameters but no matmul FLOPs; cost counts what the model builds.
-CATCH_TEST_CASE("GQA biases, q/k norms and partial RoPE: counted as the built model has them", "[cost]") {
+// GLM-4.5's attention: q/k/v biases (and o's, model.attn_bias all, here with gpt-oss's sinks), per-head
+// q/k norms, RoPE on part of each head. The biases, sinks and norms are parameters but no matmul FLOPs;
+// cost counts what the model builds.
+CATCH_TEST_CASE("GQA biases, sinks, q/k norms and partial RoPE: counted as the built model has them", "[cost]") {
   auto m = testing::tiny_model_config();
   const double projections = cost::attention_projection_forward(m);
   const auto plain = cost::param_counts(m);
@@ -114,13 +115,14 @@ CATCH_TEST_CASE("GQA biases, q/k norms and partial RoPE: counted as the built mo
       CATCH_INFO(bias << " " << qk_norm);
       m.attn_bias = bias;
       m.qk_norm = qk_norm;
+      m.attention_sinks = bias == "all";  // gpt-oss's: one logit per query head, 4 a layer
       m.mtp_depth = 0;
       model::Transformer built(m);
       CATCH_CHECK(cost::param_counts(m).total == built->param_counts().total);
       CATCH_CHECK(cost::param_counts(m).active == built->param_counts().active);
       CATCH_CHECK(cost::attention_projection_forward(m) == projections);
       // Per layer: q 16 + k 8 + v 8 (+ o 16); q/k norms 4 + 4 per head, or 16 + 8 over the projection.
-      const int64_t biases = bias == "none" ? 0 : bias == "qkv" ? 32 : 48;
+      const int64_t biases = bias == "none" ? 0 : bias == "qkv" ? 32 : 48 + 4;
       const int64_t norms = qk_norm == "none" ? 0 : qk_norm == "head" ? 8 : 24;
       CATCH_CHECK(cost::param_counts(m).attention == plain.attention + 2 * biases);
       CATCH_CHECK(cost::param_counts(m).norms == plain.norms + 2 * norms);

@@ -12,6 +12,7 @@
 #include "../test_util.h"
 #include "cost/estimate.h"
 #include "cost/flops.h"
+#include "cost/plan.h"
 #include "model/transformer.h"
 
 using namespace moetrain;
@@ -242,4 +243,63 @@ CATCH_TEST_CASE("moetrain cost --rl: JSON, text and one-line errors", "[cost][rl
     CATCH_CHECK(testing::one_line(e.output));
     CATCH_CHECK_THAT(e.output, Contains(message));
   }
+}
+
+// Sliding-window layers (gpt-oss: [sliding, full], W 128): a query reads only the last W positions, so
+// its scores and its KV-cache reads in those layers stop growing at W. Counted position by position
+// and layer by layer; a window past the sequence is full attention.
+CATCH_TEST_CASE("RL cost: sliding-window layers count only their window's keys and cache", "[cost][rl][window]") {
+  auto m = testing::tiny_model_config();
+  m.n_layers = 4;
+  m.sliding_window = 5;
+  m.layer_types = {"sliding", "full"};
+  const double matmuls = matmul_flops_from_model(m);
+  const double per_layer_key = attention_flops(m, 1) / m.n_layers;  // one key's q.k and p.v in one layer
+  const double kv_per_layer = cost::kv_cache_bytes_per_token(m, 2) / m.n_layers;
+  cost::RlSettings rl;
+  rl.prompts_per_step = 2, rl.group_size = 3, rl.prompt_len = 4, rl.response_len = 9, rl.steps = 2;
+  rl.decode_batch = 1;
+  const auto r = cost::estimate_rl(m, rl, 100, 1, 1, 2.0, cost::Given::mfu, 0.5);
+  double prefill = 0, decode = 0, kv = 0;
+  for (int t = 0; t < 4 + 9; ++t) {
+    double keys = 0;
+    for (int layer = 0; layer < m.n_layers; ++layer) keys += layer % 2 == 0 ? std::min(t + 1, 5) : t + 1;
+    (t < 4 ? prefill : decode) += matmuls + per_layer_key * keys;
+    if (t >= 4) kv += kv_per_layer * keys;
+  }
+  const double completions = 2 * 3 * 2;
+  CATCH_CHECK(r.prefill_flops == Approx(completions * prefill).epsilon(1e-12));
+  CATCH_CHECK(r.decode_flops == Approx(completions * decode).epsilon(1e-12));
+  CATCH_CHECK(r.decode_kv_bytes == Approx(completions * kv).epsilon(1e-12));
+
+  // Training's per-token scores (the continuous causal convention): W - W^2 / (2S) keys in a sliding
+  // layer, S / 2 in a full one; W per query in the full convention.
+  const int S = 16;
+  const double key = cost::attention_scores_forward(m, 1, false);
+  const auto f = cost::training_flops_per_token(m, S);
+  CATCH_CHECK(f.attention_scores_causal == Approx(3 * key * (2 * (5 - 25.0 / 32) + 2 * 8.0)).epsilon(1e-12));
+  CATCH_CHECK(f.attention_scores == Approx(3 * key * (2 * 5 + 2 * 16.0)).epsilon(1e-12));
+  auto wide = m;
+  wide.sliding_window = S;  // covers the sequence: the same as full attention
+  auto full = m;
+  full.sliding_window = 0;
+  full.layer_types.clear();
+  CATCH_CHECK(cost::training_flops_per_token(wide, S).total_causal == cost::training_flops_per_token(full, S).total_causal);
+  CATCH_CHECK(cost::mean_keys_seen(0, 10, 0) == Approx(5.5).epsilon(1e-12));
+  CATCH_CHECK(cost::mean_keys_seen(3, 4, 5) == Approx((4 + 5 + 5 + 5) / 4.0).epsilon(1e-12));
+
+  // The pipeline split weighs each block by its own window: a full block first, three sliding ones
+  // after it, at 512-token sequences where a full block's scores are most of its cost, split 1 + 3
+  // (counting every block as full would split 2 + 2).
+  config::Config cfg;
+  cfg.model = m;
+  cfg.model.dense_layers = 0;
+  cfg.model.sliding_window = 2;
+  cfg.model.layer_types = {"full", "sliding", "sliding", "sliding"};
+  cfg.model.max_seq_len = cfg.data.seq_len = 512;
+  cfg.parallel.pipeline_parallel = 2;
+  CATCH_CHECK(cost::pipeline_layers(cfg) == std::vector<int>{1, 3});
+  cfg.model.sliding_window = 0;
+  cfg.model.layer_types.clear();
+  CATCH_CHECK(cost::pipeline_layers(cfg) == std::vector<int>{2, 2});
 }
