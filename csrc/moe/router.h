@@ -47,6 +47,7 @@ class RouterImpl : public torch::nn::Module {
   void set_replay(Replay hook) { replay_ = std::move(hook); }
 
   torch::Tensor weight;       // (E, D)
+  torch::Tensor bias;         // (E,) learned logit bias (model.moe.router.logit_bias); undefined without
   torch::Tensor expert_bias;  // (E,) fp32 buffer, selection only; defined when bias_update_rate > 0 or selection_bias
 
  private:
