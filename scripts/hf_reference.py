@@ -252,7 +252,9 @@ def make(family, out_dir):
     model.generation_config.pad_token_id = 0
     with torch.no_grad():
         greedy = model.generate(prompt, max_new_tokens=NEW_TOKENS, do_sample=False)
-    save_file({"tokens": tokens, "logits": logits_of(model, tokens), "greedy": greedy.contiguous()},
+    with torch.no_grad():  # transformers' own shifted mean cross-entropy (no router loss: output_router_logits off)
+        loss = model(input_ids=tokens, labels=tokens).loss.float().reshape(1)
+    save_file({"tokens": tokens, "logits": logits_of(model, tokens), "greedy": greedy.contiguous(), "loss": loss},
               f"{out_dir}/reference.safetensors")
 
 

@@ -124,6 +124,13 @@ std::string usage(const Command& command) {
   return out.str();
 }
 
+std::vector<Option> run_options(const std::string& config_help, const std::string& set_example) {
+  return {{"config", "FILE", config_help},
+          {"set", "KEY=VALUE", "override one config key, e.g. --set " + set_example + " (repeatable)", true},
+          {"resume", "auto|DIR", "continue from the newest checkpoint of run.out_dir (auto) or from DIR"},
+          {"overwrite", "", "start afresh in a run.out_dir that holds a run, moving that run aside to <out_dir>.replaced-N"}};
+}
+
 config::Config load_command_config(const Args& args, InitFrom mode) {
   const auto cfg = args.has("config") ? config::load_config(args.get("config"), args.all("set"))
                                       : config::parse_config("{}", "<defaults>", args.all("set"));

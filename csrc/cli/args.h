@@ -46,6 +46,10 @@ class Args {
 
 std::string usage(const Command& command);
 
+// The options of a command that runs from a config into run.out_dir (`train`, `rl`): --config, --set
+// (set_example shows one override), --resume, --overwrite.
+std::vector<Option> run_options(const std::string& config_help, const std::string& set_example);
+
 // The config a command runs from --config FILE and its --set overrides. With model.init_from: hf:DIR
 // the model's architecture comes from DIR/config.json (hf::resolve_init_from), so `train`,
 // `bench-step` and `cost` all build and count the checkpoint's model, never the template's

@@ -12,10 +12,7 @@ int run_rl(const std::vector<std::string>& argv) {
       "rl",
       "Reinforcement learning with GRPO: rl.group_size sampled completions per prompt of rl.prompts, verifiable "
       "rewards, group-normalised advantages, a clipped surrogate. train.steps counts rollout batches.",
-      {{"config", "FILE", "YAML config with an rl section (see configs/rl-demo.yaml)"},
-       {"set", "KEY=VALUE", "override one config key, e.g. --set rl.group_size=4 (repeatable)", true},
-       {"resume", "auto|DIR", "continue from the newest checkpoint of run.out_dir (auto) or from DIR"},
-       {"overwrite", "", "start afresh in a run.out_dir that holds a run, moving that run aside to <out_dir>.replaced-N"}}};
+      run_options("YAML config with an rl section (see configs/rl-demo.yaml)", "rl.group_size=4")};
   Args args(command, argv);
   if (args.help()) {
     std::fputs(usage(command).c_str(), stdout);

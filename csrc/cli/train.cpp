@@ -11,10 +11,7 @@ int run_train(const std::vector<std::string>& argv) {
   const Command command{
       "train",
       "Train the model a YAML config describes; checkpoints and metrics.jsonl go to run.out_dir.",
-      {{"config", "FILE", "YAML config (see configs/ and the README's reference)"},
-       {"set", "KEY=VALUE", "override one config key, e.g. --set train.steps=20 (repeatable)", true},
-       {"resume", "auto|DIR", "continue from the newest checkpoint of run.out_dir (auto) or from DIR"},
-       {"overwrite", "", "start afresh in a run.out_dir that holds a run, moving that run aside to <out_dir>.replaced-N"}}};
+      run_options("YAML config (see configs/ and the README's reference)", "train.steps=20")};
   Args args(command, argv);
   if (args.help()) {
     std::fputs(usage(command).c_str(), stdout);

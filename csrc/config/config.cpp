@@ -45,6 +45,7 @@ struct Allowed {
   std::optional<double> lo, hi;
   bool lo_open = false, hi_open = false;
   std::vector<std::string> one_of;  // non-empty: an enum string
+  bool repeats = false;             // lists only: an item may appear more than once
   bool non_empty = false;           // strings only
 };
 
@@ -82,6 +83,12 @@ Allowed one_of(std::vector<std::string> values) {
 }
 // A list whose every item is one of `values` (kStrings keys).
 Allowed each_of(std::vector<std::string> values) { return one_of(std::move(values)); }
+// The same where an item may repeat (a per-layer pattern).
+Allowed each_of_repeating(std::vector<std::string> values) {
+  Allowed a = one_of(std::move(values));
+  a.repeats = true;
+  return a;
+}
 Allowed non_empty() {
   Allowed a;
   a.non_empty = true;
@@ -153,6 +160,20 @@ const std::vector<KeyDesc>& keys() {
                    "(rotate-half within them; GLM-4.5: half the head), the rest pass unrotated; 0 = the whole "
                    "head. Even, at most the head dim.",
                    at_least(0)),
+      MOETRAIN_KEY(model.attention_sinks,
+                   "GQA attention sinks (gpt-oss): a learned logit per query head (parameter layers.N.attn.sinks, "
+                   "initialized to 0) joins each query's softmax denominator with no value, so a head may attend "
+                   "to nothing. Not with model.attention = mla.",
+                   any()),
+      MOETRAIN_KEY(model.sliding_window,
+                   "GQA sliding-window attention: in a sliding layer (model.layer_types) query i attends to keys j "
+                   "with i - sliding_window < j <= i (within its document when packed); 0 = every layer full.",
+                   at_least(0)),
+      MOETRAIN_KEY(model.layer_types,
+                   "Attention of each block, cycled over model.n_layers when shorter (gpt-oss: [sliding, full]; "
+                   "MTP depth k is block n_layers + k - 1); its length must divide model.n_layers. Empty = every "
+                   "block sliding when model.sliding_window > 0.",
+                   each_of_repeating({"sliding", "full"})),
       MOETRAIN_KEY(model.max_seq_len, "Longest context: the length of the RoPE table.", at_least(1)),
       MOETRAIN_KEY(model.dense_layers,
                    "The first dense_layers blocks use a dense SwiGLU MLP, the rest MoE; at most model.n_layers.",
@@ -178,7 +199,7 @@ const std::vector<KeyDesc>& keys() {
                    at_least(0)),
       MOETRAIN_KEY(model.init_from,
                    "Initial weights: \"\" = the seeded random init; hf:DIR = a Hugging Face folder (config.json "
-                   "and safetensors of Mixtral, Qwen2-MoE, Qwen3-MoE or OLMoE), whose config.json then sets the "
+                   "and safetensors of a family `moetrain convert --help` lists), whose config.json then sets the "
                    "architecture keys of model.* (training keys such as the balancing coefficients stay); "
                    "ckpt:DIR = the weights of a moetrain run or checkpoint of this same architecture (an SFT run "
                    "before `moetrain rl`).",
@@ -388,7 +409,7 @@ const std::vector<KeyDesc>& keys() {
       MOETRAIN_KEY(train.nonfinite,
                    "A step whose loss or gradient is not finite on any rank never updates the model: skip = "
                    "log it (\"skipped\": true in metrics.jsonl) and go on; stop = exit 1 at once. Nothing is "
-                   "saved from such a step.",
+                   "saved from such a step. Under `moetrain rl` a step is one optimizer update.",
                    one_of({"skip", "stop"})),
       MOETRAIN_KEY(train.max_skipped_steps,
                    "With train.nonfinite = skip: consecutive skipped steps tolerated; one more stops the run "
@@ -486,9 +507,10 @@ const std::vector<KeyDesc>& keys() {
 
       MOETRAIN_KEY(rl.prompts,
                    "`moetrain rl`: a .jsonl file of prompts, one object per line with \"prompt\" and \"answer\" "
-                   "(text, byte-tokenized); sampled without replacement in a seeded order, epoch after epoch.", any()),
+                   "(text, byte-tokenized), or a prompt set `moetrain prepare-data --rl` wrote (its folder or its prompts.bin); "
+                   "sampled without replacement in a seeded order, epoch after epoch.", any()),
       MOETRAIN_KEY(rl.eval_prompts,
-                   "Held-out prompts (.jsonl, as rl.prompts): greedy exact-match accuracy before the first rollout, "
+                   "Held-out prompts (a .jsonl or a prepared set, as rl.prompts): greedy exact-match accuracy before the first rollout, "
                    "every train.eval_every rollout batches and at the end (eval_accuracy in metrics.jsonl); \"\" = none.",
                    any()),
       MOETRAIN_KEY(rl.eval_limit, "Evaluate at most this many of rl.eval_prompts (the first ones); 0 = all.", at_least(0)),
@@ -1075,7 +1097,7 @@ void validate(const Config& cfg) {
       for (const auto& item : std::get<kStrings>(k.field)(const_cast<Config&>(cfg))) {
         if (std::find(a.one_of.begin(), a.one_of.end(), item) == a.one_of.end())
           throw ConfigError(k.path + " holds " + in_quotes(item) + ": each item must be one of: " + join(a.one_of, ", "));
-        if (!seen.insert(item).second) throw ConfigError(k.path + " holds " + in_quotes(item) + " twice");
+        if (!a.repeats && !seen.insert(item).second) throw ConfigError(k.path + " holds " + in_quotes(item) + " twice");
       }
       continue;
     }
@@ -1125,6 +1147,17 @@ void validate(const Config& cfg) {
   if (m.attention == "mla" && m.attn_bias != "none")
     throw ConfigError("model.attn_bias = " + m.attn_bias + " must be none with model.attention = mla (MLA's "
                       "projections have no biases)");
+  if (m.attention == "mla" && m.attention_sinks)
+    throw ConfigError("model.attention_sinks = true must be false with model.attention = mla (sinks are GQA's)");
+  if (m.attention == "mla" && m.sliding_window > 0)
+    throw ConfigError(kv("model.sliding_window", m.sliding_window) + " must be 0 with model.attention = mla "
+                      "(sliding windows are GQA's)");
+  if (!m.layer_types.empty() && m.sliding_window == 0)
+    throw ConfigError("model.layer_types [" + join(m.layer_types, ", ") + "] needs model.sliding_window > 0 "
+                      "(the window of its sliding layers)");
+  if (!m.layer_types.empty() && m.n_layers % int(m.layer_types.size()) != 0)
+    throw ConfigError("model.layer_types has " + std::to_string(m.layer_types.size()) + " entries, which must divide " +
+                      kv("model.n_layers", m.n_layers) + " (the pattern is cycled over the blocks)");
   if (m.mla.qk_rope_head_dim % 2 != 0)
     throw ConfigError(kv("model.mla.qk_rope_head_dim", m.mla.qk_rope_head_dim) +
                       " must be even (RoPE rotates pairs of dimensions)");

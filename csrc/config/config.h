@@ -96,6 +96,9 @@ struct ModelConfig {
   std::string attn_bias = "none"; // none | qkv (q, k, v biases: Qwen2-MoE, GLM-4.5) | all (also o)
   std::string qk_norm = "none"; // none | head (RMSNorm per head, Qwen3-MoE) | full (whole projection, OLMoE)
   int rotary_dim = 0;           // GQA: RoPE on the first rotary_dim dims of each q/k head (GLM-4.5: half); 0 = all
+  bool attention_sinks = false; // GQA: a learned logit per query head in each softmax's denominator (gpt-oss)
+  int sliding_window = 0;       // GQA: sliding layers attend to the last sliding_window tokens (itself included); 0 = none
+  std::vector<std::string> layer_types;  // sliding | full per block, cycled; empty = all sliding when sliding_window > 0
   int max_seq_len = 256;        // RoPE table length; longest context
   int dense_layers = 1;         // the first dense_layers blocks use a dense SwiGLU MLP, the rest MoE
   int dense_hidden = 1024;      // hidden size of the dense MLP
@@ -202,8 +205,8 @@ struct CostConfig {
 // sampled and rewarded; advantages are normalised within the group; the policy takes a clipped surrogate
 // step. train.steps counts rollout batches; each runs updates_per_batch optimizer steps.
 struct RLConfig {
-  std::string prompts;               // .jsonl of {"prompt": text, "answer": text}, byte-tokenized
-  std::string eval_prompts;          // held-out .jsonl: greedy exact-match accuracy at start, eval_every, end; "" = none
+  std::string prompts;               // .jsonl of {"prompt": text, "answer": text}, or a prepare-data --rl folder (or its .bin)
+  std::string eval_prompts;          // held-out prompts, either form: greedy exact-match accuracy at start, eval_every, end; "" = none
   int eval_limit = 0;                // evaluate at most this many held-out prompts; 0 = all
   int prompts_per_step = 8;          // prompts per rollout batch over all data-parallel ranks
   int group_size = 8;                // G: completions sampled per prompt
@@ -274,6 +277,13 @@ int expert_groups(const Config& cfg);
 
 // Derived values used throughout.
 inline int head_dim(const ModelConfig& m) { return m.head_dim > 0 ? m.head_dim : m.d_model / m.n_heads; }
+// The attention window of block `layer` (model.layer_types cycled; MTP depth k is block n_layers + k - 1):
+// model.sliding_window for a sliding layer, 0 (full causal attention) otherwise.
+inline int attention_window(const ModelConfig& m, int layer) {
+  if (m.sliding_window <= 0) return 0;
+  if (m.layer_types.empty()) return m.sliding_window;
+  return m.layer_types[size_t(layer) % m.layer_types.size()] == "sliding" ? m.sliding_window : 0;
+}
 // The dims of each q/k head RoPE rotates: MLA's qk_rope_head_dim, else model.rotary_dim or the whole head.
 inline int rotary_dim(const ModelConfig& m) {
   return m.attention == "mla" ? m.mla.qk_rope_head_dim : m.rotary_dim > 0 ? m.rotary_dim : head_dim(m);

@@ -37,12 +37,15 @@ T attention_weights(const config::ModelConfig& m) {
   return q + kv + o;
 }
 
-// GQA's biases (model.attn_bias): q, k and v (qkv), and o (all). Added, not multiplied: no matmul FLOPs.
+// GQA's biases (model.attn_bias): q, k and v (qkv), and o (all); and its sinks (model.attention_sinks),
+// one logit per query head. Added, not multiplied: no matmul FLOPs.
 template <typename T>
 T attention_bias_weights(const config::ModelConfig& m) {
-  if (is_mla(m) || m.attn_bias == "none") return 0;
+  if (is_mla(m)) return 0;
   const T hd = config::head_dim(m), H = m.n_heads, G = m.n_kv_heads;
-  return H * hd + 2 * G * hd + (m.attn_bias == "all" ? T(m.d_model) : T(0));
+  const T sinks = m.attention_sinks ? H : T(0);
+  if (m.attn_bias == "none") return sinks;
+  return H * hd + 2 * G * hd + (m.attn_bias == "all" ? T(m.d_model) : T(0)) + sinks;
 }
 
 // MLA's norms on the query and key/value latents; GQA's q/k norms (per head, or over the projection).

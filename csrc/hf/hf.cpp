@@ -148,6 +148,29 @@ double partial_rotary_factor(int rotary, int head_dim) {
   return factor;
 }
 
+// gpt-oss's attention: a sink per head, and a window of sliding_window tokens (the query's own
+// included, as transformers' sliding mask) on the layers layer_types names sliding_attention. Where
+// layer_types is absent, transformers' GptOssConfig alternates them: sliding, full, sliding, ...
+void read_layer_types(const ConfigReader& r, config::ModelConfig& m) {
+  m.attention_sinks = true;
+  m.sliding_window = r.find("sliding_window") ? r.positive_int("sliding_window") : 0;
+  m.layer_types.clear();
+  const Json* types = r.find("layer_types");
+  if (types && (!types->is_array() || int64_t(types->size()) != m.n_layers))
+    r.fail("layer_types", "= " + brief(*types) + " must list one type per layer (" + std::to_string(m.n_layers) + ")");
+  for (int i = 0; i < m.n_layers; ++i) {
+    const Json name = types ? (*types)[size_t(i)] : Json(i % 2 == 0 ? "sliding_attention" : "full_attention");
+    if (name == "sliding_attention")
+      m.layer_types.push_back("sliding");
+    else if (name == "full_attention")
+      m.layer_types.push_back("full");
+    else
+      r.fail("layer_types", "has " + brief(name) + " at layer " + std::to_string(i) +
+                                ", not supported (\"sliding_attention\" or \"full_attention\")");
+  }
+  if (m.sliding_window == 0) m.layer_types.clear();  // no window: every layer attends fully
+}
+
 // ---------------------------------------------------------------------------------------------
 // Each family described once: its names (config.json fields, tensor names) and the features it can
 // express. read_config, name_map, check_exportable, infer_family and config_json consult this table.
@@ -222,6 +245,9 @@ struct FamilyTraits {
   // model.moe.router.logit_bias); published as MXFP4 blocks and scales, which import dequantizes.
   bool biased_stacked_experts = false;
   const char* activation = "swiglu";   // model.moe.activation
+  // gpt-oss's attention: self_attn.sinks (model.attention_sinks), sliding_window on the layers layer_types
+  // says ("sliding_attention" | "full_attention": model.sliding_window, model.layer_types).
+  bool sinks_and_windows = false;
   // Defaults of config.json fields where transformers' config class has its own.
   int first_k_dense_default = 0;       // first_k_dense_replace
   int n_shared_default = 0;            // n_shared_experts
@@ -299,7 +325,7 @@ const std::vector<FamilyTraits> kFamilies = {
      .fixed = {{"swiglu_limit", 7.0, "gpt-oss's clamped SwiGLU has the fixed limit 7.0"},
                {"swiglu_alpha", 1.702, "gpt-oss's clamped SwiGLU has the fixed alpha 1.702"}},
      .qkv_bias_field = "attention_bias", .qkv_bias_default = true, .attn_bias_kind = "all", .yarn = true,
-     .biased_stacked_experts = true, .activation = "swiglu_clamped"},
+     .biased_stacked_experts = true, .activation = "swiglu_clamped", .sinks_and_windows = true},
 };
 
 const FamilyTraits& traits_of(Family f) {
@@ -509,6 +535,7 @@ HfConfig read_config(const std::string& dir) {
   if (grouped && m.moe.n_experts % m.moe.router.n_groups != 0)
     r.fail("n_group", "= " + std::to_string(m.moe.router.n_groups) + " must divide the number of routed experts");
   if (t.mtp_layers) m.mtp_depth = r.non_negative_int("num_nextn_predict_layers", 0);
+  if (t.sinks_and_windows) read_layer_types(r, m);
   return out;
 }
 
@@ -602,6 +629,7 @@ std::vector<Entry> name_map(const config::ModelConfig& m, Family family) {
     if (m.attn_bias != "none")
       for (const char* p : {"q", "k", "v"}) add(ours + "attn." + p + "_bias", hf + "self_attn." + p + "_proj.bias", Layout::Same);
     if (m.attn_bias == "all") add(ours + "attn.o_bias", hf + "self_attn.o_proj.bias", Layout::Same);
+    if (m.attention_sinks) add(ours + "attn.sinks", hf + "self_attn.sinks", Layout::Same);
     if (m.qk_norm != "none") {
       add(ours + "attn.q_norm.weight", hf + "self_attn.q_norm.weight", Layout::Same);
       add(ours + "attn.k_norm.weight", hf + "self_attn.k_norm.weight", Layout::Same);
@@ -1032,7 +1060,8 @@ Family infer_family(const config::ModelConfig& m) {
   };
   const FamilyTraits* t = nullptr;
   // gpt-oss's experts (biases, the clamped SwiGLU) or router bias: only it has them.
-  if (m.moe.expert_bias || m.moe.router.logit_bias || m.moe.activation == "swiglu_clamped")
+  if (m.moe.expert_bias || m.moe.router.logit_bias || m.moe.activation == "swiglu_clamped" || m.attention_sinks ||
+      m.sliding_window > 0)
     t = first_with([](const FamilyTraits& f) { return f.biased_stacked_experts; });
   if (!t && m.attention != "gqa") {  // the MLA family that routes by the model's scores (V3: sigmoid, V2: softmax)
     t = first_with([&](const FamilyTraits& f) { return m.attention == f.attention && m.moe.router.score_func == f.score_func; });
@@ -1090,6 +1119,11 @@ void check_exportable(const config::ModelConfig& m, Family family) {
     refuse(std::string("model.moe.router.logit_bias = ") + (m.moe.router.logit_bias ? "true" : "false"),
            t.biased_stacked_experts ? display + "'s router has a bias" : "the family's router has no bias");
   if (!t.qkv_bias_field && m.attn_bias != "none") refuse("model.attn_bias = " + m.attn_bias, "no attention biases");
+  if (m.attention_sinks != t.sinks_and_windows)
+    refuse(std::string("model.attention_sinks = ") + (m.attention_sinks ? "true" : "false"),
+           t.sinks_and_windows ? display + "'s attention has sinks" : "the family's attention has no sinks");
+  if (!t.sinks_and_windows && m.sliding_window > 0)
+    refuse("model.sliding_window = " + std::to_string(m.sliding_window), "the family attends over the whole context");
   if (!t.partial_rotary && config::rotary_dim(m) != config::head_dim(m) && !mla)
     refuse("model.rotary_dim = " + std::to_string(m.rotary_dim), display + " rotates whole heads");
   if (!t.mtp_layers && m.mtp_depth > 0)
@@ -1169,6 +1203,13 @@ Json config_json(const config::ModelConfig& m, Family family) {
   if (t.partial_rotary) {
     j["partial_rotary_factor"] = partial_rotary_factor(config::rotary_dim(m), config::head_dim(m));
     j["rope_parameters"]["partial_rotary_factor"] = j["partial_rotary_factor"];
+  }
+  if (t.sinks_and_windows) {  // the window of each layer, as transformers' GptOssConfig names it
+    j["sliding_window"] = m.sliding_window > 0 ? Json(m.sliding_window) : Json(nullptr);
+    Json types = Json::array();
+    for (int i = 0; i < m.n_layers; ++i)
+      types.push_back(config::attention_window(m, i) > 0 ? "sliding_attention" : "full_attention");
+    j["layer_types"] = types;
   }
   if (t.shared == SharedExperts::OneGated)
     j["shared_expert_intermediate_size"] = m.moe.n_shared_experts * config::shared_hidden(m.moe);

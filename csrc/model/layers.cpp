@@ -143,31 +143,114 @@ torch::Tensor document_mask(const torch::Tensor& positions_BS) {
   return (same_BSS & causal_SS).unsqueeze(1);
 }
 
+// Attention sinks through a kernel that returns the log-sum-exp of each query's logits, lse = log sum_j
+// exp(s_ij). With a sink logit t per head the softmax is p_ij = exp(s_ij) / (exp(t) + exp(lse)), so the
+// output is the kernel's times exp(lse) / (exp(lse) + exp(t)) = exp(lse - lse'), lse' = logaddexp(lse, t):
+// exact, the sink being one more key whose value is zero. Backward is the kernel's own given lse' and the
+// sinked output y: it rebuilds p_ij = exp(s_ij - lse') and D_i = dy_i . y_i, which are the sinked softmax's
+// probabilities and its row term, so dq, dk, dv are the sinked attention's; the sink itself gets
+// -sum_i exp(t - lse'_i) (dy_i . y_i). lse'_BHS and y: as the kernel lays them out.
+torch::Tensor sink_scale(const torch::Tensor& out, const torch::Tensor& lse, const torch::Tensor& lse_sinked) {
+  return out * (lse - lse_sinked).exp().to(out.scalar_type()).unsqueeze(-1);
+}
+// d loss / d sink, summed over every query of each head: row_dot = dy . y and lse_sinked laid out alike,
+// `head_dim` their heads' dimension.
+torch::Tensor sink_grad(const torch::Tensor& row_dot, const torch::Tensor& lse_sinked, const torch::Tensor& sinks,
+                        int64_t head_dim) {
+  std::vector<int64_t> shape(lse_sinked.dim(), 1), others;
+  shape[head_dim] = sinks.size(0);
+  for (int64_t d = 0; d < lse_sinked.dim(); ++d)
+    if (d != head_dim) others.push_back(d);
+  const auto weight = (sinks.to(lse_sinked.scalar_type()).view(shape) - lse_sinked).exp();
+  return -(weight * row_dot.to(lse_sinked.scalar_type())).sum(others).to(sinks.scalar_type());
+}
+
 // Flash attention over variable-length sequences laid end to end: q (T, H, D), k and v (T, G, D) with
-// T = B * S, each document causal within itself (cu_seqlens). Backward is the kernel's own, from the
-// output and the log-sum-exp it saved.
+// T = B * S, each document causal within itself (cu_seqlens), optionally within a window of the last
+// `window` keys (flash's window_size_left = window - 1) and with sinks (H) (sink_scale). Backward is the
+// kernel's own, from the output and the log-sum-exp it saved.
 struct VarlenFlash : torch::autograd::Function<VarlenFlash> {
   static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& q, const torch::Tensor& k,
                                const torch::Tensor& v, const torch::Tensor& cu_seqlens, int64_t max_length,
-                               double scale) {
+                               double scale, int64_t window, const torch::Tensor& sinks) {
+    const std::optional<int64_t> left = window > 0 ? std::optional<int64_t>(window - 1) : std::nullopt;
+    const std::optional<int64_t> right = window > 0 ? std::optional<int64_t>(0) : std::nullopt;
     auto [out, logsumexp, rng_state, unused, debug] =
         at::_flash_attention_forward(q, k, v, cu_seqlens, cu_seqlens, max_length, max_length, /*dropout_p=*/0.0,
-                                     /*is_causal=*/true, /*return_debug_mask=*/false, scale);
-    ctx->save_for_backward({q, k, v, out, logsumexp, cu_seqlens, rng_state, unused});
+                                     /*is_causal=*/true, /*return_debug_mask=*/false, scale, left, right);
+    if (sinks.defined()) {
+      // The variable-length kernel's lse is (H, T); the output (T, H, D).
+      TORCH_CHECK(logsumexp.dim() == 2 && logsumexp.size(0) == q.size(1) && logsumexp.size(1) == q.size(0),
+                  "[model] attention sinks: flash's log-sum-exp is ", logsumexp.sizes(), ", not (H, T)");
+      const auto lse_TH = logsumexp.t();
+      const auto sinked_TH = torch::logaddexp(lse_TH, sinks.to(lse_TH.scalar_type()).unsqueeze(0));
+      out = sink_scale(out, lse_TH, sinked_TH);
+      logsumexp = sinked_TH.t().contiguous();
+    }
+    ctx->save_for_backward({q, k, v, out, logsumexp, cu_seqlens, rng_state, unused, sinks});
     ctx->saved_data["max_length"] = max_length;
     ctx->saved_data["scale"] = scale;
+    ctx->saved_data["window"] = window;
     return out;
   }
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
     const auto s = ctx->get_saved_variables();
-    const int64_t max_length = ctx->saved_data["max_length"].toInt();
-    auto [dq, dk, dv] = at::_flash_attention_backward(grads[0].contiguous(), s[0], s[1], s[2], s[3], s[4], s[5], s[5],
-                                                      max_length, max_length, /*dropout_p=*/0.0, /*is_causal=*/true,
-                                                      s[6], s[7], ctx->saved_data["scale"].toDouble());
-    return {dq, dk, dv, torch::Tensor(), torch::Tensor(), torch::Tensor()};
+    const int64_t max_length = ctx->saved_data["max_length"].toInt(), window = ctx->saved_data["window"].toInt();
+    const std::optional<int64_t> left = window > 0 ? std::optional<int64_t>(window - 1) : std::nullopt;
+    const std::optional<int64_t> right = window > 0 ? std::optional<int64_t>(0) : std::nullopt;
+    const auto dy = grads[0].contiguous();
+    auto [dq, dk, dv] = at::_flash_attention_backward(dy, s[0], s[1], s[2], s[3], s[4], s[5], s[5], max_length,
+                                                      max_length, /*dropout_p=*/0.0, /*is_causal=*/true, s[6], s[7],
+                                                      ctx->saved_data["scale"].toDouble(), left, right);
+    torch::Tensor dsinks;
+    if (s[8].defined()) dsinks = sink_grad((dy.to(torch::kFloat) * s[3].to(torch::kFloat)).sum(-1).t(), s[4], s[8], 0);
+    return {dq, dk, dv, torch::Tensor(), torch::Tensor(), torch::Tensor(), torch::Tensor(), dsinks};
   }
 };
+
+// The CPU's flash kernel (what SDPA runs there) under an additive mask, with sinks as VarlenFlash has
+// them: q, k, v (B, H, S|L, D) with as many key heads as query heads, mask (B|1, 1, S, L) in q's dtype.
+struct SinkFlashCpu : torch::autograd::Function<SinkFlashCpu> {
+  static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& q, const torch::Tensor& k,
+                               const torch::Tensor& v, const torch::Tensor& mask, const torch::Tensor& sinks,
+                               double scale) {
+    auto [out, lse_BHS] = at::_scaled_dot_product_flash_attention_for_cpu(q, k, v, /*dropout_p=*/0.0,
+                                                                          /*is_causal=*/false, mask, scale);
+    const auto sinked_BHS = torch::logaddexp(lse_BHS, sinks.to(lse_BHS.scalar_type()).view({1, -1, 1}));
+    auto y = sink_scale(out, lse_BHS, sinked_BHS);
+    ctx->save_for_backward({q, k, v, y, sinked_BHS, mask, sinks});
+    ctx->saved_data["scale"] = scale;
+    return y;
+  }
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto s = ctx->get_saved_variables();
+    const auto dy = grads[0].contiguous();
+    auto [dq, dk, dv] = at::_scaled_dot_product_flash_attention_for_cpu_backward(
+        dy, s[0], s[1], s[2], s[3], s[4], /*dropout_p=*/0.0, /*is_causal=*/false, s[5], ctx->saved_data["scale"].toDouble());
+    const auto wide = s[4].scalar_type();
+    auto dsinks = sink_grad((dy.to(wide) * s[3].to(wide)).sum(-1), s[4], s[6], 1);
+    return {dq, dk, dv, torch::Tensor(), dsinks, torch::Tensor()};
+  }
+};
+
+// Sinks as the softmax of the logits with the sink's column appended, in fp32 with the logits
+// materialized: where neither flash kernel takes the call (CUDA in fp32, deterministic mode).
+torch::Tensor sink_attention_math(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                                  const torch::Tensor& mask_B1SL, const torch::Tensor& sinks, double scale) {
+  const auto wide = torch::promote_types(q.scalar_type(), torch::kFloat);
+  auto logits = torch::matmul(q.to(wide), k.to(wide).transpose(-2, -1)) * scale;  // (B, H, S, L)
+  logits = logits.masked_fill(mask_B1SL.logical_not(), -std::numeric_limits<double>::infinity());
+  const auto sink_BHS1 = sinks.to(wide).view({1, -1, 1, 1}).expand({logits.size(0), -1, logits.size(2), 1});
+  auto p = torch::softmax(torch::cat({logits, sink_BHS1}, -1), -1).narrow(-1, 0, logits.size(-1));
+  return torch::matmul(p, v.to(wide)).to(q.scalar_type());
+}
+
+// Band of a causal mask: query slot i keeps key slots j > i - window (i, j: indices, rows_S1 and cols_1L).
+torch::Tensor within_window(const torch::Tensor& rows, const torch::Tensor& cols, int64_t window) {
+  return cols.unsqueeze(0) > rows.unsqueeze(1) - window;
+}
 
 }  // namespace
 
@@ -216,24 +299,55 @@ TokenLayout TokenLayout::first(int64_t n) const {
 
 torch::Tensor TokenLayout::mask() const { return mask_B1SS.defined() ? mask_B1SS : document_mask(positions_BS); }
 
-torch::Tensor TokenLayout::attend(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
-                                  std::optional<double> scale, bool enable_gqa) const {
-  if (!is_packed())  // is_causal lets CUDA take flash attention
-    return at::scaled_dot_product_attention(q, k, v, /*attn_mask=*/{}, /*dropout_p=*/0.0, /*is_causal=*/true, scale,
-                                            enable_gqa);
-  if (cu_seqlens.defined() && varlen_flash_applies(q, k, v)) {
-    // (B, n, S, D) -> (B * S, n, D): the documents end to end, as the kernel reads them.
-    const int64_t B = q.size(0), H = q.size(1), S = q.size(2), D = q.size(3);
-    auto flat = [&](const torch::Tensor& x) { return x.transpose(1, 2).reshape({B * S, x.size(1), D}).contiguous(); };
-    const double s = scale.value_or(1.0 / std::sqrt(double(D)));
-    auto y = VarlenFlash::apply(flat(q), flat(k), flat(v), cu_seqlens, max_length, s);
-    return y.view({B, S, H, D}).transpose(1, 2);
+torch::Tensor attend_masked(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                            const torch::Tensor& mask_B1SL, std::optional<double> scale, const torch::Tensor& sinks) {
+  const bool gqa = k.size(1) != q.size(1);
+  if (!sinks.defined())  // SDPA's memory-efficient kernel on CUDA (flash takes no mask), its CPU kernel here
+    return at::scaled_dot_product_attention(q, k, v, mask_B1SL, /*dropout_p=*/0.0, /*is_causal=*/false, scale, gqa);
+  TORCH_CHECK(sinks.dim() == 1 && sinks.size(0) == q.size(1), "[model] attention sinks ", sinks.sizes(), " for ",
+              q.size(1), " query heads");
+  // Consecutive query heads share a key head; the sinked kernels take as many key heads as query heads
+  // (autograd sums the repeats' gradients back).
+  const int64_t repeats = q.size(1) / k.size(1);
+  const auto keys = gqa ? k.repeat_interleave(repeats, 1) : k, values = gqa ? v.repeat_interleave(repeats, 1) : v;
+  const double s = scale.value_or(1.0 / std::sqrt(double(q.size(-1))));
+  if (q.is_cpu()) {
+    auto additive = torch::zeros(mask_B1SL.sizes(), q.options()).masked_fill(
+        mask_B1SL.logical_not(), -std::numeric_limits<double>::infinity());
+    return SinkFlashCpu::apply(q, keys, values, additive, sinks, s);
   }
-  // SDPA's memory-efficient kernel on CUDA (flash takes no mask), its CPU kernel here.
-  return at::scaled_dot_product_attention(q, k, v, mask(), /*dropout_p=*/0.0, /*is_causal=*/false, scale, enable_gqa);
+  return sink_attention_math(q, keys, values, mask_B1SL, sinks, s);
 }
 
-torch::Tensor max_logits(const torch::Tensor& q, const torch::Tensor& k, double scale, const TokenLayout& layout) {
+torch::Tensor TokenLayout::attend(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                                  std::optional<double> scale, bool enable_gqa, int64_t window,
+                                  const torch::Tensor& sinks) const {
+  const int64_t B = q.size(0), H = q.size(1), S = q.size(2), D = q.size(3);
+  // A window as long as the sequence (or a document of it) is full attention: the same kernels run.
+  if (window >= S) window = 0;
+  if (!is_packed() && window == 0 && !sinks.defined())  // is_causal lets CUDA take flash attention
+    return at::scaled_dot_product_attention(q, k, v, /*attn_mask=*/{}, /*dropout_p=*/0.0, /*is_causal=*/true, scale,
+                                            enable_gqa);
+  if ((cu_seqlens.defined() || !is_packed()) && varlen_flash_applies(q, k, v)) {
+    // (B, n, S, D) -> (B * S, n, D): the documents (or the rows) end to end, as the kernel reads them.
+    auto flat = [&](const torch::Tensor& x) { return x.transpose(1, 2).reshape({B * S, x.size(1), D}).contiguous(); };
+    const double s = scale.value_or(1.0 / std::sqrt(double(D)));
+    const auto rows = is_packed() ? cu_seqlens
+                                  : torch::arange(0, B * S + 1, S, q.options().dtype(torch::kInt));
+    auto y = VarlenFlash::apply(flat(q), flat(k), flat(v), rows, is_packed() ? max_length : S, s, window, sinks);
+    return y.view({B, S, H, D}).transpose(1, 2);
+  }
+  auto allowed = is_packed() ? mask() : torch::ones({S, S}, q.options().dtype(torch::kBool)).tril().view({1, 1, S, S});
+  if (window > 0) {
+    // Within a document, indices differ as positions do: the band on indices is the band on positions.
+    const auto index = torch::arange(S, q.options().dtype(torch::kLong));
+    allowed = allowed & within_window(index, index, window);
+  }
+  return attend_masked(q, k, v, allowed, scale, sinks);
+}
+
+torch::Tensor max_logits(const torch::Tensor& q, const torch::Tensor& k, double scale, const TokenLayout& layout,
+                         int64_t window) {
   torch::NoGradGuard no_grad;
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && q.size(0) == k.size(0) && q.size(2) == k.size(2) &&
                   q.size(3) == k.size(3) && k.size(1) > 0 && q.size(1) % k.size(1) == 0,
@@ -252,6 +366,7 @@ torch::Tensor max_logits(const torch::Tensor& q, const torch::Tensor& k, double 
     const int64_t n = std::min(chunk, S - row);
     auto logits = torch::matmul(q_BGRSD.narrow(3, row, n), kT_BG1DS).mul_(scale);  // (B, G, R, n, S)
     auto allowed = columns.unsqueeze(0) <= columns.narrow(0, row, n).unsqueeze(1);  // (n, S) causal
+    if (window > 0) allowed = allowed & within_window(columns.narrow(0, row, n), columns, window);
     if (start_BS.defined())
       allowed = (allowed.unsqueeze(0) & (start_BS.narrow(1, row, n).unsqueeze(2) == start_BS.unsqueeze(1)))
                     .view({B, 1, 1, n, S});
@@ -264,15 +379,16 @@ torch::Tensor max_logits(const torch::Tensor& q, const torch::Tensor& k, double 
 namespace {
 // optim.qk_clip_tau: folds this forward's maxima into the layer's, in training forwards only.
 void track(bool on, torch::Tensor& max_logit_H, const torch::Tensor& q, const torch::Tensor& k, double scale,
-           const TokenLayout& layout) {
+           const TokenLayout& layout, int64_t window = 0) {
   if (!on || !torch::GradMode::is_enabled()) return;
-  const auto m = max_logits(q, k, scale, layout);
+  const auto m = max_logits(q, k, scale, layout, window);
   max_logit_H = max_logit_H.defined() ? torch::maximum(max_logit_H, m) : m;
 }
 }  // namespace
 
-AttentionImpl::AttentionImpl(const config::ModelConfig& cfg)
-    : n_heads_(cfg.n_heads), n_kv_heads_(cfg.n_kv_heads), head_dim_(config::head_dim(cfg)), qk_norm_(cfg.qk_norm) {
+AttentionImpl::AttentionImpl(const config::ModelConfig& cfg, int window)
+    : n_heads_(cfg.n_heads), n_kv_heads_(cfg.n_kv_heads), head_dim_(config::head_dim(cfg)), window_(window),
+      qk_norm_(cfg.qk_norm) {
   wq = register_parameter("wq", torch::empty({cfg.d_model, n_heads_ * head_dim_}));
   wk = register_parameter("wk", torch::empty({cfg.d_model, n_kv_heads_ * head_dim_}));
   wv = register_parameter("wv", torch::empty({cfg.d_model, n_kv_heads_ * head_dim_}));
@@ -283,6 +399,7 @@ AttentionImpl::AttentionImpl(const config::ModelConfig& cfg)
     v_bias = register_parameter("v_bias", torch::zeros({n_kv_heads_ * head_dim_}));
   }
   if (cfg.attn_bias == "all") o_bias = register_parameter("o_bias", torch::zeros({cfg.d_model}));
+  if (cfg.attention_sinks) sinks = register_parameter("sinks", torch::zeros({n_heads_}));
   if (qk_norm_ == "head") {
     q_norm = register_module("q_norm", RMSNorm(head_dim_, cfg.norm_eps));
     k_norm = register_module("k_norm", RMSNorm(head_dim_, cfg.norm_eps));
@@ -350,8 +467,15 @@ torch::Tensor AttentionImpl::decode(const torch::Tensor& x_BSD, const Rope& rope
   auto v = heads(x, wv, wv_lora, v_bias, n_kv_heads_, RMSNorm(nullptr), compute_dtype);
   auto keys = append(cache.k_BGCHd, k, 2, step.start, step.capacity);
   auto values = append(cache.v_BGCHd, v, 2, step.start, step.capacity);
-  auto y = at::scaled_dot_product_attention(q, keys, values, step.mask_B1SL, /*dropout_p=*/0.0, /*is_causal=*/false,
-                                            /*scale=*/std::nullopt, /*enable_gqa=*/n_kv_heads_ != n_heads_);
+  // A sliding layer keeps slots j > i - window of new token i (slot i): a row's slots hold consecutive
+  // positions, so the band on slots is the band on positions; padding stays masked, or attends to itself.
+  auto mask = step.mask_B1SL;
+  const int64_t L = keys.size(2);
+  if (window_ > 0 && window_ < L) {
+    const auto opts = torch::TensorOptions().dtype(torch::kLong).device(mask.device());
+    mask = mask & within_window(torch::arange(step.start, step.start + S, opts), torch::arange(L, opts), window_);
+  }
+  auto y = attend_masked(q, keys, values, mask, /*scale=*/std::nullopt, sinks);
   y = y.transpose(1, 2).reshape({B, S, n_heads_ * head_dim_});
   return output(y, compute_dtype);
 }
@@ -363,10 +487,10 @@ torch::Tensor AttentionImpl::forward(const torch::Tensor& x_BSD, const Rope& rop
   auto q = rope.apply(heads(x, wq, wq_lora, q_bias, n_heads_, q_norm, compute_dtype), layout);
   auto k = rope.apply(heads(x, wk, wk_lora, k_bias, n_kv_heads_, k_norm, compute_dtype), layout);
   auto v = heads(x, wv, wv_lora, v_bias, n_kv_heads_, RMSNorm(nullptr), compute_dtype);
-  track(track_max_logits, max_logit_H, q, k, 1.0 / std::sqrt(double(head_dim_)), layout);
+  track(track_max_logits, max_logit_H, q, k, 1.0 / std::sqrt(double(head_dim_)), layout, window_);
   // Each key/value head serves n_heads / n_kv_heads consecutive query heads: SDPA's enable_gqa reads
   // them in place (flash attention on CUDA and on the CPU) instead of a repeated copy of K and V.
-  auto y = layout.attend(q, k, v, /*scale=*/std::nullopt, /*enable_gqa=*/n_kv_heads_ != n_heads_);
+  auto y = layout.attend(q, k, v, /*scale=*/std::nullopt, /*enable_gqa=*/n_kv_heads_ != n_heads_, window_, sinks);
   y = y.transpose(1, 2).reshape({B, S, n_heads_ * head_dim_});
   return output(y, compute_dtype);
 }

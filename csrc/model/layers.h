@@ -76,9 +76,12 @@ struct TokenLayout {
   // The mask, made from the positions when the layout was made without it.
   torch::Tensor mask() const;
   // Attention over (q, k, v) (B, heads, S, Hd): causal, or within documents. GQA's grouped heads are
-  // read in place (enable_gqa); scale as SDPA takes it (unset: 1 / sqrt(Hd)).
+  // read in place (enable_gqa); scale as SDPA takes it (unset: 1 / sqrt(Hd)). `window` > 0: query i
+  // attends only to keys j > i - window (model.sliding_window); `sinks` (H) fp32: each head's sink
+  // logit joins the softmax's denominator (model.attention_sinks).
   torch::Tensor attend(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
-                       std::optional<double> scale = std::nullopt, bool enable_gqa = false) const;
+                       std::optional<double> scale = std::nullopt, bool enable_gqa = false, int64_t window = 0,
+                       const torch::Tensor& sinks = {}) const;
 };
 
 // One attention layer's share of a KV cache (incremental decoding, model/transformer.h KVCache),
@@ -104,13 +107,22 @@ bool varlen_flash_applies(const torch::Tensor& q, const torch::Tensor& k, const 
 
 // The largest pre-softmax logit of each query head, (H) fp32: q (B, H, S, Dq) against k (B, G, S, Dq)
 // (H a multiple of G, consecutive query heads sharing a key head) times `scale`, over the pairs `layout`
-// lets attend (causal; within their documents when packed). No autograd; chunks of query rows keep the
-// memory at O(B H chunk S). optim.qk_clip_tau (optim/qk_clip.h) tracks it in the training forward.
-torch::Tensor max_logits(const torch::Tensor& q, const torch::Tensor& k, double scale, const TokenLayout& layout = {});
+// lets attend (causal; within their documents when packed; within `window` when > 0). No autograd; chunks
+// of query rows keep the memory at O(B H chunk S). optim.qk_clip_tau (optim/qk_clip.h) tracks it in the
+// training forward.
+torch::Tensor max_logits(const torch::Tensor& q, const torch::Tensor& k, double scale, const TokenLayout& layout = {},
+                         int64_t window = 0);
+
+// Attention of q (B, H, S, Hd) over k, v (B, G, L, Hd) where bool mask_B1SL allows, with each head's sink
+// logit (sinks (H), undefined: none) in the softmax's denominator; scale unset: 1 / sqrt(Hd). The masked
+// path of TokenLayout::attend, and the KV-cache decode's.
+torch::Tensor attend_masked(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                            const torch::Tensor& mask_B1SL, std::optional<double> scale, const torch::Tensor& sinks);
 
 class AttentionImpl : public torch::nn::Module {
  public:
-  explicit AttentionImpl(const config::ModelConfig& cfg);
+  // `window`: this block's config::attention_window (0 = full causal attention).
+  explicit AttentionImpl(const config::ModelConfig& cfg, int window = 0);
   torch::Tensor forward(const torch::Tensor& x_BSD, const Rope& rope, ComputeDtype compute_dtype,
                         const TokenLayout& layout = {}) const;
   // The same for the new tokens of `step`, their keys and values written into `cache`, attending to
@@ -124,6 +136,7 @@ class AttentionImpl : public torch::nn::Module {
   torch::Tensor wo;  // (H*Hd, D)
   torch::Tensor q_bias, k_bias, v_bias;  // (H*Hd), (G*Hd), (G*Hd); defined with model.attn_bias qkv or all
   torch::Tensor o_bias;                  // (D); defined with model.attn_bias all
+  torch::Tensor sinks;                   // (H) fp32 logits; defined with model.attention_sinks
   // model.qk_norm: "head" normalizes each head over Hd (weights (Hd)); "full" the whole projection
   // (weights (H*Hd) and (G*Hd)); both before RoPE. Null with "none".
   RMSNorm q_norm{nullptr}, k_norm{nullptr};
@@ -134,6 +147,7 @@ class AttentionImpl : public torch::nn::Module {
   int n_heads() const { return n_heads_; }
   int n_kv_heads() const { return n_kv_heads_; }
   int head_dim() const { return head_dim_; }
+  int window() const { return window_; }
   // optim.qk_clip_tau > 0: each forward with grad mode on (training, not evaluation) folds its heads'
   // max_logits into max_logit_H, (H) fp32 on the device, until optim::take_max_logits takes it.
   bool track_max_logits = false;
@@ -141,6 +155,7 @@ class AttentionImpl : public torch::nn::Module {
 
  private:
   int n_heads_, n_kv_heads_, head_dim_;
+  int window_;
   std::string qk_norm_;
   // x (B, S, D) in the compute dtype -> (B, n, S, Hd): projection, optional bias, optional q/k norm.
   torch::Tensor heads(const torch::Tensor& x, const torch::Tensor& w, const moe::LoraAdapter& lora,

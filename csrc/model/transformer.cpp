@@ -19,12 +19,12 @@ Rope make_rope(const config::ModelConfig& cfg, torch::Device device) {
 }
 }  // namespace
 
-BlockImpl::BlockImpl(const config::ModelConfig& cfg, bool is_moe, moe::ExpertShard shard) {
+BlockImpl::BlockImpl(const config::ModelConfig& cfg, bool is_moe, moe::ExpertShard shard, int layer) {
   attn_norm = register_module("attn_norm", RMSNorm(cfg.d_model, cfg.norm_eps));
   if (cfg.attention == "mla")
     mla = register_module("attn", MLAttention(cfg));
   else
-    attn = register_module("attn", Attention(cfg));
+    attn = register_module("attn", Attention(cfg, config::attention_window(cfg, layer)));
   ffn_norm = register_module("ffn_norm", RMSNorm(cfg.d_model, cfg.norm_eps));
   if (is_moe && cfg.moe.shared_gate && cfg.moe.n_shared_experts > 0) {
     auto routed_only = cfg.moe;
@@ -69,11 +69,11 @@ BlockOutput BlockImpl::feed_forward(const torch::Tensor& x, ComputeDtype compute
   return {x + y, std::move(out)};
 }
 
-MTPModuleImpl::MTPModuleImpl(const config::ModelConfig& cfg, moe::ExpertShard shard) {
+MTPModuleImpl::MTPModuleImpl(const config::ModelConfig& cfg, moe::ExpertShard shard, int depth) {
   enorm = register_module("enorm", RMSNorm(cfg.d_model, cfg.norm_eps));
   hnorm = register_module("hnorm", RMSNorm(cfg.d_model, cfg.norm_eps));
   eh_proj = register_parameter("eh_proj", torch::empty({2 * int64_t(cfg.d_model), cfg.d_model}));
-  block = register_module("block", Block(cfg, /*is_moe=*/cfg.n_layers > cfg.dense_layers, shard));
+  block = register_module("block", Block(cfg, /*is_moe=*/cfg.n_layers > cfg.dense_layers, shard, cfg.n_layers + depth - 1));
   norm = register_module("norm", RMSNorm(cfg.d_model, cfg.norm_eps));
 }
 
@@ -94,7 +94,7 @@ TransformerImpl::TransformerImpl(const config::ModelConfig& cfg, moe::ExpertShar
     embed = register_parameter("embed", torch::empty({cfg.vocab_size, cfg.d_model}));
   layers = register_module("layers", std::make_shared<torch::nn::Module>());
   for (int i = range_.first; i < range_.end; ++i) {
-    blocks.push_back(Block(cfg, /*is_moe=*/i >= cfg.dense_layers, shard));
+    blocks.push_back(Block(cfg, /*is_moe=*/i >= cfg.dense_layers, shard, i));
     layers->register_module(std::to_string(i), blocks.back());
   }
   if (last_stage()) {
@@ -103,7 +103,7 @@ TransformerImpl::TransformerImpl(const config::ModelConfig& cfg, moe::ExpertShar
     if (cfg.mtp_depth > 0) {
       mtp = register_module("mtp", std::make_shared<torch::nn::Module>());
       for (int k = 0; k < cfg.mtp_depth; ++k) {
-        mtp_modules.push_back(MTPModule(cfg, shard));
+        mtp_modules.push_back(MTPModule(cfg, shard, k + 1));
         mtp->register_module(std::to_string(k), mtp_modules.back());
       }
     }
@@ -535,7 +535,8 @@ bool is_expert_bias(const std::string& name) {
 }  // namespace
 
 bool is_no_decay(const std::string& name) {
-  return name.find("norm") != std::string::npos || ends_with(name, "bias") || is_expert_bias(name) || name == "embed";
+  return name.find("norm") != std::string::npos || ends_with(name, "bias") || is_expert_bias(name) ||
+         ends_with(name, ".sinks") || name == "embed";
 }
 
 void TransformerImpl::init_weights(uint64_t seed) {
@@ -551,6 +552,10 @@ void TransformerImpl::init_weights(uint64_t seed) {
       value = torch::ones(w.sizes(), torch::kFloat);
     } else if (ends_with(name, "_bias") || ends_with(name, "router.bias") || is_expert_bias(name)) {
       // attention, router-logit and expert biases start at zero: the model starts as it would without them
+      value = torch::zeros(w.sizes(), torch::kFloat);
+    } else if (ends_with(name, ".attn.sinks")) {
+      // Zero: each head starts with one unit of sink mass, the same for every head (HF draws them from
+      // normal(init_std), a perturbation of that size); the heads already differ through their projections.
       value = torch::zeros(w.sizes(), torch::kFloat);
     } else {
       const bool is_out = ends_with(name, ".wo") || ends_with(name, ".w2");
@@ -686,6 +691,9 @@ std::vector<RoledParam> TransformerImpl::roled_parameters() const {
     if (dynamic_cast<const RMSNormImpl*>(m.get()) || dynamic_cast<const moe::RouterImpl*>(m.get()))
       for (const auto& p : m->parameters(/*recurse=*/false)) fp32_uses.insert(p.unsafeGetTensorImpl());
   if (embed.defined()) fp32_uses.insert(embed.unsafeGetTensorImpl());
+  for (const auto& m : modules(/*include_self=*/false))  // the sinks join an fp32 log-sum-exp
+    if (const auto* a = dynamic_cast<const AttentionImpl*>(m.get()); a && a->sinks.defined())
+      fp32_uses.insert(a->sinks.unsafeGetTensorImpl());
   // MLA's kv projections each hold two logical matrices, orthogonalised apart under Muon (as q, k and v
   // are with GQA): wkv_a the kv latent and the shared RoPE key, wkv_b each head's key and value.
   std::map<const c10::TensorImpl*, std::pair<int64_t, std::vector<int64_t>>> column_parts;

@@ -19,7 +19,8 @@ struct BlockOutput {
 
 class BlockImpl : public torch::nn::Module {
  public:
-  BlockImpl(const config::ModelConfig& cfg, bool is_moe, moe::ExpertShard shard = {});
+  // `layer`: the block's global index (MTP depth k: n_layers + k - 1), which picks its attention window.
+  BlockImpl(const config::ModelConfig& cfg, bool is_moe, moe::ExpertShard shard = {}, int layer = 0);
   BlockOutput forward(const torch::Tensor& x_BSD, const Rope& rope, ComputeDtype compute_dtype,
                       const TokenLayout& layout = {}) const;
   // The new tokens of `step` through the block, attention reading and extending `cache` (generation).
@@ -48,7 +49,7 @@ TORCH_MODULE(Block);
 // shared_head.norm) and the model's LM head: h'_i = eh_proj [enorm(Emb(t_{i+k})); hnorm(h_i)].
 class MTPModuleImpl : public torch::nn::Module {
  public:
-  MTPModuleImpl(const config::ModelConfig& cfg, moe::ExpertShard shard);
+  MTPModuleImpl(const config::ModelConfig& cfg, moe::ExpertShard shard, int depth = 1);
   RMSNorm enorm{nullptr}, hnorm{nullptr};
   torch::Tensor eh_proj;   // (2D, D): the embedding's half first, as DeepSeek's checkpoints store it
   Block block{nullptr};    // MoE when the model has MoE layers, else dense
@@ -264,7 +265,7 @@ void merge_lora(const TransformerImpl& adapted, TransformerImpl& merged);
 // The MTP module (0-based: depth k is k - 1) a parameter name belongs to ("mtp.<k-1>."), or -1.
 int mtp_module_of(const std::string& param_name);
 
-// Parameters excluded from weight decay: norms, biases and embeddings.
+// Parameters excluded from weight decay: norms, biases, attention sinks and embeddings.
 bool is_no_decay(const std::string& param_name);
 
 // Next-token cross-entropy of (N, V) fp32 logits against (N,) targets, over the targets that are

@@ -97,6 +97,32 @@ RoutingPlan RouterImpl::route(const torch::Tensor& x_TD, int64_t seq_len) const 
     return plan;
   }
   auto probs_TE = rc.score_func == "softmax" ? scores_TE : scores_TE / scores_TE.sum(1, true);
+  if (balance_mask_T_.defined()) {  // padding excluded: the same losses over the counted tokens alone
+    TORCH_CHECK(balance_mask_T_.dim() == 1 && balance_mask_T_.size(0) == T, "[moe] router: a balance mask of ",
+                balance_mask_T_.sizes(), " for a call routing ", T, " tokens");
+    const auto keep_T1 = balance_mask_T_.to(probs_TE.device()).to(dtype).unsqueeze(1);
+    const auto one_hot_TE = torch::zeros({T, E}, probs_TE.options()).scatter_(1, plan.topk_ids_TK, 1.0) * keep_T1;
+    // f_e over the counted copies of the global batch; P_e this rank's share of the global mean score
+    // (summed over its counted tokens, divided by all ranks' and times the ranks), so that the ranks'
+    // mean is the one-process loss however the padding falls.
+    auto counts_E = one_hot_TE.sum(0).to(torch::kLong);
+    const int64_t ranks = global_counts_ ? global_counts_(counts_E) : 1;
+    const auto copies = counts_E.sum().to(dtype).clamp_min(1);
+    const auto share_E = (probs_TE * keep_T1).sum(0) * (double(ranks * K) / copies);
+    st.aux_loss = double(E) * (counts_E.to(dtype) / copies * share_E).sum();
+    TORCH_CHECK(seq_len > 0 && T % seq_len == 0, "[moe] router: ", T, " tokens are not whole sequences of ", seq_len);
+    const int64_t B = T / seq_len;
+    const auto keep_BS1 = keep_T1.view({B, seq_len, 1});
+    const auto lens_B1 = keep_BS1.sum(1).clamp_min(1);
+    st.seq_aux_loss = balance_product(one_hot_TE.view({B, seq_len, E}).sum(1) / lens_B1,
+                                      (probs_TE.view({B, seq_len, E}) * keep_BS1).sum(1) / lens_B1, K, E);
+    const auto kept = keep_T1.sum().clamp_min(1);
+    // Over the global batch's counted tokens too, when the ranks' counts are summed: its mean per rank.
+    const auto z_per = global_counts_ ? copies / double(K * ranks) : kept;
+    st.z_loss = (torch::logsumexp(logits_TE, 1, true).pow(2) * keep_T1).sum() / z_per;
+    st.entropy = (-(probs_TE * torch::log(probs_TE.clamp_min(1e-30))).sum(1, true) * keep_T1).sum().detach() / kept;
+    return plan;
+  }
   // f_e from the global batch, P_e from this rank's tokens: the ranks' mean of this loss is the
   // one-process loss E * sum_e f_e * P_e, and so are the gradients.
   torch::Tensor counts_E = st.tokens_per_expert_E;

@@ -45,6 +45,12 @@ class RouterImpl : public torch::nn::Module {
   // weights are the scores there, normalised as configured. Unset: the router's own choice.
   using Replay = std::function<torch::Tensor(const torch::Tensor& topk_ids_TK)>;
   void set_replay(Replay hook) { replay_ = std::move(hook); }
+  // The tokens that count in the balancing losses and their statistics (counts, P_e, z-loss, entropy):
+  // rl's update batches are right-padded, and padding must weigh on neither the gradient nor the
+  // comparison of data-parallel layouts. (T,) bool, true = counts; undefined (the default, all of
+  // `train`) = every token, the unmasked formulas as they were. Selection, dispatch and
+  // tokens_per_expert_E still see every token.
+  void set_balance_mask(torch::Tensor mask_T) { balance_mask_T_ = std::move(mask_T); }
 
   torch::Tensor weight;       // (E, D)
   torch::Tensor bias;         // (E,) learned logit bias (model.moe.router.logit_bias); undefined without
@@ -54,6 +60,7 @@ class RouterImpl : public torch::nn::Module {
   config::MoEConfig cfg_;
   GlobalCounts global_counts_;
   Replay replay_;
+  torch::Tensor balance_mask_T_;
 };
 TORCH_MODULE(Router);
 

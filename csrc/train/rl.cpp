@@ -28,32 +28,11 @@
 #include "optim/adamw.h"
 #include "train/generate.h"
 #include "train/step.h"
+#include "train/tensorboard.h"
 
 using json = nlohmann::json;
 
 namespace moetrain::train::rl {
-
-std::vector<Prompt> read_prompts(const std::string& path) {
-  if (!files::exists(path)) throw DataError("[rl] prompts file '" + path + "' does not exist");
-  std::ifstream in(path);
-  if (!in) throw DataError("[rl] cannot read prompts file '" + path + "'");
-  std::vector<Prompt> out;
-  std::string line;
-  for (int n = 1; std::getline(in, line); ++n) {
-    if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
-    const auto where = path + ":" + std::to_string(n);
-    auto j = json::parse(line, nullptr, /*allow_exceptions=*/false);
-    if (!j.is_object() || !j.contains("prompt") || !j["prompt"].is_string() || !j.contains("answer"))
-      throw DataError("[rl] " + where + ": expected a JSON object with a string \"prompt\" and an \"answer\"");
-    Prompt p;
-    p.prompt = j["prompt"].get<std::string>();
-    p.answer = j["answer"].is_string() ? j["answer"].get<std::string>() : j["answer"].dump();
-    if (p.prompt.empty()) throw DataError("[rl] " + where + ": the prompt is empty");
-    out.push_back(std::move(p));
-  }
-  if (out.empty()) throw DataError("[rl] prompts file '" + path + "' holds no prompt");
-  return out;
-}
 
 torch::Tensor group_advantages(const torch::Tensor& rewards_PG, const std::string& mode) {
   TORCH_CHECK(rewards_PG.dim() == 2, "[rl] rewards must be (prompts, group), got ", rewards_PG.sizes());
@@ -434,7 +413,7 @@ double held_out_accuracy(const model::TransformerImpl& model, const std::vector<
   for (size_t first = 0; first < mine.size(); first += kChunk) {
     std::vector<std::vector<int64_t>> batch;
     for (size_t i = first; i < std::min(mine.size(), first + kChunk); ++i)
-      batch.push_back(tok.encode(prompts[size_t(mine[i])].prompt));
+      batch.push_back(prompts[size_t(mine[i])].tokens);
     const auto out = generate_batch(model, batch, options);
     for (size_t i = 0; i < out.size(); ++i) {
       const auto& p = prompts[size_t(mine[first + i])];
@@ -447,8 +426,8 @@ double held_out_accuracy(const model::TransformerImpl& model, const std::vector<
 
 void check_lengths(const std::vector<Prompt>& prompts, const std::string& key, const config::Config& cfg) {
   for (size_t i = 0; i < prompts.size(); ++i)
-    if (int64_t(prompts[i].prompt.size()) + cfg.rl.max_new_tokens > cfg.model.max_seq_len)
-      throw ConfigError(key + " prompt " + std::to_string(i + 1) + " has " + std::to_string(prompts[i].prompt.size()) +
+    if (int64_t(prompts[i].tokens.size()) + cfg.rl.max_new_tokens > cfg.model.max_seq_len)
+      throw ConfigError(key + " prompt " + std::to_string(i + 1) + " has " + std::to_string(prompts[i].tokens.size()) +
                         " tokens: with rl.max_new_tokens = " + std::to_string(cfg.rl.max_new_tokens) +
                         " it does not fit model.max_seq_len = " + std::to_string(cfg.model.max_seq_len));
 }
@@ -465,6 +444,26 @@ model::Transformer build_reference(const Process& p) {
   return m;
 }
 
+// Marks the update batch's right padding for every MoE router of `model` while it lives (the update's
+// forwards): padding must not count in the balancing losses, where it would pull the router and make
+// data-parallel layouts differ (each rank pads its rows to its own longest).
+class BalanceMask {
+ public:
+  BalanceMask(model::TransformerImpl& model, const torch::Tensor& counted_BL) {
+    for (auto& block : model.blocks)
+      if (!block->moe.is_empty()) routers_.push_back(block->moe->router.get());
+    for (auto* router : routers_) router->set_balance_mask(counted_BL.reshape(-1));
+  }
+  ~BalanceMask() {
+    for (auto* router : routers_) router->set_balance_mask({});
+  }
+  BalanceMask(const BalanceMask&) = delete;
+  BalanceMask& operator=(const BalanceMask&) = delete;
+
+ private:
+  std::vector<moe::RouterImpl*> routers_;
+};
+
 }  // namespace
 
 RLResult run(const config::Config& given, const TrainOptions& options) {
@@ -478,7 +477,8 @@ RLResult run(const config::Config& given, const TrainOptions& options) {
   const torch::Device device = process.device;
   const std::string& out_dir = cfg.run.out_dir;
   const std::string config_yaml = config::to_yaml(cfg);
-  if (rl.prompts.empty()) throw ConfigError("rl.prompts is empty: moetrain rl needs a .jsonl file of prompts and answers");
+  if (rl.prompts.empty())
+    throw ConfigError("rl.prompts is empty: moetrain rl needs a .jsonl file of prompts and answers, or a set moetrain prepare-data --rl wrote");
   if (layout->pp_size() > 1) throw ConfigError("parallel.pipeline_parallel must be 1 for moetrain rl (pipelined rollouts are not built)");
   if (cfg.model.vocab_size < data::ByteTokenizer::vocab_size)
     throw ConfigError("model.vocab_size = " + std::to_string(cfg.model.vocab_size) +
@@ -519,6 +519,11 @@ RLResult run(const config::Config& given, const TrainOptions& options) {
   }
   std::ofstream metrics;
   if (comm->rank() == 0) metrics.open(files::join(out_dir, "metrics.jsonl"), std::ios::app);
+  // logging.tensorboard: the same records as scalars, in a new event file per process start.
+  std::unique_ptr<TensorBoardWriter> tensorboard;
+  if (cfg.logging.tensorboard && comm->rank() == 0)
+    tensorboard = std::make_unique<TensorBoardWriter>(files::join(out_dir, "tb"));
+  int64_t skipped_in_a_row = 0;  // non-finite updates since the last applied one (train.max_skipped_steps)
 
   const data::ByteTokenizer tok;
   const int64_t total_steps = cfg.train.steps;
@@ -547,7 +552,7 @@ RLResult run(const config::Config& given, const TrainOptions& options) {
     for (int64_t i = 0; i < per_rank; ++i) {
       const Prompt& p = prompts[size_t(ids[size_t(layout->dp_rank() * per_rank + i)])];
       for (int64_t g = 0; g < G; ++g) {
-        rows.push_back(tok.encode(p.prompt));
+        rows.push_back(p.tokens);
         row_prompt.push_back(&p);
       }
     }
@@ -605,16 +610,20 @@ RLResult run(const config::Config& given, const TrainOptions& options) {
 
     // The batch for the updates: right-padded rows, a mask on the response tokens.
     auto tokens_BL = torch::zeros({B, width}, torch::kLong);
+    auto counted_BL = torch::zeros({B, width}, torch::kBool);  // false on the right padding
     auto mask_BN = torch::zeros({B, width - 1}, torch::kFloat);
     double response_tokens = 0;
     for (int64_t b = 0; b < B; ++b) {
       const auto& seq = sequences[size_t(b)];
       tokens_BL[b].narrow(0, 0, int64_t(seq.size())).copy_(torch::tensor(seq, torch::kLong));
+      counted_BL[b].narrow(0, 0, int64_t(seq.size())).fill_(true);
       const int64_t first = int64_t(rows[size_t(b)].size()) - 1, n = int64_t(seq.size()) - int64_t(rows[size_t(b)].size());
       if (n > 0) mask_BN[b].narrow(0, first, n).fill_(1);
       response_tokens += double(n);
     }
     tokens_BL = upload(tokens_BL, device);
+    std::optional<BalanceMask> balance_mask;  // for the old-policy and update forwards, not the evaluation's
+    balance_mask.emplace(*model, upload(counted_BL, device));
     mask_BN = upload(mask_BN, device);
     const auto advantage_B = upload(advantages_PG.reshape({B}), device);
     // Old-policy log-probs, taken before any update (through the recorded experts under replay), and the reference's.
@@ -648,8 +657,10 @@ RLResult run(const config::Config& given, const TrainOptions& options) {
       if (moe) routing.end_update();
       if (moe && u == 0) mismatch = routing.take_mismatch(&router_mismatch);
       const auto terms = grpo_loss({logp_BN, old_logp_BN, ref_logp_BN, advantage_B, mask_BN, denominator}, rl);
+      auto loss = terms.loss + balance;
+      if (test_fault("loss", step + 1, comm->rank())) loss = loss * std::nan("");  // the divergence tests
       optimizer.before_last_backward();
-      (terms.loss + balance).backward();
+      loss.backward();
       (void)optimizer.reduce_gradients();
       // One read per update: the loss and the statistics with the gradient norm's parts, summed over the world.
       auto slots = torch::stack({terms.loss.detach().to(torch::kDouble), optimizer.norm_part().to(fp64).reshape({}),
@@ -660,13 +671,28 @@ RLResult run(const config::Config& given, const TrainOptions& options) {
       const auto host = slots.to(torch::kCPU);
       const double* h = host.data_ptr<double>();
       const double norm = std::sqrt(h[1]);
+      // A non-finite update changes nothing; train.nonfinite says whether the run goes on, as in train.
+      // The values are summed over the world, so every rank decides the same. A run that stops does not
+      // save: the last checkpoint is the last good state.
       if (!std::isfinite(h[0]) || !std::isfinite(norm)) {
         ++skipped;
+        ++skipped_in_a_row;
         optimizer.zero_grad();
-        log_line("warning: rollout batch " + std::to_string(step + 1) + " update " + std::to_string(u + 1) +
-                 ": non-finite loss or gradient, update skipped");
+        auto text = [](double x) { return std::isnan(x) ? std::string("nan") : format_double(x); };  // not "-nan"
+        const std::string what = "rollout batch " + std::to_string(step + 1) + " update " + std::to_string(u + 1) +
+                                 ": loss " + text(h[0]) + ", grad norm " + text(norm);
+        if (cfg.train.nonfinite == "stop" || skipped_in_a_row > cfg.train.max_skipped_steps)
+          throw Error("[rl] " + what + "; the update was not applied and nothing was saved" +
+                      (cfg.train.nonfinite == "stop" ? std::string(" (train.nonfinite = stop)")
+                                                     : " (" + std::to_string(skipped_in_a_row) +
+                                                           " updates in a row, more than train.max_skipped_steps = " +
+                                                           std::to_string(cfg.train.max_skipped_steps) + ")") +
+                      "; " + last_good_checkpoint(out_dir, cfg));
+        log_line("warning: " + what + ": update skipped (" + std::to_string(skipped_in_a_row) + " in a row, at most " +
+                 std::to_string(cfg.train.max_skipped_steps) + ")");
         continue;
       }
+      skipped_in_a_row = 0;
       if (cfg.optim.grad_clip > 0 && norm > cfg.optim.grad_clip) optimizer.scale_gradients(cfg.optim.grad_clip / (norm + 1e-6));
       optimizer.step(lr);
       loss_sum += h[0] / double(layout->dp_size());
@@ -675,6 +701,7 @@ RLResult run(const config::Config& given, const TrainOptions& options) {
       clip_sum += h[3] / std::max(1.0, global_tokens);
       if (u == 0) entropy_sum = h[4] / std::max(1.0, global_tokens);
     }
+    balance_mask.reset();
     const double update_s = now_s() - update_start;
 
     // ---- bookkeeping -------------------------------------------------------------------------------
@@ -727,6 +754,7 @@ RLResult run(const config::Config& given, const TrainOptions& options) {
       if (eval_accuracy) rec["eval_accuracy"] = *eval_accuracy;
       if (step == result.first_step && result.first_eval_accuracy) rec["eval_accuracy_start"] = *result.first_eval_accuracy;
       metrics << rec.dump() << "\n" << std::flush;
+      if (tensorboard) tensorboard->scalars(progress.step, tensorboard_scalars(rec));
       if (last || stop || progress.step % cfg.train.log_every == 0 || eval_accuracy) {
         char buf[320];
         std::snprintf(buf, sizeof buf,

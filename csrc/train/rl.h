@@ -11,17 +11,16 @@
 #include <vector>
 
 #include "config/config.h"
+#include "data/prompts.h"
 #include "model/transformer.h"
 #include "train/trainer.h"
 
 namespace moetrain::train::rl {
 
-struct Prompt {
-  std::string prompt, answer;
-};
-// One {"prompt": ..., "answer": ...} object per line (blank lines skipped); a bad line is a DataError
-// naming file:line.
-std::vector<Prompt> read_prompts(const std::string& path);
+// A prompt, its answer and the tokens its rollouts start from; rl.prompts is a .jsonl or a set that
+// `moetrain prepare-data --rl` wrote (data/prompts.h).
+using Prompt = data::RLPrompt;
+inline std::vector<Prompt> read_prompts(const std::string& path) { return data::load_prompts(path); }
 
 // Advantages (P, G) of rewards (P, G): group_norm (r - mean) / (std + 1e-4) with the population std,
 // mean_only r - mean (Dr. GRPO). A group of equal rewards gets zeros.

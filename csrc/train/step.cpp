@@ -131,10 +131,6 @@ void MoETelemetry::write(json& rec) const {
   rec["moe"] = per_layer;
 }
 
-namespace {
-
-// Fault injection for the divergence tests: MOETRAIN_TEST_NONFINITE=<loss|grad>@<step>[,<step>...][:<rank>]
-// makes that rank's loss (or one element of its first gradient) NaN at those 1-based steps.
 bool test_fault(const char* kind, int64_t step, int rank) {
   const char* v = std::getenv("MOETRAIN_TEST_NONFINITE");
   if (!v) return false;
@@ -149,6 +145,8 @@ bool test_fault(const char* kind, int64_t step, int rank) {
     if (s == std::to_string(step)) return true;
   return false;
 }
+
+namespace {
 
 // "nan", "inf" or "-inf" without the sign bit noise of printf ("-nan").
 std::string number_text(double x) { return std::isnan(x) ? "nan" : format_double(x); }

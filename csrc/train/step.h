@@ -80,6 +80,13 @@ StepOutcome train_step(model::TransformerImpl& model, dist::Optimizer& optimizer
                        const config::Config& cfg, int64_t step, double lr, torch::Device device,
                        const std::function<data::Batch(int micro)>& batch_of,
                        const std::function<bool()>& stop_requested = nullptr);
+// Fault injection for the divergence tests: MOETRAIN_TEST_NONFINITE=<loss|grad>@<step>[,<step>...][:<rank>]
+// makes that rank's loss (or one element of its first gradient) NaN at those 1-based steps (rollout
+// batches under `rl`). Never set outside tests.
+bool test_fault(const char* kind, int64_t step, int rank);
+// Where to go on from after a divergence: the newest checkpoint of `out_dir` that verifies (none is
+// written at a skipped step or while a streak of them is open, so it predates the trouble), and what to change.
+std::string last_good_checkpoint(const std::string& out_dir, const config::Config& cfg);
 // A batch's tokens on `device`: to CUDA through pinned memory, without making the host wait.
 torch::Tensor upload(const torch::Tensor& host, torch::Device device);
 

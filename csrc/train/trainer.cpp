@@ -194,10 +194,6 @@ void claim_run_folder(const std::string& out_dir, const TrainOptions& options, d
     throw Error("[train] " + (refusal.empty() ? "rank 0 refused run.out_dir '" + out_dir + "' (its message says why)" : refusal));
 }
 
-namespace {
-
-// Where to go on from after a divergence: the newest checkpoint of `out_dir` that verifies. None is
-// written at a skipped step or while a streak of them is open, so it predates the trouble.
 std::string last_good_checkpoint(const std::string& out_dir, const config::Config& cfg) {
   std::optional<std::string> dir;
   try {
@@ -214,6 +210,8 @@ std::string last_good_checkpoint(const std::string& out_dir, const config::Confi
   return "last good checkpoint: " + *dir + ", written before the trouble began; continue from it with --resume " + *dir +
          " and " + remedies;
 }
+
+namespace {
 
 // True on every rank when every rank's weights and AdamW moments are finite.
 bool all_finite(const dist::DataParallel& parallel, const dist::Optimizer& optimizer) {

@@ -1,5 +1,5 @@
-// gpt-oss (family gpt_oss) in and out: its config.json fields map to our keys and what they cannot mean
-// is refused in one line; its experts, stacked (E, in, out) with gate and up columns interleaved and
+// gpt-oss (family gpt_oss) in and out: its config.json fields (sinks, windows and layer_types included)
+// map to our keys and what they cannot mean is refused in one line; its experts, stacked (E, in, out) with gate and up columns interleaved and
 // biases beside them, import from bf16/fp32 tensors or MXFP4 blocks (a hand-made tensor whose values
 // are known), export as fp32 and re-import bit for bit; YaRN without truncation.
 #include <catch2/catch.hpp>
@@ -37,6 +37,9 @@ config::ModelConfig tiny_gpt_oss() {
   m.moe.activation = "swiglu_clamped";
   m.moe.expert_bias = true;
   m.moe.router.logit_bias = true;
+  m.attention_sinks = true;
+  m.sliding_window = 4;
+  m.layer_types = {"sliding", "full"};
   return m;
 }
 
@@ -123,7 +126,18 @@ CATCH_TEST_CASE("hf: gpt-oss's config.json fields map to our keys, and what they
   CATCH_CHECK((m.yarn.beta_fast == 32.0 && m.yarn.beta_slow == 1.0 && !m.yarn.truncate));
   CATCH_CHECK((m.yarn.mscale == 1.0 && m.yarn.mscale_all_dim == 0.0));  // cos/sin scaled by m(1)
   CATCH_CHECK(m.norm_eps == 1e-5);
+  CATCH_CHECK((m.attention_sinks && m.sliding_window == 128));
+  CATCH_REQUIRE(m.layer_types.size() == 24);
+  for (int i = 0; i < 24; ++i) CATCH_CHECK(config::attention_window(m, i) == (i % 2 == 0 ? 128 : 0));
   CATCH_CHECK(hf::infer_family(m) == hf::Family::GptOss);
+  // Without layer_types, transformers' GptOssConfig alternates sliding and full layers, sliding first.
+  {
+    auto j = gpt_oss_20b_json();
+    j.erase("layer_types");
+    write_json(dir.str("default-types"), j);
+    const auto d = hf::read_config(dir.str("default-types")).model;
+    for (int i = 0; i < 24; ++i) CATCH_CHECK(config::attention_window(d, i) == (i % 2 == 0 ? 128 : 0));
+  }
 
   // One-line errors naming config.json and the field.
   auto refused = [&](const std::string& name, nlohmann::json j) {
@@ -144,6 +158,14 @@ CATCH_TEST_CASE("hf: gpt-oss's config.json fields map to our keys, and what they
   j = gpt_oss_20b_json();
   j["rope_scaling"]["truncate"] = "no";
   CATCH_CHECK_THAT(refused("truncate", j), Contains("config.json") && Contains("rope_scaling.truncate"));
+  j = gpt_oss_20b_json();
+  j["layer_types"][3] = "chunked_attention";
+  e = refused("types", j);
+  CATCH_CHECK_THAT(e, Contains("config.json") && Contains("'layer_types'") && Contains("chunked_attention"));
+  CATCH_CHECK(testing::one_line(e));
+  j = gpt_oss_20b_json();
+  j["layer_types"].erase(0);
+  CATCH_CHECK_THAT(refused("types-count", j), Contains("config.json") && Contains("'layer_types'") && Contains("24"));
   j = gpt_oss_20b_json();
   j["attention_bias"] = false;
   write_json(dir.str("no-bias"), j);
@@ -192,6 +214,9 @@ CATCH_TEST_CASE("hf: gpt-oss's stacked experts export interleaved, re-import bit
   CATCH_CHECK(config["swiglu_limit"] == 7.0);
   CATCH_CHECK(config["rope_parameters"]["truncate"] == false);
   CATCH_CHECK(config["rope_scaling"]["truncate"] == false);
+  CATCH_CHECK(config["sliding_window"] == 4);
+  CATCH_CHECK(config["layer_types"] == nlohmann::json({"sliding_attention", "full_attention"}));
+  CATCH_CHECK(torch::equal(tensors.at("model.layers.1.self_attn.sinks"), params["layers.1.attn.sinks"]));
 
   // Re-import: every parameter exactly.
   auto again = hf::load(exported);
@@ -258,6 +283,9 @@ CATCH_TEST_CASE("hf: what gpt-oss cannot express is refused on export, and other
   m.moe.expert_bias = false;
   CATCH_CHECK_THAT(refused(m, hf::Family::GptOss), Contains("model.moe.expert_bias = false"));
   m = tiny_gpt_oss();
+  m.attention_sinks = false;
+  CATCH_CHECK_THAT(refused(m, hf::Family::GptOss), Contains("model.attention_sinks = false"));
+  m = tiny_gpt_oss();
   m.attn_bias = "qkv";
   CATCH_CHECK_THAT(refused(m, hf::Family::GptOss), Contains("model.attn_bias = qkv"));
   m = tiny_gpt_oss();
@@ -275,6 +303,13 @@ CATCH_TEST_CASE("hf: what gpt-oss cannot express is refused on export, and other
   mixtral.moe.expert_bias = false;
   mixtral.moe.router.logit_bias = true;
   CATCH_CHECK_THAT(refused(mixtral, hf::Family::Mixtral), Contains("model.moe.router.logit_bias = true"));
+  mixtral.moe.router.logit_bias = false;
+  mixtral.attention_sinks = true;
+  CATCH_CHECK_THAT(refused(mixtral, hf::Family::Mixtral), Contains("model.attention_sinks = true"));
+  CATCH_CHECK(hf::infer_family(mixtral) == hf::Family::GptOss);
+  mixtral.attention_sinks = false;
+  mixtral.sliding_window = 4;
+  CATCH_CHECK_THAT(refused(mixtral, hf::Family::Mixtral), Contains("model.sliding_window = 4"));
   CATCH_CHECK(!files::exists(dir.str("out")));
 }
 

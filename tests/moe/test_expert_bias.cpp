@@ -208,6 +208,13 @@ CATCH_TEST_CASE("expert and logit biases in a model: zero at init, no weight dec
   CATCH_CHECK(cost::param_counts(m).routed_experts == plain.routed_experts + 4 * 32);
   CATCH_CHECK(cost::param_counts(m).routed_experts_active == plain.routed_experts_active + 2 * 32);
   CATCH_CHECK(cost::param_counts(m).router == plain.router + 4);
+  {  // gpt-oss's attention sinks: one logit per query head and layer
+    auto sinks = m;
+    sinks.attention_sinks = true;
+    model::Transformer with_sinks(sinks);
+    CATCH_CHECK(cost::param_counts(sinks).total == with_sinks->param_counts().total);
+    CATCH_CHECK(cost::param_counts(sinks).attention == cost::param_counts(m).attention + 2 * 4);
+  }
   m.mtp_depth = 1;
   model::Transformer with_mtp(m);
   int64_t mtp = 0;

@@ -1,6 +1,6 @@
 // `moetrain rl` in two processes over the store backend (data parallel, and expert parallel 2) against
 // one process on the same seed: the rollouts are seeded by the prompt's place in the run, so the
-// rewards are the same, and the updates give the same weights to fp32 rounding.
+// rewards are the same, and the updates (balancing losses included) give the same weights to fp32 rounding.
 #include <catch2/catch.hpp>
 
 #include <fstream>
@@ -14,13 +14,7 @@ using namespace moetrain::testing;
 
 namespace {
 
-std::vector<nlohmann::json> rl_rows(const std::string& run_dir) {
-  std::vector<nlohmann::json> rows;
-  std::ifstream in(files::join(run_dir, "metrics.jsonl"));
-  for (std::string line; std::getline(in, line);)
-    if (!line.empty()) rows.push_back(nlohmann::json::parse(line));
-  return rows;
-}
+std::vector<nlohmann::json> rl_rows(const std::string& run_dir) { return read_metrics(files::join(run_dir, "metrics.jsonl")); }
 
 Run rl_at(config::Config cfg, int world, int ep) {
   cfg.parallel.expert_parallel = ep;
@@ -37,12 +31,14 @@ Run rl_at(config::Config cfg, int world, int ep) {
 
 }  // namespace
 
-CATCH_TEST_CASE("GRPO at (world, ep) = (2,1) and (2,2) on the store backend equals one process", "[rl][dist][multiproc]") {
+CATCH_TEST_CASE("GRPO at (world, ep) = (2,1), (2,2) and ZeRO-1 on the store backend equals one process, balancing losses on", "[rl][dist][multiproc]") {
   TempDir dir("rl-dist");
   {
     std::ofstream out(dir.str("prompts.jsonl"));
+    // Prompts of 4 to 10 bytes: each rank right-pads its rows to its own longest, one process to the longest of all.
     for (int i = 0; i < 8; ++i)
-      out << nlohmann::json{{"prompt", std::to_string(i % 5) + "+" + std::to_string(i % 3) + "="}, {"answer", std::to_string(i % 5 + i % 3)}}.dump()
+      out << nlohmann::json{{"prompt", std::string(size_t(i % 4) * 2, ' ') + std::to_string(i % 5) + "+" + std::to_string(i % 3) + "="},
+                            {"answer", std::to_string(i % 5 + i % 3)}}.dump()
           << "\n";
   }
   auto make = [&](const std::string& name) {
@@ -52,9 +48,11 @@ CATCH_TEST_CASE("GRPO at (world, ep) = (2,1) and (2,2) on the store backend equa
     cfg.model.max_seq_len = 32;
     cfg.data.seq_len = 32;
     cfg.model.dense_layers = 0;
-    // The balancing losses count every token of a rank's batch, its right padding too, and the padding
-    // differs between layouts: off, so that the gradients are the same.
-    cfg.model.moe.aux_loss_coef = 0;
+    // Every balancing loss on: they leave out each rank's right padding (which differs between layouts),
+    // and the switch loss and z-loss average over the global batch's tokens, so the gradients are the same.
+    cfg.model.moe.aux_loss_coef = 0.05;
+    cfg.model.moe.seq_aux_loss_coef = 0.05;
+    cfg.model.moe.z_loss_coef = 0.01;
     cfg.run.out_dir = dir.str(name);
     cfg.train.steps = 3;
     cfg.train.log_every = 1;
@@ -80,9 +78,15 @@ CATCH_TEST_CASE("GRPO at (world, ep) = (2,1) and (2,2) on the store backend equa
   CATCH_REQUIRE(one.exit_code == 0);
   const auto want = rl_rows(one.run_dir);
   CATCH_REQUIRE(want.size() == 3);
-  for (auto [world, ep] : std::vector<std::pair<int, int>>{{2, 1}, {2, 2}}) {
-    const std::string name = "w" + std::to_string(world) + "ep" + std::to_string(ep);
-    const auto got = rl_at(make(name), world, ep);
+  struct Layout {
+    int world, ep, zero;
+  };
+  for (auto [world, ep, zero] : std::vector<Layout>{{2, 1, 0}, {2, 2, 0}, {2, 1, 1}}) {
+    const std::string name = "w" + std::to_string(world) + "ep" + std::to_string(ep) + "zero" + std::to_string(zero);
+    auto cfg = make(name);
+    cfg.parallel.zero = zero;
+    cfg.checkpoint.every = 1;
+    const auto got = rl_at(cfg, world, ep);
     CATCH_INFO(name << "\n" << got.output.substr(got.output.size() > 3000 ? got.output.size() - 3000 : 0));
     CATCH_REQUIRE(got.exit_code == 0);
     const auto rows = rl_rows(got.run_dir);
@@ -94,6 +98,22 @@ CATCH_TEST_CASE("GRPO at (world, ep) = (2,1) and (2,2) on the store backend equa
       CATCH_CHECK(rows[i]["routing_mismatch"].get<double>() == 0);
     }
     CATCH_CHECK(max_relative_difference(got, one, "model", "step_00000003") <= 1e-5);
+    if (zero == 0) continue;
+    // ZeRO-1's sharded masters and moments resume at a rollout-batch boundary exactly.
+    cfg.run.out_dir = dir.str(name + "-split");
+    cfg.train.steps = 2;
+    CATCH_REQUIRE(rl_at(cfg, world, ep).exit_code == 0);
+    cfg.train.steps = 3;
+    write_config(cfg, files::join(cfg.run.out_dir, "input.yaml"));
+    const auto resumed = run_command("OMP_NUM_THREADS=1 " + launch(world, std::string(MOETRAIN_BINARY) + " rl --config " +
+                                                                             files::join(cfg.run.out_dir, "input.yaml") +
+                                                                             " --resume auto"));
+    CATCH_INFO(resumed.output);
+    CATCH_REQUIRE(resumed.exit_code == 0);
+    const auto split = rl_rows(cfg.run.out_dir);
+    CATCH_REQUIRE(split.size() == rows.size());
+    for (size_t i = 0; i < rows.size(); ++i)
+      for (const char* key : {"reward_mean", "loss", "grad_norm", "kl"}) CATCH_CHECK(split[i][key] == rows[i][key]);
   }
 }
 
