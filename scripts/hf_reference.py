@@ -4,7 +4,8 @@ models with transformers, and computes logits and greedy continuations with tran
   hf_reference.py make FAMILY OUT_DIR    tiny model saved to OUT_DIR (sharded, with an index) plus
                                          OUT_DIR/reference.safetensors: tokens, logits, greedy
                                          (deepseek_v3_mtp, glm4_moe_mtp: num_nextn_predict_layers 1,
-                                         whose MTP layer transformers does not model: written apart)
+                                         whose MTP layer transformers does not model: written apart;
+                                         gpt_oss_mxfp4: experts stored as MXFP4 blocks and scales)
   hf_reference.py logits HF_DIR TOKENS_FILE OUT_FILE
                                          loads HF_DIR with transformers; logits on TOKENS_FILE's tokens
   hf_reference.py repack HF_DIR OUT_DIR  loads HF_DIR and saves it in transformers 5's own layout
@@ -89,6 +90,23 @@ def tiny_config(family):
             tie_word_embeddings=False, num_nextn_predict_layers=1 if family == "glm4_moe_mtp" else 0,
             rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
                              "partial_rotary_factor": 0.25 if qk_norm else 0.5})
+    if family in ("gpt_oss", "gpt_oss_sliding", "gpt_oss_mxfp4"):
+        # gpt-oss: attention sinks, q/k/v/o biases, a sliding window shorter than the sequence (12 tokens)
+        # on alternating layers (gpt_oss_sliding: on every layer, no biases, plain RoPE, top-3 of 6), YaRN
+        # without truncation, clamped SwiGLU experts with biases, a router with a bias. gpt_oss_mxfp4 has
+        # the widths MXFP4's 32-value blocks need; its experts are stored as MXFP4 (make_mxfp4_experts).
+        sliding = family == "gpt_oss_sliding"
+        mxfp4 = family == "gpt_oss_mxfp4"
+        yarn = {"rope_type": "yarn", "rope_theta": 150000.0, "factor": 4.0, "original_max_position_embeddings": 16,
+                "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False}
+        return transformers.GptOssConfig(
+            vocab_size=VOCAB, hidden_size=32, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+            rms_norm_eps=1e-5, head_dim=16 if not mxfp4 else 8, num_hidden_layers=3,
+            intermediate_size=32 if mxfp4 else 16, num_local_experts=6 if sliding else 4,
+            num_experts_per_tok=3 if sliding else 2, sliding_window=3 if sliding else 5,
+            layer_types=["sliding_attention"] * 3 if sliding else None, attention_bias=not sliding,
+            tie_word_embeddings=False,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0} if sliding else yarn)
     raise SystemExit(f"unknown family {family}")
 
 
@@ -101,7 +119,8 @@ def model_class(family):
             "deepseek_v2": transformers.DeepseekV2ForCausalLM,
             "deepseek_v2_greedy": transformers.DeepseekV2ForCausalLM,
             "glm4_moe": transformers.Glm4MoeForCausalLM, "glm4_moe_mtp": transformers.Glm4MoeForCausalLM,
-            "glm4_moe_qk_norm": transformers.Glm4MoeForCausalLM}[family]
+            "glm4_moe_qk_norm": transformers.Glm4MoeForCausalLM, "gpt_oss": transformers.GptOssForCausalLM,
+            "gpt_oss_sliding": transformers.GptOssForCausalLM, "gpt_oss_mxfp4": transformers.GptOssForCausalLM}[family]
 
 
 def fixed_tokens():
@@ -160,11 +179,71 @@ def add_mtp_layer(model, out_dir):
         json.dump(index, f, indent=2)
 
 
+# MXFP4 as gpt-oss stores experts (OCP Microscaling): per row, blocks of 32 four-bit E2M1 values (two a
+# byte, low nibble first) sharing one power-of-two scale byte (2^(s - 127)). Written here from the
+# format's definition: sign bit 3, then values 0, 0.5, 1, 1.5, 2, 3, 4, 6.
+E2M1 = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0]
+
+
+def mxfp4_values(blocks, scales):
+    """(..., G, 16) uint8 and (..., G) uint8 -> (..., G * 32) float32."""
+    codes = torch.stack([blocks & 15, blocks >> 4], dim=-1).flatten(-2).long()  # (..., G, 32)
+    table = torch.tensor(E2M1 + [-v for v in E2M1])
+    values = table[codes] * torch.pow(2.0, scales.float() - 127).unsqueeze(-1)
+    return values.flatten(-2)
+
+
+def make_mxfp4_experts(model):
+    """Sets every layer's experts to random MXFP4-exact values; returns their (blocks, scales) by tensor
+    name. gate_up_proj (E, D, 2F) is stored transposed, (E, 2F, D / 32, 16); down_proj (E, F, D) as
+    (E, D, F / 32, 16)."""
+    g = torch.Generator().manual_seed(11)
+    stored = {}
+    with torch.no_grad():
+        for i, layer in enumerate(model.model.layers):
+            for proj in ("gate_up_proj", "down_proj"):
+                param = getattr(layer.mlp.experts, proj)  # (E, in, out)
+                e, n_in, n_out = param.shape
+                blocks = torch.randint(0, 256, (e, n_out, n_in // 32, 16), generator=g, dtype=torch.uint8)
+                scales = torch.randint(122, 126, (e, n_out, n_in // 32), generator=g, dtype=torch.uint8)
+                param.copy_(mxfp4_values(blocks, scales).transpose(1, 2))
+                stored[f"model.layers.{i}.mlp.experts.{proj}"] = (blocks, scales)
+    return stored
+
+
+def store_mxfp4(out_dir, stored):
+    """Rewrites the saved folder as one model.safetensors whose experts are MXFP4 blocks and scales."""
+    import glob
+    import json
+    import os
+    tensors = {}
+    for f in sorted(glob.glob(f"{out_dir}/model*.safetensors")):
+        tensors.update(load_file(f))
+        os.remove(f)
+    if os.path.exists(f"{out_dir}/model.safetensors.index.json"):
+        os.remove(f"{out_dir}/model.safetensors.index.json")
+    for name, (blocks, scales) in stored.items():
+        del tensors[name]
+        tensors[name + "_blocks"] = blocks
+        tensors[name + "_scales"] = scales
+    save_file(tensors, f"{out_dir}/model.safetensors", metadata={"format": "pt"})
+    with open(f"{out_dir}/config.json") as f:
+        config = json.load(f)
+    config["quantization_config"] = {"quant_method": "mxfp4",
+                                     "modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router",
+                                                                "model.embed_tokens", "lm_head"]}
+    with open(f"{out_dir}/config.json", "w") as f:
+        json.dump(config, f, indent=2)
+
+
 def make(family, out_dir):
     torch.manual_seed(0)
     model = model_class(family)(tiny_config(family)).eval()
     randomize(model)
+    stored = make_mxfp4_experts(model) if family == "gpt_oss_mxfp4" else None
     model.save_pretrained(out_dir, max_shard_size="40KB")
+    if stored:
+        store_mxfp4(out_dir, stored)
     if family in ("deepseek_v3_mtp", "glm4_moe_mtp"):
         add_mtp_layer(model, out_dir)
     tokens = fixed_tokens()

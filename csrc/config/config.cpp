@@ -237,6 +237,10 @@ const std::vector<KeyDesc>& keys() {
       MOETRAIN_KEY(model.yarn.mscale_all_dim,
                    "YaRN: with MLA, the softmax scale is multiplied by m(mscale_all_dim)^2; 0 = unchanged.",
                    at_least(0)),
+      MOETRAIN_KEY(model.yarn.truncate,
+                   "YaRN: round the ramp's ends to whole dimensions (floor the first, ceil the last) as DeepSeek-V3 "
+                   "does; false keeps them fractional (gpt-oss).",
+                   any()),
 
       MOETRAIN_KEY(model.moe.n_experts,
                    "Routed experts per MoE layer; must be divisible by parallel.expert_parallel.", at_least(1)),
@@ -276,6 +280,10 @@ const std::vector<KeyDesc>& keys() {
                    "per expert over its rows), auto (grouped_mm on CUDA in bf16, sliced on the CPU, where "
                    "scripts/bench_moe.sh measures it fastest).",
                    one_of({"auto", "grouped_mm", "sliced"})),
+      MOETRAIN_KEY(model.moe.expert_bias,
+                   "Learned biases on each routed expert's gate, up and down projections (gpt-oss); the down "
+                   "bias is part of the expert's output, which the routing weight then scales.",
+                   any()),
       MOETRAIN_KEY(model.moe.router.score_func,
                    "Router scores: softmax over experts, or an independent sigmoid per expert (DeepSeek-V3).",
                    one_of({"softmax", "sigmoid"})),
@@ -302,6 +310,11 @@ const std::vector<KeyDesc>& keys() {
       MOETRAIN_KEY(model.moe.router.selection_bias,
                    "Keep the per-expert selection bias even when model.moe.router.bias_update_rate = 0 (a fixed, "
                    "imported bias such as DeepSeek-V3's e_score_correction_bias).",
+                   any()),
+      MOETRAIN_KEY(model.moe.router.logit_bias,
+                   "A learned per-expert bias added to the router logits before top-k and before the weights' "
+                   "softmax or sigmoid (gpt-oss's router.bias); it trains, unlike the selection bias, which "
+                   "only picks experts.",
                    any()),
       MOETRAIN_KEY(model.moe.router.max_groups_per_token,
                    "Node-limited routing (DeepSeek-V3 section 2.1.2): each token's top-k experts lie in at most "

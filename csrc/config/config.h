@@ -31,6 +31,9 @@ struct RouterConfig {
   std::string group_score = "top2_sum"; // a group's score: top2_sum (DeepSeek-V3) | max (DeepSeek-V2)
   double bias_update_rate = 0.0;        // aux-loss-free balancing bias step; 0 = off
   bool selection_bias = false;          // keep the selection bias even when it is not updated (imports)
+  // A learned per-expert bias added to the logits before top-k and the weights' softmax (gpt-oss's
+  // router.bias): it trains, unlike the selection bias above, which only picks experts.
+  bool logit_bias = false;
   int max_groups_per_token = 0;         // node-limited routing: a token's top-k on at most this many expert
                                         // groups (EP ranks, or nodes of parallel.ranks_per_node); 0 = off
   // Not a key: how many expert groups max_groups_per_token counts, derived from parallel.* when the
@@ -53,6 +56,9 @@ struct MoEConfig {
   double seq_aux_loss_coef = 0.0;   // DeepSeek-V3 sequence-wise balance loss
   double z_loss_coef = 0.0;         // router z-loss (ST-MoE)
   std::string experts_impl = "auto";  // auto | grouped_mm | sliced
+  // Biases on each routed expert's gate, up and down projections (gpt-oss); the down bias is part of the
+  // expert's output, so the routing weight scales it too.
+  bool expert_bias = false;
   RouterConfig router;
 };
 
@@ -74,6 +80,9 @@ struct YarnConfig {
   double beta_slow = 1.0;
   double mscale = 1.0;
   double mscale_all_dim = 0.0;
+  // Floor/ceil the interpolation ramp's ends to whole dimensions (DeepSeek-V3); gpt-oss keeps them
+  // fractional (its rope_scaling "truncate": false).
+  bool truncate = true;
 };
 
 struct ModelConfig {

@@ -61,6 +61,21 @@ T attention_norm_weights(const config::ModelConfig& m) {
 template <typename T>
 T swiglu_weights(T d_model, T hidden) { return 3 * d_model * hidden; }
 
+// One routed expert: its SwiGLU and, with model.moe.expert_bias, the gate, up and down biases (added,
+// not multiplied: no matmul FLOPs).
+template <typename T>
+T routed_expert_weights(const config::ModelConfig& m) {
+  const T D = m.d_model, F = m.moe.expert_hidden;
+  return swiglu_weights<T>(D, F) + (m.moe.expert_bias ? 2 * F + D : T(0));
+}
+
+// One MoE layer's router: the (E, D) matrix and, with model.moe.router.logit_bias, the logit bias.
+template <typename T>
+T router_weights(const config::ModelConfig& m) {
+  const T E = m.moe.n_experts;
+  return E * T(m.d_model) + (m.moe.router.logit_bias ? E : T(0));
+}
+
 // One MTP module's own parameters: its block, the 2D x D projection and three norms (on the hidden
 // state, on the embedding, and before the shared head).
 template <typename T>
@@ -69,8 +84,8 @@ T mtp_module_weights(const config::ModelConfig& m, bool active_only) {
   T block = attention_weights<T>(m) + attention_bias_weights<T>(m) + attention_norm_weights<T>(m) + 2 * D;
   if (has_moe_layers(m)) {
     const T experts = active_only ? m.moe.top_k : m.moe.n_experts;
-    block += experts * swiglu_weights<T>(D, m.moe.expert_hidden) +
-             T(m.moe.n_shared_experts) * swiglu_weights<T>(D, config::shared_hidden(m.moe)) + T(m.moe.n_experts) * D;
+    block += experts * routed_expert_weights<T>(m) +
+             T(m.moe.n_shared_experts) * swiglu_weights<T>(D, config::shared_hidden(m.moe)) + router_weights<T>(m);
   } else {
     block += swiglu_weights<T>(D, m.dense_hidden);
   }
@@ -86,10 +101,10 @@ BasicParamCounts<T> count_params(const config::ModelConfig& m) {
   p.attention = L * (attention_weights<T>(m) + attention_bias_weights<T>(m));
   p.norms = L * (2 * D + attention_norm_weights<T>(m)) + D;
   p.dense_mlp = T(m.dense_layers) * swiglu_weights<T>(D, m.dense_hidden);
-  p.routed_experts = moe * m.moe.n_experts * swiglu_weights<T>(D, m.moe.expert_hidden);
-  p.routed_experts_active = moe * m.moe.top_k * swiglu_weights<T>(D, m.moe.expert_hidden);
+  p.routed_experts = moe * m.moe.n_experts * routed_expert_weights<T>(m);
+  p.routed_experts_active = moe * m.moe.top_k * routed_expert_weights<T>(m);
   p.shared_experts = moe * m.moe.n_shared_experts * swiglu_weights<T>(D, config::shared_hidden(m.moe));
-  p.router = moe * m.moe.n_experts * D;
+  p.router = moe * router_weights<T>(m);
   p.mtp = T(m.mtp_depth) * mtp_module_weights<T>(m, /*active_only=*/false);
   p.mtp_active = T(m.mtp_depth) * mtp_module_weights<T>(m, /*active_only=*/true);
   const T common = p.embedding + p.lm_head + p.attention + p.norms + p.dense_mlp + p.shared_experts + p.router;

@@ -148,6 +148,29 @@ double partial_rotary_factor(int rotary, int head_dim) {
   return factor;
 }
 
+// gpt-oss's attention: a sink per head, and a window of sliding_window tokens (the query's own
+// included, as transformers' sliding mask) on the layers layer_types names sliding_attention. Where
+// layer_types is absent, transformers' GptOssConfig alternates them: sliding, full, sliding, ...
+void read_layer_types(const ConfigReader& r, config::ModelConfig& m) {
+  m.attention_sinks = true;
+  m.sliding_window = r.find("sliding_window") ? r.positive_int("sliding_window") : 0;
+  m.layer_types.clear();
+  const Json* types = r.find("layer_types");
+  if (types && (!types->is_array() || int64_t(types->size()) != m.n_layers))
+    r.fail("layer_types", "= " + brief(*types) + " must list one type per layer (" + std::to_string(m.n_layers) + ")");
+  for (int i = 0; i < m.n_layers; ++i) {
+    const Json name = types ? (*types)[size_t(i)] : Json(i % 2 == 0 ? "sliding_attention" : "full_attention");
+    if (name == "sliding_attention")
+      m.layer_types.push_back("sliding");
+    else if (name == "full_attention")
+      m.layer_types.push_back("full");
+    else
+      r.fail("layer_types", "has " + brief(name) + " at layer " + std::to_string(i) +
+                                ", not supported (\"sliding_attention\" or \"full_attention\")");
+  }
+  if (m.sliding_window == 0) m.layer_types.clear();  // no window: every layer attends fully
+}
+
 // ---------------------------------------------------------------------------------------------
 // Each family described once: its names (config.json fields, tensor names) and the features it can
 // express. read_config, name_map, check_exportable, infer_family and config_json consult this table.
@@ -185,6 +208,7 @@ struct FamilyTraits {
   const char* shared_prefix = nullptr;     // the shared expert(s), under moe_prefix
   const char* shared_gate = nullptr;       // the shared expert's gate, under moe_prefix
   const char* router_bias = nullptr;       // the selection bias, under moe_prefix; nullptr: none
+  const char* router_prefix = "gate.";     // the router, under moe_prefix
 
   // config.json fields that differ between families.
   const char* expert_hidden_field;           // the routed experts' hidden size
@@ -200,6 +224,7 @@ struct FamilyTraits {
   const char* qk_norm_field = nullptr;  // a boolean field that turns the q/k norms on (default off); nullptr: always
   const char* qkv_bias_field = nullptr; // a boolean field for optional q/k/v biases; nullptr: none
   bool qkv_bias_default = false;        // ... its default
+  const char* attn_bias_kind = "qkv";   // ... what it turns on (model.attn_bias): qkv | all (also o)
   bool partial_rotary = false;          // partial_rotary_factor (default 0.5): RoPE on the heads' first dims
   bool sliding_window = false;    // sliding_window: null or at least the context (full attention)
   DenseLayers dense_layers = DenseLayers::None;
@@ -215,6 +240,14 @@ struct FamilyTraits {
   // groups are scored by their two best (top2_sum).
   bool greedy_topk_methods = false;
   bool mtp_layers = false;             // num_nextn_predict_layers MTP layers past num_hidden_layers
+  // gpt-oss's experts: one stacked tensor per projection for the layer, (E, in, out), gate and up columns
+  // interleaved in gate_up_proj, each with a bias; the router has a bias (model.moe.expert_bias and
+  // model.moe.router.logit_bias); published as MXFP4 blocks and scales, which import dequantizes.
+  bool biased_stacked_experts = false;
+  const char* activation = "swiglu";   // model.moe.activation
+  // gpt-oss's attention: self_attn.sinks (model.attention_sinks), sliding_window on the layers layer_types
+  // says ("sliding_attention" | "full_attention": model.sliding_window, model.layer_types).
+  bool sinks_and_windows = false;
   // Defaults of config.json fields where transformers' config class has its own.
   int first_k_dense_default = 0;       // first_k_dense_replace
   int n_shared_default = 0;            // n_shared_experts
@@ -284,6 +317,15 @@ const std::vector<FamilyTraits> kFamilies = {
      .dense_layers = DenseLayers::FirstKDense, .shared = SharedExperts::Ungated, .score_func = "sigmoid",
      .group_limited = true, .routed_scaling = true, .mtp_layers = true, .first_k_dense_default = 1,
      .n_shared_default = 1},
+    // gpt-oss: every layer MoE, clamped SwiGLU experts with biases stored stacked, a router with a bias and
+    // softmax over the top-k logits, biases on q/k/v/o, YaRN without truncation.
+    {.family = Family::GptOss, .model_type = "gpt_oss", .architecture = "GptOssForCausalLM", .display = "gpt-oss",
+     .moe_prefix = "mlp.", .expert_proj = {"gate_up_proj", "gate_up_proj", "down_proj"}, .router_prefix = "router.",
+     .expert_hidden_field = "intermediate_size", .n_experts_field = "num_local_experts",
+     .fixed = {{"swiglu_limit", 7.0, "gpt-oss's clamped SwiGLU has the fixed limit 7.0"},
+               {"swiglu_alpha", 1.702, "gpt-oss's clamped SwiGLU has the fixed alpha 1.702"}},
+     .qkv_bias_field = "attention_bias", .qkv_bias_default = true, .attn_bias_kind = "all", .yarn = true,
+     .biased_stacked_experts = true, .activation = "swiglu_clamped", .sinks_and_windows = true},
 };
 
 const FamilyTraits& traits_of(Family f) {
@@ -409,6 +451,10 @@ HfConfig read_config(const std::string& dir) {
       m.yarn.beta_slow = number("beta_slow", 1.0);
       m.yarn.mscale = number("mscale", 1.0);
       m.yarn.mscale_all_dim = number("mscale_all_dim", 0.0);
+      if (params.contains("truncate") && !params["truncate"].is_null()) {
+        if (!params["truncate"].is_boolean()) r.fail(field + ".truncate", "= " + brief(params["truncate"]) + " must be true or false");
+        m.yarn.truncate = params["truncate"].get<bool>();
+      }
       if (params.contains("attention_factor") && !params["attention_factor"].is_null())
         r.fail(field + ".attention_factor", "is not supported (derived from mscale and mscale_all_dim)");
       if (m.yarn.factor < 1) r.fail(field + ".factor", "must be >= 1");
@@ -447,6 +493,8 @@ HfConfig read_config(const std::string& dir) {
     m.moe.shared_hidden = m.moe.expert_hidden;
   }
   m.moe.router.score_func = t.score_func;
+  m.moe.activation = t.activation;
+  m.moe.expert_bias = m.moe.router.logit_bias = t.biased_stacked_experts;
   m.moe.router.selection_bias = t.router_bias != nullptr;  // e_score_correction_bias
   m.moe.router.normalize_topk = t.norm_topk_field ? r.boolean(t.norm_topk_field, t.normalize_topk) : t.normalize_topk;
   if (t.routed_scaling) m.moe.router.routed_scaling = r.number("routed_scaling_factor", 1.0);
@@ -470,7 +518,7 @@ HfConfig read_config(const std::string& dir) {
     if (const Json* window = r.find("sliding_window");
         window && (!window->is_number_integer() || window->get<int64_t>() < m.max_seq_len))
       r.fail("sliding_window", "= " + brief(*window) + " is not supported (full causal attention: null)");
-  if (t.qkv_bias_field) m.attn_bias = r.boolean(t.qkv_bias_field, t.qkv_bias_default) ? "qkv" : "none";
+  if (t.qkv_bias_field) m.attn_bias = r.boolean(t.qkv_bias_field, t.qkv_bias_default) ? t.attn_bias_kind : "none";
   if (t.shared == SharedExperts::OneGated) {
     const int shared = r.non_negative_int("shared_expert_intermediate_size", 0);
     if (shared > 0) {
@@ -487,6 +535,7 @@ HfConfig read_config(const std::string& dir) {
   if (grouped && m.moe.n_experts % m.moe.router.n_groups != 0)
     r.fail("n_group", "= " + std::to_string(m.moe.router.n_groups) + " must divide the number of routed experts");
   if (t.mtp_layers) m.mtp_depth = r.non_negative_int("num_nextn_predict_layers", 0);
+  if (t.sinks_and_windows) read_layer_types(r, m);
   return out;
 }
 
@@ -526,6 +575,8 @@ enum class Layout {
   Same,        // identical shapes
   Transposed,  // HF (out, in) Linear weight, ours (in, out)
   Row,         // HF (1, D), ours (D): Qwen2-MoE's shared_expert_gate
+  EvenColumns, // ours = HF[..., 0::2] (gpt-oss's gate_up_proj: gate columns); HF's last dim is twice ours
+  OddColumns,  // ours = HF[..., 1::2] (... up columns)
 };
 
 struct Entry {
@@ -541,6 +592,8 @@ struct Entry {
   // Export in transformers 5's layout: 1 = the layer's stacked experts.gate_up_proj (E, 2F, D) from our
   // w1 and w3, 2 = its experts.down_proj (E, D, F) from w2 (`ours` names w1 or w2).
   int packed = 0;
+  // A stacked HF tensor whose first dim is the global expert (gpt-oss): each rank reads its experts' rows.
+  bool stacked = false;
 };
 
 std::vector<Entry> name_map(const config::ModelConfig& m, Family family) {
@@ -575,6 +628,8 @@ std::vector<Entry> name_map(const config::ModelConfig& m, Family family) {
     }
     if (m.attn_bias != "none")
       for (const char* p : {"q", "k", "v"}) add(ours + "attn." + p + "_bias", hf + "self_attn." + p + "_proj.bias", Layout::Same);
+    if (m.attn_bias == "all") add(ours + "attn.o_bias", hf + "self_attn.o_proj.bias", Layout::Same);
+    if (m.attention_sinks) add(ours + "attn.sinks", hf + "self_attn.sinks", Layout::Same);
     if (m.qk_norm != "none") {
       add(ours + "attn.q_norm.weight", hf + "self_attn.q_norm.weight", Layout::Same);
       add(ours + "attn.k_norm.weight", hf + "self_attn.k_norm.weight", Layout::Same);
@@ -587,7 +642,20 @@ std::vector<Entry> name_map(const config::ModelConfig& m, Family family) {
       return;
     }
     const std::string moe = hf + t.moe_prefix;
-    add(ours + "moe.router.weight", moe + "gate.weight", Layout::Same);
+    add(ours + "moe.router.weight", moe + t.router_prefix + "weight", Layout::Same);
+    if (t.biased_stacked_experts) {  // gpt-oss: whole-layer tensors, biases beside the weights
+      add(ours + "moe.router.bias", moe + t.router_prefix + "bias", Layout::Same);
+      const std::string experts = moe + "experts.";
+      for (const auto& [our_name, hf_name, layout] :
+           {std::tuple{"w1", "gate_up_proj", Layout::EvenColumns}, std::tuple{"w3", "gate_up_proj", Layout::OddColumns},
+            std::tuple{"b1", "gate_up_proj_bias", Layout::EvenColumns},
+            std::tuple{"b3", "gate_up_proj_bias", Layout::OddColumns}, std::tuple{"w2", "down_proj", Layout::Same},
+            std::tuple{"b2", "down_proj_bias", Layout::Same}}) {
+        add(ours + "moe.experts." + our_name, experts + hf_name, layout);
+        map.back().stacked = true;
+      }
+      return;  // no shared experts
+    }
     // Exported even when our router has no selection bias (as zeros): the family's model always has it.
     if (t.router_bias) add(ours + "moe.router.expert_bias", moe + t.router_bias, Layout::Same);
     for (int e = 0; e < m.moe.n_experts; ++e) {
@@ -637,6 +705,12 @@ std::vector<int64_t> hf_shape(const torch::Tensor& ours, Layout layout) {
     case Layout::Same: return ours.sizes().vec();
     case Layout::Transposed: return {ours.size(1), ours.size(0)};
     case Layout::Row: return {1, ours.size(0)};
+    case Layout::EvenColumns:
+    case Layout::OddColumns: {
+      auto shape = ours.sizes().vec();
+      shape.back() *= 2;
+      return shape;
+    }
   }
   return {};
 }
@@ -787,6 +861,46 @@ void load_weights(const std::string& dir, Family family, model::TransformerImpl&
       traits_of(family).interleaved_rope && (!traits_of(family).rope_interleave_field || read_rope_interleave(dir));
   std::set<std::string> used, written;
   std::map<std::string, torch::Tensor> packed_cache;  // one layer's stacked gate_up_proj and down_proj, once read
+  // gpt-oss's stacked tensors (Entry::stacked): the last one read, whole, as gate_up_proj serves w1 then w3.
+  std::string stacked_name;
+  torch::Tensor stacked_value;
+  auto read_stacked = [&](const Entry& entry, const std::vector<int64_t>& expected) {
+    if (stacked_name == entry.hf) return stacked_value;
+    auto load_listed = [&](const std::string& name) {
+      const auto& shard = index.shard(index.file_of.at(name));
+      if (!shard.contains(name))
+        throw HfError(shard.path() + ": tensor '" + name + "' is missing, though " + index.source + " lists it there");
+      return std::pair{shard.load(name), shard.path()};
+    };
+    const std::string blocks = entry.hf + "_blocks", scales = entry.hf + "_scales";
+    torch::Tensor value;
+    std::string what;
+    if (index.file_of.count(entry.hf)) {
+      auto [loaded, path] = load_listed(entry.hf);
+      what = path + ": tensor '" + entry.hf + "'";
+      if (loaded.scalar_type() != torch::kFloat && loaded.scalar_type() != torch::kBFloat16 &&
+          loaded.scalar_type() != torch::kHalf)
+        throw HfError(what + " has dtype " + std::string(c10::toString(loaded.scalar_type())) + "; expected F32, BF16 or F16");
+      value = loaded;
+      used.insert(entry.hf);
+    } else if (index.file_of.count(blocks) && index.file_of.count(scales)) {
+      // MXFP4 as gpt-oss publishes it: blocks (E, out, in / 32, 16) and scales (E, out, in / 32), which
+      // dequantize to (E, out, in); transformers' convert_moe_packed_tensors transposes that to (E, in, out).
+      auto [b, path] = load_listed(blocks);
+      what = path + ": MXFP4 tensor '" + blocks + "'";
+      value = dequantize_mxfp4(b, load_listed(scales).first, what).transpose(1, 2);
+      used.insert({blocks, scales});
+    } else {
+      throw HfError(index.source + ": tensor '" + entry.hf + "' is missing, and so are its MXFP4 '" + blocks + "' and '" +
+                    scales + "' (expected shape " + shape_text(expected) + " for " + family_name(family) + ")");
+    }
+    if (value.sizes().vec() != expected)
+      throw HfError(what + " has shape " + shape_text(value.sizes()) + (index.file_of.count(entry.hf) ? "" : " dequantized") +
+                    ", expected " + shape_text(expected) + " from " + kConfigFile);
+    stacked_name = entry.hf;
+    stacked_value = value;
+    return value;
+  };
   // Under expert parallelism this rank holds experts [first, first + count) and reads only those.
   const int64_t first = model.expert_offset(), count = model.local_experts();
   // An MTP module the folder lacks (its layer has no eh_proj) keeps the seeded init.
@@ -818,6 +932,16 @@ void load_weights(const std::string& dir, Family family, model::TransformerImpl&
         continue;
       }
       target = target.select(0, entry.expert - first);
+    }
+    if (entry.stacked) {  // this rank's experts' rows of the layer's tensor
+      auto expected = hf_shape(target, entry.layout);
+      expected[0] = model.config().moe.n_experts;
+      auto value = read_stacked(entry, expected).narrow(0, first, count);
+      if (entry.layout == Layout::EvenColumns) value = value.slice(-1, 0, std::nullopt, 2);
+      if (entry.layout == Layout::OddColumns) value = value.slice(-1, 1, std::nullopt, 2);
+      target.copy_(value);
+      written.insert(entry.ours);
+      continue;
     }
     // The entry's tensor, else its place in transformers 5's layout (stacked experts, Mixtral's mlp.).
     std::string name = entry.hf;
@@ -935,7 +1059,11 @@ Family infer_family(const config::ModelConfig& m) {
     return nullptr;
   };
   const FamilyTraits* t = nullptr;
-  if (m.attention != "gqa") {  // the MLA family that routes by the model's scores (V3: sigmoid, V2: softmax)
+  // gpt-oss's experts (biases, the clamped SwiGLU) or router bias: only it has them.
+  if (m.moe.expert_bias || m.moe.router.logit_bias || m.moe.activation == "swiglu_clamped" || m.attention_sinks ||
+      m.sliding_window > 0)
+    t = first_with([](const FamilyTraits& f) { return f.biased_stacked_experts; });
+  if (!t && m.attention != "gqa") {  // the MLA family that routes by the model's scores (V3: sigmoid, V2: softmax)
     t = first_with([&](const FamilyTraits& f) { return m.attention == f.attention && m.moe.router.score_func == f.score_func; });
     if (!t) t = first_with([&](const FamilyTraits& f) { return m.attention == f.attention; });
   }
@@ -978,9 +1106,24 @@ void check_exportable(const config::ModelConfig& m, Family family) {
   if (t.dense_layers == DenseLayers::None && m.dense_layers > 0)
     refuse("model.dense_layers = " + std::to_string(m.dense_layers), "every layer is MoE");
   if (t.shared == SharedExperts::None && m.moe.n_shared_experts > 0) refuse("model.moe.n_shared_experts > 0", "no shared experts");
-  if (m.attn_bias == "all") refuse("model.attn_bias = all", display + " has no output projection bias");
-  if (m.moe.activation != "swiglu") refuse("model.moe.activation = " + m.moe.activation, display + "'s experts are SwiGLU");
+  if (m.attn_bias != "none" && t.qkv_bias_field && m.attn_bias != t.attn_bias_kind)
+    refuse("model.attn_bias = " + m.attn_bias, std::string(t.attn_bias_kind) == "all"
+                                                   ? display + " has biases on q, k, v and the output projection"
+                                                   : display + " has no output projection bias");
+  if (m.moe.activation != t.activation)
+    refuse("model.moe.activation = " + m.moe.activation, display + "'s experts are " + t.activation);
+  if (m.moe.expert_bias != t.biased_stacked_experts)
+    refuse(std::string("model.moe.expert_bias = ") + (m.moe.expert_bias ? "true" : "false"),
+           t.biased_stacked_experts ? display + "'s experts have biases" : "the family's experts have no biases");
+  if (m.moe.router.logit_bias != t.biased_stacked_experts)
+    refuse(std::string("model.moe.router.logit_bias = ") + (m.moe.router.logit_bias ? "true" : "false"),
+           t.biased_stacked_experts ? display + "'s router has a bias" : "the family's router has no bias");
   if (!t.qkv_bias_field && m.attn_bias != "none") refuse("model.attn_bias = " + m.attn_bias, "no attention biases");
+  if (m.attention_sinks != t.sinks_and_windows)
+    refuse(std::string("model.attention_sinks = ") + (m.attention_sinks ? "true" : "false"),
+           t.sinks_and_windows ? display + "'s attention has sinks" : "the family's attention has no sinks");
+  if (!t.sinks_and_windows && m.sliding_window > 0)
+    refuse("model.sliding_window = " + std::to_string(m.sliding_window), "the family attends over the whole context");
   if (!t.partial_rotary && config::rotary_dim(m) != config::head_dim(m) && !mla)
     refuse("model.rotary_dim = " + std::to_string(m.rotary_dim), display + " rotates whole heads");
   if (!t.mtp_layers && m.mtp_depth > 0)
@@ -1055,11 +1198,18 @@ Json config_json(const config::ModelConfig& m, Family family) {
   }
   for (const auto& f : t.fixed) j[f.name] = f.value;
   if (t.mtp_layers) j["num_nextn_predict_layers"] = m.mtp_depth;
-  if (t.qkv_bias_field) j[t.qkv_bias_field] = m.attn_bias == "qkv";
+  if (t.qkv_bias_field) j[t.qkv_bias_field] = m.attn_bias == t.attn_bias_kind;
   if (t.qk_norm_field) j[t.qk_norm_field] = m.qk_norm != "none";
   if (t.partial_rotary) {
     j["partial_rotary_factor"] = partial_rotary_factor(config::rotary_dim(m), config::head_dim(m));
     j["rope_parameters"]["partial_rotary_factor"] = j["partial_rotary_factor"];
+  }
+  if (t.sinks_and_windows) {  // the window of each layer, as transformers' GptOssConfig names it
+    j["sliding_window"] = m.sliding_window > 0 ? Json(m.sliding_window) : Json(nullptr);
+    Json types = Json::array();
+    for (int i = 0; i < m.n_layers; ++i)
+      types.push_back(config::attention_window(m, i) > 0 ? "sliding_attention" : "full_attention");
+    j["layer_types"] = types;
   }
   if (t.shared == SharedExperts::OneGated)
     j["shared_expert_intermediate_size"] = m.moe.n_shared_experts * config::shared_hidden(m.moe);
@@ -1073,6 +1223,7 @@ Json config_json(const config::ModelConfig& m, Family family) {
                  {"beta_slow", m.yarn.beta_slow},
                  {"mscale", m.yarn.mscale},
                  {"mscale_all_dim", m.yarn.mscale_all_dim}};
+    if (!m.yarn.truncate) yarn["truncate"] = false;  // gpt-oss; transformers' default is true
     j["rope_parameters"] = yarn;
     Json legacy = yarn;  // transformers 4
     legacy.erase("rope_theta");
@@ -1123,6 +1274,7 @@ void export_model(const model::TransformerImpl& model, Family family, const std:
   check_exportable(m, family);
   std::vector<Entry> map;
   for (auto& e : name_map(m, family)) {
+    if (e.layout == Layout::OddColumns) continue;  // interleaved into its EvenColumns partner's tensor
     if (expert_layout == ExpertLayout::Packed) {
       if (auto p = packed_expert(e, traits_of(family))) {  // one entry per layer's stacked tensor, at expert 0
         const std::string w = e.ours.substr(e.ours.size() - 2);
@@ -1153,6 +1305,10 @@ void export_model(const model::TransformerImpl& model, Family family, const std:
     if (e.packed == 1)  // (E, D, F) w1 and w3 -> (E, 2F, D): each expert's gate rows, then its up rows
       return torch::cat({t.transpose(1, 2), params[e.ours.substr(0, e.ours.size() - 2) + "w3"].detach().transpose(1, 2)}, 1);
     if (e.packed == 2) return t.transpose(1, 2);  // (E, F, D) w2 -> (E, D, F)
+    if (e.layout == Layout::EvenColumns) {  // gpt-oss: w1 and w3 (b1 and b3) -> gate, up, gate, up, ... columns
+      const std::string up = e.ours.substr(0, e.ours.size() - 1) + "3";
+      return torch::stack({t, params[up].detach()}, -1).flatten(-2);
+    }
     return e.expert >= 0 ? t.select(0, e.expert) : t;
   };
 
@@ -1287,6 +1443,8 @@ void export_peft(const model::TransformerImpl& model, Family family, const std::
   if (!model.lora_enabled()) throw HfError("--to peft: the model holds no LoRA adapters");
   check_exportable(m, family);
   const FamilyTraits& t = traits_of(family);
+  if (t.biased_stacked_experts)  // its experts are (E, in, out) with interleaved gate/up: not peft's stacked form
+    throw HfError("--to peft: " + std::string(t.display) + " adapters are not exported yet (merge them and export the model)");
   const auto map = name_map(m, family);
   auto params = model.named_parameters();
   const std::string prefix = "base_model.model.";

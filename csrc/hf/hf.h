@@ -3,7 +3,9 @@
 // into the model (never a second copy of the model); export writes shards of a bounded size.
 // Families: Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, DeepSeek-V3 (MLA, also without the query low-rank),
 // DeepSeek-V2 and V2-Lite (MLA, softmax routing, greedy or group-limited by each group's best expert),
-// GLM-4.5 and GLM-4.5-Air (GQA with partial RoPE and q/k/v biases, DeepSeek-V3's routing, MTP layers).
+// GLM-4.5 and GLM-4.5-Air (GQA with partial RoPE and q/k/v biases, DeepSeek-V3's routing, MTP layers),
+// gpt-oss (attention sinks and biases, sliding windows, YaRN, clamped SwiGLU experts with biases stored
+// stacked, MXFP4 on import).
 #pragma once
 #include <cstdint>
 #include <map>
@@ -19,9 +21,9 @@ struct HfError : Error {
   explicit HfError(const std::string& m) : Error("[hf] " + m) {}
 };
 
-enum class Family { Mixtral, Qwen2Moe, Qwen3Moe, Olmoe, DeepseekV3, DeepseekV2, Glm4Moe };
+enum class Family { Mixtral, Qwen2Moe, Qwen3Moe, Olmoe, DeepseekV3, DeepseekV2, Glm4Moe, GptOss };
 
-// mixtral | qwen2_moe | qwen3_moe | olmoe | deepseek_v3 | deepseek_v2 | glm4_moe (HF's model_type)
+// mixtral | qwen2_moe | qwen3_moe | olmoe | deepseek_v3 | deepseek_v2 | glm4_moe | gpt_oss (HF's model_type)
 std::string family_name(Family family);
 // The model_type of every family, comma-separated: what --family and error messages list.
 std::string family_names();

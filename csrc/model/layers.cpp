@@ -60,8 +60,10 @@ Rope Rope::make(int max_seq_len, int head_dim, double theta, torch::Device devic
     auto dim_of = [&](double rotations) {
       return head_dim * std::log(original / (rotations * 2 * std::numbers::pi)) / (2 * std::log(theta));
     };
-    const double low = std::max(std::floor(dim_of(yarn.beta_fast)), 0.0);
-    double high = std::min(std::ceil(dim_of(yarn.beta_slow)), double(head_dim - 1));
+    // DeepSeek-V3 rounds the ramp's ends to whole dimensions; gpt-oss (truncate false) does not.
+    const double fast = dim_of(yarn.beta_fast), slow = dim_of(yarn.beta_slow);
+    const double low = std::max(yarn.truncate ? std::floor(fast) : fast, 0.0);
+    double high = std::min(yarn.truncate ? std::ceil(slow) : slow, double(head_dim - 1));
     if (low == high) high += 0.001;
     auto ramp = ((torch::arange(head_dim / 2, torch::kDouble) - low) / (high - low)).clamp(0, 1);
     auto keep = 1 - ramp;  // 1: the original frequency, 0: interpolated

@@ -527,9 +527,16 @@ int mtp_module_of(const std::string& name) {
   return ec == std::errc() && ptr != begin && *ptr == '.' ? k : -1;
 }
 
+namespace {
+// A routed expert's gate/up/down bias (model.moe.expert_bias), stacked (E, F) or (E, D).
+bool is_expert_bias(const std::string& name) {
+  return ends_with(name, "experts.b1") || ends_with(name, "experts.b3") || ends_with(name, "experts.b2");
+}
+}  // namespace
+
 bool is_no_decay(const std::string& name) {
-  return name.find("norm") != std::string::npos || ends_with(name, "bias") || ends_with(name, ".sinks") ||
-         name == "embed";
+  return name.find("norm") != std::string::npos || ends_with(name, "bias") || is_expert_bias(name) ||
+         ends_with(name, ".sinks") || name == "embed";
 }
 
 void TransformerImpl::init_weights(uint64_t seed) {
@@ -543,7 +550,8 @@ void TransformerImpl::init_weights(uint64_t seed) {
     torch::Tensor value;
     if (name.find("norm") != std::string::npos) {
       value = torch::ones(w.sizes(), torch::kFloat);
-    } else if (ends_with(name, "_bias")) {  // attention biases start at zero
+    } else if (ends_with(name, "_bias") || ends_with(name, "router.bias") || is_expert_bias(name)) {
+      // attention, router-logit and expert biases start at zero: the model starts as it would without them
       value = torch::zeros(w.sizes(), torch::kFloat);
     } else if (ends_with(name, ".attn.sinks")) {
       // Zero: each head starts with one unit of sink mass, the same for every head (HF draws them from

@@ -181,13 +181,19 @@ torch::Tensor combine(const torch::Tensor& y_RD, const DispatchHandle& handle, c
   return sum_rows(weighted_RD, handle.token_ids_R, handle.order_R, handle.num_tokens, handle.top_k);
 }
 
-ExpertsImpl::ExpertsImpl(int n_experts, int d_model, int hidden, std::string impl, const std::string& activation)
+ExpertsImpl::ExpertsImpl(int n_experts, int d_model, int hidden, std::string impl, const std::string& activation,
+                         bool bias)
     : clamped_activation(activation == "swiglu_clamped"), impl_(std::move(impl)) {
   TORCH_CHECK(activation == "swiglu" || activation == "swiglu_clamped", "[moe] model.moe.activation = ", activation,
               " must be swiglu or swiglu_clamped");
   w1 = register_parameter("w1", torch::empty({n_experts, d_model, hidden}));
   w3 = register_parameter("w3", torch::empty({n_experts, d_model, hidden}));
   w2 = register_parameter("w2", torch::empty({n_experts, hidden, d_model}));
+  if (bias) {
+    b1 = register_parameter("b1", torch::empty({n_experts, hidden}));
+    b3 = register_parameter("b3", torch::empty({n_experts, hidden}));
+    b2 = register_parameter("b2", torch::empty({n_experts, d_model}));
+  }
 }
 
 void ExpertsImpl::add_lora(const config::LoraConfig& cfg) {
@@ -221,6 +227,15 @@ torch::Tensor ExpertsImpl::forward_sliced(const torch::Tensor& rows_RD, const to
     return lora.defined() ? Views{cast(lora.a, compute_dtype).unbind(0), cast(lora.b, compute_dtype).unbind(0)} : Views{};
   };
   const Views l1 = views(w1_lora), l3 = views(w3_lora), l2 = views(w2_lora);
+  std::vector<torch::Tensor> b1s, b3s, b2s;  // the biases' per-expert rows, taken the same way
+  if (b1.defined()) {
+    b1s = cast(b1, compute_dtype).unbind(0);
+    b3s = cast(b3, compute_dtype).unbind(0);
+    b2s = cast(b2, compute_dtype).unbind(0);
+  }
+  auto biased = [&](torch::Tensor y, const std::vector<torch::Tensor>& bias, int64_t e) {
+    return bias.empty() ? y : y + bias[size_t(e)];
+  };
   auto product = [&](const torch::Tensor& x, const torch::Tensor& w, const LoraAdapter& lora, const Views& v, int64_t e) {
     auto y = x.mm(w);
     if (!lora.defined()) return y;
@@ -229,15 +244,17 @@ torch::Tensor ExpertsImpl::forward_sliced(const torch::Tensor& rows_RD, const to
   std::vector<torch::Tensor> outputs;
   for (int64_t e = 0; e < E; ++e) {
     if (sizes[e] == 0) continue;
-    auto h = gated_product(product(xs[e], w1s[e], w1_lora, l1, e), product(xs[e], w3s[e], w3_lora, l3, e),
-                           recompute_elementwise, clamped_activation);
-    outputs.push_back(product(h, w2s[e], w2_lora, l2, e));
+    auto h = gated_product(biased(product(xs[e], w1s[e], w1_lora, l1, e), b1s, e),
+                           biased(product(xs[e], w3s[e], w3_lora, l3, e), b3s, e), recompute_elementwise,
+                           clamped_activation);
+    outputs.push_back(biased(product(h, w2s[e], w2_lora, l2, e), b2s, e));
   }
   if (outputs.empty()) {
     // No rows at all: an empty result that still depends on the weights, so that they get a (zero)
     // gradient as on a rank whose experts saw tokens. Every rank's backward then reaches the same
     // parameters, which the gradient buckets reduced during backward rely on (dist::GradientReducer).
     auto touched = w1.sum() + w3.sum() + w2.sum();
+    if (b1.defined()) touched = touched + b1.sum() + b3.sum() + b2.sum();
     for (const auto* lora : {&w1_lora, &w3_lora, &w2_lora})
       if (lora->defined()) touched = touched + lora->a.sum() + lora->b.sum();
     const auto touch = touched.mul(0).to(w2s[0].scalar_type());
@@ -273,9 +290,17 @@ torch::Tensor ExpertsImpl::forward_grouped(const torch::Tensor& rows_RD, const t
   auto up = at::_grouped_mm(x, cast(w3, dtype), offsets_E);
   if (w1_lora.defined()) gate = gate + lora_grouped_term(x, offsets_E, w1_lora, dtype);
   if (w3_lora.defined()) up = up + lora_grouped_term(x, offsets_E, w3_lora, dtype);
+  torch::Tensor expert_of_R;  // (R,) each row's expert, for the biases; sized by R, so no host read
+  if (b1.defined()) {
+    const int64_t E = w1.size(0);
+    expert_of_R = torch::repeat_interleave(torch::arange(E, counts_E.options()), counts_E, 0, x.size(0));
+    gate = gate + cast(b1, dtype).index_select(0, expert_of_R);
+    up = up + cast(b3, dtype).index_select(0, expert_of_R);
+  }
   auto h = gated_product(gate, up, recompute_elementwise, clamped_activation).contiguous();
   auto y = at::_grouped_mm(h, cast(w2, dtype), offsets_E);
   if (w2_lora.defined()) y = y + lora_grouped_term(h, offsets_E, w2_lora, dtype);
+  if (b2.defined()) y = y + cast(b2, dtype).index_select(0, expert_of_R);
   return y;
 }
 
@@ -301,7 +326,8 @@ MoEImpl::MoEImpl(const config::MoEConfig& cfg, int d_model, ExpertShard shard) :
               " is not divisible by parallel.expert_parallel = ", shard_.ranks);
   router = register_module("router", Router(cfg, d_model));
   experts = register_module(
-      "experts", Experts(cfg.n_experts / shard_.ranks, d_model, cfg.expert_hidden, cfg.experts_impl, cfg.activation));
+      "experts", Experts(cfg.n_experts / shard_.ranks, d_model, cfg.expert_hidden, cfg.experts_impl, cfg.activation,
+                         cfg.expert_bias));
   if (cfg.n_shared_experts > 0)
     shared = register_module("shared", SwiGLU(d_model, cfg.n_shared_experts * config::shared_hidden(cfg)));
 }

@@ -85,8 +85,10 @@ torch::Tensor sum_rows(const torch::Tensor& v_ID, const torch::Tensor& row_I, co
 // Routed experts stored stacked, computed as one grouped GEMM per projection over sorted rows.
 class ExpertsImpl : public torch::nn::Module {
  public:
-  // impl: "auto" | "grouped_mm" | "sliced" (model.moe.experts_impl); activation: model.moe.activation.
-  ExpertsImpl(int n_experts, int d_model, int hidden, std::string impl = "auto", const std::string& activation = "swiglu");
+  // impl: "auto" | "grouped_mm" | "sliced" (model.moe.experts_impl); activation: model.moe.activation;
+  // bias: model.moe.expert_bias.
+  ExpertsImpl(int n_experts, int d_model, int hidden, std::string impl = "auto", const std::string& activation = "swiglu",
+              bool bias = false);
   // counts_on_host: the same counts where the caller already read them (the sliced path then reads
   // nothing).
   torch::Tensor forward(const torch::Tensor& rows_RD, const torch::Tensor& counts_E,
@@ -110,6 +112,11 @@ class ExpertsImpl : public torch::nn::Module {
   torch::Tensor w1;  // (E, D, F)
   torch::Tensor w3;  // (E, D, F)
   torch::Tensor w2;  // (E, F, D)
+  // model.moe.expert_bias (gpt-oss): added to the gate, up and down products of each row's expert;
+  // undefined without. b2 is part of the expert's output, so the routing weight scales it in combine.
+  torch::Tensor b1;  // (E, F)
+  torch::Tensor b3;  // (E, F)
+  torch::Tensor b2;  // (E, D)
   bool recompute_elementwise = false;  // see gated_product
   bool clamped_activation = false;     // model.moe.activation swiglu_clamped (see gated_product)
   // train.lora: stacked adapters of w1, w3, w2: A (E, D, r) and B (E, r, F) for w1 and w3, A (E, F, r) and

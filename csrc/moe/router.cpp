@@ -8,6 +8,7 @@ namespace moetrain::moe {
 
 RouterImpl::RouterImpl(const config::MoEConfig& cfg, int d_model) : cfg_(cfg) {
   weight = register_parameter("weight", torch::empty({cfg.n_experts, d_model}));
+  if (cfg.router.logit_bias) bias = register_parameter("bias", torch::empty({cfg.n_experts}));
   const auto& rc = cfg.router;
   if (rc.max_groups_per_token > 0)
     TORCH_CHECK(rc.expert_groups >= rc.max_groups_per_token && cfg.n_experts % rc.expert_groups == 0 &&
@@ -42,6 +43,9 @@ RoutingPlan RouterImpl::route(const torch::Tensor& x_TD, int64_t seq_len) const 
   const auto& rc = cfg_.router;
   const auto dtype = torch::promote_types(x_TD.scalar_type(), torch::kFloat);  // fp32 (fp64 in gradient checks)
   auto logits_TE = torch::mm(x_TD.to(dtype), weight.to(dtype).t());
+  // gpt-oss: top-k of the biased logits, then a softmax over the k; the same as the softmax over all E
+  // renormalized over the chosen k (normalize_topk), which is what follows.
+  if (bias.defined()) logits_TE = logits_TE + bias.to(dtype);
   auto scores_TE = rc.score_func == "sigmoid" ? torch::sigmoid(logits_TE) : torch::softmax(logits_TE, 1);
 
   // Selection: scores plus the balancing bias, restricted to the best groups; weights use plain scores.

@@ -53,6 +53,7 @@ class RouterImpl : public torch::nn::Module {
   void set_balance_mask(torch::Tensor mask_T) { balance_mask_T_ = std::move(mask_T); }
 
   torch::Tensor weight;       // (E, D)
+  torch::Tensor bias;         // (E,) learned logit bias (model.moe.router.logit_bias); undefined without
   torch::Tensor expert_bias;  // (E,) fp32 buffer, selection only; defined when bias_update_rate > 0 or selection_bias
 
  private:

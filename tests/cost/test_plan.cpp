@@ -4,6 +4,7 @@
 #include <catch2/catch.hpp>
 
 #include <nlohmann/json.hpp>
+#include <tuple>
 
 #include "../test_util.h"
 #include "cost/flops.h"
@@ -254,7 +255,7 @@ CATCH_TEST_CASE("claims table: every public claim costed, checked against publis
 // parameter counts: OLMoE-1B-7B 6.92B (Hugging Face's count), Qwen3-30B-A3B 30.5B, Mixtral-8x7B
 // 46.7B, DeepSeek-V2-Lite 15.7B, within 0.5% (the published figures are rounded); GLM-4.5-Air's "106B
 // total, 12B active" are truncated: 106-107B in all (its MTP layer apart) and 12-13B active past the
-// embedding.
+// embedding; gpt-oss-20b and -120b have their model card's counts, biases (and sinks) included.
 CATCH_TEST_CASE("Every shipped config loads, configs/models/ have their published parameter counts", "[cost][config]") {
   const std::string root = std::string(MOETRAIN_SOURCE_DIR) + "/configs";
   int loaded = 0;
@@ -280,4 +281,12 @@ CATCH_TEST_CASE("Every shipped config loads, configs/models/ have their publishe
   CATCH_CHECK(glm.active_non_embedding >= 12e9);
   CATCH_CHECK(glm.active_non_embedding < 13e9);
   CATCH_CHECK(glm.mtp > 0);
+  // gpt-oss's model card: 20.91B total and 3.61B active, 116.83B and 5.13B (active past the embedding,
+  // its untied head counted): within 0.1%, the figures' rounding.
+  for (const auto& [name, total, active] : {std::tuple{"gpt-oss-20b", 20.91e9, 3.61e9}, std::tuple{"gpt-oss-120b", 116.83e9, 5.13e9}}) {
+    CATCH_INFO(name);
+    const auto p = cost::param_counts(config::load_config(root + "/models/" + name + ".yaml", {}).model);
+    CATCH_CHECK(std::abs(double(p.total) - total) <= 1e-3 * total);
+    CATCH_CHECK(std::abs(double(p.active_non_embedding) - active) <= 1e-3 * active);
+  }
 }

@@ -261,6 +261,21 @@ CATCH_TEST_CASE("hf: GLM-4.5 with per-head q/k norms, RoPE on a quarter of the h
                 "top-k weights times 2.5, round trip", "[hf]") {
   check_family("glm4_moe_qk_norm", "glm4_moe", /*bitwise=*/true);
 }
+// gpt-oss: sinks, windows shorter than the 12-token sequence, YaRN without truncation, biased clamped
+// SwiGLU experts stored stacked, a router with a bias; the MXFP4 variant's experts are stored as MXFP4
+// blocks and scales, whose dequantized values transformers' model holds.
+CATCH_TEST_CASE("hf: gpt-oss (sinks, q/k/v/o biases, a window of 5 on alternating layers, YaRN without truncation, "
+                "top-2 of 4) round trip bit for bit", "[hf][gpt_oss]") {
+  check_family("gpt_oss", "gpt_oss", /*bitwise=*/true);
+}
+CATCH_TEST_CASE("hf: gpt-oss with a window of 3 on every layer, no attention biases, plain RoPE, top-3 of 6 round trip",
+                "[hf][gpt_oss]") {
+  check_family("gpt_oss_sliding", "gpt_oss", /*bitwise=*/true);
+}
+CATCH_TEST_CASE("hf: gpt-oss with MXFP4-stored experts round trip", "[hf][gpt_oss]") {
+  check_family("gpt_oss_mxfp4", "gpt_oss");
+}
+
 CATCH_TEST_CASE("hf: GLM-4.5 with its MTP layer (num_nextn_predict_layers 1) round trip bit for bit", "[hf][mtp]") {
   check_family("glm4_moe_mtp", "glm4_moe", /*bitwise=*/true);
 }
