@@ -32,6 +32,8 @@ MODELS = [  # (name in the table, architecture and training keys, the fine-tunin
     ("Mixtral-8x7B", "configs/models/mixtral-8x7b.yaml", "configs/finetune-mixtral.yaml"),
     ("DeepSeek-V2-Lite", "configs/models/deepseek-v2-lite.yaml", "configs/finetune-deepseek-v2-lite.yaml"),
     ("GLM-4.5-Air", "configs/models/glm-4.5-air.yaml", "configs/finetune-glm-4.5-air.yaml"),
+    ("gpt-oss-20b", "configs/models/gpt-oss-20b.yaml", "configs/finetune-gpt-oss-20b.yaml"),
+    ("gpt-oss-120b", "configs/models/gpt-oss-120b.yaml", "configs/finetune-gpt-oss-120b.yaml"),
 ]
 GPUS = ("h100", "h200")
 LORA_RANK = 16

@@ -60,6 +60,15 @@ void write_tiny_family(hf::Family family, const std::string& dir, int vocab_size
       m.moe.n_shared_experts = 1;
       m.dense_layers = 1;
       break;
+    case hf::Family::GptOss:  // sinks, alternating windows, every bias, the clamped SwiGLU
+      m.attn_bias = "all";
+      m.attention_sinks = true;
+      m.sliding_window = 4;
+      m.layer_types = {"sliding", "full"};
+      m.moe.activation = "swiglu_clamped";
+      m.moe.expert_bias = true;
+      m.moe.router.logit_bias = true;
+      break;
     case hf::Family::DeepseekV3:
       m.attention = "mla";
       m.mla.q_lora_rank = 0;
@@ -85,7 +94,8 @@ CATCH_TEST_CASE("finetune configs: each example loads, and resolves against a ti
       {"olmoe", hf::Family::Olmoe},         {"mixtral", hf::Family::Mixtral},
       {"qwen2-moe", hf::Family::Qwen2Moe},  {"qwen3-moe", hf::Family::Qwen3Moe},
       {"deepseek-v3", hf::Family::DeepseekV3}, {"deepseek-v2-lite", hf::Family::DeepseekV2},
-      {"glm-4.5-air", hf::Family::Glm4Moe}};
+      {"glm-4.5-air", hf::Family::Glm4Moe}, {"gpt-oss-20b", hf::Family::GptOss},
+      {"gpt-oss-120b", hf::Family::GptOss}};
   for (const auto& [name, family] : examples) {
     CATCH_INFO(name);
     const std::string file = kSource + "/configs/finetune-" + name + ".yaml";
