@@ -65,19 +65,26 @@ double forward_flops_per_token(const config::ModelConfig& m, double keys, int at
   return matmuls + layers * attention_scores_forward(m, 1, /*causal=*/false) * keys;
 }
 
-double forward_flops_per_position(const config::ModelConfig& m, double first, double count, int attention_layers) {
+namespace {
+// The mean keys a query at positions [first, first + count) sees, summed over the first `attention_layers`
+// layers (-1: all), each at most its own window.
+double keys_over_layers(const config::ModelConfig& m, double first, double count, int attention_layers) {
   const int layers = attention_layers < 0 ? m.n_layers : attention_layers;
-  double keys = 0;  // summed over the layers: each sees its own window's keys at most
+  double keys = 0;
   for (int layer = 0; layer < layers; ++layer) keys += mean_keys_seen(first, count, config::attention_window(m, layer));
-  return forward_flops_per_token(m, 0) + attention_scores_forward(m, 1, /*causal=*/false) * keys;
+  return keys;
+}
+}  // namespace
+
+double forward_flops_per_position(const config::ModelConfig& m, double first, double count, int attention_layers) {
+  return forward_flops_per_token(m, 0) +
+         attention_scores_forward(m, 1, /*causal=*/false) * keys_over_layers(m, first, count, attention_layers);
 }
 
 double kv_bytes_read_per_position(const config::ModelConfig& m, double bytes_per_element, double first, double count,
                                   int attention_layers) {
-  const int layers = attention_layers < 0 ? m.n_layers : attention_layers;
-  double positions = 0;
-  for (int layer = 0; layer < layers; ++layer) positions += mean_keys_seen(first, count, config::attention_window(m, layer));
-  return positions * kv_cache_bytes_per_token(m, bytes_per_element) / m.n_layers;
+  return keys_over_layers(m, first, count, attention_layers) * kv_cache_bytes_per_token(m, bytes_per_element) /
+         m.n_layers;
 }
 
 RlEstimate estimate_rl(const config::ModelConfig& model, const RlSettings& rl, double peak_tflops, double hbm_tb_s,
