@@ -65,6 +65,9 @@ document in each shard it lies in), with a mask beside each shard; moetrain read
 one split (data.dir). The tokens, in order, are exactly those of the in-memory path whatever the
 number of workers.
 
+RL prompt sets: --rl writes DIR/prompts.bin, its token table and answers for `moetrain rl` (the
+prompts plain or rendered with the chat template's generation prompt); scripts/rl_prompts.py says how.
+
 Run with third_party/venv/bin/python.
 """
 import argparse
@@ -793,7 +796,20 @@ def main():
     parser.add_argument("--shard-tokens", type=int, default=0,
                         help="at most this many tokens per shard: train-00000.bin, ... (streams the input)")
     parser.add_argument("--batch-records", type=int, default=1000, help="jsonl records per worker batch (default 1000)")
+    rl = parser.add_argument_group("RL prompt sets (--rl; see scripts/rl_prompts.py)")
+    rl.add_argument("--rl", action="store_true", help="write a prompt set for moetrain rl: prompts.bin, its token table "
+                    "and answers")
+    rl.add_argument("--answer-field", default="answer", help="--rl: jsonl field of answers (default answer)")
+    rl.add_argument("--chat-prompt", action="store_true", help="--rl: render each prompt as a user turn of the chat template")
+    rl.add_argument("--stop-token", action="append", metavar="TEXT",
+                    help="--rl: a token that ends completions (repeatable; default the EOS tokens)")
     args = parser.parse_args()
+    if args.rl:
+        import rl_prompts
+        rl_prompts.prepare_rl(args, sys.modules[__name__])
+        return
+    if args.chat_prompt or args.stop_token or args.answer_field != "answer":
+        fail("--chat-prompt, --stop-token and --answer-field are for prompt sets (--rl)")
 
     # Shards a run may be reading are never replaced unless asked; old shards of a split are removed
     # with --overwrite (a stale train-00007.bin would join the new ones).

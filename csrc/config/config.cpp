@@ -507,8 +507,9 @@ const std::vector<KeyDesc>& keys() {
 
       MOETRAIN_KEY(rl.prompts,
                    "`moetrain rl`: a .jsonl file of prompts, one object per line with \"prompt\" and \"answer\" "
-                   "(text, byte-tokenized), or a prompt set `moetrain prepare-data --rl` wrote (its folder or its prompts.bin); "
-                   "sampled without replacement in a seeded order, epoch after epoch.", any()),
+                   "(text, byte-tokenized), or a prompt set (its folder or its prompts.bin) that `moetrain prepare-data --rl` "
+                   "(bytes) or scripts/prepare_data.py --rl (a Hugging Face tokenizer, with its token table and stop tokens) "
+                   "wrote; sampled without replacement in a seeded order, epoch after epoch.", any()),
       MOETRAIN_KEY(rl.eval_prompts,
                    "Held-out prompts (a .jsonl or a prepared set, as rl.prompts): greedy exact-match accuracy before the first rollout, "
                    "every train.eval_every rollout batches and at the end (eval_accuracy in metrics.jsonl); \"\" = none.",
@@ -521,7 +522,9 @@ const std::vector<KeyDesc>& keys() {
                    at_least(2)),
       MOETRAIN_KEY(rl.max_new_tokens, "Most tokens of a completion.", at_least(1)),
       MOETRAIN_KEY(rl.temperature, "Sampling temperature of the rollouts.", above(0)),
-      MOETRAIN_KEY(rl.stop, "Characters (bytes) any of which ends a completion (kept in it); \"\" = none.", any()),
+      MOETRAIN_KEY(rl.stop,
+                   "Byte sets: characters (bytes) any of which ends a completion (kept in it); \"\" = none. A subword "
+                   "set's completions end at the stop tokens it names instead, and rl.stop must be \"\".", any()),
       MOETRAIN_KEY(rl.advantage,
                    "group_norm: (r - mean) / (std + 1e-4) within each group (GRPO); mean_only: r - mean (Dr. GRPO).",
                    one_of({"group_norm", "mean_only"})),

@@ -6,6 +6,7 @@
 #include <fstream>
 #include <nlohmann/json.hpp>
 
+#include "ckpt/sha256.h"
 #include "common/errors.h"
 #include "common/files.h"
 #include "data/shard.h"
@@ -100,7 +101,7 @@ PromptSetStats prepare_prompt_set(const std::string& jsonl_path, const std::stri
   return stats;
 }
 
-std::vector<RLPrompt> read_prompt_set(const std::string& shard_path) {
+PromptSet read_prompt_set(const std::string& shard_path) {
   const std::string what = "rl prompt set " + shard_path;
   if (!files::exists(shard_path))
     throw DataError(what + " does not exist (moetrain prepare-data --rl FILE.jsonl --out DIR writes DIR/prompts.bin)");
@@ -126,10 +127,8 @@ std::vector<RLPrompt> read_prompt_set(const std::string& shard_path) {
     if (!header.contains(key)) throw DataError(answers_path + ":1: the header lacks \"" + std::string(key) + "\"");
     return header[key];
   };
-  const std::string tokenizer = field("tokenizer").is_string() ? field("tokenizer").get<std::string>() : "";
-  if (tokenizer != "byte")
-    throw DataError(answers_path + ": the prompts were tokenized with '" + tokenizer +
-                    "'; moetrain rl decodes completions for the rewards with the byte tokenizer only");
+  PromptSet set;
+  set.tokenizer = field("tokenizer").is_string() ? field("tokenizer").get<std::string>() : "";
   std::vector<int64_t> tokens(shard.size());
   shard.read(0, shard.size(), tokens.data());
   const auto starts = shard.document_starts();
@@ -139,10 +138,42 @@ std::vector<RLPrompt> read_prompt_set(const std::string& shard_path) {
     if (field(key.c_str()) != value)
       throw DataError(answers_path + " belongs to another shard: its header says " + key + " " + field(key.c_str()).dump() +
                       ", " + shard_path + " has " + value.dump());
-  const ByteTokenizer tok;
-  if (shard.vocab_size() > uint64_t(ByteTokenizer::vocab_size))
-    throw DataError(shard_path + ": vocabulary " + std::to_string(shard.vocab_size()) +
-                    " is not the byte tokenizer's 256 that " + answers_path + " names");
+  if (header.contains("token_table")) {  // a Hugging Face tokenizer's set (scripts/prepare_data.py --rl)
+    auto text_field = [&](const char* key) {
+      if (!field(key).is_string() || field(key).get<std::string>().empty())
+        throw DataError(answers_path + ":1: \"" + std::string(key) + "\" must be a non-empty string");
+      return field(key).get<std::string>();
+    };
+    const auto table_name = text_field("token_table");
+    if (table_name.find('/') != std::string::npos)
+      throw DataError(answers_path + ":1: \"token_table\" names a file beside it, not a path: '" + table_name + "'");
+    const auto table_path = files::join(files::parent(shard_path), table_name);
+    set.table_sha256 = text_field("token_table_sha256");
+    set.tokenizer_sha256 = text_field("tokenizer_sha256");
+    if (!files::exists(table_path)) throw DataError(answers_path + " names the token table " + table_path + ", which does not exist");
+    const auto held = ckpt::sha256_file(table_path);
+    if (held != set.table_sha256)
+      throw DataError(table_path + " is not the token table " + answers_path + " names: its sha256 is " + held.substr(0, 16) +
+                      "..., the header's " + set.table_sha256.substr(0, 16) + "...");
+    set.table = TokenTable::read(table_path);
+    if (shard.vocab_size() > uint64_t(set.table.size()))
+      throw DataError(shard_path + ": vocabulary " + std::to_string(shard.vocab_size()) + " is larger than the " +
+                      std::to_string(set.table.size()) + " tokens of " + table_path);
+    const auto& stops = field("stop_ids");
+    if (!stops.is_array() || stops.empty())
+      throw DataError(answers_path + ":1: \"stop_ids\" must be a non-empty list of token ids");
+    for (const auto& id : stops) {
+      if (!id.is_number_unsigned()) throw DataError(answers_path + ":1: \"stop_ids\" holds " + id.dump() + ", not a token id");
+      set.stop_ids.push_back(id.get<int64_t>());
+    }
+  } else {
+    if (set.tokenizer != "byte")
+      throw DataError(answers_path + ": the prompts were tokenized with '" + set.tokenizer +
+                      "' and the header names no token table to decode them (scripts/prepare_data.py --rl writes one)");
+    if (shard.vocab_size() > uint64_t(ByteTokenizer::vocab_size))
+      throw DataError(shard_path + ": vocabulary " + std::to_string(shard.vocab_size()) +
+                      " is not the byte tokenizer's 256 that " + answers_path + " names");
+  }
   std::vector<RLPrompt> out;
   for (int n = 2; std::getline(in, line); ++n) {
     if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
@@ -156,20 +187,23 @@ std::vector<RLPrompt> read_prompt_set(const std::string& shard_path) {
     const uint64_t end = i + 1 < starts.size() ? starts[i + 1] : shard.size();
     RLPrompt p;
     p.tokens.assign(tokens.begin() + int64_t(starts[i]), tokens.begin() + int64_t(end));
-    p.prompt = tok.decode(p.tokens);
+    p.prompt = set.table.decode_text(p.tokens);
     p.answer = j["answer"].get<std::string>();
     out.push_back(std::move(p));
   }
   if (out.size() != starts.size())
     throw DataError(answers_path + " holds " + std::to_string(out.size()) + " answers for the " +
                     std::to_string(starts.size()) + " prompts of " + shard_path);
-  return out;
+  set.prompts = std::move(out);
+  return set;
 }
 
-std::vector<RLPrompt> load_prompts(const std::string& path) {
+PromptSet load_prompts(const std::string& path) {
   if (files::is_directory(path)) return read_prompt_set(files::join(path, kShardName));
   if (ends_with(path, ".bin")) return read_prompt_set(path);
-  return read_prompt_jsonl(path);
+  PromptSet set;
+  set.prompts = read_prompt_jsonl(path);
+  return set;
 }
 
 }  // namespace moetrain::data

@@ -18,6 +18,7 @@
 #include <nlohmann/json.hpp>
 
 #include "ckpt/checkpoint.h"
+#include "ckpt/sha256.h"
 #include "common/errors.h"
 #include "common/fault.h"
 #include "common/files.h"
@@ -368,6 +369,13 @@ std::optional<double> RoutingReplay::take_mismatch(double* router_mismatch) {
 
 // ---- the run ---------------------------------------------------------------------------------------
 
+std::string completion_text(const PromptSet& set, const std::vector<int64_t>& completion) {
+  const bool stopped = !set.is_bytes() && !completion.empty() &&
+                       std::find(set.stop_ids.begin(), set.stop_ids.end(), completion.back()) != set.stop_ids.end();
+  if (!stopped) return set.table.decode(completion);
+  return set.table.decode({completion.begin(), completion.end() - 1});
+}
+
 namespace {
 
 // The prompts of rollout batch `step`: a seeded permutation of all prompts per epoch, read in order, so
@@ -388,7 +396,9 @@ std::vector<int64_t> batch_prompts(uint64_t seed, int64_t step, int64_t per_step
   return ids;
 }
 
-std::vector<int64_t> stop_ids(const config::RLConfig& rl) {
+// What ends a completion: a subword set's stop tokens, or the bytes of rl.stop.
+std::vector<int64_t> stop_ids(const config::RLConfig& rl, const PromptSet& set) {
+  if (!set.is_bytes()) return set.stop_ids;
   std::vector<int64_t> ids;
   for (unsigned char c : rl.stop) ids.push_back(int64_t(c));
   return ids;
@@ -397,37 +407,53 @@ std::vector<int64_t> stop_ids(const config::RLConfig& rl) {
 // Greedy exact-match accuracy over the held-out prompts (the answer as exact_answer extracts it). Every
 // rank decodes all of them in lockstep: with several ranks the MoE layers' forwards are collective (the
 // expert all-to-all, the routers' global counts), so every rank must run the same ones.
-double held_out_accuracy(const model::TransformerImpl& model, const std::vector<Prompt>& prompts,
-                         const config::RLConfig& rl, const dist::Layout& layout) {
-  const data::ByteTokenizer tok;
+double held_out_accuracy(const model::TransformerImpl& model, const PromptSet& set, const config::RLConfig& rl,
+                         const dist::Layout& layout) {
+  const auto& prompts = set.prompts;
   GenerateOptions options;
   options.temperature = 0;
   options.max_new_tokens = rl.max_new_tokens;
-  options.stop_ids = stop_ids(rl);
+  options.stop_ids = stop_ids(rl, set);
   options.lockstep = layout.world->world_size() > 1;
   const int64_t n = rl.eval_limit > 0 ? std::min<int64_t>(rl.eval_limit, int64_t(prompts.size())) : int64_t(prompts.size());
-  std::vector<int64_t> mine;
-  for (int64_t i = 0; i < n; ++i) mine.push_back(i);
   double correct = 0;
-  constexpr size_t kChunk = 64;
-  for (size_t first = 0; first < mine.size(); first += kChunk) {
+  constexpr int64_t kChunk = 64;
+  for (int64_t first = 0; first < n; first += kChunk) {
     std::vector<std::vector<int64_t>> batch;
-    for (size_t i = first; i < std::min(mine.size(), first + kChunk); ++i)
-      batch.push_back(prompts[size_t(mine[i])].tokens);
+    for (int64_t i = first; i < std::min(n, first + kChunk); ++i) batch.push_back(prompts[size_t(i)].tokens);
     const auto out = generate_batch(model, batch, options);
     for (size_t i = 0; i < out.size(); ++i) {
-      const auto& p = prompts[size_t(mine[first + i])];
-      const auto got = extract_answer(tok.decode({out[i].begin() + int64_t(batch[i].size()), out[i].end()}), rl);
+      const auto& p = prompts[size_t(first) + i];
+      const auto got = extract_answer(completion_text(set, {out[i].begin() + int64_t(batch[i].size()), out[i].end()}), rl);
       correct += got && *got == trim(p.answer) ? 1 : 0;
     }
   }
   return correct / double(std::max<int64_t>(1, n));
 }
 
-void check_lengths(const std::vector<Prompt>& prompts, const std::string& key, const config::Config& cfg) {
-  for (size_t i = 0; i < prompts.size(); ++i)
-    if (int64_t(prompts[i].tokens.size()) + cfg.rl.max_new_tokens > cfg.model.max_seq_len)
-      throw ConfigError(key + " prompt " + std::to_string(i + 1) + " has " + std::to_string(prompts[i].tokens.size()) +
+// A prompt set the model can run and decode: the model's vocabulary holds the set's tokens, rl.stop (bytes)
+// only for byte sets, every prompt fits with its completion, and the set was tokenized with the
+// tokenizer of model.init_from when that is a Hugging Face folder holding one.
+void check_prompt_set(const PromptSet& set, const std::string& key, const config::Config& cfg) {
+  const std::string path = key == "rl.prompts" ? cfg.rl.prompts : cfg.rl.eval_prompts;
+  if (cfg.model.vocab_size < set.table.size())
+    throw ConfigError("model.vocab_size = " + std::to_string(cfg.model.vocab_size) + " is smaller than the " +
+                      std::to_string(set.table.size()) + " tokens of " + key + " (" + path + ", tokenizer '" +
+                      set.tokenizer + "')");
+  if (!set.is_bytes() && !cfg.rl.stop.empty())
+    throw ConfigError("rl.stop names bytes, but " + key + " (" + path + ") is tokenized with '" + set.tokenizer +
+                      "', whose completions end at the stop tokens its set names (scripts/prepare_data.py --rl "
+                      "--stop-token); leave rl.stop empty");
+  const auto& init = cfg.model.init_from;
+  if (!set.is_bytes() && !init.empty() && init.rfind("ckpt:", 0) != 0) {
+    const auto tokenizer_json = files::join(hf::hf_dir(init), "tokenizer.json");
+    if (files::exists(tokenizer_json) && ckpt::sha256_file(tokenizer_json) != set.tokenizer_sha256)
+      throw ConfigError(key + " (" + path + ") was tokenized with another tokenizer than model.init_from's " +
+                        tokenizer_json + ": prepare it with scripts/prepare_data.py --rl --tokenizer " + hf::hf_dir(init));
+  }
+  for (size_t i = 0; i < set.prompts.size(); ++i)
+    if (int64_t(set.prompts[i].tokens.size()) + cfg.rl.max_new_tokens > cfg.model.max_seq_len)
+      throw ConfigError(key + " prompt " + std::to_string(i + 1) + " has " + std::to_string(set.prompts[i].tokens.size()) +
                         " tokens: with rl.max_new_tokens = " + std::to_string(cfg.rl.max_new_tokens) +
                         " it does not fit model.max_seq_len = " + std::to_string(cfg.model.max_seq_len));
 }
@@ -480,19 +506,22 @@ RLResult run(const config::Config& given, const TrainOptions& options) {
   if (rl.prompts.empty())
     throw ConfigError("rl.prompts is empty: moetrain rl needs a .jsonl file of prompts and answers, or a set moetrain prepare-data --rl wrote");
   if (layout->pp_size() > 1) throw ConfigError("parallel.pipeline_parallel must be 1 for moetrain rl (pipelined rollouts are not built)");
-  if (cfg.model.vocab_size < data::ByteTokenizer::vocab_size)
-    throw ConfigError("model.vocab_size = " + std::to_string(cfg.model.vocab_size) +
-                      " must be at least 256: moetrain rl tokenizes prompts with the byte tokenizer");
   if (rl.prompts_per_step % layout->dp_size() != 0)
     throw ConfigError("rl.prompts_per_step = " + std::to_string(rl.prompts_per_step) +
                       " must be a multiple of the data-parallel ranks (" + std::to_string(layout->dp_size()) + ")");
-  const auto prompts = read_prompts(rl.prompts);
-  check_lengths(prompts, "rl.prompts", cfg);
-  std::vector<Prompt> eval_prompts;
+  const PromptSet train_set = data::load_prompts(rl.prompts);
+  check_prompt_set(train_set, "rl.prompts", cfg);
+  PromptSet eval_set;
   if (!rl.eval_prompts.empty()) {
-    eval_prompts = read_prompts(rl.eval_prompts);
-    check_lengths(eval_prompts, "rl.eval_prompts", cfg);
+    eval_set = data::load_prompts(rl.eval_prompts);
+    check_prompt_set(eval_set, "rl.eval_prompts", cfg);
+    if (eval_set.table_sha256 != train_set.table_sha256)
+      throw ConfigError("rl.eval_prompts (" + rl.eval_prompts + ", tokenizer '" + eval_set.tokenizer +
+                        "') and rl.prompts (" + rl.prompts + ", tokenizer '" + train_set.tokenizer +
+                        "') decode their tokens differently: prepare both with the same tokenizer");
   }
+  const auto& prompts = train_set.prompts;
+  const auto& eval_prompts = eval_set.prompts;
 
   Trainable trainable(process);
   auto& model = trainable.model;
@@ -525,7 +554,6 @@ RLResult run(const config::Config& given, const TrainOptions& options) {
     tensorboard = std::make_unique<TensorBoardWriter>(files::join(out_dir, "tb"));
   int64_t skipped_in_a_row = 0;  // non-finite updates since the last applied one (train.max_skipped_steps)
 
-  const data::ByteTokenizer tok;
   const int64_t total_steps = cfg.train.steps;
   const int64_t updates = rl.updates_per_batch;
   const int64_t decay_steps = (cfg.optim.decay_steps > 0 ? cfg.optim.decay_steps : total_steps) * updates;
@@ -536,7 +564,7 @@ RLResult run(const config::Config& given, const TrainOptions& options) {
   const double elapsed_before = progress.elapsed_s;
   const double run_start = now_s();
   if (!eval_prompts.empty() && progress.step == 0) {
-    result.first_eval_accuracy = held_out_accuracy(*model, eval_prompts, rl, *layout);
+    result.first_eval_accuracy = held_out_accuracy(*model, eval_set, rl, *layout);
     log_line("held-out accuracy before RL: " + format_double(100 * *result.first_eval_accuracy, 4) + "% of " +
              std::to_string(rl.eval_limit > 0 ? std::min<size_t>(size_t(rl.eval_limit), eval_prompts.size()) : eval_prompts.size()) +
              " prompts (greedy)");
@@ -562,7 +590,7 @@ RLResult run(const config::Config& given, const TrainOptions& options) {
     GenerateOptions sampling;
     sampling.max_new_tokens = rl.max_new_tokens;
     sampling.temperature = rl.temperature;
-    sampling.stop_ids = stop_ids(rl);
+    sampling.stop_ids = stop_ids(rl, train_set);
     sampling.lockstep = comm->world_size() > 1;  // collective MoE forwards: the same decode steps on every rank
     if (moe) routing.begin_rollout();
     std::vector<std::vector<int64_t>> sequences;
@@ -586,7 +614,7 @@ RLResult run(const config::Config& given, const TrainOptions& options) {
     int64_t width = 0;
     for (int64_t b = 0; b < B; ++b) {
       const auto& seq = sequences[size_t(b)];
-      completions[size_t(b)] = tok.decode({seq.begin() + int64_t(rows[size_t(b)].size()), seq.end()});
+      completions[size_t(b)] = completion_text(train_set, {seq.begin() + int64_t(rows[size_t(b)].size()), seq.end()});
       width = std::max<int64_t>(width, int64_t(seq.size()));
     }
     if (moe) routing.lay_out(width);
@@ -725,7 +753,7 @@ RLResult run(const config::Config& given, const TrainOptions& options) {
     const bool stop = parallel.any(stop_signal() != 0);
     std::optional<double> eval_accuracy;
     if (!eval_prompts.empty() && !stop && (last || (cfg.train.eval_every > 0 && progress.step % cfg.train.eval_every == 0))) {
-      eval_accuracy = held_out_accuracy(*model, eval_prompts, rl, *layout);
+      eval_accuracy = held_out_accuracy(*model, eval_set, rl, *layout);
       result.last_eval_accuracy = eval_accuracy;
     }
     if (comm->rank() == 0) {
@@ -770,16 +798,23 @@ RLResult run(const config::Config& given, const TrainOptions& options) {
       }
     }
     // Checkpoints at rollout-batch boundaries: the sampler and the rollout seeds are functions of the step.
-    const bool save = last || stop || (cfg.checkpoint.every > 0 && progress.step % cfg.checkpoint.every == 0);
+    // None while a streak of skipped updates is open, as in train: the last one written stays the last
+    // good state, and retention (which keeps the newest) never removes it.
+    const bool in_streak = skipped_in_a_row > 0;
+    const bool save = !in_streak && (last || stop || (cfg.checkpoint.every > 0 && progress.step % cfg.checkpoint.every == 0));
     if (save) {
       result.last_checkpoint =
           ckpt::save_checkpoint(out_dir, *model, optimizer.checkpoint_state(), config_yaml, progress, layout.get());
       if (comm->rank() == 0) ckpt::apply_retention(out_dir, cfg.checkpoint.keep_last, cfg.checkpoint.keep_every);
     }
+    if (in_streak && (last || stop))
+      log_line("warning: rollout batch " + std::to_string(progress.step) + " ends a streak of " +
+               std::to_string(skipped_in_a_row) + " skipped update(s): no checkpoint is written for it; " +
+               last_good_checkpoint(out_dir, cfg));
     if (stop) {
       const int sig = stop_signal();
       log_line(std::string("received ") + (sig == SIGTERM ? "SIGTERM" : sig == SIGINT ? "SIGINT" : "a stop signal on another rank") +
-               ": saved " + result.last_checkpoint + ", exiting");
+               ": " + (save ? "saved " + result.last_checkpoint : std::string("nothing saved")) + ", exiting");
       result.interrupted = true;
       break;
     }

@@ -18,9 +18,14 @@
 namespace moetrain::train::rl {
 
 // A prompt, its answer and the tokens its rollouts start from; rl.prompts is a .jsonl or a set that
-// `moetrain prepare-data --rl` wrote (data/prompts.h).
+// `moetrain prepare-data --rl` or scripts/prepare_data.py --rl wrote (data/prompts.h).
 using Prompt = data::RLPrompt;
-inline std::vector<Prompt> read_prompts(const std::string& path) { return data::load_prompts(path); }
+using PromptSet = data::PromptSet;
+
+// The text of a completion's tokens for the rewards: the tokens decoded through the set's table. A
+// subword set's final stop token (its EOS, an end of turn) is not text and is left out; a byte set's
+// stop character (rl.stop) is kept, as in every completion of a byte set.
+std::string completion_text(const PromptSet& set, const std::vector<int64_t>& completion);
 
 // Advantages (P, G) of rewards (P, G): group_norm (r - mean) / (std + 1e-4) with the population std,
 // mean_only r - mean (Dr. GRPO). A group of equal rewards gets zeros.
