@@ -6,6 +6,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <functional>
 #include <stdexcept>
 #include <string>
 
@@ -142,6 +143,16 @@ inline CommandResult run_command(const std::string& command) {
 inline bool one_line(std::string s) {
   while (!s.empty() && s.back() == '\n') s.pop_back();
   return !s.empty() && s.find('\n') == std::string::npos;
+}
+
+// The message of what f throws ("" when it throws nothing): for checking an error's one line.
+inline std::string error_of(const std::function<void()>& f) {
+  try {
+    f();
+  } catch (const std::exception& e) {
+    return e.what();
+  }
+  return "";
 }
 
 // How many times `what` occurs in `text` (overlapping occurrences count).

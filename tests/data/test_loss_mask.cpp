@@ -37,15 +37,6 @@ std::vector<uint8_t> raw_mask(const std::string& shard_path) {
   return std::vector<uint8_t>(bytes.begin() + kMaskHeaderBytes, bytes.end());
 }
 
-std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const std::exception& e) {
-    return e.what();
-  }
-  return "";
-}
-
 // Mean cross entropy over the learned targets of windows at `starts`, computed directly: the rows
 // whose target is learned are picked out and passed to cross_entropy with no ignore_index.
 double direct_masked_loss(const model::TransformerImpl& model, const data::Shard& shard, const std::vector<uint8_t>& mask,
@@ -120,7 +111,7 @@ CATCH_TEST_CASE("loss mask: a wrong length, a foreign shard or a damaged header 
 
   // A mask written for 99 tokens beside a 100-token shard.
   data::write_mask(train, striped_mask(99));
-  std::string msg = error_of([&] { data::Shard shard(train); });
+  std::string msg = testing::error_of([&] { data::Shard shard(train); });
   CATCH_CHECK_THAT(msg, Contains("[data]") && Contains("train.mask.bin") && Contains(train) && Contains("99") &&
                             Contains("100"));
   CATCH_CHECK(msg.find('\n') == std::string::npos);
@@ -128,7 +119,7 @@ CATCH_TEST_CASE("loss mask: a wrong length, a foreign shard or a damaged header 
   // val's mask copied beside train: the header names val.bin.
   data::write_mask(val, striped_mask(50));
   files::rename_path(dir.str("val.mask.bin"), dir.str("train.mask.bin"));
-  msg = error_of([&] { data::Shard shard(train); });
+  msg = testing::error_of([&] { data::Shard shard(train); });
   CATCH_CHECK_THAT(msg, Contains("train.mask.bin") && Contains("'val.bin'") && Contains(train));
 
   // Bytes missing after the header; a bad magic.

@@ -79,15 +79,6 @@ void write_json(const std::string& dir, const nlohmann::json& j) {
   std::ofstream(files::join(dir, "config.json")) << j.dump(2);
 }
 
-std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const std::exception& e) {
-    return e.what();
-  }
-  return "";
-}
-
 // Hand-made MXFP4 contents with values known without the dequantizer: row r of expert e (an output of
 // the projection) holds, at input i, E2M1 code (e + r + i) % 16 (low nibble first) times 2^-(r % 3).
 const float kE2M1[16] = {0, 0.5, 1, 1.5, 2, 3, 4, 6, -0.0f, -0.5, -1, -1.5, -2, -3, -4, -6};
@@ -142,7 +133,7 @@ CATCH_TEST_CASE("hf: gpt-oss's config.json fields map to our keys, and what they
   // One-line errors naming config.json and the field.
   auto refused = [&](const std::string& name, nlohmann::json j) {
     write_json(dir.str(name), j);
-    return error_of([&] { hf::read_config(dir.str(name)); });
+    return testing::error_of([&] { hf::read_config(dir.str(name)); });
   };
   auto j = gpt_oss_20b_json();
   j["swiglu_limit"] = 8.0;
@@ -266,7 +257,7 @@ CATCH_TEST_CASE("hf: gpt-oss's stacked experts export interleaved, re-import bit
   for (auto& [name, t] : wrong)
     if (name == hf1 + "experts.down_proj_scales") t = t.narrow(1, 0, 16).contiguous();
   ckpt::save_safetensors(files::join(quantized, "model.safetensors"), wrong, {{"format", "pt"}});
-  const auto e = error_of([&] { hf::load(quantized); });
+  const auto e = testing::error_of([&] { hf::load(quantized); });
   CATCH_CHECK_THAT(e, Contains("experts.down_proj_blocks") && Contains("shape"));
   CATCH_CHECK(testing::one_line(e));
 }
@@ -277,7 +268,7 @@ CATCH_TEST_CASE("hf: what gpt-oss cannot express is refused on export, and other
   auto refused = [&](const config::ModelConfig& m, hf::Family family) {
     model::Transformer model(m);
     model->init_weights(1);
-    return error_of([&] { hf::export_model(*model, family, dir.str("out")); });
+    return testing::error_of([&] { hf::export_model(*model, family, dir.str("out")); });
   };
   auto m = tiny_gpt_oss();
   m.moe.expert_bias = false;

@@ -150,15 +150,6 @@ void write_tiny_mixtral(const std::string& dir, uint64_t shard_bytes = 8000) {
   hf::export_model(*model, hf::Family::Mixtral, dir, shard_bytes);
 }
 
-std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const std::exception& e) {
-    return e.what();
-  }
-  return "";
-}
-
 }  // namespace
 
 CATCH_TEST_CASE("hf: Mixtral imports with transformers' logits, exports back, generates greedily", "[hf]") {
@@ -228,7 +219,7 @@ CATCH_TEST_CASE("hf: DeepSeek-V2 (MLA with query low-rank, YaRN with mscale 0.70
     auto config = original;
     config[field] = value;
     testing::write_bytes(config_path, config.dump());
-    const auto msg = error_of([&] { hf::read_config(dir.str("hf")); });
+    const auto msg = testing::error_of([&] { hf::read_config(dir.str("hf")); });
     CATCH_CHECK_THAT(msg, Contains("config.json") && Contains(field) && Contains(expected));
   }
   testing::write_bytes(config_path, original.dump());
@@ -326,7 +317,7 @@ CATCH_TEST_CASE("hf: GLM-4.5's config.json fields map to our keys, and what they
     config["rope_parameters"].erase("partial_rotary_factor");
     config[field] = value;
     testing::write_bytes(config_path, config.dump());
-    const auto msg = error_of([&] { hf::read_config(dir.str("hf")); });
+    const auto msg = testing::error_of([&] { hf::read_config(dir.str("hf")); });
     CATCH_CHECK_THAT(msg, Contains("config.json") && Contains(field) && Contains(expected));
     CATCH_CHECK(msg.find('\n') == std::string::npos);
   }
@@ -399,21 +390,21 @@ CATCH_TEST_CASE("hf: a missing shard, a wrong shape, an unknown architecture are
   auto config = nlohmann::json::parse(config_text);
   config["architectures"] = {"FooForCausalLM"};
   testing::write_bytes(config_path, config.dump());
-  auto msg = error_of([&] { hf::load(hf_dir); });
+  auto msg = testing::error_of([&] { hf::load(hf_dir); });
   CATCH_CHECK_THAT(msg, Contains("config.json") && Contains("architectures") && Contains("FooForCausalLM"));
 
   // An unsupported value: names the field.
   config = nlohmann::json::parse(config_text);
   config["sliding_window"] = 4;
   testing::write_bytes(config_path, config.dump());
-  msg = error_of([&] { hf::load(hf_dir); });
+  msg = testing::error_of([&] { hf::load(hf_dir); });
   CATCH_CHECK_THAT(msg, Contains("sliding_window"));
 
   // Wrong shape: config.json says larger experts than the tensors hold.
   config = nlohmann::json::parse(config_text);
   config["intermediate_size"] = 12;
   testing::write_bytes(config_path, config.dump());
-  msg = error_of([&] { hf::load(hf_dir); });
+  msg = testing::error_of([&] { hf::load(hf_dir); });
   CATCH_CHECK_THAT(msg, Contains("experts.0.w1.weight") && Contains("shape") && Contains("[12, 16]"));
   testing::write_bytes(config_path, config_text);
 
@@ -423,7 +414,7 @@ CATCH_TEST_CASE("hf: a missing shard, a wrong shape, an unknown architecture are
   CATCH_REQUIRE(shard_name != "model-00001-of-00001.safetensors");  // several shards
   const std::string shard = files::join(hf_dir, shard_name);
   files::rename_path(shard, shard + ".moved");
-  msg = error_of([&] { hf::load(hf_dir); });
+  msg = testing::error_of([&] { hf::load(hf_dir); });
   CATCH_CHECK_THAT(msg, Contains("model.safetensors.index.json") && Contains(shard_name) && Contains("missing"));
   CATCH_CHECK(msg.find('\n') == std::string::npos);
 
@@ -459,14 +450,14 @@ CATCH_TEST_CASE("hf: model_type and architectures are checked against each other
   config.erase("architectures");
   config["model_type"] = "llama";
   testing::write_bytes(config_path, config.dump());
-  auto msg = error_of([&] { hf::read_config(hf_dir); });
+  auto msg = testing::error_of([&] { hf::read_config(hf_dir); });
   CATCH_CHECK_THAT(msg, Contains("model_type") && Contains("llama") && Contains("deepseek_v3") && Contains("qwen3_moe"));
   CATCH_CHECK_THAT(msg, !Contains("ForCausalLM"));
   // An unknown architecture lists architectures.
   config = original;
   config["architectures"] = {"LlamaForCausalLM"};
   testing::write_bytes(config_path, config.dump());
-  msg = error_of([&] { hf::read_config(hf_dir); });
+  msg = testing::error_of([&] { hf::read_config(hf_dir); });
   CATCH_CHECK_THAT(msg, Contains("LlamaForCausalLM") && Contains("DeepseekV3ForCausalLM"));
 
   // `convert --help` offers every family export knows, DeepSeek-V3 included.
@@ -487,7 +478,7 @@ CATCH_TEST_CASE("hf: fuzzed config.json and index values are one-line errors nam
   mixtral.erase("rope_parameters");  // rope_theta and rope_scaling, as transformers 4 writes them
   auto error_with = [&](const nlohmann::json& config) {
     testing::write_bytes(config_path, config.dump());
-    return error_of([&] { hf::read_config(hf_dir); });
+    return testing::error_of([&] { hf::read_config(hf_dir); });
   };
 
   // A non-string rope type (the fuzzer's input): was nlohmann's type_error.302 from json::value().
@@ -533,7 +524,7 @@ CATCH_TEST_CASE("hf: fuzzed config.json and index values are one-line errors nam
     auto bad = index;
     bad["weight_map"]["model.norm.weight"] = name;
     testing::write_bytes(index_path, bad.dump());
-    CATCH_CHECK_THAT(error_of([&] { hf::read_weight_map(hf_dir); }),
+    CATCH_CHECK_THAT(testing::error_of([&] { hf::read_weight_map(hf_dir); }),
                      Contains("weight_map['model.norm.weight'] = \"" + std::string(name) + "\" must be a file name"));
   }
 }
