@@ -580,7 +580,27 @@ torch::Tensor MLAttentionImpl::decode(const torch::Tensor& x_BSD, const Rope& ro
   auto latent = kv_a_norm->forward(kv_a.narrow(2, 0, kv_rank_));                           // (B, S, Rkv)
   auto latent_BLR = append(cache.latent_BCR, latent, 1, step.start, step.capacity);
   auto k_pe_BLP = append(cache.k_pe_BCP, k_pe, 1, step.start, step.capacity);
-  // Every cached latent expanded to its keys' no-RoPE part and its values (B, H, L, N+Vd).
+  if (S == 1) {
+    // One new token a row (a decode step): wkv_b absorbed, as DeepSeek's inference does. With wkv_b's
+    // per-head key part W_UK (Rkv, H, N) and value part W_UV (Rkv, H, Vd), a key's no-RoPE part is
+    // latent W_UK, so q_nope . k_nope = (W_UK q_nope) . latent, and the output is (P latent) W_UV: the
+    // attention reads the cached latents as they are, at H (Rkv + P) per cached token instead of
+    // expanding every one of them to H (N + Vd) each step. The scores and softmax are fp32.
+    auto w = cast(wkv_b, compute_dtype);
+    if (wkv_b_lora.defined())  // the adapter merged: W + scale A B (no dropout while decoding)
+      w = w + cast(wkv_b_lora.a.matmul(wkv_b_lora.b) * wkv_b_lora.scale, compute_dtype);
+    w = w.view({kv_rank_, H, nope_dim_ + v_dim_});
+    const auto q_latent = torch::einsum("bhsn,rhn->bhsr", {q.narrow(3, 0, nope_dim_), w.narrow(2, 0, nope_dim_)});
+    auto scores = torch::matmul(q_latent, latent_BLR.unsqueeze(1).transpose(2, 3)).to(torch::kFloat) +
+                  torch::matmul(q_pe, k_pe_BLP.unsqueeze(1).transpose(2, 3)).to(torch::kFloat);  // (B, H, 1, L)
+    scores = (scores * softmax_scale_).masked_fill(step.mask_B1SL.logical_not(), -std::numeric_limits<float>::infinity());
+    const auto probs = torch::softmax(scores, -1).to(latent_BLR.scalar_type());
+    const auto out_latent = torch::matmul(probs, latent_BLR.unsqueeze(1));                  // (B, H, 1, Rkv)
+    auto y = torch::einsum("bhsr,rhv->bhsv", {out_latent, w.narrow(2, nope_dim_, v_dim_)});  // (B, H, 1, Vd)
+    y = y.transpose(1, 2).reshape({B, S, H * v_dim_});
+    return mm(y, wo, wo_lora);
+  }
+  // A prefill (several new tokens a row): every cached latent expanded to its keys' no-RoPE part and its values (B, H, L, N+Vd).
   auto kv = mm(latent_BLR, wkv_b, wkv_b_lora).view({B, L, H, nope_dim_ + v_dim_}).transpose(1, 2);
   auto query = torch::cat({q.narrow(3, 0, nope_dim_), q_pe}, 3);
   auto key = torch::cat({kv.narrow(3, 0, nope_dim_), k_pe_BLP.unsqueeze(1).expand({B, H, L, rope_dim_})}, 3);

@@ -178,7 +178,8 @@ class MLAttentionImpl : public torch::nn::Module {
   torch::Tensor forward(const torch::Tensor& x_BSD, const Rope& rope, ComputeDtype compute_dtype,
                         const TokenLayout& layout = {}) const;
   // The new tokens of `step`: their latent and RoPE key are cached (not the full keys and values, as
-  // DeepSeek's inference does); wkv_b expands the cached latents at attention time (not absorbed).
+  // DeepSeek's inference does). A decode step (one new token a row) attends to the cached latents with
+  // wkv_b absorbed into the query and the output; a prefill expands them with wkv_b and uses SDPA.
   torch::Tensor decode(const torch::Tensor& x_BSD, const Rope& rope, ComputeDtype compute_dtype,
                        const DecodeStep& step, LayerCache& cache) const;
 

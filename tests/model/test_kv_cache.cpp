@@ -1,8 +1,9 @@
 // KV-cache generation against the recompute path: greedy tokens equal token for token and each step's
-// logits within 1e-5 (fp32: the cache changes only the shapes the matmuls and attention run over, so
-// the difference is summation order, ~1e-7 at these sizes), for every attention variant we have; ragged
-// batches equal their rows run alone; sampling options; the --prompts file's errors; and each tiny
-// Hugging Face model's cached greedy continuation equals transformers' greedy.
+// logits within 1e-5 (fp32: the cache changes only the shapes the matmuls and attention run over, and
+// MLA's decode steps absorb wkv_b, so the difference is summation order, ~1e-7 at these sizes), for
+// every attention variant we have; ragged batches equal their rows run alone; sampling options; the
+// --prompts file's errors; and each tiny Hugging Face model's cached greedy continuation equals
+// transformers' greedy.
 #include <catch2/catch.hpp>
 
 #include <map>
@@ -122,9 +123,21 @@ CATCH_TEST_CASE("KV cache: greedy equals the recompute path with the same logits
   dense.dense_layers = dense.n_layers;
   with_yarn(dense);
   configs["mla full-rank q, yarn, dense"] = dense;
+  configs["mla q low-rank, LoRA on q, kv, o"] = mla_config(8);
   for (const auto& [name, cfg] : configs) {
     CATCH_INFO(name);
     auto model = make_model(cfg);
+    if (name.find("LoRA") != std::string::npos) {
+      // Adapters that change the output (B not zero): a decode step merges wkv_b's into the absorbed
+      // weights, the recompute path runs them at their matmul.
+      config::LoraConfig lora;
+      lora.rank = 4;
+      lora.alpha = 8;
+      lora.targets = {"q", "kv", "o"};
+      model->add_lora(lora, 3);
+      for (auto& p : model->named_parameters())
+        if (p.key().find("_lora_b") != std::string::npos) p.value().normal_(0, 0.2);
+    }
     const double worst = check_cache_equals_recompute(*model, kPrompt, 11);
     check_cache_equals_recompute(*model, {9}, 15);  // a one-token prompt
     std::printf("[kv] %-32s max |logit diff| %.3g\n", name.c_str(), worst);
