@@ -542,6 +542,12 @@ const std::vector<KeyDesc>& keys() {
       MOETRAIN_KEY(rl.updates_per_batch,
                    "Optimizer steps per rollout batch, each over the whole batch against the old-policy "
                    "log-probs taken at rollout time.", at_least(1)),
+      MOETRAIN_KEY(rl.micro_batch_rows,
+                   "Completions per forward and backward pass on each rank (the old-policy, reference and update "
+                   "passes), the gradients accumulated over the passes: what bounds the logits' and activations' "
+                   "memory. The update is the same up to summation order, except that the MoE balancing losses are "
+                   "taken per pass (and weighted by its rows). 0 = all of the rank's completions in one pass.",
+                   at_least(0)),
       MOETRAIN_KEY(rl.reward,
                    "exact_answer: 1 when the answer extracted from the completion (rl.answer_from) equals the prompt's "
                    "answer (whitespace trimmed), else 0; command: rl.reward_command.", one_of({"exact_answer", "command"})),

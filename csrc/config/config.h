@@ -212,7 +212,7 @@ struct RLConfig {
   int group_size = 8;                // G: completions sampled per prompt
   int max_new_tokens = 32;           // completion length limit
   double temperature = 1.0;          // rollout sampling temperature (> 0)
-  std::string stop;                  // characters (bytes) that end a completion, kept in it; "" = none
+  std::string stop;                  // byte sets: characters (bytes) that end a completion, kept in it; "" = none
   std::string advantage = "group_norm";       // group_norm: (r - mean) / (std + eps) | mean_only: r - mean (Dr. GRPO)
   double clip_eps = 0.2;             // ratio clipped to [1 - clip_eps, 1 + clip_eps_high]
   double clip_eps_high = 0.0;        // the upper clip (DAPO); 0 = clip_eps
@@ -220,6 +220,7 @@ struct RLConfig {
   std::string ratio = "token";       // token | sequence (GSPO: geometric mean of the token ratios, clipped per sequence)
   double kl_coef = 0.0;              // k3 KL penalty to the frozen initial model; 0 = no reference is loaded
   int updates_per_batch = 1;         // optimizer steps per rollout batch (old log-probs from the rollout)
+  int micro_batch_rows = 0;          // completions per forward/backward pass of the updates on each rank; 0 = all at once
   std::string reward = "exact_answer";        // exact_answer | command (reward_command)
   std::string answer_from = "tag";   // where exact_answer finds the answer: tag (<answer_tag>...</answer_tag>) | boxed (\boxed{...}) | whole (the completion less the stop)
   std::string answer_tag = "answer";

@@ -298,7 +298,8 @@ torch::Tensor RoutingReplay::on_route(size_t layer, const torch::Tensor& ids_TK)
     calls_[layer].push_back(ids_TK.clone());
     return ids_TK;
   }
-  const auto& rec_BLK = recorded_[layer];
+  const auto rec_BLK = row_count_ < 0 || !recorded_[layer].defined() ? recorded_[layer]
+                                                                      : recorded_[layer].narrow(0, row_first_, row_count_);
   TORCH_CHECK(rec_BLK.defined() && rec_BLK.size(0) * rec_BLK.size(1) == ids_TK.size(0),
               "[rl] routing replay: the update routes ", ids_TK.size(0), " tokens, the rollout recorded ",
               rec_BLK.defined() ? rec_BLK.size(0) * rec_BLK.size(1) : 0);
@@ -353,8 +354,14 @@ void RoutingReplay::lay_out(int64_t batch_width) {
   }
 }
 
+void RoutingReplay::select_rows(int64_t first, int64_t n) {
+  row_first_ = first;
+  row_count_ = n;
+}
+
 void RoutingReplay::begin_update(bool replay) {
   mode_ = replay ? Mode::replay : Mode::compare;
+  select_rows(0, -1);
 }
 
 void RoutingReplay::end_update() { mode_ = Mode::off; }
@@ -436,6 +443,13 @@ double held_out_accuracy(const model::TransformerImpl& model, const PromptSet& s
 // tokenizer of model.init_from when that is a Hugging Face folder holding one.
 void check_prompt_set(const PromptSet& set, const std::string& key, const config::Config& cfg) {
   const std::string path = key == "rl.prompts" ? cfg.rl.prompts : cfg.rl.eval_prompts;
+  const auto& init = cfg.model.init_from;
+  if (!set.is_bytes() && !init.empty() && init.rfind("ckpt:", 0) != 0) {
+    const auto tokenizer_json = files::join(hf::hf_dir(init), "tokenizer.json");
+    if (files::exists(tokenizer_json) && ckpt::sha256_file(tokenizer_json) != set.tokenizer_sha256)
+      throw ConfigError(key + " (" + path + ") was tokenized with another tokenizer than model.init_from's " +
+                        tokenizer_json + ": prepare it with scripts/prepare_data.py --rl --tokenizer " + hf::hf_dir(init));
+  }
   if (cfg.model.vocab_size < set.table.size())
     throw ConfigError("model.vocab_size = " + std::to_string(cfg.model.vocab_size) + " is smaller than the " +
                       std::to_string(set.table.size()) + " tokens of " + key + " (" + path + ", tokenizer '" +
@@ -444,13 +458,6 @@ void check_prompt_set(const PromptSet& set, const std::string& key, const config
     throw ConfigError("rl.stop names bytes, but " + key + " (" + path + ") is tokenized with '" + set.tokenizer +
                       "', whose completions end at the stop tokens its set names (scripts/prepare_data.py --rl "
                       "--stop-token); leave rl.stop empty");
-  const auto& init = cfg.model.init_from;
-  if (!set.is_bytes() && !init.empty() && init.rfind("ckpt:", 0) != 0) {
-    const auto tokenizer_json = files::join(hf::hf_dir(init), "tokenizer.json");
-    if (files::exists(tokenizer_json) && ckpt::sha256_file(tokenizer_json) != set.tokenizer_sha256)
-      throw ConfigError(key + " (" + path + ") was tokenized with another tokenizer than model.init_from's " +
-                        tokenizer_json + ": prepare it with scripts/prepare_data.py --rl --tokenizer " + hf::hf_dir(init));
-  }
   for (size_t i = 0; i < set.prompts.size(); ++i)
     if (int64_t(set.prompts[i].tokens.size()) + cfg.rl.max_new_tokens > cfg.model.max_seq_len)
       throw ConfigError(key + " prompt " + std::to_string(i + 1) + " has " + std::to_string(set.prompts[i].tokens.size()) +
@@ -650,21 +657,32 @@ RLResult run(const config::Config& given, const TrainOptions& options) {
       response_tokens += double(n);
     }
     tokens_BL = upload(tokens_BL, device);
-    std::optional<BalanceMask> balance_mask;  // for the old-policy and update forwards, not the evaluation's
-    balance_mask.emplace(*model, upload(counted_BL, device));
+    counted_BL = upload(counted_BL, device);
     mask_BN = upload(mask_BN, device);
     const auto advantage_B = upload(advantages_PG.reshape({B}), device);
+    // The passes over the batch: rl.micro_batch_rows rows at a time. B is the same on every rank, so every
+    // rank runs the same number of (collective, under expert parallelism) MoE forwards.
+    std::vector<std::pair<int64_t, int64_t>> passes;  // (first row, rows)
+    const int64_t pass_rows = rl.micro_batch_rows > 0 ? std::min<int64_t>(rl.micro_batch_rows, B) : B;
+    for (int64_t first = 0; first < B; first += pass_rows) passes.push_back({first, std::min(pass_rows, B - first)});
     // Old-policy log-probs, taken before any update (through the recorded experts under replay), and the reference's.
     torch::Tensor old_logp_BN, ref_logp_BN;
     {
       torch::NoGradGuard no_grad;
+      std::vector<torch::Tensor> old_parts, ref_parts;
       if (moe) routing.begin_update(rl.routing_replay);
-      old_logp_BN = token_logprobs(*model, tokens_BL, rl.temperature);
+      for (const auto& [first, n] : passes) {
+        const BalanceMask balance_mask(*model, counted_BL.narrow(0, first, n));
+        if (moe) routing.select_rows(first, n);
+        old_parts.push_back(token_logprobs(*model, tokens_BL.narrow(0, first, n), rl.temperature));
+        if (reference) ref_parts.push_back(token_logprobs(*reference, tokens_BL.narrow(0, first, n), rl.temperature));
+      }
       if (moe) routing.end_update(), (void)routing.take_mismatch();
-      if (reference) ref_logp_BN = token_logprobs(*reference, tokens_BL, rl.temperature);
+      old_logp_BN = torch::cat(old_parts, 0);
+      if (reference) ref_logp_BN = torch::cat(ref_parts, 0);
     }
     // The loss divides by the batch's response tokens (or rows) over every rank, so that the ranks'
-    // gradient average is one process's gradient.
+    // gradient average is one process's gradient, whatever the passes.
     const double global_tokens = layout->dp_size() > 1 ? dist::all_sum(*comm, response_tokens) : response_tokens;
     const double denominator =
         (rl.loss_aggregation == "token" ? global_tokens : double(B * layout->dp_size())) / double(layout->dp_size());
@@ -679,22 +697,36 @@ RLResult run(const config::Config& given, const TrainOptions& options) {
     for (int64_t u = 0; u < updates; ++u) {
       lr = optim::learning_rate(cfg.optim, step * updates + u, decay_steps);
       optimizer.zero_grad();
+      // Each pass: forward, surrogate, backward; the gradients accumulate. The routing stays in update
+      // mode through the backward, so that a recomputed block (activation checkpointing) routes as its
+      // forward did. The balancing losses are each pass's, weighted by its share of the rows.
       if (moe) routing.begin_update(rl.routing_replay);
-      torch::Tensor entropy_BN, balance;
-      const auto logp_BN = token_logprobs(*model, tokens_BL, rl.temperature, &entropy_BN, &balance);
+      auto stats = torch::zeros({4}, fp64);  // loss, kl and clip fraction (times the tokens), entropy sum
+      for (size_t k = 0; k < passes.size(); ++k) {
+        const auto [first, n] = passes[k];
+        const BalanceMask balance_mask(*model, counted_BL.narrow(0, first, n));
+        if (moe) routing.select_rows(first, n);
+        torch::Tensor entropy_BN, balance;
+        const auto logp_BN = token_logprobs(*model, tokens_BL.narrow(0, first, n), rl.temperature, &entropy_BN, &balance);
+        const auto pass_mask_BN = mask_BN.narrow(0, first, n);
+        const auto terms = grpo_loss({logp_BN, old_logp_BN.narrow(0, first, n),
+                                      reference ? ref_logp_BN.narrow(0, first, n) : torch::Tensor(),
+                                      advantage_B.narrow(0, first, n), pass_mask_BN, denominator},
+                                     rl);
+        auto loss = terms.loss + balance * (double(n) / double(B));
+        if (test_fault("loss", step + 1, comm->rank())) loss = loss * std::nan("");  // the divergence tests
+        if (k + 1 == passes.size()) optimizer.before_last_backward();
+        loss.backward();
+        const auto tokens = pass_mask_BN.sum();
+        stats += torch::stack({terms.loss.detach(), terms.kl * tokens, terms.clip_fraction * tokens,
+                               (entropy_BN * pass_mask_BN).sum()})
+                     .to(torch::kDouble);
+      }
       if (moe) routing.end_update();
       if (moe && u == 0) mismatch = routing.take_mismatch(&router_mismatch);
-      const auto terms = grpo_loss({logp_BN, old_logp_BN, ref_logp_BN, advantage_B, mask_BN, denominator}, rl);
-      auto loss = terms.loss + balance;
-      if (test_fault("loss", step + 1, comm->rank())) loss = loss * std::nan("");  // the divergence tests
-      optimizer.before_last_backward();
-      loss.backward();
       (void)optimizer.reduce_gradients();
       // One read per update: the loss and the statistics with the gradient norm's parts, summed over the world.
-      auto slots = torch::stack({terms.loss.detach().to(torch::kDouble), optimizer.norm_part().to(fp64).reshape({}),
-                                 (terms.kl * mask_BN.sum()).detach().to(torch::kDouble),
-                                 (terms.clip_fraction * mask_BN.sum()).detach().to(torch::kDouble),
-                                 (entropy_BN * mask_BN).sum().to(torch::kDouble)});
+      auto slots = torch::cat({stats.narrow(0, 0, 1), optimizer.norm_part().to(fp64).reshape({1}), stats.narrow(0, 1, 3)});
       if (comm->world_size() > 1) comm->all_reduce_sum(slots);
       const auto host = slots.to(torch::kCPU);
       const double* h = host.data_ptr<double>();
@@ -729,7 +761,6 @@ RLResult run(const config::Config& given, const TrainOptions& options) {
       clip_sum += h[3] / std::max(1.0, global_tokens);
       if (u == 0) entropy_sum = h[4] / std::max(1.0, global_tokens);
     }
-    balance_mask.reset();
     const double update_s = now_s() - update_start;
 
     // ---- bookkeeping -------------------------------------------------------------------------------

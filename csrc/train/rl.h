@@ -95,6 +95,9 @@ class RoutingReplay {
   void finish_recording(const std::vector<int64_t>& starts_B, const std::vector<int64_t>& lengths_B, int64_t prompt_width);
   // The update's batch: every recorded row, right-padded to batch_width.
   void lay_out(int64_t batch_width);
+  // The update's forwards route the recorded rows [first, first + n) (a pass of rl.micro_batch_rows);
+  // n < 0: every row. begin_update selects every row.
+  void select_rows(int64_t first, int64_t n);
   void begin_update(bool replay);
   void end_update();
   // The fraction of the recorded tokens' expert choices that the update's forwards used and the rollout did
@@ -110,6 +113,7 @@ class RoutingReplay {
   std::vector<std::vector<torch::Tensor>> pieces_;  // per MoE layer: each call's (rows, length, K)
   std::vector<torch::Tensor> recorded_;           // per MoE layer: (B, L, K) int64
   Mode mode_ = Mode::off;
+  int64_t row_first_ = 0, row_count_ = -1;  // select_rows
   double mismatched_ = 0, router_mismatched_ = 0, compared_ = 0;
 };
 

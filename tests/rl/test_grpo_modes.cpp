@@ -141,6 +141,10 @@ CATCH_TEST_CASE("train.nonfinite under rl: skip goes on and counts, stop and a l
   CATCH_CHECK(rows[1]["skipped_updates"] == 1);
   CATCH_CHECK(!rows[0].contains("skipped_updates"));
   CATCH_CHECK(!rows[2].contains("skipped_updates"));
+  // No checkpoint while a streak of skipped updates is open, as in train: batch 2's only update was skipped.
+  CATCH_CHECK(files::exists(dir.str("run/ckpt/step_00000001")));
+  CATCH_CHECK_FALSE(files::exists(dir.str("run/ckpt/step_00000002")));
+  CATCH_CHECK(files::exists(dir.str("run/ckpt/step_00000003")));
 
   auto expect_stop = [&](const std::string& name, const char* spec, const std::string& says) {
     cfg.run.out_dir = dir.str(name);

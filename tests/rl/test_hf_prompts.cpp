@@ -14,6 +14,7 @@
 #include "../test_util.h"
 #include "common/errors.h"
 #include "data/prompts.h"
+#include "hf/hf.h"
 #include "rl_fixture.h"
 #include "train/rl.h"
 
@@ -26,6 +27,7 @@ namespace {
 
 const std::string kSource = MOETRAIN_SOURCE_DIR;
 const std::string kPython = kSource + "/third_party/venv/bin/python ";
+const std::string kBinary = MOETRAIN_BINARY;
 
 testing::CommandResult prepare_rl(const std::string& args) {
   return testing::run_command(kPython + kSource + "/scripts/prepare_data.py --rl " + args);
@@ -283,4 +285,52 @@ CATCH_TEST_CASE("moetrain rl runs GRPO on a chat prompt set of a subword tokeniz
   CATCH_CHECK(texts[0].rfind("<|im_start|>system\n", 0) == 0);
   CATCH_CHECK(texts[0].size() > 22);
   CATCH_CHECK(texts[0].compare(texts[0].size() - 22, 22, "<|im_start|>assistant\n") == 0);
+}
+
+CATCH_TEST_CASE("GRPO on an imported Qwen3-MoE with its own tokenizer, from configs/rl-qwen3-moe.yaml", "[rl][python][hf]") {
+  TempDir dir("rl-hf-qwen3");
+  fixture("setup " + dir.str("fx"));
+  // A tiny Qwen3-MoE folder holding the fixture's byte-level BPE as its tokenizer, as a download does.
+  auto m = testing::tiny_model_config();
+  m.vocab_size = 384;
+  m.max_seq_len = 128;
+  m.dense_layers = 0;
+  m.moe.n_shared_experts = 0;
+  m.tie_embeddings = false;
+  m.qk_norm = "head";
+  model::Transformer model(m);
+  model->init_weights(11);
+  const std::string qwen = dir.str("qwen3");
+  hf::export_model(*model, hf::Family::Qwen3Moe, qwen);
+  for (const char* name : {"tokenizer.json", "tokenizer_config.json", "generation_config.json"})
+    testing::write_bytes(files::join(qwen, name), files::read_file(dir.str(std::string("fx/bpe/") + name)));
+  for (const char* split : {"train", "eval"}) {
+    const auto r = prepare_rl("--chat-prompt --tokenizer " + qwen + " --input " + dir.str("fx/plain.jsonl") + " --out " +
+                              dir.str(std::string("data/") + split));
+    CATCH_INFO(r.output);
+    CATCH_REQUIRE(r.exit_code == 0);
+  }
+  const std::string run = kBinary + " rl --config " + kSource + "/configs/rl-qwen3-moe.yaml --set model.init_from=hf:" + qwen +
+                          " --set run.device=cpu --set run.dtype=fp32 --set run.threads=1 --set run.out_dir=" +
+                          dir.str("run") + " --set rl.prompts=" + dir.str("data/train") + " --set rl.eval_prompts=" +
+                          dir.str("data/eval") + " --set train.steps=2 --set rl.prompts_per_step=2 --set rl.group_size=2" +
+                          " --set rl.max_new_tokens=4 --set rl.micro_batch_rows=3 --set train.lora.rank=4";
+  const auto r = testing::run_command("OMP_NUM_THREADS=1 " + run);
+  CATCH_INFO(r.output);
+  CATCH_REQUIRE(r.exit_code == 0);
+  CATCH_CHECK_THAT(r.output, Contains("held-out accuracy before RL") && Contains("done: rollout batch 2/2"));
+  const auto rows = testing::read_metrics(dir.str("run/metrics.jsonl"));
+  CATCH_REQUIRE(rows.size() == 2);
+  for (const auto& row : rows) CATCH_CHECK(std::isfinite(row["loss"].get<double>()));
+  CATCH_CHECK(rows.back().contains("eval_accuracy"));
+
+  // The same prompts prepared with another tokenizer are refused against this model, in one line.
+  const auto other = prepare_rl("--tokenizer " + dir.str("fx/spm") + " --input " + dir.str("fx/plain.jsonl") + " --out " +
+                                dir.str("data/spm"));
+  CATCH_REQUIRE(other.exit_code == 0);
+  const auto refused = testing::run_command(run + " --set rl.prompts=" + dir.str("data/spm") + " --set rl.eval_prompts=" +
+                                            dir.str("data/spm") + " --set run.out_dir=" + dir.str("run-spm"));
+  CATCH_CHECK(refused.exit_code != 0);
+  CATCH_CHECK(testing::one_line(refused.output));
+  CATCH_CHECK_THAT(refused.output, Contains("another tokenizer than model.init_from's"));
 }
