@@ -1,46 +1,68 @@
 #!/usr/bin/env bash
 # Generation speed on this CPU: `moetrain generate` with the KV cache against its recompute path
-# (--no-cache) and against transformers' generate, greedy, on one set of weights: Qwen3-30B-A3B's
-# shape cut as scripts/bench_lora.sh cuts it (2 layers, 16 routed experts of top-8, an 8192-token
-# vocabulary; widths and heads as published; about 220M parameters), random (transformers' own
-# initialisation, seed 0), imported with `moetrain convert` and exported again with
+# (--no-cache) and against transformers' generate, greedy, on one set of weights, random (transformers'
+# own initialisation, seed 0), imported with `moetrain convert` and exported again with
 # `moetrain convert --to hf:DIR`, the folder both sides then load. fp32, the same thread count on both.
+#   --family qwen3_moe (default)  Qwen3-30B-A3B's shape cut as scripts/bench_lora.sh cuts it (2 layers,
+#                                 16 routed experts of top-8, an 8192-token vocabulary; widths and heads
+#                                 as published; about 220M parameters)
+#   --family deepseek_v3          DeepSeek-V3's attention as published (128 heads, q rank 1536, latent
+#                                 512, no-RoPE/RoPE/value head dims 128/64/128) on a 2048-wide, 2-layer
+#                                 model with 16 routed experts of top-8 and a shared one: the MLA decode
+#                                 (moetrain caches the latent and absorbs wkv_b; transformers caches the
+#                                 expanded keys and values)
 #   tokens/s   new tokens over the seconds generation took (the prompt's prefill included, loading not):
 #              moetrain's --timing line; transformers' generate timed alone after a warm-up call
 #   = rows     how many rows' greedy tokens equal the cache's (random weights give near-tied logits, so
 #              a rounding-level difference can flip a token; the tests check exact equality on real
 #              tiny models)
-# Usage: scripts/bench_generate.sh [--prompt-len N] [--new-tokens N] [--threads N]
+# Usage: scripts/bench_generate.sh [--family qwen3_moe|deepseek_v3] [--prompt-len N] [--new-tokens N] [--threads N]
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
-prompt_len=32 new_tokens=32 threads=2
+prompt_len=32 new_tokens=32 threads=2 family=qwen3_moe
+usage="usage: scripts/bench_generate.sh [--family qwen3_moe|deepseek_v3] [--prompt-len N] [--new-tokens N] [--threads N]"
 while [[ $# -gt 0 ]]; do
   case "$1" in
+    --family) family="${2:?--family needs qwen3_moe or deepseek_v3}"; shift 2 ;;
     --prompt-len) prompt_len="${2:?--prompt-len needs a number}"; shift 2 ;;
     --new-tokens) new_tokens="${2:?--new-tokens needs a number}"; shift 2 ;;
     --threads) threads="${2:?--threads needs a number}"; shift 2 ;;
-    *) echo "bench_generate: unknown option '$1' (usage: scripts/bench_generate.sh [--prompt-len N] [--new-tokens N] [--threads N])" >&2
+    *) echo "bench_generate: unknown option '$1' ($usage)" >&2
        exit 2 ;;
   esac
 done
+case "$family" in
+  qwen3_moe|deepseek_v3) ;;
+  *) echo "bench_generate: --family $family is not qwen3_moe or deepseek_v3 ($usage)" >&2; exit 2 ;;
+esac
 [[ -x build/moetrain ]] || bash scripts/build.sh --target moetrain
 py=third_party/venv/bin/python
-out=runs/bench-generate
+out=runs/bench-generate-$family
 rm -rf "$out"
 mkdir -p "$out"
 
 echo "bench_generate: random weights and prompts ..." >&2
-OMP_NUM_THREADS=$threads "$py" - "$out" "$prompt_len" <<'PY'
+OMP_NUM_THREADS=$threads "$py" - "$out" "$prompt_len" "$family" <<'PY'
 import json, sys, torch, transformers
-out, prompt_len = sys.argv[1], int(sys.argv[2])
+out, prompt_len, family = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 torch.manual_seed(0)
-cfg = transformers.Qwen3MoeConfig(
-    vocab_size=8192, hidden_size=2048, num_hidden_layers=2, num_attention_heads=32, num_key_value_heads=4,
-    head_dim=128, intermediate_size=6144, moe_intermediate_size=768, num_experts=16, num_experts_per_tok=8,
-    norm_topk_prob=True, mlp_only_layers=[], max_position_embeddings=4096, rope_theta=1e6, rms_norm_eps=1e-6,
-    tie_word_embeddings=False)
-transformers.Qwen3MoeForCausalLM(cfg).save_pretrained(f"{out}/random")
+if family == "qwen3_moe":
+    cfg = transformers.Qwen3MoeConfig(
+        vocab_size=8192, hidden_size=2048, num_hidden_layers=2, num_attention_heads=32, num_key_value_heads=4,
+        head_dim=128, intermediate_size=6144, moe_intermediate_size=768, num_experts=16, num_experts_per_tok=8,
+        norm_topk_prob=True, mlp_only_layers=[], max_position_embeddings=4096, rope_theta=1e6, rms_norm_eps=1e-6,
+        tie_word_embeddings=False)
+    transformers.Qwen3MoeForCausalLM(cfg).save_pretrained(f"{out}/random")
+else:
+    cfg = transformers.DeepseekV3Config(
+        vocab_size=8192, hidden_size=2048, num_hidden_layers=2, num_attention_heads=128, num_key_value_heads=128,
+        q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
+        intermediate_size=6144, moe_intermediate_size=768, n_routed_experts=16, num_experts_per_tok=8,
+        n_shared_experts=1, n_group=4, topk_group=2, routed_scaling_factor=2.5, norm_topk_prob=True,
+        first_k_dense_replace=0, max_position_embeddings=4096, rope_theta=10000.0, rope_scaling=None,
+        rms_norm_eps=1e-6, tie_word_embeddings=False)
+    transformers.DeepseekV3ForCausalLM(cfg).save_pretrained(f"{out}/random")
 ids = torch.randint(0, cfg.vocab_size, (8, prompt_len), generator=torch.Generator().manual_seed(1)).tolist()
 for batch in (1, 8):
     with open(f"{out}/prompts{batch}.jsonl", "w") as f:
@@ -78,15 +100,17 @@ print(json.dumps({"tokens_per_s": batch * new_tokens / seconds, "seconds": secon
 PY
 done
 
-"$py" - "$out" "$prompt_len" "$new_tokens" "$threads" <<'PY'
+"$py" - "$out" "$prompt_len" "$new_tokens" "$threads" "$family" <<'PY'
 import json, re, sys
-out, prompt_len, new_tokens, threads = sys.argv[1], *map(int, sys.argv[2:])
+out, prompt_len, new_tokens, threads, family = sys.argv[1], *map(int, sys.argv[2:5]), sys.argv[5]
 def ours(mode, batch):
     line = open(f"{out}/{mode}-{batch}.log").read()
     rate = float(re.search(r"([0-9.]+) tokens/s", line).group(1))
     rows = [json.loads(l)["completion_ids"] for l in open(f"{out}/{mode}-{batch}.jsonl")]
     return rate, rows
-print(f"Qwen3-MoE shape, 2 layers, 16 experts top-8, vocab 8192 (random weights), fp32, {threads} threads, "
+shape = ("Qwen3-MoE shape, 2 layers, 16 experts top-8" if family == "qwen3_moe" else
+         "DeepSeek-V3 attention (MLA, 128 heads, latent 512), 2 layers of width 2048, 16 experts top-8 + 1 shared")
+print(f"{shape}, vocab 8192 (random weights), fp32, {threads} threads, "
       f"prompt {prompt_len} tokens, {new_tokens} new tokens per row, greedy")
 print(f"{'batch':>5} {'cache tok/s':>12} {'recompute':>10} {'transformers':>13} {'cache/recompute':>16} "
       f"{'cache/transformers':>19} {'cache = recompute':>18} {'= transformers':>15}")

@@ -53,6 +53,19 @@ bool valid_utf8(const std::string& s) {
   return true;
 }
 
+// tiny_rl_base on a subword set: a vocabulary past the fixture tokenizers' and room for chat prompts.
+config::Config subword_rl_config(const TempDir& dir, const std::string& set) {
+  auto cfg = testing::tiny_rl_base(dir);
+  cfg.run.threads = 1;
+  cfg.model.vocab_size = 512;
+  cfg.model.max_seq_len = 96;
+  cfg.data.seq_len = 96;
+  cfg.train.steps = 2;
+  cfg.rl.max_new_tokens = 6;
+  cfg.rl.prompts = set;
+  return cfg;
+}
+
 // The answers of the fixture's prompts (a non-string answer is its compact JSON text).
 const std::vector<std::string> kAnswers = {"42", "12", "22", "{\"value\":3}"};
 
@@ -205,13 +218,7 @@ CATCH_TEST_CASE("prepare_data.py --rl and moetrain rl refuse a subword set they 
 
   // moetrain rl: a model vocabulary too small for the set, rl.stop (bytes) on a subword set, an evaluation
   // set of another tokenizer, and model.init_from's tokenizer not the set's.
-  auto cfg = testing::tiny_rl_base(dir);
-  cfg.model.vocab_size = 512;
-  cfg.model.max_seq_len = 64;
-  cfg.data.seq_len = 64;
-  cfg.train.steps = 1;
-  cfg.rl.max_new_tokens = 8;
-  cfg.rl.prompts = dir.str("set");
+  const auto cfg = subword_rl_config(dir, dir.str("set"));
   auto run_refuses = [&](const config::Config& c, const std::string& says) {
     CATCH_INFO("expected " << says);
     try {
@@ -247,17 +254,10 @@ CATCH_TEST_CASE("moetrain rl runs GRPO on a chat prompt set of a subword tokeniz
   CATCH_INFO(r.output);
   CATCH_REQUIRE(r.exit_code == 0);
   const auto set = data::load_prompts(dir.str("set"));
-  auto cfg = testing::tiny_rl_base(dir);
-  cfg.run.threads = 1;
-  cfg.model.vocab_size = 384;
-  cfg.model.max_seq_len = 96;
-  cfg.data.seq_len = 96;
-  cfg.train.steps = 2;
-  cfg.rl.prompts = dir.str("set");
+  auto cfg = subword_rl_config(dir, dir.str("set"));
   cfg.rl.eval_prompts = dir.str("set");
   cfg.rl.prompts_per_step = 2;
   cfg.rl.group_size = 3;
-  cfg.rl.max_new_tokens = 6;
   cfg.rl.reward = "command";
   // The command keeps what it was given and scores a completion by its length's parity.
   cfg.rl.reward_command = "tee -a " + dir.str("scored.jsonl") + " | " + kPython +
