@@ -81,6 +81,16 @@ double forward_flops_per_position(const config::ModelConfig& m, double first, do
          attention_scores_forward(m, 1, /*causal=*/false) * keys_over_layers(m, first, count, attention_layers);
 }
 
+double decode_flops_per_key(const config::ModelConfig& m) {
+  if (m.attention != "mla") return attention_scores_forward(m, 1, /*causal=*/false);
+  const double H = m.n_heads, latent = m.mla.kv_lora_rank, rope = m.mla.qk_rope_head_dim;
+  return 2.0 * H * (latent + rope) + 2.0 * H * latent;
+}
+
+double decode_flops_per_position(const config::ModelConfig& m, double first, double count, int attention_layers) {
+  return forward_flops_per_token(m, 0) + decode_flops_per_key(m) * keys_over_layers(m, first, count, attention_layers);
+}
+
 double kv_bytes_read_per_position(const config::ModelConfig& m, double bytes_per_element, double first, double count,
                                   int attention_layers) {
   return keys_over_layers(m, first, count, attention_layers) * kv_cache_bytes_per_token(m, bytes_per_element) /
@@ -116,10 +126,10 @@ RlEstimate estimate_rl(const config::ModelConfig& model, const RlSettings& rl, d
   // attend P + (R + 1) / 2, a whole completion (L + 1) / 2; a sliding layer at most its window.
   // Forward FLOPs are linear in the keys, so the mean gives the exact sum.
   const double forward_prompt = forward_flops_per_position(model, 0, P, attention_layers);
-  const double forward_response = forward_flops_per_position(model, P, R, attention_layers);
+  const double decode_response = decode_flops_per_position(model, P, R, attention_layers);
   const double forward_whole = forward_flops_per_position(model, 0, L, attention_layers);
   r.prefill_flops = r.completions * P * forward_prompt;
-  r.decode_flops = r.generated_tokens * forward_response;
+  r.decode_flops = r.generated_tokens * decode_response;
   const double scoring = r.trained_tokens * forward_whole;
   r.old_logprob_flops = rl.updates_per_batch > 1 ? scoring : 0;
   r.reference_flops = rl.reference ? scoring : 0;

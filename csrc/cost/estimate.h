@@ -106,6 +106,14 @@ double forward_flops_per_token(const config::ModelConfig& m, double keys, int at
 // of the first `attention_layers` layers (-1: all) attending the keys before it, a sliding layer only
 // those in its window (model.sliding_window, model.layer_types).
 double forward_flops_per_position(const config::ModelConfig& m, double first, double count, int attention_layers = -1);
+// The attention FLOPs of one decode-step query against one cached key, all heads of one layer. GQA: as in
+// a forward pass, q.k and p.v. MLA: the absorbed form moetrain's decode and DeepSeek's inference run,
+// 2 H (Rkv + P) for the scores (W_UK q against the latent, q_pe against the RoPE key) and 2 H Rkv for p
+// against the latent; absorbing the query and the output costs what wkv_b's matmul costs per token.
+double decode_flops_per_key(const config::ModelConfig& m);
+// The mean FLOPs of a decode step at positions [first, first + count): the matmuls of a token and
+// decode_flops_per_key for each key before it, in windows as forward_flops_per_position.
+double decode_flops_per_position(const config::ModelConfig& m, double first, double count, int attention_layers = -1);
 // The mean KV-cache bytes one token at those positions reads in those layers: the positions it attends to.
 double kv_bytes_read_per_position(const config::ModelConfig& m, double bytes_per_element, double first, double count,
                                   int attention_layers = -1);

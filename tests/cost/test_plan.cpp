@@ -227,7 +227,7 @@ CATCH_TEST_CASE("claims table: every public claim costed, checked against publis
     rows += line.rfind("| ", 0) == 0 && line.rfind("| claim", 0) != 0 && line.rfind("| RL claim", 0) != 0;
   CATCH_CHECK(rows == 4 + 2);  // pre-training claims, then the RL claims' table
   CATCH_CHECK_THAT(r.output, Contains("| DeepSeek-R1 RL (R1-Zero + R1 stages) | 142K H800 |") &&
-                                 Contains("stage R1-Zero: 101K GPU-hours, implied MFU 6.9%") &&
+                                 Contains("stage R1-Zero: 101K GPU-hours, implied MFU 7.5%") &&
                                  Contains("$284.0K claimed = $2.00 per GPU-hour") &&
                                  Contains("| MiniMax-M1 RL (456B MoE, 45.9B active) | 258K H800 |"));
   CATCH_CHECK_THAT(r.output, Contains("| DeepSeek-V3 (671B MoE, 37B active) | 14.8T | 2.664M H800 | 250.4 |") &&

@@ -44,6 +44,15 @@ double attention_flops(const config::ModelConfig& m, double keys) {
   return m.n_layers * m.n_heads * (2.0 * keys * qk + 2.0 * keys * v);
 }
 
+// A decode step's q against `keys` cached keys in every layer. MLA's absorbed form, written out: the
+// query's no-RoPE part taken into the latent (Rkv per head) against each cached latent, its RoPE part
+// against the cached RoPE key, and the probabilities against the latents.
+double decode_attention_flops(const config::ModelConfig& m, double keys) {
+  if (m.attention != "mla") return attention_flops(m, keys);
+  return m.n_layers * m.n_heads * (2.0 * keys * m.mla.kv_lora_rank + 2.0 * keys * m.mla.qk_rope_head_dim +
+                                   2.0 * keys * m.mla.kv_lora_rank);
+}
+
 nlohmann::json last_json(const std::string& output) {
   const auto start = output.rfind("\n{");
   return nlohmann::json::parse(start == std::string::npos ? output : output.substr(start + 1));
@@ -71,7 +80,8 @@ CATCH_TEST_CASE("RL cost: FLOPs equal a token-by-token count over the model's te
       double prefill = 0, decode = 0, whole = 0;
       for (int t = 0; t < 7 + 11; ++t) {
         const double f = matmuls + attention_flops(m, t + 1);
-        (t < 7 ? prefill : decode) += f;
+        if (t < 7) prefill += f;
+        else decode += matmuls + decode_attention_flops(m, t + 1);
         whole += f;
       }
       const double completions = 3 * 4 * 5;
@@ -89,7 +99,7 @@ CATCH_TEST_CASE("RL cost: FLOPs equal a token-by-token count over the model's te
       hybrid.softmax_layers = 1;
       const auto h = cost::estimate_rl(m, hybrid, 100, 1, 1, 2.0, cost::Given::mfu, 0.5);
       double hybrid_decode = 0;
-      for (int t = 7; t < 7 + 11; ++t) hybrid_decode += matmuls + attention_flops(m, t + 1) / m.n_layers;
+      for (int t = 7; t < 7 + 11; ++t) hybrid_decode += matmuls + decode_attention_flops(m, t + 1) / m.n_layers;
       CATCH_CHECK(h.decode_flops == Approx(completions * hybrid_decode).epsilon(1e-12));
       CATCH_CHECK(h.kv_bytes_per_token == Approx(r.kv_bytes_per_token / m.n_layers).epsilon(1e-12));
 
