@@ -10,7 +10,8 @@ Each record holds a prompt and its answer: {"prompt": "...", "answer": "..."} (t
 {"messages": [...], "answer": "..."} rendered with the tokenizer's chat template and its generation
 prompt, as apply_chat_template(messages, add_generation_prompt=True) renders it, then tokenized without
 added special tokens. --chat-prompt turns a "prompt" string into one user message first. A non-string
-answer is kept as its compact JSON text, as `moetrain prepare-data --rl` keeps it. The set is three files in DIR:
+answer is kept as its compact JSON text, as `moetrain prepare-data --rl` keeps it. The set is three
+files in DIR:
 
   prompts.bin            a version-2 shard (csrc/data/shard.h): each prompt one document
   prompts.tokens.json    the token table: each token id's bytes, so that moetrain (which cannot run a
@@ -44,7 +45,7 @@ SHARD_NAME, TABLE_NAME, ANSWERS_NAME = "prompts.bin", "prompts.tokens.json", "pr
 
 def byte_level_chars():
     """GPT-2's byte-to-character map, inverted: the printable character that stands for each byte."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     chars, extra = {}, 0
     for b in range(256):
         if b in printable:
@@ -80,7 +81,8 @@ class TokenBytes:
                 fused = True
             elif kind == "Strip" and not d.get("stop") and len(d.get("content", "")) == 1:
                 if not fused:
-                    fail(f"{where}: decoder Strip before Fuse strips every token; moetrain's token table cannot hold it")
+                    fail(f"{where}: decoder Strip before Fuse strips every token; moetrain's token table "
+                         f"cannot hold it")
                 self.strip = (d["content"], int(d.get("start", 0)))
             else:
                 fail(f"{where}: the decoder {kind or 'null'} is not one whose tokens moetrain can turn into bytes "
@@ -221,22 +223,21 @@ def prepare_rl(args, helpers):
         if args.answer_field not in record:
             fail(f"{where}: field {args.answer_field!r} is missing")
         answer = record[args.answer_field]
-        answers.append(answer if isinstance(answer, str) else json.dumps(answer, ensure_ascii=False, separators=(",", ":")))
-        if chat is not None:
-            if args.messages_field in record:
-                messages, tools = helpers.chat_record(where, record, args.messages_field)
-            else:
-                prompt = record.get(args.prompt_field)
-                if not isinstance(prompt, str) or not prompt:
-                    fail(f"{where}: field {args.prompt_field!r} is {'missing' if prompt is None else 'not a non-empty string'}")
-                messages, tools = [{"role": "user", "content": prompt}], record.get("tools")
-            text = chat.render(where, chat.template_for(where, tools), messages, tools, True)
-            prompts.append(tokenizer.encode(text, add_special_tokens=False).ids)
+        answers.append(answer if isinstance(answer, str) else json.dumps(answer, ensure_ascii=False,
+                                                                         separators=(",", ":")))
+        if chat is not None and args.messages_field in record:
+            messages, tools = helpers.chat_record(where, record, args.messages_field)
         else:
             prompt = record.get(args.prompt_field)
             if not isinstance(prompt, str) or not prompt:
-                fail(f"{where}: field {args.prompt_field!r} is {'missing' if prompt is None else 'not a non-empty string'} "
-                     f"(or give chats in {args.messages_field!r})")
+                fail(f"{where}: field {args.prompt_field!r} is "
+                     f"{'missing' if prompt is None else 'not a non-empty string'} (or give chats in "
+                     f"{args.messages_field!r})")
+            messages, tools = [{"role": "user", "content": prompt}], record.get("tools")
+        if chat is not None:  # the chat, or the prompt as a user turn, with the generation prompt
+            text = chat.render(where, chat.template_for(where, tools), messages, tools, True)
+            prompts.append(tokenizer.encode(text, add_special_tokens=False).ids)
+        else:
             prompts.append(tokenizer.encode(prompt).ids)
         if not prompts[-1]:
             fail(f"{where}: the prompt has no tokens")
