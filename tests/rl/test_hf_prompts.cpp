@@ -53,6 +53,15 @@ bool valid_utf8(const std::string& s) {
   return true;
 }
 
+// The fixture's tokenizers, and dir/set: its chats prepared with the byte-level BPE, loaded.
+data::PromptSet chat_set(const TempDir& dir) {
+  fixture("setup " + dir.str("fx"));
+  const auto r = prepare_rl("--tokenizer " + dir.str("fx/bpe") + " --input " + dir.str("fx/chat.jsonl") + " --out " + dir.str("set"));
+  CATCH_INFO(r.output);
+  CATCH_REQUIRE(r.exit_code == 0);
+  return data::load_prompts(dir.str("set"));
+}
+
 // tiny_rl_base on a subword set: a vocabulary past the fixture tokenizers' and room for chat prompts.
 config::Config subword_rl_config(const TempDir& dir, const std::string& set) {
   auto cfg = testing::tiny_rl_base(dir);
@@ -145,11 +154,7 @@ CATCH_TEST_CASE("prepare_data.py --rl: transformers' prompt ids, and a token tab
 CATCH_TEST_CASE("A subword completion is its tokens less the final stop token, and its answer is found through the table",
                 "[rl][python]") {
   TempDir dir("rl-hf-completion");
-  fixture("setup " + dir.str("fx"));
-  const auto r = prepare_rl("--tokenizer " + dir.str("fx/bpe") + " --input " + dir.str("fx/chat.jsonl") + " --out " + dir.str("set"));
-  CATCH_INFO(r.output);
-  CATCH_REQUIRE(r.exit_code == 0);
-  const auto set = data::load_prompts(dir.str("set"));
+  const auto set = chat_set(dir);
   const std::string text = "<think>7 + 5 = 12</think><answer>12</answer>";
   testing::write_bytes(dir.str("encode_in.json"), json::array({text}).dump());
   fixture("decode " + dir.str("fx/bpe") + " " + dir.str("encode_in.json") + " " + dir.str("encode_out.json"));
@@ -249,11 +254,7 @@ CATCH_TEST_CASE("prepare_data.py --rl and moetrain rl refuse a subword set they 
 
 CATCH_TEST_CASE("moetrain rl runs GRPO on a chat prompt set of a subword tokenizer", "[rl][python]") {
   TempDir dir("rl-hf-run");
-  fixture("setup " + dir.str("fx"));
-  const auto r = prepare_rl("--tokenizer " + dir.str("fx/bpe") + " --input " + dir.str("fx/chat.jsonl") + " --out " + dir.str("set"));
-  CATCH_INFO(r.output);
-  CATCH_REQUIRE(r.exit_code == 0);
-  const auto set = data::load_prompts(dir.str("set"));
+  const auto set = chat_set(dir);
   auto cfg = subword_rl_config(dir, dir.str("set"));
   cfg.rl.eval_prompts = dir.str("set");
   cfg.rl.prompts_per_step = 2;
